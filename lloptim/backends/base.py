@@ -1,0 +1,43 @@
+"""The backend interface the runtime engine drives.
+
+A backend executes model iterations and says how long each took, in seconds. The simulated
+backend computes the time from the latency model; the torch backend runs a real model and
+measures it. The engine owns all scheduling state; a backend only keeps what executing needs
+(KV caches, generated tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+__all__ = ["Backend", "ChunkWork"]
+
+
+class ChunkWork(tuple):
+    """``(request, start_token, n_tokens, completes)`` of one prefill chunk in a mixed iteration."""
+
+    __slots__ = ()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine calls. Times are seconds; ``instance`` is the instance index."""
+
+    name: str
+
+    def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
+        """Prefill the full prompts of ``requests`` (``prompt_tokens`` tokens in all); return the time."""
+
+    def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
+        """One decode step of every running request of ``instance``; return the time.
+
+        ``n_running`` and ``kv_tokens`` (tokens held in their KV caches before the step) let a
+        cost-model backend price the step without tracking requests itself.
+        """
+
+    def mixed(self, instance: int, n_running: int, kv_tokens: int,
+              chunks: Sequence[tuple[int, int, int, bool]]) -> float:
+        """A fused decode step plus prompt chunks ``(request, start, n_tokens, completes)``; return the time."""
+
+    def release(self, instance: int, request: int, finished: bool) -> None:
+        """Free ``request``'s KV cache: it finished (``finished``) or was evicted by a fault."""

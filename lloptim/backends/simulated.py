@@ -1,0 +1,44 @@
+"""The simulated backend: iteration times from each instance's latency model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lloptim.problem import Problem
+
+__all__ = ["SimulatedBackend"]
+
+
+class SimulatedBackend:
+    """Prices iterations with :class:`~lloptim.hardware.LatencyModel` (no model runs).
+
+    Parameters
+    ----------
+    problem
+        Supplies each instance's latency model.
+    """
+
+    name = "simulated"
+
+    def __init__(self, problem: Problem) -> None:
+        self._latency = [inst.profile.latency for inst in problem.instances]
+
+    def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
+        """Seconds of a prefill over ``prompt_tokens`` tokens."""
+        return self._latency[instance].prefill_time(prompt_tokens)
+
+    def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
+        """Seconds of a decode step of ``n_running`` requests holding ``kv_tokens`` tokens."""
+        return self._latency[instance].decode_time(n_running, kv_tokens)
+
+    def mixed(self, instance: int, n_running: int, kv_tokens: int,
+              chunks: Sequence[tuple[int, int, int, bool]]) -> float:
+        """A decode step plus the per-token prefill cost of the chunks (the fixed cost is shared)."""
+        lat = self._latency[instance]
+        chunk_tokens = sum(c[2] for c in chunks)
+        if n_running == 0:
+            return lat.prefill_time(chunk_tokens)
+        return lat.decode_time(n_running, kv_tokens) + lat.prefill_per_token_s * chunk_tokens
+
+    def release(self, instance: int, request: int, finished: bool) -> None:
+        """Nothing to free in a simulation."""

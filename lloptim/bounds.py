@@ -1,0 +1,133 @@
+"""Lower bounds on the makespan (total inference time) of a problem.
+
+The bound ``T^LB`` of the paper, made exact for lloptim's latency model. Every iteration of an
+instance runs after the previous one, so the makespan of an instance is at least the sum of its
+iteration times. Split those times into
+
+* per-token terms that every schedule pays in full: ``prefill_per_token_s * sum(p)``,
+  ``decode_per_seq_s * sum(o)`` and ``decode_per_kv_token_s * sum(o*p + o*(o-1)/2)`` (request ``r``
+  holds ``p + k`` KV tokens at its ``k``-th decode step);
+* fixed costs per iteration: ``decode_base_s`` times the number of decode steps, which is at
+  least the optimum of ``P||Cmax`` with job sizes ``o`` on ``C`` machines (a client advances one
+  token per step, and runs its requests one after another) and so at least
+  ``max(ceil(sum(o)/C), max(o), o_(C) + o_(C+1))``; and ``prefill_base_s`` times the number of
+  prefill iterations, at least ``ceil(R/C)``.
+
+Fused (chunked-prefill) iterations share the fixed cost of a decode, so for schedules that use
+them only one prefill base (the first iteration, when nothing runs yet) is certain:
+:attr:`LowerBound.fused_s` is the bound that holds for those too.
+
+For several instances the per-token terms use the cheapest instance and the total is divided by
+the number of instances; a request can never finish before ``arrival + its own minimal time``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lloptim.problem import Problem
+
+__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound"]
+
+
+@dataclass(frozen=True)
+class LowerBound:
+    """A makespan lower bound and its parts, seconds.
+
+    Attributes
+    ----------
+    total_s
+        The bound for schedules of separate prefill and decode iterations (the paper's model).
+    fused_s
+        The bound that also holds for fused (chunked-prefill) iterations; ``<= total_s``.
+    token_s
+        Per-token terms (paid by every schedule).
+    decode_base_s
+        Fixed decode cost of the minimal number of decode steps.
+    prefill_base_s
+        Fixed prefill cost of the minimal number of prefill iterations.
+    single_request_s
+        Longest ``arrival + minimal time`` of any single request.
+    decode_steps
+        The lower bound on decode steps used (per instance).
+    prefill_iterations
+        The lower bound on prefill iterations used (per instance).
+    """
+
+    total_s: float
+    fused_s: float
+    token_s: float
+    decode_base_s: float
+    prefill_base_s: float
+    single_request_s: float
+    decode_steps: int
+    prefill_iterations: int
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (JSON-ready)."""
+        return asdict(self)
+
+
+def decode_steps_lower_bound(output_tokens: np.ndarray, clients: int) -> int:
+    """Lower bound on the decode steps of one instance with ``clients`` clients, steps.
+
+    The optimum of ``P||Cmax`` (sizes ``output_tokens`` on ``clients`` machines) is at least the
+    average load, the largest job, and the sum of the ``C``-th and ``(C+1)``-th largest jobs (two of
+    the ``C+1`` largest share a machine).
+    """
+    o = np.asarray(output_tokens, dtype=np.int64)
+    bound = max(int(-(-int(o.sum()) // clients)), int(o.max()))
+    if o.size > clients:
+        top = np.partition(o, o.size - clients - 1)[o.size - clients - 1:]
+        top.sort()
+        bound = max(bound, int(top[0] + top[1]))
+    return bound
+
+
+def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                decode_steps: int | None = None) -> LowerBound:
+    """Makespan lower bound of ``problem``, seconds.
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths to bound with, tokens; default: the workload's true lengths.
+    decode_steps
+        A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
+        bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+    """
+    w = problem.workload
+    p = w.prompt_tokens.astype(np.float64)
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    lats = [inst.profile.latency for inst in problem.instances]
+    m = len(problem.instances)
+    kv_steps = o * p + o * (o - 1) / 2
+    per_req = np.min([l.prefill_per_token_s * p + l.decode_per_seq_s * o + l.decode_per_kv_token_s * kv_steps
+                      for l in lats], axis=0)
+    token_s = float(per_req.sum())
+    c_max = max(inst.clients for inst in problem.instances)
+    a_d = min(l.decode_base_s for l in lats)
+    a_p = min(l.prefill_base_s for l in lats)
+    if m == 1:
+        steps = decode_steps_lower_bound(o.astype(np.int64), c_max)
+        if decode_steps is not None:
+            steps = max(steps, int(decode_steps))
+        prefills = int(-(-len(w) // c_max))
+        decode_base = a_d * steps
+        total_iter_work = token_s + decode_base
+        total = total_iter_work + a_p * prefills
+        fused = total_iter_work + a_p
+    else:
+        steps = int(np.ceil(o.sum() / c_max / m))
+        prefills = int(-(-len(w) // (c_max * m)))
+        decode_base = a_d * o.sum() / c_max
+        total = (token_s + decode_base + a_p * len(w) / c_max) / m
+        fused = (token_s + decode_base + a_p * m) / m
+    single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
+    return LowerBound(total_s=max(total, single), fused_s=max(fused, single), token_s=token_s,
+                      decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
+                      single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills))

@@ -1,0 +1,63 @@
+"""``lloptim simulate``: run one policy in the discrete-event simulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from lloptim.cli.app import app
+from lloptim.cli.common import console, load_problem, print_json, user_errors
+
+
+def metrics_table(rows: list[dict], title: str) -> Table:
+    """A rich table of run metrics, one row per policy."""
+    table = Table(title=title)
+    cols = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilization", "utilization"),
+            ("lower bound s", "lower_bound_s"), ("gap to bound", "gap_to_bound"),
+            ("tokens/s", "throughput_tokens_per_s"), ("p99 latency s", "latency_p99_s"),
+            ("decision p99 us", "decision_latency_us_p99")]
+    for head, _ in cols:
+        table.add_column(head, justify="right" if head != "policy" else "left")
+    for row in rows:
+        cells = []
+        for _, key in cols:
+            v = row.get(key)
+            if key == "policy":
+                cells.append(str(v))
+            elif key in ("utilization", "gap_to_bound"):
+                cells.append(f"{100 * v:.2f} %")
+            else:
+                cells.append(f"{v:,.2f}")
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def simulate(
+    spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
+    policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
+    from lloptim.simulator import simulate as run
+
+    with user_errors():
+        problem = load_problem(spec)
+        metrics = run(problem, policy)
+    d = metrics.to_dict()
+    if json_out:
+        print_json(d)
+    else:
+        console.print(metrics_table([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+
+
+@app.command()
+def policies() -> None:
+    """List the named policies."""
+    from lloptim.runtime.registry import policy_names
+
+    for name, desc in policy_names().items():
+        console.print(f"[bold]{name}[/]: {desc}")

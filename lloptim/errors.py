@@ -1,0 +1,51 @@
+"""Errors raised by lloptim.
+
+Every error a user can provoke with bad input is a subclass of :class:`LloptimError`, carries the
+offending field (where there is one) and says how to fix it. Code that catches ``LloptimError`` sees
+every failure the library anticipates; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class LloptimError(Exception):
+    """Base class of every error lloptim raises on purpose."""
+
+
+class SpecError(LloptimError, ValueError):
+    """A problem specification is invalid.
+
+    Parameters
+    ----------
+    field
+        Dotted path of the offending field, e.g. ``"requests[3].prompt_tokens"``; empty when the
+        whole document is at fault (a TOML syntax error, say).
+    problem
+        What is wrong.
+    fix
+        What the user should do instead.
+    """
+
+    def __init__(self, field: str, problem: str, fix: str = "") -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        where = f"{field}: " if field else ""
+        hint = f" (fix: {fix})" if fix else ""
+        super().__init__(f"{where}{problem}{hint}")
+
+
+class ProfileError(SpecError):
+    """A hardware profile is unknown or malformed."""
+
+
+class PolicyError(LloptimError, RuntimeError):
+    """A scheduling policy asked the engine for something impossible (a bug in the policy)."""
+
+
+class SolverError(LloptimError, RuntimeError):
+    """A solver backend is unavailable or failed in a way that leaves no usable answer."""
+
+
+class ModelTooLargeError(SolverError):
+    """A model would not fit in memory for the chosen backend."""

@@ -1,0 +1,221 @@
+"""Hardware profiles: the latency model of one model instance and its KV-cache capacity.
+
+The latency model (see ``../shared/design/paper.md`` and the docs' *Concepts* page):
+
+* a **prefill** iteration of a set ``P`` of requests takes
+  ``t_p(P) = prefill_base_s + prefill_per_token_s * sum(prompt_tokens[r] for r in P)`` seconds;
+* a **decode** iteration of the running set ``D`` takes
+  ``t_d(D) = decode_base_s + decode_per_seq_s * |D| + decode_per_kv_token_s * sum(kv_tokens[r] for r in D)``
+  seconds, where ``kv_tokens[r]`` is the number of tokens already in ``r``'s KV cache.
+
+Profiles are TOML files; the built-in ``llama-65b`` profile ships inside the package and was fitted
+so that the baseline policy on the GSM8K test split reproduces the paper's baseline (see
+``benchmarks/fit_llama65b.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lloptim.errors import ProfileError
+
+__all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile"]
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Linear iteration-time model of one model instance. All coefficients are in seconds.
+
+    Attributes
+    ----------
+    prefill_base_s
+        Fixed cost of a prefill iteration (weights read, launch overheads), seconds.
+    prefill_per_token_s
+        Cost per prompt token in a prefill iteration (compute bound), seconds per token.
+    decode_base_s
+        Fixed cost of a decode iteration (weights read), seconds.
+    decode_per_seq_s
+        Cost per running request in a decode iteration, seconds per request.
+    decode_per_kv_token_s
+        Cost per token held in the KV cache of the running requests, seconds per token.
+    """
+
+    prefill_base_s: float
+    prefill_per_token_s: float
+    decode_base_s: float
+    decode_per_seq_s: float
+    decode_per_kv_token_s: float
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ProfileError(f"latency.{name}", f"must be a number, got {value!r}",
+                                   "give a non-negative number of seconds")
+            if not math.isfinite(value) or value < 0:
+                raise ProfileError(f"latency.{name}", f"must be finite and >= 0, got {value!r}",
+                                   "give a non-negative number of seconds")
+        if self.decode_base_s + self.decode_per_seq_s <= 0:
+            raise ProfileError("latency.decode_base_s", "a decode iteration would take no time",
+                               "make decode_base_s or decode_per_seq_s positive")
+        if self.prefill_base_s + self.prefill_per_token_s <= 0:
+            raise ProfileError("latency.prefill_base_s", "a prefill iteration would take no time",
+                               "make prefill_base_s or prefill_per_token_s positive")
+
+    def prefill_time(self, prompt_tokens: float) -> float:
+        """Seconds of one prefill iteration over ``prompt_tokens`` prompt tokens in total."""
+        return self.prefill_base_s + self.prefill_per_token_s * prompt_tokens
+
+    def decode_time(self, n_running: int, kv_tokens: float) -> float:
+        """Seconds of one decode iteration of ``n_running`` requests holding ``kv_tokens`` tokens."""
+        return self.decode_base_s + self.decode_per_seq_s * n_running + self.decode_per_kv_token_s * kv_tokens
+
+    def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> "LatencyModel":
+        """A copy with the prefill and decode coefficients multiplied by the given factors."""
+        return LatencyModel(
+            self.prefill_base_s * prefill, self.prefill_per_token_s * prefill,
+            self.decode_base_s * decode, self.decode_per_seq_s * decode, self.decode_per_kv_token_s * decode,
+        )
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One model instance on its hardware.
+
+    Attributes
+    ----------
+    name
+        Profile name, e.g. ``"llama-65b"``.
+    latency
+        The iteration-time model.
+    kv_capacity_tokens
+        Tokens the KV cache holds across all clients of the instance.
+    clients
+        Default number of clients (concurrent request slots); a spec may override it.
+    description
+        Free text: hardware, provenance of the coefficients.
+    meta
+        Provenance of a fit (targets, residuals); free-form, kept when saved.
+    """
+
+    name: str
+    latency: LatencyModel
+    kv_capacity_tokens: int
+    clients: int
+    description: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kv_capacity_tokens, int) or self.kv_capacity_tokens <= 0:
+            raise ProfileError("kv_capacity_tokens", f"must be a positive integer, got {self.kv_capacity_tokens!r}",
+                               "give the number of tokens the KV cache holds")
+        if not isinstance(self.clients, int) or self.clients <= 0:
+            raise ProfileError("clients", f"must be a positive integer, got {self.clients!r}",
+                               "give the number of concurrent request slots")
+
+    def with_latency(self, latency: LatencyModel, **meta: Any) -> "HardwareProfile":
+        """A copy with another latency model (and extra provenance in ``meta``)."""
+        return replace(self, latency=latency, meta={**self.meta, **meta})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML-ready dictionary."""
+        out: dict[str, Any] = {
+            "name": self.name, "description": self.description,
+            "kv_capacity_tokens": self.kv_capacity_tokens, "clients": self.clients,
+            "latency": asdict(self.latency),
+        }
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "HardwareProfile":
+        """Build a profile from a parsed TOML document, with named errors on bad fields."""
+        if not isinstance(data, dict):
+            raise ProfileError(source, "is not a table", "write the profile as a TOML table")
+        allowed = {"name", "description", "kv_capacity_tokens", "clients", "latency", "meta"}
+        extra = set(data) - allowed
+        if extra:
+            raise ProfileError(f"{source}.{sorted(extra)[0]}", "unknown key", f"use only {sorted(allowed)}")
+        for key in ("name", "kv_capacity_tokens", "clients", "latency"):
+            if key not in data:
+                raise ProfileError(f"{source}.{key}", "is missing", f"add `{key} = ...` to the profile")
+        lat = data["latency"]
+        if not isinstance(lat, dict):
+            raise ProfileError(f"{source}.latency", "must be a table", "write [latency] with the five coefficients")
+        names = set(LatencyModel.__dataclass_fields__)
+        missing = names - set(lat)
+        if missing:
+            raise ProfileError(f"{source}.latency.{sorted(missing)[0]}", "is missing", "give all five coefficients")
+        unknown = set(lat) - names
+        if unknown:
+            raise ProfileError(f"{source}.latency.{sorted(unknown)[0]}", "unknown coefficient", f"use only {sorted(names)}")
+        return cls(
+            name=str(data["name"]), latency=LatencyModel(**lat),
+            kv_capacity_tokens=data["kv_capacity_tokens"], clients=data["clients"],
+            description=str(data.get("description", "")), meta=dict(data.get("meta", {})),
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def save_profile(profile: HardwareProfile, path: str | Path) -> Path:
+    """Write ``profile`` as TOML to ``path`` (loadable by :func:`load_profile`) and return the path."""
+    data = profile.to_dict()
+    lines = []
+    for key in ("name", "description", "kv_capacity_tokens", "clients"):
+        lines.append(f"{key} = {_toml_value(data[key])}")
+    lines.append("\n[latency]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in data["latency"].items()]
+    if "meta" in data:
+        lines.append("\n[meta]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data["meta"].items() if not isinstance(v, dict)]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped in the package."""
+    folder = resources.files("lloptim") / "data"
+    return sorted(p.name[: -len(".profile.toml")] for p in folder.iterdir() if p.name.endswith(".profile.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Load a built-in profile by name or a profile TOML file by path.
+
+    Raises
+    ------
+    ProfileError
+        When the name is unknown, the file is missing, or a field is invalid.
+    """
+    text: str | None = None
+    source = str(name_or_path)
+    if str(name_or_path) in builtin_profiles():
+        text = (resources.files("lloptim") / "data" / f"{name_or_path}.profile.toml").read_text()
+    else:
+        path = Path(name_or_path)
+        if path.suffix == ".toml" and path.is_file():
+            text = path.read_text()
+        else:
+            raise ProfileError("profile", f"unknown profile {source!r}",
+                               f"use one of {builtin_profiles()} or the path of a profile .toml file")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError("profile", f"{source} is not valid TOML: {exc}", "fix the TOML syntax") from None
+    return HardwareProfile.from_dict(data, source="profile")

@@ -1,0 +1,112 @@
+"""Metrics of a run: makespan, utilization, bubbles, latency percentiles, throughput, the bound.
+
+Utilization (``../shared/design/paper.md``): the time clients spend in an iteration that works on
+their request (a prefill or fused iteration that processes it, or a decode step that advances it),
+summed over clients, divided by ``clients x makespan``. A client that has no request, waits for its
+prefill, or is stalled while other clients prefill, is in a *bubble*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lloptim.bounds import LowerBound, lower_bound
+from lloptim.runtime.engine import KIND_DECODE, KIND_MIXED, RunResult
+
+__all__ = ["RunMetrics", "summarize", "client_busy_time"]
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """Summary of one run. Times in seconds unless the name says otherwise."""
+
+    policy: str
+    backend: str
+    known_lengths: bool
+    requests_total: int
+    requests_completed: int
+    output_tokens: int
+    makespan_s: float
+    utilization: float
+    bubble_share: float
+    lower_bound_s: float
+    gap_to_bound: float
+    throughput_tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    prefill_iterations: int
+    decode_iterations: int
+    mixed_iterations: int
+    decision_latency_us_p50: float
+    decision_latency_us_p99: float
+    requeued: int
+    wasted_tokens: int
+    failed_clients: int
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (JSON-ready)."""
+        return asdict(self)
+
+
+def client_busy_time(result: RunResult) -> float:
+    """Client-seconds spent in iterations that worked on the client's request."""
+    return float(np.dot(result.trace_duration_s, result.trace_participants))
+
+
+def _first_token_times(result: RunResult) -> np.ndarray:
+    """End of each request's first decode step, seconds (NaN if it never decoded)."""
+    out = np.full(result.done_s.shape, np.nan)
+    inst_of_client = result.problem.client_instance()
+    decoding = result.trace_kind != 0
+    for k in range(len(result.problem.instances)):
+        sel = decoding & (result.trace_instance == k) & (result.trace_running > 0)
+        starts = result.trace_start_s[sel]
+        ends = starts + result.trace_duration_s[sel]
+        rows = np.flatnonzero((result.client >= 0) & (inst_of_client[np.maximum(result.client, 0)] == k))
+        if not rows.size or not starts.size:
+            continue
+        i = np.searchsorted(starts, result.prefill_end_s[rows] - 1e-12, side="left")
+        ok = i < starts.size
+        out[rows[ok]] = ends[i[ok]]
+    return out
+
+
+def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
+    """Compute :class:`RunMetrics` of ``result``; ``bound`` defaults to :func:`~lloptim.bounds.lower_bound`."""
+    problem = result.problem
+    bound = bound or lower_bound(problem)
+    makespan = result.makespan_s
+    completed = int(np.count_nonzero(~np.isnan(result.done_s)))
+    busy = client_busy_time(result)
+    util = busy / (problem.n_clients * makespan) if makespan > 0 else 0.0
+    fused = bool(np.any(result.trace_kind == KIND_MIXED))
+    lb = bound.fused_s if fused else bound.total_s
+    arrival = problem.workload.arrival_s
+    e2e = result.done_s - arrival
+    ttft = _first_token_times(result) - arrival
+    dec_us = result.decision_ns / 1e3
+
+    def pct(a: np.ndarray, q: float) -> float:
+        a = a[~np.isnan(a)]
+        return float(np.percentile(a, q)) if a.size else float("nan")
+
+    return RunMetrics(
+        policy=result.policy, backend=result.backend, known_lengths=result.known_lengths,
+        requests_total=problem.n_requests, requests_completed=completed, output_tokens=int(result.generated_tokens),
+        makespan_s=makespan, utilization=util, bubble_share=1.0 - util, lower_bound_s=lb,
+        gap_to_bound=makespan / lb - 1.0 if lb > 0 else float("nan"),
+        throughput_tokens_per_s=result.generated_tokens / makespan if makespan > 0 else 0.0,
+        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
+        prefill_iterations=int(np.count_nonzero(result.trace_kind == 0)),
+        decode_iterations=int(np.count_nonzero(result.trace_kind == KIND_DECODE)),
+        mixed_iterations=int(np.count_nonzero(result.trace_kind == KIND_MIXED)),
+        decision_latency_us_p50=pct(dec_us, 50) if dec_us.size else 0.0,
+        decision_latency_us_p99=pct(dec_us, 99) if dec_us.size else 0.0,
+        requeued=result.requeued, wasted_tokens=result.wasted_tokens, failed_clients=result.failed_clients,
+        wall_s=result.wall_s,
+    )

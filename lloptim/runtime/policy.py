@@ -1,0 +1,160 @@
+"""The policy interface: the two decisions a scheduling policy makes.
+
+A :class:`Policy` is a :class:`RequestScheduler` (which client serves which request) plus an
+:class:`IterationScheduler` (what the next model iteration of an instance runs). The engine
+(:mod:`lloptim.runtime.engine`) calls them; they read the engine's state through
+:class:`~lloptim.runtime.engine.InstanceState` and the :class:`RunContext`, and never mutate it.
+
+Information discipline: a policy sees the *estimated* output lengths of :attr:`RunContext.estimates`
+(equal to the truth only when ``RunContext.known_lengths`` is true) and learns a request's true
+length when it finishes (:meth:`RequestScheduler.on_finish`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lloptim.problem import Problem
+    from lloptim.runtime.engine import InstanceState
+
+__all__ = [
+    "RunContext", "Prefill", "Decode", "Mixed", "DECODE", "Decision",
+    "RequestScheduler", "IterationScheduler", "Policy",
+]
+
+
+class Prefill(NamedTuple):
+    """Run a prefill iteration of the full prompts of these waiting clients (global client indices)."""
+
+    clients: Sequence[int]
+
+
+class Decode(NamedTuple):
+    """Run one decode iteration of every running client of the instance."""
+
+
+class Mixed(NamedTuple):
+    """One fused iteration: decode every running client and prefill prompt chunks.
+
+    ``chunks`` maps waiting clients to the number of prompt tokens to process in this iteration
+    (chunked prefill, as in Sarathi-Serve). A client whose prompt completes joins the decodes from
+    the next iteration on.
+    """
+
+    chunks: dict[int, int]
+
+
+DECODE = Decode()
+Decision = Prefill | Decode | Mixed
+
+
+@dataclass
+class RunContext:
+    """What a policy knows before the run starts.
+
+    Attributes
+    ----------
+    problem
+        The problem being served.
+    estimates
+        Estimated output length of each request, tokens (float64). Equals the truth when
+        ``known_lengths`` is true.
+    known_lengths
+        Whether ``estimates`` are the true output lengths.
+    client_instance
+        Instance index of each global client index.
+    seed
+        Seed for any randomness in the policy.
+    """
+
+    problem: "Problem"
+    estimates: np.ndarray
+    known_lengths: bool
+    client_instance: np.ndarray
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def instance_clients(self, instance: int) -> range:
+        """Global client indices of ``instance``."""
+        start = sum(i.clients for i in self.problem.instances[:instance])
+        return range(start, start + self.problem.instances[instance].clients)
+
+
+class RequestScheduler:
+    """Decides which request a client serves next. Subclass and override the hooks."""
+
+    def setup(self, ctx: RunContext) -> None:
+        """Called once before the run (offline planning goes here)."""
+        self.ctx = ctx
+
+    def pending(self) -> int:
+        """Number of requests not yet handed to a client (including ones that have not arrived)."""
+        raise NotImplementedError
+
+    def next_request(self, state: "InstanceState", client: int) -> int | None:
+        """A request (row index) for idle ``client`` of ``state``'s instance, or ``None`` for none now.
+
+        Only requests that have arrived (``arrival_s <= state.now``) may be returned.
+        """
+        raise NotImplementedError
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        """``request`` finished on ``client`` at ``now`` seconds after ``output_tokens`` tokens."""
+
+    def requeue(self, request: int, now: float) -> None:
+        """A fault took ``request`` back (it will restart from its prefill); hand it out again."""
+        raise NotImplementedError
+
+
+class IterationScheduler:
+    """Decides what the next iteration of an instance runs. Subclass and override :meth:`decide`."""
+
+    def setup(self, ctx: RunContext) -> None:
+        """Called once before the run."""
+        self.ctx = ctx
+
+    def decide(self, state: "InstanceState") -> Decision:
+        """The next iteration: :class:`Prefill`, :data:`DECODE` or :class:`Mixed`.
+
+        Called only when the instance has a running or a waiting client.
+        """
+        raise NotImplementedError
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        """``request`` finished (its true length is now known)."""
+
+
+class Policy:
+    """A named pair of schedulers.
+
+    Parameters
+    ----------
+    name
+        Name used in reports.
+    requests
+        The request scheduler.
+    iterations
+        The iteration scheduler.
+    """
+
+    def __init__(self, name: str, requests: RequestScheduler, iterations: IterationScheduler) -> None:
+        self.name = name
+        self.requests = requests
+        self.iterations = iterations
+
+    def setup(self, ctx: RunContext) -> None:
+        """Set both schedulers up for a run."""
+        self.requests.setup(ctx)
+        self.iterations.setup(ctx)
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        """Tell both schedulers that ``request`` finished."""
+        self.requests.on_finish(request, client, output_tokens, now)
+        self.iterations.on_finish(request, client, output_tokens, now)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name!r}, {type(self.requests).__name__}, {type(self.iterations).__name__})"

@@ -1,0 +1,50 @@
+"""The discrete-event simulator: the runtime engine on the simulated backend.
+
+>>> from lloptim import workloads, simulate, Problem
+>>> result = simulate(Problem.single(workloads.gsm8k("test", limit=50)), "baseline")
+>>> result.requests_completed
+50
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lloptim.metrics import RunMetrics, summarize
+from lloptim.problem import Problem
+from lloptim.runtime.engine import Engine, Fault, RunResult
+from lloptim.runtime.policy import Policy
+from lloptim.runtime.registry import make_policy
+
+__all__ = ["simulate", "run_policy"]
+
+
+def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
+               faults: Sequence[Fault] = (), backend=None, seed: int = 0, **policy_options) -> RunResult:
+    """Run ``problem`` under ``policy`` (a name or a :class:`Policy`) and return the full :class:`RunResult`.
+
+    Parameters
+    ----------
+    problem
+        What to serve.
+    policy
+        Policy name (see :func:`~lloptim.runtime.registry.policy_names`) or instance.
+    estimates
+        Output-length estimates the policy sees, tokens; ``None``: the true lengths.
+    faults
+        Failures to inject.
+    backend
+        Backend executing the iterations; ``None``: the simulated backend.
+    seed
+        Seed handed to the policy.
+    """
+    pol = make_policy(policy, **policy_options) if isinstance(policy, str) else policy
+    return Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed).run()
+
+
+def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
+             faults: Sequence[Fault] = (), seed: int = 0, **policy_options) -> RunMetrics:
+    """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`."""
+    return summarize(run_policy(problem, policy, estimates, faults, None, seed, **policy_options))

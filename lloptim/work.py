@@ -1,0 +1,45 @@
+"""Estimated processing time of each request on a client: the weights of the offline bin packing.
+
+A client serving request ``r`` is busy for about ``o_r`` decode steps plus its prefill. We price a
+decode step at its typical length when every client is busy (``step_s``) and add the prefill time
+of ``r`` as if it shared a prefill iteration with ``prefill_batch`` others. The absolute scale only
+matters for reporting; the assignment depends on the relative sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lloptim.hardware import LatencyModel
+from lloptim.problem import Problem
+
+__all__ = ["typical_step_s", "request_work_s"]
+
+
+def typical_step_s(latency: LatencyModel, clients: int, mean_prompt: float, mean_output: float) -> float:
+    """Seconds of a decode step with all ``clients`` busy, each holding a request half-way through."""
+    return latency.decode_time(clients, clients * (mean_prompt + mean_output / 2.0))
+
+
+def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, instance: int = 0,
+                   prefill_batch: float | None = None) -> np.ndarray:
+    """Estimated client-time of each request on ``instance``, seconds.
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths to use (true or estimated), tokens; default: the workload's.
+    instance
+        Instance whose latency model prices the work.
+    prefill_batch
+        Requests sharing a prefill iteration (spreads its fixed cost); default: a tenth of the clients.
+    """
+    w = problem.workload
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    inst = problem.instances[instance]
+    lat = inst.profile.latency
+    step = typical_step_s(lat, inst.clients, float(w.prompt_tokens.mean()), float(o.mean()))
+    batch = max(1.0, inst.clients / 10.0) if prefill_batch is None else float(prefill_batch)
+    return step * o + lat.prefill_base_s / batch + lat.prefill_per_token_s * w.prompt_tokens
