@@ -16,7 +16,7 @@ import numpy as np
 from lloptim.errors import SpecError
 from lloptim.problem import Workload
 
-__all__ = ["gsm8k", "gsm8k_cases", "synthetic", "GSM8K_SPLITS"]
+__all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "GSM8K_SPLITS"]
 
 GSM8K_SPLITS = ("test", "train")
 
@@ -66,15 +66,17 @@ def gsm8k_cases(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, split
     Case ``k`` uses the generator ``numpy.random.default_rng([seed, k])``, so a case is the same
     whatever the number of cases drawn or the executor that runs it.
     """
+    return [gsm8k_case(k, n_requests, seed, split) for k in range(n_cases)]
+
+
+def gsm8k_case(index: int, n_requests: int = 1319, seed: int = 0, split: str = "train") -> Workload:
+    """Case ``index`` of :func:`gsm8k_cases`: ``n_requests`` drawn with ``default_rng([seed, index])``."""
     pool = gsm8k(split)
-    if n_requests > len(pool):
-        raise SpecError("n_requests", f"{n_requests} > {len(pool)} requests in the {split} split",
+    if not 1 <= n_requests <= len(pool):
+        raise SpecError("n_requests", f"{n_requests} is not in [1, {len(pool)}] for the {split} split",
                         f"ask for at most {len(pool)} requests per case")
-    cases = []
-    for k in range(n_cases):
-        rows = np.random.default_rng([seed, k]).choice(len(pool), size=n_requests, replace=False)
-        cases.append(pool.subset(rows, name=f"gsm8k-{split}-case{k}"))
-    return cases
+    rows = np.random.default_rng([seed, index]).choice(len(pool), size=n_requests, replace=False)
+    return pool.subset(rows, name=f"gsm8k-{split}-case{index}")
 
 
 def synthetic(n: int, seed: int = 0, prompt_median: float = 70.0, output_median: float = 90.0,

@@ -471,6 +471,7 @@ class Engine:
                 self.requeued += 1
                 rs.requeue(r, s.now)
             self.client_state[c] = FAILED
+            rs.on_client_failed(c, s.now)
             s.alive -= 1
             self.failed_clients += 1
         # requeued work may go to instances that had gone quiet: wake them now

@@ -109,6 +109,9 @@ class RequestScheduler:
         """A fault took ``request`` back (it will restart from its prefill); hand it out again."""
         raise NotImplementedError
 
+    def on_client_failed(self, client: int, now: float) -> None:
+        """``client`` failed for good: move anything reserved for it to live clients."""
+
 
 class IterationScheduler:
     """Decides what the next iteration of an instance runs. Subclass and override :meth:`decide`."""
@@ -147,7 +150,8 @@ class Policy:
         self.iterations = iterations
 
     def setup(self, ctx: RunContext) -> None:
-        """Set both schedulers up for a run."""
+        """Set both schedulers up for a run (the iteration scheduler may consult the request scheduler)."""
+        ctx.extra["request_scheduler"] = self.requests
         self.requests.setup(ctx)
         self.iterations.setup(ctx)
 

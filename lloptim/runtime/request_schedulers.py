@@ -45,11 +45,24 @@ class _PerClientQueues(RequestScheduler):
     def next_request(self, state, client: int) -> int | None:
         return self._pop_own(state, client)
 
+    def _least_loaded_alive(self) -> int:
+        state = self.ctx.extra["client_state"]
+        alive = [c for c in range(len(self.queues)) if state[c] != 3]
+        return min(alive, key=lambda c: len(self.queues[c])) if alive else 0
+
+    def _enqueue(self, client: int, request: int) -> None:
+        """Put ``request`` at the head of ``client``'s queue (it was due first)."""
+        self.queues[client].appendleft(request)
+
     def requeue(self, request: int, now: float) -> None:
-        alive = [c for c in range(len(self.queues)) if self.ctx.extra["client_state"][c] != 3]
-        target = min(alive, key=lambda c: len(self.queues[c])) if alive else 0
-        self.queues[target].appendleft(request)
+        self._enqueue(self._least_loaded_alive(), request)
         self.n_pending += 1
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        orphans = self.queues[client]
+        self.queues[client] = deque()
+        while orphans:
+            self._enqueue(self._least_loaded_alive(), orphans.pop())
 
 
 class RoundRobinQueues(_PerClientQueues):
@@ -175,7 +188,10 @@ class AssignedQueues(_PerClientQueues):
         self.steals += 1
         return r
 
-    def requeue(self, request: int, now: float) -> None:
-        super().requeue(request, now)
-        owner = next(c for c, q in enumerate(self.queues) if q and q[0] == request)
-        self.queued_work[owner] += self.size[request]
+    def _enqueue(self, client: int, request: int) -> None:
+        super()._enqueue(client, request)
+        self.queued_work[client] += self.size[request]
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        self.queued_work[client] = 0.0
+        super().on_client_failed(client, now)

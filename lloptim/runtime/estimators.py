@@ -1,0 +1,139 @@
+"""Output-length estimators for the unknown-lengths case.
+
+Online, a request's true output length is revealed only when it ends; the schedulers plan with
+estimates. Every estimator is fitted on a *training* workload (never on the requests being
+scheduled) and predicts from what is known when a request arrives: its prompt length.
+
+* ``oracle``: the truth (the known-lengths case).
+* ``mean``: the training mean output length.
+* ``regression``: least squares ``output ~ a + b * prompt``.
+* ``bucket-quantile``: a quantile (default the median) of the output length within each prompt-
+  length bucket (deciles of the training prompts).
+* ``noisy``: the truth times lognormal noise ``exp(N(0, sigma))``: a controlled-quality forecast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lloptim.errors import SpecError
+from lloptim.problem import Workload
+
+__all__ = ["Estimator", "MeanEstimator", "RegressionEstimator", "BucketQuantileEstimator", "make_estimator",
+           "estimate", "noisy_estimates", "ESTIMATORS"]
+
+
+class Estimator:
+    """Fit on training requests, predict output lengths (tokens) of others from their prompts."""
+
+    name = "estimator"
+
+    def fit(self, train: Workload) -> "Estimator":
+        """Learn from ``train`` (prompt and true output lengths)."""
+        return self
+
+    def predict(self, workload: Workload) -> np.ndarray:
+        """Estimated output length of each request of ``workload``, tokens (float64, >= 1)."""
+        raise NotImplementedError
+
+
+class MeanEstimator(Estimator):
+    """Every request gets the training mean output length."""
+
+    name = "mean"
+
+    def fit(self, train: Workload) -> "MeanEstimator":
+        self.mean_ = float(train.output_tokens.mean())
+        return self
+
+    def predict(self, workload: Workload) -> np.ndarray:
+        return np.full(len(workload), max(1.0, self.mean_))
+
+
+class RegressionEstimator(Estimator):
+    """Least-squares line ``output = a + b * prompt_tokens`` fitted on the training split."""
+
+    name = "regression"
+
+    def fit(self, train: Workload) -> "RegressionEstimator":
+        x = train.prompt_tokens.astype(np.float64)
+        A = np.column_stack([np.ones_like(x), x])
+        self.coef_ = np.linalg.lstsq(A, train.output_tokens.astype(np.float64), rcond=None)[0]
+        return self
+
+    def predict(self, workload: Workload) -> np.ndarray:
+        return np.maximum(1.0, self.coef_[0] + self.coef_[1] * workload.prompt_tokens)
+
+
+class BucketQuantileEstimator(Estimator):
+    """A quantile of the output length per prompt-length bucket (training-prompt quantile edges).
+
+    Parameters
+    ----------
+    quantile
+        Which quantile of the outputs in a bucket to predict (0.5: the median).
+    buckets
+        Number of buckets (edges at equally spaced quantiles of the training prompts).
+    """
+
+    name = "bucket-quantile"
+
+    def __init__(self, quantile: float = 0.5, buckets: int = 10) -> None:
+        if not 0 < quantile < 1 or buckets < 1:
+            raise SpecError("estimator", "quantile must be in (0, 1) and buckets >= 1", "e.g. quantile=0.5, buckets=10")
+        self.quantile = quantile
+        self.buckets = buckets
+
+    def fit(self, train: Workload) -> "BucketQuantileEstimator":
+        p, o = train.prompt_tokens, train.output_tokens
+        self.edges_ = np.unique(np.quantile(p, np.linspace(0, 1, self.buckets + 1)[1:-1]))
+        idx = np.searchsorted(self.edges_, p, side="right")
+        overall = float(np.quantile(o, self.quantile))
+        self.values_ = np.array([float(np.quantile(o[idx == b], self.quantile)) if np.any(idx == b) else overall
+                                 for b in range(self.edges_.size + 1)])
+        return self
+
+    def predict(self, workload: Workload) -> np.ndarray:
+        idx = np.searchsorted(self.edges_, workload.prompt_tokens, side="right")
+        return np.maximum(1.0, self.values_[idx])
+
+
+ESTIMATORS = {"mean": MeanEstimator, "regression": RegressionEstimator, "bucket-quantile": BucketQuantileEstimator}
+
+
+def make_estimator(name: str, **options) -> Estimator:
+    """An unfitted estimator by name (``mean``, ``regression``, ``bucket-quantile``)."""
+    if name not in ESTIMATORS:
+        raise SpecError("estimator", f"unknown estimator {name!r}", f"use one of {sorted(ESTIMATORS)}, 'oracle' or 'noisy'")
+    return ESTIMATORS[name](**options)
+
+
+def noisy_estimates(workload: Workload, sigma: float, seed: int = 0) -> np.ndarray:
+    """The true output lengths times ``exp(N(0, sigma))`` noise, tokens (>= 1)."""
+    if not sigma >= 0:
+        raise SpecError("noise", f"sigma must be >= 0, got {sigma!r}", "give a log-scale standard deviation such as 0.3")
+    rng = np.random.default_rng(seed)
+    return np.maximum(1.0, workload.output_tokens * np.exp(rng.normal(0.0, sigma, len(workload))))
+
+
+def estimate(workload: Workload, name: str, train: Workload | None = None, sigma: float = 0.0,
+             seed: int = 0) -> np.ndarray | None:
+    """Estimates for ``workload`` by estimator ``name``; ``None`` for ``oracle`` (the truth).
+
+    ``train`` must not contain the requests of ``workload``; requests with the same id are dropped
+    from it, so a case drawn from the training split never sees its own lengths.
+    """
+    if name == "oracle":
+        return None
+    if name == "noisy":
+        return noisy_estimates(workload, sigma, seed)
+    if train is None:
+        raise SpecError("train", f"estimator {name!r} needs a training workload", "pass train=workloads.gsm8k('train')")
+    own = set(workload.ids)
+    keep = np.array([i for i, x in enumerate(train.ids) if x not in own], dtype=np.int64)
+    if keep.size == 0:
+        raise SpecError("train", "the training workload holds only the requests being scheduled",
+                        "train on other requests")
+    if keep.size < len(train):
+        train = train.subset(keep)
+    return make_estimator(name).fit(train).predict(workload)

@@ -1,0 +1,66 @@
+"""Shipped GSM8K data, case samplers, synthetic generators, profiles, estimators."""
+
+import numpy as np
+import pytest
+
+from lloptim import load_profile, workloads
+from lloptim.errors import ProfileError, SpecError
+from lloptim.hardware import save_profile
+from lloptim.runtime.estimators import estimate, make_estimator
+
+
+def test_gsm8k_splits_match_the_shared_data():
+    test, train = workloads.gsm8k("test"), workloads.gsm8k("train")
+    assert len(test) == 1319 and len(train) == 7473
+    assert test.total_output_tokens == 132_872
+    assert test.prompt_tokens.mean() == pytest.approx(73.4, abs=0.05)
+    assert test.prompt_tokens.max() == 196 and test.output_tokens.max() == 310
+    assert test.ids[0] == "gsm8k-test-0"
+
+
+def test_cases_are_seeded_and_disjoint_within_a_case():
+    a = workloads.gsm8k_cases(3, 200, seed=7)
+    b = workloads.gsm8k_cases(3, 200, seed=7)
+    assert [c.ids for c in a] == [c.ids for c in b]
+    assert a[0].ids != a[1].ids
+    assert all(len(set(c.ids)) == 200 for c in a)
+    assert workloads.gsm8k_case(2, 200, seed=7).ids == a[2].ids
+    with pytest.raises(SpecError):
+        workloads.gsm8k_case(0, 10_000)
+
+
+def test_synthetic_is_seeded():
+    a, b = workloads.synthetic(500, seed=3, arrival_rate=5.0), workloads.synthetic(500, seed=3, arrival_rate=5.0)
+    assert np.array_equal(a.output_tokens, b.output_tokens) and np.all(np.diff(a.arrival_s) >= 0)
+    assert a.output_tokens.min() >= 1
+    with pytest.raises(SpecError):
+        workloads.synthetic(0)
+
+
+def test_profile_roundtrip_and_fit(tmp_path):
+    prof = load_profile("llama-65b")
+    assert prof.meta["fit_makespan_s"] == pytest.approx(201.0, abs=1e-6)
+    path = save_profile(prof, tmp_path / "p.toml")
+    again = load_profile(str(path))
+    assert again.latency == prof.latency and again.clients == prof.clients
+    (tmp_path / "bad.toml").write_text('name = "x"\nkv_capacity_tokens = 10\nclients = 1\n[latency]\nprefill_base_s = -1\n')
+    with pytest.raises(ProfileError):
+        load_profile(str(tmp_path / "bad.toml"))
+
+
+def test_estimators_never_see_the_scheduled_requests():
+    train, test = workloads.gsm8k("train"), workloads.gsm8k("test")
+    for name in ["mean", "regression", "bucket-quantile"]:
+        est = estimate(test, name, train=train)
+        assert est.shape == (len(test),) and np.all(est >= 1)
+    # a case drawn from train: its own rows are dropped from the training data
+    case = workloads.gsm8k_case(0, 300)
+    fitted_on_all = make_estimator("mean").fit(train).predict(case)
+    own = set(case.ids)
+    rest = train.subset(np.array([i for i, x in enumerate(train.ids) if x not in own]))
+    assert estimate(case, "mean", train=train)[0] == pytest.approx(rest.output_tokens.mean())
+    assert estimate(case, "mean", train=train)[0] != pytest.approx(fitted_on_all[0], rel=1e-12)
+    noisy = estimate(test, "noisy", sigma=0.0)
+    assert np.array_equal(noisy, test.output_tokens)
+    with pytest.raises(SpecError):
+        estimate(test, "crystal-ball", train=train)
