@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Backend", "ChunkWork"]
+__all__ = ["Backend", "ChunkWork", "InstanceLost"]
+
+
+class InstanceLost(Exception):
+    """Raised by a backend when an instance (a model replica, e.g. a Ray actor) died mid-call.
+
+    The engine treats it as a fault of the whole instance at the current time: the instance's
+    unfinished requests go back to the request scheduler and complete elsewhere.
+    """
+
+    def __init__(self, instance: int, reason: str = "") -> None:
+        self.instance = instance
+        super().__init__(f"instance {instance} lost" + (f": {reason}" if reason else ""))
 
 
 class ChunkWork(tuple):

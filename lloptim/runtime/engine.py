@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lloptim.backends.base import InstanceLost
 from lloptim.errors import PolicyError, SpecError
 from lloptim.problem import Problem
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
@@ -234,6 +235,7 @@ class Engine:
         self.wasted = 0
         self.requeued = 0
         self.failed_clients = 0
+        self.lost_instances = 0
         states = []
         for k, inst in enumerate(problem.instances):
             states.append(InstanceState(self, k, self.ctx.instance_clients(k), inst.kv_capacity_tokens,
@@ -274,15 +276,22 @@ class Engine:
                 self.decisions.append(time.perf_counter_ns() - t0)
             else:
                 decision = its.decide(s)
-            if type(decision) is Decode:
-                self._decode(s, policy)
-            elif type(decision) is Prefill:
-                self._prefill(s, decision.clients)
-            elif type(decision) is Mixed:
-                self._mixed(s, decision.chunks, policy)
-            else:
-                raise PolicyError(f"{type(its).__name__}.decide returned {decision!r}; "
-                                  "return Prefill(clients), DECODE or Mixed(chunks)")
+            try:
+                if type(decision) is Decode:
+                    self._decode(s, policy)
+                elif type(decision) is Prefill:
+                    self._prefill(s, decision.clients)
+                elif type(decision) is Mixed:
+                    self._mixed(s, decision.chunks, policy)
+                else:
+                    raise PolicyError(f"{type(its).__name__}.decide returned {decision!r}; "
+                                      "return Prefill(clients), DECODE or Mixed(chunks)")
+            except InstanceLost:
+                # the replica died mid-iteration: nothing of this iteration happened
+                self.lost_instances += 1
+                self._apply_fault(s, Fault(s.now, k), active)
+                retired.add(k)
+                continue
             heapq.heappush(active, (s.now, 0, k))
         tr = self.trace
         cols = list(zip(*tr)) if tr else [()] * 7
@@ -297,6 +306,7 @@ class Engine:
             trace_running=np.array(cols[6], dtype=np.int32), decision_ns=np.array(self.decisions, dtype=np.int64),
             generated_tokens=self.generated, wasted_tokens=self.wasted, requeued=self.requeued,
             failed_clients=self.failed_clients, wall_s=time.perf_counter() - t_wall,
+            extra={"lost_instances": self.lost_instances},
         )
 
     # -- pieces of the loop ----------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Simulator speed: GSM8K test (1319 requests) and synthetic 10k / 100k requests.
+
+Prints wall seconds per run and iterations per second for several policies, and the ratio to a
+reference measured in the same run (a pure-Python loop of as many heap pushes/pops as the run
+has iterations), so the figure is comparable across machines.
+
+Run: ``python benchmarks/simulator_speed.py [--big]`` (``--big`` adds 100k requests x 1,000 clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import time
+
+from lloptim import Problem, run_policy, summarize, workloads
+
+
+def reference_loop(n: int) -> float:
+    """Seconds of ``n`` heap push+pop pairs: the unit the engine's per-iteration cost is compared to."""
+    t = time.perf_counter()
+    h: list[tuple[int, int]] = []
+    for i in range(n):
+        heapq.heappush(h, (i * 7919 % 1000, i))
+        if len(h) > 64:
+            heapq.heappop(h)
+    return time.perf_counter() - t
+
+
+def bench(problem: Problem, policies: list[str]) -> None:
+    for name in policies:
+        t = time.perf_counter()
+        res = run_policy(problem, name)
+        wall = time.perf_counter() - t
+        m = summarize(res)
+        iters = res.trace_kind.size
+        ref = reference_loop(iters)
+        print(f"{problem.name:28s} {problem.n_requests:>7d} req {problem.n_clients:>5d} cl  {name:9s} "
+              f"wall {wall:7.3f} s  iterations {iters:>7d}  {iters / wall:>9.0f} it/s  "
+              f"ratio to heap reference {wall / ref:6.1f}x  makespan {m.makespan_s:9.2f} s  util {100 * m.utilization:5.1f} %")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big", action="store_true", help="also 100k requests x 1,000 clients")
+    args = ap.parse_args()
+    policies = ["baseline", "vllm", "sarathi", "hybrid"]
+    bench(Problem.single(workloads.gsm8k("test")), policies)
+    bench(Problem.single(workloads.synthetic(10_000, seed=1), clients=100, kv_capacity_tokens=10**6), policies)
+    if args.big:
+        bench(Problem.single(workloads.synthetic(100_000, seed=2), clients=1000, kv_capacity_tokens=10**7), policies)
+
+
+if __name__ == "__main__":
+    main()
