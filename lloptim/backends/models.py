@@ -1,0 +1,241 @@
+"""Loading causal language models for the torch backend, and the one-request reference generation.
+
+Two sources of models:
+
+* ``"tiny-llama"``: a built-in LLaMA (hidden size 64, 2 layers, 4 heads, vocabulary of 256 ids)
+  with seeded random weights, built from a :class:`transformers.LlamaConfig`. It needs no download
+  and runs a decode step in about a millisecond on one CPU core, so tests and CI can serve it.
+  Its default dtype is float64, which makes greedy generation reproducible bit for bit whatever the
+  batching.
+* a path to a local directory saved by ``save_pretrained`` (``config.json`` plus weights): any
+  transformers causal LM. Nothing is ever downloaded (``local_files_only=True``).
+
+torch and transformers are imported lazily: ``import lloptim`` works without them, and every entry
+point here raises :class:`~lloptim.errors.LloptimError` naming ``pip install lloptim[torch]`` when
+they are missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lloptim.errors import LloptimError, SpecError
+
+__all__ = ["LoadedModel", "BUILTIN_MODELS", "load_model", "resolve_device", "require_torch",
+           "prompt_token_ids", "reference_generate"]
+
+#: Built-in models: name -> keyword arguments of ``transformers.LlamaConfig``.
+BUILTIN_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                       initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                       tie_word_embeddings=False),
+}
+
+_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def require_torch():
+    """Import and return :mod:`torch`, or raise a :class:`LloptimError` saying how to install it."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - CI installs the extra
+        raise LloptimError(f"the torch backend needs torch and transformers ({exc.name} is not installed); "
+                           "install them with `pip install lloptim[torch]`") from None
+    return torch
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device to run on: ``"auto"`` picks ``"cuda"`` when available, else ``"cpu"``.
+
+    Raises
+    ------
+    SpecError
+        For an unknown device, or ``"cuda"`` on a machine without a usable GPU.
+    """
+    torch = require_torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or (isinstance(device, str) and device.startswith("cuda:")):
+        if not torch.cuda.is_available():
+            raise SpecError("device", "CUDA was asked for but torch sees no GPU",
+                            "use --device cpu (or auto), or install a CUDA build of torch")
+        return device
+    raise SpecError("device", f"unknown device {device!r}", "use 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to serve, with what the backend needs to know about it.
+
+    Attributes
+    ----------
+    name
+        ``"tiny-llama"`` or the model directory.
+    module
+        The ``transformers`` model (``eval()`` mode, on ``device``).
+    device
+        Torch device string (``"cpu"``, ``"cuda"``).
+    dtype
+        Torch dtype of the weights and activations.
+    vocab_size
+        Number of token ids, tokens.
+    max_positions
+        Longest sequence (prompt + output) the model supports, tokens.
+    special_ids
+        Token ids never used in synthesized prompts (BOS, EOS, padding).
+    """
+
+    name: str
+    module: Any
+    device: str
+    dtype: Any
+    vocab_size: int
+    max_positions: int
+    special_ids: tuple[int, ...]
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (no-op on CPU); call before reading a timer."""
+        if self.device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize(self.device)
+
+
+def _dtype(torch, dtype: str | None, default: str):
+    name = default if dtype is None else str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise SpecError("dtype", f"unknown dtype {dtype!r}", f"use one of {list(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def _special_ids(config) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(config, key, None)
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return tuple(sorted(ids))
+
+
+def load_model(model: str | Path = "tiny-llama", device: str = "auto", dtype: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load ``model``: a built-in name (see :data:`BUILTIN_MODELS`) or a local model directory.
+
+    Parameters
+    ----------
+    model
+        ``"tiny-llama"`` or the path of a directory written by ``save_pretrained``.
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    dtype
+        ``"float64"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``; ``None``: float64 for the
+        built-in models (exact reproducibility), float32 for a model directory on CPU and bfloat16
+        on CUDA.
+    seed
+        Seed of the random weights of a built-in model.
+
+    Raises
+    ------
+    SpecError
+        Unknown model name, a path that is not a model directory, bad device or dtype.
+    LloptimError
+        torch or transformers not installed.
+    """
+    torch = require_torch()
+    dev = resolve_device(device)
+    name = str(model)
+    if name in BUILTIN_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        dt = _dtype(torch, dtype, "float64")
+        config = LlamaConfig(**BUILTIN_MODELS[name])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = LlamaForCausalLM(config)
+    else:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise SpecError("model", f"{name!r} is neither a built-in model nor a directory",
+                            f"use one of {sorted(BUILTIN_MODELS)} or the path of a local model directory "
+                            "(written by save_pretrained)")
+        if not (path / "config.json").is_file():
+            raise SpecError("model", f"{name!r} has no config.json, so it is not a transformers model directory",
+                            "point --model at the folder that save_pretrained wrote")
+        from transformers import AutoModelForCausalLM
+
+        dt = _dtype(torch, dtype, "bfloat16" if dev.startswith("cuda") else "float32")
+        import transformers
+
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        try:
+            module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{dtype_kw: dt})
+        except (OSError, ValueError, KeyError) as exc:
+            raise SpecError("model", f"cannot load a causal LM from {name!r}: {exc}",
+                            "check that the directory holds a complete causal-LM checkpoint") from None
+        config = module.config
+    module = module.to(device=dev, dtype=dt).eval()
+    vocab = int(module.get_output_embeddings().weight.shape[0])
+    max_pos = int(getattr(config, "max_position_embeddings", 1 << 30) or (1 << 30))
+    return LoadedModel(name=name, module=module, device=dev, dtype=dt, vocab_size=vocab,
+                       max_positions=max_pos, special_ids=_special_ids(config))
+
+
+def prompt_token_ids(model: LoadedModel, request: int, n_tokens: int, seed: int = 0) -> list[int]:
+    """Deterministic synthetic prompt of ``n_tokens`` ids for request row ``request``.
+
+    Workloads carry token counts only; the ids are drawn uniformly from the vocabulary minus the
+    special ids with ``numpy.random.default_rng([seed, request])``, so a request gets the same
+    prompt on every instance, client and restart.
+    """
+    allowed = np.setdiff1d(np.arange(model.vocab_size), np.asarray(model.special_ids, dtype=np.int64))
+    rng = np.random.default_rng([seed, request])
+    return allowed[rng.integers(0, allowed.size, size=int(n_tokens))].tolist()
+
+
+def reference_generate(model: LoadedModel, prompt_ids: Sequence[int], n_tokens: int) -> list[int]:
+    """Greedy generation of ``n_tokens`` tokens for one request alone (no batching, no padding).
+
+    This is the ground truth a scheduled run must reproduce: the whole prompt in one forward, then
+    one token per forward through the KV cache, EOS ignored.
+
+    Parameters
+    ----------
+    model
+        The loaded model.
+    prompt_ids
+        Prompt token ids (at least one).
+    n_tokens
+        Number of tokens to generate, tokens.
+
+    Returns
+    -------
+    list[int]
+        The ``n_tokens`` generated ids.
+    """
+    torch = require_torch()
+    if len(prompt_ids) == 0 or n_tokens < 0:
+        raise SpecError("prompt_ids", "need a non-empty prompt and n_tokens >= 0", "give at least one prompt id")
+    out: list[int] = []
+    if n_tokens == 0:
+        return out
+    m = model.module
+    with torch.inference_mode():
+        res = m(input_ids=torch.tensor([list(prompt_ids)], device=model.device), use_cache=True)
+        cache = res.past_key_values
+        tok = int(res.logits[0, -1].argmax())
+        out.append(tok)
+        for _ in range(n_tokens - 1):
+            res = m(input_ids=torch.tensor([[tok]], device=model.device), past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+    return out

@@ -1,0 +1,278 @@
+"""Calibration: measure a real backend's iteration times and fit the simulator's latency model.
+
+:func:`calibrate` times the torch backend's own ``prefill`` and ``decode`` iterations (the very
+code a real run executes, cache gathering included) over a grid, after a warm-up, repeating every
+grid point and keeping the median:
+
+* prefill: ``batch`` prompts of ``length`` tokens each, for every ``(batch, length)`` in the grid;
+  the predictor is the total prompt tokens;
+* decode: ``batch`` running requests whose caches hold ``context`` tokens each, for every
+  ``(batch, context)``; the predictors are the batch size and the KV tokens.
+
+:func:`fit_prefill` and :func:`fit_decode` then fit the five :class:`~lloptim.hardware.LatencyModel`
+coefficients by non-negative least squares (:func:`scipy.optimize.nnls`) on *relative* residuals
+(each row divided by its measured time), so short and long iterations weigh alike:
+
+* ``t_prefill = prefill_base_s + prefill_per_token_s * tokens``
+* ``t_decode = decode_base_s + decode_per_seq_s * batch + decode_per_kv_token_s * kv_tokens``
+
+The result converts to a :class:`~lloptim.hardware.HardwareProfile` the simulator loads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lloptim.errors import SpecError
+from lloptim.hardware import HardwareProfile, LatencyModel
+
+__all__ = ["CalibrationPoint", "Calibration", "fit_prefill", "fit_decode", "calibrate",
+           "DEFAULT_KV_CAPACITY_TOKENS", "DEFAULT_CLIENTS"]
+
+#: KV capacity written into a calibrated profile unless told otherwise, tokens.
+DEFAULT_KV_CAPACITY_TOKENS = 16384
+#: Clients (concurrent request slots) written into a calibrated profile unless told otherwise.
+DEFAULT_CLIENTS = 8
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One grid point: the median measured time and the fitted model's prediction.
+
+    Attributes
+    ----------
+    kind
+        ``"prefill"`` or ``"decode"``.
+    batch
+        Requests in the iteration.
+    tokens
+        Prefill: total prompt tokens; decode: KV tokens held before the step (median over repeats).
+    seconds
+        Median measured time, seconds.
+    predicted_s
+        The fitted model's time, seconds.
+    """
+
+    kind: str
+    batch: int
+    tokens: float
+    seconds: float
+    predicted_s: float
+
+    @property
+    def rel_error(self) -> float:
+        """``(predicted - measured) / measured``."""
+        return (self.predicted_s - self.seconds) / self.seconds
+
+
+@dataclass
+class Calibration:
+    """A fitted latency model with the measurements behind it.
+
+    Attributes
+    ----------
+    latency
+        The fitted coefficients, seconds.
+    points
+        Every grid point, prefill first.
+    r2_prefill, r2_decode
+        Coefficient of determination of each fit (on seconds).
+    model, device, dtype
+        What was measured.
+    wall_s
+        Time the calibration took, seconds.
+    """
+
+    latency: LatencyModel
+    points: list[CalibrationPoint]
+    r2_prefill: float
+    r2_decode: float
+    model: str = ""
+    device: str = ""
+    dtype: str = ""
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_rel_error(self) -> float:
+        """Largest ``|relative error|`` over the grid points."""
+        return max(abs(p.rel_error) for p in self.points)
+
+    @property
+    def mean_rel_error(self) -> float:
+        """Mean ``|relative error|`` over the grid points."""
+        return float(np.mean([abs(p.rel_error) for p in self.points]))
+
+    def to_profile(self, name: str | None = None, kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
+                   clients: int = DEFAULT_CLIENTS) -> HardwareProfile:
+        """The :class:`HardwareProfile` of this calibration (KV capacity in tokens, clients per instance)."""
+        return HardwareProfile(
+            name=name or f"{Path(self.model).name}-{self.device}",
+            latency=self.latency, kv_capacity_tokens=int(kv_capacity_tokens), clients=int(clients),
+            description=f"lloptim calibrate: {self.model} on {self.device} ({self.dtype}), NNLS fit of "
+                        f"{len(self.points)} grid points",
+            meta={"model": self.model, "device": self.device, "dtype": self.dtype,
+                  "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
+                  "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error},
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary: coefficients, fit quality and every grid point."""
+        return {
+            "model": self.model, "device": self.device, "dtype": self.dtype, "wall_s": self.wall_s,
+            "latency": {k: getattr(self.latency, k) for k in LatencyModel.__dataclass_fields__},
+            "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
+            "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error,
+            "points": [{"kind": p.kind, "batch": p.batch, "tokens": p.tokens, "seconds": p.seconds,
+                        "predicted_s": p.predicted_s, "rel_error": p.rel_error} for p in self.points],
+        }
+
+
+def _nnls_relative(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative ``x`` minimizing ``sum(((a @ x - y) / y) ** 2)``, and the R^2 of ``a @ x`` vs ``y``."""
+    from scipy.optimize import nnls
+
+    y = np.asarray(y, dtype=np.float64)
+    if y.size < a.shape[1] or np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise SpecError("calibration", f"need at least {a.shape[1]} positive finite times, got {y.size}",
+                        "use a larger grid")
+    x, _ = nnls(a / y[:, None], np.ones_like(y))
+    pred = a @ x
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    return x, r2
+
+
+def fit_prefill(tokens: Sequence[float], seconds: Sequence[float]) -> tuple[float, float, float]:
+    """Fit ``seconds = base + per_token * tokens`` (both >= 0); return ``(base_s, per_token_s, r2)``."""
+    t = np.asarray(tokens, dtype=np.float64)
+    x, r2 = _nnls_relative(np.column_stack([np.ones_like(t), t]), seconds)
+    return float(x[0]), float(x[1]), r2
+
+
+def fit_decode(batch: Sequence[float], kv_tokens: Sequence[float],
+               seconds: Sequence[float]) -> tuple[float, float, float, float]:
+    """Fit ``seconds = base + per_seq * batch + per_kv * kv_tokens`` (all >= 0).
+
+    Returns
+    -------
+    tuple
+        ``(base_s, per_seq_s, per_kv_token_s, r2)``.
+    """
+    n = np.asarray(batch, dtype=np.float64)
+    kv = np.asarray(kv_tokens, dtype=np.float64)
+    x, r2 = _nnls_relative(np.column_stack([np.ones_like(n), n, kv]), seconds)
+    return float(x[0]), float(x[1]), float(x[2]), r2
+
+
+def _grid(name: str, values: Sequence[int]) -> list[int]:
+    vals = [int(v) for v in values]
+    if not vals or any(v < 1 for v in vals):
+        raise SpecError(name, f"must be a non-empty list of positive integers, got {list(values)!r}",
+                        "give e.g. 1,2,4,8")
+    return vals
+
+
+def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None, seed: int = 0,
+              prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_lengths: Sequence[int] = (4, 16, 32, 64),
+              decode_batches: Sequence[int] = (1, 2, 4, 8, 16), decode_contexts: Sequence[int] = (8, 32, 96),
+              repeats: int = 5, warmup: int = 3) -> Calibration:
+    """Measure the torch backend over a grid and fit the latency model.
+
+    Parameters
+    ----------
+    model
+        ``"tiny-llama"``, a local model directory, or a loaded model
+        (:class:`~lloptim.backends.models.LoadedModel`).
+    device, dtype, seed
+        As for :class:`~lloptim.backends.torch_backend.TorchBackend`.
+    prefill_batches, prefill_lengths
+        Prefill grid: prompts per iteration and tokens per prompt.
+    decode_batches, decode_contexts
+        Decode grid: running requests and tokens in each one's cache when the measurement starts.
+    repeats
+        Timed repetitions per grid point (the median is kept).
+    warmup
+        Untimed iterations before the grid (and untimed decode steps per decode point).
+
+    Returns
+    -------
+    Calibration
+        The fit, its R^2 and relative error per grid point.
+    """
+    from lloptim.backends.models import LoadedModel, load_model
+    from lloptim.backends.torch_backend import TorchBackend
+    from lloptim.problem import Problem, Workload
+
+    pb, pl = _grid("prefill_batches", prefill_batches), _grid("prefill_lengths", prefill_lengths)
+    db, dc = _grid("decode_batches", decode_batches), _grid("decode_contexts", decode_contexts)
+    if repeats < 1 or warmup < 0:
+        raise SpecError("repeats", f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}",
+                        "repeat every grid point at least once")
+    t_wall = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, seed)
+    steps = warmup + repeats
+    # one request row per (grid point, slot); prompts come from the backend's synthetic ids
+    prompts: list[int] = []
+    outputs: list[int] = []
+    pre_rows, dec_rows = {}, {}
+    for b in pb:
+        for length in pl:
+            pre_rows[b, length] = list(range(len(prompts), len(prompts) + b))
+            prompts += [length] * b
+            outputs += [1] * b
+    for b in db:
+        for ctx in dc:
+            dec_rows[b, ctx] = list(range(len(prompts), len(prompts) + b))
+            prompts += [ctx] * b
+            outputs += [steps] * b
+    w = Workload.from_arrays(prompts, outputs, name="calibration-grid")
+    need = int(max(p + o for p, o in zip(prompts, outputs)))
+    placeholder = HardwareProfile("calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
+                                  kv_capacity_tokens=max(need, 1), clients=1)
+    backend = TorchBackend(Problem.single(w, placeholder), loaded, seed=seed)
+
+    def prefill_once(rows: list[int]) -> float:
+        dt = backend.prefill(0, rows, sum(prompts[r] for r in rows))
+        for r in rows:
+            backend.release(0, r, False)
+        return dt
+
+    # warm-up: the largest prefill and a few decode steps
+    big = pre_rows[max(pb), max(pl)]
+    for _ in range(warmup):
+        prefill_once(big)
+    points: list[tuple[str, int, float, float]] = []
+    for (b, length), rows in pre_rows.items():
+        times = [prefill_once(rows) for _ in range(repeats)]
+        points.append(("prefill", b, float(b * length), float(np.median(times))))
+    for (b, ctx), rows in dec_rows.items():
+        backend.prefill(0, rows, b * ctx)
+        kv = b * ctx
+        times, kvs = [], []
+        for step in range(steps):
+            dt = backend.decode(0, b, kv)
+            if step >= warmup:
+                times.append(dt)
+                kvs.append(kv)
+            kv += b
+        for r in rows:
+            backend.release(0, r, False)
+        points.append(("decode", b, float(np.median(kvs)), float(np.median(times))))
+    pre = [p for p in points if p[0] == "prefill"]
+    dec = [p for p in points if p[0] == "decode"]
+    a_p, b_p, r2_p = fit_prefill([p[2] for p in pre], [p[3] for p in pre])
+    a_d, b_d, c_d, r2_d = fit_decode([p[1] for p in dec], [p[2] for p in dec], [p[3] for p in dec])
+    if a_p + b_p <= 0 or a_d + b_d <= 0:  # pragma: no cover - only with absurd measurements
+        raise SpecError("calibration", "the fit gives iterations that take no time", "use a larger grid")
+    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d)
+    out = [CalibrationPoint(k, b, tok, sec, lat.prefill_time(tok) if k == "prefill" else lat.decode_time(b, tok))
+           for k, b, tok, sec in points]
+    return Calibration(latency=lat, points=out, r2_prefill=r2_p, r2_decode=r2_d, model=loaded.name,
+                       device=loaded.device, dtype=str(loaded.dtype).removeprefix("torch."),
+                       wall_s=time.perf_counter() - t_wall)
