@@ -1,0 +1,93 @@
+"""Lower bounds from relaxations: the bin-packing LP (whose duals price client time) and the
+``P||Cmax`` decode-step bound fed into :func:`lloptim.bounds.lower_bound`.
+
+**Prices of client time.** The LP relaxation of the bin packing (``x`` continuous, ``T`` free) has
+one dual ``lambda_c >= 0`` per ``"load"`` row and one dual ``mu_r`` per ``"assign"`` row. Its dual is
+``max sum_r mu_r`` s.t. ``mu_r <= lambda_c w[r, c]``, ``sum_c lambda_c = 1``: stationarity in ``T``
+makes the load prices sum to one. ``lambda_c`` reads as *seconds of makespan per second of client
+``c``'s capacity lost* (losing ``delta`` seconds on client ``c`` raises the LP makespan by about
+``lambda_c * delta``); ``mu_r = min_c lambda_c w[r, c]`` is the makespan seconds request ``r``
+costs. With identical clients the optimal prices are unique and uniform (``1/C``, ``w_r / C``), so
+:func:`lp_prices` returns them without a solve; otherwise it solves the LP (HiGHS).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lloptim.bounds import LowerBound, lower_bound
+from lloptim.errors import SpecError
+from lloptim.formulations.binpacking import BinPackingData, build_binpacking
+from lloptim.formulations.model import LinearModel
+from lloptim.problem import Problem
+
+__all__ = ["price_lp", "prices_from_duals", "lp_prices", "decode_steps_bound", "tightened_lower_bound"]
+
+
+def price_lp(data: BinPackingData) -> LinearModel:
+    """The LP relaxation of the bin packing with ``T`` free, whose row duals are the prices."""
+    return build_binpacking(data, integer=False)
+
+
+def prices_from_duals(model: LinearModel, row_duals: np.ndarray) -> dict[str, np.ndarray]:
+    """Turn a solver's row duals of :func:`price_lp` into ``{"load", "assign"}`` prices.
+
+    Solvers differ in the sign convention of ``<=`` rows of a minimization (HiGHS reports them
+    ``<= 0``), so the load prices are taken as magnitudes and renormalized to sum to 1 (they do up
+    to round-off); ``"assign"`` is in seconds.
+    """
+    d = np.asarray(row_duals, dtype=np.float64)
+    lam = np.abs(d[model.con_groups["load"]])
+    total = lam.sum()
+    lam = lam / total if total > 0 else np.full(lam.size, 1.0 / lam.size)
+    return {"load": lam, "assign": np.abs(d[model.con_groups["assign"]])}
+
+
+def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarray]:
+    """Optimal LP prices of client time (see the module docstring): ``{"load": (C,), "assign": (R,)}``.
+
+    Parameters
+    ----------
+    data
+        The instance.
+    solver
+        LP backend used when the clients differ (one with ``supports_lp_duals``).
+    """
+    C = data.n_clients
+    if data.uniform:
+        return {"load": np.full(C, 1.0 / C), "assign": data.w / C}
+    from lloptim.solvers.registry import get_backend
+
+    backend = get_backend(solver)
+    if not backend.capabilities.supports_lp_duals:
+        raise SpecError("solver", f"{solver!r} gives no LP duals", "use solver='highs'")
+    model = price_lp(data)
+    lp = backend.solve_lp(model)
+    return prices_from_duals(model, lp["row_duals"])
+
+
+def decode_steps_bound(problem: Problem, solver: str = "highs", time_limit_s: float = 10.0) -> int:
+    """A proven lower bound on the decode steps of a single-instance problem, steps.
+
+    Solves ``P||Cmax`` with job sizes = output tokens on the instance's clients (a client advances
+    one token per decode step) and returns ``ceil`` of the solver's dual bound (sizes are integers).
+
+    Raises
+    ------
+    SpecError
+        If the problem has more than one instance.
+    """
+    if len(problem.instances) != 1:
+        raise SpecError("instances", "the decode-step bound is defined for one instance",
+                        "use lower_bound(problem) for several instances")
+    from lloptim.solvers import SolveParams, solve
+
+    o = problem.workload.output_tokens.astype(np.float64)
+    res = solve(problem, solver=solver, params=SolveParams(time_limit_s=time_limit_s, rel_gap=0.0), weights=o)
+    # the bound is a float from the solver; integral sizes allow rounding up, minus round-off slack
+    return int(np.ceil(res.dual_bound - 1e-6 * max(1.0, res.dual_bound)))
+
+
+def tightened_lower_bound(problem: Problem, solver: str = "highs", time_limit_s: float = 10.0) -> LowerBound:
+    """:func:`lloptim.bounds.lower_bound` with the decode steps proven by ``solver`` (one instance)."""
+    return lower_bound(problem, decode_steps=decode_steps_bound(problem, solver, time_limit_s))

@@ -1,0 +1,243 @@
+"""The solver-neutral linear model every formulation builds and every MIP backend consumes.
+
+A :class:`LinearModel` is plain arrays (in the spirit of OR-Tools MathOpt's model protos and
+linopy's matrix view): a cost vector, one sparse constraint matrix with two-sided row bounds,
+column bounds and integrality. Variables come in named *blocks* (contiguous column slices) and
+constraints in named *groups* (contiguous row slices), so a backend can address a whole family at
+once, e.g. drop the ``"load"`` group for a Lagrangian relaxation, without per-variable Python
+objects. Models are built with :class:`ModelBuilder`, which takes each group as COO triplets in
+*block-local* indices and assembles one CSR matrix at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from lloptim.errors import SpecError
+
+__all__ = ["LinearModel", "ModelBuilder"]
+
+INF = np.inf
+
+
+@dataclass(frozen=True, eq=False)
+class LinearModel:
+    """``min (or max) c @ x + offset`` s.t. ``row_lo <= A @ x <= row_hi``, ``col_lo <= x <= col_hi``.
+
+    Attributes
+    ----------
+    name
+        Name of the formulation (``"binpacking"``, ``"full_mip"``...).
+    c
+        Objective coefficients, one per column (float64). Units are the formulation's (seconds for
+        every lloptim formulation).
+    A
+        Constraint matrix, ``scipy.sparse.csr_matrix`` of shape ``(n_rows, n_cols)``.
+    row_lo, row_hi
+        Row bounds (``-inf``/``inf`` where absent); equal for an equality row.
+    col_lo, col_hi
+        Column bounds.
+    integrality
+        ``True`` for integer columns (binaries are integer columns with bounds ``[0, 1]``).
+    var_blocks
+        Block name -> column slice.
+    con_groups
+        Group name -> row slice.
+    sense
+        ``"min"`` or ``"max"``.
+    offset
+        Constant added to the objective.
+    meta
+        Formulation-specific data (shapes, the data the model was built from).
+    """
+
+    name: str
+    c: np.ndarray
+    A: sp.csr_matrix
+    row_lo: np.ndarray
+    row_hi: np.ndarray
+    col_lo: np.ndarray
+    col_hi: np.ndarray
+    integrality: np.ndarray
+    var_blocks: dict[str, slice]
+    con_groups: dict[str, slice]
+    sense: str = "min"
+    offset: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_cols(self) -> int:
+        """Number of variables."""
+        return int(self.c.size)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of constraints."""
+        return int(self.A.shape[0])
+
+    @property
+    def n_integer(self) -> int:
+        """Number of integer (incl. binary) variables."""
+        return int(self.integrality.sum())
+
+    @property
+    def nnz(self) -> int:
+        """Non-zeros of the constraint matrix."""
+        return int(self.A.nnz)
+
+    @property
+    def is_mip(self) -> bool:
+        """Whether any column is integer."""
+        return bool(self.integrality.any())
+
+    def csc(self) -> sp.csc_matrix:
+        """The constraint matrix in compressed-column form (what HiGHS and CBC load fastest)."""
+        return self.A.tocsc()
+
+    def block(self, x: np.ndarray, name: str) -> np.ndarray:
+        """The values of block ``name`` in the full column vector ``x``."""
+        return np.asarray(x)[self.var_blocks[name]]
+
+    def group(self, name: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """Rows of group ``name``: ``(A_g, lo_g, hi_g)``."""
+        sl = self.con_groups[name]
+        return self.A[sl], self.row_lo[sl], self.row_hi[sl]
+
+    def objective(self, x: np.ndarray) -> float:
+        """Objective value of the column vector ``x``."""
+        return float(self.c @ np.asarray(x, dtype=np.float64) + self.offset)
+
+    def max_violation(self, x: np.ndarray) -> float:
+        """Largest violation of a row bound, column bound or integrality by ``x`` (0 when feasible)."""
+        x = np.asarray(x, dtype=np.float64)
+        ax = self.A @ x
+        viol = [np.max(self.row_lo - ax, initial=0.0), np.max(ax - self.row_hi, initial=0.0),
+                np.max(self.col_lo - x, initial=0.0), np.max(x - self.col_hi, initial=0.0)]
+        xi = x[self.integrality]
+        viol.append(float(np.max(np.abs(xi - np.round(xi)), initial=0.0)))
+        return float(max(viol))
+
+    def without_groups(self, *names: str) -> "LinearModel":
+        """A copy with the row groups ``names`` removed (e.g. the coupling rows a Lagrangian relaxes)."""
+        unknown = [n for n in names if n not in self.con_groups]
+        if unknown:
+            raise SpecError("con_groups", f"unknown constraint group {unknown[0]!r}",
+                            f"use one of {sorted(self.con_groups)}")
+        keep = np.ones(self.n_rows, dtype=bool)
+        for n in names:
+            keep[self.con_groups[n]] = False
+        groups, start = {}, 0
+        for g, sl in sorted(self.con_groups.items(), key=lambda kv: kv[1].start):
+            if g in names:
+                continue
+            size = sl.stop - sl.start
+            groups[g] = slice(start, start + size)
+            start += size
+        return replace(self, A=self.A[keep], row_lo=self.row_lo[keep], row_hi=self.row_hi[keep], con_groups=groups)
+
+    def relaxed(self) -> "LinearModel":
+        """The LP relaxation: same model, every column continuous."""
+        return replace(self, integrality=np.zeros(self.n_cols, dtype=bool), name=f"{self.name}-lp")
+
+    def with_col_bounds(self, block: str, lo=None, hi=None) -> "LinearModel":
+        """A copy with new bounds on every column of ``block`` (scalars or arrays)."""
+        col_lo, col_hi = self.col_lo.copy(), self.col_hi.copy()
+        sl = self.var_blocks[block]
+        if lo is not None:
+            col_lo[sl] = lo
+        if hi is not None:
+            col_hi[sl] = hi
+        return replace(self, col_lo=col_lo, col_hi=col_hi)
+
+    def summary(self) -> dict:
+        """Sizes, for reports: columns, integer columns, rows, non-zeros, blocks and groups."""
+        return {"name": self.name, "n_cols": self.n_cols, "n_integer": self.n_integer, "n_rows": self.n_rows,
+                "nnz": self.nnz, "blocks": {k: v.stop - v.start for k, v in self.var_blocks.items()},
+                "groups": {k: v.stop - v.start for k, v in self.con_groups.items()}}
+
+
+class ModelBuilder:
+    """Assembles a :class:`LinearModel` from vectorized blocks and groups.
+
+    Examples
+    --------
+    >>> b = ModelBuilder("toy")
+    >>> x = b.add_block("x", 3, lo=0, hi=1, integer=True)
+    >>> b.add_group("pick", blocks={"x": ([0, 0, 0], [0, 1, 2], [1.0, 1.0, 1.0])}, n_rows=1, lo=1, hi=1)
+    >>> m = b.build(c=np.array([1.0, 2.0, 3.0]))
+    >>> m.A.shape
+    (1, 3)
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._blocks: dict[str, slice] = {}
+        self._lo: list[np.ndarray] = []
+        self._hi: list[np.ndarray] = []
+        self._int: list[np.ndarray] = []
+        self._groups: dict[str, slice] = {}
+        self._rows: list[np.ndarray] = []
+        self._cols: list[np.ndarray] = []
+        self._vals: list[np.ndarray] = []
+        self._rlo: list[np.ndarray] = []
+        self._rhi: list[np.ndarray] = []
+        self.n_cols = 0
+        self.n_rows = 0
+
+    def add_block(self, name: str, size: int, lo=0.0, hi=INF, integer: bool = False) -> slice:
+        """Add ``size`` columns named ``name`` with bounds ``lo``/``hi`` (scalars or arrays); return their slice."""
+        sl = slice(self.n_cols, self.n_cols + int(size))
+        self._blocks[name] = sl
+        self._lo.append(np.broadcast_to(np.asarray(lo, dtype=np.float64), (size,)).copy())
+        self._hi.append(np.broadcast_to(np.asarray(hi, dtype=np.float64), (size,)).copy())
+        self._int.append(np.full(size, bool(integer)))
+        self.n_cols += int(size)
+        return sl
+
+    def add_group(self, name: str, n_rows: int, blocks: dict[str, tuple], lo=-INF, hi=INF) -> slice:
+        """Add ``n_rows`` constraints named ``name``.
+
+        Parameters
+        ----------
+        name
+            Group name.
+        n_rows
+            Rows in the group.
+        blocks
+            Block name -> ``(local_row, local_col, value)`` arrays: the coefficients of that block's
+            columns in this group, indices local to the group and to the block. Duplicates are summed.
+        lo, hi
+            Row bounds (scalars or arrays of ``n_rows``).
+        """
+        base = self.n_rows
+        for bname, (r, c, v) in blocks.items():
+            sl = self._blocks[bname]
+            r = np.asarray(r, dtype=np.int64)
+            c = np.asarray(c, dtype=np.int64)
+            v = np.broadcast_to(np.asarray(v, dtype=np.float64), r.shape)
+            self._rows.append(r + base)
+            self._cols.append(c + sl.start)
+            self._vals.append(v)
+        self._rlo.append(np.broadcast_to(np.asarray(lo, dtype=np.float64), (n_rows,)).copy())
+        self._rhi.append(np.broadcast_to(np.asarray(hi, dtype=np.float64), (n_rows,)).copy())
+        sl = slice(base, base + int(n_rows))
+        self._groups[name] = sl
+        self.n_rows += int(n_rows)
+        return sl
+
+    def build(self, c: np.ndarray, sense: str = "min", offset: float = 0.0, meta: dict | None = None) -> LinearModel:
+        """The assembled model with objective ``c`` (one coefficient per column)."""
+        c = np.asarray(c, dtype=np.float64)
+        if c.shape != (self.n_cols,):
+            raise SpecError("objective", f"has {c.size} coefficients for {self.n_cols} columns",
+                            "give one coefficient per column")
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
+        A = sp.csr_matrix((cat(self._vals, np.float64), (cat(self._rows, np.int64), cat(self._cols, np.int64))),
+                          shape=(self.n_rows, self.n_cols))
+        A.sum_duplicates()
+        return LinearModel(self.name, c, A, cat(self._rlo, np.float64), cat(self._rhi, np.float64),
+                           cat(self._lo, np.float64), cat(self._hi, np.float64), cat(self._int, bool),
+                           dict(self._blocks), dict(self._groups), sense, float(offset), dict(meta or {}))
