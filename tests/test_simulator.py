@@ -60,7 +60,7 @@ def small_problems(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(small_problems(), st.sampled_from(PEERS))
+@given(small_problems(), st.sampled_from(PEERS + ["hybrid", "offline"]))
 def test_every_policy_serves_everything_above_the_bound(problem, policy):
     res = run_policy(problem, policy)
     assert np.all(~np.isnan(res.done_s))
@@ -82,7 +82,7 @@ def test_kv_capacity_is_enforced_and_respected():
     problem = Problem.single(wl, "llama-65b", clients=6, kv_capacity_tokens=250)  # room for 2 requests
     with pytest.raises(PolicyError, match="KV"):
         Engine(problem, Policy("bad", RoundRobinQueues(), _Greedy())).run()
-    for name in ["baseline", "vllm", "sarathi"]:
+    for name in ["baseline", "vllm", "sarathi", "hybrid"]:
         res = run_policy(problem, name)
         # at most two requests in flight at any time
         starts, ends = res.prefill_start_s, res.done_s
@@ -93,7 +93,7 @@ def test_kv_capacity_is_enforced_and_respected():
 
 def test_faults_requeue_and_complete(gsm8k_small):
     faults = [Fault(2.0, 0, client=3), Fault(5.0, 0, client=7)]
-    for name in ["baseline", "vllm"]:
+    for name in ["baseline", "vllm", "hybrid", "offline"]:
         res = run_policy(gsm8k_small, name, faults=faults)
         assert np.all(~np.isnan(res.done_s))
         assert res.generated_tokens == gsm8k_small.workload.total_output_tokens
@@ -124,7 +124,7 @@ def test_policy_errors_are_named():
 def test_arrivals_are_respected():
     wl = workloads.synthetic(80, seed=1, arrival_rate=20.0)
     problem = Problem.single(wl, "llama-65b", clients=8)
-    for name in ["baseline", "vllm", "sarathi"]:
+    for name in ["baseline", "vllm", "sarathi", "hybrid"]:
         res = run_policy(problem, name)
         assert np.all(res.assign_s >= wl.arrival_s - 1e-12)
         assert res.generated_tokens == wl.total_output_tokens

@@ -17,15 +17,10 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy, RunContext
 from lloptim.runtime.registry import register_policy
-from lloptim.runtime.request_schedulers import AssignedQueues
+from lloptim.runtime.request_schedulers import AssignedQueues, GlobalQueue
 from lloptim.work import request_work_s
 
 __all__ = ["OfflinePlan", "offline_policy", "hybrid_policy"]
-
-#: Default weight on the prefill's fixed cost in the Lagrangian rule; chosen on GSM8K *train*
-#: cases (benchmarks/tune_hybrid.py), never on the test split it is reported on.
-DEFAULT_SETUP_WEIGHT = 2.0
-
 
 class OfflinePlan:
     """Solves the offline bin packing once per run and keeps the result for both schedulers.
@@ -74,30 +69,58 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 10.0) -> Policy
     return Policy("offline", AssignedQueues(plan.assignment, steal=False), PrefillFirst())
 
 
-def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weight: float = DEFAULT_SETUP_WEIGHT,
-                  steal: bool = True, lookahead: bool = True, token_budget: int | None = None) -> Policy:
-    """The hybrid: offline plan + stealing + Lagrangian iteration scheduling.
+def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weight: float | None = None,
+                  dispatch: str = "sorted",
+                  steal: bool = True, lookahead: bool | str = "auto", token_budget: int | None = None,
+                  survival: np.ndarray | None = None) -> Policy:
+    """The hybrid: offline plan + sorting and preemptive re-assignment + Lagrangian iteration scheduling.
 
     Parameters
     ----------
     solver, time_limit_s
-        Offline solve (see :class:`OfflinePlan`).
+        Offline solve (see :class:`OfflinePlan`): its dual prices price the iteration decisions.
+    dispatch
+        ``"sorted"`` (default): an idle client takes the longest (estimated) unstarted request
+        wherever the plan put it; a request taken from another client's plan is a preemptive
+        re-assignment. Requests of similar length then start together and finish together, so
+        prefills batch without idling anyone. ``"plan"``: the literal Algorithm 1, each client
+        works through its planned queue (longest first) and steals only when it runs dry.
     setup_weight
-        Weight on the prefill's fixed cost ``C_p`` in the Lagrangian rule.
+        Weight on the prefill's fixed cost ``C_p`` in the Lagrangian rule (``None``: the tuned
+        default of :data:`lloptim.runtime.lagrangian.SETUP_WEIGHT`).
     steal
         Online preemptive re-assignment of unstarted requests.
     lookahead
-        Price the wait until the next expected finish (else accumulate the waiting cost step by step).
+        Price the wait until the next expected finish (``"auto"``: when lengths are known or a
+        survival function is given); else accumulate the waiting cost step by step.
+    survival
+        ``P(output > x)`` learned from training requests, for the lookahead with unknown lengths.
     token_budget
         Most prompt tokens per prefill iteration.
     """
     plan = OfflinePlan(solver, time_limit_s)
-    return Policy("hybrid", AssignedQueues(plan.assignment, steal=steal),
+    if dispatch == "sorted":
+        requests = GlobalQueue("longest", plan=plan.assignment)
+    elif dispatch == "plan":
+        requests = AssignedQueues(plan.assignment, steal=steal)
+    else:
+        from lloptim.errors import SpecError
+
+        raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
+    return Policy("hybrid", requests,
                   LagrangianIterations(plan.prices, setup_weight=setup_weight, token_budget=token_budget,
-                                       lookahead=lookahead))
+                                       lookahead=lookahead, survival=survival))
 
 
 register_policy("offline", offline_policy,
                 "offline makespan bin packing (longest first per client), no re-assignment, prefill-first")
 register_policy("hybrid", hybrid_policy,
-                "offline bin packing + request stealing + Lagrangian prefill/decode decisions (arXiv 2502.15763)")
+                "offline bin packing + sorted dispatch with preemptive re-assignment + Lagrangian prefill/decode "
+                "decisions (arXiv 2502.15763)")
+register_policy("hybrid-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", **opts), "hybrid-plan"),
+                "the hybrid with the literal Algorithm 1: planned queues, steal only when a queue runs dry")
+
+
+def _renamed(policy: Policy, name: str) -> Policy:
+    policy.name = name
+    return policy

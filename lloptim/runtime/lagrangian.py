@@ -15,9 +15,12 @@ prices:
 
 ``C_d`` accumulates over the steps the current waiting clients have waited (the economic-order-
 quantity rule: batch a setup when the holding cost it saves equals the setup cost), and the
-prefill is inserted when ``C_d >= C_p``. In the end game, when the request scheduler holds no more
-requests, a waiting client is on the critical path (nothing else can fill the time it loses) and
-its price rises to ``mu = 1`` per second, i.e. the prefill goes in at once.
+prefill is inserted when ``C_d >= C_p``. The prices are updated as the run goes: a lost slot-step
+can only be made up by clients that still have unstarted work to take over, so once fewer than
+``C`` requests are pending the price of a waiting client's step is scaled by
+``C / (pending + 1)``; in the end game, when the request scheduler holds no more requests, a
+waiting client is on the critical path (nothing else can fill the time it loses) and the prefill
+goes in at once.
 
 Each decision is O(1) amortized: the accumulated cost is updated incrementally.
 """
@@ -32,7 +35,18 @@ from lloptim.errors import PolicyError
 from lloptim.runtime.iteration_schedulers import admissible
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Prefill, RunContext
 
-__all__ = ["LagrangianIterations"]
+__all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT"]
+
+#: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
+#: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
+SETUP_WEIGHT = {"known": 1.0, "unknown": 1.0}
+
+
+def survival_function(output_tokens: np.ndarray) -> np.ndarray:
+    """Empirical ``P(output > x)`` for ``x = 0 .. max(output_tokens)`` (so the last entry is 0)."""
+    o = np.asarray(output_tokens, dtype=np.int64)
+    counts = np.bincount(o, minlength=int(o.max()) + 1)
+    return 1.0 - np.cumsum(counts) / o.size
 
 
 class LagrangianIterations(IterationScheduler):
@@ -44,15 +58,33 @@ class LagrangianIterations(IterationScheduler):
         Price of each client's time (global client index), makespan seconds per client second;
         a callable ``prices(ctx) -> array`` is evaluated at setup. ``None``: ``1/C`` each.
     setup_weight
-        Multiplier on ``C_p`` (1.0 is the EOQ balance; larger batches prefills more).
+        Multiplier on ``C_p`` (1.0 is the EOQ balance; larger batches prefills more); ``None``:
+        :data:`SETUP_WEIGHT` for known or unknown lengths.
     token_budget
         Most prompt tokens per prefill iteration (``None``: unlimited).
+    lookahead
+        ``"auto"`` (default): on with known lengths or a ``survival`` function, else off.
+        ``True``: forecast the next finish of a running request and wait for it when that is cheaper than an
+        extra prefill. With known lengths the forecast is exact; with estimates it uses
+        ``survival`` when given, else the point estimates. ``False``: accrue the waiting cost step
+        by step and prefill when it reaches the prefill's cost.
+    survival
+        ``survival[x]`` = probability that an output is longer than ``x`` tokens, learned from
+        training requests (see :func:`survival_function`); used when lengths are unknown.
+    max_wait_steps
+        Longest wait, in decode steps, that the survival forecast considers.
+    criticality
+        Raise the price of waiting as the pending work runs out (see the module docstring).
     """
 
-    def __init__(self, prices=None, setup_weight: float = 1.0, token_budget: int | None = None,
-                 lookahead: bool = True) -> None:
+    def __init__(self, prices=None, setup_weight: float | None = None, token_budget: int | None = None,
+                 lookahead: bool | str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
+                 criticality: bool = True) -> None:
         self.prices = prices
+        self.criticality = criticality
         self.lookahead = lookahead
+        self.survival = survival
+        self.max_wait_steps = max_wait_steps
         self.setup_weight = setup_weight
         self.token_budget = token_budget
 
@@ -70,13 +102,27 @@ class LagrangianIterations(IterationScheduler):
             share = mu[clients.start:clients.stop]
             # renormalize within the instance: the instance's own makespan is what its decisions move
             share = share / share.sum() if share.sum() > 0 else np.full(len(clients), 1.0 / len(clients))
-            self.step_price.extend((share * len(clients) * inst.profile.latency.decode_base_s / len(clients)).tolist())
-        self.setup_cost = [self.setup_weight * inst.profile.latency.prefill_base_s for inst in ctx.problem.instances]
+            self.step_price.extend((share * inst.profile.latency.decode_base_s).tolist())
+        weight = self.setup_weight
+        if weight is None:
+            weight = SETUP_WEIGHT["known" if ctx.known_lengths else "unknown"]
+        self.setup_cost = [weight * inst.profile.latency.prefill_base_s for inst in ctx.problem.instances]
         self.accrued = [0.0] * len(ctx.problem.instances)
         self.requests = ctx.extra.get("request_scheduler")
         self.estimates = ctx.estimates.tolist()
         self.finish_heap: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
+        self.running: list[dict[int, tuple[int, int]]] = [{} for _ in ctx.problem.instances]
         self.decisions_prefill = 0
+        if self.lookahead == "auto":
+            # exact forecasts make the lookahead pay; point estimates of finish times mislead it
+            self.lookahead_on = ctx.known_lengths or self.survival is not None
+        else:
+            self.lookahead_on = bool(self.lookahead)
+        self.use_survival = self.lookahead_on and not ctx.known_lengths and self.survival is not None
+        if self.use_survival:
+            surv = np.asarray(self.survival, dtype=np.float64)
+            self.log_survival = np.log(np.maximum(surv, 1e-12))
+            self.horizon = np.arange(1, self.max_wait_steps + 1)
 
     def decide(self, state) -> Decision:
         if not state.waiting:
@@ -89,7 +135,16 @@ class LagrangianIterations(IterationScheduler):
         waiting_cost = 0.0
         for c in state.waiting:
             waiting_cost += price[c]
-        if self.lookahead:
+        if self.criticality and self.requests is not None:
+            # online multiplier update: a lost slot-step can only be made up by clients that still
+            # have unstarted work to take over, so its price rises as the pending work runs out
+            n_clients = len(state.clients)
+            pending = self.requests.pending()
+            if pending + 1 < n_clients:
+                waiting_cost *= n_clients / (pending + 1)
+        if self.use_survival:
+            return self._prefill(state) if self._survival_says_prefill(state, waiting_cost) else DECODE
+        if self.lookahead_on:
             steps = self._steps_to_next_finish(state)
             if steps is None or waiting_cost * steps >= self.setup_cost[k]:
                 return self._prefill(state)
@@ -99,6 +154,31 @@ class LagrangianIterations(IterationScheduler):
             return self._prefill(state)
         self.accrued[k] += waiting_cost
         return DECODE
+
+    def _survival_says_prefill(self, state, waiting_cost: float) -> bool:
+        """Unknown lengths: wait ``j`` more steps only if the expected saving beats the waiting cost.
+
+        With ``q(j)``, the probability that some running request finishes within ``j`` steps (from the
+        survival function of output lengths, conditioned on the tokens each has generated), waiting
+        ``j`` steps costs ``j * C_d`` and saves ``q(j) * C_p`` (the finisher joins this prefill).
+        """
+        running = self.running[state.index]
+        engine = state.engine
+        step = state.decode_steps
+        gen = []
+        for c, (r, start) in list(running.items()):
+            if engine.client_request[c] != r:
+                del running[c]
+            else:
+                gen.append(step - start)
+        if not gen:
+            return True
+        last = self.log_survival.size - 1
+        g = np.minimum(np.asarray(gen), last)
+        ahead = np.minimum(g[:, None] + self.horizon[None, :], last)
+        log_none = (self.log_survival[ahead] - self.log_survival[g][:, None]).sum(axis=0)
+        saving = self.setup_cost[state.index] * (1.0 - np.exp(log_none))
+        return not np.any(saving > waiting_cost * self.horizon)
 
     def _steps_to_next_finish(self, state) -> int | None:
         """Decode steps until the next running client is expected to finish (from the estimates)."""
@@ -122,7 +202,11 @@ class LagrangianIterations(IterationScheduler):
             raise PolicyError(f"instance {state.index}: no waiting request fits the free KV cache")
         self.accrued[state.index] = 0.0
         self.decisions_prefill += 1
-        if self.lookahead:
+        if self.use_survival:
+            running = self.running[state.index]
+            for c in chosen:
+                running[c] = (state.engine.client_request[c], state.decode_steps)
+        elif self.lookahead_on:
             heap = self.finish_heap[state.index]
             engine = state.engine
             step = state.decode_steps

@@ -83,12 +83,18 @@ class GlobalQueue(RequestScheduler):
     ----------
     order
         ``"fcfs"`` (arrival order), ``"shortest"`` or ``"longest"`` (by estimated output length).
+    plan
+        Optional offline assignment (global client per request, or a callable of the run context):
+        a request served by another client than planned counts as a preemptive re-assignment
+        (:attr:`steals`).
     """
 
-    def __init__(self, order: str = "fcfs") -> None:
+    def __init__(self, order: str = "fcfs", plan=None) -> None:
         if order not in ("fcfs", "shortest", "longest"):
             raise ValueError(f"order must be 'fcfs', 'shortest' or 'longest', not {order!r}")
         self.order = order
+        self.plan = plan
+        self.steals = 0
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -105,6 +111,9 @@ class GlobalQueue(RequestScheduler):
         self.key = np.asarray(key, dtype=np.float64).tolist()
         self.ready: list[tuple[float, int]] = []
         self.n_pending = len(w)
+        owner = self.plan(ctx) if callable(self.plan) else self.plan
+        self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
+        self.steals = 0
 
     def pending(self) -> int:
         return self.n_pending
@@ -118,7 +127,10 @@ class GlobalQueue(RequestScheduler):
         if not self.ready:
             return None
         self.n_pending -= 1
-        return heapq.heappop(self.ready)[1]
+        r = heapq.heappop(self.ready)[1]
+        if self.owner is not None and self.owner[r] != client:
+            self.steals += 1
+        return r
 
     def requeue(self, request: int, now: float) -> None:
         heapq.heappush(self.ready, (self.key[request], request))
