@@ -75,7 +75,7 @@ def plot_reproduction(report: dict, results: dict[str, RunResult], path: str | P
     ax.set_xlabel("sigma of exp(N(0, sigma)) forecast error")
     ax.set_ylabel("gap to bound (%)")
     fig.legend(handles=[matplotlib.patches.Patch(color=v, label=k) for k, v in COLORS.items()],
-               loc="upper right", ncols=3)
+               loc="outside lower center", ncols=3)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,3 +29,26 @@ def test_simulate_bad_spec_is_one_line(tmp_path):
     assert "requests[0].prompt_tokens" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["simulate", "--policy", "nope"])
     assert res.exit_code == 2 and "unknown policy" in res.output
+
+
+def test_simulate_with_faults_reports_them():
+    res = runner.invoke(app, ["simulate", "--policy", "hybrid", "--fault", "20:0:3", "--fault", "40:0:9", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["failed_clients"] == 2 and d["requeued"] >= 1
+    assert d["requests_completed"] == 1319 and d["output_tokens"] == 132_872
+    bad = runner.invoke(app, ["simulate", "--fault", "soon"])
+    assert bad.exit_code == 2 and "--fault" in bad.output
+
+
+def test_reproduce_json_has_the_promised_keys():
+    res = runner.invoke(app, ["reproduce", "--cases", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    for name in ("baseline", "offline", "hybrid", "hybrid_unknown_lengths", "vllm", "sarathi"):
+        assert {"makespan_s", "utilization", "gap_to_bound"} <= set(d["policies"][name])
+        assert d["policies"][name]["makespan_s"] >= d["lower_bound_s"]
+    assert set(d["decision_latency_us"]) == {"p50", "p99"}
+    assert d["cases"]["n"] == 3 and 0 <= d["cases"]["hybrid_wins"] <= 3
+    assert "mean_utilization_gain" in d["cases"]
+    assert d["policies"]["hybrid"]["makespan_s"] < d["policies"]["baseline"]["makespan_s"]

@@ -105,3 +105,18 @@ def test_hybrid_with_estimates_and_survival():
     for pol in (hybrid_policy(), hybrid_policy(survival=surv)):
         m = summarize(run_policy(problem, pol, estimates=est))
         assert m.requests_completed == 300 and m.makespan_s >= lower_bound(problem).total_s
+
+
+@pytest.mark.parametrize("prompt, output", [([12, 30, 7], [2, 3, 4]), ([25, 9, 14], [4, 1, 3])])
+def test_hybrid_within_stated_factor_of_full_mip_optimum(prompt, output):
+    """With perfect information on tiny instances the hybrid is within 10 % of the full MIP optimum."""
+    from lloptim.solvers import SolveParams, solve
+    from lloptim.solvers.result import Termination
+
+    problem = Problem.single(Workload.from_arrays(prompt, output), "llama-65b", clients=2)
+    mip = solve(problem, "highs", SolveParams(time_limit_s=60), formulation="full_mip")
+    assert mip.status == Termination.OPTIMAL
+    hybrid = summarize(run_policy(problem, "hybrid"))
+    assert mip.dual_bound <= hybrid.makespan_s * (1 + 1e-9)  # nothing beats the proven optimum
+    assert hybrid.makespan_s <= 1.10 * mip.primal_bound
+    assert lower_bound(problem).total_s <= mip.primal_bound * (1 + 1e-9)

@@ -35,18 +35,35 @@ def metrics_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def parse_fault(text: str):
+    """``"TIME:INSTANCE[:CLIENT]"`` -> :class:`~lloptim.runtime.engine.Fault`."""
+    from lloptim.errors import SpecError
+    from lloptim.runtime.engine import Fault
+
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return Fault(float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+    except ValueError:
+        raise SpecError("--fault", f"cannot read {text!r}", "write TIME:INSTANCE or TIME:INSTANCE:CLIENT, "
+                        "e.g. 30:0:5") from None
+
+
 @app.command()
 def simulate(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
     policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    fault: list[str] = typer.Option([], "--fault",
+                                    help="inject a failure TIME:INSTANCE[:CLIENT] (seconds; global client index); repeatable"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.simulator import simulate as run
 
     with user_errors():
         problem = load_problem(spec)
-        metrics = run(problem, policy)
+        metrics = run(problem, policy, faults=[parse_fault(f) for f in fault])
     d = metrics.to_dict()
     if json_out:
         print_json(d)
