@@ -1,17 +1,22 @@
 """The torch backend: serves a real causal LM iteration by iteration and measures each iteration.
 
-Every request keeps its own KV cache (one ``(keys, values)`` pair per layer, shape
-``(1, kv_heads, tokens, head_dim)``). An iteration gathers the caches of the requests taking part
-into one padded batch and runs ONE forward pass:
+Each instance keeps one KV *pool*: per layer a ``(1, kv_heads, slots, head_dim)`` keys/values
+tensor, and per slot the request that owns it and the token position it holds. An iteration runs
+ONE forward pass over a *packed* batch, the layout of vLLM-style varlen attention:
 
-* row ``i`` holds ``[pad, past_i | pad, new_i]``: the cached tokens left-padded to the longest
-  cache ``P``, then the new tokens (a whole prompt, a prompt chunk, or the one token a decode step
-  feeds) left-padded to the longest new segment ``N``;
-* an attention mask hides the padding and explicit ``position_ids`` give every token its true
-  position, so each row computes exactly what the request would compute alone;
-* the last position of every row is a real token, so only its logits are needed; greedy sampling
-  takes their argmax;
-* afterwards each request's cache is cut back out of the batch (``past_i`` followed by ``new_i``).
+* the new tokens of all requests taking part (a whole prompt, a prompt chunk, or the one token a
+  decode step feeds) are concatenated into one row of ``T`` tokens, with explicit ``position_ids``
+  (each token's true position in its own request);
+* the instance's pool is the past cache, as is (no gathering, no padding); the model appends the
+  ``T`` new keys/values to it, and the result is the new pool;
+* a 4-D additive attention mask ``(1, 1, T, slots + T)`` lets each token see only the slots of its
+  own request at earlier or equal positions, so every request computes exactly what it would
+  compute alone (float64 makes the tokens identical); linear layers cost ``T`` tokens, as the
+  latency model assumes;
+* only the logits of each request's last new token are computed; greedy sampling takes the argmax.
+
+A released request's slots are marked dead (owner -1) and the pool is compacted when more than half
+of it is dead.
 
 Token semantics follow the engine: a prefill (or the chunk that completes a prompt) yields the
 request's first output token, which each decode step then emits and feeds to the model, producing
@@ -20,8 +25,12 @@ emits exactly ``o`` tokens (EOS ignored); its KV cache holds ``prompt + done`` t
 engine accounts.
 
 Several instances are several independent replicas: they share the (read-only) weights object and
-keep separate running sets and caches. Times are wall-clock seconds (``time.perf_counter``) around
-the whole iteration, cache gathering included, with ``torch.cuda.synchronize`` on CUDA.
+keep separate pools and running sets. Times are wall-clock seconds (``time.perf_counter``) around
+the whole iteration, mask building included, with ``torch.cuda.synchronize`` on CUDA.
+
+Limits: models whose layers keep sliding-window or recurrent caches are not supported; attention is
+dense over ``T x (slots + T)`` scores, fine for the small batches a CPU serves (a GPU deployment
+serving hundreds of requests would want a paged-attention kernel instead).
 """
 
 from __future__ import annotations
@@ -43,14 +52,45 @@ __all__ = ["TorchBackend", "token_mismatches", "reference_generate"]
 class _Req:
     """Execution state of one request: its cache, the next token to emit, what it emitted."""
 
-    __slots__ = ("instance", "cache", "length", "pending", "tokens")
+    __slots__ = ("instance", "length", "pending", "tokens")
 
     def __init__(self, instance: int) -> None:
         self.instance = instance
-        self.cache: list[tuple] | None = None
         self.length = 0
         self.pending = -1
         self.tokens: list[int] = []
+
+
+class _Pool:
+    """The KV slots of one instance: tensors per layer, and owner request / position per slot."""
+
+    __slots__ = ("kv", "owner", "pos", "dead")
+
+    def __init__(self) -> None:
+        self.kv: list[tuple] = []
+        self.owner = np.zeros(0, dtype=np.int64)
+        self.pos = np.zeros(0, dtype=np.int64)
+        self.dead = 0
+
+    def kill(self, request: int) -> None:
+        """Mark ``request``'s slots dead; compact when more than half the pool is dead."""
+        hit = self.owner == request
+        n = int(hit.sum())
+        if not n:
+            return
+        self.owner[hit] = -1
+        self.dead += n
+        if self.dead * 2 > self.owner.size:
+            keep = np.flatnonzero(self.owner >= 0)
+            if keep.size == 0:
+                self.kv, self.owner, self.pos = [], self.owner[:0], self.pos[:0]
+            else:
+                import torch
+
+                idx = torch.from_numpy(keep).to(self.kv[0][0].device)
+                self.kv = [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in self.kv]
+                self.owner, self.pos = self.owner[keep], self.pos[keep]
+            self.dead = 0
 
 
 def _layer_kv(cache, j: int):
@@ -105,6 +145,7 @@ class TorchBackend:
         self._prompts: dict[int, list[int]] = {}
         self._reqs: dict[int, _Req] = {}
         self._running: list[dict[int, None]] = [{} for _ in problem.instances]
+        self._pools = [_Pool() for _ in problem.instances]
         self.generated: dict[int, list[int]] = {}
         self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0}
         params = inspect.signature(self.model.module.forward).parameters
@@ -124,69 +165,60 @@ class TorchBackend:
             raise LloptimError(f"torch backend: no instance {instance} (the problem has {len(self._running)})")
 
     def _start(self, instance: int, request: int) -> _Req:
+        old = self._reqs.get(request)
+        if old is not None:  # defensive: a restart without a release
+            self._pools[old.instance].kill(request)
+            self._running[old.instance].pop(request, None)
         st = _Req(instance)
         self._reqs[request] = st
         self.generated.pop(request, None)
         return st
 
-    def _forward(self, rows: Sequence[tuple[_Req, Sequence[int]]]) -> list[int]:
-        """One forward over ``rows`` = ``(state, new token ids)``; extend caches, return next tokens."""
+    def _forward(self, instance: int, rows: Sequence[tuple[int, _Req, Sequence[int]]]) -> list[int]:
+        """One packed forward of ``rows`` = ``(request, state, new token ids)`` on ``instance``'s pool.
+
+        Appends the new keys/values to the pool and returns each row's next (greedy) token.
+        """
         torch = self.torch
         m = self.model
         dev = m.device
-        lens = [st.length for st, _ in rows]
-        news = [len(x) for _, x in rows]
-        B, P, N = len(rows), max(lens), max(news)
-        ids = np.zeros((B, N), dtype=np.int64)
-        pos = np.zeros((B, N), dtype=np.int64)
-        mask = np.zeros((B, P + N), dtype=np.int64)
-        for i, ((st, new), l, n) in enumerate(zip(rows, lens, news)):
-            ids[i, N - n:] = new
-            pos[i, N - n:] = np.arange(l, l + n)
-            mask[i, P - l:P] = 1
-            mask[i, P + N - n:] = 1
+        pool = self._pools[instance]
+        lens = np.array([st.length for _, st, _ in rows], dtype=np.int64)
+        news = np.array([len(x) for _, _, x in rows], dtype=np.int64)
+        T = int(news.sum())
+        ids = np.fromiter((t for _, _, x in rows for t in x), dtype=np.int64, count=T)
+        req = np.array([r for r, _, _ in rows], dtype=np.int64)
+        row_q = np.repeat(np.arange(len(rows)), news)
+        new_start = np.cumsum(news) - news
+        owner_q = req[row_q]
+        pos_q = lens[row_q] + (np.arange(T) - new_start[row_q])
+        owner_k = np.concatenate([pool.owner, owner_q])
+        pos_k = np.concatenate([pool.pos, pos_q])
+        blocked = (owner_k[None, :] != owner_q[:, None]) | (pos_k[None, :] > pos_q[:, None])
+        mask = torch.zeros((1, 1, T, owner_k.size), dtype=m.dtype)
+        mask.masked_fill_(torch.from_numpy(blocked)[None, None], torch.finfo(m.dtype).min)
         kwargs = {}
-        if P > 0:
+        if pool.owner.size:
             from transformers.cache_utils import DynamicCache
 
             cache = DynamicCache()
-            ref = next(st.cache for st, _ in rows if st.length > 0)
-            for j, (k0, v0) in enumerate(ref):
-                ks, vs = [], []
-                for st, l in zip((s for s, _ in rows), lens):
-                    if l == 0:
-                        shape = (1, k0.shape[1], P, k0.shape[3])
-                        ks.append(k0.new_zeros(shape))
-                        vs.append(v0.new_zeros((1, v0.shape[1], P, v0.shape[3])))
-                    else:
-                        k, v = st.cache[j]
-                        if l < P:
-                            k = torch.nn.functional.pad(k, (0, 0, P - l, 0))
-                            v = torch.nn.functional.pad(v, (0, 0, P - l, 0))
-                        ks.append(k)
-                        vs.append(v)
-                cache.update(torch.cat(ks) if B > 1 else ks[0], torch.cat(vs) if B > 1 else vs[0], j)
+            for j, (k, v) in enumerate(pool.kv):
+                cache.update(k, v, j)
             kwargs["past_key_values"] = cache
-        if self._keep_kw:
-            kwargs[self._keep_kw] = 1
+        last = torch.from_numpy(new_start + news - 1)
+        if self._keep_kw == "logits_to_keep":
+            kwargs["logits_to_keep"] = last.to(dev)
         with torch.inference_mode():
-            out = m.module(input_ids=torch.from_numpy(ids).to(dev), attention_mask=torch.from_numpy(mask).to(dev),
-                           position_ids=torch.from_numpy(pos).to(dev), use_cache=True, **kwargs)
-            nxt = out.logits[:, -1].argmax(-1).tolist()
+            out = m.module(input_ids=torch.from_numpy(ids)[None].to(dev), attention_mask=mask.to(dev),
+                           position_ids=torch.from_numpy(pos_q)[None].to(dev), use_cache=True, **kwargs)
+            logits = out.logits[0] if self._keep_kw == "logits_to_keep" else out.logits[0, last.to(dev)]
+            nxt = logits.argmax(-1).tolist()
         pkv = out.past_key_values
         n_layers = len(pkv.layers) if hasattr(pkv, "layers") else len(pkv.key_cache)
-        layers = [_layer_kv(pkv, j) for j in range(n_layers)]
-        for i, ((st, _), l, n) in enumerate(zip(rows, lens, news)):
-            new_cache = []
-            for k, v in layers:
-                if l == 0 or n == N:  # contiguous: [P - l, P + N) or [P + N - n, P + N)
-                    a = P + N - n if l == 0 else P - l
-                    new_cache.append((k[i:i + 1, :, a:], v[i:i + 1, :, a:]))
-                else:
-                    new_cache.append((torch.cat((k[i:i + 1, :, P - l:P], k[i:i + 1, :, P + N - n:]), 2),
-                                      torch.cat((v[i:i + 1, :, P - l:P], v[i:i + 1, :, P + N - n:]), 2)))
-            st.cache = new_cache
-            st.length = l + n
+        pool.kv = [_layer_kv(pkv, j) for j in range(n_layers)]
+        pool.owner, pool.pos = owner_k, pos_k
+        for (_, st, _), n in zip(rows, news.tolist()):
+            st.length += n
         return nxt
 
     def _timed(self, fn) -> float:
@@ -201,16 +233,16 @@ class TorchBackend:
         if len(running) != n_running:
             raise LloptimError(f"torch backend out of sync with the engine: instance {instance} runs "
                                f"{len(running)} requests, the engine says {n_running}")
-        rows = [(self._reqs[r], [self._reqs[r].pending]) for r in running]
-        kv = sum(st.length for st, _ in rows)
+        rows = [(r, self._reqs[r], [self._reqs[r].pending]) for r in running]
+        kv = sum(st.length for _, st, _ in rows)
         if kv != kv_tokens:
             raise LloptimError(f"torch backend out of sync with the engine: instance {instance} holds {kv} "
                                f"KV tokens, the engine says {kv_tokens}")
         return rows
 
     @staticmethod
-    def _emit(rows: Sequence[tuple[_Req, Sequence[int]]], nxt: Sequence[int], n_decode: int) -> None:
-        for (st, _), t in zip(rows[:n_decode], nxt[:n_decode]):
+    def _emit(rows: Sequence[tuple[int, _Req, Sequence[int]]], nxt: Sequence[int], n_decode: int) -> None:
+        for (_, st, _), t in zip(rows[:n_decode], nxt[:n_decode]):
             st.tokens.append(st.pending)
             st.pending = t
 
@@ -218,14 +250,14 @@ class TorchBackend:
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
         """Prefill the full prompts of ``requests`` in one batched forward; return its seconds."""
         self._check_instance(instance)
-        rows = [(self._start(instance, r), self.prompt_ids(r)) for r in requests]
-        if sum(len(x) for _, x in rows) != prompt_tokens:
+        rows = [(r, self._start(instance, r), self.prompt_ids(r)) for r in requests]
+        if sum(len(x) for _, _, x in rows) != prompt_tokens:
             raise LloptimError(f"torch backend: prefill of {prompt_tokens} tokens but the prompts hold "
-                               f"{sum(len(x) for _, x in rows)}")
+                               f"{sum(len(x) for _, _, x in rows)}")
 
         def work() -> None:
-            nxt = self._forward(rows)
-            for (st, _), t in zip(rows, nxt):
+            nxt = self._forward(instance, rows)
+            for (_, st, _), t in zip(rows, nxt):
                 st.pending = t
 
         dur = self._timed(work)
@@ -238,7 +270,7 @@ class TorchBackend:
         """One batched decode step of every running request of ``instance``; return its seconds."""
         self._check_instance(instance)
         rows = self._decode_rows(instance, n_running, kv_tokens)
-        dur = self._timed(lambda: self._emit(rows, self._forward(rows), len(rows)))
+        dur = self._timed(lambda: self._emit(rows, self._forward(instance, rows), len(rows)))
         self.counters["decode"] += 1
         return dur
 
@@ -263,16 +295,16 @@ class TorchBackend:
                     have = None if st is None else st.length
                     raise LloptimError(f"torch backend: chunk of request {r} starts at token {start} but its "
                                        f"cache holds {have} tokens on this instance")
-            rows.append((st, self.prompt_ids(r)[start:start + n_tok]))
+            rows.append((r, st, self.prompt_ids(r)[start:start + n_tok]))
             if completes:
                 done.append(r)
             else:
                 self.counters["partial_chunks"] += 1
 
         def work() -> None:
-            nxt = self._forward(rows)
+            nxt = self._forward(instance, rows)
             self._emit(rows, nxt, n_dec)
-            for (st, _), t in zip(rows[n_dec:], nxt[n_dec:]):
+            for (_, st, _), t in zip(rows[n_dec:], nxt[n_dec:]):
                 st.pending = t
 
         dur = self._timed(work)
@@ -284,6 +316,7 @@ class TorchBackend:
     def release(self, instance: int, request: int, finished: bool) -> None:
         """Free ``request``'s cache; keep its tokens in :attr:`generated` if it ``finished``."""
         self._running[instance].pop(request, None)
+        self._pools[instance].kill(request)
         st = self._reqs.pop(request, None)
         if finished:
             if st is not None:

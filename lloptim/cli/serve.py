@@ -69,6 +69,16 @@ def _check_backend(backend: str) -> None:
         raise SpecError("backend", f"unknown backend {backend!r}", f"use one of {list(BACKENDS)}")
 
 
+def _set_threads(threads: int) -> None:
+    """Set torch's intra-op CPU threads (0 keeps torch's default)."""
+    if threads < 0:
+        raise SpecError("threads", f"must be >= 0, got {threads}", "give a thread count, or 0 for torch's default")
+    if threads:
+        from lloptim.backends.models import require_torch
+
+        require_torch().set_num_threads(threads)
+
+
 def _fit_table(cal) -> Table:
     t = Table(title=f"calibration of {cal.model} on {cal.device} ({cal.dtype}), {cal.wall_s:.1f} s")
     for head in ("kind", "batch", "tokens", "measured ms", "fitted ms", "rel. error"):
@@ -94,6 +104,7 @@ def calibrate_command(
     decode_batches: str = typer.Option("1,2,4,8,16", help="decode grid: running requests"),
     decode_contexts: str = typer.Option("8,32,96", help="decode grid: tokens per cache"),
     repeats: int = typer.Option(5, "--repeats", help="timed repetitions per grid point (median kept)"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS)."""
@@ -103,6 +114,7 @@ def calibrate_command(
     with user_errors():
         if backend != "torch":
             raise SpecError("backend", f"cannot calibrate the {backend!r} backend", "use --backend torch")
+        _set_threads(threads)
         cal = calibrate(model, device, dtype, seed, _ints("prefill_batches", prefill_batches),
                         _ints("prefill_lengths", prefill_lengths), _ints("decode_batches", decode_batches),
                         _ints("decode_contexts", decode_contexts), repeats=repeats)
@@ -156,6 +168,7 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float64, float32, float16, bfloat16"),
     seed: int = typer.Option(0, "--seed", help="seed of the model weights and prompt ids"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare every generation with the reference"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -176,6 +189,8 @@ def serve(
         _check_backend(backend)
         if requests is not None and requests < 1:
             raise SpecError("requests", f"must be >= 1, got {requests}", "give how many requests to serve")
+        if backend == "torch":
+            _set_threads(threads)
         loaded = load_model(model, device, dtype, seed) if backend == "torch" else None
         if profile is not None:
             prof = load_profile(profile)
