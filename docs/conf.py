@@ -59,13 +59,13 @@ autodoc_class_signature = "mixed"
 autosummary_generate = False  # stubs are written by _scripts/generate.py (modules that exist now)
 autosummary_ignore_module_all = False
 
-templates_path = ["_templates"]
 exclude_patterns = ["_build", "examples", "_scripts", "**/*.inc", "Thumbs.db", ".DS_Store"]
 suppress_warnings = ["config.cache"]
 
 html_theme = "furo"
 html_title = f"lloptim {release}"
 html_static_path = ["_static"]
+html_css_files = ["lloptim.css"]
 
 # -- tutorials (sphinx-gallery) -------------------------------------------------------------------
 from _scripts import generate  # noqa: E402
