@@ -54,7 +54,7 @@ class _FakeState:
 def test_lagrangian_rule_prices_prefill_against_waiting():
     problem = Problem.single(Workload.from_arrays([10] * 8, [50] * 8), "llama-65b", clients=4)
     lat = problem.instances[0].profile.latency
-    sched = LagrangianIterations(lookahead=False, setup_weight=1.0)
+    sched = LagrangianIterations(forecast="none", setup_weight=1.0)
     from lloptim.runtime.policy import RunContext
 
     class _Pending:
@@ -102,7 +102,7 @@ def test_hybrid_with_estimates_and_survival():
     from lloptim.runtime.estimators import estimate
 
     est = estimate(problem.workload, "bucket-quantile", train=train)
-    for pol in (hybrid_policy(), hybrid_policy(survival=surv)):
+    for pol in (hybrid_policy(), hybrid_policy(survival=surv), hybrid_policy(forecast="none")):
         m = summarize(run_policy(problem, pol, estimates=est))
         assert m.requests_completed == 300 and m.makespan_s >= lower_bound(problem).total_s
 

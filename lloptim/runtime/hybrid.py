@@ -71,7 +71,7 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 10.0) -> Policy
 
 def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weight: float | None = None,
                   dispatch: str = "sorted",
-                  steal: bool = True, lookahead: bool | str = "auto", token_budget: int | None = None,
+                  steal: bool = True, forecast: str = "auto", token_budget: int | None = None,
                   survival: np.ndarray | None = None) -> Policy:
     """The hybrid: offline plan + sorting and preemptive re-assignment + Lagrangian iteration scheduling.
 
@@ -90,9 +90,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weig
         default of :data:`lloptim.runtime.lagrangian.SETUP_WEIGHT`).
     steal
         Online preemptive re-assignment of unstarted requests.
-    lookahead
-        Price the wait until the next expected finish (``"auto"``: when lengths are known or a
-        survival function is given); else accumulate the waiting cost step by step.
+    forecast
+        Forecast of finish times for the Lagrangian lookahead (see
+        :class:`~lloptim.runtime.lagrangian.LagrangianIterations`).
     survival
         ``P(output > x)`` learned from training requests, for the lookahead with unknown lengths.
     token_budget
@@ -109,7 +109,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weig
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
     return Policy("hybrid", requests,
                   LagrangianIterations(plan.prices, setup_weight=setup_weight, token_budget=token_budget,
-                                       lookahead=lookahead, survival=survival))
+                                       forecast=forecast, survival=survival))
 
 
 register_policy("offline", offline_policy,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+from scipy.special import log_ndtr
 
 from lloptim.errors import PolicyError
 from lloptim.runtime.iteration_schedulers import admissible
@@ -40,6 +41,10 @@ __all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT"]
 #: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
 #: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
 SETUP_WEIGHT = {"known": 1.0, "unknown": 1.0}
+
+#: Forecasts of the next finish that the lookahead can use.
+FORECASTS = ("auto", "exact", "lognormal", "survival", "none")
+PRIOR_WEIGHT = 20.0
 
 
 def survival_function(output_tokens: np.ndarray) -> np.ndarray:
@@ -62,29 +67,38 @@ class LagrangianIterations(IterationScheduler):
         :data:`SETUP_WEIGHT` for known or unknown lengths.
     token_budget
         Most prompt tokens per prefill iteration (``None``: unlimited).
-    lookahead
-        ``"auto"`` (default): on with known lengths or a ``survival`` function, else off.
-        ``True``: forecast the next finish of a running request and wait for it when that is cheaper than an
-        extra prefill. With known lengths the forecast is exact; with estimates it uses
-        ``survival`` when given, else the point estimates. ``False``: accrue the waiting cost step
-        by step and prefill when it reaches the prefill's cost.
+    forecast
+        How the lookahead forecasts the next finish of a running request, to decide whether
+        waiting for it is cheaper than an extra prefill: ``"exact"`` (finish = start + estimate;
+        exact when lengths are known), ``"lognormal"`` (``log(true/estimate) ~ N(0, sigma^2)``
+        with ``sigma`` learned as requests finish), ``"survival"`` (the empirical survival
+        function ``survival`` of training outputs), ``"none"`` (no forecast: accrue the waiting
+        cost step by step and prefill when it reaches the prefill's cost). ``"auto"``: exact with
+        known lengths, else survival when given, else none.
     survival
         ``survival[x]`` = probability that an output is longer than ``x`` tokens, learned from
-        training requests (see :func:`survival_function`); used when lengths are unknown.
+        training requests (see :func:`survival_function`).
     max_wait_steps
-        Longest wait, in decode steps, that the survival forecast considers.
+        Longest wait, in decode steps, that the probabilistic forecasts consider.
+    sigma_prior
+        Prior of the lognormal forecast error (log scale), worth 20 observations.
     criticality
         Raise the price of waiting as the pending work runs out (see the module docstring).
     """
 
     def __init__(self, prices=None, setup_weight: float | None = None, token_budget: int | None = None,
-                 lookahead: bool | str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
-                 criticality: bool = True) -> None:
+                 forecast: str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
+                 sigma_prior: float = 0.5, criticality: bool = True) -> None:
+        if forecast not in FORECASTS:
+            raise PolicyError(f"forecast must be one of {FORECASTS}, not {forecast!r}")
+        if forecast == "survival" and survival is None:
+            raise PolicyError("forecast='survival' needs a survival function (see survival_function)")
         self.prices = prices
         self.criticality = criticality
-        self.lookahead = lookahead
+        self.forecast = forecast
         self.survival = survival
         self.max_wait_steps = max_wait_steps
+        self.sigma_prior = sigma_prior
         self.setup_weight = setup_weight
         self.token_budget = token_budget
 
@@ -113,16 +127,30 @@ class LagrangianIterations(IterationScheduler):
         self.finish_heap: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
         self.running: list[dict[int, tuple[int, int]]] = [{} for _ in ctx.problem.instances]
         self.decisions_prefill = 0
-        if self.lookahead == "auto":
-            # exact forecasts make the lookahead pay; point estimates of finish times mislead it
-            self.lookahead_on = ctx.known_lengths or self.survival is not None
-        else:
-            self.lookahead_on = bool(self.lookahead)
-        self.use_survival = self.lookahead_on and not ctx.known_lengths and self.survival is not None
-        if self.use_survival:
+        mode = self.forecast
+        if mode == "auto":
+            # measured on GSM8K train cases: point-estimate and lognormal lookaheads gain little over
+            # accrual when lengths are unknown, and the lognormal one costs ~0.3 ms per decision
+            mode = "exact" if ctx.known_lengths else ("survival" if self.survival is not None else "none")
+        self.mode = mode
+        self.horizon = np.arange(1, self.max_wait_steps + 1)
+        if mode == "survival":
             surv = np.asarray(self.survival, dtype=np.float64)
             self.log_survival = np.log(np.maximum(surv, 1e-12))
-            self.horizon = np.arange(1, self.max_wait_steps + 1)
+        # forecast error model, learned as requests finish: log(true / estimate) ~ N(0, sigma^2),
+        # with the prior counted as PRIOR_WEIGHT observations
+        self.sq_log_error = PRIOR_WEIGHT * self.sigma_prior ** 2
+        self.n_errors = PRIOR_WEIGHT
+
+    @property
+    def sigma(self) -> float:
+        """Current estimate of the log-scale forecast error (lognormal forecast)."""
+        return float(np.sqrt(self.sq_log_error / self.n_errors))
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        err = np.log(output_tokens / self.estimates[request])
+        self.sq_log_error += err * err
+        self.n_errors += 1
 
     def decide(self, state) -> Decision:
         if not state.waiting:
@@ -142,41 +170,53 @@ class LagrangianIterations(IterationScheduler):
             pending = self.requests.pending()
             if pending + 1 < n_clients:
                 waiting_cost *= n_clients / (pending + 1)
-        if self.use_survival:
-            return self._prefill(state) if self._survival_says_prefill(state, waiting_cost) else DECODE
-        if self.lookahead_on:
+        mode = self.mode
+        if mode == "exact":
             steps = self._steps_to_next_finish(state)
             if steps is None or waiting_cost * steps >= self.setup_cost[k]:
                 return self._prefill(state)
             return DECODE
-        # the cost of one more decode step with these clients idle, added to what they already lost
-        if self.accrued[k] + waiting_cost >= self.setup_cost[k]:
-            return self._prefill(state)
-        self.accrued[k] += waiting_cost
-        return DECODE
+        if mode == "none":
+            # the cost of one more decode step with these clients idle, added to what they already lost
+            if self.accrued[k] + waiting_cost >= self.setup_cost[k]:
+                return self._prefill(state)
+            self.accrued[k] += waiting_cost
+            return DECODE
+        return self._prefill(state) if self._expected_saving_says_prefill(state, waiting_cost) else DECODE
 
-    def _survival_says_prefill(self, state, waiting_cost: float) -> bool:
+    def _expected_saving_says_prefill(self, state, waiting_cost: float) -> bool:
         """Unknown lengths: wait ``j`` more steps only if the expected saving beats the waiting cost.
 
-        With ``q(j)``, the probability that some running request finishes within ``j`` steps (from the
-        survival function of output lengths, conditioned on the tokens each has generated), waiting
-        ``j`` steps costs ``j * C_d`` and saves ``q(j) * C_p`` (the finisher joins this prefill).
+        With ``q(j)``, the probability that some running request finishes within ``j`` steps
+        (conditioned on the tokens each has generated; from the survival function of the training
+        outputs, or from the lognormal error model around each estimate), waiting ``j`` steps
+        costs ``j * C_d`` and saves ``q(j) * C_p`` (the finisher joins this prefill).
         """
         running = self.running[state.index]
         engine = state.engine
         step = state.decode_steps
-        gen = []
+        gen, est = [], []
         for c, (r, start) in list(running.items()):
             if engine.client_request[c] != r:
                 del running[c]
             else:
                 gen.append(step - start)
+                est.append(self.estimates[r])
         if not gen:
             return True
-        last = self.log_survival.size - 1
-        g = np.minimum(np.asarray(gen), last)
-        ahead = np.minimum(g[:, None] + self.horizon[None, :], last)
-        log_none = (self.log_survival[ahead] - self.log_survival[g][:, None]).sum(axis=0)
+        g = np.asarray(gen)
+        if self.mode == "survival":
+            last = self.log_survival.size - 1
+            g = np.minimum(g, last)
+            ahead = np.minimum(g[:, None] + self.horizon[None, :], last)
+            log_none = (self.log_survival[ahead] - self.log_survival[g][:, None]).sum(axis=0)
+        else:
+            # P(o > x) = 1 - Phi((ln(x + 1/2) - ln est) / sigma), per running request
+            inv = 1.0 / max(self.sigma, 1e-3)
+            log_est = np.log(np.asarray(est))[:, None]
+            z_now = (np.log(g[:, None] + 0.5) - log_est) * inv
+            z_ahead = (np.log(g[:, None] + self.horizon[None, :] + 0.5) - log_est) * inv
+            log_none = (log_ndtr(-z_ahead) - log_ndtr(-z_now)).sum(axis=0)
         saving = self.setup_cost[state.index] * (1.0 - np.exp(log_none))
         return not np.any(saving > waiting_cost * self.horizon)
 
@@ -202,11 +242,11 @@ class LagrangianIterations(IterationScheduler):
             raise PolicyError(f"instance {state.index}: no waiting request fits the free KV cache")
         self.accrued[state.index] = 0.0
         self.decisions_prefill += 1
-        if self.use_survival:
+        if self.mode in ("survival", "lognormal"):
             running = self.running[state.index]
             for c in chosen:
                 running[c] = (state.engine.client_request[c], state.decode_steps)
-        elif self.lookahead_on:
+        elif self.mode == "exact":
             heap = self.finish_heap[state.index]
             engine = state.engine
             step = state.decode_steps
