@@ -260,20 +260,30 @@ def write_concept_figures(out: Path) -> dict:
     if _stale(timeline, sources):
         problem = Problem.single(workloads.gsm8k("test", limit=24), "llama-65b", clients=6)
         res = run_policy(problem, "baseline")
-        fig, (top, ax) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True, height_ratios=[1, 4],
-                                      constrained_layout=True)
+        fig, (top, ax) = plt.subplots(2, 1, figsize=(10, 5.2), height_ratios=[1.3, 4], constrained_layout=True)
+        # zoom on a window around a prefill: iterations are ~30 ms, a whole run is seconds
+        prefills = res.trace_start_s[res.trace_kind == 0]
+        t0 = float(prefills[len(prefills) // 2]) - 0.25
+        t1 = t0 + 0.6
         for kind, color, label in ((0, COLORS["prefill"], "prefill iteration"),
                                    (1, COLORS["decode"], "decode iteration")):
-            sel = res.trace_kind == kind
+            sel = (res.trace_kind == kind) & (res.trace_start_s < t1) & (res.trace_start_s + res.trace_duration_s > t0)
             top.broken_barh(list(zip(res.trace_start_s[sel], res.trace_duration_s[sel])), (0, 1), color=color,
-                            edgecolor="white", linewidth=0.3, label=label)
+                            edgecolor="white", linewidth=1.0, label=label)
+            for st, du, n in zip(res.trace_start_s[sel], res.trace_duration_s[sel], res.trace_participants[sel]):
+                if st >= t0 and st + du <= t1:
+                    top.text(st + du / 2, 0.5, str(n), ha="center", va="center", fontsize=7, color="white")
+        top.set_xlim(t0, t1)
         top.set_yticks([])
-        top.set_ylabel("instance")
+        top.set_title(f"iterations of the instance between {t0:.2f} s and {t1:.2f} s "
+                      "(number: requests taking part)", fontsize=9)
+        top.set_xlabel("time (s)", fontsize=8)
         top.legend(loc="upper right", ncols=2, fontsize=8)
         plot_timeline(ax, res, "baseline, 24 GSM8K requests on 6 clients")
+        ax.axvspan(t0, t1, color="k", alpha=0.08, lw=0)
         ax.title.set_fontsize(10)
         handles = [matplotlib.patches.Patch(color=v, label=f"client {k}") for k, v in COLORS.items()]
-        ax.legend(handles=handles, loc="lower right", fontsize=8, ncols=3)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncols=3)
         fig.savefig(timeline, dpi=110)
         plt.close(fig)
 
@@ -285,7 +295,7 @@ def write_concept_figures(out: Path) -> dict:
         base = summarize(run_policy(problem, "baseline"), lb)
         parts = [("per-token work", lb.token_s, "#3b75af"), ("decode fixed cost", lb.decode_base_s, "#7fa7d1"),
                  ("prefill fixed cost", lb.prefill_base_s, "#e8a33d")]
-        fig, ax = plt.subplots(figsize=(8, 2.4), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(8, 3.0), constrained_layout=True)
         left = 0.0
         for label, width, color in parts:
             ax.barh(1, width, left=left, color=color, label=f"{label}: {width:.1f} s")
@@ -296,7 +306,7 @@ def write_concept_figures(out: Path) -> dict:
         ax.set_yticks([0, 1], ["baseline", "lower bound"])
         ax.set_xlabel("seconds (GSM8K test, 1319 requests, llama-65b, 40 clients)")
         ax.set_ylim(-0.6, 1.8)
-        ax.legend(loc="lower left", fontsize=8, ncols=2, bbox_to_anchor=(0, -0.02))
+        ax.legend(loc="upper center", fontsize=8, ncols=2, bbox_to_anchor=(0.5, -0.3))
         fig.savefig(bound_fig, dpi=110)
         plt.close(fig)
         facts.update(lower_bound=lb.to_dict(), baseline={"makespan_s": base.makespan_s,
