@@ -11,7 +11,7 @@ Steps, all in one process (so calibration and runs see the same machine state):
 Usage::
 
     python benchmarks/torch_sim_agreement.py [--requests 64] [--clients 8] [--instances 1]
-        [--policies baseline,vllm,sarathi,hybrid] [--repeats 3] [--threads 1] [--json]
+        [--policies baseline,vllm,sarathi,hybrid] [--repeats 3] [--threads 1] [--clock wall|cpu] [--json]
 
 The workload is :func:`lloptim.cli.serve.default_torch_workload` (GSM8K test lengths / 4, clipped
 to 64 tokens).
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall seconds, or CPU seconds of the serving thread (steady on a shared machine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -51,7 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    cal = calibrate(model)
+    cal = calibrate(model, clock=args.clock)
     profile = cal.to_profile(clients=args.clients)
     problem = Problem.single(default_torch_workload(args.requests), profile, clients=args.clients,
                              instances=args.instances)
@@ -63,7 +65,7 @@ def main() -> None:
         predicted = run_policy(problem, pol).makespan_s
         measured, tps, mismatch = [], [], 0
         for _ in range(args.repeats):
-            be = TorchBackend(problem, model)
+            be = TorchBackend(problem, model, clock=args.clock)
             t0 = time.perf_counter()
             res = run_policy(problem, pol, backend=be)
             wall = time.perf_counter() - t0
@@ -75,14 +77,14 @@ def main() -> None:
                      "measured_max_s": max(measured), "predicted_makespan_s": predicted,
                      "rel_error": (predicted - m) / m, "tokens_per_s": float(np.median(tps)),
                      "run_wall_s": wall, "max_token_mismatch": mismatch})
-    out = {"model": args.model, "device": model.device, "threads": torch.get_num_threads(),
+    out = {"model": args.model, "device": model.device, "clock": args.clock, "threads": torch.get_num_threads(),
            "requests": args.requests, "clients": args.clients, "instances": args.instances,
            "calibration": {k: v for k, v in cal.to_dict().items() if k != "points"}, "runs": rows}
     if args.json:
         print(json.dumps(out, indent=2))
         return
     lat = cal.latency
-    print(f"calibration ({cal.wall_s:.1f} s): prefill {1e3 * lat.prefill_base_s:.3f} ms + "
+    print(f"clock: {args.clock}; calibration ({cal.wall_s:.1f} s): prefill {1e3 * lat.prefill_base_s:.3f} ms + "
           f"{1e6 * lat.prefill_per_token_s:.2f} us/tok (R^2 {cal.r2_prefill:.3f}); decode "
           f"{1e3 * lat.decode_base_s:.3f} ms + {1e6 * lat.decode_per_seq_s:.2f} us/seq + "
           f"{1e6 * lat.decode_per_kv_token_s:.3f} us/kv (R^2 {cal.r2_decode:.3f}); "

@@ -95,6 +95,7 @@ class Calibration:
     model: str = ""
     device: str = ""
     dtype: str = ""
+    clock: str = "wall"
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -116,7 +117,7 @@ class Calibration:
             latency=self.latency, kv_capacity_tokens=int(kv_capacity_tokens), clients=int(clients),
             description=f"lloptim calibrate: {self.model} on {self.device} ({self.dtype}), NNLS fit of "
                         f"{len(self.points)} grid points",
-            meta={"model": self.model, "device": self.device, "dtype": self.dtype,
+            meta={"model": self.model, "device": self.device, "dtype": self.dtype, "clock": self.clock,
                   "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
                   "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error},
         )
@@ -124,7 +125,8 @@ class Calibration:
     def to_dict(self) -> dict:
         """A JSON-ready summary: coefficients, fit quality and every grid point."""
         return {
-            "model": self.model, "device": self.device, "dtype": self.dtype, "wall_s": self.wall_s,
+            "model": self.model, "device": self.device, "dtype": self.dtype, "clock": self.clock,
+            "wall_s": self.wall_s,
             "latency": {k: getattr(self.latency, k) for k in LatencyModel.__dataclass_fields__},
             "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
             "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error,
@@ -181,7 +183,7 @@ def _grid(name: str, values: Sequence[int]) -> list[int]:
 def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None, seed: int = 0,
               prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_lengths: Sequence[int] = (4, 16, 32, 64),
               decode_batches: Sequence[int] = (1, 2, 4, 8, 16), decode_contexts: Sequence[int] = (8, 32, 96),
-              repeats: int = 5, warmup: int = 3) -> Calibration:
+              repeats: int = 5, warmup: int = 3, clock: str = "wall") -> Calibration:
     """Measure the torch backend over a grid and fit the latency model.
 
     Parameters
@@ -199,6 +201,8 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
         Timed repetitions per grid point (the median is kept).
     warmup
         Untimed iterations before the grid (and untimed decode steps per decode point).
+    clock
+        ``"wall"`` or ``"cpu"`` seconds, as for the backend (calibrate with the clock you run with).
 
     Returns
     -------
@@ -235,7 +239,7 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     need = int(max(p + o for p, o in zip(prompts, outputs)))
     placeholder = HardwareProfile("calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
                                   kv_capacity_tokens=max(need, 1), clients=1)
-    backend = TorchBackend(Problem.single(w, placeholder), loaded, seed=seed)
+    backend = TorchBackend(Problem.single(w, placeholder), loaded, seed=seed, clock=clock)
 
     def prefill_once(rows: list[int]) -> float:
         dt = backend.prefill(0, rows, sum(prompts[r] for r in rows))
@@ -275,4 +279,4 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
            for k, b, tok, sec in points]
     return Calibration(latency=lat, points=out, r2_prefill=r2_p, r2_decode=r2_d, model=loaded.name,
                        device=loaded.device, dtype=str(loaded.dtype).removeprefix("torch."),
-                       wall_s=time.perf_counter() - t_wall)
+                       clock=clock, wall_s=time.perf_counter() - t_wall)

@@ -116,6 +116,10 @@ class TorchBackend:
         Weight dtype name; ``None``: the model's default (float64 for tiny-llama).
     seed
         Seeds the built-in model's weights and the synthetic prompt ids.
+    clock
+        ``"wall"`` (default): ``time.perf_counter`` seconds, what a user waits. ``"cpu"``: CPU seconds
+        of the serving thread (``time.thread_time``), immune to other processes competing for the
+        cores of a shared machine; CPU device with one torch thread only.
 
     Attributes
     ----------
@@ -129,9 +133,16 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, problem: Problem, model: str | Path | LoadedModel = "tiny-llama", device: str = "auto",
-                 dtype: str | None = None, seed: int = 0) -> None:
+                 dtype: str | None = None, seed: int = 0, clock: str = "wall") -> None:
         self.torch = require_torch()
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, seed)
+        if clock not in ("wall", "cpu"):
+            raise SpecError("clock", f"unknown clock {clock!r}", "use 'wall' or 'cpu'")
+        if clock == "cpu" and (self.model.device != "cpu" or self.torch.get_num_threads() != 1):
+            raise SpecError("clock", "the cpu clock needs the CPU device and one torch thread",
+                            "use --clock wall, or --device cpu --threads 1")
+        self.clock = clock
+        self._now = time.perf_counter if clock == "wall" else time.thread_time
         self.problem = problem
         self.seed = seed
         w = problem.workload
@@ -223,10 +234,10 @@ class TorchBackend:
 
     def _timed(self, fn) -> float:
         self.model.synchronize()
-        t0 = time.perf_counter()
+        t0 = self._now()
         fn()
         self.model.synchronize()
-        return time.perf_counter() - t0
+        return self._now() - t0
 
     def _decode_rows(self, instance: int, n_running: int, kv_tokens: int) -> list[tuple[_Req, list[int]]]:
         running = self._running[instance]

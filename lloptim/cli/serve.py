@@ -105,6 +105,7 @@ def calibrate_command(
     decode_contexts: str = typer.Option("8,32,96", help="decode grid: tokens per cache"),
     repeats: int = typer.Option(5, "--repeats", help="timed repetitions per grid point (median kept)"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
+    clock: str = typer.Option("wall", "--clock", help="wall seconds, or cpu seconds of the serving thread"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS)."""
@@ -117,7 +118,7 @@ def calibrate_command(
         _set_threads(threads)
         cal = calibrate(model, device, dtype, seed, _ints("prefill_batches", prefill_batches),
                         _ints("prefill_lengths", prefill_lengths), _ints("decode_batches", decode_batches),
-                        _ints("decode_contexts", decode_contexts), repeats=repeats)
+                        _ints("decode_contexts", decode_contexts), repeats=repeats, clock=clock)
         profile = cal.to_profile(kv_capacity_tokens=kv_capacity, clients=clients)
         path = save_profile(profile, out) if out is not None else None
     if json_out:
@@ -169,6 +170,8 @@ def serve(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float64, float32, float16, bfloat16"),
     seed: int = typer.Option(0, "--seed", help="seed of the model weights and prompt ids"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
+    clock: str = typer.Option("wall", "--clock", help="wall seconds, or cpu seconds of the serving thread "
+                              "(steady on a shared machine)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare every generation with the reference"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -197,13 +200,13 @@ def serve(
         elif loaded is not None:
             if not json_out:
                 err_console.print("no --profile: calibrating first (save one with `lloptim calibrate --out`)")
-            prof = calibrate(loaded, seed=seed, repeats=3).to_profile(clients=clients or DEFAULT_CLIENTS)
+            prof = calibrate(loaded, seed=seed, repeats=3, clock=clock).to_profile(clients=clients or DEFAULT_CLIENTS)
         else:
             prof = load_profile("llama-65b")
         problem = _serving_problem(spec, prof, clients, instances, requests)
         predicted = run_policy(problem, policy)
         if backend == "torch":
-            be = TorchBackend(problem, loaded, seed=seed)
+            be = TorchBackend(problem, loaded, seed=seed, clock=clock)
             result = run_policy(problem, policy, backend=be)
             mismatch = max(token_mismatches(be).values()) if verify else None
         else:
@@ -213,7 +216,7 @@ def serve(
     pred = predicted.makespan_s
     d.update(
         backend=backend, model=model, policy=policy, profile=str(profile) if profile else "calibrated",
-        device=loaded.device if loaded else None, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
+        device=loaded.device if loaded else None, clock=clock, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
         max_token_mismatch=mismatch, predicted_makespan_s=pred,
         prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan,
     )
