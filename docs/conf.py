@@ -102,3 +102,19 @@ else:
 rst_prolog = """
 .. |paper| replace:: Pang, Li, She, Wang, *Hybrid Offline-online Scheduling Method for Large Language Model Inference Optimization*, arXiv:2502.15763 (2025)
 """
+
+
+def _alias_reexports(app, env):
+    """Mark the package-level re-export entries (``lloptim.Problem``...) as aliases.
+
+    They are link targets only; an unqualified reference (``SpecError`` in a *Raises* section)
+    then resolves to the full documentation in the defining module instead of being ambiguous.
+    """
+    objects = env.domaindata["py"]["objects"]
+    for name in _facts["reexports"]:
+        if name in objects:
+            objects[name] = objects[name]._replace(aliased=True)
+
+
+def setup(app):
+    app.connect("env-updated", _alias_reexports)

@@ -157,41 +157,87 @@ def module_page(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def top_level_page() -> str:
-    """The ``lloptim`` package page: its re-exports, linked to where they are documented."""
-    import lloptim
+#: Full names of the re-export entries written by :func:`reexport_page` (conf.py marks them as aliases).
+REEXPORTS: list[str] = []
 
-    lines = ["``lloptim``", "===========", "", ".. module:: lloptim", "",
-             inspect.cleandoc(lloptim.__doc__ or ""), "",
-             "The package re-exports the names most scripts need; each is documented in its module:", "",
-             ".. autosummary::", ""]
-    for n in lloptim.__all__:
-        obj = getattr(lloptim, n)
-        if not inspect.ismodule(obj):
-            lines.append(f"   ~{obj.__module__.removeprefix('lloptim.')}.{n}")
-    lines += ["", "and the module :mod:`lloptim.workloads`.", "",
-              f".. data:: __version__\n   :value: {lloptim.__version__!r}\n\n   The package version.", ""]
-    return "\n".join(lines)
+
+def reexport_page(pkg_name: str) -> str | None:
+    """The page of a package that re-exports names: its docstring and a short entry per name.
+
+    Each entry is a target under the package's name (so ``lloptim.simulate`` and
+    ``lloptim.solvers.solve`` resolve) that links to where the object is documented in full.
+    """
+    pkg = _import(pkg_name)
+    names = [n for n in getattr(pkg, "__all__", []) if hasattr(pkg, n)]
+    if pkg is None or not names:
+        return None
+    title = f"``{pkg_name}``"
+    lines = [title, "=" * len(title), "", f".. automodule:: {pkg_name}", "", f".. currentmodule:: {pkg_name}", "",
+             "This package re-exports the names below; each is documented in full in its module.", "",
+             ".. list-table::", "   :widths: 30 70", "   :class: api-summary", ""]
+    entries = []
+    for n in names:
+        obj = getattr(pkg, n)
+        if inspect.ismodule(obj):
+            lines += [f"   * - :py:mod:`{obj.__name__}`", f"     - {_summary_text(obj.__doc__)}"]
+            continue
+        home = getattr(obj, "__module__", pkg_name)
+        if inspect.isclass(obj):
+            kind, role = ("exception", "exc") if issubclass(obj, BaseException) else ("class", "class")
+        elif callable(obj):
+            kind, role = "function", "func"
+        else:
+            kind, role = "data", "data"
+        lines += [f"   * - :py:{role}:`{n}`", f"     - {_summary(obj, None)}"]
+        REEXPORTS.append(f"{pkg_name}.{n}")
+        entries += [f".. py:{kind}:: {n}", "   :no-index-entry:", "",
+                    f"   Re-export of :py:{role}:`{home}.{n}`.", ""]
+    lines += ["", ".. rubric:: Re-exports", ""] + entries
+    if pkg_name == "lloptim":
+        lines += [".. py:data:: __version__", f"   :value: {pkg.__version__!r}", "", "   The package version.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_text(doc: str | None) -> str:
+    para = []
+    for line in inspect.cleandoc(doc or "").splitlines():
+        if not line.strip():
+            break
+        para.append(line.strip())
+    return " ".join(para) or "(undocumented)"
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` unless the file already holds it (keeps mtimes, so Sphinx rebuilds less)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 def write_api(out: Path) -> list[str]:
     api = out / "api"
-    if api.exists():
-        shutil.rmtree(api)
-    api.mkdir(parents=True)
-    (api / "lloptim.rst").write_text(top_level_page())
+    api.mkdir(parents=True, exist_ok=True)
+    _write(api / "lloptim.rst", reexport_page("lloptim"))
     toc = [".. toctree::", "   :maxdepth: 1", "   :caption: Package", "", "   generated/api/lloptim", ""]
     documented = ["lloptim"]
+    pkgs = {title: pkg for title, pkg, _ in SECTIONS}
     for title, names in discover_modules():
         if not names:
             continue
         toc += [".. toctree::", "   :maxdepth: 1", f"   :caption: {title}", ""]
+        page = reexport_page(pkgs[title]) if pkgs[title] != "lloptim" else None
+        if page:
+            _write(api / f"{pkgs[title]}.rst", page)
+            toc.append(f"   generated/api/{pkgs[title]}")
+            documented.append(pkgs[title])
         for n in names:
-            (api / f"{n}.rst").write_text(module_page(n))
+            _write(api / f"{n}.rst", module_page(n))
             toc.append(f"   generated/api/{n}")
             documented.append(n)
         toc.append("")
-    (out / "api_toc.inc").write_text("\n".join(toc) + "\n")
+    _write(out / "api_toc.inc", "\n".join(toc) + "\n")
+    for stale in api.glob("*.rst"):  # modules that no longer exist
+        if stale.stem not in documented:
+            stale.unlink()
     return documented
 
 
@@ -212,12 +258,12 @@ def write_cli(out: Path) -> list[str]:
     for args, fname in [([], "lloptim")] + [([c], c) for c in commands]:
         res = runner.invoke(app, [*args, "--help"], env=env, prog_name="lloptim")
         text = "\n".join(line.rstrip() for line in res.output.splitlines()).strip("\n")
-        (cli / f"{fname}.txt").write_text(f"$ lloptim {' '.join(args + ['--help'])}\n{text}\n")
+        _write(cli / f"{fname}.txt", f"$ lloptim {' '.join(args + ['--help'])}\n{text}\n")
     inc = []
     for c in commands:
         head = f"``lloptim {c}``"
         inc += [head, "-" * len(head), "", f".. literalinclude:: /generated/cli/{c}.txt", "   :language: text", ""]
-    (out / "cli_commands.inc").write_text("\n".join(inc))
+    _write(out / "cli_commands.inc", "\n".join(inc))
     return commands
 
 
@@ -229,10 +275,10 @@ def write_readme(out: Path) -> None:
     python = [b for lang, b in blocks if lang == "python"]
     names = ["readme_setup.txt", "readme_tests.txt", "readme_tour.txt"]
     for i, name in enumerate(names):
-        (out / name).write_text(bash[i] if i < len(bash) else "# (not in README.md)\n")
-    (out / "readme_python.txt").write_text(python[0] if python else "# (not in README.md)\n")
+        _write(out / name, bash[i] if i < len(bash) else "# (not in README.md)\n")
+    _write(out / "readme_python.txt", python[0] if python else "# (not in README.md)\n")
     m = re.search(r"\(`pip install -e \.` alone.*?\)", text, flags=re.S)
-    (out / "readme_extras.inc").write_text(" ".join(m.group(0).split()) + "\n" if m else "\n")
+    _write(out / "readme_extras.inc", " ".join(m.group(0).split()) + "\n" if m else "\n")
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -311,7 +357,7 @@ def write_concept_figures(out: Path) -> dict:
         plt.close(fig)
         facts.update(lower_bound=lb.to_dict(), baseline={"makespan_s": base.makespan_s,
                                                          "utilization": base.utilization})
-        (out / "concepts_facts.json").write_text(json.dumps(facts, indent=1))
+        _write(out / "concepts_facts.json", json.dumps(facts, indent=1))
     return facts
 
 
@@ -326,7 +372,7 @@ def write_capabilities(out: Path) -> bool:
         found = registry.all_solvers()
         backends = list(found.values()) if isinstance(found, dict) else [registry.get_backend(n) for n in found]
     except Exception as exc:  # noqa: BLE001 - the page says what is missing instead
-        path.write_text(f".. note::\n\n   The solver registry could not be read at build time ({type(exc).__name__}: "
+        _write(path, f".. note::\n\n   The solver registry could not be read at build time ({type(exc).__name__}: "
                         f"{exc}); run ``lloptim compare --help`` for the backends of your installation.\n")
         return False
     caps = [f.name for f in fields(backends[0].capabilities)]
@@ -347,7 +393,7 @@ def write_capabilities(out: Path) -> bool:
     desc = [f"* ``{b.name}``: {b.description}" for b in backends if getattr(b, "description", "")]
     if desc:
         lines += [""] + desc + [""]
-    path.write_text("\n".join(lines))
+    _write(path, "\n".join(lines))
     return True
 
 
@@ -355,11 +401,9 @@ def write_benchmark_figures(out: Path) -> list[str]:
     results = ROOT / "benchmarks" / "results"
     figs = sorted(results.glob("*.png")) if results.is_dir() else []
     dest = out / "benchmarks"
-    if dest.exists():
-        shutil.rmtree(dest)
     lines = []
     if figs:
-        dest.mkdir(parents=True)
+        dest.mkdir(parents=True, exist_ok=True)
         for f in figs:
             shutil.copy2(f, dest / f.name)
             cap = f.stem.replace("_", " ").replace("-", " ")
@@ -370,7 +414,7 @@ def write_benchmark_figures(out: Path) -> list[str]:
                  "   No measured figures were present in ``benchmarks/results/`` when these pages were built.",
                  "   They are produced by the scripts in ``benchmarks/`` (each prints its figures and writes",
                  "   its PNG there); rebuild the docs after running them to show them here.", ""]
-    (out / "benchmark_figures.inc").write_text("\n".join(lines))
+    _write(out / "benchmark_figures.inc", "\n".join(lines))
     return [f.name for f in figs]
 
 
@@ -390,7 +434,7 @@ def write_reproduction(out: Path, cases: int = 100) -> dict:
         t0 = time.perf_counter()
         report, _ = reproduce(default_problem(), cases=cases, progress=False)
         report["wall_s"] = time.perf_counter() - t0
-        cache.write_text(json.dumps(_clean(report), indent=1))
+        _write(cache, json.dumps(_clean(report), indent=1))
     rep = json.loads(cache.read_text())
     paper = rep["paper"]
     pol = rep["policies"]
@@ -409,7 +453,7 @@ def write_reproduction(out: Path, cases: int = 100) -> dict:
     for n in rep["noise"]:
         lines += [f"   * - {n['sigma']:.1f}", f"     - {n['makespan_s']:.2f}", f"     - {100 * n['utilization']:.1f} %",
                   f"     - {100 * n['gap_to_bound']:.2f} %"]
-    (out / "reproduce_tables.inc").write_text("\n".join(lines) + "\n")
+    _write(out / "reproduce_tables.inc", "\n".join(lines) + "\n")
     c = rep["cases"]
     b, h = pol["baseline"], pol["hybrid"]
     gap_cut = 1 - c["mean_gap_hybrid"] / c["mean_gap_baseline"] if c["n"] and c["mean_gap_baseline"] else float("nan")
@@ -436,7 +480,7 @@ def write_reproduction(out: Path, cases: int = 100) -> dict:
         if k in pol:
             subs[f"{k}_ms"] = f"{pol[k]['makespan_s']:.2f} s"
             subs[f"{k}_util"] = f"{100 * pol[k]['utilization']:.1f} %"
-    (out / "reproduce_subs.inc").write_text("".join(f".. |r_{k}| replace:: {v}\n" for k, v in subs.items()))
+    _write(out / "reproduce_subs.inc", "".join(f".. |r_{k}| replace:: {v}\n" for k, v in subs.items()))
     return subs
 
 
@@ -463,7 +507,7 @@ def run(out: Path) -> dict:
     """Write everything; return facts for ``conf.py``."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    facts = {"modules": write_api(out), "commands": write_cli(out)}
+    facts = {"modules": write_api(out), "commands": write_cli(out), "reexports": list(REEXPORTS)}
     write_readme(out)
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
