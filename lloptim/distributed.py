@@ -256,6 +256,13 @@ def ray_map(fn: Callable[[Any], Any], tasks: Sequence[Any], progress: bool = Tru
                                 f"Ray workers could not load task {index_of[ref]} of {desc!r}: {exc.args[0] if exc.args else exc}",
                                 "make fn's module importable on the workers (lloptim installed there, the "
                                 "module on PYTHONPATH, or ray.init(runtime_env=...))") from None
+                        except ray.exceptions.RayError as exc:
+                            # task errors come back as _TaskFailure values: this is the worker or node itself
+                            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                            raise DistributedError(
+                                f"task {index_of[ref]} of {desc!r} failed in Ray: {type(exc).__name__}: {first}",
+                                "see `ray status` and the worker logs; if workers run out of memory, "
+                                "lower max_in_flight or num_cpus per task") from None
                         if isinstance(value, _TaskFailure):
                             # raise a task's error now, not after every other task finished
                             raise value.rebuild()
