@@ -267,6 +267,21 @@ def write_cli(out: Path) -> list[str]:
     return commands
 
 
+def write_policies(out: Path) -> list[str]:
+    """The table of registered policies (``lloptim policies``)."""
+    from lloptim.runtime.registry import policy_names
+
+    found = policy_names()
+    first = ["baseline", "offline", "hybrid", "hybrid-plan", "vllm", "sarathi", "sorted-f", "lpt"]
+    names = {n: found[n] for n in first if n in found} | {n: d for n, d in found.items() if n not in first}
+    lines = [".. list-table:: Registered policies (read from the registry at build time)", "   :header-rows: 1",
+             "   :widths: 20 80", "", "   * - policy", "     - what it does"]
+    for n, desc in names.items():
+        lines += [f"   * - ``{n}``", f"     - {desc}"]
+    _write(out / "policies.inc", "\n".join(lines) + "\n")
+    return list(names)
+
+
 # -- README -----------------------------------------------------------------------------------------
 def write_readme(out: Path) -> None:
     text = (ROOT / "README.md").read_text()
@@ -509,6 +524,7 @@ def run(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     facts = {"modules": write_api(out), "commands": write_cli(out), "reexports": list(REEXPORTS)}
     write_readme(out)
+    facts["policies"] = write_policies(out)
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)
