@@ -7,7 +7,8 @@ workloads, ``Problem.single(wl, "llama-65b", clients=C, kv_capacity_tokens=10**7
 * ``greedy``: ``solve(problem, "greedy")`` (LPT + local search, with its lower bound),
 * ``lagrangian``: ``solve(problem, "lagrangian")``,
 
-it measures, in a **fresh subprocess per measurement** (so one run's heap cannot flatter the next):
+it measures, in a **fresh subprocess per measurement** (so one run's heap cannot flatter the next;
+points under 20 s keep the fastest of ``--repeat`` runs, since load from other processes only adds time):
 
 * wall time of the call, seconds (``time.perf_counter``; the problem is built before the clock starts);
 * peak memory of the call, MiB: the process's resident-set high-water mark after the call
@@ -24,7 +25,7 @@ requests, baseline vs hybrid) through the local executor and through a local Ray
 times, and checks the two give identical results.
 
 Run: ``python benchmarks/scale.py [--quick] [--cases N] [--tools simulate,greedy,lagrangian]``
-(about 5 minutes on 2 cores; ``--quick`` stops at 10k requests and runs 10 cases).
+(about 4 minutes on 2 cores; ``--quick`` stops at 10k requests and runs 10 cases).
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=None, help="cases of the Ray vs local study (default 100; 0 skips)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds allowed per measurement")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="keep the fastest of this many fresh-process runs of each point under 20 s (default 3)")
     args = ap.parse_args()
     if args.one:
         tool, n, c = args.one
@@ -176,6 +179,13 @@ def main() -> None:
     for n, c in sizes:
         for tool in tools:
             r = run_isolated(tool, n, c, args.timeout)
+            # best of --repeat for points that are cheap to redo: a shared machine's load only adds time
+            for _ in range(args.repeat - 1):
+                if r["status"] != "ok" or r["wall_s"] > 20:
+                    break
+                again = run_isolated(tool, n, c, args.timeout)
+                if again["status"] == "ok" and again["wall_s"] < r["wall_s"]:
+                    r = again
             rows.append(r)
             if r["status"] != "ok":
                 print(f"{tool:11s} {n:>9d} {c:>8d}  {r['status']}", flush=True)
