@@ -34,6 +34,10 @@ class SpecError(LloptimError, ValueError):
         hint = f" (fix: {fix})" if fix else ""
         super().__init__(f"{where}{problem}{hint}")
 
+    def __reduce__(self):
+        # rebuild from the fields, so the error survives pickling (process pools, Ray tasks)
+        return (type(self), (self.field, self.problem, self.fix))
+
 
 class ProfileError(SpecError):
     """A hardware profile is unknown or malformed."""

@@ -28,7 +28,8 @@ PAPER = {"baseline": {"makespan_s": 201.00, "utilization": 0.802},
          "hybrid": {"makespan_s": 190.58, "utilization": 0.891},
          "lower_bound_s": 180.0, "cases_mean_utilization_gain": 0.080}
 
-MAIN_POLICIES = ("baseline", "offline", "hybrid", "vllm", "sarathi", "sorted-f", "lpt")
+#: Policies of the main comparison, in report order.
+MAIN_POLICIES = ("baseline", "offline", "hybrid", "hybrid-plan", "vllm", "sarathi", "sorted-f", "lpt")
 
 
 def _row(result: RunResult) -> dict:

@@ -162,6 +162,8 @@ class HardwareProfile:
 
 
 def _toml_value(value: Any) -> str:
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, str)):
+        value = value.item()  # numpy scalars: write the plain number, not its repr
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -64,3 +64,16 @@ def test_estimators_never_see_the_scheduled_requests():
     assert np.array_equal(noisy, test.output_tokens)
     with pytest.raises(SpecError):
         estimate(test, "crystal-ball", train=train)
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    from lloptim.backends.base import InstanceLost
+
+    err = pickle.loads(pickle.dumps(SpecError("a.b", "is wrong", "fix it")))
+    assert isinstance(err, SpecError) and err.field == "a.b" and err.fix == "fix it" and "a.b" in str(err)
+    lost = pickle.loads(pickle.dumps(InstanceLost(3, "actor died")))
+    assert lost.instance == 3 and "actor died" in str(lost)
+    perr = pickle.loads(pickle.dumps(ProfileError("profile", "unknown", "use llama-65b")))
+    assert type(perr) is ProfileError

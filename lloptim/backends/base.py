@@ -22,7 +22,11 @@ class InstanceLost(Exception):
 
     def __init__(self, instance: int, reason: str = "") -> None:
         self.instance = instance
+        self.reason = reason
         super().__init__(f"instance {instance} lost" + (f": {reason}" if reason else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.instance, self.reason))
 
 
 class ChunkWork(tuple):

@@ -11,7 +11,7 @@ prices:
   ``c`` sits idle wastes its slot, which the instance must make up later at ``decode_base_s / C``
   per slot-step; priced with ``mu_c`` (the dual price of client ``c``'s time from the offline
   bin packing, normalized to sum to 1, so ``mu_c = 1/C`` when the packing is balanced) it is
-  ``C * mu_c * decode_base_s`` per step.
+  ``mu_c * decode_base_s`` per step.
 
 ``C_d`` accumulates over the steps the current waiting clients have waited (the economic-order-
 quantity rule: batch a setup when the holding cost it saves equals the setup cost), and the
@@ -48,7 +48,10 @@ PRIOR_WEIGHT = 20.0
 
 
 def survival_function(output_tokens: np.ndarray) -> np.ndarray:
-    """Empirical ``P(output > x)`` for ``x = 0 .. max(output_tokens)`` (so the last entry is 0)."""
+    """Empirical survival function of output lengths: entry ``x`` is ``P(output > x)``, tokens.
+
+    Entries run from ``x = 0`` to ``max(output_tokens)``, where the probability is 0.
+    """
     o = np.asarray(output_tokens, dtype=np.int64)
     counts = np.bincount(o, minlength=int(o.max()) + 1)
     return 1.0 - np.cumsum(counts) / o.size
