@@ -31,6 +31,9 @@ from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
 
 __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "RUNNING", "FAILED"]
 
+#: Client states of ``RunContext.extra["client_state"]`` (a list indexed by global client): no request
+#: (``IDLE``), holding a request not yet fully prefilled (``WAITING``), decoding (``RUNNING``), failed
+#: for good (``FAILED``).
 IDLE, WAITING, RUNNING, FAILED = 0, 1, 2, 3
 KIND_PREFILL, KIND_DECODE, KIND_MIXED = 0, 1, 2
 
@@ -41,6 +44,17 @@ class Fault:
 
     ``client`` is a global client index. The failed clients never serve again; their unfinished
     requests go back to the request scheduler and restart from their prefill.
+
+    Attributes
+    ----------
+    time_s
+        When the failure happens, seconds on the instance clock; applied before the first iteration
+        that starts at or after it.
+    instance
+        Index of the instance that fails.
+    client
+        Global index of the failing client (a client of ``instance``), or None for every client of
+        the instance.
     """
 
     time_s: float
@@ -50,6 +64,19 @@ class Fault:
 
 class InstanceState:
     """Read-only view of one instance that policies decide on. Do not mutate.
+
+    Parameters
+    ----------
+    engine
+        The :class:`Engine` that owns the state (its per-client arrays back :meth:`request_of`).
+    index
+        Instance index.
+    clients
+        Global indices of the instance's clients.
+    kv_capacity
+        KV-cache capacity, tokens.
+    latency
+        The instance's :class:`~lloptim.hardware.LatencyModel`.
 
     Attributes
     ----------
@@ -119,7 +146,62 @@ class InstanceState:
 class RunResult:
     """Everything a run produced. Times in seconds, tokens in tokens.
 
-    Per-request arrays are indexed by request row; trace arrays by iteration.
+    Per-request arrays are indexed by request row; trace arrays by iteration, in the order the
+    iterations ran (instances interleaved; each instance's own iterations in time order).
+
+    Attributes
+    ----------
+    problem
+        The problem that was served.
+    policy
+        Name of the policy.
+    backend
+        Name of the backend that executed the iterations.
+    known_lengths
+        Whether the policy saw the true output lengths (rather than estimates).
+    client
+        Global index of the client that served each request (int64; -1 if none).
+    assign_s
+        When each request was handed to its client, seconds (NaN if never).
+    prefill_start_s
+        Start of each request's (first chunk of) prefill, seconds (NaN if never).
+    prefill_end_s
+        End of each request's prefill, when it starts decoding, seconds (NaN if never).
+    done_s
+        When each request finished, seconds (NaN if it did not).
+    restarts
+        Times each request was taken back by a fault and restarted from its prefill (count, int64).
+    trace_instance
+        Instance index of each iteration (int32).
+    trace_kind
+        Kind of each iteration (int8): 0 prefill, 1 decode, 2 mixed (fused decode and prefill chunks).
+    trace_start_s
+        Start of each iteration on its instance clock, seconds.
+    trace_duration_s
+        Duration of each iteration, seconds.
+    trace_participants
+        Number of clients each iteration worked on (int32): the prefilled clients, the running
+        clients, or both for a mixed iteration.
+    trace_prefill_tokens
+        Prompt tokens each iteration processed (int64; 0 for a decode).
+    trace_running
+        Clients decoding when each iteration started (int32), excluding the ones it prefills.
+    decision_ns
+        Wall time of each iteration decision of the policy, nanoseconds (int64; empty unless
+        decisions were measured).
+    generated_tokens
+        Output tokens of the finished requests, tokens.
+    wasted_tokens
+        Output tokens decoded for requests a fault then took back, tokens.
+    requeued
+        Number of times a fault handed a request back to the request scheduler (count).
+    failed_clients
+        Number of clients that failed during the run (count).
+    wall_s
+        Wall-clock time of the run, seconds.
+    extra
+        Backend and engine details: ``"lost_instances"``, the number of instances whose backend
+        reported them lost mid-iteration (count).
     """
 
     problem: Problem
