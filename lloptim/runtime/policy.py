@@ -48,7 +48,9 @@ class Mixed(NamedTuple):
     chunks: dict[int, int]
 
 
+#: The decode decision (:class:`Decode` has no field, so one instance serves every call).
 DECODE = Decode()
+#: What :meth:`IterationScheduler.decide` returns: a :class:`Prefill`, :data:`DECODE` or a :class:`Mixed`.
 Decision = Prefill | Decode | Mixed
 
 
@@ -69,6 +71,11 @@ class RunContext:
         Instance index of each global client index.
     seed
         Seed for any randomness in the policy.
+    extra
+        Shared run state, read-only for schedulers: the engine puts ``"client_state"`` (the state of
+        each global client, :data:`~lloptim.runtime.engine.IDLE` ... :data:`~lloptim.runtime.engine.FAILED`),
+        :meth:`Policy.setup` the ``"request_scheduler"``, and offline-planned schedulers their solve
+        result under ``"offline"``.
     """
 
     problem: "Problem"
@@ -99,18 +106,58 @@ class RequestScheduler:
         """A request (row index) for idle ``client`` of ``state``'s instance, or ``None`` for none now.
 
         Only requests that have arrived (``arrival_s <= state.now``) may be returned.
+
+        Parameters
+        ----------
+        state
+            The instance the client belongs to; ``state.now`` is the current time, seconds.
+        client
+            Global index of the idle client.
+
+        Returns
+        -------
+        int or None
+            Row index of the request to serve, or None to leave the client idle for now.
         """
         raise NotImplementedError
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
-        """``request`` finished on ``client`` at ``now`` seconds after ``output_tokens`` tokens."""
+        """``request`` finished on ``client`` at ``now`` seconds after ``output_tokens`` tokens.
+
+        Parameters
+        ----------
+        request
+            Row index of the finished request.
+        client
+            Global index of the client that served it.
+        output_tokens
+            Its true output length, tokens.
+        now
+            Finish time, seconds (the instance clock).
+        """
 
     def requeue(self, request: int, now: float) -> None:
-        """A fault took ``request`` back (it will restart from its prefill); hand it out again."""
+        """A fault took ``request`` back (it will restart from its prefill); hand it out again.
+
+        Parameters
+        ----------
+        request
+            Row index of the request taken back.
+        now
+            Time of the fault, seconds (the failed instance's clock).
+        """
         raise NotImplementedError
 
     def on_client_failed(self, client: int, now: float) -> None:
-        """``client`` failed for good: move anything reserved for it to live clients."""
+        """``client`` failed for good: move anything reserved for it to live clients.
+
+        Parameters
+        ----------
+        client
+            Global index of the failed client.
+        now
+            Time of the failure, seconds (the failed instance's clock).
+        """
 
 
 class IterationScheduler:
@@ -128,7 +175,19 @@ class IterationScheduler:
         raise NotImplementedError
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
-        """``request`` finished (its true length is now known)."""
+        """``request`` finished (its true length is now known).
+
+        Parameters
+        ----------
+        request
+            Row index of the finished request.
+        client
+            Global index of the client that served it.
+        output_tokens
+            Its true output length, tokens.
+        now
+            Finish time, seconds (the instance clock).
+        """
 
 
 class Policy:
@@ -156,7 +215,19 @@ class Policy:
         self.iterations.setup(ctx)
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
-        """Tell both schedulers that ``request`` finished."""
+        """Tell both schedulers that ``request`` finished.
+
+        Parameters
+        ----------
+        request
+            Row index of the finished request.
+        client
+            Global index of the client that served it.
+        output_tokens
+            Its true output length, tokens.
+        now
+            Finish time, seconds (the instance clock).
+        """
         self.requests.on_finish(request, client, output_tokens, now)
         self.iterations.on_finish(request, client, output_tokens, now)
 
