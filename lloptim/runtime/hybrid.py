@@ -51,11 +51,29 @@ class OfflinePlan:
         return self.result
 
     def assignment(self, ctx: RunContext) -> np.ndarray:
-        """Global client index of each request."""
+        """Global client index of each request.
+
+        Parameters
+        ----------
+        ctx
+            The run; the first call for a run solves the plan from its estimates.
+        """
         return self._solve(ctx).assignment
 
     def prices(self, ctx: RunContext) -> np.ndarray | None:
-        """Dual prices of client time (sum 1), or None when the backend has none."""
+        """Dual prices of client time (sum 1), or None when the backend has none.
+
+        Parameters
+        ----------
+        ctx
+            The run; the first call for a run solves the plan from its estimates.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            One price per global client: makespan seconds per second of that client's time
+            (dimensionless, summing to 1); None when the solve gave no usable load duals.
+        """
         mult = getattr(self._solve(ctx), "multipliers", None) or {}
         load = mult.get("load")
         if load is None or not np.isfinite(load).all() or np.sum(load) <= 0:
@@ -64,7 +82,15 @@ class OfflinePlan:
 
 
 def offline_policy(solver: str = "greedy", time_limit_s: float = 10.0) -> Policy:
-    """Offline bin packing only: static queues, prefill-first."""
+    """Offline bin packing only: static queues, prefill-first.
+
+    Parameters
+    ----------
+    solver
+        Backend name for :func:`lloptim.solvers.solve` (see :class:`OfflinePlan`).
+    time_limit_s
+        Time limit of the offline solve, seconds.
+    """
     plan = OfflinePlan(solver, time_limit_s)
     return Policy("offline", AssignedQueues(plan.assignment, steal=False), PrefillFirst())
 
