@@ -98,6 +98,7 @@ class BucketQuantileEstimator(Estimator):
         return np.maximum(1.0, self.values_[idx])
 
 
+#: Fitted estimators by name: estimator class, constructed with the options of :func:`make_estimator`.
 ESTIMATORS = {"mean": MeanEstimator, "regression": RegressionEstimator, "bucket-quantile": BucketQuantileEstimator}
 
 
@@ -109,7 +110,27 @@ def make_estimator(name: str, **options) -> Estimator:
 
 
 def noisy_estimates(workload: Workload, sigma: float, seed: int = 0) -> np.ndarray:
-    """The true output lengths times ``exp(N(0, sigma))`` noise, tokens (>= 1)."""
+    """The true output lengths times ``exp(N(0, sigma))`` noise, tokens (>= 1).
+
+    Parameters
+    ----------
+    workload
+        The requests whose true output lengths are perturbed.
+    sigma
+        Standard deviation of the noise on the log scale (0: the truth).
+    seed
+        Seed of the noise.
+
+    Returns
+    -------
+    numpy.ndarray
+        One estimate per request, tokens (float64, >= 1).
+
+    Raises
+    ------
+    SpecError
+        ``sigma`` is negative or NaN.
+    """
     if not sigma >= 0:
         raise SpecError("noise", f"sigma must be >= 0, got {sigma!r}", "give a log-scale standard deviation such as 0.3")
     rng = np.random.default_rng(seed)
@@ -122,6 +143,30 @@ def estimate(workload: Workload, name: str, train: Workload | None = None, sigma
 
     ``train`` must not contain the requests of ``workload``; requests with the same id are dropped
     from it, so a case drawn from the training split never sees its own lengths.
+
+    Parameters
+    ----------
+    workload
+        The requests to estimate.
+    name
+        ``"oracle"``, ``"noisy"`` or a name of :data:`ESTIMATORS`.
+    train
+        Training requests for the fitted estimators (unused by ``oracle`` and ``noisy``).
+    sigma
+        Log-scale noise of ``noisy`` (see :func:`noisy_estimates`).
+    seed
+        Seed of ``noisy``.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        One estimated output length per request, tokens (float64, >= 1); None for ``oracle``.
+
+    Raises
+    ------
+    SpecError
+        Unknown estimator, a fitted estimator without ``train``, or ``train`` holding only the
+        requests of ``workload``.
     """
     if name == "oracle":
         return None
