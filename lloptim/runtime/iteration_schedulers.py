@@ -22,6 +22,23 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
     Clients are taken in the given order; one that does not fit is skipped (a later, smaller one
     may still fit), except that the first client is always admitted under the token budget so a
     long prompt cannot starve.
+
+    Parameters
+    ----------
+    state
+        The instance (:class:`~lloptim.runtime.engine.InstanceState`); its ``kv_free`` tokens bound
+        the KV reservations (prompt + output cap) of the chosen clients.
+    clients
+        Waiting clients (global indices) in order of preference.
+    token_budget
+        Most prompt tokens in the prefill, tokens; None for no limit.
+    max_batch
+        Most clients in the prefill (count); None for no limit.
+
+    Returns
+    -------
+    list of int
+        The chosen clients, in the given order.
     """
     free = state.kv_free
     engine = state.engine

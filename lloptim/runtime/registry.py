@@ -21,7 +21,17 @@ _DESCRIPTIONS: dict[str, str] = {}
 
 
 def register_policy(name: str, factory: Callable[..., Policy], description: str = "") -> None:
-    """Make ``factory(**options)`` available as ``make_policy(name, **options)``."""
+    """Make ``factory(**options)`` available as ``make_policy(name, **options)``.
+
+    Parameters
+    ----------
+    name
+        Policy name; registering a name again replaces its factory.
+    factory
+        Builds a fresh :class:`~lloptim.runtime.policy.Policy` from keyword options.
+    description
+        One line for :func:`policy_names` and the CLI's policy list.
+    """
     _FACTORIES[name] = factory
     _DESCRIPTIONS[name] = description
 
