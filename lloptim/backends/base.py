@@ -18,6 +18,13 @@ class InstanceLost(Exception):
 
     The engine treats it as a fault of the whole instance at the current time: the instance's
     unfinished requests go back to the request scheduler and complete elsewhere.
+
+    Parameters
+    ----------
+    instance
+        Index of the lost instance.
+    reason
+        What the backend saw (e.g. the actor error), for the message; may be empty.
     """
 
     def __init__(self, instance: int, reason: str = "") -> None:
@@ -42,18 +49,91 @@ class Backend(Protocol):
     name: str
 
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
-        """Prefill the full prompts of ``requests`` (``prompt_tokens`` tokens in all); return the time."""
+        """Prefill the full prompts of ``requests`` (``prompt_tokens`` tokens in all); return the time.
+
+        Parameters
+        ----------
+        instance
+            Instance index.
+        requests
+            Row indices of the requests whose prompts are prefilled.
+        prompt_tokens
+            Their prompt lengths summed, tokens.
+
+        Returns
+        -------
+        float
+            Duration of the iteration, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The instance died during the call (nothing of the iteration counts).
+        """
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
         """One decode step of every running request of ``instance``; return the time.
 
         ``n_running`` and ``kv_tokens`` (tokens held in their KV caches before the step) let a
         cost-model backend price the step without tracking requests itself.
+
+        Parameters
+        ----------
+        instance
+            Instance index.
+        n_running
+            Requests decoding (count).
+        kv_tokens
+            Tokens held in their KV caches before the step, tokens.
+
+        Returns
+        -------
+        float
+            Duration of the step, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The instance died during the call.
         """
 
     def mixed(self, instance: int, n_running: int, kv_tokens: int,
               chunks: Sequence[tuple[int, int, int, bool]]) -> float:
-        """A fused decode step plus prompt chunks ``(request, start, n_tokens, completes)``; return the time."""
+        """A fused decode step plus prompt chunks ``(request, start, n_tokens, completes)``; return the time.
+
+        Parameters
+        ----------
+        instance
+            Instance index.
+        n_running
+            Requests decoding in this iteration (count; may be 0).
+        kv_tokens
+            Tokens held in the KV caches of the decoding requests before the step, tokens.
+        chunks
+            One :class:`ChunkWork`-shaped tuple per chunk: request row, prompt tokens already
+            prefilled before the chunk (tokens), tokens in the chunk, and whether it completes the
+            prompt.
+
+        Returns
+        -------
+        float
+            Duration of the iteration, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The instance died during the call.
+        """
 
     def release(self, instance: int, request: int, finished: bool) -> None:
-        """Free ``request``'s KV cache: it finished (``finished``) or was evicted by a fault."""
+        """Free ``request``'s KV cache: it finished (``finished``) or was evicted by a fault.
+
+        Parameters
+        ----------
+        instance
+            Instance index.
+        request
+            Row index of the request.
+        finished
+            True if it completed; False if a fault took it back (it restarts from its prefill).
+        """

@@ -24,16 +24,50 @@ class SimulatedBackend:
         self._latency = [inst.profile.latency for inst in problem.instances]
 
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
-        """Seconds of a prefill over ``prompt_tokens`` tokens."""
+        """Seconds of a prefill over ``prompt_tokens`` tokens.
+
+        Parameters
+        ----------
+        instance, requests, prompt_tokens
+            As in :meth:`Backend.prefill <lloptim.backends.base.Backend.prefill>`; only the
+            instance and the token count, tokens, set the time.
+
+        Returns
+        -------
+        float
+            ``LatencyModel.prefill_time(prompt_tokens)``, seconds.
+        """
         return self._latency[instance].prefill_time(prompt_tokens)
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
-        """Seconds of a decode step of ``n_running`` requests holding ``kv_tokens`` tokens."""
+        """Seconds of a decode step of ``n_running`` requests holding ``kv_tokens`` tokens.
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens
+            As in :meth:`Backend.decode <lloptim.backends.base.Backend.decode>` (count, tokens).
+
+        Returns
+        -------
+        float
+            ``LatencyModel.decode_time(n_running, kv_tokens)``, seconds.
+        """
         return self._latency[instance].decode_time(n_running, kv_tokens)
 
     def mixed(self, instance: int, n_running: int, kv_tokens: int,
               chunks: Sequence[tuple[int, int, int, bool]]) -> float:
-        """A decode step plus the per-token prefill cost of the chunks (the fixed cost is shared)."""
+        """A decode step plus the per-token prefill cost of the chunks (the fixed cost is shared).
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens, chunks
+            As in :meth:`Backend.mixed <lloptim.backends.base.Backend.mixed>`.
+
+        Returns
+        -------
+        float
+            Duration, seconds: a plain prefill of the chunk tokens when nothing decodes.
+        """
         lat = self._latency[instance]
         chunk_tokens = sum(c[2] for c in chunks)
         if n_running == 0:
@@ -41,4 +75,10 @@ class SimulatedBackend:
         return lat.decode_time(n_running, kv_tokens) + lat.prefill_per_token_s * chunk_tokens
 
     def release(self, instance: int, request: int, finished: bool) -> None:
-        """Nothing to free in a simulation."""
+        """Nothing to free in a simulation.
+
+        Parameters
+        ----------
+        instance, request, finished
+            As in :meth:`Backend.release <lloptim.backends.base.Backend.release>`; ignored.
+        """
