@@ -195,6 +195,22 @@ def prompt_token_ids(model: LoadedModel, request: int, n_tokens: int, seed: int 
     Workloads carry token counts only; the ids are drawn uniformly from the vocabulary minus the
     special ids with ``numpy.random.default_rng([seed, request])``, so a request gets the same
     prompt on every instance, client and restart.
+
+    Parameters
+    ----------
+    model
+        The loaded model (its vocabulary size and special ids).
+    request
+        Request row index.
+    n_tokens
+        Prompt length, tokens.
+    seed
+        Seed shared by all requests of a run.
+
+    Returns
+    -------
+    list of int
+        ``n_tokens`` token ids.
     """
     allowed = np.setdiff1d(np.arange(model.vocab_size), np.asarray(model.special_ids, dtype=np.int64))
     rng = np.random.default_rng([seed, request])

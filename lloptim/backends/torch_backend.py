@@ -259,7 +259,25 @@ class TorchBackend:
 
     # -- the Backend protocol --------------------------------------------------------------------
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
-        """Prefill the full prompts of ``requests`` in one batched forward; return its seconds."""
+        """Prefill the full prompts of ``requests`` in one batched forward; return its seconds.
+
+        Parameters
+        ----------
+        instance, requests, prompt_tokens
+            As in :meth:`Backend.prefill <lloptim.backends.base.Backend.prefill>` (``prompt_tokens``
+            in tokens, checked against the synthesized prompts).
+
+        Returns
+        -------
+        float
+            Measured time of the forward on the backend's ``clock``, seconds (device synchronized before
+            and after).
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, or ``prompt_tokens`` differs from the prompts' length.
+        """
         self._check_instance(instance)
         rows = [(r, self._start(instance, r), self.prompt_ids(r)) for r in requests]
         if sum(len(x) for _, _, x in rows) != prompt_tokens:
@@ -278,7 +296,24 @@ class TorchBackend:
         return dur
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
-        """One batched decode step of every running request of ``instance``; return its seconds."""
+        """One batched decode step of every running request of ``instance``; return its seconds.
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens
+            As in :meth:`Backend.decode <lloptim.backends.base.Backend.decode>` (count, tokens);
+            checked against the backend's own running set and caches.
+
+        Returns
+        -------
+        float
+            Measured time of the forward on the backend's ``clock``, seconds.
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, or the backend is out of sync with the engine.
+        """
         self._check_instance(instance)
         rows = self._decode_rows(instance, n_running, kv_tokens)
         dur = self._timed(lambda: self._emit(rows, self._forward(instance, rows), len(rows)))
@@ -292,6 +327,22 @@ class TorchBackend:
         Each chunk ``(request, start, n_tokens, completes)`` appends prompt tokens
         ``[start, start + n_tokens)`` to the request's cache; the chunk that completes the prompt
         yields the first output token and the request joins the running set after this iteration.
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens, chunks
+            As in :meth:`Backend.mixed <lloptim.backends.base.Backend.mixed>`.
+
+        Returns
+        -------
+        float
+            Measured time of the fused forward on the backend's ``clock``, seconds.
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, the backend is out of sync with the engine, or a chunk does not
+            continue where its request's cache ends.
         """
         self._check_instance(instance)
         rows = self._decode_rows(instance, n_running, kv_tokens) if n_running else []
@@ -325,7 +376,14 @@ class TorchBackend:
         return dur
 
     def release(self, instance: int, request: int, finished: bool) -> None:
-        """Free ``request``'s cache; keep its tokens in :attr:`generated` if it ``finished``."""
+        """Free ``request``'s cache; keep its tokens in :attr:`generated` if it ``finished``.
+
+        Parameters
+        ----------
+        instance, request, finished
+            As in :meth:`Backend.release <lloptim.backends.base.Backend.release>`; an evicted
+            request (``finished`` false) loses its generated tokens and counts in ``counters["evictions"]``.
+        """
         self._running[instance].pop(request, None)
         self._pools[instance].kill(request)
         st = self._reqs.pop(request, None)
