@@ -44,7 +44,7 @@ __all__ = ["build_full_mip", "FullMipSchedule", "decode_schedule", "start_from_r
 MAX_FULL_MIP_CELLS = 20_000  # R * K beyond this is hours of branch and bound: refuse early
 
 
-def build_full_mip(problem: Problem, horizon: int | None = None) -> LinearModel:
+def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower: float | None = None) -> LinearModel:
     """The full MIP of ``problem`` (one instance) as a :class:`LinearModel`; objective = makespan, s.
 
     Parameters
@@ -53,6 +53,9 @@ def build_full_mip(problem: Problem, horizon: int | None = None) -> LinearModel:
         A single-instance problem with few requests and short outputs.
     horizon
         Iteration slots ``K``; default ``R + sum(output_tokens)`` (exact; see the module docstring).
+    makespan_lower
+        A valid lower bound on the makespan, seconds (e.g. ``lower_bound(problem).total_s``), put on
+        ``t[K]`` so branch and bound stops as soon as an incumbent reaches it.
 
     Raises
     ------
@@ -91,7 +94,10 @@ def build_full_mip(problem: Problem, horizon: int | None = None) -> LinearModel:
     b.add_block("q", RK, 0, 1)
     b.add_block("dc", RK, 0, np.repeat(o, K))
     b.add_block("kv", RK, 0, np.inf)
-    b.add_block("t", K + 1, 0, np.inf)
+    t_lo = np.zeros(K + 1)
+    if makespan_lower is not None:
+        t_lo[K] = float(makespan_lower)
+    b.add_block("t", K + 1, t_lo, np.inf)
 
     ones = np.ones(RK)
     b.add_group("prefill_once", R, {"s": (rk_r, cell, ones)}, 1, 1)
@@ -128,6 +134,13 @@ def build_full_mip(problem: Problem, horizon: int | None = None) -> LinearModel:
                                             np.r_[np.ones(K - 1), -np.ones(K - 1)]),
                                       "v": (np.r_[ks[:-1], ks[:-1]], np.r_[ks[:-1], ks[1:]],
                                             np.r_[np.ones(K - 1), -np.ones(K - 1)])}, lo=0)
+    # valid counting cuts (they tighten the LP): at least ceil(R / C) prefills and as many decode
+    # slots as the P||Cmax bound on decode steps (lloptim.bounds.decode_steps_lower_bound)
+    from lloptim.bounds import decode_steps_lower_bound
+
+    b.add_group("min_prefills", 1, {"y": (np.zeros(K, np.int64), ks, 1.0)}, lo=-(-R // inst.clients))
+    b.add_group("min_decodes", 1, {"v": (np.zeros(K, np.int64), ks, 1.0)},
+                lo=decode_steps_lower_bound(w.output_tokens, inst.clients))
     cost = np.zeros(b.n_cols)
     cost[b._blocks["t"].stop - 1] = 1.0
     return b.build(cost, meta={"R": R, "K": K, "C": inst.clients})

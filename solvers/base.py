@@ -164,6 +164,15 @@ def solve_binpacking_as_mip(backend: Backend, task: BinPackingTask) -> Outcome:
     return out
 
 
+PIPELINE_OPTIONS = ("always_run", "horizon")  # read by the pipeline, never passed to a backend
+
+
+def _backend_params(params: SolveParams) -> SolveParams:
+    opts = {k: v for k, v in params.solver_options.items() if k not in PIPELINE_OPTIONS}
+    return SolveParams(params.time_limit_s, params.rel_gap, params.threads, params.seed, params.warm_start,
+                       params.verbose, opts)
+
+
 def _finish(backend: Backend, formulation: str, params: SolveParams, out: Outcome, assignment, primal: float,
             fallback_assignment, fallback_obj: float, bound: float, multipliers: dict, t0: float, t1: float,
             extra: dict) -> SolveResult:
@@ -245,10 +254,18 @@ def solve(problem: Problem, solver: str = "greedy", params: SolveParams | None =
     data = binpacking_data(problem, weights, estimates)
     incumbent, inc_obj, extra = _greedy_incumbent(data, params)
     bound = binpacking_lower_bound(data)
-    task = BinPackingTask(data, bound, incumbent, inc_obj, params)
+    always = bool(params.solver_options.get("always_run", False))
+    backend_params = _backend_params(params)
+    task = BinPackingTask(data, bound, incumbent, inc_obj, backend_params)
     t1 = time.perf_counter()
     try:
-        out = backend.solve_binpacking(task)
+        if not always and inc_obj - bound <= params.rel_gap * inc_obj and backend.name != "greedy":
+            # the incumbent is already proven within rel_gap: a search could only confirm it
+            out = Outcome(assignment=incumbent, objective=inc_obj, termination=Termination.OPTIMAL,
+                          extra={"skipped_backend": "incumbent already within rel_gap of the bound "
+                                                    "(solver_options={'always_run': True} runs it anyway)"})
+        else:
+            out = backend.solve_binpacking(task)
     except (SolverError, SpecError):
         raise
     except Exception as exc:  # a backend crash must not lose the incumbent; keep it and say why
@@ -269,17 +286,18 @@ def _solve_full_mip(problem: Problem, backend: Backend, params: SolveParams, t0:
     from lloptim.formulations.full_mip import build_full_mip, decode_schedule, start_from_run
     from lloptim.simulator import run_policy
 
-    model = build_full_mip(problem, horizon=params.solver_options.get("horizon"))
+    bound = lower_bound(problem).total_s
+    # a hair below the bound: it is exact up to round-off, and the simulator's start must stay feasible
+    model = build_full_mip(problem, horizon=params.solver_options.get("horizon"),
+                           makespan_lower=bound * (1 - 1e-9))
     memory_guard(backend, model, params)
     # the simulator's LPT schedule is a feasible start and the fallback answer
     run = run_policy(problem, "lpt")
     start = start_from_run(model, run)
     start_sched = decode_schedule(problem, model, start)
-    bound = lower_bound(problem).total_s
     t1 = time.perf_counter()
-    opts = {k: v for k, v in params.solver_options.items() if k != "horizon"}
-    p2 = SolveParams(params.time_limit_s, params.rel_gap, params.threads, params.seed, None, params.verbose, opts)
-    out = backend.solve_model(model, start if backend.capabilities.supports_mip_start else None, p2)
+    out = backend.solve_model(model, start if backend.capabilities.supports_mip_start else None,
+                              _backend_params(params))
     a, primal, extra = None, np.inf, {"model": model.summary(), "simulated_lpt_s": run.makespan_s}
     if out.x is not None and model.max_violation(out.x) < 1e-5:
         sched = decode_schedule(problem, model, out.x)

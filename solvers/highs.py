@@ -73,8 +73,8 @@ class HighsBackend(Backend):
     formulations = ("binpacking", "full_mip")
 
     def estimate_mem_mb(self, model: LinearModel) -> float:
-        """About 1 KiB per non-zero plus 300 MiB (HiGHS keeps a few copies of the matrix and the tree)."""
-        return 300.0 + model.nnz / 1024.0
+        """About 0.25 KiB per non-zero plus 300 MiB (HiGHS keeps a few copies of the matrix and the tree)."""
+        return 300.0 + model.nnz / 4096.0
 
     def solve_model(self, model, x_start, params):
         import highspy
