@@ -39,7 +39,13 @@ INSTALL_HINT = "pip install lloptim[ray]"
 
 
 class RayNotInstalledError(LloptimError, ImportError):
-    """Ray is needed (``--executor ray``, :class:`RayBackend`) but is not installed."""
+    """Ray is needed (``--executor ray``, :class:`RayBackend`) but is not installed.
+
+    Parameters
+    ----------
+    what
+        The feature that needs Ray, for the message.
+    """
 
     def __init__(self, what: str = "the Ray executor") -> None:
         super().__init__(f"{what} needs Ray, which is not installed (fix: {INSTALL_HINT})")
@@ -451,20 +457,74 @@ class RayBackend:
             raise InstanceLost(instance, reason) from None
 
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
-        """Seconds of a prefill of ``requests`` (``prompt_tokens`` tokens) on actor ``instance``."""
+        """Seconds of a prefill of ``requests`` (``prompt_tokens`` tokens) on actor ``instance``.
+
+        Parameters
+        ----------
+        instance, requests, prompt_tokens
+            As in :meth:`Backend.prefill <lloptim.backends.base.Backend.prefill>`.
+
+        Returns
+        -------
+        float
+            The duration the actor's backend reports, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The actor is dead (killed, crashed or lost earlier).
+        """
         return self._call(instance, "prefill", list(requests), prompt_tokens)
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
-        """Seconds of one decode step of ``n_running`` requests holding ``kv_tokens`` tokens on actor ``instance``."""
+        """Seconds of one decode step of ``n_running`` requests holding ``kv_tokens`` tokens on actor ``instance``.
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens
+            As in :meth:`Backend.decode <lloptim.backends.base.Backend.decode>` (count, tokens).
+
+        Returns
+        -------
+        float
+            The duration the actor's backend reports, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The actor is dead.
+        """
         return self._call(instance, "decode", n_running, kv_tokens)
 
     def mixed(self, instance: int, n_running: int, kv_tokens: int,
               chunks: Sequence[tuple[int, int, int, bool]]) -> float:
-        """Seconds of a fused decode step plus prompt ``chunks`` on actor ``instance``."""
+        """Seconds of a fused decode step plus prompt ``chunks`` on actor ``instance``.
+
+        Parameters
+        ----------
+        instance, n_running, kv_tokens, chunks
+            As in :meth:`Backend.mixed <lloptim.backends.base.Backend.mixed>`.
+
+        Returns
+        -------
+        float
+            The duration the actor's backend reports, seconds.
+
+        Raises
+        ------
+        InstanceLost
+            The actor is dead.
+        """
         return self._call(instance, "mixed", n_running, kv_tokens, [tuple(c) for c in chunks])
 
     def release(self, instance: int, request: int, finished: bool) -> None:
-        """Free ``request``'s KV cache on actor ``instance``, without waiting; a no-op on a lost instance."""
+        """Free ``request``'s KV cache on actor ``instance``, without waiting; a no-op on a lost instance.
+
+        Parameters
+        ----------
+        instance, request, finished
+            As in :meth:`Backend.release <lloptim.backends.base.Backend.release>`.
+        """
         if instance in self.lost or self._closed:
             return  # the engine releases a lost instance's requests while re-queueing them: nothing to free
         self.actors[instance].release.remote(request, finished)
@@ -475,6 +535,14 @@ class RayBackend:
 
         The instance is not marked lost here: the engine learns of it from its next call, as it
         would of a crash.
+
+        Parameters
+        ----------
+        instance
+            Index of the instance whose actor is killed.
+        wait_s
+            Longest wait for the death to show, seconds; the method returns after it even if calls
+            still succeed.
         """
         ray = self._ray
         actor = self.actors[instance]
