@@ -84,8 +84,14 @@ class Calibration:
         Coefficient of determination of each fit (on seconds).
     model, device, dtype
         What was measured.
+    clock
+        ``"wall"`` or ``"cpu"``: the clock the times were measured with (see
+        :class:`~lloptim.backends.torch_backend.TorchBackend`).
     wall_s
         Time the calibration took, seconds.
+    extra
+        Free-form notes of the caller; :func:`calibrate` leaves it empty and neither
+        :meth:`to_profile` nor :meth:`to_dict` writes it.
     """
 
     latency: LatencyModel
@@ -111,7 +117,22 @@ class Calibration:
 
     def to_profile(self, name: str | None = None, kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
                    clients: int = DEFAULT_CLIENTS) -> HardwareProfile:
-        """The :class:`HardwareProfile` of this calibration (KV capacity in tokens, clients per instance)."""
+        """The :class:`HardwareProfile` of this calibration (KV capacity in tokens, clients per instance).
+
+        Parameters
+        ----------
+        name
+            Profile name; default ``<model directory name>-<device>``.
+        kv_capacity_tokens
+            KV-cache capacity written into the profile, tokens (not measured by the calibration).
+        clients
+            Clients (concurrent request slots) per instance written into the profile.
+
+        Returns
+        -------
+        HardwareProfile
+            The fitted latency model, with the fit quality and clock in its ``meta``.
+        """
         return HardwareProfile(
             name=name or f"{Path(self.model).name}-{self.device}",
             latency=self.latency, kv_capacity_tokens=int(kv_capacity_tokens), clients=int(clients),
@@ -151,7 +172,25 @@ def _nnls_relative(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit_prefill(tokens: Sequence[float], seconds: Sequence[float]) -> tuple[float, float, float]:
-    """Fit ``seconds = base + per_token * tokens`` (both >= 0); return ``(base_s, per_token_s, r2)``."""
+    """Fit ``seconds = base + per_token * tokens`` (both >= 0); return ``(base_s, per_token_s, r2)``.
+
+    Parameters
+    ----------
+    tokens
+        Prompt tokens of each measured prefill, tokens.
+    seconds
+        Measured time of each prefill, seconds (positive, finite).
+
+    Returns
+    -------
+    tuple
+        ``(base_s, per_token_s, r2)``: seconds, seconds per token, and the R^2 on seconds.
+
+    Raises
+    ------
+    SpecError
+        Fewer than two measurements, or a time that is not positive and finite.
+    """
     t = np.asarray(tokens, dtype=np.float64)
     x, r2 = _nnls_relative(np.column_stack([np.ones_like(t), t]), seconds)
     return float(x[0]), float(x[1]), r2
@@ -161,10 +200,25 @@ def fit_decode(batch: Sequence[float], kv_tokens: Sequence[float],
                seconds: Sequence[float]) -> tuple[float, float, float, float]:
     """Fit ``seconds = base + per_seq * batch + per_kv * kv_tokens`` (all >= 0).
 
+    Parameters
+    ----------
+    batch
+        Running requests in each measured decode step (count).
+    kv_tokens
+        KV tokens held before each step, tokens.
+    seconds
+        Measured time of each step, seconds (positive, finite).
+
     Returns
     -------
     tuple
-        ``(base_s, per_seq_s, per_kv_token_s, r2)``.
+        ``(base_s, per_seq_s, per_kv_token_s, r2)``: seconds, seconds per running request, seconds
+        per KV token, and the R^2 on seconds.
+
+    Raises
+    ------
+    SpecError
+        Fewer than three measurements, or a time that is not positive and finite.
     """
     n = np.asarray(batch, dtype=np.float64)
     kv = np.asarray(kv_tokens, dtype=np.float64)
