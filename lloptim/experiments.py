@@ -21,7 +21,8 @@ from lloptim.runtime.estimators import estimate
 from lloptim.runtime.engine import RunResult
 from lloptim.simulator import run_policy
 
-__all__ = ["PAPER", "MAIN_POLICIES", "compare_policies", "run_case", "case_study", "noise_sweep", "reproduce"]
+__all__ = ["PAPER", "MAIN_POLICIES", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
+           "reproduce"]
 
 #: The paper's figures (arXiv 2502.15763, LLaMA-65B on GSM8K).
 PAPER = {"baseline": {"makespan_s": 201.00, "utilization": 0.802},
@@ -40,6 +41,21 @@ def _row(result: RunResult) -> dict:
 def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, estimator: str = "bucket-quantile",
                      train=None, seed: int = 0) -> tuple[dict[str, dict], dict[str, RunResult]]:
     """Run each policy with known lengths, and the hybrid with estimated lengths.
+
+    Parameters
+    ----------
+    problem
+        The problem every policy serves.
+    policies
+        Registered policy names, run with the true output lengths.
+    estimator
+        Estimator of the extra unknown-lengths hybrid run (see
+        :func:`~lloptim.runtime.estimators.estimate`); that run happens only if ``"hybrid"`` is in
+        ``policies``.
+    train
+        Training workload of the estimator; default: the GSM8K train split.
+    seed
+        Seed of every run and of the estimator.
 
     Returns
     -------
@@ -63,7 +79,23 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
 
 @dataclass(frozen=True)
 class CaseTask:
-    """One case of the case study: ``n_requests`` drawn from GSM8K ``split`` with ``(seed, index)``."""
+    """One case of the case study: ``n_requests`` drawn from GSM8K ``split`` with ``(seed, index)``.
+
+    Attributes
+    ----------
+    index
+        Case index (see :func:`~lloptim.workloads.gsm8k_case`).
+    n_requests
+        Requests in the case (count).
+    seed
+        Seed of the draw and of every run.
+    split
+        GSM8K split the requests are drawn from.
+    profile
+        Hardware profile of the single instance that serves the case.
+    policies
+        Registered policy names to run, with the true output lengths.
+    """
 
     index: int
     n_requests: int = 1319
@@ -74,7 +106,19 @@ class CaseTask:
 
 
 def run_case(task: CaseTask) -> dict:
-    """Run every policy of ``task`` on its case; return per-policy makespan, utilization and the bound."""
+    """Run every policy of ``task`` on its case; return per-policy makespan, utilization and the bound.
+
+    Parameters
+    ----------
+    task
+        The case and the policies to run.
+
+    Returns
+    -------
+    dict
+        ``"case"`` (the index), ``"lower_bound_s"`` (seconds) and, per policy name,
+        ``{"makespan_s": seconds, "utilization": fraction, "gap_to_bound": relative}``.
+    """
     wl = workloads.gsm8k_case(task.index, task.n_requests, task.seed, task.split)
     problem = Problem.single(wl, task.profile)
     bound = lower_bound(problem)
@@ -87,7 +131,30 @@ def run_case(task: CaseTask) -> dict:
 
 def case_study(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, executor: str = "local",
                address: str | None = None, progress: bool = True) -> dict:
-    """Baseline vs hybrid on ``n_cases`` GSM8K-train cases; per-case figures and a summary."""
+    """Baseline vs hybrid on ``n_cases`` GSM8K-train cases; per-case figures and a summary.
+
+    Parameters
+    ----------
+    n_cases
+        Number of cases.
+    n_requests
+        Requests per case (count).
+    seed
+        Seed of the draws and the runs.
+    executor
+        ``"local"`` or ``"ray"`` (see :func:`~lloptim.executors.map_tasks`).
+    address
+        Ray cluster address; only with ``executor="ray"``.
+    progress
+        Show a progress bar over the cases.
+
+    Returns
+    -------
+    dict
+        ``"n"``, ``"hybrid_wins"`` (cases with a shorter makespan, count),
+        ``"mean_utilization_gain"`` (fraction), ``"mean_gap_hybrid"`` and ``"mean_gap_baseline"``
+        (relative gap to the bound), and ``"per_case"`` (the :func:`run_case` results).
+    """
     tasks = [CaseTask(k, n_requests, seed) for k in range(n_cases)]
     cases = map_tasks(run_case, tasks, executor=executor, progress=progress, desc="cases", address=address)
     gain = np.array([c["hybrid"]["utilization"] - c["baseline"]["utilization"] for c in cases])
@@ -99,7 +166,23 @@ def case_study(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, execut
 
 
 def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.2), seed: int = 0) -> list[dict]:
-    """Hybrid gap to the bound when estimates are the truth times ``exp(N(0, sigma))``."""
+    """Hybrid gap to the bound when estimates are the truth times ``exp(N(0, sigma))``.
+
+    Parameters
+    ----------
+    problem
+        The problem the hybrid serves.
+    sigmas
+        Log-scale standard deviations of the noise, one run each.
+    seed
+        Seed of the noise and the runs.
+
+    Returns
+    -------
+    list of dict
+        Per sigma: ``"sigma"``, ``"makespan_s"`` (seconds), ``"utilization"`` (fraction) and
+        ``"gap_to_bound"`` (relative).
+    """
     bound = lower_bound(problem)
     out = []
     for s in sigmas:
@@ -112,7 +195,27 @@ def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4,
 
 def reproduce(problem: Problem, cases: int = 100, executor: str = "local", address: str | None = None,
               estimator: str = "bucket-quantile", progress: bool = True, seed: int = 0) -> tuple[dict, dict]:
-    """The whole reproduction; returns the JSON-ready report and the main runs (for plots)."""
+    """The whole reproduction; returns the JSON-ready report and the main runs (for plots).
+
+    Parameters
+    ----------
+    problem
+        The problem of the main comparison and the noise sweep.
+    cases
+        Cases of the case study (count); 0 skips it.
+    executor, address, progress
+        How the case study runs (see :func:`case_study`).
+    estimator
+        Estimator of the unknown-lengths hybrid run (see :func:`compare_policies`).
+    seed
+        Seed of every run.
+
+    Returns
+    -------
+    report, results
+        The report (times in seconds, decision latency in microseconds) and the
+        :class:`~lloptim.runtime.engine.RunResult` of each main run, keyed by policy name.
+    """
     rows, results = compare_policies(problem, estimator=estimator, seed=seed)
     bound = lower_bound(problem)
     dec = results["hybrid"].decision_ns / 1e3
