@@ -14,6 +14,7 @@ from lloptim.errors import SpecError
 
 __all__ = ["map_tasks", "EXECUTORS"]
 
+#: Executor names :func:`map_tasks` accepts.
 EXECUTORS = ("local", "ray")
 
 

@@ -31,6 +31,7 @@ from lloptim import workloads
 
 __all__ = ["load_spec", "parse_spec", "default_problem", "DEFAULT_SPEC"]
 
+#: The spec :func:`load_spec` uses when given neither a path nor a text (TOML).
 DEFAULT_SPEC = """\
 name = "gsm8k-test on llama-65b"
 
@@ -184,6 +185,23 @@ def load_spec(path: str | Path | None = None, text: str | None = None) -> Proble
     """Load a TOML spec from ``path`` (or from ``text``); with neither, the embedded default.
 
     The default is the GSM8K test split (1319 requests) on one ``llama-65b`` instance.
+
+    Parameters
+    ----------
+    path
+        Path of a TOML spec; relative profile paths in it resolve against its folder.
+    text
+        The TOML text itself; takes precedence over ``path``.
+
+    Returns
+    -------
+    Problem
+        The validated problem.
+
+    Raises
+    ------
+    SpecError
+        No file at ``path``, invalid TOML, or an invalid document.
     """
     base = None
     if text is None:

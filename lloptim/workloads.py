@@ -18,6 +18,7 @@ from lloptim.problem import Workload
 
 __all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "GSM8K_SPLITS"]
 
+#: The GSM8K splits shipped with the package (1319 and 7473 requests).
 GSM8K_SPLITS = ("test", "train")
 
 
@@ -65,12 +66,50 @@ def gsm8k_cases(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, split
 
     Case ``k`` uses the generator ``numpy.random.default_rng([seed, k])``, so a case is the same
     whatever the number of cases drawn or the executor that runs it.
+
+    Parameters
+    ----------
+    n_cases
+        Number of cases.
+    n_requests
+        Requests per case (count).
+    seed
+        Seed shared by all cases.
+    split
+        GSM8K split drawn from (see :data:`GSM8K_SPLITS`).
+
+    Returns
+    -------
+    list of Workload
+        The cases in index order.
     """
     return [gsm8k_case(k, n_requests, seed, split) for k in range(n_cases)]
 
 
 def gsm8k_case(index: int, n_requests: int = 1319, seed: int = 0, split: str = "train") -> Workload:
-    """Case ``index`` of :func:`gsm8k_cases`: ``n_requests`` drawn with ``default_rng([seed, index])``."""
+    """Case ``index`` of :func:`gsm8k_cases`: ``n_requests`` drawn with ``default_rng([seed, index])``.
+
+    Parameters
+    ----------
+    index
+        Case index.
+    n_requests
+        Requests in the case (count), at most the size of the split.
+    seed
+        Seed shared by all cases.
+    split
+        GSM8K split drawn from (see :data:`GSM8K_SPLITS`).
+
+    Returns
+    -------
+    Workload
+        The requests in draw order, named ``gsm8k-{split}-case{index}``; all arrive at time 0.
+
+    Raises
+    ------
+    SpecError
+        ``n_requests`` is not in ``[1, len(split)]`` or the split is unknown.
+    """
     pool = gsm8k(split)
     if not 1 <= n_requests <= len(pool):
         raise SpecError("n_requests", f"{n_requests} is not in [1, {len(pool)}] for the {split} split",
