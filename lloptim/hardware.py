@@ -71,11 +71,33 @@ class LatencyModel:
         return self.prefill_base_s + self.prefill_per_token_s * prompt_tokens
 
     def decode_time(self, n_running: int, kv_tokens: float) -> float:
-        """Seconds of one decode iteration of ``n_running`` requests holding ``kv_tokens`` tokens."""
+        """Seconds of one decode iteration of ``n_running`` requests holding ``kv_tokens`` tokens.
+
+        Parameters
+        ----------
+        n_running
+            Requests decoding (count).
+        kv_tokens
+            Tokens in their KV caches before the step, tokens.
+
+        Returns
+        -------
+        float
+            ``decode_base_s + decode_per_seq_s * n_running + decode_per_kv_token_s * kv_tokens``, seconds.
+        """
         return self.decode_base_s + self.decode_per_seq_s * n_running + self.decode_per_kv_token_s * kv_tokens
 
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> "LatencyModel":
-        """A copy with the prefill and decode coefficients multiplied by the given factors."""
+        """A copy with the prefill and decode coefficients multiplied by the given factors.
+
+        Parameters
+        ----------
+        prefill
+            Factor on ``prefill_base_s`` and ``prefill_per_token_s`` (dimensionless; 2.0 doubles the
+            prefill time).
+        decode
+            Factor on the three decode coefficients (dimensionless).
+        """
         return LatencyModel(
             self.prefill_base_s * prefill, self.prefill_per_token_s * prefill,
             self.decode_base_s * decode, self.decode_per_seq_s * decode, self.decode_per_kv_token_s * decode,
@@ -118,7 +140,15 @@ class HardwareProfile:
                                "give the number of concurrent request slots")
 
     def with_latency(self, latency: LatencyModel, **meta: Any) -> "HardwareProfile":
-        """A copy with another latency model (and extra provenance in ``meta``)."""
+        """A copy with another latency model (and extra provenance in ``meta``).
+
+        Parameters
+        ----------
+        latency
+            The new iteration-time model (coefficients in seconds, per token or per sequence).
+        **meta
+            Entries added to (or replacing those of) the profile's ``meta``.
+        """
         return replace(self, latency=latency, meta={**self.meta, **meta})
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +206,25 @@ def _toml_value(value: Any) -> str:
 
 
 def save_profile(profile: HardwareProfile, path: str | Path) -> Path:
-    """Write ``profile`` as TOML to ``path`` (loadable by :func:`load_profile`) and return the path."""
+    """Write ``profile`` as TOML to ``path`` (loadable by :func:`load_profile`) and return the path.
+
+    Parameters
+    ----------
+    profile
+        The profile; nested tables in its ``meta`` are not written.
+    path
+        File to write (overwritten).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError
+        A ``meta`` value that TOML cannot hold (not a bool, number, string or list of them).
+    """
     data = profile.to_dict()
     lines = []
     for key in ("name", "description", "kv_capacity_tokens", "clients"):
