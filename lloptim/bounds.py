@@ -76,6 +76,18 @@ def decode_steps_lower_bound(output_tokens: np.ndarray, clients: int) -> int:
     The optimum of ``P||Cmax`` (sizes ``output_tokens`` on ``clients`` machines) is at least the
     average load, the largest job, and the sum of the ``C``-th and ``(C+1)``-th largest jobs (two of
     the ``C+1`` largest share a machine).
+
+    Parameters
+    ----------
+    output_tokens
+        Output length of each request, tokens (one decode step per token).
+    clients
+        Clients of the instance (count, >= 1).
+
+    Returns
+    -------
+    int
+        The bound, decode steps.
     """
     o = np.asarray(output_tokens, dtype=np.int64)
     bound = max(int(-(-int(o.sum()) // clients)), int(o.max()))

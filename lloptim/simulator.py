@@ -46,5 +46,21 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
 
 def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
              faults: Sequence[Fault] = (), seed: int = 0, **policy_options) -> RunMetrics:
-    """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`."""
+    """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`.
+
+    Parameters
+    ----------
+    problem
+        What to serve.
+    policy
+        Policy name (see :func:`~lloptim.runtime.registry.policy_names`) or instance.
+    estimates
+        Output-length estimates the policy sees, tokens; ``None``: the true lengths.
+    faults
+        Failures to inject.
+    seed
+        Seed handed to the policy.
+    **policy_options
+        Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
+    """
     return summarize(run_policy(problem, policy, estimates, faults, None, seed, **policy_options))

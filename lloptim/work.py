@@ -17,7 +17,19 @@ __all__ = ["typical_step_s", "request_work_s"]
 
 
 def typical_step_s(latency: LatencyModel, clients: int, mean_prompt: float, mean_output: float) -> float:
-    """Seconds of a decode step with all ``clients`` busy, each holding a request half-way through."""
+    """Seconds of a decode step with all ``clients`` busy, each holding a request half-way through.
+
+    Parameters
+    ----------
+    latency
+        The instance's latency model.
+    clients
+        Clients decoding (count).
+    mean_prompt
+        Mean prompt length, tokens.
+    mean_output
+        Mean output length, tokens.
+    """
     return latency.decode_time(clients, clients * (mean_prompt + mean_output / 2.0))
 
 
