@@ -1,6 +1,7 @@
 """Figures: per-client timelines, the case-study utilization distribution, noise degradation.
 
-Matplotlib with the non-interactive Agg backend; every function returns the figure it drew.
+Matplotlib with the non-interactive Agg backend: :func:`plot_timeline` draws on the axes it is
+given, :func:`plot_reproduction` writes a figure file and returns its path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def plot_timeline(ax, result: RunResult, title: str, max_clients: int | None = N
 
     Stalls of a decoding client during other clients' prefills are part of the blue bar here; the
     utilization figure in the title counts them as bubbles.
+
+    Parameters
+    ----------
+    ax
+        Matplotlib axes to draw on; the x axis is time, seconds.
+    result
+        The run to draw.
+    title
+        Prefix of the axes title (makespan in seconds and utilization in % follow it).
+    max_clients
+        Draw only the first ``max_clients`` global clients (count); None: all.
     """
     n_clients = result.problem.n_clients if max_clients is None else min(max_clients, result.problem.n_clients)
     ok = result.client >= 0
@@ -45,7 +57,22 @@ def plot_timeline(ax, result: RunResult, title: str, max_clients: int | None = N
 
 
 def plot_reproduction(report: dict, results: dict[str, RunResult], path: str | Path) -> Path:
-    """Timelines of baseline and hybrid, the case-study utilizations and the noise curve, to ``path``."""
+    """Timelines of baseline and hybrid, the case-study utilizations and the noise curve, to ``path``.
+
+    Parameters
+    ----------
+    report
+        The report of :func:`~lloptim.experiments.reproduce`.
+    results
+        Its runs keyed by policy name; ``"baseline"`` and ``"hybrid"`` are drawn.
+    path
+        Image file to write (format from the suffix).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     fig = plt.figure(figsize=(14, 10), constrained_layout=True)
     gs = fig.add_gridspec(3, 2, height_ratios=[1.2, 1.2, 1])
     plot_timeline(fig.add_subplot(gs[0, :]), results["baseline"], "baseline")
