@@ -20,7 +20,56 @@ __all__ = ["RunMetrics", "summarize", "client_busy_time"]
 
 @dataclass(frozen=True)
 class RunMetrics:
-    """Summary of one run. Times in seconds unless the name says otherwise."""
+    """Summary of one run. Times in seconds unless the name says otherwise.
+
+    Percentiles are over the requests that have the quantity (NaN when none has).
+
+    Attributes
+    ----------
+    policy
+        Name of the policy.
+    backend
+        Name of the backend.
+    known_lengths
+        Whether the policy saw the true output lengths.
+    requests_total
+        Requests in the problem (count).
+    requests_completed
+        Requests that finished (count).
+    output_tokens
+        Output tokens of the finished requests, tokens.
+    makespan_s
+        When the last request finished, seconds.
+    utilization
+        Busy client-seconds (:func:`client_busy_time`) over ``clients x makespan``, fraction in [0, 1].
+    bubble_share
+        ``1 - utilization``: share of client time in bubbles, fraction.
+    lower_bound_s
+        The makespan lower bound, seconds: :attr:`~lloptim.bounds.LowerBound.fused_s` when the run
+        used mixed iterations, :attr:`~lloptim.bounds.LowerBound.total_s` otherwise.
+    gap_to_bound
+        ``makespan / lower_bound - 1``, relative (0.05 is 5 % above the bound; NaN if the bound is 0).
+    throughput_tokens_per_s
+        Output tokens per second of makespan.
+    ttft_p50_s, ttft_p99_s
+        Median and 99th percentile time to first token, seconds: from arrival to the end of the
+        request's first decoding iteration.
+    latency_p50_s, latency_p99_s
+        Median and 99th percentile end-to-end latency, seconds: from arrival to finish.
+    prefill_iterations, decode_iterations, mixed_iterations
+        Iterations of each kind over all instances (count).
+    decision_latency_us_p50, decision_latency_us_p99
+        Median and 99th percentile wall time of the policy's iteration decisions, microseconds
+        (0 when decisions were not measured).
+    requeued
+        Requests a fault handed back to the request scheduler (count, with repeats).
+    wasted_tokens
+        Output tokens decoded for requests a fault then took back, tokens.
+    failed_clients
+        Clients that failed during the run (count).
+    wall_s
+        Wall-clock time of the run, seconds.
+    """
 
     policy: str
     backend: str
@@ -77,7 +126,21 @@ def _first_token_times(result: RunResult) -> np.ndarray:
 
 
 def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
-    """Compute :class:`RunMetrics` of ``result``; ``bound`` defaults to :func:`~lloptim.bounds.lower_bound`."""
+    """Compute :class:`RunMetrics` of ``result``; ``bound`` defaults to :func:`~lloptim.bounds.lower_bound`.
+
+    Parameters
+    ----------
+    result
+        The run.
+    bound
+        Makespan lower bound of ``result.problem`` (seconds); pass one to avoid recomputing it
+        across runs of the same problem.
+
+    Returns
+    -------
+    RunMetrics
+        The summary.
+    """
     problem = result.problem
     bound = bound or lower_bound(problem)
     makespan = result.makespan_s
