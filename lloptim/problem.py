@@ -124,7 +124,15 @@ class Workload:
         return int(self.output_tokens.sum())
 
     def subset(self, rows: np.ndarray, name: str | None = None) -> "Workload":
-        """The workload restricted to ``rows`` (indices), in that order."""
+        """The workload restricted to ``rows`` (indices), in that order.
+
+        Parameters
+        ----------
+        rows
+            Row indices to keep (repeats would duplicate ids and are rejected).
+        name
+            Name of the subset; default ``"{name}[{len(rows)}]"``.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         return Workload.from_arrays(self.prompt_tokens[rows], self.output_tokens[rows], self.arrival_s[rows],
                                     self.max_output_tokens[rows], [self.ids[i] for i in rows],
@@ -177,6 +185,23 @@ class Problem:
 
     Validation checks that every request fits in the KV cache of every instance (a request that
     fits nowhere could never run).
+
+    Attributes
+    ----------
+    workload
+        The requests.
+    instances
+        The instances serving them; global client indices number their clients in this order.
+    name
+        Name used in reports.
+    meta
+        Free-form notes of the caller; lloptim does not read it.
+
+    Raises
+    ------
+    SpecError
+        ``workload`` is not a :class:`Workload`, there is no instance, or a request's prompt plus
+        output cap exceeds an instance's KV capacity, tokens.
     """
 
     workload: Workload
