@@ -128,11 +128,14 @@ class LagrangianBackend(Backend):
                 if stall >= 10:  # shrink the step after a run without progress
                     theta, stall = theta / 2, 0
             if it % every == 0:
-                a = local_search(data, lpt(data, client_scale=0.5 + 0.5 * C * lam_best))
+                left = None if t_end is None else max(0.0, t_end - time.perf_counter())
+                a = local_search(data, lpt(data, client_scale=0.5 + 0.5 * C * lam_best), time_limit_s=left)
                 obj = float(loads(data, a).max())
                 if obj < ub:
                     best_a, ub = a, obj
-        a = local_search(data, lpt(data, client_scale=0.5 + 0.5 * C * lam_best))
+        # the final repair gets a little time even when the limit is spent: it is the primal answer
+        left = None if t_end is None else max(0.05 * task.params.time_limit_s, t_end - time.perf_counter())
+        a = local_search(data, lpt(data, client_scale=0.5 + 0.5 * C * lam_best), time_limit_s=left)
         obj = float(loads(data, a).max())
         if obj < ub:
             best_a, ub = a, obj
