@@ -166,7 +166,7 @@ class ModelBuilder:
     --------
     >>> b = ModelBuilder("toy")
     >>> x = b.add_block("x", 3, lo=0, hi=1, integer=True)
-    >>> b.add_group("pick", blocks={"x": ([0, 0, 0], [0, 1, 2], [1.0, 1.0, 1.0])}, n_rows=1, lo=1, hi=1)
+    >>> rows = b.add_group("pick", blocks={"x": ([0, 0, 0], [0, 1, 2], [1.0, 1.0, 1.0])}, n_rows=1, lo=1, hi=1)
     >>> m = b.build(c=np.array([1.0, 2.0, 3.0]))
     >>> m.A.shape
     (1, 3)
