@@ -135,6 +135,25 @@ def test_cli_reproduce_executor_ray():
     assert json.loads(local.stdout)["cases"] == report["cases"]
 
 
+def test_cli_compare_executor_ray_equals_local(tmp_path):
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+
+    spec = "[workload]\nsource = \"gsm8k\"\nsplit = \"test\"\nlimit = 200\n[[instances]]\nclients = 8\n"
+    runner = CliRunner()
+    (tmp_path / "s.toml").write_text(spec)
+    args = ["compare", str(tmp_path / "s.toml"), "--solvers", "greedy,lagrangian,highs", "--time-limit", "5", "--json"]
+    remote = runner.invoke(app, args + ["--executor", "ray"])
+    local = runner.invoke(app, args)
+    assert remote.exit_code == 0, remote.output
+    rows_r, rows_l = json.loads(remote.stdout)["results"], json.loads(local.stdout)["results"]
+    assert [r["backend"] for r in rows_r] == ["greedy", "lagrangian", "highs"]
+    for a, b in zip(rows_r, rows_l):
+        assert a["status"] == b["status"] and a["primal_bound"] == pytest.approx(b["primal_bound"])
+        assert a["dual_bound"] <= a["primal_bound"] * (1 + 1e-9)
+
+
 # -- serving on actors ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,27 @@ def local_executor(tasks: Sequence[tuple]) -> list[dict]:
     return rows
 
 
-EXECUTORS: dict[str, Callable[[Sequence[tuple]], list[dict]]] = {"local": local_executor}
+def _run_task(task: tuple) -> dict:
+    """One compare task as a one-argument function (what :func:`lloptim.executors.map_tasks` maps)."""
+    try:
+        return run_compare_task(*task)
+    except Exception as exc:  # noqa: BLE001 - one failed backend must not stop the comparison
+        return {"backend": task[1], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def ray_executor(tasks: Sequence[tuple], address: str | None = None) -> list[dict]:
+    """Run the tasks as Ray tasks (a local Ray, or the cluster at ``address``); rows in task order.
+
+    Ray reuses worker processes, so ``peak_mem_mb`` is the worker's high-water mark so far, an
+    upper bound on the task's own peak.
+    """
+    from lloptim.executors import map_tasks
+
+    return map_tasks(_run_task, list(tasks), executor="ray", progress=False, desc="compare", address=address)
+
+
+#: Executors of ``lloptim compare``: name -> callable(tasks) -> rows.
+EXECUTORS: dict[str, Callable[..., list[dict]]] = {"local": local_executor, "ray": ray_executor}
 
 
 def _fmt(v, kind: str) -> str:
@@ -159,7 +179,9 @@ def compare(
     gap: float = typer.Option(1e-4, "--gap", help="relative gap to stop at"),
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
-    executor: str = typer.Option("local", "--executor", help="how tasks run: local (a fresh process each)"),
+    executor: str = typer.Option("local", "--executor",
+                                 help="how tasks run: local (a fresh process each) or ray (Ray tasks)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)"),
     json_out: bool = typer.Option(False, "--json", help="print {'results': [...]} as JSON"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
 ) -> None:
@@ -179,9 +201,12 @@ def compare(
                 raise SpecError("--solvers", f"unknown solver {n!r}", f"use some of {sorted(known)}")
         if executor not in EXECUTORS:
             raise SpecError("--executor", f"unknown executor {executor!r}", f"use one of {sorted(EXECUTORS)}")
+        if address is not None and executor != "ray":
+            raise SpecError("--address", "needs --executor ray", "add --executor ray or drop --address")
         params = _params(time_limit, gap, threads, seed)
         problem = load_problem(spec)
-    rows = EXECUTORS[executor]([(problem, n, params) for n in names])
+        tasks = [(problem, n, params) for n in names]
+        rows = ray_executor(tasks, address) if executor == "ray" else EXECUTORS[executor](tasks)
     if csv_out is not None:
         with open(csv_out, "w", newline="") as fh:
             wr = csv.DictWriter(fh, fieldnames=list(COLUMNS) + ["limit", "error"], extrasaction="ignore")
