@@ -67,8 +67,10 @@ def test_compare_json_and_csv(spec, tmp_path):
 def test_compare_errors_name_the_option(spec):
     res = runner.invoke(app, ["compare", str(spec), "--solvers", "greedy,gurobi"])
     assert res.exit_code == 2 and "gurobi" in res.output
-    res = runner.invoke(app, ["compare", str(spec), "--executor", "ray"])
+    res = runner.invoke(app, ["compare", str(spec), "--executor", "dask"])
     assert res.exit_code == 2 and "--executor" in res.output
+    res = runner.invoke(app, ["compare", str(spec), "--address", "auto"])
+    assert res.exit_code == 2 and "--executor ray" in res.output
     res = runner.invoke(app, ["solve", str(spec), "--time-limit", "-1"])
     assert res.exit_code == 2 and "time_limit_s" in res.output
 
