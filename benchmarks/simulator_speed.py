@@ -28,6 +28,7 @@ def reference_loop(n: int) -> float:
 
 
 def bench(problem: Problem, policies: list[str]) -> None:
+    run_policy(Problem.single(workloads.gsm8k("test", limit=50), clients=4), "hybrid")  # imports, caches
     for name in policies:
         t = time.perf_counter()
         res = run_policy(problem, name)

@@ -139,7 +139,9 @@ def _greedy_incumbent(data: BinPackingData, params: SolveParams) -> tuple[np.nda
     from lloptim.solvers.greedy import lpt, local_search
 
     # stop polishing at a tenth of the requested gap: the MIP start needs no better
-    a = local_search(data, lpt(data), target=binpacking_lower_bound(data) * (1 + params.rel_gap / 10))
+    # and never past the caller's time limit: the incumbent is a start, not the answer
+    a = local_search(data, lpt(data), target=binpacking_lower_bound(data) * (1 + params.rel_gap / 10),
+                     time_limit_s=params.time_limit_s)
     obj = float(loads(data, a).max())
     src = "greedy"
     warm = params.check_warm_start(data.n_requests, data.n_clients)

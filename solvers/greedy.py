@@ -59,6 +59,8 @@ def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale:
 
 
 SWAP_PARTNERS = 8  # least loaded clients whose requests are scored first for swaps
+MAX_SWAP_PAIRS = 4_000_000  # above this many (request, request) pairs, score only the widened set
+WIDE_SWAP_PARTNERS = 64  # least loaded clients scored when scoring every request is too costly
 
 
 def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, deadline: float | None,
@@ -97,7 +99,16 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                 first = (np.flatnonzero(is_low[a]),)
             for others in first + (None,):
                 if others is None:
-                    others = np.flatnonzero(a != cm)
+                    if J.size * R > MAX_SWAP_PAIRS:
+                        # scoring every request is |J| x R work per step: at 100k requests it is
+                        # what makes the search take minutes, so widen the partner set instead
+                        wide = np.argpartition(Lo, min(WIDE_SWAP_PARTNERS, C - 2))[:WIDE_SWAP_PARTNERS]
+                        is_wide = np.zeros(C, dtype=bool)
+                        is_wide[wide] = True
+                        is_wide[cm] = False
+                        others = np.flatnonzero(is_wide[a])
+                    else:
+                        others = np.flatnonzero(a != cm)
                 if not others.size:
                     continue
                 d = w[J][:, None] - w[others][None, :]

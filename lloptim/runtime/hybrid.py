@@ -33,7 +33,7 @@ class OfflinePlan:
         Time limit of the solve, seconds.
     """
 
-    def __init__(self, solver: str = "greedy", time_limit_s: float = 10.0) -> None:
+    def __init__(self, solver: str = "greedy", time_limit_s: float = 1.0) -> None:
         self.solver = solver
         self.time_limit_s = time_limit_s
         self.result = None
@@ -81,7 +81,7 @@ class OfflinePlan:
         return np.asarray(load, dtype=np.float64)
 
 
-def offline_policy(solver: str = "greedy", time_limit_s: float = 10.0) -> Policy:
+def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
     """Offline bin packing only: static queues, prefill-first.
 
     Parameters
@@ -95,7 +95,7 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 10.0) -> Policy
     return Policy("offline", AssignedQueues(plan.assignment, steal=False), PrefillFirst())
 
 
-def hybrid_policy(solver: str = "greedy", time_limit_s: float = 10.0, setup_weight: float | None = None,
+def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
                   dispatch: str = "sorted",
                   steal: bool = True, forecast: str = "auto", token_budget: int | None = None,
                   survival: np.ndarray | None = None) -> Policy:

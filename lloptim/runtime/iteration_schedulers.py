@@ -13,7 +13,10 @@ from __future__ import annotations
 from lloptim.errors import PolicyError
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill
 
-__all__ = ["PrefillFirst", "ChunkedPrefill", "admissible"]
+__all__ = ["PrefillFirst", "ChunkedPrefill", "admissible", "DEFAULT_CHUNK_TOKENS"]
+
+#: Prompt-chunk tokens per fused iteration of :class:`ChunkedPrefill` by default (Sarathi's 512).
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def admissible(state, clients, token_budget: int | None = None, max_batch: int | None = None) -> list[int]:
@@ -96,18 +99,21 @@ class ChunkedPrefill(IterationScheduler):
     Parameters
     ----------
     token_budget
-        Tokens per iteration (decode tokens + prompt-chunk tokens).
+        Tokens per iteration (decode tokens + prompt-chunk tokens). ``None``: 512 prompt-chunk
+        tokens on top of one decode token per client of the instance, so a full batch never
+        starves the prefills (a fixed budget below the client count would stop admitting work).
     """
 
-    def __init__(self, token_budget: int = 512) -> None:
-        if token_budget < 1:
+    def __init__(self, token_budget: int | None = None) -> None:
+        if token_budget is not None and token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.token_budget = token_budget
 
     def decide(self, state) -> Decision:
         if not state.waiting:
             return DECODE
-        budget = self.token_budget - state.n_running
+        total = self.token_budget if self.token_budget is not None else DEFAULT_CHUNK_TOKENS + len(state.clients)
+        budget = total - state.n_running
         if budget <= 0:
             return DECODE if state.n_running else Mixed({next(iter(state.waiting)): 1})
         engine = state.engine

@@ -71,7 +71,7 @@ def _load_builtin() -> None:
                     "round-robin dealing in arrival order, no re-assignment, prefill-first (the paper's baseline)")
     register_policy("vllm", lambda token_budget=2048: Policy("vllm", GlobalQueue("fcfs"), PrefillFirst(token_budget)),
                     "FCFS global queue, prefill-first under a token budget (vLLM's default scheduler)")
-    register_policy("sarathi", lambda token_budget=512: Policy("sarathi", GlobalQueue("fcfs"),
+    register_policy("sarathi", lambda token_budget=None: Policy("sarathi", GlobalQueue("fcfs"),
                                                                ChunkedPrefill(token_budget)),
                     "FCFS, chunked prefill fused with decodes under a token budget (Sarathi-Serve)")
     register_policy("sorted-f", lambda: Policy("sorted-f", GlobalQueue("shortest"), PrefillFirst()),
