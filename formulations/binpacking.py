@@ -136,12 +136,41 @@ def binpacking_lower_bound(data: BinPackingData) -> float:
 
 
 def loads(data: BinPackingData, assignment: np.ndarray) -> np.ndarray:
-    """Load of every client under ``assignment`` (global client per request), seconds."""
+    """Load of every client under ``assignment`` (global client per request), seconds.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    assignment : numpy.ndarray
+        Global client index of each request, int, shape ``(R,)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(C,)``, float64: the sum of the weights of the requests on each client, seconds of
+        client time (0 for an idle client).
+    """
     return np.bincount(assignment, weights=data.request_weights_on(assignment), minlength=data.n_clients)
 
 
 def assignment_to_x(data: BinPackingData, assignment: np.ndarray) -> np.ndarray:
-    """The column vector ``[x (r-major), T]`` of ``assignment`` (a MIP start)."""
+    """The column vector ``[x (r-major), T]`` of ``assignment`` (a MIP start).
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    assignment : numpy.ndarray
+        Global client index of each request, int, shape ``(R,)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(R * C + 1,)``, float64, the column layout of :func:`build_binpacking`:
+        ``x[r * C + assignment[r]] = 1`` (other ``x`` entries 0) and the last entry ``T`` = the
+        assignment's makespan (largest client load), seconds.
+    """
     R, C = data.n_requests, data.n_clients
     x = np.zeros(R * C + 1)
     x[np.arange(R) * C + assignment] = 1.0
@@ -150,7 +179,23 @@ def assignment_to_x(data: BinPackingData, assignment: np.ndarray) -> np.ndarray:
 
 
 def x_to_assignment(data: BinPackingData, x: np.ndarray) -> np.ndarray | None:
-    """The assignment encoded by the column vector ``x``, or None when ``x`` is not integral one-hot."""
+    """The assignment encoded by the column vector ``x``, or None when ``x`` is not integral one-hot.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    x : numpy.ndarray
+        A column vector of :func:`build_binpacking` (length ``R * C + 1``; only the first
+        ``R * C`` entries, the ``x[r, c]`` in r-major order, are read; the makespan ``T`` is ignored).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Global client index of each request (the column of the largest entry of its row of ``x``),
+        int64, shape ``(R,)``; None unless, for every request, that entry is within ``1e-5`` of 1
+        and the row sums to 1 within ``1e-5``.
+    """
     R, C = data.n_requests, data.n_clients
     X = np.asarray(x, dtype=np.float64)[: R * C].reshape(R, C)
     a = X.argmax(axis=1)

@@ -41,7 +41,9 @@ from lloptim.problem import Problem
 
 __all__ = ["build_full_mip", "FullMipSchedule", "decode_schedule", "start_from_run", "MAX_FULL_MIP_CELLS"]
 
-MAX_FULL_MIP_CELLS = 20_000  # R * K beyond this is hours of branch and bound: refuse early
+#: Largest model :func:`build_full_mip` accepts, in request-slot cells (count of ``R * K``: requests
+#: times iteration slots); beyond it branch and bound takes hours, so the build refuses early.
+MAX_FULL_MIP_CELLS = 20_000
 
 
 def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower: float | None = None) -> LinearModel:
@@ -177,6 +179,22 @@ def decode_schedule(problem: Problem, model: LinearModel, x: np.ndarray) -> Full
 
     The replay recomputes every slot's duration from the latency model (true KV tokens) and the
     arrival waits, so ``makespan_s`` checks the MIP's ``t`` rather than trusting it.
+
+    Parameters
+    ----------
+    problem : Problem
+        The single-instance problem the model was built from (its latency model, prompt and
+        output tokens and arrival times, seconds, drive the replay).
+    model : LinearModel
+        The model of :func:`build_full_mip` (its ``meta`` gives ``R``, ``K`` and ``C``).
+    x : numpy.ndarray
+        A column vector of ``model``, shape ``(n_cols,)``; the binary blocks are rounded to 0/1.
+
+    Returns
+    -------
+    FullMipSchedule
+        Slot kinds, prefill and finish slots, client assignment and order, and the replayed
+        makespan, seconds.
     """
     R, K, C = model.meta["R"], model.meta["K"], model.meta["C"]
     blk = lambda n: np.round(model.block(x, n)).astype(np.int64)  # noqa: E731
@@ -215,6 +233,21 @@ def start_from_run(model: LinearModel, run) -> np.ndarray:
 
     ``run`` is a :class:`lloptim.runtime.engine.RunResult` of a prefill/decode policy (no fused
     iterations) on the same one-instance problem; its iterations become the first slots.
+
+    Parameters
+    ----------
+    model : LinearModel
+        The model of :func:`build_full_mip` (its ``meta`` gives ``R`` and ``K``).
+    run : lloptim.runtime.engine.RunResult
+        The simulator run: its iteration trace (kinds and start times, seconds), per-request
+        prefill and finish times (seconds) and problem (prompt and output tokens) are read.
+
+    Returns
+    -------
+    numpy.ndarray
+        Column vector of ``model``, shape ``(n_cols,)``, float64: the run's slots, occupancy,
+        decode counts, KV tokens and slot start times (seconds; slots after the run start at its
+        makespan).
 
     Raises
     ------

@@ -35,6 +35,22 @@ def prices_from_duals(model: LinearModel, row_duals: np.ndarray) -> dict[str, np
     Solvers differ in the sign convention of ``<=`` rows of a minimization (HiGHS reports them
     ``<= 0``), so the load prices are taken as magnitudes and renormalized to sum to 1 (they do up
     to round-off); ``"assign"`` is in seconds.
+
+    Parameters
+    ----------
+    model : LinearModel
+        The model of :func:`price_lp` the duals belong to (its ``"load"`` and ``"assign"`` row
+        groups are read).
+    row_duals : numpy.ndarray
+        One dual per row of ``model``, shape ``(n_rows,)``, in the solver's sign convention (e.g.
+        :meth:`~lloptim.solvers.highs.HighsBackend.solve_lp`'s ``"row_duals"``).
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``"load"``: ``(C,)`` prices of client time, makespan seconds per second of the client's
+        capacity lost, >= 0 and summing to 1 (uniform ``1/C`` when every load dual is 0);
+        ``"assign"``: ``(R,)`` magnitudes of the assign-row duals, seconds of makespan per request.
     """
     d = np.asarray(row_duals, dtype=np.float64)
     lam = np.abs(d[model.con_groups["load"]])
@@ -50,8 +66,20 @@ def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarr
     ----------
     data
         The instance.
-    solver
-        LP backend used when the clients differ (one with ``supports_lp_duals``).
+    solver : str
+        LP backend used when the clients differ (one with ``supports_lp_duals``); default
+        ``"highs"``.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``"load"``: ``(C,)`` prices of client time, makespan seconds per second of the client's
+        capacity lost (>= 0, sum 1); ``"assign"``: ``(R,)`` price of each request, seconds.
+
+    Raises
+    ------
+    SpecError
+        The clients differ and ``solver`` gives no LP duals.
     """
     C = data.n_clients
     if data.uniform:
@@ -72,6 +100,23 @@ def decode_steps_bound(problem: Problem, solver: str = "highs", time_limit_s: fl
     Solves ``P||Cmax`` with job sizes = output tokens on the instance's clients (a client advances
     one token per decode step) and returns ``ceil`` of the solver's dual bound (sizes are integers).
 
+    Parameters
+    ----------
+    problem : Problem
+        A single-instance problem; its true output lengths (tokens) are the job sizes.
+    solver : str
+        Backend that solves ``P||Cmax`` (default ``"highs"``). The result is never below the
+        closed-form :func:`~lloptim.formulations.binpacking.binpacking_lower_bound`; a MIP backend
+        can raise it up to the proven optimum.
+    time_limit_s : float
+        Wall-clock limit of the backend's search, seconds (default 10); a time-out still returns a
+        valid, possibly weaker, bound.
+
+    Returns
+    -------
+    int
+        Lower bound on the number of decode steps, steps (count).
+
     Raises
     ------
     SpecError
@@ -89,5 +134,26 @@ def decode_steps_bound(problem: Problem, solver: str = "highs", time_limit_s: fl
 
 
 def tightened_lower_bound(problem: Problem, solver: str = "highs", time_limit_s: float = 10.0) -> LowerBound:
-    """:func:`lloptim.bounds.lower_bound` with the decode steps proven by ``solver`` (one instance)."""
+    """:func:`lloptim.bounds.lower_bound` with the decode steps proven by ``solver`` (one instance).
+
+    Parameters
+    ----------
+    problem : Problem
+        A single-instance problem.
+    solver : str
+        Backend that proves the decode-step bound (:func:`decode_steps_bound`); default ``"highs"``.
+    time_limit_s : float
+        Wall-clock limit of that backend's search, seconds (default 10).
+
+    Returns
+    -------
+    LowerBound
+        The makespan lower bound of ``problem``, seconds, using the larger of the closed-form and
+        the proven decode-step bounds.
+
+    Raises
+    ------
+    SpecError
+        If the problem has more than one instance.
+    """
     return lower_bound(problem, decode_steps=decode_steps_bound(problem, solver, time_limit_s))

@@ -98,7 +98,26 @@ class LinearModel:
         return self.A.tocsc()
 
     def block(self, x: np.ndarray, name: str) -> np.ndarray:
-        """The values of block ``name`` in the full column vector ``x``."""
+        """The values of block ``name`` in the full column vector ``x``.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Full column vector of the model, one value per column (length :attr:`n_cols`), in the
+            columns' own units (e.g. 0/1 for binaries, seconds for a makespan column).
+        name : str
+            Block name, a key of :attr:`var_blocks`.
+
+        Returns
+        -------
+        numpy.ndarray
+            The entries of ``x`` in the block's column slice (a view when ``x`` is an array).
+
+        Raises
+        ------
+        KeyError
+            ``name`` is not a block of the model.
+        """
         return np.asarray(x)[self.var_blocks[name]]
 
     def group(self, name: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -143,7 +162,25 @@ class LinearModel:
         return replace(self, integrality=np.zeros(self.n_cols, dtype=bool), name=f"{self.name}-lp")
 
     def with_col_bounds(self, block: str, lo=None, hi=None) -> "LinearModel":
-        """A copy with new bounds on every column of ``block`` (scalars or arrays)."""
+        """A copy with new bounds on every column of ``block`` (scalars or arrays).
+
+        Parameters
+        ----------
+        block : str
+            Block name, a key of :attr:`var_blocks`.
+        lo : float or numpy.ndarray or None
+            New lower bound(s) of the block's columns, in the columns' units (seconds for a
+            makespan column): a scalar for all of them or one value per column; ``None`` keeps the
+            current lower bounds.
+        hi : float or numpy.ndarray or None
+            New upper bound(s), same form and units as ``lo``; ``None`` keeps the current upper
+            bounds.
+
+        Returns
+        -------
+        LinearModel
+            A new model; ``self`` is unchanged.
+        """
         col_lo, col_hi = self.col_lo.copy(), self.col_hi.copy()
         sl = self.var_blocks[block]
         if lo is not None:
@@ -161,6 +198,11 @@ class LinearModel:
 
 class ModelBuilder:
     """Assembles a :class:`LinearModel` from vectorized blocks and groups.
+
+    Parameters
+    ----------
+    name : str
+        Name of the formulation, becomes :attr:`LinearModel.name` of the built model.
 
     Examples
     --------
@@ -188,7 +230,27 @@ class ModelBuilder:
         self.n_rows = 0
 
     def add_block(self, name: str, size: int, lo=0.0, hi=INF, integer: bool = False) -> slice:
-        """Add ``size`` columns named ``name`` with bounds ``lo``/``hi`` (scalars or arrays); return their slice."""
+        """Add ``size`` columns named ``name`` with bounds ``lo``/``hi`` (scalars or arrays); return their slice.
+
+        Parameters
+        ----------
+        name : str
+            Block name, its key in :attr:`LinearModel.var_blocks`.
+        size : int
+            Number of columns in the block (count).
+        lo : float or numpy.ndarray
+            Lower bound(s) of the columns, in the variables' units: a scalar for all or one value per
+            column (default ``0``).
+        hi : float or numpy.ndarray
+            Upper bound(s), same form and units as ``lo`` (default ``inf``: unbounded).
+        integer : bool
+            Whether the columns are integer (binaries: ``integer=True`` with bounds ``[0, 1]``).
+
+        Returns
+        -------
+        slice
+            The block's columns in the model's column vector.
+        """
         sl = slice(self.n_cols, self.n_cols + int(size))
         self._blocks[name] = sl
         self._lo.append(np.broadcast_to(np.asarray(lo, dtype=np.float64), (size,)).copy())
@@ -229,7 +291,30 @@ class ModelBuilder:
         return sl
 
     def build(self, c: np.ndarray, sense: str = "min", offset: float = 0.0, meta: dict | None = None) -> LinearModel:
-        """The assembled model with objective ``c`` (one coefficient per column)."""
+        """The assembled model with objective ``c`` (one coefficient per column).
+
+        Parameters
+        ----------
+        c : numpy.ndarray
+            Objective coefficients, shape ``(n_cols,)`` (float64); the objective's units are the
+            formulation's (seconds for every lloptim formulation).
+        sense : str
+            ``"min"`` (default) or ``"max"``.
+        offset : float
+            Constant added to the objective, in the objective's units (default 0).
+        meta : dict or None
+            Formulation-specific data stored (copied) in :attr:`LinearModel.meta`.
+
+        Returns
+        -------
+        LinearModel
+            The model, with every group's coefficients in one CSR matrix (duplicates summed).
+
+        Raises
+        ------
+        SpecError
+            ``c`` does not have one coefficient per column.
+        """
         c = np.asarray(c, dtype=np.float64)
         if c.shape != (self.n_cols,):
             raise SpecError("objective", f"has {c.size} coefficients for {self.n_cols} columns",

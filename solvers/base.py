@@ -34,6 +34,9 @@ from lloptim.solvers.result import Limit, SolveResult, Termination
 __all__ = ["solve", "Outcome", "BinPackingTask", "solve_binpacking_as_mip", "memory_guard", "check_assignment",
            "peak_rss_mb", "FORMULATIONS"]
 
+#: Names of the formulations :func:`solve` accepts for its ``formulation`` argument (no unit):
+#: the bin packing of :mod:`lloptim.formulations.binpacking` and the full MIP of
+#: :mod:`lloptim.formulations.full_mip`.
 FORMULATIONS = ("binpacking", "full_mip")
 MEM_FRACTION = 0.8  # share of the currently available memory a backend's estimate may claim
 
@@ -101,7 +104,24 @@ def peak_rss_mb() -> float:
 
 
 def check_assignment(assignment, n_requests: int, n_clients: int) -> np.ndarray | None:
-    """``assignment`` as int64 if it puts every request on exactly one valid client, else None."""
+    """``assignment`` as int64 if it puts every request on exactly one valid client, else None.
+
+    Parameters
+    ----------
+    assignment : array_like or None
+        A backend's answer: the global client index of each request (integers, or floats with
+        integral values); None passes through.
+    n_requests : int
+        Number of requests ``R`` (count): the length ``assignment`` must have.
+    n_clients : int
+        Number of clients ``C`` over all instances (count): every index must be in ``[0, C)``.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``assignment`` as int64, shape ``(R,)``; None when it is None, has the wrong shape, holds
+        non-integral values or a client index out of range.
+    """
     if assignment is None:
         return None
     a = np.asarray(assignment)
@@ -117,6 +137,20 @@ def memory_guard(backend: Backend, model: LinearModel, params: SolveParams) -> f
     """Refuse a model the backend cannot hold; return its estimate, MiB.
 
     The limit is ``solver_options["max_mem_mb"]`` if given, else 80 % of the memory available now.
+
+    Parameters
+    ----------
+    backend : ~lloptim.solvers.registry.Backend
+        The backend that would solve the model (its :meth:`~lloptim.solvers.registry.Backend.estimate_mem_mb` is asked).
+    model : LinearModel
+        The model about to be handed to it.
+    params : SolveParams
+        The solve's parameters; ``solver_options["max_mem_mb"]`` (MiB), when present, is the limit.
+
+    Returns
+    -------
+    float
+        The backend's memory estimate for ``model``, MiB.
 
     Raises
     ------
@@ -153,7 +187,31 @@ def _greedy_incumbent(data: BinPackingData, params: SolveParams) -> tuple[np.nda
 
 
 def solve_binpacking_as_mip(backend: Backend, task: BinPackingTask) -> Outcome:
-    """Build the bin-packing MIP (tightened by the task's bound and incumbent) and solve it with ``backend``."""
+    """Build the bin-packing MIP (tightened by the task's bound and incumbent) and solve it with ``backend``.
+
+    The makespan column ``T`` is bounded below by ``task.bound`` and above by ``task.incumbent_obj``
+    (plus a tiny slack, relative ``1e-9``, so the incumbent stays feasible), both seconds; the
+    incumbent is passed as a MIP start when the backend supports one.
+
+    Parameters
+    ----------
+    backend : ~lloptim.solvers.registry.Backend
+        A MIP backend (one that implements :meth:`~lloptim.solvers.registry.Backend.solve_model`).
+    task : BinPackingTask
+        The instance, its lower bound and incumbent (seconds) and the parameters.
+
+    Returns
+    -------
+    Outcome
+        The backend's outcome, with ``assignment`` decoded from its column vector when it gave only
+        ``x`` (None if that vector is not integral one-hot), and the model's sizes in
+        ``extra["model"]``.
+
+    Raises
+    ------
+    ModelTooLargeError
+        The backend's memory estimate for the model exceeds the limit (:func:`memory_guard`).
+    """
     data = task.data
     # a relative slack on the upper bound: a start with T exactly at the bound must stay feasible
     model = build_binpacking(data, t_lower=task.bound, t_upper=task.incumbent_obj * (1 + 1e-9) + 1e-12)

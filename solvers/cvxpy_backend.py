@@ -51,6 +51,35 @@ class CvxpyBackend(Backend):
         return 300.0 + model.nnz * 4.0 / 1024.0
 
     def solve_model(self, model, x_start, params):
+        """Solve ``model`` as a cvxpy MILP with the first installed MILP solver.
+
+        Parameters
+        ----------
+        model : LinearModel
+            The model (objective in seconds for every lloptim formulation).
+        x_start : numpy.ndarray or None
+            Ignored: cvxpy does not pass a MIP start to HiGHS (``supports_mip_start=False``).
+        params : SolveParams
+            ``solver_options["cvxpy_solver"]`` picks the solver (default: the first installed of
+            HiGHS, SCIP, GLPK_MI, CBC, Gurobi, CPLEX, Xpress); the other ``solver_options`` (except
+            ``max_mem_mb``) go to ``Problem.solve`` as keyword arguments. With HiGHS, ``rel_gap``,
+            ``seed``, ``time_limit_s`` (seconds) and ``threads`` fill in ``mip_rel_gap``,
+            ``random_seed``, ``time_limit`` and ``threads`` unless given there; ``verbose`` is
+            passed to every solver.
+
+        Returns
+        -------
+        Outcome
+            ``x`` when every variable has a value and it violates no bound, row or integrality by
+            more than ``1e-5`` (else None), its objective (seconds), the solver's MIP dual bound when it
+            reports one, the termination and ``extra["cvxpy_status"]``/``extra["cvxpy_solver"]``;
+            a cvxpy ``SolverError`` during the solve gives an ``ERROR`` outcome.
+
+        Raises
+        ------
+        SolverError
+            No MILP solver is installed (and ``cvxpy_solver`` was not given).
+        """
         import cvxpy as cp
 
         from lloptim.solvers.base import Outcome

@@ -77,6 +77,34 @@ class HighsBackend(Backend):
         return 300.0 + model.nnz / 4096.0
 
     def solve_model(self, model, x_start, params):
+        """Solve ``model`` with HiGHS (branch and cut when it has integer columns).
+
+        Parameters
+        ----------
+        model : LinearModel
+            The model (objective in seconds for every lloptim formulation).
+        x_start : numpy.ndarray or None
+            A column vector of ``model``, shape ``(n_cols,)``, passed with ``setSolution`` as the
+            starting solution; None: no start.
+        params : SolveParams
+            ``time_limit_s`` (seconds), ``rel_gap``, ``threads`` and ``seed`` become the HiGHS
+            options ``time_limit``, ``mip_rel_gap``, ``threads`` and ``random_seed``, ``verbose``
+            sets ``output_flag``; ``solver_options`` (except ``max_mem_mb``) are set verbatim and
+            override them.
+
+        Returns
+        -------
+        Outcome
+            ``x`` when HiGHS holds a feasible solution, its objective and the dual bound (the MIP
+            dual bound, or the LP objective for a model without integer columns), seconds, the
+            termination (``Limit.TIME`` on the time limit, ``Limit.ITERATION`` on an iteration or
+            solution limit or an interrupt) and ``extra`` with the HiGHS status, node count and gap.
+
+        Raises
+        ------
+        SolverError
+            HiGHS rejects the model or an option.
+        """
         import highspy
 
         from lloptim.solvers.base import Outcome

@@ -51,7 +51,26 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
 
 def lagrangian_dual(data: BinPackingData, lam: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """``L(lambda)``, seconds, its subgradient (the client loads of the minimizer, seconds) and the
-    minimizer's assignment."""
+    minimizer's assignment.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance (weights in seconds).
+    lam : numpy.ndarray
+        Multipliers of the ``"load"`` rows, shape ``(C,)``, on the simplex (>= 0, summing to 1):
+        makespan seconds per second of each client's capacity lost.
+
+    Returns
+    -------
+    value : float
+        ``L(lambda) = sum_r min_c lambda_c w[r, c]``, seconds: a lower bound on the makespan.
+    subgradient : numpy.ndarray
+        Shape ``(C,)``: the load of each client under the minimizer, seconds.
+    assignment : numpy.ndarray
+        Shape ``(R,)``, int64: the minimizer, each request on its cheapest priced client (within
+        an instance, the lowest-priced client, first on ties).
+    """
     ci = data.client_instance
     W = data.inst_weights
     m = W.shape[1]

@@ -70,6 +70,20 @@ class SolveParams:
     def check_warm_start(self, n_requests: int, n_clients: int) -> np.ndarray | None:
         """The warm start as an int64 array, validated against the problem's size.
 
+        Parameters
+        ----------
+        n_requests : int
+            Number of requests ``R`` (count): the length the warm start must have.
+        n_clients : int
+            Number of clients ``C`` over all instances (count): client indices must be in
+            ``[0, C)``.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            :attr:`warm_start` as int64, shape ``(R,)`` (global client of each request); None when
+            no warm start was given.
+
         Raises
         ------
         SpecError

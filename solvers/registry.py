@@ -73,7 +73,30 @@ class Backend:
         return 0.0
 
     def solve_model(self, model: "LinearModel", x_start: np.ndarray | None, params: "SolveParams") -> "Outcome":
-        """Solve a :class:`LinearModel` (MIP backends)."""
+        """Solve a :class:`LinearModel` (MIP backends).
+
+        Parameters
+        ----------
+        model : LinearModel
+            The model to solve (objective in seconds for every lloptim formulation).
+        x_start : numpy.ndarray or None
+            A feasible column vector of ``model``, shape ``(n_cols,)``, to start from (a MIP start);
+            the pipeline passes None unless :attr:`Capabilities.supports_mip_start`.
+        params : SolveParams
+            Time limit (seconds), relative gap, threads, seed, verbosity and backend-specific
+            ``solver_options`` (the pipeline's own options removed).
+
+        Returns
+        -------
+        Outcome
+            The column vector found (``x``, or None), the backend's objective and proven bound in the
+            model's units (seconds), the termination and what stopped the search.
+
+        Raises
+        ------
+        SolverError
+            Always, in the base class: the backend does not solve general models.
+        """
         raise SolverError(f"backend {self.name!r} does not solve general models")
 
     def solve_lp(self, model: "LinearModel") -> dict:
