@@ -7,7 +7,10 @@ grid point and keeping the median:
 * prefill: ``batch`` prompts of ``length`` tokens each, for every ``(batch, length)`` in the grid;
   the predictor is the total prompt tokens;
 * decode: ``batch`` running requests whose caches hold ``context`` tokens each, for every
-  ``(batch, context)``; the predictors are the batch size and the KV tokens.
+  ``(batch, context)``; the predictors are the batch size and the KV tokens;
+* transfer: one running request whose cache holds ``length`` tokens moved between two replicas
+  (:meth:`~lloptim.backends.torch_backend.TorchBackend.migrate`), for every prefill length; the
+  predictor is the KV tokens (``kv_transfer_base_s``, ``kv_transfer_per_token_s``).
 
 :func:`fit_prefill` and :func:`fit_decode` then fit the five :class:`~lloptim.hardware.LatencyModel`
 coefficients by non-negative least squares (:func:`scipy.optimize.nnls`) on *relative* residuals
@@ -47,11 +50,12 @@ class CalibrationPoint:
     Attributes
     ----------
     kind
-        ``"prefill"`` or ``"decode"``.
+        ``"prefill"``, ``"decode"`` or ``"transfer"``.
     batch
         Requests in the iteration.
     tokens
-        Prefill: total prompt tokens; decode: KV tokens held before the step (median over repeats).
+        Prefill: total prompt tokens; decode: KV tokens held before the step (median over repeats);
+        transfer: KV tokens moved.
     seconds
         Median measured time, seconds.
     predicted_s
@@ -107,13 +111,13 @@ class Calibration:
 
     @property
     def max_rel_error(self) -> float:
-        """Largest ``|relative error|`` over the grid points."""
-        return max(abs(p.rel_error) for p in self.points)
+        """Largest ``|relative error|`` over the prefill and decode grid points (the iteration model)."""
+        return max(abs(p.rel_error) for p in self.points if p.kind != "transfer")
 
     @property
     def mean_rel_error(self) -> float:
-        """Mean ``|relative error|`` over the grid points."""
-        return float(np.mean([abs(p.rel_error) for p in self.points]))
+        """Mean ``|relative error|`` over the prefill and decode grid points."""
+        return float(np.mean([abs(p.rel_error) for p in self.points if p.kind != "transfer"]))
 
     def to_profile(self, name: str | None = None, kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
                    clients: int = DEFAULT_CLIENTS) -> HardwareProfile:
@@ -148,7 +152,7 @@ class Calibration:
         return {
             "model": self.model, "device": self.device, "dtype": self.dtype, "clock": self.clock,
             "wall_s": self.wall_s,
-            "latency": {k: getattr(self.latency, k) for k in LatencyModel.__dataclass_fields__},
+            "latency": {k: v for k in LatencyModel.__dataclass_fields__ if (v := getattr(self.latency, k)) is not None},
             "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
             "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error,
             "points": [{"kind": p.kind, "batch": p.batch, "tokens": p.tokens, "seconds": p.seconds,
@@ -293,7 +297,8 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     need = int(max(p + o for p, o in zip(prompts, outputs)))
     placeholder = HardwareProfile("calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
                                   kv_capacity_tokens=max(need, 1), clients=1)
-    backend = TorchBackend(Problem.single(w, placeholder), loaded, seed=seed, clock=clock)
+    # two replicas: the transfer grid moves caches between them
+    backend = TorchBackend(Problem.single(w, placeholder, instances=2), loaded, seed=seed, clock=clock)
 
     def prefill_once(rows: list[int]) -> float:
         dt = backend.prefill(0, rows, sum(prompts[r] for r in rows))
@@ -322,15 +327,25 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
         for r in rows:
             backend.release(0, r, False)
         points.append(("decode", b, float(np.median(kvs)), float(np.median(times))))
+    for length in pl:
+        row = pre_rows[min(pb), length][0]
+        backend.prefill(0, [row], length)
+        times = [backend.migrate(i % 2, (i + 1) % 2, row, length) for i in range(steps)][warmup:]
+        backend.release(steps % 2, row, False)
+        points.append(("transfer", 1, float(length), float(np.median(times))))
     pre = [p for p in points if p[0] == "prefill"]
     dec = [p for p in points if p[0] == "decode"]
+    tra = [p for p in points if p[0] == "transfer"]
     a_p, b_p, r2_p = fit_prefill([p[2] for p in pre], [p[3] for p in pre])
     a_d, b_d, c_d, r2_d = fit_decode([p[1] for p in dec], [p[2] for p in dec], [p[3] for p in dec])
+    # a transfer is linear in the tokens moved, the same form as a prefill
+    a_t, b_t, _ = fit_prefill([p[2] for p in tra], [p[3] for p in tra])
     if a_p + b_p <= 0 or a_d + b_d <= 0:  # pragma: no cover - only with absurd measurements
         raise SpecError("calibration", "the fit gives iterations that take no time", "use a larger grid")
-    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d)
-    out = [CalibrationPoint(k, b, tok, sec, lat.prefill_time(tok) if k == "prefill" else lat.decode_time(b, tok))
-           for k, b, tok, sec in points]
+    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=a_t, kv_transfer_per_token_s=b_t)
+    predict = {"prefill": lambda b, tok: lat.prefill_time(tok), "decode": lat.decode_time,
+               "transfer": lambda b, tok: lat.transfer_time(tok)}
+    out = [CalibrationPoint(k, b, tok, sec, predict[k](b, tok)) for k, b, tok, sec in points]
     return Calibration(latency=lat, points=out, r2_prefill=r2_p, r2_decode=r2_d, model=loaded.name,
                        device=loaded.device, dtype=str(loaded.dtype).removeprefix("torch."),
                        clock=clock, wall_s=time.perf_counter() - t_wall)

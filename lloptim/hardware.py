@@ -24,7 +24,7 @@ from typing import Any
 
 from lloptim.errors import ProfileError
 
-__all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile"]
+__all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile", "transfer_time_between"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class LatencyModel:
         Cost per running request in a decode iteration, seconds per request.
     decode_per_kv_token_s
         Cost per token held in the KV cache of the running requests, seconds per token.
+    kv_transfer_base_s
+        Fixed cost of moving one running request's KV cache to or from another instance
+        (handshake, allocation), seconds; ``None``: the profile states no transfer cost and
+        running requests cannot migrate to or from it.
+    kv_transfer_per_token_s
+        Cost per KV-cache token moved between instances (cache bytes per token over the
+        interconnect bandwidth), seconds per token; ``None`` as above.
     """
 
     prefill_base_s: float
@@ -50,9 +57,16 @@ class LatencyModel:
     decode_base_s: float
     decode_per_seq_s: float
     decode_per_kv_token_s: float
+    kv_transfer_base_s: float | None = None
+    kv_transfer_per_token_s: float | None = None
 
     def __post_init__(self) -> None:
+        if (self.kv_transfer_base_s is None) != (self.kv_transfer_per_token_s is None):
+            raise ProfileError("latency.kv_transfer_per_token_s", "only one of the two KV-transfer costs is given",
+                               "give both kv_transfer_base_s and kv_transfer_per_token_s, or neither")
         for name, value in asdict(self).items():
+            if value is None and name.startswith("kv_transfer"):
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ProfileError(f"latency.{name}", f"must be a number, got {value!r}",
                                    "give a non-negative number of seconds")
@@ -87,6 +101,34 @@ class LatencyModel:
         """
         return self.decode_base_s + self.decode_per_seq_s * n_running + self.decode_per_kv_token_s * kv_tokens
 
+    @property
+    def can_transfer(self) -> bool:
+        """Whether the profile states a KV-transfer cost (running requests may migrate)."""
+        return self.kv_transfer_base_s is not None
+
+    def transfer_time(self, kv_tokens: float) -> float:
+        """Seconds to move a running request holding ``kv_tokens`` KV-cache tokens between instances.
+
+        Parameters
+        ----------
+        kv_tokens
+            Tokens in the request's KV cache (prompt + generated), tokens.
+
+        Returns
+        -------
+        float
+            ``kv_transfer_base_s + kv_transfer_per_token_s * kv_tokens``, seconds.
+
+        Raises
+        ------
+        ProfileError
+            The profile states no transfer cost.
+        """
+        if not self.can_transfer:
+            raise ProfileError("latency.kv_transfer_base_s", "the profile states no KV-transfer cost",
+                               "add kv_transfer_base_s and kv_transfer_per_token_s to its [latency] table")
+        return self.kv_transfer_base_s + self.kv_transfer_per_token_s * kv_tokens
+
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> "LatencyModel":
         """A copy with the prefill and decode coefficients multiplied by the given factors.
 
@@ -98,10 +140,36 @@ class LatencyModel:
         decode
             Factor on the three decode coefficients (dimensionless).
         """
-        return LatencyModel(
-            self.prefill_base_s * prefill, self.prefill_per_token_s * prefill,
-            self.decode_base_s * decode, self.decode_per_seq_s * decode, self.decode_per_kv_token_s * decode,
+        return replace(
+            self, prefill_base_s=self.prefill_base_s * prefill, prefill_per_token_s=self.prefill_per_token_s * prefill,
+            decode_base_s=self.decode_base_s * decode, decode_per_seq_s=self.decode_per_seq_s * decode,
+            decode_per_kv_token_s=self.decode_per_kv_token_s * decode,
         )
+
+
+def transfer_time_between(source: LatencyModel, destination: LatencyModel, kv_tokens: float) -> float:
+    """Seconds to move a request's KV cache of ``kv_tokens`` tokens between two instances.
+
+    The slower end sets the pace: the larger of the two profiles' :meth:`LatencyModel.transfer_time`.
+
+    Parameters
+    ----------
+    source, destination
+        Latency models of the two instances.
+    kv_tokens
+        Tokens in the request's KV cache, tokens.
+
+    Returns
+    -------
+    float
+        Transfer time, seconds.
+
+    Raises
+    ------
+    ProfileError
+        One of the profiles states no transfer cost.
+    """
+    return max(source.transfer_time(kv_tokens), destination.transfer_time(kv_tokens))
 
 
 @dataclass(frozen=True)
@@ -156,7 +224,7 @@ class HardwareProfile:
         out: dict[str, Any] = {
             "name": self.name, "description": self.description,
             "kv_capacity_tokens": self.kv_capacity_tokens, "clients": self.clients,
-            "latency": asdict(self.latency),
+            "latency": {k: v for k, v in asdict(self.latency).items() if v is not None},
         }
         if self.meta:
             out["meta"] = self.meta
@@ -178,7 +246,7 @@ class HardwareProfile:
         if not isinstance(lat, dict):
             raise ProfileError(f"{source}.latency", "must be a table", "write [latency] with the five coefficients")
         names = set(LatencyModel.__dataclass_fields__)
-        missing = names - set(lat)
+        missing = {n for n in names if not n.startswith("kv_transfer")} - set(lat)
         if missing:
             raise ProfileError(f"{source}.latency.{sorted(missing)[0]}", "is missing", "give all five coefficients")
         unknown = set(lat) - names

@@ -67,6 +67,9 @@ class RunMetrics:
         Output tokens decoded for requests a fault then took back, tokens.
     failed_clients
         Clients that failed during the run (count).
+    migrations
+        Moves of running requests between instances with their KV caches (count; see
+        :mod:`lloptim.runtime.migration`).
     wall_s
         Wall-clock time of the run, seconds.
     """
@@ -95,6 +98,7 @@ class RunMetrics:
     requeued: int
     wasted_tokens: int
     failed_clients: int
+    migrations: int
     wall_s: float
 
     def to_dict(self) -> dict:
@@ -111,7 +115,7 @@ def _first_token_times(result: RunResult) -> np.ndarray:
     """End of each request's first decode step, seconds (NaN if it never decoded)."""
     out = np.full(result.done_s.shape, np.nan)
     inst_of_client = result.problem.client_instance()
-    decoding = result.trace_kind != 0
+    decoding = (result.trace_kind == KIND_DECODE) | (result.trace_kind == KIND_MIXED)
     for k in range(len(result.problem.instances)):
         sel = decoding & (result.trace_instance == k) & (result.trace_running > 0)
         starts = result.trace_start_s[sel]
@@ -171,5 +175,5 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         decision_latency_us_p50=pct(dec_us, 50) if dec_us.size else 0.0,
         decision_latency_us_p99=pct(dec_us, 99) if dec_us.size else 0.0,
         requeued=result.requeued, wasted_tokens=result.wasted_tokens, failed_clients=result.failed_clients,
-        wall_s=result.wall_s,
+        migrations=int(result.migrations.sum()), wall_s=result.wall_s,
     )

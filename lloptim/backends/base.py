@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Backend", "ChunkWork", "InstanceLost"]
+__all__ = ["Backend", "SupportsMigration", "ChunkWork", "InstanceLost"]
 
 
 class InstanceLost(Exception):
@@ -136,4 +136,35 @@ class Backend(Protocol):
             Row index of the request.
         finished
             True if it completed; False if a fault took it back (it restarts from its prefill).
+        """
+
+
+@runtime_checkable
+class SupportsMigration(Protocol):
+    """A backend that can move a running request's KV cache between instances (opt-in capability).
+
+    The engine asks for it only when the policy enables migration
+    (:mod:`lloptim.runtime.migration`); a backend without :meth:`migrate` serves every other policy.
+    """
+
+    def migrate(self, source: int, destination: int, request: int, kv_tokens: int) -> float:
+        """Move ``request`` (running on ``source``) with its KV cache to ``destination``; return the time.
+
+        After the call the request decodes on ``destination`` from the token it had reached.
+
+        Parameters
+        ----------
+        source
+            Instance index the request runs on.
+        destination
+            Instance index it moves to.
+        request
+            Row index of the request.
+        kv_tokens
+            Tokens in its KV cache (prompt + generated), tokens.
+
+        Returns
+        -------
+        float
+            Duration of the transfer, seconds; the destination instance stalls for it.
         """

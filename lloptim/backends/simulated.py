@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lloptim.hardware import transfer_time_between
 from lloptim.problem import Problem
 
 __all__ = ["SimulatedBackend"]
@@ -73,6 +74,21 @@ class SimulatedBackend:
         if n_running == 0:
             return lat.prefill_time(chunk_tokens)
         return lat.decode_time(n_running, kv_tokens) + lat.prefill_per_token_s * chunk_tokens
+
+    def migrate(self, source: int, destination: int, request: int, kv_tokens: int) -> float:
+        """Seconds to move a running request's KV cache of ``kv_tokens`` tokens between instances.
+
+        Parameters
+        ----------
+        source, destination, request, kv_tokens
+            As in :meth:`SupportsMigration.migrate <lloptim.backends.base.SupportsMigration.migrate>`.
+
+        Returns
+        -------
+        float
+            :func:`~lloptim.hardware.transfer_time_between` of the two profiles, seconds.
+        """
+        return transfer_time_between(self._latency[source], self._latency[destination], kv_tokens)
 
     def release(self, instance: int, request: int, finished: bool) -> None:
         """Nothing to free in a simulation.

@@ -127,7 +127,8 @@ class TorchBackend:
         ``request -> list[int]``: the token ids of every request that finished. A request evicted by
         a fault and served again only keeps its final, complete generation.
     counters
-        Iteration counts by kind and ``partial_chunks`` (chunks that did not complete a prompt).
+        Iteration counts by kind, ``partial_chunks`` (chunks that did not complete a prompt),
+        ``evictions`` and ``migrations`` (requests moved in from another instance).
     """
 
     name = "torch"
@@ -158,7 +159,8 @@ class TorchBackend:
         self._running: list[dict[int, None]] = [{} for _ in problem.instances]
         self._pools = [_Pool() for _ in problem.instances]
         self.generated: dict[int, list[int]] = {}
-        self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0}
+        self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0,
+                         "migrations": 0}
         params = inspect.signature(self.model.module.forward).parameters
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
@@ -373,6 +375,54 @@ class TorchBackend:
         for r in done:
             self._running[instance][r] = None
         self.counters["mixed"] += 1
+        return dur
+
+    def migrate(self, source: int, destination: int, request: int, kv_tokens: int) -> float:
+        """Copy a running request's KV cache from ``source``'s pool to ``destination``'s; return its seconds.
+
+        The keys and values keep their positions, so the request decodes on exactly as it would have
+        on ``source`` (the token-equality tests cover migrated requests).
+
+        Parameters
+        ----------
+        source, destination, request, kv_tokens
+            As in :meth:`SupportsMigration.migrate <lloptim.backends.base.SupportsMigration.migrate>`
+            (``kv_tokens`` in tokens, checked against the cache).
+
+        Returns
+        -------
+        float
+            Measured time of the copy on the backend's ``clock``, seconds.
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, or the request is not running on ``source`` with ``kv_tokens`` tokens.
+        """
+        self._check_instance(source)
+        self._check_instance(destination)
+        st = self._reqs.get(request)
+        if st is None or request not in self._running[source] or st.length != kv_tokens:
+            raise LloptimError(f"torch backend out of sync with the engine: request {request} is not running on "
+                               f"instance {source} with {kv_tokens} KV tokens")
+        torch = self.torch
+
+        def work() -> None:
+            src, dst = self._pools[source], self._pools[destination]
+            sel = np.flatnonzero(src.owner == request)
+            idx = torch.from_numpy(sel).to(src.kv[0][0].device)
+            moved = [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in src.kv]
+            dst.kv = moved if not dst.kv else [(torch.cat([dk, mk], 2), torch.cat([dv, mv], 2))
+                                               for (dk, dv), (mk, mv) in zip(dst.kv, moved)]
+            dst.owner = np.concatenate([dst.owner, src.owner[sel]])
+            dst.pos = np.concatenate([dst.pos, src.pos[sel]])
+            src.kill(request)
+
+        dur = self._timed(work)
+        del self._running[source][request]
+        self._running[destination][request] = None
+        st.instance = destination
+        self.counters["migrations"] += 1
         return dur
 
     def release(self, instance: int, request: int, finished: bool) -> None:

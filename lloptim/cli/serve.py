@@ -174,6 +174,8 @@ def serve(
                               "(steady on a shared machine)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare every generation with the reference"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    migrate: bool = typer.Option(False, "--migrate", help="let idle replicas take over running requests with their "
+                                 "KV caches in the end game (several instances only)"),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -186,6 +188,9 @@ def serve(
     from lloptim.calibrate import DEFAULT_CLIENTS, calibrate
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
+    from lloptim.runtime.migration import with_migration
+    from lloptim.runtime.policy import Policy
+    from lloptim.runtime.registry import make_policy
     from lloptim.simulator import run_policy
 
     with user_errors():
@@ -204,10 +209,13 @@ def serve(
         else:
             prof = load_profile("llama-65b")
         problem = _serving_problem(spec, prof, clients, instances, requests)
-        predicted = run_policy(problem, policy)
+        def make() -> Policy:
+            return with_migration(policy) if migrate else make_policy(policy)
+
+        predicted = run_policy(problem, make())
         if backend == "torch":
             be = TorchBackend(problem, loaded, seed=seed, clock=clock)
-            result = run_policy(problem, policy, backend=be)
+            result = run_policy(problem, make(), backend=be)
             mismatch = max(token_mismatches(be).values()) if verify else None
         else:
             result, mismatch = predicted, None

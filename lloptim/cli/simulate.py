@@ -57,13 +57,17 @@ def simulate(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     fault: list[str] = typer.Option([], "--fault",
                                     help="inject a failure TIME:INSTANCE[:CLIENT] (seconds; global client index); repeatable"),
+    migrate: bool = typer.Option(False, "--migrate",
+                                 help="let idle instances take over running requests with their KV caches in the "
+                                      "end game (costed by the profiles' kv_transfer_*; several instances only)"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
+    from lloptim.runtime.migration import with_migration
     from lloptim.simulator import simulate as run
 
     with user_errors():
         problem = load_problem(spec)
-        metrics = run(problem, policy, faults=[parse_fault(f) for f in fault])
+        metrics = run(problem, with_migration(policy) if migrate else policy, faults=[parse_fault(f) for f in fault])
     d = metrics.to_dict()
     if json_out:
         print_json(d)

@@ -35,7 +35,7 @@ __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "
 #: (``IDLE``), holding a request not yet fully prefilled (``WAITING``), decoding (``RUNNING``), failed
 #: for good (``FAILED``).
 IDLE, WAITING, RUNNING, FAILED = 0, 1, 2, 3
-KIND_PREFILL, KIND_DECODE, KIND_MIXED = 0, 1, 2
+KIND_PREFILL, KIND_DECODE, KIND_MIXED, KIND_MIGRATE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,15 @@ class RunResult:
         When each request finished, seconds (NaN if it did not).
     restarts
         Times each request was taken back by a fault and restarted from its prefill (count, int64).
+    migrations
+        Times each running request moved to another instance with its KV cache (count, int64;
+        see :mod:`lloptim.runtime.migration`).
     trace_instance
         Instance index of each iteration (int32).
     trace_kind
-        Kind of each iteration (int8): 0 prefill, 1 decode, 2 mixed (fused decode and prefill chunks).
+        Kind of each iteration (int8): 0 prefill, 1 decode, 2 mixed (fused decode and prefill chunks),
+        3 migration (a running request's KV cache arriving from another instance; the destination
+        instance stalls for the transfer, and the migrating client is its only participant).
     trace_start_s
         Start of each iteration on its instance clock, seconds.
     trace_duration_s
@@ -214,6 +219,7 @@ class RunResult:
     prefill_end_s: np.ndarray
     done_s: np.ndarray
     restarts: np.ndarray
+    migrations: np.ndarray
     trace_instance: np.ndarray
     trace_kind: np.ndarray
     trace_start_s: np.ndarray
@@ -303,6 +309,11 @@ class Engine:
         problem, policy, backend = self.problem, self.policy, self.backend
         policy.setup(self.ctx)
         rs, its = policy.requests, policy.iterations
+        migration = policy.migration if len(problem.instances) > 1 else None
+        if migration is not None and not callable(getattr(backend, "migrate", None)):
+            raise SpecError("backend", f"the {getattr(backend, 'name', type(backend).__name__)} backend cannot "
+                            "migrate running requests between instances",
+                            "use the simulated or torch backend, or a policy without migration")
         n = problem.n_requests
         self.assign_s = np.full(n, np.nan)
         self.prefill_start_s = np.full(n, np.nan)
@@ -310,6 +321,7 @@ class Engine:
         self.done_s = np.full(n, np.nan)
         self.req_client = np.full(n, -1, dtype=np.int64)
         self.restarts = np.zeros(n, dtype=np.int64)
+        self.migrations = np.zeros(n, dtype=np.int64)
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -343,6 +355,8 @@ class Engine:
                 continue
             if s.dirty and s.idle and rs.pending():
                 self._fill(s, rs)
+            if migration is not None and s.idle and not rs.pending():
+                self._pull_running(s, migration, policy)
             if not s.waiting and not s.n_running:
                 wake = self._wake_time(s, active, faults)
                 if wake is None:
@@ -381,7 +395,7 @@ class Engine:
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
             prefill_start_s=self.prefill_start_s, prefill_end_s=self.prefill_end_s, done_s=self.done_s,
-            restarts=self.restarts,
+            restarts=self.restarts, migrations=self.migrations,
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32), trace_prefill_tokens=np.array(cols[5], dtype=np.int64),
@@ -528,6 +542,50 @@ class Engine:
                 self._start_running(s, c, r)
             else:
                 s.prefilled[c] = before + k
+
+    def _pull_running(self, dst: InstanceState, migration, policy: Policy) -> None:
+        """Let ``dst``'s idle clients take running requests of other instances, as the rule proposes."""
+        while dst.idle:
+            move = migration.propose(self, dst)
+            if move is None:
+                return
+            c1, c2 = move
+            if self.client_state[c1] != RUNNING or c2 not in dst.idle:
+                raise PolicyError(f"{type(migration).__name__}.propose moved client {c1} to {c2}: the source must "
+                                  "be running and the destination idle on the instance asked")
+            src = self.states[int(self.ctx.client_instance[c1])]
+            if src is dst:
+                raise PolicyError(f"{type(migration).__name__}.propose moved a request within instance {dst.index}")
+            r = self.client_request[c1]
+            generated = src.decode_steps - self.client_start_step[c1]
+            kv = self.prompt[r] + generated
+            if dst.kv_reserved + self.reserve_tokens[r] > dst.kv_capacity:
+                raise PolicyError(f"migrating request {r} needs {self.reserve_tokens[r]} KV tokens but only "
+                                  f"{dst.kv_free} are free on instance {dst.index}")
+            # the transfer starts when the source's current iteration has ended
+            start = max(dst.now, src.now)
+            dur = self.backend.migrate(src.index, dst.index, r, kv)
+            src.n_running -= 1
+            src.kv_tokens -= kv
+            src.kv_reserved -= self.reserve_tokens[r]
+            self.client_epoch[c1] += 1
+            self.client_state[c1] = IDLE
+            self.client_request[c1] = -1
+            src.idle[c1] = None
+            src.dirty = True
+            del dst.idle[c2]
+            self.client_state[c2] = RUNNING
+            self.client_request[c2] = r
+            self.req_client[r] = c2
+            self.client_start_step[c2] = dst.decode_steps - generated
+            heapq.heappush(dst.heap, (dst.decode_steps + self.output[r] - generated, c2, self.client_epoch[c2]))
+            self.trace.append((dst.index, KIND_MIGRATE, start, dur, 1, 0, dst.n_running))
+            dst.n_running += 1
+            dst.kv_tokens += kv
+            dst.kv_reserved += self.reserve_tokens[r]
+            dst.now = start + dur
+            self.migrations[r] += 1
+            policy.iterations.on_migrate(r, c1, c2, generated)
 
     def _apply_fault(self, s: InstanceState, fault: Fault, active) -> None:
         clients = s.clients if fault.client is None else [fault.client]

@@ -129,6 +129,8 @@ class LagrangianIterations(IterationScheduler):
         self.estimates = ctx.estimates.tolist()
         self.finish_heap: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
         self.running: list[dict[int, tuple[int, int]]] = [{} for _ in ctx.problem.instances]
+        # running requests migrated in from another instance, registered at the next decision there
+        self.arrived: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
         self.decisions_prefill = 0
         mode = self.forecast
         if mode == "auto":
@@ -155,10 +157,27 @@ class LagrangianIterations(IterationScheduler):
         self.sq_log_error += err * err
         self.n_errors += 1
 
+    def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
+        k = int(self.ctx.client_instance[destination_client])
+        self.arrived[k].append((destination_client, request, generated))
+
+    def _register_arrivals(self, state) -> None:
+        """Forecast the finish of requests that migrated in, as if prefilled ``generated`` steps ago."""
+        k = state.index
+        step = state.decode_steps
+        for c, r, generated in self.arrived[k]:
+            if self.mode in ("survival", "lognormal"):
+                self.running[k][c] = (r, step - generated)
+            elif self.mode == "exact":
+                heapq.heappush(self.finish_heap[k], (step - generated + int(round(self.estimates[r])), c, r))
+        self.arrived[k].clear()
+
     def decide(self, state) -> Decision:
+        k = state.index
+        if self.arrived[k]:
+            self._register_arrivals(state)
         if not state.waiting:
             return DECODE
-        k = state.index
         end_game = self.requests is not None and self.requests.pending() == 0
         if state.n_running == 0 or end_game:
             return self._prefill(state)

@@ -189,9 +189,22 @@ class IterationScheduler:
             Finish time, seconds (the instance clock).
         """
 
+    def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
+        """``request`` moved, running, from ``source_client`` to ``destination_client`` (another instance).
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        source_client, destination_client
+            Global client indices before and after the move.
+        generated
+            Output tokens it had generated, tokens; it needs ``output - generated`` more decode steps.
+        """
+
 
 class Policy:
-    """A named pair of schedulers.
+    """A named pair of schedulers, with an optional migration rule.
 
     Parameters
     ----------
@@ -201,18 +214,26 @@ class Policy:
         The request scheduler.
     iterations
         The iteration scheduler.
+    migration
+        Optional rule that moves *running* requests (with their KV caches) between instances, such
+        as :class:`~lloptim.runtime.migration.EndGameMigration`; ``None``: only requests that have
+        not started move.
     """
 
-    def __init__(self, name: str, requests: RequestScheduler, iterations: IterationScheduler) -> None:
+    def __init__(self, name: str, requests: RequestScheduler, iterations: IterationScheduler,
+                 migration=None) -> None:
         self.name = name
         self.requests = requests
         self.iterations = iterations
+        self.migration = migration
 
     def setup(self, ctx: RunContext) -> None:
         """Set both schedulers up for a run (the iteration scheduler may consult the request scheduler)."""
         ctx.extra["request_scheduler"] = self.requests
         self.requests.setup(ctx)
         self.iterations.setup(ctx)
+        if self.migration is not None:
+            self.migration.setup(ctx)
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         """Tell both schedulers that ``request`` finished.
