@@ -40,7 +40,7 @@ class CbcBackend(Backend):
     formulations = ("binpacking", "full_mip")
 
     def estimate_mem_mb(self, model: LinearModel) -> float:
-        """``37 KiB`` per integer column plus ``0.5 KiB`` per non-zero plus 150 MiB, MiB."""
+        """``38 KiB`` (9.6 GiB measured at 264k binaries) per integer column plus ``0.5 KiB`` per non-zero plus 150 MiB, MiB."""
         return 150.0 + CBC_MB_PER_INTEGER * model.n_integer + model.nnz / 2048.0
 
     def solve_model(self, model, x_start, params):
