@@ -21,7 +21,7 @@ from lloptim.runtime.estimators import estimate
 from lloptim.runtime.engine import RunResult
 from lloptim.simulator import run_policy
 
-__all__ = ["PAPER", "MAIN_POLICIES", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
+__all__ = ["PAPER", "MAIN_POLICIES", "UNKNOWN_LENGTH_POLICIES", "unknown_lengths_key", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
            "reproduce"]
 
 #: The paper's figures (arXiv 2502.15763, LLaMA-65B on GSM8K).
@@ -30,7 +30,15 @@ PAPER = {"baseline": {"makespan_s": 201.00, "utilization": 0.802},
          "lower_bound_s": 180.0, "cases_mean_utilization_gain": 0.080}
 
 #: Policies of the main comparison, in report order.
-MAIN_POLICIES = ("baseline", "offline", "hybrid", "hybrid-plan", "vllm", "sarathi", "sorted-f", "lpt")
+MAIN_POLICIES = ("baseline", "offline", "hybrid", "hybrid-fused", "hybrid-plan", "vllm", "sarathi", "sorted-f", "lpt")
+#: Policies also run with estimated output lengths, reported as ``<name>_unknown_lengths`` (hyphens
+#: become underscores: ``hybrid_unknown_lengths``, ``hybrid_fused_unknown_lengths``).
+UNKNOWN_LENGTH_POLICIES = ("hybrid", "hybrid-fused")
+
+
+def unknown_lengths_key(policy: str) -> str:
+    """Report key of ``policy``'s run with estimated output lengths, e.g. ``hybrid_unknown_lengths``."""
+    return policy.replace("-", "_") + "_unknown_lengths"
 
 
 def _row(result: RunResult) -> dict:
@@ -40,7 +48,7 @@ def _row(result: RunResult) -> dict:
 
 def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, estimator: str = "bucket-quantile",
                      train=None, seed: int = 0) -> tuple[dict[str, dict], dict[str, RunResult]]:
-    """Run each policy with known lengths, and the hybrid with estimated lengths.
+    """Run each policy with known lengths, and the hybrids with estimated lengths.
 
     Parameters
     ----------
@@ -49,9 +57,9 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
     policies
         Registered policy names, run with the true output lengths.
     estimator
-        Estimator of the extra unknown-lengths hybrid run (see
-        :func:`~lloptim.runtime.estimators.estimate`); that run happens only if ``"hybrid"`` is in
-        ``policies``.
+        Estimator of the extra unknown-lengths runs (see
+        :func:`~lloptim.runtime.estimators.estimate`) of each policy of
+        :data:`UNKNOWN_LENGTH_POLICIES` that is in ``policies``.
     train
         Training workload of the estimator; default: the GSM8K train split.
     seed
@@ -60,20 +68,22 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
     Returns
     -------
     rows, results
-        Metrics dictionaries and full run results keyed by policy name; the unknown-lengths run is
-        ``"hybrid_unknown_lengths"``.
+        Metrics dictionaries and full run results keyed by policy name; the unknown-lengths runs
+        are keyed by :func:`unknown_lengths_key` (``"hybrid_unknown_lengths"``, ...).
     """
     rows: dict[str, dict] = {}
     results: dict[str, RunResult] = {}
     for name in policies:
         results[name] = run_policy(problem, name, seed=seed)
         rows[name] = _row(results[name])
-    if "hybrid" in policies:
+    unknown = [name for name in UNKNOWN_LENGTH_POLICIES if name in policies]
+    if unknown:
         train = workloads.gsm8k("train") if train is None else train
         est = estimate(problem.workload, estimator, train=train, seed=seed)
-        r = run_policy(problem, "hybrid", estimates=est, seed=seed)
-        results["hybrid_unknown_lengths"] = r
-        rows["hybrid_unknown_lengths"] = {**_row(r), "estimator": estimator}
+        for name in unknown:
+            r = run_policy(problem, name, estimates=est, seed=seed)
+            results[unknown_lengths_key(name)] = r
+            rows[unknown_lengths_key(name)] = {**_row(r), "estimator": estimator}
     return rows, results
 
 
@@ -165,31 +175,36 @@ def case_study(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, execut
             "per_case": cases}
 
 
-def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.2), seed: int = 0) -> list[dict]:
-    """Hybrid gap to the bound when estimates are the truth times ``exp(N(0, sigma))``.
+def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.2), seed: int = 0,
+                policies: Sequence[str] = UNKNOWN_LENGTH_POLICIES) -> list[dict]:
+    """Gap to the bound of each policy when estimates are the truth times ``exp(N(0, sigma))``.
 
     Parameters
     ----------
     problem
-        The problem the hybrid serves.
+        The problem the policies serve.
     sigmas
-        Log-scale standard deviations of the noise, one run each.
+        Log-scale standard deviations of the noise, one run per policy each.
     seed
         Seed of the noise and the runs.
+    policies
+        Registered policy names.
 
     Returns
     -------
     list of dict
-        Per sigma: ``"sigma"``, ``"makespan_s"`` (seconds), ``"utilization"`` (fraction) and
-        ``"gap_to_bound"`` (relative).
+        Per policy and sigma: ``"policy"``, ``"sigma"``, ``"makespan_s"`` (seconds),
+        ``"utilization"`` (fraction) and ``"gap_to_bound"`` (relative, to the bound that holds for
+        the policy's iterations; see :class:`~lloptim.metrics.RunMetrics`).
     """
     bound = lower_bound(problem)
     out = []
-    for s in sigmas:
-        est = estimate(problem.workload, "noisy", sigma=s, seed=seed)
-        m = summarize(run_policy(problem, "hybrid", estimates=est, seed=seed), bound)
-        out.append({"sigma": float(s), "makespan_s": m.makespan_s, "utilization": m.utilization,
-                    "gap_to_bound": m.gap_to_bound})
+    for name in policies:
+        for s in sigmas:
+            est = estimate(problem.workload, "noisy", sigma=s, seed=seed)
+            m = summarize(run_policy(problem, name, estimates=est, seed=seed), bound)
+            out.append({"policy": name, "sigma": float(s), "makespan_s": m.makespan_s, "utilization": m.utilization,
+                        "gap_to_bound": m.gap_to_bound})
     return out
 
 
@@ -206,7 +221,7 @@ def reproduce(problem: Problem, cases: int = 100, executor: str = "local", addre
     executor, address, progress
         How the case study runs (see :func:`case_study`).
     estimator
-        Estimator of the unknown-lengths hybrid run (see :func:`compare_policies`).
+        Estimator of the unknown-lengths runs (see :func:`compare_policies`).
     seed
         Seed of every run.
 

@@ -92,13 +92,18 @@ def plot_reproduction(report: dict, results: dict[str, RunResult], path: str | P
     ax = fig.add_subplot(gs[2, 1])
     noise = report.get("noise", [])
     if noise:
-        ax.plot([n["sigma"] for n in noise], [100 * n["gap_to_bound"] for n in noise], "o-", label="hybrid, noisy forecasts")
-        unk = report["policies"].get("hybrid_unknown_lengths")
-        if unk:
-            ax.axhline(100 * unk["gap_to_bound"], color="C1", ls="--", label=f"hybrid, {report.get('estimator')} estimator")
+        for i, name in enumerate(dict.fromkeys(n["policy"] for n in noise)):
+            rows = [n for n in noise if n["policy"] == name]
+            ax.plot([n["sigma"] for n in rows], [100 * n["gap_to_bound"] for n in rows], "o-", color=f"C{i}",
+                    label=f"{name}, noisy forecasts")
+            unk = report["policies"].get(name.replace("-", "_") + "_unknown_lengths")
+            if unk:
+                ax.axhline(100 * unk["gap_to_bound"], color=f"C{i}", ls="--",
+                           label=f"{name}, {report.get('estimator')} estimator")
         ax.axhline(100 * report["policies"]["baseline"]["gap_to_bound"], color="C3", ls=":", label="baseline")
-        ax.legend()
-    ax.set_title("hybrid gap to the lower bound vs forecast noise")
+        ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    ax.set_title("gap to the lower bound vs forecast noise (unknown output lengths)")
     ax.set_xlabel("sigma of exp(N(0, sigma)) forecast error")
     ax.set_ylabel("gap to bound (%)")
     fig.legend(handles=[matplotlib.patches.Patch(color=v, label=k) for k, v in COLORS.items()],

@@ -45,9 +45,14 @@ def test_reproduce_json_has_the_promised_keys():
     res = runner.invoke(app, ["reproduce", "--cases", "3", "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
-    for name in ("baseline", "offline", "hybrid", "hybrid_unknown_lengths", "vllm", "sarathi"):
+    for name in ("baseline", "offline", "hybrid", "hybrid_unknown_lengths", "hybrid-fused",
+                 "hybrid_fused_unknown_lengths", "vllm", "sarathi"):
         assert {"makespan_s", "utilization", "gap_to_bound"} <= set(d["policies"][name])
-        assert d["policies"][name]["makespan_s"] >= d["lower_bound_s"]
+        assert d["policies"][name]["makespan_s"] >= d["policies"][name]["lower_bound_s"]
+    # fused prompt insertion removes the prefill/idle trade-off that unknown lengths make costly
+    assert d["policies"]["hybrid_fused_unknown_lengths"]["gap_to_bound"] < 0.03
+    assert (d["policies"]["hybrid_fused_unknown_lengths"]["makespan_s"]
+            < d["policies"]["hybrid_unknown_lengths"]["makespan_s"])
     assert set(d["decision_latency_us"]) == {"p50", "p99"}
     assert d["cases"]["n"] == 3 and 0 <= d["cases"]["hybrid_wins"] <= 3
     assert "mean_utilization_gain" in d["cases"]

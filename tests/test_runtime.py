@@ -76,6 +76,42 @@ def test_lagrangian_rule_prices_prefill_against_waiting():
     assert isinstance(d2[-1], Prefill)
 
 
+def test_fused_lagrangian_inserts_prompts_at_once_and_beats_separate_prefills_with_unknown_lengths():
+    problem = Problem.single(Workload.from_arrays([10] * 8, [50] * 8), "llama-65b", clients=4)
+    from lloptim.runtime.policy import Mixed, RunContext
+
+    class _Pending:
+        def pending(self):
+            return 4
+
+    ctx = RunContext(problem, np.full(8, 50.0), True, problem.client_instance())
+    ctx.extra["request_scheduler"] = _Pending()
+    fused = LagrangianIterations(fused=True)
+    fused.setup(ctx)
+    state = _FakeState([0, 2], 2, [0, 1, 2, 3])
+    state.prefilled = {}
+    # a fused insertion has no fixed cost (C_p = 0): both waiting prompts join the next iteration whole
+    assert fused.decide(state) == Mixed({0: 10, 2: 10})
+    assert fused.decide(_FakeState([], 2, [0, 1, 2, 3])) is DECODE
+    budgeted = LagrangianIterations(fused=True, token_budget=15)
+    budgeted.setup(ctx)
+    assert budgeted.decide(state) == Mixed({0: 10, 2: 5})
+    # end to end with unknown lengths: no prefill/idle trade-off left to lose on
+    w = workloads.gsm8k("test", limit=400)
+    p = Problem.single(w, "llama-65b", clients=16)
+    from lloptim.runtime.estimators import estimate
+
+    est = estimate(w, "bucket-quantile", train=workloads.gsm8k("train"))
+    bound = lower_bound(p)
+    a = summarize(run_policy(p, "hybrid", estimates=est), bound)
+    b_res = run_policy(p, "hybrid-fused", estimates=est)
+    b = summarize(b_res, bound)
+    assert b.requests_completed == 400 and b.output_tokens == int(w.output_tokens.sum())
+    assert b.mixed_iterations > 0 and b.prefill_iterations == 0
+    assert b.lower_bound_s == bound.fused_s and b.makespan_s >= bound.fused_s
+    assert b.makespan_s < a.makespan_s
+
+
 def test_unknown_lengths_are_revealed_only_at_finish():
     # two workloads that differ only in the true length of request 0 (20 vs 200 tokens)
     p = [30] * 12

@@ -21,8 +21,9 @@ from lloptim.simulator import run_policy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-POLICIES = ["baseline", "vllm", "sarathi", "sorted-f", "lpt", "offline", "hybrid"]
-OPTIONS = {"sarathi": {"token_budget": 8}}  # small budget: prompts get split into several chunks
+POLICIES = ["baseline", "vllm", "sarathi", "sorted-f", "lpt", "offline", "hybrid", "hybrid-fused"]
+# small budgets: prompts get split into several chunks
+OPTIONS = {"sarathi": {"token_budget": 8}, "hybrid-fused": {"token_budget": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_policy_generates_exactly_the_reference(problem, model, policy):
     assert {r: len(t) for r, t in be.generated.items()} == {r: int(out[r]) for r in range(problem.n_requests)}
     assert max(token_mismatches(be).values()) == 0
     assert res.makespan_s > 0 and np.all(res.trace_duration_s > 0)
-    if policy == "sarathi":
+    if policy in ("sarathi", "hybrid-fused"):
         assert be.counters["mixed"] > 0 and be.counters["partial_chunks"] > 0
 
 

@@ -98,7 +98,7 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
 def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
                   dispatch: str = "sorted",
                   steal: bool = True, forecast: str = "auto", token_budget: int | None = None,
-                  survival: np.ndarray | None = None) -> Policy:
+                  survival: np.ndarray | None = None, fused: bool = False) -> Policy:
     """The hybrid: offline plan + sorting and preemptive re-assignment + Lagrangian iteration scheduling.
 
     Parameters
@@ -123,6 +123,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         ``P(output > x)`` learned from training requests, for the lookahead with unknown lengths.
     token_budget
         Most prompt tokens per prefill iteration.
+    fused
+        Insert prompts as chunks fused into decode iterations (``C_p = 0``, see
+        :mod:`lloptim.runtime.lagrangian`) rather than as separate prefill iterations: the
+        ``hybrid-fused`` policy.
     """
     plan = OfflinePlan(solver, time_limit_s)
     if dispatch == "sorted":
@@ -133,9 +137,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         from lloptim.errors import SpecError
 
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
-    return Policy("hybrid", requests,
+    return Policy("hybrid-fused" if fused else "hybrid", requests,
                   LagrangianIterations(plan.prices, setup_weight=setup_weight, token_budget=token_budget,
-                                       forecast=forecast, survival=survival))
+                                       forecast=forecast, survival=survival, fused=fused))
 
 
 register_policy("offline", offline_policy,
@@ -143,6 +147,9 @@ register_policy("offline", offline_policy,
 register_policy("hybrid", hybrid_policy,
                 "offline bin packing + sorted dispatch with preemptive re-assignment + Lagrangian prefill/decode "
                 "decisions (arXiv 2502.15763)")
+register_policy("hybrid-fused", lambda **opts: hybrid_policy(fused=True, **opts),
+                "the hybrid with prompts fused into decode iterations as chunks (C_p = 0): no prefill/idle "
+                "trade-off left, the strongest policy when output lengths are unknown")
 register_policy("hybrid-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", **opts), "hybrid-plan"),
                 "the hybrid with the literal Algorithm 1: planned queues, steal only when a queue runs dry")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from lloptim.errors import PolicyError
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill
 
-__all__ = ["PrefillFirst", "ChunkedPrefill", "admissible", "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["PrefillFirst", "ChunkedPrefill", "admissible", "prompt_chunks", "DEFAULT_CHUNK_TOKENS"]
 
 #: Prompt-chunk tokens per fused iteration of :class:`ChunkedPrefill` by default (Sarathi's 512).
 DEFAULT_CHUNK_TOKENS = 512
@@ -62,6 +62,45 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
         if max_batch is not None and len(chosen) >= max_batch:
             break
     return chosen
+
+
+def prompt_chunks(state, budget: int | None = None) -> dict[int, int]:
+    """Prompt chunks of the waiting clients, in order, for a fused iteration.
+
+    Each waiting client gets the rest of its prompt, or what is left of ``budget``; a client whose
+    prefill has not started is skipped when its KV reservation (prompt + output cap) does not fit.
+
+    Parameters
+    ----------
+    state
+        The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+    budget
+        Most prompt tokens in the iteration, tokens; None for no limit.
+
+    Returns
+    -------
+    dict
+        ``client -> prompt tokens to process`` (empty when nothing fits).
+    """
+    engine = state.engine
+    free = state.kv_free
+    chunks: dict[int, int] = {}
+    for c in state.waiting:
+        if budget is not None and budget <= 0:
+            break
+        r = engine.client_request[c]
+        done = state.prefilled.get(c, 0)
+        if done == 0:
+            need = engine.reserve_tokens[r]
+            if need > free:
+                continue
+            free -= need
+        k = engine.prompt[r] - done
+        if budget is not None:
+            k = min(budget, k)
+            budget -= k
+        chunks[c] = k
+    return chunks
 
 
 class PrefillFirst(IterationScheduler):
@@ -116,22 +155,7 @@ class ChunkedPrefill(IterationScheduler):
         budget = total - state.n_running
         if budget <= 0:
             return DECODE if state.n_running else Mixed({next(iter(state.waiting)): 1})
-        engine = state.engine
-        free = state.kv_free
-        chunks: dict[int, int] = {}
-        for c in state.waiting:
-            if budget <= 0:
-                break
-            r = engine.client_request[c]
-            done = state.prefilled.get(c, 0)
-            if done == 0:
-                need = engine.reserve_tokens[r]
-                if need > free:
-                    continue
-                free -= need
-            k = min(budget, engine.prompt[r] - done)
-            chunks[c] = k
-            budget -= k
+        chunks = prompt_chunks(state, budget)
         if not chunks:
             if state.n_running:
                 return DECODE

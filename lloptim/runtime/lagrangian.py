@@ -22,6 +22,15 @@ can only be made up by clients that still have unstarted work to take over, so o
 waiting client is on the critical path (nothing else can fill the time it loses) and the prefill
 goes in at once.
 
+Where the backend can fuse prompt chunks into a decode iteration (``fused=True``; Sarathi-Serve's
+chunked prefill, priced by the latency model as the decode plus ``prefill_per_token_s`` per chunk
+token), inserting the prompts that way shares the decode's fixed cost: ``C_p = 0`` fixed seconds
+(their per-token cost is paid by every schedule), so ``C_d >= C_p`` always holds and the waiting
+clients join the next iteration. The fixed-cost trade-off that makes the separate-iteration rule
+wait, and that costs most when output lengths are unknown (finishes cannot be forecast, so they
+cannot be batched), then disappears; the bound such schedules are measured against is
+:attr:`~lloptim.bounds.LowerBound.fused_s`.
+
 Each decision is O(1) amortized: the accumulated cost is updated incrementally.
 """
 
@@ -33,8 +42,8 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from lloptim.errors import PolicyError
-from lloptim.runtime.iteration_schedulers import admissible
-from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Prefill, RunContext
+from lloptim.runtime.iteration_schedulers import admissible, prompt_chunks
+from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
 __all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT"]
 
@@ -69,7 +78,11 @@ class LagrangianIterations(IterationScheduler):
         Multiplier on ``C_p`` (1.0 is the EOQ balance; larger batches prefills more); ``None``:
         :data:`SETUP_WEIGHT` for known or unknown lengths.
     token_budget
-        Most prompt tokens per prefill iteration (``None``: unlimited).
+        Most prompt tokens per prefill (or fused) iteration (``None``: unlimited).
+    fused
+        Insert prompts as chunks fused into the decode iterations (``C_p = 0``; see the module
+        docstring) instead of separate prefill iterations. Needs a backend with mixed iterations
+        (the simulated and torch backends have them).
     forecast
         How the lookahead forecasts the next finish of a running request, to decide whether
         waiting for it is cheaper than an extra prefill: ``"exact"`` (finish = start + estimate;
@@ -91,7 +104,7 @@ class LagrangianIterations(IterationScheduler):
 
     def __init__(self, prices=None, setup_weight: float | None = None, token_budget: int | None = None,
                  forecast: str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
-                 sigma_prior: float = 0.5, criticality: bool = True) -> None:
+                 sigma_prior: float = 0.5, criticality: bool = True, fused: bool = False) -> None:
         if forecast not in FORECASTS:
             raise PolicyError(f"forecast must be one of {FORECASTS}, not {forecast!r}")
         if forecast == "survival" and survival is None:
@@ -104,6 +117,7 @@ class LagrangianIterations(IterationScheduler):
         self.sigma_prior = sigma_prior
         self.setup_weight = setup_weight
         self.token_budget = token_budget
+        self.fused = fused
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -137,7 +151,7 @@ class LagrangianIterations(IterationScheduler):
             # measured on GSM8K train cases: point-estimate and lognormal lookaheads gain little over
             # accrual when lengths are unknown, and the lognormal one costs ~0.3 ms per decision
             mode = "exact" if ctx.known_lengths else ("survival" if self.survival is not None else "none")
-        self.mode = mode
+        self.mode = "fused" if self.fused else mode
         self.horizon = np.arange(1, self.max_wait_steps + 1)
         if mode == "survival":
             surv = np.asarray(self.survival, dtype=np.float64)
@@ -178,6 +192,8 @@ class LagrangianIterations(IterationScheduler):
             self._register_arrivals(state)
         if not state.waiting:
             return DECODE
+        if self.fused:
+            return self._fuse(state)
         end_game = self.requests is not None and self.requests.pending() == 0
         if state.n_running == 0 or end_game:
             return self._prefill(state)
@@ -205,6 +221,16 @@ class LagrangianIterations(IterationScheduler):
             self.accrued[k] += waiting_cost
             return DECODE
         return self._prefill(state) if self._expected_saving_says_prefill(state, waiting_cost) else DECODE
+
+    def _fuse(self, state) -> Decision:
+        """Fused insertion: every waiting prompt (that fits) joins the next iteration as a chunk."""
+        chunks = prompt_chunks(state, self.token_budget)
+        if chunks:
+            self.decisions_prefill += 1
+            return Mixed(chunks)
+        if state.n_running:
+            return DECODE
+        raise PolicyError(f"instance {state.index}: no waiting request fits the free KV cache")
 
     def _expected_saving_says_prefill(self, state, waiting_cost: float) -> bool:
         """Unknown lengths: wait ``j`` more steps only if the expected saving beats the waiting cost.
