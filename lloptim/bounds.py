@@ -17,8 +17,16 @@ Fused (chunked-prefill) iterations share the fixed cost of a decode, so for sche
 them only one prefill base (the first iteration, when nothing runs yet) is certain:
 :attr:`LowerBound.fused_s` is the bound that holds for those too.
 
-For several instances the per-token terms use the cheapest instance and the total is divided by
-the number of instances; a request can never finish before ``arrival + its own minimal time``.
+For several identical instances the per-request terms are divided by the number of instances. For
+instances that differ (profiles or client counts), instance ``k`` serving a set ``S_k`` runs for at
+least ``sum_{r in S_k} v[k, r]`` with ``v[k, r]`` = request ``r``'s per-token terms on ``k`` plus
+its share ``o_r / C_k`` of the decode steps and ``1 / C_k`` of the prefill iterations at ``k``'s
+fixed costs; the makespan is then at least the optimum of the *fractional* assignment
+``min T s.t. sum_r v[k, r] y[k, r] <= T, sum_k y[k, r] = 1, y >= 0``. Its Lagrangian dual,
+``max_lambda sum_r min_k lambda_k v[k, r]`` over ``lambda >= 0, sum_k lambda_k = 1`` (identical
+instances pooled), gives a valid bound for *any* ``lambda``, so it is maximized numerically (golden
+section for two kinds of instance, exponentiated-gradient ascent for more) and never overstates.
+A request can never finish before ``arrival + its own minimal time``.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import numpy as np
 
 from lloptim.problem import Problem
 
-__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound"]
+__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,64 @@ def decode_steps_lower_bound(output_tokens: np.ndarray, clients: int) -> int:
     return bound
 
 
+def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations: int = 400) -> float:
+    """Lower bound on ``min T s.t. sum_r work[j, r] y[j, r] <= count[j] T, sum_j y[j, r] = 1, y >= 0``, seconds.
+
+    The fractional assignment of requests to ``count[j]`` identical machines of kind ``j``. By
+    weak duality every ``mu`` in the simplex gives ``g(mu) = sum_r min_j (mu_j / count[j]) work[j, r]
+    <= T*``; ``g`` is concave, so it is maximized by golden-section search for two kinds and by
+    exponentiated-gradient ascent for more, and the best value seen is returned (never above
+    the optimum).
+
+    Parameters
+    ----------
+    work
+        ``(J, R)`` seconds of machine time of request ``r`` on a machine of kind ``j``.
+    count
+        ``(J,)`` machines of each kind (count).
+    iterations
+        Iterations of the search.
+
+    Returns
+    -------
+    float
+        The bound, seconds.
+    """
+    work = np.asarray(work, dtype=np.float64)
+    count = np.asarray(count, dtype=np.float64)
+    scaled = work / count[:, None]
+
+    def g(mu: np.ndarray) -> float:
+        return float((mu[:, None] * scaled).min(axis=0).sum())
+
+    J = work.shape[0]
+    if J == 1:
+        return g(np.ones(1))
+    if J == 2:
+        lo, hi = 0.0, 1.0
+        ratio = (np.sqrt(5.0) - 1.0) / 2.0
+        best = max(g(np.array([0.0, 1.0])), g(np.array([1.0, 0.0])))
+        for _ in range(min(iterations, 80)):
+            a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+            ga, gb = g(np.array([a, 1.0 - a])), g(np.array([b, 1.0 - b]))
+            best = max(best, ga, gb)
+            if ga < gb:
+                lo = a
+            else:
+                hi = b
+        return best
+    mu = np.full(J, 1.0 / J)
+    best = g(mu)
+    for t in range(1, iterations + 1):
+        arg = np.argmin(mu[:, None] * scaled, axis=0)
+        grad = np.bincount(arg, weights=scaled[arg, np.arange(scaled.shape[1])], minlength=J)
+        step = 1.0 / np.sqrt(t)
+        mu = mu * np.exp(step * (grad - grad.max()) / max(float(np.abs(grad).max()), 1e-300))
+        mu /= mu.sum()
+        best = max(best, g(mu))
+    return best
+
+
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 decode_steps: int | None = None) -> LowerBound:
     """Makespan lower bound of ``problem``, seconds.
@@ -118,8 +184,9 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     lats = [inst.profile.latency for inst in problem.instances]
     m = len(problem.instances)
     kv_steps = o * p + o * (o - 1) / 2
-    per_req = np.min([l.prefill_per_token_s * p + l.decode_per_seq_s * o + l.decode_per_kv_token_s * kv_steps
-                      for l in lats], axis=0)
+    per_inst = np.array([l.prefill_per_token_s * p + l.decode_per_seq_s * o + l.decode_per_kv_token_s * kv_steps
+                         for l in lats])
+    per_req = per_inst.min(axis=0)
     token_s = float(per_req.sum())
     c_max = max(inst.clients for inst in problem.instances)
     a_d = min(l.decode_base_s for l in lats)
@@ -139,6 +206,21 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         decode_base = a_d * o.sum() / c_max
         total = (token_s + decode_base + a_p * len(w) / c_max) / m
         fused = (token_s + decode_base + a_p * m) / m
+        kinds: dict[tuple, list[int]] = {}
+        for k, inst in enumerate(problem.instances):
+            kinds.setdefault((inst.profile.latency, inst.clients), []).append(k)
+        if len(kinds) > 1:
+            # instances differ: the fractional assignment bound (module docstring), by its dual
+            first = [ks[0] for ks in kinds.values()]
+            count = np.array([len(ks) for ks in kinds.values()], dtype=np.float64)
+            clients = np.array([problem.instances[k].clients for k in first], dtype=np.float64)
+            fixed_d = np.array([lats[k].decode_base_s for k in first])[:, None] * o[None, :] / clients[:, None]
+            v_fused = per_inst[first] + fixed_d
+            v = v_fused + np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
+            total = max(total, fractional_assignment_bound(v, count))
+            fused = max(fused, fractional_assignment_bound(v_fused, count))
+    # separate-iteration schedules are fused schedules too, so the fused bound holds for them
+    total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
     return LowerBound(total_s=max(total, single), fused_s=max(fused, single), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),

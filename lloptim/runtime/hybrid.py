@@ -43,9 +43,9 @@ class OfflinePlan:
         if self._ctx_id != id(ctx):
             from lloptim.solvers import SolveParams, solve
 
-            weights = request_work_s(ctx.problem, ctx.estimates)
+            # weights per instance (request_work_s on each), so a slower instance gets less work
             self.result = solve(ctx.problem, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s),
-                                weights=weights)
+                                estimates=ctx.estimates)
             self._ctx_id = id(ctx)
             ctx.extra["offline"] = self.result
         return self.result
