@@ -24,7 +24,13 @@ from typing import Any
 
 from lloptim.errors import ProfileError
 
-__all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile", "transfer_time_between"]
+__all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile", "transfer_time_between",
+           "ITERATION_COEFFICIENTS"]
+
+#: The five coefficients of the iteration-time model (required in every profile; what calibration
+#: fits from prefill and decode timings), seconds or seconds per token / request.
+ITERATION_COEFFICIENTS = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
+                          "decode_per_kv_token_s")
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,7 @@ class HardwareProfile:
         if not isinstance(lat, dict):
             raise ProfileError(f"{source}.latency", "must be a table", "write [latency] with the five coefficients")
         names = set(LatencyModel.__dataclass_fields__)
-        missing = {n for n in names if not n.startswith("kv_transfer")} - set(lat)
+        missing = set(ITERATION_COEFFICIENTS) - set(lat)
         if missing:
             raise ProfileError(f"{source}.latency.{sorted(missing)[0]}", "is missing", "give all five coefficients")
         unknown = set(lat) - names

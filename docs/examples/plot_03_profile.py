@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 import lloptim
-from lloptim.hardware import HardwareProfile, LatencyModel, save_profile
+from lloptim.hardware import ITERATION_COEFFICIENTS, HardwareProfile, LatencyModel, save_profile
 
 rng = np.random.default_rng(0)
 truth = LatencyModel(prefill_base_s=0.012, prefill_per_token_s=6e-5, decode_base_s=0.025,
@@ -52,7 +52,7 @@ p_base, p_tok = fit([np.ones_like(prefill_tokens), prefill_tokens], prefill_s)
 d_base, d_seq, d_kv = fit([np.ones_like(batch), batch, kv], decode_s)
 fitted = LatencyModel(prefill_base_s=p_base, prefill_per_token_s=p_tok, decode_base_s=d_base,
                       decode_per_seq_s=d_seq, decode_per_kv_token_s=d_kv)
-for name in LatencyModel.__dataclass_fields__:
+for name in ITERATION_COEFFICIENTS:
     print(f"{name:22s} true {getattr(truth, name):.3e}  fitted {getattr(fitted, name):.3e}")
 
 # %%
