@@ -84,7 +84,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, what: st
     ----------
     address
         Cluster address for ``ray.init(address=...)`` (``"auto"``, ``"ray://host:10001"``,
-        ``"host:6379"``); ``None`` starts a private local Ray (all local cores unless ``num_cpus``).
+        ``"host:6379"``); ``None`` starts a private local Ray (all local cores unless ``num_cpus``),
+        even when a cluster started by ``ray start`` runs on this machine.
         Ignored when Ray is already initialised in this process: the caller's Ray is used as is.
     num_cpus
         CPUs of a local Ray (number of tasks run at once); only without ``address``.
@@ -114,13 +115,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, what: st
             raise DistributedError(f"Ray address {address!r} is not a valid address",
                                    "give e.g. 'auto', 'ray://head:10001' or 'head:6379'")
         kwargs["address"] = address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = int(num_cpus)
+    else:
+        # a private instance: never attach to a cluster `ray start` left running on this machine
+        kwargs["address"] = "local"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = int(num_cpus)
     try:
         ray.init(**kwargs)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-        fix = ("check the address and that `ray start --head` runs there" if address
+        fix = ("check the address and that `ray start --head` runs there; a cluster with token authentication "
+               "(what `ray start` does by default since Ray 2.59) also needs RAY_AUTH_MODE=token here, with its "
+               "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)" if address
                else "check `ray status`, free memory and /tmp space")
         raise DistributedError(f"could not connect to {where}: {exc}", fix) from None
     return True

@@ -30,7 +30,7 @@ def ray_session():
         here = os.path.dirname(os.path.abspath(__file__))
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, old) if p)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
@@ -240,3 +240,55 @@ def test_ray_backend_bad_factory():
 
         lock = threading.Lock()
         RayBackend(problem, backend_factory=lambda p, lock=lock: SimulatedBackend(p))
+
+
+# -- a separately started cluster, reached by address -----------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _lloptim(args, env, timeout=180) -> subprocess.CompletedProcess:
+    exe = os.path.join(os.path.dirname(sys.executable), "lloptim")
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_reaches_a_token_authenticated_cluster_by_address():
+    """`ray start --head` in another process (token authentication on, as Ray >= 2.59 starts local
+    clusters); `lloptim compare --executor ray --address` runs there and agrees with the local run."""
+    import secrets
+    import time
+
+    port = _free_port()
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    ray_exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_exe, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                             "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        args = ["compare", "--solvers", "greedy,lagrangian", "--time-limit", "2", "--json"]
+        local = json.loads(_lloptim(args, env).stdout)
+        deadline = time.monotonic() + 90
+        while True:
+            res = _lloptim(args + ["--executor", "ray", "--address", f"127.0.0.1:{port}"], env)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)  # the head may still be starting
+        assert res.returncode == 0, res.stderr[-2000:]
+        remote = json.loads(res.stdout)
+        assert [(r["backend"], r["primal_bound"], r["dual_bound"]) for r in remote["results"]] == \
+               [(r["backend"], r["primal_bound"], r["dual_bound"]) for r in local["results"]]
+        # without the token: the library's own error, naming the fix
+        bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        denied = _lloptim(args + ["--executor", "ray", "--address", f"127.0.0.1:{port}"], bare)
+        assert denied.returncode == 2 and "RAY_AUTH_MODE=token" in " ".join(denied.stderr.split())
+        assert "Traceback" not in denied.stderr
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
