@@ -272,14 +272,18 @@ def test_cli_reaches_a_token_authenticated_cluster_by_address():
                              "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
+        import socket
+
         args = ["compare", "--solvers", "greedy,lagrangian", "--time-limit", "2", "--json"]
         local = json.loads(_lloptim(args, env).stdout)
         deadline = time.monotonic() + 90
-        while True:
-            res = _lloptim(args + ["--executor", "ray", "--address", f"127.0.0.1:{port}"], env)
-            if res.returncode == 0 or time.monotonic() > deadline:
+        while time.monotonic() < deadline:  # until the head's GCS accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            time.sleep(2)  # the head may still be starting
+            except OSError:
+                time.sleep(0.5)
+        res = _lloptim(args + ["--executor", "ray", "--address", f"127.0.0.1:{port}"], env)
         assert res.returncode == 0, res.stderr[-2000:]
         remote = json.loads(res.stdout)
         assert [(r["backend"], r["primal_bound"], r["dual_bound"]) for r in remote["results"]] == \
@@ -290,5 +294,8 @@ def test_cli_reaches_a_token_authenticated_cluster_by_address():
         assert denied.returncode == 2 and "RAY_AUTH_MODE=token" in " ".join(denied.stderr.split())
         assert "Traceback" not in denied.stderr
     finally:
-        os.killpg(head.pid, 15)
+        import signal
+
+        # the whole process group (GCS, raylet, workers) at once: a graceful stop takes half a minute
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
