@@ -341,6 +341,9 @@ class _InstanceActor:
     def ping(self) -> int:
         return self.instance
 
+    def generated(self) -> dict:
+        return dict(getattr(self.backend, "generated", {}) or {})
+
 
 class RayBackend:
     """Backend whose instances are Ray actors, each wrapping a backend built by ``backend_factory``.
@@ -534,6 +537,27 @@ class RayBackend:
         if instance in self.lost or self._closed:
             return  # the engine releases a lost instance's requests while re-queueing them: nothing to free
         self.actors[instance].release.remote(request, finished)
+
+    def collect_generated(self) -> dict[int, list[int]]:
+        """Token ids of every request that finished, gathered from the live actors' backends.
+
+        Only backends that keep generations (the torch backend's ``generated``) contribute; a
+        request that finished on an actor that has died since is missing.
+
+        Returns
+        -------
+        dict[int, list[int]]
+            ``request -> token ids``.
+        """
+        out: dict[int, list[int]] = {}
+        for k, actor in enumerate(self.actors):
+            if k in self.lost or self._closed:
+                continue
+            try:
+                out.update(self._ray.get(actor.generated.remote()))
+            except self._dead_errors:
+                self.lost[k] = "actor died"
+        return out
 
     # -- control ---------------------------------------------------------------------------------
     def kill(self, instance: int, wait_s: float = 10.0) -> None:

@@ -299,3 +299,55 @@ def test_cli_reaches_a_token_authenticated_cluster_by_address():
         # the whole process group (GCS, raylet, workers) at once: a graceful stop takes half a minute
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
+
+
+# -- real model replicas as actors ------------------------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kill", [False, True], ids=["intact", "replica-killed"])
+def test_torch_replicas_on_ray_generate_exactly_the_reference(kill):
+    """Each instance a Ray actor with its own tiny-llama; the hybrid steals across them; a replica
+    killed mid-run hands its requests to the other, and every generation still matches the reference."""
+    pytest.importorskip("torch")
+    from lloptim.backends.torch_backend import TorchBackend, replica_factory, token_mismatches
+    from lloptim.hardware import HardwareProfile, LatencyModel
+    from lloptim.problem import Workload
+
+    rng = np.random.default_rng(3)
+    w = Workload.from_arrays(rng.integers(4, 24, 12), rng.integers(2, 20, 12), name="tiny")
+    prof = HardwareProfile("tiny-hand", LatencyModel(1e-3, 1e-5, 1e-3, 3e-5, 5e-7), kv_capacity_tokens=4096, clients=2)
+    problem = Problem.single(w, prof, clients=2, instances=2)
+    with RayBackend(problem, replica_factory("tiny-llama", device="cpu"),
+                    kill_after_calls={1: 6} if kill else None) as be:
+        assert be.name == "ray:torch"
+        res = run_policy(problem, "hybrid", backend=be)
+        generated = be.collect_generated()
+    assert np.all(np.isfinite(res.done_s)) and res.generated_tokens == int(w.output_tokens.sum())
+    assert res.extra["lost_instances"] == int(kill)
+    on_survivor = np.flatnonzero(problem.client_instance()[res.client] == 0)
+    if kill:
+        assert res.restarts.sum() >= 1 and set(np.flatnonzero(res.restarts).tolist()) <= set(on_survivor.tolist())
+    # generations of the killed replica died with it; every other one is checked
+    checked = np.arange(len(w)) if not kill else on_survivor
+    ref = TorchBackend(problem, "tiny-llama", device="cpu")
+    assert max(token_mismatches(ref, checked, generated=generated).values()) == 0
+
+
+@pytest.mark.torch
+def test_cli_run_on_ray_replicas(tmp_path):
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+    from lloptim.hardware import HardwareProfile, LatencyModel, save_profile
+
+    path = save_profile(HardwareProfile("tiny-hand", LatencyModel(1e-3, 1e-5, 1e-3, 3e-5, 5e-7), 16384, 2),
+                        tmp_path / "p.toml")
+    res = CliRunner().invoke(app, ["run", "--requests", "8", "--instances", "2", "--profile", str(path), "--policy",
+                                   "hybrid", "--device", "cpu", "--ray", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["ray"] and d["requests_completed"] == d["requests_total"] == 8
+    assert d["max_token_mismatch"] == 0 and d["lost_instances"] == 0
+    bad = CliRunner().invoke(app, ["run", "--address", "auto", "--json"])
+    assert bad.exit_code == 2 and "--ray" in bad.output

@@ -46,7 +46,7 @@ from lloptim.backends.models import LoadedModel, load_model, prompt_token_ids, r
 from lloptim.errors import LloptimError, SpecError
 from lloptim.problem import Problem
 
-__all__ = ["TorchBackend", "token_mismatches", "reference_generate"]
+__all__ = ["TorchBackend", "token_mismatches", "reference_generate", "replica_factory"]
 
 
 class _Req:
@@ -451,7 +451,8 @@ class TorchBackend:
         return reference_generate(self.model, self.prompt_ids(request), n)
 
 
-def token_mismatches(backend: TorchBackend, requests: Sequence[int] | None = None) -> dict[int, int]:
+def token_mismatches(backend: TorchBackend, requests: Sequence[int] | None = None,
+                     generated: dict[int, list[int]] | None = None) -> dict[int, int]:
     """Per request, the number of positions where its generation differs from the reference.
 
     A missing or short generation counts every missing position as a mismatch. Scheduling must
@@ -463,6 +464,10 @@ def token_mismatches(backend: TorchBackend, requests: Sequence[int] | None = Non
         The backend after a run.
     requests
         Request rows to check; default: all.
+    generated
+        Generations to check instead of ``backend.generated`` (e.g. gathered from Ray replicas by
+        :meth:`~lloptim.distributed.RayBackend.collect_generated`); ``backend`` then only supplies
+        the references.
 
     Returns
     -------
@@ -470,10 +475,46 @@ def token_mismatches(backend: TorchBackend, requests: Sequence[int] | None = Non
         ``request -> mismatching positions`` (tokens).
     """
     rows = range(backend.problem.n_requests) if requests is None else requests
+    gen = backend.generated if generated is None else generated
     out = {}
     for r in rows:
         ref = backend.reference(r)
-        got = backend.generated.get(r, [])
+        got = gen.get(r, [])
         diff = sum(a != b for a, b in zip(got, ref)) + abs(len(got) - len(ref))
         out[int(r)] = int(diff)
     return out
+
+
+def _build_replica(problem: Problem, model: str, device: str, dtype: str | None, seed: int, clock: str,
+                   threads: int) -> TorchBackend:
+    torch = require_torch()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return TorchBackend(problem, model, device=device, dtype=dtype, seed=seed, clock=clock)
+
+
+def replica_factory(model: str | Path = "tiny-llama", device: str = "auto", dtype: str | None = None, seed: int = 0,
+                    clock: str = "wall", threads: int = 1):
+    """A picklable ``factory(problem) -> TorchBackend`` that builds one model replica where it runs.
+
+    For :class:`~lloptim.distributed.RayBackend`: each actor loads (or, for ``tiny-llama``, builds
+    from its seeded config) its own copy of the model, so every replica computes the same tokens.
+
+    Parameters
+    ----------
+    model
+        ``"tiny-llama"`` or a local model directory (it must exist on every node that hosts a replica).
+    device, dtype, seed, clock
+        As in :class:`TorchBackend`.
+    threads
+        Torch CPU threads per replica (0: torch's default).
+
+    Returns
+    -------
+    functools.partial
+        The factory.
+    """
+    import functools
+
+    return functools.partial(_build_replica, model=str(model), device=device, dtype=dtype, seed=seed, clock=clock,
+                             threads=threads)

@@ -176,6 +176,10 @@ def serve(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     migrate: bool = typer.Option(False, "--migrate", help="let idle replicas take over running requests with their "
                                  "KV caches in the end game (several instances only)"),
+    on_ray: bool = typer.Option(False, "--ray", help="run each instance as a Ray actor holding its own backend "
+                                "(a model replica); a replica that dies has its requests served by the others"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --ray); default: a "
+                                          "local Ray"),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -184,7 +188,7 @@ def serve(
     and the instances' clients and KV capacity.
     """
     from lloptim.backends.models import load_model
-    from lloptim.backends.torch_backend import TorchBackend, token_mismatches
+    from lloptim.backends.torch_backend import TorchBackend, replica_factory, token_mismatches
     from lloptim.calibrate import DEFAULT_CLIENTS, calibrate
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
@@ -195,6 +199,8 @@ def serve(
 
     with user_errors():
         _check_backend(backend)
+        if address is not None and not on_ray:
+            raise SpecError("--address", "a Ray address without --ray", "add --ray, or drop --address")
         if requests is not None and requests < 1:
             raise SpecError("requests", f"must be >= 1, got {requests}", "give how many requests to serve")
         if backend == "torch":
@@ -213,7 +219,19 @@ def serve(
             return with_migration(policy) if migrate else make_policy(policy)
 
         predicted = run_policy(problem, make())
-        if backend == "torch":
+        if on_ray:
+            from lloptim.backends.simulated import SimulatedBackend
+            from lloptim.distributed import RayBackend
+
+            factory = (replica_factory(model, device=loaded.device, dtype=dtype, seed=seed, clock=clock,
+                                       threads=threads) if backend == "torch" else SimulatedBackend)
+            with RayBackend(problem, factory, address=address) as be:
+                result = run_policy(problem, make(), backend=be)
+                generated = be.collect_generated() if backend == "torch" and verify else None
+            # the replicas' generations against references computed here, from the same weights
+            mismatch = (max(token_mismatches(TorchBackend(problem, loaded, seed=seed), generated=generated).values())
+                        if generated is not None else None)
+        elif backend == "torch":
             be = TorchBackend(problem, loaded, seed=seed, clock=clock)
             result = run_policy(problem, make(), backend=be)
             mismatch = max(token_mismatches(be).values()) if verify else None
@@ -223,7 +241,8 @@ def serve(
     makespan = d["makespan_s"]
     pred = predicted.makespan_s
     d.update(
-        backend=backend, model=model, policy=policy, profile=str(profile) if profile else "calibrated",
+        backend=backend, ray=on_ray, lost_instances=int(result.extra.get("lost_instances", 0)), model=model,
+        policy=policy, profile=str(profile) if profile else "calibrated",
         device=loaded.device if loaded else None, clock=clock, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
         max_token_mismatch=mismatch, predicted_makespan_s=pred,
         prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan,
