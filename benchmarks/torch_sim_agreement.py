@@ -11,7 +11,7 @@ Steps, all in one process (so calibration and runs see the same machine state):
 Usage::
 
     python benchmarks/torch_sim_agreement.py [--requests 64] [--clients 8] [--instances 1]
-        [--policies baseline,vllm,sarathi,hybrid] [--repeats 3] [--threads 1] [--clock wall|cpu] [--json]
+        [--policies baseline,vllm,sarathi,hybrid,hybrid-fused] [--repeats 3] [--threads 1] [--clock wall|cpu] [--json]
 
 The workload is :func:`lloptim.cli.serve.default_torch_workload` (GSM8K test lengths / 4, clipped
 to 64 tokens).
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--instances", type=int, default=1)
-    ap.add_argument("--policies", default="baseline,vllm,sarathi,hybrid")
+    ap.add_argument("--policies", default="baseline,vllm,sarathi,hybrid,hybrid-fused")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--model", default="tiny-llama")
