@@ -356,7 +356,12 @@ class Engine:
             if s.dirty and s.idle and rs.pending():
                 self._fill(s, rs)
             if migration is not None and s.idle and not rs.pending():
+                before = s.now
                 self._pull_running(s, migration, policy)
+                if s.now > before:
+                    # the transfer moved this clock on: let instances behind it go first
+                    heapq.heappush(active, (s.now, 0, k))
+                    continue
             if not s.waiting and not s.n_running:
                 wake = self._wake_time(s, active, faults)
                 if wake is None:
