@@ -268,7 +268,7 @@ def start_from_run(model: LinearModel, run) -> np.ndarray:
     v[:n_it] = kinds == 1
     s, d, e, q = (np.zeros((R, K)) for _ in range(4))
     prob = run.problem
-    p, o = prob.workload.prompt_tokens, prob.workload.output_tokens
+    p = prob.workload.prompt_tokens
     kv = np.zeros((R, K))
     for r in range(R):
         kp = int(np.flatnonzero((kinds == 0) & (starts == run.prefill_start_s[r]))[0])

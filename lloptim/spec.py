@@ -18,7 +18,6 @@ Every invalid document raises :class:`~lloptim.errors.SpecError` naming the fiel
 
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from lloptim import Problem, Workload, lower_bound, run_policy, summarize, workloads
 from lloptim.errors import PolicyError
 from lloptim.runtime.engine import Engine, Fault
-from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.policy import DECODE, IterationScheduler, Policy, Prefill
 from lloptim.runtime.request_schedulers import GlobalQueue, RoundRobinQueues
 

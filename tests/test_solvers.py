@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lloptim import Problem, Workload, workloads
+from lloptim import Problem, workloads
 from lloptim.errors import ModelTooLargeError, SolverError, SpecError
 from lloptim.formulations.binpacking import binpacking_data, loads
 from lloptim.formulations.lp_bound import lp_prices

@@ -18,7 +18,6 @@ from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy, RunContext
 from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import AssignedQueues, GlobalQueue
-from lloptim.work import request_work_s
 
 __all__ = ["OfflinePlan", "offline_policy", "hybrid_policy"]
 
