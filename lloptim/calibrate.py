@@ -338,11 +338,12 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     tra = [p for p in points if p[0] == "transfer"]
     a_p, b_p, r2_p = fit_prefill([p[2] for p in pre], [p[3] for p in pre])
     a_d, b_d, c_d, r2_d = fit_decode([p[1] for p in dec], [p[2] for p in dec], [p[3] for p in dec])
-    # a transfer is linear in the tokens moved, the same form as a prefill
-    a_t, b_t, _ = fit_prefill([p[2] for p in tra], [p[3] for p in tra])
+    # a transfer is linear in the tokens moved
+    moved = np.array([p[2] for p in tra])
+    (a_t, b_t), _ = _nnls_relative(np.column_stack([np.ones_like(moved), moved]), [p[3] for p in tra])
     if a_p + b_p <= 0 or a_d + b_d <= 0:  # pragma: no cover - only with absurd measurements
         raise SpecError("calibration", "the fit gives iterations that take no time", "use a larger grid")
-    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=a_t, kv_transfer_per_token_s=b_t)
+    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=float(a_t), kv_transfer_per_token_s=float(b_t))
     predict = {"prefill": lambda b, tok: lat.prefill_time(tok), "decode": lat.decode_time,
                "transfer": lambda b, tok: lat.transfer_time(tok)}
     out = [CalibrationPoint(k, b, tok, sec, predict[k](b, tok)) for k, b, tok, sec in points]

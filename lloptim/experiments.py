@@ -199,11 +199,11 @@ def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4,
     """
     bound = lower_bound(problem)
     out = []
+    forecasts = [(float(s), estimate(problem.workload, "noisy", sigma=s, seed=seed)) for s in sigmas]
     for name in policies:
-        for s in sigmas:
-            est = estimate(problem.workload, "noisy", sigma=s, seed=seed)
+        for s, est in forecasts:
             m = summarize(run_policy(problem, name, estimates=est, seed=seed), bound)
-            out.append({"policy": name, "sigma": float(s), "makespan_s": m.makespan_s, "utilization": m.utilization,
+            out.append({"policy": name, "sigma": s, "makespan_s": m.makespan_s, "utilization": m.utilization,
                         "gap_to_bound": m.gap_to_bound})
     return out
 

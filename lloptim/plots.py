@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lloptim.experiments import unknown_lengths_key  # noqa: E402
 from lloptim.runtime.engine import RunResult  # noqa: E402
 
 __all__ = ["plot_timeline", "plot_reproduction"]
@@ -96,7 +97,7 @@ def plot_reproduction(report: dict, results: dict[str, RunResult], path: str | P
             rows = [n for n in noise if n["policy"] == name]
             ax.plot([n["sigma"] for n in rows], [100 * n["gap_to_bound"] for n in rows], "o-", color=f"C{i}",
                     label=f"{name}, noisy forecasts")
-            unk = report["policies"].get(name.replace("-", "_") + "_unknown_lengths")
+            unk = report["policies"].get(unknown_lengths_key(name))
             if unk:
                 ax.axhline(100 * unk["gap_to_bound"], color=f"C{i}", ls="--",
                            label=f"{name}, {report.get('estimator')} estimator")

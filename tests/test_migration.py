@@ -138,10 +138,14 @@ def test_cli_simulate_migrate(tmp_path):
     spec.write_text('[workload]\nsource = "synthetic"\nn = 40\nseed = 3\n\n'
                     '[[instances]]\nprofile = "llama-65b"\nclients = 4\n\n'
                     '[[instances]]\nprofile = "llama-65b"\nclients = 2\n')
-    res = CliRunner().invoke(app, ["simulate", str(spec), "--policy", "baseline", "--migrate", "--json"])
-    assert res.exit_code == 0, res.output
-    d = json.loads(res.stdout)
-    assert d["policy"] == "baseline+migrate" and d["requests_completed"] == 40 and d["migrations"] >= 0
+    runs = {}
+    for flags in ([], ["--migrate"]):
+        res = CliRunner().invoke(app, ["simulate", str(spec), "--policy", "baseline", *flags, "--json"])
+        assert res.exit_code == 0, res.output
+        runs[bool(flags)] = json.loads(res.stdout)
+    d = runs[True]
+    assert d["policy"] == "baseline+migrate" and d["requests_completed"] == 40 and d["migrations"] >= 1
+    assert runs[False]["migrations"] == 0 and d["makespan_s"] < runs[False]["makespan_s"]
 
 
 @pytest.mark.torch

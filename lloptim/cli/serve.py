@@ -193,7 +193,6 @@ def serve(
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
-    from lloptim.runtime.policy import Policy
     from lloptim.runtime.registry import make_policy
     from lloptim.simulator import run_policy
 
@@ -215,7 +214,7 @@ def serve(
         else:
             prof = load_profile("llama-65b")
         problem = _serving_problem(spec, prof, clients, instances, requests)
-        def make() -> Policy:
+        def make():
             return with_migration(policy) if migrate else make_policy(policy)
 
         predicted = run_policy(problem, make())

@@ -152,7 +152,7 @@ class EndGameMigration:
         if not destination.idle or destination.waiting or not self.can[destination.index]:
             return None
         lat_b = destination.latency
-        b_clients, b_rem, b_kv = self._remaining(engine, destination)
+        _, b_rem, b_kv = self._remaining(engine, destination)
         finish_b = expected_finish_s(destination.now, lat_b, b_rem, b_kv)
         worst, worst_finish, worst_parts = None, finish_b, None
         for src in engine.states:
