@@ -9,23 +9,41 @@ Variables ``x[r, c] in {0, 1}`` (request ``r`` runs on global client ``c``) and 
 
 ``w[r, c]`` is the client-time of request ``r`` on client ``c``, seconds; it depends on ``c`` only
 through the client's instance, so identical instances give one weight per request. Global client
-indices are instance-major (:meth:`lloptim.problem.Problem.client_instance`). Column ``r * C + c``
-is ``x[r, c]``; the last column is ``T``.
+indices are instance-major (:meth:`lloptim.problem.Problem.client_instance`).
+
+Written with the modeling layer (:func:`binpacking_model`), in a few lines::
+
+    m = Model("binpacking")
+    x = m.add_variables("x", coords={"request": R, "client": C}, binary=True)
+    T = m.add_variables("T", lower=t_lower, upper=t_upper)
+    m.add_constraints("assign", x.sum("client") == 1)
+    m.add_constraints("load", (w * x).sum("request") <= T)
+    m.minimize(T)
+
+Compiled, column ``r * C + c`` is ``x[r, c]`` and the last column is ``T``.
+
+**The bound.** :func:`binpacking_lower_bound` is the best of the closed-form bounds and, when
+instances differ, the LP relaxation solved exactly over instances
+(:func:`lloptim.bounds.fractional_assignment_bound`: clients of one instance are identical, so the
+LP pools them); its optimal duals are the prices of client time (:func:`binpacking_prices`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from lloptim.formulations.model import LinearModel, ModelBuilder
+from lloptim.bounds import fractional_assignment_bound
 from lloptim.errors import SpecError
+from lloptim.formulations.compiled import LinearModel
+from lloptim.formulations.model import Model
 from lloptim.problem import Problem
 from lloptim.work import request_work_s
 
-__all__ = ["BinPackingData", "binpacking_data", "binpacking_lower_bound", "build_binpacking", "loads",
-           "assignment_to_x", "x_to_assignment"]
+__all__ = ["BinPackingData", "binpacking_data", "binpacking_lower_bound", "binpacking_prices", "binpacking_model",
+           "build_binpacking", "loads", "assignment_to_x", "x_to_assignment", "assignment_values"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +88,21 @@ class BinPackingData:
         if self.uniform:
             return self.inst_weights[:, 0]
         return self.inst_weights[np.arange(self.n_requests), self.client_instance[assignment]]
+
+    @cached_property
+    def fleet_lp(self) -> tuple[float, np.ndarray]:
+        """The LP relaxation over instances: ``(bound, mu)``, seconds and per-instance prices.
+
+        Solved once per instance by :func:`lloptim.bounds.fractional_assignment_bound` (clients
+        of one instance are identical, so the LP over clients equals the LP over instances with
+        each instance's client count as its capacity). ``mu[i]`` is the share of the makespan
+        price on instance ``i``'s clients (sums to 1). For identical clients it is
+        ``(mean weight, [1])`` without a solve.
+        """
+        if self.uniform:
+            return float(self.inst_weights[:, 0].sum()) / max(self.n_clients, 1), np.ones(1)
+        counts = np.bincount(self.client_instance, minlength=self.inst_weights.shape[1]).astype(np.float64)
+        return fractional_assignment_bound(self.inst_weights.T, counts, return_prices=True)
 
 
 def binpacking_data(problem: Problem, weights: np.ndarray | None = None,
@@ -120,7 +153,19 @@ def binpacking_lower_bound(data: BinPackingData) -> float:
     ``w_(k)`` the ``k``-th largest: the average load, the largest job, and (identical clients only)
     two of the ``C + 1`` largest jobs sharing a client. When every weight is a whole number (e.g.
     ``P||Cmax`` in decode steps, weights = output tokens) every load is too, so the average is
-    rounded up. Every feasible assignment's makespan is >= it.
+    rounded up. When instances differ, the LP relaxation over instances (:attr:`BinPackingData.fleet_lp`,
+    exact) is a bound too, usually far stronger than the average. Every feasible assignment's
+    makespan is >= it.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance (weights in seconds).
+
+    Returns
+    -------
+    float
+        The bound, seconds.
     """
     w = data.w
     C = data.n_clients
@@ -132,7 +177,36 @@ def binpacking_lower_bound(data: BinPackingData) -> float:
         top = np.partition(w, w.size - C - 1)[w.size - C - 1:]
         top.sort()
         bound = max(bound, float(top[0] + top[1]))
+    if not data.uniform:
+        bound = max(bound, data.fleet_lp[0])
     return bound
+
+
+def binpacking_prices(data: BinPackingData) -> dict[str, np.ndarray]:
+    """Optimal LP prices of client time: ``{"load": (C,), "assign": (R,)}``.
+
+    ``load[c]`` is the makespan seconds per second of client ``c``'s capacity lost (>= 0, summing
+    to 1; the same for every client of an instance); ``assign[r] = min_c load[c] w[r, c]`` is the
+    makespan seconds request ``r`` costs, and ``assign.sum()`` is the LP bound. From
+    :attr:`BinPackingData.fleet_lp` (uniform ``1/C`` for identical clients).
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance (weights in seconds).
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        The prices.
+    """
+    C = data.n_clients
+    if data.uniform:
+        return {"load": np.full(C, 1.0 / C), "assign": data.w / C}
+    mu = data.fleet_lp[1]
+    counts = np.bincount(data.client_instance, minlength=mu.size).astype(np.float64)
+    per_inst = mu / np.maximum(counts, 1)
+    return {"load": per_inst[data.client_instance], "assign": (data.inst_weights * per_inst[None, :]).min(axis=1)}
 
 
 def loads(data: BinPackingData, assignment: np.ndarray) -> np.ndarray:
@@ -203,32 +277,76 @@ def x_to_assignment(data: BinPackingData, x: np.ndarray) -> np.ndarray | None:
     return a.astype(np.int64) if bool(ok.all()) else None
 
 
-def build_binpacking(data: BinPackingData, t_lower: float | None = None, t_upper: float | None = None,
-                     integer: bool = True) -> LinearModel:
-    """The bin-packing MIP (or its LP relaxation when ``integer=False``) as a :class:`LinearModel`.
+def assignment_values(data: BinPackingData, assignment: np.ndarray) -> dict[str, np.ndarray]:
+    """Values of the variables of :func:`binpacking_model` that encode ``assignment`` (a MIP start).
 
     Parameters
     ----------
-    data
+    data : BinPackingData
         The instance.
-    t_lower
+    assignment : numpy.ndarray
+        Global client index of each request, int, shape ``(R,)``.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``"x"``: the one-hot ``(R, C)`` matrix; ``"T"``: the assignment's makespan, seconds.
+    """
+    x = np.zeros((data.n_requests, data.n_clients))
+    x[np.arange(data.n_requests), assignment] = 1.0
+    return {"x": x, "T": float(loads(data, assignment).max(initial=0.0))}
+
+
+def binpacking_model(data: BinPackingData, t_lower: float | None = None, t_upper: float | None = None,
+                     integer: bool = True) -> Model:
+    """The bin-packing MIP (or its LP relaxation when ``integer=False``) as a :class:`~lloptim.Model`.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    t_lower : float or None
         Lower bound on ``T``, seconds (default: none; pass :func:`binpacking_lower_bound` to tighten).
-    t_upper
+    t_upper : float or None
         Upper bound on ``T``, seconds (e.g. an incumbent's makespan).
-    integer
+    integer : bool
         Binary ``x`` (default) or continuous ``x`` in ``[0, 1]``.
+
+    Returns
+    -------
+    Model
+        Variables ``x`` (request, client) and ``T``; families ``assign`` (one row per request) and
+        ``load`` (one row per client); objective ``min T`` (seconds).
     """
     R, C = data.n_requests, data.n_clients
-    b = ModelBuilder("binpacking")
-    b.add_block("x", R * C, lo=0.0, hi=1.0, integer=integer)
-    b.add_block("T", 1, lo=-np.inf if t_lower is None else t_lower, hi=np.inf if t_upper is None else t_upper)
-    r = np.repeat(np.arange(R), C)
-    c = np.tile(np.arange(C), R)
-    cols = np.arange(R * C)
-    b.add_group("assign", R, {"x": (r, cols, 1.0)}, lo=1.0, hi=1.0)
-    wvals = np.broadcast_to(data.inst_weights[:, data.client_instance] if not data.uniform
-                            else data.inst_weights, (R, C)).ravel()
-    b.add_group("load", C, {"x": (c, cols, wvals), "T": (np.arange(C), np.zeros(C, np.int64), -1.0)}, hi=0.0)
-    cost = np.zeros(R * C + 1)
-    cost[-1] = 1.0
-    return b.build(cost, meta={"R": R, "C": C})
+    w = data.inst_weights[:, data.client_instance] if not data.uniform else data.inst_weights  # (R, C) or (R, 1)
+    m = Model("binpacking")
+    x = m.add_variables("x", coords={"request": R, "client": C}, binary=integer, upper=np.inf if integer else 1.0)
+    T = m.add_variables("T", lower=-np.inf if t_lower is None else t_lower,
+                        upper=np.inf if t_upper is None else t_upper)
+    m.add_constraints("assign", x.sum("client") == 1)
+    m.add_constraints("load", (w * x).sum("request") <= T)
+    m.minimize(T)
+    m.meta.update(R=R, C=C)
+    return m
+
+
+def build_binpacking(data: BinPackingData, t_lower: float | None = None, t_upper: float | None = None,
+                     integer: bool = True) -> LinearModel:
+    """The compiled form of :func:`binpacking_model` (same arguments): what a backend consumes.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    t_lower, t_upper : float or None
+        Bounds on ``T``, seconds.
+    integer : bool
+        Binary ``x`` (default) or continuous ``x`` in ``[0, 1]``.
+
+    Returns
+    -------
+    LinearModel
+        Column ``r * C + c`` is ``x[r, c]``, the last column ``T``; groups ``assign`` then ``load``.
+    """
+    return binpacking_model(data, t_lower, t_upper, integer).compile()

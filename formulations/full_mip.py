@@ -36,28 +36,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from lloptim.errors import SpecError
-from lloptim.formulations.model import LinearModel, ModelBuilder
+from lloptim.formulations.compiled import LinearModel
+from lloptim.formulations.model import Model
 from lloptim.problem import Problem
 
-__all__ = ["build_full_mip", "FullMipSchedule", "decode_schedule", "start_from_run", "MAX_FULL_MIP_CELLS"]
+__all__ = ["full_mip_model", "build_full_mip", "FullMipSchedule", "decode_schedule", "start_from_run", "MAX_FULL_MIP_CELLS"]
 
 #: Largest model :func:`build_full_mip` accepts, in request-slot cells (count of ``R * K``: requests
 #: times iteration slots); beyond it branch and bound takes hours, so the build refuses early.
 MAX_FULL_MIP_CELLS = 20_000
 
 
-def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower: float | None = None) -> LinearModel:
-    """The full MIP of ``problem`` (one instance) as a :class:`LinearModel`; objective = makespan, s.
+def full_mip_model(problem: Problem, horizon: int | None = None, makespan_lower: float | None = None) -> Model:
+    """The full MIP of ``problem`` (one instance) as a :class:`~lloptim.Model`; objective = makespan, s.
 
     Parameters
     ----------
-    problem
+    problem : Problem
         A single-instance problem with few requests and short outputs.
-    horizon
+    horizon : int or None
         Iteration slots ``K``; default ``R + sum(output_tokens)`` (exact; see the module docstring).
-    makespan_lower
+    makespan_lower : float or None
         A valid lower bound on the makespan, seconds (e.g. ``lower_bound(problem).total_s``), put on
         ``t[K]`` so branch and bound stops as soon as an incumbent reaches it.
+
+    Returns
+    -------
+    Model
+        Variables ``y, v`` (slot), ``s, d, e, q, dc, kv`` (request, slot) and ``t`` (slot start
+        times, seconds, ``K + 1`` of them); the constraint families of the module docstring.
 
     Raises
     ------
@@ -79,73 +86,77 @@ def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower:
     if R * K > MAX_FULL_MIP_CELLS:
         raise SpecError("problem", f"full MIP would have {R}x{K} request-slot cells (> {MAX_FULL_MIP_CELLS})",
                         "use the bin-packing formulation, fewer requests or shorter outputs")
+    from lloptim.bounds import decode_steps_lower_bound
 
-    RK = R * K
-    rk_r = np.repeat(np.arange(R), K)          # request of cell (r, k), r-major
-    rk_k = np.tile(np.arange(K), R)            # slot of cell (r, k)
-    cell = np.arange(RK)
-    prev = cell - 1                            # cell (r, k-1); invalid where k == 0
-    has_prev = rk_k > 0
-
-    b = ModelBuilder("full_mip")
-    b.add_block("y", K, 0, 1, integer=True)
-    b.add_block("v", K, 0, 1, integer=True)
-    b.add_block("s", RK, 0, 1, integer=True)
-    b.add_block("d", RK, 0, 1, integer=True)
-    b.add_block("e", RK, 0, 1, integer=True)
-    b.add_block("q", RK, 0, 1)
-    b.add_block("dc", RK, 0, np.repeat(o, K))
-    b.add_block("kv", RK, 0, np.inf)
+    cells = {"request": R, "slot": K}
+    m = Model("full_mip")
+    y = m.add_variables("y", coords={"slot": K}, binary=True)
+    v = m.add_variables("v", coords={"slot": K}, binary=True)
+    s = m.add_variables("s", coords=cells, binary=True)
+    d = m.add_variables("d", coords=cells, binary=True)
+    e = m.add_variables("e", coords=cells, binary=True)
+    q = m.add_variables("q", coords=cells, upper=1.0)
+    dc = m.add_variables("dc", coords=cells, upper=o[:, None])
+    kv = m.add_variables("kv", coords=cells)
     t_lo = np.zeros(K + 1)
     if makespan_lower is not None:
         t_lo[K] = float(makespan_lower)
-    b.add_block("t", K + 1, t_lo, np.inf)
+    t = m.add_variables("t", shape=K + 1, lower=t_lo)
 
-    ones = np.ones(RK)
-    b.add_group("prefill_once", R, {"s": (rk_r, cell, ones)}, 1, 1)
-    b.add_group("decode_count", R, {"d": (rk_r, cell, ones)}, o, o)
-    b.add_group("finish_once", R, {"e": (rk_r, cell, ones)}, 1, 1)
-    b.add_group("kind", K, {"y": (np.arange(K), np.arange(K), 1.0), "v": (np.arange(K), np.arange(K), 1.0)}, hi=1)
-    b.add_group("prefill_kind", RK, {"s": (cell, cell, 1.0), "y": (cell, rk_k, -1.0)}, hi=0)
-    b.add_group("decode_kind", RK, {"d": (cell, cell, 1.0), "v": (cell, rk_k, -1.0)}, hi=0)
-    # q[r,k] = q[r,k-1] + s[r,k] - e[r,k-1]: occupancy from the prefill slot to the last decode
-    pr = cell[has_prev]
-    b.add_group("active", RK, {"q": (np.concatenate([cell, pr]), np.concatenate([cell, prev[has_prev]]),
-                                     np.concatenate([ones, -np.ones(pr.size)])),
-                               "s": (cell, cell, -1.0), "e": (pr, prev[has_prev], 1.0)}, 0, 0)
-    b.add_group("decode_active", RK, {"d": (cell, cell, 1.0), "q": (cell, cell, -1.0)}, hi=0)
+    m.add_constraints("prefill_once", s.sum("slot") == 1)
+    m.add_constraints("decode_count", d.sum("slot") == o)
+    m.add_constraints("finish_once", e.sum("slot") == 1)
+    m.add_constraints("kind", y + v <= 1)
+    m.add_constraints("prefill_kind", s - y <= 0)
+    m.add_constraints("decode_kind", d - v <= 0)
+    # occupancy from the prefill slot to the last decode: q[r,k] = q[r,k-1] + s[r,k] - e[r,k-1]
+    m.add_constraints("active", q - q.shift(1, "slot") - s + e.shift(1, "slot") == 0)
+    m.add_constraints("decode_active", d - q <= 0)
     # an occupied client decodes in every decode slot: d >= q - y (no pausing, no empty slot mid-run)
-    b.add_group("decode_forced", RK, {"d": (cell, cell, 1.0), "q": (cell, cell, -1.0), "y": (cell, rk_k, 1.0)}, lo=0)
-    b.add_group("finish_on_decode", RK, {"e": (cell, cell, 1.0), "d": (cell, cell, -1.0)}, hi=0)
-    b.add_group("decode_cumsum", RK, {"dc": (np.concatenate([cell, pr]), np.concatenate([cell, prev[has_prev]]),
-                                             np.concatenate([ones, -np.ones(pr.size)])),
-                                      "d": (cell, cell, -1.0)}, 0, 0)
+    m.add_constraints("decode_forced", d - q + y >= 0)
+    m.add_constraints("finish_on_decode", e - d <= 0)
+    m.add_constraints("decode_cumsum", dc - dc.shift(1, "slot") - d == 0)
     # kv[r,k] >= (p_r + o_r) d[r,k] + dc[r,k-1] - o_r   (exact big-M form of (p_r + dc) * d)
-    b.add_group("kv_tokens", RK, {"kv": (cell, cell, 1.0), "d": (cell, cell, -(p + o)[rk_r]),
-                                  "dc": (pr, prev[has_prev], -1.0)}, lo=-o[rk_r])
-    b.add_group("clients", K, {"q": (rk_k, cell, ones)}, hi=inst.clients)
-    b.add_group("kv_capacity", K, {"q": (rk_k, cell, need[rk_r])}, hi=inst.kv_capacity_tokens)
-    ks = np.arange(K)
-    b.add_group("duration", K, {
-        "t": (np.concatenate([ks, ks]), np.concatenate([ks + 1, ks]), np.concatenate([np.ones(K), -np.ones(K)])),
-        "y": (ks, ks, -lat.prefill_base_s), "v": (ks, ks, -lat.decode_base_s),
-        "s": (rk_k, cell, -lat.prefill_per_token_s * p[rk_r]), "d": (rk_k, cell, -lat.decode_per_seq_s),
-        "kv": (rk_k, cell, -lat.decode_per_kv_token_s)}, lo=0)
-    b.add_group("arrival", RK, {"t": (cell, rk_k, 1.0), "s": (cell, cell, -w.arrival_s[rk_r])}, lo=0)
-    b.add_group("used_first", K - 1, {"y": (np.r_[ks[:-1], ks[:-1]], np.r_[ks[:-1], ks[1:]],
-                                            np.r_[np.ones(K - 1), -np.ones(K - 1)]),
-                                      "v": (np.r_[ks[:-1], ks[:-1]], np.r_[ks[:-1], ks[1:]],
-                                            np.r_[np.ones(K - 1), -np.ones(K - 1)])}, lo=0)
+    m.add_constraints("kv_tokens", kv - (p + o)[:, None] * d - dc.shift(1, "slot") >= -o[:, None])
+    m.add_constraints("clients", q.sum("request") <= inst.clients)
+    m.add_constraints("kv_capacity", (need[:, None] * q).sum("request") <= inst.kv_capacity_tokens)
+    m.add_constraints("duration", t[1:] - t[:-1] - lat.prefill_base_s * y - lat.decode_base_s * v
+                      - (lat.prefill_per_token_s * p[:, None] * s).sum("request")
+                      - lat.decode_per_seq_s * d.sum("request") - lat.decode_per_kv_token_s * kv.sum("request") >= 0)
+    m.add_constraints("arrival", t[:-1] - w.arrival_s[:, None] * s >= 0)
+    m.add_constraints("used_first", (y + v)[:-1] - (y + v)[1:] >= 0)
     # valid counting cuts (they tighten the LP): at least ceil(R / C) prefills and as many decode
     # slots as the P||Cmax bound on decode steps (lloptim.bounds.decode_steps_lower_bound)
-    from lloptim.bounds import decode_steps_lower_bound
+    m.add_constraints("min_prefills", y.sum() >= -(-R // inst.clients))
+    m.add_constraints("min_decodes", v.sum() >= decode_steps_lower_bound(w.output_tokens, inst.clients))
+    m.minimize(t[K])
+    m.meta.update(R=R, K=K, C=inst.clients)
+    return m
 
-    b.add_group("min_prefills", 1, {"y": (np.zeros(K, np.int64), ks, 1.0)}, lo=-(-R // inst.clients))
-    b.add_group("min_decodes", 1, {"v": (np.zeros(K, np.int64), ks, 1.0)},
-                lo=decode_steps_lower_bound(w.output_tokens, inst.clients))
-    cost = np.zeros(b.n_cols)
-    cost[b._blocks["t"].stop - 1] = 1.0
-    return b.build(cost, meta={"R": R, "K": K, "C": inst.clients})
+
+def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower: float | None = None) -> LinearModel:
+    """The compiled form of :func:`full_mip_model` (same arguments): what a backend consumes.
+
+    Parameters
+    ----------
+    problem : Problem
+        A single-instance problem with few requests and short outputs.
+    horizon : int or None
+        Iteration slots ``K`` (default: exact, ``R + sum(output_tokens)``).
+    makespan_lower : float or None
+        A valid lower bound on the makespan, seconds.
+
+    Returns
+    -------
+    LinearModel
+        Blocks ``y, v, s, d, e, q, dc, kv, t`` (request-major cells), ``meta`` with ``R``, ``K``, ``C``.
+
+    Raises
+    ------
+    SpecError
+        Several instances, a horizon too short to serve every request, or a model too large.
+    """
+    return full_mip_model(problem, horizon, makespan_lower).compile()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.errors import SpecError
 from lloptim.formulations.binpacking import BinPackingData, build_binpacking
-from lloptim.formulations.model import LinearModel
+from lloptim.formulations.compiled import LinearModel
 from lloptim.problem import Problem
 
 __all__ = ["price_lp", "prices_from_duals", "lp_prices", "decode_steps_bound", "tightened_lower_bound"]

@@ -13,6 +13,8 @@ from lloptim.problem import Instance, Problem, Workload
 from lloptim.simulator import run_policy, simulate
 from lloptim.spec import default_problem, load_spec, parse_spec
 from lloptim import workloads
+from lloptim.formulations.model import Model
+from lloptim.solvers import SolveParams, SolveResult, register_formulation, solve
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ __all__ = [
     "LowerBound", "lower_bound", "LloptimError", "PolicyError", "ProfileError", "SolverError", "SpecError",
     "HardwareProfile", "LatencyModel", "load_profile", "RunMetrics", "summarize", "Instance", "Problem",
     "Workload", "run_policy", "simulate", "default_problem", "load_spec", "parse_spec", "workloads",
+    "Model", "solve", "SolveParams", "SolveResult", "register_formulation",
 ]

@@ -24,8 +24,8 @@ its share ``o_r / C_k`` of the decode steps and ``1 / C_k`` of the prefill itera
 fixed costs; the makespan is then at least the optimum of the *fractional* assignment
 ``min T s.t. sum_r v[k, r] y[k, r] <= T, sum_k y[k, r] = 1, y >= 0``. Its Lagrangian dual,
 ``max_lambda sum_r min_k lambda_k v[k, r]`` over ``lambda >= 0, sum_k lambda_k = 1`` (identical
-instances pooled), gives a valid bound for *any* ``lambda``, so it is maximized numerically (golden
-section for two kinds of instance, exponentiated-gradient ascent for more) and never overstates.
+instances pooled), gives a valid bound for *any* ``lambda``; the LP is solved exactly by HiGHS and
+its optimal ``lambda`` evaluated, so the bound is the LP optimum and never overstates it.
 A request can never finish before ``arrival + its own minimal time``.
 """
 
@@ -106,14 +106,16 @@ def decode_steps_lower_bound(output_tokens: np.ndarray, clients: int) -> int:
     return bound
 
 
-def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations: int = 400) -> float:
-    """Lower bound on ``min T s.t. sum_r work[j, r] y[j, r] <= count[j] T, sum_j y[j, r] = 1, y >= 0``, seconds.
+def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations: int | None = None,
+                                return_prices: bool = False):
+    """``min T s.t. sum_r work[j, r] y[j, r] <= count[j] T, sum_j y[j, r] = 1, y >= 0``, seconds, exactly.
 
-    The fractional assignment of requests to ``count[j]`` identical machines of kind ``j``. By
-    weak duality every ``mu`` in the simplex gives ``g(mu) = sum_r min_j (mu_j / count[j]) work[j, r]
-    <= T*``; ``g`` is concave, so it is maximized by golden-section search for two kinds and by
-    exponentiated-gradient ascent for more, and the best value seen is returned (never above
-    the optimum).
+    The fractional assignment of requests to ``count[j]`` identical machines of kind ``j``, solved
+    as a linear program by HiGHS (``scipy.optimize.linprog``). The returned value is not HiGHS's
+    objective but the dual certificate it yields: with ``mu_j`` the capacity rows' duals
+    normalized onto the simplex, weak duality gives ``g(mu) = sum_r min_j (mu_j / count[j])
+    work[j, r] <= T*`` for *any* such ``mu``, so the bound never overstates the optimum whatever the
+    solver's tolerances, and equals it (to round-off) at the optimal duals.
 
     Parameters
     ----------
@@ -122,46 +124,49 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     count
         ``(J,)`` machines of each kind (count).
     iterations
-        Iterations of the search.
+        Ignored (the bound used to be searched numerically); kept for callers that pass it.
+    return_prices
+        Also return ``mu``, the prices of each kind's capacity (dimensionless, summing to 1: makespan
+        seconds per second of that kind's total machine time lost).
 
     Returns
     -------
-    float
-        The bound, seconds.
+    float or tuple
+        The bound, seconds; with ``return_prices``, ``(bound, mu)``.
     """
+    from scipy.optimize import linprog
+    import scipy.sparse as sp
+
     work = np.asarray(work, dtype=np.float64)
     count = np.asarray(count, dtype=np.float64)
+    J, R = work.shape
     scaled = work / count[:, None]
 
     def g(mu: np.ndarray) -> float:
-        return float((mu[:, None] * scaled).min(axis=0).sum())
+        return float((mu[:, None] * scaled).min(axis=0).sum()) if R else 0.0
 
-    J = work.shape[0]
-    if J == 1:
-        return g(np.ones(1))
-    if J == 2:
-        lo, hi = 0.0, 1.0
-        ratio = (np.sqrt(5.0) - 1.0) / 2.0
-        best = max(g(np.array([0.0, 1.0])), g(np.array([1.0, 0.0])))
-        for _ in range(min(iterations, 80)):
-            a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-            ga, gb = g(np.array([a, 1.0 - a])), g(np.array([b, 1.0 - b]))
-            best = max(best, ga, gb)
-            if ga < gb:
-                lo = a
-            else:
-                hi = b
-        return best
-    mu = np.full(J, 1.0 / J)
-    best = g(mu)
-    for t in range(1, iterations + 1):
-        arg = np.argmin(mu[:, None] * scaled, axis=0)
-        grad = np.bincount(arg, weights=scaled[arg, np.arange(scaled.shape[1])], minlength=J)
-        step = 1.0 / np.sqrt(t)
-        mu = mu * np.exp(step * (grad - grad.max()) / max(float(np.abs(grad).max()), 1e-300))
-        mu /= mu.sum()
-        best = max(best, g(mu))
-    return best
+    mu = np.ones(1)
+    if J > 1 and R:
+        # columns y[j, r] (j-major) and T; rows: J capacity rows, R assignment rows
+        n = J * R
+        cap = sp.csr_matrix((np.r_[work.ravel(), -count], (np.r_[np.repeat(np.arange(J), R), np.arange(J)],
+                                                            np.r_[np.arange(n), np.full(J, n)])), shape=(J, n + 1))
+        assign = sp.csr_matrix((np.ones(n), (np.tile(np.arange(R), J), np.arange(n))), shape=(R, n + 1))
+        cost = np.zeros(n + 1)
+        cost[-1] = 1.0
+        res = linprog(cost, A_ub=cap, b_ub=np.zeros(J), A_eq=assign, b_eq=np.ones(R),
+                      bounds=[(0, None)] * n + [(None, None)], method="highs")
+        lam = -np.asarray(res.ineqlin.marginals, dtype=np.float64) if res.status == 0 else None
+        if lam is None or not np.isfinite(lam).all() or (lam * count).clip(min=0).sum() <= 0:
+            mu = np.full(J, 1.0 / J)  # no duals (a solver failure): any simplex point is still a bound
+        else:
+            mu = (lam * count).clip(min=0)
+            mu /= mu.sum()
+        # the pure kinds are bounds too; keep the best (it matters only if the LP failed)
+        best = max(range(J + 1), key=lambda k: g(mu if k == J else np.eye(J)[k]))
+        mu = mu if best == J else np.eye(J)[best]
+    bound = g(mu)
+    return (bound, mu) if return_prices else bound
 
 
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,

@@ -1,106 +1,84 @@
-"""The solve pipeline every backend shares: validation, bounds, incumbent, guard, checks, result.
+"""``lloptim.solve``: one entry point for any model, and for a problem through a formulation.
 
-:func:`solve` always
+``solve(model, solver)`` compiles a :class:`~lloptim.Model`, checks the backend's memory estimate,
+hands the matrix form to the backend and maps the answer back (``value(x)``, ``dual("load")``).
 
-1. validates the inputs (naming the offending field);
-2. computes the closed-form lower bound and an LPT + local-search incumbent (improved by a valid
-   warm start), so every backend starts from a bound and a feasible answer;
-3. for MIP backends, builds the model with ``T >= bound`` and ``T <= incumbent`` and hands over the
-   incumbent as a MIP start, after checking the backend's memory estimate (:func:`memory_guard`);
-4. checks the backend's answer (every request on exactly one valid client), recomputes its objective
-   from the weights, and keeps the incumbent when the backend has nothing better (a time-out
-   without a solution, an infeasible vector): a limit never turns into an error;
-5. attaches prices of client time and the timings and memory high-water mark.
+``solve(problem, solver, formulation=...)`` runs a registered formulation
+(:mod:`lloptim.solvers.formulation_registry`) through the same steps every built-in one takes:
+
+1. validate the inputs (naming the offending field) and compute the formulation's numbers;
+2. compute its proven bound and a heuristic start (the *incumbent*), within the time limit;
+3. if the start already meets ``rel_gap`` against the bound, stop: the answer is proven, and the
+   result says the requested backend was skipped (``SolveParams(always_run=True)`` runs it
+   anyway);
+4. otherwise build the model (tightened with the bound and the start's objective), check the
+   backend's memory estimate (:func:`~lloptim.solvers.limits.memory_guard`), and solve it with
+   the start as a MIP start, with whatever is left of the time limit;
+5. check the backend's answer (feasible for the model, decoded, objective recomputed from the
+   problem), keep the start when the backend has nothing better (a time-out, a crash): a limit
+   never turns into an error;
+6. report the best bound known (the formulation's, the backend's, and the one its prices prove),
+   the status, which backend's work is returned, and the timings.
+
+Heuristic backends (``greedy``, ``lagrangian``) solve a formulation directly instead of step 4.
 """
 
 from __future__ import annotations
 
-import resource
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
 
 from lloptim.errors import ModelTooLargeError, SolverError, SpecError
-from lloptim.formulations.binpacking import (BinPackingData, assignment_to_x, binpacking_data,
-                                             binpacking_lower_bound, build_binpacking, loads, x_to_assignment)
-from lloptim.formulations.model import LinearModel
+from lloptim.formulations.binpacking import BinPackingData
+from lloptim.formulations.compiled import LinearModel
+from lloptim.formulations.model import Model
 from lloptim.problem import Problem
+from lloptim.solvers.formulation_registry import Formulation, Incumbent, get_formulation
+from lloptim.solvers.limits import Deadline, memory_guard, memory_limit_mb, peak_rss_mb
 from lloptim.solvers.params import SolveParams
-from lloptim.solvers.registry import Backend, get_backend
+from lloptim.solvers.registry import Backend, FormulationTask, Outcome, get_backend
 from lloptim.solvers.result import Limit, SolveResult, Termination
 
-__all__ = ["solve", "Outcome", "BinPackingTask", "solve_binpacking_as_mip", "memory_guard", "check_assignment",
-           "peak_rss_mb", "FORMULATIONS"]
+__all__ = ["solve", "Outcome", "FormulationTask", "BinPackingTask", "memory_guard", "check_assignment",
+           "peak_rss_mb", "relative_gap", "FORMULATIONS", "START_SHARE", "FEASIBILITY_TOL"]
 
-#: Names of the formulations :func:`solve` accepts for its ``formulation`` argument (no unit):
-#: the bin packing of :mod:`lloptim.formulations.binpacking` and the full MIP of
-#: :mod:`lloptim.formulations.full_mip`.
+#: Old name of :class:`~lloptim.solvers.registry.FormulationTask` (a bin packing's task).
+BinPackingTask = FormulationTask
+#: Names of the built-in formulations (more can be registered with
+#: :func:`~lloptim.solvers.formulation_registry.register_formulation`).
 FORMULATIONS = ("binpacking", "full_mip")
-MEM_FRACTION = 0.8  # share of the currently available memory a backend's estimate may claim
+#: Share of the time left that the start heuristic may use when a search follows (dimensionless).
+START_SHARE = 0.25
+#: Largest violation of a row, bound or integrality (relative to the row's scale) an answer may have.
+FEASIBILITY_TOL = 1e-6
 
 
-@dataclass
-class Outcome:
-    """What a backend hands back to the pipeline (before checks).
+def relative_gap(primal: float | None, dual: float | None, sense: str = "min") -> float | None:
+    """``|primal - dual| / |primal|`` with the sign that makes it >= 0 for valid bounds.
 
-    Attributes
+    Parameters
     ----------
-    assignment, x
-        The backend's solution as an assignment or as a model column vector (either may be None).
-    objective
-        The backend's own objective value (informational; the pipeline recomputes it), seconds.
-    bound
-        The backend's proven dual bound, seconds (None: none).
-    termination
-        ``OPTIMAL`` when the backend proved optimality, else ``FEASIBLE`` (or ``ERROR``/``INFEASIBLE``).
-    limit
-        What stopped it.
-    multipliers
-        Prices the backend computed itself (Lagrangian), or None.
-    extra
-        Details for :attr:`SolveResult.extra`.
+    primal : float or None
+        Objective of an answer.
+    dual : float or None
+        A bound on the optimum (below for ``min``, above for ``max``).
+    sense : str
+        ``"min"`` or ``"max"``.
+
+    Returns
+    -------
+    float or None
+        The relative gap (0 when both are 0, ``inf`` when only the answer is 0), None when
+        either is missing.
     """
-
-    assignment: np.ndarray | None = None
-    x: np.ndarray | None = None
-    objective: float | None = None
-    bound: float | None = None
-    termination: Termination = Termination.FEASIBLE
-    limit: Limit = Limit.NONE
-    multipliers: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class BinPackingTask:
-    """A bin-packing solve as backends see it.
-
-    Attributes
-    ----------
-    data
-        The instance.
-    bound
-        Closed-form lower bound, seconds.
-    incumbent
-        Best known assignment (greedy or warm start).
-    incumbent_obj
-        Its makespan, seconds.
-    params
-        The parameters.
-    """
-
-    data: BinPackingData
-    bound: float
-    incumbent: np.ndarray
-    incumbent_obj: float
-    params: SolveParams
-
-
-def peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory, MiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if primal is None or dual is None or not np.isfinite(primal) or not np.isfinite(dual):
+        return None
+    diff = max(0.0, (primal - dual) if sense == "min" else (dual - primal))
+    scale = abs(primal)
+    if scale < 1e-12:
+        return 0.0 if diff <= 1e-12 else float("inf")
+    return diff / scale
 
 
 def check_assignment(assignment, n_requests: int, n_clients: int) -> np.ndarray | None:
@@ -133,236 +111,332 @@ def check_assignment(assignment, n_requests: int, n_clients: int) -> np.ndarray 
     return a
 
 
-def memory_guard(backend: Backend, model: LinearModel, params: SolveParams) -> float:
-    """Refuse a model the backend cannot hold; return its estimate, MiB.
-
-    The limit is ``solver_options["max_mem_mb"]`` if given, else 80 % of the memory available now.
-
-    Parameters
-    ----------
-    backend : ~lloptim.solvers.registry.Backend
-        The backend that would solve the model (its :meth:`~lloptim.solvers.registry.Backend.estimate_mem_mb` is asked).
-    model : LinearModel
-        The model about to be handed to it.
-    params : SolveParams
-        The solve's parameters; ``solver_options["max_mem_mb"]`` (MiB), when present, is the limit.
-
-    Returns
-    -------
-    float
-        The backend's memory estimate for ``model``, MiB.
-
-    Raises
-    ------
-    ModelTooLargeError
-        When the backend's estimate exceeds the limit.
-    """
-    est = backend.estimate_mem_mb(model)
-    limit = params.solver_options.get("max_mem_mb")
-    if limit is None:
-        limit = MEM_FRACTION * psutil.virtual_memory().available / 2**20
-    if est > limit:
-        raise ModelTooLargeError(
-            f"{backend.name}: the {model.name} model ({model.n_integer:,} integer columns, {model.nnz:,} non-zeros) "
-            f"needs about {est / 1024:.1f} GiB, more than the {limit / 1024:.1f} GiB allowed "
-            f"(fix: use solver='highs' or 'greedy', fewer requests/clients, or raise solver_options['max_mem_mb'])")
-    return est
+def _violation(lm: LinearModel, x: np.ndarray) -> float:
+    """Largest violation of a row, bound or integrality, rows and bounds relative to their size."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape != (lm.n_cols,) or not np.isfinite(x).all():
+        return np.inf
+    ax = lm.A @ x
+    scale_r = 1.0 + np.abs(np.where(np.isfinite(lm.row_hi), lm.row_hi, np.where(np.isfinite(lm.row_lo), lm.row_lo, 0)))
+    scale_c = 1.0 + np.abs(np.where(np.isfinite(lm.col_hi), lm.col_hi, np.where(np.isfinite(lm.col_lo), lm.col_lo, 0)))
+    parts = [((lm.row_lo - ax) / scale_r).max(initial=0.0), ((ax - lm.row_hi) / scale_r).max(initial=0.0),
+             ((lm.col_lo - x) / scale_c).max(initial=0.0), ((x - lm.col_hi) / scale_c).max(initial=0.0)]
+    xi = x[lm.integrality]
+    parts.append(float(np.abs(xi - np.round(xi)).max(initial=0.0)) / 10)  # integrality: 1e-5 absolute
+    return float(max(parts))
 
 
-def _greedy_incumbent(data: BinPackingData, params: SolveParams) -> tuple[np.ndarray, float, dict]:
-    from lloptim.solvers.greedy import lpt, local_search
-
-    # stop polishing at a tenth of the requested gap: the MIP start needs no better
-    # and never past the caller's time limit: the incumbent is a start, not the answer
-    a = local_search(data, lpt(data), target=binpacking_lower_bound(data) * (1 + params.rel_gap / 10),
-                     time_limit_s=params.time_limit_s)
-    obj = float(loads(data, a).max())
-    src = "greedy"
-    warm = params.check_warm_start(data.n_requests, data.n_clients)
-    if warm is not None:
-        wobj = float(loads(data, warm).max())
-        if wobj < obj:
-            a, obj, src = warm, wobj, "warm_start"
-    return a, obj, {"incumbent_source": src, "incumbent_obj": obj}
+def _backend_params(params: SolveParams, deadline: Deadline) -> SolveParams:
+    """The parameters a backend receives: the time left now, the memory allowance, its own options."""
+    left = deadline.remaining()
+    return SolveParams(None if left is None else max(left, 1e-3), params.rel_gap, params.threads, params.seed,
+                       None, params.verbose, params.backend_options(), memory_limit_mb(params), False)
 
 
-def solve_binpacking_as_mip(backend: Backend, task: BinPackingTask) -> Outcome:
-    """Build the bin-packing MIP (tightened by the task's bound and incumbent) and solve it with ``backend``.
-
-    The makespan column ``T`` is bounded below by ``task.bound`` and above by ``task.incumbent_obj``
-    (plus a tiny slack, relative ``1e-9``, so the incumbent stays feasible), both seconds; the
-    incumbent is passed as a MIP start when the backend supports one.
-
-    Parameters
-    ----------
-    backend : ~lloptim.solvers.registry.Backend
-        A MIP backend (one that implements :meth:`~lloptim.solvers.registry.Backend.solve_model`).
-    task : BinPackingTask
-        The instance, its lower bound and incumbent (seconds) and the parameters.
-
-    Returns
-    -------
-    Outcome
-        The backend's outcome, with ``assignment`` decoded from its column vector when it gave only
-        ``x`` (None if that vector is not integral one-hot), and the model's sizes in
-        ``extra["model"]``.
-
-    Raises
-    ------
-    ModelTooLargeError
-        The backend's memory estimate for the model exceeds the limit (:func:`memory_guard`).
-    """
-    data = task.data
-    # a relative slack on the upper bound: a start with T exactly at the bound must stay feasible
-    model = build_binpacking(data, t_lower=task.bound, t_upper=task.incumbent_obj * (1 + 1e-9) + 1e-12)
-    memory_guard(backend, model, task.params)
-    start = assignment_to_x(data, task.incumbent) if backend.capabilities.supports_mip_start else None
-    out = backend.solve_model(model, start, task.params)
-    if out.x is not None and out.assignment is None:
-        out.assignment = x_to_assignment(data, out.x)
-    out.extra.setdefault("model", model.summary())
-    return out
+def _better(a: float | None, b: float | None, sense: str) -> bool:
+    """Whether objective ``a`` beats ``b`` (None never beats anything)."""
+    if a is None or not np.isfinite(a):
+        return False
+    if b is None or not np.isfinite(b):
+        return True
+    return a < b if sense == "min" else a > b
 
 
-PIPELINE_OPTIONS = ("always_run", "horizon")  # read by the pipeline, never passed to a backend
+def _tighter(bounds: list, sense: str) -> float | None:
+    vals = [float(b) for b in bounds if b is not None and np.isfinite(b)]
+    if not vals:
+        return None
+    return max(vals) if sense == "min" else min(vals)
 
 
-def _backend_params(params: SolveParams) -> SolveParams:
-    opts = {k: v for k, v in params.solver_options.items() if k not in PIPELINE_OPTIONS}
-    return SolveParams(params.time_limit_s, params.rel_gap, params.threads, params.seed, params.warm_start,
-                       params.verbose, opts)
+def _status(answer_ok: bool, gap: float | None, rel_gap: float, out: Outcome, heuristic: bool) -> tuple:
+    """Status and limit of a result (see :mod:`lloptim.solvers.result`)."""
+    if not answer_ok:
+        t = out.termination
+        if t in (Termination.INFEASIBLE, Termination.UNBOUNDED, Termination.ERROR):
+            return t, Limit.NONE
+        return Termination.NO_SOLUTION, out.limit
+    if out.termination is Termination.OPTIMAL and not heuristic:
+        return Termination.OPTIMAL, Limit.NONE
+    if gap is not None and gap <= rel_gap + 1e-12:
+        return Termination.OPTIMAL, Limit.NONE
+    if heuristic:
+        return Termination.HEURISTIC, out.limit
+    return Termination.FEASIBLE, out.limit if out.limit is not Limit.NONE else Limit.GAP
 
 
-def _finish(backend: Backend, formulation: str, params: SolveParams, out: Outcome, assignment, primal: float,
-            fallback_assignment, fallback_obj: float, bound: float, multipliers: dict, t0: float, t1: float,
-            extra: dict) -> SolveResult:
-    """Pick the better of the backend's answer and the incumbent, and assemble the result."""
-    if assignment is None or primal > fallback_obj:
-        if assignment is None:
-            extra["fallback"] = "backend returned no feasible assignment; kept the incumbent"
-        assignment, primal = fallback_assignment, fallback_obj
-    dual = bound if out.bound is None or not np.isfinite(out.bound) else max(bound, float(out.bound))
-    extra["backend_bound"] = out.bound
-    extra["backend_objective"] = out.objective
-    if dual > primal:  # a solver's bound can exceed the recomputed objective by round-off only
-        extra["bound_clipped_from"] = dual
-        dual = primal
-    gap = (primal - dual) / primal if primal > 0 else 0.0
-    if out.termination in (Termination.ERROR, Termination.INFEASIBLE) and assignment is not None:
-        extra["backend_termination"] = out.termination.value
-        status, limit = Termination.FEASIBLE, out.limit
-    elif out.termination is Termination.OPTIMAL or gap <= params.rel_gap + 1e-12:
-        status, limit = Termination.OPTIMAL, Limit.NONE
-    else:
-        status, limit = Termination.FEASIBLE, out.limit
-    extra.update(out.extra)
-    return SolveResult(status=status, limit=limit, primal_bound=float(primal), dual_bound=float(dual),
-                       gap=float(max(gap, 0.0)), assignment=assignment, multipliers=multipliers,
-                       build_s=t1 - t0, solve_s=time.perf_counter() - t1, peak_mem_mb=peak_rss_mb(),
-                       backend=backend.name, formulation=formulation, extra=extra)
+def _run_backend(backend: Backend, lm: LinearModel, x_start, params: SolveParams, deadline: Deadline) -> Outcome:
+    """Call the backend within the deadline; a crash becomes an ``ERROR`` outcome, never an exception."""
+    if deadline.expired():
+        return Outcome(termination=Termination.FEASIBLE, limit=Limit.TIME,
+                       extra={"note": "no time was left for the search"})
+    try:
+        return backend.solve_model(lm, x_start, _backend_params(params, deadline))
+    except (SolverError, SpecError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a backend crash must not lose the start; keep it and say why
+        return Outcome(termination=Termination.ERROR, extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
-def solve(problem: Problem, solver: str = "greedy", params: SolveParams | None = None,
-          weights: np.ndarray | None = None, formulation: str = "binpacking",
-          estimates: np.ndarray | None = None) -> SolveResult:
-    """Assign the requests of ``problem`` to clients with backend ``solver``.
+def _read_x(lm: LinearModel, out: Outcome, extra: dict) -> np.ndarray | None:
+    """The backend's column vector if it is feasible for the model, else None (and why, in ``extra``)."""
+    if out.x is None:
+        return None
+    v = _violation(lm, out.x)
+    if v > FEASIBILITY_TOL:
+        extra["rejected_x"] = f"the backend's vector violates the model by {v:.3g}"
+        return None
+    return np.asarray(out.x, dtype=np.float64)
+
+
+def solve(model_or_problem, solver: str = "greedy", params: SolveParams | None = None,
+          weights: np.ndarray | None = None, formulation: str = "binpacking", estimates: np.ndarray | None = None,
+          start: dict | None = None, **options) -> SolveResult:
+    """Solve a :class:`~lloptim.Model`, or a problem through a formulation, with backend ``solver``.
 
     Parameters
     ----------
-    problem
-        The problem; clients of all instances are the bins (instance-major global indices).
-    solver
-        Backend name, see :func:`~lloptim.solvers.registry.available_solvers`.
-    params
-        :class:`SolveParams` (default: no time limit, ``rel_gap=1e-4``).
-    weights
-        Seconds of client time per request, ``(R,)`` or ``(R, n_instances)``; default
-        :func:`lloptim.work.request_work_s` (from ``estimates`` when given).
-    formulation
-        ``"binpacking"`` (every backend) or ``"full_mip"`` (MIP backends, one small instance; the
-        objective is then the served makespan and ``weights`` are ignored).
-    estimates
-        Output-length estimates for the default weights, tokens.
+    model_or_problem : Model or LinearModel or Problem
+        A model (solved as it is), or a problem (solved through ``formulation``).
+    solver : str
+        Backend name, see :func:`~lloptim.solvers.registry.available_solvers` (default
+        ``"greedy"``, which solves the bin packing only; models need ``highs``, ``cbc`` or
+        ``cvxpy``).
+    params : SolveParams or None
+        Time limit (seconds, for the whole call), gap, threads, seed, memory allowance (MiB)...
+        (default: no time limit, ``rel_gap=1e-4``).
+    weights : numpy.ndarray or None
+        Bin packing only: seconds of client time per request, ``(R,)`` or ``(R, n_instances)``;
+        default :func:`lloptim.work.request_work_s` (from ``estimates`` when given).
+    formulation : str
+        For a problem: a registered formulation, ``"binpacking"`` (default, every backend),
+        ``"full_mip"`` (model backends, one small instance) or a user's.
+    estimates : numpy.ndarray or None
+        Bin packing only: output-length estimates for the default weights, tokens.
+    start : dict or None
+        For a model: a feasible answer to start from, variable name -> values shaped like the
+        variable (a MIP start; the fallback answer if the search finds nothing better).
+    **options
+        Further options of the formulation's ``prepare`` hook (``horizon`` for the full MIP).
 
     Returns
     -------
     SolveResult
-        Always with a feasible assignment for the bin packing.
+        Status, limit, bounds, gap, the answer (``value(x)``, ``assignment`` for a problem),
+        duals of an LP (``dual(name)``), which backend ran, and timings.
 
     Raises
     ------
     SpecError
-        Unknown solver or formulation, bad parameters, weights or warm start.
+        Unknown solver or formulation, bad parameters, weights, options or start; the message
+        names the field (and never prints the model).
     SolverError
-        The backend's package is missing, or it cannot solve this formulation.
+        The backend's package is missing, or it cannot solve this kind of input.
     ModelTooLargeError
-        The backend's memory estimate for the model exceeds the available memory.
+        The backend's memory estimate for the model exceeds the allowance.
     """
-    t0 = time.perf_counter()
+    deadline = Deadline.starting_now(None)
     if params is None:
         params = SolveParams()
     if not isinstance(params, SolveParams):
         raise SpecError("params", f"must be a SolveParams, got {type(params).__name__}", "pass SolveParams(...)")
-    if formulation not in FORMULATIONS:
-        raise SpecError("formulation", f"unknown formulation {formulation!r}", f"use one of {list(FORMULATIONS)}")
+    deadline = Deadline(deadline.start, params.time_limit_s)
     backend = get_backend(solver)
-    if formulation not in backend.formulations:
-        raise SolverError(f"solver {solver!r} does not solve the {formulation!r} formulation "
-                          f"(fix: use one of {[n for n in ('highs', 'cbc', 'cvxpy')]})")
-    if formulation == "full_mip":
-        return _solve_full_mip(problem, backend, params, t0)
-    data = binpacking_data(problem, weights, estimates)
-    incumbent, inc_obj, extra = _greedy_incumbent(data, params)
-    bound = binpacking_lower_bound(data)
-    always = bool(params.solver_options.get("always_run", False))
-    backend_params = _backend_params(params)
-    task = BinPackingTask(data, bound, incumbent, inc_obj, backend_params)
+    if isinstance(model_or_problem, (Model, LinearModel)):
+        if weights is not None or estimates is not None or options or formulation != "binpacking":
+            bad = "weights" if weights is not None else "estimates" if estimates is not None else (
+                sorted(options)[0] if options else "formulation")
+            raise SpecError(bad, "applies to a problem, not to a model", "leave it out when solving a model")
+        return _solve_model(model_or_problem, backend, params, start, deadline)
+    if not isinstance(model_or_problem, Problem):
+        raise SpecError("model_or_problem", f"must be a lloptim.Model or a lloptim.Problem, got "
+                        f"{type(model_or_problem).__name__}", "build a Model, or load a Problem from a spec")
+    if start is not None:
+        raise SpecError("start", "applies to a model; a problem takes params.warm_start",
+                        "pass SolveParams(warm_start=assignment)")
+    form = get_formulation(formulation)
+    if not backend.solves(form.name):
+        models = [n for n in ("highs", "cbc", "cvxpy")]
+        raise SolverError(f"solver {solver!r} does not solve the {form.name!r} formulation "
+                          f"(fix: use one of {models})")
+    if weights is not None:
+        options["weights"] = weights
+    if estimates is not None:
+        options["estimates"] = estimates
+    return _solve_formulation(model_or_problem, form, backend, params, options, deadline)
+
+
+def _solve_model(model, backend: Backend, params: SolveParams, start: dict | None, deadline: Deadline) -> SolveResult:
+    if not backend.capabilities.supports_mip:
+        raise SolverError(f"solver {backend.name!r} solves the bin-packing formulation only, not a model "
+                          f"(fix: use solver='highs', 'cbc' or 'cvxpy')")
+    t0 = time.perf_counter()
+    built = model if isinstance(model, Model) else None
+    lm = model.compile() if built is not None else model
+    if "column_of_label" not in lm.meta:
+        lm.meta["column_of_label"] = np.arange(lm.n_cols)
+    x_start = None
+    extra: dict = {"model": lm.summary()}
+    start_obj = None
+    if start is not None:
+        if built is None:
+            raise SpecError("start", "is given per variable name, which a compiled model does not have",
+                            "solve the Model itself")
+        x_start = built.start_vector(start)
+        v = _violation(lm, x_start)
+        if v > FEASIBILITY_TOL:
+            raise SpecError("start", f"is not feasible for the model (violation {v:.3g})",
+                            "give values that satisfy every constraint and bound")
+        start_obj = lm.objective(x_start)
+    memory_guard(backend, lm, params)
     t1 = time.perf_counter()
+    out = _run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params, deadline)
+    t2 = time.perf_counter()
+    x = _read_x(lm, out, extra)
+    primal = lm.objective(x) if x is not None else None
+    from_start = False
+    if start_obj is not None and _better(start_obj, primal, lm.sense):
+        x, primal, from_start = x_start, start_obj, True
+    dual = out.bound
+    if not lm.is_mip and out.termination is Termination.OPTIMAL and x is not None and not from_start:
+        dual = primal if dual is None else dual
+    if dual is not None and primal is not None and _better(primal, dual, lm.sense):
+        extra["bound_clipped_from"] = dual  # a solver's bound passes the answer by round-off only
+        dual = primal
+    gap = relative_gap(primal, dual, lm.sense)
+    status, limit = _status(x is not None, gap, params.rel_gap, out, heuristic=False)
+    if from_start and out.termination is Termination.ERROR:
+        status = Termination.HEURISTIC
+    duals = out.row_duals if (not lm.is_mip and status is Termination.OPTIMAL and not from_start) else None
+    extra.update(out.extra)
+    extra["backend_bound"], extra["backend_objective"] = out.bound, out.objective
+    return SolveResult(status=status, limit=limit, primal_bound=primal, dual_bound=dual, gap=gap, assignment=None,
+                       build_s=t1 - t0, solve_s=t2 - t1, peak_mem_mb=max(peak_rss_mb(), out.peak_mb),
+                       backend="start" if from_start and out.termination is Termination.ERROR else backend.name,
+                       formulation="model", extra=extra, solver=backend.name, x=x, _model=built, _compiled=lm,
+                       _row_duals=duals)
+
+
+def _incumbent(form: Formulation, data, params: SolveParams, deadline: Deadline, heuristic: bool) -> Incumbent | None:
+    if form.incumbent is None:
+        return None
+    budget = deadline.remaining() if heuristic else deadline.share(START_SHARE, floor_s=0.05)
+    inc = form.incumbent(data, params, Deadline.starting_now(budget))
+    if inc is not None and (inc.objective is None or not np.isfinite(inc.objective)):
+        return None
+    return inc
+
+
+def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, params: SolveParams, options: dict,
+                       deadline: Deadline) -> SolveResult:
+    t0 = deadline.start
+    data = form.prepare(problem, **options)
+    heuristic = not backend.capabilities.supports_mip
+    bound = float(form.bound(data)) if form.bound is not None else None
+    inc = _incumbent(form, data, params, deadline, heuristic)
+    t_start = time.perf_counter()
+    extra: dict = dict(inc.extra) if inc is not None else {}
+    inc_obj = inc.objective if inc is not None else None
+    skip = ""
+    if (not heuristic and not params.run_always and inc is not None
+            and (g := relative_gap(inc_obj, bound, form.sense)) is not None and g <= params.rel_gap):
+        skip = (f"{backend.name} skipped: the {inc.source} start is already within rel_gap of the bound "
+                f"({100 * g:.4g} % <= {100 * params.rel_gap:.4g} %); always_run=True runs it anyway")
+    model = lm = x = None
+    build_s = 0.0
+    answer, primal, dec_extra = None, None, {}
+    if skip:
+        out = Outcome(termination=Termination.OPTIMAL)
+    elif heuristic:
+        task = FormulationTask(form.name, data, bound, None if inc is None else inc.answer,
+                               np.inf if inc_obj is None else inc_obj, _backend_params(params, deadline))
+        task.params.warm_start = params.warm_start
+        try:
+            out = backend.solve_task(task)
+        except (SolverError, SpecError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - keep the start and say why
+            out = Outcome(termination=Termination.ERROR, extra={"error": f"{type(exc).__name__}: {exc}"})
+        answer, primal = _check_answer(form, data, out.assignment)
+    else:
+        model = form.build(data, bound, inc_obj)
+        lm = model.compile()
+        build_s = time.perf_counter() - t_start
+        memory_guard(backend, lm, params)
+        x_start = None
+        if inc is not None and inc.values is not None and backend.capabilities.supports_mip_start:
+            vals = inc.values_for(model)
+            x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+        out = _run_backend(backend, lm, x_start, params, deadline)
+        x = _read_x(lm, out, extra)
+        if x is not None:
+            decoded = form.decode(data, model, x)
+            answer, primal = decoded[0], decoded[1]
+            dec_extra = decoded[2] if len(decoded) > 2 else {}
+            if answer is None:
+                extra["rejected_x"] = "the backend's vector does not decode to an answer"
+                x = None
+        extra["model"] = lm.summary()
+    t_solve = time.perf_counter()
+    # the better of the backend's answer and the start
+    ran = backend.name
+    if inc is not None and (answer is None or _better(inc_obj, primal, form.sense)):
+        if answer is None and not skip and out.termination is not Termination.OPTIMAL:
+            extra["fallback"] = f"{backend.name} returned no better feasible answer; kept the {inc.source} start"
+        answer, primal, dec_extra = inc.answer, inc_obj, {}
+        x = None
+        if skip or out.termination is Termination.ERROR:
+            ran = inc.source
+    extra.update(dec_extra)
+    multipliers, cert_bound = ({}, None)
+    if form.certify is not None:
+        multipliers, cert_bound = form.certify(data, out.multipliers)
+    elif out.multipliers:
+        multipliers = out.multipliers
+    dual = _tighter([bound, out.bound, cert_bound], form.sense)
+    if dual is not None and primal is not None and _better(primal, dual, form.sense):
+        extra["bound_clipped_from"] = dual  # bounds can pass the recomputed objective by round-off only
+        dual = primal
+    gap = relative_gap(primal, dual, form.sense)
+    status, limit = _status(answer is not None, gap, params.rel_gap, out, heuristic or bool(skip) or ran != backend.name)
+    if skip:
+        status, limit = Termination.OPTIMAL, Limit.NONE
+    if out.termination is Termination.ERROR and answer is not None:
+        extra["backend_termination"] = "error"
+    extra.update(out.extra)
+    extra["backend_bound"], extra["backend_objective"] = out.bound, out.objective
+    if x is None and model is not None and answer is not None and inc is not None and inc.values is not None:
+        vals = inc.values_for(model)
+        x = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+    # without a model, value(name) reads the start's values, built only when asked (R x C can be large)
+    same = inc is not None and answer is not None and (answer is inc.answer or (
+        isinstance(answer, np.ndarray) and np.array_equal(answer, inc.answer)))
+    values = (lambda inc=inc: _lazy_values(inc)) if model is None and same else None
+    return SolveResult(status=status, limit=limit, primal_bound=primal, dual_bound=dual, gap=gap,
+                       assignment=answer, multipliers=multipliers, build_s=build_s, solve_s=t_solve - t_start - build_s,
+                       peak_mem_mb=max(peak_rss_mb(), out.peak_mb), backend=ran, formulation=form.name, extra=extra,
+                       solver=backend.name, start_s=t_start - t0, skipped=skip, x=x, _model=model, _compiled=lm,
+                       _values=values)
+
+
+def _lazy_values(inc: Incumbent) -> dict | None:
+    """The start's variable values by name, when they can be had without a model."""
+    if isinstance(inc.values, dict):
+        return inc.values
     try:
-        if not always and inc_obj - bound <= params.rel_gap * inc_obj and backend.name != "greedy":
-            # the incumbent is already proven within rel_gap: a search could only confirm it
-            out = Outcome(assignment=incumbent, objective=inc_obj, termination=Termination.OPTIMAL,
-                          extra={"skipped_backend": "incumbent already within rel_gap of the bound "
-                                                    "(solver_options={'always_run': True} runs it anyway)"})
-        else:
-            out = backend.solve_binpacking(task)
-    except (SolverError, SpecError):
-        raise
-    except Exception as exc:  # a backend crash must not lose the incumbent; keep it and say why
-        out = Outcome(termination=Termination.ERROR, extra={"error": f"{type(exc).__name__}: {exc}"})
-    a = check_assignment(out.assignment, data.n_requests, data.n_clients)
-    primal = float(loads(data, a).max()) if a is not None else np.inf
-    multipliers = out.multipliers
-    if multipliers is None:
-        from lloptim.formulations.lp_bound import lp_prices
-
-        multipliers = lp_prices(data)
-    return _finish(backend, formulation, params, out, a, primal, incumbent, inc_obj, bound, multipliers,
-                   t0, t1, extra)
+        vals = inc.values(None)
+    except Exception:  # noqa: BLE001 - a hook that needs the model: no values without one
+        return None
+    return vals if isinstance(vals, dict) else None
 
 
-def _solve_full_mip(problem: Problem, backend: Backend, params: SolveParams, t0: float) -> SolveResult:
-    from lloptim.bounds import lower_bound
-    from lloptim.formulations.full_mip import build_full_mip, decode_schedule, start_from_run
-    from lloptim.simulator import run_policy
+def _check_answer(form: Formulation, data, answer) -> tuple:
+    """A heuristic's answer and its objective recomputed, or ``(None, None)`` when it is not valid."""
+    if answer is None:
+        return None, None
+    if isinstance(data, BinPackingData):
+        from lloptim.formulations.binpacking import loads
 
-    bound = lower_bound(problem).total_s
-    # a hair below the bound: it is exact up to round-off, and the simulator's start must stay feasible
-    model = build_full_mip(problem, horizon=params.solver_options.get("horizon"),
-                           makespan_lower=bound * (1 - 1e-9))
-    memory_guard(backend, model, params)
-    # the simulator's LPT schedule is a feasible start and the fallback answer
-    run = run_policy(problem, "lpt")
-    start = start_from_run(model, run)
-    start_sched = decode_schedule(problem, model, start)
-    t1 = time.perf_counter()
-    out = backend.solve_model(model, start if backend.capabilities.supports_mip_start else None,
-                              _backend_params(params))
-    a, primal, extra = None, np.inf, {"model": model.summary(), "simulated_lpt_s": run.makespan_s}
-    if out.x is not None and model.max_violation(out.x) < 1e-5:
-        sched = decode_schedule(problem, model, out.x)
-        a, primal = sched.assignment, sched.makespan_s
-        extra["schedule"] = {"kinds": sched.kinds, "client_order": sched.client_order}
-    prices = {"load": np.full(problem.n_clients, 1.0 / problem.n_clients)}
-    return _finish(backend, "full_mip", params, out, a, primal, start_sched.assignment, start_sched.makespan_s,
-                   bound, prices, t0, t1, extra)
+        a = check_assignment(answer, data.n_requests, data.n_clients)
+        return (a, float(loads(data, a).max())) if a is not None else (None, None)
+    return None, None

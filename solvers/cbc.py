@@ -1,70 +1,225 @@
-"""COIN-OR CBC through python-mip (>= 2.0): ``pip install lloptim[cbc]``.
+"""COIN-OR CBC, the build that python-mip ships (``pip install lloptim[cbc]``).
 
-python-mip has no matrix loader, so the model is added in as few calls as its API allows: one
-``add_vars`` per run of columns that share bounds, type and cost (two calls for the bin packing),
-then one ``add_constr`` per row built from the CSR slices (``LinExpr`` from parallel lists, no
-per-term arithmetic). CBC is memory-hungry on large assignment models (measured: 9.6 GiB at 264k
-binaries), so :meth:`CbcBackend.estimate_mem_mb` lets the pipeline refuse what cannot fit.
+**Loading.** python-mip has no matrix loader: its fastest public path still builds one Python
+``Var`` per column and one ``LinExpr`` per row (1.0 s and ~100 MiB for the 264k-column bin
+packing). CBC's C interface has one, ``Cbc_loadProblem`` (CSC arrays, bounds, costs), so the
+compiled model is handed over in a single call through cffi on python-mip's own CBC library
+(0.15 s); integrality is set per integer column, the MIP start with ``Cbc_setMIPStartI``
+(indices, not names). python-mip's ``Model`` is kept as the carrier of CBC's parameters and of its
+``optimize`` (time limit, gap, threads, seed, cuts...), so ``solver_options`` still name
+``mip.Model`` attributes.
+
+**Limits.** CBC checks its time limit only between phases: with a 20 s limit on the 1319 x 200
+bin packing it ran 25 s in its root cut loop, growing to 6 GiB. The search therefore runs in a
+child process (:func:`~lloptim.solvers.isolation.run_isolated`), told to stop slightly before the
+deadline and killed at it, or as soon as its memory grows past the allowance; the pipeline then
+returns its start and bound on time (``limit="time"`` or ``"memory"``).
+
+**Duals.** ``Cbc_getRowPrice`` (python-mip's ``Constr.pi``) is ``d(objective)/d(rhs)`` for
+minimization and maximization alike: lloptim's convention, no conversion.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import time
+
 import numpy as np
 
-from lloptim.formulations.model import LinearModel
-from lloptim.solvers.registry import Backend, Capabilities, register_backend
+from lloptim.errors import SolverError
+from lloptim.formulations.compiled import LinearModel
+from lloptim.solvers.isolation import run_isolated
+from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
-__all__ = ["CbcBackend", "CBC_MB_PER_INTEGER"]
+__all__ = ["CbcBackend", "CBC_MB_PER_INTEGER", "load_into_cbc"]
 
-#: CBC's memory per integer column, MiB (about 0.037 MiB): 9.6 GiB measured for the 264k binaries
-#: of a 1319-request x 200-client bin packing; used by :meth:`CbcBackend.estimate_mem_mb`.
-CBC_MB_PER_INTEGER = 9.6 * 1024 / 264_000
+#: CBC's memory per integer column, MiB (about 0.016 MiB): 4.1 GiB measured at the 264k binaries of
+#: a 1319-request x 200-client bin packing (child process, 10 s); used by
+#: :meth:`CbcBackend.estimate_mem_mb`.
+CBC_MB_PER_INTEGER = 4.1 * 1024 / 264_000
+#: Seconds before the deadline at which CBC is asked to stop, so it can hand its answer back.
+STOP_EARLY_S = 0.3
+
+_LOADER = None
 
 
-def _runs(model: LinearModel) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive columns with equal (lo, hi, integer, cost)."""
-    key = np.column_stack([model.col_lo, model.col_hi, model.integrality.astype(np.float64), model.c])
-    change = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
-    edges = np.r_[0, change, model.n_cols]
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+def _loader():
+    """``Cbc_loadProblem`` of the CBC library python-mip loaded (declared once, here)."""
+    global _LOADER
+    if _LOADER is None:
+        from cffi import FFI
+
+        import mip.cbc as mcbc
+
+        ffi = FFI()
+        ffi.cdef("""void Cbc_loadProblem(void *model, const int numcols, const int numrows,
+                    const int *start, const int *index, const double *value,
+                    const double *collb, const double *colub, const double *obj,
+                    const double *rowlb, const double *rowub);""")
+        # the same shared object python-mip opened: dlopen returns the loaded library
+        lib = ffi.dlopen(mcbc.libfile) if getattr(mcbc, "libfile", "") else None
+        if lib is None:
+            raise SolverError("cbc: cannot locate python-mip's CBC library (fix: pip install 'mip>=2.0,<2.1')")
+        _LOADER = (ffi, lib)
+    return _LOADER
+
+
+def _finite(v: np.ndarray) -> np.ndarray:
+    """Infinite bounds as CBC's infinity (``DBL_MAX``)."""
+    big = np.finfo(np.float64).max
+    return np.ascontiguousarray(np.clip(np.asarray(v, dtype=np.float64), -big, big))
+
+
+def load_into_cbc(model: LinearModel, x_start: np.ndarray | None = None):
+    """A ``mip.Model`` (CBC) holding ``model``, loaded in one ``Cbc_loadProblem`` call.
+
+    Parameters
+    ----------
+    model : LinearModel
+        The compiled model.
+    x_start : numpy.ndarray or None
+        A column vector to use as the MIP start (every integer column and the non-zero continuous
+        ones are passed), or None.
+
+    Returns
+    -------
+    mip.Model
+        The python-mip model; its variables are not Python objects (use the C interface to read
+        the solution).
+    """
+    import mip
+    from mip.cbc import cbclib, ffi as mffi
+
+    ffi, lib = _loader()
+    m = mip.Model(sense=mip.MINIMIZE, solver_name="CBC")
+    m.verbose = 0
+    ptr = m.solver._model
+    cptr = ffi.cast("void *", int(mffi.cast("uintptr_t", ptr)))
+    A = model.csc()
+    keep = []
+
+    def buf(ctype: str, arr: np.ndarray):
+        keep.append(arr)
+        return ffi.cast(f"{ctype} *", ffi.from_buffer(arr))
+
+    lib.Cbc_loadProblem(cptr, model.n_cols, model.n_rows,
+                        buf("int", np.ascontiguousarray(A.indptr, dtype=np.int32)),
+                        buf("int", np.ascontiguousarray(A.indices, dtype=np.int32)),
+                        buf("double", np.ascontiguousarray(A.data, dtype=np.float64)),
+                        buf("double", _finite(model.col_lo)), buf("double", _finite(model.col_hi)),
+                        buf("double", np.ascontiguousarray(model.c, dtype=np.float64)),
+                        buf("double", _finite(model.row_lo)), buf("double", _finite(model.row_hi)))
+    cbclib.Cbc_setObjSense(ptr, 1.0 if model.sense == "min" else -1.0)
+    for j in np.flatnonzero(model.integrality).tolist():
+        cbclib.Cbc_setInteger(ptr, j)
+    if x_start is not None:
+        xs = np.asarray(x_start, dtype=np.float64)
+        idx = np.flatnonzero(model.integrality | (xs != 0)).astype(np.int32)
+        vals = np.ascontiguousarray(xs[idx])
+        cbclib.Cbc_setMIPStartI(ptr, int(idx.size), mffi.cast("int *", mffi.from_buffer(idx)),
+                                mffi.cast("double *", mffi.from_buffer(vals)))
+    if cbclib.Cbc_getNumElements(ptr) != model.nnz or cbclib.Cbc_getNumCols(ptr) != model.n_cols:
+        raise SolverError("cbc: the model did not load intact (its CBC build may use 64-bit indices)")
+    return m
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence CBC's C-level printing (its LP path logs whatever the log level) on file descriptor 1."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cbc_search(model: LinearModel, x_start, params, deadline_at: float | None) -> dict:
+    """Load, search and read back (runs in the child process); a picklable dict."""
+    with _quiet(not params.verbose):
+        return _cbc_search_loud(model, x_start, params, deadline_at)
+
+
+def _cbc_search_loud(model: LinearModel, x_start, params, deadline_at: float | None) -> dict:
+    import mip
+    from mip.cbc import cbclib, ffi as mffi
+
+    m = load_into_cbc(model, x_start)
+    m.verbose = 1 if params.verbose else 0
+    m.seed = int(params.seed)
+    if params.threads is not None:
+        m.threads = int(params.threads)
+    m.max_mip_gap = params.rel_gap
+    for k, v in params.backend_options().items():
+        setattr(m, k, v)
+    left = mip.INF if deadline_at is None else max(0.05, deadline_at - time.perf_counter() - STOP_EARLY_S)
+    status = m.optimize(max_seconds=left)
+    ptr = m.solver._model
+    x = None
+    if m.num_solutions > 0:
+        sol = cbclib.Cbc_getColSolution(ptr)
+        if sol != mffi.NULL:
+            x = np.frombuffer(mffi.buffer(sol, 8 * model.n_cols), dtype=np.float64).copy()
+    duals = None
+    if not model.is_mip and status == mip.OptimizationStatus.OPTIMAL:
+        pi = cbclib.Cbc_getRowPrice(ptr)
+        if pi != mffi.NULL and model.n_rows:
+            duals = np.frombuffer(mffi.buffer(pi, 8 * model.n_rows), dtype=np.float64).copy()
+        elif not model.n_rows:
+            duals = np.zeros(0)
+    bound = m.objective_bound
+    obj = m.objective_value if x is not None else None
+    return {"status": status.name, "x": x, "bound": None if bound is None else float(bound) + model.offset,
+            "objective": None if obj is None else float(obj) + model.offset, "duals": duals}
 
 
 class CbcBackend(Backend):
-    """CBC branch and cut via python-mip, with MIP start and proven bound."""
+    """CBC branch and cut (python-mip's build), loaded in one C call, searched in a child process."""
 
     name = "cbc"
-    description = "COIN-OR CBC via python-mip (bulk add_vars, MIP start, objective_bound)"
-    capabilities = Capabilities(supports_mip=True, supports_time_limit=True, supports_mip_start=True,
-                                needs_package="mip", pip_extra="cbc")
+    description = "COIN-OR CBC via python-mip's library (one Cbc_loadProblem call, MIP start, LP duals, hard limits)"
+    capabilities = Capabilities(supports_mip=True, supports_lp_duals=True, supports_time_limit=True,
+                                supports_mip_start=True, needs_package="mip", pip_extra="cbc")
     formulations = ("binpacking", "full_mip")
 
     def estimate_mem_mb(self, model: LinearModel) -> float:
-        """``38 KiB`` (9.6 GiB measured at 264k binaries) per integer column plus ``0.5 KiB`` per non-zero plus 150 MiB, MiB."""
+        """``16 KiB`` per integer column (4.1 GiB measured at 264k binaries) + ``0.5 KiB`` per non-zero + 150 MiB."""
         return 150.0 + CBC_MB_PER_INTEGER * model.n_integer + model.nnz / 2048.0
 
     def solve_model(self, model, x_start, params):
-        """Solve ``model`` with CBC through python-mip.
+        """Solve ``model`` with CBC in a child process stopped at the deadline or past its memory.
 
         Parameters
         ----------
         model : LinearModel
-            The model (objective in seconds for every lloptim formulation).
+            The compiled model.
         x_start : numpy.ndarray or None
-            A column vector of ``model``, shape ``(n_cols,)``, given to CBC as its MIP start (its
-            non-zero entries); None: no start.
+            A column vector of ``model``, shape ``(n_cols,)``, given to CBC as its MIP start;
+            None: no start.
         params : SolveParams
-            ``time_limit_s`` (seconds) becomes ``optimize(max_seconds=...)``, ``rel_gap`` becomes
-            ``max_mip_gap``, and ``seed``, ``threads`` and ``verbose`` the model's attributes of the
-            same names; each ``solver_options`` entry (except ``max_mem_mb``) sets the
-            ``mip.Model`` attribute of that name.
+            ``time_limit_s`` (seconds left of the solve: CBC is told to stop
+            :data:`STOP_EARLY_S` before it and killed at it), ``max_mem_mb`` (growth of the
+            child's memory, MiB, past which it is killed), ``rel_gap`` (``max_mip_gap``), ``seed``,
+            ``threads``, ``verbose``; each ``solver_options`` entry sets the ``mip.Model``
+            attribute of that name.
 
         Returns
         -------
         Outcome
-            ``x`` when CBC found a solution, its objective and ``objective_bound`` (seconds), the
-            termination (a stop with or without a solution reads as ``FEASIBLE`` with
-            ``Limit.TIME``) and ``extra["cbc_status"]``.
+            ``x`` when CBC found a solution, its objective and ``objective_bound``, the
+            termination, an LP's row duals, the child's memory peak, and
+            ``extra["cbc_status"]``; a stopped child gives no ``x`` and ``Limit.TIME`` or
+            ``Limit.MEMORY``.
 
         Raises
         ------
@@ -73,64 +228,40 @@ class CbcBackend(Backend):
         """
         import mip
 
-        from lloptim.solvers.base import Outcome
-
-        m = mip.Model(sense=mip.MINIMIZE if model.sense == "min" else mip.MAXIMIZE, solver_name="CBC")
-        m.verbose = 1 if params.verbose else 0
-        m.seed = int(params.seed)
-        if params.threads is not None:
-            m.threads = int(params.threads)
-        m.max_mip_gap = params.rel_gap
-        for k, v in params.solver_options.items():
-            if k == "max_mem_mb":
-                continue
-            if not hasattr(m, k):
-                from lloptim.errors import SolverError
-
+        for k in params.backend_options():
+            if not hasattr(mip.Model, k):
                 raise SolverError(f"cbc: unknown option {k!r} (use an attribute of mip.Model, e.g. 'cuts')")
-            setattr(m, k, v)
-        big = lambda v: mip.INF if not np.isfinite(v) else float(v)  # noqa: E731
-        xs: list = []
-        for lo, hi in _runs(model):
-            integer = bool(model.integrality[lo])
-            vt = mip.BINARY if integer and model.col_lo[lo] == 0 and model.col_hi[lo] == 1 else (
-                mip.INTEGER if integer else mip.CONTINUOUS)
-            xs += m.add_vars(hi - lo, lb=-mip.INF if model.col_lo[lo] == -np.inf else float(model.col_lo[lo]),
-                             ub=big(model.col_hi[lo]), obj=float(model.c[lo]), var_type=vt)
-        A = model.A
-        ind, val, ptr = A.indices.tolist(), A.data.tolist(), A.indptr.tolist()
-        for i in range(model.n_rows):
-            vs = [xs[j] for j in ind[ptr[i]:ptr[i + 1]]]
-            cs = val[ptr[i]:ptr[i + 1]]
-            lo, hi = model.row_lo[i], model.row_hi[i]
-            if lo == hi:
-                m.add_constr(mip.LinExpr(vs, cs, -float(lo), sense=mip.EQUAL))
-                continue
-            if np.isfinite(hi):
-                m.add_constr(mip.LinExpr(vs, cs, -float(hi), sense=mip.LESS_OR_EQUAL))
-            if np.isfinite(lo):
-                m.add_constr(mip.LinExpr(vs, cs, -float(lo), sense=mip.GREATER_OR_EQUAL))
-        if x_start is not None:
-            nz = np.flatnonzero(np.asarray(x_start) != 0)
-            m.start = [(xs[j], float(x_start[j])) for j in nz.tolist()]
-        status = m.optimize(max_seconds=params.time_limit_s if params.time_limit_s is not None else mip.INF)
-        S = mip.OptimizationStatus
-        x = None
-        if m.num_solutions > 0:
-            x = np.array([v.x for v in xs], dtype=np.float64)
-        bound = m.objective_bound
-        bound = float(bound) if bound is not None and np.isfinite(bound) and abs(bound) < 1e30 else None
-        if status == S.OPTIMAL:
+        deadline_at = None if params.time_limit_s is None else time.perf_counter() + params.time_limit_s
+        run = run_isolated(_cbc_search, (model, x_start, params, deadline_at), deadline_at, params.max_mem_mb)
+        extra = {"cbc_wall_s": run.wall_s}
+        if run.reason == "time":
+            extra["cbc_status"] = "stopped at the deadline (CBC did not stop itself)"
+            return Outcome(termination=Termination.FEASIBLE, limit=Limit.TIME, peak_mb=run.peak_mb, extra=extra)
+        if run.reason == "memory":
+            extra["cbc_status"] = f"stopped past the memory allowance of {params.max_mem_mb:,.0f} MiB"
+            return Outcome(termination=Termination.FEASIBLE, limit=Limit.MEMORY, peak_mb=run.peak_mb, extra=extra)
+        if run.reason:
+            extra["error"] = f"cbc: {run.reason}"
+            return Outcome(termination=Termination.ERROR, peak_mb=run.peak_mb, extra=extra)
+        res = run.value
+        status = res["status"]
+        extra["cbc_status"] = status
+        bound = res["bound"]
+        bound = bound if bound is not None and np.isfinite(bound) and abs(bound) < 1e30 else None
+        if status == "OPTIMAL":
             term, limit = Termination.OPTIMAL, Limit.NONE
-        elif status == S.INFEASIBLE:
+        elif status in ("INFEASIBLE", "INT_INFEASIBLE"):
             term, limit = Termination.INFEASIBLE, Limit.NONE
-        elif status in (S.FEASIBLE, S.NO_SOLUTION_FOUND):
+        elif status == "UNBOUNDED":
+            term, limit = Termination.UNBOUNDED, Limit.NONE
+        elif status in ("FEASIBLE", "NO_SOLUTION_FOUND"):
             term, limit = Termination.FEASIBLE, Limit.TIME
         else:
             term, limit = Termination.ERROR, Limit.NONE
-        obj = float(m.objective_value) if x is not None and m.objective_value is not None else None
-        return Outcome(x=x, objective=obj, bound=bound, termination=term, limit=limit,
-                       extra={"cbc_status": status.name})
+        if not model.is_mip and term is not Termination.OPTIMAL:
+            bound = None
+        return Outcome(x=res["x"], objective=res["objective"], bound=bound, termination=term, limit=limit,
+                       row_duals=res["duals"], peak_mb=run.peak_mb, extra=extra)
 
 
 register_backend(CbcBackend())

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from lloptim.formulations.binpacking import BinPackingData, binpacking_lower_bound, loads
-from lloptim.solvers.registry import Backend, Capabilities, register_backend
+from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
 __all__ = ["lpt", "local_search", "GreedyBackend"]
@@ -242,15 +242,27 @@ def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 1
 
 
 class GreedyBackend(Backend):
-    """LPT + local search; no proof beyond the closed-form bound. Milliseconds at 1319 x 200."""
+    """LPT + local search; no proof beyond the formulation's bound. Milliseconds at 1319 x 200."""
 
     name = "greedy"
     description = "LPT list scheduling + vectorized move/swap local search (numpy)"
     capabilities = Capabilities(supports_time_limit=True)
 
-    def solve_binpacking(self, task):
-        from lloptim.solvers.base import Outcome
+    def solve_task(self, task):
+        """The pipeline's start (LPT + local search), polished again when a warm start won.
 
+        Parameters
+        ----------
+        task : FormulationTask
+            A bin-packing task; ``task.incumbent`` is the start's assignment.
+
+        Returns
+        -------
+        Outcome
+            The assignment and its makespan, seconds (no bound of its own).
+        """
+        if task.formulation != "binpacking":
+            return super().solve_task(task)
         # the pipeline's incumbent is already LPT + local search (or a better warm start); polish it
         # further only when a warm start won, since local search is deterministic
         a = task.incumbent

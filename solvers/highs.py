@@ -2,18 +2,22 @@
 
 Common parameters map to HiGHS options ``time_limit``, ``mip_rel_gap``, ``threads`` and
 ``random_seed``; ``solver_options`` go to ``setOptionValue`` verbatim (an unknown option is an
-error). The incumbent is passed with ``setSolution``. The LP path (:meth:`HighsBackend.solve_lp`)
-returns row duals: the prices of client time (see :mod:`lloptim.formulations.lp_bound`).
+error). The incumbent is passed with ``setSolution``. HiGHS honours its time limit in every phase
+we measured (20.6 s for a 20 s limit on the 1319 x 200 bin packing, 7.5 s of it presolve), so it
+runs in-process. An LP solved to optimality returns its row duals, already in lloptim's
+convention.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from lloptim.errors import SolverError
-from lloptim.formulations.model import LinearModel
+from lloptim.formulations.compiled import LinearModel
 from lloptim.solvers.params import SolveParams
-from lloptim.solvers.registry import Backend, Capabilities, register_backend
+from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
 __all__ = ["HighsBackend"]
@@ -55,8 +59,7 @@ def _highs(model: LinearModel, params: SolveParams | None, integer: bool):
             opts["time_limit"] = float(params.time_limit_s)
         if params.threads is not None:
             opts["threads"] = int(params.threads)
-        opts.update(params.solver_options)
-        opts.pop("max_mem_mb", None)
+        opts.update(params.backend_options())
         for k, v in opts.items():
             if h.setOptionValue(k, v) == highspy.HighsStatus.kError:
                 raise SolverError(f"highs: option {k}={v!r} was rejected (check the name and type in the HiGHS docs)")
@@ -64,7 +67,7 @@ def _highs(model: LinearModel, params: SolveParams | None, integer: bool):
 
 
 class HighsBackend(Backend):
-    """HiGHS branch and cut (MIP) and dual simplex (LP, with duals)."""
+    """HiGHS branch and cut (MIP) and simplex (LP, with duals)."""
 
     name = "highs"
     description = "HiGHS MIP/LP via highspy (CSC passModel, MIP start, dual bound, LP duals)"
@@ -82,23 +85,25 @@ class HighsBackend(Backend):
         Parameters
         ----------
         model : LinearModel
-            The model (objective in seconds for every lloptim formulation).
+            The compiled model.
         x_start : numpy.ndarray or None
             A column vector of ``model``, shape ``(n_cols,)``, passed with ``setSolution`` as the
             starting solution; None: no start.
         params : SolveParams
-            ``time_limit_s`` (seconds), ``rel_gap``, ``threads`` and ``seed`` become the HiGHS
-            options ``time_limit``, ``mip_rel_gap``, ``threads`` and ``random_seed``, ``verbose``
-            sets ``output_flag``; ``solver_options`` (except ``max_mem_mb``) are set verbatim and
-            override them.
+            ``time_limit_s`` (seconds left of the solve; the time spent loading the model is
+            taken off before HiGHS starts), ``rel_gap``, ``threads`` and ``seed`` become the
+            HiGHS options ``time_limit``, ``mip_rel_gap``, ``threads`` and ``random_seed``,
+            ``verbose`` sets ``output_flag``; ``solver_options`` are set verbatim and override them.
 
         Returns
         -------
         Outcome
             ``x`` when HiGHS holds a feasible solution, its objective and the dual bound (the MIP
-            dual bound, or the LP objective for a model without integer columns), seconds, the
+            dual bound, or the LP objective for a model without integer columns), the
             termination (``Limit.TIME`` on the time limit, ``Limit.ITERATION`` on an iteration or
-            solution limit or an interrupt) and ``extra`` with the HiGHS status, node count and gap.
+            solution limit or an interrupt), the row duals of an LP solved to optimality (HiGHS's
+            ``row_dual`` is already ``d(objective)/d(rhs)``, for minimization and maximization
+            alike) and ``extra`` with the HiGHS status, node count and gap.
 
         Raises
         ------
@@ -107,9 +112,10 @@ class HighsBackend(Backend):
         """
         import highspy
 
-        from lloptim.solvers.base import Outcome
-
+        t_enter = time.perf_counter()
         h = _highs(model, params, integer=True)
+        if params.time_limit_s is not None:  # loading the model counted against the limit
+            h.setOptionValue("time_limit", max(1e-3, float(params.time_limit_s) - (time.perf_counter() - t_enter)))
         if x_start is not None:
             sol = highspy.HighsSolution()
             sol.col_value = np.asarray(x_start, dtype=np.float64)
@@ -120,9 +126,10 @@ class HighsBackend(Backend):
         info = h.getInfo()
         MS = highspy.HighsModelStatus
         has_x = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
-        x = np.asarray(h.getSolution().col_value) if has_x else None
+        sol = h.getSolution()
+        x = np.asarray(sol.col_value) if has_x else None
         bound = float(info.mip_dual_bound) if model.is_mip else float(info.objective_function_value)
-        if not np.isfinite(bound) or abs(bound) >= 1e30:
+        if not np.isfinite(bound) or abs(bound) >= 1e30 or (not model.is_mip and ms != MS.kOptimal):
             bound = None
         extra = {"highs_status": h.modelStatusToString(ms), "mip_nodes": int(getattr(info, "mip_node_count", 0)),
                  "mip_gap": float(getattr(info, "mip_gap", np.nan))}
@@ -130,26 +137,20 @@ class HighsBackend(Backend):
             term, limit = Termination.OPTIMAL, Limit.NONE
         elif ms == MS.kInfeasible:
             term, limit = Termination.INFEASIBLE, Limit.NONE
-        elif ms in (MS.kTimeLimit,):
+        elif ms in (MS.kUnbounded, MS.kUnboundedOrInfeasible):
+            term, limit = (Termination.UNBOUNDED if ms == MS.kUnbounded else Termination.INFEASIBLE), Limit.NONE
+            extra["note"] = h.modelStatusToString(ms)
+        elif ms == MS.kTimeLimit:
             term, limit = Termination.FEASIBLE, Limit.TIME
         elif ms in (MS.kIterationLimit, MS.kSolutionLimit) or ms.name == "kInterrupt":
             term, limit = Termination.FEASIBLE, Limit.ITERATION
         else:
             term, limit = Termination.ERROR, Limit.NONE
+        duals = None
+        if not model.is_mip and ms == MS.kOptimal and info.dual_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible:
+            duals = np.asarray(sol.row_dual, dtype=np.float64).copy()
         obj = float(info.objective_function_value) if has_x else None
-        return Outcome(x=x, objective=obj, bound=bound, termination=term, limit=limit, extra=extra)
-
-    def solve_lp(self, model: LinearModel) -> dict:
-        """Solve the LP relaxation of ``model``; ``{"x", "objective", "row_duals"}`` (duals in HiGHS's signs)."""
-        import highspy
-
-        h = _highs(model, None, integer=False)
-        h.run()
-        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-            raise SolverError(f"highs: LP ended {h.modelStatusToString(h.getModelStatus())}")
-        sol = h.getSolution()
-        return {"x": np.asarray(sol.col_value), "objective": float(h.getInfo().objective_function_value),
-                "row_duals": np.asarray(sol.row_dual)}
+        return Outcome(x=x, objective=obj, bound=bound, termination=term, limit=limit, row_duals=duals, extra=extra)
 
 
 register_backend(HighsBackend())

@@ -30,9 +30,9 @@ import time
 import numpy as np
 
 from lloptim.errors import SpecError
-from lloptim.formulations.binpacking import BinPackingData, loads
+from lloptim.formulations.binpacking import BinPackingData, binpacking_prices, loads
 from lloptim.solvers.greedy import local_search, lpt
-from lloptim.solvers.registry import Backend, Capabilities, register_backend
+from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
 __all__ = ["LagrangianBackend", "lagrangian_dual", "project_simplex"]
@@ -94,9 +94,27 @@ class LagrangianBackend(Backend):
     description = "Lagrangian relaxation of the load rows: volume/subgradient in numpy, repair + local search"
     capabilities = Capabilities(supports_time_limit=True, supports_relaxation=True)
 
-    def solve_binpacking(self, task):
-        from lloptim.solvers.base import Outcome
+    def solve_task(self, task):
+        """Maximize the Lagrangian dual from the LP prices; repair its minimizers into assignments.
 
+        Parameters
+        ----------
+        task : FormulationTask
+            A bin-packing task (bound and start in seconds; ``params.solver_options`` as in the
+            module docstring).
+
+        Returns
+        -------
+        Outcome
+            The best assignment, the best Lagrangian bound (seconds) and the multipliers proving it.
+
+        Raises
+        ------
+        SpecError
+            An unknown option or method.
+        """
+        if task.formulation != "binpacking":
+            return super().solve_task(task)
         opts = task.params.solver_options
         unknown = set(opts) - _OPTIONS
         if unknown:
@@ -114,13 +132,14 @@ class LagrangianBackend(Backend):
         C = data.n_clients
         t_end = None if task.params.time_limit_s is None else time.perf_counter() + task.params.time_limit_s
         best_a, ub = task.incumbent, task.incumbent_obj
-        lam = np.full(C, 1.0 / C)
+        # start from the LP prices (uniform 1/C for identical clients, the exact LP duals otherwise)
+        lam = binpacking_prices(data)["load"]
         L, g, _ = lagrangian_dual(data, lam)
         lam_best, L_best = lam, L
         g_bar = g.copy()
         stall, history, limit, it = 0, [L], Limit.ITERATION, 0
         for it in range(1, max_iter + 1):
-            if (ub - max(L_best, task.bound)) <= task.params.rel_gap * ub:
+            if (ub - max(L_best, task.bound or -np.inf)) <= task.params.rel_gap * ub:
                 limit = Limit.GAP
                 break
             if t_end is not None and time.perf_counter() > t_end:

@@ -14,7 +14,10 @@ import numpy as np
 
 from lloptim.errors import SpecError
 
-__all__ = ["SolveParams"]
+__all__ = ["SolveParams", "PIPELINE_OPTIONS"]
+
+#: ``solver_options`` keys read by :func:`lloptim.solve` itself and never passed to a backend.
+PIPELINE_OPTIONS = ("always_run", "max_mem_mb", "horizon")
 
 
 @dataclass
@@ -24,8 +27,10 @@ class SolveParams:
     Attributes
     ----------
     time_limit_s
-        Wall-clock limit of the backend's own search, seconds (``None``: none). Bounds and the greedy
-        incumbent are computed before and do not count against it.
+        Wall-clock limit of the whole solve, seconds (``None``: none): the start heuristic and the
+        bounds, building the model, loading it into the backend, the search and reading the
+        answer back all count. Every backend returns within about 10 % + 1 s of it, with the best
+        answer and bound known then.
     rel_gap
         Stop when ``(primal - dual) / primal <= rel_gap`` (relative, e.g. ``1e-4`` = 0.01 %).
     threads
@@ -40,6 +45,15 @@ class SolveParams:
     solver_options
         Backend-specific options passed through verbatim (e.g. ``{"presolve": "off"}`` for HiGHS,
         ``{"method": "volume"}`` for the Lagrangian backend).
+    max_mem_mb
+        Memory the backend may use, MiB (``None``: 80 % of the memory available when the solve
+        starts). A model whose estimate exceeds it is refused before any work; a backend that
+        grows past it is stopped and the best answer known is returned (``limit="memory"``).
+        ``solver_options["max_mem_mb"]`` is read as well.
+    always_run
+        Run the requested backend even when the start already meets ``rel_gap`` (the default skips
+        a search that could only confirm it, and says so in :attr:`SolveResult.skipped`).
+        ``solver_options["always_run"]`` is read as well.
     """
 
     time_limit_s: float | None = None
@@ -49,6 +63,8 @@ class SolveParams:
     warm_start: np.ndarray | None = None
     verbose: bool = False
     solver_options: dict = field(default_factory=dict)
+    max_mem_mb: float | None = None
+    always_run: bool = False
 
     def __post_init__(self) -> None:
         tl = self.time_limit_s
@@ -66,6 +82,28 @@ class SolveParams:
             raise SpecError("params.seed", f"must be a non-negative integer, got {self.seed!r}", "give e.g. seed=0")
         if not isinstance(self.solver_options, dict):
             raise SpecError("params.solver_options", "must be a dict", "give e.g. {'presolve': 'off'}")
+        mem = self.max_mem_mb if self.max_mem_mb is not None else self.solver_options.get("max_mem_mb")
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem)
+                                or mem <= 0):
+            raise SpecError("params.max_mem_mb", f"must be a positive number of MiB, got {mem!r}",
+                            "give e.g. max_mem_mb=4096, or None for 80 % of the available memory")
+
+    @property
+    def memory_limit_mb(self) -> float | None:
+        """The memory limit asked for, MiB (the field, else ``solver_options["max_mem_mb"]``)."""
+        if self.max_mem_mb is not None:
+            return float(self.max_mem_mb)
+        v = self.solver_options.get("max_mem_mb")
+        return None if v is None else float(v)
+
+    @property
+    def run_always(self) -> bool:
+        """Whether the requested backend runs even when the start already meets the gap."""
+        return bool(self.always_run or self.solver_options.get("always_run", False))
+
+    def backend_options(self) -> dict:
+        """``solver_options`` without the keys the pipeline reads itself (``always_run``, ``max_mem_mb``...)."""
+        return {k: v for k, v in self.solver_options.items() if k not in PIPELINE_OPTIONS}
 
     def check_warm_start(self, n_requests: int, n_clients: int) -> np.ndarray | None:
         """The warm start as an int64 array, validated against the problem's size.

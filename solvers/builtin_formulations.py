@@ -1,0 +1,159 @@
+"""lloptim's own formulations, registered for :func:`lloptim.solve` like a user's would be.
+
+* ``"binpacking"`` (the default): the offline makespan bin packing. Options ``weights`` (seconds
+  per request, ``(R,)`` or ``(R, instances)``) and ``estimates`` (output lengths, tokens). Bound:
+  :func:`~lloptim.formulations.binpacking.binpacking_lower_bound` (closed form, plus the exact LP
+  over instances on a mixed fleet). Start: LPT + local search (:mod:`lloptim.solvers.greedy`),
+  or the caller's ``SolveParams.warm_start`` when better. Prices: the LP prices of client time, or
+  the Lagrangian backend's own multipliers, with the Lagrangian bound they prove.
+* ``"full_mip"``: the time-indexed serving MIP of one small instance. Option ``horizon`` (slots).
+  Bound: :func:`lloptim.bounds.lower_bound`. Start: the simulator's LPT schedule. No prices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lloptim.formulations.binpacking import (BinPackingData, assignment_values, binpacking_data,
+                                             binpacking_lower_bound, binpacking_model, binpacking_prices, loads,
+                                             x_to_assignment)
+from lloptim.solvers.formulation_registry import Incumbent, register_formulation
+
+__all__ = ["greedy_incumbent", "binpacking_certificate"]
+
+
+def greedy_incumbent(data: BinPackingData, params, deadline) -> Incumbent:
+    """LPT + local search (polished to a tenth of ``rel_gap`` above the bound), or the warm start if better.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance (weights in seconds).
+    params : SolveParams
+        ``rel_gap`` and ``warm_start`` are read.
+    deadline : Deadline
+        The local search stops when it has no time left.
+
+    Returns
+    -------
+    Incumbent
+        The assignment, its makespan (seconds) and the MIP-start values of
+        :func:`~lloptim.formulations.binpacking.binpacking_model`.
+    """
+    from lloptim.solvers.greedy import local_search, lpt
+
+    # stop polishing at a tenth of the requested gap: the MIP start needs no better
+    a = local_search(data, lpt(data), target=binpacking_lower_bound(data) * (1 + params.rel_gap / 10),
+                     time_limit_s=deadline.remaining())
+    obj = float(loads(data, a).max())
+    src = "greedy"
+    warm = params.check_warm_start(data.n_requests, data.n_clients)
+    if warm is not None:
+        wobj = float(loads(data, warm).max())
+        if wobj < obj:
+            a, obj, src = warm, wobj, "warm_start"
+    return Incumbent(a, obj, values=lambda model, a=a: assignment_values(data, a), source=src,
+                     extra={"incumbent_source": src, "incumbent_obj": obj})
+
+
+def binpacking_certificate(data: BinPackingData, multipliers: dict | None) -> tuple[dict, float]:
+    """Prices of client time and the Lagrangian bound they prove, seconds.
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+    multipliers : dict or None
+        A backend's own prices (``"load"``: one per client, on the simplex), or None for the LP
+        prices (:func:`~lloptim.formulations.binpacking.binpacking_prices`).
+
+    Returns
+    -------
+    tuple
+        ``(multipliers, bound)``: the prices reported and ``L(lambda) = sum_r min_c lambda_c
+        w[r, c]``, a lower bound on the makespan for any prices on the simplex, seconds.
+    """
+    from lloptim.solvers.lagrangian import lagrangian_dual
+
+    if multipliers is None or multipliers.get("load") is None:
+        prices = binpacking_prices(data)
+        return prices, float(prices["assign"].sum())
+    lam = np.clip(np.asarray(multipliers["load"], dtype=np.float64), 0.0, None)
+    if lam.shape != (data.n_clients,) or lam.sum() <= 0:
+        prices = binpacking_prices(data)
+        return prices, float(prices["assign"].sum())
+    return multipliers, lagrangian_dual(data, lam / lam.sum())[0]
+
+
+def _binpacking_build(data: BinPackingData, bound: float | None, cutoff: float | None):
+    # a relative slack on the upper bound: a start with T exactly at the bound must stay feasible
+    upper = None if cutoff is None or not np.isfinite(cutoff) else cutoff * (1 + 1e-9) + 1e-12
+    return binpacking_model(data, t_lower=bound, t_upper=upper)
+
+
+def _binpacking_decode(data: BinPackingData, model, x: np.ndarray):
+    a = x_to_assignment(data, x)
+    return a, (float(loads(data, a).max()) if a is not None else None)
+
+
+register_formulation(
+    "binpacking", build=_binpacking_build, decode=_binpacking_decode,
+    prepare=lambda problem, weights=None, estimates=None: binpacking_data(problem, weights, estimates),
+    incumbent=greedy_incumbent, bound=binpacking_lower_bound, certify=binpacking_certificate,
+    description="offline makespan bin packing of requests onto clients (seconds)")
+
+
+# -- the full serving MIP -------------------------------------------------------------------------
+class _FullMipData:
+    """The problem and the horizon (internal)."""
+
+    def __init__(self, problem, horizon):
+        self.problem = problem
+        self.horizon = horizon
+        self.run = None
+
+
+def _full_mip_bound(data: _FullMipData) -> float:
+    from lloptim.bounds import lower_bound
+
+    return lower_bound(data.problem).total_s
+
+
+def _full_mip_incumbent(data: _FullMipData, params, deadline) -> Incumbent:
+    from lloptim.formulations.full_mip import start_from_run
+    from lloptim.simulator import run_policy
+
+    # the simulator's LPT schedule is a feasible start and the fallback answer
+    run = run_policy(data.problem, "lpt")
+    return Incumbent(np.asarray(run.client, dtype=np.int64), float(run.makespan_s),
+                     values=lambda model: start_from_run(model.compile(), run), source="simulated_lpt",
+                     extra={"simulated_lpt_s": float(run.makespan_s)})
+
+
+def _full_mip_build(data: _FullMipData, bound: float | None, cutoff: float | None):
+    from lloptim.formulations.full_mip import full_mip_model
+
+    # a hair below the bound: it is exact up to round-off, and the simulator's start must stay feasible
+    return full_mip_model(data.problem, horizon=data.horizon,
+                          makespan_lower=None if bound is None else bound * (1 - 1e-9))
+
+
+def _full_mip_decode(data: _FullMipData, model, x: np.ndarray):
+    from lloptim.formulations.full_mip import decode_schedule
+
+    sched = decode_schedule(data.problem, model.compile(), x)
+    return sched.assignment, sched.makespan_s, {"schedule": {"kinds": sched.kinds,
+                                                             "client_order": sched.client_order}}
+
+
+def _full_mip_prepare(problem, horizon: int | None = None) -> _FullMipData:
+    from lloptim.formulations.full_mip import full_mip_model
+
+    full_mip_model(problem, horizon=horizon)  # validate (one instance, size, horizon) before any work
+    return _FullMipData(problem, horizon)
+
+
+register_formulation(
+    "full_mip", build=_full_mip_build, decode=_full_mip_decode, prepare=_full_mip_prepare,
+    incumbent=_full_mip_incumbent, bound=_full_mip_bound,
+    description="time-indexed serving MIP of one small instance (makespan, seconds)")
