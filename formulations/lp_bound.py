@@ -8,7 +8,9 @@ makes the load prices sum to one. ``lambda_c`` reads as *seconds of makespan per
 ``c``'s capacity lost* (losing ``delta`` seconds on client ``c`` raises the LP makespan by about
 ``lambda_c * delta``); ``mu_r = min_c lambda_c w[r, c]`` is the makespan seconds request ``r``
 costs. With identical clients the optimal prices are unique and uniform (``1/C``, ``w_r / C``), so
-:func:`lp_prices` returns them without a solve; otherwise it solves the LP (HiGHS).
+:func:`lp_prices` returns them without a solve; otherwise they come from the LP over instances,
+solved exactly by HiGHS (:attr:`~lloptim.formulations.binpacking.BinPackingData.fleet_lp`): the
+clients of one instance are identical, so they share one price.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.errors import SpecError
-from lloptim.formulations.binpacking import BinPackingData, build_binpacking
+from lloptim.formulations.binpacking import BinPackingData, binpacking_model, binpacking_prices
 from lloptim.formulations.compiled import LinearModel
 from lloptim.problem import Problem
 
@@ -25,15 +27,27 @@ __all__ = ["price_lp", "prices_from_duals", "lp_prices", "decode_steps_bound", "
 
 
 def price_lp(data: BinPackingData) -> LinearModel:
-    """The LP relaxation of the bin packing with ``T`` free, whose row duals are the prices."""
-    return build_binpacking(data, integer=False)
+    """The LP relaxation of the bin packing with ``T`` free, whose row duals are the prices (compiled).
+
+    Parameters
+    ----------
+    data : BinPackingData
+        The instance.
+
+    Returns
+    -------
+    LinearModel
+        :func:`~lloptim.formulations.binpacking.binpacking_model` with continuous ``x``.
+    """
+    return binpacking_model(data, integer=False).compile()
 
 
 def prices_from_duals(model: LinearModel, row_duals: np.ndarray) -> dict[str, np.ndarray]:
     """Turn a solver's row duals of :func:`price_lp` into ``{"load", "assign"}`` prices.
 
-    Solvers differ in the sign convention of ``<=`` rows of a minimization (HiGHS reports them
-    ``<= 0``), so the load prices are taken as magnitudes and renormalized to sum to 1 (they do up
+    Row duals in lloptim's convention (``d(objective)/d(rhs)``, what every backend reports through
+    :meth:`~lloptim.solvers.SolveResult.dual`) are ``<= 0`` on the ``load`` rows of this
+    minimization; the load prices are taken as magnitudes and renormalized to sum to 1 (they do up
     to round-off); ``"assign"`` is in seconds.
 
     Parameters
@@ -67,31 +81,16 @@ def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarr
     data
         The instance.
     solver : str
-        LP backend used when the clients differ (one with ``supports_lp_duals``); default
-        ``"highs"``.
+        Kept for callers written before the prices came from the exact LP over instances, which
+        HiGHS solves whatever is named here.
 
     Returns
     -------
     dict[str, numpy.ndarray]
         ``"load"``: ``(C,)`` prices of client time, makespan seconds per second of the client's
         capacity lost (>= 0, sum 1); ``"assign"``: ``(R,)`` price of each request, seconds.
-
-    Raises
-    ------
-    SpecError
-        The clients differ and ``solver`` gives no LP duals.
     """
-    C = data.n_clients
-    if data.uniform:
-        return {"load": np.full(C, 1.0 / C), "assign": data.w / C}
-    from lloptim.solvers.registry import get_backend
-
-    backend = get_backend(solver)
-    if not backend.capabilities.supports_lp_duals:
-        raise SpecError("solver", f"{solver!r} gives no LP duals", "use solver='highs'")
-    model = price_lp(data)
-    lp = backend.solve_lp(model)
-    return prices_from_duals(model, lp["row_duals"])
+    return binpacking_prices(data)
 
 
 def decode_steps_bound(problem: Problem, solver: str = "highs", time_limit_s: float = 10.0) -> int:

@@ -37,7 +37,7 @@ def test_solve_json(spec):
     res = runner.invoke(app, ["solve", str(spec), "--solver", "greedy", "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
-    assert d["backend"] == "greedy" and d["status"] in ("optimal", "feasible")
+    assert d["backend"] == "greedy" and d["status"] in ("optimal", "heuristic")
     assert len(d["assignment"]) == 120 and max(d["assignment"]) < 6
     assert d["dual_bound"] <= d["primal_bound"]
     assert sum(d["multipliers"]["load"]) == pytest.approx(1.0)
@@ -55,13 +55,27 @@ def test_compare_json_and_csv(spec, tmp_path):
                               "--csv", str(out)])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]
-    assert [r["backend"] for r in rows] == ["greedy", "highs"]
+    # compare runs every backend by default (--always-run): HiGHS's own search is in its row
+    assert [r["backend"] for r in rows] == ["greedy", "highs"] == [r["solver"] for r in rows]
+    assert rows[0]["status"] in ("optimal", "heuristic")
+    assert rows[1]["status"] in ("optimal", "feasible") and not rows[1]["skipped"]
     for r in rows:
         assert set(COLUMNS) <= set(r)
-        assert r["status"] in ("optimal", "feasible")
         assert r["dual_bound"] <= r["primal_bound"] and r["peak_mem_mb"] > 0
     with open(out) as fh:
         assert [r["backend"] for r in csv.DictReader(fh)] == ["greedy", "highs"]
+
+
+def test_compare_says_when_it_skipped_a_backend(spec):
+    res = runner.invoke(app, ["compare", str(spec), "--solvers", "highs", "--gap", "0.01", "--skip-proven", "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["results"]
+    assert row["solver"] == "highs" and row["backend"] == "greedy" and "within rel_gap" in row["skipped"]
+    res = runner.invoke(app, ["compare", str(spec), "--solvers", "highs", "--gap", "0.01", "--skip-proven"])
+    assert "highs: skipped" in " ".join(res.stdout.split()) and "--always-run" in res.stdout
+    res = runner.invoke(app, ["solve", str(spec), "--solver", "highs", "--gap", "0.01", "--always-run", "--json"])
+    d = json.loads(res.stdout)
+    assert d["backend"] == "highs" and d["skipped"] == "" and d["status"] == "optimal"
 
 
 def test_compare_errors_name_the_option(spec):

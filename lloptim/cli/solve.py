@@ -21,7 +21,7 @@ from lloptim.cli.app import app
 from lloptim.cli.common import console, load_problem, print_json, user_errors
 from lloptim.errors import LloptimError, SpecError
 
-__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "results_table"]
+__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "results_table", "notes"]
 
 COLUMNS = ("backend", "status", "primal_bound", "dual_bound", "gap", "build_s", "solve_s", "peak_mem_mb")
 
@@ -41,14 +41,16 @@ def run_compare_task(spec_or_problem, solver: str, params) -> dict:
     Returns
     -------
     dict
-        The keys of :data:`COLUMNS` plus ``limit`` and ``error``. ``peak_mem_mb`` is the resident
+        The keys of :data:`COLUMNS` plus ``limit``, ``error``, ``solver`` (the backend asked for;
+        ``backend`` is the one whose answer is returned) and ``skipped`` (why the requested
+        backend did not run, or ``""``). ``peak_mem_mb`` is the resident
         memory high-water mark of the process that ran the task, MiB (whole process, loading and
         model building included). A backend that refuses or fails gives ``status="error"`` and
         null bounds instead of raising, so one backend cannot sink a comparison.
     """
     from lloptim.problem import Problem
     from lloptim.solvers import solve
-    from lloptim.solvers.base import peak_rss_mb
+    from lloptim.solvers.limits import peak_rss_mb
 
     try:
         problem = spec_or_problem if isinstance(spec_or_problem, Problem) else load_problem(spec_or_problem)
@@ -56,8 +58,9 @@ def run_compare_task(spec_or_problem, solver: str, params) -> dict:
         row = res.summary()
         row["error"] = res.extra.get("error")
     except LloptimError as exc:
-        row = {"backend": solver, "status": "error", "limit": "none", "primal_bound": None, "dual_bound": None,
-               "gap": None, "build_s": None, "solve_s": None, "peak_mem_mb": peak_rss_mb(), "error": str(exc)}
+        row = {"backend": solver, "solver": solver, "status": "error", "limit": "none", "primal_bound": None,
+               "dual_bound": None, "gap": None, "build_s": None, "solve_s": None, "peak_mem_mb": peak_rss_mb(),
+               "error": str(exc), "skipped": ""}
     return row
 
 
@@ -65,7 +68,7 @@ def _child(conn, task) -> None:
     try:
         conn.send(run_compare_task(*task))
     except BaseException as exc:  # noqa: BLE001 - report anything to the parent rather than hang it
-        conn.send({"backend": task[1], "status": "error", "error": f"{type(exc).__name__}: {exc}"})
+        conn.send({"backend": task[1], "solver": task[1], "status": "error", "error": f"{type(exc).__name__}: {exc}"})
     finally:
         conn.close()
 
@@ -82,7 +85,8 @@ def local_executor(tasks: Sequence[tuple]) -> list[dict]:
         try:
             row = parent.recv()
         except EOFError:  # the child died (e.g. killed for memory)
-            row = {"backend": task[1], "status": "error", "error": f"worker exited with code {proc.exitcode}"}
+            row = {"backend": task[1], "solver": task[1], "status": "error",
+                   "error": f"worker exited with code {proc.exitcode}"}
         proc.join()
         rows.append(row)
     return rows
@@ -93,7 +97,7 @@ def _run_task(task: tuple) -> dict:
     try:
         return run_compare_task(*task)
     except Exception as exc:  # noqa: BLE001 - one failed backend must not stop the comparison
-        return {"backend": task[1], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        return {"backend": task[1], "solver": task[1], "status": "error", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def ray_executor(tasks: Sequence[tuple], address: str | None = None) -> list[dict]:
@@ -134,26 +138,56 @@ def results_table(rows: list[dict], title: str) -> Table:
         table.add_column(heads[k], justify="left" if k in ("backend", "status") else "right")
     for row in rows:
         status = row.get("status", "error")
-        if row.get("limit") not in (None, "none") and status == "feasible":
-            status = f"feasible ({row['limit']} limit)"
-        table.add_row(*[status if k == "status" else _fmt(row.get(k), k) for k in COLUMNS])
+        if row.get("limit") not in (None, "none") and status in ("feasible", "heuristic", "no_solution"):
+            status = f"{status} ({row['limit']} limit)"
+        # the backend asked for names the row; notes() says when another one's answer came back
+        shown = dict(row, backend=row.get("solver") or row.get("backend"))
+        table.add_row(*[status if k == "status" else _fmt(shown.get(k), k) for k in COLUMNS])
     return table
 
 
-def _params(time_limit: Optional[float], gap: float, threads: Optional[int], seed: int):
+def notes(rows: list[dict]) -> list[str]:
+    """One line per row whose requested backend did not produce the answer (skipped, or failed).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Compare rows (:func:`run_compare_task`).
+
+    Returns
+    -------
+    list of str
+        Plain-text lines, e.g. ``"highs: skipped (the greedy start is already within rel_gap of
+        the bound); --always-run runs it"``.
+    """
+    out = []
+    for r in rows:
+        solver, ran = r.get("solver") or r.get("backend"), r.get("backend")
+        if r.get("skipped"):
+            why = r["skipped"].split(": ", 1)[-1].split("; ")[0]
+            out.append(f"{solver}: skipped, {why}; the answer is the {ran} start (--always-run runs {solver})")
+        elif ran and solver and ran != solver:
+            out.append(f"{solver}: did not produce the answer; it is the {ran} start")
+    return out
+
+
+def _params(time_limit: Optional[float], gap: float, threads: Optional[int], seed: int, always_run: bool = False):
     from lloptim.solvers import SolveParams
 
-    return SolveParams(time_limit_s=time_limit, rel_gap=gap, threads=threads, seed=seed)
+    return SolveParams(time_limit_s=time_limit, rel_gap=gap, threads=threads, seed=seed, always_run=always_run)
 
 
 @app.command("solve")
 def solve_cmd(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b (1319 x 40)"),
     solver: str = typer.Option("greedy", "--solver", "-s", help="backend (see `lloptim solvers`)"),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="seconds for the backend's search"),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit",
+                                               help="seconds for the whole solve (start, model, search)"),
     gap: float = typer.Option(1e-4, "--gap", help="relative gap to stop at"),
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    always_run: bool = typer.Option(False, "--always-run",
+                                    help="run the backend even when the greedy start already meets --gap"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (with the assignment)"),
 ) -> None:
     """Assign the requests of SPEC to clients (makespan bin packing) with one backend."""
@@ -161,7 +195,7 @@ def solve_cmd(
 
     with user_errors():
         problem = load_problem(spec)
-        res = solve(problem, solver=solver, params=_params(time_limit, gap, threads, seed))
+        res = solve(problem, solver=solver, params=_params(time_limit, gap, threads, seed, always_run))
     row = res.summary()
     if json_out:
         row["assignment"] = res.assignment
@@ -169,16 +203,21 @@ def solve_cmd(
         print_json(row)
     else:
         console.print(results_table([row], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+        for line in notes([row]):
+            console.print(line, markup=False)
 
 
 @app.command()
 def compare(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b (1319 x 40)"),
     solvers: str = typer.Option("highs,cbc,cvxpy,lagrangian,greedy", "--solvers", help="comma-separated backends"),
-    time_limit: Optional[float] = typer.Option(10.0, "--time-limit", help="seconds per backend search"),
+    time_limit: Optional[float] = typer.Option(10.0, "--time-limit", help="seconds per backend solve"),
     gap: float = typer.Option(1e-4, "--gap", help="relative gap to stop at"),
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    always_run: bool = typer.Option(True, "--always-run/--skip-proven",
+                                    help="run every backend even when the greedy start already meets --gap "
+                                         "(default), or skip the ones it makes pointless"),
     executor: str = typer.Option("local", "--executor",
                                  help="how tasks run: local (a fresh process each) or ray (Ray tasks)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)"),
@@ -203,22 +242,26 @@ def compare(
             raise SpecError("--executor", f"unknown executor {executor!r}", f"use one of {sorted(EXECUTORS)}")
         if address is not None and executor != "ray":
             raise SpecError("--address", "needs --executor ray", "add --executor ray or drop --address")
-        params = _params(time_limit, gap, threads, seed)
+        params = _params(time_limit, gap, threads, seed, always_run)
         problem = load_problem(spec)
         tasks = [(problem, n, params) for n in names]
         rows = ray_executor(tasks, address) if executor == "ray" else EXECUTORS[executor](tasks)
     if csv_out is not None:
         with open(csv_out, "w", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=list(COLUMNS) + ["limit", "error"], extrasaction="ignore")
+            wr = csv.DictWriter(fh, fieldnames=list(COLUMNS) + ["limit", "error", "solver", "skipped"],
+                                extrasaction="ignore")
             wr.writeheader()
             wr.writerows(rows)
     if json_out:
-        print_json({"results": [{k: r.get(k) for k in COLUMNS + ("limit", "error")} for r in rows]})
+        print_json({"results": [{k: r.get(k) for k in COLUMNS + ("limit", "error", "solver", "skipped")}
+                                for r in rows]})
     else:
         console.print(results_table(rows, f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+        for line in notes(rows):
+            console.print(line, markup=False)
         for r in rows:
             if r.get("error"):
-                console.print(f"[yellow]{r['backend']}[/]: {r['error']}")
+                console.print(f"[yellow]{r.get('solver') or r['backend']}[/]: {r['error']}")
 
 
 @app.command("solvers")
