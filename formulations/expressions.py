@@ -115,6 +115,13 @@ class LinearExpression:
     """
 
     __array_ufunc__ = None  # numpy defers to our reflected operators (array * expr, array <= expr)
+
+    def __array__(self, dtype=None, copy=None):
+        # an opaque scalar to numpy and scipy: a 0-d object array, so that ``sparse @ expr`` defers
+        # to __rmatmul__ instead of iterating over the entries
+        out = np.empty((), dtype=object)
+        out[()] = self
+        return out
     __slots__ = ("model", "coeffs", "vars", "const", "dims", "coords")
 
     def __init__(self, model, coeffs: np.ndarray, vars: np.ndarray, const: np.ndarray, dims: tuple | None = None,
@@ -266,6 +273,8 @@ class LinearExpression:
             labels = np.where(idx[:, :, None] >= 0, self.vars[safe], -1).reshape(k, width * self.nterm)
             return LinearExpression(self.model, coeffs, labels, A @ self.const)
         A = _as_array(M, "matrix")
+        if A.ndim == 1 and A.shape[0] == n and self.ndim <= 2:  # a row vector: (n,) @ (n[, k])
+            return (self * A.reshape((n,) + (1,) * (self.ndim - 1))).sum(axis=0)
         if A.ndim != 2 or A.shape[1] != n:
             raise SpecError("matrix", f"has shape {A.shape} for an expression of length {n} along its first axis",
                             "give a (k, n) matrix")

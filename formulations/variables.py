@@ -47,6 +47,13 @@ class Variable:
     """
 
     __array_ufunc__ = None
+
+    def __array__(self, dtype=None, copy=None):
+        # an opaque scalar to numpy and scipy: a 0-d object array, so that ``sparse @ expr`` defers
+        # to __rmatmul__ instead of iterating over the entries
+        out = np.empty((), dtype=object)
+        out[()] = self
+        return out
     __slots__ = ("model", "name", "labels", "dims", "coords")
 
     def __init__(self, model, name: str, labels: np.ndarray, dims: tuple | None = None,

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from lloptim.errors import ModelTooLargeError, SolverError, SpecError
+from lloptim.errors import SolverError, SpecError
 from lloptim.formulations.binpacking import BinPackingData
 from lloptim.formulations.compiled import LinearModel
 from lloptim.formulations.model import Model
@@ -293,6 +293,8 @@ def _solve_model(model, backend: Backend, params: SolveParams, start: dict | Non
     out = _run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params, deadline)
     t2 = time.perf_counter()
     x = _read_x(lm, out, extra)
+    if out.termination in (Termination.UNBOUNDED, Termination.INFEASIBLE):
+        x = None  # an unbounded model's feasible point is not an answer
     primal = lm.objective(x) if x is not None else None
     from_start = False
     if start_obj is not None and _better(start_obj, primal, lm.sense):
@@ -364,10 +366,15 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
         build_s = time.perf_counter() - t_start
         memory_guard(backend, lm, params)
         x_start = None
-        if inc is not None and inc.values is not None and backend.capabilities.supports_mip_start:
+        if inc is not None and inc.values is not None:
             vals = inc.values_for(model)
             x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
-        out = _run_backend(backend, lm, x_start, params, deadline)
+            if (v := _violation(lm, x_start)) > FEASIBILITY_TOL:
+                # a start the model rejects is neither a MIP start nor a fallback answer
+                extra["start_rejected"] = f"the {inc.source} start violates the model by {v:.3g}"
+                inc, inc_obj, x_start = None, None, None
+        out = _run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params,
+                           deadline)
         x = _read_x(lm, out, extra)
         if x is not None:
             decoded = form.decode(data, model, x)

@@ -16,7 +16,6 @@ from lloptim.formulations.binpacking import binpacking_data, loads
 from lloptim.formulations.lp_bound import lp_prices
 from lloptim.solvers import SolveParams, Termination, available_solvers, solve
 from lloptim.solvers.lagrangian import project_simplex
-from lloptim.solvers.registry import get_backend
 
 ALL = ["greedy", "lagrangian", "highs", "cbc", "cvxpy"]
 EXACT = ["highs", "cbc", "cvxpy"]
@@ -172,10 +171,6 @@ def test_memory_guard_refuses_cbc():
     p = problem(200, 8)
     with pytest.raises(ModelTooLargeError, match="GiB"):
         solve(p, "cbc", SolveParams(solver_options={"always_run": True, "max_mem_mb": 1}), weights=np.arange(1, 201.0))
-    est = get_backend("cbc").estimate_mem_mb
-    from lloptim.formulations.binpacking import build_binpacking
-    m = build_binpacking(binpacking_data(problem(1319, 200)))
-    assert 8 * 1024 < est(m) < 12 * 1024  # the measured 9.6 GiB at 264k binaries
 
 
 def test_missing_package_names_the_extra(monkeypatch):
