@@ -189,3 +189,54 @@ def test_several_instances_use_global_clients():
     res = solve(p, "greedy")
     assert res.assignment.max() < 15 and res.multipliers["load"].shape == (15,)
     assert np.bincount(res.assignment, minlength=15).min() > 0
+
+
+def _mixed_fleet(n=1319):
+    from dataclasses import replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+
+    base = load_profile("llama-65b")
+    insts = []
+    for k, scale in enumerate((1.0, 1.0, 2.0, 2.0)):
+        prof = replace(base, name=f"x{scale}", latency=base.latency.scaled(prefill=scale, decode=scale))
+        insts.append(Instance.from_profile(prof, 20, name=f"instance-{k}"))
+    return Problem(workloads.gsm8k("test", limit=n), tuple(insts), name="fleet")
+
+
+def test_heuristics_report_the_best_bound_they_know_on_a_mixed_fleet():
+    from lloptim.solvers.lagrangian import lagrangian_dual
+
+    p = _mixed_fleet()
+    d = binpacking_data(p)
+    for name in ("greedy", "lagrangian"):
+        res = solve(p, name, SolveParams(time_limit_s=10))
+        certified = lagrangian_dual(d, res.multipliers["load"])[0]
+        assert res.dual_bound >= certified * (1 - 1e-12), name  # its own prices' bound is reported
+        assert res.dual_bound >= d.fleet_lp[0] * (1 - 1e-12)  # so is the exact LP over instances
+        # the exact bound certifies the gap at once: no search for a gap a weak bound could never close
+        assert res.status is Termination.OPTIMAL and res.total_s < 5, (name, res.total_s)
+    # the bound is a bound: a MIP solve never goes below it
+    highs = solve(p, "highs", SolveParams(time_limit_s=3, always_run=True))
+    assert d.fleet_lp[0] <= highs.primal_bound * (1 + 1e-9)
+    assert solve(p, "greedy").dual_bound == solve(p, "greedy").dual_bound  # the same on every run
+
+
+def test_full_mip_results_carry_no_made_up_prices():
+    from lloptim import Workload
+
+    p = Problem.single(Workload.from_arrays([40, 8, 25, 60], [2, 6, 3, 2]), clients=2, kv_capacity_tokens=1000)
+    res = solve(p, "highs", SolveParams(time_limit_s=30), formulation="full_mip")
+    assert res.multipliers == {} and res.formulation == "full_mip" and res.value("t").shape[0] > 1
+
+
+def test_skipped_search_says_what_ran():
+    p = problem(200, 8)
+    res = solve(p, "highs", SolveParams(rel_gap=0.01))
+    assert res.backend == "greedy" and res.solver == "highs" and "highs skipped" in res.skipped
+    assert res.status is Termination.OPTIMAL and res.solve_s < 0.01
+    ran = solve(p, "highs", SolveParams(rel_gap=0.01, always_run=True))
+    assert ran.backend == "highs" and ran.skipped == "" and ran.extra["highs_status"]
+    greedy = solve(p, "greedy", SolveParams(rel_gap=0))
+    assert greedy.status in (Termination.HEURISTIC, Termination.OPTIMAL) and greedy.limit.value in ("none", "time")
