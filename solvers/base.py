@@ -186,7 +186,9 @@ def _read_x(lm: LinearModel, out: Outcome, extra: dict) -> np.ndarray | None:
     if v > FEASIBILITY_TOL:
         extra["rejected_x"] = f"the backend's vector violates the model by {v:.3g}"
         return None
-    return np.asarray(out.x, dtype=np.float64)
+    x = np.array(out.x, dtype=np.float64)
+    x[lm.integrality] = np.round(x[lm.integrality])  # integral within 1e-5 (checked): report the integers
+    return x
 
 
 def solve(model_or_problem, solver: str = "greedy", params: SolveParams | None = None,
@@ -339,6 +341,10 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
     t_start = time.perf_counter()
     extra: dict = dict(inc.extra) if inc is not None else {}
     inc_obj = inc.objective if inc is not None else None
+    if inc is not None:
+        extra.update(start_source=inc.source, start_objective=inc_obj)
+    if bound is not None:
+        extra["formulation_bound"] = bound
     skip = ""
     if (not heuristic and not params.run_always and inc is not None
             and (g := relative_gap(inc_obj, bound, form.sense)) is not None and g <= params.rel_gap):

@@ -89,9 +89,9 @@ class CvxpyBackend(Backend):
         SolverError
             No MILP solver is installed (and ``cvxpy_solver`` was not given).
         """
+        t_enter = time.perf_counter()  # the time limit counts from the call: importing cvxpy counts too
         import cvxpy as cp
 
-        t_enter = time.perf_counter()
         opts = dict(params.backend_options())
         solver = opts.pop("cvxpy_solver", None) or _milp_solver(cp)
         ii = np.flatnonzero(model.integrality)
@@ -157,8 +157,13 @@ class CvxpyBackend(Backend):
             if model.max_violation(x) > 1e-5:  # user_limit without incumbent: a meaningless vector
                 x = None
         info = (prob.solver_stats.extra_stats if prob.solver_stats is not None else None)
-        bound = getattr(info, "mip_dual_bound", None) if model.is_mip else (prob.value if st == cp.OPTIMAL else None)
-        bound = float(bound) if bound is not None and np.isfinite(bound) and abs(bound) < 1e30 else None
+        if model.is_mip:
+            # HiGHS's bound is of cvxpy's minimization (-f for a maximization) and leaves out the constant
+            raw_bound = getattr(info, "mip_dual_bound", None)
+            ok = raw_bound is not None and np.isfinite(raw_bound) and abs(raw_bound) < 1e30 and solver == "HIGHS"
+            bound = (float(raw_bound) if model.sense == "min" else -float(raw_bound)) + model.offset if ok else None
+        else:
+            bound = float(prob.value) if st == cp.OPTIMAL else None
         if st == cp.OPTIMAL:
             term, limit = Termination.OPTIMAL, Limit.NONE
         elif st in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):

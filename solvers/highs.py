@@ -110,9 +110,9 @@ class HighsBackend(Backend):
         SolverError
             HiGHS rejects the model or an option.
         """
+        t_enter = time.perf_counter()
         import highspy
 
-        t_enter = time.perf_counter()
         h = _highs(model, params, integer=True)
         if params.time_limit_s is not None:  # loading the model counted against the limit
             h.setOptionValue("time_limit", max(1e-3, float(params.time_limit_s) - (time.perf_counter() - t_enter)))

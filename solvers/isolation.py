@@ -44,7 +44,10 @@ class IsolatedRun:
         ``""`` when it returned; ``"time"`` or ``"memory"`` when it was stopped; otherwise the
         error it raised or how the child died.
     peak_mb
-        The child's resident-memory high-water mark above what it started with, MiB (as polled).
+        The child's resident-memory high-water mark, MiB (as polled every 50 ms; it starts with
+        the parent's pages, shared copy-on-write).
+    grown_mb
+        How much of it the child added above what it started with, MiB: the backend's own memory.
     wall_s
         Seconds from start to result or stop.
     """
@@ -52,6 +55,7 @@ class IsolatedRun:
     value: Any
     reason: str
     peak_mb: float
+    grown_mb: float
     wall_s: float
 
 
@@ -95,9 +99,9 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
     t0 = time.perf_counter()
     if not can_isolate():
         try:
-            return IsolatedRun(fn(*args), "", 0.0, time.perf_counter() - t0)
+            return IsolatedRun(fn(*args), "", 0.0, 0.0, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - same contract as the child: report, do not raise
-            return IsolatedRun(None, f"{type(exc).__name__}: {exc}", 0.0, time.perf_counter() - t0)
+            return IsolatedRun(None, f"{type(exc).__name__}: {exc}", 0.0, 0.0, time.perf_counter() - t0)
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
@@ -144,4 +148,4 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
             proc.kill()
         proc.join()
         parent.close()
-    return IsolatedRun(value, reason, peak, time.perf_counter() - t0)
+    return IsolatedRun(value, reason, base + peak, peak, time.perf_counter() - t0)

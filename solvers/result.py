@@ -104,8 +104,8 @@ class SolveResult:
         Wall time in the backend (loading the model into it, its search, reading the answer back),
         seconds.
     peak_mem_mb
-        High-water mark of this process's resident memory after the solve, MiB (a backend run in a
-        child process reports its own peak in ``extra["backend_peak_mem_mb"]``).
+        High-water mark of resident memory, MiB: this process's, or the backend's child process's
+        when it ran in one (CBC) and used more.
     backend
         The backend (or heuristic) whose answer is returned: ``"greedy"`` when the start already
         met the gap and the requested search was skipped.
