@@ -30,6 +30,7 @@ import numpy as np
 
 TOOLS = ("lloptim", "linopy", "mathopt", "cvxpy", "pyomo")
 SNIPPETS = Path(__file__).resolve().parents[1] / "docs" / "snippets" / "side_by_side"
+RESULTS = Path(__file__).resolve().parent / "results" / "modeling_side_by_side.csv"
 
 
 def data(clients: int):
@@ -68,7 +69,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--time-limit", type=float, default=20.0)
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, from " + ", ".join(TOOLS))
+    ap.add_argument("--csv", type=Path, default=RESULTS, help="write the rows here (the docs page reads them)")
     args = ap.parse_args()
+    rows = []
     need = {"lloptim": "lloptim", "linopy": "linopy", "mathopt": "ortools", "cvxpy": "cvxpy", "pyomo": "pyomo"}
     print(f"bin packing + eligibility + caps: 1319 requests x {args.clients} clients, HiGHS, "
           f"time limit {args.time_limit:g} s, rel gap 1e-4")
@@ -91,10 +94,25 @@ def main() -> None:
             proc.join()
         if obj is None or bound is None or not np.isfinite(obj):
             print(f"{tool:>8s} {build:>8.2f} {solve:>8.2f} {'none':>10s} {'-':>10s} {'-':>7s} {peak:>9,.0f}  {status}")
+            rows.append([tool, build, solve, "", "", "", peak, status])
             continue
         gap = abs(obj - bound) / abs(obj) if obj else float("nan")
         print(f"{tool:>8s} {build:>8.2f} {solve:>8.2f} {obj:>10.4f} {bound:>10.4f} {100 * gap:>7.4f} "
               f"{peak:>9,.0f}  {status}")
+        rows.append([tool, build, solve, obj, bound, gap, peak, status])
+    if args.csv:
+        import csv
+        import os
+
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as fh:
+            wr = csv.writer(fh)
+            wr.writerow(["tool", "build_s", "solve_s", "objective_s", "bound_s", "gap", "peak_mib", "status",
+                         "requests", "clients", "time_limit_s", "load_average"])
+            load = f"{os.getloadavg()[0]:.1f}"
+            for r in rows:
+                wr.writerow(r + [1319, args.clients, args.time_limit, load])
+        print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,15 @@ def test_docs_build_without_warnings(tmp_path):
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
     assert proc.returncode == 0, f"sphinx-build failed:\n{proc.stderr[-8000:]}\n{proc.stdout[-2000:]}"
-    for page in ("index", "concepts", "formulations", "backends", "runtime", "reproducing", "cli", "api",
+    for page in ("index", "concepts", "formulations", "modeling", "side_by_side", "backends", "runtime",
+                 "reproducing", "cli", "api",
                  "auto_examples/index", "auto_examples/plot_01_solve_spec", "auto_examples/plot_02_custom_policy",
-                 "auto_examples/plot_03_profile", "generated/api/lloptim", "generated/api/lloptim.bounds",
+                 "auto_examples/plot_03_profile", "auto_examples/plot_04_eligibility",
+                 "auto_examples/plot_05_client_caps", "auto_examples/plot_06_completion_time", "generated/api/lloptim", "generated/api/lloptim.bounds",
                  "generated/api/lloptim.solvers.base"):
         assert (out / f"{page}.html").is_file(), page
     # the tutorials ran (their output is in the page) and the figures were drawn
-    assert "Traceback" not in (out / "auto_examples" / "plot_02_custom_policy.html").read_text()
+    for tutorial in ("plot_02_custom_policy", "plot_04_eligibility", "plot_05_client_caps", "plot_06_completion_time"):
+        assert "Traceback" not in (out / "auto_examples" / f"{tutorial}.html").read_text(), tutorial
     assert (out / "_images" / "concepts_timeline.png").is_file()
     assert "lloptim simulate --help" in (out / "cli.html").read_text()

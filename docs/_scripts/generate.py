@@ -44,10 +44,15 @@ SECTIONS = [
                                            "lloptim.runtime.registry"]),
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",
                                                 "lloptim.backends.torch_backend", "lloptim.backends.models"]),
-    ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.binpacking",
+    ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.variables",
+                                              "lloptim.formulations.expressions", "lloptim.formulations.constraints",
+                                              "lloptim.formulations.indexing", "lloptim.formulations.compiled",
+                                              "lloptim.formulations.io", "lloptim.formulations.binpacking",
                                               "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip"]),
-    ("Solvers", "lloptim.solvers", ["lloptim.solvers.params", "lloptim.solvers.result", "lloptim.solvers.base",
-                                    "lloptim.solvers.registry"]),
+    ("Solvers", "lloptim.solvers", ["lloptim.solvers.base", "lloptim.solvers.params", "lloptim.solvers.result",
+                                    "lloptim.solvers.formulation_registry", "lloptim.solvers.builtin_formulations",
+                                    "lloptim.solvers.registry", "lloptim.solvers.limits",
+                                    "lloptim.solvers.isolation"]),
 ]
 OPTIONAL = ("torch", "transformers", "ray")
 #: Modules never documented in the API reference (the CLI has its own page).
@@ -413,6 +418,34 @@ def write_capabilities(out: Path) -> bool:
     return True
 
 
+def write_side_by_side(out: Path) -> bool:
+    """The measured table of ``benchmarks/modeling_side_by_side.py`` (its CSV), or a note to run it."""
+    import csv
+
+    src = ROOT / "benchmarks" / "results" / "modeling_side_by_side.csv"
+    path = out / "side_by_side_figures.inc"
+    if not src.is_file():
+        _write(path, ".. note::\n\n   Run ``python benchmarks/modeling_side_by_side.py`` to measure the tools here.\n")
+        return False
+    rows = list(csv.DictReader(src.open()))
+    first = rows[0]
+    fmt = (lambda v, f: format(float(v), f) if v not in ("", None) else "--")  # noqa: E731
+    lines = [f"``python benchmarks/modeling_side_by_side.py``: {first['requests']} requests x {first['clients']} "
+             f"clients, HiGHS, time limit {fmt(first['time_limit_s'], '.0f')} s, relative gap 1e-4, each tool in a "
+             f"fresh process (load average {first['load_average']} on a 2-core machine: times are comparable "
+             "within the table only).", "",
+             ".. list-table::", "   :header-rows: 1", "",
+             "   * - tool", "     - build s", "     - solve s", "     - objective s", "     - bound s", "     - gap",
+             "     - peak MiB", "     - status"]
+    for r in rows:
+        gap = f"{100 * float(r['gap']):.3f} %" if r["gap"] else "--"
+        lines += [f"   * - {r['tool']}", f"     - {fmt(r['build_s'], '.2f')}", f"     - {fmt(r['solve_s'], '.2f')}",
+                  f"     - {fmt(r['objective_s'], '.3f')}", f"     - {fmt(r['bound_s'], '.3f')}", f"     - {gap}",
+                  f"     - {fmt(r['peak_mib'], ',.0f')}", f"     - ``{r['status']}``"]
+    _write(path, "\n".join(lines) + "\n")
+    return True
+
+
 def write_benchmark_figures(out: Path) -> list[str]:
     results = ROOT / "benchmarks" / "results"
     figs = sorted(results.glob("*.png")) if results.is_dir() else []
@@ -522,6 +555,12 @@ def tutorial_status() -> dict[str, bool]:
         ok["02"] = ok["03"] = True
     except Exception:  # noqa: BLE001
         ok["02"] = ok["03"] = False
+    try:
+        from lloptim import Model, solve  # noqa: F401
+
+        ok["04"] = ok["05"] = ok["06"] = True
+    except Exception:  # noqa: BLE001
+        ok["04"] = ok["05"] = ok["06"] = False
     return ok
 
 
@@ -535,6 +574,7 @@ def run(out: Path) -> dict:
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)
+    facts["side_by_side"] = write_side_by_side(out)
     facts["reproduction"] = write_reproduction(out)
     facts["tutorial_ok"] = tutorial_status()
     facts["seconds"] = time.perf_counter() - t0
