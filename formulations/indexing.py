@@ -28,7 +28,7 @@ Dims = tuple
 Coords = dict
 
 
-def check_coords(shape: tuple, coords) -> tuple[tuple, dict]:
+def check_coords(shape: tuple | None, coords) -> tuple[tuple, tuple, dict]:
     """Axis names and coordinates from the ``coords`` argument of ``add_variables``.
 
     Parameters

@@ -41,8 +41,7 @@ from lloptim.formulations.expressions import LinearExpression, as_expression
 from lloptim.formulations.indexing import check_coords
 from lloptim.formulations.variables import Variable
 
-__all__ = ["Model", "LinearModel", "ModelBuilder", "Variable", "LinearExpression", "Constraint",
-           "ConstraintFamily"]
+__all__ = ["Model"]  # LinearModel and ModelBuilder stay importable from here for older code
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _LINEAGE = itertools.count()

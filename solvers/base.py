@@ -40,8 +40,9 @@ from lloptim.solvers.params import SolveParams
 from lloptim.solvers.registry import Backend, FormulationTask, Outcome, get_backend
 from lloptim.solvers.result import Limit, SolveResult, Termination
 
-__all__ = ["solve", "Outcome", "FormulationTask", "BinPackingTask", "memory_guard", "check_assignment",
-           "peak_rss_mb", "relative_gap", "FORMULATIONS", "START_SHARE", "FEASIBILITY_TOL"]
+# Outcome, FormulationTask (BinPackingTask), memory_guard and peak_rss_mb stay importable from here
+# for older code; they are documented where they live (registry, limits)
+__all__ = ["solve", "check_assignment", "relative_gap", "FORMULATIONS", "START_SHARE", "FEASIBILITY_TOL"]
 
 #: Old name of :class:`~lloptim.solvers.registry.FormulationTask` (a bin packing's task).
 BinPackingTask = FormulationTask

@@ -73,6 +73,7 @@ class Incumbent:
 
 
 def _identity(problem, **options):
+    """The default ``prepare`` hook: the problem is the data; any option is an error naming it."""
     if options:
         raise SpecError(f"options.{sorted(options)[0]}", "is not an option of this formulation",
                         "pass only the options its prepare hook takes")

@@ -76,7 +76,7 @@ class Deadline:
         return None if self.limit_s is None else max(0.0, self.start + self.limit_s - time.perf_counter())
 
     def expired(self) -> bool:
-        """Whether no time is left."""
+        """Whether no time is left (0 seconds remaining)."""
         left = self.remaining()
         return left is not None and left <= 0.0
 

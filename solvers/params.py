@@ -102,7 +102,7 @@ class SolveParams:
         return bool(self.always_run or self.solver_options.get("always_run", False))
 
     def backend_options(self) -> dict:
-        """``solver_options`` without the keys the pipeline reads itself (``always_run``, ``max_mem_mb``...)."""
+        """``solver_options`` without the keys the pipeline reads itself (``always_run``, ``max_mem_mb`` in MiB...)."""
         return {k: v for k, v in self.solver_options.items() if k not in PIPELINE_OPTIONS}
 
     def check_warm_start(self, n_requests: int, n_clients: int) -> np.ndarray | None:

@@ -122,6 +122,9 @@ class SolveResult:
         empty when it ran.
     x
         The answer as a column vector of the compiled model (None when no model was built).
+    _model, _compiled, _row_duals, _values
+        Internal: the solved model, its compiled form, the LP duals and the start's values, which
+        :meth:`value`, :meth:`dual` and :meth:`reduced_cost` read.
     """
 
     status: Termination

@@ -61,7 +61,7 @@ print(f"{'backend':8s} {'status':9s} {'primal s':>9s} {'dual s':>9s} {'gap':>8s}
 for name, res in results.items():
     print(f"{res.backend:8s} {res.status.value:9s} {res.primal_bound:9.3f} {res.dual_bound:9.3f} "
           f"{100 * res.gap:7.3f}% {res.start_s:8.3f} {res.solve_s:8.3f}")
-print(solve(problem, solver="highs").skipped)
+print(solve(problem, solver="highs", params=SolveParams(time_limit_s=2, rel_gap=1e-3)).skipped)
 
 # %%
 # The loads behind the numbers

@@ -1,6 +1,6 @@
 """
 Per-client caps: at most 6 requests on each client of instance 1
-================================================================
+=================================================================
 
 A count cap per client (an instance whose clients are recycled after a few requests, or a rate
 limit per slot) is one more constraint family on the bin packing. The cap binds: it pushes work
