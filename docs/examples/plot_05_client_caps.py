@@ -50,7 +50,7 @@ for solver in ("highs", "cbc", "cvxpy"):
 
 # %%
 # What the cap costs, and what it is worth to loosen it
-# ----------------------------------------------------
+# -----------------------------------------------------
 # ``dual("cap")`` of the LP relaxation is ``d(objective)/d(rhs)``: makespan steps gained per
 # extra request allowed on each capped client (``<= 0``: loosening helps).
 lp = lloptim.solve(m.relaxed(), "highs")
