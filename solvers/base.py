@@ -35,6 +35,7 @@ from lloptim.formulations.compiled import LinearModel
 from lloptim.formulations.model import Model
 from lloptim.problem import Problem
 from lloptim.solvers.formulation_registry import Formulation, Incumbent, get_formulation
+from lloptim.solvers.isolation import can_isolate, run_isolated
 from lloptim.solvers.limits import Deadline, memory_guard, memory_limit_mb, peak_rss_mb
 from lloptim.solvers.params import SolveParams
 from lloptim.solvers.registry import Backend, FormulationTask, Outcome, get_backend
@@ -42,7 +43,8 @@ from lloptim.solvers.result import Limit, SolveResult, Termination
 
 # Outcome, FormulationTask (BinPackingTask), memory_guard and peak_rss_mb stay importable from here
 # for older code; they are documented where they live (registry, limits)
-__all__ = ["solve", "check_assignment", "relative_gap", "FORMULATIONS", "START_SHARE", "FEASIBILITY_TOL"]
+__all__ = ["solve", "run_backend", "check_assignment", "relative_gap", "FORMULATIONS", "START_SHARE",
+           "FEASIBILITY_TOL"]
 
 #: Old name of :class:`~lloptim.solvers.registry.FormulationTask` (a bin packing's task).
 BinPackingTask = FormulationTask
@@ -166,13 +168,60 @@ def _status(answer_ok: bool, gap: float | None, rel_gap: float, out: Outcome, he
     return Termination.FEASIBLE, out.limit if out.limit is not Limit.NONE else Limit.GAP
 
 
-def _run_backend(backend: Backend, lm: LinearModel, x_start, params: SolveParams, deadline: Deadline) -> Outcome:
-    """Call the backend within the deadline; a crash becomes an ``ERROR`` outcome, never an exception."""
+def run_backend(backend: Backend, lm: LinearModel, x_start, params: SolveParams, deadline: Deadline) -> Outcome:
+    """Call ``backend.solve_model`` within the deadline and the memory allowance; never raise for a crash.
+
+    When :meth:`Backend.isolated <lloptim.solvers.registry.Backend.isolated>` says so, the solve runs in
+    a child process (:func:`~lloptim.solvers.isolation.run_isolated`) that is stopped at the deadline
+    or past the allowance; the outcome then says ``Limit.TIME`` or ``Limit.MEMORY`` with no answer,
+    and the caller keeps its start and bound.
+
+    Parameters
+    ----------
+    backend : Backend
+        A model solver.
+    lm : LinearModel
+        The compiled model.
+    x_start : numpy.ndarray or None
+        A MIP start (a column vector), or None.
+    params : SolveParams
+        The solve's parameters (the time left is read from ``deadline``; ``max_mem_mb`` in MiB).
+    deadline : Deadline
+        The solve's deadline.
+
+    Returns
+    -------
+    Outcome
+        The backend's outcome; a crash becomes ``Termination.ERROR`` with the message in ``extra``.
+
+    Raises
+    ------
+    SolverError, SpecError
+        User errors (a bad option), raised again from a child process too.
+    """
     if deadline.expired():
         return Outcome(termination=Termination.FEASIBLE, limit=Limit.TIME,
                        extra={"note": "no time was left for the search"})
+    bparams = _backend_params(params, deadline)
     try:
-        return backend.solve_model(lm, x_start, _backend_params(params, deadline))
+        if backend.isolated(lm, bparams) and can_isolate():
+            run = run_isolated(backend.solve_model, (lm, x_start, bparams), deadline.at, bparams.max_mem_mb)
+            extra = {"isolated": True, "child_wall_s": run.wall_s, "child_grown_mb": run.grown_mb}
+            if run.reason == "time":
+                extra["stopped"] = f"{backend.name} was stopped at the deadline (it did not stop itself)"
+                return Outcome(termination=Termination.FEASIBLE, limit=Limit.TIME, peak_mb=run.peak_mb, extra=extra)
+            if run.reason == "memory":
+                extra["stopped"] = (f"{backend.name} was stopped past the memory allowance of "
+                                    f"{bparams.max_mem_mb:,.0f} MiB")
+                return Outcome(termination=Termination.FEASIBLE, limit=Limit.MEMORY, peak_mb=run.peak_mb, extra=extra)
+            if run.reason:
+                extra["error"] = f"{backend.name}: {run.reason}"
+                return Outcome(termination=Termination.ERROR, peak_mb=run.peak_mb, extra=extra)
+            out = run.value
+            out.peak_mb = max(out.peak_mb, run.peak_mb)
+            out.extra.update(extra)
+            return out
+        return backend.solve_model(lm, x_start, bparams)
     except (SolverError, SpecError):
         raise
     except Exception as exc:  # noqa: BLE001 - a backend crash must not lose the start; keep it and say why
@@ -293,7 +342,7 @@ def _solve_model(model, backend: Backend, params: SolveParams, start: dict | Non
         start_obj = lm.objective(x_start)
     memory_guard(backend, lm, params)
     t1 = time.perf_counter()
-    out = _run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params, deadline)
+    out = run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params, deadline)
     t2 = time.perf_counter()
     x = _read_x(lm, out, extra)
     if out.termination in (Termination.UNBOUNDED, Termination.INFEASIBLE):
@@ -380,7 +429,7 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
                 # a start the model rejects is neither a MIP start nor a fallback answer
                 extra["start_rejected"] = f"the {inc.source} start violates the model by {v:.3g}"
                 inc, inc_obj, x_start = None, None, None
-        out = _run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params,
+        out = run_backend(backend, lm, x_start if backend.capabilities.supports_mip_start else None, params,
                            deadline)
         x = _read_x(lm, out, extra)
         if x is not None:

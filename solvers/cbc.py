@@ -12,10 +12,11 @@ compiled model is handed over in a single call through cffi on python-mip's own 
 **Limits.** CBC measures its time limit in CPU seconds unless told otherwise (on a busy machine
 a 20 s limit took 25-38 s of wall clock): lloptim switches it to elapsed time
 (``INT_PARAM_ELAPSED_TIME``). CBC also checks the limit only between phases (its root cut loop on
-the 1319 x 200 bin packing grew to 6 GiB without checking). The search therefore runs in a
-child process (:func:`~lloptim.solvers.isolation.run_isolated`), told to stop slightly before the
-deadline and killed at it, or as soon as its memory grows past the allowance; the pipeline then
-returns its start and bound on time (``limit="time"`` or ``"memory"``).
+the 1319 x 200 bin packing grew to 6 GiB without checking). The search therefore always runs in a
+child process (:meth:`CbcBackend.isolated`, :func:`~lloptim.solvers.base.run_backend`), told to
+stop slightly before the deadline and killed at it, or as soon as its memory grows past the
+allowance; the pipeline then returns its start and bound on time (``limit="time"`` or
+``"memory"``).
 
 **Duals.** ``Cbc_getRowPrice`` (python-mip's ``Constr.pi``) is ``d(objective)/d(rhs)`` for
 minimization and maximization alike: lloptim's convention, no conversion.
@@ -32,16 +33,16 @@ import numpy as np
 
 from lloptim.errors import SolverError
 from lloptim.formulations.compiled import LinearModel
-from lloptim.solvers.isolation import run_isolated
 from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
 __all__ = ["CbcBackend", "CBC_MB_PER_INTEGER", "load_into_cbc"]
 
-#: CBC's memory per integer column, MiB (about 0.016 MiB): 4.1 GiB measured at the 264k binaries of
-#: a 1319-request x 200-client bin packing (child process, 10 s); used by
-#: :meth:`CbcBackend.estimate_mem_mb`.
-CBC_MB_PER_INTEGER = 4.1 * 1024 / 264_000
+#: CBC's memory per integer column, MiB (about 0.037 MiB): at the 264k binaries of a 1319-request x
+#: 200-client bin packing its search grew to 4.1 GiB after 10 s, 6.4 GiB after 20 s and 9.6 GiB in
+#: longer runs; used by :meth:`CbcBackend.estimate_mem_mb` (the child process is also stopped if it
+#: outgrows the allowance while it runs).
+CBC_MB_PER_INTEGER = 9.6 * 1024 / 264_000
 #: Seconds before the deadline at which CBC is asked to stop, so it can hand its answer back.
 STOP_EARLY_S = 0.3
 #: CBC's integer parameter that makes its time limit wall-clock time (``INT_PARAM_ELAPSED_TIME``).
@@ -200,11 +201,15 @@ class CbcBackend(Backend):
     formulations = ("binpacking", "full_mip")
 
     def estimate_mem_mb(self, model: LinearModel) -> float:
-        """``16 KiB`` per integer column (4.1 GiB measured at 264k binaries) + ``0.5 KiB`` per non-zero + 150 MiB."""
+        """``38 KiB`` per integer column (9.6 GiB measured at 264k binaries) + ``0.5 KiB`` per non-zero + 150 MiB."""
         return 150.0 + CBC_MB_PER_INTEGER * model.n_integer + model.nnz / 2048.0
 
+    def isolated(self, model, params) -> bool:
+        """Always: CBC can only be stopped (at the deadline, past its memory) from outside its process."""
+        return True
+
     def solve_model(self, model, x_start, params):
-        """Solve ``model`` with CBC in a child process stopped at the deadline or past its memory.
+        """Solve ``model`` with CBC (the pipeline runs this in a child process, see :meth:`isolated`).
 
         Parameters
         ----------
@@ -214,19 +219,17 @@ class CbcBackend(Backend):
             A column vector of ``model``, shape ``(n_cols,)``, given to CBC as its MIP start;
             None: no start.
         params : SolveParams
-            ``time_limit_s`` (seconds left of the solve: CBC is told to stop
-            :data:`STOP_EARLY_S` before it and killed at it), ``max_mem_mb`` (growth of the
-            child's memory, MiB, past which it is killed), ``rel_gap`` (``max_mip_gap``), ``seed``,
-            ``threads``, ``verbose``; each ``solver_options`` entry sets the ``mip.Model``
-            attribute of that name.
+            ``time_limit_s`` (seconds left of the solve: CBC, counting wall-clock seconds, is told to
+            stop :data:`STOP_EARLY_S` before the deadline), ``rel_gap`` (``max_mip_gap``), ``seed``,
+            ``threads``, ``verbose``; each ``solver_options`` entry sets the ``mip.Model`` attribute
+            of that name.
 
         Returns
         -------
         Outcome
             ``x`` when CBC found a solution, its objective and ``objective_bound``, the
-            termination, an LP's row duals, the child's memory peak, and
-            ``extra["cbc_status"]``; a stopped child gives no ``x`` and ``Limit.TIME`` or
-            ``Limit.MEMORY``.
+            termination, an LP's row duals (``Cbc_getRowPrice``, already ``d(objective)/d(rhs)``)
+            and ``extra["cbc_status"]``.
 
         Raises
         ------
@@ -239,20 +242,8 @@ class CbcBackend(Backend):
             if not hasattr(mip.Model, k):
                 raise SolverError(f"cbc: unknown option {k!r} (use an attribute of mip.Model, e.g. 'cuts')")
         deadline_at = None if params.time_limit_s is None else time.perf_counter() + params.time_limit_s
-        run = run_isolated(_cbc_search, (model, x_start, params, deadline_at), deadline_at, params.max_mem_mb)
-        extra = {"cbc_wall_s": run.wall_s, "cbc_grown_mb": run.grown_mb}
-        if run.reason == "time":
-            extra["cbc_status"] = "stopped at the deadline (CBC did not stop itself)"
-            return Outcome(termination=Termination.FEASIBLE, limit=Limit.TIME, peak_mb=run.peak_mb, extra=extra)
-        if run.reason == "memory":
-            extra["cbc_status"] = f"stopped past the memory allowance of {params.max_mem_mb:,.0f} MiB"
-            return Outcome(termination=Termination.FEASIBLE, limit=Limit.MEMORY, peak_mb=run.peak_mb, extra=extra)
-        if run.reason:
-            extra["error"] = f"cbc: {run.reason}"
-            return Outcome(termination=Termination.ERROR, peak_mb=run.peak_mb, extra=extra)
-        res = run.value
+        res = _cbc_search(model, x_start, params, deadline_at)
         status = res["status"]
-        extra["cbc_status"] = status
         bound = res["bound"]
         bound = bound if bound is not None and np.isfinite(bound) and abs(bound) < 1e30 else None
         if status == "OPTIMAL":
@@ -268,7 +259,7 @@ class CbcBackend(Backend):
         if not model.is_mip and term is not Termination.OPTIMAL:
             bound = None
         return Outcome(x=res["x"], objective=res["objective"], bound=bound, termination=term, limit=limit,
-                       row_duals=res["duals"], peak_mb=run.peak_mb, extra=extra)
+                       row_duals=res["duals"], extra={"cbc_status": status})
 
 
 register_backend(CbcBackend())

@@ -58,6 +58,12 @@ class CvxpyBackend(Backend):
         """About 4 KiB per non-zero (canonicalization keeps several sparse copies) plus 300 MiB."""
         return 300.0 + model.nnz * 4.0 / 1024.0
 
+    def isolated(self, model, params) -> bool:
+        """A time-limited model of at least ``ISOLATE_NNZ`` non-zeros runs in a child process (as HiGHS's)."""
+        from lloptim.solvers.highs import ISOLATE_NNZ
+
+        return params.time_limit_s is not None and model.nnz >= ISOLATE_NNZ
+
     def solve_model(self, model, x_start, params):
         """Solve ``model`` as a cvxpy problem with the first installed MILP solver.
 

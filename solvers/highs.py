@@ -3,13 +3,17 @@
 Common parameters map to HiGHS options ``time_limit``, ``mip_rel_gap``, ``threads`` and
 ``random_seed``; ``solver_options`` go to ``setOptionValue`` verbatim (an unknown option is an
 error). The incumbent is passed with ``setSolution``. HiGHS honours its time limit in every phase
-we measured (20.6 s for a 20 s limit on the 1319 x 200 bin packing, 7.5 s of it presolve), so it
-runs in-process. An LP solved to optimality returns its row duals, already in lloptim's
-convention.
+we measured on an idle machine (20.6 s for a 20 s limit on the 1319 x 200 bin packing, 7.5 s of
+it presolve), but not everywhere under load (69 s for a 30 s limit on the same packing with side
+constraints, 3 agents on 2 cores): time-limited MIPs from :data:`ISOLATE_NNZ` non-zeros therefore
+run in a child process stopped at the deadline, small ones in-process. An LP solved to optimality
+returns its row duals, already in lloptim's convention.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import numpy as np
@@ -20,7 +24,26 @@ from lloptim.solvers.params import SolveParams
 from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
-__all__ = ["HighsBackend"]
+__all__ = ["HighsBackend", "ISOLATE_NNZ"]
+
+#: Non-zeros from which a time-limited HiGHS MIP runs in a child process that is stopped at the
+#: deadline (count): below it HiGHS returns on time by itself; above it a phase that does not look
+#: at the clock can take many seconds on a loaded machine (69 s for a 30 s limit, measured).
+ISOLATE_NNZ = 50_000
+
+
+def _fresh_scheduler_after_fork() -> None:
+    """In a forked child, drop the HiGHS thread pool inherited from the parent (its threads did not survive)."""
+    highspy = sys.modules.get("highspy")
+    if highspy is not None:
+        try:
+            highspy.Highs.resetGlobalScheduler(False)
+        except Exception:  # noqa: BLE001 - an older highspy without it: nothing to reset
+            pass
+
+
+# a HiGHS run in a forked child deadlocks on the parent's dead worker threads without this
+os.register_at_fork(after_in_child=_fresh_scheduler_after_fork)
 
 
 def _highs(model: LinearModel, params: SolveParams | None, integer: bool):
@@ -78,6 +101,10 @@ class HighsBackend(Backend):
     def estimate_mem_mb(self, model: LinearModel) -> float:
         """About 0.25 KiB per non-zero plus 300 MiB (HiGHS keeps a few copies of the matrix and the tree)."""
         return 300.0 + model.nnz / 4096.0
+
+    def isolated(self, model, params) -> bool:
+        """A time-limited MIP of at least :data:`ISOLATE_NNZ` non-zeros runs in a child process."""
+        return params.time_limit_s is not None and model.is_mip and model.nnz >= ISOLATE_NNZ
 
     def solve_model(self, model, x_start, params):
         """Solve ``model`` with HiGHS (branch and cut when it has integer columns).

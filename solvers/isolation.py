@@ -1,8 +1,9 @@
 """Run a backend's search in a child process that is stopped at the deadline or past its memory.
 
-Some solvers cannot be interrupted from Python once they run: CBC checks its own time limit only
-between phases (measured: 25 s for a 20 s limit on the 1319 x 200 bin packing, stuck in its root
-cut loop) and grows to several GiB. :func:`run_isolated` forks a child that inherits the loaded
+Solvers cannot be interrupted from Python once they run, and none checks its time limit in every
+phase: CBC ran 25 s for a 20 s limit on the 1319 x 200 bin packing (stuck in its root cut loop,
+growing to 6 GiB), HiGHS 69 s for a 30 s limit on the same packing with side constraints on a
+loaded machine. :func:`run_isolated` forks a child that inherits the loaded
 model (copy-on-write, nothing is serialized on the way in), runs the search there, and sends back
 a small picklable answer. The parent polls the child every 50 ms and kills it when
 
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import psutil
 
+from lloptim.errors import LloptimError
 from lloptim.solvers.limits import GRACE_S
 
 __all__ = ["IsolatedRun", "run_isolated", "can_isolate"]
@@ -67,6 +69,8 @@ def can_isolate() -> bool:
 def _child(conn, fn: Callable, args: tuple) -> None:
     try:
         conn.send(("ok", fn(*args)))
+    except LloptimError as exc:  # a user error (a bad option): the parent raises it again
+        conn.send(("raise", exc))
     except BaseException as exc:  # noqa: BLE001 - report anything to the parent rather than die silently
         try:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -95,6 +99,11 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
     -------
     IsolatedRun
         The value or why there is none, the child's memory peak and the wall time.
+
+    Raises
+    ------
+    LloptimError
+        Whatever lloptim error ``fn`` raised in the child (a bad option, say), raised again here.
     """
     t0 = time.perf_counter()
     if not can_isolate():
@@ -122,6 +131,8 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
                 except EOFError:
                     reason = f"the child exited with code {proc.exitcode}"
                     break
+                if kind == "raise":
+                    raise payload
                 if kind == "ok":
                     value = payload
                 else:

@@ -146,6 +146,26 @@ class Backend:
         """Rough peak memory the backend needs for ``model``, MiB (0: no guard)."""
         return 0.0
 
+    def isolated(self, model: "LinearModel", params: "SolveParams") -> bool:
+        """Whether :func:`~lloptim.solvers.base.run_backend` runs this solve in a child process.
+
+        A child is stopped at the deadline and past its memory allowance
+        (:mod:`lloptim.solvers.isolation`); an in-process solve relies on the solver's own limit.
+
+        Parameters
+        ----------
+        model : LinearModel
+            The compiled model about to be solved.
+        params : SolveParams
+            The parameters it will be solved with (``time_limit_s`` in seconds).
+
+        Returns
+        -------
+        bool
+            False in the base class.
+        """
+        return False
+
     def solves(self, formulation: str) -> bool:
         """Whether the backend can solve ``formulation`` (any, for a backend that solves models).
 
