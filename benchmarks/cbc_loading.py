@@ -107,6 +107,7 @@ def main() -> None:
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_measure, args=(path, child))
         proc.start()
+        child.close()
         secs, grown, nnz, want = parent.recv()
         proc.join()
         note = "" if nnz == want else f"  (expected {want})"

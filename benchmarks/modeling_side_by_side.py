@@ -85,6 +85,7 @@ def main() -> None:
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(tool, args, child))
         proc.start()
+        child.close()  # only the child writes: recv() raises EOFError if it dies
         try:
             build, solve, obj, bound, status, peak = parent.recv()
         except EOFError:

@@ -36,7 +36,7 @@ from lloptim.formulations.model import Model
 from lloptim.problem import Problem
 from lloptim.solvers.formulation_registry import Formulation, Incumbent, get_formulation
 from lloptim.solvers.isolation import can_isolate, run_isolated
-from lloptim.solvers.limits import Deadline, memory_guard, memory_limit_mb, peak_rss_mb
+from lloptim.solvers.limits import GRACE_S, Deadline, memory_guard, memory_limit_mb, peak_rss_mb
 from lloptim.solvers.params import SolveParams
 from lloptim.solvers.registry import Backend, FormulationTask, Outcome, get_backend
 from lloptim.solvers.result import Limit, SolveResult, Termination
@@ -205,7 +205,12 @@ def run_backend(backend: Backend, lm: LinearModel, x_start, params: SolveParams,
     bparams = _backend_params(params, deadline)
     try:
         if backend.isolated(lm, bparams) and can_isolate():
-            run = run_isolated(backend.solve_model, (lm, x_start, bparams), deadline.at, bparams.max_mem_mb)
+            grace = deadline.grace_s()
+            if bparams.time_limit_s is not None:
+                # asked to stop as much before the deadline as it may overrun it: it normally stops by
+                # itself and hands its answer and bound back; the kill is for when it does not
+                bparams.time_limit_s = max(0.05, bparams.time_limit_s - (grace - GRACE_S))
+            run = run_isolated(backend.solve_model, (lm, x_start, bparams), deadline.at, bparams.max_mem_mb, grace)
             extra = {"isolated": True, "child_wall_s": run.wall_s, "child_grown_mb": run.grown_mb}
             if run.reason == "time":
                 extra["stopped"] = f"{backend.name} was stopped at the deadline (it did not stop itself)"

@@ -7,7 +7,7 @@ loaded machine. :func:`run_isolated` forks a child that inherits the loaded
 model (copy-on-write, nothing is serialized on the way in), runs the search there, and sends back
 a small picklable answer. The parent polls the child every 50 ms and kills it when
 
-* the deadline plus :data:`~lloptim.solvers.limits.GRACE_S` has passed (``reason="time"``), or
+* the deadline plus a grace period has passed (``reason="time"``), or
 * its resident memory has grown more than the allowance above what it started with
   (``reason="memory"``).
 
@@ -80,7 +80,8 @@ def _child(conn, fn: Callable, args: tuple) -> None:
         conn.close()
 
 
-def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_mb: float | None) -> IsolatedRun:
+def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_mb: float | None,
+                 grace_s: float = GRACE_S) -> IsolatedRun:
     """Run ``fn(*args)`` in a forked child, stopping it at ``deadline_at`` or past ``max_mem_mb``.
 
     Parameters
@@ -90,10 +91,13 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
     args : tuple
         Its arguments (inherited by the child, not serialized).
     deadline_at : float or None
-        ``time.perf_counter()`` time after which the child is killed (plus
-        :data:`~lloptim.solvers.limits.GRACE_S`), seconds; ``None``: never.
+        ``time.perf_counter()`` time after which (plus ``grace_s``) the child is killed, seconds;
+        ``None``: never.
     max_mem_mb : float or None
         Growth of the child's resident memory, MiB, past which it is killed; ``None``: no limit.
+    grace_s : float
+        Seconds past ``deadline_at`` before the kill (default
+        :data:`~lloptim.solvers.limits.GRACE_S`).
 
     Returns
     -------
@@ -151,7 +155,7 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
                 if max_mem_mb is not None and grown > max_mem_mb:
                     reason = "memory"
                     break
-            if deadline_at is not None and time.perf_counter() > deadline_at + GRACE_S:
+            if deadline_at is not None and time.perf_counter() > deadline_at + grace_s:
                 reason = "time"
                 break
     finally:

@@ -23,12 +23,17 @@ import psutil
 
 from lloptim.errors import ModelTooLargeError
 
-__all__ = ["Deadline", "memory_limit_mb", "memory_guard", "peak_rss_mb", "rss_mb", "MEM_FRACTION", "GRACE_S"]
+__all__ = ["Deadline", "memory_limit_mb", "memory_guard", "peak_rss_mb", "rss_mb", "MEM_FRACTION", "GRACE_S",
+           "GRACE_SHARE"]
 
 #: Share of the memory available when a solve starts that a backend may use (no unit: a fraction).
 MEM_FRACTION = 0.8
-#: Seconds a backend may overrun the deadline (reading its answer back) before it is stopped.
+#: Seconds a backend in a child process may overrun the deadline (reading its answer back) before
+#: it is stopped, on top of :data:`GRACE_SHARE` of the time limit.
 GRACE_S = 0.5
+#: Share of the time limit a backend in a child process may overrun the deadline by (dimensionless);
+#: it is also told to stop this much before the deadline, so that it normally stops by itself.
+GRACE_SHARE = 0.04
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,14 @@ class Deadline:
         """Whether no time is left (0 seconds remaining)."""
         left = self.remaining()
         return left is not None and left <= 0.0
+
+    def grace_s(self) -> float:
+        """Seconds a child-process backend may run past the deadline before it is stopped.
+
+        ``GRACE_SHARE * limit_s + GRACE_S`` (0 without a limit): within the promise of 10 % of the
+        limit plus 1 s.
+        """
+        return 0.0 if self.limit_s is None else GRACE_SHARE * self.limit_s + GRACE_S
 
     def share(self, fraction: float, floor_s: float = 0.0) -> float | None:
         """A part of the time left: ``max(floor_s, fraction * remaining)``, capped at the remaining time.

@@ -41,6 +41,7 @@ def _solve_in_child(tool: str) -> dict:
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_run, args=(tool, child))
     proc.start()
+    child.close()  # only the child writes: recv() raises EOFError if it dies
     try:
         return parent.recv()
     finally:
