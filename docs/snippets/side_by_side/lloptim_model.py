@@ -16,7 +16,7 @@ def build(w, prompt, inst, cap=10, relax=False):
 def solve(m, time_limit):
     res = lloptim.solve(m, "highs", lloptim.SolveParams(time_limit_s=time_limit, rel_gap=1e-4))
     return {"objective": res.primal_bound, "bound": res.dual_bound, "status": res.status.value,
-            "x": res.value("x")}
+            "x": res.value("x") if res.status.has_solution else None}
 
 
 def load_duals(m):
