@@ -14,6 +14,7 @@ import numpy as np
 
 from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, load_profile
+from lloptim.memory import DEFAULT_BLOCK_TOKENS, DEFAULT_KV_MODE, blocks, check_block_tokens, check_kv_mode
 
 __all__ = ["Workload", "Instance", "Problem"]
 
@@ -53,8 +54,10 @@ class Workload:
     arrival_s
         Arrival time of each request, seconds from the start (float64, >= 0).
     max_output_tokens
-        Output cap the server enforces, tokens; the KV cache reserves ``prompt + cap`` for a running
-        request. Defaults to ``output_tokens``.
+        The output cap the user set on each request (``max_tokens`` of an API call), tokens; 0 where
+        none was given (the default). A server knows the cap, never the true length: an instance in
+        ``"reserve"`` KV mode reserves ``prompt + cap`` for a capped request and ``prompt +
+        estimate`` for an uncapped one (:mod:`lloptim.memory`).
     ids
         The user's identifier of each request (strings).
     name
@@ -91,10 +94,13 @@ class Workload:
                 i = int(bad[0])
                 raise SpecError(f"requests[{i}].arrival_s", f"is {arrival[i]!r}",
                                 "give a finite arrival time in seconds, 0 <= arrival_s <= 1e9")
-        cap = output.copy() if max_output_tokens is None else _int_array("max_output_tokens", max_output_tokens, False)
+        if max_output_tokens is None:
+            cap = np.zeros(n, dtype=np.int64)
+        else:
+            cap = _int_array("max_output_tokens", max_output_tokens, allow_zero=True)
         if cap.size != n:
             raise SpecError("max_output_tokens", f"has {cap.size} entries for {n} requests", "give one cap per request")
-        short = np.flatnonzero(cap < output)
+        short = np.flatnonzero((cap > 0) & (cap < output))
         if short.size:
             i = int(short[0])
             raise SpecError(f"requests[{i}].max_output_tokens", f"cap {int(cap[i])} < output_tokens {int(output[i])}",
@@ -117,6 +123,11 @@ class Workload:
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
+
+    @property
+    def capped(self) -> np.ndarray:
+        """Whether the user set an output cap on each request (bool array)."""
+        return self.max_output_tokens > 0
 
     @property
     def total_output_tokens(self) -> int:
@@ -158,17 +169,36 @@ class Instance:
         KV-cache capacity, tokens, across all clients.
     name
         Name used in reports.
+    kv_mode
+        How the KV cache is managed: ``"paged"`` (blocks allocated as tokens are generated,
+        preemption when they run out; vLLM's behaviour, the default) or ``"reserve"`` (prompt plus
+        the cap or an estimate reserved at admission); see :mod:`lloptim.memory`.
+    kv_block_tokens
+        Tokens per KV block (16 by default, as vLLM); the instance holds
+        ``kv_capacity_tokens // kv_block_tokens`` blocks.
     """
 
     profile: HardwareProfile
     clients: int
     kv_capacity_tokens: int
     name: str = "instance-0"
+    kv_mode: str = DEFAULT_KV_MODE
+    kv_block_tokens: int = DEFAULT_BLOCK_TOKENS
+
+    def __post_init__(self) -> None:
+        check_kv_mode(self.kv_mode, f"{self.name}.kv_mode")
+        check_block_tokens(self.kv_block_tokens, self.kv_capacity_tokens, f"{self.name}.kv_block_tokens")
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks of the instance: ``kv_capacity_tokens // kv_block_tokens`` (count)."""
+        return self.kv_capacity_tokens // self.kv_block_tokens
 
     @classmethod
     def from_profile(cls, profile: str | HardwareProfile, clients: int | None = None,
-                     kv_capacity_tokens: int | None = None, name: str = "instance-0") -> "Instance":
-        """An instance of ``profile`` (a name, a path or a profile), overriding clients or capacity."""
+                     kv_capacity_tokens: int | None = None, name: str = "instance-0", kv_mode: str | None = None,
+                     kv_block_tokens: int | None = None) -> "Instance":
+        """An instance of ``profile`` (a name, a path or a profile), overriding clients, capacity or KV mode."""
         prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         c = prof.clients if clients is None else clients
         kv = prof.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
@@ -176,7 +206,12 @@ class Instance:
                             ("kv_capacity_tokens", kv, "give the KV-cache capacity in tokens")):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SpecError(f"{name}.{fld}", f"must be a positive integer, got {v!r}", fix)
-        return cls(prof, int(c), int(kv), name)
+        mode = DEFAULT_KV_MODE if kv_mode is None else kv_mode
+        block = DEFAULT_BLOCK_TOKENS if kv_block_tokens is None else kv_block_tokens
+        if kv_block_tokens is None:
+            block = min(block, int(kv))  # a tiny test capacity still gets whole blocks
+        return cls(prof, int(c), int(kv), name, check_kv_mode(mode, f"{name}.kv_mode"),
+                   check_block_tokens(block, int(kv), f"{name}.kv_block_tokens"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,7 +219,8 @@ class Problem:
     """A workload and the instances that serve it.
 
     Validation checks that every request fits in the KV cache of every instance (a request that
-    fits nowhere could never run).
+    fits nowhere could never run): ``prompt + max(output, cap)`` tokens, rounded up to whole
+    blocks, within the instance's blocks.
 
     Attributes
     ----------
@@ -200,8 +236,8 @@ class Problem:
     Raises
     ------
     SpecError
-        ``workload`` is not a :class:`Workload`, there is no instance, or a request's prompt plus
-        output cap exceeds an instance's KV capacity, tokens.
+        ``workload`` is not a :class:`Workload`, there is no instance, or a request's peak KV need
+        exceeds an instance's KV capacity, tokens.
     """
 
     workload: Workload
@@ -214,22 +250,51 @@ class Problem:
             raise SpecError("workload", "is not a Workload", "build it with Workload.from_arrays or lloptim.workloads")
         if len(self.instances) == 0:
             raise SpecError("instances", "no instance serves the workload", "add at least one [[instances]] entry")
-        need = self.workload.prompt_tokens + self.workload.max_output_tokens
+        self.check_kv_fit()
+
+    def check_kv_fit(self, kv_mode: str | None = None, kv_block_tokens: int | None = None) -> None:
+        """Raise a SpecError unless every request can complete on every instance.
+
+        Parameters
+        ----------
+        kv_mode, kv_block_tokens
+            Check under this KV mode / block size instead of each instance's own (a run option
+            that overrides the spec).
+
+        Raises
+        ------
+        SpecError
+            A request's peak need (``prompt + max(output, cap)`` tokens, in whole blocks) exceeds an
+            instance's KV blocks.
+        """
+        w = self.workload
+        peak = w.prompt_tokens + np.maximum(w.output_tokens, w.max_output_tokens)
         for k, inst in enumerate(self.instances):
-            too_long = np.flatnonzero(need > inst.kv_capacity_tokens)
+            if kv_mode is not None:
+                check_kv_mode(kv_mode)
+            B = inst.kv_block_tokens if kv_block_tokens is None else check_block_tokens(
+                kv_block_tokens, inst.kv_capacity_tokens)
+            # a cap beyond the cache is refused in paged mode too, as vLLM refuses prompt + max_tokens
+            # beyond max_model_len, which it never lets exceed the KV capacity
+            need = peak
+            room = (inst.kv_capacity_tokens // B) * B
+            too_long = np.flatnonzero(-(-need // B) * B > room)
             if too_long.size:
                 i = int(too_long[0])
-                raise SpecError(f"requests[{i}]", f"needs {int(need[i])} KV tokens (prompt + output) but "
-                                f"instances[{k}] holds only {inst.kv_capacity_tokens}",
+                what = "prompt + cap" if w.max_output_tokens[i] > w.output_tokens[i] else "prompt + output"
+                raise SpecError(f"requests[{i}]", f"needs {int(need[i])} KV tokens ({what}, in blocks of {B}: "
+                                f"{blocks(int(need[i]), B) * B}) but instances[{k}] holds only {room}",
                                 "raise kv_capacity_tokens or drop/shorten the request")
 
     @classmethod
     def single(cls, workload: Workload, profile: str | HardwareProfile = "llama-65b", clients: int | None = None,
-               kv_capacity_tokens: int | None = None, instances: int = 1, name: str | None = None) -> "Problem":
-        """A problem with ``instances`` identical instances of ``profile``."""
+               kv_capacity_tokens: int | None = None, instances: int = 1, name: str | None = None,
+               kv_mode: str | None = None, kv_block_tokens: int | None = None) -> "Problem":
+        """A problem with ``instances`` identical instances of ``profile`` (KV mode and block as :class:`Instance`)."""
         if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
             raise SpecError("instances", f"must be a positive integer, got {instances!r}", "give at least one instance")
-        insts = tuple(Instance.from_profile(profile, clients, kv_capacity_tokens, name=f"instance-{i}")
+        insts = tuple(Instance.from_profile(profile, clients, kv_capacity_tokens, name=f"instance-{i}", kv_mode=kv_mode,
+                                            kv_block_tokens=kv_block_tokens)
                       for i in range(instances))
         return cls(workload, insts, name or workload.name)
 

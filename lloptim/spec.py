@@ -11,6 +11,8 @@ Example::
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
     clients = 40          # optional; defaults to the profile's
+    kv_mode = "paged"     # optional: "paged" (vLLM, default) or "reserve"
+    kv_block_tokens = 16  # optional: tokens per KV block
     count = 1             # identical replicas
 
 Every invalid document raises :class:`~lloptim.errors.SpecError` naming the field and the fix.
@@ -74,6 +76,8 @@ class InstanceDoc(_Strict):
     profile: StrictStr = "llama-65b"
     clients: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     kv_capacity_tokens: Annotated[StrictInt, Field(ge=1, le=10**12)] | None = None
+    kv_mode: Literal["paged", "reserve"] | None = None
+    kv_block_tokens: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     count: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1
 
 
@@ -164,7 +168,7 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         reqs = doc.requests or []
         workload = Workload.from_arrays(
             [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], [float(r.arrival_s) for r in reqs],
-            [r.max_output_tokens if r.max_output_tokens is not None else r.output_tokens for r in reqs],
+            [r.max_output_tokens if r.max_output_tokens is not None else 0 for r in reqs],
             ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name)
     instances: list[Instance] = []
     for k, inst in enumerate(doc.instances):
@@ -174,7 +178,8 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         try:
             for _ in range(inst.count):
                 instances.append(Instance.from_profile(profile, inst.clients, inst.kv_capacity_tokens,
-                                                       name=f"instance-{len(instances)}"))
+                                                       name=f"instance-{len(instances)}", kv_mode=inst.kv_mode,
+                                                       kv_block_tokens=inst.kv_block_tokens))
         except SpecError as exc:
             raise SpecError(f"instances[{k}].{exc.field}", exc.problem, exc.fix) from None
     return Problem(workload, tuple(instances), name=doc.name)

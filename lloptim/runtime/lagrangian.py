@@ -42,6 +42,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from lloptim.errors import PolicyError
+from lloptim.runtime.engine import RUNNING
 from lloptim.runtime.iteration_schedulers import admissible, prompt_chunks
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
@@ -171,6 +172,10 @@ class LagrangianIterations(IterationScheduler):
         self.sq_log_error += err * err
         self.n_errors += 1
 
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        # its forecast restarts when it is prefilled again (the engine bumps the client's epoch)
+        self.running[int(self.ctx.client_instance[client])].pop(client, None)
+
     def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
         k = int(self.ctx.client_instance[destination_client])
         self.arrived[k].append((destination_client, request, generated))
@@ -183,7 +188,8 @@ class LagrangianIterations(IterationScheduler):
             if self.mode in ("survival", "lognormal"):
                 self.running[k][c] = (r, step - generated)
             elif self.mode == "exact":
-                heapq.heappush(self.finish_heap[k], (step - generated + int(round(self.estimates[r])), c, r))
+                heapq.heappush(self.finish_heap[k], (step - generated + int(round(self.estimates[r])), c,
+                                                     state.engine.client_epoch[c]))
         self.arrived[k].clear()
 
     def decide(self, state) -> Decision:
@@ -274,9 +280,9 @@ class LagrangianIterations(IterationScheduler):
         engine = state.engine
         step = state.decode_steps
         while heap:
-            f, c, r = heap[0]
-            if engine.client_request[c] != r or f <= step:
-                # finished, evicted, or running past its estimate: no forecast for it
+            f, c, epoch = heap[0]
+            if engine.client_epoch[c] != epoch or engine.client_state[c] != RUNNING or f <= step:
+                # finished, evicted, preempted, or running past its estimate: no forecast for it
                 heapq.heappop(heap)
                 continue
             return f - step
@@ -292,13 +298,16 @@ class LagrangianIterations(IterationScheduler):
         self.decisions_prefill += 1
         if self.mode in ("survival", "lognormal"):
             running = self.running[state.index]
+            engine = state.engine
             for c in chosen:
-                running[c] = (state.engine.client_request[c], state.decode_steps)
+                r = engine.client_request[c]
+                running[c] = (r, state.decode_steps - engine.generated_before[r])
         elif self.mode == "exact":
             heap = self.finish_heap[state.index]
             engine = state.engine
             step = state.decode_steps
             for c in chosen:
                 r = engine.client_request[c]
-                heapq.heappush(heap, (step + int(round(self.estimates[r])), c, r))
+                heapq.heappush(heap, (step - engine.generated_before[r] + int(round(self.estimates[r])), c,
+                                      engine.client_epoch[c]))
         return Prefill(chosen)

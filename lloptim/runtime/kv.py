@@ -1,0 +1,128 @@
+"""KV-memory rules of the runtime, engine-neutral: what admission needs, whom to preempt, projected peaks.
+
+The engine (:mod:`lloptim.runtime.engine`) keeps the block accounting of :mod:`lloptim.memory`
+and calls these rules; other engines (the vLLM / transformers adapters) can call them on their own
+state: every function takes plain numbers or arrays.
+
+**Preemption.** In paged mode nothing is reserved ahead: before a decode step the running requests
+whose tokens fill their last block need one more, and when fewer blocks are free the engine
+preempts running requests until the step fits (recompute: the victim's cache is dropped; it
+waits, at the head of its instance's queue, to be prefilled again with its prompt followed by the
+tokens it had generated, and then decodes on from there). Which request is the victim:
+
+``"newest"`` (default; vLLM's rule)
+    The running request admitted (or re-admitted) last. It has the smallest context among
+    requests admitted together, so its recompute is cheap, and under FCFS it is the one that
+    arrived last.
+``"fewest-tokens"``
+    The running request holding the fewest KV tokens: the cheapest recompute
+    (``prefill_per_token_s`` x its tokens), whatever its age.
+``"longest-remaining"``
+    The running request with the most (estimated) output still to generate: it frees the most
+    area per recompute and postpones work that finishes last anyway.
+
+A policy may choose the victim itself (:meth:`~lloptim.runtime.policy.IterationScheduler.victim`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lloptim.errors import SpecError
+from lloptim.memory import blocks
+
+__all__ = ["VICTIM_RULES", "PREEMPTION_MODES", "check_victim_rule", "choose_victim", "held_blocks",
+           "projected_peak_fits", "projected_peak_blocks"]
+
+#: Victim rules for preemption (see the module docstring).
+VICTIM_RULES = ("newest", "fewest-tokens", "longest-remaining")
+#: What preemption does to the victim: drop its cache and prefill it again (vLLM's default).
+PREEMPTION_MODES = ("recompute",)
+
+
+def check_victim_rule(rule: str) -> str:
+    """``rule`` if it is a victim rule, else a SpecError naming the ``victim`` option."""
+    if rule not in VICTIM_RULES:
+        raise SpecError("victim", f"unknown preemption victim rule {rule!r}", f"use one of {list(VICTIM_RULES)}")
+    return rule
+
+
+def held_blocks(tokens: int, floor_tokens: int, block_tokens: int) -> int:
+    """Blocks a request holding ``tokens`` KV tokens occupies, at least its reservation ``floor_tokens``."""
+    return blocks(max(tokens, floor_tokens), block_tokens)
+
+
+def choose_victim(rule: str, clients: Sequence[int], admitted: Sequence[int], kv_tokens: Sequence[int],
+                  remaining: Sequence[float]) -> int:
+    """The client whose running request a preemption takes, by ``rule``.
+
+    Parameters
+    ----------
+    rule
+        One of :data:`VICTIM_RULES`.
+    clients
+        Running clients (global indices), the candidates.
+    admitted
+        Admission sequence number of each candidate (larger: admitted later).
+    kv_tokens
+        KV tokens each candidate holds, tokens.
+    remaining
+        Estimated output tokens each candidate still has to generate, tokens.
+
+    Returns
+    -------
+    int
+        The chosen client; ties go to the later admitted.
+    """
+    if not len(clients):
+        raise ValueError("no running request to preempt")
+    adm = np.asarray(admitted, dtype=np.float64)
+    if rule == "newest":
+        key = adm
+    elif rule == "fewest-tokens":
+        key = -np.asarray(kv_tokens, dtype=np.float64) * (1 << 30) + adm
+    elif rule == "longest-remaining":
+        key = np.asarray(remaining, dtype=np.float64) * (1 << 30) + adm
+    else:
+        check_victim_rule(rule)
+    return int(clients[int(np.argmax(key))])
+
+
+def projected_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_tokens: int) -> int:
+    """Most blocks a set of running requests will hold at once if none is preempted, count.
+
+    Request ``j`` holds ``tokens[j]`` tokens now and grows by one per decode step for
+    ``remaining[j]`` more steps, then frees everything. Its holding only grows until it finishes,
+    so the total peaks at a step where some request takes its last step: the maximum over the
+    completion steps ``tau`` of the blocks of the requests still running at ``tau``.
+
+    Parameters
+    ----------
+    tokens
+        KV tokens each request holds now (context; a request not yet prefilled counts its prompt).
+    remaining
+        Decode steps each request still takes (>= 1; estimated when lengths are unknown).
+    block_tokens
+        Tokens per KV block.
+
+    Returns
+    -------
+    int
+        The projected peak, blocks (0 for no request).
+    """
+    t = np.asarray(tokens, dtype=np.int64)
+    rem = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+    if t.size == 0:
+        return 0
+    taus = np.unique(rem)
+    # at step tau, request j (rem_j >= tau) holds blocks(t_j + tau)
+    alive = rem[None, :] >= taus[:, None]
+    held = -(-(t[None, :] + taus[:, None]) // block_tokens)
+    return int((held * alive).sum(axis=1).max())
+
+
+def projected_peak_fits(tokens: np.ndarray, remaining: np.ndarray, capacity_blocks: int, block_tokens: int) -> bool:
+    """Whether :func:`projected_peak_blocks` stays within ``capacity_blocks`` (MC-SF's admission test)."""
+    return projected_peak_blocks(tokens, remaining, block_tokens) <= capacity_blocks
