@@ -22,7 +22,9 @@ __all__ = ["simulate", "run_policy"]
 
 
 def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
-               faults: Sequence[Fault] = (), backend=None, seed: int = 0, **policy_options) -> RunResult:
+               faults: Sequence[Fault] = (), backend=None, seed: int = 0, kv_mode: str | None = None,
+               kv_block_tokens: int | None = None, victim: str = "newest", check: bool = False,
+               **policy_options) -> RunResult:
     """Run ``problem`` under ``policy`` (a name or a :class:`Policy`) and return the full :class:`RunResult`.
 
     Parameters
@@ -39,13 +41,21 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
         Backend executing the iterations; ``None``: the simulated backend.
     seed
         Seed handed to the policy.
+    kv_mode, kv_block_tokens, victim, check
+        KV memory options of the run (see :class:`~lloptim.runtime.engine.Engine`): ``"paged"`` or
+        ``"reserve"`` for every instance (None: each instance's spec), tokens per block, the
+        preemption victim rule, and the KV accounting check.
+    **policy_options
+        Options of the named policy's factory.
     """
     pol = make_policy(policy, **policy_options) if isinstance(policy, str) else policy
-    return Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed).run()
+    return Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed, kv_mode=kv_mode,
+                  kv_block_tokens=kv_block_tokens, victim=victim, check=check).run()
 
 
 def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
-             faults: Sequence[Fault] = (), seed: int = 0, **policy_options) -> RunMetrics:
+             faults: Sequence[Fault] = (), seed: int = 0, kv_mode: str | None = None,
+             kv_block_tokens: int | None = None, victim: str = "newest", **policy_options) -> RunMetrics:
     """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`.
 
     Parameters
@@ -60,7 +70,10 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
         Failures to inject.
     seed
         Seed handed to the policy.
+    kv_mode, kv_block_tokens, victim
+        KV memory options of the run (see :func:`run_policy`).
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
     """
-    return summarize(run_policy(problem, policy, estimates, faults, None, seed, **policy_options))
+    return summarize(run_policy(problem, policy, estimates, faults, None, seed, kv_mode=kv_mode,
+                                kv_block_tokens=kv_block_tokens, victim=victim, **policy_options))

@@ -50,6 +50,20 @@ def parse_fault(text: str):
                         "e.g. 30:0:5") from None
 
 
+def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: str = "newest") -> None:
+    """Validate the KV flags before any work, naming the flag in the error."""
+    from lloptim.errors import SpecError
+    from lloptim.memory import check_block_tokens, check_kv_mode
+    from lloptim.runtime.kv import VICTIM_RULES
+
+    if kv_mode is not None:
+        check_kv_mode(kv_mode, "--kv-mode")
+    if kv_block_tokens is not None:
+        check_block_tokens(kv_block_tokens, field="--kv-block-tokens")
+    if victim not in VICTIM_RULES:
+        raise SpecError("--victim", f"unknown preemption victim rule {victim!r}", f"use one of {list(VICTIM_RULES)}")
+
+
 @app.command()
 def simulate(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
@@ -60,6 +74,14 @@ def simulate(
     migrate: bool = typer.Option(False, "--migrate",
                                  help="let idle instances take over running requests with their KV caches in the "
                                       "end game (costed by the profiles' kv_transfer_*; several instances only)"),
+    kv_mode: Optional[str] = typer.Option(None, "--kv-mode",
+                                          help="KV memory of every instance: paged (blocks on demand, preemption; "
+                                               "vLLM) or reserve (prompt + cap or estimate); default: the spec's"),
+    kv_block_tokens: Optional[int] = typer.Option(None, "--kv-block-tokens",
+                                                  help="tokens per KV block (default: the spec's, 16)"),
+    victim: str = typer.Option("newest", "--victim",
+                               help="which running request a preemption takes: newest (vLLM), fewest-tokens, "
+                                    "longest-remaining"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.runtime.migration import with_migration
@@ -67,7 +89,9 @@ def simulate(
 
     with user_errors():
         problem = load_problem(spec)
-        metrics = run(problem, with_migration(policy) if migrate else policy, faults=[parse_fault(f) for f in fault])
+        check_kv_options(kv_mode, kv_block_tokens, victim)
+        metrics = run(problem, with_migration(policy) if migrate else policy, faults=[parse_fault(f) for f in fault],
+                      kv_mode=kv_mode, kv_block_tokens=kv_block_tokens, victim=victim)
     d = metrics.to_dict()
     if json_out:
         print_json(d)

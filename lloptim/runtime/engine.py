@@ -538,7 +538,9 @@ class Engine:
             failed_clients=self.failed_clients, wall_s=time.perf_counter() - t_wall,
             extra={"lost_instances": self.lost_instances, "kv_mode": list(self.kv_modes),
                    "kv_block_tokens": list(self.kv_block_sizes),
-                   "kv_peak_tokens": [st.kv_peak * st.kv_block for st in states]},
+                   "kv_peak_tokens": [st.kv_peak * st.kv_block for st in states],
+                   # what reserve-mode reservations were made from (the bound counts them)
+                   "estimates": self.ctx.estimates},
             preemptions=self.preemptions, recomputed_tokens=self.recomputed,
             trace_kv_tokens=np.array(cols[7], dtype=np.int64),
         )
