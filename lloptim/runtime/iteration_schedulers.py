@@ -32,9 +32,9 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
                head_of_line: bool = False) -> list[int]:
     """The longest prefix-greedy subset of ``clients`` whose prefills fit the free KV cache and the budgets.
 
-    Clients are taken in the given order; one whose request does not fit is skipped (a later,
-    smaller one may still fit) or, with ``head_of_line``, ends the choice (vLLM's FCFS admission:
-    nobody overtakes the head of the queue). The first client is always admitted under the token
+    Clients are taken in the given order; one whose request does not fit the KV cache is skipped
+    (a later, smaller one may still fit) or, with ``head_of_line``, ends the choice (vLLM's FCFS
+    admission: nobody overtakes a request waiting for memory, a preempted one first of all). The first client is always admitted under the token
     budget so a long prompt cannot starve. A request fits when the blocks of its context plus
     one decode token (its reservation, in reserve mode) fit in :func:`kv_room`.
 
@@ -72,8 +72,6 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
             continue
         p = context[engine.client_request[c]]
         if token_budget is not None and chosen and tokens + p > token_budget:
-            if head_of_line:
-                break
             continue
         chosen.append(c)
         free -= need

@@ -34,7 +34,7 @@ from lloptim.errors import SpecError
 from lloptim.memory import blocks
 
 __all__ = ["VICTIM_RULES", "PREEMPTION_MODES", "check_victim_rule", "choose_victim", "held_blocks",
-           "projected_peak_fits", "projected_peak_blocks"]
+           "projected_peak_fits", "projected_peak_blocks", "ProjectedMemory"]
 
 #: Victim rules for preemption (see the module docstring).
 VICTIM_RULES = ("newest", "fewest-tokens", "longest-remaining")
@@ -126,3 +126,115 @@ def projected_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_token
 def projected_peak_fits(tokens: np.ndarray, remaining: np.ndarray, capacity_blocks: int, block_tokens: int) -> bool:
     """Whether :func:`projected_peak_blocks` stays within ``capacity_blocks`` (MC-SF's admission test)."""
     return projected_peak_blocks(tokens, remaining, block_tokens) <= capacity_blocks
+
+
+class ProjectedMemory:
+    """The KV blocks a set of admitted requests will hold, step by step, if none is preempted.
+
+    Request ``j`` holds ``tokens[j]`` tokens now and ``tokens[j] + tau`` after ``tau`` more decode
+    steps, until it finishes after ``remaining[j]`` of them; its holding only grows, so the total
+    peaks at completion steps. :meth:`fits` answers, for many candidates at once, whether adding
+    a candidate keeps every future completion step within the capacity (MC-SF's admission test,
+    Jaillet et al. 2025), in O(candidates x set) numpy work.
+
+    Parameters
+    ----------
+    tokens
+        KV tokens each admitted request holds now (a waiting one: its context), tokens.
+    remaining
+        Decode steps each still takes (>= 1; from estimates when lengths are unknown).
+    capacity_blocks
+        Blocks of the instance (count).
+    block_tokens
+        Tokens per block.
+    """
+
+    def __init__(self, tokens, remaining, capacity_blocks: int, block_tokens: int) -> None:
+        self.t = np.asarray(tokens, dtype=np.int64)
+        self.rem = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        self.cap = int(capacity_blocks)
+        self.B = int(block_tokens)
+        self._update()
+
+    def _update(self) -> None:
+        if self.t.size:
+            self.taus = np.unique(self.rem)
+            held = -(-(self.t[None, :] + self.taus[:, None]) // self.B) * (self.rem[None, :] >= self.taus[:, None])
+            self.margin = self.cap - held.sum(axis=1)
+        else:
+            self.taus = np.zeros(0, dtype=np.int64)
+            self.margin = np.zeros(0, dtype=np.int64)
+
+    @property
+    def peak(self) -> int:
+        """The projected peak, blocks."""
+        return int(self.cap - self.margin.min()) if self.margin.size else 0
+
+    def held_at(self, tau: np.ndarray) -> np.ndarray:
+        """Blocks the set holds ``tau`` steps from now, for each entry of ``tau`` (count)."""
+        tau = np.asarray(tau, dtype=np.int64)
+        if not self.t.size:
+            return np.zeros(tau.shape, dtype=np.int64)
+        held = -(-(self.t[None, :] + tau[:, None]) // self.B) * (self.rem[None, :] >= tau[:, None])
+        return held.sum(axis=1)
+
+    def fits(self, tokens, remaining) -> np.ndarray:
+        """Whether each candidate ``(tokens, remaining)`` could join the set without exceeding the capacity.
+
+        A candidate fits when the set and the candidate stay within the capacity at every step
+        until the candidate finishes (an overflow the set projects after that is not its doing).
+
+        Parameters
+        ----------
+        tokens
+            Context of each candidate (what its prefill leaves in the cache), tokens.
+        remaining
+            Decode steps each candidate takes (>= 1).
+
+        Returns
+        -------
+        numpy.ndarray
+            Boolean per candidate.
+        """
+        t0 = np.asarray(tokens, dtype=np.int64)
+        r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        own = -(-(t0 + r0) // self.B)  # its own peak, at its last step
+        ok = own + self.held_at(r0) <= self.cap
+        if self.taus.size:
+            need = -(-(t0[:, None] + self.taus[None, :]) // self.B)
+            ok &= np.all((need <= self.margin[None, :]) | (self.taus[None, :] > r0[:, None]), axis=1)
+        return ok
+
+    def first_fit(self, tokens: np.ndarray, remaining: np.ndarray) -> int:
+        """Index of the first candidate that :meth:`fits`, or -1; one vectorized pass.
+
+        A candidate fits iff at every step ``tau <= remaining`` the set's blocks plus
+        ``blocks(tokens + tau)`` stay within the capacity, so it fits iff its tokens are at most
+        ``min over those tau of (free blocks at tau) x block - tau``: a prefix minimum over the
+        set's completion steps and one term at its own last step.
+
+        Parameters
+        ----------
+        tokens, remaining
+            Candidates' contexts (tokens) and decode steps (>= 1), in order of preference.
+
+        Returns
+        -------
+        int
+            Position of the first candidate that fits, -1 if none does.
+        """
+        t0 = np.asarray(tokens, dtype=np.int64)
+        r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        allow = (self.cap - self.held_at(r0)) * self.B - r0
+        if self.taus.size:
+            pref = np.minimum.accumulate(self.margin * self.B - self.taus)
+            i = np.searchsorted(self.taus, r0, side="right") - 1
+            allow = np.where(i >= 0, np.minimum(allow, pref[np.maximum(i, 0)]), allow)
+        ok = np.flatnonzero(t0 <= allow)
+        return int(ok[0]) if ok.size else -1
+
+    def add(self, tokens: int, remaining: int) -> None:
+        """Add one admitted request to the set."""
+        self.t = np.append(self.t, np.int64(tokens))
+        self.rem = np.append(self.rem, np.int64(max(int(remaining), 1)))
+        self._update()
