@@ -649,7 +649,7 @@ class Engine:
             c = its.victim(s)
             if c is None:
                 c = self._default_victim(s)
-            elif self.client_state[c] != RUNNING or not (s.clients.start <= c < s.clients.stop):
+            elif not (s.clients.start <= c < s.clients.stop) or self.client_state[c] != RUNNING:
                 raise PolicyError(f"{type(its).__name__}.victim chose client {c}, which is not running on "
                                   f"instance {s.index}")
             self._preempt(s, c, policy)

@@ -53,7 +53,7 @@ import heapq
 import numpy as np
 from scipy.special import log_ndtr
 
-from lloptim.errors import PolicyError
+from lloptim.errors import PolicyError, SpecError
 from lloptim.runtime.engine import RUNNING
 from lloptim.runtime.iteration_schedulers import admissible, kv_room, prompt_chunks
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
@@ -150,7 +150,7 @@ class LagrangianIterations(IterationScheduler):
         if forecast not in FORECASTS:
             raise PolicyError(f"forecast must be one of {FORECASTS}, not {forecast!r}")
         if memory_prices not in MEMORY_PRICES:
-            raise PolicyError(f"memory_prices must be one of {MEMORY_PRICES}, not {memory_prices!r}")
+            raise SpecError("memory_prices", f"unknown memory price {memory_prices!r}", f"use one of {list(MEMORY_PRICES)}")
         self.memory_prices = memory_prices
         self.price_updates = price_updates
         if forecast == "survival" and survival is None:
