@@ -248,6 +248,7 @@ def test_memory_bound_binds_and_counts_blocks_and_reservations():
     assert res.kv_mode == "reserve" and res.decode_steps_memory > lb.decode_steps_memory
 
 
+@pytest.mark.slow
 def test_bound_is_below_the_full_mip_optimum_when_memory_binds():
     pytest.importorskip("highspy")
     from lloptim.solvers import SolveParams, solve
