@@ -401,6 +401,7 @@ class Engine:
                                for inst in problem.instances]
         if kv_mode is not None or kv_block_tokens is not None:
             problem.check_kv_fit(kv_mode, kv_block_tokens)
+        self.ctx.extra["kv_mode"] = list(self.kv_modes)  # what policies plan with (the run may override the spec)
         # plain lists: scalar access in the hot loop is several times faster than numpy
         self.prompt = w.prompt_tokens.tolist()
         self.output = w.output_tokens.tolist()

@@ -132,10 +132,11 @@ class ProjectedMemory:
     """The KV blocks a set of admitted requests will hold, step by step, if none is preempted.
 
     Request ``j`` holds ``tokens[j]`` tokens now and ``tokens[j] + tau`` after ``tau`` more decode
-    steps, until it finishes after ``remaining[j]`` of them; its holding only grows, so the total
-    peaks at completion steps. :meth:`fits` answers, for many candidates at once, whether adding
-    a candidate keeps every future completion step within the capacity (MC-SF's admission test,
-    Jaillet et al. 2025), in O(candidates x set) numpy work.
+    steps, at least its reservation ``floors[j]`` (reserve mode), until it finishes after
+    ``remaining[j]`` of them; its holding only grows, so the total peaks at completion steps.
+    :meth:`fits` answers, for many candidates at once, whether adding a candidate keeps every
+    future completion step within the capacity (MC-SF's admission test, Jaillet et al. 2025), in
+    O(candidates x set) numpy work.
 
     Parameters
     ----------
@@ -147,20 +148,27 @@ class ProjectedMemory:
         Blocks of the instance (count).
     block_tokens
         Tokens per block.
+    floors
+        Tokens each request reserves (reserve mode); None: none (paged mode).
     """
 
-    def __init__(self, tokens, remaining, capacity_blocks: int, block_tokens: int) -> None:
+    def __init__(self, tokens, remaining, capacity_blocks: int, block_tokens: int, floors=None) -> None:
         self.t = np.asarray(tokens, dtype=np.int64)
         self.rem = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        self.f = np.zeros_like(self.t) if floors is None else np.asarray(floors, dtype=np.int64)
         self.cap = int(capacity_blocks)
         self.B = int(block_tokens)
         self._update()
 
+    def _held(self, tau: np.ndarray) -> np.ndarray:
+        """Blocks of each member (columns) ``tau`` steps from now (rows), 0 once it finished."""
+        tokens = np.maximum(self.t[None, :] + tau[:, None], self.f[None, :])
+        return -(-tokens // self.B) * (self.rem[None, :] >= tau[:, None])
+
     def _update(self) -> None:
         if self.t.size:
             self.taus = np.unique(self.rem)
-            held = -(-(self.t[None, :] + self.taus[:, None]) // self.B) * (self.rem[None, :] >= self.taus[:, None])
-            self.margin = self.cap - held.sum(axis=1)
+            self.margin = self.cap - self._held(self.taus).sum(axis=1)
         else:
             self.taus = np.zeros(0, dtype=np.int64)
             self.margin = np.zeros(0, dtype=np.int64)
@@ -175,10 +183,9 @@ class ProjectedMemory:
         tau = np.asarray(tau, dtype=np.int64)
         if not self.t.size:
             return np.zeros(tau.shape, dtype=np.int64)
-        held = -(-(self.t[None, :] + tau[:, None]) // self.B) * (self.rem[None, :] >= tau[:, None])
-        return held.sum(axis=1)
+        return self._held(tau).sum(axis=1)
 
-    def fits(self, tokens, remaining) -> np.ndarray:
+    def fits(self, tokens, remaining, floors=None) -> np.ndarray:
         """Whether each candidate ``(tokens, remaining)`` could join the set without exceeding the capacity.
 
         A candidate fits when the set and the candidate stay within the capacity at every step
@@ -190,6 +197,8 @@ class ProjectedMemory:
             Context of each candidate (what its prefill leaves in the cache), tokens.
         remaining
             Decode steps each candidate takes (>= 1).
+        floors
+            Tokens each candidate reserves (reserve mode); None: none.
 
         Returns
         -------
@@ -198,25 +207,29 @@ class ProjectedMemory:
         """
         t0 = np.asarray(tokens, dtype=np.int64)
         r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
-        own = -(-(t0 + r0) // self.B)  # its own peak, at its last step
+        f0 = np.zeros_like(t0) if floors is None else np.asarray(floors, dtype=np.int64)
+        own = -(-np.maximum(t0 + r0, f0) // self.B)  # its own peak, at its last step
         ok = own + self.held_at(r0) <= self.cap
         if self.taus.size:
-            need = -(-(t0[:, None] + self.taus[None, :]) // self.B)
+            need = -(-np.maximum(t0[:, None] + self.taus[None, :], f0[:, None]) // self.B)
             ok &= np.all((need <= self.margin[None, :]) | (self.taus[None, :] > r0[:, None]), axis=1)
         return ok
 
-    def first_fit(self, tokens: np.ndarray, remaining: np.ndarray) -> int:
+    def first_fit(self, tokens: np.ndarray, remaining: np.ndarray, floors=None) -> int:
         """Index of the first candidate that :meth:`fits`, or -1; one vectorized pass.
 
         A candidate fits iff at every step ``tau <= remaining`` the set's blocks plus
-        ``blocks(tokens + tau)`` stay within the capacity, so it fits iff its tokens are at most
-        ``min over those tau of (free blocks at tau) x block - tau``: a prefix minimum over the
-        set's completion steps and one term at its own last step.
+        ``blocks(max(tokens + tau, floor))`` stay within the capacity, so it fits iff its tokens
+        are at most ``min over those tau of (free blocks at tau) x block - tau`` and its floor's
+        blocks at most the least free blocks over those steps: prefix minima over the set's
+        completion steps and one term at its own last step.
 
         Parameters
         ----------
         tokens, remaining
             Candidates' contexts (tokens) and decode steps (>= 1), in order of preference.
+        floors
+            Tokens each candidate reserves (reserve mode); None: none.
 
         Returns
         -------
@@ -225,16 +238,24 @@ class ProjectedMemory:
         """
         t0 = np.asarray(tokens, dtype=np.int64)
         r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
-        allow = (self.cap - self.held_at(r0)) * self.B - r0
+        free_end = self.cap - self.held_at(r0)
+        allow = free_end * self.B - r0
+        least = free_end
         if self.taus.size:
-            pref = np.minimum.accumulate(self.margin * self.B - self.taus)
             i = np.searchsorted(self.taus, r0, side="right") - 1
-            allow = np.where(i >= 0, np.minimum(allow, pref[np.maximum(i, 0)]), allow)
-        ok = np.flatnonzero(t0 <= allow)
+            has = i >= 0
+            j = np.maximum(i, 0)
+            allow = np.where(has, np.minimum(allow, np.minimum.accumulate(self.margin * self.B - self.taus)[j]), allow)
+            least = np.where(has, np.minimum(least, np.minimum.accumulate(self.margin)[j]), least)
+        ok = t0 <= allow
+        if floors is not None:
+            ok &= -(-np.asarray(floors, dtype=np.int64) // self.B) <= least
+        ok = np.flatnonzero(ok)
         return int(ok[0]) if ok.size else -1
 
-    def add(self, tokens: int, remaining: int) -> None:
+    def add(self, tokens: int, remaining: int, floor: int = 0) -> None:
         """Add one admitted request to the set."""
         self.t = np.append(self.t, np.int64(tokens))
         self.rem = np.append(self.rem, np.int64(max(int(remaining), 1)))
+        self.f = np.append(self.f, np.int64(floor))
         self._update()

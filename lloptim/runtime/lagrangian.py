@@ -77,12 +77,11 @@ def memory_price_weight(ctx: RunContext, instance: int) -> float:
     force (outputs over clients) with those its memory forces (KV area over capacity), for a share
     of the work proportional to its clients.
     """
-    from lloptim.memory import decode_area_tokens
+    from lloptim.runtime.memory_schedulers import estimated_kv_area
 
     inst = ctx.problem.instances[instance]
-    w = ctx.problem.workload
-    est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
-    area = float(decode_area_tokens(w.prompt_tokens, est, inst.kv_block_tokens).sum())
+    est = np.maximum(np.ceil(ctx.estimates), 1)
+    area = estimated_kv_area(ctx, instance)
     return 1.0 if area / (inst.kv_blocks * inst.kv_block_tokens) > est.sum() / inst.clients else 0.0
 
 

@@ -21,6 +21,7 @@ change it; with unknown lengths they see only the estimates.
 
 from __future__ import annotations
 
+import heapq
 from bisect import insort
 
 import numpy as np
@@ -30,13 +31,14 @@ from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "spread_weight"]
+           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
 
 
-def admitted_set(state, estimates, start_delay: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """KV tokens held now and decode steps left of each request admitted on ``state``'s instance.
+def admitted_set(state, estimates, start_delay: int = 1, scale: float = 1.0,
+                 overrun: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """KV tokens held now, decode steps left and reservation of each request admitted on ``state``'s instance.
 
     Running requests hold their prompt plus what they generated; waiting ones (assigned, not yet
     prefilled) count their context. Steps left come from ``estimates`` (at least 1).
@@ -50,28 +52,73 @@ def admitted_set(state, estimates, start_delay: int = 1) -> tuple[np.ndarray, np
     start_delay
         Decode steps a waiting request may wait for its prefill (a fused prefill takes part in one
         decode step before the request decodes): it is projected to finish that much later.
+    scale
+        Factor on the estimates (below 1: admit on the hope that requests end early, and let
+        preemption handle the ones that do not; for unknown lengths).
+    overrun
+        A running request past its (scaled) estimate is projected to run ``overrun`` times the
+        tokens it has generated more (heavy tails: the longer it ran, the longer it will).
 
     Returns
     -------
-    tuple of numpy.ndarray
-        ``(tokens, remaining)``, int64.
+    tuple
+        ``(tokens, remaining, floors)``: int64 arrays; ``floors`` (the reservations) only in
+        reserve mode, else None.
     """
     engine = state.engine
     step = state.decode_steps
     cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
-    tokens, rem = [], []
+    reserve = state.kv_mode == "reserve"
+    tokens, rem, floors = [], [], []
     for c in state.clients:
         st = cs[c]
         if st == RUNNING:
             r = cr[c]
             g = step - start[c]
             tokens.append(engine.prompt[r] + g)
-            rem.append(int(np.ceil(estimates[r])) - g)
+            rem.append(max(int(np.ceil(scale * estimates[r])) - g, int(np.ceil(overrun * g))))
         elif st == WAITING:
             r = cr[c]
             tokens.append(engine.context[r])
-            rem.append(int(np.ceil(estimates[r])) - engine.generated_before[r] + start_delay)
-    return np.asarray(tokens, dtype=np.int64), np.maximum(np.asarray(rem, dtype=np.int64), 1)
+            rem.append(int(np.ceil(scale * estimates[r])) - engine.generated_before[r] + start_delay)
+        else:
+            continue
+        if reserve:
+            floors.append(state.floor_tokens(r))
+    return (np.asarray(tokens, dtype=np.int64), np.maximum(np.asarray(rem, dtype=np.int64), 1),
+            np.asarray(floors, dtype=np.int64) if reserve else None)
+
+
+def kv_mode_of(ctx: RunContext, instance: int) -> str:
+    """The KV mode ``instance`` runs in (the run's override, else its spec's)."""
+    modes = ctx.extra.get("kv_mode")
+    return modes[instance] if modes else ctx.problem.instances[instance].kv_mode
+
+
+def estimated_kv_area(ctx: RunContext, instance: int) -> float:
+    """KV area of all requests on ``instance``'s blocks from what the policy knows, token-steps.
+
+    The sum of :func:`estimated_kv_areas`.
+    """
+    return float(estimated_kv_areas(ctx, instance).sum())
+
+
+def estimated_kv_areas(ctx: RunContext, instance: int) -> np.ndarray:
+    """KV area of each request on ``instance``'s blocks from what the policy knows, token-steps.
+
+    :func:`lloptim.memory.decode_area_tokens` of the estimated outputs; in reserve mode a request
+    holds at least its reservation (its cap, else its estimate).
+    """
+    from lloptim.memory import decode_area_tokens, reservation_tokens
+
+    inst = ctx.problem.instances[instance]
+    w = ctx.problem.workload
+    est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
+    floor = None
+    if kv_mode_of(ctx, instance) == "reserve":
+        floor = np.minimum(reservation_tokens(w.prompt_tokens, w.max_output_tokens, est),
+                           inst.kv_blocks * inst.kv_block_tokens)
+    return decode_area_tokens(w.prompt_tokens, est, inst.kv_block_tokens, floor)
 
 
 def memory_can_bind(ctx: RunContext, instance: int) -> bool:
@@ -98,18 +145,17 @@ def spread_weight(ctx: RunContext) -> float:
     """
     if not any(memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))):
         return 0.0
-    from lloptim.memory import decode_area_tokens
-
-    w = ctx.problem.workload
     insts = ctx.problem.instances
     est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
     by_clients = est.sum() / sum(i.clients for i in insts)
-    area = float(decode_area_tokens(w.prompt_tokens, est, insts[0].kv_block_tokens).sum())
-    by_memory = area / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+    by_memory = estimated_kv_area(ctx, 0) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
     rho = by_memory / by_clients
     return float(np.clip((SPREAD_FULL_AT[1] - rho) / (SPREAD_FULL_AT[1] - SPREAD_FULL_AT[0]), 0.0, 1.0))
 
 
+#: The projection's factor on estimates and its overrun forecast when lengths are unknown (see
+#: :func:`admitted_set`); chosen on training workloads (``benchmarks/memory.py --tune``).
+UNKNOWN_PROJECTION = (0.85, 0.3)
 #: ``rho`` at which the planned order is fully spread, and at which it is longest first (see :func:`spread_weight`).
 SPREAD_FULL_AT = (1.0, 1.8)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
@@ -142,11 +188,8 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None) -> np.ndarr
     w = spread_weight(ctx) if weight is None else float(weight)
     if w <= 0.0:
         return -est  # longest first, exactly as the sorted dispatch without memory
-    from lloptim.memory import decode_area_tokens
-
     insts = ctx.problem.instances
-    wl = ctx.problem.workload
-    area = float(decode_area_tokens(wl.prompt_tokens, est.astype(np.int64), insts[0].kv_block_tokens).sum())
+    area = estimated_kv_area(ctx, 0)
     D = max(est.sum() / sum(i.clients for i in insts), area / sum(i.kv_blocks * i.kv_block_tokens for i in insts))
     rank = np.empty(est.size, dtype=np.int64)
     rank[np.argsort(-est, kind="stable")] = np.arange(est.size)
@@ -164,18 +207,28 @@ class MemoryAwareQueue(RequestScheduler):
         ``"planned"`` (target start steps, :func:`planned_start_keys`; longest first where memory
         cannot bind).
     rule
-        ``"first-fit"``: the first request in order that fits; ``"prefix"``: the head only, so
-        nobody overtakes a request waiting for memory (MC-SF).
+        ``"first-fit"``: the first request in order that fits, except that a request that has
+        become *urgent* is never overtaken: one whose estimated output is at least the decode
+        steps the rest of the queue needs at full speed (it would finish last if it waited), the
+        moment longest-first dispatch would have taken it; ``"prefix"``: the head only, so nobody
+        overtakes a request waiting for memory (MC-SF).
     plan
         Optional offline assignment (global client per request, or a callable of the run context):
         a request served by another client than planned counts in :attr:`steals`.
     start_delay
         Decode steps between handing a request out and its first decode step that the projection
         allows for (see :func:`admitted_set`).
+    unknown_scale, overrun
+        With unknown lengths, the projection's factor on the estimates and its forecast for a
+        request past its estimate (see :func:`admitted_set`); defaults :data:`UNKNOWN_PROJECTION`.
+        With known lengths the projection is exact (1, 0).
     """
 
-    def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1) -> None:
+    def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
+                 unknown_scale: float | None = None, overrun: float | None = None) -> None:
         self.start_delay = int(start_delay)
+        self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
+        self.overrun = UNKNOWN_PROJECTION[1] if overrun is None else float(overrun)
         if order not in ("fcfs", "shortest", "longest", "planned"):
             raise ValueError(f"order must be 'fcfs', 'shortest', 'longest' or 'planned', not {order!r}")
         if rule not in ("first-fit", "prefix"):
@@ -202,9 +255,19 @@ class MemoryAwareQueue(RequestScheduler):
             key = -ctx.estimates
         self.key = np.asarray(key, dtype=np.float64).tolist()
         self.est = np.asarray(ctx.estimates, dtype=np.float64)
+        self.scale, self.over = (1.0, 0.0) if ctx.known_lengths else (self.unknown_scale, self.overrun)
         # a queued request has not started (a fault restarts one from its prompt): its context is its prompt
         self.cand_tokens = w.prompt_tokens.astype(np.int64)
-        self.cand_steps = np.maximum(np.ceil(self.est).astype(np.int64), 1)
+        self.cand_steps = np.maximum(np.ceil(self.scale * self.est).astype(np.int64), 1)
+        # urgency: the ready queue's work at full speed (steps by clients and by memory), its longest request
+        insts = ctx.problem.instances
+        self.clients_total = sum(i.clients for i in insts)
+        self.capacity_total = sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+        self.area = estimated_kv_areas(ctx, 0)
+        self.ready_steps = 0.0
+        self.ready_area = 0.0
+        self.longest: list[tuple[float, int]] = []  # (-estimate, row) of ready requests, stale ones skipped
+        self.taken = np.zeros(len(w), dtype=bool)
         self.ready: list[tuple[float, int]] = []
         self._rows: np.ndarray | None = None  # numpy mirror of the ready rows, rebuilt when they change
         self.n_pending = len(w)
@@ -223,9 +286,27 @@ class MemoryAwareQueue(RequestScheduler):
         arr, order = self.arrival, self.by_arrival
         while self.next_arrival < len(order) and arr[order[self.next_arrival]] <= now:
             r = order[self.next_arrival]
-            insort(self.ready, (self.key[r], r))
-            self._rows = None
+            self._enter(r)
             self.next_arrival += 1
+
+    def _enter(self, r: int) -> None:
+        insort(self.ready, (self.key[r], r))
+        self._rows = None
+        self.taken[r] = False
+        self.ready_steps += float(self.est[r])
+        self.ready_area += float(self.area[r])
+        heapq.heappush(self.longest, (-float(self.est[r]), r))
+
+    def _urgent(self) -> int | None:
+        """The ready request that must start now, if any (see the class docstring)."""
+        heap = self.longest
+        while heap and self.taken[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        est, r = -heap[0][0], heap[0][1]
+        rest = max((self.ready_steps - est) / self.clients_total, (self.ready_area - self.area[r]) / self.capacity_total)
+        return r if est >= rest else None
 
     @staticmethod
     def _key(state) -> tuple:
@@ -236,8 +317,8 @@ class MemoryAwareQueue(RequestScheduler):
         key = self._key(state)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        t, rem = admitted_set(state, self.est, self.start_delay)
-        pm = ProjectedMemory(t, rem, state.kv_blocks, state.kv_block)
+        t, rem, floors = admitted_set(state, self.est, self.start_delay, self.scale, self.over)
+        pm = ProjectedMemory(t, rem, state.kv_blocks, state.kv_block, floors)
         self._cache = (key, pm)
         return pm
 
@@ -245,6 +326,9 @@ class MemoryAwareQueue(RequestScheduler):
         r = self.ready.pop(i)[1]
         self._rows = None
         self.n_pending -= 1
+        self.taken[r] = True
+        self.ready_steps -= float(self.est[r])
+        self.ready_area -= float(self.area[r])
         if self.owner is not None and self.owner[r] != client:
             self.steals += 1
         return r
@@ -262,24 +346,31 @@ class MemoryAwareQueue(RequestScheduler):
         if self._rows is None:
             self._rows = np.fromiter((r for _, r in self.ready), dtype=np.int64, count=len(self.ready))
         rows = self._rows[:1] if self.rule == "prefix" else self._rows
+        urgent = self._urgent() if self.rule == "first-fit" else None
+        if urgent is not None:
+            rows = np.array([urgent], dtype=np.int64)
         room = state.kv_blocks * state.kv_block
         tokens = self.cand_tokens[rows]
         # a request is never projected past the cache: beyond it, preemption is the engine's answer
         steps = np.clip(self.cand_steps[rows], 1, np.maximum(room - tokens, 1)) + self.start_delay
-        i = pm.first_fit(tokens, steps)
+        floors = None
+        if state.kv_mode == "reserve":
+            floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
+        i = pm.first_fit(tokens, steps, floors)
         if i < 0:
             if pm.t.size:
                 self.refusals += 1
                 self._refused = (key, len(self.ready))
                 return None
             i = 0  # an empty instance always takes the head
-        pm.add(int(tokens[i]), int(steps[i]))
+        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
         self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
+        if urgent is not None:
+            i = next(j for j, (_, r) in enumerate(self.ready) if r == urgent)
         return self._take(i, client)
 
     def requeue(self, request: int, now: float) -> None:
-        insort(self.ready, (self.key[request], request))
-        self._rows = None
+        self._enter(request)
         self.n_pending += 1
 
 
