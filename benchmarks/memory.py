@@ -132,6 +132,27 @@ def _table(rows: list[dict], policies: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _summary(rows: list[dict]) -> str:
+    """Per workload class: the hybrids' gaps, how often a hybrid is the best policy, the best peer's gap."""
+    classes: dict[tuple, dict[tuple, dict]] = {}
+    for r in rows:
+        cls = (r["sigma"], r["rho"] if r["rho"] != "" else f"{r['kv_capacity']} {r['kv_mode']}", r["lengths"])
+        case = (r["seed"], r["kv_mode"], r["kv_capacity"])
+        classes.setdefault(cls, {}).setdefault(case, {})[r["policy"]] = r
+    lines = ["| sigma | rho (or KV) | lengths | hybrid-fused gap mean / worst | hybrid gap mean | best is a hybrid "
+             "| best other policy (mean gap) |", "|---|---|---|---|---|---|---|"]
+    for (sigma, rho, lengths), cases in classes.items():
+        hf = [c["hybrid-fused"]["gap"] for c in cases.values()]
+        hy = [c["hybrid"]["gap"] for c in cases.values()]
+        wins = sum(min(c, key=lambda p: c[p]["makespan_s"]).startswith("hybrid") for c in cases.values())
+        others = {p for c in cases.values() for p in c if not p.startswith("hybrid")}
+        peer = min(others, key=lambda p: np.mean([c[p]["gap"] for c in cases.values()]))
+        lines.append(f"| {sigma} | {rho} | {lengths} | {100 * np.mean(hf):.2f} % / {100 * max(hf):.2f} % "
+                     f"| {100 * np.mean(hy):.2f} % | {wins}/{len(cases)} "
+                     f"| {peer} ({100 * np.mean([c[peer]['gap'] for c in cases.values()]):.2f} %) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, sigma 1.2 only")
@@ -160,6 +181,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     print(_table(rows, policies))
+    print()
+    print(_summary(rows))
     hyb = [min((r for r in rows if r["policy"] in HYBRIDS and (r["sigma"], r["rho"], r["seed"], r["lengths"],
                                                                 r["kv_mode"], r["kv_capacity"]) == k),
                key=lambda r: r["gap"])

@@ -25,7 +25,7 @@ __all__ = ["OfflinePlan", "offline_policy", "hybrid_policy", "START_DELAY"]
 #: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
 #: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
 #: may batch prefills a few steps). Chosen on training workloads (benchmarks/memory.py --tune).
-START_DELAY = {"fused": 2, "separate": 2}
+START_DELAY = {"fused": 2, "separate": 1}
 
 class OfflinePlan:
     """Solves the offline bin packing once per run and keeps the result for both schedulers.
