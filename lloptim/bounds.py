@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from lloptim.problem import Problem
+from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound"]
 
@@ -177,7 +177,13 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     decode_steps
         A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
         bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
+    problem = as_problem(problem)
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)

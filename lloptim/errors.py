@@ -39,6 +39,14 @@ class SpecError(LloptimError, ValueError):
         return (type(self), (self.field, self.problem, self.fix))
 
 
+class TooLargeError(SpecError):
+    """A run is estimated to need more memory or time than this machine allows (see :mod:`lloptim.guards`).
+
+    :attr:`field` names the size to lower (a flag, a spec key or a parameter); :attr:`fix` says
+    how far, and how to run anyway.
+    """
+
+
 class ProfileError(SpecError):
     """A hardware profile is unknown or malformed."""
 
