@@ -12,17 +12,21 @@ from typing import Sequence
 
 import numpy as np
 
-from lloptim import workloads
+from lloptim import guards, workloads
 from lloptim.bounds import lower_bound
-from lloptim.executors import map_tasks
+from lloptim.executors import EXECUTORS, map_tasks
 from lloptim.metrics import summarize
-from lloptim.problem import Problem
-from lloptim.runtime.estimators import estimate
+from lloptim.problem import Problem, as_problem
+from lloptim.runtime.estimators import ESTIMATORS, estimate
 from lloptim.runtime.engine import RunResult
 from lloptim.simulator import run_policy
+from lloptim.validation import check_choice, check_int, check_seed
 
 __all__ = ["PAPER", "MAIN_POLICIES", "UNKNOWN_LENGTH_POLICIES", "unknown_lengths_key", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
-           "reproduce"]
+           "reproduce", "ESTIMATOR_NAMES", "check_reproduction"]
+
+#: Estimators :func:`reproduce` accepts for its unknown-lengths runs.
+ESTIMATOR_NAMES = tuple(sorted(ESTIMATORS)) + ("oracle", "noisy")
 
 #: The paper's figures (arXiv 2502.15763, LLaMA-65B on GSM8K).
 PAPER = {"baseline": {"makespan_s": 201.00, "utilization": 0.802},
@@ -208,6 +212,45 @@ def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4,
     return out
 
 
+def check_reproduction(problem: Problem, cases: int = 100, executor: str = "local", address: str | None = None,
+                       estimator: str = "bucket-quantile", seed: int = 0) -> guards.Estimate:
+    """Check the arguments of :func:`reproduce` and its estimated cost, before any work.
+
+    Parameters
+    ----------
+    problem, cases, executor, address, estimator, seed
+        As for :func:`reproduce`.
+
+    Returns
+    -------
+    lloptim.guards.Estimate
+        The estimated cost (memory in bytes, time in seconds).
+
+    Raises
+    ------
+    SpecError
+        A bad argument, named.
+    TooLargeError
+        The cost exceeds the limits (:func:`lloptim.guards.check`).
+    """
+    import os
+
+    problem = as_problem(problem)
+    cases = check_int("cases", cases, lo=0, example=100)
+    check_seed("seed", seed)
+    check_choice("executor", executor, EXECUTORS)
+    check_choice("estimator", estimator, ESTIMATOR_NAMES)
+    if address is not None and executor != "ray":
+        from lloptim.errors import SpecError
+
+        raise SpecError("address", "a Ray address needs executor 'ray'", "use the ray executor, or drop the address")
+    # a local Ray runs a case per CPU; a cluster's size is unknown here, so only memory is checked
+    workers = 1 if executor == "local" else (os.cpu_count() or 1) if address is None else 10**9
+    size = guards.RunSize.of(problem)
+    return guards.check(guards.reproduction_cost(size, cases, workers=workers), lower={
+        "cases": (cases, lambda x: guards.reproduction_cost(size, int(x), workers=workers))})
+
+
 def reproduce(problem: Problem, cases: int = 100, executor: str = "local", address: str | None = None,
               estimator: str = "bucket-quantile", progress: bool = True, seed: int = 0) -> tuple[dict, dict]:
     """The whole reproduction; returns the JSON-ready report and the main runs (for plots).
@@ -230,7 +273,17 @@ def reproduce(problem: Problem, cases: int = 100, executor: str = "local", addre
     report, results
         The report (times in seconds, decision latency in microseconds) and the
         :class:`~lloptim.runtime.engine.RunResult` of each main run, keyed by policy name.
+
+    Raises
+    ------
+    SpecError
+        A bad argument (named: ``cases``, ``seed``, ``executor``, ``address``, ``estimator``),
+        checked before any run.
+    TooLargeError
+        The whole reproduction is estimated to need more memory than is available (or more time
+        than the limit set by :func:`lloptim.guards.guard_settings`).
     """
+    check_reproduction(problem, cases, executor, address, estimator, seed)
     rows, results = compare_policies(problem, estimator=estimator, seed=seed)
     bound = lower_bound(problem)
     dec = results["hybrid"].decision_ns / 1e3

@@ -84,9 +84,9 @@ PAIR_BYTES = 32
 
 #: How a size is named to a Python user when the caller gave no names (see :func:`guard_settings`).
 DEFAULT_FIELDS = {
-    "requests": "workload (the number of requests)",
+    "requests": "the requests (workload.n, workload.limit or [[requests]])",
     "clients": "instances[].clients",
-    "instances": "instances (how many)",
+    "instances": "instances[].count",
     "cases": "cases",
     "rel_gap": "params.rel_gap",
 }
@@ -282,6 +282,11 @@ def format_seconds(s: float) -> str:
     return f"{s:.1f} s"
 
 
+def _sizes_text(size: RunSize) -> str:
+    return (f"{size.requests:,} requests ({size.output_tokens:,.0f} output tokens) on {size.clients:,} clients of "
+            f"{size.instances:,} instance{'s' if size.instances != 1 else ''}")
+
+
 def _engine_terms(size: RunSize) -> tuple[dict, dict]:
     it = size.iterations()
     m = size.instances
@@ -317,9 +322,7 @@ def simulation_cost(size, runs: int = 1, kept_runs: int = 1) -> Estimate:
     # a finished run keeps its trace and per-request results, not the engine's per-client state
     kept = (kept_runs - 1) * (ENGINE_BYTES["iteration"] * size.iterations() / 4 + 100 * size.requests)
     memory = sum(mem_terms.values()) + max(0.0, kept)
-    what = (f"simulating {size.requests:,} requests ({size.output_tokens:,.0f} output tokens) on "
-            f"{size.clients:,} clients of {size.instances:,} instance{'s' if size.instances != 1 else ''}"
-            + (f", {runs} runs" if runs > 1 else ""))
+    what = f"{runs} simulations of {_sizes_text(size)}" if runs > 1 else f"simulating {_sizes_text(size)}"
     detail = ""
     if max(time_terms, key=time_terms.get) == "instances" and size.instances > 1:
         detail = "the engine's time grows with the square of the number of instances"
@@ -364,13 +367,13 @@ def reproduction_cost(problem, cases: int, n_requests: int = 1319, workers: int 
         Cases run at once (count).
     """
     main = simulation_cost(problem, runs=REPRODUCE_RUNS, kept_runs=REPRODUCE_KEPT_RUNS)
+    main = replace(main, what=f"{REPRODUCE_RUNS} simulations of {_sizes_text(RunSize.of(problem) if not isinstance(problem, RunSize) else problem)}")
     if cases <= 0:
-        return replace(main, what=f"the reproduction's {REPRODUCE_RUNS} runs of " + main.what.removeprefix("simulating "))
+        return replace(main, what=f"the reproduction ({main.what})")
     study = case_study_cost(cases, n_requests, workers)
     mem_driver = main.memory_driver if main.memory_bytes >= study.memory_bytes else "cases"
     time_driver = main.time_driver if main.seconds >= study.seconds else "cases"
-    return Estimate(f"the reproduction ({REPRODUCE_RUNS} runs of {main.what.removeprefix('simulating ')}, then "
-                    f"{study.what})", max(main.memory_bytes, study.memory_bytes), main.seconds + study.seconds,
+    return Estimate(f"the reproduction ({main.what}, then {study.what})", max(main.memory_bytes, study.memory_bytes), main.seconds + study.seconds,
                     mem_driver, time_driver, main.detail if time_driver != "cases" else "")
 
 
@@ -398,12 +401,20 @@ def solve_cost(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None
     R, C, m = problem.n_requests, problem.n_clients, len(problem.instances)
     kinds = {(i.profile.latency, i.clients) for i in problem.instances}
     uniform = (weights is not None and np.ndim(weights) == 1) or len(kinds) == 1
-    w = request_work_s(problem) if weights is None else np.asarray(weights, dtype=np.float64).reshape(R, -1)[:, 0]
+    w = None
+    if weights is not None:
+        given = np.asarray(weights, dtype=np.float64)
+        if given.ndim in (1, 2) and given.shape[0] == R and given.size and np.all(np.isfinite(given)):
+            w = given.reshape(R, -1).min(axis=1)
+    if w is None:  # no (valid) weights given: the pipeline's default, or it names the bad ones itself
+        w = request_work_s(problem)
     mem = {"requests": 16.0 * R * m}  # the (R, instances) weight matrix and its copy
     on_max = -(-R // C) + 1  # requests on the most loaded client after LPT
-    skipped = float(w.max()) <= float(w.sum()) / C * rel_gap / 10
+    avg = float(w.sum()) / C
+    excess = _lpt_excess(w, C) if uniform else math.inf
+    gap_needed = 10 * excess / avg if avg > 0 else 0.0
     pairs = 0.0
-    if not skipped and C > 1:
+    if excess > avg * rel_gap / 10 and C > 1:  # the local search runs
         partners = min(R - on_max, SWAP_PARTNERS * on_max) if (uniform and C > SWAP_PARTNERS + 1) else R - on_max
         pairs = on_max * max(0, partners)
         mem["rel_gap"] = PAIR_BYTES * pairs
@@ -411,12 +422,26 @@ def solve_cost(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None
         mem["clients"] = 8.0 * R * C + 200.0 * R * C  # the (R, C) weight matrix; the price LP's columns
     detail = (f"its local search scores {on_max:,} x {pairs / max(on_max, 1):,.0f} request pairs at once"
               if pairs else "")
-    gap_needed = 10 * float(w.max()) / (float(w.sum()) / C) if w.sum() > 0 else 0.0
     driver = max(mem, key=mem.get)
     if driver == "rel_gap" and not gap_needed < 1:
         driver = "requests"  # no gap skips the search: fewer requests per client is the way
     return Estimate(f"the greedy start of a solve of {R:,} requests on {C:,} clients", sum(mem.values()), 0.0,
                     driver, "requests", detail, {"rel_gap": gap_needed} if gap_needed < 1 else {})
+
+
+def _lpt_excess(w: np.ndarray, clients: int) -> float:
+    """Upper bound on (LPT makespan - average load) for identical clients, seconds.
+
+    The client that ends with the makespan got its last request ``j`` when it was the least loaded,
+    so at most the average of the requests before ``j``; hence ``makespan - average <= w_j (1 - 1/C)
+    - (sum of the requests after j) / C`` for that ``j``, and at most the maximum over all ``j`` of the
+    right-hand side (one sort and a cumulative sum).
+    """
+    if clients <= 1 or w.size == 0:
+        return 0.0
+    order = np.sort(w)[::-1]
+    after = np.concatenate([np.cumsum(order[::-1])[::-1][1:], [0.0]])
+    return float(max(0.0, np.max(order * (1 - 1 / clients) - after / clients)))
 
 
 def _field(key: str) -> str:
@@ -499,9 +524,11 @@ def check_simulation(problem, runs: int = 1) -> Estimate:
         return Estimate("", 0.0, 0.0)
     size = RunSize.of(problem)
     est = simulation_cost(size, runs)
-    knobs = {k: (getattr(size, k), (lambda k: lambda x: simulation_cost(size.scaled(k, x / getattr(size, k)),
-                                                                           runs))(k))
-             for k in ("requests", "clients", "instances")}
+    # what a user sets: requests, clients *per instance* (a flag or spec key), instances
+    current = {"requests": size.requests, "clients": max(1, size.clients // size.instances),
+               "instances": size.instances}
+    knobs = {k: (v, (lambda k, v: lambda x: simulation_cost(size.scaled(k, x / v), runs))(k, v))
+             for k, v in current.items()}
     return check(est, lower=knobs)
 
 

@@ -208,9 +208,13 @@ class Instance:
         for fld, fix in (("clients", "give at least one client"),
                          ("kv_capacity_tokens", "give the KV-cache capacity in tokens")):
             v = getattr(self, fld)
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+            if type(v) is not int:  # the common case costs one comparison: specs build 100,000 instances
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, np.integer):
+                    raise SpecError(f"{self.name}.{fld}", f"must be a positive integer, got {v!r}", fix)
+                v = int(v)
+                object.__setattr__(self, fld, v)
+            if v < 1:
                 raise SpecError(f"{self.name}.{fld}", f"must be a positive integer, got {v!r}", fix)
-            object.__setattr__(self, fld, int(v))
 
     @classmethod
     def from_profile(cls, profile: str | HardwareProfile, clients: int | None = None,

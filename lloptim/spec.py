@@ -48,9 +48,14 @@ profile = "llama-65b"
 SPEC_REFERENCE = "`lloptim spec-reference` or the docs' 'Spec reference' page (docs/spec.rst)"
 
 
-def _key(description: str, unit: str = "", **constraints) -> Any:
-    """A field with its description and unit (read by :func:`spec_reference` and the docs)."""
-    return Field(description=description, json_schema_extra={"unit": unit} if unit else None, **constraints)
+def _key(description: str, unit: str = "", default_text: str = "", **constraints) -> Any:
+    """A field with its description, unit and (where the value says little) default in words.
+
+    :func:`spec_reference` and the docs' spec reference read them; every key of a spec model
+    should be declared with it.
+    """
+    extra = {k: v for k, v in (("unit", unit), ("default_text", default_text)) if v}
+    return Field(description=description, json_schema_extra=extra or None, **constraints)
 
 
 def _bounded(name: str) -> dict:
@@ -144,7 +149,7 @@ class SpecDoc(_Strict):
     requests: list[RequestDoc] | None = _key("The requests one by one (at least one); give exactly one of "
                                              "[workload] and [[requests]].", default=None)
     instances: list[InstanceDoc] = _key("The instances serving the workload, in order (global client indices "
-                                        "follow it). Default: one llama-65b instance.",
+                                        "follow it).", default_text="one llama-65b instance",
                                         default_factory=lambda: [InstanceDoc()])
 
     @model_validator(mode="after")
@@ -389,6 +394,8 @@ def spec_reference() -> list[dict[str, Any]]:
             kind, bnode = _schema_type(prop, defs)
             if key in required:
                 default = "required"
+            elif "default_text" in prop:
+                default = prop["default_text"]
             elif "default" in prop:
                 d = prop["default"]
                 default = "not set" if d is None else (json.dumps(d) if not isinstance(d, list) else "see the description")

@@ -10,6 +10,8 @@ cannot drift from them:
 * ``readme_setup.txt``, ``readme_tests.txt``, ``readme_tour.txt``: the README's code blocks;
 * ``concepts_timeline.png``, ``concepts_bound.png``: the figures of the *Concepts* page;
 * ``solver_capabilities.inc``: the capability table of the registered solver backends;
+* ``spec_reference.inc``: every key of a spec, from the validator's pydantic models
+  (:func:`lloptim.spec.spec_reference`);
 * ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present.
 
 Figures and tables are rewritten only when missing or older than the code, which keeps repeated
@@ -283,6 +285,35 @@ def write_policies(out: Path) -> list[str]:
     return list(names)
 
 
+# -- spec reference ---------------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    """A list-table cell: reST markup characters in free text shown literally."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("`", "\\`").replace("|", "\\|") or "\\-"
+
+
+def write_spec_reference(out: Path) -> list[str]:
+    """One table per TOML table of a spec, read from the pydantic models of :mod:`lloptim.spec`."""
+    from lloptim.spec import spec_reference
+
+    rows = spec_reference()
+    lines: list[str] = []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        title = "Top-level keys" if table == "top level" else f"``{table}``"
+        lines += [title, "-" * len(title), "", ".. list-table::", "   :header-rows: 1", "   :widths: 18 14 10 14 16 28",
+                  "   :class: spec-reference", "", "   * - key", "     - type", "     - unit", "     - default",
+                  "     - bounds", "     - meaning"]
+        for r in rows:
+            if r["table"] != table:
+                continue
+            default = r["default"] if r["default"] in ("required", "not set") or " " in r["default"] \
+                else f"``{r['default']}``"
+            lines += [f"   * - ``{r['key']}``", f"     - {_cell(r['type'])}", f"     - {_cell(r['unit'])}",
+                      f"     - {default}", f"     - {_cell(r['bounds'])}", f"     - {_cell(r['description'])}"]
+        lines.append("")
+    _write(out / "spec_reference.inc", "\n".join(lines) + "\n")
+    return [r["key"] for r in rows]
+
+
 # -- README -----------------------------------------------------------------------------------------
 def write_readme(out: Path) -> None:
     text = (ROOT / "README.md").read_text()
@@ -532,6 +563,7 @@ def run(out: Path) -> dict:
     facts = {"modules": write_api(out), "commands": write_cli(out), "reexports": list(REEXPORTS)}
     write_readme(out)
     facts["policies"] = write_policies(out)
+    facts["spec_keys"] = write_spec_reference(out)
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)
