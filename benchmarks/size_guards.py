@@ -137,12 +137,15 @@ def main() -> None:
     wall = np.array([m["wall_s"] for _, m in rows])
     peak = np.array([max(m["peak_bytes"], 2**20) for _, m in rows])
     coef_t, _ = nnls(feats / wall[:, None], np.ones(len(rows)))
-    coef_m, _ = nnls(feats[:, :4] / peak[:, None], np.ones(len(rows)))
+    mfeats = np.column_stack([np.ones(len(rows)), feats[:, :4]])
+    coef_m, _ = nnls(mfeats / peak[:, None], np.ones(len(rows)))
     names = ("iteration", "request", "client", "instance", "idle_scan")
     print("\nengine time, seconds per unit:   fit " + ", ".join(f"{n} {c:.2e}" for n, c in zip(names, coef_t)))
     print("                             guards " + ", ".join(f"{n} {guards.ENGINE_TIME_S[n]:.2e}" for n in names))
-    print("engine memory, bytes per unit:   fit " + ", ".join(f"{n} {c:,.0f}" for n, c in zip(names, coef_m)))
-    print("                             guards " + ", ".join(f"{n} {guards.ENGINE_BYTES[n]:,}" for n in names[:4]))
+    mnames = ("base",) + names[:4]
+    print("engine memory, bytes per unit:   fit " + ", ".join(f"{n} {c:,.0f}" for n, c in zip(mnames, coef_m)))
+    print("                             guards " + ", ".join(f"{n} {guards.ENGINE_BYTES[n]:,}" for n in mnames))
+    print("(the fit is a mean; the guards' memory coefficients are an envelope: at or above every measured run)")
     # the case study: seconds per case against the estimate
     t = time.perf_counter()
     from lloptim.experiments import case_study

@@ -298,7 +298,7 @@ def test_profile_missing_file_says_no_file():
 def test_api_refuses_what_does_not_fit_in_memory(monkeypatch):
     """The Python API applies the memory guard (not the CLI's time limit); ``unguarded`` lifts it."""
     monkeypatch.setattr(guards, "limits", lambda: guards.Limits(2**30))
-    problem = Problem.single(workloads.gsm8k("test", limit=4), clients=1_000_000)  # ~1 GiB of client state
+    problem = Problem.single(workloads.gsm8k("test", limit=4), clients=2_000_000)  # ~1.7 GiB of client state
     with pytest.raises(TooLargeError) as info:
         simulate(problem)
     assert info.value.field == "instances[].clients" and "unguarded" in info.value.fix
@@ -307,3 +307,31 @@ def test_api_refuses_what_does_not_fit_in_memory(monkeypatch):
             with monkeypatch.context() as m:
                 m.setattr("lloptim.runtime.engine.Engine.run", _never("engine"))
                 simulate(problem)
+
+
+# -- invariants hold however a workload is built ----------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALUES = st.one_of(st.integers(-5, 12), st.floats(-2, 12), st.sampled_from([2**70, 1e300, 10_000_001, math.nan,
+                                                                            math.inf, -math.inf, 2.5]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompt=st.lists(VALUES, min_size=0, max_size=6), output=st.lists(VALUES, min_size=0, max_size=6),
+       arrival=st.lists(VALUES, min_size=0, max_size=6), cap_extra=st.lists(st.integers(-3, 3), max_size=6))
+def test_a_workload_is_valid_or_refused_with_a_name(prompt, output, arrival, cap_extra):
+    """Built directly from arbitrary values: either a SpecError naming a field, or every invariant holds."""
+    cap = [o + c if isinstance(o, int) else o for o, c in zip(output, cap_extra + [0] * len(output))]
+    try:
+        w = Workload(np.array(prompt), np.array(output), np.array(arrival, dtype=float), np.array(cap),
+                     tuple(str(i) for i in range(len(prompt))))
+    except SpecError as exc:
+        assert exc.field and exc.fix
+        return
+    n = len(w)
+    assert n >= 1 and w.prompt_tokens.dtype == np.int64 and w.output_tokens.dtype == np.int64
+    assert np.all(w.prompt_tokens >= 1) and np.all(w.output_tokens >= 1)
+    assert np.all(w.max_output_tokens >= w.output_tokens)
+    assert np.all(np.isfinite(w.arrival_s)) and np.all(w.arrival_s >= 0)
+    assert len(set(w.ids)) == n and not w.prompt_tokens.flags.writeable
