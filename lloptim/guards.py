@@ -64,23 +64,24 @@ MEMORY_FRACTION = 0.8
 #: Estimated seconds above which the command line refuses a run (one hour).
 CLI_MAX_SECONDS = 3600.0
 
-#: Engine time coefficients, seconds: per iteration, per request, per client, per instance, and per
+#: Engine time coefficients in seconds per iteration, per request, per client, per instance, and per
 #: ``iteration x instance**2`` (idle instances re-scanning the others when they wake).
 ENGINE_TIME_S = {"iteration": 2.5e-5, "request": 3e-5, "client": 5e-6, "instance": 1e-4, "idle_scan": 8e-8}
-#: Engine memory coefficients, bytes: a run's fixed cost, and per iteration (trace record, decision
-#: time, the hybrid's re-planning state), per request (workload arrays, per-request state and
-#: results), per client (client state, policy queues), per instance.
+#: Engine memory coefficients in bytes (a run's fixed cost, and per iteration for the trace record,
+#: decision time and the hybrid's re-planning state, per request for the workload arrays and
+#: per-request state and results, per client for client state and policy queues, per instance).
 ENGINE_BYTES = {"base": 48 * 2**20, "iteration": 1200, "request": 500, "client": 900, "instance": 4000}
 #: Bytes held per case of the case study until it ends (its task and its result).
 CASE_BYTES = 4000
-#: Simulator runs of :func:`lloptim.experiments.reproduce` on the main problem: the main policies,
-#: the unknown-length runs and the noise sweep.
+#: Simulator runs of :func:`lloptim.experiments.reproduce` on the main problem (the main policies,
+#: the unknown-length runs and the noise sweep).
 REPRODUCE_RUNS = 23
 #: Runs kept in memory until the report is written (the main runs, for the figures).
 REPRODUCE_KEPT_RUNS = 11
 #: Bytes per pair scored in one move/swap step of the greedy local search (four float64 arrays and
-#: a mask), and the fixed cost of the greedy start (its subset tables and loads), bytes.
+#: a mask).
 PAIR_BYTES = 40
+#: Fixed memory of the greedy start (its subset tables and loads), bytes.
 SOLVE_BASE_BYTES = 64 * 2**20
 
 #: How a size is named to a Python user when the caller gave no names (see :func:`guard_settings`).
@@ -138,7 +139,16 @@ class RunSize:
                    arrival_rate=rate, decode_base_s=min(i.profile.latency.decode_base_s for i in problem.instances))
 
     def scaled(self, knob: str, factor: float) -> "RunSize":
-        """These sizes with ``knob`` (``"requests"``, ``"clients"`` or ``"instances"``) times ``factor``."""
+        """These sizes with one of them scaled (the others kept; per-instance clients kept with instances).
+
+        Parameters
+        ----------
+        knob
+            ``"requests"`` (output tokens and arrival rate scale along), ``"clients"`` or
+            ``"instances"``.
+        factor
+            Multiplier (ratio).
+        """
         if knob == "requests":
             rate = None if self.arrival_rate is None else self.arrival_rate * factor
             return replace(self, requests=max(1, int(self.requests * factor)),
@@ -262,7 +272,8 @@ def guard_settings(enabled: bool = True, max_seconds: float | None = None, overr
 
 
 def limits() -> Limits:
-    """The limits a check applies now: memory available, and the time limit of :func:`guard_settings`."""
+    """The limits a check applies now: the memory available (bytes), and the time limit of
+    :func:`guard_settings` (seconds; ``inf`` outside it)."""
     import psutil
 
     seconds = _SETTINGS.get().get("max_seconds")
@@ -530,7 +541,20 @@ def check(estimate: Estimate, limit: Limits | None = None, lower=None) -> Estima
 
 
 def check_simulation(problem, runs: int = 1) -> Estimate:
-    """Check ``runs`` simulations of ``problem`` against the limits (see :func:`check`)."""
+    """Check ``runs`` simulations of ``problem`` against the limits (see :func:`check`).
+
+    Parameters
+    ----------
+    problem
+        The problem (its sizes are read in one pass).
+    runs
+        Simulations of it run one after another (count).
+
+    Returns
+    -------
+    Estimate
+        The estimate (memory in bytes, time in seconds); empty when the guards are off.
+    """
     if not enabled():
         return Estimate("", 0.0, 0.0)
     size = RunSize.of(problem)
@@ -544,7 +568,22 @@ def check_simulation(problem, runs: int = 1) -> Estimate:
 
 
 def check_solve(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None) -> Estimate:
-    """Check the solve pipeline's start on ``problem`` against the memory limit (see :func:`check`)."""
+    """Check the solve pipeline's start on ``problem`` against the memory limit (see :func:`check`).
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    rel_gap
+        The relative gap asked for (decides whether the local search runs).
+    weights
+        Per-request weights given to the solve, seconds, if any.
+
+    Returns
+    -------
+    Estimate
+        The estimate (memory in bytes); empty when the guards are off.
+    """
     if not enabled():
         return Estimate("", 0.0, 0.0)
     return check(solve_cost(problem, rel_gap, weights))

@@ -327,6 +327,18 @@ def as_problem(value, field: str = "problem") -> "Problem":
 
     Entry points (:func:`lloptim.simulate`, :func:`lloptim.lower_bound`, :func:`lloptim.solvers.solve`)
     call it first, so a wrong argument is named instead of failing deep inside.
+
+    Parameters
+    ----------
+    value
+        What the caller passed.
+    field
+        The parameter's name, for the message.
+
+    Returns
+    -------
+    Problem
+        ``value``.
     """
     if not isinstance(value, Problem):
         raise SpecError(field, f"must be a Problem, got {type(value).__name__}",

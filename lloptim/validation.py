@@ -28,7 +28,7 @@ from lloptim.errors import SpecError
 __all__ = ["check_int", "check_number", "check_seed", "check_choice", "check_output_path", "check_input_file",
            "read_text_file", "PLOT_SUFFIXES"]
 
-#: File suffixes a figure can be written as (lower case, with the dot): the formats matplotlib's
+#: File suffixes a figure can be written as (lower case, with the dot), the formats matplotlib's
 #: Agg backend writes without extra packages.
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".eps", ".ps")
 
@@ -131,13 +131,41 @@ def check_number(field: str, value: Any, lo: float | None = None, hi: float | No
 
 
 def check_seed(field: str, value: Any) -> int:
-    """A random seed: an integer in ``[0, 2**63 - 1]`` (what numpy's generators accept)."""
+    """A random seed: an integer in ``[0, 2**63 - 1]`` (what numpy's generators accept).
+
+    Parameters
+    ----------
+    field
+        Name of the field or flag, as the user typed it.
+    value
+        The seed.
+
+    Returns
+    -------
+    int
+        The seed.
+    """
     check_int(field, value, lo=0, example=0)
     return check_int(field, value, lo=0, hi=MAX_SEED, fix=f"give a seed below 2**63, e.g. {_example(field, 0)}")
 
 
 def check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
-    """``value`` if it is one of ``choices``; else a :class:`SpecError` listing them."""
+    """``value`` if it is one of ``choices``; else a :class:`SpecError` listing them.
+
+    Parameters
+    ----------
+    field
+        Name of the field or flag, as the user typed it.
+    value
+        The value.
+    choices
+        The accepted values.
+
+    Returns
+    -------
+    str
+        The value.
+    """
     options = list(choices)
     if value not in options:
         raise SpecError(field, f"unknown value {value!r}", f"use one of {options}")
@@ -185,7 +213,22 @@ def check_output_path(field: str, path: str | os.PathLike, suffixes: Iterable[st
 
 
 def check_input_file(field: str, path: str | os.PathLike, what: str = "file") -> Path:
-    """``path`` as a :class:`~pathlib.Path` if it is a readable file; else a :class:`SpecError`."""
+    """``path`` as a :class:`~pathlib.Path` if it is a readable file; else a :class:`SpecError`.
+
+    Parameters
+    ----------
+    field
+        Name of the field or flag that gave the path.
+    path
+        The file.
+    what
+        What the file should be, for the messages ("TOML spec").
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, with ``~`` expanded.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise SpecError(field, f"no file at {str(path)!r}", f"give the path of an existing {what}")

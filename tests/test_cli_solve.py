@@ -49,6 +49,7 @@ def test_solve_default_spec_table():
     assert "1319 requests, 40 clients" in res.stdout and "greedy" in res.stdout
 
 
+@pytest.mark.slow  # one fresh process per backend: seconds
 def test_compare_json_and_csv(spec, tmp_path):
     out = tmp_path / "rows.csv"
     res = runner.invoke(app, ["compare", str(spec), "--solvers", "greedy,highs", "--time-limit", "2", "--json",
