@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lloptim import guards, workloads
 from lloptim.bounds import lower_bound
@@ -20,6 +21,7 @@ from lloptim.problem import Problem, as_problem
 from lloptim.runtime.estimators import ESTIMATORS, estimate
 from lloptim.runtime.engine import RunResult
 from lloptim.simulator import run_policy
+from lloptim.progress import DELAY_S
 from lloptim.validation import check_choice, check_int, check_seed
 
 __all__ = ["PAPER", "MAIN_POLICIES", "UNKNOWN_LENGTH_POLICIES", "unknown_lengths_key", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
@@ -51,7 +53,7 @@ def _row(result: RunResult) -> dict:
 
 
 def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, estimator: str = "bucket-quantile",
-                     train=None, seed: int = 0) -> tuple[dict[str, dict], dict[str, RunResult]]:
+                     train=None, seed: int = 0, progress: bool = False) -> tuple[dict[str, dict], dict[str, RunResult]]:
     """Run each policy with known lengths, and the hybrids with estimated lengths.
 
     Parameters
@@ -68,6 +70,8 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
         Training workload of the estimator; default: the GSM8K train split.
     seed
         Seed of every run and of the estimator.
+    progress
+        Show a progress bar over the runs on stderr (once they last over a second).
 
     Returns
     -------
@@ -77,7 +81,7 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
     """
     rows: dict[str, dict] = {}
     results: dict[str, RunResult] = {}
-    for name in policies:
+    for name in tqdm(policies, desc="policies", disable=not progress, leave=False, delay=DELAY_S):
         results[name] = run_policy(problem, name, seed=seed)
         rows[name] = _row(results[name])
     unknown = [name for name in UNKNOWN_LENGTH_POLICIES if name in policies]
@@ -238,8 +242,8 @@ def check_reproduction(problem: Problem, cases: int = 100, executor: str = "loca
     problem = as_problem(problem)
     cases = check_int("cases", cases, lo=0, example=100)
     check_seed("seed", seed)
-    check_choice("executor", executor, EXECUTORS)
-    check_choice("estimator", estimator, ESTIMATOR_NAMES)
+    check_choice("executor", executor, EXECUTORS, "executor")
+    check_choice("estimator", estimator, ESTIMATOR_NAMES, "estimator")
     if address is not None and executor != "ray":
         from lloptim.errors import SpecError
 
@@ -284,7 +288,7 @@ def reproduce(problem: Problem, cases: int = 100, executor: str = "local", addre
         than the limit set by :func:`lloptim.guards.guard_settings`).
     """
     check_reproduction(problem, cases, executor, address, estimator, seed)
-    rows, results = compare_policies(problem, estimator=estimator, seed=seed)
+    rows, results = compare_policies(problem, estimator=estimator, seed=seed, progress=progress)
     bound = lower_bound(problem)
     dec = results["hybrid"].decision_ns / 1e3
     report = {

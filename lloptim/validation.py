@@ -149,7 +149,7 @@ def check_seed(field: str, value: Any) -> int:
     return check_int(field, value, lo=0, hi=MAX_SEED, fix=f"give a seed below 2**63, e.g. {_example(field, 0)}")
 
 
-def check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
+def check_choice(field: str, value: Any, choices: Iterable[str], what: str = "value") -> str:
     """``value`` if it is one of ``choices``; else a :class:`SpecError` listing them.
 
     Parameters
@@ -160,6 +160,8 @@ def check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
         The value.
     choices
         The accepted values.
+    what
+        What the value is, for the message ("unknown policy 'x'").
 
     Returns
     -------
@@ -168,7 +170,7 @@ def check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
     """
     options = list(choices)
     if value not in options:
-        raise SpecError(field, f"unknown value {value!r}", f"use one of {options}")
+        raise SpecError(field, f"unknown {what} {value!r}", f"use one of {options}")
     return value
 
 

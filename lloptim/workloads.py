@@ -79,7 +79,7 @@ def gsm8k(split: str = "test", limit: int | None = None) -> Workload:
     Workload
         All requests arrive at time 0; ids are ``"gsm8k-{split}-{index}"``.
     """
-    check_choice("workload.split", split, GSM8K_SPLITS)
+    check_choice("workload.split", split, GSM8K_SPLITS, "GSM8K split")
     idx, prompt, output = _gsm8k_table()[split]
     if limit is not None:
         limit = check_int("workload.limit", limit, 1, MAX_REQUESTS, fix="give how many requests to keep, e.g. limit=100")
@@ -146,7 +146,7 @@ def gsm8k_case(index: int, n_requests: int = 1319, seed: int = 0, split: str = "
     """
     check_int("index", index, lo=0, example=0)
     check_seed("seed", seed)
-    check_choice("split", split, GSM8K_SPLITS)
+    check_choice("split", split, GSM8K_SPLITS, "GSM8K split")
     pool = gsm8k(split)
     check_int("n_requests", n_requests, 1, len(pool), fix=f"ask for 1 to {len(pool)} requests per case "
               f"(the {split} split has {len(pool)})")

@@ -53,8 +53,8 @@ def reproduce(
     with user_errors(REPRODUCE_FLAGS, size_guard, {"cases": "--cases"}):
         check_int("--cases", cases, lo=0, fix="give a number of cases >= 0 (0 skips the case study), e.g. --cases 100")
         check_seed("--seed", seed)
-        check_choice("--executor", executor, EXECUTORS)
-        check_choice("--estimator", estimator, ESTIMATOR_NAMES)
+        check_choice("--executor", executor, EXECUTORS, "executor")
+        check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
         plot_path = output_path("--plot", plot, PLOT_SUFFIXES)
         problem = load_problem(spec)
         report, results = run(problem, cases=cases, executor=executor, address=address, estimator=estimator,

@@ -73,7 +73,7 @@ def _ints(name: str, text: str) -> list[int]:
 def _check_common(seed: int, clock: str) -> None:
     """Options ``run`` and ``calibrate`` share, named by flag, before any work."""
     check_seed("--seed", seed)
-    check_choice("--clock", clock, CLOCKS)
+    check_choice("--clock", clock, CLOCKS, "clock")
 
 
 def _check_backend(backend: str) -> None:
@@ -233,8 +233,9 @@ def serve(
         if clients is not None:
             check_int("--clients", clients, 1, 1_000_000, fix="give the clients per instance, e.g. --clients 8")
         check_int("--instances", instances, 1, 100_000, fix="give the model replicas, e.g. --instances 2")
-        check_choice("--policy", policy, sorted(policy_names()))
+        check_choice("--policy", policy, sorted(policy_names()), "policy")
         _check_common(seed, clock)
+        check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
         if backend == "torch":
             _set_threads(threads)
         given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named

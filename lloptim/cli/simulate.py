@@ -101,7 +101,7 @@ def simulate(
     from lloptim.validation import check_choice
 
     with user_errors(SIMULATE_FLAGS, size_guard):
-        check_choice("--policy", policy, sorted(policy_names()))
+        check_choice("--policy", policy, sorted(policy_names()), "policy")
         faults = [parse_fault(f) for f in fault]
         problem = load_problem(spec)
         check_faults(faults, problem)

@@ -226,7 +226,7 @@ def compare(
     with user_errors(SOLVE_FLAGS, size_guard, SOLVE_SIZES):
         names = [s.strip() for s in solvers.split(",") if s.strip()]
         _check_solvers(names, "--solvers")
-        check_choice("--executor", executor, sorted(EXECUTORS))
+        check_choice("--executor", executor, sorted(EXECUTORS), "executor")
         if address is not None and executor != "ray":
             raise SpecError("--address", "needs --executor ray", "add --executor ray or drop --address")
         params = _params(time_limit, gap, threads, seed)
