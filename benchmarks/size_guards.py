@@ -9,7 +9,8 @@ the coefficients in ``lloptim/guards.py``, which were set from this output, roun
 
 The grid covers the workload classes the guards must handle: GSM8K, light- and heavy-tailed
 synthetic workloads, Poisson arrivals below and above capacity, many clients (up to 10^6), many
-instances (up to 128) and a mixed fleet; and the greedy start of a solve with ``--gap 0``.
+instances (up to 128) and a mixed fleet; the greedy start of a solve with ``--gap 0``; and the
+price LP of a mixed fleet.
 
 Run: ``python benchmarks/size_guards.py [--quick]`` (about 2 minutes on 2 cores; ``--quick``: a
 third of the grid). The ratio columns are estimate / measurement: the guards need them within a
@@ -42,6 +43,7 @@ CASES = [
 ]
 QUICK = ("gsm8k-test", "synthetic 100k", "poisson 20k, 20/s", "gsm8k, 1M clients", "gsm8k, 64 instances")
 SOLVES = [(20_000, 40), (50_000, 40), (100_000, 40), (20_000, 8)]
+PRICE_LPS = [(500, 80), (1000, 80), (2000, 80)]
 
 
 def _rss_now() -> float:
@@ -166,6 +168,28 @@ def main() -> None:
                                                kv_capacity_tokens=10**9), rel_gap=0.0)
         print(f"{n:>9,d} requests x {clients:<4d} {m['peak_bytes'] / 2**20:>8.1f} {est.memory_bytes / 2**20:>8.1f} "
               f"{est.memory_bytes / max(m['peak_bytes'], 1):>6.2f}", flush=True)
+    # the price LP of a mixed fleet (HiGHS, requests x clients columns)
+    print(f"\n{'price LP, mixed fleet':22s} {'wall s':>8s} {'est s':>8s} {'ratio':>6s}")
+    for n, clients in PRICE_LPS[:1] if args.quick else PRICE_LPS:
+        m = _in_fresh_process(_measure_price_lp, (n, clients))
+        if m is None:
+            print(f"{n:>9,d} requests x {clients:<4d} timed out", flush=True)
+            continue
+        est = guards.solve_cost(_problem({"n": n, "mixed": True}, clients // 2, 2)).seconds
+        print(f"{n:>9,d} requests x {clients:<4d} {m['wall_s']:>8.2f} {est:>8.2f} {est / m['wall_s']:>6.2f}",
+              flush=True)
+
+
+def _measure_price_lp(args) -> dict:
+    n, clients = args
+    from lloptim.formulations.binpacking import binpacking_data
+    from lloptim.formulations.lp_bound import lp_prices
+
+    problem = _problem({"n": n, "mixed": True}, clients // 2, 2)
+    data = binpacking_data(problem)
+    t = time.perf_counter()
+    lp_prices(data)
+    return {"wall_s": time.perf_counter() - t}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ per request. The greedy start's peak is the move/swap step of
 :func:`lloptim.solvers.greedy.local_search`: it scores the requests of the most loaded client
 against those of the :data:`~lloptim.solvers.greedy.SWAP_PARTNERS` least loaded ones at once
 (four float64 arrays of that many pairs), and it is skipped when the closed-form bound already
-proves the LPT start within the requested gap.
+proves the LPT start within the requested gap. A mixed fleet adds its ``(requests, clients)``
+weight matrix and the HiGHS LP of its prices, whose time grows as its columns to the power 1.7.
 
 Calibration. The coefficients (:data:`ENGINE_TIME_S`, :data:`ENGINE_BYTES`, :data:`CASE_BYTES`)
 were fitted by ``python benchmarks/size_guards.py``, which runs each case of a grid (GSM8K, light
@@ -83,6 +84,14 @@ REPRODUCE_KEPT_RUNS = 11
 PAIR_BYTES = 40
 #: Fixed memory of the greedy start (its subset tables and loads), bytes.
 SOLVE_BASE_BYTES = 64 * 2**20
+#: Seconds of the HiGHS price LP of a mixed fleet (:func:`lloptim.formulations.lp_bound.lp_prices`)
+#: at :data:`PRICE_LP_COLUMNS` columns (requests x clients), growing as the columns to the power
+#: :data:`PRICE_LP_EXPONENT` (measured: 1.7 s at 40,000 columns, 18 s at 160,000, 34-75 s at 320,000).
+PRICE_LP_S = 2.0
+#: Columns (requests x clients) of the price LP that :data:`PRICE_LP_S` was measured at.
+PRICE_LP_COLUMNS = 40_000
+#: Growth exponent of the price LP's time in its columns.
+PRICE_LP_EXPONENT = 1.7
 
 #: How a size is named to a Python user when the caller gave no names (see :func:`guard_settings`).
 DEFAULT_FIELDS = {
@@ -392,7 +401,8 @@ def reproduction_cost(problem, cases: int, n_requests: int = 1319, workers: int 
 
 
 def solve_cost(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None) -> Estimate:
-    """Estimated peak memory of the solve pipeline's start (weights, greedy start, LP prices).
+    """Estimated peak memory of the solve pipeline's start (weights, greedy start, LP prices), and
+    the time of a mixed fleet's price LP.
 
     Parameters
     ----------
@@ -407,7 +417,8 @@ def solve_cost(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None
     Returns
     -------
     Estimate
-        Memory only (``seconds`` is 0: the search is bounded by the solver's time limit).
+        Memory, and the seconds of the price LP of a mixed fleet (0 for identical clients: the
+        search itself is bounded by the solver's time limit).
     """
     from lloptim.solvers.greedy import MAX_SWAP_PAIRS, SWAP_PARTNERS, WIDE_SWAP_PARTNERS
     from lloptim.work import request_work_s
@@ -440,14 +451,18 @@ def solve_cost(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None
             partners = others
         pairs = on_max * partners
         mem["rel_gap"] = PAIR_BYTES * pairs
+    seconds = 0.0
     if not uniform:
         mem["clients"] = 8.0 * R * C + 200.0 * R * C  # the (R, C) weight matrix; the price LP's columns
+        seconds = PRICE_LP_S * (R * C / PRICE_LP_COLUMNS) ** PRICE_LP_EXPONENT
     detail = (f"its local search scores {on_max:,} x {pairs / max(on_max, 1):,.0f} request pairs at once"
               if pairs else "")
+    if seconds > 60:
+        detail = "; ".join(x for x in (detail, f"the price LP of a mixed fleet has {R * C:,} columns") if x)
     driver = max(mem, key=mem.get)
     if driver == "rel_gap" and not gap_needed < 1:
         driver = "requests"  # no gap skips the search: fewer requests per client is the way
-    return Estimate(f"the greedy start of a solve of {R:,} requests on {C:,} clients", sum(mem.values()), 0.0,
+    return Estimate(f"the start of a solve of {R:,} requests on {C:,} clients", sum(mem.values()), seconds,
                     driver, "requests", detail, {"rel_gap": gap_needed} if gap_needed < 1 else {})
 
 
@@ -568,7 +583,7 @@ def check_simulation(problem, runs: int = 1) -> Estimate:
 
 
 def check_solve(problem, rel_gap: float = 1e-4, weights: np.ndarray | None = None) -> Estimate:
-    """Check the solve pipeline's start on ``problem`` against the memory limit (see :func:`check`).
+    """Check the solve pipeline's start on ``problem`` against the limits (see :func:`check`).
 
     Parameters
     ----------
