@@ -307,7 +307,8 @@ def load_spec(path: str | Path | None = None, text: str | None = None) -> Proble
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError("", f"the spec is not valid TOML: {exc}", "fix the TOML syntax at the position shown") from None
+        raise _with_reference(SpecError("", f"the spec is not valid TOML: {exc}",
+                                         "fix the TOML syntax at the position shown")) from None
     return parse_spec(data, base)
 
 

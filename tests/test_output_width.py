@@ -74,13 +74,14 @@ def test_simulate_fits(narrow, spec):
     assert "[and has brackets]" in text
 
 
-@pytest.mark.parametrize("args", [["solve", "--solver", "greedy"], ["solve", "--solver", "highs", "--gap", "0", "--time-limit", "1"]])
+@pytest.mark.parametrize("args", [["solve", "--solver", "greedy"], ["solve", "--solver", "highs", "--gap", "0", "--time-limit", "0.5"]])
 def test_solve_fits(narrow, spec, args):
     d = json.loads(_run(args + [str(spec), "--json"]))
     text = _run(args + [str(spec)])
     _check_text(text, [f"{d['primal_bound']:,.4f}", f"{d['dual_bound']:,.4f}", f"{100 * d['gap']:.4f} %"])
 
 
+@pytest.mark.slow  # a fresh process per backend
 def test_compare_fits(narrow, spec):
     res = runner.invoke(app, ["compare", str(spec), "--solvers", "greedy,lagrangian", "--time-limit", "1",
                               "--csv", str(spec.with_suffix(".csv"))])
