@@ -215,12 +215,10 @@ def serve(
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
-    from lloptim.runtime.registry import make_policy
-    from lloptim.simulator import run_policy
-
     from lloptim import guards
     from lloptim.cli.simulate import migrate_warning
-    from lloptim.runtime.registry import policy_names
+    from lloptim.runtime.registry import make_policy, policy_names
+    from lloptim.simulator import run_policy
 
     sizes = {"clients": "--clients", "instances": "--instances (or the spec's [[instances]])",
              "requests": "--requests (or the spec's workload)"}
