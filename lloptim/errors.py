@@ -43,6 +43,40 @@ class ProfileError(SpecError):
     """A hardware profile is unknown or malformed."""
 
 
+class PrecedenceError(SpecError):
+    """A request's predecessors (``after``) are invalid: an unknown id, itself, or one named twice.
+
+    Parameters
+    ----------
+    field, problem, fix
+        As for :class:`SpecError`.
+    ids
+        The request ids at fault.
+    """
+
+    def __init__(self, field: str, problem: str, fix: str = "", ids: tuple[str, ...] = ()) -> None:
+        super().__init__(field, problem, fix)
+        self.ids = tuple(ids)
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.problem, self.fix, self.ids))
+
+
+class CycleError(PrecedenceError):
+    """The precedence graph has a cycle, so no request on it could ever start.
+
+    Attributes
+    ----------
+    cycle
+        The ids on the cycle, in order (the last one is a predecessor of the first).
+    """
+
+    @property
+    def cycle(self) -> tuple[str, ...]:
+        """The ids on the cycle, in order."""
+        return self.ids
+
+
 class PolicyError(LloptimError, RuntimeError):
     """A scheduling policy asked the engine for something impossible (a bug in the policy)."""
 

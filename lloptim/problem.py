@@ -8,12 +8,13 @@ runtime) can trust them. Arrays are numpy; request ``i`` is row ``i`` everywhere
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, load_profile
+from lloptim.precedence import Precedence
 
 __all__ = ["Workload", "Instance", "Problem"]
 
@@ -59,6 +60,9 @@ class Workload:
         The user's identifier of each request (strings).
     name
         Free text naming the workload.
+    precedence
+        The workflow DAG (:class:`~lloptim.precedence.Precedence`, in rows): a request can start only
+        when all its predecessors have finished. None when the requests are independent.
     """
 
     prompt_tokens: np.ndarray
@@ -67,11 +71,37 @@ class Workload:
     max_output_tokens: np.ndarray
     ids: tuple[str, ...]
     name: str = "workload"
+    precedence: Precedence | None = None
 
     @classmethod
     def from_arrays(cls, prompt_tokens, output_tokens, arrival_s=None, max_output_tokens=None,
-                    ids: Sequence | None = None, name: str = "workload") -> "Workload":
-        """Build and validate a workload from array-likes (one entry per request)."""
+                    ids: Sequence | None = None, name: str = "workload", after=None) -> "Workload":
+        """Build and validate a workload from array-likes (one entry per request).
+
+        Parameters
+        ----------
+        prompt_tokens, output_tokens
+            Prompt and true output length of each request, tokens.
+        arrival_s
+            Arrival of each request, seconds; default: all at 0.
+        max_output_tokens
+            Output cap of each request, tokens; default: the output length.
+        ids
+            Identifier of each request; default ``"0", "1", ...``.
+        name
+            Name of the workload.
+        after
+            Predecessors of each request: one entry per request (None or ``[]`` for none, else a
+            list of ids), or a mapping ``id -> [ids]``. A request can start only once all of them
+            have finished. Validated here, before any work (see :mod:`lloptim.precedence`).
+
+        Raises
+        ------
+        SpecError
+            An invalid field; a :class:`~lloptim.errors.PrecedenceError` (or its
+            :class:`~lloptim.errors.CycleError`) for an unknown id, a self-reference, a duplicate
+            or a cycle in ``after``.
+        """
         prompt = _int_array("prompt_tokens", prompt_tokens, allow_zero=False)
         output = _int_array("output_tokens", output_tokens, allow_zero=False)
         n = prompt.size
@@ -111,9 +141,10 @@ class Workload:
                     if x in seen:
                         raise SpecError(f"requests[{i}].id", f"duplicate id {x!r}", "give every request its own id")
                     seen.add(x)
+        precedence = None if after is None else Precedence.from_after(after, id_tuple)
         for a in (prompt, output, arrival, cap):
             a.setflags(write=False)
-        return cls(prompt, output, arrival, cap, id_tuple, name)
+        return cls(prompt, output, arrival, cap, id_tuple, name, precedence)
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
@@ -132,16 +163,28 @@ class Workload:
             Row indices to keep (repeats would duplicate ids and are rejected).
         name
             Name of the subset; default ``"{name}[{len(rows)}]"``.
+
+        Dependencies between kept rows are kept; those on a dropped request are dropped with it.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        return Workload.from_arrays(self.prompt_tokens[rows], self.output_tokens[rows], self.arrival_s[rows],
-                                    self.max_output_tokens[rows], [self.ids[i] for i in rows],
-                                    name or f"{self.name}[{rows.size}]")
+        sub = Workload.from_arrays(self.prompt_tokens[rows], self.output_tokens[rows], self.arrival_s[rows],
+                                   self.max_output_tokens[rows], [self.ids[i] for i in rows],
+                                   name or f"{self.name}[{rows.size}]")
+        if self.precedence is None:
+            return sub
+        return replace(sub, precedence=self.precedence.subset(rows))
 
     def with_arrivals(self, arrival_s) -> "Workload":
-        """A copy with other arrival times, seconds."""
-        return Workload.from_arrays(self.prompt_tokens, self.output_tokens, arrival_s,
-                                    self.max_output_tokens, self.ids, self.name)
+        """A copy with other arrival times, seconds (dependencies kept)."""
+        w = Workload.from_arrays(self.prompt_tokens, self.output_tokens, arrival_s,
+                                 self.max_output_tokens, self.ids, self.name)
+        return replace(w, precedence=self.precedence)
+
+    def after_ids(self) -> list[list[str]]:
+        """The predecessor ids of each request (empty lists when it has none), as ``after`` takes them."""
+        if self.precedence is None:
+            return [[] for _ in range(len(self))]
+        return [[self.ids[q] for q in preds] for preds in self.precedence.predecessors()]
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,18 @@ Example::
     name = "gsm8k on one LLaMA-65B server"
 
     [workload]            # or a list of [[requests]]
-    source = "gsm8k"      # "gsm8k" or "synthetic"
+    source = "gsm8k"      # "gsm8k", "synthetic" or "workflow"
     split = "test"
 
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
     clients = 40          # optional; defaults to the profile's
     count = 1             # identical replicas
+
+A request may wait for others: ``after = ["solve-1"]`` in its ``[[requests]]`` table (ids of
+other requests). ``source = "workflow"`` generates workflows of dependent requests on GSM8K
+lengths (``shape = "chain"``, ``"fan-in"`` or ``"dag"``, ``workflows = 100``, optional ``depth``,
+``width``, ``seed``, ``arrival_rate``; see :func:`lloptim.workloads.workflows`).
 
 Every invalid document raises :class:`~lloptim.errors.SpecError` naming the field and the fix.
 """
@@ -56,10 +61,15 @@ class RequestDoc(_Strict):
     output_tokens: Tokens
     arrival_s: Seconds = 0.0
     max_output_tokens: Tokens | None = None
+    after: list[StrictStr | StrictInt] | None = None
+
+
+#: Keys of ``[workload]`` that only ``source = "workflow"`` reads.
+WORKFLOW_KEYS = ("shape", "workflows", "depth", "width")
 
 
 class WorkloadDoc(_Strict):
-    source: Literal["gsm8k", "synthetic"]
+    source: Literal["gsm8k", "synthetic", "workflow"]
     split: Literal["test", "train"] = "test"
     limit: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 1000
@@ -68,6 +78,21 @@ class WorkloadDoc(_Strict):
     output_median: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e6, allow_inf_nan=False)] = 90.0
     sigma: Annotated[StrictInt | StrictFloat, Field(ge=0, le=10, allow_inf_nan=False)] = 0.5
     arrival_rate: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e9, allow_inf_nan=False)] | None = None
+    shape: Literal["chain", "fan-in", "dag"] | None = None
+    workflows: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 100
+    depth: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+    width: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+
+    @model_validator(mode="after")
+    def _workflow_keys(self) -> "WorkloadDoc":
+        if self.source == "workflow":
+            if self.shape is None:
+                raise ValueError("source = 'workflow' needs shape = 'chain', 'fan-in' or 'dag'")
+        else:
+            given = [k for k in WORKFLOW_KEYS if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is read only with source = 'workflow'")
+        return self
 
 
 class InstanceDoc(_Strict):
@@ -116,7 +141,7 @@ def _field_path(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts[-1 if parts else 0:] = [f"{parts[-1] if parts else ''}[{item}]"]
-        elif item in ("function-after[_one_source()]",):
+        elif item in ("function-after[_one_source()]", "function-after[_workflow_keys()]"):
             continue
         elif "[" in str(item) and "]" in str(item) and not str(item).isidentifier():
             continue  # union branch labels such as "int" / "float" add nothing for a user
@@ -144,6 +169,8 @@ def parse_spec(data: dict[str, Any], base_dir: str | Path | None = None) -> Prob
         field = _field_path(tuple(err.get("loc", ())))
         kind = err.get("type", "")
         fix = _FIXES.get(kind, "see the spec reference in the docs")
+        if field.endswith(".after") or ".after[" in field:
+            fix = 'write a list of the ids of other requests, e.g. after = ["solve-1"]'
         if kind == "value_error":
             msg = str(err.get("msg", "")).removeprefix("Value error, ")
             raise SpecError(field, msg, "see the spec reference in the docs") from None
@@ -156,6 +183,10 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         w = doc.workload
         if w.source == "gsm8k":
             workload = workloads.gsm8k(w.split, w.limit)
+        elif w.source == "workflow":
+            workload = workloads.workflows(w.shape, w.workflows, seed=w.seed, split=w.split, depth=w.depth,
+                                           width=w.width,
+                                           arrival_rate=None if w.arrival_rate is None else float(w.arrival_rate))
         else:
             workload = workloads.synthetic(w.n, seed=w.seed, prompt_median=float(w.prompt_median),
                                            output_median=float(w.output_median), sigma=float(w.sigma),
@@ -165,7 +196,8 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         workload = Workload.from_arrays(
             [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], [float(r.arrival_s) for r in reqs],
             [r.max_output_tokens if r.max_output_tokens is not None else r.output_tokens for r in reqs],
-            ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name)
+            ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name,
+            after=[r.after for r in reqs] if any(r.after for r in reqs) else None)
     instances: list[Instance] = []
     for k, inst in enumerate(doc.instances):
         profile = inst.profile

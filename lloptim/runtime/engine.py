@@ -12,13 +12,21 @@ both (chunked prefill). A request that needs ``o`` output tokens takes part in `
 Because every decode step advances all running clients, a request prefilled before step ``g``
 finishes at step ``g + o``: the engine keeps those finish steps in a heap, so a decode costs O(1)
 plus O(log n) per finishing request, whatever the batch size.
+
+**Readiness.** The engine alone decides when a request becomes schedulable: at its arrival, or, for
+a request with predecessors (:attr:`~lloptim.problem.Workload.precedence`), when the last of them
+has finished, if that is later. It keeps the coming ready times in a heap and tells the request
+scheduler of each request exactly once, in time order, through
+:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`, before any instance whose clock has
+reached that time asks it for work (instances run in clock order, so the clock of the instance
+being served never goes back). A scheduler therefore never sees a request before it is ready, and
+a policy needs no arrival time of the future.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -174,6 +182,9 @@ class RunResult:
     migrations
         Times each running request moved to another instance with its KV cache (count, int64;
         see :mod:`lloptim.runtime.migration`).
+    ready_s
+        When each request became schedulable, seconds: its arrival, or its last predecessor's
+        finish if later (NaN if never).
     trace_instance
         Instance index of each iteration (int32).
     trace_kind
@@ -220,6 +231,7 @@ class RunResult:
     done_s: np.ndarray
     restarts: np.ndarray
     migrations: np.ndarray
+    ready_s: np.ndarray
     trace_instance: np.ndarray
     trace_kind: np.ndarray
     trace_start_s: np.ndarray
@@ -300,7 +312,11 @@ class Engine:
         self.ctx.extra["client_state"] = self.client_state  # read-only view for schedulers (FAILED = 3)
         self.client_start_step = [0] * problem.n_clients
         self.client_epoch = [0] * problem.n_clients
-        self.arrivals = np.sort(w.arrival_s).tolist()
+        self.arrival = w.arrival_s.tolist()
+        prec = w.precedence
+        # successors of each request and how many predecessors it waits for (None: independent requests)
+        self.successors = prec.successors() if prec is not None else None
+        self.n_predecessors = prec.in_degree().tolist() if prec is not None else [0] * n
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -322,6 +338,11 @@ class Engine:
         self.req_client = np.full(n, -1, dtype=np.int64)
         self.restarts = np.zeros(n, dtype=np.int64)
         self.migrations = np.zeros(n, dtype=np.int64)
+        self.ready = [float("nan")] * n
+        self.unfinished_predecessors = list(self.n_predecessors)
+        # (ready time, request) of requests not yet released: roots at their arrival; the others
+        # join when their last predecessor finishes. A sorted list is a heap.
+        self.events = sorted((self.arrival[r], r) for r in range(n) if not self.n_predecessors[r])
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -347,6 +368,8 @@ class Engine:
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
             _, _, k = heapq.heappop(active)
             s = states[k]
+            if self.events and self.events[0][0] <= s.now:
+                self._release(s.now)
             faults = pending_faults[k]
             while faults and faults[0].time_s <= s.now:
                 self._apply_fault(s, faults.pop(0), active)
@@ -400,7 +423,7 @@ class Engine:
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
             prefill_start_s=self.prefill_start_s, prefill_end_s=self.prefill_end_s, done_s=self.done_s,
-            restarts=self.restarts, migrations=self.migrations,
+            restarts=self.restarts, migrations=self.migrations, ready_s=np.array(self.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32), trace_prefill_tokens=np.array(cols[5], dtype=np.int64),
@@ -411,6 +434,17 @@ class Engine:
         )
 
     # -- pieces of the loop ----------------------------------------------------------------------
+    def _release(self, now: float) -> None:
+        """Tell the request scheduler of every request that became ready by ``now``, in time order."""
+        events, ready, on_ready = self.events, self.ready, self.policy.requests.on_ready
+        while events and events[0][0] <= now:
+            t, r = heapq.heappop(events)
+            ready[r] = t
+            on_ready(r, t)
+        # idle clients anywhere may now have work: let every instance look again
+        for st in self.states:
+            st.dirty = True
+
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
         now = s.now
@@ -421,8 +455,10 @@ class Engine:
             if not (0 <= r < len(self.prompt)) or self.req_client[r] >= 0:
                 raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r}, "
                                   "which is unknown or already held by a client")
-            if self.problem.workload.arrival_s[r] > now:
-                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} before it arrived")
+            if not self.ready[r] <= now:  # NaN: never released to the scheduler
+                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} at {now:.6g} s, before "
+                                  f"it was ready (ready at {self.ready[r]:.6g} s; hand out only requests "
+                                  "announced by on_ready)")
             del s.idle[c]
             s.waiting[c] = None
             self.client_state[c] = WAITING
@@ -435,9 +471,9 @@ class Engine:
     def _wake_time(self, s: InstanceState, active, faults) -> float | None:
         """When an instance with nothing to run should look again; None if never."""
         candidates = []
-        i = bisect_right(self.arrivals, s.now)
-        if i < len(self.arrivals) and self.policy.requests.pending():
-            candidates.append(self.arrivals[i])
+        if self.events:
+            # the next request to become ready (an arrival, or a successor of a finished request)
+            candidates.append(max(self.events[0][0], s.now))
         busy = [t for t, idle, _ in active if not idle]
         if busy and self.policy.requests.pending():
             candidates.append(max(min(busy), s.now))
@@ -509,6 +545,16 @@ class Engine:
             self.generated += o
             self.backend.release(s.index, r, True)
             policy.on_finish(r, c, o, s.now)
+            if self.successors is not None:
+                self._unblock(r, s.now)
+
+    def _unblock(self, r: int, now: float) -> None:
+        """``r`` finished at ``now``: successors whose last predecessor it was become ready then (or at arrival)."""
+        waiting = self.unfinished_predecessors
+        for q in self.successors[r]:
+            waiting[q] -= 1
+            if waiting[q] == 0:
+                heapq.heappush(self.events, (max(self.arrival[q], now), q))
 
     def _decode(self, s: InstanceState, policy: Policy) -> None:
         if s.n_running == 0:

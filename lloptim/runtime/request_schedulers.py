@@ -1,43 +1,84 @@
 """Request schedulers: which client serves which request.
 
-* :class:`RoundRobinQueues`: the paper's baseline; request ``i`` (in arrival order) is dealt to
-  client ``i mod C`` and never moves.
-* :class:`GlobalQueue`: one shared queue, the first idle client takes the head (vLLM-style FCFS,
-  or shortest/longest estimated output first).
+Every scheduler here holds only *ready* requests: the engine announces each request once, when it
+becomes schedulable (:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`: at its arrival, or
+when its last predecessor finishes), and the scheduler files it then. None reads an arrival time.
+
+* :class:`RoundRobinQueues`: the paper's baseline; the ``i``-th request to become ready is dealt
+  to client ``i mod C`` and never moves.
+* :class:`GlobalQueue`: one shared queue, the first idle client takes the head (vLLM-style FCFS by
+  ready time, shortest/longest estimated output first, or highest critical-path rank first).
+* :class:`WorkflowQueue`: the hybrid's dispatch: one queue in the order of a precedence-aware plan
+  of the workflows known so far (list scheduling by critical-path rank with forward-backward
+  improvement, :mod:`lloptim.dag_plan`); longest first without precedence.
 * :class:`AssignedQueues`: per-client queues from an offline assignment, each sorted longest
   first; with ``steal=True`` an idle client with an empty queue takes work from the client with
-  the most queued work (the paper's Algorithm 1). Only requests that have not started move.
+  the most queued work (the paper's Algorithm 1). Only ready requests that have not started move.
+
+:func:`critical_path_rank` is the priority of ``GlobalQueue("rank")``: HEFT's upward rank in decode
+steps, which is the estimated output length itself for requests without successors.
 """
 
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
 
+from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
+from lloptim.work import typical_step_s
 
-__all__ = ["RoundRobinQueues", "GlobalQueue", "AssignedQueues"]
+__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
+
+
+def critical_path_rank(ctx: RunContext) -> np.ndarray:
+    """Upward rank of each request (HEFT), in decode steps, from the run's estimated output lengths.
+
+    ``rank_r = o_r + max_{r -> s} (handoff_s + rank_s)``: the estimated decode steps from ``r``'s
+    first decode to the end of its workflow, along the longest chain of successors. A successor's
+    *handoff* is what passing the work on costs before it decodes: its prefill iteration, in decode
+    steps of a full instance (:func:`~lloptim.work.typical_step_s` of the fastest instance), plus
+    one step of waiting for an iteration boundary. Requests without successors rank by their
+    estimated output length alone, so dispatching by rank is the hybrid's longest-first dispatch
+    wherever there is no precedence.
+
+    Parameters
+    ----------
+    ctx
+        The run: its problem (workload, instances) and its output-length estimates, tokens.
+
+    Returns
+    -------
+    numpy.ndarray
+        Rank of each request, decode steps (float64).
+    """
+    est = np.asarray(ctx.estimates, dtype=np.float64)
+    w = ctx.problem.workload
+    if w.precedence is None:
+        return est
+    mean_p, mean_o = float(w.prompt_tokens.mean()), float(est.mean())
+    step, prefill = min(((typical_step_s(inst.profile.latency, inst.clients, mean_p, mean_o), inst.profile.latency)
+                         for inst in ctx.problem.instances), key=lambda sp: sp[0])
+    handoff = 1.0 + (prefill.prefill_base_s + prefill.prefill_per_token_s * w.prompt_tokens) / step
+    return w.precedence.upward_rank(est, handoff)
 
 
 class _PerClientQueues(RequestScheduler):
-    """Shared mechanics of schedulers with one FIFO queue per client."""
+    """Shared mechanics of schedulers with one queue per client (ready requests only)."""
 
-    def _init_queues(self, ctx: RunContext, owner: np.ndarray, order: np.ndarray) -> None:
-        self.arrival = ctx.problem.workload.arrival_s
-        self.queues: list[deque[int]] = [deque() for _ in range(ctx.problem.n_clients)]
-        for r in order:
-            self.queues[owner[r]].append(int(r))
-        self.n_pending = int(len(order))
+    def _init_queues(self, ctx: RunContext) -> None:
+        self.queues: list = [deque() for _ in range(ctx.problem.n_clients)]
+        self.n_pending = 0
 
     def pending(self) -> int:
         return self.n_pending
 
     def _pop_own(self, state, client: int) -> int | None:
         q = self.queues[client]
-        if q and self.arrival[q[0]] <= state.now:
+        if q:
             self.n_pending -= 1
             return q.popleft()
         return None
@@ -47,7 +88,7 @@ class _PerClientQueues(RequestScheduler):
 
     def _least_loaded_alive(self) -> int:
         state = self.ctx.extra["client_state"]
-        alive = [c for c in range(len(self.queues)) if state[c] != 3]
+        alive = [c for c in range(len(self.queues)) if state[c] != FAILED]
         return min(alive, key=lambda c: len(self.queues[c])) if alive else 0
 
     def _enqueue(self, client: int, request: int) -> None:
@@ -66,64 +107,79 @@ class _PerClientQueues(RequestScheduler):
 
 
 class RoundRobinQueues(_PerClientQueues):
-    """Deal requests in arrival order to clients ``0, 1, ..., C-1, 0, ...``; no re-assignment."""
+    """Deal requests, in the order they become ready, to live clients ``0, 1, ..., C-1, 0, ...``; no re-assignment."""
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        order = np.argsort(ctx.problem.workload.arrival_s, kind="stable")
-        owner = np.empty(order.size, dtype=np.int64)
-        owner[order] = np.arange(order.size) % ctx.problem.n_clients
-        self._init_queues(ctx, owner, order)
+        self._init_queues(ctx)
+        self.turn = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        state = self.ctx.extra["client_state"]
+        n = len(self.queues)
+        for _ in range(n):
+            c = self.turn % n
+            self.turn += 1
+            if state[c] != FAILED:
+                break
+        self.queues[c].append(request)
+        self.n_pending += 1
 
 
 class GlobalQueue(RequestScheduler):
-    """One queue for all clients; the first idle client takes the best arrived request.
+    """One queue for all clients; the first idle client takes the best ready request.
 
     Parameters
     ----------
     order
-        ``"fcfs"`` (arrival order), ``"shortest"`` or ``"longest"`` (by estimated output length).
+        ``"fcfs"`` (by ready time: arrival, or the finish that made it ready), ``"shortest"`` or
+        ``"longest"`` (by estimated output length), or ``"rank"`` (highest
+        :func:`critical_path_rank` first: longest first along the critical paths of workflows,
+        the same as ``"longest"`` without precedence). Ties go to the lower row.
     plan
         Optional offline assignment (global client per request, or a callable of the run context):
         a request served by another client than planned counts as a preemptive re-assignment
         (:attr:`steals`).
     """
 
+    ORDERS = ("fcfs", "shortest", "longest", "rank")
+
     def __init__(self, order: str = "fcfs", plan=None) -> None:
-        if order not in ("fcfs", "shortest", "longest"):
-            raise ValueError(f"order must be 'fcfs', 'shortest' or 'longest', not {order!r}")
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be one of {self.ORDERS}, not {order!r}")
         self.order = order
         self.plan = plan
         self.steals = 0
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        w = ctx.problem.workload
-        self.arrival = w.arrival_s
-        self.by_arrival = np.argsort(w.arrival_s, kind="stable").tolist()
-        self.next_arrival = 0
         if self.order == "fcfs":
-            key = w.arrival_s
+            key = None
         elif self.order == "shortest":
             key = ctx.estimates
-        else:
+        elif self.order == "longest":
             key = -ctx.estimates
-        self.key = np.asarray(key, dtype=np.float64).tolist()
+        else:
+            key = -critical_path_rank(ctx)
+        n = ctx.problem.n_requests
+        # fcfs files a request under its ready time, known at on_ready
+        self.key = [0.0] * n if key is None else np.asarray(key, dtype=np.float64).tolist()
         self.ready: list[tuple[float, int]] = []
-        self.n_pending = len(w)
+        self.n_pending = 0
         owner = self.plan(ctx) if callable(self.plan) else self.plan
         self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
         self.steals = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.order == "fcfs":
+            self.key[request] = now
+        heapq.heappush(self.ready, (self.key[request], request))
+        self.n_pending += 1
 
     def pending(self) -> int:
         return self.n_pending
 
     def next_request(self, state, client: int) -> int | None:
-        arr, order = self.arrival, self.by_arrival
-        while self.next_arrival < len(order) and arr[order[self.next_arrival]] <= state.now:
-            r = order[self.next_arrival]
-            heapq.heappush(self.ready, (self.key[r], r))
-            self.next_arrival += 1
         if not self.ready:
             return None
         self.n_pending -= 1
@@ -137,8 +193,91 @@ class GlobalQueue(RequestScheduler):
         self.n_pending += 1
 
 
+class WorkflowQueue(GlobalQueue):
+    """One queue of ready requests, in the order of a precedence-aware plan of the known workflows.
+
+    When requests of a workflow it has not seen become ready (a weakly connected component of
+    the precedence DAG: its roots have arrived), the scheduler plans that workflow whole, with the
+    others that appeared at the same time, by :func:`~lloptim.dag_plan.plan_workflows` (list
+    scheduling by upward rank, improved by forward-backward passes; exact for small workflows):
+    each request's key is the batch's ready time plus its planned start, and an idle client takes
+    the ready request with the earliest key. Workflows that arrive later queue behind the planned
+    work of earlier ones. The plan reads the DAG and the estimated lengths of the workflows that
+    have arrived, never an arrival time. Without precedence the order is longest estimated output
+    first (:class:`GlobalQueue` ``"longest"``).
+
+    Parameters
+    ----------
+    plan
+        Optional offline assignment for counting re-assignments (see :class:`GlobalQueue`).
+    time_limit_s
+        Wall-clock budget of the improvement passes of one planning batch, seconds.
+    """
+
+    def __init__(self, plan=None, time_limit_s: float = 1.0) -> None:
+        super().__init__("longest", plan)
+        self.time_limit_s = time_limit_s
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        prec = ctx.problem.workload.precedence
+        self.dag = prec
+        self.planned: set[int] = set()
+        self.batch: list[int] = []
+        self.batch_time = 0.0
+        self.plans = 0
+        if prec is None:
+            return
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        from lloptim.work import request_work_s
+
+        n = ctx.problem.n_requests
+        adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
+        self.component = connected_components(adj, directed=True, connection="weak")[1]
+        order = np.argsort(self.component, kind="stable")
+        bounds = np.searchsorted(self.component[order], np.arange(self.component.max() + 2))
+        self.members = [order[bounds[k]:bounds[k + 1]] for k in range(bounds.size - 1)]
+        self.weights = np.column_stack([request_work_s(ctx.problem, ctx.estimates, instance=i)
+                                        for i in range(len(ctx.problem.instances))])
+        self.key = [np.inf] * n
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.dag is None or self.component[request] in self.planned:
+            super().on_ready(request, now)
+            return
+        self.batch.append(request)
+        self.batch_time = now
+        self.n_pending += 1
+
+    def _plan_batch(self) -> None:
+        """Plan the workflows of the requests that became ready since the last plan, then queue them."""
+        from lloptim.dag_plan import plan_workflows
+
+        comps = sorted({int(self.component[r]) for r in self.batch} - self.planned)
+        rows = np.concatenate([self.members[k] for k in comps])
+        plan = plan_workflows(self.dag.subset(rows), self.weights[rows], self.ctx.client_instance,
+                              time_limit_s=self.time_limit_s)
+        for r, start in zip(rows.tolist(), (self.batch_time + plan.start_s).tolist()):
+            self.key[r] = start
+        self.planned.update(comps)
+        self.plans += 1
+        for r in self.batch:
+            heapq.heappush(self.ready, (self.key[r], r))
+        self.batch = []
+
+    def next_request(self, state, client: int) -> int | None:
+        if self.batch:
+            self._plan_batch()
+        return super().next_request(state, client)
+
+
 class AssignedQueues(_PerClientQueues):
     """Per-client queues from an offline assignment, sorted longest first, with optional stealing.
+
+    A request joins its planned client's queue when it becomes ready (a live client's queue if
+    the planned one has failed), at its place in longest-first order.
 
     Parameters
     ----------
@@ -146,7 +285,7 @@ class AssignedQueues(_PerClientQueues):
         Global client index of each request (from an offline solve), or a callable
         ``assignment(ctx) -> array`` evaluated at setup (so the solve sees the run's estimates).
     steal
-        Let an idle client with an empty queue take a waiting request from the client with the
+        Let an idle client with an empty queue take a ready request from the client with the
         most queued estimated work: the one whose size is closest to half that work, which
         balances the two (the paper's Algorithm 1, preemptive re-assignment of unstarted requests).
     """
@@ -163,47 +302,55 @@ class AssignedQueues(_PerClientQueues):
         n = ctx.problem.n_requests
         if owner.shape != (n,) or owner.min() < 0 or owner.max() >= ctx.problem.n_clients:
             raise ValueError(f"assignment must give a client in [0, {ctx.problem.n_clients}) for each of {n} requests")
+        self.owner = owner.tolist()
         self.size = ctx.estimates.tolist()
-        # longest first within a client: the sort of the paper's "sorting and preemptive scheduling"
-        order = np.lexsort((-ctx.estimates, ctx.problem.workload.arrival_s))
-        self._init_queues(ctx, owner, order)
+        # queues of (-size, request): longest first within a client (the paper's "sorting"), ties by row
+        self.queues = [[] for _ in range(ctx.problem.n_clients)]
+        self.n_pending = 0
         self.queued_work = np.zeros(ctx.problem.n_clients)
-        np.add.at(self.queued_work, owner, ctx.estimates)
         self.steals = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        c = self.owner[request]
+        if self.ctx.extra["client_state"][c] == FAILED:
+            c = self._least_loaded_alive()
+        self._enqueue(c, request)
+        self.n_pending += 1
+
+    def _pop_own(self, state, client: int) -> int | None:
+        q = self.queues[client]
+        if q:
+            self.n_pending -= 1
+            r = q.pop(0)[1]
+            self.queued_work[client] -= self.size[r]
+            return r
+        return None
 
     def next_request(self, state, client: int) -> int | None:
         r = self._pop_own(state, client)
-        if r is not None:
-            self.queued_work[client] -= self.size[r]
+        if r is not None or not self.steal:
             return r
-        if not self.steal or self.queues[client]:
-            return None
         victim = int(np.argmax(self.queued_work))
         q = self.queues[victim]
         if not q:
             return None
         half = self.queued_work[victim] / 2.0
-        # the queue is sorted longest first: find the arrived request whose size is nearest half the work
-        sizes_desc = [-self.size[x] for x in q]
-        i = min(bisect_left(sizes_desc, -half), len(q) - 1)
-        best = None
-        for j in (i - 1, i, i + 1):
-            if 0 <= j < len(q) and self.arrival[q[j]] <= state.now:
-                if best is None or abs(self.size[q[j]] - half) < abs(self.size[q[best]] - half):
-                    best = j
-        if best is None:
-            return None
-        r = q[best]
-        del q[best]
+        # the queue is sorted longest first: the request whose size is nearest half the work is next to i
+        i = min(bisect_left(q, (-half, -1)), len(q) - 1)
+        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < len(q)), key=lambda j: (abs(self.size[q[j][1]] - half), j))
+        r = q.pop(best)[1]
         self.queued_work[victim] -= self.size[r]
         self.n_pending -= 1
         self.steals += 1
         return r
 
     def _enqueue(self, client: int, request: int) -> None:
-        super()._enqueue(client, request)
+        insort(self.queues[client], (-self.size[request], request))
         self.queued_work[client] += self.size[request]
 
     def on_client_failed(self, client: int, now: float) -> None:
+        orphans = self.queues[client]
+        self.queues[client] = []
         self.queued_work[client] = 0.0
-        super().on_client_failed(client, now)
+        for _, r in orphans:
+            self._enqueue(self._least_loaded_alive(), r)
