@@ -60,14 +60,35 @@ def simulate(
     migrate: bool = typer.Option(False, "--migrate",
                                  help="let idle instances take over running requests with their KV caches in the "
                                       "end game (costed by the profiles' kv_transfer_*; several instances only)"),
+    trace: Optional[Path] = typer.Option(None, "--trace",
+                                         help="write one CSV row per request: id, instance, client, arrival_s, "
+                                              "ready_s, start_s, finish_s"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
+                                                              "of a workflow) to this image file"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
+    from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
-    from lloptim.simulator import simulate as run
+    from lloptim.simulator import run_policy
+    from lloptim.trace import check_output_path, write_trace_csv
 
     with user_errors():
+        if trace is not None:
+            check_output_path(trace, "--trace")
+        if plot is not None:
+            from lloptim.plots import check_figure_path
+
+            check_figure_path(plot, "--plot")
+        faults = [parse_fault(f) for f in fault]
         problem = load_problem(spec)
-        metrics = run(problem, with_migration(policy) if migrate else policy, faults=[parse_fault(f) for f in fault])
+        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults)
+        metrics = summarize(result)
+        if trace is not None:
+            write_trace_csv(result, trace)
+        if plot is not None:
+            from lloptim.plots import plot_run
+
+            plot_run(result, plot)
     d = metrics.to_dict()
     if json_out:
         print_json(d)
