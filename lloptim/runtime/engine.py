@@ -362,6 +362,7 @@ class Engine:
         heapq.heapify(active)
         retired: set[int] = set()
         self.retired = retired
+        self.active = active
         while self.n_done < n:
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
@@ -441,9 +442,16 @@ class Engine:
             t, r = heapq.heappop(events)
             ready[r] = t
             on_ready(r, t)
-        # idle clients anywhere may now have work: let every instance look again
+        # idle clients anywhere may now have work: let every instance look again, and wake the
+        # ones that had gone quiet (a finish elsewhere may have readied work for them)
         for st in self.states:
             st.dirty = True
+        for k in list(self.retired):
+            st = self.states[k]
+            if st.alive:
+                self.retired.discard(k)
+                st.now = max(st.now, now)
+                heapq.heappush(self.active, (st.now, 1, k))
 
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
