@@ -349,6 +349,43 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
     return pairs
 
 
+def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
+                          pre_total: float, pre_fused: float) -> tuple[float, float]:
+    """The work bound when a long chain must also run fast (separate, fused), seconds.
+
+    Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
+    with ``D`` decode iterations. A chain ``C`` of ``S`` output tokens needs ``S`` decode
+    iterations of its own, in which ``n_j`` requests advance; every other decode iteration
+    advances at most ``C_max``, so ``D >= S + (O - sum_j n_j) / C_max`` for ``O`` output tokens
+    in all. Every co-runner slows a chain iteration by at least ``c`` (its per-request decode cost
+    at the shortest prompt), and the chain must fit between its start ``h`` and ``T`` at its
+    minimal time ``tau`` plus those slow-downs: ``sum_j n_j <= S + (T - h - tau) / c`` (and
+    ``<= S * C_max``). Batching the chain fully is therefore not free when it is nearly as long
+    as the whole schedule; ``m T >= f(T)`` with ``f`` decreasing gives the two linear bounds
+    returned as their maximum. Tried on the longest chain in tokens and the critical path.
+    """
+    w = problem.workload
+    lats = [inst.profile.latency for inst in problem.instances]
+    c = min(l.decode_per_seq_s for l in lats) + min(l.decode_per_kv_token_s for l in lats) * float(w.prompt_tokens.min())
+    if c <= 0 or a_d <= 0:
+        return 0.0, 0.0
+    m = len(problem.instances)
+    total_tokens = float(o.sum())
+    out = []
+    for fused, pre in ((False, pre_total), (True, pre_fused)):
+        t = minimal_request_time_s(problem, o, fused)
+        best = 0.0
+        for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
+            steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
+            k = token_s + a_d * steps + a_d * total_tokens / c_max + pre
+            fully_batched = (k - a_d * steps) / m
+            slope = a_d / (c_max * c)
+            limited = (k - a_d * steps / c_max + slope * (head + tau)) / (m + slope)
+            best = max(best, fully_batched, limited)
+        out.append(best)
+    return out[0], out[1]
+
+
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 decode_steps: int | None = None) -> LowerBound:
     """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
@@ -403,6 +440,10 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
             v = v_fused + np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
             total = max(total, fractional_assignment_bound(v, count))
             fused = max(fused, fractional_assignment_bound(v_fused, count))
+    if w.precedence is not None:
+        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m)
+        total, fused = max(total, coupled), max(fused, coupled_fused)
     # separate-iteration schedules are fused schedules too, so the fused bound holds for them
     total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))

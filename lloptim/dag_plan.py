@@ -75,8 +75,8 @@ def _durations(weights: np.ndarray, machine_kind: np.ndarray) -> np.ndarray:
 
 
 def list_schedule(predecessors: list[list[int]], successors: list[list[int]], weights: np.ndarray,
-                  machine_kind: np.ndarray, priority: np.ndarray,
-                  release: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+                  machine_kind: np.ndarray, priority: np.ndarray, release: np.ndarray | None = None,
+                  machine_free: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Graham's list scheduling with precedence: a free machine takes the ready job of lowest priority value.
 
     Parameters
@@ -91,6 +91,9 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
         Key per job; lower goes first, ties by job index.
     release
         Earliest start of each job, seconds; default 0.
+    machine_free
+        When each machine becomes free, seconds (busy with work outside the plan until then);
+        default 0.
 
     Returns
     -------
@@ -110,7 +113,8 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
     heapq.heapify(future)
     ready: list[tuple[float, int]] = []
     running: list[tuple[float, int]] = []
-    free = [(0.0, m) for m in range(len(kinds))]
+    free = [(0.0, m) for m in range(len(kinds))] if machine_free is None else \
+        [(float(t), m) for m, t in enumerate(np.asarray(machine_free, dtype=np.float64))]
     heapq.heapify(free)
     placed = 0
     makespan = 0.0
@@ -145,7 +149,7 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
 
 def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_kind: np.ndarray,
                    release: np.ndarray | None = None, max_passes: int = 6, exact: bool = True,
-                   time_limit_s: float | None = None) -> DagPlan:
+                   time_limit_s: float | None = None, machine_free: np.ndarray | None = None) -> DagPlan:
     """Plan requests with precedence on machines: list scheduling by rank, improved forward and backward.
 
     Parameters
@@ -166,6 +170,9 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     time_limit_s
         Wall-clock budget of the improvement passes, seconds (None: no limit); the first forward
         pass always runs.
+    machine_free
+        When each machine becomes free of work outside the plan, seconds; default 0 (a plan
+        revised mid-run passes the expected finishes of the running requests).
 
     Returns
     -------
@@ -182,13 +189,13 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     rel = np.zeros(n) if release is None else np.asarray(release, dtype=np.float64)
     bound = max(dag.longest_path(fastest, rel),
                 float(np.sum(fastest) / max(len(kinds), 1)) + float(rel.min(initial=0.0)))
-    if exact and n <= EXACT_MAX_REQUESTS:
+    if exact and n <= EXACT_MAX_REQUESTS and machine_free is None:
         plan = exact_plan(dag, w, kinds, rel, bound)
         if plan is not None:
             return plan
     t0 = time.perf_counter()
     rank = dag.upward_rank(fastest)
-    start, machine, best_t = list_schedule(preds, succs, w, kinds, -rank, rel)
+    start, machine, best_t = list_schedule(preds, succs, w, kinds, -rank, rel, machine_free)
     best = (start, machine)
     passes = 0
     zeros = np.zeros(n)
@@ -201,7 +208,7 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
         b_start, b_machine, b_t = list_schedule(succs, preds, w, kinds, -finish, zeros)
         b_finish = b_start + w[np.arange(n), kinds[b_machine] if w.shape[1] > 1 else 0]
         forward_start = b_t - b_finish
-        start, machine, t = list_schedule(preds, succs, w, kinds, forward_start, rel)
+        start, machine, t = list_schedule(preds, succs, w, kinds, forward_start, rel, machine_free)
         if t < best_t - 1e-12 * max(1.0, best_t):
             best_t, best = t, (start, machine)
         else:

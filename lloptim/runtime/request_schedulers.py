@@ -196,35 +196,36 @@ class GlobalQueue(RequestScheduler):
 class WorkflowQueue(GlobalQueue):
     """One queue of ready requests, in the order of a precedence-aware plan of the known workflows.
 
-    When requests of a workflow it has not seen become ready (a weakly connected component of
-    the precedence DAG: its roots have arrived), the scheduler plans that workflow whole, with the
-    others that appeared at the same time, by :func:`~lloptim.dag_plan.plan_workflows` (list
-    scheduling by upward rank, improved by forward-backward passes; exact for small workflows):
-    each request's key is the batch's ready time plus its planned start, and an idle client takes
-    the ready request with the earliest key. Workflows that arrive later queue behind the planned
-    work of earlier ones. The plan reads the DAG and the estimated lengths of the workflows that
-    have arrived, never an arrival time. Without precedence the order is longest estimated output
-    first (:class:`GlobalQueue` ``"longest"``).
+    The plan (:func:`~lloptim.dag_plan.plan_workflows`: list scheduling by upward rank, improved
+    by forward-backward passes) covers every unfinished request of the workflows that have arrived
+    (weakly connected components of the precedence DAG whose first requests became ready). It is
+    made when the first requests become ready and revised whenever a new workflow arrives (a
+    rolling horizon): running requests keep their clients until their estimated finish, and
+    requests waiting for a running predecessor until that finish. A request's key is its planned
+    start, and an idle client takes the ready request with the earliest key. The plan reads the
+    DAG and the estimated lengths of arrived workflows and what this scheduler handed out, never
+    an arrival time. Without precedence the order is longest estimated output first
+    (:class:`GlobalQueue` ``"longest"``).
 
     Parameters
     ----------
     plan
         Optional offline assignment for counting re-assignments (see :class:`GlobalQueue`).
     time_limit_s
-        Wall-clock budget of the improvement passes of one planning batch, seconds.
+        Wall-clock budget of the improvement passes of the first plan, seconds.
+    revision_limit_s
+        The same for each revision when workflows arrive later, seconds.
     """
 
-    def __init__(self, plan=None, time_limit_s: float = 1.0) -> None:
+    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05) -> None:
         super().__init__("longest", plan)
         self.time_limit_s = time_limit_s
+        self.revision_limit_s = revision_limit_s
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         prec = ctx.problem.workload.precedence
         self.dag = prec
-        self.planned: set[int] = set()
-        self.batch: list[int] = []
-        self.batch_time = 0.0
         self.plans = 0
         if prec is None:
             return
@@ -241,36 +242,83 @@ class WorkflowQueue(GlobalQueue):
         self.members = [order[bounds[k]:bounds[k + 1]] for k in range(bounds.size - 1)]
         self.weights = np.column_stack([request_work_s(ctx.problem, ctx.estimates, instance=i)
                                         for i in range(len(ctx.problem.instances))])
+        self.preds = prec.predecessors()
         self.key = [np.inf] * n
+        self.known: set[int] = set()        # workflows (components) in the plan
+        self.arrived: set[int] = set()      # workflows whose first requests are ready
+        self.waiting: set[int] = set()      # ready requests not handed out
+        self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
+        self.finished = np.zeros(n, dtype=bool)
+        self.batch_time = 0.0
 
     def on_ready(self, request: int, now: float) -> None:
-        if self.dag is None or self.component[request] in self.planned:
+        if self.dag is None:
             super().on_ready(request, now)
             return
-        self.batch.append(request)
-        self.batch_time = now
+        self.waiting.add(request)
         self.n_pending += 1
+        comp = int(self.component[request])
+        if comp in self.known:
+            heapq.heappush(self.ready, (self.key[request], request))
+        else:
+            self.arrived.add(comp)
+            self.batch_time = now
 
-    def _plan_batch(self) -> None:
-        """Plan the workflows of the requests that became ready since the last plan, then queue them."""
+    def _replan(self) -> None:
+        """Plan the unfinished, unstarted requests of every arrived workflow from now on; rebuild the queue."""
         from lloptim.dag_plan import plan_workflows
 
-        comps = sorted({int(self.component[r]) for r in self.batch} - self.planned)
-        rows = np.concatenate([self.members[k] for k in comps])
-        plan = plan_workflows(self.dag.subset(rows), self.weights[rows], self.ctx.client_instance,
-                              time_limit_s=self.time_limit_s)
-        for r, start in zip(rows.tolist(), (self.batch_time + plan.start_s).tolist()):
+        now = self.batch_time
+        first = not self.known
+        self.known |= self.arrived
+        self.arrived = set()
+        rows = np.concatenate([self.members[k] for k in sorted(self.known)])
+        rows = rows[~self.finished[rows]]
+        rows = rows[[r not in self.running for r in rows.tolist()]]
+        kinds = self.ctx.client_instance
+        free = np.full(kinds.size, now)
+        expected = {}
+        for r, (c, t0) in self.running.items():
+            expected[r] = max(now, t0 + float(self.weights[r, kinds[c] if self.weights.shape[1] > 1 else 0]))
+            free[c] = max(free[c], expected[r])
+        release = np.array([max([now] + [expected[q] for q in self.preds[r] if q in expected]) for r in rows.tolist()])
+        plan = plan_workflows(self.dag.subset(rows), self.weights[rows], kinds, release=release, machine_free=free,
+                              time_limit_s=self.time_limit_s if first else self.revision_limit_s, exact=first)
+        for r, start in zip(rows.tolist(), plan.start_s.tolist()):
             self.key[r] = start
-        self.planned.update(comps)
         self.plans += 1
-        for r in self.batch:
-            heapq.heappush(self.ready, (self.key[r], r))
-        self.batch = []
+        self.ready = [(self.key[r], r) for r in self.waiting]
+        heapq.heapify(self.ready)
 
     def next_request(self, state, client: int) -> int | None:
-        if self.batch:
-            self._plan_batch()
-        return super().next_request(state, client)
+        if self.dag is None:
+            return super().next_request(state, client)
+        if self.arrived:
+            self._replan()
+        while self.ready:
+            key, r = heapq.heappop(self.ready)
+            if r in self.waiting and key == self.key[r]:
+                self.waiting.discard(r)
+                self.running[r] = (client, state.now)
+                self.n_pending -= 1
+                if self.owner is not None and self.owner[r] != client:
+                    self.steals += 1
+                return r
+        return None
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.dag is not None:
+            self.finished[request] = True
+            self.running.pop(request, None)
+
+    def requeue(self, request: int, now: float) -> None:
+        if self.dag is None:
+            super().requeue(request, now)
+            return
+        self.running.pop(request, None)
+        self.waiting.add(request)
+        self.n_pending += 1
+        heapq.heappush(self.ready, (self.key[request], request))
 
 
 class AssignedQueues(_PerClientQueues):
