@@ -202,7 +202,8 @@ class WorkflowQueue(GlobalQueue):
     made when the first requests become ready and revised whenever a new workflow arrives (a
     rolling horizon): running requests keep their clients until their estimated finish, and
     requests waiting for a running predecessor until that finish. A request's key is its planned
-    start, and an idle client takes the ready request with the earliest key. The plan reads the
+    start, and an idle client takes the ready request with the earliest key; requests without
+    slack in the plan are listed in :attr:`critical`. The plan reads the
     DAG and the estimated lengths of arrived workflows and what this scheduler handed out, never
     an arrival time. Without precedence the order is longest estimated output first
     (:class:`GlobalQueue` ``"longest"``).
@@ -215,12 +216,21 @@ class WorkflowQueue(GlobalQueue):
         Wall-clock budget of the improvement passes of the first plan, seconds.
     revision_limit_s
         The same for each revision when workflows arrive later, seconds.
+    slack_steps
+        A request with at most this slack in the plan, in decode steps of a full instance, is
+        *critical* (:attr:`critical`): the Lagrangian iteration scheduler prefills it at once
+        rather than keep it waiting for a larger prefill batch.
     """
 
-    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05) -> None:
+    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
+                 slack_steps: float = 2.0) -> None:
         super().__init__("longest", plan)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
+        self.slack_steps = slack_steps
+        #: Requests with at most ``slack_steps`` decode steps of slack in the current plan (rows;
+        #: updated in place at every revision): an iteration scheduler should not keep them waiting.
+        self.critical: set[int] = set()
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -250,6 +260,11 @@ class WorkflowQueue(GlobalQueue):
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
         self.batch_time = 0.0
+        from lloptim.work import typical_step_s
+
+        w = ctx.problem.workload
+        self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
+                                         float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
 
     def on_ready(self, request: int, now: float) -> None:
         if self.dag is None:
@@ -286,6 +301,11 @@ class WorkflowQueue(GlobalQueue):
                               time_limit_s=self.time_limit_s if first else self.revision_limit_s, exact=first)
         for r, start in zip(rows.tolist(), plan.start_s.tolist()):
             self.key[r] = start
+        # requests without slack in the plan: delaying one of them delays the plan's makespan
+        fastest = self.weights[rows].min(axis=1)
+        latest = plan.makespan_s - self.dag.subset(rows).upward_rank(fastest) if rows.size else fastest
+        self.critical.clear()
+        self.critical.update(rows[latest - plan.start_s <= self.slack_steps * self.step_s].tolist())
         self.plans += 1
         self.ready = [(self.key[r], r) for r in self.waiting]
         heapq.heapify(self.ready)
