@@ -190,7 +190,7 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     bound = max(dag.longest_path(fastest, rel),
                 float(np.sum(fastest) / max(len(kinds), 1)) + float(rel.min(initial=0.0)))
     if exact and n <= EXACT_MAX_REQUESTS and machine_free is None:
-        plan = exact_plan(dag, w, kinds, rel, bound)
+        plan = exact_plan(dag, w, kinds, rel, bound, 5.0 if time_limit_s is None else time_limit_s)
         if plan is not None:
             return plan
     t0 = time.perf_counter()
@@ -217,11 +217,12 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
 
 
 def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,
-               release: np.ndarray, bound: float) -> DagPlan | None:
+               release: np.ndarray, bound: float, time_limit_s: float = 5.0) -> DagPlan | None:
     """The optimal plan of a small workflow by a mixed-integer program, or None when it cannot be solved here.
 
-    Needs the modeling layer (``lloptim.Model`` and ``lloptim.solve``); without it, returns None
-    and :func:`plan_workflows` falls back to list scheduling.
+    Solves :mod:`lloptim.formulations.precedence` with HiGHS, started from a list schedule. Needs
+    the modeling layer (``lloptim.Model``); without it, returns None and :func:`plan_workflows`
+    falls back to list scheduling.
 
     Parameters
     ----------
@@ -235,9 +236,12 @@ def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.nda
         Earliest start of each request, seconds.
     bound
         A valid lower bound on the makespan, seconds.
+    time_limit_s
+        Wall-clock limit of the solve, seconds (at the limit, the best plan found).
     """
     try:
+        from lloptim.formulations.model import Model  # noqa: F401  (the modeling layer)
         from lloptim.formulations.precedence import solve_precedence_mip
     except ImportError:
         return None
-    return solve_precedence_mip(precedence, weights, machine_kind, release, bound)
+    return solve_precedence_mip(precedence, weights, machine_kind, release, bound, time_limit_s)

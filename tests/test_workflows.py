@@ -449,3 +449,39 @@ def test_plot_draws_the_critical_path(tmp_path):
     problem = Problem.single(workloads.workflows("chain", 6, seed=1), "llama-65b", clients=4)
     path = plot_run(run_policy(problem, "hybrid"), tmp_path / "t.png")
     assert path.stat().st_size > 10_000
+
+
+# -- the exact plan (the modeling layer) ---------------------------------------------------------------------
+def _brute_force_makespan(prec: Precedence, w: np.ndarray, clients: int) -> float:
+    """Best list schedule over every priority order: the optimum when nothing has a release time."""
+    import itertools
+
+    preds, succs = prec.predecessors(), prec.successors()
+    best = np.inf
+    for perm in itertools.permutations(range(prec.n)):
+        priority = np.empty(prec.n)
+        priority[list(perm)] = np.arange(prec.n)
+        best = min(best, list_schedule(preds, succs, w, np.zeros(clients, dtype=np.int64), priority)[2])
+    return best
+
+
+@settings(max_examples=12, deadline=None)
+@given(dag=dags(6), seed=st.integers(0, 1000), clients=st.integers(1, 3))
+def test_exact_plan_is_optimal_on_small_workflows(dag, seed, clients):
+    from lloptim.formulations import model as modeling
+
+    if not hasattr(modeling, "Model"):
+        pytest.skip("the modeling layer (lloptim.Model) is not on this branch yet")
+    n, edges = dag
+    prec = Precedence.from_edges(n, np.array(edges, dtype=np.int64).reshape(-1, 2))
+    w = np.round(np.random.default_rng(seed).uniform(1, 10, n), 1)
+    plan = plan_workflows(prec, w, np.zeros(clients, dtype=np.int64))
+    assert plan.method == "mip"
+    assert plan.makespan_s == pytest.approx(_brute_force_makespan(prec, w, clients), abs=1e-6)
+    assert plan.bound_s == pytest.approx(plan.makespan_s, rel=1e-6)
+    start, e = plan.start_s, prec.edges
+    assert np.all(start[e[:, 1]] >= start[e[:, 0]] + w[e[:, 0]] - 1e-6)
+    for c in range(clients):
+        rows = np.flatnonzero(plan.client == c)
+        order = rows[np.argsort(start[rows])]
+        assert np.all(start[order][1:] >= (start + w)[order][:-1] - 1e-6)

@@ -47,7 +47,8 @@ SECTIONS = [
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",
                                                 "lloptim.backends.torch_backend", "lloptim.backends.models"]),
     ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.binpacking",
-                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip"]),
+                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip",
+                                              "lloptim.formulations.precedence"]),
     ("Solvers", "lloptim.solvers", ["lloptim.solvers.params", "lloptim.solvers.result", "lloptim.solvers.base",
                                     "lloptim.solvers.registry"]),
 ]
