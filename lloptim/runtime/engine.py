@@ -340,9 +340,15 @@ class Engine:
         self.migrations = np.zeros(n, dtype=np.int64)
         self.ready = [float("nan")] * n
         self.unfinished_predecessors = list(self.n_predecessors)
-        # (ready time, request) of requests not yet released: roots at their arrival; the others
-        # join when their last predecessor finishes. A sorted list is a heap.
-        self.events = sorted((self.arrival[r], r) for r in range(n) if not self.n_predecessors[r])
+        # requests not yet released, as (ready time, request): the roots in arrival order (known
+        # up front), and a heap of the others, which join when their last predecessor finishes
+        w = problem.workload
+        roots = np.flatnonzero(np.asarray(self.n_predecessors) == 0)
+        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
+        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
+        self.next_root = 0
+        self.events: list[tuple[float, int]] = []
+        self.next_ready = self.roots[0][0] if self.roots else np.inf
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -369,7 +375,7 @@ class Engine:
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
             _, _, k = heapq.heappop(active)
             s = states[k]
-            if self.events and self.events[0][0] <= s.now:
+            if self.next_ready <= s.now:
                 self._release(s.now)
             faults = pending_faults[k]
             while faults and faults[0].time_s <= s.now:
@@ -437,11 +443,23 @@ class Engine:
     # -- pieces of the loop ----------------------------------------------------------------------
     def _release(self, now: float) -> None:
         """Tell the request scheduler of every request that became ready by ``now``, in time order."""
-        events, ready, on_ready = self.events, self.ready, self.policy.requests.on_ready
-        while events and events[0][0] <= now:
-            t, r = heapq.heappop(events)
+        events, roots, ready, on_ready = self.events, self.roots, self.ready, self.policy.requests.on_ready
+        i = self.next_root
+        while True:
+            # the earlier of the next root and the next unblocked request (ties by row)
+            if i < len(roots) and (not events or roots[i] < events[0]):
+                if roots[i][0] > now:
+                    break
+                t, r = roots[i]
+                i += 1
+            elif events and events[0][0] <= now:
+                t, r = heapq.heappop(events)
+            else:
+                break
             ready[r] = t
             on_ready(r, t)
+        self.next_root = i
+        self._update_next_ready()
         # idle clients anywhere may now have work: let every instance look again, and wake the
         # ones that had gone quiet (a finish elsewhere may have readied work for them)
         for st in self.states:
@@ -452,6 +470,10 @@ class Engine:
                 self.retired.discard(k)
                 st.now = max(st.now, now)
                 heapq.heappush(self.active, (st.now, 1, k))
+
+    def _update_next_ready(self) -> None:
+        nxt = self.roots[self.next_root][0] if self.next_root < len(self.roots) else np.inf
+        self.next_ready = min(nxt, self.events[0][0]) if self.events else nxt
 
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
@@ -479,9 +501,9 @@ class Engine:
     def _wake_time(self, s: InstanceState, active, faults) -> float | None:
         """When an instance with nothing to run should look again; None if never."""
         candidates = []
-        if self.events:
+        if self.next_ready < np.inf:
             # the next request to become ready (an arrival, or a successor of a finished request)
-            candidates.append(max(self.events[0][0], s.now))
+            candidates.append(max(self.next_ready, s.now))
         busy = [t for t, idle, _ in active if not idle]
         if busy and self.policy.requests.pending():
             candidates.append(max(min(busy), s.now))
@@ -562,7 +584,10 @@ class Engine:
         for q in self.successors[r]:
             waiting[q] -= 1
             if waiting[q] == 0:
-                heapq.heappush(self.events, (max(self.arrival[q], now), q))
+                t = max(self.arrival[q], now)
+                heapq.heappush(self.events, (t, q))
+                if t < self.next_ready:
+                    self.next_ready = t
 
     def _decode(self, s: InstanceState, policy: Policy) -> None:
         if s.n_running == 0:

@@ -290,6 +290,8 @@ class WorkflowQueue(GlobalQueue):
         rows = np.concatenate([self.members[k] for k in sorted(self.known)])
         rows = rows[~self.finished[rows]]
         rows = rows[[r not in self.running for r in rows.tolist()]]
+        if rows.size == 0:
+            return
         kinds = self.ctx.client_instance
         free = np.full(kinds.size, now)
         expected = {}
@@ -297,13 +299,14 @@ class WorkflowQueue(GlobalQueue):
             expected[r] = max(now, t0 + float(self.weights[r, kinds[c] if self.weights.shape[1] > 1 else 0]))
             free[c] = max(free[c], expected[r])
         release = np.array([max([now] + [expected[q] for q in self.preds[r] if q in expected]) for r in rows.tolist()])
-        plan = plan_workflows(self.dag.subset(rows), self.weights[rows], kinds, release=release, machine_free=free,
+        sub = self.dag.subset(rows)
+        plan = plan_workflows(sub, self.weights[rows], kinds, release=release, machine_free=free,
                               time_limit_s=self.time_limit_s if first else self.revision_limit_s, exact=first)
         for r, start in zip(rows.tolist(), plan.start_s.tolist()):
             self.key[r] = start
         # requests without slack in the plan: delaying one of them delays the plan's makespan
         fastest = self.weights[rows].min(axis=1)
-        latest = plan.makespan_s - self.dag.subset(rows).upward_rank(fastest) if rows.size else fastest
+        latest = plan.makespan_s - (fastest if sub is None else sub.upward_rank(fastest))
         self.critical.clear()
         self.critical.update(rows[latest - plan.start_s <= self.slack_steps * self.step_s].tolist())
         self.plans += 1
