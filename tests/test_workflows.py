@@ -485,3 +485,17 @@ def test_exact_plan_is_optimal_on_small_workflows(dag, seed, clients):
         rows = np.flatnonzero(plan.client == c)
         order = rows[np.argsort(start[rows])]
         assert np.all(start[order][1:] >= (start + w)[order][:-1] - 1e-6)
+
+
+def test_a_policy_object_serves_independent_requests_then_a_workflow():
+    from lloptim.runtime.hybrid import hybrid_policy
+
+    policy = hybrid_policy()
+    plain = Problem.single(workloads.gsm8k("test", limit=60), clients=8)
+    flow = Problem.single(workloads.workflows("chain", 10, seed=2), clients=8)
+    for problem in (plain, flow, plain):
+        res = run_policy(problem, policy)
+        assert np.all(np.isfinite(res.done_s))
+    e = flow.workload.precedence.edges
+    res = run_policy(flow, policy)
+    assert np.all(res.assign_s[e[:, 1]] >= res.done_s[e[:, 0]])

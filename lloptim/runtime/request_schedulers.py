@@ -233,11 +233,18 @@ class WorkflowQueue(GlobalQueue):
         self.critical: set[int] = set()
 
     def setup(self, ctx: RunContext) -> None:
+        for name in ("on_ready", "next_request", "requeue", "on_finish"):
+            self.__dict__.pop(name, None)  # a previous run without precedence bound them
         super().setup(ctx)
         prec = ctx.problem.workload.precedence
         self.dag = prec
         self.plans = 0
         if prec is None:
+            # independent requests: exactly GlobalQueue("longest"), without the indirection per call
+            self.on_ready = super().on_ready
+            self.next_request = super().next_request
+            self.requeue = super().requeue
+            self.on_finish = super().on_finish
             return
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
