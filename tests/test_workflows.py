@@ -22,7 +22,7 @@ from lloptim.precedence import Precedence
 from lloptim.runtime.engine import Engine, Fault
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.policy import Policy, RequestScheduler
-from lloptim.runtime.registry import policy_names
+from lloptim.runtime.registry import make_policy, policy_names
 from lloptim.runtime.request_schedulers import GlobalQueue
 from lloptim.trace import TRACE_COLUMNS
 
@@ -499,3 +499,27 @@ def test_a_policy_object_serves_independent_requests_then_a_workflow():
     e = flow.workload.precedence.edges
     res = run_policy(flow, policy)
     assert np.all(res.assign_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+class _NoPeeking(np.ndarray):
+    """An arrival array that fails on any read: policies must learn arrivals from on_ready."""
+
+    def __getitem__(self, key):
+        raise AssertionError("a policy read workload.arrival_s")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("a policy read workload.arrival_s")
+
+
+@pytest.mark.parametrize("policy", sorted(policy_names()))
+def test_no_policy_reads_an_arrival_time(policy):
+    # the engine reads the arrivals when it is built; from then on only readiness events tell them
+    problem = Problem.single(workloads.workflows("dag", 8, seed=1, arrival_rate=2.0), clients=6)
+    engine = Engine(problem, make_policy(policy))
+    arrivals = problem.workload.arrival_s
+    object.__setattr__(problem.workload, "arrival_s", np.zeros(len(arrivals)).view(_NoPeeking))
+    try:
+        res = engine.run()
+    finally:
+        object.__setattr__(problem.workload, "arrival_s", arrivals)
+    assert np.all(res.ready_s >= arrivals) and np.all(np.isfinite(res.done_s))

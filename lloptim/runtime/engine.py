@@ -317,6 +317,9 @@ class Engine:
         # successors of each request and how many predecessors it waits for (None: independent requests)
         self.successors = prec.successors() if prec is not None else None
         self.n_predecessors = prec.in_degree().tolist() if prec is not None else [0] * n
+        roots = np.flatnonzero(prec.in_degree() == 0) if prec is not None else np.arange(n)
+        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
+        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -342,10 +345,6 @@ class Engine:
         self.unfinished_predecessors = list(self.n_predecessors)
         # requests not yet released, as (ready time, request): the roots in arrival order (known
         # up front), and a heap of the others, which join when their last predecessor finishes
-        w = problem.workload
-        roots = np.flatnonzero(np.asarray(self.n_predecessors) == 0)
-        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
-        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
         self.next_root = 0
         self.events: list[tuple[float, int]] = []
         self.next_ready = self.roots[0][0] if self.roots else np.inf
