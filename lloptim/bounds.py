@@ -317,7 +317,6 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[f
     else:
         head, tail = w.precedence.earliest_start(t, w.arrival_s), w.precedence.tails(t)
     best, best_fused = 0.0, 0.0
-    zeros = np.zeros(len(w))
     seen: set[bytes] = set()
     for a_min, b_min in _thresholds(head, tail):
         rows = np.flatnonzero((head >= a_min) & (tail >= b_min))
@@ -328,8 +327,12 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[f
             continue
         seen.add(key)
         a, b = float(head[rows].min()), float(tail[rows].min())
-        sub = Problem(w.with_arrivals(zeros).subset(rows), problem.instances, problem.name)
-        part = _work_bound(sub, o[rows], None)
+        # the requests alone, all arriving at 0, with the dependencies among them (already valid)
+        alone = replace(w, prompt_tokens=w.prompt_tokens[rows], output_tokens=w.output_tokens[rows],
+                        arrival_s=np.zeros(rows.size), max_output_tokens=w.max_output_tokens[rows],
+                        ids=tuple(w.ids[i] for i in rows.tolist()),
+                        precedence=None if w.precedence is None else w.precedence.subset(rows))
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
 
@@ -344,7 +347,7 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
     heads, tails = pick(head), pick(tail)
     pairs = [(a, 0.0) for a in heads] + [(0.0, b) for b in tails]
-    few_h, few_t = heads[:: max(1, heads.size // 4)], tails[:: max(1, tails.size // 4)]
+    few_h, few_t = heads[:: max(1, heads.size // 3)], tails[:: max(1, tails.size // 3)]
     pairs += [(a, b) for a in few_h for b in few_t if a > 0 and b > 0]
     return pairs
 
