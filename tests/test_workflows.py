@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from lloptim import Problem, Workload, load_spec, lower_bound, run_policy, summarize, workloads
+from lloptim import Problem, Workload, load_spec, lower_bound, run_policy, workloads
 from lloptim.bounds import critical_path_bound, minimal_request_time_s
 from lloptim.cli import app
 from lloptim.dag_plan import list_schedule, plan_workflows

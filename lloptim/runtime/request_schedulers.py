@@ -26,10 +26,13 @@ from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from lloptim.dag_plan import plan_workflows
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
-from lloptim.work import typical_step_s
+from lloptim.work import request_work_s, typical_step_s
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
 
@@ -246,11 +249,6 @@ class WorkflowQueue(GlobalQueue):
             self.requeue = super().requeue
             self.on_finish = super().on_finish
             return
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        from lloptim.work import request_work_s
-
         n = ctx.problem.n_requests
         adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
         self.component = connected_components(adj, directed=True, connection="weak")[1]
@@ -267,8 +265,6 @@ class WorkflowQueue(GlobalQueue):
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
         self.batch_time = 0.0
-        from lloptim.work import typical_step_s
-
         w = ctx.problem.workload
         self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
                                          float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
@@ -288,8 +284,6 @@ class WorkflowQueue(GlobalQueue):
 
     def _replan(self) -> None:
         """Plan the unfinished, unstarted requests of every arrived workflow from now on; rebuild the queue."""
-        from lloptim.dag_plan import plan_workflows
-
         now = self.batch_time
         first = not self.known
         self.known |= self.arrived
