@@ -29,12 +29,16 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lloptim.precedence import Precedence
 
-__all__ = ["DagPlan", "list_schedule", "plan_workflows", "EXACT_MAX_REQUESTS"]
+if TYPE_CHECKING:  # pragma: no cover
+    from lloptim.problem import Problem
+
+__all__ = ["DagPlan", "list_schedule", "plan_workflows", "plan_problem", "exact_plan", "EXACT_MAX_REQUESTS"]
 
 #: Largest workflow (requests) :func:`plan_workflows` solves exactly when the MIP is available.
 EXACT_MAX_REQUESTS = 12
@@ -214,6 +218,33 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
         else:
             break
     return DagPlan(best[0], best[1], float(best_t), float(min(bound, best_t)), "list", passes)
+
+
+def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_limit_s: float | None = 1.0,
+                 exact: bool = True) -> DagPlan:
+    """The offline plan of a whole problem: every request, its arrival as release, on every client.
+
+    Parameters
+    ----------
+    problem
+        The problem (with or without precedence).
+    estimates
+        Output lengths the work is priced with, tokens; default: the true lengths.
+    time_limit_s
+        Wall-clock budget of the improvement passes (or of the exact solve), seconds.
+    exact
+        Solve small problems exactly (see :func:`plan_workflows`).
+
+    Returns
+    -------
+    DagPlan
+        Planned start (seconds) and global client of each request.
+    """
+    from lloptim.work import request_work_s
+
+    weights = np.column_stack([request_work_s(problem, estimates, instance=i) for i in range(len(problem.instances))])
+    return plan_workflows(problem.workload.precedence, weights, problem.client_instance(),
+                          release=problem.workload.arrival_s, time_limit_s=time_limit_s, exact=exact)
 
 
 def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,

@@ -523,3 +523,30 @@ def test_no_policy_reads_an_arrival_time(policy):
     finally:
         object.__setattr__(problem.workload, "arrival_s", arrivals)
     assert np.all(res.ready_s >= arrivals) and np.all(np.isfinite(res.done_s))
+
+
+def test_plan_problem_is_a_valid_schedule_on_a_mixed_fleet():
+    from dataclasses import replace as dc_replace
+
+    from lloptim.dag_plan import plan_problem
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+    from lloptim.work import request_work_s
+
+    base = load_profile("llama-65b")
+    slow = dc_replace(base, name="slow", latency=base.latency.scaled(prefill=2.0, decode=2.0))
+    wl = workloads.workflows("dag", 15, seed=4, arrival_rate=1.0)
+    problem = Problem(wl, (Instance.from_profile(base, 4, name="fast"), Instance.from_profile(slow, 3, name="slow")))
+    plan = plan_problem(problem)
+    kind = problem.client_instance()[plan.client]
+    work = np.column_stack([request_work_s(problem, instance=i) for i in range(2)])[np.arange(len(wl)), kind]
+    start, e = plan.start_s, wl.precedence.edges
+    assert np.all(start >= wl.arrival_s - 1e-9)
+    assert np.all(start[e[:, 1]] >= start[e[:, 0]] + work[e[:, 0]] - 1e-9)
+    for c in range(problem.n_clients):
+        rows = np.flatnonzero(plan.client == c)
+        order = rows[np.argsort(start[rows])]
+        assert np.all(start[order][1:] >= (start + work)[order][:-1] - 1e-9)
+    assert plan.bound_s <= plan.makespan_s == pytest.approx(float((start + work).max()))
+    # the slower instance gets less of the work per client
+    assert (kind == 1).sum() / 3 < (kind == 0).sum() / 4
