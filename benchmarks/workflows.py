@@ -15,6 +15,9 @@ best precedence-blind peer (negative: ahead): the separate-iteration ``hybrid`` 
 separate-iteration peers (baseline, offline, vllm, lpt, sorted-f, hybrid-plan), ``hybrid-fused``
 against all of them and Sarathi.
 
+The policy table adds an ablation, ``hybrid-rank-only``: the hybrid dispatching ready requests by
+HEFT's upward rank alone, without the forward-backward plan.
+
 Configurations: ``main`` (30 and 100 workflows on one instance, all at time 0; the target),
 ``fleet`` (100 workflows on 2 instances x 20 clients) and ``online`` (100 workflows arriving as a
 Poisson process at 0.5 and 1 workflow per second; the second overloads the server).
@@ -37,11 +40,25 @@ import numpy as np
 
 from lloptim import Problem, lower_bound, run_policy, summarize, workloads
 from lloptim.runtime.estimators import estimate
+from lloptim.runtime.hybrid import hybrid_policy
+from lloptim.runtime.request_schedulers import GlobalQueue
 
 SEPARATE_PEERS = ("baseline", "offline", "vllm", "lpt", "sorted-f", "hybrid-plan")
 FUSED_PEERS = ("sarathi",)
 HYBRIDS = ("hybrid", "hybrid-fused")
-POLICIES = SEPARATE_PEERS + FUSED_PEERS + HYBRIDS
+#: Ablation: the hybrid dispatching by critical-path rank alone (no plan, no critical set).
+RANK_ONLY = "hybrid-rank-only"
+POLICIES = SEPARATE_PEERS + FUSED_PEERS + HYBRIDS + (RANK_ONLY,)
+
+
+def make(name: str):
+    """A registered policy by name, or the rank-only ablation of the hybrid."""
+    if name != RANK_ONLY:
+        return name
+    policy = hybrid_policy()
+    policy.requests = GlobalQueue("rank")
+    policy.name = RANK_ONLY
+    return policy
 KV_TOKENS = 81_920
 CONFIGS = {
     "main": [dict(workflows=30), dict(workflows=100, estimates=True)],
@@ -68,7 +85,7 @@ def run_case(shape: str, seed: int, workflows: int, clients: int = 40, instances
            "critical_path_s": lb.critical_path_s, "work_bound_s": independent.total_s, "bound_wall_s": bound_s}
     for name in POLICIES:
         t = time.perf_counter()
-        res = run_policy(problem, name)
+        res = run_policy(problem, make(name))
         m = summarize(res, lb)
         fused = bool(np.any(res.trace_kind == 2))
         row[f"{name}_makespan_s"] = m.makespan_s

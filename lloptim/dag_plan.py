@@ -14,8 +14,9 @@ operations researcher would:
 * **Forward-backward improvement** (*justification*, Valls, Ballestin and Quintanilla 2005): a
   backward pass schedules the reversed DAG, latest-finishing requests first, so the end of the
   plan is packed as tightly as its start; the next forward pass takes the backward start times as
-  priorities. Passes repeat while the makespan improves. On fan-in workflows this moves the long
-  reduce steps off the end of the plan, where the rank alone would leave them.
+  priorities. Passes repeat while the makespan improves: the end of the plan is packed as tightly
+  as its start (``benchmarks/workflows.py``: 0.2-1.2 points closer to the bound than the rank
+  alone).
 * **Exact for small cases**: :func:`exact_plan` solves the same problem as a mixed-integer program
   through the modeling layer (when it is available), and :func:`plan_workflows` uses it below
   :data:`EXACT_MAX_REQUESTS` requests.
