@@ -550,3 +550,25 @@ def test_plan_problem_is_a_valid_schedule_on_a_mixed_fleet():
     assert plan.bound_s <= plan.makespan_s == pytest.approx(float((start + work).max()))
     # the slower instance gets less of the work per client
     assert (kind == 1).sum() / 3 < (kind == 0).sum() / 4
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from(workloads.WORKFLOW_SHAPES), n=st.integers(1, 8), seed=st.integers(0, 1000),
+       kinds=st.lists(st.tuples(st.sampled_from([0.6, 1.0, 1.7]), st.integers(1, 6)), min_size=2, max_size=3),
+       rate=st.sampled_from([None, 1.0]), policy=st.sampled_from(ALL_POLICIES), migrate=st.booleans())
+def test_the_bound_holds_on_mixed_fleets_with_migration(shape, n, seed, kinds, rate, policy, migrate):
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+    from lloptim.runtime.migration import with_migration
+
+    base = load_profile("llama-65b")
+    insts = tuple(Instance.from_profile(dc_replace(base, name=f"x{s}", latency=base.latency.scaled(prefill=s, decode=s)),
+                                        c, kv_capacity_tokens=40_000, name=f"i{k}") for k, (s, c) in enumerate(kinds))
+    problem = Problem(workloads.workflows(shape, n, seed=seed, arrival_rate=rate), insts)
+    lb = lower_bound(problem)
+    res = run_policy(problem, with_migration(policy) if migrate else policy)
+    assert res.makespan_s >= (lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s) * (1 - 1e-9)
+    e = problem.workload.precedence.edges if problem.workload.precedence is not None else np.zeros((0, 2), int)
+    assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])

@@ -343,6 +343,7 @@ class Engine:
         self.migrations = np.zeros(n, dtype=np.int64)
         self.ready = [float("nan")] * n
         self.unfinished_predecessors = list(self.n_predecessors)
+        self.latest_predecessor_finish = list(self.arrival)  # ready time = max(arrival, predecessor finishes)
         # requests not yet released, as (ready time, request): the roots in arrival order (known
         # up front), and a heap of the others, which join when their last predecessor finishes
         self.next_root = 0
@@ -578,12 +579,19 @@ class Engine:
                 self._unblock(r, s.now)
 
     def _unblock(self, r: int, now: float) -> None:
-        """``r`` finished at ``now``: successors whose last predecessor it was become ready then (or at arrival)."""
-        waiting = self.unfinished_predecessors
+        """``r`` finished at ``now``: a successor whose predecessors have all finished becomes ready.
+
+        Its ready time is the latest of their finishes (or its arrival). That is not always
+        ``now``: instances run their iterations in order of start, so an iteration that started
+        earlier on a slower instance may have finished another predecessor later.
+        """
+        waiting, latest = self.unfinished_predecessors, self.latest_predecessor_finish
         for q in self.successors[r]:
             waiting[q] -= 1
+            if now > latest[q]:
+                latest[q] = now
             if waiting[q] == 0:
-                t = max(self.arrival[q], now)
+                t = latest[q]
                 heapq.heappush(self.events, (t, q))
                 if t < self.next_ready:
                     self.next_ready = t
