@@ -237,13 +237,26 @@ def test_readiness_events_in_time_order_exactly_once_and_in_time(dag, seed, inst
         after[v].append(ids[u])
     wl = Workload.from_arrays(rng.integers(5, 60, n), rng.integers(1, 30, n), rng.uniform(0, 3, n) * (rng.random(n) < 0.5),
                               ids=ids, after=after)
-    problem = Problem.single(wl, "llama-65b", clients=clients, instances=instances)
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+
+    # instances of different speeds: an iteration that starts first may finish last
+    base = load_profile("llama-65b")
+    problem = Problem(wl, tuple(Instance.from_profile(dc_replace(base, latency=base.latency.scaled(s, s)), clients,
+                                                      name=f"i{k}") for k, s in enumerate([1.0, 0.45][:instances])))
     rs = Recording("fcfs")
     res = Engine(problem, Policy("rec", rs, PrefillFirst())).run()
     times = [t for t, _ in rs.events]
     assert sorted(r for _, r in rs.events) == list(range(n))  # exactly once each
     assert times == sorted(times)  # in time order
     assert np.allclose([res.ready_s[r] for _, r in rs.events], times)
+    # each ready time is the latest predecessor finish (or the arrival)
+    latest = np.array(wl.arrival_s, dtype=float)
+    if wl.precedence is not None:
+        np.maximum.at(latest, wl.precedence.edges[:, 1], res.done_s[wl.precedence.edges[:, 0]])
+    assert np.array_equal(res.ready_s, latest)
     # every request ready by an instance's clock had been announced when that instance asked for work
     ready = np.sort(res.ready_s)
     for now, known in rs.asks:
@@ -571,4 +584,25 @@ def test_the_bound_holds_on_mixed_fleets_with_migration(shape, n, seed, kinds, r
     res = run_policy(problem, with_migration(policy) if migrate else policy)
     assert res.makespan_s >= (lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s) * (1 - 1e-9)
     e = problem.workload.precedence.edges if problem.workload.precedence is not None else np.zeros((0, 2), int)
+    assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+def test_ready_time_is_the_latest_predecessor_finish_across_instances():
+    # a fast instance finishes a map before a slow instance's earlier iteration finishes another:
+    # the reduce waits for the later finish, whatever order the engine processed them in
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+
+    base = load_profile("llama-65b")
+    insts = tuple(Instance.from_profile(dc_replace(base, latency=base.latency.scaled(s, s)), c, kv_capacity_tokens=40_000,
+                                        name=f"i{k}") for k, (s, c) in enumerate([(1.0, 4), (1.0, 4), (0.6, 6)]))
+    problem = Problem(workloads.workflows("fan-in", 7, seed=198), insts)
+    res = run_policy(problem, "sarathi")
+    e = problem.workload.precedence.edges
+    latest = np.zeros(len(problem.workload))
+    np.maximum.at(latest, e[:, 1], res.done_s[e[:, 0]])
+    has_preds = np.bincount(e[:, 1], minlength=len(latest)) > 0
+    assert np.array_equal(res.ready_s[has_preds], latest[has_preds])
     assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])
