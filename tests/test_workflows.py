@@ -606,3 +606,20 @@ def test_ready_time_is_the_latest_predecessor_finish_across_instances():
     has_preds = np.bincount(e[:, 1], minlength=len(latest)) > 0
     assert np.array_equal(res.ready_s[has_preds], latest[has_preds])
     assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+def test_a_subclass_of_the_workflow_queue_keeps_its_hooks_without_precedence():
+    import heapq
+
+    from lloptim.runtime.request_schedulers import WorkflowQueue
+
+    class Shortest(WorkflowQueue):
+        def on_ready(self, request, now):
+            heapq.heappush(self.ready, (self.ctx.estimates[request], request))
+            self.n_pending += 1
+
+    problem = Problem.single(workloads.gsm8k("test", limit=40), clients=2)
+    rs = Shortest()
+    res = Engine(problem, Policy("shortest", rs, PrefillFirst())).run()
+    first = np.argsort(res.assign_s, kind="stable")[:2]
+    assert set(problem.workload.output_tokens[first]) <= set(np.sort(problem.workload.output_tokens)[:2])

@@ -251,11 +251,11 @@ class WorkflowQueue(GlobalQueue):
         self.dag = prec
         self.plans = 0
         if prec is None:
-            # independent requests: exactly GlobalQueue("longest"), without the indirection per call
-            self.on_ready = super().on_ready
-            self.next_request = super().next_request
-            self.requeue = super().requeue
-            self.on_finish = super().on_finish
+            # independent requests: exactly GlobalQueue("longest"), without the indirection per
+            # call (unless a subclass overrides the hook)
+            for name in ("on_ready", "next_request", "requeue", "on_finish"):
+                if getattr(type(self), name) is getattr(WorkflowQueue, name):
+                    setattr(self, name, getattr(super(), name))
             return
         n = ctx.problem.n_requests
         adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
