@@ -125,6 +125,9 @@ class RunSize:
         Requests per second over the arrival span; ``None`` when all arrive at once.
     decode_base_s
         Smallest fixed cost of a decode step over the instances, seconds.
+    critical_tokens
+        Output tokens along the longest chain of dependent requests (0 without precedence): their
+        decode steps cannot overlap, tokens.
     """
 
     requests: int
@@ -135,6 +138,7 @@ class RunSize:
     instances: int
     arrival_rate: float | None = None
     decode_base_s: float = 0.03
+    critical_tokens: float = 0.0
 
     @classmethod
     def of(cls, problem) -> "RunSize":
@@ -143,9 +147,13 @@ class RunSize:
         o = w.output_tokens
         span = float(w.arrival_s.max() - w.arrival_s.min()) if len(w) else 0.0
         rate = len(w) / span if span > 0 else None
+        critical = 0.0
+        if getattr(w, "precedence", None) is not None:
+            critical = float(np.max(w.precedence.earliest_start(o) + o))
         return cls(requests=len(w), output_tokens=float(o.sum()), output_q90=float(np.percentile(o, 90)),
                    output_mean=float(o.mean()), clients=int(problem.n_clients), instances=len(problem.instances),
-                   arrival_rate=rate, decode_base_s=min(i.profile.latency.decode_base_s for i in problem.instances))
+                   arrival_rate=rate, decode_base_s=min(i.profile.latency.decode_base_s for i in problem.instances),
+                   critical_tokens=critical)
 
     def scaled(self, knob: str, factor: float) -> "RunSize":
         """These sizes with one of them scaled (the others kept; per-instance clients kept with instances).
@@ -158,7 +166,7 @@ class RunSize:
         factor
             Multiplier (ratio).
         """
-        if knob == "requests":
+        if knob == "requests":  # more workflows of the same shape: the longest chain stays
             rate = None if self.arrival_rate is None else self.arrival_rate * factor
             return replace(self, requests=max(1, int(self.requests * factor)),
                            output_tokens=self.output_tokens * factor, arrival_rate=rate)
@@ -176,7 +184,8 @@ class RunSize:
         # the request schedulers fill clients in order, so only the instances whose clients got
         # requests run iterations (measured: 1,319 requests on 128 x 40 clients keep 33 busy)
         busy = max(1, min(m, -(-R // max(1, C // m))))
-        steps = busy * max(self.output_tokens / used, self.output_q90)
+        # a chain of dependent requests decodes one after another, whatever the clients
+        steps = busy * max(self.output_tokens / used, self.output_q90, self.critical_tokens)
         if self.arrival_rate is not None:
             # sparse arrivals: only the requests that overlap decode together (Little's law, with
             # the shortest step, so the batch is under- and the iteration count overestimated)

@@ -14,6 +14,7 @@ import numpy as np
 
 from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, load_profile
+from lloptim.precedence import Precedence
 
 __all__ = ["Workload", "Instance", "Problem", "as_problem"]
 
@@ -61,6 +62,9 @@ class Workload:
         The user's identifier of each request (strings).
     name
         Free text naming the workload.
+    precedence
+        The workflow DAG (:class:`~lloptim.precedence.Precedence`, in rows): a request can start only
+        when all its predecessors have finished. None when the requests are independent.
     """
 
     prompt_tokens: np.ndarray
@@ -69,6 +73,7 @@ class Workload:
     max_output_tokens: np.ndarray
     ids: tuple[str, ...]
     name: str = "workload"
+    precedence: Precedence | None = None
 
     def __post_init__(self) -> None:
         # the invariants every later stage relies on, checked here so that no way of building a
@@ -114,6 +119,9 @@ class Workload:
                 seen.add(x)
         if not isinstance(self.name, str):
             raise SpecError("name", f"must be a string, got {type(self.name).__name__}", "give the workload a name")
+        if self.precedence is not None and not (isinstance(self.precedence, Precedence) and self.precedence.n == n):
+            raise SpecError("precedence", f"must be a Precedence over the {n} requests, got {self.precedence!r}"[:300],
+                            "give after=... to Workload.from_arrays, or build it with Precedence.from_edges(n, ...)")
         for attr, a in (("prompt_tokens", prompt), ("output_tokens", output), ("arrival_s", arrival),
                         ("max_output_tokens", cap), ("ids", id_tuple)):
             if isinstance(a, np.ndarray):
@@ -122,7 +130,7 @@ class Workload:
 
     @classmethod
     def from_arrays(cls, prompt_tokens, output_tokens, arrival_s=None, max_output_tokens=None,
-                    ids: Sequence | None = None, name: str = "workload") -> "Workload":
+                    ids: Sequence | None = None, name: str = "workload", after=None) -> "Workload":
         """Build and validate a workload from array-likes (one entry per request).
 
         Parameters
@@ -137,17 +145,27 @@ class Workload:
             Identifier of each request; default ``"0"``, ``"1"``, ...
         name
             Name of the workload.
+        after
+            Predecessors of each request: one entry per request (None or ``[]`` for none, else a
+            list of ids), or a mapping ``id -> [ids]``. A request can start only once all of them
+            have finished. Validated here, before any work (see :mod:`lloptim.precedence`).
 
         Raises
         ------
         SpecError
-            Any invariant of :class:`Workload` broken (the constructor checks them).
+            Any invariant of :class:`Workload` broken (the constructor checks them); a
+            :class:`~lloptim.errors.PrecedenceError` (or its :class:`~lloptim.errors.CycleError`)
+            for an unknown id, a self-reference, a duplicate or a cycle in ``after``.
         """
         prompt = np.asarray(prompt_tokens)
         n = prompt.shape[0] if prompt.ndim == 1 else 0
-        return cls(prompt, output_tokens, np.zeros(n) if arrival_s is None else arrival_s,
-                   output_tokens if max_output_tokens is None else max_output_tokens,
-                   tuple(str(i) for i in range(n)) if ids is None else tuple(ids), name)
+        w = cls(prompt, output_tokens, np.zeros(n) if arrival_s is None else arrival_s,
+                output_tokens if max_output_tokens is None else max_output_tokens,
+                tuple(str(i) for i in range(n)) if ids is None else tuple(ids), name)
+        if after is None:
+            return w
+        # the dependencies are checked against the validated ids (unknown, self, duplicate, cycle)
+        return replace(w, precedence=Precedence.from_after(after, w.ids))
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
@@ -166,16 +184,28 @@ class Workload:
             Row indices to keep (repeats would duplicate ids and are rejected).
         name
             Name of the subset; default ``"{name}[{len(rows)}]"``.
+
+        Dependencies between kept rows are kept; those on a dropped request are dropped with it.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        return Workload.from_arrays(self.prompt_tokens[rows], self.output_tokens[rows], self.arrival_s[rows],
-                                    self.max_output_tokens[rows], [self.ids[i] for i in rows],
-                                    name or f"{self.name}[{rows.size}]")
+        sub = Workload.from_arrays(self.prompt_tokens[rows], self.output_tokens[rows], self.arrival_s[rows],
+                                   self.max_output_tokens[rows], [self.ids[i] for i in rows],
+                                   name or f"{self.name}[{rows.size}]")
+        if self.precedence is None:
+            return sub
+        return replace(sub, precedence=self.precedence.subset(rows))
 
     def with_arrivals(self, arrival_s) -> "Workload":
-        """A copy with other arrival times, seconds."""
-        return Workload.from_arrays(self.prompt_tokens, self.output_tokens, arrival_s,
-                                    self.max_output_tokens, self.ids, self.name)
+        """A copy with other arrival times, seconds (dependencies kept)."""
+        w = Workload.from_arrays(self.prompt_tokens, self.output_tokens, arrival_s,
+                                 self.max_output_tokens, self.ids, self.name)
+        return replace(w, precedence=self.precedence)
+
+    def after_ids(self) -> list[list[str]]:
+        """The predecessor ids of each request (empty lists when it has none), as ``after`` takes them."""
+        if self.precedence is None:
+            return [[] for _ in range(len(self))]
+        return [[self.ids[q] for q in preds] for preds in self.precedence.predecessors()]
 
 
 @dataclass(frozen=True)

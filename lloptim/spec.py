@@ -5,13 +5,18 @@ Example::
     name = "gsm8k on one LLaMA-65B server"
 
     [workload]            # or a list of [[requests]]
-    source = "gsm8k"      # "gsm8k" or "synthetic"
+    source = "gsm8k"      # "gsm8k", "synthetic" or "workflow"
     split = "test"
 
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
     clients = 40          # optional; defaults to the profile's
     count = 1             # identical replicas
+
+A request may wait for others: ``after = ["solve-1"]`` in its ``[[requests]]`` table (ids of
+other requests). ``source = "workflow"`` generates workflows of dependent requests on GSM8K
+lengths (``shape = "chain"``, ``"fan-in"`` or ``"dag"``, ``workflows = 100``, optional ``depth``,
+``width``, ``seed``, ``arrival_rate``; see :func:`lloptim.workloads.workflows`).
 
 Every invalid document raises :class:`~lloptim.errors.SpecError` naming the field and the fix.
 """
@@ -84,25 +89,35 @@ class RequestDoc(_Strict):
     max_output_tokens: Tokens | None = _key("Output cap the server enforces (at least output_tokens); the KV cache "
                                             "reserves prompt + cap for the running request. Default: "
                                             "output_tokens.", "tokens", default=None)
+    after: list[StrictStr | StrictInt] | None = _key(
+        "Ids of the requests this one waits for: it can start only once all of them have finished (no "
+        "cycles, no unknown ids). Default: none.", "request ids", default=None)
 
 
-#: ``[workload]`` keys that only one source reads (the others would be silently ignored).
+#: ``[workload]`` keys each source reads; any other key is an error (it would be silently ignored).
 SOURCE_KEYS = {"gsm8k": ("split", "limit"),
-               "synthetic": ("n", "seed", "prompt_median", "output_median", "sigma", "max_tokens", "arrival_rate")}
+               "synthetic": ("n", "seed", "prompt_median", "output_median", "sigma", "max_tokens", "arrival_rate"),
+               "workflow": ("shape", "workflows", "depth", "width", "seed", "split", "arrival_rate")}
+#: Keys of ``[workload]`` that only ``source = "workflow"`` reads.
+WORKFLOW_KEYS = ("shape", "workflows", "depth", "width")
+SOURCE_KEYS_ORDER = tuple(dict.fromkeys(k for keys in SOURCE_KEYS.values() for k in keys))
 
 
 class WorkloadDoc(_Strict):
     """The ``[workload]`` table: a shipped or generated workload."""
 
-    source: Literal["gsm8k", "synthetic"] = _key(
-        "Where the requests come from: 'gsm8k' (the GSM8K split shipped with lloptim, LLaMA token counts) or "
-        "'synthetic' (seeded lognormal lengths).")
-    split: Literal["test", "train"] = _key("gsm8k: the split (1319 or 7473 requests).", default="test")
+    source: Literal["gsm8k", "synthetic", "workflow"] = _key(
+        "Where the requests come from: 'gsm8k' (the GSM8K split shipped with lloptim, LLaMA token counts), "
+        "'synthetic' (seeded lognormal lengths) or 'workflow' (seeded workflows of dependent requests on "
+        "GSM8K lengths).")
+    split: Literal["test", "train"] = _key("gsm8k, workflow: the GSM8K split (1319 or 7473 requests).",
+                                           default="test")
     limit: Annotated[StrictInt, Field(ge=1, le=workloads.MAX_REQUESTS)] | None = _key(
         "gsm8k: keep only the first limit requests of the split; default: all.", "requests", default=None)
     n: Annotated[StrictInt, Field(**_bounded("n"))] = _key("synthetic: number of requests.", "requests",
                                                            default=1000)
-    seed: Annotated[StrictInt, Field(**_bounded("seed"))] = _key("synthetic: seed of the generator.", default=0)
+    seed: Annotated[StrictInt, Field(**_bounded("seed"))] = _key("synthetic, workflow: seed of the generator.",
+                                                                 default=0)
     prompt_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("prompt_median"))] = _key(
         "synthetic: median prompt length (at most max_tokens).", "tokens", default=70.0)
     output_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("output_median"))] = _key(
@@ -113,16 +128,30 @@ class WorkloadDoc(_Strict):
     max_tokens: Annotated[StrictInt, Field(**_bounded("max_tokens"))] = _key(
         "synthetic: lengths are clipped to [1, max_tokens].", "tokens", default=1024)
     arrival_rate: Annotated[Number, Field(allow_inf_nan=False, **_bounded("arrival_rate"))] | None = _key(
-        "synthetic: Poisson arrivals at this rate; default: every request arrives at time 0.",
-        "requests per second", default=None)
+        "synthetic: Poisson arrivals of requests at this rate; workflow: of whole workflows (all requests of "
+        "a workflow arrive together). Default: everything arrives at time 0.", "per second", default=None)
+    shape: Literal["chain", "fan-in", "dag"] | None = _key(
+        "workflow (required): 'chain' (solve -> verify -> revise), 'fan-in' (map -> reduce) or 'dag' (random "
+        "layered DAGs).", default=None)
+    workflows: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = _key("workflow: number of workflows.",
+                                                                      "workflows", default=100)
+    depth: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = _key(
+        "workflow: steps of a chain (default 3) or layers of a DAG (default 4); not for fan-in.", "steps",
+        default=None)
+    width: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = _key(
+        "workflow: map steps of every fan-in (default: 2 to 6, drawn per workflow) or the most requests in a "
+        "DAG layer (default 4).", "requests", default=None)
 
     @model_validator(mode="after")
     def _keys_of_the_source(self) -> "WorkloadDoc":
-        for source, keys in SOURCE_KEYS.items():
-            stray = [k for k in keys if k in self.model_fields_set]
-            if source != self.source and stray:
-                raise ValueError(f"workload.{stray[0]} applies to source = {source!r} only, not to "
-                                 f"{self.source!r}; remove it, or set source = {source!r}")
+        read = SOURCE_KEYS[self.source]
+        stray = [k for k in SOURCE_KEYS_ORDER if k in self.model_fields_set and k not in read]
+        if stray:
+            owners = [src for src, keys in SOURCE_KEYS.items() if stray[0] in keys]
+            raise ValueError(f"{stray[0]} is read only with source = {' or '.join(repr(o) for o in owners)}; "
+                             f"remove it, or set source = {owners[0]!r}")
+        if self.source == "workflow" and self.shape is None:
+            raise ValueError("source = 'workflow' needs shape = 'chain', 'fan-in' or 'dag'")
         return self
 
 
@@ -198,8 +227,7 @@ def _with_reference(exc: SpecError) -> SpecError:
     """``exc`` with :data:`SPEC_REFERENCE` added to its fix (same class, same field)."""
     if SPEC_REFERENCE in exc.fix:
         return exc
-    fix = f"{exc.fix}; see {SPEC_REFERENCE}" if exc.fix else f"see {SPEC_REFERENCE}"
-    return type(exc)(exc.field, exc.problem, fix)
+    return exc.replace(fix=f"{exc.fix}; see {SPEC_REFERENCE}" if exc.fix else f"see {SPEC_REFERENCE}")
 
 
 def parse_spec(data: dict[str, Any], base_dir: str | Path | None = None) -> Problem:
@@ -233,11 +261,13 @@ def _parse(data: dict[str, Any], base_dir: str | Path | None) -> Problem:
         err = exc.errors(include_url=False)[0]
         field = _field_path(tuple(err.get("loc", ())))
         kind = err.get("type", "")
+        fix = _FIXES.get(kind, "")
+        if field.endswith(".after") or ".after[" in field:
+            fix = 'write a list of the ids of other requests, e.g. after = ["solve-1"]'
         if kind == "value_error":
             msg = str(err.get("msg", "")).removeprefix("Value error, ")
             raise SpecError(field, msg, "") from None
-        raise SpecError(field, f"{err.get('msg', 'invalid')} (got {err.get('input')!r})"[:300],
-                        _FIXES.get(kind, "")) from None
+        raise SpecError(field, f"{err.get('msg', 'invalid')} (got {err.get('input')!r})"[:300], fix) from None
     return _build(doc, Path(base_dir) if base_dir else None)
 
 
@@ -246,6 +276,10 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         w = doc.workload
         if w.source == "gsm8k":
             workload = workloads.gsm8k(w.split, w.limit)
+        elif w.source == "workflow":
+            workload = workloads.workflows(w.shape, w.workflows, seed=w.seed, split=w.split, depth=w.depth,
+                                           width=w.width,
+                                           arrival_rate=None if w.arrival_rate is None else float(w.arrival_rate))
         else:
             workload = workloads.synthetic(w.n, seed=w.seed, prompt_median=float(w.prompt_median),
                                            output_median=float(w.output_median), sigma=float(w.sigma),
@@ -256,7 +290,8 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         workload = Workload.from_arrays(
             [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], [float(r.arrival_s) for r in reqs],
             [r.max_output_tokens if r.max_output_tokens is not None else r.output_tokens for r in reqs],
-            ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name)
+            ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name,
+            after=[r.after for r in reqs] if any(r.after for r in reqs) else None)
     instances: list[Instance] = []
     for k, inst in enumerate(doc.instances):
         profile = inst.profile
@@ -265,7 +300,7 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         try:
             prof = load_profile(profile)  # once per entry: a count of 100,000 must not parse it 100,000 times
         except SpecError as exc:
-            raise type(exc)(f"instances[{k}].{exc.field}", exc.problem, exc.fix) from None
+            raise exc.replace(field=f"instances[{k}].{exc.field}") from None
         first = Instance.from_profile(prof, inst.clients, inst.kv_capacity_tokens, name=f"instance-{len(instances)}")
         instances.append(first)
         start = len(instances)

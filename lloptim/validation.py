@@ -26,11 +26,7 @@ import numpy as np
 from lloptim.errors import SpecError
 
 __all__ = ["check_int", "check_number", "check_seed", "check_choice", "check_output_path", "check_input_file",
-           "read_text_file", "PLOT_SUFFIXES"]
-
-#: File suffixes a figure can be written as (lower case, with the dot), the formats matplotlib's
-#: Agg backend writes without extra packages.
-PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".eps", ".ps")
+           "read_text_file"]
 
 #: Largest seed numpy's generators accept from a single integer (they take any non-negative
 #: integer; 2**63 - 1 keeps seeds inside a signed 64-bit field of JSON and TOML).
@@ -177,8 +173,8 @@ def check_choice(field: str, value: Any, choices: Iterable[str], what: str = "va
 def check_output_path(field: str, path: str | os.PathLike, suffixes: Iterable[str] | None = None) -> Path:
     """``path`` as a :class:`~pathlib.Path` if a file can be written there; else a :class:`SpecError`.
 
-    Checks, without writing anything: the suffix is one of ``suffixes`` (case-insensitive; the
-    format of the file follows from it), the path is not a folder, its folder exists and is
+    Checks, without writing anything: the path is not a folder, the suffix is one of ``suffixes``
+    (case-insensitive; with several, the format follows from it), its folder exists and is
     writable, and an existing file there is writable (it will be replaced).
 
     Parameters
@@ -196,14 +192,17 @@ def check_output_path(field: str, path: str | os.PathLike, suffixes: Iterable[st
         ``path``.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise SpecError(field, f"{str(path)!r} is a folder", "give a file name inside it")
     if suffixes is not None:
         allowed = [s.lower() for s in suffixes]
         if p.suffix.lower() not in allowed:
             got = f"the suffix {p.suffix!r}" if p.suffix else "no suffix"
+            if len(allowed) == 1:  # one format: the suffix only says what the file holds
+                raise SpecError(field, f"{str(path)!r} has {got}, but the file written is "
+                                f"{allowed[0][1:].upper()}", f"name it with {allowed[0]}, e.g. out{allowed[0]}")
             raise SpecError(field, f"{str(path)!r} has {got}; the format is chosen by the suffix",
                             f"end the file name with one of {', '.join(allowed)}")
-    if p.is_dir():
-        raise SpecError(field, f"{str(path)!r} is a folder", "give a file name inside it")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise SpecError(field, f"the folder {str(folder)!r} does not exist", "create it first, or write elsewhere")

@@ -28,6 +28,9 @@ PROBLEMS = {
     "poisson-overload": lambda: Problem.single(workloads.synthetic(3000, seed=5, arrival_rate=300.0), clients=40,
                                                kv_capacity_tokens=10**6),
     "many-instances": lambda: Problem.single(workloads.gsm8k("test", limit=600), "llama-65b", instances=32),
+    "long-chains": lambda: Problem.single(workloads.workflows("chain", 4, seed=1, depth=40), "llama-65b"),
+    "dags": lambda: Problem.single(workloads.workflows("dag", 60, seed=2, arrival_rate=1.0), "llama-65b",
+                                   instances=2),
 }
 
 

@@ -12,7 +12,8 @@ cannot drift from them:
 * ``solver_capabilities.inc``: the capability table of the registered solver backends;
 * ``spec_reference.inc``: every key of a spec, from the validator's pydantic models
   (:func:`lloptim.spec.spec_reference`);
-* ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present.
+* ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present;
+* ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present.
 
 Figures and tables are rewritten only when missing or older than the code, which keeps repeated
 builds fast.
@@ -34,8 +35,9 @@ ROOT = DOCS.parent
 
 #: Packages whose modules get API pages, in the order of the API reference, with section titles.
 SECTIONS = [
-    ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.hardware",
-                         "lloptim.bounds", "lloptim.work", "lloptim.metrics", "lloptim.simulator",
+    ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.precedence",
+                         "lloptim.hardware", "lloptim.bounds", "lloptim.work", "lloptim.dag_plan",
+                         "lloptim.metrics", "lloptim.trace", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
                          "lloptim.calibrate", "lloptim.plots", "lloptim.errors", "lloptim.validation",
                          "lloptim.guards", "lloptim.progress"]),
@@ -48,7 +50,8 @@ SECTIONS = [
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",
                                                 "lloptim.backends.torch_backend", "lloptim.backends.models"]),
     ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.binpacking",
-                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip"]),
+                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip",
+                                              "lloptim.formulations.precedence"]),
     ("Solvers", "lloptim.solvers", ["lloptim.solvers.params", "lloptim.solvers.result", "lloptim.solvers.base",
                                     "lloptim.solvers.registry"]),
 ]
@@ -466,6 +469,29 @@ def write_benchmark_figures(out: Path) -> list[str]:
     return [f.name for f in figs]
 
 
+def write_workflow_table(out: Path) -> bool:
+    """``workflows_table.inc``: the summary of ``benchmarks/workflows.py`` (its JSON), or a note."""
+    src = ROOT / "benchmarks" / "results" / "workflows_summary.json"
+    if not src.is_file():
+        _write(out / "workflows_table.inc", ".. note::\n\n   Run ``python benchmarks/workflows.py`` and rebuild the "
+                                            "docs to show its table here.\n")
+        return False
+    lines = [".. list-table:: Gap to the bound, % (mean / worst over the seeds)", "   :header-rows: 1", "",
+             "   * - case", "     - workflows (requests)", "     - bound s (x simple)", "     - ``hybrid``",
+             "     - ``hybrid-fused``", "     - best blind peer", "     - hybrid vs best separate peer",
+             "     - hybrid-fused vs best peer"]
+    for c in json.loads(src.read_text()):
+        case = c["shape"] + ("" if c["instances"] == 1 else f", {c['instances']} x {c['clients']} clients") + \
+            (f", {c['rate']:g} workflows/s" if c["rate"] else "")
+        pair = "{0[0]:.2f} / {0[1]:.2f}".format
+        lines += [f"   * - {case}", f"     - {c['workflows']} ({c['requests']})",
+                  f"     - {c['bound_s']:.1f} ({c['bound_over_simple']:.2f})", f"     - {pair(c['hybrid'])}",
+                  f"     - {pair(c['hybrid_fused'])}", f"     - ``{c['best_peer']}`` {pair(c['best_peer_gap'])}",
+                  f"     - {pair(c['hybrid_vs_peers'])}", f"     - {pair(c['hybrid_fused_vs_peers'])}"]
+    _write(out / "workflows_table.inc", "\n".join(lines) + "\n")
+    return True
+
+
 def _sources() -> list[Path]:
     return [p for d in ("lloptim", "formulations", "solvers") for p in (ROOT / d).rglob("*") if p.is_file()
             and p.suffix in (".py", ".toml", ".csv")] + [Path(__file__)]
@@ -568,6 +594,7 @@ def run(out: Path) -> dict:
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)
+    facts["workflow_table"] = write_workflow_table(out)
     facts["reproduction"] = write_reproduction(out)
     facts["tutorial_ok"] = tutorial_status()
     facts["seconds"] = time.perf_counter() - t0

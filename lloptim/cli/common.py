@@ -90,7 +90,7 @@ def error_message(exc: LloptimError, flags: Mapping[str, str] | None = None) -> 
             # a fix written for Python ("give e.g. seed=0") reads as the flag ("give e.g. --seed 0")
             name = exc.field.rsplit(".", 1)[-1].split("[")[0]
             fix = exc.fix.replace(f"{name}=", f"{flag} ") if name else exc.fix
-            return str(type(exc)(flag, exc.problem, fix))
+            return str(exc.replace(field=flag, fix=fix))
     return str(exc)
 
 

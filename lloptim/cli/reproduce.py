@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from lloptim.cli.app import app
-from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, load_problem, output_path, print_json,
-                                user_errors, write_reporting)
+from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, load_problem, print_json, user_errors,
+                                write_reporting)
 from lloptim.cli.tables import Column, print_table
 
 #: API fields of :func:`lloptim.experiments.reproduce` and the flags that set them.
@@ -32,8 +32,8 @@ def reproduce(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
     cases: int = typer.Option(100, "--cases", help="case studies drawn from GSM8K train (0: skip)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a figure to this file (.png, .pdf, .svg, .eps, "
-                                        ".ps)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a figure to this file (the suffix names the "
+                                        "format: .png, .pdf, .svg ...)"),
     estimator: str = typer.Option("bucket-quantile", "--estimator",
                                   help="output-length estimator of the unknown-lengths run: mean, regression, bucket-quantile"),
     executor: str = typer.Option("local", "--executor", help="where the cases run: local or ray"),
@@ -44,7 +44,6 @@ def reproduce(
     """Baseline vs offline vs hybrid (and peers) next to the paper's numbers, then the case study."""
     from lloptim.experiments import PAPER
     from lloptim.experiments import reproduce as run
-    from lloptim.validation import PLOT_SUFFIXES
 
     from lloptim.experiments import ESTIMATOR_NAMES
     from lloptim.executors import EXECUTORS
@@ -55,7 +54,11 @@ def reproduce(
         check_seed("--seed", seed)
         check_choice("--executor", executor, EXECUTORS, "executor")
         check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
-        plot_path = output_path("--plot", plot, PLOT_SUFFIXES)
+        plot_path = None
+        if plot is not None:
+            from lloptim.plots import check_figure_path
+
+            plot_path = check_figure_path(plot, "--plot")
         problem = load_problem(spec)
         report, results = run(problem, cases=cases, executor=executor, address=address, estimator=estimator,
                               progress=not json_out, seed=seed)

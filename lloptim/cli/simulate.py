@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from lloptim.cli.app import app
-from lloptim.cli.common import NO_SIZE_GUARD, SIZE_GUARD_HELP, console, load_problem, print_json, user_errors, warn
+from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, load_problem, output_path, print_json,
+                                user_errors, warn, write_reporting)
 from lloptim.cli.tables import Column, print_table
 
 #: Columns of :func:`print_metrics`: header and key of :meth:`~lloptim.metrics.RunMetrics.to_dict`.
@@ -92,27 +93,52 @@ def simulate(
     migrate: bool = typer.Option(False, "--migrate",
                                  help="let idle instances take over running requests with their KV caches in the "
                                       "end game (costed by the profiles' kv_transfer_*; several instances only)"),
+    trace: Optional[Path] = typer.Option(None, "--trace",
+                                         help="write one CSV row per request: id, instance, client, arrival_s, "
+                                              "ready_s, start_s, finish_s"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
+                                                              "of a workflow) to this image file"),
     size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
+    from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
     from lloptim.runtime.registry import policy_names
-    from lloptim.simulator import simulate as run
+    from lloptim.simulator import run_policy
+    from lloptim.trace import write_trace_csv
     from lloptim.validation import check_choice
 
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
         faults = [parse_fault(f) for f in fault]
+        trace_path = output_path("--trace", trace, (".csv",))
+        plot_path = None
+        if plot is not None:
+            from lloptim.plots import check_figure_path
+
+            plot_path = check_figure_path(plot, "--plot")
         problem = load_problem(spec)
         check_faults(faults, problem)
         if migrate:
             migrate_warning(problem)
-        metrics = run(problem, with_migration(policy) if migrate else policy, faults=faults, progress=not json_out)
+        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults,
+                            progress=not json_out)
+        metrics = summarize(result)
+    # the files after the work, the results whatever happens to them (a full disk costs only the file)
+    failed = None
+    if trace_path is not None:
+        _, failed = write_reporting("--trace", trace_path, lambda p: write_trace_csv(result, p))
+    if plot_path is not None and failed is None:
+        from lloptim.plots import plot_run
+
+        _, failed = write_reporting("--plot", plot_path, lambda p: plot_run(result, p))
     d = metrics.to_dict()
     if json_out:
         print_json(d)
     else:
         print_metrics([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
+    if failed is not None:
+        raise failed
 
 
 @app.command()

@@ -17,7 +17,7 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy, RunContext
 from lloptim.runtime.registry import register_policy
-from lloptim.runtime.request_schedulers import AssignedQueues, GlobalQueue
+from lloptim.runtime.request_schedulers import AssignedQueues, WorkflowQueue
 
 __all__ = ["OfflinePlan", "offline_policy", "hybrid_policy"]
 
@@ -129,7 +129,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     """
     plan = OfflinePlan(solver, time_limit_s)
     if dispatch == "sorted":
-        requests = GlobalQueue("longest", plan=plan.assignment)
+        requests = WorkflowQueue(plan=plan.assignment)
     elif dispatch == "plan":
         requests = AssignedQueues(plan.assignment, steal=steal)
     else:
