@@ -5,7 +5,9 @@ peak resident memory it adds (``ru_maxrss`` after the run minus the resident mem
 workload is built), and prints them beside what ``lloptim.guards`` estimates from the sizes. Then
 it fits the engine's coefficients by non-negative least squares on relative error
 (``scipy.optimize.nnls`` with every row divided by the measurement) and prints the fit next to
-the coefficients in ``lloptim/guards.py``, which were set from this output, rounded up.
+the coefficients in ``lloptim/guards.py``, which were set from this output as an envelope (at or
+above every measured run for memory; the fit is a mean). The last run is kept in
+``benchmarks/results/size_guards.txt``.
 
 The grid covers the workload classes the guards must handle: GSM8K, light- and heavy-tailed
 synthetic workloads, Poisson arrivals below and above capacity, many clients (up to 10^6), many

@@ -17,23 +17,28 @@ Cost models. The engine runs one iteration at a time: its time is about ``a * it
 requests + c * clients + d * instances + e * iterations * instances**2`` (the last term: an
 instance with nothing to do re-scans the other instances each time it wakes), its memory about
 ``alpha * iterations + beta * requests + gamma * clients + delta * instances`` (the trace keeps one
-record per iteration). Iterations are estimated from the token counts: each busy instance runs
-about ``max(output_tokens / clients used, 90th percentile of output)`` decode steps, more when
-arrivals are sparse (decodes then batch only the requests that overlap), plus at most one prefill
-per request. The greedy start's peak is the move/swap step of
+record per iteration). Iterations are estimated from the token counts: each busy instance (the
+request schedulers fill clients in order) runs about ``max(output_tokens / clients used, 90th
+percentile of output, output tokens along the longest chain of dependent requests)`` decode
+steps, more when arrivals are sparse (decodes then batch only the requests that overlap), plus at
+most one prefill per request. The greedy start's peak is the move/swap step of
 :func:`lloptim.solvers.greedy.local_search`: it scores the requests of the most loaded client
 against those of the :data:`~lloptim.solvers.greedy.SWAP_PARTNERS` least loaded ones at once
 (four float64 arrays of that many pairs), and it is skipped when the closed-form bound already
 proves the LPT start within the requested gap. A mixed fleet adds its ``(requests, clients)``
 weight matrix and the HiGHS LP of its prices, whose time grows as its columns to the power 1.7.
 
-Calibration. The coefficients (:data:`ENGINE_TIME_S`, :data:`ENGINE_BYTES`, :data:`CASE_BYTES`)
-were fitted by ``python benchmarks/size_guards.py``, which runs each case of a grid (GSM8K, light
-and heavy-tailed synthetic workloads, Poisson arrivals, up to 10^6 clients and 128 instances) in
-a fresh process, measures wall time and the peak resident memory, fits the coefficients by
-non-negative least squares on relative error, and prints measured vs estimated; the values here
-are the fit rounded up. Estimates are meant to be right within a factor of about 2-3, which is
-what a refusal needs: the limits are far from the sizes anyone runs by accident.
+Calibration. The coefficients (:data:`ENGINE_TIME_S`, :data:`ENGINE_BYTES`, :data:`CASE_BYTES`,
+:data:`PAIR_BYTES`, :data:`PRICE_LP_S`) come from ``python benchmarks/size_guards.py``, which runs
+each case of a grid (GSM8K, light and heavy-tailed synthetic workloads, Poisson arrivals below
+and above capacity, up to 10^6 clients and 128 instances, a mixed fleet, the greedy start with
+``--gap 0``, the price LP) in a fresh process, measures wall time and the peak resident memory,
+fits the engine's coefficients by non-negative least squares on relative error, and prints
+measured vs estimated; the values here are an envelope of the measurements (a least-squares fit
+is a mean, and a guard must not underestimate memory). Measured on 2 shared cores (``benchmarks/results/size_guards.txt``): time
+estimates 1.1-6x the measured wall time, memory estimates 1.0-8.5x the measured peak. That is
+what a refusal needs: the limits are far from the sizes anyone runs by accident, and the message
+says it is an estimate and how to run anyway.
 
 Limits. Memory: :data:`MEMORY_FRACTION` of the memory available when the check runs
 (``psutil``). Time: unlimited for the Python API, :data:`CLI_MAX_SECONDS` for the command line,
@@ -86,8 +91,9 @@ PAIR_BYTES = 40
 SOLVE_BASE_BYTES = 64 * 2**20
 #: Seconds of the HiGHS price LP of a mixed fleet (:func:`lloptim.formulations.lp_bound.lp_prices`)
 #: at :data:`PRICE_LP_COLUMNS` columns (requests x clients), growing as the columns to the power
-#: :data:`PRICE_LP_EXPONENT` (measured: 1.7 s at 40,000 columns, 18 s at 160,000, 34-75 s at 320,000).
-PRICE_LP_S = 2.0
+#: :data:`PRICE_LP_EXPONENT` (measured: 0.6-1.7 s at 40,000 columns, 6.5-18 s at 160,000, 34-75 s at
+#: 320,000, on 2 busy cores).
+PRICE_LP_S = 0.8
 #: Columns (requests x clients) of the price LP that :data:`PRICE_LP_S` was measured at.
 PRICE_LP_COLUMNS = 40_000
 #: Growth exponent of the price LP's time in its columns.
