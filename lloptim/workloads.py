@@ -277,6 +277,12 @@ def workflows(shape: str = "chain", n_workflows: int = 100, seed: int = 0, split
     seed = check_seed("workload.seed", seed)
     if arrival_rate is not None:
         arrival_rate = _check_synthetic("arrival_rate", arrival_rate)
+    # the most requests one workflow can have: refuse a workload beyond MAX_REQUESTS before drawing it
+    per = {"chain": depth or 3, "fan-in": (width or 6) + 1, "dag": (depth or 4) * (width or 4)}[shape]
+    if n_workflows * per > MAX_REQUESTS:
+        raise SpecError("workload.workflows", f"{n_workflows:,} workflows of up to {per:,} requests could make "
+                        f"{n_workflows * per:,} requests, more than {MAX_REQUESTS:,}",
+                        f"use at most {MAX_REQUESTS // per:,} workflows of this shape, or smaller ones")
     if shape == "fan-in" and depth is not None:
         raise SpecError("workload.depth", "a fan-in workflow has two stages (map, reduce)",
                         "remove depth, or use shape = 'chain' or 'dag'")

@@ -347,3 +347,10 @@ def test_a_workload_is_valid_or_refused_with_a_name(prompt, output, arrival, cap
     assert np.all(w.max_output_tokens >= w.output_tokens)
     assert np.all(np.isfinite(w.arrival_s)) and np.all(w.arrival_s >= 0)
     assert len(set(w.ids)) == n and not w.prompt_tokens.flags.writeable
+
+
+def test_workflow_size_is_bounded_before_drawing():
+    with pytest.raises(SpecError) as info:
+        lloptim.load_spec(text='[workload]\nsource = "workflow"\nshape = "chain"\nworkflows = 1000000\n'
+                               'depth = 10000\n')
+    assert info.value.field == "workload.workflows" and "10,000,000" in info.value.problem
