@@ -28,6 +28,22 @@ instances pooled), gives a valid bound for *any* ``lambda``, so it is maximized 
 section for two kinds of instance, exponentiated-gradient ascent for more) and never overstates.
 A request can never finish before ``arrival + its own minimal time``.
 
+**Precedence** (:mod:`lloptim.precedence`). A request with predecessors starts only after they
+finish, so the makespan is at least the *critical path*: the longest chain of
+``arrival + minimal processing times`` through the DAG (:func:`critical_path_bound`). A request's
+minimal time (:func:`minimal_request_time_s`) is what it costs alone on the fastest instance: one
+iteration that holds its prompt (``prefill_base_s``, or for fused schedules the cheaper of
+``prefill_base_s`` and ``decode_base_s``, since a chunk can ride on a decode), then ``o`` decode
+steps of at least ``decode_base_s + decode_per_seq_s + decode_per_kv_token_s * (p + k)`` each; the
+coefficients are minimized one by one over the instances, which stays valid when a request migrates
+mid-decode. On a single instance the chain also counts iterations: its decode steps and prefills run
+one after another, so the decode steps are at least the chain's output tokens and the prefill
+iterations at least its length (for fused schedules, iterations along the chain are at least its
+tokens plus its length). Finally the *window* bound combines the work bound with heads and tails:
+requests that cannot start before ``a`` (their arrival or their predecessors) and must be followed
+by ``b`` seconds of successors run inside ``[a, T - b]``, so ``T >= a + b + bound(those requests)``
+(the bound of the requests alone, all arriving at 0); it is taken over a few thresholds ``a``, ``b``.
+
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
 decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
@@ -49,15 +65,18 @@ by clients): both weights give valid fractional assignment bounds, and the large
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens, reservation_tokens
-from lloptim.problem import Problem
+from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
-           "memory_decode_steps_lower_bound"]
+           "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
+
+#: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
+WINDOW_THRESHOLDS = 12
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,8 @@ class LowerBound:
     prefill_iterations
         The lower bound on prefill iterations used (per instance).
     decode_steps_clients
-        Decode steps the clients force (per instance): at most ``C`` requests advance per step.
+        Decode steps the clients force (per instance): at most ``C`` requests advance per step
+        (and, with precedence, a chain's tokens one after another).
     decode_steps_memory
         Decode steps the KV memory forces (per instance): the KV area over the capacity, with the
         ramp-up of a single instance (see the module docstring).
@@ -93,6 +113,17 @@ class LowerBound:
         in reserve mode at least the reservation).
     kv_mode
         The KV mode bounded (``"paged"``, ``"reserve"``, or ``"mixed"`` for instances that differ).
+    critical_path_s
+        Longest chain of ``arrival + minimal processing times`` through the precedence DAG
+        (:func:`critical_path_bound`; without precedence, the longest single request), for
+        separate-iteration schedules.
+    critical_path_fused_s
+        The same for fused schedules (a prompt may ride on a decode iteration); ``<= critical_path_s``.
+    window_s
+        The best window bound ``a + b + bound(requests inside [a, T - b])`` (module docstring), for
+        separate-iteration schedules; 0 when every request is ready at 0 and there is no precedence.
+    window_fused_s
+        The same for fused schedules.
     """
 
     total_s: float
@@ -103,6 +134,10 @@ class LowerBound:
     single_request_s: float
     decode_steps: int
     prefill_iterations: int
+    critical_path_s: float = 0.0
+    critical_path_fused_s: float = 0.0
+    window_s: float = 0.0
+    window_fused_s: float = 0.0
     decode_steps_clients: int = 0
     decode_steps_memory: int = 0
     kv_area_token_steps: float = 0.0
@@ -281,10 +316,90 @@ def _kv_area(problem: Problem, o: np.ndarray, kv_mode, kv_block_tokens, estimate
     return areas, caps, starts, sizes, used.pop() if len(used) == 1 else "mixed"
 
 
+def minimal_request_time_s(problem: Problem, output_tokens: np.ndarray | None = None,
+                           fused: bool = False) -> np.ndarray:
+    """Least time any schedule takes from a request's first prefill iteration to its finish, seconds.
+
+    The request alone on the fastest instance: its prefill iteration (``prefill_base_s`` plus the
+    prompt's per-token cost; with ``fused``, a prompt chunk riding on a decode pays
+    ``decode_base_s`` instead when that is cheaper), then ``o`` decode steps of at least
+    ``decode_base_s + decode_per_seq_s + decode_per_kv_token_s * (p + k)`` for ``k = 0 .. o-1``.
+    The decode coefficients are minimized one by one over the instances (valid even when the
+    request migrates between instances mid-decode).
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths, tokens; default: the workload's true lengths.
+    fused
+        Whether the schedule may fuse prompt chunks into decode iterations.
+
+    Returns
+    -------
+    numpy.ndarray
+        Seconds per request (float64).
+    """
+    w = problem.workload
+    p = w.prompt_tokens.astype(np.float64)
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    lats = [inst.profile.latency for inst in problem.instances]
+    prefill = np.min([(min(l.prefill_base_s, l.decode_base_s) if fused else l.prefill_base_s)
+                      + l.prefill_per_token_s * p for l in lats], axis=0)
+    step = min(l.decode_base_s + l.decode_per_seq_s for l in lats)
+    per_kv = min(l.decode_per_kv_token_s for l in lats)
+    return prefill + step * o + per_kv * (o * p + o * (o - 1) / 2)
+
+
+def critical_path_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                        fused: bool = False) -> tuple[float, list[int]]:
+    """The critical-path lower bound on the makespan and the chain of requests that attains it.
+
+    The longest path through the precedence DAG, each request weighing its
+    :func:`minimal_request_time_s` and starting no earlier than its arrival:
+    ``finish_r >= max(arrival_r, max_{q -> r} finish_q) + t_r``.
+
+    Parameters
+    ----------
+    problem
+        The problem (without precedence, the chain is the single request that finishes last).
+    output_tokens
+        Output lengths, tokens; default: the workload's true lengths.
+    fused
+        Bound fused schedules too (see :func:`minimal_request_time_s`).
+
+    Returns
+    -------
+    bound, rows
+        The bound, seconds, and the request rows of the critical chain, first to last.
+    """
+    w = problem.workload
+    t = minimal_request_time_s(problem, output_tokens, fused)
+    if w.precedence is None:
+        finish = w.arrival_s + t
+        last = int(np.argmax(finish))
+        return float(finish[last]), [last]
+    return w.precedence.critical_path(t, w.arrival_s)
+
+
+def _critical_path_s(problem: Problem, output_tokens: np.ndarray, fused: bool) -> float:
+    """Length of :func:`critical_path_bound` without tracing the chain, seconds."""
+    w = problem.workload
+    t = minimal_request_time_s(problem, output_tokens, fused)
+    if w.precedence is None:
+        return float(np.max(w.arrival_s + t))
+    return w.precedence.longest_path(t, w.arrival_s)
+
+
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 decode_steps: int | None = None, kv_mode=None, kv_block_tokens=None,
                 estimates: np.ndarray | None = None) -> LowerBound:
     """Makespan lower bound of ``problem``, seconds, with the clients and the KV memory.
+
+    The work bound (clients and KV memory), the critical path of the precedence DAG (arrivals
+    included) and the window bound that combines them (module docstring); ``total_s`` and
+    ``fused_s`` are the largest.
 
     Parameters
     ----------
@@ -303,13 +418,121 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     estimates
         The run's output-length estimates, tokens: in reserve mode an uncapped request reserves
         ``prompt + estimate``, which the bound then counts; None counts only the caps.
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
+    problem = as_problem(problem)
+    kv = (kv_mode, kv_block_tokens, estimates)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv)
+    w = problem.workload
+    if w.precedence is None and not np.any(w.arrival_s > 0):
+        return bound
+    window, window_fused = _window_bound(problem, output_tokens, kv)
+    return replace(bound, total_s=float(max(bound.total_s, window)), fused_s=float(max(bound.fused_s, window_fused)),
+                   window_s=float(window), window_fused_s=float(window_fused))
+
+
+def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None)
+                  ) -> tuple[float, float]:
+    """``max a + b + bound(S)`` over requests ``S`` with head ``>= a`` and tail ``>= b`` (separate, fused), s.
+
+    Heads and tails are longest paths of minimal (fused) times, which bound both kinds of
+    schedule. ``bound(S)`` is the work and critical-path bound of ``S`` alone, all arriving at 0:
+    the iterations that serve ``S`` lie in ``[a, T - b]`` on every instance and, without the
+    others, would form a schedule of ``S``.
+    """
+    w = problem.workload
+    o = w.output_tokens if output_tokens is None else np.asarray(output_tokens)
+    t = minimal_request_time_s(problem, o, fused=True)
+    if w.precedence is None:
+        head, tail = w.arrival_s.astype(np.float64), np.zeros(len(w))
+    else:
+        head, tail = w.precedence.earliest_start(t, w.arrival_s), w.precedence.tails(t)
+    best, best_fused = 0.0, 0.0
+    seen: set[bytes] = set()
+    for a_min, b_min in _thresholds(head, tail):
+        rows = np.flatnonzero((head >= a_min) & (tail >= b_min))
+        if rows.size == 0:
+            continue
+        key = rows.tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        a, b = float(head[rows].min()), float(tail[rows].min())
+        # the requests alone, all arriving at 0, with the dependencies among them (already valid)
+        alone = replace(w, prompt_tokens=w.prompt_tokens[rows], output_tokens=w.output_tokens[rows],
+                        arrival_s=np.zeros(rows.size), max_output_tokens=w.max_output_tokens[rows],
+                        ids=tuple(w.ids[i] for i in rows.tolist()),
+                        precedence=None if w.precedence is None else w.precedence.subset(rows))
+        sub_kv = (kv[0], kv[1], None if kv[2] is None else np.asarray(kv[2])[rows])
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv)
+        best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
+    return best, best_fused
+
+
+def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]:
+    """Head and tail thresholds to try: quantiles of the distinct values, each alone and paired."""
+    def pick(values: np.ndarray) -> np.ndarray:
+        distinct = np.unique(values)
+        if distinct.size <= WINDOW_THRESHOLDS:
+            return distinct
+        return distinct[np.linspace(0, distinct.size - 1, WINDOW_THRESHOLDS).round().astype(np.int64)]
+
+    heads, tails = pick(head), pick(tail)
+    pairs = [(a, 0.0) for a in heads] + [(0.0, b) for b in tails]
+    few_h, few_t = heads[:: max(1, heads.size // 3)], tails[:: max(1, tails.size // 3)]
+    pairs += [(a, b) for a in few_h for b in few_t if a > 0 and b > 0]
+    return pairs
+
+
+def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
+                          pre_total: float, pre_fused: float) -> tuple[float, float]:
+    """The work bound when a long chain must also run fast (separate, fused), seconds.
+
+    Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
+    with ``D`` decode iterations. A chain ``C`` of ``S`` output tokens needs ``S`` decode
+    iterations of its own, in which ``n_j`` requests advance; every other decode iteration
+    advances at most ``C_max``, so ``D >= S + (O - sum_j n_j) / C_max`` for ``O`` output tokens
+    in all. Every co-runner slows a chain iteration by at least ``c`` (its per-request decode cost
+    at the shortest prompt), and the chain must fit between its start ``h`` and ``T`` at its
+    minimal time ``tau`` plus those slow-downs: ``sum_j n_j <= S + (T - h - tau) / c`` (and
+    ``<= S * C_max``). Batching the chain fully is therefore not free when it is nearly as long
+    as the whole schedule; ``m T >= f(T)`` with ``f`` decreasing gives the two linear bounds
+    returned as their maximum. Tried on the longest chain in tokens and the critical path.
+    """
+    w = problem.workload
+    lats = [inst.profile.latency for inst in problem.instances]
+    c = min(l.decode_per_seq_s for l in lats) + min(l.decode_per_kv_token_s for l in lats) * float(w.prompt_tokens.min())
+    if c <= 0 or a_d <= 0:
+        return 0.0, 0.0
+    m = len(problem.instances)
+    total_tokens = float(o.sum())
+    out = []
+    for fused, pre in ((False, pre_total), (True, pre_fused)):
+        t = minimal_request_time_s(problem, o, fused)
+        best = 0.0
+        for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
+            steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
+            k = token_s + a_d * steps + a_d * total_tokens / c_max + pre
+            fully_batched = (k - a_d * steps) / m
+            slope = a_d / (c_max * c)
+            limited = (k - a_d * steps / c_max + slope * (head + tau)) / (m + slope)
+            best = max(best, fully_batched, limited)
+        out.append(best)
+    return out[0], out[1]
+
+
+def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                decode_steps: int | None = None, kv: tuple = (None, None, None)) -> LowerBound:
+    """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
     lats = [inst.profile.latency for inst in problem.instances]
     m = len(problem.instances)
-    areas, caps, starts, sizes, mode_name = _kv_area(problem, o, kv_mode, kv_block_tokens, estimates)
     kv_steps = o * p + o * (o - 1) / 2
     per_inst = np.array([l.prefill_per_token_s * p + l.decode_per_seq_s * o + l.decode_per_kv_token_s * kv_steps
                          for l in lats])
@@ -318,17 +541,29 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     c_max = max(inst.clients for inst in problem.instances)
     a_d = min(l.decode_base_s for l in lats)
     a_p = min(l.prefill_base_s for l in lats)
+    areas, caps, starts, sizes, mode_name = _kv_area(problem, o, *kv)
     if m == 1:
-        steps_clients = decode_steps_lower_bound(o.astype(np.int64), c_max)
+        steps = decode_steps_lower_bound(o.astype(np.int64), c_max)
         if decode_steps is not None:
-            steps_clients = max(steps_clients, int(decode_steps))
+            steps = max(steps, int(decode_steps))
+        prefills = int(-(-len(w) // c_max))
+        # iterations along the longest chain (one prefill and o decodes per request), one at a time
+        chain_iterations = int(o.max()) + 1
+        if w.precedence is not None:
+            steps = max(steps, int(round(w.precedence.longest_path(o))))
+            prefills = max(prefills, w.precedence.depth)
+            chain_iterations = int(round(w.precedence.longest_path(o + 1.0)))
+        steps_clients = steps
         steps_memory = memory_decode_steps_lower_bound(areas[0], caps[0], c_max, starts[0], sizes[0])
         steps = max(steps_clients, steps_memory)
-        prefills = int(-(-len(w) // c_max))
         decode_base = a_d * steps
         total_iter_work = token_s + decode_base
         total = total_iter_work + a_p * prefills
-        fused = total_iter_work + a_p
+        # fused: x iterations with a decode (>= steps), y without (>= 1), x + y >= chain_iterations
+        if a_p <= a_d:
+            fused = total_iter_work + a_p * max(1, chain_iterations - steps)
+        else:
+            fused = token_s + a_d * max(steps, chain_iterations - 1) + a_p
     else:
         steps_clients = int(np.ceil(o.sum() / c_max / m))
         # pooled over instances: each has at most the largest cache, and a request holds at least
@@ -358,12 +593,19 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 v_fused = per_inst[first] + a_dk * share
                 total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
                 fused = max(fused, fractional_assignment_bound(v_fused, count))
+    if w.precedence is not None:
+        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m)
+        total, fused = max(total, coupled), max(fused, coupled_fused)
     # separate-iteration schedules are fused schedules too, so the fused bound holds for them
     total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
-    return LowerBound(total_s=max(total, single), fused_s=max(fused, single), token_s=token_s,
+    path = _critical_path_s(problem, o, fused=False)
+    path_fused = _critical_path_s(problem, o, fused=True)
+    return LowerBound(total_s=max(total, single, path), fused_s=max(fused, single, path_fused), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
                       single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills),
+                      critical_path_s=path, critical_path_fused_s=path_fused,
                       decode_steps_clients=int(steps_clients), decode_steps_memory=int(steps_memory),
                       kv_area_token_steps=float(sum(float(a.sum()) for a in areas) / len(areas)),
                       kv_mode=mode_name)

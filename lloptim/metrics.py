@@ -50,6 +50,10 @@ class RunMetrics:
         KV memory of the run's KV mode.
     gap_to_bound
         ``makespan / lower_bound - 1``, relative (0.05 is 5 % above the bound; NaN if the bound is 0).
+    critical_path_s
+        The critical-path part of the bound, seconds: the longest chain of dependent requests
+        (arrivals included; :func:`~lloptim.bounds.critical_path_bound`), for the run's kind of
+        iterations like ``lower_bound_s``.
     throughput_tokens_per_s
         Output tokens per second of makespan.
     ttft_p50_s, ttft_p99_s
@@ -101,6 +105,7 @@ class RunMetrics:
     bubble_share: float
     lower_bound_s: float
     gap_to_bound: float
+    critical_path_s: float
     throughput_tokens_per_s: float
     ttft_p50_s: float
     ttft_p99_s: float
@@ -194,6 +199,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         requests_total=problem.n_requests, requests_completed=completed, output_tokens=int(result.generated_tokens),
         makespan_s=makespan, utilization=util, bubble_share=1.0 - util, lower_bound_s=lb,
         gap_to_bound=makespan / lb - 1.0 if lb > 0 else float("nan"),
+        critical_path_s=bound.critical_path_fused_s if fused else bound.critical_path_s,
         throughput_tokens_per_s=result.generated_tokens / makespan if makespan > 0 else 0.0,
         ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
         prefill_iterations=int(np.count_nonzero(result.trace_kind == 0)),

@@ -13,6 +13,15 @@ Because every decode step advances all running clients, a request prefilled befo
 finishes at step ``g + o``: the engine keeps those finish steps in a heap, so a decode costs O(1)
 plus O(log n) per finishing request, whatever the batch size.
 
+**Readiness.** The engine alone decides when a request becomes schedulable: at its arrival, or, for
+a request with predecessors (:attr:`~lloptim.problem.Workload.precedence`), when the last of them
+has finished, if that is later. It keeps the coming ready times in a heap and tells the request
+scheduler of each request exactly once, in time order, through
+:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`, before any instance whose clock has
+reached that time asks it for work (instances run in clock order, so the clock of the instance
+being served never goes back). A scheduler therefore never sees a request before it is ready, and
+a policy needs no arrival time of the future.
+
 KV memory (:mod:`lloptim.memory`): each instance has ``kv_capacity_tokens // block`` blocks; a
 request holds ``ceil(max(tokens, floor) / block)`` of them (``floor`` = 0 in paged mode, its
 reservation in reserve mode). A running request needs a new block at the step where its tokens
@@ -29,7 +38,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,6 +49,7 @@ from lloptim.memory import blocks, check_block_tokens, check_kv_mode, reservatio
 from lloptim.problem import Problem
 from lloptim.runtime.kv import PREEMPTION_MODES, check_victim_rule, choose_victim
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.validation import check_int, check_number
 
 __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "RUNNING", "FAILED"]
 
@@ -73,6 +82,13 @@ class Fault:
     time_s: float
     instance: int
     client: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("faults.time_s", self.time_s, lo=0, fix="give a failure time in seconds from the start, >= 0")
+        check_int("faults.instance", self.instance, lo=0, fix="give an instance index, 0 for the first")
+        if self.client is not None:
+            check_int("faults.client", self.client, lo=0, fix="give a global client index, or none for the whole "
+                      "instance")
 
 
 class InstanceState:
@@ -246,6 +262,9 @@ class RunResult:
     migrations
         Times each running request moved to another instance with its KV cache (count, int64;
         see :mod:`lloptim.runtime.migration`).
+    ready_s
+        When each request became schedulable, seconds: its arrival, or its last predecessor's
+        finish if later (NaN if never).
     trace_instance
         Instance index of each iteration (int32).
     trace_kind
@@ -297,6 +316,7 @@ class RunResult:
     done_s: np.ndarray
     restarts: np.ndarray
     migrations: np.ndarray
+    ready_s: np.ndarray
     trace_instance: np.ndarray
     trace_kind: np.ndarray
     trace_start_s: np.ndarray
@@ -419,8 +439,15 @@ class Engine:
         self.client_start_step = [0] * problem.n_clients
         self.client_epoch = [0] * problem.n_clients
         self.client_residue = [-1] * problem.n_clients  # residue class of a running client past its floor
-        self.arrivals = np.sort(w.arrival_s).tolist()
         self._admissions = 0
+        self.arrival = w.arrival_s.tolist()
+        prec = w.precedence
+        # successors of each request and how many predecessors it waits for (None: independent requests)
+        self.successors = prec.successors() if prec is not None else None
+        self.n_predecessors = prec.in_degree().tolist() if prec is not None else [0] * n
+        roots = np.flatnonzero(prec.in_degree() == 0) if prec is not None else np.arange(n)
+        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
+        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -445,6 +472,14 @@ class Engine:
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.recomputed = 0
         self.can_preempt = callable(getattr(backend, "preempt", None))
+        self.ready = [float("nan")] * n
+        self.unfinished_predecessors = list(self.n_predecessors)
+        self.latest_predecessor_finish = list(self.arrival)  # ready time = max(arrival, predecessor finishes)
+        # requests not yet released, as (ready time, request): the roots in arrival order (known
+        # up front), and a heap of the others, which join when their last predecessor finishes
+        self.next_root = 0
+        self.events: list[tuple[float, int]] = []
+        self.next_ready = self.roots[0][0] if self.roots else np.inf
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -464,12 +499,19 @@ class Engine:
         heapq.heapify(active)
         retired: set[int] = set()
         self.retired = retired
+        self.active = active
         while self.n_done < n:
+            if not active and self.failed_clients == problem.n_clients:
+                raise SpecError("faults", f"{n - self.n_done} requests were never served: the faults took down "
+                                f"every client ({self.failed_clients})", "leave at least one client alive, or fail "
+                                "later")
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
             _, _, k = heapq.heappop(active)
             s = states[k]
+            if self.next_ready <= s.now:
+                self._release(s.now)
             faults = pending_faults[k]
             while faults and faults[0].time_s <= s.now:
                 self._apply_fault(s, faults.pop(0), active)
@@ -530,7 +572,7 @@ class Engine:
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
             prefill_start_s=self.prefill_start_s, prefill_end_s=self.prefill_end_s, done_s=self.done_s,
-            restarts=self.restarts, migrations=self.migrations,
+            restarts=self.restarts, migrations=self.migrations, ready_s=np.array(self.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32), trace_prefill_tokens=np.array(cols[5], dtype=np.int64),
@@ -547,6 +589,40 @@ class Engine:
         )
 
     # -- pieces of the loop ----------------------------------------------------------------------
+    def _release(self, now: float) -> None:
+        """Tell the request scheduler of every request that became ready by ``now``, in time order."""
+        events, roots, ready, on_ready = self.events, self.roots, self.ready, self.policy.requests.on_ready
+        i = self.next_root
+        while True:
+            # the earlier of the next root and the next unblocked request (ties by row)
+            if i < len(roots) and (not events or roots[i] < events[0]):
+                if roots[i][0] > now:
+                    break
+                t, r = roots[i]
+                i += 1
+            elif events and events[0][0] <= now:
+                t, r = heapq.heappop(events)
+            else:
+                break
+            ready[r] = t
+            on_ready(r, t)
+        self.next_root = i
+        self._update_next_ready()
+        # idle clients anywhere may now have work: let every instance look again, and wake the
+        # ones that had gone quiet (a finish elsewhere may have readied work for them)
+        for st in self.states:
+            st.dirty = True
+        for k in list(self.retired):
+            st = self.states[k]
+            if st.alive:
+                self.retired.discard(k)
+                st.now = max(st.now, now)
+                heapq.heappush(self.active, (st.now, 1, k))
+
+    def _update_next_ready(self) -> None:
+        nxt = self.roots[self.next_root][0] if self.next_root < len(self.roots) else np.inf
+        self.next_ready = min(nxt, self.events[0][0]) if self.events else nxt
+
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
         now = s.now
@@ -557,8 +633,10 @@ class Engine:
             if not (0 <= r < len(self.prompt)) or self.req_client[r] >= 0:
                 raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r}, "
                                   "which is unknown or already held by a client")
-            if self.problem.workload.arrival_s[r] > now:
-                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} before it arrived")
+            if not self.ready[r] <= now:  # NaN: never released to the scheduler
+                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} at {now:.6g} s, before "
+                                  f"it was ready (ready at {self.ready[r]:.6g} s; hand out only requests "
+                                  "announced by on_ready)")
             del s.idle[c]
             s.waiting[c] = None
             self.client_state[c] = WAITING
@@ -571,9 +649,9 @@ class Engine:
     def _wake_time(self, s: InstanceState, active, faults) -> float | None:
         """When an instance with nothing to run should look again; None if never."""
         candidates = []
-        i = bisect_right(self.arrivals, s.now)
-        if i < len(self.arrivals) and self.policy.requests.pending():
-            candidates.append(self.arrivals[i])
+        if self.next_ready < np.inf:
+            # the next request to become ready (an arrival, or a successor of a finished request)
+            candidates.append(max(self.next_ready, s.now))
         busy = [t for t, idle, _ in active if not idle]
         if busy and self.policy.requests.pending():
             candidates.append(max(min(busy), s.now))
@@ -782,6 +860,26 @@ class Engine:
             self.generated += o
             self.backend.release(s.index, r, True)
             policy.on_finish(r, c, o, s.now)
+            if self.successors is not None:
+                self._unblock(r, s.now)
+
+    def _unblock(self, r: int, now: float) -> None:
+        """``r`` finished at ``now``: a successor whose predecessors have all finished becomes ready.
+
+        Its ready time is the latest of their finishes (or its arrival). That is not always
+        ``now``: instances run their iterations in order of start, so an iteration that started
+        earlier on a slower instance may have finished another predecessor later.
+        """
+        waiting, latest = self.unfinished_predecessors, self.latest_predecessor_finish
+        for q in self.successors[r]:
+            waiting[q] -= 1
+            if now > latest[q]:
+                latest[q] = now
+            if waiting[q] == 0:
+                t = latest[q]
+                heapq.heappush(self.events, (t, q))
+                if t < self.next_ready:
+                    self.next_ready = t
 
     def _grow(self, s: InstanceState) -> int:
         """Allocate the blocks this decode step needs (room was made before the decision)."""

@@ -18,7 +18,7 @@ from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy, RunContext
 from lloptim.runtime.registry import register_policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
-from lloptim.runtime.request_schedulers import AssignedQueues
+from lloptim.runtime.request_schedulers import AssignedQueues, WorkflowQueue
 
 __all__ = ["OfflinePlan", "offline_policy", "hybrid_policy", "START_DELAY"]
 
@@ -152,7 +152,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     plan = OfflinePlan(solver, time_limit_s)
     if dispatch == "sorted":
         delay = START_DELAY["fused" if fused else "separate"] if start_delay is None else start_delay
-        requests = MemoryAwareQueue("planned", "first-fit", plan=plan.assignment, start_delay=delay)
+        requests = MemoryAwareQueue("planned", "first-fit", plan=plan.assignment, start_delay=delay,
+                                    workflows=WorkflowQueue(plan=plan.assignment))
     elif dispatch == "plan":
         requests = AssignedQueues(plan.assignment, steal=steal)
     else:

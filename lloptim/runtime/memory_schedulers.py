@@ -22,7 +22,6 @@ change it; with unknown lengths they see only the estimates.
 from __future__ import annotations
 
 import heapq
-from bisect import insort
 
 import numpy as np
 
@@ -200,12 +199,15 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None) -> np.ndarr
 class MemoryAwareQueue(RequestScheduler):
     """One queue; an idle client gets the first request in order whose KV memory fits the projection.
 
+    Requests enter when the engine announces them ready (:meth:`on_ready`); the scheduler reads no
+    arrival time.
+
     Parameters
     ----------
     order
-        ``"shortest"``, ``"longest"`` (by estimated output), ``"fcfs"`` (arrival) or
+        ``"shortest"``, ``"longest"`` (by estimated output), ``"fcfs"`` (ready time) or
         ``"planned"`` (target start steps, :func:`planned_start_keys`; longest first where memory
-        cannot bind).
+        cannot bind). Ties go to the lower row.
     rule
         ``"first-fit"``: the first request in order that fits, except that a request that has
         become *urgent* is never overtaken: one whose estimated output is at least the decode
@@ -222,10 +224,14 @@ class MemoryAwareQueue(RequestScheduler):
         With unknown lengths, the projection's factor on the estimates and its forecast for a
         request past its estimate (see :func:`admitted_set`); defaults :data:`UNKNOWN_PROJECTION`.
         With known lengths the projection is exact (1, 0).
+    workflows
+        A request scheduler for workloads with precedence (the hybrid passes its
+        :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`): on such a workload every hook
+        goes to it, and its :attr:`critical` requests are this scheduler's.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
-                 unknown_scale: float | None = None, overrun: float | None = None) -> None:
+                 unknown_scale: float | None = None, overrun: float | None = None, workflows=None) -> None:
         self.start_delay = int(start_delay)
         self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
         self.overrun = UNKNOWN_PROJECTION[1] if overrun is None else float(overrun)
@@ -236,24 +242,34 @@ class MemoryAwareQueue(RequestScheduler):
         self.order = order
         self.rule = rule
         self.plan = plan
+        self.workflows = workflows
+        self.delegate = None
         self.steals = 0
         self.refusals = 0
+
+    @property
+    def critical(self) -> set[int] | None:
+        """Requests without slack in the workflow plan (see ``workflows``); None without precedence."""
+        return getattr(self.delegate, "critical", None)
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         w = ctx.problem.workload
-        self.arrival = w.arrival_s
-        self.by_arrival = np.argsort(w.arrival_s, kind="stable").tolist()
-        self.next_arrival = 0
+        self.delegate = None
+        if self.workflows is not None and w.precedence is not None:
+            self.delegate = self.workflows
+            self.workflows.setup(ctx)
+            return
+        n = ctx.problem.n_requests
         if self.order == "fcfs":
-            key = w.arrival_s
+            key = np.zeros(n)  # filed under its ready time by on_ready
         elif self.order == "shortest":
             key = ctx.estimates
         elif self.order == "planned":
             key = planned_start_keys(ctx)
         else:
             key = -ctx.estimates
-        self.key = np.asarray(key, dtype=np.float64).tolist()
+        self.key = np.asarray(key, dtype=np.float64)
         self.est = np.asarray(ctx.estimates, dtype=np.float64)
         self.scale, self.over = (1.0, 0.0) if ctx.known_lengths else (self.unknown_scale, self.overrun)
         # a queued request has not started (a fault restarts one from its prompt): its context is its prompt
@@ -266,11 +282,14 @@ class MemoryAwareQueue(RequestScheduler):
         self.area = estimated_kv_areas(ctx, 0)
         self.ready_steps = 0.0
         self.ready_area = 0.0
-        self.longest: list[tuple[float, int]] = []  # (-estimate, row) of ready requests, stale ones skipped
-        self.taken = np.zeros(len(w), dtype=bool)
-        self.ready: list[tuple[float, int]] = []
-        self._rows: np.ndarray | None = None  # numpy mirror of the ready rows, rebuilt when they change
-        self.n_pending = len(w)
+        self.longest: list[tuple[float, int]] = []  # (-estimate, row) of ready requests, taken ones skipped
+        self.taken = np.ones(n, dtype=bool)  # not ready, or handed out
+        # ready requests: a heap by (key, row) for taking the head, and a sorted array of them for
+        # scanning in order, merged from the heap when new requests became ready
+        self.heap: list[tuple[float, int]] = []
+        self._sorted = np.zeros(0, dtype=np.int64)
+        self._new: list[int] = []
+        self.n_pending = 0
         owner = self.plan(ctx) if callable(self.plan) else self.plan
         self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
         self.binds = [memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))]
@@ -280,22 +299,38 @@ class MemoryAwareQueue(RequestScheduler):
         self.refusals = 0
 
     def pending(self) -> int:
+        if self.delegate is not None:
+            return self.delegate.pending()
         return self.n_pending
 
-    def _arrive(self, now: float) -> None:
-        arr, order = self.arrival, self.by_arrival
-        while self.next_arrival < len(order) and arr[order[self.next_arrival]] <= now:
-            r = order[self.next_arrival]
-            self._enter(r)
-            self.next_arrival += 1
+    def on_ready(self, request: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_ready(request, now)
+            return
+        if self.order == "fcfs":
+            self.key[request] = now
+        self._enter(request)
 
     def _enter(self, r: int) -> None:
-        insort(self.ready, (self.key[r], r))
-        self._rows = None
+        heapq.heappush(self.heap, (float(self.key[r]), r))
+        self._new.append(r)
         self.taken[r] = False
+        self.n_pending += 1
         self.ready_steps += float(self.est[r])
         self.ready_area += float(self.area[r])
         heapq.heappush(self.longest, (-float(self.est[r]), r))
+
+    def _ordered(self) -> np.ndarray:
+        """The ready requests in order (rows), merging the newly ready ones."""
+        rows = self._sorted
+        if self._new:
+            rows = np.concatenate([rows, np.asarray(self._new, dtype=np.int64)])
+            self._new = []
+        rows = rows[~self.taken[rows]]
+        if rows.size > 1:
+            rows = rows[np.lexsort((rows, self.key[rows]))]
+        self._sorted = rows
+        return rows
 
     def _urgent(self) -> int | None:
         """The ready request that must start now, if any (see the class docstring)."""
@@ -322,11 +357,9 @@ class MemoryAwareQueue(RequestScheduler):
         self._cache = (key, pm)
         return pm
 
-    def _take(self, i: int, client: int) -> int:
-        r = self.ready.pop(i)[1]
-        self._rows = None
-        self.n_pending -= 1
+    def _take(self, r: int, client: int) -> int:
         self.taken[r] = True
+        self.n_pending -= 1
         self.ready_steps -= float(self.est[r])
         self.ready_area -= float(self.area[r])
         if self.owner is not None and self.owner[r] != client:
@@ -334,19 +367,22 @@ class MemoryAwareQueue(RequestScheduler):
         return r
 
     def next_request(self, state, client: int) -> int | None:
-        self._arrive(state.now)
-        if not self.ready:
+        if self.delegate is not None:
+            return self.delegate.next_request(state, client)
+        if not self.n_pending:
             return None
         if not self.binds[state.index]:
-            return self._take(0, client)
+            heap = self.heap
+            while self.taken[heap[0][1]]:
+                heapq.heappop(heap)
+            return self._take(heapq.heappop(heap)[1], client)
         key = self._key(state)
-        if self._refused == (key, len(self.ready)):
+        if self._refused == (key, self.n_pending):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
-        if self._rows is None:
-            self._rows = np.fromiter((r for _, r in self.ready), dtype=np.int64, count=len(self.ready))
-        rows = self._rows[:1] if self.rule == "prefix" else self._rows
+        ordered = self._ordered()
         urgent = self._urgent() if self.rule == "first-fit" else None
+        rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
         room = state.kv_blocks * state.kv_block
@@ -360,18 +396,26 @@ class MemoryAwareQueue(RequestScheduler):
         if i < 0:
             if pm.t.size:
                 self.refusals += 1
-                self._refused = (key, len(self.ready))
+                self._refused = (key, self.n_pending)
                 return None
             i = 0  # an empty instance always takes the head
         pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
         self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
-        if urgent is not None:
-            i = next(j for j, (_, r) in enumerate(self.ready) if r == urgent)
-        return self._take(i, client)
+        return self._take(int(rows[i]), client)
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_finish(request, client, output_tokens, now)
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_client_failed(client, now)
 
     def requeue(self, request: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.requeue(request, now)
+            return
         self._enter(request)
-        self.n_pending += 1
 
 
 class FluidPacedQueue(RequestScheduler):
@@ -421,16 +465,16 @@ class FluidPacedQueue(RequestScheduler):
             self.rates.append(theta * share)
         self.credit = [np.zeros(n_types) for _ in ctx.problem.instances]
         self.last_step = [0] * len(ctx.problem.instances)
-        self.arrival = w.arrival_s
-        order = np.lexsort((-est, w.arrival_s))
-        self.queues: list[list[int]] = [[] for _ in range(n_types)]  # longest first within a type
-        for r in order[::-1]:
-            self.queues[self.type_of[r]].append(int(r))
-        self.n_pending = len(w)
+        self.queues: list[list[tuple[float, int]]] = [[] for _ in range(n_types)]  # heaps, longest first
+        self.n_pending = 0
         self.est = est
 
     def pending(self) -> int:
         return self.n_pending
+
+    def on_ready(self, request: int, now: float) -> None:
+        heapq.heappush(self.queues[self.type_of[request]], (-float(self.est[request]), request))
+        self.n_pending += 1
 
     def next_request(self, state, client: int) -> int | None:
         k = state.index
@@ -442,14 +486,11 @@ class FluidPacedQueue(RequestScheduler):
         empty = state.n_running == 0 and not state.waiting
         for j in np.argsort(-credit):
             q = self.queues[j]
-            if not q or self.arrival[q[-1]] > state.now:
-                continue
-            if credit[j] >= 1.0 or empty:
+            if q and (credit[j] >= 1.0 or empty):
                 credit[j] = max(credit[j] - 1.0, 0.0)
                 self.n_pending -= 1
-                return q.pop()
+                return heapq.heappop(q)[1]
         return None
 
     def requeue(self, request: int, now: float) -> None:
-        self.queues[self.type_of[request]].append(request)
-        self.n_pending += 1
+        self.on_ready(request, now)

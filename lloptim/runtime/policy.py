@@ -7,7 +7,10 @@ A :class:`Policy` is a :class:`RequestScheduler` (which client serves which requ
 
 Information discipline: a policy sees the *estimated* output lengths of :attr:`RunContext.estimates`
 (equal to the truth only when ``RunContext.known_lengths`` is true) and learns a request's true
-length when it finishes (:meth:`RequestScheduler.on_finish`).
+length when it finishes (:meth:`RequestScheduler.on_finish`). A request scheduler learns of a
+request when it becomes *ready* (:meth:`RequestScheduler.on_ready`: at its arrival, or when the last
+of its predecessors finishes if that is later) and may hand out only requests it has been told of;
+it needs no arrival time of the future.
 """
 
 from __future__ import annotations
@@ -92,20 +95,42 @@ class RunContext:
 
 
 class RequestScheduler:
-    """Decides which request a client serves next. Subclass and override the hooks."""
+    """Decides which request a client serves next. Subclass and override the hooks.
+
+    The engine announces every request once, when it becomes ready (:meth:`on_ready`); the
+    scheduler keeps the ready requests it has not handed out (:meth:`pending` counts them) and
+    gives one to an idle client when asked (:meth:`next_request`).
+    """
 
     def setup(self, ctx: RunContext) -> None:
         """Called once before the run (offline planning goes here)."""
         self.ctx = ctx
 
+    def on_ready(self, request: int, now: float) -> None:
+        """``request`` became ready at ``now`` seconds: from now on it may be handed out.
+
+        Called by the engine exactly once per request, in order of ``now``: at the request's
+        arrival, or when its last predecessor finishes if that is later. No instance whose clock
+        is before ``now`` asks for work afterwards.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        now
+            Its ready time, seconds.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement on_ready(request, now): keep the "
+                                  "request until next_request hands it out")
+
     def pending(self) -> int:
-        """Number of requests not yet handed to a client (including ones that have not arrived)."""
+        """Number of ready requests not yet handed to a client (count)."""
         raise NotImplementedError
 
     def next_request(self, state: "InstanceState", client: int) -> int | None:
         """A request (row index) for idle ``client`` of ``state``'s instance, or ``None`` for none now.
 
-        Only requests that have arrived (``arrival_s <= state.now``) may be returned.
+        Only requests announced by :meth:`on_ready` may be returned.
 
         Parameters
         ----------
