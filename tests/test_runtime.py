@@ -51,6 +51,7 @@ class _FakeState:
         self.waiting = dict.fromkeys(waiting)
         self.n_running = n_running
         self.kv_free_blocks = 10_000
+        self.kv_unbound = False
         self.kv_block = 1
         self.decode_steps = 0
         self.prefilled = {}

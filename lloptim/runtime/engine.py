@@ -135,6 +135,9 @@ class InstanceState:
         Blocks held by running and partly prefilled requests (count).
     kv_peak
         Most blocks held at once so far (count).
+    kv_unbound
+        Whether the cache holds the largest requests of all its clients at once, at their peaks
+        (then no admission can fail and no decode step can preempt; helpers skip the KV checks).
     waiting
         Clients holding a request that is not yet fully prefilled, in the order they got it (an
         insertion-ordered dict used as an ordered set).
@@ -150,7 +153,8 @@ class InstanceState:
 
     __slots__ = ("index", "clients", "now", "n_running", "kv_tokens", "kv_capacity", "waiting",
                  "idle", "prefilled", "decode_steps", "latency", "engine", "heap", "alive", "dirty",
-                 "kv_mode", "kv_block", "kv_blocks", "kv_used", "kv_peak", "residue", "floor_heap", "admitted")
+                 "kv_mode", "kv_block", "kv_blocks", "kv_used", "kv_peak", "residue", "floor_heap", "admitted",
+                 "floors", "kv_unbound")
 
     def __init__(self, engine: "Engine", index: int, clients: range, kv_capacity: int, latency,
                  kv_mode: str = "paged", kv_block: int = 16) -> None:
@@ -172,6 +176,11 @@ class InstanceState:
         self.floor_heap: list[tuple[int, int, int]] = []
         # (admission number, client, epoch) of running requests in admission order (stale entries skipped)
         self.admitted: list[tuple[int, int, int]] = []
+        # reservations per request in reserve mode (None in paged mode)
+        self.floors = engine.reserve_floor if kv_mode == "reserve" else None
+        # whether this cache holds every request its clients can hold at once at their peaks: then no
+        # admission can fail and no step can preempt, and the helpers skip their checks (same outcome)
+        self.kv_unbound = False
         self.waiting: dict[int, None] = {}
         self.idle: dict[int, None] = dict.fromkeys(clients)
         self.prefilled: dict[int, int] = {}
@@ -205,11 +214,14 @@ class InstanceState:
 
     def floor_tokens(self, request: int) -> int:
         """Tokens ``request`` reserves on this instance (0 in paged mode)."""
-        return self.engine.reserve_floor[request] if self.kv_mode == "reserve" else 0
+        return self.floors[request] if self.floors is not None else 0
 
     def held_blocks(self, request: int, tokens: int) -> int:
         """Blocks ``request`` occupies on this instance when its cache holds ``tokens`` tokens."""
-        return blocks(max(tokens, self.floor_tokens(request)), self.kv_block)
+        floors = self.floors
+        if floors is not None and floors[request] > tokens:
+            tokens = floors[request]
+        return -(-tokens // self.kv_block)
 
     def admission_blocks(self, client: int, lookahead: int = 1) -> int:
         """More blocks that ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps."""
@@ -490,8 +502,10 @@ class Engine:
         self.lost_instances = 0
         states = []
         for k, inst in enumerate(problem.instances):
-            states.append(InstanceState(self, k, self.ctx.instance_clients(k), inst.kv_capacity_tokens,
-                                        inst.profile.latency, self.kv_modes[k], self.kv_block_sizes[k]))
+            st = InstanceState(self, k, self.ctx.instance_clients(k), inst.kv_capacity_tokens,
+                               inst.profile.latency, self.kv_modes[k], self.kv_block_sizes[k])
+            st.kv_unbound = self._never_binds(st)
+            states.append(st)
         self.states = states
         pending_faults = {k: [f for f in self.faults if f.instance == k] for k in range(len(states))}
         # heap of (clock, idle-flag, index): busy instances at a time step before idle ones
@@ -693,6 +707,16 @@ class Engine:
         self._register(s, c, r)
         if np.isnan(self.prefill_end_s[r]):
             self.prefill_end_s[r] = s.now
+
+    def _never_binds(self, s: InstanceState) -> bool:
+        """Whether ``s``'s clients, holding the requests of largest peak at once, fit its blocks."""
+        w = self.problem.workload
+        peak = w.prompt_tokens + np.maximum(w.output_tokens, w.max_output_tokens)
+        if s.floors is not None:
+            peak = np.maximum(peak, np.asarray(s.floors))
+        held = -(-peak // s.kv_block)
+        top = np.partition(held, held.size - len(s.clients))[-len(s.clients):] if held.size > len(s.clients) else held
+        return int(top.sum()) <= s.kv_blocks
 
     # -- block accounting of running requests ------------------------------------------------------
     def _register(self, s: InstanceState, c: int, r: int) -> None:

@@ -56,7 +56,8 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
     list of int
         The chosen clients, in the given order.
     """
-    free = kv_room(state)
+    unbound = state.kv_unbound  # every request fits at its peak: no KV check can fail
+    free = 0 if unbound else kv_room(state)
     engine = state.engine
     context = engine.context
     prefilled = state.prefilled
@@ -65,7 +66,7 @@ def admissible(state, clients, token_budget: int | None = None, max_batch: int |
     for c in clients:
         if c in prefilled:
             continue
-        need = state.admission_blocks(c)
+        need = 0 if unbound else state.admission_blocks(c)
         if need > free:
             if head_of_line:
                 break
@@ -144,11 +145,22 @@ def prompt_chunks(state, budget: int | None = None) -> dict[int, int]:
     dict
         ``client -> prompt tokens to process`` (empty when nothing fits).
     """
-    free = kv_room(state)
     prefilled = state.prefilled
+    chunks: dict[int, int] = {}
+    if state.kv_unbound:  # every request fits at its peak: no KV check can fail
+        context, request_of = state.engine.context, state.engine.client_request
+        for c in state.waiting:
+            if budget is not None and budget <= 0:
+                break
+            k = context[request_of[c]] - prefilled.get(c, 0)
+            if budget is not None:
+                k = min(budget, k)
+                budget -= k
+            chunks[c] = k
+        return chunks
+    free = kv_room(state)
     # blocks the partly prefilled prompts still need to complete
     promised = sum(state.admission_blocks(c) for c in prefilled)
-    chunks: dict[int, int] = {}
     for c in state.waiting:
         if budget is not None and budget <= 0:
             break
