@@ -389,3 +389,26 @@ def test_torch_preempted_requests_recompute_to_the_same_tokens(policy):
     assert res.preemptions.sum() > 0 and be.counters["preemptions"] == res.preemptions.sum()
     assert max(token_mismatches(be).values()) == 0
     assert {r: len(t) for r, t in be.generated.items()} == {r: int(o) for r, o in enumerate(wl.output_tokens)}
+
+
+def test_the_hybrid_preempts_the_cheapest_recompute():
+    from lloptim.runtime.lagrangian import LagrangianIterations
+
+    chosen = []
+
+    class Recording(LagrangianIterations):
+        def victim(self, state):
+            c = super().victim(state)
+            engine = state.engine
+            held = {x: engine.prompt[engine.client_request[x]] + state.decode_steps - engine.client_start_step[x]
+                    for x in state.clients if engine.client_state[x] == RUNNING}
+            chosen.append(held[c] == min(held.values()))
+            return c
+
+    problem = _memory_bound_problem(4, n=120, capacity=3072)
+    est = np.full(problem.n_requests, 60.0)  # wrong estimates: the projection admits too much
+    pol = make_policy("hybrid-fused")
+    pol.iterations = Recording(fused=True)
+    res = Engine(problem, pol, estimates=est, check=True).run()
+    _check_conservation(problem, res)
+    assert chosen and all(chosen) and res.preemptions.sum() == len(chosen)
