@@ -28,17 +28,56 @@ instances pooled), gives a valid bound for *any* ``lambda``; it is maximized exa
 planes whose master LPs HiGHS solves, and the best ``lambda`` evaluated, so the bound is the LP
 optimum and never overstates it.
 A request can never finish before ``arrival + its own minimal time``.
+
+**Precedence** (:mod:`lloptim.precedence`). A request with predecessors starts only after they
+finish, so the makespan is at least the *critical path*: the longest chain of
+``arrival + minimal processing times`` through the DAG (:func:`critical_path_bound`). A request's
+minimal time (:func:`minimal_request_time_s`) is what it costs alone on the fastest instance: one
+iteration that holds its prompt (``prefill_base_s``, or for fused schedules the cheaper of
+``prefill_base_s`` and ``decode_base_s``, since a chunk can ride on a decode), then ``o`` decode
+steps of at least ``decode_base_s + decode_per_seq_s + decode_per_kv_token_s * (p + k)`` each; the
+coefficients are minimized one by one over the instances, which stays valid when a request migrates
+mid-decode. On a single instance the chain also counts iterations: its decode steps and prefills run
+one after another, so the decode steps are at least the chain's output tokens and the prefill
+iterations at least its length (for fused schedules, iterations along the chain are at least its
+tokens plus its length). Finally the *window* bound combines the work bound with heads and tails:
+requests that cannot start before ``a`` (their arrival or their predecessors) and must be followed
+by ``b`` seconds of successors run inside ``[a, T - b]``, so ``T >= a + b + bound(those requests)``
+(the bound of the requests alone, all arriving at 0); it is taken over a few thresholds ``a``, ``b``.
+
+**KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
+block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
+decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
+reservation in reserve mode). Summed over requests this *KV area* ``A`` is the same in every
+schedule, preemptions included (a recomputed request resumes with the same context), so an
+instance runs at least ``A / M`` decode steps. On one instance whose requests all start from
+scratch, the first steps cannot fill the cache: at its ``t``-th decode step a request has taken at
+most ``t`` steps, so the cache holds at most ``U(t)``, the ``C`` largest holdings at progress
+``t``; the steps before ``U(t)`` reaches ``M`` process at most ``sum_t U(t)`` of the area, and
+
+    decode steps >= t* + (A - sum_{t <= t*} U(t)) / M,    t* = first t with U(t) >= M.
+
+The decode steps of the bound are the larger of this and the clients bound above
+(:attr:`LowerBound.decode_steps_memory`, :attr:`LowerBound.decode_steps_clients`); both the
+separate-iteration and the fused bounds use them. For several instances, request ``r`` takes
+``a_d area_r / M_k`` seconds of instance ``k``'s decode fixed cost by memory (or ``a_d o_r / C_k``
+by clients): both weights give valid fractional assignment bounds, and the larger is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from lloptim.problem import Problem
+from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens, reservation_tokens
+from lloptim.problem import Problem, as_problem
 
-__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound"]
+__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
+           "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
+
+#: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
+WINDOW_THRESHOLDS = 12
 
 
 @dataclass(frozen=True)
@@ -60,9 +99,32 @@ class LowerBound:
     single_request_s
         Longest ``arrival + minimal time`` of any single request.
     decode_steps
-        The lower bound on decode steps used (per instance).
+        The lower bound on decode steps used (per instance): the larger of
+        ``decode_steps_clients`` and ``decode_steps_memory``.
     prefill_iterations
         The lower bound on prefill iterations used (per instance).
+    decode_steps_clients
+        Decode steps the clients force (per instance): at most ``C`` requests advance per step
+        (and, with precedence, a chain's tokens one after another).
+    decode_steps_memory
+        Decode steps the KV memory forces (per instance): the KV area over the capacity, with the
+        ramp-up of a single instance (see the module docstring).
+    kv_area_token_steps
+        KV memory the requests hold summed over their decode steps, token-steps (in whole blocks;
+        in reserve mode at least the reservation).
+    kv_mode
+        The KV mode bounded (``"paged"``, ``"reserve"``, or ``"mixed"`` for instances that differ).
+    critical_path_s
+        Longest chain of ``arrival + minimal processing times`` through the precedence DAG
+        (:func:`critical_path_bound`; without precedence, the longest single request), for
+        separate-iteration schedules.
+    critical_path_fused_s
+        The same for fused schedules (a prompt may ride on a decode iteration); ``<= critical_path_s``.
+    window_s
+        The best window bound ``a + b + bound(requests inside [a, T - b])`` (module docstring), for
+        separate-iteration schedules; 0 when every request is ready at 0 and there is no precedence.
+    window_fused_s
+        The same for fused schedules.
     """
 
     total_s: float
@@ -73,6 +135,19 @@ class LowerBound:
     single_request_s: float
     decode_steps: int
     prefill_iterations: int
+    critical_path_s: float = 0.0
+    critical_path_fused_s: float = 0.0
+    window_s: float = 0.0
+    window_fused_s: float = 0.0
+    decode_steps_clients: int = 0
+    decode_steps_memory: int = 0
+    kv_area_token_steps: float = 0.0
+    kv_mode: str = "paged"
+
+    @property
+    def memory_binds(self) -> bool:
+        """Whether the KV memory, rather than the clients, sets the decode steps of the bound."""
+        return self.decode_steps_memory > self.decode_steps_clients
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-ready)."""
@@ -114,7 +189,9 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     The fractional assignment of requests to ``count[j]`` identical machines of kind ``j`` is an LP
     with ``J * R`` columns (400k at 100k requests and 4 kinds, where HiGHS takes minutes). Its
     dual has ``J`` variables: maximize ``g(mu) = sum_r min_j (mu_j / count[j]) work[j, r]`` over the
-    simplex, a concave piecewise-linear function. It is solved exactly by Kelley's cutting planes:
+    simplex, a concave piecewise-linear function. For two kinds its maximum is at one of the ``R``
+    breaks, all evaluated at once after a sort (``O(R log R)``). For more it is solved exactly by
+    Kelley's cutting planes:
     each round evaluates ``g`` and its supergradient at the master's ``mu`` (``O(J R)``) and adds
     that cut to the master LP (``J + 1`` variables, solved by HiGHS through
     ``scipy.optimize.linprog``), until the master's value and the best ``g`` agree to 1e-12
@@ -159,6 +236,21 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         mu = np.ones(J) / max(J, 1)
         val = g(mu)[0]
         return (val, mu) if return_prices else val
+    if J == 2:
+        # one dimension: g(m, 1 - m) is concave and piecewise linear with its breaks where the two
+        # kinds price a request alike, m_r = s2_r / (s1_r + s2_r); the maximum is at one of them,
+        # and g at every break is two cumulative sums over the sorted breaks
+        s1, s2 = scaled
+        both = s1 + s2
+        br = np.divide(s2, both, out=np.zeros(R), where=both > 0)
+        order = np.argsort(br, kind="stable")
+        b, a1, a2 = br[order], s1[order], s2[order]
+        suffix1 = np.cumsum(a1[::-1])[::-1]                  # sum of s1 over breaks >= b_i
+        prefix2 = np.r_[0.0, np.cumsum(a2)[:-1]]             # sum of s2 over breaks < b_i
+        i = int(np.argmax(b * suffix1 + (1.0 - b) * prefix2))
+        mu = np.array([b[i], 1.0 - b[i]])
+        val = g(mu)[0]
+        return (val, mu) if return_prices else val
     # the pure kinds and the centre seed the master with J + 1 cuts
     seeds = list(np.eye(J)) + [np.full(J, 1.0 / J)]
     cuts, best, best_mu = [], -np.inf, seeds[-1]
@@ -188,9 +280,167 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     return (best, best_mu) if return_prices else best
 
 
+def memory_decode_steps_lower_bound(area: np.ndarray, capacity_tokens: int, clients: int,
+                                    start_holdings: np.ndarray | None = None, block_tokens: int = 1) -> int:
+    """Lower bound on the decode steps of one instance from its KV memory, steps.
+
+    Parameters
+    ----------
+    area
+        KV area of each request, token-steps (:func:`lloptim.memory.decode_area_tokens`).
+    capacity_tokens
+        Tokens the cache holds in whole blocks (blocks x block tokens).
+    clients
+        Clients of the instance (count).
+    start_holdings
+        Tokens each request holds before its first decode step (prompt, or its reservation); with
+        it, the ramp-up from an empty cache is counted (single instance, requests from scratch).
+    block_tokens
+        Tokens per block (holdings are rounded up to whole blocks).
+
+    Returns
+    -------
+    int
+        The bound, decode steps.
+    """
+    A = float(np.sum(area))
+    M = float(capacity_tokens)
+    if A <= 0:
+        return 0
+    plain = int(np.ceil(A / M - 1e-9))
+    if start_holdings is None or start_holdings.size == 0:
+        return plain
+    h = np.asarray(start_holdings, dtype=np.int64)
+    C = min(int(clients), h.size)
+    top = np.sort(h)[-C:]  # the C largest holdings give the largest cache at every progress
+    B = int(block_tokens)
+    # U(t) = sum of the C largest blocks(h + t) * B: the most the cache can hold at step t
+    t_star = int(max(1, np.ceil((M - top.sum()) / C))) if top.sum() < M else 0
+    if t_star == 0:
+        return plain
+    t = np.arange(1, t_star + 1)
+    held = (B * -(-(top[None, :] + t[:, None]) // B)).sum(axis=1).astype(np.float64)
+    fill = np.minimum(held, M)
+    cum = np.cumsum(fill)
+    if cum[-1] >= A:
+        return int(np.searchsorted(cum, A - 1e-9) + 1)
+    return max(plain, int(np.ceil(t_star + (A - cum[-1]) / M - 1e-9)))
+
+
+def _kv_area(problem: Problem, o: np.ndarray, kv_mode, kv_block_tokens, estimates) -> tuple[list, list, list, list, str]:
+    """Per instance: the KV area of each request, the capacity in whole blocks, the start holdings, the block."""
+    w = problem.workload
+    p = w.prompt_tokens
+    oi = np.asarray(o, dtype=np.int64)
+    modes = kv_mode if isinstance(kv_mode, (list, tuple)) else [kv_mode] * len(problem.instances)
+    blocks_ = kv_block_tokens if isinstance(kv_block_tokens, (list, tuple)) else \
+        [kv_block_tokens] * len(problem.instances)
+    room = min(inst.kv_blocks * inst.kv_block_tokens for inst in problem.instances)
+    areas, caps, starts, sizes, used = [], [], [], [], set()
+    for inst, mode, blk in zip(problem.instances, modes, blocks_):
+        mode = inst.kv_mode if mode is None else check_kv_mode(mode)
+        B = inst.kv_block_tokens if blk is None else check_block_tokens(blk, inst.kv_capacity_tokens)
+        used.add(mode)
+        if mode == "reserve":
+            # the engine reserves the cap, else the run's estimate, clipped to the smallest cache;
+            # without estimates only the caps are certain
+            est = np.zeros(len(w)) if estimates is None else np.asarray(estimates, dtype=np.float64)
+            floor = np.where(w.max_output_tokens > 0, reservation_tokens(p, w.max_output_tokens, np.ones(len(w))),
+                             p + (np.ceil(est).astype(np.int64) if estimates is not None else 0))
+            floor = np.minimum(floor, room)
+        else:
+            floor = None
+        areas.append(decode_area_tokens(p, oi, B, floor))
+        caps.append((inst.kv_capacity_tokens // B) * B)
+        starts.append(p if floor is None else np.maximum(p, floor))
+        sizes.append(B)
+    return areas, caps, starts, sizes, used.pop() if len(used) == 1 else "mixed"
+
+
+def minimal_request_time_s(problem: Problem, output_tokens: np.ndarray | None = None,
+                           fused: bool = False) -> np.ndarray:
+    """Least time any schedule takes from a request's first prefill iteration to its finish, seconds.
+
+    The request alone on the fastest instance: its prefill iteration (``prefill_base_s`` plus the
+    prompt's per-token cost; with ``fused``, a prompt chunk riding on a decode pays
+    ``decode_base_s`` instead when that is cheaper), then ``o`` decode steps of at least
+    ``decode_base_s + decode_per_seq_s + decode_per_kv_token_s * (p + k)`` for ``k = 0 .. o-1``.
+    The decode coefficients are minimized one by one over the instances (valid even when the
+    request migrates between instances mid-decode).
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths, tokens; default: the workload's true lengths.
+    fused
+        Whether the schedule may fuse prompt chunks into decode iterations.
+
+    Returns
+    -------
+    numpy.ndarray
+        Seconds per request (float64).
+    """
+    w = problem.workload
+    p = w.prompt_tokens.astype(np.float64)
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    lats = [inst.profile.latency for inst in problem.instances]
+    prefill = np.min([(min(l.prefill_base_s, l.decode_base_s) if fused else l.prefill_base_s)
+                      + l.prefill_per_token_s * p for l in lats], axis=0)
+    step = min(l.decode_base_s + l.decode_per_seq_s for l in lats)
+    per_kv = min(l.decode_per_kv_token_s for l in lats)
+    return prefill + step * o + per_kv * (o * p + o * (o - 1) / 2)
+
+
+def critical_path_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                        fused: bool = False) -> tuple[float, list[int]]:
+    """The critical-path lower bound on the makespan and the chain of requests that attains it.
+
+    The longest path through the precedence DAG, each request weighing its
+    :func:`minimal_request_time_s` and starting no earlier than its arrival:
+    ``finish_r >= max(arrival_r, max_{q -> r} finish_q) + t_r``.
+
+    Parameters
+    ----------
+    problem
+        The problem (without precedence, the chain is the single request that finishes last).
+    output_tokens
+        Output lengths, tokens; default: the workload's true lengths.
+    fused
+        Bound fused schedules too (see :func:`minimal_request_time_s`).
+
+    Returns
+    -------
+    bound, rows
+        The bound, seconds, and the request rows of the critical chain, first to last.
+    """
+    w = problem.workload
+    t = minimal_request_time_s(problem, output_tokens, fused)
+    if w.precedence is None:
+        finish = w.arrival_s + t
+        last = int(np.argmax(finish))
+        return float(finish[last]), [last]
+    return w.precedence.critical_path(t, w.arrival_s)
+
+
+def _critical_path_s(problem: Problem, output_tokens: np.ndarray, fused: bool) -> float:
+    """Length of :func:`critical_path_bound` without tracing the chain, seconds."""
+    w = problem.workload
+    t = minimal_request_time_s(problem, output_tokens, fused)
+    if w.precedence is None:
+        return float(np.max(w.arrival_s + t))
+    return w.precedence.longest_path(t, w.arrival_s)
+
+
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
-                decode_steps: int | None = None) -> LowerBound:
-    """Makespan lower bound of ``problem``, seconds.
+                decode_steps: int | None = None, kv_mode=None, kv_block_tokens=None,
+                estimates: np.ndarray | None = None) -> LowerBound:
+    """Makespan lower bound of ``problem``, seconds, with the clients and the KV memory.
+
+    The work bound (clients and KV memory), the critical path of the precedence DAG (arrivals
+    included) and the window bound that combines them (module docstring); ``total_s`` and
+    ``fused_s`` are the largest.
 
     Parameters
     ----------
@@ -201,7 +451,124 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     decode_steps
         A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
         bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+    kv_mode
+        KV mode to bound for (a run option that overrides the instances', or a list with one per
+        instance); None: each instance's own.
+    kv_block_tokens
+        Tokens per KV block, likewise.
+    estimates
+        The run's output-length estimates, tokens: in reserve mode an uncapped request reserves
+        ``prompt + estimate``, which the bound then counts; None counts only the caps.
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
+    problem = as_problem(problem)
+    kv = (kv_mode, kv_block_tokens, estimates)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv)
+    w = problem.workload
+    if w.precedence is None and not np.any(w.arrival_s > 0):
+        return bound
+    window, window_fused = _window_bound(problem, output_tokens, kv)
+    return replace(bound, total_s=float(max(bound.total_s, window)), fused_s=float(max(bound.fused_s, window_fused)),
+                   window_s=float(window), window_fused_s=float(window_fused))
+
+
+def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None)
+                  ) -> tuple[float, float]:
+    """``max a + b + bound(S)`` over requests ``S`` with head ``>= a`` and tail ``>= b`` (separate, fused), s.
+
+    Heads and tails are longest paths of minimal (fused) times, which bound both kinds of
+    schedule. ``bound(S)`` is the work and critical-path bound of ``S`` alone, all arriving at 0:
+    the iterations that serve ``S`` lie in ``[a, T - b]`` on every instance and, without the
+    others, would form a schedule of ``S``.
+    """
+    w = problem.workload
+    o = w.output_tokens if output_tokens is None else np.asarray(output_tokens)
+    t = minimal_request_time_s(problem, o, fused=True)
+    if w.precedence is None:
+        head, tail = w.arrival_s.astype(np.float64), np.zeros(len(w))
+    else:
+        head, tail = w.precedence.earliest_start(t, w.arrival_s), w.precedence.tails(t)
+    best, best_fused = 0.0, 0.0
+    seen: set[bytes] = set()
+    for a_min, b_min in _thresholds(head, tail):
+        rows = np.flatnonzero((head >= a_min) & (tail >= b_min))
+        if rows.size == 0:
+            continue
+        key = rows.tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        a, b = float(head[rows].min()), float(tail[rows].min())
+        # the requests alone, all arriving at 0, with the dependencies among them (already valid)
+        alone = replace(w, prompt_tokens=w.prompt_tokens[rows], output_tokens=w.output_tokens[rows],
+                        arrival_s=np.zeros(rows.size), max_output_tokens=w.max_output_tokens[rows],
+                        ids=tuple(w.ids[i] for i in rows.tolist()),
+                        precedence=None if w.precedence is None else w.precedence.subset(rows))
+        sub_kv = (kv[0], kv[1], None if kv[2] is None else np.asarray(kv[2])[rows])
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv)
+        best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
+    return best, best_fused
+
+
+def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]:
+    """Head and tail thresholds to try: quantiles of the distinct values, each alone and paired."""
+    def pick(values: np.ndarray) -> np.ndarray:
+        distinct = np.unique(values)
+        if distinct.size <= WINDOW_THRESHOLDS:
+            return distinct
+        return distinct[np.linspace(0, distinct.size - 1, WINDOW_THRESHOLDS).round().astype(np.int64)]
+
+    heads, tails = pick(head), pick(tail)
+    pairs = [(a, 0.0) for a in heads] + [(0.0, b) for b in tails]
+    few_h, few_t = heads[:: max(1, heads.size // 3)], tails[:: max(1, tails.size // 3)]
+    pairs += [(a, b) for a in few_h for b in few_t if a > 0 and b > 0]
+    return pairs
+
+
+def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
+                          pre_total: float, pre_fused: float) -> tuple[float, float]:
+    """The work bound when a long chain must also run fast (separate, fused), seconds.
+
+    Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
+    with ``D`` decode iterations. A chain ``C`` of ``S`` output tokens needs ``S`` decode
+    iterations of its own, in which ``n_j`` requests advance; every other decode iteration
+    advances at most ``C_max``, so ``D >= S + (O - sum_j n_j) / C_max`` for ``O`` output tokens
+    in all. Every co-runner slows a chain iteration by at least ``c`` (its per-request decode cost
+    at the shortest prompt), and the chain must fit between its start ``h`` and ``T`` at its
+    minimal time ``tau`` plus those slow-downs: ``sum_j n_j <= S + (T - h - tau) / c`` (and
+    ``<= S * C_max``). Batching the chain fully is therefore not free when it is nearly as long
+    as the whole schedule; ``m T >= f(T)`` with ``f`` decreasing gives the two linear bounds
+    returned as their maximum. Tried on the longest chain in tokens and the critical path.
+    """
+    w = problem.workload
+    lats = [inst.profile.latency for inst in problem.instances]
+    c = min(l.decode_per_seq_s for l in lats) + min(l.decode_per_kv_token_s for l in lats) * float(w.prompt_tokens.min())
+    if c <= 0 or a_d <= 0:
+        return 0.0, 0.0
+    m = len(problem.instances)
+    total_tokens = float(o.sum())
+    out = []
+    for fused, pre in ((False, pre_total), (True, pre_fused)):
+        t = minimal_request_time_s(problem, o, fused)
+        best = 0.0
+        for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
+            steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
+            k = token_s + a_d * steps + a_d * total_tokens / c_max + pre
+            fully_batched = (k - a_d * steps) / m
+            slope = a_d / (c_max * c)
+            limited = (k - a_d * steps / c_max + slope * (head + tau)) / (m + slope)
+            best = max(best, fully_batched, limited)
+        out.append(best)
+    return out[0], out[1]
+
+
+def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                decode_steps: int | None = None, kv: tuple = (None, None, None)) -> LowerBound:
+    """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
@@ -215,37 +582,71 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     c_max = max(inst.clients for inst in problem.instances)
     a_d = min(l.decode_base_s for l in lats)
     a_p = min(l.prefill_base_s for l in lats)
+    areas, caps, starts, sizes, mode_name = _kv_area(problem, o, *kv)
     if m == 1:
         steps = decode_steps_lower_bound(o.astype(np.int64), c_max)
         if decode_steps is not None:
             steps = max(steps, int(decode_steps))
         prefills = int(-(-len(w) // c_max))
+        # iterations along the longest chain (one prefill and o decodes per request), one at a time
+        chain_iterations = int(o.max()) + 1
+        if w.precedence is not None:
+            steps = max(steps, int(round(w.precedence.longest_path(o))))
+            prefills = max(prefills, w.precedence.depth)
+            chain_iterations = int(round(w.precedence.longest_path(o + 1.0)))
+        steps_clients = steps
+        steps_memory = memory_decode_steps_lower_bound(areas[0], caps[0], c_max, starts[0], sizes[0])
+        steps = max(steps_clients, steps_memory)
         decode_base = a_d * steps
         total_iter_work = token_s + decode_base
         total = total_iter_work + a_p * prefills
-        fused = total_iter_work + a_p
+        # fused: x iterations with a decode (>= steps), y without (>= 1), x + y >= chain_iterations
+        if a_p <= a_d:
+            fused = total_iter_work + a_p * max(1, chain_iterations - steps)
+        else:
+            fused = token_s + a_d * max(steps, chain_iterations - 1) + a_p
     else:
-        steps = int(np.ceil(o.sum() / c_max / m))
+        steps_clients = int(np.ceil(o.sum() / c_max / m))
+        # pooled over instances: each has at most the largest cache, and a request holds at least
+        # its smallest area over the instances
+        cap_max = max(caps)
+        area_min = float(np.min(np.array(areas), axis=0).sum())
+        steps_memory = int(np.ceil(area_min / cap_max / m - 1e-9))
+        steps = max(steps_clients, steps_memory)
         prefills = int(-(-len(w) // (c_max * m)))
-        decode_base = a_d * o.sum() / c_max
+        decode_base = a_d * max(o.sum() / c_max, area_min / cap_max)
         total = (token_s + decode_base + a_p * len(w) / c_max) / m
         fused = (token_s + decode_base + a_p * m) / m
         kinds: dict[tuple, list[int]] = {}
         for k, inst in enumerate(problem.instances):
-            kinds.setdefault((inst.profile.latency, inst.clients), []).append(k)
+            kinds.setdefault((inst.profile.latency, inst.clients, caps[k], float(areas[k].sum())), []).append(k)
         if len(kinds) > 1:
-            # instances differ: the fractional assignment bound (module docstring), by its dual
+            # instances differ: the fractional assignment bound (module docstring), by its dual,
+            # once with the decode steps the clients force and once with those the memory forces
             first = [ks[0] for ks in kinds.values()]
             count = np.array([len(ks) for ks in kinds.values()], dtype=np.float64)
             clients = np.array([problem.instances[k].clients for k in first], dtype=np.float64)
-            fixed_d = np.array([lats[k].decode_base_s for k in first])[:, None] * o[None, :] / clients[:, None]
-            v_fused = per_inst[first] + fixed_d
-            v = v_fused + np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
-            total = max(total, fractional_assignment_bound(v, count))
-            fused = max(fused, fractional_assignment_bound(v_fused, count))
+            a_dk = np.array([lats[k].decode_base_s for k in first])[:, None]
+            share_clients = o[None, :] / clients[:, None]
+            share_memory = np.array([areas[k] / caps[k] for k in first])
+            a_pk = np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
+            for share in (share_clients, share_memory):
+                v_fused = per_inst[first] + a_dk * share
+                total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
+                fused = max(fused, fractional_assignment_bound(v_fused, count))
+    if w.precedence is not None:
+        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m)
+        total, fused = max(total, coupled), max(fused, coupled_fused)
     # separate-iteration schedules are fused schedules too, so the fused bound holds for them
     total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
-    return LowerBound(total_s=max(total, single), fused_s=max(fused, single), token_s=token_s,
+    path = _critical_path_s(problem, o, fused=False)
+    path_fused = _critical_path_s(problem, o, fused=True)
+    return LowerBound(total_s=max(total, single, path), fused_s=max(fused, single, path_fused), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
-                      single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills))
+                      single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills),
+                      critical_path_s=path, critical_path_fused_s=path_fused,
+                      decode_steps_clients=int(steps_clients), decode_steps_memory=int(steps_memory),
+                      kv_area_token_steps=float(sum(float(a.sum()) for a in areas) / len(areas)),
+                      kv_mode=mode_name)

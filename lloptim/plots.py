@@ -1,7 +1,8 @@
 """Figures: per-client timelines, the case-study utilization distribution, noise degradation.
 
 Matplotlib with the non-interactive Agg backend: :func:`plot_timeline` draws on the axes it is
-given, :func:`plot_reproduction` writes a figure file and returns its path.
+given (with the critical path of a workflow run outlined), :func:`plot_run` and
+:func:`plot_reproduction` write a figure file and return its path.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lloptim.experiments import unknown_lengths_key  # noqa: E402
-from lloptim.runtime.engine import RunResult  # noqa: E402
+from lloptim.runtime.engine import KIND_MIXED, RunResult  # noqa: E402
 
-__all__ = ["plot_timeline", "plot_reproduction"]
+__all__ = ["plot_timeline", "plot_run", "plot_reproduction", "check_figure_path"]
 
 COLORS = {"prefill": "#e8a33d", "decode": "#3b75af", "waiting": "#d9d9d9"}
+#: Colour of the critical path's outline and hand-off arrows.
+CRITICAL = "#c0392b"
 
 
 def plot_timeline(ax, result: RunResult, title: str, max_clients: int | None = None) -> None:
@@ -50,11 +53,88 @@ def plot_timeline(ax, result: RunResult, title: str, max_clients: int | None = N
         ax.broken_barh(list(zip(e, d - e)), (c - 0.4, 0.8), color=COLORS["decode"], linewidth=0)
     busy = float(np.dot(result.trace_duration_s, result.trace_participants))
     util = busy / (result.problem.n_clients * result.makespan_s)
-    ax.set_title(f"{title}: makespan {result.makespan_s:.2f} s, utilization {100 * util:.1f} %")
+    note = ""
+    if result.problem.workload.precedence is not None:
+        from lloptim.bounds import critical_path_bound
+
+        bound, path = critical_path_bound(result.problem, fused=bool(np.any(result.trace_kind == KIND_MIXED)))
+        _draw_critical_path(ax, result, path, n_clients)
+        note = f"; critical path (red) {bound:.2f} s at the least"
+    ax.set_title(f"{title}: makespan {result.makespan_s:.2f} s, utilization {100 * util:.1f} %{note}")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("client")
     ax.set_xlim(0, result.makespan_s * 1.01)
     ax.set_ylim(-1, n_clients)
+
+
+def _draw_critical_path(ax, result: RunResult, path: list[int], n_clients: int) -> None:
+    """Outline where the requests of the critical path ran (assignment to finish) and draw their hand-offs."""
+    prev = None
+    for r in path:
+        c = int(result.client[r])
+        start, end = result.assign_s[r], result.done_s[r]
+        if 0 <= c < n_clients:
+            ax.broken_barh([(start, end - start)], (c - 0.45, 0.9), facecolors="none", edgecolors=CRITICAL,
+                           linewidth=1.5)
+        if prev is not None:
+            pc = int(result.client[prev])
+            if 0 <= c < n_clients and 0 <= pc < n_clients:
+                ax.annotate("", xy=(start, c), xytext=(result.done_s[prev], pc),
+                            arrowprops={"arrowstyle": "->", "color": CRITICAL, "lw": 1.2})
+        prev = r
+
+
+def check_figure_path(path: str | Path, flag: str = "--plot") -> Path:
+    """Check, before any work, that a figure can be written at ``path`` in a format matplotlib knows.
+
+    Parameters
+    ----------
+    path
+        Image file to write; its suffix names the format (``.png``, ``.svg``, ``.pdf`` ...).
+    flag
+        Option it came from, for the message.
+
+    Raises
+    ------
+    SpecError
+        The folder is missing or not writable, or the suffix names no format matplotlib writes.
+    """
+    from lloptim.validation import check_output_path
+
+    fig = plt.figure()
+    formats = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    return check_output_path(flag, path, sorted("." + f for f in formats))
+
+
+def plot_run(result: RunResult, path: str | Path, title: str | None = None, max_clients: int | None = 64) -> Path:
+    """The per-client timeline of one run (:func:`plot_timeline`) written to ``path``.
+
+    Parameters
+    ----------
+    result
+        The run.
+    path
+        Image file to write (format from the suffix).
+    title
+        Title prefix; default: the policy's name.
+    max_clients
+        Draw at most this many clients (count); None: all.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    n = result.problem.n_clients if max_clients is None else min(max_clients, result.problem.n_clients)
+    fig, ax = plt.subplots(figsize=(12, 2.0 + 0.12 * n), constrained_layout=True)
+    plot_timeline(ax, result, title or result.policy, max_clients)
+    fig.legend(handles=[matplotlib.patches.Patch(color=v, label=k) for k, v in COLORS.items()],
+               loc="outside lower center", ncols=3)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_reproduction(report: dict, results: dict[str, RunResult], path: str | Path) -> Path:

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from lloptim import guards
 from lloptim.errors import SolverError, SpecError
 from lloptim.formulations.binpacking import BinPackingData
 from lloptim.formulations.compiled import LinearModel
@@ -291,6 +292,9 @@ def solve(model_or_problem, solver: str = "greedy", params: SolveParams | None =
         The backend's package is missing, or it cannot solve this kind of input.
     ModelTooLargeError
         The backend's memory estimate for the model exceeds the allowance.
+    TooLargeError
+        The bin packing's greedy start is estimated to need more memory than is available
+        (:func:`lloptim.guards.check_solve`).
     """
     deadline = Deadline.starting_now(None)
     if params is None:
@@ -316,6 +320,8 @@ def solve(model_or_problem, solver: str = "greedy", params: SolveParams | None =
         models = [n for n in ("highs", "cbc", "cvxpy")]
         raise SolverError(f"solver {solver!r} does not solve the {form.name!r} formulation "
                           f"(fix: use one of {models})")
+    if form.name == "binpacking":
+        guards.check_solve(model_or_problem, params.rel_gap, weights)  # before the (R, C) arrays of the start
     if weights is not None:
         options["weights"] = weights
     if estimates is not None:

@@ -12,13 +12,15 @@ with the built-in policies using :func:`~lloptim.metrics.summarize`.
 # %%
 # A request scheduler: longest job first
 # --------------------------------------
-# One shared pool; an idle client takes the arrived request with the longest *estimated* output
-# (the policy never sees the true lengths unless the run says they are known). The engine calls
+# One shared pool; an idle client takes the ready request with the longest *estimated* output
+# (the policy never sees the true lengths unless the run says they are known). The engine tells
+# the scheduler of each request once, when it becomes ready
+# (:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`: at its arrival, or when its last
+# predecessor finishes in a workflow), calls
 # :meth:`~lloptim.runtime.policy.RequestScheduler.next_request` for every idle client, and
-# :meth:`~lloptim.runtime.policy.RequestScheduler.pending` to know whether work remains.
+# :meth:`~lloptim.runtime.policy.RequestScheduler.pending` to know whether ready work remains.
+# The scheduler never needs an arrival time.
 import heapq
-
-import numpy as np
 
 import lloptim
 from lloptim.runtime.iteration_schedulers import admissible
@@ -26,32 +28,23 @@ from lloptim.runtime.policy import DECODE, IterationScheduler, Policy, Prefill, 
 
 
 class LongestFirst(RequestScheduler):
-    """Hand out the arrived request with the longest estimated output first."""
+    """Hand out the ready request with the longest estimated output first."""
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.arrival = ctx.problem.workload.arrival_s
-        self.by_arrival = list(np.argsort(self.arrival, kind="stable"))
-        self.next_arrival = 0
         self.ready = []  # heap of (-estimate, request)
-        self.n_pending = ctx.problem.n_requests
+
+    def on_ready(self, request, now):  # the engine announces each request once, when it is ready
+        heapq.heappush(self.ready, (-self.ctx.estimates[request], request))
 
     def pending(self):
-        return self.n_pending
+        return len(self.ready)
 
     def next_request(self, state, client):
-        while self.next_arrival < len(self.by_arrival) and self.arrival[self.by_arrival[self.next_arrival]] <= state.now:
-            r = int(self.by_arrival[self.next_arrival])
-            heapq.heappush(self.ready, (-self.ctx.estimates[r], r))
-            self.next_arrival += 1
-        if not self.ready:
-            return None
-        self.n_pending -= 1
-        return heapq.heappop(self.ready)[1]
+        return heapq.heappop(self.ready)[1] if self.ready else None
 
     def requeue(self, request, now):  # a fault handed the request back
         heapq.heappush(self.ready, (-self.ctx.estimates[request], request))
-        self.n_pending += 1
 
 
 # %%

@@ -7,7 +7,10 @@ A :class:`Policy` is a :class:`RequestScheduler` (which client serves which requ
 
 Information discipline: a policy sees the *estimated* output lengths of :attr:`RunContext.estimates`
 (equal to the truth only when ``RunContext.known_lengths`` is true) and learns a request's true
-length when it finishes (:meth:`RequestScheduler.on_finish`).
+length when it finishes (:meth:`RequestScheduler.on_finish`). A request scheduler learns of a
+request when it becomes *ready* (:meth:`RequestScheduler.on_ready`: at its arrival, or when the last
+of its predecessors finishes if that is later) and may hand out only requests it has been told of;
+it needs no arrival time of the future.
 """
 
 from __future__ import annotations
@@ -92,20 +95,42 @@ class RunContext:
 
 
 class RequestScheduler:
-    """Decides which request a client serves next. Subclass and override the hooks."""
+    """Decides which request a client serves next. Subclass and override the hooks.
+
+    The engine announces every request once, when it becomes ready (:meth:`on_ready`); the
+    scheduler keeps the ready requests it has not handed out (:meth:`pending` counts them) and
+    gives one to an idle client when asked (:meth:`next_request`).
+    """
 
     def setup(self, ctx: RunContext) -> None:
         """Called once before the run (offline planning goes here)."""
         self.ctx = ctx
 
+    def on_ready(self, request: int, now: float) -> None:
+        """``request`` became ready at ``now`` seconds: from now on it may be handed out.
+
+        Called by the engine exactly once per request, in order of ``now``: at the request's
+        arrival, or when its last predecessor finishes if that is later. No instance whose clock
+        is before ``now`` asks for work afterwards.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        now
+            Its ready time, seconds.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement on_ready(request, now): keep the "
+                                  "request until next_request hands it out")
+
     def pending(self) -> int:
-        """Number of requests not yet handed to a client (including ones that have not arrived)."""
+        """Number of ready requests not yet handed to a client (count)."""
         raise NotImplementedError
 
     def next_request(self, state: "InstanceState", client: int) -> int | None:
         """A request (row index) for idle ``client`` of ``state``'s instance, or ``None`` for none now.
 
-        Only requests that have arrived (``arrival_s <= state.now``) may be returned.
+        Only requests announced by :meth:`on_ready` may be returned.
 
         Parameters
         ----------
@@ -159,6 +184,19 @@ class RequestScheduler:
             Time of the failure, seconds (the failed instance's clock).
         """
 
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """``request`` was preempted for KV memory; it stays with ``client``, waiting to be prefilled again.
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client.
+        generated
+            Output tokens it keeps (its next prefill recomputes them with the prompt), tokens.
+        """
+
 
 class IterationScheduler:
     """Decides what the next iteration of an instance runs. Subclass and override :meth:`decide`."""
@@ -187,6 +225,38 @@ class IterationScheduler:
             Its true output length, tokens.
         now
             Finish time, seconds (the instance clock).
+        """
+
+    def victim(self, state: "InstanceState") -> int | None:
+        """The running client to preempt when the next decode step needs more KV blocks than are free.
+
+        Called repeatedly until the step fits. ``None`` (the default) leaves the choice to the
+        engine's victim rule (:data:`~lloptim.runtime.kv.VICTIM_RULES`, vLLM's ``"newest"`` by
+        default).
+
+        Parameters
+        ----------
+        state
+            The instance; ``state.growth_blocks()`` blocks are needed, ``state.kv_free_blocks`` free.
+
+        Returns
+        -------
+        int or None
+            A running client of the instance (global index), or None.
+        """
+        return None
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """``request`` was preempted for KV memory (see :meth:`RequestScheduler.on_preempt`).
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client, where it now waits.
+        generated
+            Output tokens it keeps, tokens.
         """
 
     def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
@@ -251,6 +321,21 @@ class Policy:
         """
         self.requests.on_finish(request, client, output_tokens, now)
         self.iterations.on_finish(request, client, output_tokens, now)
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """Tell both schedulers that ``request`` was preempted (it waits on ``client`` with ``generated`` tokens).
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client.
+        generated
+            Output tokens it keeps, tokens.
+        """
+        self.requests.on_preempt(request, client, generated)
+        self.iterations.on_preempt(request, client, generated)
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, {type(self.requests).__name__}, {type(self.iterations).__name__})"

@@ -1,43 +1,87 @@
 """Request schedulers: which client serves which request.
 
-* :class:`RoundRobinQueues`: the paper's baseline; request ``i`` (in arrival order) is dealt to
-  client ``i mod C`` and never moves.
-* :class:`GlobalQueue`: one shared queue, the first idle client takes the head (vLLM-style FCFS,
-  or shortest/longest estimated output first).
+Every scheduler here holds only *ready* requests: the engine announces each request once, when it
+becomes schedulable (:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`: at its arrival, or
+when its last predecessor finishes), and the scheduler files it then. None reads an arrival time.
+
+* :class:`RoundRobinQueues`: the paper's baseline; the ``i``-th request to become ready is dealt
+  to client ``i mod C`` and never moves.
+* :class:`GlobalQueue`: one shared queue, the first idle client takes the head (vLLM-style FCFS by
+  ready time, shortest/longest estimated output first, or highest critical-path rank first).
+* :class:`WorkflowQueue`: the hybrid's dispatch: one queue in the order of a precedence-aware plan
+  of the workflows known so far (list scheduling by critical-path rank with forward-backward
+  improvement, :mod:`lloptim.dag_plan`); longest first without precedence.
 * :class:`AssignedQueues`: per-client queues from an offline assignment, each sorted longest
   first; with ``steal=True`` an idle client with an empty queue takes work from the client with
-  the most queued work (the paper's Algorithm 1). Only requests that have not started move.
+  the most queued work (the paper's Algorithm 1). Only ready requests that have not started move.
+
+:func:`critical_path_rank` is the priority of ``GlobalQueue("rank")``: HEFT's upward rank in decode
+steps, which is the estimated output length itself for requests without successors.
 """
 
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from lloptim.dag_plan import plan_workflows
+from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
+from lloptim.work import request_work_s, typical_step_s
 
-__all__ = ["RoundRobinQueues", "GlobalQueue", "AssignedQueues"]
+__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
+
+
+def critical_path_rank(ctx: RunContext) -> np.ndarray:
+    """Upward rank of each request (HEFT), in decode steps, from the run's estimated output lengths.
+
+    ``rank_r = o_r + max_{r -> s} (handoff_s + rank_s)``: the estimated decode steps from ``r``'s
+    first decode to the end of its workflow, along the longest chain of successors. A successor's
+    *handoff* is what passing the work on costs before it decodes: its prefill iteration, in decode
+    steps of a full instance (:func:`~lloptim.work.typical_step_s` of the fastest instance), plus
+    one step of waiting for an iteration boundary. Requests without successors rank by their
+    estimated output length alone, so dispatching by rank is the hybrid's longest-first dispatch
+    wherever there is no precedence.
+
+    Parameters
+    ----------
+    ctx
+        The run: its problem (workload, instances) and its output-length estimates, tokens.
+
+    Returns
+    -------
+    numpy.ndarray
+        Rank of each request, decode steps (float64).
+    """
+    est = np.asarray(ctx.estimates, dtype=np.float64)
+    w = ctx.problem.workload
+    if w.precedence is None:
+        return est
+    mean_p, mean_o = float(w.prompt_tokens.mean()), float(est.mean())
+    step, prefill = min(((typical_step_s(inst.profile.latency, inst.clients, mean_p, mean_o), inst.profile.latency)
+                         for inst in ctx.problem.instances), key=lambda sp: sp[0])
+    handoff = 1.0 + (prefill.prefill_base_s + prefill.prefill_per_token_s * w.prompt_tokens) / step
+    return w.precedence.upward_rank(est, handoff)
 
 
 class _PerClientQueues(RequestScheduler):
-    """Shared mechanics of schedulers with one FIFO queue per client."""
+    """Shared mechanics of schedulers with one queue per client (ready requests only)."""
 
-    def _init_queues(self, ctx: RunContext, owner: np.ndarray, order: np.ndarray) -> None:
-        self.arrival = ctx.problem.workload.arrival_s
-        self.queues: list[deque[int]] = [deque() for _ in range(ctx.problem.n_clients)]
-        for r in order:
-            self.queues[owner[r]].append(int(r))
-        self.n_pending = int(len(order))
+    def _init_queues(self, ctx: RunContext) -> None:
+        self.queues: list = [deque() for _ in range(ctx.problem.n_clients)]
+        self.n_pending = 0
 
     def pending(self) -> int:
         return self.n_pending
 
     def _pop_own(self, state, client: int) -> int | None:
         q = self.queues[client]
-        if q and self.arrival[q[0]] <= state.now:
+        if q:
             self.n_pending -= 1
             return q.popleft()
         return None
@@ -47,7 +91,7 @@ class _PerClientQueues(RequestScheduler):
 
     def _least_loaded_alive(self) -> int:
         state = self.ctx.extra["client_state"]
-        alive = [c for c in range(len(self.queues)) if state[c] != 3]
+        alive = [c for c in range(len(self.queues)) if state[c] != FAILED]
         return min(alive, key=lambda c: len(self.queues[c])) if alive else 0
 
     def _enqueue(self, client: int, request: int) -> None:
@@ -66,64 +110,79 @@ class _PerClientQueues(RequestScheduler):
 
 
 class RoundRobinQueues(_PerClientQueues):
-    """Deal requests in arrival order to clients ``0, 1, ..., C-1, 0, ...``; no re-assignment."""
+    """Deal requests, in the order they become ready, to live clients ``0, 1, ..., C-1, 0, ...``; no re-assignment."""
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        order = np.argsort(ctx.problem.workload.arrival_s, kind="stable")
-        owner = np.empty(order.size, dtype=np.int64)
-        owner[order] = np.arange(order.size) % ctx.problem.n_clients
-        self._init_queues(ctx, owner, order)
+        self._init_queues(ctx)
+        self.turn = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        state = self.ctx.extra["client_state"]
+        n = len(self.queues)
+        for _ in range(n):
+            c = self.turn % n
+            self.turn += 1
+            if state[c] != FAILED:
+                break
+        self.queues[c].append(request)
+        self.n_pending += 1
 
 
 class GlobalQueue(RequestScheduler):
-    """One queue for all clients; the first idle client takes the best arrived request.
+    """One queue for all clients; the first idle client takes the best ready request.
 
     Parameters
     ----------
     order
-        ``"fcfs"`` (arrival order), ``"shortest"`` or ``"longest"`` (by estimated output length).
+        ``"fcfs"`` (by ready time: arrival, or the finish that made it ready), ``"shortest"`` or
+        ``"longest"`` (by estimated output length), or ``"rank"`` (highest
+        :func:`critical_path_rank` first: longest first along the critical paths of workflows,
+        the same as ``"longest"`` without precedence). Ties go to the lower row.
     plan
         Optional offline assignment (global client per request, or a callable of the run context):
         a request served by another client than planned counts as a preemptive re-assignment
         (:attr:`steals`).
     """
 
+    ORDERS = ("fcfs", "shortest", "longest", "rank")
+
     def __init__(self, order: str = "fcfs", plan=None) -> None:
-        if order not in ("fcfs", "shortest", "longest"):
-            raise ValueError(f"order must be 'fcfs', 'shortest' or 'longest', not {order!r}")
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be one of {self.ORDERS}, not {order!r}")
         self.order = order
         self.plan = plan
         self.steals = 0
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        w = ctx.problem.workload
-        self.arrival = w.arrival_s
-        self.by_arrival = np.argsort(w.arrival_s, kind="stable").tolist()
-        self.next_arrival = 0
         if self.order == "fcfs":
-            key = w.arrival_s
+            key = None
         elif self.order == "shortest":
             key = ctx.estimates
-        else:
+        elif self.order == "longest":
             key = -ctx.estimates
-        self.key = np.asarray(key, dtype=np.float64).tolist()
+        else:
+            key = -critical_path_rank(ctx)
+        n = ctx.problem.n_requests
+        # fcfs files a request under its ready time, known at on_ready
+        self.key = [0.0] * n if key is None else np.asarray(key, dtype=np.float64).tolist()
         self.ready: list[tuple[float, int]] = []
-        self.n_pending = len(w)
+        self.n_pending = 0
         owner = self.plan(ctx) if callable(self.plan) else self.plan
         self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
         self.steals = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.order == "fcfs":
+            self.key[request] = now
+        heapq.heappush(self.ready, (self.key[request], request))
+        self.n_pending += 1
 
     def pending(self) -> int:
         return self.n_pending
 
     def next_request(self, state, client: int) -> int | None:
-        arr, order = self.arrival, self.by_arrival
-        while self.next_arrival < len(order) and arr[order[self.next_arrival]] <= state.now:
-            r = order[self.next_arrival]
-            heapq.heappush(self.ready, (self.key[r], r))
-            self.next_arrival += 1
         if not self.ready:
             return None
         self.n_pending -= 1
@@ -137,8 +196,220 @@ class GlobalQueue(RequestScheduler):
         self.n_pending += 1
 
 
+class WorkflowQueue(GlobalQueue):
+    """One queue of ready requests, in the order of a precedence-aware plan of the known workflows.
+
+    The plan (:func:`~lloptim.dag_plan.plan_workflows`: list scheduling by upward rank, improved
+    by forward-backward passes) covers every unfinished request of the workflows that have arrived
+    (weakly connected components of the precedence DAG whose first requests became ready). It is
+    made when the first requests become ready and revised as new workflows arrive (a rolling
+    horizon): running requests keep their clients until their estimated finish, and requests
+    waiting for a running predecessor until that finish. Small arrivals are slotted into the plan's
+    order where a rank-ordered list scheduler would put them, and everything is re-planned once
+    they add up (``revise_fraction``). A request's key is its planned
+    start, and an idle client takes the ready request with the earliest key; requests without
+    slack in the plan are listed in :attr:`critical`. The plan reads the
+    DAG and the estimated lengths of arrived workflows and what this scheduler handed out, never
+    an arrival time. Without precedence the order is longest estimated output first
+    (:class:`GlobalQueue` ``"longest"``).
+
+    Parameters
+    ----------
+    plan
+        Optional offline assignment for counting re-assignments (see :class:`GlobalQueue`).
+    time_limit_s
+        Wall-clock budget of the improvement passes of the first plan, seconds.
+    revision_limit_s
+        The same for each revision when workflows arrive later, seconds.
+    slack_steps
+        A request with at most this slack in the plan, in decode steps of a full instance, is
+        *critical* (:attr:`critical`): the Lagrangian iteration scheduler prefills it at once
+        rather than keep it waiting for a larger prefill batch.
+    revise_fraction
+        Re-plan everything when the work of the workflows that arrived since the last full plan
+        exceeds this fraction of the work that plan covered (fraction); below it, new workflows are
+        slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
+        in proportion to the backlog each time).
+    """
+
+    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
+                 slack_steps: float = 2.0, revise_fraction: float = 0.1) -> None:
+        super().__init__("longest", plan)
+        self.time_limit_s = time_limit_s
+        self.revision_limit_s = revision_limit_s
+        self.slack_steps = slack_steps
+        self.revise_fraction = revise_fraction
+        #: Requests with at most ``slack_steps`` decode steps of slack in the current plan (rows;
+        #: updated in place at every revision): an iteration scheduler should not keep them waiting.
+        self.critical: set[int] = set()
+
+    def setup(self, ctx: RunContext) -> None:
+        for name in ("on_ready", "next_request", "requeue", "on_finish"):
+            self.__dict__.pop(name, None)  # a previous run without precedence bound them
+        super().setup(ctx)
+        prec = ctx.problem.workload.precedence
+        self.dag = prec
+        self.plans = 0
+        if prec is None:
+            # independent requests: exactly GlobalQueue("longest"), without the indirection per
+            # call (unless a subclass overrides the hook)
+            for name in ("on_ready", "next_request", "requeue", "on_finish"):
+                if getattr(type(self), name) is getattr(WorkflowQueue, name):
+                    setattr(self, name, getattr(super(), name))
+            return
+        n = ctx.problem.n_requests
+        adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
+        self.component = connected_components(adj, directed=True, connection="weak")[1]
+        order = np.argsort(self.component, kind="stable")
+        bounds = np.searchsorted(self.component[order], np.arange(self.component.max() + 2))
+        self.members = [order[bounds[k]:bounds[k + 1]] for k in range(bounds.size - 1)]
+        self.weights = np.column_stack([request_work_s(ctx.problem, ctx.estimates, instance=i)
+                                        for i in range(len(ctx.problem.instances))])
+        self.preds = prec.predecessors()
+        self.key = [np.inf] * n
+        self.known: set[int] = set()        # workflows (components) in the plan
+        self.arrived: set[int] = set()      # workflows whose first requests are ready
+        self.waiting: set[int] = set()      # ready requests not handed out
+        self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
+        self.finished = np.zeros(n, dtype=bool)
+        self.batch_time = 0.0
+        self.fastest = self.weights.min(axis=1)
+        self.planned_work = 0.0
+        self.appended_work = 0.0
+        self.plan_keys = np.zeros(0)
+        self.plan_suffix_rank = np.zeros(0)
+        self.plan_end = 0.0
+        w = ctx.problem.workload
+        self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
+                                         float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.dag is None:
+            super().on_ready(request, now)
+            return
+        self.waiting.add(request)
+        self.n_pending += 1
+        comp = int(self.component[request])
+        if comp in self.known:
+            heapq.heappush(self.ready, (self.key[request], request))
+        else:
+            self.arrived.add(comp)
+            self.batch_time = now
+
+    def _replan(self) -> None:
+        """Plan the workflows that arrived: all unfinished work again, or the new workflows after it.
+
+        A full revision re-plans every unstarted request of the known workflows from now on
+        (running requests hold their clients until their estimated finish). When the newly
+        arrived work is small next to what the last full plan covered (less than
+        ``revise_fraction`` of it, counting every workflow slotted in since), the new requests are
+        slotted into the plan's order by rank, at a cost in proportion to them alone.
+        """
+        now = self.batch_time
+        new = sorted(self.arrived - self.known)
+        self.arrived = set()
+        first = not self.known
+        self.known.update(new)
+        new_rows = np.concatenate([self.members[k] for k in new])
+        new_work = float(self.fastest[new_rows].sum())
+        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work:
+            self._plan_all(now, first)
+        else:
+            self._append(now, new_rows)
+            self.appended_work += new_work
+        self.plans += 1
+        self.ready = [(self.key[r], r) for r in self.waiting]
+        heapq.heapify(self.ready)
+
+    def _plan_all(self, now: float, first: bool) -> None:
+        rows = np.concatenate([self.members[k] for k in sorted(self.known)])
+        rows = rows[~self.finished[rows]]
+        rows = rows[[r not in self.running for r in rows.tolist()]]
+        if rows.size == 0:
+            return
+        kinds = self.ctx.client_instance
+        free = np.full(kinds.size, now)
+        expected = {}
+        for r, (c, t0) in self.running.items():
+            expected[r] = max(now, t0 + float(self.weights[r, kinds[c] if self.weights.shape[1] > 1 else 0]))
+            free[c] = max(free[c], expected[r])
+        release = np.array([max([now] + [expected[q] for q in self.preds[r] if q in expected]) for r in rows.tolist()])
+        self.critical.clear()
+        self._plan(rows, release, free, self.time_limit_s if first else self.revision_limit_s, first)
+        self.planned_work = float(self.fastest[rows].sum())
+        self.appended_work = 0.0
+
+    def _append(self, now: float, rows: np.ndarray) -> None:
+        """Slot new workflows into the plan's order where a rank-ordered list scheduler would put them.
+
+        A free client takes the ready request of highest upward rank, so a new request goes ahead
+        of every planned request that it outranks and that is not followed by one it does not:
+        its key is the first planned start from which all planned requests rank below it.
+        """
+        sub = self.dag.subset(rows)
+        rank = self.fastest[rows] if sub is None else sub.upward_rank(self.fastest[rows])
+        keys, suffix_rank = self.plan_keys, self.plan_suffix_rank
+        # suffix_rank is non-increasing: the first position whose later requests all rank below
+        pos = np.searchsorted(-suffix_rank, -rank, side="right")
+        at = np.where(pos < keys.size, keys[np.minimum(pos, keys.size - 1)], self.plan_end)
+        for r, k in zip(rows.tolist(), np.maximum(at, now).tolist()):
+            self.key[r] = k
+
+    def _plan(self, rows: np.ndarray, release: np.ndarray, free: np.ndarray, limit: float, exact: bool) -> None:
+        """Plan ``rows`` from ``free`` (per client) and ``release``; set keys, client horizons, critical rows."""
+        kinds = self.ctx.client_instance
+        sub = self.dag.subset(rows)
+        plan = plan_workflows(sub, self.weights[rows], kinds, release=release, machine_free=free,
+                              time_limit_s=limit, exact=exact)
+        for r, start in zip(rows.tolist(), plan.start_s.tolist()):
+            self.key[r] = start
+        # requests without slack in the plan: delaying one of them delays the plan's makespan
+        fastest = self.fastest[rows]
+        rank = fastest if sub is None else sub.upward_rank(fastest)
+        latest = plan.makespan_s - rank
+        self.critical.update(rows[latest - plan.start_s <= self.slack_steps * self.step_s].tolist())
+        # the plan's order and ranks, for slotting in workflows that arrive before the next revision
+        order = np.argsort(plan.start_s, kind="stable")
+        self.plan_keys = plan.start_s[order]
+        self.plan_suffix_rank = np.maximum.accumulate(rank[order][::-1])[::-1]
+        self.plan_end = plan.makespan_s
+
+    def next_request(self, state, client: int) -> int | None:
+        if self.dag is None:
+            return super().next_request(state, client)
+        if self.arrived:
+            self._replan()
+        while self.ready:
+            key, r = heapq.heappop(self.ready)
+            if r in self.waiting and key == self.key[r]:
+                self.waiting.discard(r)
+                self.running[r] = (client, state.now)
+                self.n_pending -= 1
+                if self.owner is not None and self.owner[r] != client:
+                    self.steals += 1
+                return r
+        return None
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.dag is not None:
+            self.finished[request] = True
+            self.running.pop(request, None)
+
+    def requeue(self, request: int, now: float) -> None:
+        if self.dag is None:
+            super().requeue(request, now)
+            return
+        self.running.pop(request, None)
+        self.waiting.add(request)
+        self.n_pending += 1
+        heapq.heappush(self.ready, (self.key[request], request))
+
+
 class AssignedQueues(_PerClientQueues):
     """Per-client queues from an offline assignment, sorted longest first, with optional stealing.
+
+    A request joins its planned client's queue when it becomes ready (a live client's queue if
+    the planned one has failed), at its place in longest-first order.
 
     Parameters
     ----------
@@ -146,7 +417,7 @@ class AssignedQueues(_PerClientQueues):
         Global client index of each request (from an offline solve), or a callable
         ``assignment(ctx) -> array`` evaluated at setup (so the solve sees the run's estimates).
     steal
-        Let an idle client with an empty queue take a waiting request from the client with the
+        Let an idle client with an empty queue take a ready request from the client with the
         most queued estimated work: the one whose size is closest to half that work, which
         balances the two (the paper's Algorithm 1, preemptive re-assignment of unstarted requests).
     """
@@ -163,47 +434,55 @@ class AssignedQueues(_PerClientQueues):
         n = ctx.problem.n_requests
         if owner.shape != (n,) or owner.min() < 0 or owner.max() >= ctx.problem.n_clients:
             raise ValueError(f"assignment must give a client in [0, {ctx.problem.n_clients}) for each of {n} requests")
+        self.owner = owner.tolist()
         self.size = ctx.estimates.tolist()
-        # longest first within a client: the sort of the paper's "sorting and preemptive scheduling"
-        order = np.lexsort((-ctx.estimates, ctx.problem.workload.arrival_s))
-        self._init_queues(ctx, owner, order)
+        # queues of (-size, request): longest first within a client (the paper's "sorting"), ties by row
+        self.queues = [[] for _ in range(ctx.problem.n_clients)]
+        self.n_pending = 0
         self.queued_work = np.zeros(ctx.problem.n_clients)
-        np.add.at(self.queued_work, owner, ctx.estimates)
         self.steals = 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        c = self.owner[request]
+        if self.ctx.extra["client_state"][c] == FAILED:
+            c = self._least_loaded_alive()
+        self._enqueue(c, request)
+        self.n_pending += 1
+
+    def _pop_own(self, state, client: int) -> int | None:
+        q = self.queues[client]
+        if q:
+            self.n_pending -= 1
+            r = q.pop(0)[1]
+            self.queued_work[client] -= self.size[r]
+            return r
+        return None
 
     def next_request(self, state, client: int) -> int | None:
         r = self._pop_own(state, client)
-        if r is not None:
-            self.queued_work[client] -= self.size[r]
+        if r is not None or not self.steal:
             return r
-        if not self.steal or self.queues[client]:
-            return None
         victim = int(np.argmax(self.queued_work))
         q = self.queues[victim]
         if not q:
             return None
         half = self.queued_work[victim] / 2.0
-        # the queue is sorted longest first: find the arrived request whose size is nearest half the work
-        sizes_desc = [-self.size[x] for x in q]
-        i = min(bisect_left(sizes_desc, -half), len(q) - 1)
-        best = None
-        for j in (i - 1, i, i + 1):
-            if 0 <= j < len(q) and self.arrival[q[j]] <= state.now:
-                if best is None or abs(self.size[q[j]] - half) < abs(self.size[q[best]] - half):
-                    best = j
-        if best is None:
-            return None
-        r = q[best]
-        del q[best]
+        # the queue is sorted longest first: the request whose size is nearest half the work is next to i
+        i = min(bisect_left(q, (-half, -1)), len(q) - 1)
+        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < len(q)), key=lambda j: (abs(self.size[q[j][1]] - half), j))
+        r = q.pop(best)[1]
         self.queued_work[victim] -= self.size[r]
         self.n_pending -= 1
         self.steals += 1
         return r
 
     def _enqueue(self, client: int, request: int) -> None:
-        super()._enqueue(client, request)
+        insort(self.queues[client], (-self.size[request], request))
         self.queued_work[client] += self.size[request]
 
     def on_client_failed(self, client: int, now: float) -> None:
+        orphans = self.queues[client]
+        self.queues[client] = []
         self.queued_work[client] = 0.0
-        super().on_client_failed(client, now)
+        for _, r in orphans:
+            self._enqueue(self._least_loaded_alive(), r)
