@@ -310,7 +310,7 @@ def solve(model_or_problem, solver: str = "greedy", params: SolveParams | None =
             raise SpecError(bad, "applies to a problem, not to a model", "leave it out when solving a model")
         return _solve_model(model_or_problem, backend, params, start, deadline)
     if not isinstance(model_or_problem, Problem):
-        raise SpecError("model_or_problem", f"must be a lloptim.Model or a lloptim.Problem, got "
+        raise SpecError("problem", f"must be a lloptim.Model or a lloptim.Problem, got "
                         f"{type(model_or_problem).__name__}", "build a Model, or load a Problem from a spec")
     if start is not None:
         raise SpecError("start", "applies to a model; a problem takes params.warm_start",
