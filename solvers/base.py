@@ -179,7 +179,7 @@ def run_backend(backend: Backend, lm: LinearModel, x_start, params: SolveParams,
 
     Parameters
     ----------
-    backend : Backend
+    backend : ~lloptim.solvers.registry.Backend
         A model solver.
     lm : LinearModel
         The compiled model.
@@ -427,6 +427,8 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
         except Exception as exc:  # noqa: BLE001 - keep the start and say why
             out = Outcome(termination=Termination.ERROR, extra={"error": f"{type(exc).__name__}: {exc}"})
         answer, primal = _check_answer(form, data, out.assignment)
+        if out.limit is Limit.NONE and deadline.expired():
+            out.limit = Limit.TIME  # the heuristic was cut short by the time limit
     else:
         model = form.build(data, bound, inc_obj)
         lm = model.compile()
