@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lloptim.errors import SpecError
-from lloptim.formulations.compiled import LinearModel, ModelBuilder
+from lloptim.formulations.compiled import LinearModel
 from lloptim.formulations.constraints import Constraint, ConstraintFamily
 from lloptim.formulations.expressions import LinearExpression, as_expression
 from lloptim.formulations.indexing import check_coords
@@ -44,6 +44,15 @@ from lloptim.formulations.variables import Variable
 __all__ = ["Model"]  # LinearModel and ModelBuilder stay importable from here for older code
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def __getattr__(name: str):
+    # ``from lloptim.formulations.model import ModelBuilder`` (code written before the modeling layer)
+    if name == "ModelBuilder":
+        from lloptim.formulations.compiled import ModelBuilder
+
+        return ModelBuilder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 _LINEAGE = itertools.count()
 
 

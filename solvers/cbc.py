@@ -205,7 +205,20 @@ class CbcBackend(Backend):
         return 150.0 + CBC_MB_PER_INTEGER * model.n_integer + model.nnz / 2048.0
 
     def isolated(self, model, params) -> bool:
-        """Always: CBC can only be stopped (at the deadline, past its memory) from outside its process."""
+        """Always: CBC can only be stopped (at the deadline, past its memory) from outside its process.
+
+        Parameters
+        ----------
+        model : LinearModel
+            The compiled model about to be solved.
+        params : SolveParams
+            Its parameters (``time_limit_s`` in seconds).
+
+        Returns
+        -------
+        bool
+            Whether the search runs in a child process.
+        """
         return True
 
     def solve_model(self, model, x_start, params):

@@ -59,7 +59,20 @@ class CvxpyBackend(Backend):
         return 300.0 + model.nnz * 4.0 / 1024.0
 
     def isolated(self, model, params) -> bool:
-        """A time-limited model of at least ``ISOLATE_NNZ`` non-zeros runs in a child process (as HiGHS's)."""
+        """A time-limited model of at least ``ISOLATE_NNZ`` non-zeros runs in a child process (as HiGHS's).
+
+        Parameters
+        ----------
+        model : LinearModel
+            The compiled model about to be solved.
+        params : SolveParams
+            Its parameters (``time_limit_s`` in seconds).
+
+        Returns
+        -------
+        bool
+            Whether the search runs in a child process.
+        """
         from lloptim.solvers.highs import ISOLATE_NNZ
 
         return params.time_limit_s is not None and model.nnz >= ISOLATE_NNZ

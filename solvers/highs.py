@@ -103,7 +103,20 @@ class HighsBackend(Backend):
         return 300.0 + model.nnz / 4096.0
 
     def isolated(self, model, params) -> bool:
-        """A time-limited MIP of at least :data:`ISOLATE_NNZ` non-zeros runs in a child process."""
+        """A time-limited MIP of at least :data:`ISOLATE_NNZ` non-zeros runs in a child process.
+
+        Parameters
+        ----------
+        model : LinearModel
+            The compiled model about to be solved.
+        params : SolveParams
+            Its parameters (``time_limit_s`` in seconds).
+
+        Returns
+        -------
+        bool
+            Whether the search runs in a child process.
+        """
         return params.time_limit_s is not None and model.is_mip and model.nnz >= ISOLATE_NNZ
 
     def solve_model(self, model, x_start, params):
