@@ -55,11 +55,11 @@ class RunMetrics:
         iterations like ``lower_bound_s``.
     throughput_tokens_per_s
         Output tokens per second of makespan.
-    ttft_p50_s, ttft_p99_s
-        Median and 99th percentile time to first token, seconds: from arrival to the end of the
-        request's first decoding iteration.
-    latency_p50_s, latency_p99_s
-        Median and 99th percentile end-to-end latency, seconds: from arrival to finish.
+    ttft_mean_s, ttft_p50_s, ttft_p99_s
+        Mean, median and 99th percentile time to first token, seconds: from arrival to the end of
+        the request's first decoding iteration.
+    latency_mean_s, latency_p50_s, latency_p99_s
+        Mean, median and 99th percentile end-to-end latency, seconds: from arrival to finish.
     prefill_iterations, decode_iterations, mixed_iterations
         Iterations of each kind over all instances (count).
     decision_latency_us_p50, decision_latency_us_p99
@@ -91,8 +91,10 @@ class RunMetrics:
     gap_to_bound: float
     critical_path_s: float
     throughput_tokens_per_s: float
+    ttft_mean_s: float
     ttft_p50_s: float
     ttft_p99_s: float
+    latency_mean_s: float
     latency_p50_s: float
     latency_p99_s: float
     prefill_iterations: int
@@ -167,6 +169,10 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         a = a[~np.isnan(a)]
         return float(np.percentile(a, q)) if a.size else float("nan")
 
+    def mean(a: np.ndarray) -> float:
+        a = a[~np.isnan(a)]
+        return float(a.mean()) if a.size else float("nan")
+
     return RunMetrics(
         policy=result.policy, backend=result.backend, known_lengths=result.known_lengths,
         requests_total=problem.n_requests, requests_completed=completed, output_tokens=int(result.generated_tokens),
@@ -174,7 +180,8 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         gap_to_bound=makespan / lb - 1.0 if lb > 0 else float("nan"),
         critical_path_s=bound.critical_path_fused_s if fused else bound.critical_path_s,
         throughput_tokens_per_s=result.generated_tokens / makespan if makespan > 0 else 0.0,
-        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
+        ttft_mean_s=mean(ttft), ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
+        latency_mean_s=mean(e2e), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
         prefill_iterations=int(np.count_nonzero(result.trace_kind == 0)),
         decode_iterations=int(np.count_nonzero(result.trace_kind == KIND_DECODE)),
         mixed_iterations=int(np.count_nonzero(result.trace_kind == KIND_MIXED)),

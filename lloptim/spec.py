@@ -5,8 +5,9 @@ Example::
     name = "gsm8k on one LLaMA-65B server"
 
     [workload]            # or a list of [[requests]]
-    source = "gsm8k"      # "gsm8k", "synthetic" or "workflow"
+    source = "gsm8k"      # "gsm8k", "synthetic", "workflow" or "azure"
     split = "test"
+    load = 1.2            # optional: Poisson arrivals at 1.2 x the fleet's capacity
 
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
@@ -17,6 +18,13 @@ A request may wait for others: ``after = ["solve-1"]`` in its ``[[requests]]`` t
 other requests). ``source = "workflow"`` generates workflows of dependent requests on GSM8K
 lengths (``shape = "chain"``, ``"fan-in"`` or ``"dag"``, ``workflows = 100``, optional ``depth``,
 ``width``, ``seed``, ``arrival_rate``; see :func:`lloptim.workloads.workflows`).
+
+Requests arrive over time with ``arrival_rate`` (requests per second, Poisson; ``gsm8k`` and
+``synthetic``) or ``load`` (the arrival rate over the fleet's capacity, :mod:`lloptim.arrivals`:
+Poisson arrivals for ``gsm8k`` and ``synthetic``, seeded by ``seed``; for ``azure`` the trace's own
+arrivals sped up or slowed down to that mean rate). ``source = "azure"`` reads an Azure LLM
+inference trace of 2023 with its real arrival times (``trace = "conv"`` or ``"code"``, ``start``,
+``limit``, ``time_scale``; see :func:`lloptim.workloads.azure_trace`).
 
 Every invalid document raises :class:`~lloptim.errors.SpecError` naming the field and the fix.
 """
@@ -66,10 +74,12 @@ class RequestDoc(_Strict):
 
 #: Keys of ``[workload]`` that only ``source = "workflow"`` reads.
 WORKFLOW_KEYS = ("shape", "workflows", "depth", "width")
+#: Keys of ``[workload]`` that only ``source = "azure"`` reads.
+AZURE_KEYS = ("trace", "start", "time_scale")
 
 
 class WorkloadDoc(_Strict):
-    source: Literal["gsm8k", "synthetic", "workflow"]
+    source: Literal["gsm8k", "synthetic", "workflow", "azure"]
     split: Literal["test", "train"] = "test"
     limit: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 1000
@@ -82,6 +92,10 @@ class WorkloadDoc(_Strict):
     workflows: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 100
     depth: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
     width: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+    trace: Literal["conv", "code"] = "conv"
+    start: Annotated[StrictInt, Field(ge=0, le=10_000_000)] = 0
+    time_scale: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0
+    load: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e3, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _workflow_keys(self) -> "WorkloadDoc":
@@ -92,6 +106,19 @@ class WorkloadDoc(_Strict):
             given = [k for k in WORKFLOW_KEYS if k in self.model_fields_set]
             if given:
                 raise ValueError(f"{given[0]} is read only with source = 'workflow'")
+        if self.source != "azure":
+            given = [k for k in AZURE_KEYS if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is read only with source = 'azure'")
+        if self.load is not None:
+            if self.arrival_rate is not None:
+                raise ValueError("give load or arrival_rate, not both (load sets the rate from the fleet's capacity)")
+            if self.source == "workflow":
+                raise ValueError("load is not read with source = 'workflow': give arrival_rate (workflows per second)")
+            if self.source == "azure" and "time_scale" in self.model_fields_set:
+                raise ValueError("give load or time_scale, not both (load sets the trace's time scale)")
+        elif self.source == "azure" and self.arrival_rate is not None:
+            raise ValueError("an Azure trace has its own arrivals: give time_scale or load, not arrival_rate")
         return self
 
 
@@ -183,6 +210,12 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         w = doc.workload
         if w.source == "gsm8k":
             workload = workloads.gsm8k(w.split, w.limit)
+            if w.arrival_rate is not None:
+                from lloptim.arrivals import poisson_arrivals
+
+                workload = workload.with_arrivals(poisson_arrivals(len(workload), float(w.arrival_rate), w.seed))
+        elif w.source == "azure":
+            workload = workloads.azure_trace(w.trace, w.limit, w.start, float(w.time_scale))
         elif w.source == "workflow":
             workload = workloads.workflows(w.shape, w.workflows, seed=w.seed, split=w.split, depth=w.depth,
                                            width=w.width,
@@ -209,7 +242,14 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
                                                        name=f"instance-{len(instances)}"))
         except SpecError as exc:
             raise SpecError(f"instances[{k}].{exc.field}", exc.problem, exc.fix) from None
-    return Problem(workload, tuple(instances), name=doc.name)
+    problem = Problem(workload, tuple(instances), name=doc.name)
+    if doc.workload is not None and doc.workload.load is not None:
+        from lloptim.arrivals import at_load, scale_to_load
+
+        load = float(doc.workload.load)
+        problem = scale_to_load(problem, load) if doc.workload.source == "azure" else at_load(problem, load,
+                                                                                                doc.workload.seed)
+    return problem
 
 
 def load_spec(path: str | Path | None = None, text: str | None = None) -> Problem:

@@ -34,7 +34,7 @@ def typical_step_s(latency: LatencyModel, clients: int, mean_prompt: float, mean
 
 
 def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, instance: int = 0,
-                   prefill_batch: float | None = None) -> np.ndarray:
+                   prefill_batch: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """Estimated client-time of each request on ``instance``, seconds.
 
     Parameters
@@ -47,11 +47,23 @@ def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, in
         Instance whose latency model prices the work.
     prefill_batch
         Requests sharing a prefill iteration (spreads its fixed cost); default: a tenth of the clients.
+    rows
+        Only these requests (row indices; ``output_tokens`` then has one entry per row): their
+        means set the typical step, so an online plan prices the requests it knows without
+        reading the others. Default: every request.
+
+    Returns
+    -------
+    numpy.ndarray
+        Client-seconds of each request (of each of ``rows``), seconds.
     """
     w = problem.workload
+    prompt = w.prompt_tokens if rows is None else w.prompt_tokens[np.asarray(rows, dtype=np.int64)]
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    if rows is not None and output_tokens is None:
+        o = o[np.asarray(rows, dtype=np.int64)]
     inst = problem.instances[instance]
     lat = inst.profile.latency
-    step = typical_step_s(lat, inst.clients, float(w.prompt_tokens.mean()), float(o.mean()))
+    step = typical_step_s(lat, inst.clients, float(prompt.mean()), float(o.mean()))
     batch = max(1.0, inst.clients / 10.0) if prefill_batch is None else float(prefill_batch)
-    return step * o + lat.prefill_base_s / batch + lat.prefill_per_token_s * w.prompt_tokens
+    return step * o + lat.prefill_base_s / batch + lat.prefill_per_token_s * prompt

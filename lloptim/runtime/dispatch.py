@@ -1,0 +1,172 @@
+"""The hybrid's dispatch: one queue of ready requests by least slack, steered by fleet prices.
+
+**Least slack first.** An idle client takes the ready request with the smallest key
+``ready_s - slack_weight * service_s``, where ``service_s`` is the request's estimated decode
+steps times the decode-step time of a full batch on the fastest instance (``decode_base_s +
+clients * decode_per_seq_s``; the KV term is left out because it depends on the other requests).
+With a common target ``D`` on end-to-end latency, a request must *start* by ``ready + D -
+service``: the key is that latest start (less the constant ``D``), and serving the earliest latest
+start first is the earliest-deadline rule that keeps the worst latency down. Two cases pin the
+rule down:
+
+* every request present at once (the paper's offline setting): the key is ``-service``, the
+  hybrid's longest-first dispatch (LPT), so requests of similar length start and finish together
+  and the makespan is packed as before;
+* requests arriving over time: a request's age counts as much as its length, so a short request
+  is not starved behind a stream of longer ones (longest-first alone holds short requests back
+  until the queue runs dry, which under overload is the end of the run), while a long request
+  still starts early enough not to finish last.
+
+``slack_weight`` trades the two: 0 is first-come first-served, a large weight is longest first;
+1 prices a second of waiting and a second of service alike. A per-request latency target
+proportional to the service (``D + beta * service``) is the same rule with ``slack_weight = 1 -
+beta``.
+
+**Fleet prices.** On a fleet whose instances differ, the idle client scans the queue in that order
+and takes the first request that :meth:`~lloptim.runtime.fleet.FleetPrices.admits` (it belongs on
+the client's instance at the current prices, and in the end game it finishes there by the
+projected makespan or no later than elsewhere); see :mod:`lloptim.runtime.fleet`.
+
+With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
+WorkflowQueue`'s plan order.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from lloptim.runtime.fleet import FleetPrices
+from lloptim.runtime.policy import RunContext
+from lloptim.runtime.request_schedulers import WorkflowQueue
+
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "SCAN_LIMIT"]
+
+#: Default weight of the service time against the waiting time in the dispatch key (module
+#: docstring): 1 prices a second of waiting and a second of service alike.
+SLACK_WEIGHT = 1.0
+#: Most queued requests an idle client of a heterogeneous fleet examines before staying idle.
+SCAN_LIMIT = 256
+
+
+class HybridDispatch(WorkflowQueue):
+    """The hybrid's request scheduler (module docstring).
+
+    Parameters
+    ----------
+    slack_weight
+        Weight of the estimated service time against the time waited (0: FCFS; large: longest
+        first; default :data:`SLACK_WEIGHT`).
+    prices
+        Fleet price mode (:data:`~lloptim.runtime.fleet.PRICE_MODES`), or a
+        :class:`~lloptim.runtime.fleet.FleetPrices`.
+    time_limit_s, revision_limit_s
+        Budgets of the workflow plan (see :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`).
+
+    Attributes
+    ----------
+    fleet
+        The :class:`~lloptim.runtime.fleet.FleetPrices` of the run.
+    arrivals_during_run
+        Whether a request (without predecessors) became ready after the first was handed out:
+        the run is online (the Lagrangian rule's ``fused="auto"`` reads it).
+    """
+
+    def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
+                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05) -> None:
+        if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.slack_weight", f"must be a finite number >= 0, got {slack_weight!r}",
+                            "0 is first-come first-served, 1 the default, larger favours long requests")
+        super().__init__(None, time_limit_s, revision_limit_s)
+        self.slack_weight = float(slack_weight)
+        self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        step = min(i.profile.latency.decode_base_s + i.clients * i.profile.latency.decode_per_seq_s
+                   for i in ctx.problem.instances)
+        self.step_s = step
+        self.estimates = ctx.estimates
+        self.fleet.setup(ctx)
+        self.steered = self.dag is None and self.fleet.active
+        self.arrivals_during_run = False
+        self.handed_out = False
+        self.roots = None if self.dag is None else self.dag.in_degree() == 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.handed_out and (self.roots is None or self.roots[request]):
+            self.arrivals_during_run = True
+        if self.dag is not None:
+            super().on_ready(request, now)
+            return
+        key = now - self.slack_weight * self.step_s * float(self.estimates[request])
+        self.key[request] = key
+        heapq.heappush(self.ready, (key, request))
+        self.n_pending += 1
+        if self.steered:
+            self.fleet.on_ready(request)
+
+    def next_request(self, state, client: int) -> int | None:
+        r = self._steered_request(state, client) if self.steered else super().next_request(state, client)
+        if r is not None:
+            self.handed_out = True
+        return r
+
+    def _steered_request(self, state, client: int) -> int | None:
+        """:meth:`next_request` on a fleet of different instances: the first request the prices admit."""
+        if not self.ready:
+            return None
+        engine = state.engine
+        clocks = np.array([s.now for s in engine.states])
+        fleet = self.fleet
+        fleet.refresh(state.now, clocks)
+        r = self._scan(state, engine)
+        if r is None:
+            fleet.refresh(state.now, clocks, force=True)
+            r = self._scan(state, engine)
+        if r is None and not any(s.n_running or s.waiting for s in engine.states):
+            r = heapq.heappop(self.ready)[1]  # nothing runs anywhere: never leave the fleet idle
+        if r is None:
+            return None
+        self.n_pending -= 1
+        fleet.on_start(r, client, state.now)
+        return r
+
+    def _scan(self, state, engine) -> int | None:
+        """The first request in key order that the prices admit on ``state``'s instance, popped; else None."""
+        fleet = self.fleet
+        free_at = self._free_at(state.now, engine)
+        refused = []
+        found = None
+        while self.ready and len(refused) < SCAN_LIMIT:
+            key, r = heapq.heappop(self.ready)
+            if fleet.admits(r, state.index, state.now, free_at):
+                found = r
+                break
+            refused.append((key, r))
+        for item in refused:
+            heapq.heappush(self.ready, item)
+        return found
+
+    def _free_at(self, now: float, engine) -> np.ndarray:
+        """Earliest time a client of each instance is free (now where one is idle), absolute seconds."""
+        fleet = self.fleet
+        held = np.full(fleet.m, np.inf)
+        ci = self.ctx.client_instance
+        for c, (r, since) in fleet.holding.items():
+            k = int(ci[c])
+            held[k] = min(held[k], max(now, since + fleet.clients[k] * fleet.v[r, k]))
+        return np.array([max(now, s.now) if s.idle and s.alive else held[k] for k, s in enumerate(engine.states)])
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        super().on_finish(request, client, output_tokens, now)
+        if self.steered:
+            self.fleet.on_finish(request, client)
+
+    def requeue(self, request: int, now: float) -> None:
+        super().requeue(request, now)
+        if self.steered:
+            self.fleet.on_requeue(request)
