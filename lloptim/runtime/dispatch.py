@@ -22,10 +22,10 @@ rule down:
 proportional to the service (``D + beta * service``) is the same rule with ``slack_weight = 1 -
 beta``.
 
-**Fleet prices.** On a fleet whose instances differ, the idle client scans the queue in that order
-and takes the first request that :meth:`~lloptim.runtime.fleet.FleetPrices.admits` (it belongs on
-the client's instance at the current prices, and in the end game it finishes there by the
-projected makespan or no later than elsewhere); see :mod:`lloptim.runtime.fleet`.
+**Fleet prices.** On a fleet whose instances differ, the queue in that order is list-scheduled by
+earliest completion among the instances where each request belongs at the LP's prices, and the
+idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fleet.FleetPrices.pick`;
+see :mod:`lloptim.runtime.fleet`).
 
 With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
 WorkflowQueue`'s plan order.
@@ -41,13 +41,11 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "SCAN_LIMIT"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT"]
 
 #: Default weight of the service time against the waiting time in the dispatch key (module
 #: docstring): 1 prices a second of waiting and a second of service alike.
 SLACK_WEIGHT = 1.0
-#: Most queued requests an idle client of a heterogeneous fleet examines before staying idle.
-SCAN_LIMIT = 256
 
 
 class HybridDispatch(WorkflowQueue):
@@ -95,6 +93,7 @@ class HybridDispatch(WorkflowQueue):
         self.arrivals_during_run = False
         self.handed_out = False
         self.roots = None if self.dag is None else self.dag.in_degree() == 0
+        self._nothing_for: tuple | None = None
 
     def on_ready(self, request: int, now: float) -> None:
         if self.handed_out and (self.roots is None or self.roots[request]):
@@ -116,55 +115,37 @@ class HybridDispatch(WorkflowQueue):
         return r
 
     def _steered_request(self, state, client: int) -> int | None:
-        """:meth:`next_request` on a fleet of different instances: the first request the prices admit."""
+        """:meth:`next_request` on a fleet of different instances: the priced earliest-completion pick."""
         if not self.ready:
             return None
+        fleet = self.fleet
         engine = state.engine
-        clocks = np.array([s.now for s in engine.states])
-        fleet = self.fleet
-        fleet.refresh(state.now, clocks)
-        r = self._scan(state, engine)
-        if r is None:
-            fleet.refresh(state.now, clocks, force=True)
-            r = self._scan(state, engine)
-        if r is None and not any(s.n_running or s.waiting for s in engine.states):
-            r = heapq.heappop(self.ready)[1]  # nothing runs anywhere: never leave the fleet idle
-        if r is None:
+        stamp = (state.index, state.now, self.n_pending, len(fleet.holding))
+        if stamp == self._nothing_for:
+            return None  # another idle client of this instance was just refused: same answer
+        fleet.refresh(state.now)
+        item = fleet.pick(self.ready, state.index, state.now, engine.states)
+        if item is None and fleet.changes:
+            fleet.refresh(state.now, stuck=True)
+            item = fleet.pick(self.ready, state.index, state.now, engine.states)
+        if item is None and not any(s.n_running or s.waiting for s in engine.states):
+            item = self.ready[0]  # nothing runs anywhere: never leave the fleet idle
+        if item is None:
+            self._nothing_for = stamp
             return None
+        if item == self.ready[0]:
+            heapq.heappop(self.ready)
+        else:
+            self.ready.remove(item)
+            heapq.heapify(self.ready)
         self.n_pending -= 1
-        fleet.on_start(r, client, state.now)
-        return r
-
-    def _scan(self, state, engine) -> int | None:
-        """The first request in key order that the prices admit on ``state``'s instance, popped; else None."""
-        fleet = self.fleet
-        free_at = self._free_at(state.now, engine)
-        refused = []
-        found = None
-        while self.ready and len(refused) < SCAN_LIMIT:
-            key, r = heapq.heappop(self.ready)
-            if fleet.admits(r, state.index, state.now, free_at):
-                found = r
-                break
-            refused.append((key, r))
-        for item in refused:
-            heapq.heappush(self.ready, item)
-        return found
-
-    def _free_at(self, now: float, engine) -> np.ndarray:
-        """Earliest time a client of each instance is free (now where one is idle), absolute seconds."""
-        fleet = self.fleet
-        held = np.full(fleet.m, np.inf)
-        ci = self.ctx.client_instance
-        for c, (r, since) in fleet.holding.items():
-            k = int(ci[c])
-            held[k] = min(held[k], max(now, since + fleet.clients[k] * fleet.v[r, k]))
-        return np.array([max(now, s.now) if s.idle and s.alive else held[k] for k, s in enumerate(engine.states)])
+        fleet.on_start(item[1], client, state.now, engine.states)
+        return item[1]
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         super().on_finish(request, client, output_tokens, now)
         if self.steered:
-            self.fleet.on_finish(request, client)
+            self.fleet.on_finish(request, client, now)
 
     def requeue(self, request: int, now: float) -> None:
         super().requeue(request, now)

@@ -52,7 +52,8 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
 def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
                   dispatch: str = "sorted", steal: bool = True, forecast: str = "auto",
                   token_budget: int | None = None, survival: np.ndarray | None = None,
-                  fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp") -> Policy:
+                  fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
+                  weights: str = "work") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -88,12 +89,15 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         (``dispatch="sorted"``; see :mod:`lloptim.runtime.dispatch`).
     prices
         Instance prices on a fleet of different instances (``dispatch="sorted"``): ``"lp"``
-        (default), ``"online"``, ``"uniform"`` or ``"none"`` (see :mod:`lloptim.runtime.fleet`).
+        (default), ``"uniform"`` or ``"none"`` (see :mod:`lloptim.runtime.fleet`).
+    weights
+        Request weights of the bin-packing plan (``dispatch="plan"``): ``"work"`` or ``"bound"``
+        (see :class:`~lloptim.runtime.rolling.RollingPlan`).
     """
     if dispatch == "sorted":
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices)
     elif dispatch == "plan":
-        requests = RollingQueues(RollingPlan(solver, time_limit_s), steal=steal)
+        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
     if fused not in (True, False, "auto"):

@@ -58,6 +58,12 @@ class RollingPlan:
     burst
         Revise when the unplanned requests reach this share of the planned, unstarted ones
         (dimensionless).
+    weights
+        ``"work"``: :func:`~lloptim.work.request_work_s` (the paper's client-time at a typical
+        step, linear in the output length); ``"bound"``: the client-seconds of the fleet bound,
+        ``C_k`` times :func:`~lloptim.work.instance_seconds` (the KV term grows with the square of
+        the output, and every coefficient is the instance's own, which matters on fleets of
+        different instances and heavy-tailed lengths).
 
     Attributes
     ----------
@@ -72,7 +78,12 @@ class RollingPlan:
     """
 
     def __init__(self, solver: str = "greedy", time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
-                 burst: float = BURST) -> None:
+                 burst: float = BURST, weights: str = "work") -> None:
+        if weights not in ("work", "bound"):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.weights", f"unknown plan weights {weights!r}", "use 'work' or 'bound'")
+        self.weights = weights
         self.solver = solver
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
@@ -164,14 +175,13 @@ class RollingPlan:
         if rows.size == 0 or not alive.any():
             self.n_planned = 0
             return rows
+        W = self._weights(rows)
         est = self.estimates[rows]
-        from lloptim.work import request_work_s
-
-        m = len(problem.instances)
-        W = np.column_stack([request_work_s(problem, est, instance=k, rows=rows) for k in range(m)])
-        release = self._release(now, W, rows)
+        release = self._release(now, rows)
         first = self.revisions == 0 and not np.any(release[alive] > 0) and alive.all()
-        if first:
+        if first and self.weights == "work" and (self.solver != "greedy" or np.all(W == W[:, :1])):
+            # the paper's offline plan, by the chosen backend (on a fleet of different instances the
+            # greedy backend would also price every client by an LP nobody reads here: skip it)
             from lloptim.problem import Problem
             from lloptim.solvers import SolveParams, solve
 
@@ -189,21 +199,28 @@ class RollingPlan:
         self.revision_s.append(time.perf_counter() - t0)
         return rows
 
-    def _release(self, now: float, W: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _weights(self, rows: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+        """``(len(rows) [+ len(held)], m)`` client-seconds of ``rows`` (then ``held``) on each instance."""
+        from lloptim.work import instance_seconds, request_work_s
+
+        problem = self.ctx.problem
+        both = rows if held is None else np.r_[rows, held]
+        est = self.estimates[both]
+        if self.weights == "bound":
+            clients = np.array([i.clients for i in problem.instances], dtype=np.float64)
+            return instance_seconds(problem, both, est) * clients[None, :]
+        # the typical step is priced on the planned rows' means, so held requests share their scale
+        return np.column_stack([request_work_s(problem, est, instance=k, rows=both)
+                                for k in range(len(problem.instances))])
+
+    def _release(self, now: float, rows: np.ndarray) -> np.ndarray:
         """Estimated seconds until each client is free of the request it holds (0 if idle)."""
         ctx = self.ctx
-        n_clients = ctx.problem.n_clients
-        release = np.zeros(n_clients)
+        release = np.zeros(ctx.problem.n_clients)
         if not self.holding:
             return release
-        from lloptim.work import request_work_s
-
         held = np.array([r for r, _ in self.holding.values()], dtype=np.int64)
-        m = len(ctx.problem.instances)
-        # price the held requests on the same scale as the planned ones (the planned rows' means)
-        both = np.r_[rows, held]
-        Wh = np.column_stack([request_work_s(ctx.problem, self.estimates[both], instance=k, rows=both)[rows.size:]
-                              for k in range(m)])
+        Wh = self._weights(rows, held)[rows.size:]
         state = ctx.extra.get("client_state")
         for (c, (r, since)), w in zip(self.holding.items(), Wh):
             if state is not None and state[c] not in (RUNNING, WAITING):
