@@ -15,7 +15,7 @@ import numpy as np
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.runtime.engine import KIND_DECODE, KIND_MIXED, RunResult
 
-__all__ = ["RunMetrics", "summarize", "client_busy_time"]
+__all__ = ["RunMetrics", "summarize", "client_busy_time", "first_token_times"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,20 @@ def client_busy_time(result: RunResult) -> float:
     return float(np.dot(result.trace_duration_s, result.trace_participants))
 
 
-def _first_token_times(result: RunResult) -> np.ndarray:
-    """End of each request's first decode step, seconds (NaN if it never decoded)."""
+def first_token_times(result: RunResult) -> np.ndarray:
+    """End of each request's first decoding iteration, seconds (NaN if it never decoded).
+
+    Parameters
+    ----------
+    result
+        The run.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(R,)`` absolute times, seconds: the first decode or mixed iteration of the request's
+        instance that starts at or after the end of its prefill.
+    """
     out = np.full(result.done_s.shape, np.nan)
     inst_of_client = result.problem.client_instance()
     decoding = (result.trace_kind == KIND_DECODE) | (result.trace_kind == KIND_MIXED)
@@ -162,7 +174,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     lb = bound.fused_s if fused else bound.total_s
     arrival = problem.workload.arrival_s
     e2e = result.done_s - arrival
-    ttft = _first_token_times(result) - arrival
+    ttft = first_token_times(result) - arrival
     dec_us = result.decision_ns / 1e3
 
     def pct(a: np.ndarray, q: float) -> float:

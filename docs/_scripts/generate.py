@@ -33,13 +33,15 @@ ROOT = DOCS.parent
 #: Packages whose modules get API pages, in the order of the API reference, with section titles.
 SECTIONS = [
     ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.hardware",
-                         "lloptim.bounds", "lloptim.work", "lloptim.metrics", "lloptim.simulator",
+                         "lloptim.bounds", "lloptim.work", "lloptim.arrivals", "lloptim.metrics", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
                          "lloptim.calibrate", "lloptim.plots", "lloptim.errors"]),
     ("Online runtime", "lloptim.runtime", ["lloptim.runtime.policy", "lloptim.runtime.engine",
                                            "lloptim.runtime.request_schedulers",
                                            "lloptim.runtime.iteration_schedulers", "lloptim.runtime.lagrangian",
-                                           "lloptim.runtime.hybrid", "lloptim.runtime.migration",
+                                           "lloptim.runtime.hybrid", "lloptim.runtime.dispatch",
+                                           "lloptim.runtime.fleet", "lloptim.runtime.rolling",
+                                           "lloptim.runtime.migration",
                                            "lloptim.runtime.estimators",
                                            "lloptim.runtime.registry"]),
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",

@@ -65,6 +65,12 @@ def simulate(
                                               "ready_s, start_s, finish_s"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
                                                               "of a workflow) to this image file"),
+    estimator: str = typer.Option("oracle", "--estimator",
+                                  help="output lengths the policy sees: oracle (the truth), mean, regression, "
+                                       "bucket-quantile (fitted on --train), or noisy (the truth x exp(N(0, 0.5)))"),
+    train: Optional[Path] = typer.Option(None, "--train",
+                                         help="TOML spec whose workload trains the estimator; default: the rest of "
+                                              "the trace for an Azure trace, else GSM8K train"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
@@ -80,8 +86,27 @@ def simulate(
 
             check_figure_path(plot, "--plot")
         faults = [parse_fault(f) for f in fault]
+        from lloptim.runtime.estimators import ESTIMATOR_NAMES, estimate, training_workload
+
+        if estimator not in ESTIMATOR_NAMES:
+            from lloptim.errors import SpecError
+
+            raise SpecError("--estimator", f"unknown estimator {estimator!r}", f"use one of {list(ESTIMATOR_NAMES)}")
+        if train is not None and estimator in ("oracle", "noisy"):
+            from lloptim.errors import SpecError
+
+            raise SpecError("--train", f"the {estimator} estimator learns nothing", "drop --train or pick a fitted "
+                            "estimator (mean, regression, bucket-quantile)")
+        train_problem = load_problem(train) if train is not None else None
         problem = load_problem(spec)
-        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults)
+        estimates = None
+        if estimator != "oracle":
+            data = None
+            if estimator not in ("noisy",):
+                data = train_problem.workload if train_problem is not None else training_workload(problem.workload)
+            estimates = estimate(problem.workload, estimator, data, sigma=0.5)
+        result = run_policy(problem, with_migration(policy) if migrate else policy, estimates=estimates,
+                            faults=faults)
         metrics = summarize(result)
         if trace is not None:
             write_trace_csv(result, trace)
@@ -90,6 +115,7 @@ def simulate(
 
             plot_run(result, plot)
     d = metrics.to_dict()
+    d["estimator"] = estimator
     if json_out:
         print_json(d)
     else:

@@ -120,7 +120,7 @@ class HybridDispatch(WorkflowQueue):
             return None
         fleet = self.fleet
         engine = state.engine
-        stamp = (state.index, state.now, self.n_pending, len(fleet.holding))
+        stamp = (state.index, state.now, fleet.version)
         if stamp == self._nothing_for:
             return None  # another idle client of this instance was just refused: same answer
         fleet.refresh(state.now)

@@ -93,6 +93,8 @@ class FleetPrices:
         LP solves so far (count).
     steered
         Decisions where the idle client did not take the head of the queue (count).
+    version
+        Changes of the queue or of what the clients hold (count).
     """
 
     def __init__(self, mode: str = "lp", tolerance: float = REDUCED_COST_TOLERANCE) -> None:
@@ -130,6 +132,7 @@ class FleetPrices:
         self.queued = np.zeros(n, dtype=bool)
         self.n_queued = 0
         self.changes = 0                       # queue changes since the last solve
+        self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
         self.predicted: dict[int, float] = {}               # client -> model's hold of its request, s
 
@@ -145,12 +148,22 @@ class FleetPrices:
         self.queued[request] = True
         self.n_queued += 1
         self.changes += 1
+        self.version += 1
 
     def on_start(self, request: int, client: int, now: float, states=None) -> None:
         """``request`` left the queue for ``client`` at ``now`` seconds.
 
-        ``states`` (the engine's instance states) lets the model predict how long it will hold the
-        client, to learn the instance's slowness when it finishes.
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that took it.
+        now
+            Time it was handed out, seconds.
+        states
+            The engine's instance states: the model predicts from them how long the request will
+            hold the client, to learn the instance's slowness when it finishes (None: not learned).
         """
         if self.active:
             self.holding[client] = (request, now)
@@ -162,10 +175,21 @@ class FleetPrices:
             self.changes += 1
 
     def on_finish(self, request: int, client: int, now: float) -> None:
-        """``request`` finished on ``client`` at ``now`` seconds: observe its instance's slowness."""
+        """``request`` finished on ``client`` at ``now`` seconds: observe its instance's slowness.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that served it.
+        now
+            Its finish time, seconds.
+        """
         if not self.active or self.holding.get(client, (-1, 0.0))[0] != request:
             return
         _, since = self.holding.pop(client)
+        self.version += 1
         predicted = self.predicted.pop(client, None)
         if predicted is None:
             return
@@ -179,6 +203,7 @@ class FleetPrices:
         """A fault put ``request`` back in the queue."""
         if not self.active:
             return
+        self.version += 1
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
@@ -288,7 +313,9 @@ class FleetPrices:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
         if self.mode == "ect":
             return np.ones(self.m, dtype=bool)
-        priced = self.prices * self.slowness * self.v[request]
+        # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
+        scale = self.slowness if self.mode == "lp" else 1.0
+        priced = self.prices * scale * self.v[request]
         mu = float(priced.min())
         return priced - mu <= self.tolerance * mu
 
@@ -349,7 +376,7 @@ class FleetPrices:
         if self.mode == "ect":
             ok = np.ones(v.shape, dtype=bool)
         else:
-            priced = v * self.prices[None, :]
+            priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
         finish = ready_at[None, :] + self._holds(rows, states)

@@ -112,12 +112,30 @@ class RollingPlan:
 
     # -- events --------------------------------------------------------------------------------
     def on_ready(self, request: int, now: float) -> None:
-        """``request`` became known (ready) at ``now`` seconds; it waits for the next revision."""
+        """``request`` became known (ready) at ``now`` seconds; it waits for the next revision.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        now
+            Its ready time, seconds.
+        """
         self.known[request] = True
         self.unplanned.append(request)
 
     def on_start(self, request: int, client: int, now: float) -> None:
-        """``request`` was handed to ``client`` at ``now`` seconds."""
+        """``request`` was handed to ``client`` at ``now`` seconds.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client.
+        now
+            Time it was handed out, seconds.
+        """
         if self.assignment[request] >= 0:
             self.n_planned -= 1
         self.assignment[request] = -1
@@ -125,7 +143,15 @@ class RollingPlan:
         self.holding[client] = (request, now)
 
     def on_finish(self, request: int, client: int) -> None:
-        """``request`` finished on ``client``."""
+        """``request`` finished on ``client``.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that served it.
+        """
         if self.holding.get(client, (-1, 0.0))[0] == request:
             del self.holding[client]
 
