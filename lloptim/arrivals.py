@@ -23,6 +23,7 @@ import numpy as np
 from lloptim.bounds import lower_bound
 from lloptim.errors import SpecError
 from lloptim.problem import Problem
+from lloptim.validation import check_int, check_number, check_seed
 
 __all__ = ["poisson_arrivals", "capacity_rps", "at_load", "scale_to_load", "ARRIVAL_STREAM"]
 
@@ -32,10 +33,7 @@ ARRIVAL_STREAM = 0xA221
 
 
 def _positive(name: str, value, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value) or value <= 0:
-        raise SpecError(name, f"must be a finite number > 0, got {value!r}", fix)
-    return float(value)
+    return check_number(name, value, 0, None, lo_open=True, fix=fix)
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
@@ -58,10 +56,10 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
     numpy.ndarray
         ``(n,)`` increasing arrival times, seconds (float64).
     """
-    rate = _positive("workload.arrival_rate", rate, "give requests per second")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise SpecError("workload.n", f"must be a positive integer, got {n!r}", "give the number of requests")
-    return np.cumsum(np.random.default_rng([ARRIVAL_STREAM, int(seed)]).exponential(1.0 / rate, int(n)))
+    rate = _positive("workload.arrival_rate", rate, "give requests per second, e.g. 5.0")
+    n = check_int("workload.n", n, 1, None, fix="give the number of requests, e.g. 100")
+    seed = check_seed("workload.seed", seed)
+    return np.cumsum(np.random.default_rng([ARRIVAL_STREAM, seed]).exponential(1.0 / rate, n))
 
 
 def capacity_rps(problem: Problem) -> float:

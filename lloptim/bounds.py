@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from lloptim.problem import Problem
+from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
            "minimal_request_time_s", "critical_path_bound"]
@@ -291,7 +291,13 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     decode_steps
         A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
         bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
+    problem = as_problem(problem)
     bound = _work_bound(problem, output_tokens, decode_steps)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
@@ -317,7 +323,6 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[f
     else:
         head, tail = w.precedence.earliest_start(t, w.arrival_s), w.precedence.tails(t)
     best, best_fused = 0.0, 0.0
-    zeros = np.zeros(len(w))
     seen: set[bytes] = set()
     for a_min, b_min in _thresholds(head, tail):
         rows = np.flatnonzero((head >= a_min) & (tail >= b_min))
@@ -328,8 +333,12 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[f
             continue
         seen.add(key)
         a, b = float(head[rows].min()), float(tail[rows].min())
-        sub = Problem(w.with_arrivals(zeros).subset(rows), problem.instances, problem.name)
-        part = _work_bound(sub, o[rows], None)
+        # the requests alone, all arriving at 0, with the dependencies among them (already valid)
+        alone = replace(w, prompt_tokens=w.prompt_tokens[rows], output_tokens=w.output_tokens[rows],
+                        arrival_s=np.zeros(rows.size), max_output_tokens=w.max_output_tokens[rows],
+                        ids=tuple(w.ids[i] for i in rows.tolist()),
+                        precedence=None if w.precedence is None else w.precedence.subset(rows))
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
 
@@ -344,7 +353,7 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
     heads, tails = pick(head), pick(tail)
     pairs = [(a, 0.0) for a in heads] + [(0.0, b) for b in tails]
-    few_h, few_t = heads[:: max(1, heads.size // 4)], tails[:: max(1, tails.size // 4)]
+    few_h, few_t = heads[:: max(1, heads.size // 3)], tails[:: max(1, tails.size // 3)]
     pairs += [(a, b) for a in few_h for b in few_t if a > 0 and b > 0]
     return pairs
 

@@ -14,8 +14,9 @@ operations researcher would:
 * **Forward-backward improvement** (*justification*, Valls, Ballestin and Quintanilla 2005): a
   backward pass schedules the reversed DAG, latest-finishing requests first, so the end of the
   plan is packed as tightly as its start; the next forward pass takes the backward start times as
-  priorities. Passes repeat while the makespan improves. On fan-in workflows this moves the long
-  reduce steps off the end of the plan, where the rank alone would leave them.
+  priorities. Passes repeat while the makespan improves: the end of the plan is packed as tightly
+  as its start (``benchmarks/workflows.py``: 0.2-1.2 points closer to the bound than the rank
+  alone).
 * **Exact for small cases**: :func:`exact_plan` solves the same problem as a mixed-integer program
   through the modeling layer (when it is available), and :func:`plan_workflows` uses it below
   :data:`EXACT_MAX_REQUESTS` requests.
@@ -29,12 +30,16 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lloptim.precedence import Precedence
 
-__all__ = ["DagPlan", "list_schedule", "plan_workflows", "EXACT_MAX_REQUESTS"]
+if TYPE_CHECKING:  # pragma: no cover
+    from lloptim.problem import Problem
+
+__all__ = ["DagPlan", "list_schedule", "plan_workflows", "plan_problem", "exact_plan", "EXACT_MAX_REQUESTS"]
 
 #: Largest workflow (requests) :func:`plan_workflows` solves exactly when the MIP is available.
 EXACT_MAX_REQUESTS = 12
@@ -190,7 +195,7 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     bound = max(dag.longest_path(fastest, rel),
                 float(np.sum(fastest) / max(len(kinds), 1)) + float(rel.min(initial=0.0)))
     if exact and n <= EXACT_MAX_REQUESTS and machine_free is None:
-        plan = exact_plan(dag, w, kinds, rel, bound)
+        plan = exact_plan(dag, w, kinds, rel, bound, 5.0 if time_limit_s is None else time_limit_s)
         if plan is not None:
             return plan
     t0 = time.perf_counter()
@@ -216,12 +221,40 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     return DagPlan(best[0], best[1], float(best_t), float(min(bound, best_t)), "list", passes)
 
 
+def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_limit_s: float | None = 1.0,
+                 exact: bool = True) -> DagPlan:
+    """The offline plan of a whole problem: every request, its arrival as release, on every client.
+
+    Parameters
+    ----------
+    problem
+        The problem (with or without precedence).
+    estimates
+        Output lengths the work is priced with, tokens; default: the true lengths.
+    time_limit_s
+        Wall-clock budget of the improvement passes (or of the exact solve), seconds.
+    exact
+        Solve small problems exactly (see :func:`plan_workflows`).
+
+    Returns
+    -------
+    DagPlan
+        Planned start (seconds) and global client of each request.
+    """
+    from lloptim.work import request_work_s
+
+    weights = np.column_stack([request_work_s(problem, estimates, instance=i) for i in range(len(problem.instances))])
+    return plan_workflows(problem.workload.precedence, weights, problem.client_instance(),
+                          release=problem.workload.arrival_s, time_limit_s=time_limit_s, exact=exact)
+
+
 def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,
-               release: np.ndarray, bound: float) -> DagPlan | None:
+               release: np.ndarray, bound: float, time_limit_s: float = 5.0) -> DagPlan | None:
     """The optimal plan of a small workflow by a mixed-integer program, or None when it cannot be solved here.
 
-    Needs the modeling layer (``lloptim.Model`` and ``lloptim.solve``); without it, returns None
-    and :func:`plan_workflows` falls back to list scheduling.
+    Solves :mod:`lloptim.formulations.precedence` with HiGHS, started from a list schedule. Needs
+    the modeling layer (``lloptim.Model``); without it, returns None and :func:`plan_workflows`
+    falls back to list scheduling.
 
     Parameters
     ----------
@@ -235,9 +268,12 @@ def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.nda
         Earliest start of each request, seconds.
     bound
         A valid lower bound on the makespan, seconds.
+    time_limit_s
+        Wall-clock limit of the solve, seconds (at the limit, the best plan found).
     """
     try:
+        from lloptim.formulations.model import Model  # noqa: F401  (the modeling layer)
         from lloptim.formulations.precedence import solve_precedence_mip
     except ImportError:
         return None
-    return solve_precedence_mip(precedence, weights, machine_kind, release, bound)
+    return solve_precedence_mip(precedence, weights, machine_kind, release, bound, time_limit_s)

@@ -210,11 +210,15 @@ class Precedence:
         return int(self.level.max()) + 1 if self.n else 0
 
     def _csr(self, by: int) -> tuple[np.ndarray, np.ndarray]:
-        key = self.edges[:, by]
-        order = np.argsort(key, kind="stable")
-        ptr = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(key, minlength=self.n), out=ptr[1:])
-        return ptr, self.edges[order, 1 - by]
+        """Neighbour lists in compressed form (cached): ``by=0`` successors, ``by=1`` predecessors."""
+        cache = self.__dict__.setdefault("_csr_cache", {})
+        if by not in cache:
+            key = self.edges[:, by]
+            order = np.argsort(key, kind="stable")
+            ptr = np.zeros(self.n + 1, dtype=np.int64)
+            np.cumsum(np.bincount(key, minlength=self.n), out=ptr[1:])
+            cache[by] = (ptr, self.edges[order, 1 - by])
+        return cache[by]
 
     def successors(self) -> list[list[int]]:
         """Successor rows of each request (lists in edge order; a new list each call)."""
@@ -399,13 +403,12 @@ class Precedence:
         start = self.earliest_start(d, release)
         finish = start + d
         last = int(np.argmax(finish))
-        preds = self.predecessors()
+        ptr, idx = self._csr(1)
         path = [last]
-        while preds[path[-1]]:
+        while ptr[path[-1]] < ptr[path[-1] + 1]:
             v = path[-1]
-            cand = np.asarray(preds[v])
-            f = finish[cand]
-            best = int(cand[np.argmax(f)])
+            cand = idx[ptr[v]:ptr[v + 1]]
+            best = int(cand[np.argmax(finish[cand])])
             if finish[best] < start[v] - 1e-12 * max(1.0, abs(start[v])):
                 break  # v starts at its own release, after all its predecessors finished
             path.append(best)

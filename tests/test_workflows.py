@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from lloptim import Problem, Workload, load_spec, lower_bound, run_policy, summarize, workloads
+from lloptim import Problem, Workload, load_spec, lower_bound, run_policy, workloads
 from lloptim.bounds import critical_path_bound, minimal_request_time_s
 from lloptim.cli import app
 from lloptim.dag_plan import list_schedule, plan_workflows
@@ -22,7 +22,7 @@ from lloptim.precedence import Precedence
 from lloptim.runtime.engine import Engine, Fault
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.policy import Policy, RequestScheduler
-from lloptim.runtime.registry import policy_names
+from lloptim.runtime.registry import make_policy, policy_names
 from lloptim.runtime.request_schedulers import GlobalQueue
 from lloptim.trace import TRACE_COLUMNS
 
@@ -237,13 +237,26 @@ def test_readiness_events_in_time_order_exactly_once_and_in_time(dag, seed, inst
         after[v].append(ids[u])
     wl = Workload.from_arrays(rng.integers(5, 60, n), rng.integers(1, 30, n), rng.uniform(0, 3, n) * (rng.random(n) < 0.5),
                               ids=ids, after=after)
-    problem = Problem.single(wl, "llama-65b", clients=clients, instances=instances)
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+
+    # instances of different speeds: an iteration that starts first may finish last
+    base = load_profile("llama-65b")
+    problem = Problem(wl, tuple(Instance.from_profile(dc_replace(base, latency=base.latency.scaled(s, s)), clients,
+                                                      name=f"i{k}") for k, s in enumerate([1.0, 0.45][:instances])))
     rs = Recording("fcfs")
     res = Engine(problem, Policy("rec", rs, PrefillFirst())).run()
     times = [t for t, _ in rs.events]
     assert sorted(r for _, r in rs.events) == list(range(n))  # exactly once each
     assert times == sorted(times)  # in time order
     assert np.allclose([res.ready_s[r] for _, r in rs.events], times)
+    # each ready time is the latest predecessor finish (or the arrival)
+    latest = np.array(wl.arrival_s, dtype=float)
+    if wl.precedence is not None:
+        np.maximum.at(latest, wl.precedence.edges[:, 1], res.done_s[wl.precedence.edges[:, 0]])
+    assert np.array_equal(res.ready_s, latest)
     # every request ready by an instance's clock had been announced when that instance asked for work
     ready = np.sort(res.ready_s)
     for now, known in rs.asks:
@@ -449,3 +462,164 @@ def test_plot_draws_the_critical_path(tmp_path):
     problem = Problem.single(workloads.workflows("chain", 6, seed=1), "llama-65b", clients=4)
     path = plot_run(run_policy(problem, "hybrid"), tmp_path / "t.png")
     assert path.stat().st_size > 10_000
+
+
+# -- the exact plan (the modeling layer) ---------------------------------------------------------------------
+def _brute_force_makespan(prec: Precedence, w: np.ndarray, clients: int) -> float:
+    """Best list schedule over every priority order: the optimum when nothing has a release time."""
+    import itertools
+
+    preds, succs = prec.predecessors(), prec.successors()
+    best = np.inf
+    for perm in itertools.permutations(range(prec.n)):
+        priority = np.empty(prec.n)
+        priority[list(perm)] = np.arange(prec.n)
+        best = min(best, list_schedule(preds, succs, w, np.zeros(clients, dtype=np.int64), priority)[2])
+    return best
+
+
+@settings(max_examples=12, deadline=None)
+@given(dag=dags(6), seed=st.integers(0, 1000), clients=st.integers(1, 3))
+def test_exact_plan_is_optimal_on_small_workflows(dag, seed, clients):
+    from lloptim.formulations import model as modeling
+
+    if not hasattr(modeling, "Model"):
+        pytest.skip("the modeling layer (lloptim.Model) is not on this branch yet")
+    n, edges = dag
+    prec = Precedence.from_edges(n, np.array(edges, dtype=np.int64).reshape(-1, 2))
+    w = np.round(np.random.default_rng(seed).uniform(1, 10, n), 1)
+    plan = plan_workflows(prec, w, np.zeros(clients, dtype=np.int64))
+    assert plan.method == "mip"
+    assert plan.makespan_s == pytest.approx(_brute_force_makespan(prec, w, clients), abs=1e-6)
+    assert plan.bound_s == pytest.approx(plan.makespan_s, rel=1e-6)
+    start, e = plan.start_s, prec.edges
+    assert np.all(start[e[:, 1]] >= start[e[:, 0]] + w[e[:, 0]] - 1e-6)
+    for c in range(clients):
+        rows = np.flatnonzero(plan.client == c)
+        order = rows[np.argsort(start[rows])]
+        assert np.all(start[order][1:] >= (start + w)[order][:-1] - 1e-6)
+
+
+def test_a_policy_object_serves_independent_requests_then_a_workflow():
+    from lloptim.runtime.hybrid import hybrid_policy
+
+    policy = hybrid_policy()
+    plain = Problem.single(workloads.gsm8k("test", limit=60), clients=8)
+    flow = Problem.single(workloads.workflows("chain", 10, seed=2), clients=8)
+    for problem in (plain, flow, plain):
+        res = run_policy(problem, policy)
+        assert np.all(np.isfinite(res.done_s))
+    e = flow.workload.precedence.edges
+    res = run_policy(flow, policy)
+    assert np.all(res.assign_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+class _NoPeeking(np.ndarray):
+    """An arrival array that fails on any read: policies must learn arrivals from on_ready."""
+
+    def __getitem__(self, key):
+        raise AssertionError("a policy read workload.arrival_s")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("a policy read workload.arrival_s")
+
+
+@pytest.mark.parametrize("policy", sorted(policy_names()))
+def test_no_policy_reads_an_arrival_time(policy):
+    # the engine reads the arrivals when it is built; from then on only readiness events tell them
+    problem = Problem.single(workloads.workflows("dag", 8, seed=1, arrival_rate=2.0), clients=6)
+    engine = Engine(problem, make_policy(policy))
+    arrivals = problem.workload.arrival_s
+    object.__setattr__(problem.workload, "arrival_s", np.zeros(len(arrivals)).view(_NoPeeking))
+    try:
+        res = engine.run()
+    finally:
+        object.__setattr__(problem.workload, "arrival_s", arrivals)
+    assert np.all(res.ready_s >= arrivals) and np.all(np.isfinite(res.done_s))
+
+
+def test_plan_problem_is_a_valid_schedule_on_a_mixed_fleet():
+    from dataclasses import replace as dc_replace
+
+    from lloptim.dag_plan import plan_problem
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+    from lloptim.work import request_work_s
+
+    base = load_profile("llama-65b")
+    slow = dc_replace(base, name="slow", latency=base.latency.scaled(prefill=2.0, decode=2.0))
+    wl = workloads.workflows("dag", 15, seed=4, arrival_rate=1.0)
+    problem = Problem(wl, (Instance.from_profile(base, 4, name="fast"), Instance.from_profile(slow, 3, name="slow")))
+    plan = plan_problem(problem)
+    kind = problem.client_instance()[plan.client]
+    work = np.column_stack([request_work_s(problem, instance=i) for i in range(2)])[np.arange(len(wl)), kind]
+    start, e = plan.start_s, wl.precedence.edges
+    assert np.all(start >= wl.arrival_s - 1e-9)
+    assert np.all(start[e[:, 1]] >= start[e[:, 0]] + work[e[:, 0]] - 1e-9)
+    for c in range(problem.n_clients):
+        rows = np.flatnonzero(plan.client == c)
+        order = rows[np.argsort(start[rows])]
+        assert np.all(start[order][1:] >= (start + work)[order][:-1] - 1e-9)
+    assert plan.bound_s <= plan.makespan_s == pytest.approx(float((start + work).max()))
+    # the slower instance gets less of the work per client
+    assert (kind == 1).sum() / 3 < (kind == 0).sum() / 4
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from(workloads.WORKFLOW_SHAPES), n=st.integers(1, 8), seed=st.integers(0, 1000),
+       kinds=st.lists(st.tuples(st.sampled_from([0.6, 1.0, 1.7]), st.integers(1, 6)), min_size=2, max_size=3),
+       rate=st.sampled_from([None, 1.0]), policy=st.sampled_from(ALL_POLICIES), migrate=st.booleans())
+def test_the_bound_holds_on_mixed_fleets_with_migration(shape, n, seed, kinds, rate, policy, migrate):
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+    from lloptim.runtime.migration import with_migration
+
+    base = load_profile("llama-65b")
+    insts = tuple(Instance.from_profile(dc_replace(base, name=f"x{s}", latency=base.latency.scaled(prefill=s, decode=s)),
+                                        c, kv_capacity_tokens=40_000, name=f"i{k}") for k, (s, c) in enumerate(kinds))
+    problem = Problem(workloads.workflows(shape, n, seed=seed, arrival_rate=rate), insts)
+    lb = lower_bound(problem)
+    res = run_policy(problem, with_migration(policy) if migrate else policy)
+    assert res.makespan_s >= (lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s) * (1 - 1e-9)
+    e = problem.workload.precedence.edges if problem.workload.precedence is not None else np.zeros((0, 2), int)
+    assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+def test_ready_time_is_the_latest_predecessor_finish_across_instances():
+    # a fast instance finishes a map before a slow instance's earlier iteration finishes another:
+    # the reduce waits for the later finish, whatever order the engine processed them in
+    from dataclasses import replace as dc_replace
+
+    from lloptim.hardware import load_profile
+    from lloptim.problem import Instance
+
+    base = load_profile("llama-65b")
+    insts = tuple(Instance.from_profile(dc_replace(base, latency=base.latency.scaled(s, s)), c, kv_capacity_tokens=40_000,
+                                        name=f"i{k}") for k, (s, c) in enumerate([(1.0, 4), (1.0, 4), (0.6, 6)]))
+    problem = Problem(workloads.workflows("fan-in", 7, seed=198), insts)
+    res = run_policy(problem, "sarathi")
+    e = problem.workload.precedence.edges
+    latest = np.zeros(len(problem.workload))
+    np.maximum.at(latest, e[:, 1], res.done_s[e[:, 0]])
+    has_preds = np.bincount(e[:, 1], minlength=len(latest)) > 0
+    assert np.array_equal(res.ready_s[has_preds], latest[has_preds])
+    assert np.all(res.prefill_start_s[e[:, 1]] >= res.done_s[e[:, 0]])
+
+
+def test_a_subclass_of_the_workflow_queue_keeps_its_hooks_without_precedence():
+    import heapq
+
+    from lloptim.runtime.request_schedulers import WorkflowQueue
+
+    class Shortest(WorkflowQueue):
+        def on_ready(self, request, now):
+            heapq.heappush(self.ready, (self.ctx.estimates[request], request))
+            self.n_pending += 1
+
+    problem = Problem.single(workloads.gsm8k("test", limit=40), clients=2)
+    rs = Shortest()
+    res = Engine(problem, Policy("shortest", rs, PrefillFirst())).run()
+    first = np.argsort(res.assign_s, kind="stable")[:2]
+    assert set(problem.workload.output_tokens[first]) <= set(np.sort(problem.workload.output_tokens)[:2])

@@ -10,7 +10,10 @@ cannot drift from them:
 * ``readme_setup.txt``, ``readme_tests.txt``, ``readme_tour.txt``: the README's code blocks;
 * ``concepts_timeline.png``, ``concepts_bound.png``: the figures of the *Concepts* page;
 * ``solver_capabilities.inc``: the capability table of the registered solver backends;
-* ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present.
+* ``spec_reference.inc``: every key of a spec, from the validator's pydantic models
+  (:func:`lloptim.spec.spec_reference`);
+* ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present;
+* ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present.
 
 Figures and tables are rewritten only when missing or older than the code, which keeps repeated
 builds fast.
@@ -32,10 +35,12 @@ ROOT = DOCS.parent
 
 #: Packages whose modules get API pages, in the order of the API reference, with section titles.
 SECTIONS = [
-    ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.hardware",
-                         "lloptim.bounds", "lloptim.work", "lloptim.arrivals", "lloptim.metrics", "lloptim.simulator",
+    ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.precedence",
+                         "lloptim.hardware", "lloptim.bounds", "lloptim.work", "lloptim.arrivals", "lloptim.dag_plan",
+                         "lloptim.metrics", "lloptim.trace", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
-                         "lloptim.calibrate", "lloptim.plots", "lloptim.errors"]),
+                         "lloptim.calibrate", "lloptim.plots", "lloptim.errors", "lloptim.validation",
+                         "lloptim.guards", "lloptim.progress"]),
     ("Online runtime", "lloptim.runtime", ["lloptim.runtime.policy", "lloptim.runtime.engine",
                                            "lloptim.runtime.request_schedulers",
                                            "lloptim.runtime.iteration_schedulers", "lloptim.runtime.lagrangian",
@@ -47,7 +52,8 @@ SECTIONS = [
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",
                                                 "lloptim.backends.torch_backend", "lloptim.backends.models"]),
     ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.binpacking",
-                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip"]),
+                                              "lloptim.formulations.lp_bound", "lloptim.formulations.full_mip",
+                                              "lloptim.formulations.precedence"]),
     ("Solvers", "lloptim.solvers", ["lloptim.solvers.params", "lloptim.solvers.result", "lloptim.solvers.base",
                                     "lloptim.solvers.registry"]),
 ]
@@ -285,6 +291,35 @@ def write_policies(out: Path) -> list[str]:
     return list(names)
 
 
+# -- spec reference ---------------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    """A list-table cell: reST markup characters in free text shown literally."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("`", "\\`").replace("|", "\\|") or "\\-"
+
+
+def write_spec_reference(out: Path) -> list[str]:
+    """One table per TOML table of a spec, read from the pydantic models of :mod:`lloptim.spec`."""
+    from lloptim.spec import spec_reference
+
+    rows = spec_reference()
+    lines: list[str] = []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        title = "Top-level keys" if table == "top level" else f"``{table}``"
+        lines += [title, "-" * len(title), "", ".. list-table::", "   :header-rows: 1", "   :widths: 18 14 10 14 16 28",
+                  "   :class: spec-reference", "", "   * - key", "     - type", "     - unit", "     - default",
+                  "     - bounds", "     - meaning"]
+        for r in rows:
+            if r["table"] != table:
+                continue
+            default = r["default"] if r["default"] in ("required", "not set") or " " in r["default"] \
+                else f"``{r['default']}``"
+            lines += [f"   * - ``{r['key']}``", f"     - {_cell(r['type'])}", f"     - {_cell(r['unit'])}",
+                      f"     - {default}", f"     - {_cell(r['bounds'])}", f"     - {_cell(r['description'])}"]
+        lines.append("")
+    _write(out / "spec_reference.inc", "\n".join(lines) + "\n")
+    return [r["key"] for r in rows]
+
+
 # -- README -----------------------------------------------------------------------------------------
 def write_readme(out: Path) -> None:
     text = (ROOT / "README.md").read_text()
@@ -436,6 +471,29 @@ def write_benchmark_figures(out: Path) -> list[str]:
     return [f.name for f in figs]
 
 
+def write_workflow_table(out: Path) -> bool:
+    """``workflows_table.inc``: the summary of ``benchmarks/workflows.py`` (its JSON), or a note."""
+    src = ROOT / "benchmarks" / "results" / "workflows_summary.json"
+    if not src.is_file():
+        _write(out / "workflows_table.inc", ".. note::\n\n   Run ``python benchmarks/workflows.py`` and rebuild the "
+                                            "docs to show its table here.\n")
+        return False
+    lines = [".. list-table:: Gap to the bound, % (mean / worst over the seeds)", "   :header-rows: 1", "",
+             "   * - case", "     - workflows (requests)", "     - bound s (x simple)", "     - ``hybrid``",
+             "     - ``hybrid-fused``", "     - best blind peer", "     - hybrid vs best separate peer",
+             "     - hybrid-fused vs best peer"]
+    for c in json.loads(src.read_text()):
+        case = c["shape"] + ("" if c["instances"] == 1 else f", {c['instances']} x {c['clients']} clients") + \
+            (f", {c['rate']:g} workflows/s" if c["rate"] else "")
+        pair = "{0[0]:.2f} / {0[1]:.2f}".format
+        lines += [f"   * - {case}", f"     - {c['workflows']} ({c['requests']})",
+                  f"     - {c['bound_s']:.1f} ({c['bound_over_simple']:.2f})", f"     - {pair(c['hybrid'])}",
+                  f"     - {pair(c['hybrid_fused'])}", f"     - ``{c['best_peer']}`` {pair(c['best_peer_gap'])}",
+                  f"     - {pair(c['hybrid_vs_peers'])}", f"     - {pair(c['hybrid_fused_vs_peers'])}"]
+    _write(out / "workflows_table.inc", "\n".join(lines) + "\n")
+    return True
+
+
 def _sources() -> list[Path]:
     return [p for d in ("lloptim", "formulations", "solvers") for p in (ROOT / d).rglob("*") if p.is_file()
             and p.suffix in (".py", ".toml", ".csv")] + [Path(__file__)]
@@ -534,9 +592,11 @@ def run(out: Path) -> dict:
     facts = {"modules": write_api(out), "commands": write_cli(out), "reexports": list(REEXPORTS)}
     write_readme(out)
     facts["policies"] = write_policies(out)
+    facts["spec_keys"] = write_spec_reference(out)
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)
+    facts["workflow_table"] = write_workflow_table(out)
     facts["reproduction"] = write_reproduction(out)
     facts["tutorial_ok"] = tutorial_status()
     facts["seconds"] = time.perf_counter() - t0

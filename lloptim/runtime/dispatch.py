@@ -86,7 +86,7 @@ class HybridDispatch(WorkflowQueue):
         super().setup(ctx)
         step = min(i.profile.latency.decode_base_s + i.clients * i.profile.latency.decode_per_seq_s
                    for i in ctx.problem.instances)
-        self.step_s = step
+        self.slack_step_s = step
         self.estimates = ctx.estimates
         self.fleet.setup(ctx)
         self.steered = self.dag is None and self.fleet.active
@@ -101,7 +101,7 @@ class HybridDispatch(WorkflowQueue):
         if self.dag is not None:
             super().on_ready(request, now)
             return
-        key = now - self.slack_weight * self.step_s * float(self.estimates[request])
+        key = now - self.slack_weight * self.slack_step_s * float(self.estimates[request])
         self.key[request] = key
         heapq.heappush(self.ready, (key, request))
         self.n_pending += 1

@@ -36,6 +36,7 @@ from lloptim.backends.base import InstanceLost
 from lloptim.errors import PolicyError, SpecError
 from lloptim.problem import Problem
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.validation import check_int, check_number
 
 __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "RUNNING", "FAILED"]
 
@@ -68,6 +69,13 @@ class Fault:
     time_s: float
     instance: int
     client: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("faults.time_s", self.time_s, lo=0, fix="give a failure time in seconds from the start, >= 0")
+        check_int("faults.instance", self.instance, lo=0, fix="give an instance index, 0 for the first")
+        if self.client is not None:
+            check_int("faults.client", self.client, lo=0, fix="give a global client index, or none for the whole "
+                      "instance")
 
 
 class InstanceState:
@@ -317,6 +325,9 @@ class Engine:
         # successors of each request and how many predecessors it waits for (None: independent requests)
         self.successors = prec.successors() if prec is not None else None
         self.n_predecessors = prec.in_degree().tolist() if prec is not None else [0] * n
+        roots = np.flatnonzero(prec.in_degree() == 0) if prec is not None else np.arange(n)
+        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
+        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -340,9 +351,12 @@ class Engine:
         self.migrations = np.zeros(n, dtype=np.int64)
         self.ready = [float("nan")] * n
         self.unfinished_predecessors = list(self.n_predecessors)
-        # (ready time, request) of requests not yet released: roots at their arrival; the others
-        # join when their last predecessor finishes. A sorted list is a heap.
-        self.events = sorted((self.arrival[r], r) for r in range(n) if not self.n_predecessors[r])
+        self.latest_predecessor_finish = list(self.arrival)  # ready time = max(arrival, predecessor finishes)
+        # requests not yet released, as (ready time, request): the roots in arrival order (known
+        # up front), and a heap of the others, which join when their last predecessor finishes
+        self.next_root = 0
+        self.events: list[tuple[float, int]] = []
+        self.next_ready = self.roots[0][0] if self.roots else np.inf
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -364,12 +378,16 @@ class Engine:
         self.retired = retired
         self.active = active
         while self.n_done < n:
+            if not active and self.failed_clients == problem.n_clients:
+                raise SpecError("faults", f"{n - self.n_done} requests were never served: the faults took down "
+                                f"every client ({self.failed_clients})", "leave at least one client alive, or fail "
+                                "later")
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
             _, _, k = heapq.heappop(active)
             s = states[k]
-            if self.events and self.events[0][0] <= s.now:
+            if self.next_ready <= s.now:
                 self._release(s.now)
             faults = pending_faults[k]
             while faults and faults[0].time_s <= s.now:
@@ -437,11 +455,23 @@ class Engine:
     # -- pieces of the loop ----------------------------------------------------------------------
     def _release(self, now: float) -> None:
         """Tell the request scheduler of every request that became ready by ``now``, in time order."""
-        events, ready, on_ready = self.events, self.ready, self.policy.requests.on_ready
-        while events and events[0][0] <= now:
-            t, r = heapq.heappop(events)
+        events, roots, ready, on_ready = self.events, self.roots, self.ready, self.policy.requests.on_ready
+        i = self.next_root
+        while True:
+            # the earlier of the next root and the next unblocked request (ties by row)
+            if i < len(roots) and (not events or roots[i] < events[0]):
+                if roots[i][0] > now:
+                    break
+                t, r = roots[i]
+                i += 1
+            elif events and events[0][0] <= now:
+                t, r = heapq.heappop(events)
+            else:
+                break
             ready[r] = t
             on_ready(r, t)
+        self.next_root = i
+        self._update_next_ready()
         # idle clients anywhere may now have work: let every instance look again, and wake the
         # ones that had gone quiet (a finish elsewhere may have readied work for them)
         for st in self.states:
@@ -452,6 +482,10 @@ class Engine:
                 self.retired.discard(k)
                 st.now = max(st.now, now)
                 heapq.heappush(self.active, (st.now, 1, k))
+
+    def _update_next_ready(self) -> None:
+        nxt = self.roots[self.next_root][0] if self.next_root < len(self.roots) else np.inf
+        self.next_ready = min(nxt, self.events[0][0]) if self.events else nxt
 
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
@@ -479,9 +513,9 @@ class Engine:
     def _wake_time(self, s: InstanceState, active, faults) -> float | None:
         """When an instance with nothing to run should look again; None if never."""
         candidates = []
-        if self.events:
+        if self.next_ready < np.inf:
             # the next request to become ready (an arrival, or a successor of a finished request)
-            candidates.append(max(self.events[0][0], s.now))
+            candidates.append(max(self.next_ready, s.now))
         busy = [t for t, idle, _ in active if not idle]
         if busy and self.policy.requests.pending():
             candidates.append(max(min(busy), s.now))
@@ -557,12 +591,22 @@ class Engine:
                 self._unblock(r, s.now)
 
     def _unblock(self, r: int, now: float) -> None:
-        """``r`` finished at ``now``: successors whose last predecessor it was become ready then (or at arrival)."""
-        waiting = self.unfinished_predecessors
+        """``r`` finished at ``now``: a successor whose predecessors have all finished becomes ready.
+
+        Its ready time is the latest of their finishes (or its arrival). That is not always
+        ``now``: instances run their iterations in order of start, so an iteration that started
+        earlier on a slower instance may have finished another predecessor later.
+        """
+        waiting, latest = self.unfinished_predecessors, self.latest_predecessor_finish
         for q in self.successors[r]:
             waiting[q] -= 1
+            if now > latest[q]:
+                latest[q] = now
             if waiting[q] == 0:
-                heapq.heappush(self.events, (max(self.arrival[q], now), q))
+                t = latest[q]
+                heapq.heappush(self.events, (t, q))
+                if t < self.next_ready:
+                    self.next_ready = t
 
     def _decode(self, s: InstanceState, policy: Policy) -> None:
         if s.n_running == 0:

@@ -31,6 +31,11 @@ wait, and that costs most when output lengths are unknown (finishes cannot be fo
 cannot be batched), then disappears; the bound such schedules are measured against is
 :attr:`~lloptim.bounds.LowerBound.fused_s`.
 
+In workflows of dependent requests the same reasoning applies before the end game: a waiting
+request that the request scheduler's plan has no slack for (:attr:`WorkflowQueue.critical
+<lloptim.runtime.request_schedulers.WorkflowQueue>`) holds up its successors, and through them the
+makespan, for every step it waits, so it is prefilled at once.
+
 Each decision is O(1) amortized: the accumulated cost is updated incrementally.
 """
 
@@ -145,6 +150,8 @@ class LagrangianIterations(IterationScheduler):
         self.setup_cost = [weight * inst.profile.latency.prefill_base_s for inst in ctx.problem.instances]
         self.accrued = [0.0] * len(ctx.problem.instances)
         self.requests = ctx.extra.get("request_scheduler")
+        # requests on the plan's critical path (workflows): never kept waiting for a batch
+        self.critical = getattr(self.requests, "critical", None)
         self.estimates = ctx.estimates.tolist()
         self.finish_heap: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
         self.running: list[dict[int, tuple[int, int]]] = [{} for _ in ctx.problem.instances]
@@ -205,6 +212,10 @@ class LagrangianIterations(IterationScheduler):
         end_game = self.requests is not None and self.requests.pending() == 0
         if state.n_running == 0 or end_game:
             return self._prefill(state)
+        if self.critical:
+            request_of = state.engine.client_request
+            if any(request_of[c] in self.critical for c in state.waiting):
+                return self._prefill(state)
         price = self.step_price
         waiting_cost = 0.0
         for c in state.waiting:

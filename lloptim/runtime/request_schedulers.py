@@ -26,10 +26,13 @@ from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from lloptim.dag_plan import plan_workflows
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
-from lloptim.work import typical_step_s
+from lloptim.work import request_work_s, typical_step_s
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
 
@@ -199,10 +202,13 @@ class WorkflowQueue(GlobalQueue):
     The plan (:func:`~lloptim.dag_plan.plan_workflows`: list scheduling by upward rank, improved
     by forward-backward passes) covers every unfinished request of the workflows that have arrived
     (weakly connected components of the precedence DAG whose first requests became ready). It is
-    made when the first requests become ready and revised whenever a new workflow arrives (a
-    rolling horizon): running requests keep their clients until their estimated finish, and
-    requests waiting for a running predecessor until that finish. A request's key is its planned
-    start, and an idle client takes the ready request with the earliest key. The plan reads the
+    made when the first requests become ready and revised as new workflows arrive (a rolling
+    horizon): running requests keep their clients until their estimated finish, and requests
+    waiting for a running predecessor until that finish. Small arrivals are slotted into the plan's
+    order where a rank-ordered list scheduler would put them, and everything is re-planned once
+    they add up (``revise_fraction``). A request's key is its planned
+    start, and an idle client takes the ready request with the earliest key; requests without
+    slack in the plan are listed in :attr:`critical`. The plan reads the
     DAG and the estimated lengths of arrived workflows and what this scheduler handed out, never
     an arrival time. Without precedence the order is longest estimated output first
     (:class:`GlobalQueue` ``"longest"``).
@@ -215,25 +221,42 @@ class WorkflowQueue(GlobalQueue):
         Wall-clock budget of the improvement passes of the first plan, seconds.
     revision_limit_s
         The same for each revision when workflows arrive later, seconds.
+    slack_steps
+        A request with at most this slack in the plan, in decode steps of a full instance, is
+        *critical* (:attr:`critical`): the Lagrangian iteration scheduler prefills it at once
+        rather than keep it waiting for a larger prefill batch.
+    revise_fraction
+        Re-plan everything when the work of the workflows that arrived since the last full plan
+        exceeds this fraction of the work that plan covered (fraction); below it, new workflows are
+        slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
+        in proportion to the backlog each time).
     """
 
-    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05) -> None:
+    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
+                 slack_steps: float = 2.0, revise_fraction: float = 0.1) -> None:
         super().__init__("longest", plan)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
+        self.slack_steps = slack_steps
+        self.revise_fraction = revise_fraction
+        #: Requests with at most ``slack_steps`` decode steps of slack in the current plan (rows;
+        #: updated in place at every revision): an iteration scheduler should not keep them waiting.
+        self.critical: set[int] = set()
 
     def setup(self, ctx: RunContext) -> None:
+        for name in ("on_ready", "next_request", "requeue", "on_finish"):
+            self.__dict__.pop(name, None)  # a previous run without precedence bound them
         super().setup(ctx)
         prec = ctx.problem.workload.precedence
         self.dag = prec
         self.plans = 0
         if prec is None:
+            # independent requests: exactly GlobalQueue("longest"), without the indirection per
+            # call (unless a subclass overrides the hook)
+            for name in ("on_ready", "next_request", "requeue", "on_finish"):
+                if getattr(type(self), name) is getattr(WorkflowQueue, name):
+                    setattr(self, name, getattr(super(), name))
             return
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        from lloptim.work import request_work_s
-
         n = ctx.problem.n_requests
         adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
         self.component = connected_components(adj, directed=True, connection="weak")[1]
@@ -250,6 +273,15 @@ class WorkflowQueue(GlobalQueue):
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
         self.batch_time = 0.0
+        self.fastest = self.weights.min(axis=1)
+        self.planned_work = 0.0
+        self.appended_work = 0.0
+        self.plan_keys = np.zeros(0)
+        self.plan_suffix_rank = np.zeros(0)
+        self.plan_end = 0.0
+        w = ctx.problem.workload
+        self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
+                                         float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
 
     def on_ready(self, request: int, now: float) -> None:
         if self.dag is None:
@@ -265,16 +297,36 @@ class WorkflowQueue(GlobalQueue):
             self.batch_time = now
 
     def _replan(self) -> None:
-        """Plan the unfinished, unstarted requests of every arrived workflow from now on; rebuild the queue."""
-        from lloptim.dag_plan import plan_workflows
+        """Plan the workflows that arrived: all unfinished work again, or the new workflows after it.
 
+        A full revision re-plans every unstarted request of the known workflows from now on
+        (running requests hold their clients until their estimated finish). When the newly
+        arrived work is small next to what the last full plan covered (less than
+        ``revise_fraction`` of it, counting every workflow slotted in since), the new requests are
+        slotted into the plan's order by rank, at a cost in proportion to them alone.
+        """
         now = self.batch_time
-        first = not self.known
-        self.known |= self.arrived
+        new = sorted(self.arrived - self.known)
         self.arrived = set()
+        first = not self.known
+        self.known.update(new)
+        new_rows = np.concatenate([self.members[k] for k in new])
+        new_work = float(self.fastest[new_rows].sum())
+        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work:
+            self._plan_all(now, first)
+        else:
+            self._append(now, new_rows)
+            self.appended_work += new_work
+        self.plans += 1
+        self.ready = [(self.key[r], r) for r in self.waiting]
+        heapq.heapify(self.ready)
+
+    def _plan_all(self, now: float, first: bool) -> None:
         rows = np.concatenate([self.members[k] for k in sorted(self.known)])
         rows = rows[~self.finished[rows]]
         rows = rows[[r not in self.running for r in rows.tolist()]]
+        if rows.size == 0:
+            return
         kinds = self.ctx.client_instance
         free = np.full(kinds.size, now)
         expected = {}
@@ -282,13 +334,45 @@ class WorkflowQueue(GlobalQueue):
             expected[r] = max(now, t0 + float(self.weights[r, kinds[c] if self.weights.shape[1] > 1 else 0]))
             free[c] = max(free[c], expected[r])
         release = np.array([max([now] + [expected[q] for q in self.preds[r] if q in expected]) for r in rows.tolist()])
-        plan = plan_workflows(self.dag.subset(rows), self.weights[rows], kinds, release=release, machine_free=free,
-                              time_limit_s=self.time_limit_s if first else self.revision_limit_s, exact=first)
+        self.critical.clear()
+        self._plan(rows, release, free, self.time_limit_s if first else self.revision_limit_s, first)
+        self.planned_work = float(self.fastest[rows].sum())
+        self.appended_work = 0.0
+
+    def _append(self, now: float, rows: np.ndarray) -> None:
+        """Slot new workflows into the plan's order where a rank-ordered list scheduler would put them.
+
+        A free client takes the ready request of highest upward rank, so a new request goes ahead
+        of every planned request that it outranks and that is not followed by one it does not:
+        its key is the first planned start from which all planned requests rank below it.
+        """
+        sub = self.dag.subset(rows)
+        rank = self.fastest[rows] if sub is None else sub.upward_rank(self.fastest[rows])
+        keys, suffix_rank = self.plan_keys, self.plan_suffix_rank
+        # suffix_rank is non-increasing: the first position whose later requests all rank below
+        pos = np.searchsorted(-suffix_rank, -rank, side="right")
+        at = np.where(pos < keys.size, keys[np.minimum(pos, keys.size - 1)], self.plan_end)
+        for r, k in zip(rows.tolist(), np.maximum(at, now).tolist()):
+            self.key[r] = k
+
+    def _plan(self, rows: np.ndarray, release: np.ndarray, free: np.ndarray, limit: float, exact: bool) -> None:
+        """Plan ``rows`` from ``free`` (per client) and ``release``; set keys, client horizons, critical rows."""
+        kinds = self.ctx.client_instance
+        sub = self.dag.subset(rows)
+        plan = plan_workflows(sub, self.weights[rows], kinds, release=release, machine_free=free,
+                              time_limit_s=limit, exact=exact)
         for r, start in zip(rows.tolist(), plan.start_s.tolist()):
             self.key[r] = start
-        self.plans += 1
-        self.ready = [(self.key[r], r) for r in self.waiting]
-        heapq.heapify(self.ready)
+        # requests without slack in the plan: delaying one of them delays the plan's makespan
+        fastest = self.fastest[rows]
+        rank = fastest if sub is None else sub.upward_rank(fastest)
+        latest = plan.makespan_s - rank
+        self.critical.update(rows[latest - plan.start_s <= self.slack_steps * self.step_s].tolist())
+        # the plan's order and ranks, for slotting in workflows that arrive before the next revision
+        order = np.argsort(plan.start_s, kind="stable")
+        self.plan_keys = plan.start_s[order]
+        self.plan_suffix_rank = np.maximum.accumulate(rank[order][::-1])[::-1]
+        self.plan_end = plan.makespan_s
 
     def next_request(self, state, client: int) -> int | None:
         if self.dag is None:
