@@ -231,9 +231,9 @@ def test_spec_arrivals_and_traces():
     assert s.meta["load"] == 0.5
     for text, needle in (('source = "gsm8k"\nload = 1\narrival_rate = 2', "not both"),
                          ('source = "gsm8k"\ntrace = "conv"', "azure"),
-                         ('source = "azure"\narrival_rate = 2', "own arrivals"),
+                         ('source = "azure"\narrival_rate = 2', "arrival_rate is read only"),
                          ('source = "azure"\nload = 1\ntime_scale = 2', "not both"),
-                         ('source = "workflow"\nshape = "chain"\nload = 1', "workflow"),
+                         ('source = "workflow"\nshape = "chain"\nload = 1', "load is read only"),
                          ('source = "gsm8k"\nload = -1', "load")):
         with pytest.raises(SpecError, match=needle):
             load_spec(text="[workload]\n" + text + "\n")

@@ -202,17 +202,20 @@ class RollingPlan:
             self.n_planned = 0
             return rows
         W = self._weights(rows)
-        est = self.estimates[rows]
         release = self._release(now, rows)
         first = self.revisions == 0 and not np.any(release[alive] > 0) and alive.all()
         if first and self.weights == "work" and (self.solver != "greedy" or np.all(W == W[:, :1])):
             # the paper's offline plan, by the chosen backend (on a fleet of different instances the
             # greedy backend would also price every client by an LP nobody reads here: skip it)
-            from lloptim.problem import Problem
+            from lloptim.problem import Problem, Workload
             from lloptim.solvers import SolveParams, solve
 
-            sub = Problem(problem.workload.subset(rows), problem.instances, problem.name)
-            res = solve(sub, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s), estimates=est)
+            # the solve sees the known requests' prompts and weights (from their estimates) only:
+            # no arrival time, and no true output length (each is given one token)
+            known = Workload.from_arrays(problem.workload.prompt_tokens[rows], np.ones(rows.size, dtype=np.int64),
+                                         name=problem.workload.name)
+            sub = Problem(known, problem.instances, problem.name)
+            res = solve(sub, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s), weights=W)
             ctx.extra["offline"] = res
             assignment = np.asarray(res.assignment, dtype=np.int64)
             makespan = float(res.primal_bound) if res.primal_bound is not None else float("nan")
