@@ -220,7 +220,9 @@ class RollingPlan:
             assignment = np.asarray(res.assignment, dtype=np.int64)
             makespan = float(res.primal_bound) if res.primal_bound is not None else float("nan")
         else:
-            assignment, makespan = self._pack(W, rows, release, alive)
+            # the first plan gets the first plan's time limit (it covers everything known at once)
+            assignment, makespan = self._pack(W, rows, release, alive,
+                                              self.time_limit_s if self.revisions == 0 else self.revision_limit_s)
         self.assignment[rows] = assignment
         self.n_planned = int(rows.size)
         self.planned_makespan_s = makespan
@@ -257,7 +259,8 @@ class RollingPlan:
             release[c] = max(0.0, since + float(w[ctx.client_instance[c]]) - now)
         return release
 
-    def _pack(self, W: np.ndarray, rows: np.ndarray, release: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, float]:
+    def _pack(self, W: np.ndarray, rows: np.ndarray, release: np.ndarray, alive: np.ndarray,
+              time_limit_s: float) -> tuple[np.ndarray, float]:
         """Warm-started LPT + local search with releases over the live clients; (assignment, makespan)."""
         from lloptim.formulations.binpacking import BinPackingData
         from lloptim.solvers.greedy import local_search, lpt
@@ -282,7 +285,7 @@ class RollingPlan:
                 np.add.at(load, start[kept_rows], data.request_weights_on(np.maximum(start, 0))[kept_rows])
             sub = BinPackingData(np.ascontiguousarray(data.inst_weights[new]), data.client_instance, uniform)
             start[new] = lpt(sub, release=load)
-        a = local_search(data, start, time_limit_s=self.revision_limit_s, release=rel)
+        a = local_search(data, start, time_limit_s=time_limit_s, release=rel)
         makespan = float((np.bincount(a, weights=data.request_weights_on(a), minlength=live.size) + rel).max())
         return live[a], makespan
 
