@@ -28,7 +28,10 @@ idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fl
 see :mod:`lloptim.runtime.fleet`).
 
 With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
-WorkflowQueue`'s plan order.
+WorkflowQueue`'s plan order. Where an instance's KV cache can fill up (its clients' largest
+requests do not fit at once), the dispatch is the memory-aware queue it is given
+(:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`: the longest request that keeps the
+cache within its capacity at every future step).
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class HybridDispatch(WorkflowQueue):
         :class:`~lloptim.runtime.fleet.FleetPrices`.
     time_limit_s, revision_limit_s
         Budgets of the workflow plan (see :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`).
+    memory
+        The request scheduler to hand the dispatch to when the KV cache of an instance can fill up
+        (a :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: never.
 
     Attributes
     ----------
@@ -72,7 +78,7 @@ class HybridDispatch(WorkflowQueue):
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
-                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05) -> None:
+                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -81,9 +87,18 @@ class HybridDispatch(WorkflowQueue):
         super().__init__(None, time_limit_s, revision_limit_s)
         self.slack_weight = float(slack_weight)
         self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
+        self.memory = memory
+        self.delegate = None
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
+        self.delegate = None
+        if self.memory is not None and self.dag is None:
+            from lloptim.runtime.memory_schedulers import memory_can_bind
+
+            if any(memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))):
+                self.delegate = self.memory
+                self.memory.setup(ctx)
         step = min(i.profile.latency.decode_base_s + i.clients * i.profile.latency.decode_per_seq_s
                    for i in ctx.problem.instances)
         self.slack_step_s = step
@@ -95,9 +110,26 @@ class HybridDispatch(WorkflowQueue):
         self.roots = None if self.dag is None else self.dag.in_degree() == 0
         self._nothing_for: tuple | None = None
 
+    @property
+    def critical(self):
+        """Requests without slack in the workflow plan (see :class:`WorkflowQueue`), or the delegate's."""
+        if self.delegate is not None:
+            return self.delegate.critical
+        return self.__dict__.get("_critical", set())
+
+    @critical.setter
+    def critical(self, value) -> None:
+        self.__dict__["_critical"] = value
+
+    def pending(self) -> int:
+        return self.delegate.pending() if self.delegate is not None else super().pending()
+
     def on_ready(self, request: int, now: float) -> None:
         if self.handed_out and (self.roots is None or self.roots[request]):
             self.arrivals_during_run = True
+        if self.delegate is not None:
+            self.delegate.on_ready(request, now)
+            return
         if self.dag is not None:
             super().on_ready(request, now)
             return
@@ -109,7 +141,12 @@ class HybridDispatch(WorkflowQueue):
             self.fleet.on_ready(request)
 
     def next_request(self, state, client: int) -> int | None:
-        r = self._steered_request(state, client) if self.steered else super().next_request(state, client)
+        if self.delegate is not None:
+            r = self.delegate.next_request(state, client)
+        elif self.steered:
+            r = self._steered_request(state, client)
+        else:
+            r = super().next_request(state, client)
         if r is not None:
             self.handed_out = True
         return r
@@ -143,11 +180,23 @@ class HybridDispatch(WorkflowQueue):
         return item[1]
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_finish(request, client, output_tokens, now)
+            return
         super().on_finish(request, client, output_tokens, now)
         if self.steered:
             self.fleet.on_finish(request, client, now)
 
+    def on_client_failed(self, client: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_client_failed(client, now)
+            return
+        super().on_client_failed(client, now)
+
     def requeue(self, request: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.requeue(request, now)
+            return
         super().requeue(request, now)
         if self.steered:
             self.fleet.on_requeue(request)

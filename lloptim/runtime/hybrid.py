@@ -12,7 +12,8 @@ the first plan is the paper's offline plan.
 * **hybrid**: the online request scheduler (:class:`~lloptim.runtime.dispatch.HybridDispatch`:
   an idle client takes the ready request of least slack, which is the longest first when every
   request is present at once; on a fleet of different instances steered by instance prices from
-  the fractional assignment LP) and the Lagrangian iteration scheduler
+  the fractional assignment LP; where the KV cache can fill up, the memory-aware dispatch of
+  :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`) and the Lagrangian iteration scheduler
   (:mod:`lloptim.runtime.lagrangian`): separate prefill iterations while every request is present
   from the start, prompts fused into decode iterations once requests arrive during the run.
 * **hybrid-fused**: the hybrid always fusing prompts (``C_p = 0``).
@@ -29,10 +30,17 @@ from lloptim.runtime.dispatch import SLACK_WEIGHT, HybridDispatch
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy
+from lloptim.runtime.memory_schedulers import MemoryAwareQueue
 from lloptim.runtime.registry import register_policy
+from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["offline_policy", "hybrid_policy"]
+__all__ = ["offline_policy", "hybrid_policy", "START_DELAY"]
+
+#: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
+#: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
+#: may batch prefills a few steps). Chosen on training workloads (benchmarks/memory.py --tune).
+START_DELAY = {"fused": 2, "separate": 1}
 
 
 def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
@@ -53,7 +61,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   dispatch: str = "sorted", steal: bool = True, forecast: str = "auto",
                   token_budget: int | None = None, survival: np.ndarray | None = None,
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
-                  weights: str = "work") -> Policy:
+                  weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
+                  start_delay: int | None = None) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -93,9 +102,27 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     weights
         Request weights of the bin-packing plan (``dispatch="plan"``): ``"work"`` or ``"bound"``
         (see :class:`~lloptim.runtime.rolling.RollingPlan`).
+    memory_prices, price_updates
+        How the Lagrangian rule prices KV memory (``"lp"``, ``"uniform"``, ``"none"``) and whether
+        the price follows the observed utilizations (:mod:`lloptim.runtime.lagrangian`).
+    start_delay
+        Decode steps a dispatched request may wait for its prefill that the memory projection
+        allows for (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the
+        default of the iteration rule (:data:`START_DELAY`).
+
+    Notes
+    -----
+    With ``dispatch="sorted"``, when an instance's KV cache can fill up (its clients' largest
+    requests do not fit at once) the dispatch is the memory-aware one: the longest unstarted
+    request *that fits* (the instance's admitted requests and it must stay within the cache at
+    every future step; :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), so the run
+    needs no preemption when lengths are known; elsewhere it is least slack first
+    (:class:`~lloptim.runtime.dispatch.HybridDispatch`).
     """
     if dispatch == "sorted":
-        requests = HybridDispatch(slack_weight=slack_weight, prices=prices)
+        delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
+        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory)
     elif dispatch == "plan":
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:
@@ -105,7 +132,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                         "'auto' fuses prompts once requests arrive during the run")
     return Policy("hybrid-fused" if fused is True else "hybrid", requests,
                   LagrangianIterations(None, setup_weight=setup_weight, token_budget=token_budget,
-                                       forecast=forecast, survival=survival, fused=fused))
+                                       forecast=forecast, survival=survival, fused=fused,
+                                       memory_prices=memory_prices, price_updates=price_updates))
 
 
 register_policy("offline", offline_policy,
