@@ -40,7 +40,9 @@ def online_problems(draw):
     arrival = np.cumsum(gaps) * draw(st.sampled_from([0.0, 1.0]) if draw(st.booleans()) else st.just(1.0))
     clients = draw(st.integers(1, 5))
     kinds = draw(st.sampled_from([[(BASE, 1)], [(BASE, 2)], [(BASE, 1), (SLOW, 1)], [(BASE, 1), (DSLOW, 1)]]))
-    return Problem(Workload.from_arrays(prompt, output, arrival), fleet(kinds, clients, 20_000))
+    # a cache that holds the largest request and little more: memory binds, the memory-aware paths run
+    kv = 200 + 96 if draw(st.booleans()) else 20_000
+    return Problem(Workload.from_arrays(prompt, output, arrival), fleet(kinds, clients, kv))
 
 
 def _trace_before(res, t: float) -> list[tuple]:
@@ -62,7 +64,7 @@ def test_no_policy_reads_a_request_before_it_arrives(problem, quantile, seed):
     prompt, output, arrival = w.prompt_tokens.copy(), w.output_tokens.copy(), w.arrival_s.copy()
     ids = list(w.ids)
     prompt[later] = rng.integers(1, 120, later.size)
-    output[later] = rng.integers(1, 60, later.size)
+    output[later] = rng.integers(1, 60, later.size)  # prompt + output <= 180: fits every cache drawn
     arrival[later] = t + rng.uniform(1e-3, 5.0, later.size)
     for i in later.tolist():
         ids[i] = f"other-{i}"
