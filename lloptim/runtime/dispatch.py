@@ -135,7 +135,7 @@ class HybridDispatch(WorkflowQueue):
         not revisited as requests arrive: on Poisson arrivals to a memory-bound workload (prompts
         20-200, lognormal outputs, 20,480 KV tokens, 120 % load) handing over later avoided the
         preemptions but raised the p99 latency above Sarathi's, while least slack with the engine's
-        preemption kept it 7-10 % below.
+        preemption kept it 6-10 % below.
         """
         self.started = True
         early, self.early = self.early, []
