@@ -1,8 +1,13 @@
 """``lloptim run`` (serve a workload on a real model) and ``lloptim calibrate`` (fit a profile to it).
 
-``lloptim run`` without a SPEC serves :func:`default_torch_workload`: the first 32 GSM8K test
-requests with their LLaMA token counts divided by 4 and clipped to 64 tokens (prompts 11-50
-tokens, outputs 10-64), which tiny-llama serves in well under a second on one CPU core.
+Backends: ``torch`` (lloptim's own exact-token engine), ``vllm`` and ``hf`` (lloptim's policies as
+the scheduler of vLLM or of transformers' continuous batching, :mod:`lloptim.engines`), and
+``simulated``.
+
+``lloptim run`` without a SPEC serves :func:`default_torch_workload` on the torch backend (the first
+32 GSM8K test requests with their LLaMA token counts divided by 4 and clipped to 64 tokens, which
+tiny-llama serves in well under a second on one CPU core) and :func:`default_engine_workload` on
+the engines (the first 64 GSM8K test requests with their true token counts).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from lloptim.cli.app import app
 from lloptim.cli.common import console, err_console, load_problem, print_json, user_errors
 from lloptim.errors import SpecError
 
-__all__ = ["default_torch_workload", "serve", "calibrate_command"]
+__all__ = ["default_torch_workload", "default_engine_workload", "serve", "calibrate_command"]
 
-BACKENDS = ("torch", "simulated")
+BACKENDS = ("torch", "simulated", "vllm", "hf")
+ENGINE_BACKENDS = ("vllm", "hf")
 
 
 def default_torch_workload(limit: int = 32, scale: float = 4.0, max_tokens: int = 64):
@@ -52,6 +58,25 @@ def default_torch_workload(limit: int = 32, scale: float = 4.0, max_tokens: int 
     prompt = np.clip(np.ceil(base.prompt_tokens / scale), 1, max_tokens).astype(np.int64)
     output = np.clip(np.ceil(base.output_tokens / scale), 1, max_tokens).astype(np.int64)
     return Workload.from_arrays(prompt, output, ids=base.ids, name=f"gsm8k-test-{limit}/{scale:g}")
+
+
+def default_engine_workload(limit: int = 64):
+    """The first ``limit`` GSM8K test requests with their true LLaMA token counts (prompts 29-196, outputs 28-310).
+
+    Parameters
+    ----------
+    limit
+        Number of requests (dataset order).
+
+    Returns
+    -------
+    Workload
+        All requests arrive at time 0.
+    """
+    from lloptim.workloads import gsm8k
+
+    base = gsm8k("test", limit=limit)
+    return base.subset(np.arange(len(base)))
 
 
 def _ints(name: str, text: str) -> list[int]:
@@ -91,8 +116,10 @@ def _fit_table(cal) -> Table:
 
 @app.command("calibrate")
 def calibrate_command(
-    backend: str = typer.Option("torch", "--backend", help="backend to measure (torch)"),
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' or a local model directory"),
+    backend: str = typer.Option("torch", "--backend", help="backend to measure: torch, or an engine (vllm, hf) "
+                                "fitted to its own steps on GSM8K train requests"),
+    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama', 'mini-llama' (the engines' "
+                              "default) or a local model directory"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float64, float32, float16, bfloat16"),
     seed: int = typer.Option(0, "--seed", help="seed of the built-in model's weights"),
@@ -106,19 +133,38 @@ def calibrate_command(
     repeats: int = typer.Option(5, "--repeats", help="timed repetitions per grid point (median kept)"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
     clock: str = typer.Option("wall", "--clock", help="wall seconds, or cpu seconds of the serving thread"),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="engines: KV blocks (default: the engine's)"),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens",
+                                                     help="engines: tokens per step (default: the engine's)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS)."""
+    """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS).
+
+    With --backend vllm or hf the fit uses the engine's own step timings while it serves GSM8K train
+    requests under its default scheduler, the baseline and the hybrid.
+    """
     from lloptim.calibrate import calibrate
     from lloptim.hardware import save_profile
 
     with user_errors():
-        if backend != "torch":
-            raise SpecError("backend", f"cannot calibrate the {backend!r} backend", "use --backend torch")
+        if backend not in ("torch",) + ENGINE_BACKENDS:
+            raise SpecError("backend", f"cannot calibrate the {backend!r} backend",
+                            f"use one of {['torch', *ENGINE_BACKENDS]}")
         _set_threads(threads)
-        cal = calibrate(model, device, dtype, seed, _ints("prefill_batches", prefill_batches),
-                        _ints("prefill_lengths", prefill_lengths), _ints("decode_batches", decode_batches),
-                        _ints("decode_contexts", decode_contexts), repeats=repeats, clock=clock)
+        if backend in ENGINE_BACKENDS:
+            from lloptim.calibrate import calibrate_engine
+
+            engines = _start_engines(backend, model if model != "tiny-llama" else "mini-llama", clients, 1, kv_blocks,
+                                     max_batched_tokens, dtype, device, seed)
+            try:
+                cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
+                kv_capacity = engines[0].kv_layout.capacity_tokens
+            finally:
+                _close(engines)
+        else:
+            cal = calibrate(model, device, dtype, seed, _ints("prefill_batches", prefill_batches),
+                            _ints("prefill_lengths", prefill_lengths), _ints("decode_batches", decode_batches),
+                            _ints("decode_contexts", decode_contexts), repeats=repeats, clock=clock)
         profile = cal.to_profile(kv_capacity_tokens=kv_capacity, clients=clients)
         path = save_profile(profile, out) if out is not None else None
     if json_out:
@@ -137,12 +183,49 @@ def calibrate_command(
         console.print(f"profile written to {path}")
 
 
-def _serving_problem(spec, profile, clients, instances, requests):
+def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device, seed):
+    """Start ``instances`` engines of ``backend`` (replicas of one configuration)."""
+    if clients is None:
+        clients = DEFAULT_ENGINE_CLIENTS
+    if instances < 1:
+        raise SpecError("instances", f"must be >= 1, got {instances}", "give at least one replica")
+    engines = []
+    try:
+        for _ in range(instances):
+            if backend == "vllm":
+                from lloptim.engines.vllm import VllmEngine
+
+                engines.append(VllmEngine(model, clients=clients, kv_blocks=kv_blocks,
+                                          max_num_batched_tokens=max_batched_tokens, dtype=dtype or "float32",
+                                          seed=seed))
+            else:
+                from lloptim.engines.hf import HFEngine
+
+                shared = engines[0].module if engines else model
+                engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks, max_batch_tokens=max_batched_tokens,
+                                        dtype=dtype or "float32", device=device, seed=seed))
+    except BaseException:
+        _close(engines)
+        raise
+    return engines
+
+
+def _close(engines) -> None:
+    for e in engines:
+        e.close()
+
+
+#: Clients per engine instance when neither --clients nor a SPEC says.
+DEFAULT_ENGINE_CLIENTS = 16
+
+
+def _serving_problem(spec, profile, clients, instances, requests, engine: bool = False):
     """The problem to serve: SPEC's workload and instance layout (or the default) on ``profile``'s latency."""
     from lloptim.problem import Instance, Problem
 
     if spec is None:
-        workload = default_torch_workload(limit=requests or 32)
+        workload = (default_engine_workload(limit=requests or 64) if engine
+                    else default_torch_workload(limit=requests or 32))
         return Problem.single(workload, profile, clients=clients, instances=instances,
                               name=f"{workload.name} on {profile.name}")
     base = load_problem(spec)
@@ -158,10 +241,14 @@ def _serving_problem(spec, profile, clients, instances, requests):
 
 @app.command("run")
 def serve(
-    spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: 32 GSM8K requests scaled for tiny-llama"),
-    backend: str = typer.Option("torch", "--backend", help="torch (real model) or simulated"),
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' or a local model directory"),
-    policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
+    spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: 32 GSM8K requests scaled for tiny-llama "
+                                          "(torch) or the first 64 GSM8K test requests (vllm, hf)"),
+    backend: str = typer.Option("torch", "--backend", help="torch (lloptim's exact-token engine), vllm or hf "
+                                "(lloptim as the engine's scheduler), or simulated"),
+    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' (torch), 'mini-llama' (the engines' "
+                              "default) or a local model directory"),
+    policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`); with vllm "
+                               "or hf also 'engine-default', the engine's own scheduler"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="calibrated profile TOML; default: calibrate now"),
     clients: Optional[int] = typer.Option(None, "--clients", help="clients per instance"),
     instances: int = typer.Option(1, "--instances", help="model replicas (without SPEC)"),
@@ -180,6 +267,10 @@ def serve(
                                 "(a model replica); a replica that dies has its requests served by the others"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --ray); default: a "
                                           "local Ray"),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="vllm, hf: KV blocks per engine (default: "
+                                            "the engine's)"),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="vllm, hf: tokens per step "
+                                                     "(default: the engine's)"),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -196,8 +287,15 @@ def serve(
     from lloptim.runtime.registry import make_policy
     from lloptim.simulator import run_policy
 
+    if backend in ENGINE_BACKENDS:
+        _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
+                          threads, clock, verify, json_out, migrate, on_ray, kv_blocks, max_batched_tokens)
+        return
     with user_errors():
         _check_backend(backend)
+        if kv_blocks is not None or max_batched_tokens is not None:
+            raise SpecError("--kv-blocks", "engine options with a backend that is not an engine",
+                            f"use them with --backend {' or '.join(ENGINE_BACKENDS)}")
         if address is not None and not on_ray:
             raise SpecError("--address", "a Ray address without --ray", "add --ray, or drop --address")
         if requests is not None and requests < 1:
@@ -262,3 +360,98 @@ def serve(
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
+                      threads, clock, verify, json_out, migrate, on_ray, kv_blocks, max_batched_tokens) -> None:
+    """``lloptim run --backend vllm|hf``: serve on the engine, predict with the simulator, report both."""
+    from lloptim.calibrate import calibrate_engine
+    from lloptim.engines.serve import predict_engine_run, serve_engine
+    from lloptim.hardware import load_profile
+    from lloptim.metrics import summarize
+
+    with user_errors():
+        if migrate or on_ray:
+            raise SpecError("--migrate" if migrate else "--ray", f"the {backend} engines run in this process and "
+                            "cannot migrate requests", "drop the flag, or use --backend torch")
+        if requests is not None and requests < 1:
+            raise SpecError("requests", f"must be >= 1, got {requests}", "give how many requests to serve")
+        if clients is not None and clients < 1:
+            raise SpecError("clients", f"must be >= 1, got {clients}", "give at least one client")
+        _set_threads(threads)
+        if model == "tiny-llama":
+            model = "mini-llama"  # heads of 16 dimensions are rejected by the engines' CPU attention
+        if spec is not None and clients is None:
+            base = load_problem(spec)
+            clients = base.instances[0].clients
+            instances = len(base.instances)
+        engines = _start_engines(backend, model, clients or DEFAULT_ENGINE_CLIENTS, instances, kv_blocks,
+                                 max_batched_tokens, dtype, device, seed)
+        try:
+            e0 = engines[0]
+            cap = [e.kv_layout.capacity_tokens for e in engines]
+            if profile is not None:
+                prof = load_profile(profile)
+            else:
+                if not json_out:
+                    err_console.print(f"no --profile: calibrating {backend} on its own steps first (save one with "
+                                      f"`lloptim calibrate --backend {backend} --out`)")
+                cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
+                prof = cal.to_profile(kv_capacity_tokens=cap[0], clients=e0.clients)
+            problem = _serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True)
+            problem = _with_engine_kv(problem, cap)
+            result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
+            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, kv_capacity_tokens=cap,
+                                           seed=seed)
+            mismatch = _engine_mismatches(e0, problem, result, seed) if verify else None
+        finally:
+            _close(engines)
+    d = summarize(result).to_dict()
+    makespan = d["makespan_s"]
+    pred = predicted.makespan_s
+    d.update(backend=backend, model=str(model), policy=policy, profile=str(profile) if profile else "calibrated",
+             clock=clock, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
+             predicted_makespan_s=pred, prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan,
+             preemptions=int(result.extra.get("preemptions", 0)),
+             plan_deviations=int(result.extra.get("plan_deviations", 0)), requests_with_token_mismatch=mismatch,
+             kv_capacity_tokens=result.extra.get("kv_capacity_tokens"), note=result.extra.get("note"))
+    if json_out:
+        print_json(d)
+        return
+    t = Table(title=f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients, "
+                    f"{backend} engine, policy {policy}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
+            ("output tokens", f"{d['output_tokens']:,}"),
+            (f"makespan (measured, {clock})", f"{makespan:.4f} s"), ("makespan (simulated)", f"{pred:.4f} s"),
+            ("prediction error", f"{100 * d['prediction_rel_error']:+.1f} %"),
+            ("utilization", f"{100 * d['utilization']:.1f} %"), ("tokens/s", f"{d['tokens_per_s']:,.0f}"),
+            ("gap to lower bound", f"{100 * d['gap_to_bound']:.2f} %"),
+            ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
+            ("preemptions", str(d["preemptions"])),
+            ("requests with token mismatch", "not checked" if mismatch is None else str(mismatch))]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def _with_engine_kv(problem, capacity_tokens):
+    """``problem`` with each instance's KV capacity set to its engine's pool, tokens."""
+    from lloptim.engines.serve import with_profile
+
+    return with_profile(problem, problem.instances[0].profile, capacity_tokens)
+
+
+def _engine_mismatches(engine, problem, result, seed) -> int:
+    """Requests whose engine tokens differ from one-at-a-time greedy generation by transformers (float32)."""
+    from lloptim.backends.models import load_model, reference_generate
+
+    ref_model = load_model(str(engine.model_dir), device="cpu", dtype="float32", seed=seed)
+    tokens = result.extra["tokens"]
+    bad = 0
+    for r in range(problem.n_requests):
+        want = reference_generate(ref_model, engine.info.prompt_ids(r, int(problem.workload.prompt_tokens[r]), seed),
+                                  int(problem.workload.output_tokens[r]))
+        bad += tokens.get(r) != want
+    return bad

@@ -272,6 +272,7 @@ class EngineRun:
         self.restarts = np.zeros(n, dtype=np.int64)
         self.trace: list[tuple] = []
         self.trace_kv: list[int] = []
+        self.trace_decodes: list[int] = []
         self.decisions: list[int] = []
         self.tokens: dict[int, list[int]] = {}
         self.decoded = [0] * n  # decode steps each request has taken part in
@@ -283,10 +284,9 @@ class EngineRun:
         self.deviations = 0
         self.empty_steps = [0] * n_inst
         self.steps_taken = [0] * n_inst
-        # engine's own scheduler: requests go to instances round robin in arrival order when they arrive
-        order = np.argsort(w.arrival_s, kind="stable").tolist()
-        self.dispatch_rows = [order[k::n_inst] for k in range(n_inst)]
-        self.dispatch_next = [0] * n_inst
+        # engine's own scheduler: a router hands arrived requests, first come first served, to an
+        # instance with a free slot (one engine: the engine's own queue order)
+        self.dispatch_order = np.argsort(w.arrival_s, kind="stable").tolist()
         self.dispatched = 0
         self.queued: list[dict[int, None]] = [{} for _ in range(n_inst)]  # submitted, not yet started
         self.failure: BaseException | None = None
@@ -334,21 +334,29 @@ class EngineRun:
 
         With a policy, its request scheduler picks a request for each idle client (only requests that
         have arrived by the instance clock; the scheduler is shared by all instances, so an idle
-        client may take another replica's planned work). With the engine's own scheduler, arrived
-        requests are dealt to instances round robin in arrival order and queue in the engine.
+        client may take another replica's planned work). With the engine's own scheduler, a router
+        hands arrived requests first come first served to the instance while it has free slots
+        (the engine then decides when to start them).
+
+        As in the simulator, an instance takes requests when it has just freed a client or woken up
+        from idling (``state.dirty``), not at every step.
         """
         s = self.states[k]
+        if not s.dirty:
+            return []
+        s.dirty = False
         if self.policy is None:
             rows = []
-            mine, i = self.dispatch_rows[k], self.dispatch_next[k]
-            while i < len(mine) and self.arrival[mine[i]] <= s.now:
-                r = mine[i]
-                i += 1
+            free = len(s.idle) - len(self.queued[k])
+            while free > 0 and self.dispatched < len(self.dispatch_order):
+                r = self.dispatch_order[self.dispatched]
+                if self.arrival[r] > s.now:
+                    break
+                self.dispatched += 1
                 self.queued[k][r] = None
                 self.assign_s[r] = s.now
                 rows.append(r)
-            self.dispatch_next[k] = i
-            self.dispatched += len(rows)
+                free -= 1
             return rows
         rs = self.policy.requests
         rows = []
@@ -514,7 +522,8 @@ class EngineRun:
         full = all(s.prefilled.get(c, 0) == 0 and n == self.prompt[r] + self.carried[r] for c, r, n in chunks)
         kind = KIND_DECODE if not chunks else (KIND_PREFILL if not decodes and full else KIND_MIXED)
         self.trace.append((k, kind, start, duration_s, len(decodes) + len(chunks), prompt_tokens, running_before))
-        self.trace_kv.append(s.kv_tokens)
+        self.trace_kv.append(sum(self.prompt[r] + self.carried[r] + self.decoded[r] for r in decodes))
+        self.trace_decodes.append(len(decodes))
         s.now = start + duration_s
         if decodes:
             s.decode_steps += 1
@@ -619,8 +628,9 @@ class EngineRun:
 
         ``generated_tokens`` counts the true output tokens; ``extra`` holds ``engine``,
         ``preemptions`` (requests an engine evicted and recomputed), ``plan_deviations`` (steps that
-        did not do what the policy asked), ``trace_kv_tokens`` (KV tokens held by the running requests
-        before each step, for calibration) and ``note`` (:data:`DECODE_STEPS_NOTE`).
+        did not do what the policy asked), ``trace_decodes`` (requests each step decoded) and
+        ``trace_kv_tokens`` (the KV tokens those requests held before the step), for calibration,
+        ``clock``, and ``note`` (:data:`DECODE_STEPS_NOTE`).
         """
         tr = self.trace
         cols = list(zip(*tr)) if tr else [()] * 7
@@ -638,7 +648,8 @@ class EngineRun:
             wasted_tokens=self.wasted, requeued=self.preemptions, failed_clients=0,
             wall_s=time.perf_counter() - self._t_wall,
             extra={"engine": self.engine_name, "preemptions": self.preemptions, "plan_deviations": self.deviations,
-                   "trace_kv_tokens": np.array(self.trace_kv, dtype=np.int64), "note": DECODE_STEPS_NOTE,
+                   "trace_kv_tokens": np.array(self.trace_kv, dtype=np.int64),
+                   "trace_decodes": np.array(self.trace_decodes, dtype=np.int64), "note": DECODE_STEPS_NOTE,
                    "kv_capacity_tokens": [s.kv_capacity for s in self.states], "clock": self.clock_name,
                    "kv_block_size": self.kv[0].block_size},
         )
@@ -699,6 +710,7 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
             if wake is None:
                 continue
             s.now = max(s.now, wake)
+            s.dirty = True
             heapq.heappush(active, (s.now, 1, k))
             continue
         engines[k].step()

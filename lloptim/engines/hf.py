@@ -114,7 +114,10 @@ class _Link:
             self.parked = True
             self.cond.notify_all()
             while not (self.go or self.exiting):
-                self.cond.wait()
+                self.cond.wait(1.0)
+                if not threading.main_thread().is_alive():
+                    # the interpreter is exiting with the engine still open: let the thread end
+                    self.exiting = True
             self.go = False
             self.parked = False
 
@@ -336,6 +339,7 @@ class HFEngine:
             raise SpecError("kv_blocks", f"must be >= 1, got {kv_blocks}", "give the engine some KV blocks")
         self.clients = int(clients)
         self.seed = seed
+        self.dtype = dtype
         self.kv_blocks = int(kv_blocks) if kv_blocks is not None else max(64, 4 * self.clients)
         self.max_batch_tokens = int(max_batch_tokens) if max_batch_tokens is not None else 2048
         self.cb_options = cb_options
@@ -359,7 +363,7 @@ class HFEngine:
         self._link: _Link | None = None
         self._manager = None
         self._key: str | None = None
-        self._prompts: dict[int, list[int]] = {}
+        self._prompts: dict[tuple[int, int], list[int]] = {}
 
     # -- per-run machinery -----------------------------------------------------------------------
     def _open(self, steer: bool) -> _Link:
@@ -435,10 +439,11 @@ class HFEngine:
 
     def prompt_ids(self, row: int) -> list[int]:
         """The synthetic prompt token ids of request row ``row`` (those the torch backend uses)."""
-        ids = self._prompts.get(row)
+        key = (row, int(self._link.run.prompt[row]))
+        ids = self._prompts.get(key)
         if ids is None:
-            ids = self.info.prompt_ids(row, int(self._link.run.prompt[row]), self.seed)
-            self._prompts[row] = ids
+            ids = self.info.prompt_ids(row, key[1], self.seed)
+            self._prompts[key] = ids
         return ids
 
     def submit(self, rows: Sequence[int]) -> None:

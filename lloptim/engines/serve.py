@@ -182,8 +182,8 @@ def predict_engine_run(problem: Problem, policy: str | Policy, profile: Hardware
     steps = engine_problem(with_profile(problem, profile, kv_capacity_tokens))
     clients = steps.instances[0].clients
     if policy == ENGINE_DEFAULT:
-        pol = engine_policy(DEFAULT_POLICY_TWIN, None, 0,
-                            **({"token_budget": int(token_budget)} if token_budget else {}))
+        # the twin's budget counts decode tokens too, as the engine's does
+        pol = engine_policy(DEFAULT_POLICY_TWIN, token_budget, 0)
     else:
         pol = engine_policy(policy, token_budget, clients, **policy_options)
     est = None if estimates is None else np.maximum(np.asarray(estimates, dtype=np.float64) - 1.0, 1.0)

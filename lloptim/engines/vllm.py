@@ -43,6 +43,13 @@ from lloptim.runtime.engine import RUNNING
 __all__ = ["LloptimScheduler", "VllmEngine", "require_vllm", "INSTALL_HINT"]
 
 INSTALL_HINT = 'pip install -e ".[vllm]" (see the README for the CPU install line)'
+#: KV block size the engines are started with, tokens (vLLM's CPU default).
+BLOCK_SIZE = 128
+
+# vLLM logs INFO to stdout by default, which would mix with lloptim's tables and JSON: unless the
+# user configured it, send its log to stderr and keep warnings only (read when vLLM is imported)
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def require_vllm():
@@ -214,7 +221,8 @@ class VllmEngine:
     clients
         Concurrent request slots: vLLM's ``max_num_seqs``.
     kv_blocks
-        KV blocks in the pool (``num_gpu_blocks_override``); ``None``: vLLM sizes it from memory.
+        KV blocks in the pool (``num_gpu_blocks_override``; vLLM keeps one of them as its null block,
+        and the longest sequence becomes what the others hold); ``None``: vLLM sizes it from memory.
     max_num_batched_tokens
         Tokens per step; ``None``: vLLM's default.
     dtype
@@ -253,12 +261,16 @@ class VllmEngine:
         self.info = ModelInfo.from_dir(self.model_dir)
         self.clients = int(clients)
         self.seed = seed
+        self.dtype = dtype
         args = dict(model=str(self.model_dir), skip_tokenizer_init=True, max_num_seqs=self.clients, dtype=dtype,
                     enforce_eager=enforce_eager, enable_prefix_caching=False, seed=seed,
                     gpu_memory_utilization=cpu_memory_fraction, scheduler_cls=LloptimScheduler,
-                    async_scheduling=False)
+                    async_scheduling=False, block_size=BLOCK_SIZE)
         if kv_blocks is not None:
             args["num_gpu_blocks_override"] = int(kv_blocks)
+            # vLLM wants one longest sequence to fit the pool (less its null block)
+            block = int(engine_args.get("block_size", BLOCK_SIZE))
+            args["max_model_len"] = max(1, min(self.info.max_positions, (int(kv_blocks) - 1) * block))
         if max_num_batched_tokens is not None:
             args["max_num_batched_tokens"] = int(max_num_batched_tokens)
         args.update(engine_args)
@@ -272,7 +284,7 @@ class VllmEngine:
         if not isinstance(self.scheduler, LloptimScheduler):  # pragma: no cover - a caller's scheduler_cls
             raise SpecError("scheduler_cls", "VllmEngine needs the lloptim scheduler", "leave scheduler_cls unset")
         self._run: EngineRun | None = None
-        self._prompts: dict[int, list[int]] = {}
+        self._prompts: dict[tuple[int, int], list[int]] = {}
 
     def _core(self):
         core = getattr(self.engine.engine_core, "engine_core", None)
@@ -284,8 +296,8 @@ class VllmEngine:
     # -- what the run needs ----------------------------------------------------------------------
     @property
     def kv_layout(self) -> KVLayout:
-        """The engine's KV pool: blocks and tokens per block."""
-        return KVLayout(int(self.scheduler.cache_config.num_gpu_blocks), int(self.scheduler.block_size))
+        """The engine's KV pool: blocks requests can hold (vLLM keeps one null block) and tokens per block."""
+        return KVLayout(int(self.scheduler.cache_config.num_gpu_blocks) - 1, int(self.scheduler.block_size))
 
     @property
     def token_budget(self) -> int:
@@ -309,10 +321,11 @@ class VllmEngine:
 
     def prompt_ids(self, row: int) -> list[int]:
         """The synthetic prompt token ids of request row ``row`` (those the torch backend uses)."""
-        ids = self._prompts.get(row)
+        key = (row, int(self._run.prompt[row]))
+        ids = self._prompts.get(key)
         if ids is None:
-            ids = self.info.prompt_ids(row, int(self._run.prompt[row]), self.seed)
-            self._prompts[row] = ids
+            ids = self.info.prompt_ids(row, key[1], self.seed)
+            self._prompts[key] = ids
         return ids
 
     def submit(self, rows: Sequence[int]) -> None:
