@@ -11,7 +11,9 @@ Two sources of models:
     the smallest shape the CPU attention kernels of the serving engines accept (vLLM's CPU backend
     rejects heads of 16 dimensions). :func:`builtin_model_dir` writes it to a local folder
     (``config.json`` + ``model.safetensors``, no tokenizer) on first use, so vLLM and transformers
-    load it like any checkpoint.
+    load it like any checkpoint;
+  - ``"random-llama-1b"``: TinyLlama-1.1B's shape (22 layers, 32 heads of 64 dimensions, 4 KV
+    heads), for GPU benchmarks; its folder takes 4.4 GB.
 
   In memory their default dtype is float64, which makes greedy generation reproducible bit for bit
   whatever the batching.
@@ -52,6 +54,11 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                        tie_word_embeddings=False),
+    # TinyLlama-1.1B's shape with random weights (1.1 B parameters, 4.4 GB as written): for GPU runs
+    "random-llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                            initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            tie_word_embeddings=False),
 }
 
 #: Environment variable naming the folder :func:`builtin_model_dir` writes models to.
@@ -361,7 +368,22 @@ class ModelInfo:
         return cls(int(config.vocab_size), _special_ids(config), int(max_pos))
 
     def prompt_ids(self, request: int, n_tokens: int, seed: int = 0) -> list[int]:
-        """:func:`prompt_token_ids` for this model: the prompts the torch backend would use."""
+        """:func:`prompt_token_ids` for this model: the prompts the torch backend would use.
+
+        Parameters
+        ----------
+        request
+            Request row index.
+        n_tokens
+            Prompt length, tokens.
+        seed
+            Seed shared by all requests of a run.
+
+        Returns
+        -------
+        list of int
+            ``n_tokens`` token ids.
+        """
         return prompt_token_ids(self, request, n_tokens, seed)
 
 

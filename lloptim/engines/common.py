@@ -388,7 +388,20 @@ class EngineRun:
         return bool(s.waiting or s.n_running or self.queued[k])
 
     def wake_time(self, k: int, busy_clocks: Sequence[float]) -> float | None:
-        """When idle instance ``k`` should look again (next arrival or a busy peer's clock); None: never."""
+        """When idle instance ``k`` should look again (next arrival or a busy peer's clock); None: never.
+
+        Parameters
+        ----------
+        k
+            Instance index.
+        busy_clocks
+            Clocks of the instances that are busy, seconds.
+
+        Returns
+        -------
+        float or None
+            The time to wake at, seconds; ``None`` when nothing is pending.
+        """
         s = self.states[k]
         if not self.pending():
             return None

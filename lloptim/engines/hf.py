@@ -41,6 +41,7 @@ __all__ = ["LloptimHFScheduler", "HFEngine", "require_continuous_batching", "MIN
 
 #: Oldest transformers whose continuous-batching scheduler interface the plug-in uses.
 MIN_TRANSFORMERS = (5, 16, 1)
+#: How to install transformers with continuous batching for this adapter.
 INSTALL_HINT = 'pip install -e ".[hf]"'
 #: Seconds the driver waits for one engine step before declaring the engine hung.
 STEP_TIMEOUT_S = 600.0
@@ -425,7 +426,15 @@ class HFEngine:
         return int(self._open(steer=True).budget)
 
     def attach(self, run: EngineRun, instance: int) -> None:
-        """Serve ``run`` as instance ``instance`` (restarts the engine if it was opened for another mode)."""
+        """Serve ``run`` as instance ``instance`` (restarts the engine if it was opened for another mode).
+
+        Parameters
+        ----------
+        run
+            The run to serve.
+        instance
+            This engine's instance index in the run.
+        """
         steer = run.policy is not None
         if self._link is not None and self._steer != steer:
             self._shut()

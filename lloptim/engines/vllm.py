@@ -42,6 +42,7 @@ from lloptim.runtime.engine import RUNNING
 
 __all__ = ["LloptimScheduler", "VllmEngine", "require_vllm", "INSTALL_HINT"]
 
+#: How to install vLLM for this adapter.
 INSTALL_HINT = 'pip install -e ".[vllm]" (see the README for the CPU install line)'
 #: KV block size the engines are started with, tokens (vLLM's CPU default).
 BLOCK_SIZE = 128
@@ -91,6 +92,11 @@ class LloptimScheduler(_VllmScheduler):
     an :class:`~lloptim.engines.common.EngineRun`; then :meth:`schedule` follows the run's policy (or,
     for a run without a policy, records vLLM's own decisions) and :meth:`update_from_output` reports
     each step.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        What vLLM passes to its scheduler (``vllm_config``, ``kv_cache_config``, ...).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -102,6 +108,13 @@ class LloptimScheduler(_VllmScheduler):
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, run: EngineRun, instance: int) -> None:
         """Steer (or record) this engine as instance ``instance`` of ``run``.
+
+        Parameters
+        ----------
+        run
+            The run to serve.
+        instance
+            This engine's instance index in the run.
 
         Raises
         ------
@@ -305,7 +318,15 @@ class VllmEngine:
         return int(self.scheduler.max_num_scheduled_tokens)
 
     def attach(self, run: EngineRun, instance: int) -> None:
-        """Serve ``run`` as instance ``instance`` (see :meth:`LloptimScheduler.attach`)."""
+        """Serve ``run`` as instance ``instance`` (see :meth:`LloptimScheduler.attach`).
+
+        Parameters
+        ----------
+        run
+            The run to serve.
+        instance
+            This engine's instance index in the run.
+        """
         self.scheduler.attach(run, instance)
         self._run = run
 
