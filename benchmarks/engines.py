@@ -1,11 +1,12 @@
 """Real serving engines with lloptim as their scheduler: makespan, tokens/s, and how well the simulator predicts them.
 
-For each engine (vLLM, transformers' continuous batching) the script starts the engine once, fits a
-profile to its own steps on GSM8K *train* requests (:func:`lloptim.calibrate.calibrate_engine`),
-then serves the first ``--requests`` GSM8K *test* requests (true token counts) under the engine's
-own scheduler (``engine-default``) and lloptim's ``hybrid`` and ``hybrid-fused``, ``--repeats``
-times each, interleaved (the median makespan is reported, so a busy moment of a shared machine
-hits every policy alike), and simulates each run with the fitted profile. Two references serve the
+For each engine (vLLM, transformers' continuous batching) the script starts the engine once and,
+``--repeats`` times, fits a profile to its own steps on GSM8K *train* requests
+(:func:`lloptim.calibrate.calibrate_engine`) and then serves the first ``--requests`` GSM8K *test*
+requests (true token counts) under the engine's own scheduler (``engine-default``) and lloptim's
+``hybrid`` and ``hybrid-fused``, each run simulated with that round's profile (so calibration and
+run see the same state of a shared machine). The run with the median makespan is reported, with
+its prediction; the JSON keeps every run's prediction error. Two references serve the
 same requests: lloptim's own torch backend (the exact-token reference, under the hybrid; calibrated
 with its grid, predicted by the simulator) and transformers' ``generate`` with static batches of
 ``--clients`` requests in arrival order (each batch runs until its longest request is done; the
@@ -57,40 +58,51 @@ def _engine(name: str, args, clients: int):
 
 
 def bench_engine(name: str, problem, args) -> list[dict]:
-    """Default scheduler vs the hybrids on one engine, each predicted by the engine's own calibration."""
+    """Default scheduler vs the hybrids on one engine, each run predicted by the engine's own calibration.
+
+    Every repeat round first re-fits the profile to the engine's steps on the train requests, then
+    serves each scheduler once; a run is predicted with its round's profile, so calibration and run
+    see the same machine state.
+    """
     from lloptim.calibrate import calibrate_engine
     from lloptim.engines.serve import predict_engine_run, serve_engine, with_profile
     from lloptim.metrics import summarize
 
     eng = _engine(name, args, args.clients)
     try:
-        t0 = time.perf_counter()
-        cal, _ = calibrate_engine([eng], clock=args.clock, seed=args.seed)
-        cal_s = time.perf_counter() - t0
         cap = eng.kv_layout.capacity_tokens
-        profile = cal.to_profile(kv_capacity_tokens=cap, clients=args.clients)
-        prob = with_profile(problem, profile, [cap])
         runs: dict[str, list] = {p: [] for p in ENGINE_POLICIES}
-        tokens = {}
+        cal_s, cal_err = [], []
         for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            cal, _ = calibrate_engine([eng], clock=args.clock, seed=args.seed)
+            cal_s.append(time.perf_counter() - t0)
+            cal_err.append(cal.extra["step_median_rel_error"])
+            profile = cal.to_profile(kv_capacity_tokens=cap, clients=args.clients)
+            prob = with_profile(problem, profile, [cap])
             for pol in ENGINE_POLICIES:
                 res = serve_engine(prob, pol, [eng], clock=args.clock, seed=args.seed)
-                runs[pol].append(res)
-                tokens.setdefault(pol, res.extra["tokens"])
+                pred = predict_engine_run(prob, pol, profile, token_budget=eng.token_budget, kv_capacity_tokens=[cap],
+                                          seed=args.seed).makespan_s
+                runs[pol].append((res, pred))
+        tokens = {pol: runs[pol][0][0].extra["tokens"] for pol in ENGINE_POLICIES}
         rows = []
         for pol in ENGINE_POLICIES:
-            spans = [r.makespan_s for r in runs[pol]]
-            med = runs[pol][int(np.argsort(spans)[len(spans) // 2])]
+            spans = [r.makespan_s for r, _ in runs[pol]]
+            errors = [(p - r.makespan_s) / r.makespan_s for r, p in runs[pol]]
+            mid = int(np.argsort(spans)[len(spans) // 2])
+            med, pred = runs[pol][mid]
             m = summarize(med)
-            pred = predict_engine_run(prob, pol, profile, token_budget=eng.token_budget, kv_capacity_tokens=[cap],
-                                      seed=args.seed).makespan_s
             rows.append({"engine": name, "scheduler": pol, "makespan_s": m.makespan_s, "min_s": min(spans),
                          "max_s": max(spans), "tokens_per_s": m.throughput_tokens_per_s,
                          "utilization": m.utilization, "steps": int(len(med.trace_kind)),
                          "predicted_s": pred, "rel_error": (pred - m.makespan_s) / m.makespan_s,
-                         "preemptions": int(med.extra["preemptions"]), "plan_deviations": int(med.extra["plan_deviations"]),
-                         "same_tokens_as_default": tokens[pol] == tokens["engine-default"],
-                         "calibration_s": cal_s, "calibration_step_median_rel_error": cal.extra["step_median_rel_error"]})
+                         "rel_errors": errors, "preemptions": int(med.extra["preemptions"]),
+                         "plan_deviations": int(med.extra["plan_deviations"]),
+                         "same_tokens_as_default": all(runs[pol][i][0].extra["tokens"] == tokens["engine-default"]
+                                                       for i in range(len(spans))),
+                         "calibration_s": float(np.median(cal_s)),
+                         "calibration_step_median_rel_error": float(np.median(cal_err))})
         return rows
     finally:
         eng.close()

@@ -151,6 +151,10 @@ class _PoolCache:
         self.pool = pool
         self.write_index = write_index
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """0: positions come from ``position_ids``, and no causal mask is built for this attention."""
+        return 0
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         k, v = self.pool.kv[layer_idx]
         k.index_copy_(2, self.write_index, key_states.to(k.dtype))
@@ -218,6 +222,11 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def _register_attention() -> None:
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise LloptimError(f"the torch backend needs transformers >= 5 (found {transformers.__version__}); "
+                           "install it with `pip install lloptim[torch]`")
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, _packed_attention)
