@@ -534,7 +534,7 @@ def calibrate_engine(engines, workload=None, policies=CALIBRATION_POLICIES, cloc
     runs = [serve_engine(problem, p, engines, clock=clock, seed=seed) for p in policies]
     cal = fit_engine_steps(runs, kv_capacity_tokens=cap)
     cal.model = str(getattr(e0, "model_dir", "") or "")
-    cal.device = f"{e0.name} engine"
+    cal.device = e0.name
     cal.dtype = str(getattr(e0, "dtype", ""))
     cal.wall_s = time.perf_counter() - t_wall
     return cal, runs

@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from lloptim import Problem, Workload, summarize  # noqa: E402
-from lloptim.engines.common import ENGINE_DEFAULT, EngineError  # noqa: E402
+from lloptim.engines.common import ENGINE_DEFAULT  # noqa: E402
 from lloptim.engines.serve import serve_engine  # noqa: E402
 from lloptim.errors import PolicyError, SpecError  # noqa: E402
 from lloptim.hardware import HardwareProfile, LatencyModel, save_profile  # noqa: E402

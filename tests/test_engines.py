@@ -18,7 +18,6 @@ from lloptim.engines.common import ENGINE_DEFAULT, EngineError, EngineRun, KVLay
 from lloptim.engines.serve import predict_engine_run, serve_engine
 from lloptim.errors import PolicyError, SpecError
 from lloptim.hardware import HardwareProfile, LatencyModel
-from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.policy import DECODE, IterationScheduler, Policy, Prefill
 from lloptim.runtime.request_schedulers import GlobalQueue
 

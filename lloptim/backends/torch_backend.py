@@ -347,7 +347,8 @@ class TorchBackend:
         groups = []
         for sel in (news == 1, news > 1):
             if sel.any():
-                groups.append(_Group(torch, dev, new_start[sel], news[sel], segs[sel], after[sel], int(news[sel].max())))
+                groups.append(_Group(torch, dev, new_start[sel], news[sel], segs[sel], after[sel],
+                                     int(news[sel].max())))
         write = torch.from_numpy(segs[row_q] + pos_q).to(dev)
         last = torch.from_numpy(new_start + news - 1)
         kwargs = {"logits_to_keep": last.to(dev)} if self._keep_kw == "logits_to_keep" else {}

@@ -202,8 +202,9 @@ def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_to
                 from lloptim.engines.hf import HFEngine
 
                 shared = engines[0].module if engines else model
-                engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks, max_batch_tokens=max_batched_tokens,
-                                        dtype=dtype or "float32", device=device, seed=seed))
+                engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks,
+                                        max_batch_tokens=max_batched_tokens, dtype=dtype or "float32", device=device,
+                                        seed=seed))
     except BaseException:
         _close(engines)
         raise
@@ -397,7 +398,8 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
                     err_console.print(f"no --profile: calibrating {backend} on its own steps first (save one with "
                                       f"`lloptim calibrate --backend {backend} --out`)")
                 cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
-                prof = cal.to_profile(kv_capacity_tokens=cap[0], clients=e0.clients)
+                prof = cal.to_profile(name=f"{Path(str(model)).name}-{backend}", kv_capacity_tokens=cap[0],
+                                      clients=e0.clients)
             problem = _serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True)
             problem = _with_engine_kv(problem, cap)
             result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
@@ -418,11 +420,11 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
     if json_out:
         print_json(d)
         return
-    t = Table(title=f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients, "
-                    f"{backend} engine, policy {policy}")
+    t = Table(title=f"{backend} engine, policy {policy}: {problem.n_requests} requests, {problem.n_clients} clients")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rows = [("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
+    rows = [("workload", problem.workload.name),
+            ("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
             ("output tokens", f"{d['output_tokens']:,}"),
             (f"makespan (measured, {clock})", f"{makespan:.4f} s"), ("makespan (simulated)", f"{pred:.4f} s"),
             ("prediction error", f"{100 * d['prediction_rel_error']:+.1f} %"),

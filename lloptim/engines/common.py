@@ -38,7 +38,7 @@ import heapq
 import math
 import time
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -223,7 +223,8 @@ class EngineRun:
         if len(kv) != n_inst:
             raise SpecError("kv", f"{len(kv)} KV layouts for {n_inst} instances", "give one per instance")
         if len({(k.block_size, k.slack_blocks) for k in kv}) != 1:
-            raise SpecError("kv", "replicas with different KV block sizes", "serve replicas of one engine configuration")
+            raise SpecError("kv", "replicas with different KV block sizes",
+                            "serve replicas of one engine configuration")
         if policy is not None and policy.migration is not None:
             raise SpecError("policy", "engines cannot move running requests between replicas",
                             "use a policy without migration")

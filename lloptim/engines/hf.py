@@ -29,7 +29,6 @@ import contextlib
 import functools
 import gc
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 from lloptim.backends.models import ModelInfo, require_torch, resolve_device, resolve_model_dir

@@ -127,7 +127,8 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
     return result
 
 
-def with_profile(problem: Problem, profile: HardwareProfile, kv_capacity_tokens: Sequence[int] | None = None) -> Problem:
+def with_profile(problem: Problem, profile: HardwareProfile,
+                 kv_capacity_tokens: Sequence[int] | None = None) -> Problem:
     """``problem`` with every instance priced by ``profile`` (clients kept; KV capacity optionally set).
 
     Parameters
@@ -146,9 +147,9 @@ def with_profile(problem: Problem, profile: HardwareProfile, kv_capacity_tokens:
     return Problem(problem.workload, tuple(insts), name=problem.name)
 
 
-def predict_engine_run(problem: Problem, policy: str | Policy, profile: HardwareProfile, token_budget: int | None = None,
-                       kv_capacity_tokens: Sequence[int] | None = None, estimates: np.ndarray | None = None,
-                       seed: int = 0, **policy_options) -> RunResult:
+def predict_engine_run(problem: Problem, policy: str | Policy, profile: HardwareProfile,
+                       token_budget: int | None = None, kv_capacity_tokens: Sequence[int] | None = None,
+                       estimates: np.ndarray | None = None, seed: int = 0, **policy_options) -> RunResult:
     """Simulate an engine run: the same policy on the engine's work (:func:`engine_problem`), priced by ``profile``.
 
     :data:`ENGINE_DEFAULT` is simulated by :data:`DEFAULT_POLICY_TWIN` under the engine's token budget.
