@@ -83,6 +83,28 @@ def test_fake_engine_run_reproduces_the_simulator(policy, arrivals):
     assert all(not e.running and not e.waiting for e in engines)
 
 
+@pytest.mark.parametrize("shape", ["chain", "dag"])
+@pytest.mark.parametrize("policy", [ENGINE_DEFAULT, "baseline", "hybrid", "hybrid-fused"])
+def test_workflows_run_in_dependency_order_and_match_the_simulator(policy, shape):
+    """Requests that wait for others are announced when their predecessors finish, as in the simulator."""
+    from lloptim import workloads
+
+    w = workloads.workflows(shape, n_workflows=6, seed=3, arrival_rate=20.0)
+    problem = Problem.single(w, HardwareProfile("fake", LAT, kv_capacity_tokens=1 << 20, clients=4), clients=4,
+                             instances=2)
+    engines = _engines(problem)
+    res = serve_engine(problem, policy, engines)
+    _check_complete(problem, res)
+    preds = w.precedence.predecessors()
+    for r, ps in enumerate(preds):
+        for q in ps:  # a request started only after each predecessor finished
+            assert res.prefill_start_s[r] >= res.done_s[q] - 1e-12
+            assert res.ready_s[r] >= res.done_s[q] - 1e-12
+    pred = predict_engine_run(problem, policy, problem.instances[0].profile, token_budget=engines[0].budget)
+    assert res.makespan_s == pytest.approx(pred.makespan_s, rel=1e-9)
+    assert np.allclose(res.ready_s, pred.ready_s)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), clients=st.integers(1, 6), instances=st.integers(1, 3),
        policy=st.sampled_from(POLICIES), arrivals=st.booleans(), budget=st.sampled_from([32, 256, 4096]))

@@ -37,8 +37,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -48,6 +47,7 @@ from lloptim.problem import Problem, Workload
 from lloptim.runtime.engine import (IDLE, KIND_DECODE, KIND_MIXED, KIND_PREFILL, RUNNING, WAITING, InstanceState,
                                     RunResult)
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.runtime.readiness import ReadyTimes
 
 __all__ = ["EngineError", "KVLayout", "StepPlan", "EngineRun", "EngineDriver", "drive", "engine_problem",
            "ENGINE_DEFAULT", "DECODE_STEPS_NOTE", "CLOCKS"]
@@ -169,7 +169,7 @@ def engine_problem(problem: Problem) -> Problem:
     steps = np.maximum(w.output_tokens - 1, 1)
     cap = np.maximum(w.max_output_tokens - 1, steps)
     ws = Workload.from_arrays(w.prompt_tokens, steps, w.arrival_s, cap, w.ids, f"{w.name} (engine steps)")
-    return Problem(ws, problem.instances, name=problem.name)
+    return Problem(replace(ws, precedence=w.precedence), problem.instances, name=problem.name)
 
 
 class EngineRun:
@@ -261,8 +261,8 @@ class EngineRun:
         self.client_request = [-1] * problem.n_clients
         self.client_state = [IDLE] * problem.n_clients
         self.ctx.extra["client_state"] = self.client_state
-        self.arrivals = np.sort(w.arrival_s).tolist()
-        self.arrival = w.arrival_s.tolist()
+        # when each request becomes schedulable (arrival, or its predecessors' finish), in time order
+        self.readiness = ReadyTimes(w)
         self.states = [InstanceState(self, k, self.ctx.instance_clients(k), cap_tokens[k],
                                      inst.profile.latency) for k, inst in enumerate(problem.instances)]
         self.assign_s = np.full(n, np.nan)
@@ -285,10 +285,10 @@ class EngineRun:
         self.deviations = 0
         self.empty_steps = [0] * n_inst
         self.steps_taken = [0] * n_inst
-        # engine's own scheduler: a router hands arrived requests, first come first served, to an
+        # engine's own scheduler: a router hands ready requests, first come first served, to an
         # instance with a free slot (one engine: the engine's own queue order)
-        self.dispatch_order = np.argsort(w.arrival_s, kind="stable").tolist()
-        self.dispatched = 0
+        self.router: list[int] = []
+        self.routed = 0
         self.queued: list[dict[int, None]] = [{} for _ in range(n_inst)]  # submitted, not yet started
         self.failure: BaseException | None = None
         self._started = False
@@ -325,19 +325,52 @@ class EngineRun:
 
     # -- binding requests to clients -------------------------------------------------------------
     def pending(self) -> int:
-        """Requests not yet given to an instance (count)."""
+        """Ready requests not yet given to an instance (count)."""
         if self.policy is not None:
             return self.policy.requests.pending()
-        return len(self.prompt) - self.dispatched
+        return len(self.router) - self.routed
+
+    @property
+    def next_ready(self) -> float:
+        """The earliest time a request not yet announced becomes ready, seconds (``inf``: none known)."""
+        return self.readiness.next_ready
+
+    def release(self, now: float) -> bool:
+        """Announce every request ready by ``now`` (to the request scheduler, or the router); any?
+
+        As in the simulator, every instance then looks for work again (``state.dirty``).
+
+        Parameters
+        ----------
+        now
+            Clock of the instance about to step, seconds.
+
+        Returns
+        -------
+        bool
+            Whether a request was announced.
+        """
+        due = self.readiness.pop(now)
+        if not due:
+            return False
+        if self.policy is not None:
+            on_ready = self.policy.requests.on_ready
+            for t, r in due:
+                on_ready(r, t)
+        else:
+            self.router.extend(r for _, r in due)
+        for st in self.states:
+            st.dirty = True
+        return True
 
     def bind(self, k: int) -> list[int]:
         """Give idle clients of instance ``k`` requests; return the rows the engine must now receive.
 
-        With a policy, its request scheduler picks a request for each idle client (only requests that
-        have arrived by the instance clock; the scheduler is shared by all instances, so an idle
-        client may take another replica's planned work). With the engine's own scheduler, a router
-        hands arrived requests first come first served to the instance while it has free slots
-        (the engine then decides when to start them).
+        With a policy, its request scheduler picks a request for each idle client (among the requests
+        :meth:`release` announced to it; the scheduler is shared by all instances, so an idle client
+        may take another replica's planned work). With the engine's own scheduler, a router hands
+        ready requests first come first served to the instance while it has free slots (the engine
+        then decides when to start them).
 
         As in the simulator, an instance takes requests when it has just freed a client or woken up
         from idling (``state.dirty``), not at every step.
@@ -349,11 +382,9 @@ class EngineRun:
         if self.policy is None:
             rows = []
             free = len(s.idle) - len(self.queued[k])
-            while free > 0 and self.dispatched < len(self.dispatch_order):
-                r = self.dispatch_order[self.dispatched]
-                if self.arrival[r] > s.now:
-                    break
-                self.dispatched += 1
+            while free > 0 and self.routed < len(self.router):
+                r = self.router[self.routed]
+                self.routed += 1
                 self.queued[k][r] = None
                 self.assign_s[r] = s.now
                 rows.append(r)
@@ -370,8 +401,9 @@ class EngineRun:
             if not (0 <= r < len(self.prompt)) or self.req_client[r] >= 0 or not math.isnan(self.done_s[r]):
                 raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r}, "
                                   "which is unknown, already held by a client or done")
-            if self.arrival[r] > s.now:
-                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} before it arrived")
+            if not self.readiness.ready[r] <= s.now:  # NaN: never announced
+                raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} at {s.now:.6g} s, before "
+                                  "it was ready (hand out only requests announced by on_ready)")
             del s.idle[c]
             s.waiting[c] = None
             self.client_state[c] = WAITING
@@ -389,7 +421,7 @@ class EngineRun:
         return bool(s.waiting or s.n_running or self.queued[k])
 
     def wake_time(self, k: int, busy_clocks: Sequence[float]) -> float | None:
-        """When idle instance ``k`` should look again (next arrival or a busy peer's clock); None: never.
+        """When idle instance ``k`` should look again (next ready request or a busy peer's clock); None: never.
 
         Parameters
         ----------
@@ -401,16 +433,15 @@ class EngineRun:
         Returns
         -------
         float or None
-            The time to wake at, seconds; ``None`` when nothing is pending.
+            The time to wake at, seconds; ``None`` when nothing can come its way.
         """
         s = self.states[k]
-        if not self.pending():
-            return None
         candidates = []
-        i = bisect_right(self.arrivals, s.now)
-        if i < len(self.arrivals):
-            candidates.append(self.arrivals[i])
-        if busy_clocks:
+        if self.next_ready < math.inf:
+            candidates.append(max(self.next_ready, s.now))
+        if busy_clocks and (self.pending() or not candidates):
+            # work is waiting for a client, or a peer may still finish work that readies requests
+            # (the simulator's rule, so engine runs follow the schedule it predicts)
             candidates.append(max(min(busy_clocks), s.now))
         return min(candidates) if candidates else None
 
@@ -618,6 +649,7 @@ class EngineRun:
         self.generated += want
         if self.policy is not None:
             self.policy.on_finish(r, c, self.output[r], s.now)
+        self.readiness.finished(r, s.now)
 
     def _preempt(self, s: InstanceState, r: int) -> None:
         """The engine evicted running request ``r`` to free KV blocks: it will recompute it."""
@@ -654,6 +686,7 @@ class EngineRun:
             prefill_start_s=self.prefill_start_s.copy(), prefill_end_s=self.prefill_end_s.copy(),
             done_s=self.done_s.copy(), restarts=self.restarts.copy(),
             migrations=np.zeros(len(self.prompt), dtype=np.int64),
+            ready_s=np.array(self.readiness.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32),
@@ -683,7 +716,9 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
     """Serve ``run`` on ``engines`` (one per instance) until every request finished; return the result.
 
     Instances step one at a time, the one with the earliest clock first (ties: busy before idle), as
-    in the simulator; an instance with nothing to run jumps to the next arrival, or retires.
+    in the simulator; requests are announced when the clock of the instance about to step reaches
+    their ready time; an instance with nothing to run jumps to the next ready time, or retires until
+    a request becomes ready.
 
     Parameters
     ----------
@@ -710,18 +745,27 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
     n = len(run.prompt)
     active = [(0.0, 0, k) for k in range(len(run.states))]
     heapq.heapify(active)
+    retired: set[int] = set()
     while run.n_done < n:
         if not active:
             raise PolicyError(f"{n - run.n_done} requests were never served: {run.pending()} pending with every "
                               "client idle")
         _, _, k = heapq.heappop(active)
         s = run.states[k]
+        if run.next_ready <= s.now and run.release(s.now):
+            # requests became ready: instances that had gone quiet look again
+            for j in sorted(retired):
+                other = run.states[j]
+                other.now = max(other.now, s.now)
+                heapq.heappush(active, (other.now, 1, j))
+            retired.clear()
         rows = run.bind(k)
         if rows:
             engines[k].submit(rows)
         if not run.has_work(k):
             wake = run.wake_time(k, [t for t, idle, _ in active if not idle])
             if wake is None:
+                retired.add(k)
                 continue
             s.now = max(s.now, wake)
             s.dirty = True
