@@ -168,3 +168,19 @@ def test_cli_rejects_engine_flags_elsewhere():
     assert res.exit_code == 2 and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["run", "--backend", "vllm", "--migrate"])
     assert res.exit_code == 2 and "migrate" in res.output
+
+
+def test_cli_calibrate_vllm_writes_a_profile_fitted_to_the_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+    from lloptim.hardware import load_profile
+
+    out = tmp_path / "vllm.toml"
+    res = CliRunner().invoke(app, ["calibrate", "--backend", "vllm", "--clients", "4", "--kv-blocks", "32",
+                                   "--clock", "cpu", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["device"] == "vllm" and d["r2_decode"] > 0.5 and {p["kind"] for p in d["points"]} >= {"prefill", "decode"}
+    prof = load_profile(out)
+    assert prof.clients == 4 and prof.latency.decode_base_s > 0

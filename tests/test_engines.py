@@ -250,3 +250,16 @@ def test_fit_engine_steps_needs_engine_runs():
     sim = run_policy(_problem(12, n=8, clients=2), "baseline")
     with pytest.raises(SpecError, match="engine step details"):
         fit_engine_steps([sim])
+
+
+def test_calibrate_engine_fits_the_engines_own_steps():
+    from lloptim.calibrate import calibrate_engine
+
+    engines = [FakeEngine(LAT, 4, 4096, budget=256)]
+    cal, runs = calibrate_engine(engines, policies=("baseline", "hybrid", ENGINE_DEFAULT))
+    assert len(runs) == 3 and all(not np.isnan(r.done_s).any() for r in runs)
+    assert cal.latency.decode_base_s == pytest.approx(LAT.decode_base_s, rel=0.05)
+    assert cal.latency.prefill_per_token_s == pytest.approx(LAT.prefill_per_token_s, rel=0.05)
+    assert cal.device == "fake" and cal.extra["steps"] == sum(len(r.trace_kind) for r in runs)
+    profile = cal.to_profile(kv_capacity_tokens=engines[0].kv_layout.capacity_tokens, clients=4)
+    assert profile.latency == cal.latency
