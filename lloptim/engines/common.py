@@ -290,7 +290,6 @@ class EngineRun:
         self.router: list[int] = []
         self.routed = 0
         self.queued: list[dict[int, None]] = [{} for _ in range(n_inst)]  # submitted, not yet started
-        self.failure: BaseException | None = None
         self._started = False
         self._t_wall = time.perf_counter()
 
@@ -703,7 +702,38 @@ class EngineRun:
 
 
 class EngineDriver(Protocol):
-    """One engine instance as :func:`drive` steps it."""
+    """One started engine instance, as :func:`drive` and :func:`~lloptim.engines.serve.serve_engine` use it.
+
+    Attributes
+    ----------
+    name
+        Engine name (``"vllm"``, ``"hf"``).
+    clients
+        Concurrent request slots, count.
+    kv_layout
+        Its KV pool (:class:`KVLayout`).
+    token_budget
+        Tokens one step processes at most, tokens.
+    """
+
+    name: str
+    clients: int
+    kv_layout: KVLayout
+    token_budget: int
+
+    def attach(self, run: EngineRun, instance: int) -> None:
+        """Serve ``run`` as instance ``instance`` (plug the run into the engine's scheduler).
+
+        Parameters
+        ----------
+        run
+            The run to serve.
+        instance
+            This engine's instance index in the run.
+        """
+
+    def detach(self) -> None:
+        """Stop serving the run; leave the engine empty for the next one."""
 
     def submit(self, rows: Sequence[int]) -> None:
         """Hand the engine the requests of ``rows`` (bound to its clients, or queued for its scheduler)."""
@@ -772,7 +802,5 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
             heapq.heappush(active, (s.now, 1, k))
             continue
         engines[k].step()
-        if run.failure is not None:
-            raise run.failure
         heapq.heappush(active, (s.now, 0, k))
     return run.result()
