@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from lloptim.problem import Problem
+from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
            "minimal_request_time_s", "critical_path_bound"]
@@ -291,7 +291,13 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     decode_steps
         A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
         bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
+    problem = as_problem(problem)
     bound = _work_bound(problem, output_tokens, decode_steps)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):

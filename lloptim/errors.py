@@ -38,6 +38,32 @@ class SpecError(LloptimError, ValueError):
         # rebuild from the fields, so the error survives pickling (process pools, Ray tasks)
         return (type(self), (self.field, self.problem, self.fix))
 
+    def replace(self, field: str | None = None, fix: str | None = None) -> "SpecError":
+        """A copy of this error (same class, same extra data) naming another field or fix.
+
+        Parameters
+        ----------
+        field
+            The new field (a flag, a prefixed spec key); None keeps it.
+        fix
+            The new fix; None keeps it.
+        """
+        cls, args = self.__reduce__()
+        args = list(args)
+        if field is not None:
+            args[0] = field
+        if fix is not None:
+            args[2] = fix
+        return cls(*args)
+
+
+class TooLargeError(SpecError):
+    """A run is estimated to need more memory or time than this machine allows (see :mod:`lloptim.guards`).
+
+    :attr:`field` names the size to lower (a flag, a spec key or a parameter); :attr:`fix` says
+    how far, and how to run anyway.
+    """
+
 
 class ProfileError(SpecError):
     """A hardware profile is unknown or malformed."""

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from lloptim.errors import SpecError
+from lloptim.progress import DELAY_S
 
 __all__ = ["map_tasks", "EXECUTORS"]
 
@@ -40,7 +41,8 @@ def map_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], executor: str = "l
     if executor == "local":
         if address is not None:
             raise SpecError("address", "--address needs --executor ray", "add --executor ray or drop --address")
-        return [fn(t) for t in tqdm(tasks, desc=desc, disable=not progress, leave=False)]
+        # the bar appears only after DELAY_S, so quick sweeps print nothing
+        return [fn(t) for t in tqdm(tasks, desc=desc, disable=not progress, leave=False, delay=DELAY_S)]
     if executor == "ray":
         from lloptim.distributed import ray_map
 

@@ -11,18 +11,24 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from lloptim import workloads
+from lloptim import guards, workloads
 from lloptim.bounds import lower_bound
-from lloptim.executors import map_tasks
+from lloptim.executors import EXECUTORS, map_tasks
 from lloptim.metrics import summarize
-from lloptim.problem import Problem
-from lloptim.runtime.estimators import estimate
+from lloptim.problem import Problem, as_problem
+from lloptim.runtime.estimators import ESTIMATORS, estimate
 from lloptim.runtime.engine import RunResult
 from lloptim.simulator import run_policy
+from lloptim.progress import DELAY_S
+from lloptim.validation import check_choice, check_int, check_seed
 
 __all__ = ["PAPER", "MAIN_POLICIES", "UNKNOWN_LENGTH_POLICIES", "unknown_lengths_key", "compare_policies", "CaseTask", "run_case", "case_study", "noise_sweep",
-           "reproduce"]
+           "reproduce", "ESTIMATOR_NAMES", "check_reproduction"]
+
+#: Estimators :func:`reproduce` accepts for its unknown-lengths runs.
+ESTIMATOR_NAMES = tuple(sorted(ESTIMATORS)) + ("oracle", "noisy")
 
 #: The paper's figures (arXiv 2502.15763, LLaMA-65B on GSM8K).
 PAPER = {"baseline": {"makespan_s": 201.00, "utilization": 0.802},
@@ -47,7 +53,7 @@ def _row(result: RunResult) -> dict:
 
 
 def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, estimator: str = "bucket-quantile",
-                     train=None, seed: int = 0) -> tuple[dict[str, dict], dict[str, RunResult]]:
+                     train=None, seed: int = 0, progress: bool = False) -> tuple[dict[str, dict], dict[str, RunResult]]:
     """Run each policy with known lengths, and the hybrids with estimated lengths.
 
     Parameters
@@ -64,6 +70,8 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
         Training workload of the estimator; default: the GSM8K train split.
     seed
         Seed of every run and of the estimator.
+    progress
+        Show a progress bar over the runs on stderr (once they last over a second).
 
     Returns
     -------
@@ -73,7 +81,7 @@ def compare_policies(problem: Problem, policies: Sequence[str] = MAIN_POLICIES, 
     """
     rows: dict[str, dict] = {}
     results: dict[str, RunResult] = {}
-    for name in policies:
+    for name in tqdm(policies, desc="policies", disable=not progress, leave=False, delay=DELAY_S):
         results[name] = run_policy(problem, name, seed=seed)
         rows[name] = _row(results[name])
     unknown = [name for name in UNKNOWN_LENGTH_POLICIES if name in policies]
@@ -208,6 +216,45 @@ def noise_sweep(problem: Problem, sigmas: Sequence[float] = (0.0, 0.1, 0.2, 0.4,
     return out
 
 
+def check_reproduction(problem: Problem, cases: int = 100, executor: str = "local", address: str | None = None,
+                       estimator: str = "bucket-quantile", seed: int = 0) -> guards.Estimate:
+    """Check the arguments of :func:`reproduce` and its estimated cost, before any work.
+
+    Parameters
+    ----------
+    problem, cases, executor, address, estimator, seed
+        As for :func:`reproduce`.
+
+    Returns
+    -------
+    lloptim.guards.Estimate
+        The estimated cost (memory in bytes, time in seconds).
+
+    Raises
+    ------
+    SpecError
+        A bad argument, named.
+    TooLargeError
+        The cost exceeds the limits (:func:`lloptim.guards.check`).
+    """
+    import os
+
+    problem = as_problem(problem)
+    cases = check_int("cases", cases, lo=0, example=100)
+    check_seed("seed", seed)
+    check_choice("executor", executor, EXECUTORS, "executor")
+    check_choice("estimator", estimator, ESTIMATOR_NAMES, "estimator")
+    if address is not None and executor != "ray":
+        from lloptim.errors import SpecError
+
+        raise SpecError("address", "a Ray address needs executor 'ray'", "use the ray executor, or drop the address")
+    # a local Ray runs a case per CPU; a cluster's size is unknown here, so only memory is checked
+    workers = 1 if executor == "local" else (os.cpu_count() or 1) if address is None else 10**9
+    size = guards.RunSize.of(problem)
+    return guards.check(guards.reproduction_cost(size, cases, workers=workers), lower={
+        "cases": (cases, lambda x: guards.reproduction_cost(size, int(x), workers=workers))})
+
+
 def reproduce(problem: Problem, cases: int = 100, executor: str = "local", address: str | None = None,
               estimator: str = "bucket-quantile", progress: bool = True, seed: int = 0) -> tuple[dict, dict]:
     """The whole reproduction; returns the JSON-ready report and the main runs (for plots).
@@ -230,8 +277,18 @@ def reproduce(problem: Problem, cases: int = 100, executor: str = "local", addre
     report, results
         The report (times in seconds, decision latency in microseconds) and the
         :class:`~lloptim.runtime.engine.RunResult` of each main run, keyed by policy name.
+
+    Raises
+    ------
+    SpecError
+        A bad argument (named: ``cases``, ``seed``, ``executor``, ``address``, ``estimator``),
+        checked before any run.
+    TooLargeError
+        The whole reproduction is estimated to need more memory than is available (or more time
+        than the limit set by :func:`lloptim.guards.guard_settings`).
     """
-    rows, results = compare_policies(problem, estimator=estimator, seed=seed)
+    check_reproduction(problem, cases, executor, address, estimator, seed)
+    rows, results = compare_policies(problem, estimator=estimator, seed=seed, progress=progress)
     bound = lower_bound(problem)
     dec = results["hybrid"].decision_ns / 1e3
     report = {

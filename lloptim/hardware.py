@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lloptim.errors import ProfileError
+from lloptim.errors import ProfileError, SpecError
+from lloptim.validation import read_text_file
 
 __all__ = ["LatencyModel", "HardwareProfile", "load_profile", "builtin_profiles", "save_profile", "transfer_time_between",
            "ITERATION_COEFFICIENTS"]
@@ -325,19 +326,27 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     Raises
     ------
     ProfileError
-        When the name is unknown, the file is missing, or a field is invalid.
+        When the name is unknown, there is no (UTF-8, ``.toml``) file at the path, or a field is
+        invalid.
     """
     text: str | None = None
     source = str(name_or_path)
     if str(name_or_path) in builtin_profiles():
         text = (resources.files("lloptim") / "data" / f"{name_or_path}.profile.toml").read_text()
     else:
-        path = Path(name_or_path)
-        if path.suffix == ".toml" and path.is_file():
-            text = path.read_text()
-        else:
+        path = Path(name_or_path).expanduser()
+        looks_like_path = path.suffix != "" or len(path.parts) > 1
+        if not path.exists() and not looks_like_path:
             raise ProfileError("profile", f"unknown profile {source!r}",
                                f"use one of {builtin_profiles()} or the path of a profile .toml file")
+        try:
+            text = read_text_file("profile", path, "profile .toml file")
+        except SpecError as exc:
+            raise ProfileError(exc.field, exc.problem, exc.fix if path.exists() else
+                               f"give the path of a profile .toml file (e.g. one written by `lloptim calibrate "
+                               f"--out`), or a built-in name: {builtin_profiles()}") from None
+        if path.suffix.lower() != ".toml":
+            raise ProfileError("profile", f"{source!r} is not a .toml file", "profiles are TOML files ending in .toml")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -99,16 +99,12 @@ def check_figure_path(path: str | Path, flag: str = "--plot") -> Path:
     SpecError
         The folder is missing or not writable, or the suffix names no format matplotlib writes.
     """
-    from lloptim.errors import SpecError
-    from lloptim.trace import check_output_path
+    from lloptim.validation import check_output_path
 
-    p = check_output_path(path, flag)
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    if p.suffix.lstrip(".").lower() not in formats:
-        raise SpecError(flag, f"cannot write a figure as {p.suffix or 'a file without a suffix'!r}",
-                        f"end the file name with one of {sorted('.' + f for f in formats)[:8]}")
-    return p
+    fig = plt.figure()
+    formats = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    return check_output_path(flag, path, sorted("." + f for f in formats))
 
 
 def plot_run(result: RunResult, path: str | Path, title: str | None = None, max_clients: int | None = 64) -> Path:

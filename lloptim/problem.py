@@ -16,33 +16,35 @@ from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, load_profile
 from lloptim.precedence import Precedence
 
-__all__ = ["Workload", "Instance", "Problem"]
+__all__ = ["Workload", "Instance", "Problem", "as_problem"]
 
 MAX_TOKENS = 10_000_000  # a single request beyond this is a unit mistake, not a workload
 
 
 def _int_array(name: str, values, allow_zero: bool) -> np.ndarray:
+    """``values`` as a new int64 array of token counts in ``[0 or 1, MAX_TOKENS]`` (one vectorized pass)."""
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise SpecError(name, "must be a one-dimensional sequence", "pass one number per request")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
+        if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
             raise SpecError(name, "must hold whole numbers of tokens", "round the token counts to integers")
-    arr = arr.astype(np.int64)
     lo = 0 if allow_zero else 1
-    bad = np.flatnonzero((arr < lo) | (arr > MAX_TOKENS))
+    bad = np.flatnonzero((arr < lo) | (arr > MAX_TOKENS))  # on the given dtype: no int64 overflow first
     if bad.size:
         i = int(bad[0])
-        raise SpecError(f"requests[{i}].{name}", f"is {int(arr[i])}, outside [{lo}, {MAX_TOKENS}]",
+        raise SpecError(f"requests[{i}].{name}", f"is {arr[i].item()!r}, outside [{lo}, {MAX_TOKENS}]",
                         f"give a token count between {lo} and {MAX_TOKENS}")
-    return arr
+    return arr.astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
 class Workload:
     """A set of requests, one row each.
+
+    The constructor checks every invariant (one vectorized pass) and stores fresh read-only
+    arrays, so no workload lloptim handles can hold a negative length, an arrival at infinity or
+    a duplicate id; :meth:`from_arrays` is the convenient way to build one.
 
     Attributes
     ----------
@@ -73,6 +75,59 @@ class Workload:
     name: str = "workload"
     precedence: Precedence | None = None
 
+    def __post_init__(self) -> None:
+        # the invariants every later stage relies on, checked here so that no way of building a
+        # workload skips them; the arrays are converted to fresh read-only copies
+        prompt = _int_array("prompt_tokens", self.prompt_tokens, allow_zero=False)
+        n = prompt.size
+        if n == 0:
+            raise SpecError("requests", "the workload is empty", "give at least one request")
+        output = _int_array("output_tokens", self.output_tokens, allow_zero=False)
+        if output.size != n:
+            raise SpecError("output_tokens", f"has {output.size} entries for {n} requests",
+                            "give one output length per request")
+        arrival = np.asarray(self.arrival_s)
+        if arrival.shape != (n,):
+            raise SpecError("arrival_s", f"has shape {arrival.shape} for {n} requests", "give one arrival per request")
+        if not (np.issubdtype(arrival.dtype, np.integer) or np.issubdtype(arrival.dtype, np.floating)):
+            raise SpecError("arrival_s", f"must hold numbers, got dtype {arrival.dtype}", "give arrival times in seconds")
+        arrival = arrival.astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(arrival) | (arrival < 0) | (arrival > 1e9))
+        if bad.size:
+            i = int(bad[0])
+            raise SpecError(f"requests[{i}].arrival_s", f"is {float(arrival[i])!r}",
+                            "give a finite arrival time in seconds, 0 <= arrival_s <= 1e9")
+        cap = _int_array("max_output_tokens", self.max_output_tokens, False)
+        if cap.size != n:
+            raise SpecError("max_output_tokens", f"has {cap.size} entries for {n} requests", "give one cap per request")
+        short = np.flatnonzero(cap < output)
+        if short.size:
+            i = int(short[0])
+            raise SpecError(f"requests[{i}].max_output_tokens", f"cap {int(cap[i])} < output_tokens {int(output[i])}",
+                            "raise the cap or shorten the output")
+        if isinstance(self.ids, (str, bytes)) or not isinstance(self.ids, Sequence | np.ndarray):
+            raise SpecError("ids", f"must be a sequence of identifiers, got {type(self.ids).__name__}",
+                            "give one id per request")
+        id_tuple = tuple(str(x) for x in self.ids)
+        if len(id_tuple) != n:
+            raise SpecError("ids", f"has {len(id_tuple)} entries for {n} requests", "give one id per request")
+        if len(set(id_tuple)) != n:
+            seen: set[str] = set()
+            for i, x in enumerate(id_tuple):
+                if x in seen:
+                    raise SpecError(f"requests[{i}].id", f"duplicate id {x!r}", "give every request its own id")
+                seen.add(x)
+        if not isinstance(self.name, str):
+            raise SpecError("name", f"must be a string, got {type(self.name).__name__}", "give the workload a name")
+        if self.precedence is not None and not (isinstance(self.precedence, Precedence) and self.precedence.n == n):
+            raise SpecError("precedence", f"must be a Precedence over the {n} requests, got {self.precedence!r}"[:300],
+                            "give after=... to Workload.from_arrays, or build it with Precedence.from_edges(n, ...)")
+        for attr, a in (("prompt_tokens", prompt), ("output_tokens", output), ("arrival_s", arrival),
+                        ("max_output_tokens", cap), ("ids", id_tuple)):
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)
+            object.__setattr__(self, attr, a)
+
     @classmethod
     def from_arrays(cls, prompt_tokens, output_tokens, arrival_s=None, max_output_tokens=None,
                     ids: Sequence | None = None, name: str = "workload", after=None) -> "Workload":
@@ -83,11 +138,11 @@ class Workload:
         prompt_tokens, output_tokens
             Prompt and true output length of each request, tokens.
         arrival_s
-            Arrival of each request, seconds; default: all at 0.
+            Arrival time of each request, seconds; default: all at 0.
         max_output_tokens
-            Output cap of each request, tokens; default: the output length.
+            Output cap of each request, tokens; default: ``output_tokens``.
         ids
-            Identifier of each request; default ``"0", "1", ...``.
+            Identifier of each request; default ``"0"``, ``"1"``, ...
         name
             Name of the workload.
         after
@@ -98,53 +153,19 @@ class Workload:
         Raises
         ------
         SpecError
-            An invalid field; a :class:`~lloptim.errors.PrecedenceError` (or its
-            :class:`~lloptim.errors.CycleError`) for an unknown id, a self-reference, a duplicate
-            or a cycle in ``after``.
+            Any invariant of :class:`Workload` broken (the constructor checks them); a
+            :class:`~lloptim.errors.PrecedenceError` (or its :class:`~lloptim.errors.CycleError`)
+            for an unknown id, a self-reference, a duplicate or a cycle in ``after``.
         """
-        prompt = _int_array("prompt_tokens", prompt_tokens, allow_zero=False)
-        output = _int_array("output_tokens", output_tokens, allow_zero=False)
-        n = prompt.size
-        if n == 0:
-            raise SpecError("requests", "the workload is empty", "give at least one request")
-        if output.size != n:
-            raise SpecError("output_tokens", f"has {output.size} entries for {n} requests",
-                            "give one output length per request")
-        if arrival_s is None:
-            arrival = np.zeros(n)
-        else:
-            arrival = np.asarray(arrival_s, dtype=np.float64)
-            if arrival.shape != (n,):
-                raise SpecError("arrival_s", f"has shape {arrival.shape} for {n} requests", "give one arrival per request")
-            bad = np.flatnonzero(~np.isfinite(arrival) | (arrival < 0) | (arrival > 1e9))
-            if bad.size:
-                i = int(bad[0])
-                raise SpecError(f"requests[{i}].arrival_s", f"is {arrival[i]!r}",
-                                "give a finite arrival time in seconds, 0 <= arrival_s <= 1e9")
-        cap = output.copy() if max_output_tokens is None else _int_array("max_output_tokens", max_output_tokens, False)
-        if cap.size != n:
-            raise SpecError("max_output_tokens", f"has {cap.size} entries for {n} requests", "give one cap per request")
-        short = np.flatnonzero(cap < output)
-        if short.size:
-            i = int(short[0])
-            raise SpecError(f"requests[{i}].max_output_tokens", f"cap {int(cap[i])} < output_tokens {int(output[i])}",
-                            "raise the cap or shorten the output")
-        if ids is None:
-            id_tuple = tuple(str(i) for i in range(n))
-        else:
-            id_tuple = tuple(str(x) for x in ids)
-            if len(id_tuple) != n:
-                raise SpecError("ids", f"has {len(id_tuple)} entries for {n} requests", "give one id per request")
-            if len(set(id_tuple)) != n:
-                seen: set[str] = set()
-                for i, x in enumerate(id_tuple):
-                    if x in seen:
-                        raise SpecError(f"requests[{i}].id", f"duplicate id {x!r}", "give every request its own id")
-                    seen.add(x)
-        precedence = None if after is None else Precedence.from_after(after, id_tuple)
-        for a in (prompt, output, arrival, cap):
-            a.setflags(write=False)
-        return cls(prompt, output, arrival, cap, id_tuple, name, precedence)
+        prompt = np.asarray(prompt_tokens)
+        n = prompt.shape[0] if prompt.ndim == 1 else 0
+        w = cls(prompt, output_tokens, np.zeros(n) if arrival_s is None else arrival_s,
+                output_tokens if max_output_tokens is None else max_output_tokens,
+                tuple(str(i) for i in range(n)) if ids is None else tuple(ids), name)
+        if after is None:
+            return w
+        # the dependencies are checked against the validated ids (unknown, self, duplicate, cycle)
+        return replace(w, precedence=Precedence.from_after(after, w.ids))
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
@@ -208,18 +229,30 @@ class Instance:
     kv_capacity_tokens: int
     name: str = "instance-0"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise SpecError("instance.name", f"must be a string, got {type(self.name).__name__}", "name the instance")
+        if not isinstance(self.profile, HardwareProfile):
+            raise SpecError(f"{self.name}.profile", f"must be a HardwareProfile, got {type(self.profile).__name__}",
+                            "use Instance.from_profile(name_or_path, ...) or lloptim.load_profile")
+        for fld, fix in (("clients", "give at least one client"),
+                         ("kv_capacity_tokens", "give the KV-cache capacity in tokens")):
+            v = getattr(self, fld)
+            if type(v) is not int:  # the common case costs one comparison: specs build 100,000 instances
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, np.integer):
+                    raise SpecError(f"{self.name}.{fld}", f"must be a positive integer, got {v!r}", fix)
+                v = int(v)
+                object.__setattr__(self, fld, v)
+            if v < 1:
+                raise SpecError(f"{self.name}.{fld}", f"must be a positive integer, got {v!r}", fix)
+
     @classmethod
     def from_profile(cls, profile: str | HardwareProfile, clients: int | None = None,
                      kv_capacity_tokens: int | None = None, name: str = "instance-0") -> "Instance":
         """An instance of ``profile`` (a name, a path or a profile), overriding clients or capacity."""
         prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-        c = prof.clients if clients is None else clients
-        kv = prof.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
-        for fld, v, fix in (("clients", c, "give at least one client"),
-                            ("kv_capacity_tokens", kv, "give the KV-cache capacity in tokens")):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise SpecError(f"{name}.{fld}", f"must be a positive integer, got {v!r}", fix)
-        return cls(prof, int(c), int(kv), name)
+        return cls(prof, prof.clients if clients is None else clients,
+                   prof.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens, name)
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,14 +287,25 @@ class Problem:
 
     def __post_init__(self) -> None:
         if not isinstance(self.workload, Workload):
-            raise SpecError("workload", "is not a Workload", "build it with Workload.from_arrays or lloptim.workloads")
+            raise SpecError("workload", f"must be a Workload, got {type(self.workload).__name__}",
+                            "build it with Workload.from_arrays or lloptim.workloads")
+        if isinstance(self.instances, Instance) or not isinstance(self.instances, (tuple, list)):
+            raise SpecError("instances", f"must be a tuple of Instance, got {type(self.instances).__name__}",
+                            "pass (Instance.from_profile(...), ...), or use Problem.single")
+        object.__setattr__(self, "instances", tuple(self.instances))
         if len(self.instances) == 0:
             raise SpecError("instances", "no instance serves the workload", "add at least one [[instances]] entry")
-        need = self.workload.prompt_tokens + self.workload.max_output_tokens
         for k, inst in enumerate(self.instances):
-            too_long = np.flatnonzero(need > inst.kv_capacity_tokens)
-            if too_long.size:
-                i = int(too_long[0])
+            if not isinstance(inst, Instance):
+                raise SpecError(f"instances[{k}]", f"must be an Instance, got {type(inst).__name__}",
+                                "build it with Instance.from_profile(profile, clients)")
+        if not isinstance(self.name, str):
+            raise SpecError("name", f"must be a string, got {type(self.name).__name__}", "give the problem a name")
+        need = self.workload.prompt_tokens + self.workload.max_output_tokens
+        largest = int(need.max())
+        for k, inst in enumerate(self.instances):
+            if largest > inst.kv_capacity_tokens:  # one comparison per instance; the search only on failure
+                i = int(np.flatnonzero(need > inst.kv_capacity_tokens)[0])
                 raise SpecError(f"requests[{i}]", f"needs {int(need[i])} KV tokens (prompt + output) but "
                                 f"instances[{k}] holds only {inst.kv_capacity_tokens}",
                                 "raise kv_capacity_tokens or drop/shorten the request")
@@ -269,11 +313,28 @@ class Problem:
     @classmethod
     def single(cls, workload: Workload, profile: str | HardwareProfile = "llama-65b", clients: int | None = None,
                kv_capacity_tokens: int | None = None, instances: int = 1, name: str | None = None) -> "Problem":
-        """A problem with ``instances`` identical instances of ``profile``."""
-        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        """A problem with ``instances`` identical instances of ``profile``.
+
+        Parameters
+        ----------
+        workload
+            The requests.
+        profile
+            Built-in profile name, profile file path, or :class:`~lloptim.hardware.HardwareProfile`.
+        clients, kv_capacity_tokens
+            Overrides of the profile's clients (count) and KV capacity (tokens).
+        instances
+            Identical instances (count).
+        name
+            Name of the problem; default: the workload's.
+        """
+        if not isinstance(workload, Workload):
+            raise SpecError("workload", f"must be a Workload, got {type(workload).__name__}",
+                            "build it with Workload.from_arrays or lloptim.workloads, e.g. workloads.gsm8k('test')")
+        if isinstance(instances, bool) or not isinstance(instances, (int, np.integer)) or instances < 1:
             raise SpecError("instances", f"must be a positive integer, got {instances!r}", "give at least one instance")
-        insts = tuple(Instance.from_profile(profile, clients, kv_capacity_tokens, name=f"instance-{i}")
-                      for i in range(instances))
+        first = Instance.from_profile(profile, clients, kv_capacity_tokens, name="instance-0")
+        insts = (first,) + tuple(replace(first, name=f"instance-{i}") for i in range(1, int(instances)))
         return cls(workload, insts, name or workload.name)
 
     @property
@@ -289,3 +350,27 @@ class Problem:
     def client_instance(self) -> np.ndarray:
         """For each global client index, the index of its instance (int64 array)."""
         return np.repeat(np.arange(len(self.instances)), [i.clients for i in self.instances])
+
+
+def as_problem(value, field: str = "problem") -> "Problem":
+    """``value`` if it is a :class:`Problem`; else a :class:`~lloptim.errors.SpecError` naming ``field``.
+
+    Entry points (:func:`lloptim.simulate`, :func:`lloptim.lower_bound`, :func:`lloptim.solvers.solve`)
+    call it first, so a wrong argument is named instead of failing deep inside.
+
+    Parameters
+    ----------
+    value
+        What the caller passed.
+    field
+        The parameter's name, for the message.
+
+    Returns
+    -------
+    Problem
+        ``value``.
+    """
+    if not isinstance(value, Problem):
+        raise SpecError(field, f"must be a Problem, got {type(value).__name__}",
+                        "build one with Problem.single(workload, profile) or lloptim.load_spec(path)")
+    return value

@@ -12,8 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
+from lloptim import guards
 from lloptim.metrics import RunMetrics, summarize
-from lloptim.problem import Problem
+from lloptim.problem import Problem, as_problem
+from lloptim.progress import watch
 from lloptim.runtime.engine import Engine, Fault, RunResult
 from lloptim.runtime.policy import Policy
 from lloptim.runtime.registry import make_policy
@@ -22,7 +24,8 @@ __all__ = ["simulate", "run_policy"]
 
 
 def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
-               faults: Sequence[Fault] = (), backend=None, seed: int = 0, **policy_options) -> RunResult:
+               faults: Sequence[Fault] = (), backend=None, seed: int = 0, *, progress: bool = False,
+               **policy_options) -> RunResult:
     """Run ``problem`` under ``policy`` (a name or a :class:`Policy`) and return the full :class:`RunResult`.
 
     Parameters
@@ -39,13 +42,29 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
         Backend executing the iterations; ``None``: the simulated backend.
     seed
         Seed handed to the policy.
+    progress
+        Show a progress bar of the requests served on stderr (only once a run lasts over a second).
+    **policy_options
+        Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
+
+    Raises
+    ------
+    SpecError
+        ``problem`` is not a :class:`~lloptim.problem.Problem`, an unknown policy, bad estimates or
+        faults.
+    TooLargeError
+        The run is estimated to need more memory than this machine has (:mod:`lloptim.guards`).
     """
+    problem = as_problem(problem)
+    guards.check_simulation(problem)
     pol = make_policy(policy, **policy_options) if isinstance(policy, str) else policy
-    return Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed).run()
+    engine = Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed)
+    with watch(lambda: getattr(engine, "n_done", 0), problem.n_requests, f"{pol.name}", progress, "requests"):
+        return engine.run()
 
 
 def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
-             faults: Sequence[Fault] = (), seed: int = 0, **policy_options) -> RunMetrics:
+             faults: Sequence[Fault] = (), seed: int = 0, *, progress: bool = False, **policy_options) -> RunMetrics:
     """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`.
 
     Parameters
@@ -60,7 +79,14 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
         Failures to inject.
     seed
         Seed handed to the policy.
+    progress
+        Show a progress bar on stderr (see :func:`run_policy`).
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
+
+    Raises
+    ------
+    SpecError
+        As :func:`run_policy`.
     """
-    return summarize(run_policy(problem, policy, estimates, faults, None, seed, **policy_options))
+    return summarize(run_policy(problem, policy, estimates, faults, None, seed, progress=progress, **policy_options))

@@ -30,10 +30,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
 from lloptim.errors import SpecError
-from lloptim.problem import Instance, Problem, Workload
+from lloptim.hardware import load_profile
+from lloptim.problem import MAX_TOKENS, Instance, Problem, Workload
 from lloptim import workloads
+from lloptim.validation import read_text_file
 
-__all__ = ["load_spec", "parse_spec", "default_problem", "DEFAULT_SPEC"]
+__all__ = ["load_spec", "parse_spec", "default_problem", "spec_reference", "DEFAULT_SPEC", "SPEC_REFERENCE"]
 
 #: The spec :func:`load_spec` uses when given neither a path nor a text (TOML).
 DEFAULT_SPEC = """\
@@ -47,8 +49,29 @@ split = "test"
 profile = "llama-65b"
 """
 
-Tokens = Annotated[StrictInt, Field(ge=1, le=10_000_000)]
+#: Where every key of a spec is described; every spec error's fix points there.
+SPEC_REFERENCE = "`lloptim spec-reference` or the docs' 'Spec reference' page (docs/spec.rst)"
+
+
+def _key(description: str, unit: str = "", default_text: str = "", **constraints) -> Any:
+    """A field with its description, unit and (where the value says little) default in words.
+
+    :func:`spec_reference` and the docs' spec reference read them; every key of a spec model
+    should be declared with it.
+    """
+    extra = {k: v for k, v in (("unit", unit), ("default_text", default_text)) if v}
+    return Field(description=description, json_schema_extra=extra or None, **constraints)
+
+
+def _bounded(name: str) -> dict:
+    """The pydantic constraints of synthetic parameter ``name`` (:data:`~lloptim.workloads.SYNTHETIC_LIMITS`)."""
+    lim = workloads.SYNTHETIC_LIMITS[name]
+    return {"gt" if lim.get("open") else "ge": lim["lo"], "le": lim["hi"]}
+
+
+Tokens = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
 Seconds = Annotated[StrictInt | StrictFloat, Field(ge=0, le=1e9, allow_inf_nan=False)]
+Number = StrictInt | StrictFloat
 
 
 class _Strict(BaseModel):
@@ -56,57 +79,107 @@ class _Strict(BaseModel):
 
 
 class RequestDoc(_Strict):
-    id: StrictStr | StrictInt | None = None
-    prompt_tokens: Tokens
-    output_tokens: Tokens
-    arrival_s: Seconds = 0.0
-    max_output_tokens: Tokens | None = None
-    after: list[StrictStr | StrictInt] | None = None
+    """One ``[[requests]]`` entry: a request given by its token counts."""
+
+    id: StrictStr | StrictInt | None = _key("Identifier of the request in reports; default: its row index "
+                                            "(0, 1, ...). Ids must be unique.", default=None)
+    prompt_tokens: Tokens = _key("Prompt length.", "tokens")
+    output_tokens: Tokens = _key("True output length: the decode iterations the request takes part in.", "tokens")
+    arrival_s: Seconds = _key("Arrival time, from the start of the run.", "seconds", default=0.0)
+    max_output_tokens: Tokens | None = _key("Output cap the server enforces (at least output_tokens); the KV cache "
+                                            "reserves prompt + cap for the running request. Default: "
+                                            "output_tokens.", "tokens", default=None)
+    after: list[StrictStr | StrictInt] | None = _key(
+        "Ids of the requests this one waits for: it can start only once all of them have finished (no "
+        "cycles, no unknown ids). Default: none.", "request ids", default=None)
 
 
+#: ``[workload]`` keys each source reads; any other key is an error (it would be silently ignored).
+SOURCE_KEYS = {"gsm8k": ("split", "limit"),
+               "synthetic": ("n", "seed", "prompt_median", "output_median", "sigma", "max_tokens", "arrival_rate"),
+               "workflow": ("shape", "workflows", "depth", "width", "seed", "split", "arrival_rate")}
 #: Keys of ``[workload]`` that only ``source = "workflow"`` reads.
 WORKFLOW_KEYS = ("shape", "workflows", "depth", "width")
+SOURCE_KEYS_ORDER = tuple(dict.fromkeys(k for keys in SOURCE_KEYS.values() for k in keys))
 
 
 class WorkloadDoc(_Strict):
-    source: Literal["gsm8k", "synthetic", "workflow"]
-    split: Literal["test", "train"] = "test"
-    limit: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 1000
-    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] = 0
-    prompt_median: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e6, allow_inf_nan=False)] = 70.0
-    output_median: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e6, allow_inf_nan=False)] = 90.0
-    sigma: Annotated[StrictInt | StrictFloat, Field(ge=0, le=10, allow_inf_nan=False)] = 0.5
-    arrival_rate: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e9, allow_inf_nan=False)] | None = None
-    shape: Literal["chain", "fan-in", "dag"] | None = None
-    workflows: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 100
-    depth: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
-    width: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+    """The ``[workload]`` table: a shipped or generated workload."""
+
+    source: Literal["gsm8k", "synthetic", "workflow"] = _key(
+        "Where the requests come from: 'gsm8k' (the GSM8K split shipped with lloptim, LLaMA token counts), "
+        "'synthetic' (seeded lognormal lengths) or 'workflow' (seeded workflows of dependent requests on "
+        "GSM8K lengths).")
+    split: Literal["test", "train"] = _key("gsm8k, workflow: the GSM8K split (1319 or 7473 requests).",
+                                           default="test")
+    limit: Annotated[StrictInt, Field(ge=1, le=workloads.MAX_REQUESTS)] | None = _key(
+        "gsm8k: keep only the first limit requests of the split; default: all.", "requests", default=None)
+    n: Annotated[StrictInt, Field(**_bounded("n"))] = _key("synthetic: number of requests.", "requests",
+                                                           default=1000)
+    seed: Annotated[StrictInt, Field(**_bounded("seed"))] = _key("synthetic, workflow: seed of the generator.",
+                                                                 default=0)
+    prompt_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("prompt_median"))] = _key(
+        "synthetic: median prompt length (at most max_tokens).", "tokens", default=70.0)
+    output_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("output_median"))] = _key(
+        "synthetic: median output length (at most max_tokens).", "tokens", default=90.0)
+    sigma: Annotated[Number, Field(allow_inf_nan=False, **_bounded("sigma"))] = _key(
+        "synthetic: shape of both lognormals (standard deviation of the log length); 0 makes every "
+        "length the median.", "log tokens", default=0.5)
+    max_tokens: Annotated[StrictInt, Field(**_bounded("max_tokens"))] = _key(
+        "synthetic: lengths are clipped to [1, max_tokens].", "tokens", default=1024)
+    arrival_rate: Annotated[Number, Field(allow_inf_nan=False, **_bounded("arrival_rate"))] | None = _key(
+        "synthetic: Poisson arrivals of requests at this rate; workflow: of whole workflows (all requests of "
+        "a workflow arrive together). Default: everything arrives at time 0.", "per second", default=None)
+    shape: Literal["chain", "fan-in", "dag"] | None = _key(
+        "workflow (required): 'chain' (solve -> verify -> revise), 'fan-in' (map -> reduce) or 'dag' (random "
+        "layered DAGs).", default=None)
+    workflows: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = _key("workflow: number of workflows.",
+                                                                      "workflows", default=100)
+    depth: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = _key(
+        "workflow: steps of a chain (default 3) or layers of a DAG (default 4); not for fan-in.", "steps",
+        default=None)
+    width: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = _key(
+        "workflow: map steps of every fan-in (default: 2 to 6, drawn per workflow) or the most requests in a "
+        "DAG layer (default 4).", "requests", default=None)
 
     @model_validator(mode="after")
-    def _workflow_keys(self) -> "WorkloadDoc":
-        if self.source == "workflow":
-            if self.shape is None:
-                raise ValueError("source = 'workflow' needs shape = 'chain', 'fan-in' or 'dag'")
-        else:
-            given = [k for k in WORKFLOW_KEYS if k in self.model_fields_set]
-            if given:
-                raise ValueError(f"{given[0]} is read only with source = 'workflow'")
+    def _keys_of_the_source(self) -> "WorkloadDoc":
+        read = SOURCE_KEYS[self.source]
+        stray = [k for k in SOURCE_KEYS_ORDER if k in self.model_fields_set and k not in read]
+        if stray:
+            owners = [src for src, keys in SOURCE_KEYS.items() if stray[0] in keys]
+            raise ValueError(f"{stray[0]} is read only with source = {' or '.join(repr(o) for o in owners)}; "
+                             f"remove it, or set source = {owners[0]!r}")
+        if self.source == "workflow" and self.shape is None:
+            raise ValueError("source = 'workflow' needs shape = 'chain', 'fan-in' or 'dag'")
         return self
 
 
 class InstanceDoc(_Strict):
-    profile: StrictStr = "llama-65b"
-    clients: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
-    kv_capacity_tokens: Annotated[StrictInt, Field(ge=1, le=10**12)] | None = None
-    count: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1
+    """One ``[[instances]]`` entry: model instances of one hardware profile."""
+
+    profile: StrictStr = _key("Built-in profile name (llama-65b) or path of a profile .toml file (relative "
+                              "paths resolve against the spec's folder).", default="llama-65b")
+    clients: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = _key(
+        "Concurrent request slots per instance; default: the profile's.", "clients", default=None)
+    kv_capacity_tokens: Annotated[StrictInt, Field(ge=1, le=10**12)] | None = _key(
+        "KV-cache capacity of each instance across its clients; every request's prompt + output cap must fit. "
+        "Default: the profile's.", "tokens", default=None)
+    count: Annotated[StrictInt, Field(ge=1, le=100_000)] = _key("Identical instances of this entry.", "instances",
+                                                                 default=1)
 
 
 class SpecDoc(_Strict):
-    name: StrictStr = "problem"
-    workload: WorkloadDoc | None = None
-    requests: list[RequestDoc] | None = None
-    instances: list[InstanceDoc] = Field(default_factory=lambda: [InstanceDoc()])
+    """A whole spec: a workload (``[workload]`` or ``[[requests]]``) and the instances serving it."""
+
+    name: StrictStr = _key("Name of the problem in reports.", default="problem")
+    workload: WorkloadDoc | None = _key("A shipped or generated workload; give exactly one of [workload] and "
+                                        "[[requests]].", default=None)
+    requests: list[RequestDoc] | None = _key("The requests one by one (at least one); give exactly one of "
+                                             "[workload] and [[requests]].", default=None)
+    instances: list[InstanceDoc] = _key("The instances serving the workload, in order (global client indices "
+                                        "follow it).", default_text="one llama-65b instance",
+                                        default_factory=lambda: [InstanceDoc()])
 
     @model_validator(mode="after")
     def _one_source(self) -> "SpecDoc":
@@ -141,13 +214,20 @@ def _field_path(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts[-1 if parts else 0:] = [f"{parts[-1] if parts else ''}[{item}]"]
-        elif item in ("function-after[_one_source()]", "function-after[_workflow_keys()]"):
-            continue
+        elif str(item).startswith("function-"):
+            continue  # a model validator's label
         elif "[" in str(item) and "]" in str(item) and not str(item).isidentifier():
             continue  # union branch labels such as "int" / "float" add nothing for a user
         else:
             parts.append(str(item))
     return ".".join(parts)
+
+
+def _with_reference(exc: SpecError) -> SpecError:
+    """``exc`` with :data:`SPEC_REFERENCE` added to its fix (same class, same field)."""
+    if SPEC_REFERENCE in exc.fix:
+        return exc
+    return exc.replace(fix=f"{exc.fix}; see {SPEC_REFERENCE}" if exc.fix else f"see {SPEC_REFERENCE}")
 
 
 def parse_spec(data: dict[str, Any], base_dir: str | Path | None = None) -> Problem:
@@ -159,7 +239,20 @@ def parse_spec(data: dict[str, Any], base_dir: str | Path | None = None) -> Prob
         The document.
     base_dir
         Folder against which relative profile paths are resolved.
+
+    Raises
+    ------
+    SpecError
+        Naming the offending key, with a fix that points to the spec reference
+        (:data:`SPEC_REFERENCE`).
     """
+    try:
+        return _parse(data, base_dir)
+    except SpecError as exc:
+        raise _with_reference(exc) from None
+
+
+def _parse(data: dict[str, Any], base_dir: str | Path | None) -> Problem:
     if not isinstance(data, dict):
         raise SpecError("", "the spec must be a table (a dict)", "write key = value pairs at the top level")
     try:
@@ -168,12 +261,12 @@ def parse_spec(data: dict[str, Any], base_dir: str | Path | None = None) -> Prob
         err = exc.errors(include_url=False)[0]
         field = _field_path(tuple(err.get("loc", ())))
         kind = err.get("type", "")
-        fix = _FIXES.get(kind, "see the spec reference in the docs")
+        fix = _FIXES.get(kind, "")
         if field.endswith(".after") or ".after[" in field:
             fix = 'write a list of the ids of other requests, e.g. after = ["solve-1"]'
         if kind == "value_error":
             msg = str(err.get("msg", "")).removeprefix("Value error, ")
-            raise SpecError(field, msg, "see the spec reference in the docs") from None
+            raise SpecError(field, msg, "") from None
         raise SpecError(field, f"{err.get('msg', 'invalid')} (got {err.get('input')!r})"[:300], fix) from None
     return _build(doc, Path(base_dir) if base_dir else None)
 
@@ -190,6 +283,7 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         else:
             workload = workloads.synthetic(w.n, seed=w.seed, prompt_median=float(w.prompt_median),
                                            output_median=float(w.output_median), sigma=float(w.sigma),
+                                           max_tokens=w.max_tokens,
                                            arrival_rate=None if w.arrival_rate is None else float(w.arrival_rate))
     else:
         reqs = doc.requests or []
@@ -204,11 +298,14 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         if base_dir is not None and profile.endswith(".toml") and not Path(profile).is_absolute():
             profile = str(base_dir / profile)
         try:
-            for _ in range(inst.count):
-                instances.append(Instance.from_profile(profile, inst.clients, inst.kv_capacity_tokens,
-                                                       name=f"instance-{len(instances)}"))
+            prof = load_profile(profile)  # once per entry: a count of 100,000 must not parse it 100,000 times
         except SpecError as exc:
-            raise SpecError(f"instances[{k}].{exc.field}", exc.problem, exc.fix) from None
+            raise exc.replace(field=f"instances[{k}].{exc.field}") from None
+        first = Instance.from_profile(prof, inst.clients, inst.kv_capacity_tokens, name=f"instance-{len(instances)}")
+        instances.append(first)
+        start = len(instances)
+        instances.extend(Instance(first.profile, first.clients, first.kv_capacity_tokens, f"instance-{start + j}")
+                         for j in range(inst.count - 1))
     return Problem(workload, tuple(instances), name=doc.name)
 
 
@@ -220,7 +317,7 @@ def load_spec(path: str | Path | None = None, text: str | None = None) -> Proble
     Parameters
     ----------
     path
-        Path of a TOML spec; relative profile paths in it resolve against its folder.
+        Path of a TOML spec (UTF-8); relative profile paths in it resolve against its folder.
     text
         The TOML text itself; takes precedence over ``path``.
 
@@ -232,24 +329,121 @@ def load_spec(path: str | Path | None = None, text: str | None = None) -> Proble
     Raises
     ------
     SpecError
-        No file at ``path``, invalid TOML, or an invalid document.
+        No file at ``path`` (or a folder, or not UTF-8), invalid TOML, or an invalid document;
+        errors in the document point to the spec reference (:data:`SPEC_REFERENCE`).
     """
     base = None
     if text is None:
         if path is None:
             text = DEFAULT_SPEC
         else:
-            p = Path(path)
-            if not p.is_file():
-                raise SpecError("spec", f"no file at {str(p)!r}", "give the path of a TOML spec, or none for the default")
-            text, base = p.read_text(), p.parent
+            text = read_text_file("spec", path, "TOML spec")
+            base = Path(path).expanduser().parent
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError("", f"the spec is not valid TOML: {exc}", "fix the TOML syntax at the position shown") from None
+        raise _with_reference(SpecError("", f"the spec is not valid TOML: {exc}",
+                                         "fix the TOML syntax at the position shown")) from None
     return parse_spec(data, base)
 
 
 def default_problem() -> Problem:
     """The embedded default: GSM8K test on one ``llama-65b`` instance."""
     return load_spec()
+
+
+def _schema_type(prop: dict, defs: dict) -> tuple[str, dict]:
+    """The type of a JSON-schema property in words, and the schema node that holds its bounds."""
+    if "$ref" in prop:
+        return "table", defs[prop["$ref"].rsplit("/", 1)[-1]]
+    if "anyOf" in prop:
+        options = [p for p in prop["anyOf"] if p.get("type") != "null"]
+        texts, node = [], {}
+        for o in options:
+            t, n = _schema_type(o, defs)
+            texts.append(t)
+            node = node or (n if any(k in n for k in ("minimum", "maximum", "exclusiveMinimum")) else {})
+        words = list(dict.fromkeys(texts))
+        if set(words) == {"integer", "number"}:
+            words = ["number"]
+        return " or ".join(words), node or (options[0] if options else {})
+    if "enum" in prop or "const" in prop:
+        values = prop.get("enum", [prop.get("const")])
+        return "one of " + ", ".join(f'"{v}"' for v in values), prop
+    if prop.get("type") == "array":
+        item, _ = _schema_type(prop.get("items", {}), defs)
+        return ("array of tables" if item == "table" else f"array of {item}"), prop
+    return {"integer": "integer", "number": "number", "string": "string", "boolean": "boolean"}.get(
+        prop.get("type", ""), prop.get("type", "any")), prop
+
+
+def _bounds_text(node: dict) -> str:
+    def num(v):
+        if isinstance(v, (int, float)) and float(v).is_integer() and abs(v) < 1e15:
+            return f"{int(v):,}"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    # JSON-schema keywords, or pydantic's own names where it leaves a union's constraints as they are
+    parts = []
+    for keys, op in ((("exclusiveMinimum", "gt"), ">"), (("minimum", "ge"), ">="),
+                     (("exclusiveMaximum", "lt"), "<"), (("maximum", "le"), "<=")):
+        for k in keys:
+            if k in node:
+                v = node[k]
+                parts.append("< 2**63" if op == "<=" and v == 2**63 - 1 else f"{op} {num(v)}")
+                break
+    return ", ".join(parts)
+
+
+def _nested_table(prop: dict, defs: dict) -> tuple[dict, bool] | None:
+    """The model a property holds (a table, or an array of tables), if any, and whether it is an array."""
+    for option in prop.get("anyOf", [prop]):
+        if "$ref" in option:
+            return defs[option["$ref"].rsplit("/", 1)[-1]], False
+        if option.get("type") == "array" and "$ref" in option.get("items", {}):
+            return defs[option["items"]["$ref"].rsplit("/", 1)[-1]], True
+    return None
+
+
+def spec_reference() -> list[dict[str, Any]]:
+    """Every key of a spec, read from the pydantic models: the source of the reference page.
+
+    Returns
+    -------
+    list of dict
+        One entry per key, tables before their keys, in document order: ``"key"`` (dotted path,
+        ``[[...]]`` entries as ``requests[].prompt_tokens``), ``"table"`` (the TOML table it belongs
+        to), ``"type"`` (in words), ``"unit"`` (empty when the value has none), ``"default"`` (as
+        TOML, or ``"required"``, or a sentence), ``"bounds"`` (``">= 1, <= 10,000,000"``; empty when
+        unbounded) and ``"description"``.
+    """
+    import json
+
+    schema = SpecDoc.model_json_schema()
+    defs = schema.get("$defs", {})
+    rows: list[dict[str, Any]] = []
+
+    def walk(node: dict, prefix: str, table: str) -> None:
+        required = set(node.get("required", []))
+        for key, prop in node.get("properties", {}).items():
+            path = f"{prefix}{key}"
+            kind, bnode = _schema_type(prop, defs)
+            if key in required:
+                default = "required"
+            elif "default_text" in prop:
+                default = prop["default_text"]
+            elif "default" in prop:
+                d = prop["default"]
+                default = "not set" if d is None else (json.dumps(d) if not isinstance(d, list) else "see the description")
+            else:
+                default = "see the description"
+            rows.append({"key": path, "table": table, "type": kind, "unit": prop.get("unit", ""),
+                         "default": default, "bounds": _bounds_text({**bnode, **prop}),
+                         "description": prop.get("description", "(undocumented)")})
+            nested = _nested_table(prop, defs)
+            if nested is not None:
+                child, is_array = nested
+                walk(child, f"{path}[]." if is_array else f"{path}.", f"[[{path}]]" if is_array else f"[{path}]")
+
+    walk(schema, "", "top level")
+    return rows

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
-from lloptim.errors import SpecError
 from lloptim.runtime.engine import RunResult
+from lloptim.validation import check_output_path as _check_output_path
 
 __all__ = ["TRACE_COLUMNS", "trace_rows", "write_trace_csv", "check_output_path"]
 
@@ -43,17 +42,7 @@ def check_output_path(path: str | Path, flag: str) -> Path:
     SpecError
         ``path`` is a folder, its folder does not exist, or that folder is not writable.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise SpecError(flag, f"{str(p)!r} is a folder", "give the path of a file to write, e.g. trace.csv")
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise SpecError(flag, f"folder {str(folder)!r} does not exist", "create it first or choose another path")
-    if not os.access(folder, os.W_OK):
-        raise SpecError(flag, f"folder {str(folder)!r} is not writable", "choose a path you may write")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise SpecError(flag, f"{str(p)!r} is not writable", "choose a path you may write")
-    return p
+    return _check_output_path(flag, path)  # the one check every command's output files go through
 
 
 def trace_rows(result: RunResult) -> list[dict]:

@@ -15,12 +15,41 @@ from importlib import resources
 import numpy as np
 
 from lloptim.errors import SpecError
-from lloptim.problem import Workload
+from lloptim.problem import MAX_TOKENS, Workload
+from lloptim.validation import MAX_SEED, check_choice, check_int, check_number, check_seed
 
-__all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "workflows", "GSM8K_SPLITS", "WORKFLOW_SHAPES"]
+__all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "workflows", "GSM8K_SPLITS", "WORKFLOW_SHAPES",
+           "MAX_REQUESTS", "SYNTHETIC_LIMITS"]
 
 #: The GSM8K splits shipped with the package (1319 and 7473 requests).
 GSM8K_SPLITS = ("test", "train")
+
+#: Most requests one generated workload may hold (count); the spec has the same bound.
+MAX_REQUESTS = 10_000_000
+
+#: Bounds of the parameters of :func:`synthetic` (inclusive; ``open`` marks an excluded lower
+#: bound). The spec's ``[workload]`` keys use the same table, so the Python API and the spec
+#: accept exactly the same values.
+SYNTHETIC_LIMITS = {
+    "n": {"lo": 1, "hi": MAX_REQUESTS},
+    "seed": {"lo": 0, "hi": MAX_SEED},
+    "prompt_median": {"lo": 0, "hi": 1e6, "open": True},
+    "output_median": {"lo": 0, "hi": 1e6, "open": True},
+    "sigma": {"lo": 0, "hi": 10},
+    "max_tokens": {"lo": 1, "hi": MAX_TOKENS},
+    "arrival_rate": {"lo": 0, "hi": 1e9, "open": True},
+}
+
+
+def _check_synthetic(name: str, value, integer: bool = False):
+    lim = SYNTHETIC_LIMITS[name]
+    field = f"workload.{name}"
+    if name == "seed":
+        return check_seed(field, value)
+    if integer:
+        return check_int(field, value, lim["lo"], lim["hi"])
+    return check_number(field, value, lim["lo"], lim["hi"], lo_open=lim.get("open", False),
+                        example=1 if lim.get("open") else lim["lo"])
 
 
 @lru_cache(maxsize=None)
@@ -52,12 +81,10 @@ def gsm8k(split: str = "test", limit: int | None = None) -> Workload:
     Workload
         All requests arrive at time 0; ids are ``"gsm8k-{split}-{index}"``.
     """
-    if split not in GSM8K_SPLITS:
-        raise SpecError("workload.split", f"unknown GSM8K split {split!r}", f"use one of {list(GSM8K_SPLITS)}")
+    check_choice("workload.split", split, GSM8K_SPLITS, "GSM8K split")
     idx, prompt, output = _gsm8k_table()[split]
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-            raise SpecError("workload.limit", f"must be a positive integer, got {limit!r}", "give how many requests to keep")
+        limit = check_int("workload.limit", limit, 1, MAX_REQUESTS, fix="give how many requests to keep, e.g. limit=100")
         idx, prompt, output = idx[:limit], prompt[:limit], output[:limit]
     return Workload.from_arrays(prompt, output, ids=[f"gsm8k-{split}-{i}" for i in idx], name=f"gsm8k-{split}")
 
@@ -83,7 +110,14 @@ def gsm8k_cases(n_cases: int = 100, n_requests: int = 1319, seed: int = 0, split
     -------
     list of Workload
         The cases in index order.
+
+    Raises
+    ------
+    SpecError
+        ``n_cases`` is negative, ``seed`` is not a seed, or :func:`gsm8k_case` refuses the rest.
     """
+    n_cases = check_int("n_cases", n_cases, lo=0, example=100)
+    check_seed("seed", seed)
     return [gsm8k_case(k, n_requests, seed, split) for k in range(n_cases)]
 
 
@@ -109,12 +143,15 @@ def gsm8k_case(index: int, n_requests: int = 1319, seed: int = 0, split: str = "
     Raises
     ------
     SpecError
-        ``n_requests`` is not in ``[1, len(split)]`` or the split is unknown.
+        ``index`` is negative, ``seed`` is not a seed, ``n_requests`` is not in ``[1, len(split)]`` or
+        the split is unknown.
     """
+    check_int("index", index, lo=0, example=0)
+    check_seed("seed", seed)
+    check_choice("split", split, GSM8K_SPLITS, "GSM8K split")
     pool = gsm8k(split)
-    if not 1 <= n_requests <= len(pool):
-        raise SpecError("n_requests", f"{n_requests} is not in [1, {len(pool)}] for the {split} split",
-                        f"ask for at most {len(pool)} requests per case")
+    check_int("n_requests", n_requests, 1, len(pool), fix=f"ask for 1 to {len(pool)} requests per case "
+              f"(the {split} split has {len(pool)})")
     rows = np.random.default_rng([seed, index]).choice(len(pool), size=n_requests, replace=False)
     return pool.subset(rows, name=f"gsm8k-{split}-case{index}")
 
@@ -137,19 +174,35 @@ def synthetic(n: int, seed: int = 0, prompt_median: float = 70.0, output_median:
         Lengths are clipped to ``[1, max_tokens]``.
     arrival_rate
         Poisson arrival rate, requests per second; ``None`` means all arrive at time 0.
+
+    Raises
+    ------
+    SpecError
+        A parameter outside :data:`SYNTHETIC_LIMITS` (named ``workload.<parameter>``, as the spec
+        key), or a median above ``max_tokens`` (most lengths would be clipped).
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise SpecError("workload.n", f"must be a positive integer, got {n!r}", "give the number of requests")
-    if not (sigma >= 0 and prompt_median > 0 and output_median > 0):
-        raise SpecError("workload.sigma", "medians must be > 0 and sigma >= 0", "check the synthetic parameters")
+    n = _check_synthetic("n", n, integer=True)
+    seed = _check_synthetic("seed", seed, integer=True)
+    max_tokens = _check_synthetic("max_tokens", max_tokens, integer=True)
+    medians = {}
+    for name, value in (("prompt_median", prompt_median), ("output_median", output_median)):
+        medians[name] = _check_synthetic(name, value)
+        if medians[name] > max_tokens:
+            raise SpecError(f"workload.{name}", f"{value!r} is above max_tokens = {max_tokens}: most lengths "
+                            "would be clipped to max_tokens", "lower the median or raise workload.max_tokens")
+    sigma = _check_synthetic("sigma", sigma)
+    if arrival_rate is not None:
+        arrival_rate = _check_synthetic("arrival_rate", arrival_rate)
     rng = np.random.default_rng(seed)
-    prompt = np.clip(np.rint(rng.lognormal(np.log(prompt_median), sigma, n)), 1, max_tokens)
-    output = np.clip(np.rint(rng.lognormal(np.log(output_median), sigma, n)), 1, max_tokens)
+    prompt = np.clip(np.rint(rng.lognormal(np.log(medians["prompt_median"]), sigma, n)), 1, max_tokens)
+    output = np.clip(np.rint(rng.lognormal(np.log(medians["output_median"]), sigma, n)), 1, max_tokens)
     arrival = None
     if arrival_rate is not None:
-        if not arrival_rate > 0:
-            raise SpecError("workload.arrival_rate", f"must be > 0, got {arrival_rate!r}", "give requests per second")
         arrival = np.cumsum(rng.exponential(1.0 / arrival_rate, n))
+        if arrival[-1] > 1e9:
+            raise SpecError("workload.arrival_rate", f"{arrival_rate!r} requests/s spreads {n} arrivals over "
+                            f"{arrival[-1]:.3g} s, beyond the 1e9 s an arrival may be",
+                            "raise arrival_rate or lower n")
     return Workload.from_arrays(prompt.astype(np.int64), output.astype(np.int64), arrival,
                                 name=f"synthetic-{n}-s{seed}")
 
@@ -216,11 +269,20 @@ def workflows(shape: str = "chain", n_workflows: int = 100, seed: int = 0, split
     """
     if shape not in WORKFLOW_SHAPES:
         raise SpecError("workload.shape", f"unknown workflow shape {shape!r}", f"use one of {list(WORKFLOW_SHAPES)}")
-    for fld, v in (("workflows", n_workflows), ("depth", depth), ("width", width)):
+    # the bounds of the spec's keys, so the Python API refuses what a spec would
+    for fld, v, hi in (("workflows", n_workflows, 1_000_000), ("depth", depth, 10_000), ("width", width, 10_000)):
         if v is None and fld != "workflows":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise SpecError(f"workload.{fld}", f"must be a positive integer, got {v!r}", f"give the {fld} as a count")
+        check_int(f"workload.{fld}", v, 1, hi, fix=f"give the {fld} as a count, 1 to {hi:,}")
+    seed = check_seed("workload.seed", seed)
+    if arrival_rate is not None:
+        arrival_rate = _check_synthetic("arrival_rate", arrival_rate)
+    # the most requests one workflow can have: refuse a workload beyond MAX_REQUESTS before drawing it
+    per = {"chain": depth or 3, "fan-in": (width or 6) + 1, "dag": (depth or 4) * (width or 4)}[shape]
+    if n_workflows * per > MAX_REQUESTS:
+        raise SpecError("workload.workflows", f"{n_workflows:,} workflows of up to {per:,} requests could make "
+                        f"{n_workflows * per:,} requests, more than {MAX_REQUESTS:,}",
+                        f"use at most {MAX_REQUESTS // per:,} workflows of this shape, or smaller ones")
     if shape == "fan-in" and depth is not None:
         raise SpecError("workload.depth", "a fan-in workflow has two stages (map, reduce)",
                         "remove depth, or use shape = 'chain' or 'dag'")

@@ -26,7 +26,8 @@ from lloptim.errors import ModelTooLargeError, SolverError, SpecError
 from lloptim.formulations.binpacking import (BinPackingData, assignment_to_x, binpacking_data,
                                              binpacking_lower_bound, build_binpacking, loads, x_to_assignment)
 from lloptim.formulations.model import LinearModel
-from lloptim.problem import Problem
+from lloptim import guards
+from lloptim.problem import Problem, as_problem
 from lloptim.solvers.params import SolveParams
 from lloptim.solvers.registry import Backend, get_backend
 from lloptim.solvers.result import Limit, SolveResult, Termination
@@ -297,8 +298,12 @@ def solve(problem: Problem, solver: str = "greedy", params: SolveParams | None =
         The backend's package is missing, or it cannot solve this formulation.
     ModelTooLargeError
         The backend's memory estimate for the model exceeds the available memory.
+    TooLargeError
+        The greedy start is estimated to need more memory than is available
+        (:func:`lloptim.guards.check_solve`).
     """
     t0 = time.perf_counter()
+    problem = as_problem(problem)
     if params is None:
         params = SolveParams()
     if not isinstance(params, SolveParams):
@@ -311,6 +316,7 @@ def solve(problem: Problem, solver: str = "greedy", params: SolveParams | None =
                           f"(fix: use one of {[n for n in ('highs', 'cbc', 'cvxpy')]})")
     if formulation == "full_mip":
         return _solve_full_mip(problem, backend, params, t0)
+    guards.check_solve(problem, params.rel_gap, weights)  # before the (R, C) arrays of the greedy start
     data = binpacking_data(problem, weights, estimates)
     incumbent, inc_obj, extra = _greedy_incumbent(data, params)
     bound = binpacking_lower_bound(data)

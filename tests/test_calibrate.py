@@ -136,4 +136,4 @@ def test_cli_calibrate_bad_grid_is_a_user_error(model):
     from lloptim.cli import app
 
     res = CliRunner().invoke(app, ["calibrate", "--prefill-batches", "a,b"])
-    assert res.exit_code == 2 and "prefill_batches" in res.output
+    assert res.exit_code == 2 and "--prefill-batches" in res.output

@@ -96,6 +96,7 @@ def test_decode_steps_bound_feeds_lower_bound():
 TINY = [([40, 8, 25, 60], [2, 6, 3, 2]), ([12, 30, 7, 20, 15], [3, 5, 2, 4, 3])]
 
 
+@pytest.mark.slow  # a few seconds of branch and bound
 @pytest.mark.parametrize("prompts,outputs", TINY)
 def test_full_mip_between_bound_and_simulator(prompts, outputs):
     p = Problem.single(Workload.from_arrays(prompts, outputs), clients=2, kv_capacity_tokens=1000)

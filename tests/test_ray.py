@@ -18,7 +18,8 @@ from lloptim.distributed import DistributedError, RayBackend, RayNotInstalledErr
 from lloptim.errors import LloptimError, SpecError  # noqa: E402
 from lloptim.executors import map_tasks  # noqa: E402
 
-pytestmark = pytest.mark.ray
+# every test here starts or uses a Ray cluster (seconds each): part of the slow set
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,8 @@ cannot drift from them:
 * ``readme_setup.txt``, ``readme_tests.txt``, ``readme_tour.txt``: the README's code blocks;
 * ``concepts_timeline.png``, ``concepts_bound.png``: the figures of the *Concepts* page;
 * ``solver_capabilities.inc``: the capability table of the registered solver backends;
+* ``spec_reference.inc``: every key of a spec, from the validator's pydantic models
+  (:func:`lloptim.spec.spec_reference`);
 * ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present;
 * ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present;
 * ``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` when present.
@@ -38,7 +40,8 @@ SECTIONS = [
                          "lloptim.hardware", "lloptim.bounds", "lloptim.work", "lloptim.dag_plan",
                          "lloptim.metrics", "lloptim.trace", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
-                         "lloptim.calibrate", "lloptim.plots", "lloptim.errors"]),
+                         "lloptim.calibrate", "lloptim.plots", "lloptim.errors", "lloptim.validation",
+                         "lloptim.guards", "lloptim.progress"]),
     ("Online runtime", "lloptim.runtime", ["lloptim.runtime.policy", "lloptim.runtime.engine",
                                            "lloptim.runtime.request_schedulers",
                                            "lloptim.runtime.iteration_schedulers", "lloptim.runtime.lagrangian",
@@ -287,6 +290,35 @@ def write_policies(out: Path) -> list[str]:
         lines += [f"   * - ``{n}``", f"     - {desc}"]
     _write(out / "policies.inc", "\n".join(lines) + "\n")
     return list(names)
+
+
+# -- spec reference ---------------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    """A list-table cell: reST markup characters in free text shown literally."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("`", "\\`").replace("|", "\\|") or "\\-"
+
+
+def write_spec_reference(out: Path) -> list[str]:
+    """One table per TOML table of a spec, read from the pydantic models of :mod:`lloptim.spec`."""
+    from lloptim.spec import spec_reference
+
+    rows = spec_reference()
+    lines: list[str] = []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        title = "Top-level keys" if table == "top level" else f"``{table}``"
+        lines += [title, "-" * len(title), "", ".. list-table::", "   :header-rows: 1", "   :widths: 18 14 10 14 16 28",
+                  "   :class: spec-reference", "", "   * - key", "     - type", "     - unit", "     - default",
+                  "     - bounds", "     - meaning"]
+        for r in rows:
+            if r["table"] != table:
+                continue
+            default = r["default"] if r["default"] in ("required", "not set") or " " in r["default"] \
+                else f"``{r['default']}``"
+            lines += [f"   * - ``{r['key']}``", f"     - {_cell(r['type'])}", f"     - {_cell(r['unit'])}",
+                      f"     - {default}", f"     - {_cell(r['bounds'])}", f"     - {_cell(r['description'])}"]
+        lines.append("")
+    _write(out / "spec_reference.inc", "\n".join(lines) + "\n")
+    return [r["key"] for r in rows]
 
 
 # -- README -----------------------------------------------------------------------------------------
@@ -587,6 +619,7 @@ def run(out: Path) -> dict:
     facts = {"modules": write_api(out), "commands": write_cli(out), "reexports": list(REEXPORTS)}
     write_readme(out)
     facts["policies"] = write_policies(out)
+    facts["spec_keys"] = write_spec_reference(out)
     write_concept_figures(out)
     facts["capabilities"] = write_capabilities(out)
     facts["benchmark_figures"] = write_benchmark_figures(out)

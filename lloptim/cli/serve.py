@@ -19,16 +19,26 @@ from typing import Optional
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from lloptim.cli.app import app
-from lloptim.cli.common import console, err_console, load_problem, print_json, user_errors
+from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, err_console, load_problem, output_path,
+                                print_json, user_errors, write_reporting)
+from lloptim.cli.tables import Column, print_table
 from lloptim.errors import SpecError
+from lloptim.validation import check_choice, check_int, check_seed
 
-__all__ = ["default_torch_workload", "default_engine_workload", "serve", "calibrate_command"]
+__all__ = ["default_torch_workload", "default_engine_workload", "serve", "calibrate_command", "MODEL_FLAGS"]
 
 BACKENDS = ("torch", "simulated", "vllm", "hf")
+#: Backends that are serving engines steered by lloptim (:mod:`lloptim.engines`).
 ENGINE_BACKENDS = ("vllm", "hf")
+CLOCKS = ("wall", "cpu")
+#: API fields raised by model loading and calibration, and the flags of ``run``/``calibrate`` that set them.
+MODEL_FLAGS = {"backend": "--backend", "threads": "--threads", "profile": "--profile", "device": "--device",
+               "dtype": "--dtype", "model": "--model", "policy": "--policy", "clock": "--clock", "repeats": "--repeats",
+               "kv_blocks": "--kv-blocks", "clients": "--clients", "instances": "--instances"}
+#: Clients per engine instance when neither --clients nor a SPEC says.
+DEFAULT_ENGINE_CLIENTS = 16
 
 
 def default_torch_workload(limit: int = 32, scale: float = 4.0, max_tokens: int = 64):
@@ -89,29 +99,33 @@ def _ints(name: str, text: str) -> list[int]:
     return vals
 
 
+def _check_common(seed: int, clock: str) -> None:
+    """Options ``run`` and ``calibrate`` share, named by flag, before any work."""
+    check_seed("--seed", seed)
+    check_choice("--clock", clock, CLOCKS, "clock")
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise SpecError("backend", f"unknown backend {backend!r}", f"use one of {list(BACKENDS)}")
+        raise SpecError("--backend", f"unknown backend {backend!r}", f"use one of {list(BACKENDS)}")
 
 
 def _set_threads(threads: int) -> None:
     """Set torch's intra-op CPU threads (0 keeps torch's default)."""
     if threads < 0:
-        raise SpecError("threads", f"must be >= 0, got {threads}", "give a thread count, or 0 for torch's default")
+        raise SpecError("--threads", f"must be >= 0, got {threads}", "give a thread count, or 0 for torch's default")
     if threads:
         from lloptim.backends.models import require_torch
 
         require_torch().set_num_threads(threads)
 
 
-def _fit_table(cal) -> Table:
-    t = Table(title=f"calibration of {cal.model} on {cal.device} ({cal.dtype}), {cal.wall_s:.1f} s")
-    for head in ("kind", "batch", "tokens", "measured ms", "fitted ms", "rel. error"):
-        t.add_column(head, justify="left" if head == "kind" else "right")
-    for p in cal.points:
-        t.add_row(p.kind, str(p.batch), f"{p.tokens:g}", f"{1e3 * p.seconds:.3f}", f"{1e3 * p.predicted_s:.3f}",
-                  f"{100 * p.rel_error:+.1f} %")
-    return t
+def _print_fit(cal) -> None:
+    rows = [[p.kind, str(p.batch), f"{p.tokens:g}", f"{1e3 * p.seconds:.3f}", f"{1e3 * p.predicted_s:.3f}",
+             f"{100 * p.rel_error:+.1f} %"] for p in cal.points]
+    print_table(console, f"calibration of {cal.model} on {cal.device} ({cal.dtype}), {cal.wall_s:.1f} s",
+                [Column("kind", numeric=False), Column("batch"), Column("tokens"), Column("measured ms"),
+                 Column("fitted ms"), Column("rel. error")], rows)
 
 
 @app.command("calibrate")
@@ -146,33 +160,43 @@ def calibrate_command(
     from lloptim.calibrate import calibrate
     from lloptim.hardware import save_profile
 
-    with user_errors():
+    with user_errors(MODEL_FLAGS):
         if backend not in ("torch",) + ENGINE_BACKENDS:
-            raise SpecError("backend", f"cannot calibrate the {backend!r} backend",
+            raise SpecError("--backend", f"cannot calibrate the {backend!r} backend",
                             f"use one of {['torch', *ENGINE_BACKENDS]}")
+        out_path = output_path("--out", out, (".toml",))
+        check_int("--kv-capacity", kv_capacity, 1, 10**12, fix="give the KV capacity in tokens, e.g. --kv-capacity 16384")
+        check_int("--clients", clients, 1, 1_000_000, fix="give the clients per instance, e.g. --clients 8")
+        check_int("--repeats", repeats, lo=1, fix="give timed repetitions per point, e.g. --repeats 5")
+        _check_common(seed, clock)
+        grids = [_ints(flag, text) for flag, text in (("--prefill-batches", prefill_batches),
+                                                      ("--prefill-lengths", prefill_lengths),
+                                                      ("--decode-batches", decode_batches),
+                                                      ("--decode-contexts", decode_contexts))]
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
         _set_threads(threads)
         if backend in ENGINE_BACKENDS:
             from lloptim.calibrate import calibrate_engine
 
-            engines = _start_engines(backend, model if model != "tiny-llama" else "mini-llama", clients, 1, kv_blocks,
-                                     max_batched_tokens, dtype, device, seed)
+            engines = _start_engines(backend, _engine_model(model), clients, 1, kv_blocks, max_batched_tokens, dtype,
+                                     device, seed)
             try:
                 cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
                 kv_capacity = engines[0].kv_layout.capacity_tokens
             finally:
                 _close(engines)
         else:
-            cal = calibrate(model, device, dtype, seed, _ints("prefill_batches", prefill_batches),
-                            _ints("prefill_lengths", prefill_lengths), _ints("decode_batches", decode_batches),
-                            _ints("decode_contexts", decode_contexts), repeats=repeats, clock=clock)
+            cal = calibrate(model, device, dtype, seed, *grids, repeats=repeats, clock=clock)
         profile = cal.to_profile(kv_capacity_tokens=kv_capacity, clients=clients)
-        path = save_profile(profile, out) if out is not None else None
+    path, failed = write_reporting("--out", out_path, lambda p: save_profile(profile, p)) if out_path else (None, None)
     if json_out:
         d = cal.to_dict()
         d["profile_path"] = str(path) if path else None
         print_json(d)
+        if failed is not None:
+            raise failed
         return
-    console.print(_fit_table(cal))
+    _print_fit(cal)
     lat = cal.latency
     console.print(f"prefill: {1e3 * lat.prefill_base_s:.4f} ms + {1e6 * lat.prefill_per_token_s:.4f} us/token "
                   f"(R^2 {cal.r2_prefill:.3f})")
@@ -180,7 +204,9 @@ def calibrate_command(
                   f"{1e6 * lat.decode_per_kv_token_s:.5f} us/KV token (R^2 {cal.r2_decode:.3f})")
     console.print(f"relative error: mean {100 * cal.mean_rel_error:.1f} %, max {100 * cal.max_rel_error:.1f} %")
     if path:
-        console.print(f"profile written to {path}")
+        console.print(f"profile written to {path}", markup=False)
+    if failed is not None:
+        raise failed
 
 
 def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device, seed):
@@ -216,8 +242,22 @@ def _close(engines) -> None:
         e.close()
 
 
-#: Clients per engine instance when neither --clients nor a SPEC says.
-DEFAULT_ENGINE_CLIENTS = 16
+def _engine_model(model: str) -> str:
+    """The engines' default model: heads of 16 dimensions (tiny-llama) are rejected by their CPU attention."""
+    return "mini-llama" if model == "tiny-llama" else model
+
+
+def _check_engine_flags(backend: str, kv_blocks, max_batched_tokens) -> None:
+    """Engine-only flags with another backend, and their ranges, named before any work."""
+    if backend not in ENGINE_BACKENDS and (kv_blocks is not None or max_batched_tokens is not None):
+        flag = "--kv-blocks" if kv_blocks is not None else "--max-batched-tokens"
+        raise SpecError(flag, f"an engine option with --backend {backend}",
+                        f"use it with --backend {' or '.join(ENGINE_BACKENDS)}, or drop it")
+    if kv_blocks is not None:
+        check_int("--kv-blocks", kv_blocks, 2, 10**9, fix="give the engine's KV blocks, e.g. --kv-blocks 256")
+    if max_batched_tokens is not None:
+        check_int("--max-batched-tokens", max_batched_tokens, 1, 10**9,
+                  fix="give the tokens per step, e.g. --max-batched-tokens 2048")
 
 
 def _serving_problem(spec, profile, clients, instances, requests, engine: bool = False):
@@ -268,6 +308,7 @@ def serve(
                                 "(a model replica); a replica that dies has its requests served by the others"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --ray); default: a "
                                           "local Ray"),
+    size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="vllm, hf: KV blocks per engine (default: "
                                             "the engine's)"),
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="vllm, hf: tokens per step "
@@ -285,27 +326,45 @@ def serve(
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
-    from lloptim.runtime.registry import make_policy
+    from lloptim import guards
+    from lloptim.cli.simulate import migrate_warning
+    from lloptim.runtime.registry import make_policy, policy_names
     from lloptim.simulator import run_policy
 
+    sizes = {"clients": "--clients", "instances": "--instances (or the spec's [[instances]])",
+             "requests": "--requests (or the spec's workload)"}
     if backend in ENGINE_BACKENDS:
         _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
-                          threads, clock, verify, json_out, migrate, on_ray, kv_blocks, max_batched_tokens)
+                          threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
+                          size_guard, sizes)
         return
-    with user_errors():
+    with user_errors(MODEL_FLAGS, size_guard, sizes):
         _check_backend(backend)
-        if kv_blocks is not None or max_batched_tokens is not None:
-            raise SpecError("--kv-blocks", "engine options with a backend that is not an engine",
-                            f"use them with --backend {' or '.join(ENGINE_BACKENDS)}")
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
         if address is not None and not on_ray:
             raise SpecError("--address", "a Ray address without --ray", "add --ray, or drop --address")
-        if requests is not None and requests < 1:
-            raise SpecError("requests", f"must be >= 1, got {requests}", "give how many requests to serve")
+        if requests is not None:
+            check_int("--requests", requests, lo=1, fix="give how many requests to serve, e.g. --requests 32")
+        if clients is not None:
+            check_int("--clients", clients, 1, 1_000_000, fix="give the clients per instance, e.g. --clients 8")
+        check_int("--instances", instances, 1, 100_000, fix="give the model replicas, e.g. --instances 2")
+        check_choice("--policy", policy, sorted(policy_names()), "policy")
+        _check_common(seed, clock)
+        check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
         if backend == "torch":
             _set_threads(threads)
+        given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named
+        # the run's size is known before the model loads: check it against the machine now
+        sizing = given or load_profile("llama-65b")
+        sizing = replace(sizing, clients=clients or (DEFAULT_CLIENTS if backend == "torch" and given is None
+                                                     else sizing.clients))
+        planned = _serving_problem(spec, sizing, clients, instances, requests)
+        guards.check_simulation(planned)
+        if migrate:
+            migrate_warning(planned)
         loaded = load_model(model, device, dtype, seed) if backend == "torch" else None
-        if profile is not None:
-            prof = load_profile(profile)
+        if given is not None:
+            prof = given
         elif loaded is not None:
             if not json_out:
                 err_console.print("no --profile: calibrating first (save one with `lloptim calibrate --out`)")
@@ -348,51 +407,59 @@ def serve(
     if json_out:
         print_json(d)
         return
-    t = Table(title=f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients, "
-                    f"{backend} backend, policy {policy}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
+    title = (f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients, {backend} backend, "
+             f"policy {policy}")
     rows = [("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
             ("makespan (measured)", f"{makespan:.4f} s"), ("makespan (simulated)", f"{pred:.4f} s"),
             ("prediction error", f"{100 * d['prediction_rel_error']:+.1f} %"),
             ("utilization", f"{100 * d['utilization']:.1f} %"), ("tokens/s", f"{d['tokens_per_s']:,.0f}"),
             ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
             ("max token mismatch", str(mismatch))]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+    print_table(console, title, [Column("metric", numeric=False), Column("value")], [list(r) for r in rows])
 
 
 def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
-                      threads, clock, verify, json_out, migrate, on_ray, kv_blocks, max_batched_tokens) -> None:
+                      threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
+                      size_guard, sizes) -> None:
     """``lloptim run --backend vllm|hf``: serve on the engine, predict with the simulator, report both."""
+    from lloptim import guards
     from lloptim.calibrate import calibrate_engine
+    from lloptim.engines.common import ENGINE_DEFAULT
     from lloptim.engines.serve import predict_engine_run, serve_engine
     from lloptim.hardware import load_profile
     from lloptim.metrics import summarize
+    from lloptim.runtime.registry import policy_names
 
-    with user_errors():
-        if migrate or on_ray:
-            raise SpecError("--migrate" if migrate else "--ray", f"the {backend} engines run in this process and "
-                            "cannot migrate requests", "drop the flag, or use --backend torch")
-        if requests is not None and requests < 1:
-            raise SpecError("requests", f"must be >= 1, got {requests}", "give how many requests to serve")
-        if clients is not None and clients < 1:
-            raise SpecError("clients", f"must be >= 1, got {clients}", "give at least one client")
-        _set_threads(threads)
-        if model == "tiny-llama":
-            model = "mini-llama"  # heads of 16 dimensions are rejected by the engines' CPU attention
+    with user_errors(MODEL_FLAGS, size_guard, sizes):
+        if migrate or on_ray or address is not None:
+            flag = "--migrate" if migrate else ("--ray" if on_ray else "--address")
+            raise SpecError(flag, f"the {backend} engines run in this process and cannot migrate requests or run "
+                            "on Ray", "drop the flag, or use --backend torch")
+        if requests is not None:
+            check_int("--requests", requests, lo=1, fix="give how many requests to serve, e.g. --requests 32")
+        if clients is not None:
+            check_int("--clients", clients, 1, 100_000, fix="give the clients per instance, e.g. --clients 16")
+        check_int("--instances", instances, 1, 64, fix="give the engine replicas, e.g. --instances 2")
+        check_choice("--policy", policy, sorted(policy_names()) + [ENGINE_DEFAULT], "policy")
+        _check_common(seed, clock)
+        check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
+        given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named
         if spec is not None and clients is None:
             base = load_problem(spec)
-            clients = base.instances[0].clients
-            instances = len(base.instances)
-        engines = _start_engines(backend, model, clients or DEFAULT_ENGINE_CLIENTS, instances, kv_blocks,
-                                 max_batched_tokens, dtype, device, seed)
+            clients, instances = base.instances[0].clients, len(base.instances)
+        clients = clients or DEFAULT_ENGINE_CLIENTS
+        sizing = replace(given or load_profile("llama-65b"), clients=clients)
+        guards.check_simulation(_serving_problem(spec, sizing, clients, instances, requests, engine=True))
+        _set_threads(threads)
+        model = _engine_model(model)
+        engines = _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device,
+                                 seed)
         try:
             e0 = engines[0]
             cap = [e.kv_layout.capacity_tokens for e in engines]
-            if profile is not None:
-                prof = load_profile(profile)
+            if given is not None:
+                prof = given
             else:
                 if not json_out:
                     err_console.print(f"no --profile: calibrating {backend} on its own steps first (save one with "
@@ -400,8 +467,8 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
                 cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
                 prof = cal.to_profile(name=f"{Path(str(model)).name}-{backend}", kv_capacity_tokens=cap[0],
                                       clients=e0.clients)
-            problem = _serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True)
-            problem = _with_engine_kv(problem, cap)
+            problem = _with_engine_kv(_serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True),
+                                      cap)
             result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
             predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, kv_capacity_tokens=cap,
                                            seed=seed)
@@ -420,9 +487,7 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
     if json_out:
         print_json(d)
         return
-    t = Table(title=f"{backend} engine, policy {policy}: {problem.n_requests} requests, {problem.n_clients} clients")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
+    title = f"{backend} engine, policy {policy}: {problem.n_requests} requests, {problem.n_clients} clients"
     rows = [("workload", problem.workload.name),
             ("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
             ("output tokens", f"{d['output_tokens']:,}"),
@@ -433,9 +498,7 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
             ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
             ("preemptions", str(d["preemptions"])),
             ("requests with token mismatch", "not checked" if mismatch is None else str(mismatch))]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+    print_table(console, title, [Column("metric", numeric=False), Column("value")], [list(r) for r in rows])
 
 
 def _with_engine_kv(problem, capacity_tokens):

@@ -2,52 +2,85 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from lloptim.cli.app import app
-from lloptim.cli.common import console, load_problem, print_json, user_errors
+from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, load_problem, output_path, print_json,
+                                user_errors, warn, write_reporting)
+from lloptim.cli.tables import Column, print_table
+
+#: Columns of :func:`print_metrics`: header and key of :meth:`~lloptim.metrics.RunMetrics.to_dict`.
+METRIC_COLUMNS = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilization", "utilization"),
+                  ("lower bound s", "lower_bound_s"), ("gap to bound", "gap_to_bound"),
+                  ("tokens/s", "throughput_tokens_per_s"), ("p99 latency s", "latency_p99_s"),
+                  ("decision p99 us", "decision_latency_us_p99")]
+
+#: API fields of a simulation and the flags of ``lloptim simulate`` that set them.
+SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault"}
 
 
-def metrics_table(rows: list[dict], title: str) -> Table:
-    """A rich table of run metrics, one row per policy."""
-    table = Table(title=title)
-    cols = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilization", "utilization"),
-            ("lower bound s", "lower_bound_s"), ("gap to bound", "gap_to_bound"),
-            ("tokens/s", "throughput_tokens_per_s"), ("p99 latency s", "latency_p99_s"),
-            ("decision p99 us", "decision_latency_us_p99")]
-    for head, _ in cols:
-        table.add_column(head, justify="right" if head != "policy" else "left")
-    for row in rows:
-        cells = []
-        for _, key in cols:
-            v = row.get(key)
-            if key == "policy":
-                cells.append(str(v))
-            elif key in ("utilization", "gap_to_bound"):
-                cells.append(f"{100 * v:.2f} %")
-            else:
-                cells.append(f"{v:,.2f}")
-        table.add_row(*cells)
-    return table
+def _cell(key: str, v) -> str:
+    if key == "policy":
+        return str(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if key in ("utilization", "gap_to_bound"):
+        return f"{100 * v:.2f} %"
+    return f"{v:,.2f}"
+
+
+def print_metrics(rows: list[dict], title: str) -> None:
+    """Print run metrics, one row per policy, within the terminal's width (no number cut)."""
+    print_table(console, title, [Column(h, numeric=k != "policy") for h, k in METRIC_COLUMNS],
+                [[_cell(k, row.get(k)) for _, k in METRIC_COLUMNS] for row in rows])
 
 
 def parse_fault(text: str):
-    """``"TIME:INSTANCE[:CLIENT]"`` -> :class:`~lloptim.runtime.engine.Fault`."""
+    """``"TIME:INSTANCE[:CLIENT]"`` -> :class:`~lloptim.runtime.engine.Fault` (errors name ``--fault``)."""
     from lloptim.errors import SpecError
     from lloptim.runtime.engine import Fault
 
     parts = text.split(":")
+    fix = "write TIME:INSTANCE or TIME:INSTANCE:CLIENT (seconds >= 0, an instance index, a global client index), " \
+          "e.g. 30:0:5"
     try:
         if len(parts) not in (2, 3):
             raise ValueError
-        return Fault(float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+        time_s, instance = float(parts[0]), int(parts[1])
+        client = int(parts[2]) if len(parts) == 3 else None
     except ValueError:
-        raise SpecError("--fault", f"cannot read {text!r}", "write TIME:INSTANCE or TIME:INSTANCE:CLIENT, "
-                        "e.g. 30:0:5") from None
+        raise SpecError("--fault", f"cannot read {text!r}", fix) from None
+    try:
+        return Fault(time_s, instance, client)
+    except SpecError as exc:
+        raise SpecError("--fault", f"{text!r}: {exc.field.removeprefix('faults.')} {exc.problem}", fix) from None
+
+
+def check_faults(faults, problem) -> None:
+    """Refuse faults that name an instance or client ``problem`` does not have (before the run)."""
+    from lloptim.errors import SpecError
+
+    ci = problem.client_instance() if any(f.client is not None for f in faults) else None
+    for f in faults:
+        if f.instance >= len(problem.instances):
+            raise SpecError("--fault", f"instance {f.instance} does not exist: the problem has "
+                            f"{len(problem.instances)}", f"use an instance index in 0..{len(problem.instances) - 1}")
+        if f.client is not None and (f.client >= problem.n_clients or ci[f.client] != f.instance):
+            first = int(sum(i.clients for i in problem.instances[:f.instance]))
+            raise SpecError("--fault", f"client {f.client} is not on instance {f.instance}",
+                            f"give a global client index of that instance, {first}.."
+                            f"{first + problem.instances[f.instance].clients - 1}")
+
+
+def migrate_warning(problem, flag: str = "--migrate") -> None:
+    """Warn that migration does nothing on one instance (it moves running requests *between* instances)."""
+    if len(problem.instances) == 1:
+        warn(f"{flag} does nothing here: the problem has one instance, and migration moves running requests "
+             "between instances (add instances, e.g. count = 2 in [[instances]], or drop the flag)")
 
 
 @app.command()
@@ -65,41 +98,59 @@ def simulate(
                                               "ready_s, start_s, finish_s"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
                                                               "of a workflow) to this image file"),
+    size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
+    from lloptim.runtime.registry import policy_names
     from lloptim.simulator import run_policy
-    from lloptim.trace import check_output_path, write_trace_csv
+    from lloptim.trace import write_trace_csv
+    from lloptim.validation import check_choice
 
-    with user_errors():
-        if trace is not None:
-            check_output_path(trace, "--trace")
+    with user_errors(SIMULATE_FLAGS, size_guard):
+        check_choice("--policy", policy, sorted(policy_names()), "policy")
+        faults = [parse_fault(f) for f in fault]
+        trace_path = output_path("--trace", trace, (".csv",))
+        plot_path = None
         if plot is not None:
             from lloptim.plots import check_figure_path
 
-            check_figure_path(plot, "--plot")
-        faults = [parse_fault(f) for f in fault]
+            plot_path = check_figure_path(plot, "--plot")
         problem = load_problem(spec)
-        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults)
+        check_faults(faults, problem)
+        if migrate:
+            migrate_warning(problem)
+        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults,
+                            progress=not json_out)
         metrics = summarize(result)
-        if trace is not None:
-            write_trace_csv(result, trace)
-        if plot is not None:
-            from lloptim.plots import plot_run
+    # the files after the work, the results whatever happens to them (a full disk costs only the file)
+    failed = None
+    if trace_path is not None:
+        _, failed = write_reporting("--trace", trace_path, lambda p: write_trace_csv(result, p))
+    if plot_path is not None and failed is None:
+        from lloptim.plots import plot_run
 
-            plot_run(result, plot)
+        _, failed = write_reporting("--plot", plot_path, lambda p: plot_run(result, p))
     d = metrics.to_dict()
     if json_out:
         print_json(d)
     else:
-        console.print(metrics_table([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+        print_metrics([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
+    if failed is not None:
+        raise failed
 
 
 @app.command()
-def policies() -> None:
+def policies(json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """List the named policies."""
+    from rich.markup import escape
+
     from lloptim.runtime.registry import policy_names
 
-    for name, desc in policy_names().items():
-        console.print(f"[bold]{name}[/]: {desc}")
+    names = policy_names()
+    if json_out:
+        print_json({"policies": [{"name": n, "description": d} for n, d in names.items()]})
+        return
+    for name, desc in names.items():
+        console.print(f"[bold]{escape(name)}[/]: {escape(desc)}")

@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from lloptim.cli.app import app
-from lloptim.cli.common import console, load_problem, print_json, user_errors
+from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, environment, load_problem, output_path,
+                                print_json, user_errors, write_reporting)
+from lloptim.cli.tables import Column, print_table
 from lloptim.errors import LloptimError, SpecError
 
-__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "results_table"]
+__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "print_results", "SOLVE_FLAGS"]
+
+#: API fields of a solve and the flags of ``lloptim solve`` / ``compare`` that set them.
+SOLVE_FLAGS = {"params.time_limit_s": "--time-limit", "params.rel_gap": "--gap", "params.threads": "--threads",
+               "params.seed": "--seed", "solver": "--solver"}
+#: Sizes of a solve and what sets them on the command line (for the size guard's messages).
+SOLVE_SIZES = {"rel_gap": "--gap", "requests": "SPEC (its requests)", "clients": "SPEC (instances[].clients)"}
 
 COLUMNS = ("backend", "status", "primal_bound", "dual_bound", "gap", "build_s", "solve_s", "peak_mem_mb")
 
@@ -125,25 +133,44 @@ def _fmt(v, kind: str) -> str:
     return str(v)
 
 
-def results_table(rows: list[dict], title: str) -> Table:
-    """A rich table of compare rows."""
+def print_results(rows: list[dict], title: str) -> None:
+    """Print compare rows within the terminal's width (no number cut)."""
     heads = {"backend": "backend", "status": "status", "primal_bound": "objective s", "dual_bound": "bound s",
              "gap": "gap", "build_s": "build s", "solve_s": "solve s", "peak_mem_mb": "peak MiB"}
-    table = Table(title=title)
-    for k in COLUMNS:
-        table.add_column(heads[k], justify="left" if k in ("backend", "status") else "right")
+    cols = [Column(heads[k], numeric=k not in ("backend", "status")) for k in COLUMNS]
+    cells = []
     for row in rows:
         status = row.get("status", "error")
         if row.get("limit") not in (None, "none") and status == "feasible":
             status = f"feasible ({row['limit']} limit)"
-        table.add_row(*[status if k == "status" else _fmt(row.get(k), k) for k in COLUMNS])
-    return table
+        cells.append([status if k == "status" else _fmt(row.get(k), k) for k in COLUMNS])
+    print_table(console, title, cols, cells)
 
 
 def _params(time_limit: Optional[float], gap: float, threads: Optional[int], seed: int):
+    """:class:`~lloptim.solvers.SolveParams` from the flags, each checked and named by its flag first."""
     from lloptim.solvers import SolveParams
+    from lloptim.validation import check_int, check_number, check_seed
 
+    if time_limit is not None:
+        check_number("--time-limit", time_limit, lo=0, lo_open=True, example=10,
+                     fix="give seconds > 0, e.g. --time-limit 10, or leave it out for no limit")
+    check_number("--gap", gap, lo=0, hi=1, hi_open=True, fix="give a relative gap in [0, 1), e.g. --gap 1e-4")
+    if threads is not None:
+        check_int("--threads", threads, lo=1, fix="give a thread count >= 1, e.g. --threads 1")
+    check_seed("--seed", seed)
     return SolveParams(time_limit_s=time_limit, rel_gap=gap, threads=threads, seed=seed)
+
+
+def _check_solvers(names: list[str], flag: str) -> None:
+    from lloptim.solvers import all_solvers
+
+    if not names:
+        raise SpecError(flag, "is empty", "name at least one backend")
+    known = all_solvers()
+    for n in names:
+        if n not in known:
+            raise SpecError(flag, f"unknown solver {n!r}", f"use some of {sorted(known)}")
 
 
 @app.command("solve")
@@ -155,20 +182,23 @@ def solve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (with the assignment)"),
+    size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
 ) -> None:
     """Assign the requests of SPEC to clients (makespan bin packing) with one backend."""
     from lloptim.solvers import solve
 
-    with user_errors():
+    with user_errors(SOLVE_FLAGS, size_guard, SOLVE_SIZES):
+        _check_solvers([solver], "--solver")
+        params = _params(time_limit, gap, threads, seed)
         problem = load_problem(spec)
-        res = solve(problem, solver=solver, params=_params(time_limit, gap, threads, seed))
+        res = solve(problem, solver=solver, params=params)
     row = res.summary()
     if json_out:
         row["assignment"] = res.assignment
         row["multipliers"] = res.multipliers
         print_json(row)
     else:
-        console.print(results_table([row], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+        print_results([row], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
 
 
 @app.command()
@@ -183,53 +213,67 @@ def compare(
                                  help="how tasks run: local (a fresh process each) or ray (Ray tasks)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)"),
     json_out: bool = typer.Option(False, "--json", help="print {'results': [...]} as JSON"),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="also write the rows to this CSV file (.csv)"),
+    size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
 ) -> None:
     """Solve SPEC's bin packing with several backends and compare bounds, gaps, times and memory.
 
     Bounds are seconds of bin-packing makespan; peak memory is each run's process high-water mark.
     """
-    from lloptim.solvers import all_solvers
+    from lloptim import guards
+    from lloptim.validation import check_choice
 
-    with user_errors():
+    with user_errors(SOLVE_FLAGS, size_guard, SOLVE_SIZES):
         names = [s.strip() for s in solvers.split(",") if s.strip()]
-        if not names:
-            raise SpecError("--solvers", "is empty", "name at least one backend")
-        known = all_solvers()
-        for n in names:
-            if n not in known:
-                raise SpecError("--solvers", f"unknown solver {n!r}", f"use some of {sorted(known)}")
-        if executor not in EXECUTORS:
-            raise SpecError("--executor", f"unknown executor {executor!r}", f"use one of {sorted(EXECUTORS)}")
+        _check_solvers(names, "--solvers")
+        check_choice("--executor", executor, sorted(EXECUTORS), "executor")
         if address is not None and executor != "ray":
             raise SpecError("--address", "needs --executor ray", "add --executor ray or drop --address")
         params = _params(time_limit, gap, threads, seed)
+        csv_path = output_path("--csv", csv_out, (".csv",))
         problem = load_problem(spec)
+        # every backend starts from the same greedy start: check it once, here, before any process starts
+        guards.check_solve(problem, params.rel_gap)
         tasks = [(problem, n, params) for n in names]
-        rows = ray_executor(tasks, address) if executor == "ray" else EXECUTORS[executor](tasks)
-    if csv_out is not None:
-        with open(csv_out, "w", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=list(COLUMNS) + ["limit", "error"], extrasaction="ignore")
-            wr.writeheader()
-            wr.writerows(rows)
+        # the workers are other processes: --no-size-guard reaches them through the environment
+        with environment(**({} if size_guard else {"LLOPTIM_SIZE_GUARD": "0"})):
+            rows = ray_executor(tasks, address) if executor == "ray" else EXECUTORS[executor](tasks)
     if json_out:
         print_json({"results": [{k: r.get(k) for k in COLUMNS + ("limit", "error")} for r in rows]})
     else:
-        console.print(results_table(rows, f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients"))
+        print_results(rows, f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
         for r in rows:
             if r.get("error"):
-                console.print(f"[yellow]{r['backend']}[/]: {r['error']}")
+                console.print(f"[yellow]{escape(str(r['backend']))}[/]: {escape(str(r['error']))}")
+    if csv_path is not None:
+        def write(path: Path) -> None:
+            with open(path, "w", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=list(COLUMNS) + ["limit", "error"], extrasaction="ignore")
+                wr.writeheader()
+                wr.writerows(rows)
+
+        _, failed = write_reporting("--csv", csv_path, write)
+        if failed is not None:
+            raise failed
 
 
 @app.command("solvers")
-def solvers_cmd() -> None:
+def solvers_cmd(json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """List the solver backends, whether they are usable here, and what they support."""
+    from dataclasses import asdict
+
     from lloptim.solvers import all_solvers, available_solvers
 
     ok = set(available_solvers())
+    if json_out:
+        print_json({"solvers": [{"name": name, "available": name in ok, "description": b.description,
+                                 "capabilities": asdict(b.capabilities), "formulations": list(b.formulations)}
+                                for name, b in all_solvers().items()]})
+        return
     for name, b in all_solvers().items():
         cap = b.capabilities
         flags = [f for f in ("supports_mip", "supports_lp_duals", "supports_mip_start", "supports_relaxation")
                  if getattr(cap, f)]
-        state = "[green]available[/]" if name in ok else f"[red]missing {cap.needs_package}[/]"
-        console.print(f"[bold]{name}[/] ({state}): {b.description}; {', '.join(flags) or 'heuristic'}")
+        state = "[green]available[/]" if name in ok else f"[red]missing {escape(str(cap.needs_package))}[/]"
+        console.print(f"[bold]{escape(name)}[/] ({state}): {escape(b.description)}; "
+                      f"{escape(', '.join(flags) or 'heuristic')}")

@@ -36,6 +36,7 @@ from lloptim.backends.base import InstanceLost
 from lloptim.errors import PolicyError, SpecError
 from lloptim.problem import Problem
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.validation import check_int, check_number
 
 __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "RUNNING", "FAILED"]
 
@@ -68,6 +69,13 @@ class Fault:
     time_s: float
     instance: int
     client: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("faults.time_s", self.time_s, lo=0, fix="give a failure time in seconds from the start, >= 0")
+        check_int("faults.instance", self.instance, lo=0, fix="give an instance index, 0 for the first")
+        if self.client is not None:
+            check_int("faults.client", self.client, lo=0, fix="give a global client index, or none for the whole "
+                      "instance")
 
 
 class InstanceState:
@@ -370,6 +378,10 @@ class Engine:
         self.retired = retired
         self.active = active
         while self.n_done < n:
+            if not active and self.failed_clients == problem.n_clients:
+                raise SpecError("faults", f"{n - self.n_done} requests were never served: the faults took down "
+                                f"every client ({self.failed_clients})", "leave at least one client alive, or fail "
+                                "later")
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
