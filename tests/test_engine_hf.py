@@ -22,7 +22,7 @@ from lloptim.hardware import HardwareProfile, LatencyModel, save_profile  # noqa
 from lloptim.runtime.policy import IterationScheduler, Policy, Prefill  # noqa: E402
 from lloptim.runtime.request_schedulers import GlobalQueue  # noqa: E402
 
-pytestmark = pytest.mark.hf
+pytestmark = [pytest.mark.hf, pytest.mark.slow]
 
 CLIENTS, BLOCKS = 6, 16
 POLICIES = [ENGINE_DEFAULT, "baseline", "vllm", "sarathi", "lpt", "offline", "hybrid", "hybrid-fused"]

@@ -145,6 +145,7 @@ def test_cli_run_reports_bad_model_without_traceback():
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_builtin_model_folder_is_written_once_and_loads_as_the_seeded_model(tmp_path):
     from lloptim.backends.models import ModelInfo, builtin_model_dir
 
