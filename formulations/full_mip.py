@@ -70,7 +70,8 @@ def build_full_mip(problem: Problem, horizon: int | None = None, makespan_lower:
     R = problem.n_requests
     p = w.prompt_tokens.astype(np.float64)
     o = w.output_tokens.astype(np.float64)
-    need = (w.prompt_tokens + w.max_output_tokens).astype(np.float64)
+    # hindsight reservations: the cap where the user set one, the true length otherwise (0 means no cap)
+    need = (w.prompt_tokens + np.maximum(w.max_output_tokens, w.output_tokens)).astype(np.float64)
     inst = problem.instances[0]
     lat = inst.profile.latency
     K = int(R + o.sum()) if horizon is None else int(horizon)

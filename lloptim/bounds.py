@@ -43,6 +43,24 @@ tokens plus its length). Finally the *window* bound combines the work bound with
 requests that cannot start before ``a`` (their arrival or their predecessors) and must be followed
 by ``b`` seconds of successors run inside ``[a, T - b]``, so ``T >= a + b + bound(those requests)``
 (the bound of the requests alone, all arriving at 0); it is taken over a few thresholds ``a``, ``b``.
+
+**KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
+block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
+decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
+reservation in reserve mode). Summed over requests this *KV area* ``A`` is the same in every
+schedule, preemptions included (a recomputed request resumes with the same context), so an
+instance runs at least ``A / M`` decode steps. On one instance whose requests all start from
+scratch, the first steps cannot fill the cache: at its ``t``-th decode step a request has taken at
+most ``t`` steps, so the cache holds at most ``U(t)``, the ``C`` largest holdings at progress
+``t``; the steps before ``U(t)`` reaches ``M`` process at most ``sum_t U(t)`` of the area, and
+
+    decode steps >= t* + (A - sum_{t <= t*} U(t)) / M,    t* = first t with U(t) >= M.
+
+The decode steps of the bound are the larger of this and the clients bound above
+(:attr:`LowerBound.decode_steps_memory`, :attr:`LowerBound.decode_steps_clients`); both the
+separate-iteration and the fused bounds use them. For several instances, request ``r`` takes
+``a_d area_r / M_k`` seconds of instance ``k``'s decode fixed cost by memory (or ``a_d o_r / C_k``
+by clients): both weights give valid fractional assignment bounds, and the larger is kept.
 """
 
 from __future__ import annotations
@@ -51,10 +69,11 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens, reservation_tokens
 from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
-           "minimal_request_time_s", "critical_path_bound"]
+           "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
 
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
 WINDOW_THRESHOLDS = 12
@@ -79,9 +98,21 @@ class LowerBound:
     single_request_s
         Longest ``arrival + minimal time`` of any single request.
     decode_steps
-        The lower bound on decode steps used (per instance).
+        The lower bound on decode steps used (per instance): the larger of
+        ``decode_steps_clients`` and ``decode_steps_memory``.
     prefill_iterations
         The lower bound on prefill iterations used (per instance).
+    decode_steps_clients
+        Decode steps the clients force (per instance): at most ``C`` requests advance per step
+        (and, with precedence, a chain's tokens one after another).
+    decode_steps_memory
+        Decode steps the KV memory forces (per instance): the KV area over the capacity, with the
+        ramp-up of a single instance (see the module docstring).
+    kv_area_token_steps
+        KV memory the requests hold summed over their decode steps, token-steps (in whole blocks;
+        in reserve mode at least the reservation).
+    kv_mode
+        The KV mode bounded (``"paged"``, ``"reserve"``, or ``"mixed"`` for instances that differ).
     critical_path_s
         Longest chain of ``arrival + minimal processing times`` through the precedence DAG
         (:func:`critical_path_bound`; without precedence, the longest single request), for
@@ -107,6 +138,15 @@ class LowerBound:
     critical_path_fused_s: float = 0.0
     window_s: float = 0.0
     window_fused_s: float = 0.0
+    decode_steps_clients: int = 0
+    decode_steps_memory: int = 0
+    kv_area_token_steps: float = 0.0
+    kv_mode: str = "paged"
+
+    @property
+    def memory_binds(self) -> bool:
+        """Whether the KV memory, rather than the clients, sets the decode steps of the bound."""
+        return self.decode_steps_memory > self.decode_steps_clients
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-ready)."""
@@ -199,6 +239,83 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     return best
 
 
+def memory_decode_steps_lower_bound(area: np.ndarray, capacity_tokens: int, clients: int,
+                                    start_holdings: np.ndarray | None = None, block_tokens: int = 1) -> int:
+    """Lower bound on the decode steps of one instance from its KV memory, steps.
+
+    Parameters
+    ----------
+    area
+        KV area of each request, token-steps (:func:`lloptim.memory.decode_area_tokens`).
+    capacity_tokens
+        Tokens the cache holds in whole blocks (blocks x block tokens).
+    clients
+        Clients of the instance (count).
+    start_holdings
+        Tokens each request holds before its first decode step (prompt, or its reservation); with
+        it, the ramp-up from an empty cache is counted (single instance, requests from scratch).
+    block_tokens
+        Tokens per block (holdings are rounded up to whole blocks).
+
+    Returns
+    -------
+    int
+        The bound, decode steps.
+    """
+    A = float(np.sum(area))
+    M = float(capacity_tokens)
+    if A <= 0:
+        return 0
+    plain = int(np.ceil(A / M - 1e-9))
+    if start_holdings is None or start_holdings.size == 0:
+        return plain
+    h = np.asarray(start_holdings, dtype=np.int64)
+    C = min(int(clients), h.size)
+    top = np.sort(h)[-C:]  # the C largest holdings give the largest cache at every progress
+    B = int(block_tokens)
+    # U(t) = sum of the C largest blocks(h + t) * B: the most the cache can hold at step t
+    t_star = int(max(1, np.ceil((M - top.sum()) / C))) if top.sum() < M else 0
+    if t_star == 0:
+        return plain
+    t = np.arange(1, t_star + 1)
+    held = (B * -(-(top[None, :] + t[:, None]) // B)).sum(axis=1).astype(np.float64)
+    fill = np.minimum(held, M)
+    cum = np.cumsum(fill)
+    if cum[-1] >= A:
+        return int(np.searchsorted(cum, A - 1e-9) + 1)
+    return max(plain, int(np.ceil(t_star + (A - cum[-1]) / M - 1e-9)))
+
+
+def _kv_area(problem: Problem, o: np.ndarray, kv_mode, kv_block_tokens, estimates) -> tuple[list, list, list, list, str]:
+    """Per instance: the KV area of each request, the capacity in whole blocks, the start holdings, the block."""
+    w = problem.workload
+    p = w.prompt_tokens
+    oi = np.asarray(o, dtype=np.int64)
+    modes = kv_mode if isinstance(kv_mode, (list, tuple)) else [kv_mode] * len(problem.instances)
+    blocks_ = kv_block_tokens if isinstance(kv_block_tokens, (list, tuple)) else \
+        [kv_block_tokens] * len(problem.instances)
+    room = min(inst.kv_blocks * inst.kv_block_tokens for inst in problem.instances)
+    areas, caps, starts, sizes, used = [], [], [], [], set()
+    for inst, mode, blk in zip(problem.instances, modes, blocks_):
+        mode = inst.kv_mode if mode is None else check_kv_mode(mode)
+        B = inst.kv_block_tokens if blk is None else check_block_tokens(blk, inst.kv_capacity_tokens)
+        used.add(mode)
+        if mode == "reserve":
+            # the engine reserves the cap, else the run's estimate, clipped to the smallest cache;
+            # without estimates only the caps are certain
+            est = np.zeros(len(w)) if estimates is None else np.asarray(estimates, dtype=np.float64)
+            floor = np.where(w.max_output_tokens > 0, reservation_tokens(p, w.max_output_tokens, np.ones(len(w))),
+                             p + (np.ceil(est).astype(np.int64) if estimates is not None else 0))
+            floor = np.minimum(floor, room)
+        else:
+            floor = None
+        areas.append(decode_area_tokens(p, oi, B, floor))
+        caps.append((inst.kv_capacity_tokens // B) * B)
+        starts.append(p if floor is None else np.maximum(p, floor))
+        sizes.append(B)
+    return areas, caps, starts, sizes, used.pop() if len(used) == 1 else "mixed"
+
+
 def minimal_request_time_s(problem: Problem, output_tokens: np.ndarray | None = None,
                            fused: bool = False) -> np.ndarray:
     """Least time any schedule takes from a request's first prefill iteration to its finish, seconds.
@@ -276,11 +393,13 @@ def _critical_path_s(problem: Problem, output_tokens: np.ndarray, fused: bool) -
 
 
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
-                decode_steps: int | None = None) -> LowerBound:
-    """Makespan lower bound of ``problem``, seconds.
+                decode_steps: int | None = None, kv_mode=None, kv_block_tokens=None,
+                estimates: np.ndarray | None = None) -> LowerBound:
+    """Makespan lower bound of ``problem``, seconds, with the clients and the KV memory.
 
-    The work bound, the critical path of the precedence DAG (arrivals included) and the window
-    bound that combines them (module docstring); ``total_s`` and ``fused_s`` are the largest.
+    The work bound (clients and KV memory), the critical path of the precedence DAG (arrivals
+    included) and the window bound that combines them (module docstring); ``total_s`` and
+    ``fused_s`` are the largest.
 
     Parameters
     ----------
@@ -291,6 +410,14 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     decode_steps
         A proven lower bound on the decode steps of a single instance (e.g. a MIP solver's dual
         bound for the ``P||Cmax`` relaxation); the larger of it and the closed form is used.
+    kv_mode
+        KV mode to bound for (a run option that overrides the instances', or a list with one per
+        instance); None: each instance's own.
+    kv_block_tokens
+        Tokens per KV block, likewise.
+    estimates
+        The run's output-length estimates, tokens: in reserve mode an uncapped request reserves
+        ``prompt + estimate``, which the bound then counts; None counts only the caps.
 
     Raises
     ------
@@ -298,16 +425,18 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         ``problem`` is not a :class:`~lloptim.problem.Problem`.
     """
     problem = as_problem(problem)
-    bound = _work_bound(problem, output_tokens, decode_steps)
+    kv = (kv_mode, kv_block_tokens, estimates)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
         return bound
-    window, window_fused = _window_bound(problem, output_tokens)
+    window, window_fused = _window_bound(problem, output_tokens, kv)
     return replace(bound, total_s=float(max(bound.total_s, window)), fused_s=float(max(bound.fused_s, window_fused)),
                    window_s=float(window), window_fused_s=float(window_fused))
 
 
-def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[float, float]:
+def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None)
+                  ) -> tuple[float, float]:
     """``max a + b + bound(S)`` over requests ``S`` with head ``>= a`` and tail ``>= b`` (separate, fused), s.
 
     Heads and tails are longest paths of minimal (fused) times, which bound both kinds of
@@ -338,7 +467,8 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None) -> tuple[f
                         arrival_s=np.zeros(rows.size), max_output_tokens=w.max_output_tokens[rows],
                         ids=tuple(w.ids[i] for i in rows.tolist()),
                         precedence=None if w.precedence is None else w.precedence.subset(rows))
-        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None)
+        sub_kv = (kv[0], kv[1], None if kv[2] is None else np.asarray(kv[2])[rows])
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
 
@@ -396,7 +526,7 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
 
 
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
-                decode_steps: int | None = None) -> LowerBound:
+                decode_steps: int | None = None, kv: tuple = (None, None, None)) -> LowerBound:
     """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
@@ -411,6 +541,7 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     c_max = max(inst.clients for inst in problem.instances)
     a_d = min(l.decode_base_s for l in lats)
     a_p = min(l.prefill_base_s for l in lats)
+    areas, caps, starts, sizes, mode_name = _kv_area(problem, o, *kv)
     if m == 1:
         steps = decode_steps_lower_bound(o.astype(np.int64), c_max)
         if decode_steps is not None:
@@ -422,6 +553,9 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
             steps = max(steps, int(round(w.precedence.longest_path(o))))
             prefills = max(prefills, w.precedence.depth)
             chain_iterations = int(round(w.precedence.longest_path(o + 1.0)))
+        steps_clients = steps
+        steps_memory = memory_decode_steps_lower_bound(areas[0], caps[0], c_max, starts[0], sizes[0])
+        steps = max(steps_clients, steps_memory)
         decode_base = a_d * steps
         total_iter_work = token_s + decode_base
         total = total_iter_work + a_p * prefills
@@ -431,24 +565,34 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         else:
             fused = token_s + a_d * max(steps, chain_iterations - 1) + a_p
     else:
-        steps = int(np.ceil(o.sum() / c_max / m))
+        steps_clients = int(np.ceil(o.sum() / c_max / m))
+        # pooled over instances: each has at most the largest cache, and a request holds at least
+        # its smallest area over the instances
+        cap_max = max(caps)
+        area_min = float(np.min(np.array(areas), axis=0).sum())
+        steps_memory = int(np.ceil(area_min / cap_max / m - 1e-9))
+        steps = max(steps_clients, steps_memory)
         prefills = int(-(-len(w) // (c_max * m)))
-        decode_base = a_d * o.sum() / c_max
+        decode_base = a_d * max(o.sum() / c_max, area_min / cap_max)
         total = (token_s + decode_base + a_p * len(w) / c_max) / m
         fused = (token_s + decode_base + a_p * m) / m
         kinds: dict[tuple, list[int]] = {}
         for k, inst in enumerate(problem.instances):
-            kinds.setdefault((inst.profile.latency, inst.clients), []).append(k)
+            kinds.setdefault((inst.profile.latency, inst.clients, caps[k], float(areas[k].sum())), []).append(k)
         if len(kinds) > 1:
-            # instances differ: the fractional assignment bound (module docstring), by its dual
+            # instances differ: the fractional assignment bound (module docstring), by its dual,
+            # once with the decode steps the clients force and once with those the memory forces
             first = [ks[0] for ks in kinds.values()]
             count = np.array([len(ks) for ks in kinds.values()], dtype=np.float64)
             clients = np.array([problem.instances[k].clients for k in first], dtype=np.float64)
-            fixed_d = np.array([lats[k].decode_base_s for k in first])[:, None] * o[None, :] / clients[:, None]
-            v_fused = per_inst[first] + fixed_d
-            v = v_fused + np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
-            total = max(total, fractional_assignment_bound(v, count))
-            fused = max(fused, fractional_assignment_bound(v_fused, count))
+            a_dk = np.array([lats[k].decode_base_s for k in first])[:, None]
+            share_clients = o[None, :] / clients[:, None]
+            share_memory = np.array([areas[k] / caps[k] for k in first])
+            a_pk = np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
+            for share in (share_clients, share_memory):
+                v_fused = per_inst[first] + a_dk * share
+                total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
+                fused = max(fused, fractional_assignment_bound(v_fused, count))
     if w.precedence is not None:
         pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
         coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m)
@@ -461,4 +605,7 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     return LowerBound(total_s=max(total, single, path), fused_s=max(fused, single, path_fused), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
                       single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills),
-                      critical_path_s=path, critical_path_fused_s=path_fused)
+                      critical_path_s=path, critical_path_fused_s=path_fused,
+                      decode_steps_clients=int(steps_clients), decode_steps_memory=int(steps_memory),
+                      kv_area_token_steps=float(sum(float(a.sum()) for a in areas) / len(areas)),
+                      kv_mode=mode_name)

@@ -324,7 +324,8 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     placeholder = HardwareProfile("calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
                                   kv_capacity_tokens=max(need, 1), clients=1)
     # two replicas: the transfer grid moves caches between them
-    backend = TorchBackend(Problem.single(w, placeholder, instances=2), loaded, seed=seed, clock=clock)
+    backend = TorchBackend(Problem.single(w, placeholder, instances=2, kv_block_tokens=1), loaded, seed=seed,
+                           clock=clock)
 
     def prefill_once(rows: list[int]) -> float:
         dt = backend.prefill(0, rows, sum(prompts[r] for r in rows))

@@ -338,6 +338,13 @@ class _InstanceActor:
     def release(self, request, finished):
         return self.backend.release(self.instance, request, finished)
 
+    def preempt(self, request) -> bool:
+        fn = getattr(self.backend, "preempt", None)
+        if fn is None:  # a backend that cannot keep generated tokens: the request restarts from its prompt
+            self.backend.release(self.instance, request, False)
+            return False
+        return fn(self.instance, request) is not False
+
     def ping(self) -> int:
         return self.instance
 
@@ -537,6 +544,28 @@ class RayBackend:
         if instance in self.lost or self._closed:
             return  # the engine releases a lost instance's requests while re-queueing them: nothing to free
         self.actors[instance].release.remote(request, finished)
+
+    def preempt(self, instance: int, request: int) -> bool:
+        """Preempt ``request`` on actor ``instance`` (see :meth:`SupportsPreemption.preempt
+        <lloptim.backends.base.SupportsPreemption.preempt>`); waits for the actor's answer.
+
+        Parameters
+        ----------
+        instance, request
+            Instance index and request row.
+
+        Returns
+        -------
+        bool
+            Whether the actor's backend kept the request's generated tokens (False: it restarts
+            from its prompt).
+
+        Raises
+        ------
+        InstanceLost
+            The actor is dead.
+        """
+        return bool(self._call(instance, "preempt", request))
 
     def collect_generated(self) -> dict[int, list[int]]:
         """Token ids of every request that finished, gathered from the live actors' backends.

@@ -46,7 +46,8 @@ class RunMetrics:
         ``1 - utilization``: share of client time in bubbles, fraction.
     lower_bound_s
         The makespan lower bound, seconds: :attr:`~lloptim.bounds.LowerBound.fused_s` when the run
-        used mixed iterations, :attr:`~lloptim.bounds.LowerBound.total_s` otherwise.
+        used mixed iterations, :attr:`~lloptim.bounds.LowerBound.total_s` otherwise; it counts the
+        KV memory of the run's KV mode.
     gap_to_bound
         ``makespan / lower_bound - 1``, relative (0.05 is 5 % above the bound; NaN if the bound is 0).
     critical_path_s
@@ -76,6 +77,21 @@ class RunMetrics:
         :mod:`lloptim.runtime.migration`).
     wall_s
         Wall-clock time of the run, seconds.
+    kv_mode
+        KV mode of the run (``"paged"``, ``"reserve"``, or ``"mixed"`` across instances).
+    preemptions
+        Preemptions of running requests for KV memory (count, with repeats).
+    requests_preempted
+        Requests preempted at least once (count).
+    recomputed_tokens
+        KV tokens prefilled again after preemptions, tokens.
+    kv_utilization
+        KV memory allocated, averaged over the instances' busy time, over their capacity
+        (fraction in [0, 1]).
+    kv_peak_tokens
+        Most KV memory any instance held at once, tokens.
+    memory_binds
+        Whether the bound's decode steps are set by the KV memory rather than the clients.
     """
 
     policy: str
@@ -105,6 +121,13 @@ class RunMetrics:
     failed_clients: int
     migrations: int
     wall_s: float
+    kv_mode: str = "paged"
+    preemptions: int = 0
+    requests_preempted: int = 0
+    recomputed_tokens: int = 0
+    kv_utilization: float = 0.0
+    kv_peak_tokens: int = 0
+    memory_binds: bool = False
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-ready)."""
@@ -151,7 +174,10 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         The summary.
     """
     problem = result.problem
-    bound = bound or lower_bound(problem)
+    modes = result.extra.get("kv_mode")
+    if bound is None:
+        bound = lower_bound(problem, kv_mode=modes, kv_block_tokens=result.extra.get("kv_block_tokens"),
+                            estimates=result.extra.get("estimates"))
     makespan = result.makespan_s
     completed = int(np.count_nonzero(~np.isnan(result.done_s)))
     busy = client_busy_time(result)
@@ -162,6 +188,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     e2e = result.done_s - arrival
     ttft = _first_token_times(result) - arrival
     dec_us = result.decision_ns / 1e3
+    preempt = result.preemptions if result.preemptions is not None else np.zeros(0, dtype=np.int64)
 
     def pct(a: np.ndarray, q: float) -> float:
         a = a[~np.isnan(a)]
@@ -182,4 +209,19 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         decision_latency_us_p99=pct(dec_us, 99) if dec_us.size else 0.0,
         requeued=result.requeued, wasted_tokens=result.wasted_tokens, failed_clients=result.failed_clients,
         migrations=int(result.migrations.sum()), wall_s=result.wall_s,
+        kv_mode=(modes[0] if len(set(modes)) == 1 else "mixed") if modes else bound.kv_mode,
+        preemptions=int(preempt.sum()), requests_preempted=int(np.count_nonzero(preempt)),
+        recomputed_tokens=int(result.recomputed_tokens), kv_utilization=_kv_utilization(result),
+        kv_peak_tokens=int(max(result.extra.get("kv_peak_tokens", [0]) or [0])), memory_binds=bound.memory_binds,
     )
+
+
+def _kv_utilization(result: RunResult) -> float:
+    """KV tokens allocated, weighted by iteration time, over the capacity of the instance that ran it."""
+    kv = result.trace_kv_tokens
+    if kv is None or not kv.size:
+        return 0.0
+    cap = np.array([inst.kv_capacity_tokens for inst in result.problem.instances], dtype=np.float64)
+    frac = kv / cap[result.trace_instance]
+    total = result.trace_duration_s.sum()
+    return float(np.dot(frac, result.trace_duration_s) / total) if total > 0 else 0.0

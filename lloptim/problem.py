@@ -14,6 +14,7 @@ import numpy as np
 
 from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, load_profile
+from lloptim.memory import DEFAULT_BLOCK_TOKENS, DEFAULT_KV_MODE, blocks, check_block_tokens, check_kv_mode
 from lloptim.precedence import Precedence
 
 __all__ = ["Workload", "Instance", "Problem", "as_problem"]
@@ -56,8 +57,10 @@ class Workload:
     arrival_s
         Arrival time of each request, seconds from the start (float64, >= 0).
     max_output_tokens
-        Output cap the server enforces, tokens; the KV cache reserves ``prompt + cap`` for a running
-        request. Defaults to ``output_tokens``.
+        The output cap the user set on each request (``max_tokens`` of an API call), tokens; 0 where
+        none was given (the default). A server knows the cap, never the true length: an instance in
+        ``"reserve"`` KV mode reserves ``prompt + cap`` for a capped request and ``prompt +
+        estimate`` for an uncapped one (:mod:`lloptim.memory`).
     ids
         The user's identifier of each request (strings).
     name
@@ -97,10 +100,10 @@ class Workload:
             i = int(bad[0])
             raise SpecError(f"requests[{i}].arrival_s", f"is {float(arrival[i])!r}",
                             "give a finite arrival time in seconds, 0 <= arrival_s <= 1e9")
-        cap = _int_array("max_output_tokens", self.max_output_tokens, False)
+        cap = _int_array("max_output_tokens", self.max_output_tokens, True)  # 0: no cap
         if cap.size != n:
             raise SpecError("max_output_tokens", f"has {cap.size} entries for {n} requests", "give one cap per request")
-        short = np.flatnonzero(cap < output)
+        short = np.flatnonzero((cap > 0) & (cap < output))
         if short.size:
             i = int(short[0])
             raise SpecError(f"requests[{i}].max_output_tokens", f"cap {int(cap[i])} < output_tokens {int(output[i])}",
@@ -140,7 +143,7 @@ class Workload:
         arrival_s
             Arrival time of each request, seconds; default: all at 0.
         max_output_tokens
-            Output cap of each request, tokens; default: ``output_tokens``.
+            Output cap the user set on each request, tokens (0: none); default: none.
         ids
             Identifier of each request; default ``"0"``, ``"1"``, ...
         name
@@ -160,7 +163,7 @@ class Workload:
         prompt = np.asarray(prompt_tokens)
         n = prompt.shape[0] if prompt.ndim == 1 else 0
         w = cls(prompt, output_tokens, np.zeros(n) if arrival_s is None else arrival_s,
-                output_tokens if max_output_tokens is None else max_output_tokens,
+                np.zeros(n, dtype=np.int64) if max_output_tokens is None else max_output_tokens,
                 tuple(str(i) for i in range(n)) if ids is None else tuple(ids), name)
         if after is None:
             return w
@@ -169,6 +172,11 @@ class Workload:
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
+
+    @property
+    def capped(self) -> np.ndarray:
+        """Whether the user set an output cap on each request (bool array)."""
+        return self.max_output_tokens > 0
 
     @property
     def total_output_tokens(self) -> int:
@@ -222,12 +230,21 @@ class Instance:
         KV-cache capacity, tokens, across all clients.
     name
         Name used in reports.
+    kv_mode
+        How the KV cache is managed: ``"paged"`` (blocks allocated as tokens are generated,
+        preemption when they run out; vLLM's behaviour, the default) or ``"reserve"`` (prompt plus
+        the cap or an estimate reserved at admission); see :mod:`lloptim.memory`.
+    kv_block_tokens
+        Tokens per KV block (16 by default, as vLLM; a smaller capacity makes the default the
+        capacity); the instance holds ``kv_capacity_tokens // kv_block_tokens`` blocks.
     """
 
     profile: HardwareProfile
     clients: int
     kv_capacity_tokens: int
     name: str = "instance-0"
+    kv_mode: str = DEFAULT_KV_MODE
+    kv_block_tokens: int = DEFAULT_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -245,14 +262,41 @@ class Instance:
                 object.__setattr__(self, fld, v)
             if v < 1:
                 raise SpecError(f"{self.name}.{fld}", f"must be a positive integer, got {v!r}", fix)
+        if self.kv_mode != DEFAULT_KV_MODE:
+            check_kv_mode(self.kv_mode, f"{self.name}.kv_mode")
+        if self.kv_block_tokens == DEFAULT_BLOCK_TOKENS and self.kv_capacity_tokens < DEFAULT_BLOCK_TOKENS:
+            object.__setattr__(self, "kv_block_tokens", self.kv_capacity_tokens)  # a tiny cache is one block
+        elif type(self.kv_block_tokens) is not int or not 1 <= self.kv_block_tokens <= self.kv_capacity_tokens:
+            object.__setattr__(self, "kv_block_tokens", check_block_tokens(
+                self.kv_block_tokens, self.kv_capacity_tokens, f"{self.name}.kv_block_tokens"))
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks of the instance: ``kv_capacity_tokens // kv_block_tokens`` (count)."""
+        return self.kv_capacity_tokens // self.kv_block_tokens
 
     @classmethod
     def from_profile(cls, profile: str | HardwareProfile, clients: int | None = None,
-                     kv_capacity_tokens: int | None = None, name: str = "instance-0") -> "Instance":
-        """An instance of ``profile`` (a name, a path or a profile), overriding clients or capacity."""
+                     kv_capacity_tokens: int | None = None, name: str = "instance-0", kv_mode: str | None = None,
+                     kv_block_tokens: int | None = None) -> "Instance":
+        """An instance of ``profile`` (a name, a path or a profile), overriding clients, capacity or KV mode.
+
+        Parameters
+        ----------
+        profile
+            Built-in profile name, profile file path, or :class:`~lloptim.hardware.HardwareProfile`.
+        clients, kv_capacity_tokens
+            Overrides of the profile's clients (count) and KV capacity (tokens).
+        name
+            Name of the instance.
+        kv_mode, kv_block_tokens
+            KV mode and tokens per block (None: paged, 16).
+        """
         prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         return cls(prof, prof.clients if clients is None else clients,
-                   prof.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens, name)
+                   prof.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens, name,
+                   DEFAULT_KV_MODE if kv_mode is None else kv_mode,
+                   DEFAULT_BLOCK_TOKENS if kv_block_tokens is None else kv_block_tokens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -260,7 +304,8 @@ class Problem:
     """A workload and the instances that serve it.
 
     Validation checks that every request fits in the KV cache of every instance (a request that
-    fits nowhere could never run).
+    fits nowhere could never run): ``prompt + max(output, cap)`` tokens, rounded up to whole
+    blocks, within the instance's blocks.
 
     Attributes
     ----------
@@ -276,8 +321,8 @@ class Problem:
     Raises
     ------
     SpecError
-        ``workload`` is not a :class:`Workload`, there is no instance, or a request's prompt plus
-        output cap exceeds an instance's KV capacity, tokens.
+        ``workload`` is not a :class:`Workload`, there is no instance, or a request's peak KV need
+        exceeds an instance's KV capacity, tokens.
     """
 
     workload: Workload
@@ -301,18 +346,49 @@ class Problem:
                                 "build it with Instance.from_profile(profile, clients)")
         if not isinstance(self.name, str):
             raise SpecError("name", f"must be a string, got {type(self.name).__name__}", "give the problem a name")
-        need = self.workload.prompt_tokens + self.workload.max_output_tokens
+        self.check_kv_fit()
+
+    def check_kv_fit(self, kv_mode: str | None = None, kv_block_tokens: int | None = None) -> None:
+        """Raise a SpecError unless every request can complete on every instance.
+
+        A cap beyond the cache is refused in paged mode too, as vLLM refuses ``prompt +
+        max_tokens`` beyond a ``max_model_len`` it never lets exceed the KV capacity.
+
+        Parameters
+        ----------
+        kv_mode, kv_block_tokens
+            Check under this KV mode / block size instead of each instance's own (a run option
+            that overrides the spec).
+
+        Raises
+        ------
+        SpecError
+            A request's peak need (``prompt + max(output, cap)`` tokens, in whole blocks) exceeds an
+            instance's KV blocks.
+        """
+        if kv_mode is not None:
+            check_kv_mode(kv_mode)
+        w = self.workload
+        need = w.prompt_tokens + np.maximum(w.output_tokens, w.max_output_tokens)
         largest = int(need.max())
+        checked: set[tuple[int, int]] = set()
         for k, inst in enumerate(self.instances):
-            if largest > inst.kv_capacity_tokens:  # one comparison per instance; the search only on failure
-                i = int(np.flatnonzero(need > inst.kv_capacity_tokens)[0])
-                raise SpecError(f"requests[{i}]", f"needs {int(need[i])} KV tokens (prompt + output) but "
-                                f"instances[{k}] holds only {inst.kv_capacity_tokens}",
-                                "raise kv_capacity_tokens or drop/shorten the request")
+            B = inst.kv_block_tokens if kv_block_tokens is None else check_block_tokens(
+                kv_block_tokens, inst.kv_capacity_tokens)
+            room = (inst.kv_capacity_tokens // B) * B
+            if (room, B) in checked or blocks(largest, B) * B <= room:  # the search only on failure
+                checked.add((room, B))
+                continue
+            i = int(np.flatnonzero(-(-need // B) * B > room)[0])
+            what = "prompt + cap" if w.max_output_tokens[i] > w.output_tokens[i] else "prompt + output"
+            raise SpecError(f"requests[{i}]", f"needs {int(need[i])} KV tokens ({what}, in blocks of {B}: "
+                            f"{blocks(int(need[i]), B) * B}) but instances[{k}] holds only {room}",
+                            "raise kv_capacity_tokens or drop/shorten the request")
 
     @classmethod
     def single(cls, workload: Workload, profile: str | HardwareProfile = "llama-65b", clients: int | None = None,
-               kv_capacity_tokens: int | None = None, instances: int = 1, name: str | None = None) -> "Problem":
+               kv_capacity_tokens: int | None = None, instances: int = 1, name: str | None = None,
+               kv_mode: str | None = None, kv_block_tokens: int | None = None) -> "Problem":
         """A problem with ``instances`` identical instances of ``profile``.
 
         Parameters
@@ -327,13 +403,16 @@ class Problem:
             Identical instances (count).
         name
             Name of the problem; default: the workload's.
+        kv_mode, kv_block_tokens
+            KV mode and tokens per block of the instances (see :class:`Instance`).
         """
         if not isinstance(workload, Workload):
             raise SpecError("workload", f"must be a Workload, got {type(workload).__name__}",
                             "build it with Workload.from_arrays or lloptim.workloads, e.g. workloads.gsm8k('test')")
         if isinstance(instances, bool) or not isinstance(instances, (int, np.integer)) or instances < 1:
             raise SpecError("instances", f"must be a positive integer, got {instances!r}", "give at least one instance")
-        first = Instance.from_profile(profile, clients, kv_capacity_tokens, name="instance-0")
+        first = Instance.from_profile(profile, clients, kv_capacity_tokens, name="instance-0", kv_mode=kv_mode,
+                                      kv_block_tokens=kv_block_tokens)
         insts = (first,) + tuple(replace(first, name=f"instance-{i}") for i in range(1, int(instances)))
         return cls(workload, insts, name or workload.name)
 

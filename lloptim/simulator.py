@@ -25,7 +25,8 @@ __all__ = ["simulate", "run_policy"]
 
 def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
                faults: Sequence[Fault] = (), backend=None, seed: int = 0, *, progress: bool = False,
-               **policy_options) -> RunResult:
+               kv_mode: str | None = None, kv_block_tokens: int | None = None, victim: str = "newest",
+               check: bool = False, **policy_options) -> RunResult:
     """Run ``problem`` under ``policy`` (a name or a :class:`Policy`) and return the full :class:`RunResult`.
 
     Parameters
@@ -44,6 +45,10 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
         Seed handed to the policy.
     progress
         Show a progress bar of the requests served on stderr (only once a run lasts over a second).
+    kv_mode, kv_block_tokens, victim, check
+        KV memory options of the run (see :class:`~lloptim.runtime.engine.Engine`): ``"paged"`` or
+        ``"reserve"`` for every instance (None: each instance's spec), tokens per block, the
+        preemption victim rule, and the KV accounting check.
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
 
@@ -58,13 +63,15 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
     problem = as_problem(problem)
     guards.check_simulation(problem)
     pol = make_policy(policy, **policy_options) if isinstance(policy, str) else policy
-    engine = Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed)
+    engine = Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed, kv_mode=kv_mode,
+                    kv_block_tokens=kv_block_tokens, victim=victim, check=check)
     with watch(lambda: getattr(engine, "n_done", 0), problem.n_requests, f"{pol.name}", progress, "requests"):
         return engine.run()
 
 
 def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
-             faults: Sequence[Fault] = (), seed: int = 0, *, progress: bool = False, **policy_options) -> RunMetrics:
+             faults: Sequence[Fault] = (), seed: int = 0, *, progress: bool = False, kv_mode: str | None = None,
+             kv_block_tokens: int | None = None, victim: str = "newest", **policy_options) -> RunMetrics:
     """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`.
 
     Parameters
@@ -81,6 +88,8 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
         Seed handed to the policy.
     progress
         Show a progress bar on stderr (see :func:`run_policy`).
+    kv_mode, kv_block_tokens, victim
+        KV memory options of the run (see :func:`run_policy`).
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
 
@@ -89,4 +98,5 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
     SpecError
         As :func:`run_policy`.
     """
-    return summarize(run_policy(problem, policy, estimates, faults, None, seed, progress=progress, **policy_options))
+    return summarize(run_policy(problem, policy, estimates, faults, None, seed, progress=progress, kv_mode=kv_mode,
+                                kv_block_tokens=kv_block_tokens, victim=victim, **policy_options))

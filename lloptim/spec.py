@@ -11,6 +11,8 @@ Example::
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
     clients = 40          # optional; defaults to the profile's
+    kv_mode = "paged"     # optional: "paged" (vLLM, default) or "reserve"
+    kv_block_tokens = 16  # optional: tokens per KV block
     count = 1             # identical replicas
 
 A request may wait for others: ``after = ["solve-1"]`` in its ``[[requests]]`` table (ids of
@@ -86,9 +88,9 @@ class RequestDoc(_Strict):
     prompt_tokens: Tokens = _key("Prompt length.", "tokens")
     output_tokens: Tokens = _key("True output length: the decode iterations the request takes part in.", "tokens")
     arrival_s: Seconds = _key("Arrival time, from the start of the run.", "seconds", default=0.0)
-    max_output_tokens: Tokens | None = _key("Output cap the server enforces (at least output_tokens); the KV cache "
-                                            "reserves prompt + cap for the running request. Default: "
-                                            "output_tokens.", "tokens", default=None)
+    max_output_tokens: Tokens | None = _key("Output cap the user set (max_tokens; at least output_tokens). A "
+                                            "server knows the cap, not the true length: in reserve KV mode it "
+                                            "reserves prompt + cap. Default: no cap.", "tokens", default=None)
     after: list[StrictStr | StrictInt] | None = _key(
         "Ids of the requests this one waits for: it can start only once all of them have finished (no "
         "cycles, no unknown ids). Default: none.", "request ids", default=None)
@@ -163,8 +165,16 @@ class InstanceDoc(_Strict):
     clients: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = _key(
         "Concurrent request slots per instance; default: the profile's.", "clients", default=None)
     kv_capacity_tokens: Annotated[StrictInt, Field(ge=1, le=10**12)] | None = _key(
-        "KV-cache capacity of each instance across its clients; every request's prompt + output cap must fit. "
+        "KV-cache capacity of each instance across its clients; every request's prompt + max(output, cap) must "
+        "fit, in whole blocks. "
         "Default: the profile's.", "tokens", default=None)
+    kv_mode: Literal["paged", "reserve"] | None = _key(
+        "How the KV cache is managed: paged (blocks allocated as tokens are generated, preemption with "
+        "recompute when they run out; vLLM) or reserve (prompt + the request's cap, else the policy's estimate, "
+        "reserved at admission). Default: paged.", default=None)
+    kv_block_tokens: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = _key(
+        "Tokens per KV block (the instance holds kv_capacity_tokens // kv_block_tokens blocks). Default: 16.",
+        "tokens", default=None)
     count: Annotated[StrictInt, Field(ge=1, le=100_000)] = _key("Identical instances of this entry.", "instances",
                                                                  default=1)
 
@@ -289,7 +299,7 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         reqs = doc.requests or []
         workload = Workload.from_arrays(
             [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], [float(r.arrival_s) for r in reqs],
-            [r.max_output_tokens if r.max_output_tokens is not None else r.output_tokens for r in reqs],
+            [r.max_output_tokens if r.max_output_tokens is not None else 0 for r in reqs],
             ids=[str(r.id) if r.id is not None else str(i) for i, r in enumerate(reqs)], name=doc.name,
             after=[r.after for r in reqs] if any(r.after for r in reqs) else None)
     instances: list[Instance] = []
@@ -301,10 +311,12 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
             prof = load_profile(profile)  # once per entry: a count of 100,000 must not parse it 100,000 times
         except SpecError as exc:
             raise exc.replace(field=f"instances[{k}].{exc.field}") from None
-        first = Instance.from_profile(prof, inst.clients, inst.kv_capacity_tokens, name=f"instance-{len(instances)}")
+        first = Instance.from_profile(prof, inst.clients, inst.kv_capacity_tokens, name=f"instance-{len(instances)}",
+                                      kv_mode=inst.kv_mode, kv_block_tokens=inst.kv_block_tokens)
         instances.append(first)
         start = len(instances)
-        instances.extend(Instance(first.profile, first.clients, first.kv_capacity_tokens, f"instance-{start + j}")
+        instances.extend(Instance(first.profile, first.clients, first.kv_capacity_tokens, f"instance-{start + j}",
+                                  first.kv_mode, first.kv_block_tokens)
                          for j in range(inst.count - 1))
     return Problem(workload, tuple(instances), name=doc.name)
 

@@ -37,18 +37,37 @@ class _FakeEngine:
     def __init__(self, requests):
         self.client_request = requests
         self.prompt = [10] * len(requests)
-        self.reserve_tokens = [20] * len(requests)
+        self.context = [10] * len(requests)
+        self.generated_before = [0] * len(requests)
+        self.client_epoch = [0] * len(requests)
 
 
 class _FakeState:
+    """The parts of an InstanceState the iteration rules read: room for everything, 1-token blocks."""
+
     def __init__(self, waiting, n_running, requests):
         self.index = 0
         self.clients = range(len(requests))
         self.waiting = dict.fromkeys(waiting)
         self.n_running = n_running
-        self.kv_free = 10_000
+        self.kv_free_blocks = 10_000
+        self.kv_unbound = False
+        self.kv_block = 1
         self.decode_steps = 0
+        self.prefilled = {}
         self.engine = _FakeEngine(requests)
+
+    def growth_blocks(self):
+        return self.n_running
+
+    def admission_blocks(self, client):
+        return 11
+
+    def held_blocks(self, request, tokens):
+        return tokens
+
+    def context(self, client):
+        return self.engine.context[self.engine.client_request[client]]
 
 
 def test_lagrangian_rule_prices_prefill_against_waiting():

@@ -9,6 +9,7 @@ from lloptim import Problem, Workload, lower_bound, run_policy, summarize, workl
 from lloptim.errors import PolicyError
 from lloptim.runtime.engine import Engine, Fault
 from lloptim.runtime.policy import DECODE, IterationScheduler, Policy, Prefill
+from lloptim.runtime.registry import make_policy
 from lloptim.runtime.request_schedulers import GlobalQueue, RoundRobinQueues
 
 PEERS = ["baseline", "vllm", "sarathi", "sorted-f", "lpt"]
@@ -77,17 +78,30 @@ class _Greedy(IterationScheduler):
 
 
 def test_kv_capacity_is_enforced_and_respected():
-    wl = Workload.from_arrays([50] * 6, [50] * 6)
-    problem = Problem.single(wl, "llama-65b", clients=6, kv_capacity_tokens=250)  # room for 2 requests
+    wl = Workload.from_arrays([50] * 6, [50] * 6, max_output_tokens=[50] * 6)
+    # reserve mode: each capped request reserves prompt + cap = 100 tokens; 250 tokens hold two
+    problem = Problem.single(wl, "llama-65b", clients=6, kv_capacity_tokens=250, kv_mode="reserve",
+                             kv_block_tokens=10)
     with pytest.raises(PolicyError, match="KV"):
         Engine(problem, Policy("bad", RoundRobinQueues(), _Greedy())).run()
     for name in ["baseline", "vllm", "sarathi", "hybrid"]:
-        res = run_policy(problem, name)
+        res = Engine(problem, make_policy(name), check=True).run()
         # at most two requests in flight at any time
         starts, ends = res.prefill_start_s, res.done_s
         for t in np.unique(starts):
             assert np.sum((starts <= t) & (ends > t)) <= 2
+        assert res.generated_tokens == wl.total_output_tokens and res.preemptions.sum() == 0
+        assert max(res.extra["kv_peak_tokens"]) <= 250
+    # paged mode: blocks on demand, more requests in flight, preemption when the blocks run out
+    paged = Problem.single(wl, "llama-65b", clients=6, kv_capacity_tokens=250, kv_block_tokens=10)
+    for name in ["baseline", "vllm", "sarathi", "hybrid", "hybrid-fused", "mcsf"]:
+        res = Engine(paged, make_policy(name), check=True).run()
         assert res.generated_tokens == wl.total_output_tokens
+        assert res.trace_kv_tokens.max() <= 250 and max(res.extra["kv_peak_tokens"]) <= 250
+        if name in ("baseline", "vllm", "sarathi"):  # admit while prompts fit, preempt when blocks run out
+            assert res.preemptions.sum() > 0 and res.recomputed_tokens > 0
+        else:  # projected-fit admission with known lengths: never a preemption
+            assert res.preemptions.sum() == 0
 
 
 def test_faults_requeue_and_complete(gsm8k_small):

@@ -344,7 +344,7 @@ def test_a_workload_is_valid_or_refused_with_a_name(prompt, output, arrival, cap
     n = len(w)
     assert n >= 1 and w.prompt_tokens.dtype == np.int64 and w.output_tokens.dtype == np.int64
     assert np.all(w.prompt_tokens >= 1) and np.all(w.output_tokens >= 1)
-    assert np.all(w.max_output_tokens >= w.output_tokens)
+    assert np.all((w.max_output_tokens == 0) | (w.max_output_tokens >= w.output_tokens))  # 0: no cap
     assert np.all(np.isfinite(w.arrival_s)) and np.all(w.arrival_s >= 0)
     assert len(set(w.ids)) == n and not w.prompt_tokens.flags.writeable
 

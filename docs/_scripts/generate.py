@@ -37,14 +37,15 @@ ROOT = DOCS.parent
 #: Packages whose modules get API pages, in the order of the API reference, with section titles.
 SECTIONS = [
     ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.precedence",
-                         "lloptim.hardware", "lloptim.bounds", "lloptim.work", "lloptim.dag_plan",
+                         "lloptim.hardware", "lloptim.memory", "lloptim.bounds", "lloptim.work", "lloptim.dag_plan",
                          "lloptim.metrics", "lloptim.trace", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
                          "lloptim.calibrate", "lloptim.plots", "lloptim.errors", "lloptim.validation",
                          "lloptim.guards", "lloptim.progress"]),
     ("Online runtime", "lloptim.runtime", ["lloptim.runtime.policy", "lloptim.runtime.engine",
                                            "lloptim.runtime.request_schedulers",
-                                           "lloptim.runtime.iteration_schedulers", "lloptim.runtime.lagrangian",
+                                           "lloptim.runtime.iteration_schedulers", "lloptim.runtime.kv",
+                                           "lloptim.runtime.memory_schedulers", "lloptim.runtime.lagrangian",
                                            "lloptim.runtime.hybrid", "lloptim.runtime.migration",
                                            "lloptim.runtime.estimators",
                                            "lloptim.runtime.registry"]),

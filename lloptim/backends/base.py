@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Backend", "SupportsMigration", "ChunkWork", "InstanceLost"]
+__all__ = ["Backend", "SupportsMigration", "SupportsPreemption", "ChunkWork", "InstanceLost"]
 
 
 class InstanceLost(Exception):
@@ -51,14 +51,18 @@ class Backend(Protocol):
     def prefill(self, instance: int, requests: Sequence[int], prompt_tokens: int) -> float:
         """Prefill the full prompts of ``requests`` (``prompt_tokens`` tokens in all); return the time.
 
+        The "prompt" of a request preempted before (:class:`SupportsPreemption`) is its *context*:
+        its prompt followed by the output tokens it had generated; the prefill recomputes their
+        cache and yields the next output token, and the request decodes on from there.
+
         Parameters
         ----------
         instance
             Instance index.
         requests
-            Row indices of the requests whose prompts are prefilled.
+            Row indices of the requests whose prompts (contexts) are prefilled.
         prompt_tokens
-            Their prompt lengths summed, tokens.
+            Their prompt (context) lengths summed, tokens.
 
         Returns
         -------
@@ -112,7 +116,7 @@ class Backend(Protocol):
         chunks
             One :class:`ChunkWork`-shaped tuple per chunk: request row, prompt tokens already
             prefilled before the chunk (tokens), tokens in the chunk, and whether it completes the
-            prompt.
+            prompt (the context, for a preempted request, as in :meth:`prefill`).
 
         Returns
         -------
@@ -136,6 +140,37 @@ class Backend(Protocol):
             Row index of the request.
         finished
             True if it completed; False if a fault took it back (it restarts from its prefill).
+        """
+
+
+@runtime_checkable
+class SupportsPreemption(Protocol):
+    """A backend that can preempt a running request for KV memory and later recompute it (vLLM's recompute).
+
+    The engine preempts when a paged KV cache runs out of blocks (:mod:`lloptim.memory`). With a
+    backend that lacks :meth:`preempt` it releases the victim instead (:meth:`Backend.release`
+    with ``finished`` false) and restarts it from its prompt, its generated tokens wasted.
+    """
+
+    def preempt(self, instance: int, request: int) -> bool | None:
+        """Free ``request``'s KV cache but keep the output tokens it generated.
+
+        Its next prefill (whole or in chunks) processes its context, the prompt followed by those
+        tokens, and yields the token it would have produced next; it then decodes its remaining
+        tokens. A later :meth:`Backend.release` with ``finished`` false (a fault) forgets them.
+
+        Parameters
+        ----------
+        instance
+            Instance index the request runs on.
+        request
+            Row index of the request.
+
+        Returns
+        -------
+        bool or None
+            False if the backend could not keep the tokens after all (the engine then restarts the
+            request from its prompt); None or True otherwise.
         """
 
 

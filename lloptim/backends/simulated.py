@@ -90,6 +90,15 @@ class SimulatedBackend:
         """
         return transfer_time_between(self._latency[source], self._latency[destination], kv_tokens)
 
+    def preempt(self, instance: int, request: int) -> None:
+        """Nothing to free in a simulation (the engine prices the recompute as a prefill of the context).
+
+        Parameters
+        ----------
+        instance, request
+            As in :meth:`SupportsPreemption.preempt <lloptim.backends.base.SupportsPreemption.preempt>`; ignored.
+        """
+
     def release(self, instance: int, request: int, finished: bool) -> None:
         """Nothing to free in a simulation.
 

@@ -27,7 +27,9 @@ Token semantics follow the engine: a prefill (or the chunk that completes a prom
 request's first output token, which each decode step then emits and feeds to the model, producing
 the next one. A request with ``o`` output tokens thus takes part in exactly ``o`` decode steps and
 emits exactly ``o`` tokens (EOS ignored); its KV cache holds ``prompt + done`` tokens, as the
-engine accounts.
+engine accounts. A request preempted for KV memory (:meth:`TorchBackend.preempt`) keeps the tokens
+it emitted; its next prefill feeds its prompt followed by them (its *context*), which recomputes
+its cache and yields the token it would have emitted next, so its generation is unchanged.
 
 Several instances are several independent replicas: they share the (read-only) weights object and
 keep separate pools and running sets. Times are seconds around the whole iteration (host
@@ -279,7 +281,7 @@ class TorchBackend:
         self.seed = seed
         w = problem.workload
         self._prompt_len = w.prompt_tokens.tolist()
-        need = w.prompt_tokens + w.max_output_tokens
+        need = w.prompt_tokens + np.maximum(w.output_tokens, w.max_output_tokens)
         too_long = np.flatnonzero(need > self.model.max_positions)
         if too_long.size:
             i = int(too_long[0])
@@ -294,7 +296,8 @@ class TorchBackend:
         self._pools = [_Pool() for _ in problem.instances]
         self.generated: dict[int, list[int]] = {}
         self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0,
-                         "migrations": 0}
+                         "migrations": 0, "preemptions": 0}
+        self._kept: dict[int, list[int]] = {}  # tokens emitted by preempted requests, to recompute
         params = inspect.signature(self.model.module.forward).parameters
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
@@ -317,9 +320,15 @@ class TorchBackend:
             self._pools[old.instance].kill(request)
             self._running[old.instance].pop(request, None)
         st = _Req(instance)
+        st.tokens = self._kept.pop(request, [])  # a preempted request resumes with what it emitted
         self._reqs[request] = st
         self.generated.pop(request, None)
         return st
+
+    def _context_ids(self, request: int, st: _Req) -> list[int]:
+        """The prompt ids followed by the tokens the request emitted before a preemption."""
+        ids = self.prompt_ids(request)
+        return ids + st.tokens if st.tokens else ids
 
     def _forward(self, instance: int, rows: Sequence[tuple[int, _Req, Sequence[int]]]) -> list[int]:
         """One packed forward of ``rows`` = ``(request, state, new token ids)`` on ``instance``'s pool.
@@ -416,7 +425,8 @@ class TorchBackend:
             Unknown instance, or ``prompt_tokens`` differs from the prompts' length.
         """
         self._check_instance(instance)
-        rows = [(r, self._start(instance, r), self.prompt_ids(r)) for r in requests]
+        starts = [(r, self._start(instance, r)) for r in requests]
+        rows = [(r, st, self._context_ids(r, st)) for r, st in starts]
         if sum(len(x) for _, _, x in rows) != prompt_tokens:
             raise LloptimError(f"torch backend: prefill of {prompt_tokens} tokens but the prompts hold "
                                f"{sum(len(x) for _, _, x in rows)}")
@@ -494,7 +504,7 @@ class TorchBackend:
                     have = None if st is None else st.length
                     raise LloptimError(f"torch backend: chunk of request {r} starts at token {start} but its "
                                        f"cache holds {have} tokens on this instance")
-            rows.append((r, st, self.prompt_ids(r)[start:start + n_tok]))
+            rows.append((r, st, self._context_ids(r, st)[start:start + n_tok]))
             if completes:
                 done.append(r)
             else:
@@ -569,12 +579,27 @@ class TorchBackend:
         self._running[instance].pop(request, None)
         self._pools[instance].kill(request)
         st = self._reqs.pop(request, None)
+        self._kept.pop(request, None)
         if finished:
             if st is not None:
                 self.generated[request] = st.tokens
         else:
             self.counters["evictions"] += 1
             self.generated.pop(request, None)
+
+    def preempt(self, instance: int, request: int) -> None:
+        """Drop ``request``'s cache (KV memory ran out) but keep the tokens it emitted, for its recompute.
+
+        Parameters
+        ----------
+        instance, request
+            As in :meth:`SupportsPreemption.preempt <lloptim.backends.base.SupportsPreemption.preempt>`.
+        """
+        self._running[instance].pop(request, None)
+        self._pools[instance].kill(request)
+        st = self._reqs.pop(request, None)
+        self._kept[request] = list(st.tokens) if st is not None else []
+        self.counters["preemptions"] += 1
 
     # -- verification ----------------------------------------------------------------------------
     def reference(self, request: int) -> list[int]:

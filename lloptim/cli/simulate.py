@@ -20,7 +20,8 @@ METRIC_COLUMNS = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilizat
                   ("decision p99 us", "decision_latency_us_p99")]
 
 #: API fields of a simulation and the flags of ``lloptim simulate`` that set them.
-SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault"}
+SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault", "kv_mode": "--kv-mode",
+                  "kv_block_tokens": "--kv-block", "victim": "--victim"}
 
 
 def _cell(key: str, v) -> str:
@@ -83,6 +84,20 @@ def migrate_warning(problem, flag: str = "--migrate") -> None:
              "between instances (add instances, e.g. count = 2 in [[instances]], or drop the flag)")
 
 
+def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: str = "newest") -> None:
+    """Validate the KV flags before any work, naming the flag in the error."""
+    from lloptim.errors import SpecError
+    from lloptim.memory import check_block_tokens, check_kv_mode
+    from lloptim.runtime.kv import VICTIM_RULES
+
+    if kv_mode is not None:
+        check_kv_mode(kv_mode, "--kv-mode")
+    if kv_block_tokens is not None:
+        check_block_tokens(kv_block_tokens, field="--kv-block")
+    if victim not in VICTIM_RULES:
+        raise SpecError("--victim", f"unknown preemption victim rule {victim!r}", f"use one of {list(VICTIM_RULES)}")
+
+
 @app.command()
 def simulate(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
@@ -99,6 +114,14 @@ def simulate(
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
                                                               "of a workflow) to this image file"),
     size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
+    kv_mode: Optional[str] = typer.Option(None, "--kv-mode",
+                                          help="KV memory of every instance: paged (blocks on demand, preemption; "
+                                               "vLLM) or reserve (prompt + cap or estimate); default: the spec's"),
+    kv_block_tokens: Optional[int] = typer.Option(None, "--kv-block",
+                                                  help="tokens per KV block (default: the spec's, 16)"),
+    victim: str = typer.Option("newest", "--victim",
+                               help="which running request a preemption takes: newest (vLLM), fewest-tokens, "
+                                    "longest-remaining"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
@@ -110,6 +133,7 @@ def simulate(
 
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
+        check_kv_options(kv_mode, kv_block_tokens, victim)
         faults = [parse_fault(f) for f in fault]
         trace_path = output_path("--trace", trace, (".csv",))
         plot_path = None
@@ -122,7 +146,7 @@ def simulate(
         if migrate:
             migrate_warning(problem)
         result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults,
-                            progress=not json_out)
+                            progress=not json_out, kv_mode=kv_mode, kv_block_tokens=kv_block_tokens, victim=victim)
         metrics = summarize(result)
     # the files after the work, the results whatever happens to them (a full disk costs only the file)
     failed = None

@@ -21,6 +21,17 @@ scheduler of each request exactly once, in time order, through
 reached that time asks it for work (instances run in clock order, so the clock of the instance
 being served never goes back). A scheduler therefore never sees a request before it is ready, and
 a policy needs no arrival time of the future.
+
+KV memory (:mod:`lloptim.memory`): each instance has ``kv_capacity_tokens // block`` blocks; a
+request holds ``ceil(max(tokens, floor) / block)`` of them (``floor`` = 0 in paged mode, its
+reservation in reserve mode). A running request needs a new block at the step where its tokens
+cross a block boundary; all running requests advance together, so the requests that cross at
+step ``s`` are those whose ``tokens - s`` has one residue modulo the block: the engine counts
+running requests per residue and knows the blocks the next step needs in O(1). Before every
+decision it preempts running requests (:mod:`lloptim.runtime.kv`) until the next decode step
+fits, so a policy always decides on a state whose next decode can run; a preempted request waits
+at the head of its instance's queue and is prefilled again with its prompt and the tokens it had
+generated (recompute), then decodes its remaining tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +45,9 @@ import numpy as np
 
 from lloptim.backends.base import InstanceLost
 from lloptim.errors import PolicyError, SpecError
+from lloptim.memory import blocks, check_block_tokens, check_kv_mode, reservation_tokens
 from lloptim.problem import Problem
+from lloptim.runtime.kv import PREEMPTION_MODES, check_victim_rule, choose_victim
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
 from lloptim.validation import check_int, check_number
 
@@ -93,6 +106,10 @@ class InstanceState:
         KV-cache capacity, tokens.
     latency
         The instance's :class:`~lloptim.hardware.LatencyModel`.
+    kv_mode
+        ``"paged"`` or ``"reserve"`` (:mod:`lloptim.memory`).
+    kv_block
+        Tokens per KV block.
 
     Attributes
     ----------
@@ -105,11 +122,22 @@ class InstanceState:
     n_running
         Clients decoding.
     kv_tokens
-        Tokens in the KV caches of the running clients.
-    kv_reserved
-        Tokens reserved (prompt + output cap) by running and partly prefilled requests.
+        Tokens in the KV caches of the running clients (what a decode step reads).
     kv_capacity
         KV-cache capacity, tokens.
+    kv_mode
+        ``"paged"`` or ``"reserve"``.
+    kv_block
+        Tokens per KV block.
+    kv_blocks
+        KV blocks of the instance (count): ``kv_capacity // kv_block``.
+    kv_used
+        Blocks held by running and partly prefilled requests (count).
+    kv_peak
+        Most blocks held at once so far (count).
+    kv_unbound
+        Whether the cache holds the largest requests of all its clients at once, at their peaks
+        (then no admission can fail and no decode step can preempt; helpers skip the KV checks).
     waiting
         Clients holding a request that is not yet fully prefilled, in the order they got it (an
         insertion-ordered dict used as an ordered set).
@@ -123,18 +151,36 @@ class InstanceState:
         The instance's :class:`~lloptim.hardware.LatencyModel`.
     """
 
-    __slots__ = ("index", "clients", "now", "n_running", "kv_tokens", "kv_reserved", "kv_capacity", "waiting",
-                 "idle", "prefilled", "decode_steps", "latency", "engine", "heap", "alive", "dirty")
+    __slots__ = ("index", "clients", "now", "n_running", "kv_tokens", "kv_capacity", "waiting",
+                 "idle", "prefilled", "decode_steps", "latency", "engine", "heap", "alive", "dirty",
+                 "kv_mode", "kv_block", "kv_blocks", "kv_used", "kv_peak", "residue", "floor_heap", "admitted",
+                 "floors", "kv_unbound")
 
-    def __init__(self, engine: "Engine", index: int, clients: range, kv_capacity: int, latency) -> None:
+    def __init__(self, engine: "Engine", index: int, clients: range, kv_capacity: int, latency,
+                 kv_mode: str = "paged", kv_block: int = 16) -> None:
         self.engine = engine
         self.index = index
         self.clients = clients
         self.now = 0.0
         self.n_running = 0
         self.kv_tokens = 0
-        self.kv_reserved = 0
         self.kv_capacity = kv_capacity
+        self.kv_mode = kv_mode
+        self.kv_block = kv_block
+        self.kv_blocks = kv_capacity // kv_block
+        self.kv_used = 0
+        self.kv_peak = 0
+        # running requests past their reservation, by (tokens - decode_steps) mod block
+        self.residue = [0] * kv_block
+        # (decode step at which a running request's tokens reach its reservation, client, epoch)
+        self.floor_heap: list[tuple[int, int, int]] = []
+        # (admission number, client, epoch) of running requests in admission order (stale entries skipped)
+        self.admitted: list[tuple[int, int, int]] = []
+        # reservations per request in reserve mode (None in paged mode)
+        self.floors = engine.reserve_floor if kv_mode == "reserve" else None
+        # whether this cache holds every request its clients can hold at once at their peaks: then no
+        # admission can fail and no step can preempt, and the helpers skip their checks (same outcome)
+        self.kv_unbound = False
         self.waiting: dict[int, None] = {}
         self.idle: dict[int, None] = dict.fromkeys(clients)
         self.prefilled: dict[int, int] = {}
@@ -149,13 +195,49 @@ class InstanceState:
         return self.engine.client_request[client]
 
     def reservation(self, client: int) -> int:
-        """KV tokens that admitting ``client``'s request reserves (prompt + output cap)."""
-        return self.engine.reserve_tokens[self.engine.client_request[client]]
+        """KV tokens that prefilling ``client``'s waiting request takes and its first decode step needs."""
+        return self.admission_blocks(client) * self.kv_block
 
     @property
     def kv_free(self) -> int:
-        """Unreserved KV-cache tokens."""
-        return self.kv_capacity - self.kv_reserved
+        """KV tokens in free blocks (``kv_free_blocks x kv_block``)."""
+        return (self.kv_blocks - self.kv_used) * self.kv_block
+
+    @property
+    def kv_free_blocks(self) -> int:
+        """Free KV blocks (count)."""
+        return self.kv_blocks - self.kv_used
+
+    def context(self, client: int) -> int:
+        """Tokens the prefill of ``client``'s request processes: its prompt, plus what it had generated if preempted."""
+        return self.engine.context[self.engine.client_request[client]]
+
+    def floor_tokens(self, request: int) -> int:
+        """Tokens ``request`` reserves on this instance (0 in paged mode)."""
+        return self.floors[request] if self.floors is not None else 0
+
+    def held_blocks(self, request: int, tokens: int) -> int:
+        """Blocks ``request`` occupies on this instance when its cache holds ``tokens`` tokens."""
+        floors = self.floors
+        if floors is not None and floors[request] > tokens:
+            tokens = floors[request]
+        return -(-tokens // self.kv_block)
+
+    def admission_blocks(self, client: int, lookahead: int = 1) -> int:
+        """More blocks that ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps."""
+        engine = self.engine
+        r = engine.client_request[client]
+        done = self.prefilled.get(client, 0)
+        have = self.held_blocks(r, done) if client in self.prefilled else 0
+        return self.held_blocks(r, engine.context[r] + lookahead) - have
+
+    def growth_blocks(self) -> int:
+        """Blocks the next decode step of the running requests needs (count; O(1))."""
+        heap = self.floor_heap
+        step = self.decode_steps
+        if heap and heap[0][0] <= step:
+            self.engine._register_floor_crossers(self)
+        return self.residue[-step % self.kv_block]
 
 
 @dataclass
@@ -187,6 +269,8 @@ class RunResult:
         When each request finished, seconds (NaN if it did not).
     restarts
         Times each request was taken back by a fault and restarted from its prefill (count, int64).
+    preemptions
+        Times each request was preempted for KV memory and recomputed (count, int64).
     migrations
         Times each running request moved to another instance with its KV cache (count, int64;
         see :mod:`lloptim.runtime.migration`).
@@ -210,6 +294,8 @@ class RunResult:
         Prompt tokens each iteration processed (int64; 0 for a decode).
     trace_running
         Clients decoding when each iteration started (int32), excluding the ones it prefills.
+    trace_kv_tokens
+        KV memory allocated during each iteration (int64): blocks held x block tokens, tokens.
     decision_ns
         Wall time of each iteration decision of the policy, nanoseconds (int64; empty unless
         decisions were measured).
@@ -217,6 +303,8 @@ class RunResult:
         Output tokens of the finished requests, tokens.
     wasted_tokens
         Output tokens decoded for requests a fault then took back, tokens.
+    recomputed_tokens
+        KV tokens prefilled again after preemptions (the victims' prompts and generated tokens), tokens.
     requeued
         Number of times a fault handed a request back to the request scheduler (count).
     failed_clients
@@ -225,7 +313,8 @@ class RunResult:
         Wall-clock time of the run, seconds.
     extra
         Backend and engine details: ``"lost_instances"``, the number of instances whose backend
-        reported them lost mid-iteration (count).
+        reported them lost mid-iteration (count); ``"kv_mode"`` and ``"kv_block_tokens"`` of each
+        instance; ``"kv_peak_tokens"``, the most KV memory each instance held at once (tokens).
     """
 
     problem: Problem
@@ -254,6 +343,9 @@ class RunResult:
     failed_clients: int
     wall_s: float
     extra: dict = field(default_factory=dict)
+    preemptions: np.ndarray | None = None
+    recomputed_tokens: int = 0
+    trace_kv_tokens: np.ndarray | None = None
 
     @property
     def makespan_s(self) -> float:
@@ -280,10 +372,27 @@ class Engine:
         Time every iteration decision (``perf_counter_ns``) for the decision-latency report.
     seed
         Passed to the policy.
+    kv_mode
+        ``"paged"`` or ``"reserve"`` for every instance (:mod:`lloptim.memory`); None: each
+        instance's own (its spec's ``kv_mode``, paged by default).
+    kv_block_tokens
+        Tokens per KV block for every instance; None: each instance's own.
+    preemption
+        What preempting a running request does: ``"recompute"`` (vLLM's default; a backend without
+        :meth:`~lloptim.backends.base.SupportsPreemption.preempt` restarts the victim from its
+        prompt instead, and its generated tokens count as wasted).
+    victim
+        Which running request a preemption takes unless the policy chooses
+        (:data:`~lloptim.runtime.kv.VICTIM_RULES`; default vLLM's ``"newest"``).
+    check
+        Verify the KV accounting after every iteration (blocks held = blocks of the requests that
+        hold them, never above the capacity; slow, for tests and debugging).
     """
 
     def __init__(self, problem: Problem, policy: Policy, backend=None, estimates: np.ndarray | None = None,
-                 faults: Sequence[Fault] = (), measure_decisions: bool = True, seed: int = 0) -> None:
+                 faults: Sequence[Fault] = (), measure_decisions: bool = True, seed: int = 0,
+                 kv_mode: str | None = None, kv_block_tokens: int | None = None, preemption: str = "recompute",
+                 victim: str = "newest", check: bool = False) -> None:
         if backend is None:
             from lloptim.backends.simulated import SimulatedBackend
             backend = SimulatedBackend(problem)
@@ -311,15 +420,38 @@ class Engine:
                                 "give a global client index of that instance")
         self.faults = sorted(faults, key=lambda f: f.time_s)
         self.measure = measure_decisions
+        if kv_mode is not None:
+            check_kv_mode(kv_mode, "kv_mode")
+        if preemption not in PREEMPTION_MODES:
+            raise SpecError("preemption", f"unknown preemption mode {preemption!r}", f"use one of {list(PREEMPTION_MODES)}")
+        self.victim_rule = check_victim_rule(victim)
+        self.preemption = preemption
+        self.check = check
+        self.kv_modes = [inst.kv_mode if kv_mode is None else kv_mode for inst in problem.instances]
+        self.kv_block_sizes = [inst.kv_block_tokens if kv_block_tokens is None else
+                               check_block_tokens(kv_block_tokens, inst.kv_capacity_tokens)
+                               for inst in problem.instances]
+        if kv_mode is not None or kv_block_tokens is not None:
+            problem.check_kv_fit(kv_mode, kv_block_tokens)
+        self.ctx.extra["kv_mode"] = list(self.kv_modes)  # what policies plan with (the run may override the spec)
         # plain lists: scalar access in the hot loop is several times faster than numpy
         self.prompt = w.prompt_tokens.tolist()
         self.output = w.output_tokens.tolist()
-        self.reserve_tokens = (w.prompt_tokens + w.max_output_tokens).tolist()
+        # what a server knows: the user's cap, else the policy's estimate (never the true length);
+        # clipped to the smallest instance so an over-estimate cannot make a request unservable
+        room = min(inst.kv_blocks * inst.kv_block_tokens for inst in problem.instances)
+        self.reserve_floor = np.minimum(reservation_tokens(w.prompt_tokens, w.max_output_tokens, est),
+                                        room).tolist()
+        # tokens a prefill of each request processes: the prompt, plus the output generated before a preemption
+        self.context = list(self.prompt)
+        self.generated_before = [0] * n
         self.client_request = [-1] * problem.n_clients
         self.client_state = [IDLE] * problem.n_clients
         self.ctx.extra["client_state"] = self.client_state  # read-only view for schedulers (FAILED = 3)
         self.client_start_step = [0] * problem.n_clients
         self.client_epoch = [0] * problem.n_clients
+        self.client_residue = [-1] * problem.n_clients  # residue class of a running client past its floor
+        self._admissions = 0
         self.arrival = w.arrival_s.tolist()
         prec = w.precedence
         # successors of each request and how many predecessors it waits for (None: independent requests)
@@ -349,6 +481,9 @@ class Engine:
         self.req_client = np.full(n, -1, dtype=np.int64)
         self.restarts = np.zeros(n, dtype=np.int64)
         self.migrations = np.zeros(n, dtype=np.int64)
+        self.preemptions = np.zeros(n, dtype=np.int64)
+        self.recomputed = 0
+        self.can_preempt = callable(getattr(backend, "preempt", None))
         self.ready = [float("nan")] * n
         self.unfinished_predecessors = list(self.n_predecessors)
         self.latest_predecessor_finish = list(self.arrival)  # ready time = max(arrival, predecessor finishes)
@@ -367,8 +502,10 @@ class Engine:
         self.lost_instances = 0
         states = []
         for k, inst in enumerate(problem.instances):
-            states.append(InstanceState(self, k, self.ctx.instance_clients(k), inst.kv_capacity_tokens,
-                                        inst.profile.latency))
+            st = InstanceState(self, k, self.ctx.instance_clients(k), inst.kv_capacity_tokens,
+                               inst.profile.latency, self.kv_modes[k], self.kv_block_sizes[k])
+            st.kv_unbound = self._never_binds(st)
+            states.append(st)
         self.states = states
         pending_faults = {k: [f for f in self.faults if f.instance == k] for k in range(len(states))}
         # heap of (clock, idle-flag, index): busy instances at a time step before idle ones
@@ -413,6 +550,11 @@ class Engine:
                 s.dirty = True
                 heapq.heappush(active, (s.now, 1, k))
                 continue
+            if s.n_running and s.growth_blocks() > s.kv_blocks - s.kv_used:
+                self._make_room(s, policy)
+                if not s.n_running and not s.waiting:
+                    heapq.heappush(active, (s.now, 0, k))
+                    continue
             if self.measure:
                 t0 = time.perf_counter_ns()
                 decision = its.decide(s)
@@ -435,9 +577,11 @@ class Engine:
                 self._apply_fault(s, Fault(s.now, k), active)
                 retired.add(k)
                 continue
+            if self.check:
+                self._check_kv(s)
             heapq.heappush(active, (s.now, 0, k))
         tr = self.trace
-        cols = list(zip(*tr)) if tr else [()] * 7
+        cols = list(zip(*tr)) if tr else [()] * 8
         return RunResult(
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
@@ -449,7 +593,13 @@ class Engine:
             trace_running=np.array(cols[6], dtype=np.int32), decision_ns=np.array(self.decisions, dtype=np.int64),
             generated_tokens=self.generated, wasted_tokens=self.wasted, requeued=self.requeued,
             failed_clients=self.failed_clients, wall_s=time.perf_counter() - t_wall,
-            extra={"lost_instances": self.lost_instances},
+            extra={"lost_instances": self.lost_instances, "kv_mode": list(self.kv_modes),
+                   "kv_block_tokens": list(self.kv_block_sizes),
+                   "kv_peak_tokens": [st.kv_peak * st.kv_block for st in states],
+                   # what reserve-mode reservations were made from (the bound counts them)
+                   "estimates": self.ctx.estimates},
+            preemptions=self.preemptions, recomputed_tokens=self.recomputed,
+            trace_kv_tokens=np.array(cols[7], dtype=np.int64),
         )
 
     # -- pieces of the loop ----------------------------------------------------------------------
@@ -530,23 +680,158 @@ class Engine:
         if self.client_state[c] != WAITING or c not in s.waiting:
             raise PolicyError(f"{type(self.policy.iterations).__name__} asked to prefill client {c}, "
                               f"which is not waiting on instance {s.index}")
-        r = self.client_request[c]
-        if c not in s.prefilled:
-            need = self.reserve_tokens[r]
-            if s.kv_reserved + need > s.kv_capacity:
-                raise PolicyError(f"prefilling client {c} needs {need} KV tokens but only {s.kv_free} of "
-                                  f"{s.kv_capacity} are free on instance {s.index}; check state.kv_free first")
-            s.kv_reserved += need
-        return r
+        return self.client_request[c]
+
+    def _allocate(self, s: InstanceState, need: int, what: str) -> None:
+        """Take ``need`` blocks for ``what`` or refuse the iteration (before anything of it ran)."""
+        free = s.kv_blocks - s.kv_used
+        if need > free:
+            raise PolicyError(f"{what} needs {need * s.kv_block} KV tokens ({need} blocks) but only "
+                              f"{free * s.kv_block} are free on instance {s.index}; check state.kv_free "
+                              "(or the helpers of lloptim.runtime.iteration_schedulers) first")
+        s.kv_used += need
+        if s.kv_used > s.kv_peak:
+            s.kv_peak = s.kv_used
 
     def _start_running(self, s: InstanceState, c: int, r: int) -> None:
         del s.waiting[c]
         self.client_state[c] = RUNNING
-        self.client_start_step[c] = s.decode_steps
-        heapq.heappush(s.heap, (s.decode_steps + self.output[r], c, self.client_epoch[c]))
+        g = self.generated_before[r]
+        start = s.decode_steps - g  # as if prefilled g steps ago: it has produced g of its tokens
+        self.client_start_step[c] = start
+        heapq.heappush(s.heap, (start + self.output[r], c, self.client_epoch[c]))
         s.n_running += 1
-        s.kv_tokens += self.prompt[r]
-        self.prefill_end_s[r] = s.now
+        s.kv_tokens += self.context[r]
+        self._admissions += 1
+        s.admitted.append((self._admissions, c, self.client_epoch[c]))
+        self._register(s, c, r)
+        if np.isnan(self.prefill_end_s[r]):
+            self.prefill_end_s[r] = s.now
+
+    def _never_binds(self, s: InstanceState) -> bool:
+        """Whether ``s``'s clients, holding the requests of largest peak at once, fit its blocks."""
+        w = self.problem.workload
+        peak = w.prompt_tokens + np.maximum(w.output_tokens, w.max_output_tokens)
+        if s.floors is not None:
+            peak = np.maximum(peak, np.asarray(s.floors))
+        held = -(-peak // s.kv_block)
+        top = np.partition(held, held.size - len(s.clients))[-len(s.clients):] if held.size > len(s.clients) else held
+        return int(top.sum()) <= s.kv_blocks
+
+    # -- block accounting of running requests ------------------------------------------------------
+    def _register(self, s: InstanceState, c: int, r: int) -> None:
+        """Count running client ``c`` in the residue class that says when it needs its next block."""
+        offset = self.prompt[r] - self.client_start_step[c]  # tokens held at step t: offset + t
+        tokens = offset + s.decode_steps
+        floor = s.floor_tokens(r)
+        if tokens >= floor:
+            res = offset % s.kv_block
+            s.residue[res] += 1
+            self.client_residue[c] = res
+        else:
+            self.client_residue[c] = -1
+            heapq.heappush(s.floor_heap, (floor - offset, c, self.client_epoch[c]))
+
+    def _register_floor_crossers(self, s: InstanceState) -> None:
+        heap = s.floor_heap
+        while heap and heap[0][0] <= s.decode_steps:
+            _, c, epoch = heapq.heappop(heap)
+            if epoch == self.client_epoch[c] and self.client_state[c] == RUNNING and self.client_residue[c] < 0:
+                self._register(s, c, self.client_request[c])
+
+    def _unregister(self, s: InstanceState, c: int) -> None:
+        res = self.client_residue[c]
+        if res >= 0:
+            s.residue[res] -= 1
+            self.client_residue[c] = -1
+
+    def _make_room(self, s: InstanceState, policy: Policy) -> None:
+        """Preempt running requests until the next decode step's new blocks fit."""
+        its = policy.iterations
+        while s.n_running and s.growth_blocks() > s.kv_blocks - s.kv_used:
+            c = its.victim(s)
+            if c is None:
+                c = self._default_victim(s)
+            elif not (s.clients.start <= c < s.clients.stop) or self.client_state[c] != RUNNING:
+                raise PolicyError(f"{type(its).__name__}.victim chose client {c}, which is not running on "
+                                  f"instance {s.index}")
+            self._preempt(s, c, policy)
+
+    def _default_victim(self, s: InstanceState) -> int:
+        adm = s.admitted
+        if self.victim_rule == "newest":
+            while adm:
+                _, c, epoch = adm[-1]
+                if epoch == self.client_epoch[c] and self.client_state[c] == RUNNING:
+                    return c
+                adm.pop()
+        live = [(seq, c) for seq, c, epoch in adm if epoch == self.client_epoch[c] and self.client_state[c] == RUNNING]
+        if len(adm) > 4 * len(live) + 64:  # drop stale entries now and then
+            s.admitted[:] = [(seq, c, self.client_epoch[c]) for seq, c in live]
+        clients = [c for _, c in live]
+        step = s.decode_steps
+        est = self.ctx.estimates
+        tokens = [self.prompt[self.client_request[c]] + step - self.client_start_step[c] for c in clients]
+        remaining = [max(float(est[self.client_request[c]]) - (step - self.client_start_step[c]), 1.0) for c in clients]
+        return choose_victim(self.victim_rule, clients, [seq for seq, _ in live], tokens, remaining)
+
+    def _preempt(self, s: InstanceState, c: int, policy: Policy) -> None:
+        """Preempt running client ``c`` (recompute): free its cache; it waits, first in line, to be prefilled again."""
+        r = self.client_request[c]
+        g = s.decode_steps - self.client_start_step[c]
+        tokens = self.prompt[r] + g
+        s.n_running -= 1
+        s.kv_tokens -= tokens
+        s.kv_used -= s.held_blocks(r, tokens)
+        self._unregister(s, c)
+        self.client_epoch[c] += 1
+        if self.can_preempt:
+            kept = self.backend.preempt(s.index, r) is not False
+        else:
+            self.backend.release(s.index, r, False)
+            kept = False
+        if kept:
+            self.generated_before[r] = g
+            self.context[r] = tokens
+            self.recomputed += tokens
+        else:
+            # the backend cannot keep generated tokens: the victim restarts from its prompt
+            self.generated_before[r] = 0
+            self.context[r] = self.prompt[r]
+            self.wasted += g
+            self.recomputed += self.prompt[r]
+        self.preemptions[r] += 1
+        self.client_state[c] = WAITING
+        s.waiting = {c: None, **s.waiting}  # first in line, as vLLM puts a preempted request back
+        s.dirty = True
+        policy.on_preempt(r, c, self.generated_before[r])
+
+    def _check_kv(self, s: InstanceState) -> None:
+        """Recount the KV accounting of ``s`` from the per-client state (``check=True``)."""
+        used = tokens = running = 0
+        residue = [0] * s.kv_block
+        for c in s.clients:
+            r = self.client_request[c]
+            if self.client_state[c] == RUNNING:
+                t = self.prompt[r] + s.decode_steps - self.client_start_step[c]
+                used += s.held_blocks(r, t)
+                tokens += t
+                running += 1
+                if t >= s.floor_tokens(r) and self.client_residue[c] >= 0:
+                    residue[(t - s.decode_steps) % s.kv_block] += 1
+            elif self.client_state[c] == WAITING and c in s.prefilled:
+                used += s.held_blocks(r, s.prefilled[c])
+        bad = []
+        if used != s.kv_used:
+            bad.append(f"{s.kv_used} blocks counted, {used} held")
+        if s.kv_used > s.kv_blocks:
+            bad.append(f"{s.kv_used} blocks held of {s.kv_blocks}")
+        if tokens != s.kv_tokens or running != s.n_running:
+            bad.append(f"kv_tokens {s.kv_tokens} vs {tokens}, running {s.n_running} vs {running}")
+        if residue != s.residue:
+            bad.append("block-growth counters out of date")
+        if bad:
+            raise AssertionError(f"KV accounting of instance {s.index} at {s.now:.6f} s: " + "; ".join(bad))
 
     def _prefill(self, s: InstanceState, clients: Sequence[int]) -> None:
         if not clients:
@@ -554,14 +839,25 @@ class Engine:
         if len(set(clients)) != len(clients):
             raise PolicyError(f"prefill names a client twice: {list(clients)}")
         reqs = [self._admit(s, c) for c in clients]
-        tokens = sum(self.prompt[r] for r in reqs)
+        for c in clients:
+            if c in s.prefilled:
+                raise PolicyError(f"client {c} has a partly prefilled prompt: finish it with Mixed chunks")
+        need = sum(s.held_blocks(r, self.context[r]) for r in reqs)
+        self._allocate(s, need, f"prefilling clients {list(clients)[:8]}")
+        tokens = sum(self.context[r] for r in reqs)
         start = s.now
-        dur = self.backend.prefill(s.index, reqs, tokens)
+        try:
+            dur = self.backend.prefill(s.index, reqs, tokens)
+        except InstanceLost:
+            s.kv_used -= need
+            raise
         s.now = start + dur
         for c, r in zip(clients, reqs):
-            self.prefill_start_s[r] = start
+            if np.isnan(self.prefill_start_s[r]):
+                self.prefill_start_s[r] = start
             self._start_running(s, c, r)
-        self.trace.append((s.index, KIND_PREFILL, start, dur, len(reqs), tokens, s.n_running - len(reqs)))
+        self.trace.append((s.index, KIND_PREFILL, start, dur, len(reqs), tokens, s.n_running - len(reqs),
+                           s.kv_used * s.kv_block))
 
     def _advance_decode(self, s: InstanceState, policy: Policy) -> None:
         """Bookkeeping after a decode step ended at ``s.now``: KV growth and finishing requests."""
@@ -577,7 +873,8 @@ class Engine:
             o = self.output[r]
             s.n_running -= 1
             s.kv_tokens -= self.prompt[r] + o
-            s.kv_reserved -= self.reserve_tokens[r]
+            s.kv_used -= s.held_blocks(r, self.prompt[r] + o)
+            self._unregister(s, c)
             self.client_state[c] = IDLE
             self.client_request[c] = -1
             s.idle[c] = None
@@ -608,37 +905,64 @@ class Engine:
                 if t < self.next_ready:
                     self.next_ready = t
 
+    def _grow(self, s: InstanceState) -> int:
+        """Allocate the blocks this decode step needs (room was made before the decision)."""
+        need = s.growth_blocks()
+        if need:
+            self._allocate(s, need, f"the decode step of instance {s.index}")
+        return need
+
     def _decode(self, s: InstanceState, policy: Policy) -> None:
         if s.n_running == 0:
             raise PolicyError(f"{type(policy.iterations).__name__} asked for a decode with no running client "
                               f"on instance {s.index}; prefill a waiting client first")
+        grown = self._grow(s)
         start = s.now
-        dur = self.backend.decode(s.index, s.n_running, s.kv_tokens)
+        try:
+            dur = self.backend.decode(s.index, s.n_running, s.kv_tokens)
+        except InstanceLost:
+            s.kv_used -= grown
+            raise
         s.now = start + dur
-        self.trace.append((s.index, KIND_DECODE, start, dur, s.n_running, 0, s.n_running))
+        self.trace.append((s.index, KIND_DECODE, start, dur, s.n_running, 0, s.n_running, s.kv_used * s.kv_block))
         self._advance_decode(s, policy)
 
     def _mixed(self, s: InstanceState, chunks: dict[int, int], policy: Policy) -> None:
         if not chunks and s.n_running == 0:
             raise PolicyError("a mixed iteration with no chunk and no running client does nothing")
         work = []
+        need = 0
         for c, n_tok in chunks.items():
             r = self._admit(s, c)
             done_before = s.prefilled.get(c, 0)
-            if not (isinstance(n_tok, (int, np.integer)) and 0 < n_tok <= self.prompt[r] - done_before):
+            ctx = self.context[r]
+            if not (isinstance(n_tok, (int, np.integer)) and 0 < n_tok <= ctx - done_before):
                 raise PolicyError(f"chunk of {n_tok!r} tokens for client {c}: "
-                                  f"{self.prompt[r] - done_before} prompt tokens remain")
-            work.append((c, r, done_before, int(n_tok), done_before + n_tok == self.prompt[r]))
+                                  f"{ctx - done_before} prompt tokens remain")
+            have = s.held_blocks(r, done_before) if c in s.prefilled else 0
+            need += s.held_blocks(r, done_before + int(n_tok)) - have
+            work.append((c, r, done_before, int(n_tok), done_before + n_tok == ctx))
+        grown = self._grow(s) if s.n_running else 0
+        try:
+            self._allocate(s, need, f"the prompt chunks of clients {list(chunks)[:8]}")
+        except PolicyError:
+            s.kv_used -= grown
+            raise
         start = s.now
         running = s.n_running
-        dur = self.backend.mixed(s.index, running, s.kv_tokens, [(r, b, k, fin) for _, r, b, k, fin in work])
+        try:
+            dur = self.backend.mixed(s.index, running, s.kv_tokens, [(r, b, k, fin) for _, r, b, k, fin in work])
+        except InstanceLost:
+            s.kv_used -= grown + need
+            raise
         s.now = start + dur
         tokens = sum(w[3] for w in work)
-        self.trace.append((s.index, KIND_MIXED, start, dur, running + len(work), tokens, running))
+        self.trace.append((s.index, KIND_MIXED, start, dur, running + len(work), tokens, running,
+                           s.kv_used * s.kv_block))
         if running:
             self._advance_decode(s, policy)
         for c, r, before, k, fin in work:
-            if before == 0:
+            if before == 0 and np.isnan(self.prefill_start_s[r]):
                 self.prefill_start_s[r] = start
             if fin:
                 s.prefilled.pop(c, None)
@@ -662,15 +986,18 @@ class Engine:
             r = self.client_request[c1]
             generated = src.decode_steps - self.client_start_step[c1]
             kv = self.prompt[r] + generated
-            if dst.kv_reserved + self.reserve_tokens[r] > dst.kv_capacity:
-                raise PolicyError(f"migrating request {r} needs {self.reserve_tokens[r]} KV tokens but only "
-                                  f"{dst.kv_free} are free on instance {dst.index}")
+            self._allocate(dst, dst.held_blocks(r, kv), f"migrating request {r} to instance {dst.index}")
             # the transfer starts when the source's current iteration has ended
             start = max(dst.now, src.now)
-            dur = self.backend.migrate(src.index, dst.index, r, kv)
+            try:
+                dur = self.backend.migrate(src.index, dst.index, r, kv)
+            except InstanceLost:
+                dst.kv_used -= dst.held_blocks(r, kv)
+                raise
             src.n_running -= 1
             src.kv_tokens -= kv
-            src.kv_reserved -= self.reserve_tokens[r]
+            src.kv_used -= src.held_blocks(r, kv)
+            self._unregister(src, c1)
             self.client_epoch[c1] += 1
             self.client_state[c1] = IDLE
             self.client_request[c1] = -1
@@ -682,10 +1009,12 @@ class Engine:
             self.req_client[r] = c2
             self.client_start_step[c2] = dst.decode_steps - generated
             heapq.heappush(dst.heap, (dst.decode_steps + self.output[r] - generated, c2, self.client_epoch[c2]))
-            self.trace.append((dst.index, KIND_MIGRATE, start, dur, 1, 0, dst.n_running))
+            self.trace.append((dst.index, KIND_MIGRATE, start, dur, 1, 0, dst.n_running, dst.kv_used * dst.kv_block))
             dst.n_running += 1
             dst.kv_tokens += kv
-            dst.kv_reserved += self.reserve_tokens[r]
+            self._admissions += 1
+            dst.admitted.append((self._admissions, c2, self.client_epoch[c2]))
+            self._register(dst, c2, r)
             dst.now = start + dur
             self.migrations[r] += 1
             policy.iterations.on_migrate(r, c1, c2, generated)
@@ -702,19 +1031,25 @@ class Engine:
                 done = s.decode_steps - self.client_start_step[c]
                 s.n_running -= 1
                 s.kv_tokens -= self.prompt[r] + done
-                s.kv_reserved -= self.reserve_tokens[r]
+                s.kv_used -= s.held_blocks(r, self.prompt[r] + done)
+                self._unregister(s, c)
                 self.client_epoch[c] += 1
                 self.wasted += done
                 self.backend.release(s.index, r, False)
             elif st == WAITING:
                 del s.waiting[c]
+                # a preempted request not yet recomputed loses the tokens it had generated with the client
+                self.wasted += self.generated_before[r]
                 if c in s.prefilled:
-                    s.prefilled.pop(c)
-                    s.kv_reserved -= self.reserve_tokens[r]
+                    s.kv_used -= s.held_blocks(r, s.prefilled.pop(c))
+                    self.backend.release(s.index, r, False)
+                elif self.generated_before[r]:
                     self.backend.release(s.index, r, False)
             else:
                 del s.idle[c]
             if r >= 0:
+                self.generated_before[r] = 0
+                self.context[r] = self.prompt[r]
                 self.client_request[c] = -1
                 self.req_client[r] = -1
                 self.assign_s[r] = np.nan

@@ -17,9 +17,15 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy, RunContext
 from lloptim.runtime.registry import register_policy
+from lloptim.runtime.memory_schedulers import MemoryAwareQueue
 from lloptim.runtime.request_schedulers import AssignedQueues, WorkflowQueue
 
-__all__ = ["OfflinePlan", "offline_policy", "hybrid_policy"]
+__all__ = ["OfflinePlan", "offline_policy", "hybrid_policy", "START_DELAY"]
+
+#: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
+#: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
+#: may batch prefills a few steps). Chosen on training workloads (benchmarks/memory.py --tune).
+START_DELAY = {"fused": 2, "separate": 1}
 
 class OfflinePlan:
     """Solves the offline bin packing once per run and keeps the result for both schedulers.
@@ -97,7 +103,8 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
 def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
                   dispatch: str = "sorted",
                   steal: bool = True, forecast: str = "auto", token_budget: int | None = None,
-                  survival: np.ndarray | None = None, fused: bool = False) -> Policy:
+                  survival: np.ndarray | None = None, fused: bool = False, memory_prices: str = "lp",
+                  price_updates: bool = True, start_delay: int | None = None) -> Policy:
     """The hybrid: offline plan + sorting and preemptive re-assignment + Lagrangian iteration scheduling.
 
     Parameters
@@ -126,10 +133,27 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         Insert prompts as chunks fused into decode iterations (``C_p = 0``, see
         :mod:`lloptim.runtime.lagrangian`) rather than as separate prefill iterations: the
         ``hybrid-fused`` policy.
+    memory_prices, price_updates
+        How the Lagrangian rule prices KV memory (``"lp"``, ``"uniform"``, ``"none"``) and whether
+        the price follows the observed utilizations (:mod:`lloptim.runtime.lagrangian`).
+    start_delay
+        Decode steps a dispatched request may wait for its prefill that the memory projection
+        allows for (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the
+        default of the iteration rule (:data:`START_DELAY`).
+
+    Notes
+    -----
+    With ``dispatch="sorted"``, an instance whose KV cache can fill up (its clients' largest
+    requests do not fit at once) hands out the longest unstarted request *that fits*: the
+    instance's admitted requests and it must stay within the cache at every future step
+    (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), so the run needs no
+    preemption when lengths are known; elsewhere it is exactly longest-first.
     """
     plan = OfflinePlan(solver, time_limit_s)
     if dispatch == "sorted":
-        requests = WorkflowQueue(plan=plan.assignment)
+        delay = START_DELAY["fused" if fused else "separate"] if start_delay is None else start_delay
+        requests = MemoryAwareQueue("planned", "first-fit", plan=plan.assignment, start_delay=delay,
+                                    workflows=WorkflowQueue(plan=plan.assignment))
     elif dispatch == "plan":
         requests = AssignedQueues(plan.assignment, steal=steal)
     else:
@@ -138,7 +162,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
     return Policy("hybrid-fused" if fused else "hybrid", requests,
                   LagrangianIterations(plan.prices, setup_weight=setup_weight, token_budget=token_budget,
-                                       forecast=forecast, survival=survival, fused=fused))
+                                       forecast=forecast, survival=survival, fused=fused,
+                                       memory_prices=memory_prices, price_updates=price_updates))
 
 
 register_policy("offline", offline_policy,

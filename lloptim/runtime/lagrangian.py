@@ -31,6 +31,18 @@ wait, and that costs most when output lengths are unknown (finishes cannot be fo
 cannot be batched), then disappears; the bound such schedules are measured against is
 :attr:`~lloptim.bounds.LowerBound.fused_s`.
 
+**KV memory.** When an instance's cache can fill up, a waiting request that would fit also wastes
+the memory its prefill would take: the decode steps an instance needs are at least its KV area over
+its capacity (:mod:`lloptim.bounds`), so one token-step of idle memory costs ``decode_base_s / M``
+seconds, as one idle slot-step costs ``decode_base_s / C``. The rule prices both, with a weight
+``beta`` in [0, 1] on memory: a waiting request that fits adds ``(1 - beta) mu_c decode_base_s +
+beta decode_base_s (context + 1) / M`` per decode step it waits (requests that do not fit add
+nothing: they cannot run anyway). ``beta`` is the dual weight of the two resources in the bound
+``max(steps by clients, steps by memory)``: 1 where memory sets it, 0 where the clients do
+(``memory_prices="lp"``, from the estimates, what the policy knows), and it is updated online by
+projected subgradient steps on the observed utilizations, ``beta += eta (kv_used / M - running /
+C)`` per decode step. ``"uniform"`` starts from 1/2, ``"none"`` keeps 0 (memory unpriced).
+
 In workflows of dependent requests the same reasoning applies before the end game: a waiting
 request that the request scheduler's plan has no slack for (:attr:`WorkflowQueue.critical
 <lloptim.runtime.request_schedulers.WorkflowQueue>`) holds up its successors, and through them the
@@ -46,15 +58,37 @@ import heapq
 import numpy as np
 from scipy.special import log_ndtr
 
-from lloptim.errors import PolicyError
-from lloptim.runtime.iteration_schedulers import admissible, prompt_chunks
+from lloptim.errors import PolicyError, SpecError
+from lloptim.runtime.engine import RUNNING
+from lloptim.runtime.iteration_schedulers import admissible, kv_room, prompt_chunks
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
-__all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT"]
+__all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT", "MEMORY_PRICES", "memory_price_weight"]
 
 #: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
 #: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
 SETUP_WEIGHT = {"known": 1.0, "unknown": 1.0}
+
+#: How the rule prices KV memory (see the module docstring).
+MEMORY_PRICES = ("lp", "uniform", "none")
+#: Step of the online update of the memory weight, per decode step and unit of utilization gap.
+PRICE_STEP = 0.01
+
+
+def memory_price_weight(ctx: RunContext, instance: int) -> float:
+    """The bound's dual weight on KV memory for ``instance``: 1 if memory sets its decode steps, else 0.
+
+    Compares, from the estimates (what the policy knows), the decode steps the instance's clients
+    force (outputs over clients) with those its memory forces (KV area over capacity), for a share
+    of the work proportional to its clients.
+    """
+    from lloptim.runtime.memory_schedulers import estimated_kv_area
+
+    inst = ctx.problem.instances[instance]
+    est = np.maximum(np.ceil(ctx.estimates), 1)
+    area = estimated_kv_area(ctx, instance)
+    return 1.0 if area / (inst.kv_blocks * inst.kv_block_tokens) > est.sum() / inst.clients else 0.0
+
 
 #: Forecasts of the next finish that the lookahead can use.
 FORECASTS = ("auto", "exact", "lognormal", "survival", "none")
@@ -105,13 +139,24 @@ class LagrangianIterations(IterationScheduler):
         Prior of the lognormal forecast error (log scale), worth 20 observations.
     criticality
         Raise the price of waiting as the pending work runs out (see the module docstring).
+    memory_prices
+        How waiting is priced in KV memory: ``"lp"`` (the bound's dual weight, then online
+        subgradient updates), ``"uniform"`` (weight 1/2, then updates) or ``"none"`` (memory
+        unpriced); see the module docstring. Instances whose cache cannot fill up never price it.
+    price_updates
+        Update the memory weight online from the observed utilizations.
     """
 
     def __init__(self, prices=None, setup_weight: float | None = None, token_budget: int | None = None,
                  forecast: str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
-                 sigma_prior: float = 0.5, criticality: bool = True, fused: bool = False) -> None:
+                 sigma_prior: float = 0.5, criticality: bool = True, fused: bool = False,
+                 memory_prices: str = "lp", price_updates: bool = True) -> None:
         if forecast not in FORECASTS:
             raise PolicyError(f"forecast must be one of {FORECASTS}, not {forecast!r}")
+        if memory_prices not in MEMORY_PRICES:
+            raise SpecError("memory_prices", f"unknown memory price {memory_prices!r}", f"use one of {list(MEMORY_PRICES)}")
+        self.memory_prices = memory_prices
+        self.price_updates = price_updates
         if forecast == "survival" and survival is None:
             raise PolicyError("forecast='survival' needs a survival function (see survival_function)")
         self.prices = prices
@@ -143,6 +188,17 @@ class LagrangianIterations(IterationScheduler):
         if weight is None:
             weight = SETUP_WEIGHT["known" if ctx.known_lengths else "unknown"]
         self.setup_cost = [weight * inst.profile.latency.prefill_base_s for inst in ctx.problem.instances]
+        from lloptim.runtime.memory_schedulers import memory_can_bind
+
+        self.memory_binds = [memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))]
+        start = {"lp": None, "uniform": 0.5, "none": 0.0}[self.memory_prices]
+        self.beta = [0.0 if not binds else (memory_price_weight(ctx, k) if start is None else start)
+                     for k, binds in enumerate(self.memory_binds)]
+        self.beta_trace: list[list[float]] = [[b] for b in self.beta]
+        self.price_step = [-1] * len(ctx.problem.instances)  # decode step of the last price update
+        # seconds per token-step of idle KV memory: decode_base_s / capacity
+        self.token_price = [inst.profile.latency.decode_base_s / (inst.kv_blocks * inst.kv_block_tokens)
+                            for inst in ctx.problem.instances]
         self.accrued = [0.0] * len(ctx.problem.instances)
         self.requests = ctx.extra.get("request_scheduler")
         # requests on the plan's critical path (workflows): never kept waiting for a batch
@@ -178,6 +234,29 @@ class LagrangianIterations(IterationScheduler):
         self.sq_log_error += err * err
         self.n_errors += 1
 
+    def victim(self, state) -> int | None:
+        """The priced preemption rule: the running request whose recompute costs least.
+
+        A recompute prefills the victim's whole context again (``prefill_per_token_s`` per token),
+        so the victim is the running request holding the fewest KV tokens (the later started on a
+        tie). On the memory-bound benchmark workloads this beats vLLM's most-recently-admitted rule
+        for every policy (``benchmarks/memory.py``; docs *KV memory*).
+        """
+        engine = state.engine
+        step = state.decode_steps
+        best, best_key = None, None
+        for c in state.clients:
+            if engine.client_state[c] == RUNNING:
+                start = engine.client_start_step[c]
+                key = (engine.prompt[engine.client_request[c]] + step - start, -start)
+                if best_key is None or key < best_key:
+                    best, best_key = c, key
+        return best
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        # its forecast restarts when it is prefilled again (the engine bumps the client's epoch)
+        self.running[int(self.ctx.client_instance[client])].pop(client, None)
+
     def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
         k = int(self.ctx.client_instance[destination_client])
         self.arrived[k].append((destination_client, request, generated))
@@ -190,7 +269,8 @@ class LagrangianIterations(IterationScheduler):
             if self.mode in ("survival", "lognormal"):
                 self.running[k][c] = (r, step - generated)
             elif self.mode == "exact":
-                heapq.heappush(self.finish_heap[k], (step - generated + int(round(self.estimates[r])), c, r))
+                heapq.heappush(self.finish_heap[k], (step - generated + int(round(self.estimates[r])), c,
+                                                     state.engine.client_epoch[c]))
         self.arrived[k].clear()
 
     def decide(self, state) -> Decision:
@@ -210,8 +290,11 @@ class LagrangianIterations(IterationScheduler):
                 return self._prefill(state)
         price = self.step_price
         waiting_cost = 0.0
-        for c in state.waiting:
-            waiting_cost += price[c]
+        if self.memory_binds[k]:
+            waiting_cost = self._memory_waiting_cost(state)
+        else:
+            for c in state.waiting:
+                waiting_cost += price[c]
         if self.criticality and self.requests is not None:
             # online multiplier update: a lost slot-step can only be made up by clients that still
             # have unstarted work to take over, so its price rises as the pending work runs out
@@ -232,6 +315,26 @@ class LagrangianIterations(IterationScheduler):
             self.accrued[k] += waiting_cost
             return DECODE
         return self._prefill(state) if self._expected_saving_says_prefill(state, waiting_cost) else DECODE
+
+    def _memory_waiting_cost(self, state) -> float:
+        """Cost per decode step of the waiting requests that fit, slots and memory priced (module docstring)."""
+        k = state.index
+        if self.price_updates and self.memory_prices != "none" and state.decode_steps != self.price_step[k]:
+            steps = state.decode_steps - self.price_step[k] if self.price_step[k] >= 0 else 1
+            gap = state.kv_used / state.kv_blocks - state.n_running / len(state.clients)
+            self.beta[k] = min(1.0, max(0.0, self.beta[k] + PRICE_STEP * steps * gap))
+            self.price_step[k] = state.decode_steps
+            self.beta_trace[k].append(self.beta[k])
+        beta = self.beta[k]
+        room = kv_room(state)
+        per_token = beta * self.token_price[k] * state.kv_block
+        price = self.step_price
+        cost = 0.0
+        for c in state.waiting:
+            need = state.admission_blocks(c)
+            if need <= room:
+                cost += (1.0 - beta) * price[c] + per_token * need
+        return cost
 
     def _fuse(self, state) -> Decision:
         """Fused insertion: every waiting prompt (that fits) joins the next iteration as a chunk."""
@@ -285,9 +388,9 @@ class LagrangianIterations(IterationScheduler):
         engine = state.engine
         step = state.decode_steps
         while heap:
-            f, c, r = heap[0]
-            if engine.client_request[c] != r or f <= step:
-                # finished, evicted, or running past its estimate: no forecast for it
+            f, c, epoch = heap[0]
+            if engine.client_epoch[c] != epoch or engine.client_state[c] != RUNNING or f <= step:
+                # finished, evicted, preempted, or running past its estimate: no forecast for it
                 heapq.heappop(heap)
                 continue
             return f - step
@@ -303,13 +406,16 @@ class LagrangianIterations(IterationScheduler):
         self.decisions_prefill += 1
         if self.mode in ("survival", "lognormal"):
             running = self.running[state.index]
+            engine = state.engine
             for c in chosen:
-                running[c] = (state.engine.client_request[c], state.decode_steps)
+                r = engine.client_request[c]
+                running[c] = (r, state.decode_steps - engine.generated_before[r])
         elif self.mode == "exact":
             heap = self.finish_heap[state.index]
             engine = state.engine
             step = state.decode_steps
             for c in chosen:
                 r = engine.client_request[c]
-                heapq.heappush(heap, (step + int(round(self.estimates[r])), c, r))
+                heapq.heappush(heap, (step - engine.generated_before[r] + int(round(self.estimates[r])), c,
+                                      engine.client_epoch[c]))
         return Prefill(chosen)

@@ -168,7 +168,9 @@ class EndGameMigration:
         i = int(np.argmax(a_rem))
         c1 = int(a_clients[i])
         r = engine.client_request[c1]
-        if destination.kv_reserved + engine.reserve_tokens[r] > destination.kv_capacity:
+        g = worst.decode_steps - engine.client_start_step[c1]
+        room = destination.kv_free_blocks - destination.growth_blocks()
+        if destination.held_blocks(r, engine.prompt[r] + g + 1) > room:
             return None
         keep = np.arange(a_rem.size) != i
         after_a = expected_finish_s(worst.now, worst.latency, a_rem[keep], a_kv[keep])

@@ -184,6 +184,19 @@ class RequestScheduler:
             Time of the failure, seconds (the failed instance's clock).
         """
 
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """``request`` was preempted for KV memory; it stays with ``client``, waiting to be prefilled again.
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client.
+        generated
+            Output tokens it keeps (its next prefill recomputes them with the prompt), tokens.
+        """
+
 
 class IterationScheduler:
     """Decides what the next iteration of an instance runs. Subclass and override :meth:`decide`."""
@@ -212,6 +225,38 @@ class IterationScheduler:
             Its true output length, tokens.
         now
             Finish time, seconds (the instance clock).
+        """
+
+    def victim(self, state: "InstanceState") -> int | None:
+        """The running client to preempt when the next decode step needs more KV blocks than are free.
+
+        Called repeatedly until the step fits. ``None`` (the default) leaves the choice to the
+        engine's victim rule (:data:`~lloptim.runtime.kv.VICTIM_RULES`, vLLM's ``"newest"`` by
+        default).
+
+        Parameters
+        ----------
+        state
+            The instance; ``state.growth_blocks()`` blocks are needed, ``state.kv_free_blocks`` free.
+
+        Returns
+        -------
+        int or None
+            A running client of the instance (global index), or None.
+        """
+        return None
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """``request`` was preempted for KV memory (see :meth:`RequestScheduler.on_preempt`).
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client, where it now waits.
+        generated
+            Output tokens it keeps, tokens.
         """
 
     def on_migrate(self, request: int, source_client: int, destination_client: int, generated: int) -> None:
@@ -276,6 +321,21 @@ class Policy:
         """
         self.requests.on_finish(request, client, output_tokens, now)
         self.iterations.on_finish(request, client, output_tokens, now)
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        """Tell both schedulers that ``request`` was preempted (it waits on ``client`` with ``generated`` tokens).
+
+        Parameters
+        ----------
+        request
+            Row index of the preempted request.
+        client
+            Global index of its client.
+        generated
+            Output tokens it keeps, tokens.
+        """
+        self.requests.on_preempt(request, client, generated)
+        self.iterations.on_preempt(request, client, generated)
 
     def __repr__(self) -> str:
         return f"Policy({self.name!r}, {type(self.requests).__name__}, {type(self.iterations).__name__})"

@@ -69,8 +69,10 @@ def _load_builtin() -> None:
     _loaded = True
     register_policy("baseline", lambda: Policy("baseline", RoundRobinQueues(), PrefillFirst()),
                     "round-robin dealing in arrival order, no re-assignment, prefill-first (the paper's baseline)")
-    register_policy("vllm", lambda token_budget=2048: Policy("vllm", GlobalQueue("fcfs"), PrefillFirst(token_budget)),
-                    "FCFS global queue, prefill-first under a token budget (vLLM's default scheduler)")
+    register_policy("vllm", lambda token_budget=2048: Policy("vllm", GlobalQueue("fcfs"),
+                                                             PrefillFirst(token_budget, head_of_line=True)),
+                    "FCFS global queue, prefill-first under a token budget, no request overtaking one waiting for "
+                    "KV memory (vLLM's default scheduler)")
     register_policy("sarathi", lambda token_budget=None: Policy("sarathi", GlobalQueue("fcfs"),
                                                                ChunkedPrefill(token_budget)),
                     "FCFS, chunked prefill fused with decodes under a token budget (Sarathi-Serve)")
@@ -78,7 +80,28 @@ def _load_builtin() -> None:
                     "shortest estimated output first, global queue, prefill-first")
     register_policy("lpt", lambda: Policy("lpt", GlobalQueue("longest"), PrefillFirst()),
                     "longest estimated output first (online LPT list scheduling), prefill-first")
+    register_policy("mcsf", _mcsf,
+                    "MC-SF (Jaillet et al. 2025): shortest estimated output first, admitted only while the projected "
+                    "KV memory fits at every future completion; prompts fused into decodes")
+    register_policy("wait", _wait,
+                    "WAIT (Ao et al. 2025): fluid-model admission rates per output-length type, paced per decode "
+                    "step to fit the KV memory; prompts fused into decodes")
     try:  # policies that need the offline solvers
         from lloptim.runtime import hybrid  # noqa: F401  (registers offline, hybrid)
     except ImportError:  # pragma: no cover - solvers not built yet
         pass
+
+
+def _mcsf(start_delay: int = 1) -> Policy:
+    from lloptim.runtime.lagrangian import LagrangianIterations
+    from lloptim.runtime.memory_schedulers import MemoryAwareQueue
+
+    return Policy("mcsf", MemoryAwareQueue("shortest", "prefix", start_delay=start_delay),
+                  LagrangianIterations(fused=True))
+
+
+def _wait(types: int = 4, headroom: float = 0.95) -> Policy:
+    from lloptim.runtime.lagrangian import LagrangianIterations
+    from lloptim.runtime.memory_schedulers import FluidPacedQueue
+
+    return Policy("wait", FluidPacedQueue(types, headroom), LagrangianIterations(fused=True))

@@ -1,0 +1,261 @@
+"""KV-memory rules of the runtime, engine-neutral: what admission needs, whom to preempt, projected peaks.
+
+The engine (:mod:`lloptim.runtime.engine`) keeps the block accounting of :mod:`lloptim.memory`
+and calls these rules; other engines (the vLLM / transformers adapters) can call them on their own
+state: every function takes plain numbers or arrays.
+
+**Preemption.** In paged mode nothing is reserved ahead: before a decode step the running requests
+whose tokens fill their last block need one more, and when fewer blocks are free the engine
+preempts running requests until the step fits (recompute: the victim's cache is dropped; it
+waits, at the head of its instance's queue, to be prefilled again with its prompt followed by the
+tokens it had generated, and then decodes on from there). Which request is the victim:
+
+``"newest"`` (default; vLLM's rule)
+    The running request admitted (or re-admitted) last. It has the smallest context among
+    requests admitted together, so its recompute is cheap, and under FCFS it is the one that
+    arrived last.
+``"fewest-tokens"``
+    The running request holding the fewest KV tokens: the cheapest recompute
+    (``prefill_per_token_s`` x its tokens), whatever its age.
+``"longest-remaining"``
+    The running request with the most (estimated) output still to generate: it frees the most
+    area per recompute and postpones work that finishes last anyway.
+
+A policy may choose the victim itself (:meth:`~lloptim.runtime.policy.IterationScheduler.victim`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lloptim.errors import SpecError
+from lloptim.memory import blocks
+
+__all__ = ["VICTIM_RULES", "PREEMPTION_MODES", "check_victim_rule", "choose_victim", "held_blocks",
+           "projected_peak_fits", "projected_peak_blocks", "ProjectedMemory"]
+
+#: Victim rules for preemption (see the module docstring).
+VICTIM_RULES = ("newest", "fewest-tokens", "longest-remaining")
+#: What preemption does to the victim: drop its cache and prefill it again (vLLM's default).
+PREEMPTION_MODES = ("recompute",)
+
+
+def check_victim_rule(rule: str) -> str:
+    """``rule`` if it is a victim rule, else a SpecError naming the ``victim`` option."""
+    if rule not in VICTIM_RULES:
+        raise SpecError("victim", f"unknown preemption victim rule {rule!r}", f"use one of {list(VICTIM_RULES)}")
+    return rule
+
+
+def held_blocks(tokens: int, floor_tokens: int, block_tokens: int) -> int:
+    """Blocks a request holding ``tokens`` KV tokens occupies, at least its reservation ``floor_tokens``."""
+    return blocks(max(tokens, floor_tokens), block_tokens)
+
+
+def choose_victim(rule: str, clients: Sequence[int], admitted: Sequence[int], kv_tokens: Sequence[int],
+                  remaining: Sequence[float]) -> int:
+    """The client whose running request a preemption takes, by ``rule``.
+
+    Parameters
+    ----------
+    rule
+        One of :data:`VICTIM_RULES`.
+    clients
+        Running clients (global indices), the candidates.
+    admitted
+        Admission sequence number of each candidate (larger: admitted later).
+    kv_tokens
+        KV tokens each candidate holds, tokens.
+    remaining
+        Estimated output tokens each candidate still has to generate, tokens.
+
+    Returns
+    -------
+    int
+        The chosen client; ties go to the later admitted.
+    """
+    if not len(clients):
+        raise ValueError("no running request to preempt")
+    adm = np.asarray(admitted, dtype=np.float64)
+    if rule == "newest":
+        key = adm
+    elif rule == "fewest-tokens":
+        key = -np.asarray(kv_tokens, dtype=np.float64) * (1 << 30) + adm
+    elif rule == "longest-remaining":
+        key = np.asarray(remaining, dtype=np.float64) * (1 << 30) + adm
+    else:
+        check_victim_rule(rule)
+    return int(clients[int(np.argmax(key))])
+
+
+def projected_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_tokens: int) -> int:
+    """Most blocks a set of running requests will hold at once if none is preempted, count.
+
+    Request ``j`` holds ``tokens[j]`` tokens now and grows by one per decode step for
+    ``remaining[j]`` more steps, then frees everything. Its holding only grows until it finishes,
+    so the total peaks at a step where some request takes its last step: the maximum over the
+    completion steps ``tau`` of the blocks of the requests still running at ``tau``.
+
+    Parameters
+    ----------
+    tokens
+        KV tokens each request holds now (context; a request not yet prefilled counts its prompt).
+    remaining
+        Decode steps each request still takes (>= 1; estimated when lengths are unknown).
+    block_tokens
+        Tokens per KV block.
+
+    Returns
+    -------
+    int
+        The projected peak, blocks (0 for no request).
+    """
+    t = np.asarray(tokens, dtype=np.int64)
+    rem = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+    if t.size == 0:
+        return 0
+    taus = np.unique(rem)
+    # at step tau, request j (rem_j >= tau) holds blocks(t_j + tau)
+    alive = rem[None, :] >= taus[:, None]
+    held = -(-(t[None, :] + taus[:, None]) // block_tokens)
+    return int((held * alive).sum(axis=1).max())
+
+
+def projected_peak_fits(tokens: np.ndarray, remaining: np.ndarray, capacity_blocks: int, block_tokens: int) -> bool:
+    """Whether :func:`projected_peak_blocks` stays within ``capacity_blocks`` (MC-SF's admission test)."""
+    return projected_peak_blocks(tokens, remaining, block_tokens) <= capacity_blocks
+
+
+class ProjectedMemory:
+    """The KV blocks a set of admitted requests will hold, step by step, if none is preempted.
+
+    Request ``j`` holds ``tokens[j]`` tokens now and ``tokens[j] + tau`` after ``tau`` more decode
+    steps, at least its reservation ``floors[j]`` (reserve mode), until it finishes after
+    ``remaining[j]`` of them; its holding only grows, so the total peaks at completion steps.
+    :meth:`fits` answers, for many candidates at once, whether adding a candidate keeps every
+    future completion step within the capacity (MC-SF's admission test, Jaillet et al. 2025), in
+    O(candidates x set) numpy work.
+
+    Parameters
+    ----------
+    tokens
+        KV tokens each admitted request holds now (a waiting one: its context), tokens.
+    remaining
+        Decode steps each still takes (>= 1; from estimates when lengths are unknown).
+    capacity_blocks
+        Blocks of the instance (count).
+    block_tokens
+        Tokens per block.
+    floors
+        Tokens each request reserves (reserve mode); None: none (paged mode).
+    """
+
+    def __init__(self, tokens, remaining, capacity_blocks: int, block_tokens: int, floors=None) -> None:
+        self.t = np.asarray(tokens, dtype=np.int64)
+        self.rem = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        self.f = np.zeros_like(self.t) if floors is None else np.asarray(floors, dtype=np.int64)
+        self.cap = int(capacity_blocks)
+        self.B = int(block_tokens)
+        self._update()
+
+    def _held(self, tau: np.ndarray) -> np.ndarray:
+        """Blocks of each member (columns) ``tau`` steps from now (rows), 0 once it finished."""
+        tokens = np.maximum(self.t[None, :] + tau[:, None], self.f[None, :])
+        return -(-tokens // self.B) * (self.rem[None, :] >= tau[:, None])
+
+    def _update(self) -> None:
+        if self.t.size:
+            self.taus = np.unique(self.rem)
+            self.margin = self.cap - self._held(self.taus).sum(axis=1)
+        else:
+            self.taus = np.zeros(0, dtype=np.int64)
+            self.margin = np.zeros(0, dtype=np.int64)
+
+    @property
+    def peak(self) -> int:
+        """The projected peak, blocks."""
+        return int(self.cap - self.margin.min()) if self.margin.size else 0
+
+    def held_at(self, tau: np.ndarray) -> np.ndarray:
+        """Blocks the set holds ``tau`` steps from now, for each entry of ``tau`` (count)."""
+        tau = np.asarray(tau, dtype=np.int64)
+        if not self.t.size:
+            return np.zeros(tau.shape, dtype=np.int64)
+        return self._held(tau).sum(axis=1)
+
+    def fits(self, tokens, remaining, floors=None) -> np.ndarray:
+        """Whether each candidate ``(tokens, remaining)`` could join the set without exceeding the capacity.
+
+        A candidate fits when the set and the candidate stay within the capacity at every step
+        until the candidate finishes (an overflow the set projects after that is not its doing).
+
+        Parameters
+        ----------
+        tokens
+            Context of each candidate (what its prefill leaves in the cache), tokens.
+        remaining
+            Decode steps each candidate takes (>= 1).
+        floors
+            Tokens each candidate reserves (reserve mode); None: none.
+
+        Returns
+        -------
+        numpy.ndarray
+            Boolean per candidate.
+        """
+        t0 = np.asarray(tokens, dtype=np.int64)
+        r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        f0 = np.zeros_like(t0) if floors is None else np.asarray(floors, dtype=np.int64)
+        own = -(-np.maximum(t0 + r0, f0) // self.B)  # its own peak, at its last step
+        ok = own + self.held_at(r0) <= self.cap
+        if self.taus.size:
+            need = -(-np.maximum(t0[:, None] + self.taus[None, :], f0[:, None]) // self.B)
+            ok &= np.all((need <= self.margin[None, :]) | (self.taus[None, :] > r0[:, None]), axis=1)
+        return ok
+
+    def first_fit(self, tokens: np.ndarray, remaining: np.ndarray, floors=None) -> int:
+        """Index of the first candidate that :meth:`fits`, or -1; one vectorized pass.
+
+        A candidate fits iff at every step ``tau <= remaining`` the set's blocks plus
+        ``blocks(max(tokens + tau, floor))`` stay within the capacity, so it fits iff its tokens
+        are at most ``min over those tau of (free blocks at tau) x block - tau`` and its floor's
+        blocks at most the least free blocks over those steps: prefix minima over the set's
+        completion steps and one term at its own last step.
+
+        Parameters
+        ----------
+        tokens, remaining
+            Candidates' contexts (tokens) and decode steps (>= 1), in order of preference.
+        floors
+            Tokens each candidate reserves (reserve mode); None: none.
+
+        Returns
+        -------
+        int
+            Position of the first candidate that fits, -1 if none does.
+        """
+        t0 = np.asarray(tokens, dtype=np.int64)
+        r0 = np.maximum(np.asarray(remaining, dtype=np.int64), 1)
+        free_end = self.cap - self.held_at(r0)
+        allow = free_end * self.B - r0
+        least = free_end
+        if self.taus.size:
+            i = np.searchsorted(self.taus, r0, side="right") - 1
+            has = i >= 0
+            j = np.maximum(i, 0)
+            allow = np.where(has, np.minimum(allow, np.minimum.accumulate(self.margin * self.B - self.taus)[j]), allow)
+            least = np.where(has, np.minimum(least, np.minimum.accumulate(self.margin)[j]), least)
+        ok = t0 <= allow
+        if floors is not None:
+            ok &= -(-np.asarray(floors, dtype=np.int64) // self.B) <= least
+        ok = np.flatnonzero(ok)
+        return int(ok[0]) if ok.size else -1
+
+    def add(self, tokens: int, remaining: int, floor: int = 0) -> None:
+        """Add one admitted request to the set."""
+        self.t = np.append(self.t, np.int64(tokens))
+        self.rem = np.append(self.rem, np.int64(max(int(remaining), 1)))
+        self.f = np.append(self.f, np.int64(floor))
+        self._update()

@@ -1,0 +1,496 @@
+"""Request schedulers that see the KV memory: projected-fit admission (MC-SF, the hybrid) and fluid pacing (WAIT).
+
+* :class:`MemoryAwareQueue`: one queue for all clients, in an order (shortest, longest or FCFS
+  estimated output, or ``"planned"``: :func:`planned_start_keys`); an idle client gets a request
+  only if the instance's admitted requests and that request keep the KV cache within its capacity
+  at every future step (:class:`~lloptim.runtime.kv.ProjectedMemory`). ``rule="prefix"`` admits the longest prefix of
+  the queue that fits (MC-SF, Jaillet et al., arXiv 2502.07115, with shortest first);
+  ``rule="first-fit"`` skips a request that does not fit for a later one that does (the hybrid's
+  longest-first dispatch). When the instance's cache can hold its clients' largest requests all
+  at once, memory cannot bind and the queue is a plain :class:`~lloptim.runtime.request_schedulers.GlobalQueue`
+  (same order, same ties), at no cost.
+* :class:`FluidPacedQueue`: WAIT (Ao, Luo, Simchi-Levi, Wang, arXiv 2504.11320) for a known set of
+  requests: requests are grouped into types by estimated output; the fluid model gives each type an
+  admission rate per decode step (proportional to its share of the requests, scaled so that the
+  equilibrium batch fits the KV capacity and the clients), and a type is admitted when its
+  accumulated rate reaches a whole request (its threshold).
+
+Both read the engine's state through :class:`~lloptim.runtime.engine.InstanceState` and never
+change it; with unknown lengths they see only the estimates.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from lloptim.memory import blocks
+from lloptim.runtime.kv import ProjectedMemory
+from lloptim.runtime.policy import RequestScheduler, RunContext
+
+__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "admitted_set", "memory_can_bind", "planned_start_keys",
+           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT"]
+
+RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
+
+
+def admitted_set(state, estimates, start_delay: int = 1, scale: float = 1.0,
+                 overrun: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """KV tokens held now, decode steps left and reservation of each request admitted on ``state``'s instance.
+
+    Running requests hold their prompt plus what they generated; waiting ones (assigned, not yet
+    prefilled) count their context. Steps left come from ``estimates`` (at least 1).
+
+    Parameters
+    ----------
+    state
+        The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+    estimates
+        Estimated output length of each request, tokens.
+    start_delay
+        Decode steps a waiting request may wait for its prefill (a fused prefill takes part in one
+        decode step before the request decodes): it is projected to finish that much later.
+    scale
+        Factor on the estimates (below 1: admit on the hope that requests end early, and let
+        preemption handle the ones that do not; for unknown lengths).
+    overrun
+        A running request past its (scaled) estimate is projected to run ``overrun`` times the
+        tokens it has generated more (heavy tails: the longer it ran, the longer it will).
+
+    Returns
+    -------
+    tuple
+        ``(tokens, remaining, floors)``: int64 arrays; ``floors`` (the reservations) only in
+        reserve mode, else None.
+    """
+    engine = state.engine
+    step = state.decode_steps
+    cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
+    reserve = state.kv_mode == "reserve"
+    tokens, rem, floors = [], [], []
+    for c in state.clients:
+        st = cs[c]
+        if st == RUNNING:
+            r = cr[c]
+            g = step - start[c]
+            tokens.append(engine.prompt[r] + g)
+            rem.append(max(int(np.ceil(scale * estimates[r])) - g, int(np.ceil(overrun * g))))
+        elif st == WAITING:
+            r = cr[c]
+            tokens.append(engine.context[r])
+            rem.append(int(np.ceil(scale * estimates[r])) - engine.generated_before[r] + start_delay)
+        else:
+            continue
+        if reserve:
+            floors.append(state.floor_tokens(r))
+    return (np.asarray(tokens, dtype=np.int64), np.maximum(np.asarray(rem, dtype=np.int64), 1),
+            np.asarray(floors, dtype=np.int64) if reserve else None)
+
+
+def kv_mode_of(ctx: RunContext, instance: int) -> str:
+    """The KV mode ``instance`` runs in (the run's override, else its spec's)."""
+    modes = ctx.extra.get("kv_mode")
+    return modes[instance] if modes else ctx.problem.instances[instance].kv_mode
+
+
+def estimated_kv_area(ctx: RunContext, instance: int) -> float:
+    """KV area of all requests on ``instance``'s blocks from what the policy knows, token-steps.
+
+    The sum of :func:`estimated_kv_areas`.
+    """
+    return float(estimated_kv_areas(ctx, instance).sum())
+
+
+def estimated_kv_areas(ctx: RunContext, instance: int) -> np.ndarray:
+    """KV area of each request on ``instance``'s blocks from what the policy knows, token-steps.
+
+    :func:`lloptim.memory.decode_area_tokens` of the estimated outputs; in reserve mode a request
+    holds at least its reservation (its cap, else its estimate).
+    """
+    from lloptim.memory import decode_area_tokens, reservation_tokens
+
+    inst = ctx.problem.instances[instance]
+    w = ctx.problem.workload
+    est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
+    floor = None
+    if kv_mode_of(ctx, instance) == "reserve":
+        floor = np.minimum(reservation_tokens(w.prompt_tokens, w.max_output_tokens, est),
+                           inst.kv_blocks * inst.kv_block_tokens)
+    return decode_area_tokens(w.prompt_tokens, est, inst.kv_block_tokens, floor)
+
+
+def memory_can_bind(ctx: RunContext, instance: int) -> bool:
+    """Whether ``instance``'s cache could fill up: not if it holds its clients' largest requests at once.
+
+    Decided from what the policy knows (prompts, caps and estimates), so it reads no future.
+    """
+    inst = ctx.problem.instances[instance]
+    w = ctx.problem.workload
+    peak = w.prompt_tokens + np.maximum(np.ceil(ctx.estimates).astype(np.int64), w.max_output_tokens)
+    B = inst.kv_block_tokens
+    top = np.sort(-(-peak // B))[-inst.clients:]
+    return int(top.sum()) > inst.kv_blocks
+
+
+def spread_weight(ctx: RunContext) -> float:
+    """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
+
+    From the estimates: ``rho`` = the decode steps the KV memory forces over those the clients
+    force (pooled over the instances). Where only memory binds (``rho >= 1.8``) the tail decides and
+    longest first is right; where both bind (``rho <= 1``) the run must keep both busy at once,
+    which needs starts of every length spread over it. Linear in between; chosen on training
+    workloads (``benchmarks/memory.py --tune``). 0 when no instance's cache can fill up.
+    """
+    if not any(memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))):
+        return 0.0
+    insts = ctx.problem.instances
+    est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
+    by_clients = est.sum() / sum(i.clients for i in insts)
+    by_memory = estimated_kv_area(ctx, 0) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+    rho = by_memory / by_clients
+    return float(np.clip((SPREAD_FULL_AT[1] - rho) / (SPREAD_FULL_AT[1] - SPREAD_FULL_AT[0]), 0.0, 1.0))
+
+
+#: The projection's factor on estimates and its overrun forecast when lengths are unknown (see
+#: :func:`admitted_set`); chosen on training workloads (``benchmarks/memory.py --tune``).
+UNKNOWN_PROJECTION = (0.85, 0.3)
+#: ``rho`` at which the planned order is fully spread, and at which it is longest first (see :func:`spread_weight`).
+SPREAD_FULL_AT = (1.0, 1.8)
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def planned_start_keys(ctx: RunContext, weight: float | None = None) -> np.ndarray:
+    """Sort keys of the ``"planned"`` order: target start steps of a plan that keeps clients and memory busy.
+
+    With ``D`` the decode steps of the bound (from the estimates), request ``r`` of estimated output
+    ``o_r`` can start as late as ``D - o_r``. Longest first starts every long request at once, and
+    its KV memory then peaks while the short requests left for the end keep the clients busy with
+    little memory; spreading each request's start over its window, at a low-discrepancy fraction
+    ``phi_r`` (the golden-ratio sequence over the requests sorted by length, so every length gets
+    early and late starts) keeps both resources busy throughout. The key blends the two,
+    ``w phi_r (D - o_r) + (1 - w)(max o - o_r)``, with ``w`` = :func:`spread_weight`.
+
+    Parameters
+    ----------
+    ctx
+        The run (estimates, problem).
+    weight
+        The blend ``w``; None: :func:`spread_weight`.
+
+    Returns
+    -------
+    numpy.ndarray
+        One key per request, smaller first (float64, steps).
+    """
+    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
+    w = spread_weight(ctx) if weight is None else float(weight)
+    if w <= 0.0:
+        return -est  # longest first, exactly as the sorted dispatch without memory
+    insts = ctx.problem.instances
+    area = estimated_kv_area(ctx, 0)
+    D = max(est.sum() / sum(i.clients for i in insts), area / sum(i.kv_blocks * i.kv_block_tokens for i in insts))
+    rank = np.empty(est.size, dtype=np.int64)
+    rank[np.argsort(-est, kind="stable")] = np.arange(est.size)
+    phi = (rank * _GOLDEN) % 1.0
+    return w * phi * np.maximum(D - est, 0.0) + (1.0 - w) * (est.max() - est) - 1e-6 * est
+
+
+class MemoryAwareQueue(RequestScheduler):
+    """One queue; an idle client gets the first request in order whose KV memory fits the projection.
+
+    Requests enter when the engine announces them ready (:meth:`on_ready`); the scheduler reads no
+    arrival time.
+
+    Parameters
+    ----------
+    order
+        ``"shortest"``, ``"longest"`` (by estimated output), ``"fcfs"`` (ready time) or
+        ``"planned"`` (target start steps, :func:`planned_start_keys`; longest first where memory
+        cannot bind). Ties go to the lower row.
+    rule
+        ``"first-fit"``: the first request in order that fits, except that a request that has
+        become *urgent* is never overtaken: one whose estimated output is at least the decode
+        steps the rest of the queue needs at full speed (it would finish last if it waited), the
+        moment longest-first dispatch would have taken it; ``"prefix"``: the head only, so nobody
+        overtakes a request waiting for memory (MC-SF).
+    plan
+        Optional offline assignment (global client per request, or a callable of the run context):
+        a request served by another client than planned counts in :attr:`steals`.
+    start_delay
+        Decode steps between handing a request out and its first decode step that the projection
+        allows for (see :func:`admitted_set`).
+    unknown_scale, overrun
+        With unknown lengths, the projection's factor on the estimates and its forecast for a
+        request past its estimate (see :func:`admitted_set`); defaults :data:`UNKNOWN_PROJECTION`.
+        With known lengths the projection is exact (1, 0).
+    workflows
+        A request scheduler for workloads with precedence (the hybrid passes its
+        :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`): on such a workload every hook
+        goes to it, and its :attr:`critical` requests are this scheduler's.
+    """
+
+    def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
+                 unknown_scale: float | None = None, overrun: float | None = None, workflows=None) -> None:
+        self.start_delay = int(start_delay)
+        self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
+        self.overrun = UNKNOWN_PROJECTION[1] if overrun is None else float(overrun)
+        if order not in ("fcfs", "shortest", "longest", "planned"):
+            raise ValueError(f"order must be 'fcfs', 'shortest', 'longest' or 'planned', not {order!r}")
+        if rule not in ("first-fit", "prefix"):
+            raise ValueError(f"rule must be 'first-fit' or 'prefix', not {rule!r}")
+        self.order = order
+        self.rule = rule
+        self.plan = plan
+        self.workflows = workflows
+        self.delegate = None
+        self.steals = 0
+        self.refusals = 0
+
+    @property
+    def critical(self) -> set[int] | None:
+        """Requests without slack in the workflow plan (see ``workflows``); None without precedence."""
+        return getattr(self.delegate, "critical", None)
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        w = ctx.problem.workload
+        self.delegate = None
+        if self.workflows is not None and w.precedence is not None:
+            self.delegate = self.workflows
+            self.workflows.setup(ctx)
+            return
+        n = ctx.problem.n_requests
+        if self.order == "fcfs":
+            key = np.zeros(n)  # filed under its ready time by on_ready
+        elif self.order == "shortest":
+            key = ctx.estimates
+        elif self.order == "planned":
+            key = planned_start_keys(ctx)
+        else:
+            key = -ctx.estimates
+        self.key = np.asarray(key, dtype=np.float64)
+        self.est = np.asarray(ctx.estimates, dtype=np.float64)
+        self.scale, self.over = (1.0, 0.0) if ctx.known_lengths else (self.unknown_scale, self.overrun)
+        # a queued request has not started (a fault restarts one from its prompt): its context is its prompt
+        self.cand_tokens = w.prompt_tokens.astype(np.int64)
+        self.cand_steps = np.maximum(np.ceil(self.scale * self.est).astype(np.int64), 1)
+        # urgency: the ready queue's work at full speed (steps by clients and by memory), its longest request
+        insts = ctx.problem.instances
+        self.clients_total = sum(i.clients for i in insts)
+        self.capacity_total = sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+        self.area = estimated_kv_areas(ctx, 0)
+        self.ready_steps = 0.0
+        self.ready_area = 0.0
+        self.longest: list[tuple[float, int]] = []  # (-estimate, row) of ready requests, taken ones skipped
+        self.taken = np.ones(n, dtype=bool)  # not ready, or handed out
+        # ready requests: a heap by (key, row) for taking the head, and a sorted array of them for
+        # scanning in order, merged from the heap when new requests became ready
+        self.heap: list[tuple[float, int]] = []
+        self._sorted = np.zeros(0, dtype=np.int64)
+        self._new: list[int] = []
+        self.n_pending = 0
+        owner = self.plan(ctx) if callable(self.plan) else self.plan
+        self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
+        self.binds = [memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))]
+        self._cache: tuple | None = None
+        self._refused: tuple | None = None
+        self.steals = 0
+        self.refusals = 0
+
+    def pending(self) -> int:
+        if self.delegate is not None:
+            return self.delegate.pending()
+        return self.n_pending
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_ready(request, now)
+            return
+        if self.order == "fcfs":
+            self.key[request] = now
+        self._enter(request)
+
+    def _enter(self, r: int) -> None:
+        heapq.heappush(self.heap, (float(self.key[r]), r))
+        self._new.append(r)
+        self.taken[r] = False
+        self.n_pending += 1
+        self.ready_steps += float(self.est[r])
+        self.ready_area += float(self.area[r])
+        heapq.heappush(self.longest, (-float(self.est[r]), r))
+
+    def _ordered(self) -> np.ndarray:
+        """The ready requests in order (rows), merging the newly ready ones."""
+        rows = self._sorted
+        if self._new:
+            rows = np.concatenate([rows, np.asarray(self._new, dtype=np.int64)])
+            self._new = []
+        rows = rows[~self.taken[rows]]
+        if rows.size > 1:
+            rows = rows[np.lexsort((rows, self.key[rows]))]
+        self._sorted = rows
+        return rows
+
+    def _urgent(self) -> int | None:
+        """The ready request that must start now, if any (see the class docstring)."""
+        heap = self.longest
+        while heap and self.taken[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        est, r = -heap[0][0], heap[0][1]
+        rest = max((self.ready_steps - est) / self.clients_total, (self.ready_area - self.area[r]) / self.capacity_total)
+        return r if est >= rest else None
+
+    @staticmethod
+    def _key(state) -> tuple:
+        return state.index, state.decode_steps, state.n_running, len(state.waiting), state.now
+
+    def _projection(self, state) -> ProjectedMemory:
+        """The instance's admitted set, reused while only this scheduler's own assignments changed it."""
+        key = self._key(state)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        t, rem, floors = admitted_set(state, self.est, self.start_delay, self.scale, self.over)
+        pm = ProjectedMemory(t, rem, state.kv_blocks, state.kv_block, floors)
+        self._cache = (key, pm)
+        return pm
+
+    def _take(self, r: int, client: int) -> int:
+        self.taken[r] = True
+        self.n_pending -= 1
+        self.ready_steps -= float(self.est[r])
+        self.ready_area -= float(self.area[r])
+        if self.owner is not None and self.owner[r] != client:
+            self.steals += 1
+        return r
+
+    def next_request(self, state, client: int) -> int | None:
+        if self.delegate is not None:
+            return self.delegate.next_request(state, client)
+        if not self.n_pending:
+            return None
+        if not self.binds[state.index]:
+            heap = self.heap
+            while self.taken[heap[0][1]]:
+                heapq.heappop(heap)
+            return self._take(heapq.heappop(heap)[1], client)
+        key = self._key(state)
+        if self._refused == (key, self.n_pending):
+            return None  # nothing fitted a moment ago and nothing has changed since
+        pm = self._projection(state)
+        ordered = self._ordered()
+        urgent = self._urgent() if self.rule == "first-fit" else None
+        rows = ordered[:1] if self.rule == "prefix" else ordered
+        if urgent is not None:
+            rows = np.array([urgent], dtype=np.int64)
+        room = state.kv_blocks * state.kv_block
+        tokens = self.cand_tokens[rows]
+        # a request is never projected past the cache: beyond it, preemption is the engine's answer
+        steps = np.clip(self.cand_steps[rows], 1, np.maximum(room - tokens, 1)) + self.start_delay
+        floors = None
+        if state.kv_mode == "reserve":
+            floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
+        i = pm.first_fit(tokens, steps, floors)
+        if i < 0:
+            if pm.t.size:
+                self.refusals += 1
+                self._refused = (key, self.n_pending)
+                return None
+            i = 0  # an empty instance always takes the head
+        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
+        self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
+        return self._take(int(rows[i]), client)
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_finish(request, client, output_tokens, now)
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.on_client_failed(client, now)
+
+    def requeue(self, request: int, now: float) -> None:
+        if self.delegate is not None:
+            self.delegate.requeue(request, now)
+            return
+        self._enter(request)
+
+
+class FluidPacedQueue(RequestScheduler):
+    """WAIT for a known set of requests: per-type admission rates from the fluid model, paced per decode step.
+
+    Requests are grouped into ``types`` classes by estimated output (quantiles). Type ``j`` has
+    ``N_j`` requests of mean prompt ``p_j`` and mean estimated output ``o_j``; in the fluid
+    equilibrium admitting ``n_j`` per decode step holds ``n_j (o_j p_j + o_j (o_j + 1) / 2)`` KV
+    tokens and ``n_j o_j`` clients. Serving the types in proportion (``n_j = theta N_j / N``, so
+    they all finish together), ``theta`` is the largest rate whose equilibrium fits the KV
+    capacity and the clients of the instance. Each decode step adds ``n_j`` to type ``j``'s credit;
+    an idle client takes a request of the type with the most credit once that credit reaches one
+    request (the threshold), longest first within the type.
+
+    Parameters
+    ----------
+    types
+        Number of request types (output-length quantile classes).
+    headroom
+        Fraction of the KV capacity the equilibrium may fill (the fluid model has no variance;
+        WAIT keeps a safety buffer).
+    """
+
+    def __init__(self, types: int = 4, headroom: float = 0.95) -> None:
+        if types < 1:
+            raise ValueError("types must be >= 1")
+        if not 0 < headroom <= 1:
+            raise ValueError("headroom must be in (0, 1]")
+        self.types = types
+        self.headroom = headroom
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        w = ctx.problem.workload
+        est = np.maximum(np.asarray(ctx.estimates, dtype=np.float64), 1.0)
+        edges = np.quantile(est, np.linspace(0, 1, self.types + 1)[1:-1]) if self.types > 1 else np.zeros(0)
+        self.type_of = np.searchsorted(edges, est, side="right")
+        n_types = int(self.type_of.max()) + 1
+        share = np.bincount(self.type_of, minlength=n_types) / len(w)
+        o_j = np.bincount(self.type_of, weights=est, minlength=n_types) / np.maximum(share * len(w), 1)
+        p_j = np.bincount(self.type_of, weights=w.prompt_tokens, minlength=n_types) / np.maximum(share * len(w), 1)
+        area = o_j * p_j + o_j * (o_j + 1) / 2
+        self.rates = []  # per instance: admissions per decode step of each type
+        for inst in ctx.problem.instances:
+            cap = self.headroom * inst.kv_blocks * inst.kv_block_tokens
+            theta = min(cap / float(np.dot(share, area)), inst.clients / float(np.dot(share, o_j)))
+            self.rates.append(theta * share)
+        self.credit = [np.zeros(n_types) for _ in ctx.problem.instances]
+        self.last_step = [0] * len(ctx.problem.instances)
+        self.queues: list[list[tuple[float, int]]] = [[] for _ in range(n_types)]  # heaps, longest first
+        self.n_pending = 0
+        self.est = est
+
+    def pending(self) -> int:
+        return self.n_pending
+
+    def on_ready(self, request: int, now: float) -> None:
+        heapq.heappush(self.queues[self.type_of[request]], (-float(self.est[request]), request))
+        self.n_pending += 1
+
+    def next_request(self, state, client: int) -> int | None:
+        k = state.index
+        steps = state.decode_steps - self.last_step[k]
+        if steps:
+            self.credit[k] += steps * self.rates[k]
+            self.last_step[k] = state.decode_steps
+        credit = self.credit[k]
+        empty = state.n_running == 0 and not state.waiting
+        for j in np.argsort(-credit):
+            q = self.queues[j]
+            if q and (credit[j] >= 1.0 or empty):
+                credit[j] = max(credit[j] - 1.0, 0.0)
+                self.n_pending -= 1
+                return heapq.heappop(q)[1]
+        return None
+
+    def requeue(self, request: int, now: float) -> None:
+        self.on_ready(request, now)
