@@ -82,8 +82,8 @@ def bench_engine(name: str, problem, args) -> list[dict]:
             prob = with_profile(problem, profile, [cap])
             for pol in ENGINE_POLICIES:
                 res = serve_engine(prob, pol, [eng], clock=args.clock, seed=args.seed)
-                pred = predict_engine_run(prob, pol, profile, token_budget=eng.token_budget, kv_capacity_tokens=[cap],
-                                          seed=args.seed).makespan_s
+                pred = predict_engine_run(prob, pol, profile, token_budget=eng.token_budget, seed=args.seed,
+                                          like=res).makespan_s
                 runs[pol].append((res, pred))
         tokens = {pol: runs[pol][0][0].extra["tokens"] for pol in ENGINE_POLICIES}
         rows = []

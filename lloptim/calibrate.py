@@ -397,7 +397,7 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
     ----------
     results
         :class:`~lloptim.runtime.engine.RunResult` objects of engine runs (their ``extra`` carries
-        ``trace_decodes`` and ``trace_kv_tokens``), on one engine configuration and clock.
+        ``trace_decodes`` and ``trace_decode_kv_tokens``), on one engine configuration and clock.
     kv_capacity_tokens
         Unused by the fit; kept in the calibration's notes (``extra``).
 
@@ -417,14 +417,14 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
     clocks = set()
     for res in results:
         extra = res.extra or {}
-        if "trace_decodes" not in extra or "trace_kv_tokens" not in extra:
-            raise SpecError("results", "a run without engine step details (trace_decodes, trace_kv_tokens)",
+        if "trace_decodes" not in extra or "trace_decode_kv_tokens" not in extra:
+            raise SpecError("results", "a run without engine step details (trace_decodes, trace_decode_kv_tokens)",
                             "calibrate from runs of lloptim.engines")
         kinds.append(res.trace_kind)
         dur.append(res.trace_duration_s)
         tok.append(res.trace_prefill_tokens)
         dec.append(extra["trace_decodes"])
-        kv.append(extra["trace_kv_tokens"])
+        kv.append(extra["trace_decode_kv_tokens"])
         clocks.add(extra.get("clock", "wall"))
     if not kinds or sum(len(k) for k in kinds) == 0:
         raise SpecError("results", "no engine steps to fit", "serve some requests first")

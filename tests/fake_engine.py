@@ -51,7 +51,7 @@ class FakeEngine:
         self.budget = budget
         self.max_chunk = max_chunk
         self.stall = stall
-        self.preempt = preempt
+        self.preempts = preempt
         self.run: EngineRun | None = None
         self.k = 0
         self.waiting: list[FakeRequest] = []
@@ -95,6 +95,8 @@ class FakeEngine:
             order = list(plan.prompts)
             shown_running.sort(key=lambda r: order.index(r.row) if r.row in plan.prompts else -1)
             shown_waiting = sorted((r for r in self.waiting if r.row in plan.prompts), key=lambda r: order.index(r.row))
+            last = {row: len(plan.victims) - i for i, row in enumerate(plan.victims)}
+            shown_running.sort(key=lambda r: last.get(r.row, 0))  # the policy's victims at the tail
             n_dec = sum(1 for r in shown_running if r.row not in plan.prompts)
             budget = min(self.budget, n_dec + plan.tokens)
         work, preempted, decodes = {}, [], []
@@ -107,11 +109,14 @@ class FakeEngine:
                 need = r.total - r.computed
                 n = 1 if r.decoding else min(need, budget, self.max_chunk or need)
                 while not self._alloc(r, n):
-                    if not self.preempt or plan is not None:
+                    if not self.preempts:
                         raise AssertionError(f"out of KV blocks for request {r.row}: admission failed")
-                    victim = self.running[-1]
+                    victim = [x for x in shown_running if x in self.running][-1]  # vLLM: the tail
                     self._evict(victim)
                     preempted.append(victim.row)
+                    work.pop(victim.row, None)
+                    if victim in decodes:
+                        decodes.remove(victim)
                     if victim is r:
                         break
                 if r in self.running:

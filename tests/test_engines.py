@@ -139,12 +139,17 @@ def test_engine_default_preempts_under_memory_pressure_and_still_completes():
     res = serve_engine(problem, ENGINE_DEFAULT, engines)
     _check_complete(problem, res)
     assert res.extra["preemptions"] > 0
-    assert res.requeued == res.extra["preemptions"]
-    # the same pool under the hybrid: admission by reservation, no preemption
-    engines = _engines(problem, blocks=10, block_size=16, preempt=True)
-    res = serve_engine(problem, "hybrid", engines)
+    assert res.preemptions.sum() == res.extra["preemptions"] and res.recomputed_tokens > 0
+    # the same pool under the hybrid: by reservation nothing is preempted; paged, the engine preempts
+    # the policy's victims and every request still completes exactly
+    res = serve_engine(problem, "hybrid", _engines(problem, blocks=10, block_size=16, preempt=True),
+                       kv_mode="reserve")
     _check_complete(problem, res)
     assert res.extra["preemptions"] == 0
+    res = serve_engine(problem, "hybrid", _engines(problem, blocks=10, block_size=16, preempt=True),
+                       kv_mode="paged")
+    _check_complete(problem, res)
+    assert res.preemptions.sum() == res.extra["preemptions"]
 
 
 def test_engine_that_schedules_less_than_planned_is_followed():
@@ -263,3 +268,53 @@ def test_calibrate_engine_fits_the_engines_own_steps():
     assert cal.device == "fake" and cal.extra["steps"] == sum(len(r.trace_kind) for r in runs)
     profile = cal.to_profile(kv_capacity_tokens=engines[0].kv_layout.capacity_tokens, clients=4)
     assert profile.latency == cal.latency
+
+
+@pytest.mark.parametrize("policy", ["baseline", "hybrid", "hybrid-fused"])
+def test_reserve_mode_under_memory_pressure_matches_the_simulator(policy):
+    """Reservations on a tight pool: no preemption, and the engine path reproduces the simulator exactly."""
+    problem = _problem(13, n=20, clients=6, min_output=2)
+    engines = _engines(problem, blocks=16, block_size=16)
+    res = serve_engine(problem, policy, engines, kv_mode="reserve")
+    _check_complete(problem, res)
+    assert res.extra["preemptions"] == 0 and max(res.trace_running) < 6  # memory bound the batch
+    pred = predict_engine_run(problem, policy, problem.instances[0].profile, token_budget=engines[0].budget,
+                              kv_capacity_tokens=[e.kv_layout.capacity_tokens for e in engines], kv_block_tokens=16,
+                              kv_mode="reserve")
+    assert res.makespan_s == pytest.approx(pred.makespan_s, rel=1e-9)
+
+
+class _OldestVictim(PrefillFirstEngine := __import__("lloptim.runtime.iteration_schedulers",
+                                                    fromlist=["PrefillFirst"]).PrefillFirst):
+    """Prefill-first, preempting the request that started first (vLLM preempts the newest)."""
+
+    chosen: list[int] = []
+
+    def victim(self, state):
+        engine = state.engine
+        running = [c for c in state.clients if engine.client_state[c] == 2]
+        c = min(running, key=lambda x: engine.client_start_step[x])
+        self.chosen.append(engine.client_request[c])
+        return c
+
+
+def test_the_engine_preempts_the_policys_victims_first():
+    problem = _problem(3, n=16, clients=6)
+    engines = _engines(problem, blocks=10, block_size=16, preempt=True)
+    its = _OldestVictim()
+    its.chosen = []
+    seen = []
+    original = EngineRun._preempt
+
+    def record(self, s, r):
+        seen.append(r)
+        return original(self, s, r)
+
+    EngineRun._preempt = record
+    try:
+        res = serve_engine(problem, Policy("oldest-victim", GlobalQueue("fcfs"), its), engines, kv_mode="paged")
+    finally:
+        EngineRun._preempt = original
+    _check_complete(problem, res)
+    assert seen, "the pool was meant to overflow"
+    assert seen[0] == its.chosen[0]

@@ -470,8 +470,7 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
             problem = _with_engine_kv(_serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True),
                                       cap)
             result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
-            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, kv_capacity_tokens=cap,
-                                           seed=seed)
+            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, seed=seed, like=result)
             mismatch = _engine_mismatches(e0, problem, result, seed) if verify else None
         finally:
             _close(engines)

@@ -5,16 +5,19 @@ serving engine. That scheduler asks an :class:`EngineRun` what the next step sho
 what the engine actually did; everything that is not specific to one engine lives here, once:
 
 * **The state view.** Policies decide on :class:`~lloptim.runtime.engine.InstanceState` and, through
-  ``state.engine``, on per-client lists (``client_request``, ``prompt``, ``reserve_tokens``). An
+  ``state.engine``, on per-client lists (``client_request``, ``prompt``, ``context``, ...). An
   :class:`EngineRun` provides exactly those, filled from what the engine reports after each step
   (which requests it processed, how many tokens each, which finished), so the runtime's policies run
   unchanged inside an engine. Observation, not prediction, moves the state: if an engine schedules
   less than it was asked to (a KV allocation that failed, a token budget), the view follows the
   engine and the deviation is counted in ``RunResult.extra["plan_deviations"]``.
-* **Admission.** A policy's prefill is checked against the engine's real KV pool: each request
-  reserves its prompt and output cap rounded up to whole KV blocks (plus the engine's allocation
-  slack), so a plug-in never admits what the engine's blocks cannot hold and the engine never has to
-  preempt (:class:`KVLayout`).
+* **Memory.** The view counts the engine's real KV blocks (its block size and pool) in the
+  runtime's KV model (:mod:`lloptim.memory`): in ``"paged"`` mode a prefill takes the blocks of its
+  prompt and the engine preempts (recomputes) a request when the decodes outgrow the pool, the
+  engine preempting first the requests the policy's victim rule names; in ``"reserve"`` mode a
+  prefill reserves the request's peak, so nothing is ever preempted. Either way a policy's prefill
+  is checked against the free blocks before the engine sees it, so a plug-in never admits what the
+  engine's blocks cannot hold (:class:`KVLayout`).
 * **The driver loop** (:func:`drive`): instances step one at a time in the order of their clocks (the
   simulator's event order). An instance's clock advances by the measured duration of each of its
   steps and jumps over idle time to the next arrival, as the torch backend's runs do, so several
@@ -37,13 +40,14 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
 from lloptim.errors import LloptimError, PolicyError, SpecError
-from lloptim.problem import Problem, Workload
+from lloptim.memory import blocks, check_kv_mode, reservation_tokens
+from lloptim.problem import Instance, Problem, Workload
 from lloptim.runtime.engine import (IDLE, KIND_DECODE, KIND_MIXED, KIND_PREFILL, RUNNING, WAITING, InstanceState,
                                     RunResult)
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
@@ -135,11 +139,15 @@ class StepPlan:
         prompt, or a chunk of it).
     kind
         The decision's kind: ``"prefill"``, ``"decode"`` or ``"mixed"``.
+    victims
+        Request rows the engine should preempt first, in this order, if the step's decodes need
+        more KV blocks than are free (the policy's victim rule; empty when they fit).
     """
 
     decode: bool
     prompts: dict[int, int]
     kind: str
+    victims: list[int] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -172,6 +180,28 @@ def engine_problem(problem: Problem) -> Problem:
     return Problem(replace(ws, precedence=w.precedence), problem.instances, name=problem.name)
 
 
+class _EngineState(InstanceState):
+    """An instance's :class:`~lloptim.runtime.engine.InstanceState` filled from an engine's reports.
+
+    The runtime's engine counts a decode step's new blocks incrementally; here they are counted
+    from the observed caches (one pass over the instance's clients), with the same meaning.
+    """
+
+    __slots__ = ()
+
+    def growth_blocks(self) -> int:
+        """Blocks the next decode step of the running requests needs (count)."""
+        run = self.engine
+        state, request_of = run.client_state, run.client_request
+        need = 0
+        for c in self.clients:
+            if state[c] == RUNNING:
+                r = request_of[c]
+                t = run.context[r] + run.decoded[r]
+                need += self.held_blocks(r, t + 1) > self.held_blocks(r, t)
+        return need
+
+
 class EngineRun:
     """The engine-neutral state of one run on real engines; the object a scheduler plug-in talks to.
 
@@ -198,14 +228,19 @@ class EngineRun:
         What a step's duration is measured in: ``"wall"`` seconds (``time.perf_counter``; what a user
         waits), or ``"cpu"`` seconds of this process (``time.process_time``: all its threads, immune
         to other processes competing for a shared machine's cores; for CPU engines only).
+    kv_mode
+        How policies see the engines' KV memory (:mod:`lloptim.memory`): ``"paged"`` (a prefill
+        takes the blocks of its prompt; the engine preempts when decodes outgrow the pool, as vLLM
+        does) or ``"reserve"`` (a prefill reserves the request's peak, so nothing is ever
+        preempted); ``None``: each instance's own (its spec's ``kv_mode``).
 
     Attributes
     ----------
     steps_problem
         :func:`engine_problem` of ``problem``: what policies, bounds and the result use.
-    client_request, client_state, prompt, output, reserve_tokens
-        The per-client and per-request lists a policy reads through ``state.engine`` (``output`` is
-        in decode steps, ``reserve_tokens`` in block-rounded tokens).
+    client_request, client_state, client_start_step, client_epoch, prompt, output, context, generated_before, reserve_floor
+        The per-client and per-request lists a policy reads through ``state.engine``, with the
+        runtime engine's meaning (``output`` and ``generated_before`` in decode steps).
     states
         One :class:`~lloptim.runtime.engine.InstanceState` per instance.
     tokens
@@ -213,7 +248,8 @@ class EngineRun:
     """
 
     def __init__(self, problem: Problem, policy: Policy | None, kv: Sequence[KVLayout], engine: str = "engine",
-                 estimates: np.ndarray | None = None, seed: int = 0, clock: str = "wall") -> None:
+                 estimates: np.ndarray | None = None, seed: int = 0, clock: str = "wall",
+                 kv_mode: str | None = None) -> None:
         if clock not in CLOCKS:
             raise SpecError("clock", f"unknown clock {clock!r}", f"use one of {sorted(CLOCKS)}")
         self.clock_name = clock
@@ -228,8 +264,28 @@ class EngineRun:
         if policy is not None and policy.migration is not None:
             raise SpecError("policy", "engines cannot move running requests between replicas",
                             "use a policy without migration")
+        if kv_mode is not None:
+            check_kv_mode(kv_mode, "kv_mode")
+        self.kv_modes = [inst.kv_mode if kv_mode is None else kv_mode for inst in problem.instances]
+        block = kv[0].block_size
+        # blocks a policy may fill: the pool, less one block per client for an allocator that takes
+        # one ahead (transformers' pages)
+        visible = [max(1, k.blocks - k.slack_blocks * inst.clients) for k, inst in zip(kv, problem.instances)]
+        wt = problem.workload
+        # the KV cache peaks at prompt + max(output, cap) - 1 tokens: the last sampled token is never fed back
+        peak = (wt.prompt_tokens + np.maximum(wt.output_tokens, wt.max_output_tokens) - 1).tolist()
+        too_big = [r for r in range(len(wt)) if blocks(peak[r], block) > max(visible)]
+        if too_big:
+            r = too_big[0]
+            raise SpecError(f"requests[{r}]", f"needs {blocks(peak[r], block) * block} KV tokens (whole blocks of "
+                            f"{block}) but the largest engine KV pool holds {max(visible) * block}",
+                            "give the engine more KV blocks or shorten the request")
+        # what policies plan with: each instance's KV pool is its engine's
+        insts = tuple(Instance.from_profile(inst.profile, inst.clients, visible[k] * block, name=inst.name,
+                                            kv_mode=self.kv_modes[k], kv_block_tokens=block)
+                      for k, inst in enumerate(problem.instances))
         self.problem = problem
-        self.steps_problem = engine_problem(problem)
+        self.steps_problem = engine_problem(Problem(wt, insts, name=problem.name))
         self.policy = policy
         self.engine_name = engine
         self.kv = list(kv)
@@ -245,42 +301,42 @@ class EngineRun:
             known = bool(np.array_equal(est, problem.workload.output_tokens))
             est = np.maximum(est - 1.0, 1.0)  # in decode steps, like the outputs
         self.ctx = RunContext(self.steps_problem, est, known, self.steps_problem.client_instance(), seed)
+        self.ctx.extra["kv_mode"] = list(self.kv_modes)
         self.prompt = w.prompt_tokens.tolist()
         self.output = w.output_tokens.tolist()
         self.tokens_wanted = problem.workload.output_tokens.tolist()
-        # the KV cache peaks at prompt + cap - 1 tokens: the last sampled token is never fed back
-        peak = problem.workload.prompt_tokens + problem.workload.max_output_tokens - 1
-        self.reserve_tokens = [kv[0].reservation(t) for t in peak.tolist()]
-        cap_tokens = [k.capacity_tokens for k in kv]
-        too_big = [r for r in range(n) if self.reserve_tokens[r] > max(cap_tokens)]
-        if too_big:
-            r = too_big[0]
-            raise SpecError(f"requests[{r}]", f"needs {self.reserve_tokens[r]} KV tokens (whole blocks of "
-                            f"{kv[0].block_size}) but the largest engine KV pool holds {max(cap_tokens)}",
-                            "give the engine more KV blocks or shorten the request")
+        # in the engine's steps the peak is prompt + the cap of decode steps
+        self.reserve_floor = np.minimum(reservation_tokens(w.prompt_tokens, w.max_output_tokens, est),
+                                        min(visible) * block).tolist()
+        # tokens a prefill processes (the prompt, plus what it had generated before a preemption)
+        self.context = list(self.prompt)
+        self.generated_before = [0] * n
         self.client_request = [-1] * problem.n_clients
         self.client_state = [IDLE] * problem.n_clients
+        self.client_start_step = [0] * problem.n_clients
+        self.client_epoch = [0] * problem.n_clients
         self.ctx.extra["client_state"] = self.client_state
         # when each request becomes schedulable (arrival, or its predecessors' finish), in time order
         self.readiness = ReadyTimes(w)
-        self.states = [InstanceState(self, k, self.ctx.instance_clients(k), cap_tokens[k],
-                                     inst.profile.latency) for k, inst in enumerate(problem.instances)]
+        self.states = [_EngineState(self, k, self.ctx.instance_clients(k), visible[k] * block,
+                                    inst.profile.latency, self.kv_modes[k], block)
+                       for k, inst in enumerate(problem.instances)]
         self.assign_s = np.full(n, np.nan)
         self.prefill_start_s = np.full(n, np.nan)
         self.prefill_end_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
         self.req_client = np.full(n, -1, dtype=np.int64)
-        self.restarts = np.zeros(n, dtype=np.int64)
+        self.preempted = np.zeros(n, dtype=np.int64)
         self.trace: list[tuple] = []
-        self.trace_kv: list[int] = []
+        self.trace_kv: list[int] = []  # KV tokens the decoding requests held before each step
+        self.trace_mem: list[int] = []  # KV memory allocated during each step, tokens
         self.trace_decodes: list[int] = []
         self.decisions: list[int] = []
         self.tokens: dict[int, list[int]] = {}
-        self.decoded = [0] * n  # decode steps each request has taken part in
-        self.carried = [0] * n  # output tokens an engine recomputes after preempting a request
+        self.decoded = [0] * n  # decode steps each request has taken part in since its (re)start
         self.n_done = 0
         self.generated = 0
-        self.wasted = 0
+        self.recomputed = 0
         self.preemptions = 0
         self.deviations = 0
         self.empty_steps = [0] * n_inst
@@ -290,6 +346,8 @@ class EngineRun:
         self.router: list[int] = []
         self.routed = 0
         self.queued: list[dict[int, None]] = [{} for _ in range(n_inst)]  # submitted, not yet started
+        # clients whose whole-prompt prefill the engine cut at its token budget (to be finished first)
+        self.split: list[dict[int, None]] = [{} for _ in range(n_inst)]
         self._started = False
         self._t_wall = time.perf_counter()
 
@@ -459,15 +517,29 @@ class EngineRun:
         s = self.states[k]
         its = self.policy.iterations
         name = type(its).__name__
+        split = self.split[k]
+        if split:
+            # the engine cut a prefill at its token budget: finish it, as the decision asked, first
+            prompts = {}
+            free = s.kv_free_blocks
+            for c in list(split):
+                if c not in s.prefilled:
+                    del split[c]
+                    continue
+                r = self.client_request[c]
+                prompts[r] = self.context[r] - s.prefilled[c]
+                free = self._take(s, c, r, s.prefilled[c], self.context[r], free, name)
+            if prompts:
+                return StepPlan(False, prompts, "prefill")
         t0 = time.perf_counter_ns()
         decision = its.decide(s)
         self.decisions.append(time.perf_counter_ns() - t0)
-        free = s.kv_free
+        free = s.kv_free_blocks
         if type(decision) is Decode:
             if s.n_running == 0:
                 raise PolicyError(f"{name} asked for a decode with no running client on instance {k}; "
                                   "prefill a waiting client first")
-            return StepPlan(True, {}, "decode")
+            return StepPlan(True, {}, "decode", self._victims(s, free))
         if type(decision) is Prefill:
             clients = list(decision.clients)
             if not clients:
@@ -476,33 +548,72 @@ class EngineRun:
                 raise PolicyError(f"prefill names a client twice: {clients}")
             prompts = {}
             for c in clients:
-                r, free = self._admissible(s, c, free, name)
-                prompts[r] = self.prompt[r] + self.carried[r] - s.prefilled.get(c, 0)
+                r = self._waiting(s, c, name)
+                done = s.prefilled.get(c, 0)
+                prompts[r] = self.context[r] - done
+                free = self._take(s, c, r, done, self.context[r], free, name)
             return StepPlan(False, prompts, "prefill")
         if type(decision) is Mixed:
             if not decision.chunks and s.n_running == 0:
                 raise PolicyError("a mixed iteration with no chunk and no running client does nothing")
             prompts = {}
             for c, n_tok in decision.chunks.items():
-                r, free = self._admissible(s, c, free, name)
-                left = self.prompt[r] + self.carried[r] - s.prefilled.get(c, 0)
+                r = self._waiting(s, c, name)
+                done = s.prefilled.get(c, 0)
+                left = self.context[r] - done
                 if not (isinstance(n_tok, (int, np.integer)) and 0 < n_tok <= left):
                     raise PolicyError(f"chunk of {n_tok!r} tokens for client {c}: {left} prompt tokens remain")
                 prompts[r] = int(n_tok)
-            return StepPlan(s.n_running > 0, prompts, "mixed")
+                free = self._take(s, c, r, done, done + int(n_tok), free, name)
+            victims = self._victims(s, free) if s.n_running else []
+            return StepPlan(s.n_running > 0, prompts, "mixed", victims)
         raise PolicyError(f"{name}.decide returned {decision!r}; return Prefill(clients), DECODE or Mixed(chunks)")
 
-    def _admissible(self, s: InstanceState, c: int, free: int, name: str) -> tuple[int, int]:
+    def _waiting(self, s: InstanceState, c: int, name: str) -> int:
         if self.client_state[c] != WAITING or c not in s.waiting:
             raise PolicyError(f"{name} asked to prefill client {c}, which is not waiting on instance {s.index}")
-        r = self.client_request[c]
-        if c not in s.prefilled:
-            need = self.reserve_tokens[r]
-            if need > free:
-                raise PolicyError(f"prefilling client {c} needs {need} KV tokens but only {free} of "
-                                  f"{s.kv_capacity} are free on instance {s.index}; check state.kv_free first")
-            free -= need
-        return r, free
+        return self.client_request[c]
+
+    def _take(self, s: InstanceState, c: int, r: int, done: int, after: int, free: int, name: str) -> int:
+        """Blocks left after ``c``'s cache grows from ``done`` to ``after`` tokens (its prompt part).
+
+        As the runtime engine: a prefill or chunk must fit the free blocks as they are (a decode
+        step's growth is made room for by preemption), or the decision is refused.
+        """
+        have = s.held_blocks(r, done) if c in s.prefilled else 0
+        need = s.held_blocks(r, after) - have
+        if need > free:
+            raise PolicyError(f"prefilling client {c} needs {need * s.kv_block} KV tokens ({need} blocks) but only "
+                              f"{free * s.kv_block} are free on instance {s.index}; check state.kv_free (or the "
+                              "helpers of lloptim.runtime.iteration_schedulers) first")
+        return free - need
+
+    def _victims(self, s: InstanceState, free: int) -> list[int]:
+        """Rows the engine should preempt first if the next decode step's new blocks do not fit ``free``.
+
+        The policy's victim rule (:meth:`~lloptim.runtime.policy.IterationScheduler.victim`), else
+        the most recently started request, asked repeatedly as the runtime engine does; the engine
+        preempts only what it must, in this order.
+        """
+        if s.kv_unbound or s.n_running == 0 or s.growth_blocks() <= free:
+            return []
+        its = self.policy.iterations
+        victims, flipped = [], []
+        try:
+            while s.n_running > len(victims) and s.growth_blocks() > free:
+                c = its.victim(s)
+                if c is None or self.client_state[c] != RUNNING or not (s.clients.start <= c < s.clients.stop):
+                    running = [x for x in s.clients if self.client_state[x] == RUNNING]
+                    c = max(running, key=lambda x: (self.client_start_step[x], x))
+                r = self.client_request[c]
+                free += s.held_blocks(r, self.context[r] + self.decoded[r])
+                self.client_state[c] = WAITING  # out of the running set while the next victim is chosen
+                flipped.append(c)
+                victims.append(r)
+        finally:
+            for c in flipped:
+                self.client_state[c] = RUNNING
+        return victims
 
     # -- what the engine did ---------------------------------------------------------------------
     def observe(self, k: int, work: Mapping[int, int], duration_s: float,
@@ -535,6 +646,9 @@ class EngineRun:
         name = self.engine_name
         if not (duration_s >= 0 and math.isfinite(duration_s)):
             raise EngineError(name, f"step of instance {k} measured {duration_s!r} s")
+        # the engine preempted while it scheduled the step, before running it
+        for r in preempted:
+            self._preempt(s, r)
         decodes, chunks = [], []
         for r, n_tok in work.items():
             c = int(self.req_client[r]) if 0 <= r < len(self.prompt) else -1
@@ -563,10 +677,10 @@ class EngineRun:
         prompt_tokens = sum(n for _, _, n in chunks)
         running_before = s.n_running
         start = s.now
-        full = all(s.prefilled.get(c, 0) == 0 and n == self.prompt[r] + self.carried[r] for c, r, n in chunks)
+        full = all(s.prefilled.get(c, 0) == 0 and n == self.context[r] for c, r, n in chunks)
         kind = KIND_DECODE if not chunks else (KIND_PREFILL if not decodes and full else KIND_MIXED)
         self.trace.append((k, kind, start, duration_s, len(decodes) + len(chunks), prompt_tokens, running_before))
-        self.trace_kv.append(sum(self.prompt[r] + self.carried[r] + self.decoded[r] for r in decodes))
+        self.trace_kv.append(sum(self.context[r] + self.decoded[r] for r in decodes))
         self.trace_decodes.append(len(decodes))
         s.now = start + duration_s
         if decodes:
@@ -576,23 +690,41 @@ class EngineRun:
                 self.decoded[r] += 1
         for c, r, n_tok in chunks:
             before = s.prefilled.get(c, 0)
-            if before == 0:
-                if math.isnan(self.prefill_start_s[r]):
-                    self.prefill_start_s[r] = start
-                s.kv_reserved += self.reserve_tokens[r]
-            if before + n_tok >= self.prompt[r] + self.carried[r]:
+            if before == 0 and math.isnan(self.prefill_start_s[r]):
+                self.prefill_start_s[r] = start
+            if before + n_tok >= self.context[r]:
                 s.prefilled.pop(c, None)
+                self.split[k].pop(c, None)
                 del s.waiting[c]
                 self.client_state[c] = RUNNING
+                # as if prefilled generated_before steps ago: it has produced that many of its steps
+                self.client_start_step[c] = s.decode_steps - self.generated_before[r]
                 s.n_running += 1
-                s.kv_tokens += self.prompt[r] + self.carried[r]
-                self.prefill_end_s[r] = s.now
+                s.kv_tokens += self.context[r]
+                if math.isnan(self.prefill_end_s[r]):
+                    self.prefill_end_s[r] = s.now
             else:
                 s.prefilled[c] = before + n_tok
-        for r in preempted:
-            self._preempt(s, r)
+                if plan is not None and plan.kind == "prefill":
+                    self.split[k][c] = None
+        self._count_blocks(s)
+        self.trace_mem.append(s.kv_used * s.kv_block)
         for r, ids in finished.items():
             self._finish(s, r, list(ids))
+
+    def _count_blocks(self, s: InstanceState) -> None:
+        """Blocks held by the instance's running and partly prefilled requests, as the engine allocates them."""
+        used = 0
+        state, request_of = self.client_state, self.client_request
+        for c in s.clients:
+            if state[c] == RUNNING:
+                r = request_of[c]
+                used += s.held_blocks(r, self.context[r] + self.decoded[r])
+            elif c in s.prefilled:
+                used += s.held_blocks(request_of[c], s.prefilled[c])
+        s.kv_used = used
+        if used > s.kv_peak:
+            s.kv_peak = used
 
     def _deviates(self, plan: StepPlan, decodes: list[int], chunks: list[tuple[int, int, int]],
                   s: InstanceState) -> bool:
@@ -617,16 +749,12 @@ class EngineRun:
         return c
 
     def _release(self, s: InstanceState, c: int, r: int) -> None:
-        state = self.client_state[c]
-        if state == RUNNING:
+        if self.client_state[c] == RUNNING:
             s.n_running -= 1
-            s.kv_tokens -= self.prompt[r] + self.carried[r] + self.decoded[r]
-            s.kv_reserved -= self.reserve_tokens[r]
+            s.kv_tokens -= self.context[r] + self.decoded[r]
         elif c in s.waiting:
             del s.waiting[c]
-            if c in s.prefilled:
-                s.prefilled.pop(c)
-                s.kv_reserved -= self.reserve_tokens[r]
+            s.prefilled.pop(c, None)
 
     def _finish(self, s: InstanceState, r: int, ids: list[int]) -> None:
         c = int(self.req_client[r])
@@ -638,8 +766,10 @@ class EngineRun:
             raise EngineError(self.engine_name, f"request {r} finished with {len(ids)} output tokens, "
                               f"{want} were asked for", "serve with EOS ignored and max tokens = output_tokens")
         self._release(s, c, r)
+        s.kv_used -= s.held_blocks(r, self.context[r] + self.decoded[r])
         self.client_state[c] = IDLE
         self.client_request[c] = -1
+        self.client_epoch[c] += 1
         s.idle[c] = None
         s.dirty = True
         self.done_s[r] = s.now
@@ -651,21 +781,35 @@ class EngineRun:
         self.readiness.finished(r, s.now)
 
     def _preempt(self, s: InstanceState, r: int) -> None:
-        """The engine evicted running request ``r`` to free KV blocks: it will recompute it."""
+        """The engine evicted running request ``r`` to free KV blocks: it will recompute it.
+
+        The engine prefills again the prompt and every token generated so far (which also samples
+        the next token), so the request counts ``generated_before`` decode steps done, as the runtime
+        engine counts a recomputed request; it waits first in line.
+        """
         c = int(self.req_client[r])
-        if c < 0:
+        if c < 0 or self.client_request[c] != r:
             return
-        was_running = self.client_state[c] == RUNNING
-        self._release(s, c, r)
+        if self.client_state[c] == RUNNING:
+            s.kv_used -= s.held_blocks(r, self.context[r] + self.decoded[r])
+            self._release(s, c, r)
+            self.generated_before[r] += self.decoded[r] + 1
+            self.context[r] = self.prompt[r] + self.generated_before[r]
+        else:  # a partly prefilled request loses its chunks
+            if c in s.prefilled:
+                s.kv_used -= s.held_blocks(r, s.prefilled[c])
+            self._release(s, c, r)
+        self.decoded[r] = 0
+        self.split[s.index].pop(c, None)
+        self.recomputed += self.context[r]
         self.preemptions += 1
-        self.restarts[r] += 1
-        if was_running:
-            # the engine recomputes the prompt and the tokens generated so far, then decodes on
-            self.carried[r] += self.decoded[r] + 1
-            self.wasted += self.decoded[r] + 1
-            self.decoded[r] = 0
-        s.waiting[c] = None
+        self.preempted[r] += 1
+        self.client_epoch[c] += 1
         self.client_state[c] = WAITING
+        s.waiting = {c: None, **s.waiting}  # first in line, as the engine puts it back
+        s.dirty = True
+        if self.policy is not None:
+            self.policy.on_preempt(r, c, self.generated_before[r])
 
     # -- the result ------------------------------------------------------------------------------
     def result(self) -> RunResult:
@@ -674,7 +818,7 @@ class EngineRun:
         ``generated_tokens`` counts the true output tokens; ``extra`` holds ``engine``,
         ``preemptions`` (requests an engine evicted and recomputed), ``plan_deviations`` (steps that
         did not do what the policy asked), ``trace_decodes`` (requests each step decoded) and
-        ``trace_kv_tokens`` (the KV tokens those requests held before the step), for calibration,
+        ``trace_decode_kv_tokens`` (the KV tokens those requests held before the step), for calibration,
         ``clock``, and ``note`` (:data:`DECODE_STEPS_NOTE`).
         """
         tr = self.trace
@@ -683,7 +827,7 @@ class EngineRun:
             problem=self.steps_problem, policy=self.policy_name, backend=self.engine_name,
             known_lengths=self.ctx.known_lengths, client=self.req_client.copy(), assign_s=self.assign_s.copy(),
             prefill_start_s=self.prefill_start_s.copy(), prefill_end_s=self.prefill_end_s.copy(),
-            done_s=self.done_s.copy(), restarts=self.restarts.copy(),
+            done_s=self.done_s.copy(), restarts=np.zeros(len(self.prompt), dtype=np.int64),
             migrations=np.zeros(len(self.prompt), dtype=np.int64),
             ready_s=np.array(self.readiness.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
@@ -691,11 +835,14 @@ class EngineRun:
             trace_participants=np.array(cols[4], dtype=np.int32),
             trace_prefill_tokens=np.array(cols[5], dtype=np.int64), trace_running=np.array(cols[6], dtype=np.int32),
             decision_ns=np.array(self.decisions, dtype=np.int64), generated_tokens=self.generated,
-            wasted_tokens=self.wasted, requeued=self.preemptions, failed_clients=0,
+            wasted_tokens=0, requeued=0, failed_clients=0, preemptions=self.preempted.copy(),
+            recomputed_tokens=self.recomputed, trace_kv_tokens=np.array(self.trace_mem, dtype=np.int64),
             wall_s=time.perf_counter() - self._t_wall,
             extra={"engine": self.engine_name, "preemptions": self.preemptions, "plan_deviations": self.deviations,
-                   "trace_kv_tokens": np.array(self.trace_kv, dtype=np.int64),
+                   "trace_decode_kv_tokens": np.array(self.trace_kv, dtype=np.int64),
                    "trace_decodes": np.array(self.trace_decodes, dtype=np.int64), "note": DECODE_STEPS_NOTE,
+                   "kv_mode": list(self.kv_modes), "kv_block_tokens": [st.kv_block for st in self.states],
+                   "kv_peak_tokens": [st.kv_peak * st.kv_block for st in self.states],
                    "kv_capacity_tokens": [s.kv_capacity for s in self.states], "clock": self.clock_name,
                    "kv_block_size": self.kv[0].block_size},
         )

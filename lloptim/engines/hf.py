@@ -327,6 +327,9 @@ class HFEngine:
     """
 
     name = "hf"
+    #: transformers offloads instead of recomputing, which a run cannot account for: policies admit by
+    #: reservation (reserve mode), so nothing is ever preempted.
+    preempts = False
 
     def __init__(self, model: Any = "mini-llama", clients: int = 8, kv_blocks: int | None = None,
                  max_batch_tokens: int | None = None, dtype: str = "float32", device: str = "auto", seed: int = 0,

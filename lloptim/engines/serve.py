@@ -70,7 +70,7 @@ def engine_policy(name: str | Policy, token_budget: int | None = None, clients: 
 
 
 def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, estimates: np.ndarray | None = None,
-                 seed: int = 0, clock: str = "wall", **policy_options) -> RunResult:
+                 seed: int = 0, clock: str = "wall", kv_mode: str | None = None, **policy_options) -> RunResult:
     """Serve ``problem`` on ``engines`` (one started engine per instance) under ``policy``.
 
     Parameters
@@ -88,6 +88,9 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
         Seed handed to the policy.
     clock
         ``"wall"`` or ``"cpu"`` seconds per step (see :class:`~lloptim.engines.common.EngineRun`).
+    kv_mode
+        ``"paged"`` or ``"reserve"`` for every instance (None: each instance's own; an engine that
+        cannot recompute preempted requests, transformers', is always steered in reserve mode).
     **policy_options
         Options of the named policy.
 
@@ -112,8 +115,11 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
             raise SpecError(f"instances[{k}].clients", f"{inst.clients} clients but the engine runs {eng.clients} "
                             "requests at most", "start the engine with as many slots as the instance has clients")
     pol = engine_policy(policy, engines[0].token_budget, engines[0].clients, **policy_options)
+    # an engine that cannot recompute a preempted request is steered by reservation
+    if not getattr(engines[0], "preempts", True):
+        kv_mode = "reserve"
     run = EngineRun(problem, pol, [e.kv_layout for e in engines], engine=engines[0].name, estimates=estimates,
-                    seed=seed, clock=clock)
+                    seed=seed, clock=clock, kv_mode=kv_mode)
     attached = []
     try:
         for k, e in enumerate(engines):
@@ -128,8 +134,8 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
 
 
 def with_profile(problem: Problem, profile: HardwareProfile,
-                 kv_capacity_tokens: Sequence[int] | None = None) -> Problem:
-    """``problem`` with every instance priced by ``profile`` (clients kept; KV capacity optionally set).
+                 kv_capacity_tokens: Sequence[int] | None = None, kv_block_tokens: int | None = None) -> Problem:
+    """``problem`` with every instance priced by ``profile`` (clients and KV mode kept; KV pool optionally set).
 
     Parameters
     ----------
@@ -139,17 +145,22 @@ def with_profile(problem: Problem, profile: HardwareProfile,
         Latency model for every instance (e.g. a calibration of the engine).
     kv_capacity_tokens
         Each instance's KV capacity, tokens (e.g. the engines' pools); ``None``: keep.
+    kv_block_tokens
+        Tokens per KV block of every instance (the engine's); ``None``: keep.
     """
     insts = []
     for k, inst in enumerate(problem.instances):
         kv = inst.kv_capacity_tokens if kv_capacity_tokens is None else int(kv_capacity_tokens[k])
-        insts.append(Instance.from_profile(profile, inst.clients, kv, name=inst.name))
+        block = inst.kv_block_tokens if kv_block_tokens is None else int(kv_block_tokens)
+        insts.append(Instance.from_profile(profile, inst.clients, kv, name=inst.name, kv_mode=inst.kv_mode,
+                                           kv_block_tokens=min(block, kv)))
     return Problem(problem.workload, tuple(insts), name=problem.name)
 
 
 def predict_engine_run(problem: Problem, policy: str | Policy, profile: HardwareProfile,
                        token_budget: int | None = None, kv_capacity_tokens: Sequence[int] | None = None,
-                       estimates: np.ndarray | None = None, seed: int = 0, **policy_options) -> RunResult:
+                       estimates: np.ndarray | None = None, seed: int = 0, kv_block_tokens: int | None = None,
+                       kv_mode: str | None = None, like: RunResult | None = None, **policy_options) -> RunResult:
     """Simulate an engine run: the same policy on the engine's work (:func:`engine_problem`), priced by ``profile``.
 
     :data:`ENGINE_DEFAULT` is simulated by :data:`DEFAULT_POLICY_TWIN` under the engine's token budget.
@@ -170,17 +181,29 @@ def predict_engine_run(problem: Problem, policy: str | Policy, profile: Hardware
         Output-length estimates (true tokens), as the engine run got them.
     seed
         Seed handed to the policy.
+    kv_block_tokens
+        The engines' KV block, tokens (None: the instances' own).
+    kv_mode
+        ``"paged"`` or ``"reserve"`` as the run saw its engines (None: the instances' own; the
+        engine's own scheduler is simulated paged, as vLLM manages memory).
+    like
+        An engine run of this problem: its KV pools, block size and mode (``extra``) replace
+        ``kv_capacity_tokens``, ``kv_block_tokens`` and ``kv_mode``.
     **policy_options
         Options of the named policy.
 
     Returns
     -------
     RunResult
-        The simulated run.
+        The simulated run (vLLM's victim rule, the newest request, where the policy names none).
     """
     from lloptim.simulator import run_policy
 
-    steps = engine_problem(with_profile(problem, profile, kv_capacity_tokens))
+    if like is not None:
+        kv_capacity_tokens = like.extra["kv_capacity_tokens"]
+        kv_block_tokens = like.extra["kv_block_tokens"][0]
+        kv_mode = like.extra["kv_mode"][0]
+    steps = engine_problem(with_profile(problem, profile, kv_capacity_tokens, kv_block_tokens))
     clients = steps.instances[0].clients
     if policy == ENGINE_DEFAULT:
         # the twin's budget counts decode tokens too, as the engine's does
@@ -188,4 +211,6 @@ def predict_engine_run(problem: Problem, policy: str | Policy, profile: Hardware
     else:
         pol = engine_policy(policy, token_budget, clients, **policy_options)
     est = None if estimates is None else np.maximum(np.asarray(estimates, dtype=np.float64) - 1.0, 1.0)
-    return run_policy(steps, pol, estimates=est, seed=seed)
+    if policy == ENGINE_DEFAULT and kv_mode is None:
+        kv_mode = "paged"
+    return run_policy(steps, pol, estimates=est, seed=seed, kv_mode=kv_mode)

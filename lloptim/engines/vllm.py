@@ -197,6 +197,11 @@ class LloptimScheduler(_VllmScheduler):
         # partly prefilled requests in the policy's order, after the decodes
         order = {row: i for i, row in enumerate(wanted)}
         shown_running.sort(key=lambda r: order.get(_row(r), -1))
+        if plan.victims:
+            # vLLM preempts from the tail of its running list when blocks run out: put the policy's
+            # victims there, the first one last
+            last = {row: len(plan.victims) - i for i, row in enumerate(plan.victims)}
+            shown_running.sort(key=lambda r: last.get(_row(r), 0))
         waiting = list(self.waiting)
         chosen = sorted((r for r in waiting if _row(r) in wanted), key=lambda r: order[_row(r)])
         held_waiting = [r for r in waiting if _row(r) not in wanted]
@@ -259,6 +264,8 @@ class VllmEngine:
     """
 
     name = "vllm"
+    #: vLLM recomputes a request it preempts, so policies may admit by prompt blocks (paged mode).
+    preempts = True
 
     def __init__(self, model: str | Path = "mini-llama", clients: int = 8, kv_blocks: int | None = None,
                  max_num_batched_tokens: int | None = None, dtype: str = "float32", seed: int = 0,
