@@ -38,7 +38,8 @@ def engines():
 
     torch.set_num_threads(1)
     threads = set(threading.enumerate())
-    first = HFEngine("mini-llama", clients=CLIENTS, kv_blocks=BLOCKS)
+    # float64: batches of other shapes cannot flip a greedy near-tie, so every schedule's tokens agree
+    first = HFEngine("mini-llama", clients=CLIENTS, kv_blocks=BLOCKS, dtype="float64")
     pair = [first, HFEngine(first.module, clients=CLIENTS, kv_blocks=BLOCKS)]
     yield pair
     for e in pair:
@@ -73,7 +74,7 @@ def test_every_policy_serves_every_request_exactly(engines, default_run, policy)
     res = base if policy == ENGINE_DEFAULT else serve_engine(problem, policy, engines[:1], clock="cpu")
     _check_complete(problem, res)
     assert res.extra["preemptions"] == 0 and res.extra["plan_deviations"] == 0
-    # scheduling never changes what the model says (vLLM's CPU kernels are batch-invariant here)
+    # scheduling never changes what the model says (in float64)
     assert res.extra["tokens"] == base.extra["tokens"]
 
 
