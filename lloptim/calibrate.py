@@ -20,6 +20,21 @@ coefficients by non-negative least squares (:func:`scipy.optimize.nnls`) on *rel
 * ``t_decode = decode_base_s + decode_per_seq_s * batch + decode_per_kv_token_s * kv_tokens``
 
 The result converts to a :class:`~lloptim.hardware.HardwareProfile` the simulator loads.
+
+**Serving engines** (vLLM, transformers' continuous batching) are calibrated from their own step
+timings, not from a separate micro-benchmark: :func:`calibrate_engine` serves a calibration
+workload (GSM8K *train* requests, never the test requests a benchmark then predicts) under a few
+policies that between them produce prefill, decode and mixed steps of many shapes, and
+:func:`fit_engine_steps` fits all five coefficients at once to every step the engine ran:
+
+* a prefill step (prompts only): ``prefill_base_s + prefill_per_token_s * prompt_tokens``;
+* a decode step: ``decode_base_s + decode_per_seq_s * decodes + decode_per_kv_token_s * kv_tokens``;
+* a mixed step (prompt chunks fused into a decode): the decode plus ``prefill_per_token_s * prompt_tokens``,
+
+which is how the simulator prices the same steps. Steps are grouped by shape (kind, decodes,
+quarter-octave buckets of prompt and KV tokens) and each group enters the non-negative least
+squares with its median time, weighted by the square root of its size, so a step that a busy
+machine stalled does not move the fit.
 """
 
 from __future__ import annotations
@@ -34,13 +49,17 @@ import numpy as np
 from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, LatencyModel
 
-__all__ = ["CalibrationPoint", "Calibration", "fit_prefill", "fit_decode", "calibrate",
-           "DEFAULT_KV_CAPACITY_TOKENS", "DEFAULT_CLIENTS"]
+__all__ = ["CalibrationPoint", "Calibration", "fit_prefill", "fit_decode", "calibrate", "fit_engine_steps",
+           "calibrate_engine", "calibration_workload", "CALIBRATION_POLICIES", "DEFAULT_KV_CAPACITY_TOKENS",
+           "DEFAULT_CLIENTS"]
 
 #: KV capacity written into a calibrated profile unless told otherwise, tokens.
 DEFAULT_KV_CAPACITY_TOKENS = 16384
 #: Clients (concurrent request slots) written into a calibrated profile unless told otherwise.
 DEFAULT_CLIENTS = 8
+#: Policies an engine calibration serves its workload under: the engine's own mixed steps, the
+#: baseline's separate prefills of one to a few prompts, the hybrid's batched prefills.
+CALIBRATION_POLICIES = ("engine-default", "baseline", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -50,16 +69,20 @@ class CalibrationPoint:
     Attributes
     ----------
     kind
-        ``"prefill"``, ``"decode"`` or ``"transfer"``.
+        ``"prefill"``, ``"decode"``, ``"mixed"`` (engine steps) or ``"transfer"``.
     batch
-        Requests in the iteration.
+        Requests in the iteration (prefill: prompts; decode and mixed: decoding requests).
     tokens
-        Prefill: total prompt tokens; decode: KV tokens held before the step (median over repeats);
-        transfer: KV tokens moved.
+        Prefill and mixed: prompt tokens; decode: KV tokens held before the step (median over
+        repeats); transfer: KV tokens moved.
     seconds
         Median measured time, seconds.
     predicted_s
         The fitted model's time, seconds.
+    kv_tokens
+        Mixed engine steps: KV tokens the decoding requests held before the step (0 otherwise).
+    count
+        Measurements behind the median (engine steps of this shape; 1 for a grid point).
     """
 
     kind: str
@@ -67,6 +90,8 @@ class CalibrationPoint:
     tokens: float
     seconds: float
     predicted_s: float
+    kv_tokens: float = 0.0
+    count: int = 1
 
     @property
     def rel_error(self) -> float:
@@ -156,7 +181,8 @@ class Calibration:
             "r2_prefill": self.r2_prefill, "r2_decode": self.r2_decode,
             "max_rel_error": self.max_rel_error, "mean_rel_error": self.mean_rel_error,
             "points": [{"kind": p.kind, "batch": p.batch, "tokens": p.tokens, "seconds": p.seconds,
-                        "predicted_s": p.predicted_s, "rel_error": p.rel_error} for p in self.points],
+                        "predicted_s": p.predicted_s, "rel_error": p.rel_error, "kv_tokens": p.kv_tokens,
+                        "count": p.count} for p in self.points],
         }
 
 
@@ -342,6 +368,11 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     # a transfer is linear in the tokens moved
     moved = np.array([p[2] for p in tra])
     (a_t, b_t), _ = _nnls_relative(np.column_stack([np.ones_like(moved), moved]), [p[3] for p in tra])
+    if a_d + b_d <= 0:
+        # timer noise on a tiny model can put a decode's whole cost on the KV term, which would price
+        # an empty cache at nothing: fit base + per request alone instead
+        a_d, b_d, r2_d = fit_prefill([p[1] for p in dec], [p[3] for p in dec])
+        c_d = 0.0
     if a_p + b_p <= 0 or a_d + b_d <= 0:  # pragma: no cover - only with absurd measurements
         raise SpecError("calibration", "the fit gives iterations that take no time", "use a larger grid")
     lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=float(a_t), kv_transfer_per_token_s=float(b_t))
@@ -351,3 +382,173 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
     return Calibration(latency=lat, points=out, r2_prefill=r2_p, r2_decode=r2_d, model=loaded.name,
                        device=loaded.device, dtype=str(loaded.dtype).removeprefix("torch."),
                        clock=clock, wall_s=time.perf_counter() - t_wall)
+
+
+# -- serving engines -----------------------------------------------------------------------------
+def _bucket(x: np.ndarray) -> np.ndarray:
+    """Quarter-octave bucket of non-negative token counts (0 stays its own bucket)."""
+    return np.where(x > 0, np.round(4 * np.log2(np.maximum(x, 1))).astype(np.int64) + 1, 0)
+
+
+def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibration:
+    """Fit the five latency coefficients to the steps of engine runs (see the module docstring).
+
+    Parameters
+    ----------
+    results
+        :class:`~lloptim.runtime.engine.RunResult` objects of engine runs (their ``extra`` carries
+        ``trace_decodes`` and ``trace_decode_kv_tokens``), on one engine configuration and clock.
+    kv_capacity_tokens
+        Unused by the fit; kept in the calibration's notes (``extra``).
+
+    Returns
+    -------
+    Calibration
+        One point per step shape (median time over its steps), the fit, R^2 of the prefill steps and
+        of the decode and mixed steps, ``clock`` of the runs, and in ``extra`` the number of steps and
+        the median ``|relative error|`` over all steps (``step_median_rel_error``).
+
+    Raises
+    ------
+    SpecError
+        No engine steps, runs without step details, or too few shapes to fit.
+    """
+    kinds, dur, tok, dec, kv = [], [], [], [], []
+    clocks = set()
+    for res in results:
+        extra = res.extra or {}
+        if "trace_decodes" not in extra or "trace_decode_kv_tokens" not in extra:
+            raise SpecError("results", "a run without engine step details (trace_decodes, trace_decode_kv_tokens)",
+                            "calibrate from runs of lloptim.engines")
+        kinds.append(res.trace_kind)
+        dur.append(res.trace_duration_s)
+        tok.append(res.trace_prefill_tokens)
+        dec.append(extra["trace_decodes"])
+        kv.append(extra["trace_decode_kv_tokens"])
+        clocks.add(extra.get("clock", "wall"))
+    if not kinds or sum(len(k) for k in kinds) == 0:
+        raise SpecError("results", "no engine steps to fit", "serve some requests first")
+    kind = np.concatenate(kinds).astype(np.int64)
+    dur = np.concatenate(dur).astype(np.float64)
+    tok = np.concatenate(tok).astype(np.float64)
+    dec = np.concatenate(dec).astype(np.float64)
+    kv = np.concatenate(kv).astype(np.float64)
+    # a "mixed" step without decodes is a prefill of prompt chunks
+    kind = np.where((kind == 2) & (dec == 0), 0, kind)
+    ok = dur > 0
+    kind, dur, tok, dec, kv = kind[ok], dur[ok], tok[ok], dec[ok], kv[ok]
+    key = np.stack([kind, dec.astype(np.int64), _bucket(tok), _bucket(kv)], axis=1)
+    _, group, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    group = group.ravel()
+    n_groups = counts.size
+    med = np.array([np.median(dur[group == g]) for g in range(n_groups)])
+    g_kind = np.array([kind[group == g][0] for g in range(n_groups)])
+    g_dec = np.array([dec[group == g][0] for g in range(n_groups)])
+    g_tok = np.array([np.median(tok[group == g]) for g in range(n_groups)])
+    g_kv = np.array([np.median(kv[group == g]) for g in range(n_groups)])
+    pre = g_kind == 0
+    a = np.zeros((n_groups, 5))
+    a[pre, 0] = 1.0
+    a[:, 1] = g_tok
+    a[~pre, 2] = 1.0
+    a[~pre, 3] = g_dec[~pre]
+    a[~pre, 4] = g_kv[~pre]
+    if n_groups < 5 or not pre.any() or pre.all():
+        raise SpecError("results", f"{n_groups} step shapes ({int(pre.sum())} prefill) cannot pin five coefficients",
+                        "calibrate on a longer workload, under policies with separate prefill steps")
+    from scipy.optimize import nnls
+
+    w = np.sqrt(counts) / med
+    x, _ = nnls(a * w[:, None], med * w)
+    lat = LatencyModel(*[float(v) for v in x])
+    pred = a @ x
+
+    def r2(sel: np.ndarray) -> float:
+        y = med[sel]
+        ss = float(np.sum((y - y.mean()) ** 2)) if y.size else 0.0
+        return 1.0 - float(np.sum((y - pred[sel]) ** 2)) / ss if ss > 0 else 1.0
+
+    # every single step against the fit: what a prediction built on it can hope for
+    step_pred = np.where(kind == 0, x[0] + x[1] * tok, x[2] + x[3] * dec + x[4] * kv + x[1] * tok)
+    step_err = np.abs(step_pred - dur) / dur
+    names = {0: "prefill", 1: "decode", 2: "mixed"}
+    points = [CalibrationPoint(names[int(g_kind[g])], int(g_dec[g]) if g_kind[g] else 0,
+                               float(g_tok[g] if g_kind[g] != 1 else g_kv[g]), float(med[g]), float(pred[g]),
+                               float(g_kv[g]) if g_kind[g] == 2 else 0.0, int(counts[g]))
+              for g in np.lexsort((g_tok, g_dec, g_kind))]
+    return Calibration(latency=lat, points=points, r2_prefill=r2(pre), r2_decode=r2(~pre),
+                       clock=clocks.pop() if len(clocks) == 1 else "mixed",
+                       extra={"steps": int(dur.size), "step_median_rel_error": float(np.median(step_err)),
+                              "kv_capacity_tokens": kv_capacity_tokens})
+
+
+def calibration_workload(requests: int = 48, seed: int = 0):
+    """GSM8K *train* requests (true token counts) to calibrate an engine on, disjoint from any test run.
+
+    Parameters
+    ----------
+    requests
+        How many (a seeded sample of the train split).
+    seed
+        Seed of the sample.
+
+    Returns
+    -------
+    Workload
+        All arriving at time 0.
+    """
+    from lloptim.workloads import gsm8k
+
+    train = gsm8k("train")
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(requests, len(train)), replace=False))
+    return train.subset(rows)
+
+
+def calibrate_engine(engines, workload=None, policies=CALIBRATION_POLICIES, clock: str = "wall",
+                     seed: int = 0, warmup: bool = True) -> tuple[Calibration, list]:
+    """Serve a calibration workload on started engines and fit their step timings.
+
+    Parameters
+    ----------
+    engines
+        Started engines (:class:`~lloptim.engines.vllm.VllmEngine`, :class:`~lloptim.engines.hf.HFEngine`),
+        one per instance; the fit pools all their steps.
+    workload
+        What to serve; default :func:`calibration_workload`.
+    policies
+        Policies to serve it under (see :data:`CALIBRATION_POLICIES`).
+    clock
+        ``"wall"`` or ``"cpu"`` seconds per step.
+    seed
+        Seed of the policies.
+    warmup
+        First serve a few requests unrecorded: an engine's first steps of each shape are slower
+        (kernel selection, allocator growth), which would inflate the fit.
+
+    Returns
+    -------
+    tuple
+        The :class:`Calibration` (``model`` and ``device`` name the engine) and the runs behind it.
+    """
+    from lloptim.engines.serve import serve_engine
+    from lloptim.problem import Problem
+
+    t_wall = time.perf_counter()
+    w = workload if workload is not None else calibration_workload(seed=seed)
+    e0 = engines[0]
+    cap = e0.kv_layout.capacity_tokens
+    placeholder = HardwareProfile("engine-calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
+                                  kv_capacity_tokens=cap, clients=e0.clients)
+    problem = Problem.single(w, placeholder, clients=e0.clients, instances=len(engines))
+    if warmup:
+        few = Problem.single(w.subset(np.arange(min(len(w), 2 * e0.clients * len(engines)))), placeholder,
+                             clients=e0.clients, instances=len(engines))
+        for p in dict.fromkeys(("engine-default",) + tuple(policies)):
+            serve_engine(few, p, engines, clock=clock, seed=seed)
+    runs = [serve_engine(problem, p, engines, clock=clock, seed=seed) for p in policies]
+    cal = fit_engine_steps(runs, kv_capacity_tokens=cap)
+    cal.model = str(getattr(e0, "model_dir", "") or "")
+    cal.device = e0.name
+    cal.dtype = str(getattr(e0, "dtype", ""))
+    cal.wall_s = time.perf_counter() - t_wall
+    return cal, runs

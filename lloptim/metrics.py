@@ -15,7 +15,7 @@ import numpy as np
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.runtime.engine import KIND_DECODE, KIND_MIXED, RunResult
 
-__all__ = ["RunMetrics", "summarize", "client_busy_time"]
+__all__ = ["RunMetrics", "summarize", "client_busy_time", "first_token_times"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ class RunMetrics:
         iterations like ``lower_bound_s``.
     throughput_tokens_per_s
         Output tokens per second of makespan.
-    ttft_p50_s, ttft_p99_s
-        Median and 99th percentile time to first token, seconds: from arrival to the end of the
-        request's first decoding iteration.
-    latency_p50_s, latency_p99_s
-        Median and 99th percentile end-to-end latency, seconds: from arrival to finish.
+    ttft_mean_s, ttft_p50_s, ttft_p99_s
+        Mean, median and 99th percentile time to first token, seconds: from arrival to the end of
+        the request's first decoding iteration.
+    latency_mean_s, latency_p50_s, latency_p99_s
+        Mean, median and 99th percentile end-to-end latency, seconds: from arrival to finish.
     prefill_iterations, decode_iterations, mixed_iterations
         Iterations of each kind over all instances (count).
     decision_latency_us_p50, decision_latency_us_p99
@@ -107,8 +107,10 @@ class RunMetrics:
     gap_to_bound: float
     critical_path_s: float
     throughput_tokens_per_s: float
+    ttft_mean_s: float
     ttft_p50_s: float
     ttft_p99_s: float
+    latency_mean_s: float
     latency_p50_s: float
     latency_p99_s: float
     prefill_iterations: int
@@ -139,8 +141,20 @@ def client_busy_time(result: RunResult) -> float:
     return float(np.dot(result.trace_duration_s, result.trace_participants))
 
 
-def _first_token_times(result: RunResult) -> np.ndarray:
-    """End of each request's first decode step, seconds (NaN if it never decoded)."""
+def first_token_times(result: RunResult) -> np.ndarray:
+    """End of each request's first decoding iteration, seconds (NaN if it never decoded).
+
+    Parameters
+    ----------
+    result
+        The run.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(R,)`` absolute times, seconds: the first decode or mixed iteration of the request's
+        instance that starts at or after the end of its prefill.
+    """
     out = np.full(result.done_s.shape, np.nan)
     inst_of_client = result.problem.client_instance()
     decoding = (result.trace_kind == KIND_DECODE) | (result.trace_kind == KIND_MIXED)
@@ -186,13 +200,17 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     lb = bound.fused_s if fused else bound.total_s
     arrival = problem.workload.arrival_s
     e2e = result.done_s - arrival
-    ttft = _first_token_times(result) - arrival
+    ttft = first_token_times(result) - arrival
     dec_us = result.decision_ns / 1e3
     preempt = result.preemptions if result.preemptions is not None else np.zeros(0, dtype=np.int64)
 
     def pct(a: np.ndarray, q: float) -> float:
         a = a[~np.isnan(a)]
         return float(np.percentile(a, q)) if a.size else float("nan")
+
+    def mean(a: np.ndarray) -> float:
+        a = a[~np.isnan(a)]
+        return float(a.mean()) if a.size else float("nan")
 
     return RunMetrics(
         policy=result.policy, backend=result.backend, known_lengths=result.known_lengths,
@@ -201,7 +219,8 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         gap_to_bound=makespan / lb - 1.0 if lb > 0 else float("nan"),
         critical_path_s=bound.critical_path_fused_s if fused else bound.critical_path_s,
         throughput_tokens_per_s=result.generated_tokens / makespan if makespan > 0 else 0.0,
-        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
+        ttft_mean_s=mean(ttft), ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
+        latency_mean_s=mean(e2e), latency_p50_s=pct(e2e, 50), latency_p99_s=pct(e2e, 99),
         prefill_iterations=int(np.count_nonzero(result.trace_kind == 0)),
         decode_iterations=int(np.count_nonzero(result.trace_kind == KIND_DECODE)),
         mixed_iterations=int(np.count_nonzero(result.trace_kind == KIND_MIXED)),

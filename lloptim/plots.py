@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from lloptim.experiments import unknown_lengths_key  # noqa: E402
 from lloptim.runtime.engine import KIND_MIXED, RunResult  # noqa: E402
 
-__all__ = ["plot_timeline", "plot_run", "plot_reproduction", "check_figure_path"]
+__all__ = ["plot_timeline", "plot_latency", "plot_run", "plot_latency_comparison", "plot_reproduction",
+           "check_figure_path"]
 
 COLORS = {"prefill": "#e8a33d", "decode": "#3b75af", "waiting": "#d9d9d9"}
 #: Colour of the critical path's outline and hand-off arrows.
@@ -107,8 +108,51 @@ def check_figure_path(path: str | Path, flag: str = "--plot") -> Path:
     return check_output_path(flag, path, sorted("." + f for f in formats))
 
 
+def plot_latency(ax, results, title: str = "latency") -> None:
+    """Cumulative distributions of end-to-end latency (solid) and time to first token (dashed).
+
+    One pair of curves per run, with the 99th percentile of the end-to-end latency marked; times
+    from each request's arrival, seconds (:mod:`lloptim.metrics`).
+
+    Parameters
+    ----------
+    ax
+        Matplotlib axes to draw on; the x axis is seconds.
+    results
+        A :class:`~lloptim.runtime.engine.RunResult`, or a mapping of labels to them.
+    title
+        Axes title.
+    """
+    from lloptim.metrics import first_token_times
+
+    runs = {results.policy: results} if isinstance(results, RunResult) else dict(results)
+    for i, (label, res) in enumerate(runs.items()):
+        arrival = res.problem.workload.arrival_s
+        e2e = np.sort((res.done_s - arrival)[~np.isnan(res.done_s)])
+        ttft = first_token_times(res) - arrival
+        ttft = np.sort(ttft[~np.isnan(ttft)])
+        color = f"C{i}"
+        if e2e.size:
+            ax.step(e2e, np.arange(1, e2e.size + 1) / e2e.size, where="post", color=color, label=f"{label} latency")
+            p99 = float(np.percentile(e2e, 99))
+            ax.axvline(p99, color=color, ls=":", lw=0.8)
+            ax.annotate(f"p99 {p99:.1f} s", (p99, 0.99), color=color, fontsize="x-small", rotation=90,
+                        ha="right", va="top")
+        if ttft.size:
+            ax.step(ttft, np.arange(1, ttft.size + 1) / ttft.size, where="post", color=color, ls="--",
+                    label=f"{label} first token")
+    ax.set_xlabel("seconds from arrival")
+    ax.set_ylabel("share of requests")
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="lower right")
+
+
 def plot_run(result: RunResult, path: str | Path, title: str | None = None, max_clients: int | None = 64) -> Path:
     """The per-client timeline of one run (:func:`plot_timeline`) written to ``path``.
+
+    When the requests arrive over time, a second panel draws the latency and time-to-first-token
+    distributions (:func:`plot_latency`).
 
     Parameters
     ----------
@@ -127,10 +171,54 @@ def plot_run(result: RunResult, path: str | Path, title: str | None = None, max_
         ``path``.
     """
     n = result.problem.n_clients if max_clients is None else min(max_clients, result.problem.n_clients)
-    fig, ax = plt.subplots(figsize=(12, 2.0 + 0.12 * n), constrained_layout=True)
+    arrivals = result.problem.workload.arrival_s
+    online = bool(arrivals.size and arrivals.max() > arrivals.min())
+    height = 2.0 + 0.12 * n
+    if online:
+        fig, (ax, ax_lat) = plt.subplots(2, 1, figsize=(12, height + 3.5), constrained_layout=True,
+                                         gridspec_kw={"height_ratios": [height, 3.5]})
+    else:
+        fig, ax = plt.subplots(figsize=(12, height), constrained_layout=True)
     plot_timeline(ax, result, title or result.policy, max_clients)
+    if online:
+        plot_latency(ax_lat, result, "latency from arrival")
     fig.legend(handles=[matplotlib.patches.Patch(color=v, label=k) for k, v in COLORS.items()],
                loc="outside lower center", ncols=3)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_comparison(results, path: str | Path, title: str = "") -> Path:
+    """Latency of several runs of one problem: distributions, and each request's latency by arrival.
+
+    Parameters
+    ----------
+    results
+        Mapping of labels (policy names) to :class:`~lloptim.runtime.engine.RunResult` of the
+        same problem.
+    path
+        Image file to write (format from the suffix).
+    title
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
+    plot_latency(ax1, results, "latency distribution")
+    for i, (label, res) in enumerate(dict(results).items()):
+        arrival = res.problem.workload.arrival_s
+        ax2.scatter(arrival, res.done_s - arrival, s=3, color=f"C{i}", alpha=0.5, label=label, linewidths=0)
+    ax2.set_xlabel("arrival (s)")
+    ax2.set_ylabel("end-to-end latency (s)")
+    ax2.set_title("latency of each request by its arrival")
+    ax2.legend(fontsize="small", markerscale=4)
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

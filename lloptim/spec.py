@@ -5,8 +5,9 @@ Example::
     name = "gsm8k on one LLaMA-65B server"
 
     [workload]            # or a list of [[requests]]
-    source = "gsm8k"      # "gsm8k", "synthetic" or "workflow"
+    source = "gsm8k"      # "gsm8k", "synthetic", "workflow" or "azure"
     split = "test"
+    load = 1.2            # optional: Poisson arrivals at 1.2 x the fleet's capacity
 
     [[instances]]
     profile = "llama-65b" # built-in name or path of a profile .toml
@@ -19,6 +20,13 @@ A request may wait for others: ``after = ["solve-1"]`` in its ``[[requests]]`` t
 other requests). ``source = "workflow"`` generates workflows of dependent requests on GSM8K
 lengths (``shape = "chain"``, ``"fan-in"`` or ``"dag"``, ``workflows = 100``, optional ``depth``,
 ``width``, ``seed``, ``arrival_rate``; see :func:`lloptim.workloads.workflows`).
+
+Requests arrive over time with ``arrival_rate`` (requests per second, Poisson; ``gsm8k`` and
+``synthetic``) or ``load`` (the arrival rate over the fleet's capacity, :mod:`lloptim.arrivals`:
+Poisson arrivals for ``gsm8k`` and ``synthetic``, seeded by ``seed``; for ``azure`` the trace's own
+arrivals sped up or slowed down to that mean rate). ``source = "azure"`` reads an Azure LLM
+inference trace of 2023 with its real arrival times (``trace = "conv"`` or ``"code"``, ``start``,
+``limit``, ``time_scale``; see :func:`lloptim.workloads.azure_trace`).
 
 Every invalid document raises :class:`~lloptim.errors.SpecError` naming the field and the fix.
 """
@@ -97,9 +105,11 @@ class RequestDoc(_Strict):
 
 
 #: ``[workload]`` keys each source reads; any other key is an error (it would be silently ignored).
-SOURCE_KEYS = {"gsm8k": ("split", "limit"),
-               "synthetic": ("n", "seed", "prompt_median", "output_median", "sigma", "max_tokens", "arrival_rate"),
-               "workflow": ("shape", "workflows", "depth", "width", "seed", "split", "arrival_rate")}
+SOURCE_KEYS = {"gsm8k": ("split", "limit", "seed", "arrival_rate", "load"),
+               "synthetic": ("n", "seed", "prompt_median", "output_median", "sigma", "max_tokens", "arrival_rate",
+                             "load"),
+               "workflow": ("shape", "workflows", "depth", "width", "seed", "split", "arrival_rate"),
+               "azure": ("trace", "start", "limit", "time_scale", "load")}
 #: Keys of ``[workload]`` that only ``source = "workflow"`` reads.
 WORKFLOW_KEYS = ("shape", "workflows", "depth", "width")
 SOURCE_KEYS_ORDER = tuple(dict.fromkeys(k for keys in SOURCE_KEYS.values() for k in keys))
@@ -108,18 +118,20 @@ SOURCE_KEYS_ORDER = tuple(dict.fromkeys(k for keys in SOURCE_KEYS.values() for k
 class WorkloadDoc(_Strict):
     """The ``[workload]`` table: a shipped or generated workload."""
 
-    source: Literal["gsm8k", "synthetic", "workflow"] = _key(
+    source: Literal["gsm8k", "synthetic", "workflow", "azure"] = _key(
         "Where the requests come from: 'gsm8k' (the GSM8K split shipped with lloptim, LLaMA token counts), "
-        "'synthetic' (seeded lognormal lengths) or 'workflow' (seeded workflows of dependent requests on "
-        "GSM8K lengths).")
+        "'synthetic' (seeded lognormal lengths), 'workflow' (seeded workflows of dependent requests on "
+        "GSM8K lengths) or 'azure' (the Azure LLM inference traces of 2023, real arrivals).")
     split: Literal["test", "train"] = _key("gsm8k, workflow: the GSM8K split (1319 or 7473 requests).",
                                            default="test")
     limit: Annotated[StrictInt, Field(ge=1, le=workloads.MAX_REQUESTS)] | None = _key(
-        "gsm8k: keep only the first limit requests of the split; default: all.", "requests", default=None)
+        "gsm8k: keep only the first limit requests of the split; azure: keep limit requests from start; "
+        "default: all.", "requests", default=None)
     n: Annotated[StrictInt, Field(**_bounded("n"))] = _key("synthetic: number of requests.", "requests",
                                                            default=1000)
-    seed: Annotated[StrictInt, Field(**_bounded("seed"))] = _key("synthetic, workflow: seed of the generator.",
-                                                                 default=0)
+    seed: Annotated[StrictInt, Field(**_bounded("seed"))] = _key(
+        "synthetic, workflow: seed of the generator; gsm8k: seed of the Poisson arrivals (with arrival_rate or "
+        "load; synthetic with load draws its arrivals from it too).", default=0)
     prompt_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("prompt_median"))] = _key(
         "synthetic: median prompt length (at most max_tokens).", "tokens", default=70.0)
     output_median: Annotated[Number, Field(allow_inf_nan=False, **_bounded("output_median"))] = _key(
@@ -130,8 +142,21 @@ class WorkloadDoc(_Strict):
     max_tokens: Annotated[StrictInt, Field(**_bounded("max_tokens"))] = _key(
         "synthetic: lengths are clipped to [1, max_tokens].", "tokens", default=1024)
     arrival_rate: Annotated[Number, Field(allow_inf_nan=False, **_bounded("arrival_rate"))] | None = _key(
-        "synthetic: Poisson arrivals of requests at this rate; workflow: of whole workflows (all requests of "
-        "a workflow arrive together). Default: everything arrives at time 0.", "per second", default=None)
+        "gsm8k, synthetic: Poisson arrivals of requests at this rate; workflow: of whole workflows (all "
+        "requests of a workflow arrive together). Default: everything arrives at time 0.", "per second",
+        default=None)
+    load: Annotated[Number, Field(gt=0, le=1e3, allow_inf_nan=False)] | None = _key(
+        "gsm8k, synthetic: Poisson arrivals at load x the fleet's capacity (requests over the lower bound of "
+        "the same requests all at time 0; 1.2 is 20 % overload); azure: the trace's arrivals sped up or "
+        "slowed down to that mean rate. Not with arrival_rate or time_scale. Default: no change.", "x capacity",
+        default=None)
+    trace: Literal["conv", "code"] = _key("azure: the conversation (19,366 requests) or the code (8,819) "
+                                          "service's trace.", default="conv")
+    start: Annotated[StrictInt, Field(ge=0, le=workloads.MAX_REQUESTS)] = _key(
+        "azure: index of the first request kept (a window of the trace).", "requests", default=0)
+    time_scale: Annotated[Number, Field(gt=0, le=1e6, allow_inf_nan=False)] = _key(
+        "azure: factor on the trace's inter-arrival times (0.5 doubles the rate); not with load.", "x",
+        default=1.0)
     shape: Literal["chain", "fan-in", "dag"] | None = _key(
         "workflow (required): 'chain' (solve -> verify -> revise), 'fan-in' (map -> reduce) or 'dag' (random "
         "layered DAGs).", default=None)
@@ -154,6 +179,10 @@ class WorkloadDoc(_Strict):
                              f"remove it, or set source = {owners[0]!r}")
         if self.source == "workflow" and self.shape is None:
             raise ValueError("source = 'workflow' needs shape = 'chain', 'fan-in' or 'dag'")
+        if self.load is not None and self.arrival_rate is not None:
+            raise ValueError("give load or arrival_rate, not both (load sets the rate from the fleet's capacity)")
+        if self.load is not None and "time_scale" in self.model_fields_set:
+            raise ValueError("give load or time_scale, not both (load sets the trace's time scale)")
         return self
 
 
@@ -286,6 +315,12 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         w = doc.workload
         if w.source == "gsm8k":
             workload = workloads.gsm8k(w.split, w.limit)
+            if w.arrival_rate is not None:
+                from lloptim.arrivals import poisson_arrivals
+
+                workload = workload.with_arrivals(poisson_arrivals(len(workload), float(w.arrival_rate), w.seed))
+        elif w.source == "azure":
+            workload = workloads.azure_trace(w.trace, w.limit, w.start, float(w.time_scale))
         elif w.source == "workflow":
             workload = workloads.workflows(w.shape, w.workflows, seed=w.seed, split=w.split, depth=w.depth,
                                            width=w.width,
@@ -318,7 +353,14 @@ def _build(doc: SpecDoc, base_dir: Path | None) -> Problem:
         instances.extend(Instance(first.profile, first.clients, first.kv_capacity_tokens, f"instance-{start + j}",
                                   first.kv_mode, first.kv_block_tokens)
                          for j in range(inst.count - 1))
-    return Problem(workload, tuple(instances), name=doc.name)
+    problem = Problem(workload, tuple(instances), name=doc.name)
+    if doc.workload is not None and doc.workload.load is not None:
+        from lloptim.arrivals import at_load, scale_to_load
+
+        load = float(doc.workload.load)
+        problem = scale_to_load(problem, load) if doc.workload.source == "azure" else at_load(problem, load,
+                                                                                                doc.workload.seed)
+    return problem
 
 
 def load_spec(path: str | Path | None = None, text: str | None = None) -> Problem:

@@ -1,14 +1,17 @@
-"""Workloads: the GSM8K splits shipped with the package, case samplers, synthetic generators and
-workflows of dependent requests (:func:`workflows`).
+"""Workloads: the GSM8K splits shipped with the package, case samplers, synthetic generators,
+workflows of dependent requests (:func:`workflows`) and the Azure LLM inference traces of 2023
+(:func:`azure_trace`: real arrival times and token counts).
 
 The GSM8K token counts (``data/gsm8k_llama_tokens.csv``) were produced with the LLaMA tokenizer
 (SentencePiece, 32k vocabulary): prompt ``Question: {q}\\nAnswer:`` with BOS, and the reference
 solution without its calculator notes, plus EOS. GSM8K is MIT-licensed (``data/GSM8K_LICENSE``).
+The Azure traces are CC BY 4.0 (``data/AZURE_LLM_TRACES_LICENSE``: source, citation, changes).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 from functools import lru_cache
 from importlib import resources
 
@@ -18,8 +21,8 @@ from lloptim.errors import SpecError
 from lloptim.problem import MAX_TOKENS, Workload
 from lloptim.validation import MAX_SEED, check_choice, check_int, check_number, check_seed
 
-__all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "workflows", "GSM8K_SPLITS", "WORKFLOW_SHAPES",
-           "MAX_REQUESTS", "SYNTHETIC_LIMITS"]
+__all__ = ["gsm8k", "gsm8k_cases", "gsm8k_case", "synthetic", "workflows", "azure_trace", "GSM8K_SPLITS",
+           "WORKFLOW_SHAPES", "AZURE_TRACES", "MAX_REQUESTS", "SYNTHETIC_LIMITS"]
 
 #: The GSM8K splits shipped with the package (1319 and 7473 requests).
 GSM8K_SPLITS = ("test", "train")
@@ -363,3 +366,69 @@ def workflows(shape: str = "chain", n_workflows: int = 100, seed: int = 0, split
                 made.append(layer)
     return Workload.from_arrays(np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64),
                                 np.asarray(arrival), ids=ids, name=f"{shape}-{n_workflows}-s{seed}", after=after)
+
+
+#: The Azure LLM inference traces of 2023 shipped with the package: conversation (19,366 requests
+#: over 3,502 s) and code (8,819 requests over 3,436 s).
+AZURE_TRACES = ("conv", "code")
+
+
+@lru_cache(maxsize=None)
+def _azure_table(trace: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = (resources.files("lloptim") / "data" / f"azure_llm_{trace}_2023.csv.gz").read_bytes()
+    table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", skiprows=1)
+    arrival, prompt, output = table[:, 0], table[:, 1].astype(np.int64), table[:, 2].astype(np.int64)
+    for a in (arrival, prompt, output):
+        a.setflags(write=False)
+    return arrival, prompt, output
+
+
+def azure_trace(trace: str = "conv", limit: int | None = None, start: int = 0,
+                time_scale: float = 1.0) -> Workload:
+    """Requests of an Azure LLM inference trace (2023) with their real arrival times.
+
+    The traces of Patel et al. (*Splitwise*, ISCA 2024; AzurePublicDataset, CC BY 4.0, see
+    ``data/AZURE_LLM_TRACES_LICENSE``) record, for every request to two production LLM services
+    over about an hour, its arrival time and its prompt (context) and output (generated) token
+    counts. Prompts run up to 14,050 tokens (conversation) and 7,437 (code): size the instances'
+    KV caches for them (the llama-65b profile's 20,480 tokens for 40 clients is the paper's
+    GSM8K configuration; see the arrivals benchmark for the one lloptim uses).
+
+    Parameters
+    ----------
+    trace
+        ``"conv"`` (conversation, 19,366 requests) or ``"code"`` (8,819 requests).
+    limit
+        Keep ``limit`` consecutive requests from ``start`` (count); None: to the end.
+    start
+        Index of the first request kept (count, in arrival order); different starts give
+        different windows of the same service.
+    time_scale
+        Multiply the inter-arrival times by this (dimensionless, > 0): 0.5 doubles the arrival
+        rate. :func:`lloptim.arrivals.scale_to_load` picks it for a target load.
+
+    Returns
+    -------
+    Workload
+        Arrivals shifted so the first kept request arrives at 0, seconds; ids
+        ``"azure-{trace}-{index}"``; named ``"azure-{trace}[{start}:{stop}]"``.
+
+    Raises
+    ------
+    SpecError
+        Unknown trace, a window outside the trace, or a non-positive time scale.
+    """
+    check_choice("workload.trace", trace, AZURE_TRACES, "Azure trace")
+    arrival, prompt, output = _azure_table(trace)
+    n = arrival.size
+    start = check_int("workload.start", start, 0, n - 1, fix=f"the {trace} trace has {n} requests: give a start "
+                      f"in 0..{n - 1}")
+    if limit is not None:
+        limit = check_int("workload.limit", limit, 1, MAX_REQUESTS, fix="give how many requests to keep, e.g. 1000")
+    time_scale = check_number("workload.time_scale", time_scale, 0, 1e6, lo_open=True,
+                              fix="give a factor on the inter-arrival times, e.g. 0.5 to double the arrival rate")
+    stop = n if limit is None else min(n, start + int(limit))
+    t = (arrival[start:stop] - arrival[start]) * float(time_scale)
+    return Workload.from_arrays(prompt[start:stop], output[start:stop], t,
+                                ids=[f"azure-{trace}-{i}" for i in range(start, stop)],
+                                name=f"azure-{trace}[{start}:{stop}]")

@@ -23,7 +23,8 @@ from lloptim.solvers.result import Limit, Termination
 __all__ = ["lpt", "local_search", "GreedyBackend"]
 
 
-def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale: np.ndarray | None = None) -> np.ndarray:
+def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale: np.ndarray | None = None,
+        release: np.ndarray | None = None) -> np.ndarray:
     """LPT assignment (global client per request, int64).
 
     Parameters
@@ -35,14 +36,19 @@ def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale:
     client_scale
         Optional per-client factor on the finish time compared (``scale_c * (load_c + w)``), used by
         the Lagrangian repair to steer work away from expensive clients; default all ones.
+    release
+        Optional ``(C,)`` load each client already carries before these requests (work committed
+        earlier, e.g. the rest of a running request), seconds; default zeros.
     """
     R, C = data.n_requests, data.n_clients
     key = data.w if order_key is None else order_key
     order = np.argsort(-key, kind="stable")
     a = np.empty(R, dtype=np.int64)
+    start = np.zeros(C) if release is None else np.asarray(release, dtype=np.float64)
     if data.uniform and client_scale is None:
         w = data.w.tolist()
-        heap = [(0.0, c) for c in range(C)]  # (load, client): the least loaded client is on top
+        heap = [(float(start[c]), c) for c in range(C)]  # (load, client): the least loaded client is on top
+        heapq.heapify(heap)
         for r in order.tolist():
             load, c = heap[0]
             a[r] = c
@@ -50,7 +56,7 @@ def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale:
         return a
     Wc = data.weight_matrix()
     scale = np.ones(C) if client_scale is None else np.asarray(client_scale, dtype=np.float64)
-    L = np.zeros(C)
+    L = start.copy()
     for r in order:
         c = int(np.argmin(scale * (L + Wc[r])))
         a[r] = c
@@ -64,8 +70,11 @@ WIDE_SWAP_PARTNERS = 64  # least loaded clients scored when scoring every reques
 
 
 def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, deadline: float | None,
-               goal: float) -> np.ndarray:
-    """Best move / swap off the most loaded client until none improves (see the module docstring)."""
+               goal: float, release: np.ndarray | None = None) -> np.ndarray:
+    """Best move / swap off the most loaded client until none improves (see the module docstring).
+
+    ``release`` is the load each client carries before these requests (seconds; default zeros).
+    """
 
     a = np.array(assignment, dtype=np.int64)
     R, C = data.n_requests, data.n_clients
@@ -74,6 +83,8 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
     w = data.w
     wr = w.copy() if uniform else Wc[np.arange(R), a]  # weight of each request on its current client
     L = np.bincount(a, weights=wr, minlength=C)
+    if release is not None:
+        L = L + release
     eps = 1e-12 * max(1.0, float(L.max()))
     for it in range(max_iter):
         cm = int(np.argmax(L))
@@ -200,7 +211,8 @@ def _rebalance_pair(data: BinPackingData, a: np.ndarray, L: np.ndarray) -> bool:
 
 
 def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 100_000,
-                 time_limit_s: float | None = None, target: float | None = None) -> np.ndarray:
+                 time_limit_s: float | None = None, target: float | None = None,
+                 release: np.ndarray | None = None) -> np.ndarray:
     """Improve ``assignment`` off the most loaded client; returns a new array.
 
     Best moves and swaps until none improves; then (identical clients) an optimal re-split of the
@@ -220,14 +232,25 @@ def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 1
         Wall-clock limit, seconds.
     target
         Stop once the makespan is at or below this, seconds (default: the closed-form lower bound).
+    release
+        Optional ``(C,)`` load each client carries before these requests, seconds: the makespan is
+        then ``max_c release_c + load_c`` (the rolling plans of :mod:`lloptim.runtime.rolling`).
+        Only moves and swaps run then.
     """
     a = np.array(assignment, dtype=np.int64)
     if data.n_clients == 1 or a.size == 0:
         return a
+    if release is not None:
+        release = np.asarray(release, dtype=np.float64)
+        if target is None:
+            # average (over the cheapest weights), largest release, largest job: each is <= the optimum
+            w = data.w
+            target = max(float((w.sum() + release.sum()) / data.n_clients), float(release.max()),
+                         float(release.min() + w.max()))
     goal = binpacking_lower_bound(data) if target is None else target
     deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
-    a = _move_swap(data, a, max_iter, deadline, goal)
-    if not data.uniform:
+    a = _move_swap(data, a, max_iter, deadline, goal, release)
+    if not data.uniform or release is not None:
         return a
     L = np.bincount(a, weights=data.w, minlength=data.n_clients)
     # each re-split gains little once loads sit within one request's granularity: a few per client

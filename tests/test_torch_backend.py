@@ -143,3 +143,26 @@ def test_cli_run_reports_bad_model_without_traceback():
     res = CliRunner().invoke(app, ["run", "--model", "nope", "--json"])
     assert res.exit_code == 2
     assert "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_builtin_model_folder_is_written_once_and_loads_as_the_seeded_model(tmp_path):
+    from lloptim.backends.models import ModelInfo, builtin_model_dir
+
+    path = builtin_model_dir("mini-llama", seed=3, root=tmp_path)
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["head_dim"] == 64 and cfg["architectures"] == ["LlamaForCausalLM"]
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert builtin_model_dir("mini-llama", seed=3, root=tmp_path) == path  # reused, not rewritten
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert builtin_model_dir("mini-llama", seed=4, root=tmp_path) != path
+    from_dir = load_model(str(path), device="cpu", dtype="float64")
+    built = load_model("mini-llama", device="cpu", dtype="float64", seed=3)
+    for a, b in zip(from_dir.module.state_dict().values(), built.module.state_dict().values()):
+        assert torch.equal(a, b)
+    info = ModelInfo.from_dir(path)
+    assert info.vocab_size == 512 and info.special_ids == (0, 1, 2)
+    assert info.prompt_ids(5, 12) == prompt_token_ids(built, 5, 12)
+    with pytest.raises(SpecError, match="built-in"):
+        builtin_model_dir("no-such-model", root=tmp_path)

@@ -13,7 +13,8 @@ cannot drift from them:
 * ``spec_reference.inc``: every key of a spec, from the validator's pydantic models
   (:func:`lloptim.spec.spec_reference`);
 * ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present;
-* ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present.
+* ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present;
+* ``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` when present.
 
 Figures and tables are rewritten only when missing or older than the code, which keeps repeated
 builds fast.
@@ -36,7 +37,8 @@ ROOT = DOCS.parent
 #: Packages whose modules get API pages, in the order of the API reference, with section titles.
 SECTIONS = [
     ("Core", "lloptim", ["lloptim.spec", "lloptim.problem", "lloptim.workloads", "lloptim.precedence",
-                         "lloptim.hardware", "lloptim.memory", "lloptim.bounds", "lloptim.work", "lloptim.dag_plan",
+                         "lloptim.hardware", "lloptim.memory", "lloptim.bounds", "lloptim.work", "lloptim.arrivals",
+                         "lloptim.dag_plan",
                          "lloptim.metrics", "lloptim.trace", "lloptim.simulator",
                          "lloptim.experiments", "lloptim.executors", "lloptim.distributed",
                          "lloptim.calibrate", "lloptim.plots", "lloptim.errors", "lloptim.validation",
@@ -45,11 +47,15 @@ SECTIONS = [
                                            "lloptim.runtime.request_schedulers",
                                            "lloptim.runtime.iteration_schedulers", "lloptim.runtime.kv",
                                            "lloptim.runtime.memory_schedulers", "lloptim.runtime.lagrangian",
-                                           "lloptim.runtime.hybrid", "lloptim.runtime.migration",
+                                           "lloptim.runtime.hybrid", "lloptim.runtime.dispatch",
+                                           "lloptim.runtime.fleet", "lloptim.runtime.rolling",
+                                           "lloptim.runtime.migration",
                                            "lloptim.runtime.estimators",
                                            "lloptim.runtime.registry"]),
     ("Execution backends", "lloptim.backends", ["lloptim.backends.base", "lloptim.backends.simulated",
                                                 "lloptim.backends.torch_backend", "lloptim.backends.models"]),
+    ("Serving engines", "lloptim.engines", ["lloptim.engines.common", "lloptim.engines.serve",
+                                            "lloptim.engines.vllm", "lloptim.engines.hf"]),
     ("Formulations", "lloptim.formulations", ["lloptim.formulations.model", "lloptim.formulations.variables",
                                               "lloptim.formulations.expressions", "lloptim.formulations.constraints",
                                               "lloptim.formulations.indexing", "lloptim.formulations.compiled",
@@ -526,6 +532,32 @@ def write_workflow_table(out: Path) -> bool:
     return True
 
 
+def write_engines_benchmark(out: Path) -> bool:
+    """``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` (``benchmarks/engines.py``)."""
+    path = ROOT / "benchmarks" / "results" / "engines.json"
+    if not path.is_file():
+        _write(out / "engines_benchmark.inc", ".. note::\n\n   ``benchmarks/results/engines.json`` was not present "
+               "when these pages were built; run ``python benchmarks/engines.py``.\n")
+        return False
+    d = json.loads(path.read_text())
+    lines = [f"``python benchmarks/engines.py --requests {d['requests']} --repeats {d['repeats']}``: GSM8K test, first "
+             f"{d['requests']} requests ({d['output_tokens']:,} output tokens), {d['clients']} clients, "
+             f"``{d['model']}`` in {d['dtype']}, {d['device']}, {d['clock']} clock; makespan is the median of "
+             f"{d['repeats']} runs (min-max in brackets), predicted by the simulator with a profile fitted to the "
+             "engine's own steps on GSM8K train requests.", "",
+             ".. list-table::", "   :header-rows: 1", "",
+             "   * - engine", "     - scheduler", "     - makespan s", "     - tokens/s", "     - predicted s",
+             "     - prediction error"]
+    for r in d["rows"]:
+        pred = f"{r['predicted_s']:.3f}" if r.get("predicted_s") is not None else "n/a"
+        err = f"{100 * r['rel_error']:+.1f} %" if r.get("rel_error") is not None else ""
+        lines += [f"   * - {r['engine']}", f"     - {r['scheduler']}",
+                  f"     - {r['makespan_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})",
+                  f"     - {r['tokens_per_s']:,.0f}", f"     - {pred}", f"     - {err}"]
+    _write(out / "engines_benchmark.inc", "\n".join(lines) + "\n")
+    return True
+
+
 def _sources() -> list[Path]:
     return [p for d in ("lloptim", "formulations", "solvers") for p in (ROOT / d).rglob("*") if p.is_file()
             and p.suffix in (".py", ".toml", ".csv")] + [Path(__file__)]
@@ -636,6 +668,7 @@ def run(out: Path) -> dict:
     facts["benchmark_figures"] = write_benchmark_figures(out)
     facts["side_by_side"] = write_side_by_side(out)
     facts["workflow_table"] = write_workflow_table(out)
+    facts["engines_benchmark"] = write_engines_benchmark(out)
     facts["reproduction"] = write_reproduction(out)
     facts["tutorial_ok"] = tutorial_status()
     facts["seconds"] = time.perf_counter() - t0

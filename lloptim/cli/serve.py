@@ -1,8 +1,13 @@
 """``lloptim run`` (serve a workload on a real model) and ``lloptim calibrate`` (fit a profile to it).
 
-``lloptim run`` without a SPEC serves :func:`default_torch_workload`: the first 32 GSM8K test
-requests with their LLaMA token counts divided by 4 and clipped to 64 tokens (prompts 11-50
-tokens, outputs 10-64), which tiny-llama serves in well under a second on one CPU core.
+Backends: ``torch`` (lloptim's own exact-token engine), ``vllm`` and ``hf`` (lloptim's policies as
+the scheduler of vLLM or of transformers' continuous batching, :mod:`lloptim.engines`), and
+``simulated``.
+
+``lloptim run`` without a SPEC serves :func:`default_torch_workload` on the torch backend (the first
+32 GSM8K test requests with their LLaMA token counts divided by 4 and clipped to 64 tokens, which
+tiny-llama serves in well under a second on one CPU core) and :func:`default_engine_workload` on
+the engines (the first 64 GSM8K test requests with their true token counts).
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ from lloptim.cli.tables import Column, print_table
 from lloptim.errors import SpecError
 from lloptim.validation import check_choice, check_int, check_seed
 
-__all__ = ["default_torch_workload", "serve", "calibrate_command", "MODEL_FLAGS"]
+__all__ = ["default_torch_workload", "default_engine_workload", "serve", "calibrate_command", "MODEL_FLAGS"]
 
-BACKENDS = ("torch", "simulated")
+BACKENDS = ("torch", "simulated", "vllm", "hf")
+#: Backends that are serving engines steered by lloptim (:mod:`lloptim.engines`).
+ENGINE_BACKENDS = ("vllm", "hf")
 CLOCKS = ("wall", "cpu")
 #: API fields raised by model loading and calibration, and the flags of ``run``/``calibrate`` that set them.
 MODEL_FLAGS = {"backend": "--backend", "threads": "--threads", "profile": "--profile", "device": "--device",
-               "dtype": "--dtype", "model": "--model", "policy": "--policy", "clock": "--clock", "repeats": "--repeats"}
+               "dtype": "--dtype", "model": "--model", "policy": "--policy", "clock": "--clock", "repeats": "--repeats",
+               "kv_blocks": "--kv-blocks", "clients": "--clients", "instances": "--instances"}
+#: Clients per engine instance when neither --clients nor a SPEC says.
+DEFAULT_ENGINE_CLIENTS = 16
 
 
 def default_torch_workload(limit: int = 32, scale: float = 4.0, max_tokens: int = 64):
@@ -58,6 +68,25 @@ def default_torch_workload(limit: int = 32, scale: float = 4.0, max_tokens: int 
     prompt = np.clip(np.ceil(base.prompt_tokens / scale), 1, max_tokens).astype(np.int64)
     output = np.clip(np.ceil(base.output_tokens / scale), 1, max_tokens).astype(np.int64)
     return Workload.from_arrays(prompt, output, ids=base.ids, name=f"gsm8k-test-{limit}/{scale:g}")
+
+
+def default_engine_workload(limit: int = 64):
+    """The first ``limit`` GSM8K test requests with their true LLaMA token counts (prompts 29-196, outputs 28-310).
+
+    Parameters
+    ----------
+    limit
+        Number of requests (dataset order).
+
+    Returns
+    -------
+    Workload
+        All requests arrive at time 0.
+    """
+    from lloptim.workloads import gsm8k
+
+    base = gsm8k("test", limit=limit)
+    return base.subset(np.arange(len(base)))
 
 
 def _ints(name: str, text: str) -> list[int]:
@@ -101,8 +130,10 @@ def _print_fit(cal) -> None:
 
 @app.command("calibrate")
 def calibrate_command(
-    backend: str = typer.Option("torch", "--backend", help="backend to measure (torch)"),
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' or a local model directory"),
+    backend: str = typer.Option("torch", "--backend", help="backend to measure: torch, or an engine (vllm, hf) "
+                                "fitted to its own steps on GSM8K train requests"),
+    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama', 'mini-llama' (the engines' "
+                              "default) or a local model directory"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float64, float32, float16, bfloat16"),
     seed: int = typer.Option(0, "--seed", help="seed of the built-in model's weights"),
@@ -116,15 +147,23 @@ def calibrate_command(
     repeats: int = typer.Option(5, "--repeats", help="timed repetitions per grid point (median kept)"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default); 1 times steadiest"),
     clock: str = typer.Option("wall", "--clock", help="wall seconds, or cpu seconds of the serving thread"),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="engines: KV blocks (default: the engine's)"),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens",
+                                                     help="engines: tokens per step (default: the engine's)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS)."""
+    """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS).
+
+    With --backend vllm or hf the fit uses the engine's own step timings while it serves GSM8K train
+    requests under its default scheduler, the baseline and the hybrid.
+    """
     from lloptim.calibrate import calibrate
     from lloptim.hardware import save_profile
 
     with user_errors(MODEL_FLAGS):
-        if backend != "torch":
-            raise SpecError("--backend", f"cannot calibrate the {backend!r} backend", "use --backend torch")
+        if backend not in ("torch",) + ENGINE_BACKENDS:
+            raise SpecError("--backend", f"cannot calibrate the {backend!r} backend",
+                            f"use one of {['torch', *ENGINE_BACKENDS]}")
         out_path = output_path("--out", out, (".toml",))
         check_int("--kv-capacity", kv_capacity, 1, 10**12, fix="give the KV capacity in tokens, e.g. --kv-capacity 16384")
         check_int("--clients", clients, 1, 1_000_000, fix="give the clients per instance, e.g. --clients 8")
@@ -134,8 +173,20 @@ def calibrate_command(
                                                       ("--prefill-lengths", prefill_lengths),
                                                       ("--decode-batches", decode_batches),
                                                       ("--decode-contexts", decode_contexts))]
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
         _set_threads(threads)
-        cal = calibrate(model, device, dtype, seed, *grids, repeats=repeats, clock=clock)
+        if backend in ENGINE_BACKENDS:
+            from lloptim.calibrate import calibrate_engine
+
+            engines = _start_engines(backend, _engine_model(model), clients, 1, kv_blocks, max_batched_tokens, dtype,
+                                     device, seed)
+            try:
+                cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
+                kv_capacity = engines[0].kv_layout.capacity_tokens
+            finally:
+                _close(engines)
+        else:
+            cal = calibrate(model, device, dtype, seed, *grids, repeats=repeats, clock=clock)
         profile = cal.to_profile(kv_capacity_tokens=kv_capacity, clients=clients)
     path, failed = write_reporting("--out", out_path, lambda p: save_profile(profile, p)) if out_path else (None, None)
     if json_out:
@@ -158,12 +209,64 @@ def calibrate_command(
         raise failed
 
 
-def _serving_problem(spec, profile, clients, instances, requests):
+def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device, seed):
+    """Start ``instances`` engines of ``backend`` (replicas of one configuration)."""
+    if clients is None:
+        clients = DEFAULT_ENGINE_CLIENTS
+    if instances < 1:
+        raise SpecError("instances", f"must be >= 1, got {instances}", "give at least one replica")
+    engines = []
+    try:
+        for _ in range(instances):
+            if backend == "vllm":
+                from lloptim.engines.vllm import VllmEngine
+
+                engines.append(VllmEngine(model, clients=clients, kv_blocks=kv_blocks,
+                                          max_num_batched_tokens=max_batched_tokens, dtype=dtype or "float32",
+                                          seed=seed))
+            else:
+                from lloptim.engines.hf import HFEngine
+
+                shared = engines[0].module if engines else model
+                engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks,
+                                        max_batch_tokens=max_batched_tokens, dtype=dtype or "float32", device=device,
+                                        seed=seed))
+    except BaseException:
+        _close(engines)
+        raise
+    return engines
+
+
+def _close(engines) -> None:
+    for e in engines:
+        e.close()
+
+
+def _engine_model(model: str) -> str:
+    """The engines' default model: heads of 16 dimensions (tiny-llama) are rejected by their CPU attention."""
+    return "mini-llama" if model == "tiny-llama" else model
+
+
+def _check_engine_flags(backend: str, kv_blocks, max_batched_tokens) -> None:
+    """Engine-only flags with another backend, and their ranges, named before any work."""
+    if backend not in ENGINE_BACKENDS and (kv_blocks is not None or max_batched_tokens is not None):
+        flag = "--kv-blocks" if kv_blocks is not None else "--max-batched-tokens"
+        raise SpecError(flag, f"an engine option with --backend {backend}",
+                        f"use it with --backend {' or '.join(ENGINE_BACKENDS)}, or drop it")
+    if kv_blocks is not None:
+        check_int("--kv-blocks", kv_blocks, 2, 10**9, fix="give the engine's KV blocks, e.g. --kv-blocks 256")
+    if max_batched_tokens is not None:
+        check_int("--max-batched-tokens", max_batched_tokens, 1, 10**9,
+                  fix="give the tokens per step, e.g. --max-batched-tokens 2048")
+
+
+def _serving_problem(spec, profile, clients, instances, requests, engine: bool = False):
     """The problem to serve: SPEC's workload and instance layout (or the default) on ``profile``'s latency."""
     from lloptim.problem import Instance, Problem
 
     if spec is None:
-        workload = default_torch_workload(limit=requests or 32)
+        workload = (default_engine_workload(limit=requests or 64) if engine
+                    else default_torch_workload(limit=requests or 32))
         return Problem.single(workload, profile, clients=clients, instances=instances,
                               name=f"{workload.name} on {profile.name}")
     base = load_problem(spec)
@@ -179,10 +282,14 @@ def _serving_problem(spec, profile, clients, instances, requests):
 
 @app.command("run")
 def serve(
-    spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: 32 GSM8K requests scaled for tiny-llama"),
-    backend: str = typer.Option("torch", "--backend", help="torch (real model) or simulated"),
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' or a local model directory"),
-    policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
+    spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: 32 GSM8K requests scaled for tiny-llama "
+                                          "(torch) or the first 64 GSM8K test requests (vllm, hf)"),
+    backend: str = typer.Option("torch", "--backend", help="torch (lloptim's exact-token engine), vllm or hf "
+                                "(lloptim as the engine's scheduler), or simulated"),
+    model: str = typer.Option("tiny-llama", "--model", "-m", help="'tiny-llama' (torch), 'mini-llama' (the engines' "
+                              "default) or a local model directory"),
+    policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`); with vllm "
+                               "or hf also 'engine-default', the engine's own scheduler"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="calibrated profile TOML; default: calibrate now"),
     clients: Optional[int] = typer.Option(None, "--clients", help="clients per instance"),
     instances: int = typer.Option(1, "--instances", help="model replicas (without SPEC)"),
@@ -202,6 +309,10 @@ def serve(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --ray); default: a "
                                           "local Ray"),
     size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="vllm, hf: KV blocks per engine (default: "
+                                            "the engine's)"),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="vllm, hf: tokens per step "
+                                                     "(default: the engine's)"),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -222,8 +333,14 @@ def serve(
 
     sizes = {"clients": "--clients", "instances": "--instances (or the spec's [[instances]])",
              "requests": "--requests (or the spec's workload)"}
+    if backend in ENGINE_BACKENDS:
+        _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
+                          threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
+                          size_guard, sizes)
+        return
     with user_errors(MODEL_FLAGS, size_guard, sizes):
         _check_backend(backend)
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
         if address is not None and not on_ray:
             raise SpecError("--address", "a Ray address without --ray", "add --ray, or drop --address")
         if requests is not None:
@@ -299,3 +416,106 @@ def serve(
             ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
             ("max token mismatch", str(mismatch))]
     print_table(console, title, [Column("metric", numeric=False), Column("value")], [list(r) for r in rows])
+
+
+def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
+                      threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
+                      size_guard, sizes) -> None:
+    """``lloptim run --backend vllm|hf``: serve on the engine, predict with the simulator, report both."""
+    from lloptim import guards
+    from lloptim.calibrate import calibrate_engine
+    from lloptim.engines.common import ENGINE_DEFAULT
+    from lloptim.engines.serve import predict_engine_run, serve_engine
+    from lloptim.hardware import load_profile
+    from lloptim.metrics import summarize
+    from lloptim.runtime.registry import policy_names
+
+    with user_errors(MODEL_FLAGS, size_guard, sizes):
+        if migrate or on_ray or address is not None:
+            flag = "--migrate" if migrate else ("--ray" if on_ray else "--address")
+            raise SpecError(flag, f"the {backend} engines run in this process and cannot migrate requests or run "
+                            "on Ray", "drop the flag, or use --backend torch")
+        if requests is not None:
+            check_int("--requests", requests, lo=1, fix="give how many requests to serve, e.g. --requests 32")
+        if clients is not None:
+            check_int("--clients", clients, 1, 100_000, fix="give the clients per instance, e.g. --clients 16")
+        check_int("--instances", instances, 1, 64, fix="give the engine replicas, e.g. --instances 2")
+        check_choice("--policy", policy, sorted(policy_names()) + [ENGINE_DEFAULT], "policy")
+        _check_common(seed, clock)
+        check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
+        _check_engine_flags(backend, kv_blocks, max_batched_tokens)
+        given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named
+        if spec is not None and clients is None:
+            base = load_problem(spec)
+            clients, instances = base.instances[0].clients, len(base.instances)
+        clients = clients or DEFAULT_ENGINE_CLIENTS
+        sizing = replace(given or load_profile("llama-65b"), clients=clients)
+        guards.check_simulation(_serving_problem(spec, sizing, clients, instances, requests, engine=True))
+        _set_threads(threads)
+        model = _engine_model(model)
+        engines = _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device,
+                                 seed)
+        try:
+            e0 = engines[0]
+            cap = [e.kv_layout.capacity_tokens for e in engines]
+            if given is not None:
+                prof = given
+            else:
+                if not json_out:
+                    err_console.print(f"no --profile: calibrating {backend} on its own steps first (save one with "
+                                      f"`lloptim calibrate --backend {backend} --out`)")
+                cal, _ = calibrate_engine(engines, clock=clock, seed=seed)
+                prof = cal.to_profile(name=f"{Path(str(model)).name}-{backend}", kv_capacity_tokens=cap[0],
+                                      clients=e0.clients)
+            problem = _with_engine_kv(_serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True),
+                                      cap)
+            result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
+            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, seed=seed, like=result)
+            mismatch = _engine_mismatches(e0, problem, result, seed) if verify else None
+        finally:
+            _close(engines)
+    d = summarize(result).to_dict()
+    makespan = d["makespan_s"]
+    pred = predicted.makespan_s
+    d.update(backend=backend, model=str(model), policy=policy, profile=str(profile) if profile else "calibrated",
+             clock=clock, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
+             predicted_makespan_s=pred, prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan,
+             preemptions=int(result.extra.get("preemptions", 0)),
+             plan_deviations=int(result.extra.get("plan_deviations", 0)), requests_with_token_mismatch=mismatch,
+             kv_capacity_tokens=result.extra.get("kv_capacity_tokens"), note=result.extra.get("note"))
+    if json_out:
+        print_json(d)
+        return
+    title = f"{backend} engine, policy {policy}: {problem.n_requests} requests, {problem.n_clients} clients"
+    rows = [("workload", problem.workload.name),
+            ("requests completed", f"{d['requests_completed']} / {d['requests_total']}"),
+            ("output tokens", f"{d['output_tokens']:,}"),
+            (f"makespan (measured, {clock})", f"{makespan:.4f} s"), ("makespan (simulated)", f"{pred:.4f} s"),
+            ("prediction error", f"{100 * d['prediction_rel_error']:+.1f} %"),
+            ("utilization", f"{100 * d['utilization']:.1f} %"), ("tokens/s", f"{d['tokens_per_s']:,.0f}"),
+            ("gap to lower bound", f"{100 * d['gap_to_bound']:.2f} %"),
+            ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
+            ("preemptions", str(d["preemptions"])),
+            ("requests with token mismatch", "not checked" if mismatch is None else str(mismatch))]
+    print_table(console, title, [Column("metric", numeric=False), Column("value")], [list(r) for r in rows])
+
+
+def _with_engine_kv(problem, capacity_tokens):
+    """``problem`` with each instance's KV capacity set to its engine's pool, tokens."""
+    from lloptim.engines.serve import with_profile
+
+    return with_profile(problem, problem.instances[0].profile, capacity_tokens)
+
+
+def _engine_mismatches(engine, problem, result, seed) -> int:
+    """Requests whose engine tokens differ from one-at-a-time greedy generation by transformers (float32)."""
+    from lloptim.backends.models import load_model, reference_generate
+
+    ref_model = load_model(str(engine.model_dir), device="cpu", dtype="float32", seed=seed)
+    tokens = result.extra["tokens"]
+    bad = 0
+    for r in range(problem.n_requests):
+        want = reference_generate(ref_model, engine.info.prompt_ids(r, int(problem.workload.prompt_tokens[r]), seed),
+                                  int(problem.workload.output_tokens[r]))
+        bad += tokens.get(r) != want
+    return bad

@@ -21,7 +21,8 @@ METRIC_COLUMNS = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilizat
 
 #: API fields of a simulation and the flags of ``lloptim simulate`` that set them.
 SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault", "kv_mode": "--kv-mode",
-                  "kv_block_tokens": "--kv-block", "victim": "--victim"}
+                  "kv_block_tokens": "--kv-block", "victim": "--victim", "estimates": "--estimator",
+                  "train": "--train"}
 
 
 def _cell(key: str, v) -> str:
@@ -113,6 +114,12 @@ def simulate(
                                               "ready_s, start_s, finish_s"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-client timeline (and the critical path "
                                                               "of a workflow) to this image file"),
+    estimator: str = typer.Option("oracle", "--estimator",
+                                  help="output lengths the policy sees: oracle (the truth), mean, regression, "
+                                       "bucket-quantile (fitted on --train), or noisy (the truth x exp(N(0, 0.5)))"),
+    train: Optional[Path] = typer.Option(None, "--train",
+                                         help="TOML spec whose workload trains the estimator; default: the rest of "
+                                              "the trace for an Azure trace, else GSM8K train"),
     size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
     kv_mode: Optional[str] = typer.Option(None, "--kv-mode",
                                           help="KV memory of every instance: paged (blocks on demand, preemption; "
@@ -126,6 +133,7 @@ def simulate(
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
+    from lloptim.runtime.estimators import ESTIMATOR_NAMES, estimate, training_workload
     from lloptim.runtime.registry import policy_names
     from lloptim.simulator import run_policy
     from lloptim.trace import write_trace_csv
@@ -134,6 +142,12 @@ def simulate(
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
         check_kv_options(kv_mode, kv_block_tokens, victim)
+        check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
+        if train is not None and estimator in ("oracle", "noisy"):
+            from lloptim.errors import SpecError
+
+            raise SpecError("--train", f"the {estimator} estimator learns nothing",
+                            "drop --train or pick a fitted estimator (mean, regression, bucket-quantile)")
         faults = [parse_fault(f) for f in fault]
         trace_path = output_path("--trace", trace, (".csv",))
         plot_path = None
@@ -141,12 +155,20 @@ def simulate(
             from lloptim.plots import check_figure_path
 
             plot_path = check_figure_path(plot, "--plot")
+        train_problem = load_problem(train) if train is not None else None
         problem = load_problem(spec)
         check_faults(faults, problem)
         if migrate:
             migrate_warning(problem)
-        result = run_policy(problem, with_migration(policy) if migrate else policy, faults=faults,
-                            progress=not json_out, kv_mode=kv_mode, kv_block_tokens=kv_block_tokens, victim=victim)
+        estimates = None
+        if estimator != "oracle":
+            data = None
+            if estimator != "noisy":
+                data = train_problem.workload if train_problem is not None else training_workload(problem.workload)
+            estimates = estimate(problem.workload, estimator, data, sigma=0.5)
+        result = run_policy(problem, with_migration(policy) if migrate else policy, estimates=estimates,
+                            faults=faults, progress=not json_out, kv_mode=kv_mode, kv_block_tokens=kv_block_tokens,
+                            victim=victim)
         metrics = summarize(result)
     # the files after the work, the results whatever happens to them (a full disk costs only the file)
     failed = None
@@ -157,6 +179,7 @@ def simulate(
 
         _, failed = write_reporting("--plot", plot_path, lambda p: plot_run(result, p))
     d = metrics.to_dict()
+    d["estimator"] = estimator
     if json_out:
         print_json(d)
     else:

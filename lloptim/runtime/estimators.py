@@ -10,6 +10,14 @@ scheduled) and predicts from what is known when a request arrives: its prompt le
 * ``bucket-quantile``: a quantile (default the median) of the output length within each prompt-
   length bucket (deciles of the training prompts).
 * ``noisy``: the truth times lognormal noise ``exp(N(0, sigma))``: a controlled-quality forecast.
+
+:func:`training_workload` picks what a fitted estimator learns from when the caller gives nothing:
+the GSM8K train split for requests that carry GSM8K lengths (the train split never holds a test
+request, and a case drawn from the train split loses its own requests, see :func:`estimate`); for
+a window of an Azure trace, the rest of the same trace (the service's other requests, a held-out
+part of the same workload); for anything else (synthetic, a user's requests), the GSM8K train
+split, i.e. a model fitted on other traffic, as a server deployed on a new workload would have.
+Give your own training requests (``simulate --train SPEC``) to do better.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from lloptim.errors import SpecError
 from lloptim.problem import Workload
 
 __all__ = ["Estimator", "MeanEstimator", "RegressionEstimator", "BucketQuantileEstimator", "make_estimator",
-           "estimate", "noisy_estimates", "ESTIMATORS"]
+           "estimate", "noisy_estimates", "training_workload", "ESTIMATORS", "ESTIMATOR_NAMES"]
 
 
 class Estimator:
@@ -100,6 +108,37 @@ class BucketQuantileEstimator(Estimator):
 
 #: Fitted estimators by name: estimator class, constructed with the options of :func:`make_estimator`.
 ESTIMATORS = {"mean": MeanEstimator, "regression": RegressionEstimator, "bucket-quantile": BucketQuantileEstimator}
+
+
+#: Every name :func:`estimate` accepts.
+ESTIMATOR_NAMES = ("oracle", "noisy", *ESTIMATORS)
+
+
+def training_workload(workload: Workload) -> Workload:
+    """The default training requests for estimating ``workload``'s output lengths (module docstring).
+
+    Parameters
+    ----------
+    workload
+        The requests to estimate (their ids tell where they come from).
+
+    Returns
+    -------
+    Workload
+        The rest of the Azure trace for a window of one (every id ``azure-{trace}-{index}``), else
+        the GSM8K train split.
+    """
+    from lloptim import workloads
+
+    for trace in workloads.AZURE_TRACES:
+        prefix = f"azure-{trace}-"
+        if all(i.startswith(prefix) for i in workload.ids):
+            full = workloads.azure_trace(trace)
+            own = set(workload.ids)
+            rest = np.array([i for i, x in enumerate(full.ids) if x not in own], dtype=np.int64)
+            if rest.size:
+                return full.subset(rest, name=f"azure-{trace} (held out)")
+    return workloads.gsm8k("train")
 
 
 def make_estimator(name: str, **options) -> Estimator:

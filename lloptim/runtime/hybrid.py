@@ -1,138 +1,107 @@
-"""The paper's hybrid offline-online method as policies: ``offline`` and ``hybrid``.
+"""The paper's hybrid offline-online method as policies: ``offline``, ``hybrid`` and their variants.
 
-* **offline**: the makespan bin packing (:mod:`lloptim.formulations`) assigns requests to clients
-  before the run, weights from the *estimated* output lengths; each client serves its queue
-  longest first; iterations are prefill-first. No re-assignment.
-* **hybrid**: the same offline plan, plus the online request scheduler (an idle client with an
-  empty queue takes the unstarted request of the most loaded client that balances the two) and
-  the Lagrangian iteration scheduler (:mod:`lloptim.runtime.lagrangian`) priced with the offline
-  dual prices of client time.
+No policy here reads a request before it is ready (the engine announces it through
+:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`): plans cover the requests known so far
+and are revised as more arrive (:mod:`lloptim.runtime.rolling`); with every request at time 0
+the first plan is the paper's offline plan.
+
+* **offline**: the makespan bin packing (:mod:`lloptim.formulations`) assigns the known requests
+  to clients, weights from the *estimated* output lengths, revised as requests arrive
+  (:class:`~lloptim.runtime.rolling.RollingPlan`); each client serves its queue longest first;
+  iterations are prefill-first. No re-assignment beyond the revisions.
+* **hybrid**: the online request scheduler (:class:`~lloptim.runtime.dispatch.HybridDispatch`:
+  an idle client takes the ready request of least slack, which is the longest first when every
+  request is present at once; on a fleet of different instances steered by instance prices from
+  the fractional assignment LP; where the KV cache can fill up, the memory-aware dispatch of
+  :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`) and the Lagrangian iteration scheduler
+  (:mod:`lloptim.runtime.lagrangian`): separate prefill iterations while every request is present
+  from the start, prompts fused into decode iterations once requests arrive during the run.
+* **hybrid-fused**: the hybrid always fusing prompts (``C_p = 0``).
+* **hybrid-plan** / **hybrid-fused-plan**: the literal Algorithm 1 on the rolling plan: each client
+  works through its planned queue and steals when it runs dry (separate or fused iterations).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lloptim.errors import SpecError
+from lloptim.runtime.dispatch import SLACK_WEIGHT, HybridDispatch
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
-from lloptim.runtime.policy import Policy, RunContext
-from lloptim.runtime.registry import register_policy
+from lloptim.runtime.policy import Policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
-from lloptim.runtime.request_schedulers import AssignedQueues, WorkflowQueue
+from lloptim.runtime.registry import register_policy
+from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["OfflinePlan", "offline_policy", "hybrid_policy", "START_DELAY"]
+__all__ = ["offline_policy", "hybrid_policy", "START_DELAY"]
 
 #: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
 #: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
 #: may batch prefills a few steps). Chosen on training workloads (benchmarks/memory.py --tune).
 START_DELAY = {"fused": 2, "separate": 1}
 
-class OfflinePlan:
-    """Solves the offline bin packing once per run and keeps the result for both schedulers.
-
-    Parameters
-    ----------
-    solver
-        Backend name for :func:`lloptim.solvers.solve` (``"greedy"`` is LPT + local search).
-    time_limit_s
-        Time limit of the solve, seconds.
-    """
-
-    def __init__(self, solver: str = "greedy", time_limit_s: float = 1.0) -> None:
-        self.solver = solver
-        self.time_limit_s = time_limit_s
-        self.result = None
-        self._ctx_id: int | None = None
-
-    def _solve(self, ctx: RunContext):
-        if self._ctx_id != id(ctx):
-            from lloptim.solvers import SolveParams, solve
-
-            # weights per instance (request_work_s on each), so a slower instance gets less work
-            self.result = solve(ctx.problem, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s),
-                                estimates=ctx.estimates)
-            self._ctx_id = id(ctx)
-            ctx.extra["offline"] = self.result
-        return self.result
-
-    def assignment(self, ctx: RunContext) -> np.ndarray:
-        """Global client index of each request.
-
-        Parameters
-        ----------
-        ctx
-            The run; the first call for a run solves the plan from its estimates.
-        """
-        return self._solve(ctx).assignment
-
-    def prices(self, ctx: RunContext) -> np.ndarray | None:
-        """Dual prices of client time (sum 1), or None when the backend has none.
-
-        Parameters
-        ----------
-        ctx
-            The run; the first call for a run solves the plan from its estimates.
-
-        Returns
-        -------
-        numpy.ndarray or None
-            One price per global client: makespan seconds per second of that client's time
-            (dimensionless, summing to 1); None when the solve gave no usable load duals.
-        """
-        mult = getattr(self._solve(ctx), "multipliers", None) or {}
-        load = mult.get("load")
-        if load is None or not np.isfinite(load).all() or np.sum(load) <= 0:
-            return None
-        return np.asarray(load, dtype=np.float64)
-
 
 def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
-    """Offline bin packing only: static queues, prefill-first.
+    """Offline bin packing only: planned queues (revised as requests arrive), prefill-first.
 
     Parameters
     ----------
     solver
-        Backend name for :func:`lloptim.solvers.solve` (see :class:`OfflinePlan`).
+        Backend of :func:`lloptim.solvers.solve` for the first plan (see
+        :class:`~lloptim.runtime.rolling.RollingPlan`).
     time_limit_s
-        Time limit of the offline solve, seconds.
+        Time limit of the first plan's solve, seconds.
     """
-    plan = OfflinePlan(solver, time_limit_s)
-    return Policy("offline", AssignedQueues(plan.assignment, steal=False), PrefillFirst())
+    return Policy("offline", RollingQueues(RollingPlan(solver, time_limit_s), steal=False), PrefillFirst())
 
 
 def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
-                  dispatch: str = "sorted",
-                  steal: bool = True, forecast: str = "auto", token_budget: int | None = None,
-                  survival: np.ndarray | None = None, fused: bool = False, memory_prices: str = "lp",
-                  price_updates: bool = True, start_delay: int | None = None) -> Policy:
-    """The hybrid: offline plan + sorting and preemptive re-assignment + Lagrangian iteration scheduling.
+                  dispatch: str = "sorted", steal: bool = True, forecast: str = "auto",
+                  token_budget: int | None = None, survival: np.ndarray | None = None,
+                  fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
+                  weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
+                  start_delay: int | None = None) -> Policy:
+    """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
     ----------
     solver, time_limit_s
-        Offline solve (see :class:`OfflinePlan`): its dual prices price the iteration decisions.
-    dispatch
-        ``"sorted"`` (default): an idle client takes the longest (estimated) unstarted request
-        wherever the plan put it; a request taken from another client's plan is a preemptive
-        re-assignment. Requests of similar length then start together and finish together, so
-        prefills batch without idling anyone. ``"plan"``: the literal Algorithm 1, each client
-        works through its planned queue (longest first) and steals only when it runs dry.
+        Backend and time limit of the first bin-packing plan (``dispatch="plan"``).
     setup_weight
         Weight on the prefill's fixed cost ``C_p`` in the Lagrangian rule (``None``: the tuned
         default of :data:`lloptim.runtime.lagrangian.SETUP_WEIGHT`).
+    dispatch
+        ``"sorted"`` (default): an idle client takes the ready request of least slack
+        (:class:`~lloptim.runtime.dispatch.HybridDispatch`; longest first when every request is
+        present at once, so requests of similar length start and finish together and prefills
+        batch without idling anyone). ``"plan"``: the literal Algorithm 1, each client works
+        through its queue of the rolling bin-packing plan (longest first) and steals only when it
+        runs dry.
     steal
-        Online preemptive re-assignment of unstarted requests.
+        Online preemptive re-assignment of unstarted requests (``dispatch="plan"``).
     forecast
         Forecast of finish times for the Lagrangian lookahead (see
         :class:`~lloptim.runtime.lagrangian.LagrangianIterations`).
-    survival
-        ``P(output > x)`` learned from training requests, for the lookahead with unknown lengths.
     token_budget
         Most prompt tokens per prefill iteration.
+    survival
+        ``P(output > x)`` learned from training requests, for the lookahead with unknown lengths.
     fused
-        Insert prompts as chunks fused into decode iterations (``C_p = 0``, see
-        :mod:`lloptim.runtime.lagrangian`) rather than as separate prefill iterations: the
-        ``hybrid-fused`` policy.
+        ``True``: insert prompts as chunks fused into decode iterations (``C_p = 0``, see
+        :mod:`lloptim.runtime.lagrangian`; the ``hybrid-fused`` policy). ``False``: separate
+        prefill iterations (the paper's model). ``"auto"`` (default): separate while every
+        request is present from the start, fused once requests arrive during the run.
+    slack_weight
+        Weight of a request's service time against its waiting time in the dispatch order
+        (``dispatch="sorted"``; see :mod:`lloptim.runtime.dispatch`).
+    prices
+        Instance prices on a fleet of different instances (``dispatch="sorted"``): ``"lp"``
+        (default), ``"uniform"`` or ``"none"`` (see :mod:`lloptim.runtime.fleet`).
+    weights
+        Request weights of the bin-packing plan (``dispatch="plan"``): ``"work"`` or ``"bound"``
+        (see :class:`~lloptim.runtime.rolling.RollingPlan`).
     memory_prices, price_updates
         How the Lagrangian rule prices KV memory (``"lp"``, ``"uniform"``, ``"none"``) and whether
         the price follows the observed utilizations (:mod:`lloptim.runtime.lagrangian`).
@@ -143,39 +112,46 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
 
     Notes
     -----
-    With ``dispatch="sorted"``, an instance whose KV cache can fill up (its clients' largest
-    requests do not fit at once) hands out the longest unstarted request *that fits*: the
-    instance's admitted requests and it must stay within the cache at every future step
-    (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), so the run needs no
-    preemption when lengths are known; elsewhere it is exactly longest-first.
+    With ``dispatch="sorted"``, when an instance's KV cache can fill up (its clients' largest
+    requests do not fit at once) the dispatch is the memory-aware one: the longest unstarted
+    request *that fits* (the instance's admitted requests and it must stay within the cache at
+    every future step; :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), so the run
+    needs no preemption when lengths are known; elsewhere it is least slack first
+    (:class:`~lloptim.runtime.dispatch.HybridDispatch`).
     """
-    plan = OfflinePlan(solver, time_limit_s)
     if dispatch == "sorted":
-        delay = START_DELAY["fused" if fused else "separate"] if start_delay is None else start_delay
-        requests = MemoryAwareQueue("planned", "first-fit", plan=plan.assignment, start_delay=delay,
-                                    workflows=WorkflowQueue(plan=plan.assignment))
+        delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
+        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory)
     elif dispatch == "plan":
-        requests = AssignedQueues(plan.assignment, steal=steal)
+        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:
-        from lloptim.errors import SpecError
-
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
-    return Policy("hybrid-fused" if fused else "hybrid", requests,
-                  LagrangianIterations(plan.prices, setup_weight=setup_weight, token_budget=token_budget,
+    if fused not in (True, False, "auto"):
+        raise SpecError("policy.hybrid.fused", f"must be true, false or 'auto', not {fused!r}",
+                        "'auto' fuses prompts once requests arrive during the run")
+    return Policy("hybrid-fused" if fused is True else "hybrid", requests,
+                  LagrangianIterations(None, setup_weight=setup_weight, token_budget=token_budget,
                                        forecast=forecast, survival=survival, fused=fused,
                                        memory_prices=memory_prices, price_updates=price_updates))
 
 
 register_policy("offline", offline_policy,
-                "offline makespan bin packing (longest first per client), no re-assignment, prefill-first")
+                "offline makespan bin packing of the requests known so far (revised as requests arrive), "
+                "longest first per client, no re-assignment, prefill-first")
 register_policy("hybrid", hybrid_policy,
-                "offline bin packing + sorted dispatch with preemptive re-assignment + Lagrangian prefill/decode "
-                "decisions (arXiv 2502.15763)")
+                "least-slack dispatch (longest first when all requests are present; fleet-priced) + Lagrangian "
+                "prefill/decode decisions, prompts fused once requests arrive during the run (arXiv 2502.15763)")
 register_policy("hybrid-fused", lambda **opts: hybrid_policy(fused=True, **opts),
-                "the hybrid with prompts fused into decode iterations as chunks (C_p = 0): no prefill/idle "
+                "the hybrid with prompts always fused into decode iterations as chunks (C_p = 0): no prefill/idle "
                 "trade-off left, the strongest policy when output lengths are unknown")
-register_policy("hybrid-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", **opts), "hybrid-plan"),
-                "the hybrid with the literal Algorithm 1: planned queues, steal only when a queue runs dry")
+register_policy("hybrid-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", fused=False, **opts),
+                                                       "hybrid-plan"),
+                "the hybrid with the literal Algorithm 1: rolling planned queues, steal only when a queue runs dry")
+register_policy("hybrid-fused-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", fused=True, **opts),
+                                                             "hybrid-fused-plan"),
+                "Algorithm 1 on the rolling plan with fused prompt chunks: each client's total work balanced to "
+                "a token, the closest to the bound on fleets and few requests per client")
 
 
 def _renamed(policy: Policy, name: str) -> Policy:

@@ -119,7 +119,12 @@ class LagrangianIterations(IterationScheduler):
     token_budget
         Most prompt tokens per prefill (or fused) iteration (``None``: unlimited).
     fused
-        Insert prompts as chunks fused into the decode iterations (``C_p = 0``; see the module
+        ``"auto"``: separate prefill iterations while every request was present from the start,
+        fused chunks once the request scheduler reports requests arriving during the run (its
+        ``arrivals_during_run`` attribute, set by the hybrid's dispatch): an arrival's separate
+        prefill would stall every running decode or make the arrival wait for a batch, a fused
+        chunk does neither. ``True``:
+        insert prompts as chunks fused into the decode iterations (``C_p = 0``; see the module
         docstring) instead of separate prefill iterations. Needs a backend with mixed iterations
         (the simulated and torch backends have them).
     forecast
@@ -149,7 +154,7 @@ class LagrangianIterations(IterationScheduler):
 
     def __init__(self, prices=None, setup_weight: float | None = None, token_budget: int | None = None,
                  forecast: str = "auto", survival: np.ndarray | None = None, max_wait_steps: int = 32,
-                 sigma_prior: float = 0.5, criticality: bool = True, fused: bool = False,
+                 sigma_prior: float = 0.5, criticality: bool = True, fused: bool | str = False,
                  memory_prices: str = "lp", price_updates: bool = True) -> None:
         if forecast not in FORECASTS:
             raise PolicyError(f"forecast must be one of {FORECASTS}, not {forecast!r}")
@@ -214,7 +219,8 @@ class LagrangianIterations(IterationScheduler):
             # measured on GSM8K train cases: point-estimate and lognormal lookaheads gain little over
             # accrual when lengths are unknown, and the lognormal one costs ~0.3 ms per decision
             mode = "exact" if ctx.known_lengths else ("survival" if self.survival is not None else "none")
-        self.mode = "fused" if self.fused else mode
+        self.mode = "fused" if self.fused is True else mode
+        self.fusing = self.fused is True
         self.horizon = np.arange(1, self.max_wait_steps + 1)
         if mode == "survival":
             surv = np.asarray(self.survival, dtype=np.float64)
@@ -279,7 +285,9 @@ class LagrangianIterations(IterationScheduler):
             self._register_arrivals(state)
         if not state.waiting:
             return DECODE
-        if self.fused:
+        if not self.fusing and self.fused == "auto" and getattr(self.requests, "arrivals_during_run", False):
+            self.fusing = True
+        if self.fusing:
             return self._fuse(state)
         end_game = self.requests is not None and self.requests.pending() == 0
         if state.n_running == 0 or end_game:

@@ -120,34 +120,39 @@ def estimated_kv_areas(ctx: RunContext, instance: int) -> np.ndarray:
     return decode_area_tokens(w.prompt_tokens, est, inst.kv_block_tokens, floor)
 
 
-def memory_can_bind(ctx: RunContext, instance: int) -> bool:
+def memory_can_bind(ctx: RunContext, instance: int, rows: np.ndarray | None = None) -> bool:
     """Whether ``instance``'s cache could fill up: not if it holds its clients' largest requests at once.
 
-    Decided from what the policy knows (prompts, caps and estimates), so it reads no future.
+    Decided from what the policy knows (prompts, caps and estimates) of ``rows`` (default: every
+    request; pass the requests known so far when they arrive over time, so that nothing of the
+    future is read).
     """
     inst = ctx.problem.instances[instance]
     w = ctx.problem.workload
-    peak = w.prompt_tokens + np.maximum(np.ceil(ctx.estimates).astype(np.int64), w.max_output_tokens)
+    rows = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    peak = w.prompt_tokens[rows] + np.maximum(np.ceil(ctx.estimates[rows]).astype(np.int64), w.max_output_tokens[rows])
     B = inst.kv_block_tokens
     top = np.sort(-(-peak // B))[-inst.clients:]
     return int(top.sum()) > inst.kv_blocks
 
 
-def spread_weight(ctx: RunContext) -> float:
+def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
 
     From the estimates: ``rho`` = the decode steps the KV memory forces over those the clients
     force (pooled over the instances). Where only memory binds (``rho >= 1.8``) the tail decides and
     longest first is right; where both bind (``rho <= 1``) the run must keep both busy at once,
     which needs starts of every length spread over it. Linear in between; chosen on training
-    workloads (``benchmarks/memory.py --tune``). 0 when no instance's cache can fill up.
+    workloads (``benchmarks/memory.py --tune``). 0 when no instance's cache can fill up. Over
+    ``rows`` only when given (the requests known so far).
     """
-    if not any(memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))):
+    if not any(memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))):
         return 0.0
     insts = ctx.problem.instances
-    est = np.maximum(np.ceil(ctx.estimates), 1).astype(np.int64)
+    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    est = np.maximum(np.ceil(ctx.estimates[sel]), 1).astype(np.int64)
     by_clients = est.sum() / sum(i.clients for i in insts)
-    by_memory = estimated_kv_area(ctx, 0) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+    by_memory = float(estimated_kv_areas(ctx, 0)[sel].sum()) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
     rho = by_memory / by_clients
     return float(np.clip((SPREAD_FULL_AT[1] - rho) / (SPREAD_FULL_AT[1] - SPREAD_FULL_AT[0]), 0.0, 1.0))
 
@@ -160,7 +165,7 @@ SPREAD_FULL_AT = (1.0, 1.8)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
-def planned_start_keys(ctx: RunContext, weight: float | None = None) -> np.ndarray:
+def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """Sort keys of the ``"planned"`` order: target start steps of a plan that keeps clients and memory busy.
 
     With ``D`` the decode steps of the bound (from the estimates), request ``r`` of estimated output
@@ -177,18 +182,21 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None) -> np.ndarr
         The run (estimates, problem).
     weight
         The blend ``w``; None: :func:`spread_weight`.
+    rows
+        Plan only these requests (the ones known so far); default: every request.
 
     Returns
     -------
     numpy.ndarray
-        One key per request, smaller first (float64, steps).
+        One key per request (of ``rows``), smaller first (float64, steps).
     """
-    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
-    w = spread_weight(ctx) if weight is None else float(weight)
+    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)[sel]), 1.0)
+    w = spread_weight(ctx, rows) if weight is None else float(weight)
     if w <= 0.0:
         return -est  # longest first, exactly as the sorted dispatch without memory
     insts = ctx.problem.instances
-    area = estimated_kv_area(ctx, 0)
+    area = float(estimated_kv_areas(ctx, 0)[sel].sum())
     D = max(est.sum() / sum(i.clients for i in insts), area / sum(i.kv_blocks * i.kv_block_tokens for i in insts))
     rank = np.empty(est.size, dtype=np.int64)
     rank[np.argsort(-est, kind="stable")] = np.arange(est.size)
@@ -207,7 +215,8 @@ class MemoryAwareQueue(RequestScheduler):
     order
         ``"shortest"``, ``"longest"`` (by estimated output), ``"fcfs"`` (ready time) or
         ``"planned"`` (target start steps, :func:`planned_start_keys`; longest first where memory
-        cannot bind). Ties go to the lower row.
+        cannot bind), or ``"external"`` (keys the owner writes, :meth:`rekey`: the hybrid's
+        dispatch plans the requests known so far). Ties go to the lower row.
     rule
         ``"first-fit"``: the first request in order that fits, except that a request that has
         become *urgent* is never overtaken: one whose estimated output is at least the decode
@@ -235,8 +244,8 @@ class MemoryAwareQueue(RequestScheduler):
         self.start_delay = int(start_delay)
         self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
         self.overrun = UNKNOWN_PROJECTION[1] if overrun is None else float(overrun)
-        if order not in ("fcfs", "shortest", "longest", "planned"):
-            raise ValueError(f"order must be 'fcfs', 'shortest', 'longest' or 'planned', not {order!r}")
+        if order not in ("fcfs", "shortest", "longest", "planned", "external"):
+            raise ValueError(f"order must be 'fcfs', 'shortest', 'longest', 'planned' or 'external', not {order!r}")
         if rule not in ("first-fit", "prefix"):
             raise ValueError(f"rule must be 'first-fit' or 'prefix', not {rule!r}")
         self.order = order
@@ -267,6 +276,8 @@ class MemoryAwareQueue(RequestScheduler):
             key = ctx.estimates
         elif self.order == "planned":
             key = planned_start_keys(ctx)
+        elif self.order == "external":
+            key = np.zeros(n)  # written by the owner (:meth:`rekey`, or ``key[r]`` before on_ready)
         else:
             key = -ctx.estimates
         self.key = np.asarray(key, dtype=np.float64)
@@ -310,6 +321,23 @@ class MemoryAwareQueue(RequestScheduler):
         if self.order == "fcfs":
             self.key[request] = now
         self._enter(request)
+
+    def rekey(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Give ``rows`` new sort keys (smaller first) and re-sort the ready requests.
+
+        Parameters
+        ----------
+        rows
+            Request rows (ready or not).
+        keys
+            Their keys, one per row (float64; the unit is the owner's, e.g. seconds or steps).
+        """
+        self.key[np.asarray(rows, dtype=np.int64)] = keys
+        ready = np.flatnonzero(~self.taken)
+        self.heap = [(float(self.key[r]), int(r)) for r in ready]
+        heapq.heapify(self.heap)
+        self._sorted = ready
+        self._new = []
 
     def _enter(self, r: int) -> None:
         heapq.heappush(self.heap, (float(self.key[r]), r))
@@ -419,7 +447,7 @@ class MemoryAwareQueue(RequestScheduler):
 
 
 class FluidPacedQueue(RequestScheduler):
-    """WAIT for a known set of requests: per-type admission rates from the fluid model, paced per decode step.
+    """WAIT: per-type admission rates from the fluid model, paced per decode step.
 
     Requests are grouped into ``types`` classes by estimated output (quantiles). Type ``j`` has
     ``N_j`` requests of mean prompt ``p_j`` and mean estimated output ``o_j``; in the fluid
@@ -429,6 +457,11 @@ class FluidPacedQueue(RequestScheduler):
     capacity and the clients of the instance. Each decode step adds ``n_j`` to type ``j``'s credit;
     an idle client takes a request of the type with the most credit once that credit reaches one
     request (the threshold), longest first within the type.
+
+    The types and their shares are those of the requests announced so far (WAIT takes the type
+    mix as known; here it is learned as requests arrive, and refitted when new ones have become
+    ready since the last fit), so the policy never reads a request before it arrives; with every
+    request at time 0 the first fit covers them all.
 
     Parameters
     ----------
@@ -449,34 +482,59 @@ class FluidPacedQueue(RequestScheduler):
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        w = ctx.problem.workload
-        est = np.maximum(np.asarray(ctx.estimates, dtype=np.float64), 1.0)
+        self.est = np.maximum(np.asarray(ctx.estimates, dtype=np.float64), 1.0)
+        self.prompt = ctx.problem.workload.prompt_tokens
+        self.known: list[int] = []
+        self.fitted = 0
+        self.waiting: set[int] = set()
+        self.type_of = np.zeros(ctx.problem.n_requests, dtype=np.int64)
+        self.rates = [np.zeros(1) for _ in ctx.problem.instances]
+        self.credit = [np.zeros(1) for _ in ctx.problem.instances]
+        self.last_step = [0] * len(ctx.problem.instances)
+        self.queues: list[list[tuple[float, int]]] = [[]]  # heaps, longest first
+        self.n_pending = 0
+
+    def _fit(self) -> None:
+        """Types, shares and per-instance rates of the requests known so far; refile the waiting ones."""
+        rows = np.asarray(self.known, dtype=np.int64)
+        self.fitted = rows.size
+        est = self.est[rows]
         edges = np.quantile(est, np.linspace(0, 1, self.types + 1)[1:-1]) if self.types > 1 else np.zeros(0)
-        self.type_of = np.searchsorted(edges, est, side="right")
-        n_types = int(self.type_of.max()) + 1
-        share = np.bincount(self.type_of, minlength=n_types) / len(w)
-        o_j = np.bincount(self.type_of, weights=est, minlength=n_types) / np.maximum(share * len(w), 1)
-        p_j = np.bincount(self.type_of, weights=w.prompt_tokens, minlength=n_types) / np.maximum(share * len(w), 1)
+        self.type_of[rows] = np.searchsorted(edges, est, side="right")
+        types = self.type_of[rows]
+        n_types = int(types.max()) + 1
+        share = np.bincount(types, minlength=n_types) / rows.size
+        o_j = np.bincount(types, weights=est, minlength=n_types) / np.maximum(share * rows.size, 1)
+        p_j = np.bincount(types, weights=self.prompt[rows], minlength=n_types) / np.maximum(share * rows.size, 1)
         area = o_j * p_j + o_j * (o_j + 1) / 2
         self.rates = []  # per instance: admissions per decode step of each type
-        for inst in ctx.problem.instances:
+        for k, inst in enumerate(self.ctx.problem.instances):
             cap = self.headroom * inst.kv_blocks * inst.kv_block_tokens
             theta = min(cap / float(np.dot(share, area)), inst.clients / float(np.dot(share, o_j)))
             self.rates.append(theta * share)
-        self.credit = [np.zeros(n_types) for _ in ctx.problem.instances]
-        self.last_step = [0] * len(ctx.problem.instances)
-        self.queues: list[list[tuple[float, int]]] = [[] for _ in range(n_types)]  # heaps, longest first
-        self.n_pending = 0
-        self.est = est
+            old = self.credit[k]
+            self.credit[k] = np.zeros(n_types)
+            self.credit[k][:min(old.size, n_types)] = old[:n_types]
+        self.queues = [[] for _ in range(n_types)]
+        for r in self.waiting:
+            heapq.heappush(self.queues[self.type_of[r]], (-float(self.est[r]), r))
 
     def pending(self) -> int:
         return self.n_pending
 
     def on_ready(self, request: int, now: float) -> None:
-        heapq.heappush(self.queues[self.type_of[request]], (-float(self.est[request]), request))
+        self.known.append(request)
+        self._file(request)
+
+    def _file(self, request: int) -> None:
+        self.waiting.add(request)
         self.n_pending += 1
+        if self.fitted:
+            heapq.heappush(self.queues[self.type_of[request]], (-float(self.est[request]), request))
 
     def next_request(self, state, client: int) -> int | None:
+        if len(self.known) > self.fitted:
+            self._fit()
         k = state.index
         steps = state.decode_steps - self.last_step[k]
         if steps:
@@ -489,8 +547,10 @@ class FluidPacedQueue(RequestScheduler):
             if q and (credit[j] >= 1.0 or empty):
                 credit[j] = max(credit[j] - 1.0, 0.0)
                 self.n_pending -= 1
-                return heapq.heappop(q)[1]
+                r = heapq.heappop(q)[1]
+                self.waiting.discard(r)
+                return r
         return None
 
     def requeue(self, request: int, now: float) -> None:
-        self.on_ready(request, now)
+        self._file(request)

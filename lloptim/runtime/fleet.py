@@ -1,0 +1,392 @@
+"""Prices of instance time on a heterogeneous fleet, and the dispatch rule they steer.
+
+On a fleet whose instances differ (profiles or client counts), the dispatch must also decide
+*where* a request runs. :class:`FleetPrices` prices each instance's time with the duals of the
+fractional assignment LP (the LP behind the fleet bound of :mod:`lloptim.bounds`) over the queued
+requests (ready, not started), with the work each instance has already committed::
+
+    min T   s.t.  b_k + sum_r v[k, r] y[k, r] <= T    for every instance k   (dual lambda_k >= 0)
+                  sum_k y[k, r] = 1                     for every queued r     (dual mu_r)
+
+``v[k, r]`` is the instance-seconds request ``r`` takes on a full instance ``k``
+(:func:`~lloptim.work.instance_seconds`, the bound's weights, plus the iteration in which its prompt
+is prefilled), ``b_k`` when ``k`` is done with the requests it holds (absolute seconds: now plus
+their remaining instance-seconds). The duals sum to one: ``lambda_k`` is
+the makespan seconds one more second of ``k``'s time costs, ``mu_r = min_k lambda_k v[k, r]`` what
+``r`` costs where it is cheapest, and ``lambda_k v[k, r] - mu_r >= 0`` its *reduced cost* on ``k``:
+zero where the LP puts it, positive where it does not belong; an instance with room to spare (its
+row not binding) has price 0 and every request belongs there.
+
+The prices are updated online from the observed load: the committed loads ``b_k`` follow what each
+instance actually holds, and every finished request compares the time it held its client with the
+model's prediction of it, whose ratio summed per instance (its *observed slowness*, 1 when the model
+is exact) scales that instance's weights. The LP (HiGHS, milliseconds) is re-solved when the queue
+has changed (arrivals and starts) by :data:`RESOLVE_SHARE` of its size, when an instance's slowness
+has moved by :data:`SLOWNESS_SHIFT`, and when an idle client finds nothing it may take after the
+queue changed. Re-solving, rather than stepping the prices by a subgradient, keeps them consistent
+with the LP's optimality conditions: on a fleet whose instances are only slower in proportion every
+reduced cost stays zero (a drifted price would make one kind lose every request at once), while an
+instance that is overbooked, or slower than modelled, gets a higher price and keeps only the
+requests it is clearly good at, and one that runs out of work gets price 0.
+
+The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
+scheduling by *earliest completion* over the queue in its priority order: each request in turn
+goes to the instance where it would finish first (the instance's earliest free client plus the
+client-seconds it takes there, ``C_k v[k, r]``), among the instances where it *belongs* (reduced
+cost at most :data:`REDUCED_COST_TOLERANCE` of its price); the asking client takes the first request
+that lands on it. On identical instances this is the head of the queue; on a fleet with slower
+instances, a slow client leaves a long request to a fast client that will free up soon enough to
+finish it earlier (the end game on a slow instance), and with instances whose strengths differ
+(e.g. fast prefill and slow decode) the prices keep each request where the LP wants it.
+
+Modes (the ablation of ``benchmarks/fleet.py``): ``"lp"`` (LP prices with online updates, and
+earliest completion), ``"uniform"`` (``1/m`` for ever, so every request belongs only where it is
+cheapest), ``"ect"`` (earliest completion without prices), ``"none"`` (any idle client takes the
+head of the queue).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from lloptim.runtime.engine import FAILED, RUNNING, WAITING
+from lloptim.runtime.policy import RunContext
+from lloptim.work import instance_seconds
+
+__all__ = ["FleetPrices", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT"]
+
+#: Price modes of :class:`FleetPrices`.
+PRICE_MODES = ("lp", "uniform", "ect", "none")
+#: Reduced cost, as a share of the request's price, up to which a request belongs on an instance.
+REDUCED_COST_TOLERANCE = 0.05
+#: Re-solve the LP once the queue has changed (arrivals and starts) by this share of its size.
+RESOLVE_SHARE = 0.25
+#: Re-solve the LP once an instance's observed slowness has moved by this log-factor.
+SLOWNESS_SHIFT = 0.05
+#: Most queued requests the earliest-completion list schedule looks at per decision.
+SCAN_LIMIT = 256
+
+
+class FleetPrices:
+    """Instance prices from the fractional assignment LP, updated online, and the priced dispatch.
+
+    Parameters
+    ----------
+    mode
+        One of :data:`PRICE_MODES` (module docstring).
+    tolerance
+        Reduced-cost tolerance of the *belongs* test, share of the request's price.
+
+    Attributes
+    ----------
+    active
+        Whether the fleet has instances that differ and the mode steers (otherwise nothing is solved
+        and the dispatch takes the head of the queue).
+    prices
+        ``(m,)`` current price of each instance's time (sum 1).
+    slowness
+        ``(m,)`` observed client-seconds per modelled client-second of each instance (1 until a
+        request finishes there).
+    solves
+        LP solves so far (count).
+    steered
+        Decisions where the idle client did not take the head of the queue (count).
+    version
+        Changes of the queue or of what the clients hold (count).
+    """
+
+    def __init__(self, mode: str = "lp", tolerance: float = REDUCED_COST_TOLERANCE) -> None:
+        if mode not in PRICE_MODES:
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.prices", f"unknown price mode {mode!r}", f"use one of {list(PRICE_MODES)}")
+        self.mode = mode
+        self.tolerance = tolerance
+
+    def setup(self, ctx: RunContext) -> None:
+        """Start a run: active only on a fleet whose instances differ.
+
+        Parameters
+        ----------
+        ctx
+            The run.
+        """
+        self.ctx = ctx
+        insts = ctx.problem.instances
+        m = len(insts)
+        self.active = self.mode != "none" and len({(i.profile.latency, i.clients) for i in insts}) > 1
+        self.m = m
+        self.clients = np.array([i.clients for i in insts], dtype=np.float64)
+        self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
+        self.prices = np.full(m, 1.0 / m)
+        self.held_s = np.zeros(m)               # observed client-seconds of finished requests
+        self.model_s = np.zeros(m)              # the model's client-seconds of the same requests
+        self.slowness = np.ones(m)
+        self.slowness_at_solve = np.ones(m)
+        self.solves = 0
+        self.steered = 0
+        n = ctx.problem.n_requests
+        self.v = np.zeros((n, m))              # instance-seconds of each known request on each instance
+        self.queued = np.zeros(n, dtype=bool)
+        self.n_queued = 0
+        self.changes = 0                       # queue changes since the last solve
+        self.version = 0
+        self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
+        self.predicted: dict[int, float] = {}               # client -> model's hold of its request, s
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def on_ready(self, request: int) -> None:
+        """``request`` joined the queue: price it on every instance (from its prompt and estimate)."""
+        if not self.active:
+            return
+        # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
+        # request for o + 1 iterations, which matters for short outputs
+        self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
+                           + self._step_share)
+        self.queued[request] = True
+        self.n_queued += 1
+        self.changes += 1
+        self.version += 1
+
+    def on_start(self, request: int, client: int, now: float, states=None) -> None:
+        """``request`` left the queue for ``client`` at ``now`` seconds.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that took it.
+        now
+            Time it was handed out, seconds.
+        states
+            The engine's instance states: the model predicts from them how long the request will
+            hold the client, to learn the instance's slowness when it finishes (None: not learned).
+        """
+        if self.active:
+            self.holding[client] = (request, now)
+            if states is not None:
+                k = int(self.ctx.client_instance[client])
+                self.predicted[client] = float(self._holds(np.array([request]), states)[0, k] / self.slowness[k])
+            self.queued[request] = False
+            self.n_queued -= 1
+            self.changes += 1
+
+    def on_finish(self, request: int, client: int, now: float) -> None:
+        """``request`` finished on ``client`` at ``now`` seconds: observe its instance's slowness.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that served it.
+        now
+            Its finish time, seconds.
+        """
+        if not self.active or self.holding.get(client, (-1, 0.0))[0] != request:
+            return
+        _, since = self.holding.pop(client)
+        self.version += 1
+        predicted = self.predicted.pop(client, None)
+        if predicted is None:
+            return
+        k = int(self.ctx.client_instance[client])
+        self.held_s[k] += now - since
+        self.model_s[k] += predicted
+        if self.model_s[k] > 0 and self.held_s[k] > 0:
+            self.slowness[k] = self.held_s[k] / self.model_s[k]
+
+    def on_requeue(self, request: int) -> None:
+        """A fault put ``request`` back in the queue."""
+        if not self.active:
+            return
+        self.version += 1
+        for c, (r, _) in list(self.holding.items()):
+            if r == request:
+                del self.holding[c]
+        if not self.queued[request]:
+            self.queued[request] = True
+            self.n_queued += 1
+            self.changes += 1
+
+    # -- prices ---------------------------------------------------------------------------------
+    def refresh(self, now: float, stuck: bool = False) -> None:
+        """Re-solve the LP when it is due (module docstring).
+
+        Parameters
+        ----------
+        now
+            Current time, seconds.
+        stuck
+            An idle client found nothing it may take: re-solve if the queue changed since.
+        """
+        if not self.active or self.mode != "lp":
+            return
+        moved = np.abs(np.log(self.slowness / self.slowness_at_solve)).max() > SLOWNESS_SHIFT
+        if self.solves == 0 or moved or self.changes >= RESOLVE_SHARE * max(1, self.n_queued) \
+                or (stuck and self.changes):
+            self._solve(now)
+
+    def _committed(self, now: float) -> np.ndarray:
+        """``b_k``: now plus the remaining instance-seconds of the requests each instance holds, s."""
+        b = np.full(self.m, now)
+        ci = self.ctx.client_instance
+        for c, (r, since) in self.holding.items():
+            k = int(ci[c])
+            v = self.slowness[k] * self.v[r, k]
+            b[k] += v * max(0.0, 1.0 - (now - since) / (self.clients[k] * v)) if v > 0 else 0.0
+        return b
+
+    def _solve(self, now: float) -> None:
+        """The LP of the module docstring over the queued requests; sets the prices (HiGHS)."""
+        import scipy.sparse as sp
+        from scipy.optimize import linprog
+
+        self.solves += 1
+        self.changes = 0
+        self.slowness_at_solve = self.slowness.copy()
+        rows = np.flatnonzero(self.queued)
+        m, R = self.m, rows.size
+        if R == 0:
+            return
+        b = self._committed(now)
+        v = self.v[rows].T * self.slowness[:, None]            # (m, R), observed scale
+        n = m * R
+        # columns y[k, r] (k-major), then T; capacity rows b_k + sum_r v y - T <= 0
+        cap = sp.csr_matrix((np.r_[v.ravel(), -np.ones(m)],
+                             (np.r_[np.repeat(np.arange(m), R), np.arange(m)], np.r_[np.arange(n), np.full(m, n)])),
+                            shape=(m, n + 1))
+        assign = sp.csr_matrix((np.ones(n), (np.tile(np.arange(R), m), np.arange(n))), shape=(R, n + 1))
+        cost = np.zeros(n + 1)
+        cost[-1] = 1.0
+        res = linprog(cost, A_ub=cap, b_ub=-b, A_eq=assign, b_eq=np.ones(R),
+                      bounds=[(0, None)] * n + [(None, None)], method="highs")
+        if res.status != 0:
+            return  # keep the previous prices: a failed solve never stops the dispatch
+        lam = np.clip(-np.asarray(res.ineqlin.marginals, dtype=np.float64), 0.0, None)
+        if lam.sum() > 0 and np.all(np.isfinite(lam)):
+            self.prices = lam / lam.sum()
+
+    # -- the dispatch -------------------------------------------------------------------------------
+    def _holds(self, rows: np.ndarray, states) -> np.ndarray:
+        """``(len(rows), m)`` seconds each request would hold a client of each instance if it started now.
+
+        Its estimated decode steps plus the iteration of its prompt, at the step time the instance
+        would run with it added to what it holds now (the latency model of the instance; a nearly
+        empty instance steps faster than a full one), times the instance's observed slowness, plus
+        the per-token cost of its prompt.
+        """
+        w = self.ctx.problem.workload
+        p = w.prompt_tokens[rows].astype(np.float64)
+        o = np.asarray(self.ctx.estimates, dtype=np.float64)[rows]
+        out = np.empty((rows.size, self.m))
+        for k, st in enumerate(states):
+            lat = st.latency
+            busy = min(len(st.clients), st.n_running + len(st.waiting) + 1)
+            step = lat.decode_time(busy, st.kv_tokens + p + o / 2)
+            out[:, k] = self.slowness[k] * ((o + 1) * step + lat.prefill_per_token_s * p)
+        return out
+
+    def _free_times(self, now: float, states) -> list[list[float]]:
+        """Expected free time of every live client, per instance (``now`` or its clock when idle), s."""
+        ctx = self.ctx
+        client_state = ctx.extra["client_state"]
+        held = [(c, r, since) for c, (r, since) in self.holding.items()]
+        hold = self._holds(np.array([r for _, r, _ in held], dtype=np.int64), states) if held else None
+        ends = {c: since + hold[i, int(ctx.client_instance[c])] for i, (c, r, since) in enumerate(held)}
+        out: list[list[float]] = []
+        for k, st in enumerate(states):
+            times = []
+            for c in st.clients:
+                cs = client_state[c]
+                if cs == RUNNING or cs == WAITING:
+                    times.append(max(now, ends.get(c, now)))
+                elif cs != FAILED:
+                    times.append(max(now, st.now))
+            out.append(times)
+        return out
+
+    def belongs(self, request: int) -> np.ndarray:
+        """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
+        if self.mode == "ect":
+            return np.ones(self.m, dtype=bool)
+        # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
+        scale = self.slowness if self.mode == "lp" else 1.0
+        priced = self.prices * scale * self.v[request]
+        mu = float(priced.min())
+        return priced - mu <= self.tolerance * mu
+
+    def pick(self, queue: list[tuple[float, int]], instance: int, now: float, states) -> tuple[float, int] | None:
+        """The ``(key, request)`` of ``queue`` that the idle client of ``instance`` takes, or None.
+
+        The first :data:`SCAN_LIMIT` requests in priority order are list-scheduled by earliest
+        completion (module docstring); if none lands on ``instance``, the best request further
+        down the queue that belongs there and would finish there no later than anywhere else
+        after that list schedule is taken (so an instance that the head of the queue does not
+        suit still finds its work deep in the queue).
+
+        Parameters
+        ----------
+        queue
+            ``(key, request)`` pairs of the ready requests (a heap; smaller key = higher priority).
+        instance
+            The asking client's instance.
+        now
+            Current time, seconds.
+        states
+            The engine's :class:`~lloptim.runtime.engine.InstanceState` of every instance (read only).
+
+        Returns
+        -------
+        tuple or None
+            The chosen pair, or None to stay idle for now.
+        """
+        heaps = [sorted(t) for t in self._free_times(now, states)]
+        if not heaps[instance]:
+            return None
+        head = heapq.nsmallest(SCAN_LIMIT, queue)
+        holds = self._holds(np.array([r for _, r in head], dtype=np.int64), states)
+        for pos, item in enumerate(head):
+            r = item[1]
+            ok = self.belongs(r)
+            hold = holds[pos]
+            best, where = np.inf, -1
+            for k in range(self.m):
+                if ok[k] and heaps[k]:
+                    finish = heaps[k][0] + hold[k]
+                    # ties go to the asking instance: the others ask at their own turn
+                    if finish < best or (finish == best and k == instance):
+                        best, where = finish, k
+            if where == instance and heaps[instance][0] <= now:
+                if pos:
+                    self.steered += 1
+                return item
+            if where >= 0:
+                heapq.heapreplace(heaps[where], best)
+        if len(queue) <= len(head) or heaps[instance][0] > now:
+            return None
+        # deeper in the queue: after the list schedule above, the best request that belongs here
+        # and finishes here no later than on any other instance where it belongs
+        keys = np.array([k for k, _ in queue])
+        rows = np.array([r for _, r in queue], dtype=np.int64)
+        v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
+        if self.mode == "ect":
+            ok = np.ones(v.shape, dtype=bool)
+        else:
+            priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
+            ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
+        ready_at = np.array([h[0] if h else np.inf for h in heaps])
+        finish = ready_at[None, :] + self._holds(rows, states)
+        finish[~ok] = np.inf
+        here = finish[:, instance].copy()
+        finish[:, instance] = np.inf
+        good = ok[:, instance] & (here <= finish.min(axis=1))
+        good &= keys > head[-1][0]  # the head was scheduled above
+        if not good.any():
+            return None
+        i = int(np.flatnonzero(good)[np.argmin(keys[good])])
+        self.steered += 1
+        return queue[i]

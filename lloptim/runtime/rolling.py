@@ -1,0 +1,376 @@
+"""Rolling-horizon bin packing: the offline plan, made online without foresight.
+
+The paper's offline step packs every request onto a client before the run. When requests arrive
+over time that needs foresight (their lengths, estimates and arrival times), which no server has.
+:class:`RollingPlan` plans only the requests it has been told of (announced by the engine through
+:meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`) and revises the plan as more arrive:
+
+* **what a revision solves**: the makespan bin packing of every known request that has not
+  started, onto the live clients, where a client first finishes what it holds (its *release*:
+  the estimated rest of its running or waiting request, seconds), i.e.
+  ``min max_c (release_c + sum_{r on c} w[r, c])``; weights are
+  :func:`~lloptim.work.request_work_s` of the known requests only (their means set the typical
+  step);
+* **warm start**: requests planned before keep their client as the start, the new ones go where
+  they would finish first (LPT on top of the kept loads), and the move/swap local search of
+  :func:`lloptim.solvers.greedy.local_search` improves the whole, with the releases
+  (milliseconds; timed in :attr:`RollingPlan.revision_s`);
+* **when**: revisions are batched: the first plan when the first requests are ready (with every
+  request at time 0 this is the offline plan of the paper, solved by the chosen backend, so an
+  all-at-once run is unchanged); later, when an idle client's queue has run dry while new
+  requests wait unplanned, or when the unplanned requests reach ``burst`` times the planned,
+  unstarted ones (an arrival burst).
+
+:class:`RollingQueues` is the request scheduler that serves such a plan: per-client queues
+longest first, optionally with the paper's stealing (:class:`~lloptim.runtime.request_schedulers.
+AssignedQueues`), rebuilt at each revision.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from lloptim.runtime.engine import FAILED, RUNNING, WAITING
+from lloptim.runtime.policy import RunContext
+from lloptim.runtime.request_schedulers import AssignedQueues
+
+__all__ = ["RollingPlan", "RollingQueues", "BURST"]
+
+#: Revise when the requests that arrived since the last plan reach this share of the planned,
+#: unstarted ones (an arrival burst), even if no client has run dry.
+BURST = 0.1
+
+
+class RollingPlan:
+    """The bin-packing plan of the known, unstarted requests, revised as requests arrive.
+
+    Parameters
+    ----------
+    solver
+        Backend of :func:`lloptim.solvers.solve` for the first plan (``"greedy"``: LPT + local
+        search); revisions always use the warm-started local search.
+    time_limit_s
+        Time limit of the first plan, seconds.
+    revision_limit_s
+        Time limit of each revision's local search, seconds.
+    burst
+        Revise when the unplanned requests reach this share of the planned, unstarted ones
+        (dimensionless).
+    weights
+        ``"work"``: :func:`~lloptim.work.request_work_s` (the paper's client-time at a typical
+        step, linear in the output length); ``"bound"``: the client-seconds of the fleet bound,
+        ``C_k`` times :func:`~lloptim.work.instance_seconds` (the KV term grows with the square of
+        the output, and every coefficient is the instance's own, which matters on fleets of
+        different instances and heavy-tailed lengths).
+
+    Attributes
+    ----------
+    assignment
+        ``(R,)`` global client planned for each request (int64; -1 while unplanned or started).
+    revisions
+        Plans made so far, the first included (count).
+    revision_s
+        Wall time of each plan, seconds.
+    planned_makespan_s
+        Largest ``release + load`` of the last plan, seconds from that plan's time.
+    """
+
+    def __init__(self, solver: str = "greedy", time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
+                 burst: float = BURST, weights: str = "work") -> None:
+        if weights not in ("work", "bound"):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.weights", f"unknown plan weights {weights!r}", "use 'work' or 'bound'")
+        self.weights = weights
+        self.solver = solver
+        self.time_limit_s = time_limit_s
+        self.revision_limit_s = revision_limit_s
+        self.burst = burst
+
+    def setup(self, ctx: RunContext) -> None:
+        """Start a run with nothing known.
+
+        Parameters
+        ----------
+        ctx
+            The run (problem, estimates, client states).
+        """
+        self.ctx = ctx
+        n = ctx.problem.n_requests
+        self.estimates = ctx.estimates
+        self.assignment = np.full(n, -1, dtype=np.int64)
+        self.known = np.zeros(n, dtype=bool)
+        self.started = np.zeros(n, dtype=bool)
+        self.unplanned: list[int] = []
+        self.n_planned = 0                      # planned and not started
+        self.holding: dict[int, tuple[int, float]] = {}  # client -> (request, handed out at)
+        self.revisions = 0
+        self.revision_s: list[float] = []
+        self.planned_makespan_s = 0.0
+
+    # -- events --------------------------------------------------------------------------------
+    def on_ready(self, request: int, now: float) -> None:
+        """``request`` became known (ready) at ``now`` seconds; it waits for the next revision.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        now
+            Its ready time, seconds.
+        """
+        self.known[request] = True
+        self.unplanned.append(request)
+
+    def on_start(self, request: int, client: int, now: float) -> None:
+        """``request`` was handed to ``client`` at ``now`` seconds.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client.
+        now
+            Time it was handed out, seconds.
+        """
+        if self.assignment[request] >= 0:
+            self.n_planned -= 1
+        self.assignment[request] = -1
+        self.started[request] = True
+        self.holding[client] = (request, now)
+
+    def on_finish(self, request: int, client: int) -> None:
+        """``request`` finished on ``client``.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        client
+            Global index of the client that served it.
+        """
+        if self.holding.get(client, (-1, 0.0))[0] == request:
+            del self.holding[client]
+
+    def on_requeue(self, request: int) -> None:
+        """A fault took ``request`` back: it is unstarted again and waits for the next revision."""
+        for c, (r, _) in list(self.holding.items()):
+            if r == request:
+                del self.holding[c]
+        self.started[request] = False
+        self.unplanned.append(request)
+
+    # -- planning ------------------------------------------------------------------------------
+    def due(self, client_dry: bool) -> bool:
+        """Whether to revise now.
+
+        Parameters
+        ----------
+        client_dry
+            An idle client has nothing planned for it.
+        """
+        if not self.unplanned:
+            return False
+        if self.revisions == 0 or client_dry:
+            return True
+        return len(self.unplanned) >= self.burst * max(1, self.n_planned)
+
+    def revise(self, now: float) -> np.ndarray:
+        """Plan every known, unstarted request from ``now`` on; returns their rows.
+
+        Parameters
+        ----------
+        now
+            Current time, seconds (the clock of the instance asking).
+
+        Returns
+        -------
+        numpy.ndarray
+            Rows of the planned requests (int64), in row order; :attr:`assignment` holds their clients.
+        """
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        problem = ctx.problem
+        rows = np.flatnonzero(self.known & ~self.started)
+        self.unplanned = []
+        state = ctx.extra.get("client_state")
+        alive = np.array([state is None or state[c] != FAILED for c in range(problem.n_clients)])
+        if rows.size == 0 or not alive.any():
+            self.n_planned = 0
+            return rows
+        W = self._weights(rows)
+        release = self._release(now, rows)
+        first = self.revisions == 0 and not np.any(release[alive] > 0) and alive.all()
+        if first and self.weights == "work" and (self.solver != "greedy" or np.all(W == W[:, :1])):
+            # the paper's offline plan, by the chosen backend (on a fleet of different instances the
+            # greedy backend would also price every client by an LP nobody reads here: skip it)
+            from lloptim.problem import Problem, Workload
+            from lloptim.solvers import SolveParams, solve
+
+            # the solve sees the known requests' prompts and weights (from their estimates) only:
+            # no arrival time, and no true output length (each is given one token)
+            known = Workload.from_arrays(problem.workload.prompt_tokens[rows], np.ones(rows.size, dtype=np.int64),
+                                         name=problem.workload.name)
+            sub = Problem(known, problem.instances, problem.name)
+            res = solve(sub, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s), weights=W)
+            ctx.extra["offline"] = res
+            assignment = np.asarray(res.assignment, dtype=np.int64)
+            makespan = float(res.primal_bound) if res.primal_bound is not None else float("nan")
+        else:
+            # the first plan gets the first plan's time limit (it covers everything known at once)
+            assignment, makespan = self._pack(W, rows, release, alive,
+                                              self.time_limit_s if self.revisions == 0 else self.revision_limit_s)
+        self.assignment[rows] = assignment
+        self.n_planned = int(rows.size)
+        self.planned_makespan_s = makespan
+        self.revisions += 1
+        self.revision_s.append(time.perf_counter() - t0)
+        return rows
+
+    def _weights(self, rows: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+        """``(len(rows) [+ len(held)], m)`` client-seconds of ``rows`` (then ``held``) on each instance."""
+        from lloptim.work import instance_seconds, request_work_s
+
+        problem = self.ctx.problem
+        both = rows if held is None else np.r_[rows, held]
+        est = self.estimates[both]
+        if self.weights == "bound":
+            clients = np.array([i.clients for i in problem.instances], dtype=np.float64)
+            return instance_seconds(problem, both, est) * clients[None, :]
+        # the typical step is priced on the planned rows' means, so held requests share their scale
+        return np.column_stack([request_work_s(problem, est, instance=k, rows=both)
+                                for k in range(len(problem.instances))])
+
+    def _release(self, now: float, rows: np.ndarray) -> np.ndarray:
+        """Estimated seconds until each client is free of the request it holds (0 if idle)."""
+        ctx = self.ctx
+        release = np.zeros(ctx.problem.n_clients)
+        if not self.holding:
+            return release
+        held = np.array([r for r, _ in self.holding.values()], dtype=np.int64)
+        Wh = self._weights(rows, held)[rows.size:]
+        state = ctx.extra.get("client_state")
+        for (c, (r, since)), w in zip(self.holding.items(), Wh):
+            if state is not None and state[c] not in (RUNNING, WAITING):
+                continue
+            release[c] = max(0.0, since + float(w[ctx.client_instance[c]]) - now)
+        return release
+
+    def _pack(self, W: np.ndarray, rows: np.ndarray, release: np.ndarray, alive: np.ndarray,
+              time_limit_s: float) -> tuple[np.ndarray, float]:
+        """Warm-started LPT + local search with releases over the live clients; (assignment, makespan)."""
+        from lloptim.formulations.binpacking import BinPackingData
+        from lloptim.solvers.greedy import local_search, lpt
+
+        ctx = self.ctx
+        live = np.flatnonzero(alive)
+        uniform = bool(np.all(W == W[:, :1]))
+        data = BinPackingData(np.ascontiguousarray(W[:, :1] if uniform else W),
+                              ctx.client_instance[live].astype(np.int64), uniform)
+        local = np.full(ctx.problem.n_clients, -1, dtype=np.int64)
+        local[live] = np.arange(live.size)
+        rel = release[live]
+        prev = self.assignment[rows]
+        kept = (prev >= 0) & (local[np.maximum(prev, 0)] >= 0)
+        start = np.where(kept, local[np.maximum(prev, 0)], -1)
+        new = np.flatnonzero(~kept)
+        if new.size:
+            # the new requests go where they finish first, on top of the kept loads
+            kept_rows = np.flatnonzero(kept)
+            load = rel.copy()
+            if kept_rows.size:
+                np.add.at(load, start[kept_rows], data.request_weights_on(np.maximum(start, 0))[kept_rows])
+            sub = BinPackingData(np.ascontiguousarray(data.inst_weights[new]), data.client_instance, uniform)
+            start[new] = lpt(sub, release=load)
+        a = local_search(data, start, time_limit_s=time_limit_s, release=rel)
+        makespan = float((np.bincount(a, weights=data.request_weights_on(a), minlength=live.size) + rel).max())
+        return live[a], makespan
+
+
+class RollingQueues(AssignedQueues):
+    """Per-client queues of a :class:`RollingPlan`, longest first, with optional stealing.
+
+    Serves the plan like :class:`~lloptim.runtime.request_schedulers.AssignedQueues` (the paper's
+    Algorithm 1 with ``steal=True``) and rebuilds the queues at every revision of the plan. A
+    request is planned only after it is ready, so the plan never reads a request of the future.
+
+    Parameters
+    ----------
+    plan
+        The rolling plan (a fresh :class:`RollingPlan` by default).
+    steal
+        Let an idle client with an empty queue take a planned request of the client with the most
+        queued work (see :class:`~lloptim.runtime.request_schedulers.AssignedQueues`).
+
+    Attributes
+    ----------
+    arrivals_during_run
+        Whether a request became ready after the first was handed out (the run is online).
+    """
+
+    def __init__(self, plan: RollingPlan | None = None, steal: bool = True) -> None:
+        super().__init__(None, steal)
+        self.plan = plan if plan is not None else RollingPlan()
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.plan.setup(ctx)
+        n_clients = ctx.problem.n_clients
+        self.size = ctx.estimates.tolist()
+        self.queues = [[] for _ in range(n_clients)]
+        self.queued_work = np.zeros(n_clients)
+        self.n_pending = 0
+        self.steals = 0
+        self.arrivals_during_run = False
+        self.handed_out = False
+        prec = ctx.problem.workload.precedence
+        self.roots = None if prec is None else prec.in_degree() == 0
+
+    def on_ready(self, request: int, now: float) -> None:
+        if self.handed_out and (self.roots is None or self.roots[request]):
+            self.arrivals_during_run = True
+        self.plan.on_ready(request, now)
+        self.n_pending += 1
+
+    def next_request(self, state, client: int) -> int | None:
+        if self.plan.due(client_dry=not self.queues[client]):
+            self._rebuild(state.now)
+        r = super().next_request(state, client)
+        if r is not None:
+            self.handed_out = True
+            self.plan.on_start(r, client, state.now)
+        return r
+
+    def _rebuild(self, now: float) -> None:
+        rows = self.plan.revise(now)
+        self.queues = [[] for _ in self.queues]
+        self.queued_work[:] = 0.0
+        for r, c in zip(rows.tolist(), self.plan.assignment[rows].tolist()):
+            self._enqueue(c, r)
+        for q in self.queues:
+            q.sort()
+
+    def _enqueue(self, client: int, request: int) -> None:
+        self.queues[client].append((-self.size[request], request))
+        self.queued_work[client] += self.size[request]
+
+    def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        self.plan.on_finish(request, client)
+
+    def requeue(self, request: int, now: float) -> None:
+        self.plan.on_requeue(request)
+        self.n_pending += 1
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        orphans = [r for _, r in self.queues[client]]
+        self.queues[client] = []
+        self.queued_work[client] = 0.0
+        if orphans:
+            # replan them (and everything unstarted) at the next request for work
+            for r in orphans:
+                self.plan.assignment[r] = -1
+                self.plan.unplanned.append(r)
+            self.plan.n_planned -= len(orphans)

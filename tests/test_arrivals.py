@@ -1,0 +1,357 @@
+"""Requests arriving over time: no foresight, rolling plans, latency metrics, load, traces, fleet prices."""
+
+import gzip
+from importlib import resources
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lloptim import Instance, Problem, Workload, load_profile, load_spec, lower_bound, run_policy, summarize, workloads
+from lloptim.arrivals import at_load, capacity_rps, poisson_arrivals, scale_to_load
+from lloptim.errors import SpecError
+from lloptim.hardware import HardwareProfile, LatencyModel
+from lloptim.runtime.fleet import FleetPrices
+from lloptim.runtime.hybrid import hybrid_policy
+from lloptim.runtime.registry import make_policy, policy_names
+from lloptim.runtime.rolling import RollingPlan, RollingQueues
+
+BASE = load_profile("llama-65b")
+SLOW = BASE.with_latency(BASE.latency.scaled(1.5, 1.5))
+DSLOW = BASE.with_latency(BASE.latency.scaled(0.6, 1.6))
+
+
+def fleet(kinds, clients=None, kv=None):
+    out = []
+    for prof, n in kinds:
+        for _ in range(n):
+            out.append(Instance.from_profile(prof, clients, kv, name=f"instance-{len(out)}"))
+    return tuple(out)
+
+
+@st.composite
+def online_problems(draw):
+    """Small problems with arrivals over time on one instance or a (possibly mixed) pair."""
+    n = draw(st.integers(2, 28))
+    prompt = draw(st.lists(st.integers(1, 120), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
+    gaps = draw(st.lists(st.floats(0, 1.5), min_size=n, max_size=n))
+    arrival = np.cumsum(gaps) * draw(st.sampled_from([0.0, 1.0]) if draw(st.booleans()) else st.just(1.0))
+    clients = draw(st.integers(1, 5))
+    kinds = draw(st.sampled_from([[(BASE, 1)], [(BASE, 2)], [(BASE, 1), (SLOW, 1)], [(BASE, 1), (DSLOW, 1)]]))
+    # a cache that holds the largest request and little more: memory binds, the memory-aware paths run
+    kv = 200 + 96 if draw(st.booleans()) else 20_000
+    return Problem(Workload.from_arrays(prompt, output, arrival), fleet(kinds, clients, kv))
+
+
+def _trace_before(res, t: float) -> list[tuple]:
+    keep = res.trace_start_s < t
+    return list(zip(res.trace_instance[keep].tolist(), res.trace_kind[keep].tolist(),
+                    res.trace_start_s[keep].tolist(), res.trace_duration_s[keep].tolist(),
+                    res.trace_participants[keep].tolist(), res.trace_prefill_tokens[keep].tolist(),
+                    res.trace_running[keep].tolist()))
+
+
+# -- no policy reads a request of the future --------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(online_problems(), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+def test_no_policy_reads_a_request_before_it_arrives(problem, quantile, seed):
+    w = problem.workload
+    t = float(np.quantile(w.arrival_s, quantile))
+    later = np.flatnonzero(w.arrival_s > t)
+    rng = np.random.default_rng(seed)
+    prompt, output, arrival = w.prompt_tokens.copy(), w.output_tokens.copy(), w.arrival_s.copy()
+    ids = list(w.ids)
+    prompt[later] = rng.integers(1, 120, later.size)
+    output[later] = rng.integers(1, 60, later.size)  # prompt + output <= 180: fits every cache drawn
+    arrival[later] = t + rng.uniform(1e-3, 5.0, later.size)
+    for i in later.tolist():
+        ids[i] = f"other-{i}"
+    other = Problem(Workload.from_arrays(prompt, output, arrival, ids=ids), problem.instances)
+    for name in policy_names():
+        a, b = run_policy(problem, name), run_policy(other, name)
+        assert _trace_before(a, t) == _trace_before(b, t), name
+        served = np.flatnonzero(a.assign_s < t)
+        assert np.array_equal(a.client[served], b.client[served]), name
+
+
+def test_rolling_plans_contain_only_arrived_requests():
+    problem = at_load(Problem.single(workloads.gsm8k("test", limit=300), clients=12), 1.3, seed=4)
+    arrival = problem.workload.arrival_s
+    seen = []
+
+    class Watched(RollingPlan):
+        def revise(self, now):
+            rows = super().revise(now)
+            seen.append((now, rows.copy(), np.flatnonzero(self.assignment >= 0)))
+            return rows
+
+    for steal in (True, False):
+        seen.clear()
+        res = run_policy(problem, hybrid_policy(dispatch="plan", fused=True) if steal else
+                         make_policy("offline"), )
+        assert np.all(np.isfinite(res.done_s))
+    pol = hybrid_policy(dispatch="plan", fused=True)
+    pol.requests = RollingQueues(Watched(), steal=True)
+    res = run_policy(problem, pol)
+    assert np.all(np.isfinite(res.done_s)) and len(seen) > 10  # revised many times as requests arrived
+    for now, rows, planned in seen:
+        assert np.all(arrival[rows] <= now + 1e-12)
+        assert np.all(arrival[planned] <= now + 1e-12)
+        assert set(planned.tolist()) <= set(rows.tolist())
+    # the revisions are warm-started: later plans keep most of the previous assignment
+    assert pol.requests.plan.revisions == len(seen)
+
+
+def test_all_at_once_keeps_the_offline_plan_and_longest_first_dispatch():
+    problem = Problem.single(workloads.gsm8k("test", limit=400), clients=16)
+    from lloptim.runtime.policy import Policy
+    from lloptim.runtime.request_schedulers import GlobalQueue
+
+    a = run_policy(problem, hybrid_policy())
+    b = run_policy(problem, Policy("ref", GlobalQueue("longest"), hybrid_policy(fused=False).iterations))
+    assert np.array_equal(a.client, b.client) and a.makespan_s == b.makespan_s
+    assert not np.any(a.trace_kind == 2)  # every request present: separate prefill iterations (the paper)
+    plan = RollingPlan()
+    pol = make_policy("offline")
+    run_policy(problem, pol)
+    assert pol.requests.plan.revisions == 1  # one plan, before the first request is served
+    del plan
+
+
+# -- latency under overload --------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_least_slack_dispatch_does_not_starve_short_requests(seed):
+    problem = at_load(Problem.single(workloads.gsm8k("test", limit=500), clients=20), 1.25, seed)
+    bound = lower_bound(problem)
+    hyb = summarize(run_policy(problem, "hybrid"), bound)
+    lpt = summarize(run_policy(problem, hybrid_policy(slack_weight=1e9)), bound)
+    sarathi = summarize(run_policy(problem, "sarathi"), bound)
+    assert hyb.latency_p99_s < 0.5 * lpt.latency_p99_s
+    assert hyb.makespan_s <= 1.01 * lpt.makespan_s
+    assert hyb.latency_p99_s <= sarathi.latency_p99_s and hyb.makespan_s <= sarathi.makespan_s
+    assert hyb.mixed_iterations > 0  # arrivals during the run: prompts fused
+
+
+def test_slack_weight_zero_is_first_come_first_served():
+    problem = at_load(Problem.single(workloads.gsm8k("test", limit=200), clients=8), 1.5, seed=2)
+    res = run_policy(problem, hybrid_policy(slack_weight=0.0))
+    order = np.argsort(res.assign_s, kind="stable")
+    assert np.all(np.diff(problem.workload.arrival_s[order]) >= 0)
+    with pytest.raises(SpecError):
+        hybrid_policy(slack_weight=-1)
+
+
+# -- the bound holds under arrivals and on mixed fleets --------------------------------------------------------
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(online_problems())
+def test_bound_never_above_any_policy_with_arrivals_and_fleets(problem):
+    bound = lower_bound(problem)
+    for name in policy_names():
+        m = summarize(run_policy(problem, name), bound)
+        assert m.requests_completed == problem.n_requests, name
+        assert m.makespan_s >= m.lower_bound_s * (1 - 1e-9), name
+
+
+# -- latency metrics by hand ----------------------------------------------------------------------------------
+def test_latency_metrics_by_hand():
+    # one client; prefill 1 s, decode 1 s, nothing per token
+    prof = HardwareProfile("unit", LatencyModel(1.0, 0.0, 1.0, 0.0, 0.0), kv_capacity_tokens=1000, clients=1)
+    wl = Workload.from_arrays([5, 5], [2, 1], [0.0, 0.5])
+    m = summarize(run_policy(Problem.single(wl, prof), "baseline"))
+    # r0: prefill [0, 1], decodes [1, 2], [2, 3] -> first token 2, done 3; r1 (arrived 0.5) waits for the
+    # client: prefill [3, 4], decode [4, 5] -> first token 5, done 5
+    assert m.makespan_s == pytest.approx(5.0)
+    assert m.latency_mean_s == pytest.approx((3.0 + 4.5) / 2)
+    assert m.latency_p50_s == pytest.approx(3.75)
+    assert m.latency_p99_s == pytest.approx(3.0 + 0.99 * 1.5)
+    assert m.ttft_mean_s == pytest.approx((2.0 + 4.5) / 2)
+    assert m.ttft_p50_s == pytest.approx(3.25)
+    assert m.ttft_p99_s == pytest.approx(2.0 + 0.99 * 2.5)
+
+
+# -- load and arrivals ------------------------------------------------------------------------------------------
+def test_load_is_relative_to_the_bound_of_the_same_requests():
+    base = Problem.single(workloads.gsm8k("test", limit=300), clients=10)
+    cap = capacity_rps(base)
+    assert cap == pytest.approx(300 / lower_bound(base).fused_s)
+    p = at_load(base, 1.2, seed=3)
+    assert p.meta["arrival_rate"] == pytest.approx(1.2 * cap)
+    assert p.workload.arrival_s[-1] == pytest.approx(300 / (1.2 * cap), rel=0.25)
+    assert np.array_equal(p.workload.arrival_s, at_load(base, 1.2, seed=3).workload.arrival_s)
+    assert not np.array_equal(p.workload.arrival_s, at_load(base, 1.2, seed=4).workload.arrival_s)
+    # the capacity ignores arrival times, and twice the fleet doubles it
+    assert capacity_rps(p) == pytest.approx(cap)
+    assert capacity_rps(Problem.single(workloads.gsm8k("test", limit=300), clients=10, instances=2)) > 1.9 * cap
+    with pytest.raises(SpecError, match="load"):
+        at_load(base, 0)
+    with pytest.raises(SpecError, match="arrival_rate"):
+        poisson_arrivals(10, -1.0)
+
+
+def test_scale_to_load_keeps_the_trace_pattern():
+    p = Problem.single(workloads.azure_trace("conv", limit=400, start=800), kv_capacity_tokens=163_840)
+    q = scale_to_load(p, 0.9)
+    a, b = p.workload.arrival_s, q.workload.arrival_s
+    assert b[0] == 0.0 and np.allclose(b / b[-1], a / a[-1])
+    assert 400 / b[-1] == pytest.approx(0.9 * capacity_rps(p))
+    with pytest.raises(SpecError, match="same time"):
+        scale_to_load(Problem.single(workloads.gsm8k("test", limit=20)), 1.0)
+
+
+# -- the Azure traces -------------------------------------------------------------------------------------------
+def test_azure_traces_ship_with_their_licence():
+    data = resources.files("lloptim") / "data"
+    text = (data / "AZURE_LLM_TRACES_LICENSE").read_text()
+    assert "CC BY" in text and "Splitwise" in text and "renamed" in text
+    for trace, n in (("conv", 19_366), ("code", 8_819)):
+        head = gzip.decompress((data / f"azure_llm_{trace}_2023.csv.gz").read_bytes()).decode().splitlines()[0]
+        assert head == "arrival_s,prompt_tokens,output_tokens"
+        w = workloads.azure_trace(trace)
+        assert len(w) == n and w.arrival_s[0] == 0.0 and np.all(np.diff(w.arrival_s) >= 0)
+    w = workloads.azure_trace("code", limit=50, start=100, time_scale=0.5)
+    full = workloads.azure_trace("code")
+    assert w.ids[0] == "azure-code-100" and len(w) == 50
+    assert np.allclose(w.arrival_s, (full.arrival_s[100:150] - full.arrival_s[100]) * 0.5)
+    assert np.array_equal(w.output_tokens, full.output_tokens[100:150])
+    for kwargs, field in (({"trace": "chat"}, "trace"), ({"start": 10**6}, "start"), ({"time_scale": 0}, "time_scale"),
+                          ({"limit": 0}, "limit")):
+        with pytest.raises(SpecError, match=field):
+            workloads.azure_trace(**kwargs)
+
+
+def test_spec_arrivals_and_traces():
+    p = load_spec(text='[workload]\nsource = "gsm8k"\nlimit = 100\nload = 1.2\nseed = 5\n')
+    assert p.meta["load"] == 1.2 and p.workload.arrival_s[-1] > 0
+    q = load_spec(text='[workload]\nsource = "gsm8k"\nlimit = 100\narrival_rate = 4.0\nseed = 5\n')
+    assert q.workload.arrival_s[-1] == pytest.approx(100 / 4.0, rel=0.3)
+    t = load_spec(text='[workload]\nsource = "azure"\ntrace = "conv"\nlimit = 200\nload = 0.8\n'
+                       '[[instances]]\nkv_capacity_tokens = 163840\n')
+    assert t.meta["time_scale"] > 0 and len(t.workload) == 200
+    s = load_spec(text='[workload]\nsource = "synthetic"\nn = 50\nload = 0.5\n')
+    assert s.meta["load"] == 0.5
+    for text, needle in (('source = "gsm8k"\nload = 1\narrival_rate = 2', "not both"),
+                         ('source = "gsm8k"\ntrace = "conv"', "azure"),
+                         ('source = "azure"\narrival_rate = 2', "arrival_rate is read only"),
+                         ('source = "azure"\nload = 1\ntime_scale = 2', "not both"),
+                         ('source = "workflow"\nshape = "chain"\nload = 1', "load is read only"),
+                         ('source = "gsm8k"\nload = -1', "load")):
+        with pytest.raises(SpecError, match=needle):
+            load_spec(text="[workload]\n" + text + "\n")
+
+
+# -- fleet prices -----------------------------------------------------------------------------------------------
+def test_lp_prices_are_the_lp_duals_and_zero_reduced_costs_on_a_proportional_fleet():
+    problem = Problem(workloads.gsm8k("test", limit=200), fleet([(BASE, 2), (SLOW, 2)], clients=10))
+    pol = hybrid_policy(fused=True)
+    run_policy(problem, pol)
+    prices = pol.requests.fleet
+    assert prices.active and prices.solves >= 1
+    fresh = FleetPrices("lp")
+    from lloptim.runtime.policy import RunContext
+
+    ctx = RunContext(problem, problem.workload.output_tokens.astype(float), True, problem.client_instance())
+    ctx.extra["client_state"] = [0] * problem.n_clients
+    fresh.setup(ctx)
+    for r in range(problem.n_requests):
+        fresh.on_ready(r)
+    fresh.refresh(0.0)
+    # a 1.5x slower instance's time is worth 1/1.5 of a fast one's, and every request belongs anywhere
+    assert fresh.prices[0] / fresh.prices[2] == pytest.approx(1.5, rel=1e-6)
+    assert all(fresh.belongs(r).all() for r in range(problem.n_requests))
+
+
+def test_fleet_prices_change_decisions_and_uniform_prices_starve_slow_instances():
+    problem = Problem(workloads.gsm8k("test", limit=300), fleet([(BASE, 2), (DSLOW, 2)], clients=10))
+    runs = {mode: run_policy(problem, hybrid_policy(fused=True, prices=mode)) for mode in ("lp", "none", "uniform")}
+    inst = problem.client_instance()
+    assert not np.array_equal(runs["lp"].client, runs["none"].client)
+    for res in runs.values():
+        assert np.all(np.isfinite(res.done_s))
+    # uniform prices: a request belongs only where it is cheapest, so the slower kind gets only what it
+    # is cheapest for (prompt-heavy, short outputs)
+    slow_share = {m: np.mean(inst[r.client] >= 2) for m, r in runs.items()}
+    assert slow_share["uniform"] < slow_share["lp"]
+    # LP prices: prompt-heavy requests go to the fast-prefill instances more than without prices
+    w = problem.workload
+    ratio = w.prompt_tokens / w.output_tokens
+
+    def prompt_heavy_share(res):
+        on_slow = inst[res.client] >= 2
+        return ratio[on_slow].mean() / ratio[~on_slow].mean()
+
+    assert prompt_heavy_share(runs["lp"]) > prompt_heavy_share(runs["none"])
+    with pytest.raises(SpecError, match="price"):
+        hybrid_policy(prices="skewed")
+
+
+def test_identical_fleets_are_not_steered():
+    problem = Problem.single(workloads.gsm8k("test", limit=200), clients=10, instances=2)
+    a, b = run_policy(problem, hybrid_policy(prices="lp")), run_policy(problem, hybrid_policy(prices="none"))
+    assert np.array_equal(a.client, b.client) and a.makespan_s == b.makespan_s
+
+
+# -- the greedy packing with releases ----------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.1, 10), min_size=1, max_size=30), st.lists(st.floats(0, 20), min_size=2, max_size=6))
+def test_packing_with_releases(weights, release):
+    from lloptim.formulations.binpacking import BinPackingData
+    from lloptim.solvers.greedy import local_search, lpt
+
+    w = np.asarray(weights)[:, None]
+    rel = np.asarray(release)
+    data = BinPackingData(w, np.zeros(rel.size, dtype=np.int64), True)
+    start = lpt(data, release=rel)
+    best = local_search(data, start, release=rel)
+
+    def makespan(a):
+        return float((np.bincount(a, weights=w[:, 0], minlength=rel.size) + rel).max())
+
+    assert best.shape == (w.shape[0],) and best.min() >= 0 and best.max() < rel.size
+    assert makespan(best) <= makespan(start) + 1e-9
+    # never below the obvious bounds: the largest release and the average load
+    assert makespan(best) >= max(rel.max(), (w.sum() + rel.sum()) / rel.size) - 1e-9
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+def test_simulate_estimator_and_latency_in_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+
+    runner = CliRunner()
+    spec = tmp_path / "arrivals.toml"
+    spec.write_text('[workload]\nsource = "gsm8k"\nlimit = 200\nload = 1.2\n[[instances]]\nclients = 10\n')
+    res = runner.invoke(app, ["simulate", str(spec), "--policy", "hybrid", "--estimator", "bucket-quantile",
+                              "--json", "--plot", str(tmp_path / "run.png")])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["estimator"] == "bucket-quantile" and d["known_lengths"] is False
+    for key in ("latency_mean_s", "latency_p50_s", "latency_p99_s", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s"):
+        assert d[key] > 0
+    assert d["latency_mean_s"] <= d["latency_p99_s"] and d["ttft_mean_s"] <= d["latency_mean_s"]
+    assert (tmp_path / "run.png").stat().st_size > 0
+    oracle = json.loads(runner.invoke(app, ["simulate", str(spec), "--policy", "hybrid", "--json"]).stdout)
+    assert oracle["known_lengths"] is True and oracle["makespan_s"] != d["makespan_s"]
+    train = tmp_path / "train.toml"
+    train.write_text('[workload]\nsource = "gsm8k"\nsplit = "train"\nlimit = 500\n')
+    res = runner.invoke(app, ["simulate", str(spec), "--policy", "hybrid", "--estimator", "mean", "--train",
+                              str(train), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["known_lengths"] is False
+    for args, needle in ((["--estimator", "psychic"], "unknown estimator"),
+                         (["--estimator", "oracle", "--train", str(train)], "learns nothing")):
+        res = runner.invoke(app, ["simulate", str(spec), *args])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+
+
+def test_training_workload_holds_out_the_requests_estimated():
+    from lloptim.runtime.estimators import training_workload
+
+    window = workloads.azure_trace("conv", limit=300, start=600)
+    train = training_workload(window)
+    assert len(train) == 19_366 - 300 and not set(train.ids) & set(window.ids)
+    assert training_workload(workloads.gsm8k("test", limit=10)).name == "gsm8k-train"
+    assert training_workload(workloads.synthetic(20)).name == "gsm8k-train"
