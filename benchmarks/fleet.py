@@ -54,7 +54,9 @@ def fleets() -> dict[str, list[tuple]]:
     return {"4x": [(base, 4, None)], "2+2slow": [(base, 2, None), (scaled(1.5, 1.5), 2, None)],
             "3+1slow": [(base, 3, None), (scaled(2.0, 2.0), 1, None)],
             "2+2dslow": [(base, 2, None), (scaled(0.6, 1.6), 2, None)],
-            "2x40+2x20": [(base, 2, None), (base, 2, 20)]}
+            "1+3slow": [(base, 1, None), (scaled(1.5, 1.5), 3, None)],
+            "2x40+2x20": [(base, 2, None), (base, 2, 20)],
+            "3kinds": [(base, 2, None), (scaled(1.5, 1.5), 1, None), (scaled(0.6, 1.6), 1, None)]}
 
 
 def build(kinds: list[tuple], kv: int | None) -> tuple[Instance, ...]:

@@ -30,6 +30,7 @@ LP pools them); its optimal duals are the prices of client time (:func:`binpacki
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -99,10 +100,31 @@ class BinPackingData:
         price on instance ``i``'s clients (sums to 1). For identical clients it is
         ``(mean weight, [1])`` without a solve.
         """
+        return self.solve_fleet_lp()
+
+    def solve_fleet_lp(self, time_limit_s: float | None = None) -> tuple[float, np.ndarray]:
+        """:attr:`fleet_lp` within a wall-clock limit: ``(bound, mu)``, seconds and per-instance prices.
+
+        Parameters
+        ----------
+        time_limit_s
+            Seconds the cutting planes of :func:`~lloptim.bounds.fractional_assignment_bound` may
+            take (None: until they converge). A bound cut short is still valid, only weaker, and
+            is not cached; a converged one is cached as :attr:`fleet_lp`.
+        """
+        if "fleet_lp" in self.__dict__:
+            return self.__dict__["fleet_lp"]
         if self.uniform:
-            return float(self.inst_weights[:, 0].sum()) / max(self.n_clients, 1), np.ones(1)
-        counts = np.bincount(self.client_instance, minlength=self.inst_weights.shape[1]).astype(np.float64)
-        return fractional_assignment_bound(self.inst_weights.T, counts, return_prices=True)
+            out = float(self.inst_weights[:, 0].sum()) / max(self.n_clients, 1), np.ones(1)
+        else:
+            counts = np.bincount(self.client_instance, minlength=self.inst_weights.shape[1]).astype(np.float64)
+            t0 = time.perf_counter()
+            out = fractional_assignment_bound(self.inst_weights.T, counts, return_prices=True,
+                                              time_limit_s=time_limit_s)
+            if time_limit_s is not None and time.perf_counter() - t0 >= time_limit_s:
+                return out  # possibly cut short: not cached
+        self.__dict__["fleet_lp"] = out
+        return out
 
 
 def binpacking_data(problem: Problem, weights: np.ndarray | None = None,
@@ -182,7 +204,7 @@ def binpacking_lower_bound(data: BinPackingData) -> float:
     return bound
 
 
-def binpacking_prices(data: BinPackingData) -> dict[str, np.ndarray]:
+def binpacking_prices(data: BinPackingData, time_limit_s: float | None = None) -> dict[str, np.ndarray]:
     """Optimal LP prices of client time: ``{"load": (C,), "assign": (R,)}``.
 
     ``load[c]`` is the makespan seconds per second of client ``c``'s capacity lost (>= 0, summing
@@ -194,6 +216,9 @@ def binpacking_prices(data: BinPackingData) -> dict[str, np.ndarray]:
     ----------
     data : BinPackingData
         The instance (weights in seconds).
+    time_limit_s : float, optional
+        Wall-clock limit of the fleet LP, seconds (:meth:`BinPackingData.solve_fleet_lp`); prices
+        cut short by it are the best found, and ``assign.sum()`` still a valid bound.
 
     Returns
     -------
@@ -203,7 +228,7 @@ def binpacking_prices(data: BinPackingData) -> dict[str, np.ndarray]:
     C = data.n_clients
     if data.uniform:
         return {"load": np.full(C, 1.0 / C), "assign": data.w / C}
-    mu = data.fleet_lp[1]
+    mu = data.solve_fleet_lp(time_limit_s)[1]
     counts = np.bincount(data.client_instance, minlength=mu.size).astype(np.float64)
     per_inst = mu / np.maximum(counts, 1)
     return {"load": per_inst[data.client_instance], "assign": (data.inst_weights * per_inst[None, :]).min(axis=1)}

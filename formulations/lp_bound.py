@@ -73,7 +73,7 @@ def prices_from_duals(model: LinearModel, row_duals: np.ndarray) -> dict[str, np
     return {"load": lam, "assign": np.abs(d[model.con_groups["assign"]])}
 
 
-def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarray]:
+def lp_prices(data: BinPackingData, solver: str = "highs", time_limit_s: float | None = None) -> dict[str, np.ndarray]:
     """Optimal LP prices of client time (see the module docstring): ``{"load": (C,), "assign": (R,)}``.
 
     Parameters
@@ -83,6 +83,9 @@ def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarr
     solver : str
         Kept for callers written before the prices came from the exact LP over instances, which
         HiGHS solves whatever is named here.
+    time_limit_s : float, optional
+        Wall-clock limit, seconds (None: until the LP is solved exactly). At the limit the best
+        prices found so far are returned: ``assign.sum()`` is then a valid, possibly weaker bound.
 
     Returns
     -------
@@ -90,7 +93,7 @@ def lp_prices(data: BinPackingData, solver: str = "highs") -> dict[str, np.ndarr
         ``"load"``: ``(C,)`` prices of client time, makespan seconds per second of the client's
         capacity lost (>= 0, sum 1); ``"assign"``: ``(R,)`` price of each request, seconds.
     """
-    return binpacking_prices(data)
+    return binpacking_prices(data, time_limit_s)
 
 
 def decode_steps_bound(problem: Problem, solver: str = "highs", time_limit_s: float = 10.0) -> int:

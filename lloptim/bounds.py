@@ -66,6 +66,7 @@ by clients): both weights give valid fractional assignment bounds, and the large
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -73,7 +74,7 @@ import numpy as np
 from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens, reservation_tokens
 from lloptim.problem import Problem, as_problem
 
-__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
+__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound", "FLEET_LP_TOLERANCE",
            "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
 
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
@@ -182,8 +183,14 @@ def decode_steps_lower_bound(output_tokens: np.ndarray, clients: int) -> int:
     return bound
 
 
+#: Relative gap between the cutting planes' master value and the best dual value at which
+#: :func:`fractional_assignment_bound` stops: Kelley's cuts reach the optimum in a few dozen rounds
+#: but prove it slowly (hundreds of rounds of a few milliseconds at 1e-12).
+FLEET_LP_TOLERANCE = 1e-9
+
+
 def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations: int | None = None,
-                                return_prices: bool = False):
+                                return_prices: bool = False, time_limit_s: float | None = None):
     """``min T s.t. sum_r work[j, r] y[j, r] <= count[j] T, sum_j y[j, r] = 1, y >= 0``, seconds, exactly.
 
     The fractional assignment of requests to ``count[j]`` identical machines of kind ``j`` is an LP
@@ -194,9 +201,9 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     Kelley's cutting planes:
     each round evaluates ``g`` and its supergradient at the master's ``mu`` (``O(J R)``) and adds
     that cut to the master LP (``J + 1`` variables, solved by HiGHS through
-    ``scipy.optimize.linprog``), until the master's value and the best ``g`` agree to 1e-12
-    (relative). The value returned is ``g`` at the best ``mu``: by weak duality a valid bound for
-    any ``mu`` on the simplex, so it never overstates the optimum whatever the tolerances, and it
+    ``scipy.optimize.linprog``), until the master's value and the best ``g`` agree to
+    :data:`FLEET_LP_TOLERANCE` (relative). The value returned is ``g`` at the best ``mu``: by weak
+    duality a valid bound for any ``mu`` on the simplex, so it never overstates the optimum whatever the tolerances, and it
     equals the LP optimum when the rounds converge (they do in a few dozen).
 
     Parameters
@@ -207,6 +214,10 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         ``(J,)`` machines of each kind (count).
     iterations
         Most cutting-plane rounds (default 500); the bound is valid whenever it stops.
+    time_limit_s
+        Wall-clock limit of the cutting-plane rounds, seconds (None: none); at the limit the best
+        ``g`` so far is returned, still a valid bound. Kinds with the same work row are pooled
+        first (their capacities add), which keeps the master small and its rounds few.
     return_prices
         Also return ``mu``, the prices of each kind's capacity (dimensionless, summing to 1: makespan
         seconds per second of that kind's total machine time lost).
@@ -220,6 +231,18 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
 
     work = np.asarray(work, dtype=np.float64)
     count = np.asarray(count, dtype=np.float64)
+    if work.shape[0] > 1:
+        # identical rows are one kind with the capacities added: the optimum is the same, and
+        # the cutting planes, degenerate on symmetric kinds, converge in far fewer rounds
+        uniq, inverse = np.unique(work, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        if uniq.shape[0] < work.shape[0]:
+            pooled = np.bincount(inverse, weights=count, minlength=uniq.shape[0])
+            out = fractional_assignment_bound(uniq, pooled, iterations, True, time_limit_s)
+            # each row's share of its kind's price, in proportion to its capacity
+            mu = out[1][inverse] * count / pooled[inverse]
+            return (out[0], mu) if return_prices else out[0]
+    deadline = None if time_limit_s is None else time.perf_counter() + float(time_limit_s)
     J, R = work.shape
     scaled = work / count[:, None]
 
@@ -274,7 +297,9 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         val, grad = g(mu)
         if val > best:
             best, best_mu = val, mu
-        if upper - best <= 1e-12 * max(1.0, abs(upper)):
+        if upper - best <= FLEET_LP_TOLERANCE * max(1.0, abs(upper)):
+            break
+        if deadline is not None and time.perf_counter() > deadline:
             break
         cuts.append(grad)
     return (best, best_mu) if return_prices else best

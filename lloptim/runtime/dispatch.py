@@ -40,15 +40,21 @@ import heapq
 
 import numpy as np
 
+from lloptim.runtime.engine import FAILED
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN"]
 
 #: Default weight of the service time against the waiting time in the dispatch key (module
 #: docstring): 1 prices a second of waiting and a second of service alike.
 SLACK_WEIGHT = 1.0
+#: On a fleet of several instances with every request present from the start, the rest of the queue
+#: is bin-packed onto the clients (:mod:`lloptim.runtime.rolling`) once at most this many queued
+#: requests remain per live client (module docstring, *End game*).
+TAIL_PLAN = 1.0
 
 
 class HybridDispatch(WorkflowQueue):
@@ -78,7 +84,8 @@ class HybridDispatch(WorkflowQueue):
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
-                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None) -> None:
+                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None,
+                 tail_plan: float | None = TAIL_PLAN, tail_weights: str = "work") -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -89,6 +96,9 @@ class HybridDispatch(WorkflowQueue):
         self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
         self.memory = memory
         self.delegate = None
+        self.tail_plan = tail_plan
+        self.tail_weights = tail_weights
+        self.tail = None
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -107,6 +117,11 @@ class HybridDispatch(WorkflowQueue):
         self.handed_out = False
         self.roots = None if self.dag is None else self.dag.in_degree() == 0
         self._nothing_for: tuple | None = None
+        self.tail = None
+        self.tail_at_s: float | None = None
+        self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, handed out at)
+        self.tail_enabled = (self.tail_plan is not None and self.dag is None
+                             and len(ctx.problem.instances) > 1)
 
     @property
     def critical(self):
@@ -122,6 +137,8 @@ class HybridDispatch(WorkflowQueue):
     def pending(self) -> int:
         if not self.started:
             return len(self.early)
+        if self.tail is not None:
+            return self.tail.pending()
         return self.delegate.pending() if self.delegate is not None else super().pending()
 
     def _slack_key(self, request: int, ready: float) -> float:
@@ -163,6 +180,9 @@ class HybridDispatch(WorkflowQueue):
         if not self.started:
             self.early.append((request, now))
             return
+        if self.tail is not None:
+            self.tail.on_ready(request, now)
+            return
         if self.delegate is not None:
             if self.arrivals_during_run and not self.slack_keys:
                 # requests arrive over time: every queued request by least slack from now on
@@ -191,7 +211,12 @@ class HybridDispatch(WorkflowQueue):
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
             self._start()
-        if self.delegate is not None:
+        if (self.tail is None and self.tail_enabled and self.delegate is None and not self.arrivals_during_run
+                and self.n_pending <= self.tail_plan * self._live_clients()):
+            self._plan_tail(state.now)
+        if self.tail is not None:
+            r = self.tail.next_request(state, client)
+        elif self.delegate is not None:
             r = self.delegate.next_request(state, client)
         elif self.steered:
             r = self._steered_request(state, client)
@@ -200,7 +225,30 @@ class HybridDispatch(WorkflowQueue):
         if r is not None:
             self.handed_out = True
             self.ready_at.pop(r, None)
+            self.holding[client] = (r, state.now)
         return r
+
+    def _live_clients(self) -> int:
+        state = self.ctx.extra.get("client_state")
+        if state is None:
+            return self.ctx.problem.n_clients
+        return sum(1 for s in state if s != FAILED)
+
+    def _plan_tail(self, now: float) -> None:
+        """Hand the rest of the queue to a rolling bin-packing plan that starts from what each client holds."""
+        tail = RollingQueues(RollingPlan(weights=self.tail_weights, time_limit_s=self.time_limit_s), steal=True)
+        tail.setup(self.ctx)
+        plan = tail.plan
+        plan.holding = dict(self.holding)
+        for r, _ in plan.holding.values():
+            plan.started[r] = True
+        for _, r in sorted(self.ready):
+            tail.on_ready(r, now)
+        tail.handed_out = True
+        self.ready = []
+        self.n_pending = 0
+        self.tail = tail
+        self.tail_at_s = now
 
     def _steered_request(self, state, client: int) -> int | None:
         """:meth:`next_request` on a fleet of different instances: the priced earliest-completion pick."""
@@ -231,6 +279,11 @@ class HybridDispatch(WorkflowQueue):
         return item[1]
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
+        if self.holding.get(client, (-1, 0.0))[0] == request:
+            del self.holding[client]
+        if self.tail is not None:
+            self.tail.on_finish(request, client, output_tokens, now)
+            return
         if self.delegate is not None:
             self.delegate.on_finish(request, client, output_tokens, now)
             return
@@ -239,12 +292,22 @@ class HybridDispatch(WorkflowQueue):
             self.fleet.on_finish(request, client, now)
 
     def on_client_failed(self, client: int, now: float) -> None:
+        self.holding.pop(client, None)
+        if self.tail is not None:
+            self.tail.on_client_failed(client, now)
+            return
         if self.delegate is not None:
             self.delegate.on_client_failed(client, now)
             return
         super().on_client_failed(client, now)
 
     def requeue(self, request: int, now: float) -> None:
+        for c, (r, _) in list(self.holding.items()):
+            if r == request:
+                del self.holding[c]
+        if self.tail is not None:
+            self.tail.requeue(request, now)
+            return
         if self.delegate is not None:
             self.ready_at[request] = now
             if self.slack_keys:
