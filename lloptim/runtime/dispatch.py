@@ -43,8 +43,8 @@ import numpy as np
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
+from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
 from lloptim.runtime.request_schedulers import WorkflowQueue
-from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
 __all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN"]
 
@@ -85,7 +85,7 @@ class HybridDispatch(WorkflowQueue):
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None,
-                 tail_plan: float | None = TAIL_PLAN, tail_weights: str = "work") -> None:
+                 tail_plan: float | None = TAIL_PLAN) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -97,7 +97,6 @@ class HybridDispatch(WorkflowQueue):
         self.memory = memory
         self.delegate = None
         self.tail_plan = tail_plan
-        self.tail_weights = tail_weights
         self.tail = None
 
     def setup(self, ctx: RunContext) -> None:
@@ -213,7 +212,7 @@ class HybridDispatch(WorkflowQueue):
             self._start()
         if (self.tail is None and self.tail_enabled and self.delegate is None and not self.arrivals_during_run
                 and self.n_pending <= self.tail_plan * self._live_clients()):
-            self._plan_tail(state.now)
+            self._plan_tail(state)
         if self.tail is not None:
             r = self.tail.next_request(state, client)
         elif self.delegate is not None:
@@ -234,21 +233,19 @@ class HybridDispatch(WorkflowQueue):
             return self.ctx.problem.n_clients
         return sum(1 for s in state if s != FAILED)
 
-    def _plan_tail(self, now: float) -> None:
-        """Hand the rest of the queue to a rolling bin-packing plan that starts from what each client holds."""
-        tail = RollingQueues(RollingPlan(weights=self.tail_weights, time_limit_s=self.time_limit_s), steal=True)
+    def _plan_tail(self, state) -> None:
+        """Hand the rest of the queue to the two-level end-game plan (:mod:`lloptim.runtime.endgame`)."""
+        rows = np.array(sorted(r for _, r in self.ready), dtype=np.int64)
+        owner = np.zeros(self.ctx.problem.n_requests, dtype=np.int64)
+        owner[rows] = endgame_assignment(self.ctx, state.engine, rows, self.holding, self.revision_limit_s)
+        tail = EndgameQueues(owner, self.holding)
         tail.setup(self.ctx)
-        plan = tail.plan
-        plan.holding = dict(self.holding)
-        for r, _ in plan.holding.values():
-            plan.started[r] = True
-        for _, r in sorted(self.ready):
-            tail.on_ready(r, now)
-        tail.handed_out = True
+        for r in rows.tolist():
+            tail.on_ready(r, state.now)
         self.ready = []
         self.n_pending = 0
         self.tail = tail
-        self.tail_at_s = now
+        self.tail_at_s = state.now
 
     def _steered_request(self, state, client: int) -> int | None:
         """:meth:`next_request` on a fleet of different instances: the priced earliest-completion pick."""

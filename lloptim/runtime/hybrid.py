@@ -62,8 +62,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   token_budget: int | None = None, survival: np.ndarray | None = None,
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
-                  start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
-                  tail_weights: str = "work") -> Policy:
+                  start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -123,8 +122,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     if dispatch == "sorted":
         delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
-        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
-                                  tail_weights=tail_weights)
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan)
     elif dispatch == "plan":
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:
