@@ -54,7 +54,7 @@ SLACK_WEIGHT = 1.0
 #: On a fleet of several instances with every request present from the start, the rest of the queue
 #: is bin-packed onto the clients (:mod:`lloptim.runtime.rolling`) once at most this many queued
 #: requests remain per live client (module docstring, *End game*).
-TAIL_PLAN = 1.0
+TAIL_PLAN = 5.0
 
 
 class HybridDispatch(WorkflowQueue):

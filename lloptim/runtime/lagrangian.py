@@ -119,11 +119,12 @@ class LagrangianIterations(IterationScheduler):
     token_budget
         Most prompt tokens per prefill (or fused) iteration (``None``: unlimited).
     fused
-        ``"auto"``: separate prefill iterations while every request was present from the start,
-        fused chunks once the request scheduler reports requests arriving during the run (its
-        ``arrivals_during_run`` attribute, set by the hybrid's dispatch): an arrival's separate
+        ``"auto"``: on one instance, separate prefill iterations while every request was present
+        from the start, fused chunks once the request scheduler reports requests arriving during
+        the run (its ``arrivals_during_run`` attribute, set by the hybrid's dispatch): an arrival's separate
         prefill would stall every running decode or make the arrival wait for a batch, a fused
-        chunk does neither. ``True``:
+        chunk does neither; on a fleet of several instances, fused chunks from the start (each
+        client serves few requests, so separate prefills batch poorly). ``True``:
         insert prompts as chunks fused into the decode iterations (``C_p = 0``; see the module
         docstring) instead of separate prefill iterations. Needs a backend with mixed iterations
         (the simulated and torch backends have them).
@@ -220,7 +221,11 @@ class LagrangianIterations(IterationScheduler):
             # accrual when lengths are unknown, and the lognormal one costs ~0.3 ms per decision
             mode = "exact" if ctx.known_lengths else ("survival" if self.survival is not None else "none")
         self.mode = "fused" if self.fused is True else mode
-        self.fusing = self.fused is True
+        # "auto" keeps the paper's separate iterations only in the paper's setting, one instance:
+        # on a fleet each client serves a few requests, prefill batches stay small and their fixed
+        # cost is paid far more often than the bound's ceil(R/C) (benchmarks/fleet.py: 1-1.6 % of
+        # the makespan against fused chunks on every mixed fleet)
+        self.fusing = self.fused is True or (self.fused == "auto" and len(ctx.problem.instances) > 1)
         self.horizon = np.arange(1, self.max_wait_steps + 1)
         if mode == "survival":
             surv = np.asarray(self.survival, dtype=np.float64)
