@@ -170,3 +170,21 @@ def test_end_game_survives_client_and_instance_failures(fault_at):
     # nothing ran on the failed instance after it failed
     on_failed = (res.trace_instance == 2) & (res.trace_start_s > fault_at + 0.5 + 1e-9)
     assert not on_failed.any()
+
+
+def test_end_game_gives_way_to_arrivals():
+    """At the first dispatch of an online run the queue is short: the end game starts, and the
+    first arrival during the run sends its requests back to the least-slack queue."""
+    from lloptim.arrivals import at_load
+
+    problem = at_load(_fleet(workloads.gsm8k("test", limit=300), [(1.0, 1.0, 8), (1.5, 1.5, 8)]), 1.2, seed=1)
+    pol = hybrid_policy()
+    res = run_policy(problem, pol)
+    assert np.all(np.isfinite(res.done_s))
+    assert pol.requests.tail_at_s is not None  # it did start
+    assert pol.requests.tail is None and pol.requests.arrivals_during_run
+    # requests spread over the clients (a plan left in place would send every arrival to one)
+    assert np.bincount(res.client, minlength=problem.n_clients).max() < 0.1 * problem.n_requests
+    assert np.all(res.prefill_start_s >= problem.workload.arrival_s - 1e-9)
+    lb = lower_bound(problem)
+    assert res.makespan_s >= lb.fused_s * (1 - 1e-9)

@@ -180,8 +180,10 @@ class HybridDispatch(WorkflowQueue):
             self.early.append((request, now))
             return
         if self.tail is not None:
-            self.tail.on_ready(request, now)
-            return
+            if not self.arrivals_during_run:
+                self.tail.on_ready(request, now)
+                return
+            self._leave_end_game(now)
         if self.delegate is not None:
             if self.arrivals_during_run and not self.slack_keys:
                 # requests arrive over time: every queued request by least slack from now on
@@ -246,6 +248,24 @@ class HybridDispatch(WorkflowQueue):
         self.n_pending = 0
         self.tail = tail
         self.tail_at_s = state.now
+
+    def _leave_end_game(self, now: float) -> None:
+        """A request arrived during the run: the end game was not one; back to the least-slack queue.
+
+        The plan was made when the queue looked short at the first dispatch (nothing tells a
+        policy that more requests will come); the planned requests return to the queue with their
+        ready times, and the fleet prices restart from what the clients hold now.
+        """
+        queued = [r for queue in self.tail.queues for _, r in queue]
+        self.tail = None
+        self.tail_enabled = False
+        if self.steered:
+            self.fleet.setup(self.ctx)
+            for c, (r, since) in self.holding.items():
+                self.fleet.on_ready(r)
+                self.fleet.on_start(r, c, since)
+        for r in queued:
+            self._enter(r, self.ready_at.get(r, now))
 
     def _steered_request(self, state, client: int) -> int | None:
         """:meth:`next_request` on a fleet of different instances: the priced earliest-completion pick."""
