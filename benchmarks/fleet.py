@@ -151,24 +151,29 @@ def main() -> None:
     by_case: dict[tuple, dict] = {}
     for r in rows:
         by_case.setdefault((r["fleet"], r["workload"]), {})[r["policy"]] = r
-    groups = {"mixed fleets": lambda f, w: f != "4x", "  held out": lambda f, w: f != "4x" and w not in TRAINING,
+    groups = {"mixed": lambda f, w: f != "4x", "  held out": lambda f, w: f != "4x" and w not in TRAINING,
               "  GSM8K": lambda f, w: f != "4x" and w.startswith("gsm8k"),
               "  heavy": lambda f, w: f != "4x" and w.startswith("heavy"),
-              "4x identical": lambda f, w: f == "4x"}
+              "4x same": lambda f, w: f == "4x"}
     print("\nsummary: mean / worst gap %, cases within 1 %")
-    print(f"{'':14s}" + " ".join(f"{h:>9s}" for h in heads[:6]))
+    print(f"{'':13s}" + " ".join(f"{h:>10s}" for h in heads[:6]))
+
+    def fmt(gaps: list[float]) -> str:
+        return f"{np.mean(gaps):.1f}/{np.max(gaps):.0f}" if np.max(gaps) >= 10 else \
+            f"{np.mean(gaps):.2f}/{np.max(gaps):.2f}"
+
     for gname, keep in groups.items():
         cells = []
         for p in labels[:6]:
             gaps = [100 * c[p]["gap"] for (f, w), c in by_case.items() if keep(f, w) and p in c]
-            cells.append(f"{np.mean(gaps):4.2f}/{np.max(gaps):4.2f}" if gaps else "")
-        print(f"{gname:14s}" + " ".join(f"{c:>9s}" for c in cells))
+            cells.append(fmt(gaps) if gaps else "")
+        print(f"{gname:13s}" + " ".join(f"{c:>10s}" for c in cells))
     for gname, keep in groups.items():
         cells = []
         for p in labels[:6]:
             gaps = [c[p]["gap"] for (f, w), c in by_case.items() if keep(f, w) and p in c]
             cells.append(f"{sum(g <= 0.01 for g in gaps)}/{len(gaps)}" if gaps else "")
-        print(f"{gname + ' <1%':14s}" + " ".join(f"{c:>9s}" for c in cells))
+        print(f"{gname[:9] + ' <1%':13s}" + " ".join(f"{c:>10s}" for c in cells))
     for p in labels[6:]:
         gaps = [100 * c[p]["gap"] for (f, w), c in by_case.items() if f != "4x" and p in c]
         print(f"{p} on mixed fleets: mean {np.mean(gaps):.2f} %, worst {np.max(gaps):.2f} %, "

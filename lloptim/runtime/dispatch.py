@@ -27,6 +27,20 @@ earliest completion among the instances where each request belongs at the LP's p
 idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fleet.FleetPrices.pick`;
 see :mod:`lloptim.runtime.fleet`).
 
+**End game.** Longest-first list scheduling leaves the clients of an instance finishing up to one
+short request apart, and the instances up to one request apart; with few requests per client (a
+fleet of several instances serving one batch, about eight per client on GSM8K and four
+instances) that is 2-4 % of the makespan. On such a fleet, with every request present, once at
+most :data:`TAIL_PLAN` queued requests remain per live client the rest of the queue is planned on
+two levels from what every client holds (:func:`~lloptim.runtime.endgame.endgame_assignment`:
+instances by the fractional assignment LP, clients by ``P||Cmax`` in decode steps) and served
+from per-client queues with stealing that never delays the fleet
+(:class:`~lloptim.runtime.endgame.EndgameQueues`). Planning earlier is worse on heavy-tailed
+lengths, where the plan's forecast of step times ages; later leaves too few requests to balance
+(the threshold was chosen on training workloads of ``benchmarks/fleet.py``: 4-6 per client all
+within 0.1-0.3 points of each other). A request arriving during the run ends the end game (the
+planned requests return to the queue): the queue was only short because the run had just begun.
+
 With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
 WorkflowQueue`'s plan order. Where an instance's KV cache can fill up (its clients' largest
 requests do not fit at once), the dispatch is the memory-aware queue it is given
@@ -73,6 +87,10 @@ class HybridDispatch(WorkflowQueue):
     memory
         The request scheduler to hand the dispatch to when the KV cache of an instance can fill up
         (a :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: never.
+    tail_plan
+        On a fleet of several instances, with every request present: once at most this many
+        queued requests remain per live client, hand them to the end-game plan (module
+        docstring, *End game*); None: never.
 
     Attributes
     ----------
@@ -81,6 +99,8 @@ class HybridDispatch(WorkflowQueue):
     arrivals_during_run
         Whether a request (without predecessors) became ready after the first was handed out:
         the run is online (the Lagrangian rule's ``fused="auto"`` reads it).
+    tail_at_s
+        When the end game started, seconds (None if it did not).
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
@@ -239,7 +259,7 @@ class HybridDispatch(WorkflowQueue):
         """Hand the rest of the queue to the two-level end-game plan (:mod:`lloptim.runtime.endgame`)."""
         rows = np.array(sorted(r for _, r in self.ready), dtype=np.int64)
         owner = np.zeros(self.ctx.problem.n_requests, dtype=np.int64)
-        owner[rows] = endgame_assignment(self.ctx, state.engine, rows, self.holding, self.revision_limit_s)
+        owner[rows] = endgame_assignment(self.ctx, state.engine, rows, self.holding, self.time_limit_s)
         tail = EndgameQueues(owner, self.holding)
         tail.setup(self.ctx)
         for r in rows.tolist():

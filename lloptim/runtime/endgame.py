@@ -43,7 +43,7 @@ from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import AssignedQueues
 from lloptim.work import instance_seconds
 
-__all__ = ["EndgameQueues", "endgame_assignment", "steps_left"]
+__all__ = ["EndgameQueues", "endgame_assignment", "full_step_s", "steps_left"]
 
 
 def steps_left(ctx: RunContext, engine, holding: dict[int, tuple[int, float]]) -> np.ndarray:
@@ -51,6 +51,21 @@ def steps_left(ctx: RunContext, engine, holding: dict[int, tuple[int, float]]) -
 
     A running request owes its estimated tokens less those generated (at least 1 while it runs);
     one waiting for its prefill owes them all plus the prompt's iteration.
+
+    Parameters
+    ----------
+    ctx
+        The run (estimates, clients' instances and states).
+    engine
+        The engine, whose instance states count each client's decode steps (None: every held
+        request owes all its steps).
+    holding
+        ``client -> (request, handed out at)`` of the requests the clients hold.
+
+    Returns
+    -------
+    numpy.ndarray
+        Decode iterations owed by each client (0 if it holds nothing), iterations.
     """
     out = np.zeros(ctx.problem.n_clients)
     state = ctx.extra.get("client_state")
@@ -72,7 +87,22 @@ BIG = 1e9
 
 
 def full_step_s(engine, k: int, problem) -> float:
-    """Seconds of a decode step of instance ``k`` with every client busy, at its current KV load."""
+    """Seconds of a decode step of instance ``k`` with every client busy, at its current KV load.
+
+    Parameters
+    ----------
+    engine
+        The engine (None: an empty cache).
+    k
+        Instance index.
+    problem
+        The problem (its instances' latency models).
+
+    Returns
+    -------
+    float
+        Step time, seconds.
+    """
     inst = problem.instances[k]
     lat = inst.profile.latency
     if engine is None:

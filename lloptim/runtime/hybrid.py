@@ -91,8 +91,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     fused
         ``True``: insert prompts as chunks fused into decode iterations (``C_p = 0``, see
         :mod:`lloptim.runtime.lagrangian`; the ``hybrid-fused`` policy). ``False``: separate
-        prefill iterations (the paper's model). ``"auto"`` (default): separate while every
-        request is present from the start, fused once requests arrive during the run.
+        prefill iterations (the paper's model). ``"auto"`` (default): on one instance, separate
+        while every request is present from the start, fused once requests arrive during the run;
+        fused on a fleet of several instances.
     slack_weight
         Weight of a request's service time against its waiting time in the dispatch order
         (``dispatch="sorted"``; see :mod:`lloptim.runtime.dispatch`).
@@ -109,6 +110,11 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         Decode steps a dispatched request may wait for its prefill that the memory projection
         allows for (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the
         default of the iteration rule (:data:`START_DELAY`).
+    tail_plan
+        On a fleet of several instances with every request present (``dispatch="sorted"``): once
+        at most this many queued requests remain per live client, plan them on two levels and
+        serve the plan (:mod:`lloptim.runtime.endgame`); None: list scheduling to the end
+        (default :data:`~lloptim.runtime.dispatch.TAIL_PLAN`).
 
     Notes
     -----
