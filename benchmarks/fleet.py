@@ -16,17 +16,18 @@ Workloads, all at time 0: GSM8K test; GSM8K-train cases 1 and 2 (1319 requests e
 does not bind). The end game's threshold was chosen on :data:`TRAINING` (GSM8K case 1, heavy
 seed 1); the other workloads are held out.
 
-Policies (columns): ``hybrid`` (the default: least-slack dispatch steered by the LP fleet prices
+Policies (columns): ``hyb`` (``hybrid``, the default: least-slack dispatch steered by the LP fleet prices
 of :mod:`lloptim.runtime.fleet`, the end-game plan of :mod:`lloptim.runtime.endgame`, fused prompt
 chunks, which ``fused="auto"`` picks on a fleet); ablations: ``no-EG`` (no end game), ``separ``
 (separate prefill iterations, the paper's model), ``ect`` (earliest completion without prices),
 ``none`` (no fleet prices: any idle client takes the head of the queue), ``unif`` (fixed prices
 1/m: a request belongs only where it is cheapest; GSM8K test only, slow to simulate because slow
 instances idle); peers: ``plan`` (``hybrid-fused-plan``, the rolling bin-packing plan) and
-``sarath`` (Sarathi-Serve).
+``srthi`` (Sarathi-Serve).
 
-Run: ``python benchmarks/fleet.py [--quick]``; prints an 80-column table and writes
-``benchmarks/results/fleet.csv`` (one row per fleet, workload and policy).
+Run: ``python benchmarks/fleet.py [--quick]`` (about 6-12 minutes on 2 busy cores); prints an
+80-column table and writes ``benchmarks/results/fleet.csv`` (one row per fleet, workload and
+policy); ``--from-csv benchmarks/results/fleet.csv`` prints the tables of a previous run again.
 """
 
 from __future__ import annotations
@@ -89,16 +90,16 @@ WORKLOADS = {
 #: the others are held out.
 TRAINING = ("gsm8k-case1", "heavy-s1")
 
-#: ``label -> (policy factory, header)``; the headers are the table's 6-character columns.
+#: ``label -> (policy factory, header)``; the headers are the table's 5-character columns.
 POLICIES = {
-    "hybrid": (lambda: hybrid_policy(), "hybrid"),
+    "hybrid": (lambda: hybrid_policy(), "hyb"),
     "no end game": (lambda: hybrid_policy(tail_plan=None), "no-EG"),
     "separate": (lambda: hybrid_policy(fused=False), "separ"),
     "prices ect": (lambda: hybrid_policy(prices="ect"), "ect"),
     "prices none": (lambda: hybrid_policy(prices="none"), "none"),
     "prices uniform": (lambda: hybrid_policy(prices="uniform"), "unif"),
     "hybrid-fused-plan": (lambda: make_policy("hybrid-fused-plan"), "plan"),
-    "sarathi": (lambda: make_policy("sarathi"), "sarath"),
+    "sarathi": (lambda: make_policy("sarathi"), "srthi"),
 }
 
 
@@ -107,19 +108,90 @@ def policies(with_uniform: bool) -> dict:
     return {k: f for k, (f, _) in POLICIES.items() if with_uniform or k != "prices uniform"}
 
 
+def _cell(gap: float | None) -> str:
+    """A gap (fraction) as a 5-character percent cell."""
+    if gap is None:
+        return f"{'':5s}"
+    g = 100 * gap
+    return f"{g:5.2f}" if g < 10 else f"{g:5.1f}"
+
+
+def _header() -> None:
+    heads = [h for _, h in POLICIES.values()]
+    print("gap to the exact fleet bound, % (makespan / bound - 1); fused bound, s")
+    print(f"{'fleet':9s} {'workload':11s} {'bound':>5s} " + " ".join(f"{h:>5s}" for h in heads))
+
+
+def _case_line(fname: str, wname: str, bound_s: float, gaps: dict[str, float]) -> str:
+    return f"{fname:9s} {wname:11s} {bound_s:5.1f} " + " ".join(_cell(gaps.get(p)) for p in POLICIES)
+
+
+def _summary(rows: list[dict]) -> None:
+    """The per-group means, worsts and counts within 1 % (80 columns)."""
+    labels = list(POLICIES)
+    heads = [h for _, h in POLICIES.values()]
+    by_case: dict[tuple, dict] = {}
+    for r in rows:
+        by_case.setdefault((r["fleet"], r["workload"]), {})[r["policy"]] = r
+    groups = {"mixed": lambda f, w: f != "4x", " held-out": lambda f, w: f != "4x" and w not in TRAINING,
+              " GSM8K": lambda f, w: f != "4x" and w.startswith("gsm8k"),
+              " heavy": lambda f, w: f != "4x" and w.startswith("heavy"),
+              "4x same": lambda f, w: f == "4x"}
+
+    def gaps_of(keep, p) -> list[float]:
+        return [100 * float(c[p]["gap"]) for (f, w), c in by_case.items() if keep(f, w) and p in c]
+
+    def fmt(gaps: list[float]) -> str:
+        if not gaps:
+            return ""
+        return f"{np.mean(gaps):.1f}/{np.max(gaps):.0f}" if np.max(gaps) >= 10 else \
+            f"{np.mean(gaps):.2f}/{np.max(gaps):.2f}"
+
+    print("\nsummary: mean / worst gap %, cases within 1 %")
+    print(f"{'':13s}" + " ".join(f"{h:>10s}" for h in heads[:6]))
+    for gname, keep in groups.items():
+        print(f"{gname:13s}" + " ".join(f"{fmt(gaps_of(keep, p)):>10s}" for p in labels[:6]))
+    for gname, keep in groups.items():
+        cells = [f"{sum(g <= 1 for g in gaps)}/{len(gaps)}" if (gaps := gaps_of(keep, p)) else "" for p in labels[:6]]
+        print(f"{gname + ' <1%':13s}" + " ".join(f"{c:>10s}" for c in cells))
+    mixed = groups["mixed"]
+    for p in labels[6:]:
+        gaps = gaps_of(mixed, p)
+        print(f"{p} on mixed fleets: mean {np.mean(gaps):.2f} %, worst {np.max(gaps):.2f} %, "
+              f"within 1 %: {sum(g <= 1 for g in gaps)}/{len(gaps)}")
+    steered = [int(float(r["steered"])) for r in rows if r["policy"] == "hybrid" and r["fleet"] != "4x"]
+    print(f"hybrid: decisions the prices steered off the queue's head per run: median {np.median(steered):.0f}")
+
+
+def _reprint(path: Path) -> None:
+    """The tables of a previous run, from its CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    _header()
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        cases.setdefault((r["fleet"], r["workload"]), {})[r["policy"]] = r
+    for (fname, wname), case in cases.items():
+        bound = min(float(r["bound_s"]) for r in case.values())
+        print(_case_line(fname, wname, bound, {p: float(r["gap"]) for p, r in case.items()}))
+    _summary(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GSM8K test and heavy-s1 only")
+    ap.add_argument("--from-csv", type=Path, default=None, metavar="PATH",
+                    help="only print the tables of a previous run's CSV (e.g. benchmarks/results/fleet.csv)")
     args = ap.parse_args()
+    if args.from_csv is not None:
+        _reprint(args.from_csv)
+        return
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     rows = []
     t_all = time.perf_counter()
     names = ["gsm8k-test", "heavy-s1"] if args.quick else list(WORKLOADS)
-    labels = list(POLICIES)
-    heads = [h for _, h in POLICIES.values()]
-    print("gap to the exact fleet bound, % (makespan / bound - 1); bound in seconds")
-    print(f"{'fleet':9s} {'workload':11s} {'bound':>6s} " + " ".join(f"{h:>6s}" for h in heads))
+    _header()
     for fname, kinds in fleets().items():
         for wname in names:
             make, kv = WORKLOADS[wname]
@@ -135,51 +207,19 @@ def main() -> None:
                 m = summarize(res, bound)
                 fleet = getattr(pol.requests, "fleet", None)
                 active = fleet is not None and getattr(fleet, "active", False)
-                case[label] = m
+                case[label] = m.gap_to_bound
                 rows.append({"fleet": fname, "workload": wname, "policy": label, "bound_s": m.lower_bound_s,
                              "makespan_s": m.makespan_s, "gap": m.gap_to_bound,
                              "steered": fleet.steered if active else 0,
                              "lp_solves": fleet.solves if active else 0,
                              "end_game_at_s": getattr(pol.requests, "tail_at_s", None),
                              "run_wall_s": wall})
-            cells = [f"{100 * case[p].gap_to_bound:6.2f}" if p in case else f"{'':6s}" for p in labels]
-            print(f"{fname:9s} {wname:11s} {bound.fused_s:6.1f} " + " ".join(cells), flush=True)
+            print(_case_line(fname, wname, bound.fused_s, case), flush=True)
     with open(out / "fleet.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    by_case: dict[tuple, dict] = {}
-    for r in rows:
-        by_case.setdefault((r["fleet"], r["workload"]), {})[r["policy"]] = r
-    groups = {"mixed": lambda f, w: f != "4x", "  held out": lambda f, w: f != "4x" and w not in TRAINING,
-              "  GSM8K": lambda f, w: f != "4x" and w.startswith("gsm8k"),
-              "  heavy": lambda f, w: f != "4x" and w.startswith("heavy"),
-              "4x same": lambda f, w: f == "4x"}
-    print("\nsummary: mean / worst gap %, cases within 1 %")
-    print(f"{'':13s}" + " ".join(f"{h:>10s}" for h in heads[:6]))
-
-    def fmt(gaps: list[float]) -> str:
-        return f"{np.mean(gaps):.1f}/{np.max(gaps):.0f}" if np.max(gaps) >= 10 else \
-            f"{np.mean(gaps):.2f}/{np.max(gaps):.2f}"
-
-    for gname, keep in groups.items():
-        cells = []
-        for p in labels[:6]:
-            gaps = [100 * c[p]["gap"] for (f, w), c in by_case.items() if keep(f, w) and p in c]
-            cells.append(fmt(gaps) if gaps else "")
-        print(f"{gname:13s}" + " ".join(f"{c:>10s}" for c in cells))
-    for gname, keep in groups.items():
-        cells = []
-        for p in labels[:6]:
-            gaps = [c[p]["gap"] for (f, w), c in by_case.items() if keep(f, w) and p in c]
-            cells.append(f"{sum(g <= 0.01 for g in gaps)}/{len(gaps)}" if gaps else "")
-        print(f"{gname[:9] + ' <1%':13s}" + " ".join(f"{c:>10s}" for c in cells))
-    for p in labels[6:]:
-        gaps = [100 * c[p]["gap"] for (f, w), c in by_case.items() if f != "4x" and p in c]
-        print(f"{p} on mixed fleets: mean {np.mean(gaps):.2f} %, worst {np.max(gaps):.2f} %, "
-              f"within 1 %: {sum(g <= 1 for g in gaps)}/{len(gaps)}")
-    steered = [r["steered"] for r in rows if r["policy"] == "hybrid" and r["fleet"] != "4x"]
-    print(f"hybrid: decisions the prices steered off the queue's head per run: median {np.median(steered):.0f}")
+    _summary(rows)
     print(f"wall time {time.perf_counter() - t_all:.1f} s")
 
 
