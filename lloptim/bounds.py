@@ -74,8 +74,8 @@ import numpy as np
 from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens, reservation_tokens
 from lloptim.problem import Problem, as_problem
 
-__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound", "FLEET_LP_TOLERANCE",
-           "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
+__all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
+           "FLEET_LP_TOLERANCE", "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
 
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
 WINDOW_THRESHOLDS = 12
@@ -202,9 +202,10 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     each round evaluates ``g`` and its supergradient at the master's ``mu`` (``O(J R)``) and adds
     that cut to the master LP (``J + 1`` variables, solved by HiGHS through
     ``scipy.optimize.linprog``), until the master's value and the best ``g`` agree to
-    :data:`FLEET_LP_TOLERANCE` (relative). The value returned is ``g`` at the best ``mu``: by weak
-    duality a valid bound for any ``mu`` on the simplex, so it never overstates the optimum whatever the tolerances, and it
-    equals the LP optimum when the rounds converge (they do in a few dozen).
+    :data:`FLEET_LP_TOLERANCE` (relative). The value returned is ``g`` at the best ``mu``: by
+    weak duality a valid bound for any ``mu`` on the simplex, so it never overstates the optimum
+    whatever the tolerances, and it equals the LP optimum when the rounds converge (they do in a
+    few dozen).
 
     Parameters
     ----------

@@ -34,7 +34,7 @@ instances) that is 2-4 % of the makespan. On such a fleet, with every request pr
 most :data:`TAIL_PLAN` queued requests remain per live client the rest of the queue is planned on
 two levels from what every client holds (:func:`~lloptim.runtime.endgame.endgame_assignment`:
 instances by the fractional assignment LP, clients by ``P||Cmax`` in decode steps) and served
-from per-client queues with stealing that never delays the fleet
+from per-client queues with stealing only where it ends the pair earlier
 (:class:`~lloptim.runtime.endgame.EndgameQueues`). Planning earlier is worse on heavy-tailed
 lengths, where the plan's forecast of step times ages; later leaves too few requests to balance
 (the threshold was chosen on training workloads of ``benchmarks/fleet.py``: 4-6 per client all
@@ -54,10 +54,10 @@ import heapq
 
 import numpy as np
 
+from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
-from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
 __all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN"]
@@ -66,8 +66,8 @@ __all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN"]
 #: docstring): 1 prices a second of waiting and a second of service alike.
 SLACK_WEIGHT = 1.0
 #: On a fleet of several instances with every request present from the start, the rest of the queue
-#: is bin-packed onto the clients (:mod:`lloptim.runtime.rolling`) once at most this many queued
-#: requests remain per live client (module docstring, *End game*).
+#: is planned (:mod:`lloptim.runtime.endgame`) once at most this many queued requests remain per
+#: live client (module docstring, *End game*).
 TAIL_PLAN = 5.0
 
 
@@ -233,6 +233,7 @@ class HybridDispatch(WorkflowQueue):
         if not self.started:
             self._start()
         if (self.tail is None and self.tail_enabled and self.delegate is None and not self.arrivals_during_run
+                and self.n_pending <= self.tail_plan * self.ctx.problem.n_clients
                 and self.n_pending <= self.tail_plan * self._live_clients()):
             self._plan_tail(state)
         if self.tail is not None:

@@ -224,7 +224,7 @@ def endgame_assignment(ctx: RunContext, engine, rows: np.ndarray, holding: dict[
 
 
 class EndgameQueues(AssignedQueues):
-    """Per-client queues of the end-game plan, with stealing that never delays the fleet (module docstring).
+    """Per-client queues of the end-game plan, with guarded stealing (module docstring).
 
     Parameters
     ----------
