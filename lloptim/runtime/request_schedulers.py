@@ -231,12 +231,19 @@ class WorkflowQueue(GlobalQueue):
         slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
         in proportion to the backlog each time).
     pace
-        Pace the instances that run a long chain (:meth:`batch_limit`): an idle client there
-        takes work only while the instance runs fewer requests than the chain's limit, so that
-        the chain's decode steps stay fast and the other instances take the rest.
+        The two chain rules (Notes): a ready request heading a chain that decides the makespan
+        is handed out first, and on a fleet the instance that runs such a chain is paced
+        (:meth:`batch_limit`): an idle client there takes work only while the instance runs
+        fewer requests than the chain's limit, so that the chain's decode steps stay fast and the
+        other instances take the rest.
 
     Notes
     -----
+    **A binding chain first.** The ready request with the longest remaining chain (its
+    estimated output plus its longest path of successors, tokens) goes before the planned order
+    when that chain at full-batch steps takes at least as long as the remaining work at the
+    fleet's full rate: the plan, made with work weights, may have given it slack it does not have.
+
     **Chain pacing.** A chain of ``S`` remaining decode steps (the running request's rest plus
     its longest path of successors, in estimated tokens) runs one step per iteration of its
     instance; an iteration with ``n`` requests takes ``a + n beta`` seconds (``a`` the decode
