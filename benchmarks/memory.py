@@ -76,7 +76,8 @@ def _loss_split(res, lb, clients: int, capacity: int) -> dict:
     held = res.trace_kv_tokens[dec] / capacity
     full = np.maximum(n, held)
     bound_steps = max(lb.decode_steps_clients, lb.decode_steps_memory)
-    return {"excess_steps_pct": 100 * (dec.sum() / bound_steps - 1), "underuse_pct": 100 * (dec.sum() - full.sum()) / bound_steps,
+    return {"excess_steps_pct": 100 * (dec.sum() / bound_steps - 1),
+            "underuse_pct": 100 * (dec.sum() - full.sum()) / bound_steps,
             "imbalance_pct": 100 * (full.sum() - max(n.sum(), held.sum())) / bound_steps}
 
 

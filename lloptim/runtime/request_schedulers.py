@@ -471,8 +471,9 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
-        if self.pace and len(self.step_cost) > 1 and self.ready and state.n_running + len(state.waiting) >= self.batch_limit(state):
-            return None
+        if (self.pace and len(self.step_cost) > 1 and self.ready
+                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
+            return None  # a paced instance: the other instances take this work
         first = self._binding_chain() if self.pace else None
         if first is not None:
             self.waiting.discard(first)
