@@ -488,11 +488,14 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
     same = inc is not None and answer is not None and (answer is inc.answer or (
         isinstance(answer, np.ndarray) and np.array_equal(answer, inc.answer)))
     values = (lambda inc=inc: _lazy_values(inc)) if model is None and same else None
+    # an LP formulation solved to optimality answers dual(name) like a model does
+    duals = (out.row_duals if lm is not None and not lm.is_mip and out.termination is Termination.OPTIMAL
+             and x is not None and not same else None)
     return SolveResult(status=status, limit=limit, primal_bound=primal, dual_bound=dual, gap=gap,
                        assignment=answer, multipliers=multipliers, build_s=build_s, solve_s=t_solve - t_start - build_s,
                        peak_mem_mb=max(peak_rss_mb(), out.peak_mb), backend=ran, formulation=form.name, extra=extra,
                        solver=backend.name, start_s=t_start - t0, skipped=skip, x=x, _model=model, _compiled=lm,
-                       _values=values)
+                       _values=values, _row_duals=duals)
 
 
 def _lazy_values(inc: Incumbent) -> dict | None:

@@ -157,3 +157,79 @@ register_formulation(
     "full_mip", build=_full_mip_build, decode=_full_mip_decode, prepare=_full_mip_prepare,
     incumbent=_full_mip_incumbent, bound=_full_mip_bound,
     description="time-indexed serving MIP of one small instance (makespan, seconds)")
+
+
+# -- the bin packing with KV memory -----------------------------------------------------------------
+_KV_OPTIONS = ("estimates", "kv_mode", "kv_block_tokens", "fused", "relax", "kv_areas")
+
+
+def _kv_prepare(problem, **options):
+    from lloptim.errors import SpecError
+    from lloptim.formulations.binpacking_kv import kv_binpacking_data
+
+    for name in options:
+        if name not in _KV_OPTIONS:
+            raise SpecError(f"options.{name}", "is not an option of the binpacking_kv formulation",
+                            f"use some of {list(_KV_OPTIONS)}")
+    return kv_binpacking_data(problem, **options)
+
+
+def _kv_incumbent(data, params, deadline) -> Incumbent | None:
+    """LPT of the requests by their least client time, its model makespan (the MIP only)."""
+    if data.relax:
+        return None  # the LP is solved for its duals: no start, no skip
+    from lloptim.formulations.binpacking import BinPackingData
+    from lloptim.formulations.binpacking_kv import kv_objective
+    from lloptim.solvers.greedy import lpt
+
+    uniform = bool(np.all(data.t_min == data.t_min[:, :1]))
+    W = np.ascontiguousarray(data.t_min[:, :1] if uniform else data.t_min)
+    a = lpt(BinPackingData(W, data.client_instance, uniform))
+    obj = kv_objective(data, a)
+
+    def values(model, a=a):
+        x = np.zeros((data.n_requests, data.n_clients))
+        x[np.arange(data.n_requests), a] = 1.0
+        inst = data.client_instance[a]
+        m = data.n_instances
+        steps = np.maximum(np.bincount(inst, weights=data.outputs, minlength=m) / data.clients,
+                           np.bincount(inst, weights=data.area[np.arange(a.size), inst], minlength=m) / data.capacity)
+        return {"x": x, "D": steps, "T": obj}  # obj >= the bound, the column's lower bound
+
+    return Incumbent(a, obj, values=values, source="lpt", extra={"incumbent_source": "lpt", "incumbent_obj": obj})
+
+
+def _kv_build(data, bound: float | None, cutoff: float | None):
+    from lloptim.formulations.binpacking_kv import kv_binpacking_model
+
+    if data.relax:
+        return kv_binpacking_model(data)  # no column bound on T: the rows must carry the prices
+    upper = None if cutoff is None or not np.isfinite(cutoff) else cutoff * (1 + 1e-9) + 1e-12
+    # a hair below the closed-form bound (exact up to round-off): the start must stay feasible
+    return kv_binpacking_model(data, t_lower=None if bound is None else bound * (1 - 1e-9), t_upper=upper)
+
+
+def _kv_decode(data, model, x: np.ndarray):
+    from lloptim.formulations.binpacking_kv import kv_objective, kv_share_objective
+
+    cols = model.column_of_label()
+    if data.relax:
+        Y = np.clip(np.asarray(x)[cols[model["y"].labels]], 0.0, 1.0)
+        return Y, kv_share_objective(data, Y)
+    X = np.asarray(x)[cols[model["x"].labels]]
+    a = X.argmax(axis=1)
+    ok = (np.abs(X[np.arange(a.size), a] - 1.0) < 1e-5).all()
+    return (a.astype(np.int64), kv_objective(data, a)) if ok else (None, None)
+
+
+def _kv_bound(data) -> float:
+    from lloptim.formulations.binpacking_kv import kv_bound
+
+    return kv_bound(data)
+
+
+register_formulation(
+    "binpacking_kv", build=_kv_build, decode=_kv_decode, prepare=_kv_prepare, incumbent=_kv_incumbent,
+    bound=_kv_bound,
+    description="bin packing with each instance's decode steps priced by its clients and its KV memory (seconds); "
+                "relax=True: the LP whose dual('kv') prices memory")
