@@ -24,7 +24,10 @@ step be full in both at once). Where memory barely binds (rho 1.0) the imbalance
 Seeds 0-2 are reported; ``--tune`` runs seeds 100-104 instead (the training seeds the hybrid's
 defaults were chosen on). Writes ``benchmarks/results/memory.csv`` and ``memory_ablation.csv``.
 
-Run: ``python benchmarks/memory.py [--quick] [--tune] [--jobs 2]``.
+The ``lp`` price is the memory share of the decode-step price in the LP relaxation of the offline
+``binpacking_kv`` formulation (``dual("kv")``, :func:`lloptim.formulations.binpacking_kv.kv_price_weights`).
+
+Run: ``python benchmarks/memory.py [--quick] [--tune] [--jobs 2] [--ablation-only]``.
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="the training seeds 100-104 instead of 0-2")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--ablation-only", action="store_true", help="only the ablation of the memory price")
     args = ap.parse_args()
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
@@ -201,6 +205,8 @@ def main() -> None:
         tasks += [(1.2, None, seed, known, mode, 20480, policies) for seed in seeds[:1] for known in (True, False)
                   for mode in ("paged", "reserve")]
     t0 = time.perf_counter()
+    if args.ablation_only:
+        return _ablation(args, sigmas, seeds, out)
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         rows = [r for rs in pool.map(run_case, tasks) for r in rs]
     with open(out / ("memory_tune.csv" if args.tune else "memory.csv"), "w", newline="") as f:
@@ -219,6 +225,11 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s)")
     if args.no_ablation:
         return
+    _ablation(args, sigmas, seeds, out)
+
+
+def _ablation(args, sigmas, seeds, out: Path) -> None:
+    """The hybrid with each memory price (:func:`ablation_case`) on the cases where memory binds."""
     abl_tasks = [(s, rho, seed, known) for s in sigmas for rho in RHOS[1:] for seed in seeds for known in (True, False)]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         abl = [r for rs in pool.map(ablation_case, abl_tasks) for r in rs]

@@ -411,11 +411,18 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
             and (g := relative_gap(inc_obj, bound, form.sense)) is not None and g <= params.rel_gap):
         skip = (f"{backend.name} skipped: the {inc.source} start is already within rel_gap of the bound "
                 f"({100 * g:.4g} % <= {100 * params.rel_gap:.4g} %); always_run=True runs it anyway")
+    no_search = ""
+    if (not skip and not heuristic and not params.run_always and inc is not None and form.search is not None
+            and not form.search(data)):
+        no_search = (f"{backend.name} skipped: the {form.name} model is searched only on small cases; "
+                     f"the answer is the {inc.source} start")
     model = lm = x = None
     build_s = 0.0
     answer, primal, dec_extra = None, None, {}
     if skip:
         out = Outcome(termination=Termination.OPTIMAL)
+    elif no_search:
+        out = Outcome(termination=Termination.HEURISTIC)
     elif heuristic:
         task = FormulationTask(form.name, data, bound, None if inc is None else inc.answer,
                                np.inf if inc_obj is None else inc_obj, _backend_params(params, deadline))
@@ -461,7 +468,7 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
             extra["fallback"] = f"{backend.name} returned no better feasible answer; kept the {inc.source} start"
         answer, primal, dec_extra = inc.answer, inc_obj, {}
         x = None
-        if skip or out.termination is Termination.ERROR:
+        if skip or no_search or out.termination is Termination.ERROR:
             ran = inc.source
     extra.update(dec_extra)
     multipliers, cert_bound = ({}, None)
@@ -477,6 +484,7 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
     status, limit = _status(answer is not None, gap, params.rel_gap, out, heuristic or bool(skip) or ran != backend.name)
     if skip:
         status, limit = Termination.OPTIMAL, Limit.NONE
+    skip = skip or no_search
     if out.termination is Termination.ERROR and answer is not None:
         extra["backend_termination"] = "error"
     extra.update(out.extra)

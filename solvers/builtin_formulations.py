@@ -233,3 +233,96 @@ register_formulation(
     bound=_kv_bound,
     description="bin packing with each instance's decode steps priced by its clients and its KV memory (seconds); "
                 "relax=True: the LP whose dual('kv') prices memory")
+
+
+# -- schedules: makespan with precedence, and total weighted completion time ----------------------
+_SCHEDULE_OPTIONS = ("estimates", "weights", "exact_max", "completion_weights")
+
+
+def _schedule_prepare(objective: str):
+    def prepare(problem, **options):
+        from lloptim.errors import SpecError
+        from lloptim.formulations.precedence import schedule_data
+
+        allowed = _SCHEDULE_OPTIONS if objective == "completion" else _SCHEDULE_OPTIONS[:3]
+        for name in options:
+            if name not in allowed:
+                raise SpecError(f"options.{name}", f"is not an option of this formulation", f"use some of {list(allowed)}")
+        return schedule_data(problem, objective=objective, **options)
+
+    return prepare
+
+
+def _schedule_bound(data) -> float:
+    if data.objective == "makespan":
+        fastest = data.weights.min(axis=1)
+        rel = data.release
+        # the relaxations without the client limit (critical path) or without precedence (work / C)
+        return max(data.precedence.longest_path(fastest, rel),
+                   float(np.sum(fastest)) / max(data.client_kind.size, 1) + float(rel.min(initial=0.0)))
+    from lloptim.formulations.weighted_completion import weighted_completion_bound
+
+    return weighted_completion_bound(data)
+
+
+def _schedule_incumbent(data, params, deadline) -> Incumbent:
+    from lloptim.formulations.precedence import schedule_values
+
+    if data.objective == "makespan":
+        from lloptim.dag_plan import plan_workflows
+
+        plan = plan_workflows(data.precedence, data.weights, data.client_kind, data.release, exact=False,
+                              time_limit_s=deadline.remaining())
+        start, client, source = plan.start_s, plan.client, "list_schedule"
+    else:
+        from lloptim.formulations.weighted_completion import wspt_schedule
+
+        start, client = wspt_schedule(data)
+        source = "wspt"
+    obj = data.value(start, client)
+    return Incumbent(client, obj, values=lambda model: schedule_values(data, start, client), source=source,
+                     extra={"schedule": {"start_s": start, "client": client}, "incumbent_source": source,
+                            "incumbent_obj": obj})
+
+
+def _schedule_build(data, bound: float | None, cutoff: float | None):
+    from lloptim.formulations.precedence import build_precedence_mip
+
+    serial = float(data.release.max(initial=0.0)) + float(data.weights.max(axis=1).sum())
+    if data.objective == "makespan":
+        # no better schedule ends after the start's makespan: it is the big-M horizon
+        horizon = serial if cutoff is None or not np.isfinite(cutoff) else cutoff
+        lower = 0.0 if bound is None else bound * (1 - 1e-9)
+    else:
+        horizon, lower = serial, 0.0  # a schedule of smaller total completion may end later
+    upper = None if cutoff is None or not np.isfinite(cutoff) else cutoff * (1 + 1e-9) + 1e-9
+    return build_precedence_mip(data.precedence, data.weights, data.clients_per_kind, data.release, horizon, lower,
+                                objective=data.objective, completion_weights=data.completion_weights,
+                                objective_upper=upper)
+
+
+def _schedule_decode(data, model, x: np.ndarray):
+    from lloptim.formulations.precedence import check_schedule, decode_schedule_x
+
+    sched = decode_schedule_x(data, model, x)
+    if sched is None or check_schedule(data, *sched, tol=1e-5):
+        return None, None
+    start, client = sched
+    return client, data.value(start, client), {"schedule": {"start_s": start, "client": client}}
+
+
+def _schedule_search(data) -> bool:
+    return data.n_requests <= data.exact_max
+
+
+register_formulation(
+    "precedence", build=_schedule_build, decode=_schedule_decode, prepare=_schedule_prepare("makespan"),
+    incumbent=_schedule_incumbent, bound=_schedule_bound, search=_schedule_search,
+    description="makespan of requests with precedence on clients (work seconds): exact client-chain MIP up to "
+                "exact_max requests, else list scheduling by critical-path rank, forward-backward improved")
+register_formulation(
+    "weighted_completion", build=_schedule_build, decode=_schedule_decode,
+    prepare=_schedule_prepare("completion"), incumbent=_schedule_incumbent, bound=_schedule_bound,
+    search=_schedule_search,
+    description="total weighted completion time (work seconds): exact client-chain MIP up to exact_max requests, "
+                "else list scheduling by Smith's ratio (WSPT)")

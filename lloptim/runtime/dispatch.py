@@ -27,6 +27,13 @@ earliest completion among the instances where each request belongs at the LP's p
 idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fleet.FleetPrices.pick`;
 see :mod:`lloptim.runtime.fleet`).
 
+**Latency objective.** ``objective="weighted-completion"`` orders the queue by the rule of the
+offline ``"weighted_completion"`` formulation (:func:`lloptim.formulations.weighted_completion.
+wspt_priority`, Smith's ratio ``service / weight``, every weight 1: shortest estimated service
+first) instead of least slack, from the first dispatch on. It minimizes the mean completion time
+of the requests present; it neither packs the makespan nor bounds the wait of long requests
+under overload (``benchmarks/arrivals.py`` measures both), so it is an option, not the default.
+
 With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
 WorkflowQueue`'s plan order. Where an instance's KV cache can fill up (its clients' largest
 requests do not fit at once), the dispatch is the memory-aware queue it is given
@@ -44,7 +51,10 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "DISPATCH_OBJECTIVES"]
+
+#: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
+DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
 
 #: Default weight of the service time against the waiting time in the dispatch key (module
 #: docstring): 1 prices a second of waiting and a second of service alike.
@@ -67,6 +77,9 @@ class HybridDispatch(WorkflowQueue):
     memory
         The request scheduler to hand the dispatch to when the KV cache of an instance can fill up
         (a :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: never.
+    objective
+        ``"makespan"`` (least slack, default) or ``"weighted-completion"`` (Smith's rule, module
+        docstring).
 
     Attributes
     ----------
@@ -78,14 +91,21 @@ class HybridDispatch(WorkflowQueue):
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
-                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None) -> None:
+                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None,
+                 objective: str = "makespan") -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
             raise SpecError("policy.slack_weight", f"must be a finite number >= 0, got {slack_weight!r}",
                             "0 is first-come first-served, 1 the default, larger favours long requests")
+        if objective not in DISPATCH_OBJECTIVES:
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.objective", f"unknown objective {objective!r}",
+                            f"use one of {list(DISPATCH_OBJECTIVES)}")
         super().__init__(None, time_limit_s, revision_limit_s)
         self.slack_weight = float(slack_weight)
+        self.objective = objective
         self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
         self.memory = memory
         self.delegate = None
@@ -125,7 +145,12 @@ class HybridDispatch(WorkflowQueue):
         return self.delegate.pending() if self.delegate is not None else super().pending()
 
     def _slack_key(self, request: int, ready: float) -> float:
-        return ready - self.slack_weight * self.slack_step_s * float(self.estimates[request])
+        service = self.slack_step_s * float(self.estimates[request])
+        if self.objective == "weighted-completion":
+            from lloptim.formulations.weighted_completion import wspt_priority
+
+            return float(wspt_priority(service))
+        return ready - self.slack_weight * service
 
     def _start(self) -> None:
         """At the first dispatch: hand over to the memory-aware queue if the known requests can fill a cache.
@@ -149,7 +174,11 @@ class HybridDispatch(WorkflowQueue):
                 self.delegate = self.memory
                 self.memory.setup(ctx)
                 self.memory.binds = binds
-                self.memory.rekey(rows, planned_start_keys(ctx, rows=rows))
+                if self.objective == "weighted-completion":
+                    self.slack_keys = True  # the latency order from the start
+                    self.memory.rekey(rows, np.array([self._slack_key(r, t) for r, t in early]))
+                else:
+                    self.memory.rekey(rows, planned_start_keys(ctx, rows=rows))
                 for r, t in early:
                     self.ready_at[r] = t
                     self.memory.on_ready(r, t)

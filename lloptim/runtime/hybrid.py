@@ -62,7 +62,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   token_budget: int | None = None, survival: np.ndarray | None = None,
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
-                  start_delay: int | None = None) -> Policy:
+                  start_delay: int | None = None, objective: str = "makespan") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -109,6 +109,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         Decode steps a dispatched request may wait for its prefill that the memory projection
         allows for (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the
         default of the iteration rule (:data:`START_DELAY`).
+    objective
+        What the dispatch order serves (``dispatch="sorted"``): ``"makespan"`` (least slack,
+        default) or ``"weighted-completion"`` (Smith's rule of the ``weighted_completion``
+        formulation: shortest estimated service first; see :mod:`lloptim.runtime.dispatch`).
 
     Notes
     -----
@@ -122,7 +126,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     if dispatch == "sorted":
         delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
-        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory)
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, objective=objective)
     elif dispatch == "plan":
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:
