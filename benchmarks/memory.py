@@ -12,7 +12,9 @@ is run in both KV modes.
 Reports, per workload and seed, the memory-aware bound (:func:`lloptim.lower_bound`: the fused
 bound for policies with fused iterations), each policy's makespan and gap, and the best policy;
 then the ablation of the hybrid's memory price (``memory_prices`` "lp" / "uniform" / "none"): its
-makespan, prefill iterations and the share of decisions that differ from the unpriced run.
+makespan, prefill iterations and the share of decisions that differ from the unpriced run, on the
+single-instance cases and on a two-instance fleet (one cache at rho 2.0, one at rho 0.9), reported
+apart.
 
 For the hybrids, the excess of their decode steps over the bound's is split (``_loss_split``):
 *underuse*, steps in which neither the clients nor the KV cache are full (``1 - max(n/C, H/M)``
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -109,12 +112,27 @@ def run_case(task: tuple) -> list[dict]:
     return rows
 
 
+#: The mixed fleet of the ablation: one instance whose memory binds hard (rho 2.0) beside one whose
+#: memory alone would not bind (rho 0.9); the LP sends it the long requests, so its price moves.
+FLEET_RHOS = (2.0, 0.9)
+
+
+def ablation_problem(sigma: float, rho, seed: int) -> Problem:
+    """One instance at ``rho``, or (``rho="fleet"``) the two instances of :data:`FLEET_RHOS`."""
+    wl = memory_workload(sigma, seed)
+    if rho == "fleet":
+        insts = tuple(Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, r),
+                                     kv_block_tokens=BLOCK).instances[0] for r in FLEET_RHOS)
+        return Problem(wl, insts)
+    return Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, rho),
+                          kv_block_tokens=BLOCK)
+
+
 def ablation_case(task: tuple) -> list[dict]:
     """The hybrid (separate prefills) with each memory price, and how many decisions differ from 'none'."""
     sigma, rho, seed, known = task
-    wl = memory_workload(sigma, seed)
-    problem = Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, rho),
-                             kv_block_tokens=BLOCK)
+    problem = ablation_problem(sigma, rho, seed)
+    wl = problem.workload
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
     bound = lower_bound(problem)
     runs = {}
@@ -231,6 +249,7 @@ def main() -> None:
 def _ablation(args, sigmas, seeds, out: Path) -> None:
     """The hybrid with each memory price (:func:`ablation_case`) on the cases where memory binds."""
     abl_tasks = [(s, rho, seed, known) for s in sigmas for rho in RHOS[1:] for seed in seeds for known in (True, False)]
+    abl_tasks += [(1.2, "fleet", seed, known) for seed in seeds for known in (True, False)]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         abl = [r for rs in pool.map(ablation_case, abl_tasks) for r in rs]
     with open(out / ("memory_ablation_tune.csv" if args.tune else "memory_ablation.csv"), "w", newline="") as f:
@@ -239,9 +258,9 @@ def _ablation(args, sigmas, seeds, out: Path) -> None:
         w.writerows(abl)
     print("\n| prices | mean makespan s | mean gap | mean prefills | mean preemptions | decisions differing from 'none' |")
     print("|---|---|---|---|---|---|")
-    for prices in dict.fromkeys(r["prices"] for r in abl):
-        rs = [r for r in abl if r["prices"] == prices]
-        print(f"| {prices} | {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
+    for prices, fleet in itertools.product(dict.fromkeys(r["prices"] for r in abl), (False, True)):
+        rs = [r for r in abl if r["prices"] == prices and (r["rho"] == "fleet") == fleet]
+        print(f"| {prices}{' (fleet)' if fleet else ''} | {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
               f"| {np.mean([r['prefills'] for r in rs]):.0f} | {np.mean([r['preemptions'] for r in rs]):.0f} "
               f"| {100 * np.mean([r['decisions_differ'] for r in rs]):.1f} % |")
 

@@ -71,6 +71,10 @@ class ScheduleData:
         ``"makespan"`` or ``"completion"``.
     exact_max
         Largest number of requests the model is searched on; larger: the list schedule.
+    slot_s
+        ``"completion"`` only: search the time-indexed model in slots of this many seconds
+        (:func:`lloptim.formulations.weighted_completion.time_indexed_model`; every work is a
+        whole number of slots); None: the client-chain model.
     """
 
     precedence: Precedence
@@ -80,6 +84,7 @@ class ScheduleData:
     completion_weights: np.ndarray
     objective: str
     exact_max: int
+    slot_s: float | None = None
 
     @property
     def n_requests(self) -> int:
@@ -105,7 +110,7 @@ class ScheduleData:
 
 def schedule_data(problem, estimates: np.ndarray | None = None, objective: str = "makespan",
                   completion_weights: np.ndarray | None = None, exact_max: int = EXACT_MAX_REQUESTS,
-                  weights: np.ndarray | None = None) -> ScheduleData:
+                  weights: np.ndarray | None = None, slot_s: float | None = None) -> ScheduleData:
     """The :class:`ScheduleData` of ``problem`` (the ``prepare`` hook of both formulations).
 
     Parameters
@@ -123,6 +128,10 @@ def schedule_data(problem, estimates: np.ndarray | None = None, objective: str =
     weights : numpy.ndarray or None
         Override of the work, ``(n,)`` or ``(n, instances)`` seconds; default
         :func:`lloptim.work.request_work_s` on each instance.
+    slot_s : float or None
+        ``"completion"`` only: the slot of the time-indexed exact model, seconds; every work and
+        arrival must be a whole number of slots (then the model is exact; give the work in slots
+        with ``weights`` and ``slot_s=1``).
 
     Raises
     ------
@@ -153,11 +162,23 @@ def schedule_data(problem, estimates: np.ndarray | None = None, objective: str =
         if u.shape != (n,) or not np.all(np.isfinite(u)) or np.any(u < 0):
             raise SpecError("completion_weights", f"must be {n} finite weights >= 0",
                             "give one weight per request (1 each: the mean completion time)")
+    if slot_s is not None:
+        if objective != "completion":
+            raise SpecError("options.slot_s", "applies to the weighted_completion formulation only",
+                            "leave it out")
+        if not isinstance(slot_s, (int, float)) or isinstance(slot_s, bool) or not np.isfinite(slot_s) or slot_s <= 0:
+            raise SpecError("options.slot_s", f"must be seconds > 0, got {slot_s!r}", "e.g. slot_s=1.0")
+        slots = np.concatenate([W.ravel(), problem.workload.arrival_s]) / slot_s
+        if np.any(np.abs(slots - np.rint(slots)) > 1e-9 * np.maximum(1.0, slots)):
+            raise SpecError("options.slot_s", f"does not divide every request's work and arrival ({slot_s!r} s)",
+                            "give the work in whole slots (weights=..., slot_s=1), or leave slot_s out for the "
+                            "client-chain model")
     dag = problem.workload.precedence
     if dag is None:
         dag = Precedence(n, np.zeros((0, 2), dtype=np.int64), np.zeros(n, dtype=np.int64))
     return ScheduleData(dag, np.ascontiguousarray(W), problem.client_instance().astype(np.int64),
-                        problem.workload.arrival_s.astype(np.float64), u, objective, int(exact_max))
+                        problem.workload.arrival_s.astype(np.float64), u, objective, int(exact_max),
+                        None if slot_s is None else float(slot_s))
 
 
 def check_schedule(data: ScheduleData, start: np.ndarray, client: np.ndarray, tol: float = 1e-6) -> str:

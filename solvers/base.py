@@ -443,9 +443,10 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
         memory_guard(backend, lm, params)
         x_start = None
         if inc is not None and inc.values is not None:
-            vals = inc.values_for(model)
-            x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
-            if (v := _violation(lm, x_start)) > FEASIBILITY_TOL:
+            vals = inc.values_for(model)  # None: the start has no values in this model (still the fallback)
+            if vals is not None:
+                x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+            if x_start is not None and (v := _violation(lm, x_start)) > FEASIBILITY_TOL:
                 # a start the model rejects is neither a MIP start nor a fallback answer
                 extra["start_rejected"] = f"the {inc.source} start violates the model by {v:.3g}"
                 inc, inc_obj, x_start = None, None, None
@@ -491,7 +492,8 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
     extra["backend_bound"], extra["backend_objective"] = out.bound, out.objective
     if x is None and model is not None and answer is not None and inc is not None and inc.values is not None:
         vals = inc.values_for(model)
-        x = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+        if vals is not None:
+            x = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
     # without a model, value(name) reads the start's values, built only when asked (R x C can be large)
     same = inc is not None and answer is not None and (answer is inc.answer or (
         isinstance(answer, np.ndarray) and np.array_equal(answer, inc.answer)))

@@ -236,7 +236,7 @@ register_formulation(
 
 
 # -- schedules: makespan with precedence, and total weighted completion time ----------------------
-_SCHEDULE_OPTIONS = ("estimates", "weights", "exact_max", "completion_weights")
+_SCHEDULE_OPTIONS = ("estimates", "weights", "exact_max", "completion_weights", "slot_s")
 
 
 def _schedule_prepare(objective: str):
@@ -245,6 +245,7 @@ def _schedule_prepare(objective: str):
         from lloptim.formulations.precedence import schedule_data
 
         allowed = _SCHEDULE_OPTIONS if objective == "completion" else _SCHEDULE_OPTIONS[:3]
+        # one message for an unknown option, with the options this formulation takes
         for name in options:
             if name not in allowed:
                 raise SpecError(f"options.{name}", f"is not an option of this formulation", f"use some of {list(allowed)}")
@@ -267,6 +268,7 @@ def _schedule_bound(data) -> float:
 
 def _schedule_incumbent(data, params, deadline) -> Incumbent:
     from lloptim.formulations.precedence import schedule_values
+    from lloptim.formulations.weighted_completion import time_indexed_values
 
     if data.objective == "makespan":
         from lloptim.dag_plan import plan_workflows
@@ -280,7 +282,9 @@ def _schedule_incumbent(data, params, deadline) -> Incumbent:
         start, client = wspt_schedule(data)
         source = "wspt"
     obj = data.value(start, client)
-    return Incumbent(client, obj, values=lambda model: schedule_values(data, start, client), source=source,
+    values = (lambda model: time_indexed_values(data, model, start, client)) if data.slot_s is not None else (
+        lambda model: schedule_values(data, start, client))
+    return Incumbent(client, obj, values=values, source=source,
                      extra={"schedule": {"start_s": start, "client": client}, "incumbent_source": source,
                             "incumbent_obj": obj})
 
@@ -288,6 +292,11 @@ def _schedule_incumbent(data, params, deadline) -> Incumbent:
 def _schedule_build(data, bound: float | None, cutoff: float | None):
     from lloptim.formulations.precedence import build_precedence_mip
 
+    upper = None if cutoff is None or not np.isfinite(cutoff) else cutoff * (1 + 1e-9) + 1e-9
+    if data.slot_s is not None:
+        from lloptim.formulations.weighted_completion import time_indexed_model
+
+        return time_indexed_model(data, upper)
     serial = float(data.release.max(initial=0.0)) + float(data.weights.max(axis=1).sum())
     if data.objective == "makespan":
         # no better schedule ends after the start's makespan: it is the big-M horizon
@@ -295,7 +304,6 @@ def _schedule_build(data, bound: float | None, cutoff: float | None):
         lower = 0.0 if bound is None else bound * (1 - 1e-9)
     else:
         horizon, lower = serial, 0.0  # a schedule of smaller total completion may end later
-    upper = None if cutoff is None or not np.isfinite(cutoff) else cutoff * (1 + 1e-9) + 1e-9
     return build_precedence_mip(data.precedence, data.weights, data.clients_per_kind, data.release, horizon, lower,
                                 objective=data.objective, completion_weights=data.completion_weights,
                                 objective_upper=upper)
@@ -304,7 +312,12 @@ def _schedule_build(data, bound: float | None, cutoff: float | None):
 def _schedule_decode(data, model, x: np.ndarray):
     from lloptim.formulations.precedence import check_schedule, decode_schedule_x
 
-    sched = decode_schedule_x(data, model, x)
+    if data.slot_s is not None:
+        from lloptim.formulations.weighted_completion import decode_time_indexed
+
+        sched = decode_time_indexed(data, model, x)
+    else:
+        sched = decode_schedule_x(data, model, x)
     if sched is None or check_schedule(data, *sched, tol=1e-5):
         return None, None
     start, client = sched
