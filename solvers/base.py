@@ -51,7 +51,7 @@ __all__ = ["solve", "run_backend", "check_assignment", "relative_gap", "FORMULAT
 BinPackingTask = FormulationTask
 #: Names of the built-in formulations (more can be registered with
 #: :func:`~lloptim.solvers.formulation_registry.register_formulation`).
-FORMULATIONS = ("binpacking", "full_mip")
+FORMULATIONS = ("binpacking", "full_mip", "binpacking_kv", "precedence", "weighted_completion")
 #: Share of the time left that the start heuristic may use when a search follows (dimensionless).
 START_SHARE = 0.25
 #: Largest violation of a row, bound or integrality (relative to the row's scale) an answer may have.

@@ -8,6 +8,16 @@
   the Lagrangian backend's own multipliers, with the Lagrangian bound they prove.
 * ``"full_mip"``: the time-indexed serving MIP of one small instance. Option ``horizon`` (slots).
   Bound: :func:`lloptim.bounds.lower_bound`. Start: the simulator's LPT schedule. No prices.
+* ``"binpacking_kv"``: the bin packing with each instance's decode steps priced by its clients and
+  its KV memory (:mod:`lloptim.formulations.binpacking_kv`). Options ``estimates``, ``kv_mode``,
+  ``kv_block_tokens``, ``fused``, ``relax`` (the LP over instances, whose ``dual("kv")`` prices
+  memory), ``kv_areas``. Bound: :func:`lloptim.bounds.lower_bound` (the fused bound). Start: LPT
+  on each request's least client time (the MIP only).
+* ``"precedence"`` and ``"weighted_completion"``: schedules of requests on clients with releases
+  and precedence, minimizing the makespan or ``sum u_r C_r`` (:mod:`lloptim.formulations.precedence`,
+  :mod:`lloptim.formulations.weighted_completion`). Options ``estimates``, ``weights``, ``exact_max``
+  (and ``completion_weights``, ``slot_s``). Start: list scheduling (critical-path rank with
+  forward-backward passes; Smith's rule). The model is searched only up to ``exact_max`` requests.
 """
 
 from __future__ import annotations
@@ -245,10 +255,9 @@ def _schedule_prepare(objective: str):
         from lloptim.formulations.precedence import schedule_data
 
         allowed = _SCHEDULE_OPTIONS if objective == "completion" else _SCHEDULE_OPTIONS[:3]
-        # one message for an unknown option, with the options this formulation takes
         for name in options:
             if name not in allowed:
-                raise SpecError(f"options.{name}", f"is not an option of this formulation", f"use some of {list(allowed)}")
+                raise SpecError(f"options.{name}", "is not an option of this formulation", f"use some of {list(allowed)}")
         return schedule_data(problem, objective=objective, **options)
 
     return prepare
