@@ -22,7 +22,8 @@ token), since their prompts reach 14k tokens and KV memory is not what this benc
 
 Policies: ``hybrid`` (least-slack dispatch, fused prompts once requests arrive), ``hybrid-lpt``
 (the same with the old longest-first dispatch, ``slack_weight=1e9``: the starvation the issue
-found), ``hybrid-fused``, ``hybrid-fused-plan`` (the rolling bin-packing plan, whose revisions
+found), ``hybrid-wc`` (the latency objective: Smith's rule of the ``weighted_completion``
+formulation, shortest estimated service first), ``hybrid-fused``, ``hybrid-fused-plan`` (the rolling bin-packing plan, whose revisions
 are timed), ``sarathi``, ``vllm``.
 
 Run: ``python benchmarks/arrivals.py [--seeds 3] [--classes gsm8k,heavy,conv,code]``; writes
@@ -48,7 +49,7 @@ from lloptim.simulator import run_policy
 CLASSES = ("gsm8k", "heavy", "conv", "code")
 LOADS = (0.8, 1.2)
 TRACE_KV = 163_840
-POLICIES = ("hybrid", "hybrid-lpt", "hybrid-fused", "hybrid-fused-plan", "sarathi", "vllm")
+POLICIES = ("hybrid", "hybrid-lpt", "hybrid-wc", "hybrid-fused", "hybrid-fused-plan", "sarathi", "vllm")
 
 
 def problem(kind: str, load: float, seed: int) -> Problem:
@@ -67,6 +68,10 @@ def policy(name: str):
     if name == "hybrid-lpt":
         pol = hybrid_policy(slack_weight=1e9)
         pol.name = "hybrid-lpt"
+        return pol
+    if name == "hybrid-wc":
+        pol = hybrid_policy(objective="weighted-completion")
+        pol.name = "hybrid-wc"
         return pol
     return make_policy(name)
 

@@ -12,18 +12,31 @@ is run in both KV modes.
 Reports, per workload and seed, the memory-aware bound (:func:`lloptim.lower_bound`: the fused
 bound for policies with fused iterations), each policy's makespan and gap, and the best policy;
 then the ablation of the hybrid's memory price (``memory_prices`` "lp" / "uniform" / "none"): its
-makespan, prefill iterations and the share of decisions that differ from the unpriced run.
+makespan, prefill iterations and the share of decisions that differ from the unpriced run, on the
+single-instance cases and on a two-instance fleet (one cache at rho 2.0, one at rho 0.9), reported
+apart.
+
+For the hybrids, the excess of their decode steps over the bound's is split (``_loss_split``):
+*underuse*, steps in which neither the clients nor the KV cache are full (``1 - max(n/C, H/M)``
+summed over steps: the ramp-up, the tail, admissions held back by the memory projection), and
+*imbalance*, the steps that are full in one resource only while the other is short
+(``sum max(n/C, H/M) - max(sum n/C, sum H/M)``: the bound's fractional relaxation lets every
+step be full in both at once). Where memory barely binds (rho 1.0) the imbalance dominates.
 
 Seeds 0-2 are reported; ``--tune`` runs seeds 100-104 instead (the training seeds the hybrid's
 defaults were chosen on). Writes ``benchmarks/results/memory.csv`` and ``memory_ablation.csv``.
 
-Run: ``python benchmarks/memory.py [--quick] [--tune] [--jobs 2]``.
+The ``lp`` price is the memory share of the decode-step price in the LP relaxation of the offline
+``binpacking_kv`` formulation (``dual("kv")``, :func:`lloptim.formulations.binpacking_kv.kv_price_weights`).
+
+Run: ``python benchmarks/memory.py [--quick] [--tune] [--jobs 2] [--ablation-only]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -62,6 +75,18 @@ def capacity_for(workload: Workload, rho: float) -> int:
     return -(-cap // BLOCK) * BLOCK
 
 
+def _loss_split(res, lb, clients: int, capacity: int) -> dict:
+    """The hybrid's decode steps over the bound's, split into underuse and imbalance (percent of the bound's)."""
+    dec = res.trace_kind >= 1
+    n = res.trace_running[dec] / clients
+    held = res.trace_kv_tokens[dec] / capacity
+    full = np.maximum(n, held)
+    bound_steps = max(lb.decode_steps_clients, lb.decode_steps_memory)
+    return {"excess_steps_pct": 100 * (dec.sum() / bound_steps - 1),
+            "underuse_pct": 100 * (dec.sum() - full.sum()) / bound_steps,
+            "imbalance_pct": 100 * (full.sum() - max(n.sum(), held.sum())) / bound_steps}
+
+
 def run_case(task: tuple) -> list[dict]:
     """All policies on one workload: rows of makespan, gap and memory figures."""
     sigma, rho, seed, known, kv_mode, capacity, policies = task
@@ -69,26 +94,45 @@ def run_case(task: tuple) -> list[dict]:
     cap = capacity if capacity is not None else capacity_for(wl, rho)
     problem = Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=cap, kv_block_tokens=BLOCK)
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
+    # the bound's decode steps as the run sees them (in reserve mode a request reserves its estimate)
+    lb = lower_bound(problem, kv_mode=kv_mode, estimates=wl.output_tokens if est is None else est)
     rows = []
     for name in policies:
         t = time.perf_counter()
         res = run_policy(problem, name, estimates=est, kv_mode=kv_mode)
         m = summarize(res)
+        split = _loss_split(res, lb, CLIENTS, (cap // BLOCK) * BLOCK) if name in HYBRIDS else {}
         rows.append({"sigma": sigma, "rho": rho if capacity is None else "", "seed": seed, "lengths":
                      "known" if known else "unknown", "kv_mode": kv_mode, "kv_capacity": cap, "policy": name,
                      "makespan_s": m.makespan_s, "bound_s": m.lower_bound_s, "gap": m.gap_to_bound,
                      "memory_binds": m.memory_binds, "preemptions": m.preemptions,
                      "recomputed_tokens": m.recomputed_tokens, "kv_utilization": m.kv_utilization,
-                     "prefills": m.prefill_iterations, "wall_s": time.perf_counter() - t})
+                     "prefills": m.prefill_iterations, "wall_s": time.perf_counter() - t,
+                     **{k: split.get(k, "") for k in ("excess_steps_pct", "underuse_pct", "imbalance_pct")}})
     return rows
+
+
+#: The mixed fleet of the ablation: one instance whose memory binds hard (rho 2.0) beside one whose
+#: memory alone would not bind (rho 0.9); the LP sends it the long requests, so its price moves.
+FLEET_RHOS = (2.0, 0.9)
+
+
+def ablation_problem(sigma: float, rho, seed: int) -> Problem:
+    """One instance at ``rho``, or (``rho="fleet"``) the two instances of :data:`FLEET_RHOS`."""
+    wl = memory_workload(sigma, seed)
+    if rho == "fleet":
+        insts = tuple(Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, r),
+                                     kv_block_tokens=BLOCK).instances[0] for r in FLEET_RHOS)
+        return Problem(wl, insts)
+    return Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, rho),
+                          kv_block_tokens=BLOCK)
 
 
 def ablation_case(task: tuple) -> list[dict]:
     """The hybrid (separate prefills) with each memory price, and how many decisions differ from 'none'."""
     sigma, rho, seed, known = task
-    wl = memory_workload(sigma, seed)
-    problem = Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, rho),
-                             kv_block_tokens=BLOCK)
+    problem = ablation_problem(sigma, rho, seed)
+    wl = problem.workload
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
     bound = lower_bound(problem)
     runs = {}
@@ -140,7 +184,8 @@ def _summary(rows: list[dict]) -> str:
         case = (r["seed"], r["kv_mode"], r["kv_capacity"])
         classes.setdefault(cls, {}).setdefault(case, {})[r["policy"]] = r
     lines = ["| sigma | rho (or KV) | lengths | hybrid-fused gap mean / worst | hybrid gap mean | best is a hybrid "
-             "| best other policy (mean gap) |", "|---|---|---|---|---|---|---|"]
+             "| best other policy (mean gap) | hybrid-fused steps over bound: underuse + imbalance |",
+             "|---|---|---|---|---|---|---|---|"]
     for (sigma, rho, lengths), cases in classes.items():
         hf = [c["hybrid-fused"]["gap"] for c in cases.values()]
         hy = [c["hybrid"]["gap"] for c in cases.values()]
@@ -149,7 +194,10 @@ def _summary(rows: list[dict]) -> str:
         peer = min(others, key=lambda p: np.mean([c[p]["gap"] for c in cases.values()]))
         lines.append(f"| {sigma} | {rho} | {lengths} | {100 * np.mean(hf):.2f} % / {100 * max(hf):.2f} % "
                      f"| {100 * np.mean(hy):.2f} % | {wins}/{len(cases)} "
-                     f"| {peer} ({100 * np.mean([c[peer]['gap'] for c in cases.values()]):.2f} %) |")
+                     f"| {peer} ({100 * np.mean([c[peer]['gap'] for c in cases.values()]):.2f} %) "
+                     f"| {np.mean([c['hybrid-fused']['excess_steps_pct'] for c in cases.values()]):.1f} % = "
+                     f"{np.mean([c['hybrid-fused']['underuse_pct'] for c in cases.values()]):.1f} + "
+                     f"{np.mean([c['hybrid-fused']['imbalance_pct'] for c in cases.values()]):.1f} % |")
     return "\n".join(lines)
 
 
@@ -159,6 +207,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="the training seeds 100-104 instead of 0-2")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--ablation-only", action="store_true", help="only the ablation of the memory price")
     args = ap.parse_args()
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
@@ -174,6 +223,8 @@ def main() -> None:
         tasks += [(1.2, None, seed, known, mode, 20480, policies) for seed in seeds[:1] for known in (True, False)
                   for mode in ("paged", "reserve")]
     t0 = time.perf_counter()
+    if args.ablation_only:
+        return _ablation(args, sigmas, seeds, out)
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         rows = [r for rs in pool.map(run_case, tasks) for r in rs]
     with open(out / ("memory_tune.csv" if args.tune else "memory.csv"), "w", newline="") as f:
@@ -192,7 +243,13 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s)")
     if args.no_ablation:
         return
+    _ablation(args, sigmas, seeds, out)
+
+
+def _ablation(args, sigmas, seeds, out: Path) -> None:
+    """The hybrid with each memory price (:func:`ablation_case`) on the cases where memory binds."""
     abl_tasks = [(s, rho, seed, known) for s in sigmas for rho in RHOS[1:] for seed in seeds for known in (True, False)]
+    abl_tasks += [(1.2, "fleet", seed, known) for seed in seeds for known in (True, False)]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         abl = [r for rs in pool.map(ablation_case, abl_tasks) for r in rs]
     with open(out / ("memory_ablation_tune.csv" if args.tune else "memory_ablation.csv"), "w", newline="") as f:
@@ -201,9 +258,9 @@ def main() -> None:
         w.writerows(abl)
     print("\n| prices | mean makespan s | mean gap | mean prefills | mean preemptions | decisions differing from 'none' |")
     print("|---|---|---|---|---|---|")
-    for prices in dict.fromkeys(r["prices"] for r in abl):
-        rs = [r for r in abl if r["prices"] == prices]
-        print(f"| {prices} | {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
+    for prices, fleet in itertools.product(dict.fromkeys(r["prices"] for r in abl), (False, True)):
+        rs = [r for r in abl if r["prices"] == prices and (r["rho"] == "fleet") == fleet]
+        print(f"| {prices}{' (fleet)' if fleet else ''} | {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
               f"| {np.mean([r['prefills'] for r in rs]):.0f} | {np.mean([r['preemptions'] for r in rs]):.0f} "
               f"| {100 * np.mean([r['decisions_differ'] for r in rs]):.1f} % |")
 

@@ -10,7 +10,13 @@
 * :mod:`~lloptim.formulations.binpacking`: the offline makespan bin packing;
 * :mod:`~lloptim.formulations.lp_bound`: its LP relaxation (prices of client time) and the
   ``P||Cmax`` decode-step bound fed into :func:`lloptim.bounds.lower_bound`;
-* :mod:`~lloptim.formulations.full_mip`: the time-indexed full serving MIP for small instances.
+* :mod:`~lloptim.formulations.full_mip`: the time-indexed full serving MIP for small instances;
+* :mod:`~lloptim.formulations.binpacking_kv`: the bin packing with KV memory (its LP's
+  ``dual("kv")`` prices memory online);
+* :mod:`~lloptim.formulations.precedence`: schedules with precedence and releases (the
+  client-chain MIP), makespan or weighted completion;
+* :mod:`~lloptim.formulations.weighted_completion`: total weighted completion time (Smith's rule,
+  its bound, the time-indexed model).
 """
 
 from lloptim.formulations.compiled import LinearModel, ModelBuilder

@@ -561,35 +561,99 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
 
     Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
     with ``D`` decode iterations. A chain ``C`` of ``S`` output tokens needs ``S`` decode
-    iterations of its own, in which ``n_j`` requests advance; every other decode iteration
-    advances at most ``C_max``, so ``D >= S + (O - sum_j n_j) / C_max`` for ``O`` output tokens
-    in all. Every co-runner slows a chain iteration by at least ``c`` (its per-request decode cost
-    at the shortest prompt), and the chain must fit between its start ``h`` and ``T`` at its
-    minimal time ``tau`` plus those slow-downs: ``sum_j n_j <= S + (T - h - tau) / c`` (and
-    ``<= S * C_max``). Batching the chain fully is therefore not free when it is nearly as long
-    as the whole schedule; ``m T >= f(T)`` with ``f`` decreasing gives the two linear bounds
-    returned as their maximum. Tried on the longest chain in tokens and the critical path.
+    iterations of its own, in which ``X`` tokens of other requests advance beside it; every other
+    decode iteration advances at most ``C_max``, so ``D >= S + (O - S - X) / C_max`` for ``O``
+    output tokens in all (and ``X <= S (C_max - 1)``). Each of those ``X`` co-running tokens slows
+    its chain iteration by its own decode cost, at least ``c_s + c_kv h`` for a token that reads
+    ``h`` KV tokens (``c_s``, ``c_kv``: the smallest per-request and per-KV-token decode costs
+    of the instances); distinct tokens, so together at least ``g(X)``, the cost of the ``X``
+    cheapest tokens outside the chain (request ``r``'s ``k``-th token reads ``p_r + k - 1``, as in
+    ``token_s``). The chain runs inside ``[h, T]`` at its minimal time ``tau`` plus those
+    slow-downs: ``g(X) <= T - h - tau``. Batching the chain fully is therefore not free when it is
+    nearly as long as the whole schedule:
+    ``m T >= f(T) = token_s + a_d (S + (O - S - min(S (C_max - 1), g^-1(T - h - tau))) / C_max) + prefills``
+    with ``f`` non-increasing, so the least ``T`` with ``m T >= f(T)`` bounds the makespan; it is
+    found by bisection and the largest ``T`` shown infeasible is returned (valid whatever the
+    tolerance). Tried on the longest chain in tokens and on the critical path.
     """
     w = problem.workload
     lats = [inst.profile.latency for inst in problem.instances]
-    c = min(l.decode_per_seq_s for l in lats) + min(l.decode_per_kv_token_s for l in lats) * float(w.prompt_tokens.min())
-    if c <= 0 or a_d <= 0:
+    c_s = min(l.decode_per_seq_s for l in lats)
+    c_kv = min(l.decode_per_kv_token_s for l in lats)
+    if c_s + c_kv * float(w.prompt_tokens.min()) <= 0 or a_d <= 0:
         return 0.0, 0.0
     m = len(problem.instances)
     total_tokens = float(o.sum())
+    p = w.prompt_tokens.astype(np.int64)
+    oi = np.asarray(o, dtype=np.int64)
     out = []
+    chains = {}
     for fused, pre in ((False, pre_total), (True, pre_fused)):
         t = minimal_request_time_s(problem, o, fused)
         best = 0.0
         for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
+            key = tuple(chain)
+            if key not in chains:
+                chains[key] = _cheapest_tokens(p, oi, chain, c_s, c_kv)
+            capacity = chains[key]
             steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
-            k = token_s + a_d * steps + a_d * total_tokens / c_max + pre
-            fully_batched = (k - a_d * steps) / m
-            slope = a_d / (c_max * c)
-            limited = (k - a_d * steps / c_max + slope * (head + tau)) / (m + slope)
-            best = max(best, fully_batched, limited)
+            k = token_s + a_d * steps + a_d * (total_tokens - steps) / c_max + pre
+            x_max = steps * (c_max - 1)
+
+            def infeasible(T: float) -> bool:
+                x = min(x_max, capacity(T - head - tau))
+                return m * T < k - a_d * x / c_max
+
+            lo, hi = (k - a_d * x_max / c_max) / m, k / m  # f(T) / m lies in between
+            if not infeasible(lo):
+                best = max(best, lo)
+                continue
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if infeasible(mid):
+                    lo = mid
+                else:
+                    hi = mid
+            best = max(best, lo)
         out.append(best)
     return out[0], out[1]
+
+
+def _cheapest_tokens(p: np.ndarray, o: np.ndarray, chain, c_s: float, c_kv: float):
+    """``g^-1``: most tokens outside ``chain`` whose decode costs sum to at most a budget (fractional).
+
+    Token ``k`` of request ``r`` costs ``c_s + c_kv (p_r + k - 1)``, seconds; the cheapest ones
+    come first, read off a histogram of the KV tokens read (one bin per token count).
+
+    Returns
+    -------
+    callable
+        ``budget_s -> tokens`` (float, non-decreasing; 0 for a budget <= 0).
+    """
+    keep = np.ones(p.size, dtype=bool)
+    keep[np.asarray(chain, dtype=np.int64)] = False
+    lo, hi = p[keep], p[keep] + o[keep]  # reads p .. p + o - 1
+    if lo.size == 0:
+        return lambda budget: 0.0
+    diff = np.zeros(int(hi.max()) + 1, dtype=np.int64)
+    np.add.at(diff, lo, 1)
+    np.add.at(diff, hi, -1)
+    count = np.cumsum(diff)[:-1].astype(np.float64)           # tokens reading v KV tokens, v = 0 .. max - 1
+    unit = c_s + c_kv * np.arange(count.size, dtype=np.float64)  # seconds per such token
+    cum_tokens = np.cumsum(count)
+    cum_cost = np.cumsum(count * unit)
+
+    def capacity(budget: float) -> float:
+        if budget <= 0.0:
+            return 0.0
+        i = int(np.searchsorted(cum_cost, budget, side="right"))  # bins 0 .. i-1 fit whole
+        if i >= count.size:
+            return float(cum_tokens[-1])
+        done_tokens = float(cum_tokens[i - 1]) if i else 0.0
+        done_cost = float(cum_cost[i - 1]) if i else 0.0
+        return done_tokens + min(float(count[i]), (budget - done_cost) / float(unit[i]))
+
+    return capacity
 
 
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,

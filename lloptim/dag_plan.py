@@ -18,7 +18,8 @@ operations researcher would:
   as its start (``benchmarks/workflows.py``: 0.2-1.2 points closer to the bound than the rank
   alone).
 * **Exact for small cases**: :func:`exact_plan` solves the same problem as a mixed-integer program
-  through the modeling layer (when it is available), and :func:`plan_workflows` uses it below
+  written with the modeling layer (:mod:`lloptim.formulations.precedence`, the ``"precedence"``
+  formulation of :func:`lloptim.solve`), and :func:`plan_workflows` uses it below
   :data:`EXACT_MAX_REQUESTS` requests.
 
 The plan's bound (:attr:`DagPlan.bound_s`) is the relaxation that drops the client limit or the
@@ -171,7 +172,7 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
         Most forward-backward passes after the first forward pass (count).
     exact
         Solve workflows of at most :data:`EXACT_MAX_REQUESTS` requests exactly with the MIP of
-        :func:`exact_plan`, when the modeling layer is available.
+        :func:`exact_plan`.
     time_limit_s
         Wall-clock budget of the improvement passes, seconds (None: no limit); the first forward
         pass always runs.
@@ -250,11 +251,11 @@ def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_l
 
 def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,
                release: np.ndarray, bound: float, time_limit_s: float = 5.0) -> DagPlan | None:
-    """The optimal plan of a small workflow by a mixed-integer program, or None when it cannot be solved here.
+    """The optimal plan of a small workflow by a mixed-integer program, or None when no answer came back.
 
-    Solves :mod:`lloptim.formulations.precedence` with HiGHS, started from a list schedule. Needs
-    the modeling layer (``lloptim.Model``); without it, returns None and :func:`plan_workflows`
-    falls back to list scheduling.
+    Solves the client-chain model of :mod:`lloptim.formulations.precedence` (registered for
+    :func:`lloptim.solve` as the ``"precedence"`` formulation) with HiGHS, started from a list
+    schedule.
 
     Parameters
     ----------
@@ -271,9 +272,6 @@ def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.nda
     time_limit_s
         Wall-clock limit of the solve, seconds (at the limit, the best plan found).
     """
-    try:
-        from lloptim.formulations.model import Model  # noqa: F401  (the modeling layer)
-        from lloptim.formulations.precedence import solve_precedence_mip
-    except ImportError:
-        return None
+    from lloptim.formulations.precedence import solve_precedence_mip
+
     return solve_precedence_mip(precedence, weights, machine_kind, release, bound, time_limit_s)

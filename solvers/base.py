@@ -51,7 +51,7 @@ __all__ = ["solve", "run_backend", "check_assignment", "relative_gap", "FORMULAT
 BinPackingTask = FormulationTask
 #: Names of the built-in formulations (more can be registered with
 #: :func:`~lloptim.solvers.formulation_registry.register_formulation`).
-FORMULATIONS = ("binpacking", "full_mip")
+FORMULATIONS = ("binpacking", "full_mip", "binpacking_kv", "precedence", "weighted_completion")
 #: Share of the time left that the start heuristic may use when a search follows (dimensionless).
 START_SHARE = 0.25
 #: Largest violation of a row, bound or integrality (relative to the row's scale) an answer may have.
@@ -411,11 +411,18 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
             and (g := relative_gap(inc_obj, bound, form.sense)) is not None and g <= params.rel_gap):
         skip = (f"{backend.name} skipped: the {inc.source} start is already within rel_gap of the bound "
                 f"({100 * g:.4g} % <= {100 * params.rel_gap:.4g} %); always_run=True runs it anyway")
+    no_search = ""
+    if (not skip and not heuristic and not params.run_always and inc is not None and form.search is not None
+            and not form.search(data)):
+        no_search = (f"{backend.name} skipped: the {form.name} model is searched only on small cases; "
+                     f"the answer is the {inc.source} start")
     model = lm = x = None
     build_s = 0.0
     answer, primal, dec_extra = None, None, {}
     if skip:
         out = Outcome(termination=Termination.OPTIMAL)
+    elif no_search:
+        out = Outcome(termination=Termination.HEURISTIC)
     elif heuristic:
         task = FormulationTask(form.name, data, bound, None if inc is None else inc.answer,
                                np.inf if inc_obj is None else inc_obj, _backend_params(params, deadline))
@@ -436,9 +443,10 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
         memory_guard(backend, lm, params)
         x_start = None
         if inc is not None and inc.values is not None:
-            vals = inc.values_for(model)
-            x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
-            if (v := _violation(lm, x_start)) > FEASIBILITY_TOL:
+            vals = inc.values_for(model)  # None: the start has no values in this model (still the fallback)
+            if vals is not None:
+                x_start = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+            if x_start is not None and (v := _violation(lm, x_start)) > FEASIBILITY_TOL:
                 # a start the model rejects is neither a MIP start nor a fallback answer
                 extra["start_rejected"] = f"the {inc.source} start violates the model by {v:.3g}"
                 inc, inc_obj, x_start = None, None, None
@@ -461,7 +469,7 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
             extra["fallback"] = f"{backend.name} returned no better feasible answer; kept the {inc.source} start"
         answer, primal, dec_extra = inc.answer, inc_obj, {}
         x = None
-        if skip or out.termination is Termination.ERROR:
+        if skip or no_search or out.termination is Termination.ERROR:
             ran = inc.source
     extra.update(dec_extra)
     multipliers, cert_bound = ({}, None)
@@ -477,22 +485,27 @@ def _solve_formulation(problem: Problem, form: Formulation, backend: Backend, pa
     status, limit = _status(answer is not None, gap, params.rel_gap, out, heuristic or bool(skip) or ran != backend.name)
     if skip:
         status, limit = Termination.OPTIMAL, Limit.NONE
+    skip = skip or no_search
     if out.termination is Termination.ERROR and answer is not None:
         extra["backend_termination"] = "error"
     extra.update(out.extra)
     extra["backend_bound"], extra["backend_objective"] = out.bound, out.objective
     if x is None and model is not None and answer is not None and inc is not None and inc.values is not None:
         vals = inc.values_for(model)
-        x = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
+        if vals is not None:
+            x = model.start_vector(vals) if isinstance(vals, dict) else np.asarray(vals, dtype=np.float64)
     # without a model, value(name) reads the start's values, built only when asked (R x C can be large)
     same = inc is not None and answer is not None and (answer is inc.answer or (
         isinstance(answer, np.ndarray) and np.array_equal(answer, inc.answer)))
     values = (lambda inc=inc: _lazy_values(inc)) if model is None and same else None
+    # an LP formulation solved to optimality answers dual(name) like a model does
+    duals = (out.row_duals if lm is not None and not lm.is_mip and out.termination is Termination.OPTIMAL
+             and x is not None and not same else None)
     return SolveResult(status=status, limit=limit, primal_bound=primal, dual_bound=dual, gap=gap,
                        assignment=answer, multipliers=multipliers, build_s=build_s, solve_s=t_solve - t_start - build_s,
                        peak_mem_mb=max(peak_rss_mb(), out.peak_mb), backend=ran, formulation=form.name, extra=extra,
                        solver=backend.name, start_s=t_start - t0, skipped=skip, x=x, _model=model, _compiled=lm,
-                       _values=values)
+                       _values=values, _row_duals=duals)
 
 
 def _lazy_values(inc: Incumbent) -> dict | None:

@@ -13,7 +13,11 @@ A :class:`Formulation` bundles the hooks the solve pipeline calls, in this order
 5. ``decode(data, model, x) -> (answer, objective[, extra])``: the answer in the problem's terms
    and its objective recomputed from the problem (``answer`` None when ``x`` does not decode);
 6. ``certify(data, multipliers) -> (multipliers, bound)`` (optional): prices to report and the
-   bound they prove (the bin packing's Lagrangian bound of its load prices).
+   bound they prove (the bin packing's Lagrangian bound of its load prices);
+7. ``search(data) -> bool`` (optional, asked before step 4): whether the model is worth searching
+   on this instance; False keeps the incumbent as the answer (status ``heuristic`` unless it meets
+   ``rel_gap``) and says so in :attr:`SolveResult.skipped` (a formulation exact only on small
+   cases, like ``"precedence"``).
 
 A user formulation registered with :func:`register_formulation` gets the same treatment as the
 built-in ``"binpacking"`` and ``"full_mip"`` (:mod:`lloptim.solvers.builtin_formulations`): MIP
@@ -104,6 +108,8 @@ class Formulation:
         ``"min"`` or ``"max"``: the direction of the objective (to compare answers and bounds).
     description
         One line for listings.
+    search
+        ``search(data) -> bool`` or None (always search).
     """
 
     name: str
@@ -115,6 +121,7 @@ class Formulation:
     certify: Callable | None = None
     sense: str = "min"
     description: str = ""
+    search: Callable | None = None
 
 
 _FORMULATIONS: dict[str, Formulation] = {}
@@ -123,7 +130,7 @@ _FORMULATIONS: dict[str, Formulation] = {}
 def register_formulation(name: str, build: Callable, decode: Callable, prepare: Callable | None = None,
                          incumbent: Callable | None = None, bound: Callable | None = None,
                          certify: Callable | None = None, sense: str = "min",
-                         description: str = "") -> Formulation:
+                         description: str = "", search: Callable | None = None) -> Formulation:
     """Make a formulation available as ``lloptim.solve(problem, formulation=name)``.
 
     Parameters
@@ -151,6 +158,9 @@ def register_formulation(name: str, build: Callable, decode: Callable, prepare: 
         ``"min"`` (default) or ``"max"``.
     description : str
         One line for listings.
+    search : callable or None
+        ``search(data) -> bool``: whether to search the model on this instance (False: the
+        incumbent is the answer); None: always.
 
     Returns
     -------
@@ -166,13 +176,14 @@ def register_formulation(name: str, build: Callable, decode: Callable, prepare: 
         raise SpecError("formulation", f"name {name!r} must be a non-empty string without spaces",
                         "give e.g. 'my-binpacking'")
     for what, hook in (("build", build), ("decode", decode), ("prepare", prepare), ("incumbent", incumbent),
-                       ("bound", bound), ("certify", certify)):
+                       ("bound", bound), ("certify", certify), ("search", search)):
         if hook is not None and not callable(hook):
             raise SpecError(f"formulation.{what}", f"must be callable, got {type(hook).__name__}",
                             "pass a function")
     if sense not in ("min", "max"):
         raise SpecError("formulation.sense", f"unknown sense {sense!r}", "use 'min' or 'max'")
-    form = Formulation(name, build, decode, prepare or _identity, incumbent, bound, certify, sense, description)
+    form = Formulation(name, build, decode, prepare or _identity, incumbent, bound, certify, sense, description,
+                       search)
     _FORMULATIONS[name] = form
     return form
 

@@ -380,6 +380,77 @@ def test_the_bound_is_never_above_a_makespan_on_workflows(shape, n, seed, client
     assert lb.fused_s <= lb.total_s and lb.critical_path_fused_s <= lb.critical_path_s <= lb.total_s
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 1000), data=st.data())
+def test_the_cheapest_co_running_tokens_match_a_brute_force(n, seed, data):
+    from lloptim.bounds import _cheapest_tokens
+
+    rng = np.random.default_rng(seed)
+    p, o = rng.integers(1, 40, n), rng.integers(1, 30, n)
+    chain = data.draw(st.lists(st.integers(0, n - 1), max_size=n, unique=True))
+    c_s, c_kv = data.draw(st.floats(1e-4, 1e-2)), data.draw(st.floats(0.0, 1e-3))
+    costs = np.sort(np.concatenate([c_s + c_kv * (p[r] + np.arange(o[r])) for r in range(n) if r not in chain]
+                                   + [np.zeros(0)]))
+    capacity = _cheapest_tokens(p, o, chain, c_s, c_kv)
+    for budget in [0.0, *rng.uniform(0, 1.2 * costs.sum() + 1e-3, 6)]:
+        whole = int(np.searchsorted(np.cumsum(costs), budget, side="right"))
+        spent = costs[:whole].sum()
+        brute = whole + (min(1.0, (budget - spent) / costs[whole]) if whole < costs.size else 0.0)
+        assert capacity(budget) == pytest.approx(brute, rel=1e-9, abs=1e-9)
+
+
+def test_the_chain_coupling_counts_what_the_co_runners_read():
+    # a long chain on a two-instance fleet: the co-runners' KV reads slow the chain's iterations, so
+    # the bound rises above the one that charges each co-runner only the shortest prompt's cost
+    from lloptim.bounds import _chain_coupling_bound
+
+    problem = Problem.single(workloads.workflows("chain", 100, seed=1), "llama-65b", clients=20, instances=2,
+                             kv_capacity_tokens=81_920)
+    w, lat = problem.workload, problem.instances[0].profile.latency
+    o, p = w.output_tokens.astype(float), w.prompt_tokens.astype(float)
+    token_s = float((lat.prefill_per_token_s * p + lat.decode_per_seq_s * o
+                     + lat.decode_per_kv_token_s * (o * p + o * (o - 1) / 2)).sum())
+    pre = lat.prefill_base_s * len(w) / 20
+    coupled, _ = _chain_coupling_bound(problem, o, token_s, lat.decode_base_s, 20, pre, 2 * lat.prefill_base_s)
+    # the linear version: each co-running token costs c = c_s + c_kv p_min
+    c = lat.decode_per_seq_s + lat.decode_per_kv_token_s * p.min()
+    chain = w.precedence.critical_path(minimal_request_time_s(problem, o))[1]
+    steps, tau = o[chain].sum(), minimal_request_time_s(problem, o)[chain].sum()
+    k = token_s + lat.decode_base_s * (steps + (o.sum() - steps) / 20) + pre
+    slope = lat.decode_base_s / (20 * c)
+    linear = (k + slope * tau) / (2 + slope)
+    assert coupled > 1.01 * linear
+    assert lower_bound(problem).total_s >= coupled
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 16), seed=st.integers(0, 1000), clients=st.integers(1, 6),
+       policy=st.sampled_from(["hybrid", "hybrid-fused", "baseline", "sarathi", "lpt", "hybrid-plan"]),
+       rate=st.sampled_from([None, 2.0]))
+def test_the_bound_holds_where_a_chain_binds_on_a_fleet(n, seed, clients, policy, rate):
+    # few chains on few clients: the chain-coupling term is what the bound is made of here
+    problem = Problem.single(workloads.workflows("chain", n, seed=seed, arrival_rate=rate), "llama-65b",
+                             clients=clients, instances=2, kv_capacity_tokens=40_000)
+    lb = lower_bound(problem)
+    res = run_policy(problem, policy)
+    assert res.makespan_s >= (lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_pacing_a_binding_chain_shortens_the_fleet_makespan(seed):
+    # 100 three-step chains on 2 x 20 clients: the longest chain decides the makespan; handing it
+    # out first and keeping its instance's batch small lets the other instance absorb the rest
+    problem = Problem.single(workloads.workflows("chain", 100, seed=seed), "llama-65b", clients=20, instances=2,
+                             kv_capacity_tokens=81_920)
+    paced = run_policy(problem, "hybrid-fused")
+    policy = make_policy("hybrid-fused")
+    policy.requests.pace = False
+    unpaced = run_policy(problem, policy)
+    assert np.all(np.isfinite(paced.done_s))  # every request served
+    assert paced.makespan_s < 0.98 * unpaced.makespan_s
+    assert paced.makespan_s >= lower_bound(problem).fused_s
+
+
 # -- DAG-aware dispatch ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", workloads.WORKFLOW_SHAPES)
 def test_hybrid_is_near_the_bound_and_ahead_of_precedence_blind_peers(shape):

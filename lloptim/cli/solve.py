@@ -23,11 +23,15 @@ from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, environ
 from lloptim.cli.tables import Column, print_table
 from lloptim.errors import LloptimError, SpecError
 
-__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "print_results", "notes", "SOLVE_FLAGS"]
+__all__ = ["run_compare_task", "local_executor", "EXECUTORS", "print_results", "notes", "SOLVE_FLAGS", "choose_formulation",
+           "DEFAULT_MODEL_TIME_LIMIT_S"]
 
 #: API fields of a solve and the flags of ``lloptim solve`` / ``compare`` that set them.
 SOLVE_FLAGS = {"params.time_limit_s": "--time-limit", "params.rel_gap": "--gap", "params.threads": "--threads",
-               "params.seed": "--seed", "solver": "--solver"}
+               "params.seed": "--seed", "solver": "--solver", "formulation": "--formulation"}
+#: Seconds a model search gets by default when the formulation is not the bin packing (their exact
+#: models are big-M MIPs that prove optimality slowly; the answer at the limit is the best found).
+DEFAULT_MODEL_TIME_LIMIT_S = 10.0
 #: Sizes of a solve and what sets them on the command line (for the size guard's messages).
 SOLVE_SIZES = {"rel_gap": "--gap", "requests": "SPEC (its requests)", "clients": "SPEC (instances[].clients)"}
 
@@ -204,12 +208,90 @@ def _check_solvers(names: list[str], flag: str) -> None:
             raise SpecError(flag, f"unknown solver {n!r}", f"use some of {sorted(known)}")
 
 
+def choose_formulation(problem, formulation: str | None) -> str:
+    """The formulation ``lloptim solve`` uses: the one named, else ``precedence`` for a workflow, else the bin packing.
+
+    Parameters
+    ----------
+    problem : Problem
+        The loaded problem.
+    formulation : str or None
+        The ``--formulation`` flag (a registered name), or None.
+
+    Returns
+    -------
+    str
+        A registered formulation's name.
+
+    Raises
+    ------
+    SpecError
+        An unknown name, or a formulation that ignores precedence on a problem that has some.
+    """
+    from lloptim.solvers import all_formulations
+
+    known = sorted(all_formulations())
+    if formulation is None:
+        return "precedence" if problem.workload.precedence is not None else "binpacking"
+    if formulation not in known:
+        raise SpecError("--formulation", f"unknown formulation {formulation!r}", f"use one of {known}")
+    if problem.workload.precedence is not None and formulation not in ("precedence", "weighted_completion"):
+        raise SpecError("--formulation", f"{formulation!r} ignores the precedence (after) of the spec's requests",
+                        "use --formulation precedence (or weighted_completion), or leave the flag out")
+    return formulation
+
+
+def _report(problem, form: str, res) -> tuple[list[str], dict]:
+    """Lines to print after the table and fields for ``--json``: the bounds the formulation answers for."""
+    import numpy as np
+
+    from lloptim.bounds import lower_bound
+
+    lines: list[str] = []
+    extra: dict = {}
+    sched = res.extra.get("schedule")
+    if sched is not None:
+        extra["schedule"] = {"start_s": sched["start_s"], "client": sched["client"]}
+    if form in ("binpacking_kv", "precedence"):
+        lb = lower_bound(problem)
+        extra["lower_bound"] = lb.to_dict()
+    if form == "binpacking_kv":
+        from lloptim.formulations.binpacking_kv import kv_price_weights
+
+        beta = kv_price_weights(problem)
+        extra["kv_price_weights"] = beta
+        binds = "memory" if lb.memory_binds else "the clients"
+        lines += [f"memory-aware bound: {lb.total_s:,.2f} s ({lb.fused_s:,.2f} s with fused iterations); "
+                  f"decode steps: {lb.decode_steps_memory:,} by KV memory, {lb.decode_steps_clients:,} by clients "
+                  f"({binds} bind)",
+                  "memory share of the decode-step price (dual('kv')) per instance: "
+                  + ", ".join(f"{b:.2f}" for b in np.atleast_1d(beta))]
+    elif form == "precedence":
+        lines.append(f"critical-path-aware bound of the plan: {res.dual_bound:,.2f} work s; makespan lower bound "
+                     f"of serving: {lb.total_s:,.2f} s (critical path {lb.critical_path_s:,.2f} s)")
+    elif form == "weighted_completion" and res.primal_bound is not None:
+        n = max(problem.n_requests, 1)
+        lines.append(f"mean completion time of the plan: {res.primal_bound / n:,.2f} work s "
+                     f"(bound {res.dual_bound / n:,.2f}) with unit weights")
+    if sched is not None and problem.workload.precedence is not None:
+        lines.append("the schedule starts every request after its predecessors finish")
+    return lines, extra
+
+
 @app.command("solve")
 def solve_cmd(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b (1319 x 40)"),
-    solver: str = typer.Option("greedy", "--solver", "-s", help="backend (see `lloptim solvers`)"),
+    solver: Optional[str] = typer.Option(None, "--solver", "-s",
+                                         help="backend (see `lloptim solvers`); default greedy for the bin "
+                                              "packing, highs for the other formulations"),
+    formulation: Optional[str] = typer.Option(
+        None, "--formulation", "-f",
+        help="binpacking, binpacking_kv (KV memory), precedence, weighted_completion, full_mip; default "
+             "precedence when the spec's requests have `after`, else binpacking"),
     time_limit: Optional[float] = typer.Option(None, "--time-limit",
-                                               help="seconds for the whole solve (start, model, search)"),
+                                               help="seconds for the whole solve (start, model, search); default "
+                                                    f"none for the bin packing, {DEFAULT_MODEL_TIME_LIMIT_S:g} for "
+                                                    "the other formulations"),
     gap: float = typer.Option(1e-4, "--gap", help="relative gap to stop at"),
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
@@ -218,22 +300,31 @@ def solve_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (with the assignment)"),
     size_guard: bool = typer.Option(True, f"--size-guard/{NO_SIZE_GUARD}", help=SIZE_GUARD_HELP),
 ) -> None:
-    """Assign the requests of SPEC to clients (makespan bin packing) with one backend."""
+    """Assign the requests of SPEC to clients with one backend (makespan bin packing, or --formulation)."""
     from lloptim.solvers import solve
 
     with user_errors(SOLVE_FLAGS, size_guard, SOLVE_SIZES):
-        _check_solvers([solver], "--solver")
-        params = _params(time_limit, gap, threads, seed, always_run)
+        if solver is not None:
+            _check_solvers([solver], "--solver")
         problem = load_problem(spec)
-        res = solve(problem, solver=solver, params=params)
+        form = choose_formulation(problem, formulation)
+        if solver is None:
+            solver = "greedy" if form == "binpacking" else "highs"
+        if time_limit is None and form != "binpacking":
+            time_limit = DEFAULT_MODEL_TIME_LIMIT_S
+        params = _params(time_limit, gap, threads, seed, always_run)
+        res = solve(problem, solver=solver, params=params, formulation=form)
+        lines, extra = _report(problem, form, res)
     row = res.summary()
     if json_out:
         row["assignment"] = res.assignment
         row["multipliers"] = res.multipliers
+        row.update(extra)
         print_json(row)
     else:
-        print_results([row], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
-        for line in notes([row]):
+        print_results([row], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients, "
+                             f"{form}")
+        for line in notes([row]) + lines:
             console.print(line, markup=False)
 
 

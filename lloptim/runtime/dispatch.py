@@ -41,6 +41,13 @@ lengths, where the plan's forecast of step times ages; later leaves too few requ
 within 0.1-0.3 points of each other). A request arriving during the run ends the end game (the
 planned requests return to the queue): the queue was only short because the run had just begun.
 
+**Latency objective.** ``objective="weighted-completion"`` orders the queue by the rule of the
+offline ``"weighted_completion"`` formulation (:func:`lloptim.formulations.weighted_completion.
+wspt_priority`, Smith's ratio ``service / weight``, every weight 1: shortest estimated service
+first) instead of least slack, from the first dispatch on. It minimizes the mean completion time
+of the requests present; it neither packs the makespan nor bounds the wait of long requests
+under overload (``benchmarks/arrivals.py`` measures both), so it is an option, not the default.
+
 With precedence (workflows) the dispatch is :class:`~lloptim.runtime.request_schedulers.
 WorkflowQueue`'s plan order. Where an instance's KV cache can fill up (its clients' largest
 requests do not fit at once), the dispatch is the memory-aware queue it is given
@@ -60,7 +67,10 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES"]
+
+#: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
+DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
 
 #: Default weight of the service time against the waiting time in the dispatch key (module
 #: docstring): 1 prices a second of waiting and a second of service alike.
@@ -90,7 +100,11 @@ class HybridDispatch(WorkflowQueue):
     tail_plan
         On a fleet of several instances, with every request present: once at most this many
         queued requests remain per live client, hand them to the end-game plan (module
-        docstring, *End game*); None: never.
+        docstring, *End game*); None: never. Only with ``objective="makespan"``: the plan packs
+        the makespan.
+    objective
+        ``"makespan"`` (least slack, default) or ``"weighted-completion"`` (Smith's rule, module
+        docstring).
 
     Attributes
     ----------
@@ -105,14 +119,20 @@ class HybridDispatch(WorkflowQueue):
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None,
-                 tail_plan: float | None = TAIL_PLAN) -> None:
+                 tail_plan: float | None = TAIL_PLAN, objective: str = "makespan") -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
             raise SpecError("policy.slack_weight", f"must be a finite number >= 0, got {slack_weight!r}",
                             "0 is first-come first-served, 1 the default, larger favours long requests")
+        if objective not in DISPATCH_OBJECTIVES:
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.objective", f"unknown objective {objective!r}",
+                            f"use one of {list(DISPATCH_OBJECTIVES)}")
         super().__init__(None, time_limit_s, revision_limit_s)
         self.slack_weight = float(slack_weight)
+        self.objective = objective
         self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
         self.memory = memory
         self.delegate = None
@@ -139,7 +159,7 @@ class HybridDispatch(WorkflowQueue):
         self.tail = None
         self.tail_at_s: float | None = None
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, handed out at)
-        self.tail_enabled = (self.tail_plan is not None and self.dag is None
+        self.tail_enabled = (self.tail_plan is not None and self.dag is None and self.objective == "makespan"
                              and len(ctx.problem.instances) > 1)
 
     @property
@@ -161,7 +181,12 @@ class HybridDispatch(WorkflowQueue):
         return self.delegate.pending() if self.delegate is not None else super().pending()
 
     def _slack_key(self, request: int, ready: float) -> float:
-        return ready - self.slack_weight * self.slack_step_s * float(self.estimates[request])
+        service = self.slack_step_s * float(self.estimates[request])
+        if self.objective == "weighted-completion":
+            from lloptim.formulations.weighted_completion import wspt_priority
+
+            return float(wspt_priority(service))
+        return ready - self.slack_weight * service
 
     def _start(self) -> None:
         """At the first dispatch: hand over to the memory-aware queue if the known requests can fill a cache.
@@ -185,7 +210,11 @@ class HybridDispatch(WorkflowQueue):
                 self.delegate = self.memory
                 self.memory.setup(ctx)
                 self.memory.binds = binds
-                self.memory.rekey(rows, planned_start_keys(ctx, rows=rows))
+                if self.objective == "weighted-completion":
+                    self.slack_keys = True  # the latency order from the start
+                    self.memory.rekey(rows, np.array([self._slack_key(r, t) for r, t in early]))
+                else:
+                    self.memory.rekey(rows, planned_start_keys(ctx, rows=rows))
                 for r, t in early:
                     self.ready_at[r] = t
                     self.memory.on_ready(r, t)

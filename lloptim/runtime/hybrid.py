@@ -62,7 +62,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   token_budget: int | None = None, survival: np.ndarray | None = None,
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
-                  start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN) -> Policy:
+                  start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
+                  objective: str = "makespan") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -115,6 +116,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         at most this many queued requests remain per live client, plan them on two levels and
         serve the plan (:mod:`lloptim.runtime.endgame`); None: list scheduling to the end
         (default :data:`~lloptim.runtime.dispatch.TAIL_PLAN`).
+    objective
+        What the dispatch order serves (``dispatch="sorted"``): ``"makespan"`` (least slack,
+        default) or ``"weighted-completion"`` (Smith's rule of the ``weighted_completion``
+        formulation: shortest estimated service first; see :mod:`lloptim.runtime.dispatch`).
 
     Notes
     -----
@@ -128,7 +133,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     if dispatch == "sorted":
         delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
-        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan)
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
+                                  objective=objective)
     elif dispatch == "plan":
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
     else:

@@ -37,9 +37,13 @@ its capacity (:mod:`lloptim.bounds`), so one token-step of idle memory costs ``d
 seconds, as one idle slot-step costs ``decode_base_s / C``. The rule prices both, with a weight
 ``beta`` in [0, 1] on memory: a waiting request that fits adds ``(1 - beta) mu_c decode_base_s +
 beta decode_base_s (context + 1) / M`` per decode step it waits (requests that do not fit add
-nothing: they cannot run anyway). ``beta`` is the dual weight of the two resources in the bound
-``max(steps by clients, steps by memory)``: 1 where memory sets it, 0 where the clients do
-(``memory_prices="lp"``, from the estimates, what the policy knows), and it is updated online by
+nothing: they cannot run anyway). ``beta`` is the dual weight of the two resources on the
+instance's decode steps: with ``memory_prices="lp"`` it is the memory share of the decode-step
+price in the LP relaxation of the offline ``binpacking_kv`` formulation, solved through
+:func:`lloptim.solve` from the estimates (what the policy knows), ``beta = M kappa /
+(decode_base_s nu)`` with ``kappa = -dual("kv")`` (seconds per token-step) and ``nu = -dual("time")``
+(:func:`lloptim.formulations.binpacking_kv.kv_price_weights`): 1 where memory sets the steps, 0
+where the clients do, in between where both bind. It is updated online by
 projected subgradient steps on the observed utilizations, ``beta += eta (kv_used / M - running /
 C)`` per decode step. ``"uniform"`` starts from 1/2, ``"none"`` keeps 0 (memory unpriced).
 
@@ -76,18 +80,25 @@ PRICE_STEP = 0.01
 
 
 def memory_price_weight(ctx: RunContext, instance: int) -> float:
-    """The bound's dual weight on KV memory for ``instance``: 1 if memory sets its decode steps, else 0.
+    """The offline dual weight on KV memory for ``instance``, in [0, 1] (dimensionless).
 
-    Compares, from the estimates (what the policy knows), the decode steps the instance's clients
-    force (outputs over clients) with those its memory forces (KV area over capacity), for a share
-    of the work proportional to its clients.
+    The memory share of the instance's decode-step price in the LP relaxation of the
+    ``binpacking_kv`` formulation, solved once per run through :func:`lloptim.solve` from what
+    the policy knows (the estimates and its own KV areas, in the run's KV mode), with the unit
+    conversion of :func:`lloptim.formulations.binpacking_kv.kv_price_weights`:
+    ``beta = M kappa / (decode_base_s nu)``, ``kappa = -dual("kv")`` in seconds per token-step.
+    1 where memory sets the instance's decode steps, 0 where its clients do, in between where
+    both bind.
     """
-    from lloptim.runtime.memory_schedulers import estimated_kv_area
+    weights = ctx.extra.get("kv_price_weights")
+    if weights is None:
+        from lloptim.formulations.binpacking_kv import kv_price_weights
+        from lloptim.runtime.memory_schedulers import estimated_kv_areas
 
-    inst = ctx.problem.instances[instance]
-    est = np.maximum(np.ceil(ctx.estimates), 1)
-    area = estimated_kv_area(ctx, instance)
-    return 1.0 if area / (inst.kv_blocks * inst.kv_block_tokens) > est.sum() / inst.clients else 0.0
+        areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(len(ctx.problem.instances))])
+        weights = kv_price_weights(ctx.problem, estimates=ctx.estimates, kv_areas=areas)
+        ctx.extra["kv_price_weights"] = weights
+    return float(weights[instance])
 
 
 #: Forecasts of the next finish that the lookahead can use.

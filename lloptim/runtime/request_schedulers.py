@@ -230,11 +230,36 @@ class WorkflowQueue(GlobalQueue):
         exceeds this fraction of the work that plan covered (fraction); below it, new workflows are
         slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
         in proportion to the backlog each time).
+    pace
+        The two chain rules (Notes): a ready request heading a chain that decides the makespan
+        is handed out first, and on a fleet the instance that runs such a chain is paced
+        (:meth:`batch_limit`): an idle client there takes work only while the instance runs
+        fewer requests than the chain's limit, so that the chain's decode steps stay fast and the
+        other instances take the rest.
+
+    Notes
+    -----
+    **A binding chain first.** The ready request with the longest remaining chain (its
+    estimated output plus its longest path of successors, tokens) goes before the planned order
+    when that chain at full-batch steps takes at least as long as the remaining work at the
+    fleet's full rate: the plan, made with work weights, may have given it slack it does not have.
+
+    **Chain pacing.** A chain of ``S`` remaining decode steps (the running request's rest plus
+    its longest path of successors, in estimated tokens) runs one step per iteration of its
+    instance; an iteration with ``n`` requests takes ``a + n beta`` seconds (``a`` the decode
+    base, ``beta`` a request's per-step cost at the mean context), so the chain needs
+    ``S (a + n beta)``: a full batch stretches it by up to a third on LLaMA-65B. Running the
+    chain's instance at ``n`` requests while the ``m - 1`` others run full batches of ``C`` for
+    the same time completes ``n S + (m - 1) C S (a + n beta) / (a + C beta)`` tokens; the batch
+    limit is the least ``n`` with which that covers the remaining work (``C``, no limit, when
+    even a full batch does not: then the chain is not what decides the makespan). It is the
+    schedule the chain-coupling bound (:mod:`lloptim.bounds`) says the optimum must trade off.
     """
 
     def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
-                 slack_steps: float = 2.0, revise_fraction: float = 0.1) -> None:
+                 slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True) -> None:
         super().__init__("longest", plan)
+        self.pace = bool(pace)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
         self.slack_steps = slack_steps
@@ -282,6 +307,23 @@ class WorkflowQueue(GlobalQueue):
         w = ctx.problem.workload
         self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
                                          float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
+        # chain pacing: estimated decode steps of each request and of its longest path of successors
+        self.est_steps = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
+        self.tail_steps = prec.tails(self.est_steps)
+        self.left_steps = float(self.est_steps.sum())  # of the unfinished requests
+        prompt, output = float(w.prompt_tokens.mean()), float(self.est_steps.mean())
+        self.step_cost = []
+        for inst in ctx.problem.instances:
+            lat = inst.profile.latency
+            # a co-runner's cost per decode step of the chain: its own decode share at the mean
+            # context and its prompt's prefill (which runs on the chain's clock) spread over its steps
+            beta = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (prompt + output / 2.0)
+                    + lat.prefill_per_token_s * prompt / output)
+            self.step_cost.append((lat.decode_base_s, beta, inst.clients))
+        self.chain_steps = self.est_steps + self.tail_steps
+        self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
+        self.full_step_s = min(a + beta * c for a, beta, c in self.step_cost)
+        self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
         if self.dag is None:
@@ -292,6 +334,7 @@ class WorkflowQueue(GlobalQueue):
         comp = int(self.component[request])
         if comp in self.known:
             heapq.heappush(self.ready, (self.key[request], request))
+            heapq.heappush(self.by_chain, (-self.chain_steps[request], request))
         else:
             self.arrived.add(comp)
             self.batch_time = now
@@ -320,6 +363,8 @@ class WorkflowQueue(GlobalQueue):
         self.plans += 1
         self.ready = [(self.key[r], r) for r in self.waiting]
         heapq.heapify(self.ready)
+        self.by_chain = [(-self.chain_steps[r], r) for r in self.waiting]
+        heapq.heapify(self.by_chain)
 
     def _plan_all(self, now: float, first: bool) -> None:
         rows = np.concatenate([self.members[k] for k in sorted(self.known)])
@@ -374,11 +419,69 @@ class WorkflowQueue(GlobalQueue):
         self.plan_suffix_rank = np.maximum.accumulate(rank[order][::-1])[::-1]
         self.plan_end = plan.makespan_s
 
+    def _binding_chain(self) -> int | None:
+        """The ready request that heads the longest remaining chain, if that chain decides the makespan.
+
+        It does when the chain at full-batch steps takes at least as long as the remaining work at
+        the fleet's full rate (class Notes); such a request is handed out before any planned order.
+        """
+        heap = self.by_chain
+        while heap and heap[0][1] not in self.waiting:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        r = heap[0][1]
+        return r if -heap[0][0] * self.full_step_s >= self.left_steps / self.fleet_rate else None
+
+    def batch_limit(self, state) -> int:
+        """Most requests ``state``'s instance should run while it carries a long chain (class Notes), count.
+
+        Parameters
+        ----------
+        state
+            The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+
+        Returns
+        -------
+        int
+            The limit, requests; the instance's clients when no chain decides the makespan.
+        """
+        engine = state.engine
+        a, beta, clients = self.step_cost[state.index]
+        chain = 0.0
+        for c in state.clients:
+            r = int(engine.client_request[c])
+            if r < 0 or c in state.idle:
+                continue
+            done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
+            chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
+        if chain <= 0.0:
+            return clients
+        # tokens per second the other instances complete at full batches
+        others = sum(cl / (a_ + beta_ * cl) for k, (a_, beta_, cl) in enumerate(self.step_cost) if k != state.index)
+        need = self.left_steps / chain  # tokens per chain step the fleet must complete
+        # n + others * (a + n beta) >= need, smallest integer n
+        if need > clients + others * (a + beta * clients):
+            return clients
+        n = (need - others * a) / (1.0 + others * beta)
+        return int(min(clients, max(1, np.ceil(n))))
+
     def next_request(self, state, client: int) -> int | None:
         if self.dag is None:
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
+        if (self.pace and len(self.step_cost) > 1 and self.ready
+                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
+            return None  # a paced instance: the other instances take this work
+        first = self._binding_chain() if self.pace else None
+        if first is not None:
+            self.waiting.discard(first)
+            self.running[first] = (client, state.now)
+            self.n_pending -= 1
+            if self.owner is not None and self.owner[first] != client:
+                self.steals += 1
+            return first
         while self.ready:
             key, r = heapq.heappop(self.ready)
             if r in self.waiting and key == self.key[r]:
@@ -392,6 +495,8 @@ class WorkflowQueue(GlobalQueue):
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.dag is not None:
+            if not self.finished[request]:
+                self.left_steps -= float(self.est_steps[request])
             self.finished[request] = True
             self.running.pop(request, None)
 
@@ -403,6 +508,7 @@ class WorkflowQueue(GlobalQueue):
         self.waiting.add(request)
         self.n_pending += 1
         heapq.heappush(self.ready, (self.key[request], request))
+        heapq.heappush(self.by_chain, (-self.chain_steps[request], request))
 
 
 class AssignedQueues(_PerClientQueues):
