@@ -209,6 +209,17 @@ def calibrate_command(
         raise failed
 
 
+def _quiet_weight_loading() -> None:
+    """Turn off transformers' "Loading weights" progress bar for this CLI process.
+
+    The built-in models load in milliseconds; the bar only interleaves carriage returns with the
+    command's table on stderr (and in logs). The library's own users keep transformers' default.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device, seed):
     """Start ``instances`` engines of ``backend`` (replicas of one configuration)."""
     if clients is None:
@@ -227,6 +238,7 @@ def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_to
             else:
                 from lloptim.engines.hf import HFEngine
 
+                _quiet_weight_loading()
                 shared = engines[0].module if engines else model
                 engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks,
                                         max_batch_tokens=max_batched_tokens, dtype=dtype or "float32", device=device,
