@@ -123,6 +123,15 @@ def test_listings_fit(narrow, args):
     _check_text(_run(args), [])
 
 
+@pytest.mark.parametrize("command", ["reproduce", "calibrate", "run", "simulate", "policies", "solve", "compare",
+                                     "solvers", "spec-reference"])
+def test_every_help_fits_without_cutting(command):
+    """typer renders help itself: at 80 columns no option's help or default may be cut with an ellipsis."""
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert res.exit_code == 0, res.output
+    _check_text(res.output, [])
+
+
 NUMBER = st.one_of(st.floats(0, 1e9, allow_nan=False).map(lambda v: f"{v:,.4f}"),
                    st.integers(0, 10**12).map(lambda v: f"{v:,}"),
                    st.floats(0, 1, allow_nan=False).map(lambda v: f"{100 * v:.2f} %"))
