@@ -42,13 +42,27 @@ def test_readme_python_blocks_run(capsys):
     assert abs(res.primal_bound - (w[:, None] * X).sum(axis=0).max()) < 1e-6
 
 
+def _doc_blocks(page: str) -> list[str]:
+    text = (ROOT / "docs" / page).read_text()
+    return [textwrap.dedent(m.group(1))
+            for m in re.finditer(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", text)]
+
+
 def test_modeling_guide_first_block_runs():
-    text = (ROOT / "docs" / "modeling.rst").read_text()
-    m = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", text)
-    assert m, "no python block in docs/modeling.rst"
-    code = textwrap.dedent(m.group(1))
+    code = _doc_blocks("modeling.rst")[0]
     ns: dict = {}
     exec(compile(code, "docs/modeling.rst", "exec"), ns)  # noqa: S102 - the guide's own code
     res, x = ns["res"], ns["x"]
     assert res.value(x).shape == (ns["R"], ns["C"])
     assert res.status.value in ("optimal", "feasible")
+
+
+#: docs pages whose first Python block is a whole program a reader may paste (the others are
+#: excerpts of the formulations' source, or need Ray or vLLM)
+SELF_CONTAINED = ["index.rst", "backends.rst", "workflows.rst"]
+
+
+@pytest.mark.parametrize("page", SELF_CONTAINED)
+def test_docs_first_python_block_runs(page, capsys):
+    code = _doc_blocks(page)[0]
+    exec(compile(code, f"docs/{page}", "exec"), {"__name__": "docs_snippet"})  # noqa: S102
