@@ -158,6 +158,7 @@ def test_cli_run_hf_json(tmp_path):
     assert d["requests_completed"] == d["requests_total"] == 8
     assert d["backend"] == "hf" and d["preemptions"] == 0 and d["requests_with_token_mismatch"] is not None
     assert d["predicted_makespan_s"] > 0 and d["tokens_per_s"] > 0
+    assert "Loading weights" not in res.output  # no transformers progress bar among the CLI's output
 
 
 def test_cli_rejects_engine_flags_elsewhere():

@@ -123,6 +123,15 @@ def test_listings_fit(narrow, args):
     _check_text(_run(args), [])
 
 
+@pytest.mark.parametrize("command", ["reproduce", "calibrate", "run", "simulate", "policies", "solve", "compare",
+                                     "solvers", "spec-reference"])
+def test_every_help_fits_without_cutting(command):
+    """typer renders help itself: at 80 columns no option's help or default may be cut with an ellipsis."""
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert res.exit_code == 0, res.output
+    _check_text(res.output, [])
+
+
 NUMBER = st.one_of(st.floats(0, 1e9, allow_nan=False).map(lambda v: f"{v:,.4f}"),
                    st.integers(0, 10**12).map(lambda v: f"{v:,}"),
                    st.floats(0, 1, allow_nan=False).map(lambda v: f"{100 * v:.2f} %"))
@@ -144,3 +153,32 @@ def test_render_never_cuts_a_number(headers, data, width):
     for row in rows:
         for cell in row[1:]:
             assert cell in text, f"{cell!r} cut at width {width}:\n{text}"
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate", "compare"])
+def test_help_paragraphs_reflow(command):
+    """A command's help wraps to the terminal, not at the docstring's source line breaks."""
+    import inspect
+
+    from lloptim.cli import reflow_help
+
+    info = next(i for i in app.registered_commands if (i.name or i.callback.__name__) == command)
+    doc = inspect.getdoc(info.callback)
+    assert "\n\n" in doc  # a body paragraph, the part typer would print with the source's breaks
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    head = result.output.split("╭")[0]
+    lines = [ln.strip() for ln in head.splitlines()]
+    # every line of a wrapped paragraph but its last fills most of the 80 columns
+    for line, nxt in zip(lines, lines[1:]):
+        if line and nxt and not line.startswith("Usage:"):
+            assert len(line) >= 60, f"ragged help line {line!r} in:\n{head}"
+    body = reflow_help(doc).split("\n\n")[1]
+    assert "\n" not in body and re.sub(r"\s+", " ", head).find(body[:40]) >= 0
+
+
+def test_reflow_keeps_lists():
+    from lloptim.cli import reflow_help
+
+    doc = "First line.\n\nA paragraph\nwrapped here.\n\n- item one\n- item two"
+    assert reflow_help(doc) == "First line.\n\nA paragraph wrapped here.\n\n- item one\n- item two"

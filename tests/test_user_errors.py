@@ -79,6 +79,7 @@ WORK = {
     "simulate": "lloptim.runtime.engine.Engine.run",
     "solve": "lloptim.solvers.greedy.lpt",
     "calibrate": "lloptim.calibrate.calibrate",
+    "engines": "lloptim.cli.serve._start_engines",
 }
 
 
@@ -147,6 +148,11 @@ CLI_CASES = [
     ("spec-median-above-clip", ["simulate", "clipped.toml"], 2, ["workload.prompt_median", "max_tokens"],
      ["simulate"]),
     ("spec-missing", ["simulate", "nowhere.toml"], 2, ["spec", "no file"], ["simulate"]),
+    # a SPEC's [[instances]] decide the replicas: --instances beside it was silently ignored
+    ("run-instances-with-spec", ["run", "tiny.toml", "--backend", "simulated", "--instances", "2"], 2,
+     ["--instances", "count = N"], ["simulate"]),
+    ("run-engine-instances-with-spec", ["run", "tiny.toml", "--backend", "hf", "--instances", "2"], 2,
+     ["--instances", "count = N"], ["engines"]),
 ]
 
 
@@ -354,3 +360,21 @@ def test_workflow_size_is_bounded_before_drawing():
         lloptim.load_spec(text='[workload]\nsource = "workflow"\nshape = "chain"\nworkflows = 1000000\n'
                                'depth = 10000\n')
     assert info.value.field == "workload.workflows" and "10,000,000" in info.value.problem
+
+
+@pytest.mark.parametrize("extra", [[], ["--clients", "3"]])
+def test_engine_run_starts_one_replica_per_spec_instance(files, monkeypatch, extra):
+    """``lloptim run SPEC --backend hf`` serves the SPEC's instances, with or without --clients."""
+    import lloptim.cli.serve as serve_cli
+
+    (files / "two.toml").write_text(TINY + "count = 2\n")
+    started = {}
+
+    def record(backend, model, clients, instances, *args):
+        started.update(clients=clients, instances=instances)
+        raise SpecError("--model", "stop here", "this test only looks at the replicas")
+
+    monkeypatch.setattr(serve_cli, "_start_engines", record)
+    res = runner.invoke(app, ["run", "two.toml", "--backend", "hf", *extra])
+    assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert started == {"instances": 2, "clients": 3 if extra else 2}

@@ -209,6 +209,24 @@ def calibrate_command(
         raise failed
 
 
+def _check_instances_flag(spec, instances: int) -> None:
+    """Refuse ``--instances`` beside a SPEC, whose ``[[instances]]`` say how many replicas serve."""
+    if spec is not None and instances != 1:
+        raise SpecError("--instances", f"is {instances}, but with a SPEC its [[instances]] decide the replicas",
+                        "set count = N in the spec's [[instances]], or drop --instances")
+
+
+def _quiet_weight_loading() -> None:
+    """Turn off transformers' "Loading weights" progress bar for this CLI process.
+
+    The built-in models load in milliseconds; the bar only interleaves carriage returns with the
+    command's table on stderr (and in logs). The library's own users keep transformers' default.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_tokens, dtype, device, seed):
     """Start ``instances`` engines of ``backend`` (replicas of one configuration)."""
     if clients is None:
@@ -227,6 +245,7 @@ def _start_engines(backend, model, clients, instances, kv_blocks, max_batched_to
             else:
                 from lloptim.engines.hf import HFEngine
 
+                _quiet_weight_loading()
                 shared = engines[0].module if engines else model
                 engines.append(HFEngine(shared, clients=clients, kv_blocks=kv_blocks,
                                         max_batch_tokens=max_batched_tokens, dtype=dtype or "float32", device=device,
@@ -348,6 +367,7 @@ def serve(
         if clients is not None:
             check_int("--clients", clients, 1, 1_000_000, fix="give the clients per instance, e.g. --clients 8")
         check_int("--instances", instances, 1, 100_000, fix="give the model replicas, e.g. --instances 2")
+        _check_instances_flag(spec, instances)
         check_choice("--policy", policy, sorted(policy_names()), "policy")
         _check_common(seed, clock)
         check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
@@ -440,14 +460,16 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
         if clients is not None:
             check_int("--clients", clients, 1, 100_000, fix="give the clients per instance, e.g. --clients 16")
         check_int("--instances", instances, 1, 64, fix="give the engine replicas, e.g. --instances 2")
+        _check_instances_flag(spec, instances)
         check_choice("--policy", policy, sorted(policy_names()) + [ENGINE_DEFAULT], "policy")
         _check_common(seed, clock)
         check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
         _check_engine_flags(backend, kv_blocks, max_batched_tokens)
         given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named
-        if spec is not None and clients is None:
+        if spec is not None:  # one engine per instance of the spec, as the problem it is checked against
             base = load_problem(spec)
-            clients, instances = base.instances[0].clients, len(base.instances)
+            instances = len(base.instances)
+            clients = clients or base.instances[0].clients
         clients = clients or DEFAULT_ENGINE_CLIENTS
         sizing = replace(given or load_profile("llama-65b"), clients=clients)
         guards.check_simulation(_serving_problem(spec, sizing, clients, instances, requests, engine=True))

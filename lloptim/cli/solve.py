@@ -331,7 +331,8 @@ def solve_cmd(
 @app.command()
 def compare(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b (1319 x 40)"),
-    solvers: str = typer.Option("highs,cbc,cvxpy,lagrangian,greedy", "--solvers", help="comma-separated backends"),
+    solvers: str = typer.Option("highs,cbc,cvxpy,lagrangian,greedy", "--solvers", show_default=False,
+                                help="comma-separated backends; default: highs, cbc, cvxpy, lagrangian, greedy"),
     time_limit: Optional[float] = typer.Option(10.0, "--time-limit", help="seconds per backend solve"),
     gap: float = typer.Option(1e-4, "--gap", help="relative gap to stop at"),
     threads: Optional[int] = typer.Option(None, "--threads", help="backend threads"),
