@@ -54,6 +54,11 @@ class Termination(str, enum.Enum):
     UNBOUNDED = "unbounded"
     ERROR = "error"
 
+    def __str__(self) -> str:  # print(res.status) shows the documented word, not the enum's name
+        return self.value
+
+    __format__ = str.__format__
+
     @property
     def has_solution(self) -> bool:
         """Whether a solve ending this way returns an answer."""
@@ -72,6 +77,11 @@ class Limit(str, enum.Enum):
     MEMORY = "memory"
     GAP = "gap"
     ITERATION = "iteration"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 @dataclass
@@ -223,7 +233,11 @@ class SolveResult:
         if np.any(cols < 0):
             raise SpecError("value", f"variable {name!r} is not part of the solved model",
                             "it was added after, or removed before, the solve")
-        return _scalar(self.x[cols])
+        values = self.x[cols]
+        if self._compiled.integrality[cols].all():
+            # integer and binary variables come back as integers (the solvers return whole floats)
+            values = np.rint(values).astype(np.int64)
+        return _scalar(values)
 
     def dual(self, name):
         """Duals of a constraint family, shaped like it, in the sensitivity convention.
@@ -289,5 +303,9 @@ class SolveResult:
 
 
 def _scalar(a):
-    a = np.asarray(a, dtype=np.float64)
-    return float(a) if a.ndim == 0 else a
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.float64)
+    if a.ndim == 0:
+        return int(a) if a.dtype.kind in "iu" else float(a)
+    return a

@@ -289,3 +289,15 @@ def test_user_formulation_gets_start_bound_and_checks(side_formulation):
         solve(problem, "highs", formulation="no-such-formulation")
     with pytest.raises(TypeError):
         solve(problem, "highs", formulation="test-side", capacity=6)
+
+
+def test_status_prints_its_documented_word_and_integers_come_back_as_integers():
+    m = Model("words")
+    x = m.add_variables("x", shape=(3,), binary=True)
+    y = m.add_variables("y", shape=(2,), upper=2.5)
+    m.add_constraints("c", x.sum() >= 2)
+    m.minimize(x.sum() + y.sum())
+    res = solve(m, "highs")
+    assert str(res.status) == f"{res.status}" == "optimal" and str(res.limit) == "none"
+    assert res.value(x).dtype.kind == "i" and res.value(x).sum() == 2
+    assert isinstance(res.value(x[0]), int) and res.value(y).dtype == np.float64
