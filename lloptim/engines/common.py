@@ -37,7 +37,6 @@ the true ``o``.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -51,6 +50,7 @@ from lloptim.problem import Instance, Problem, Workload
 from lloptim.runtime.engine import (IDLE, KIND_DECODE, KIND_MIXED, KIND_PREFILL, RUNNING, WAITING, InstanceState,
                                     RunResult)
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.runtime.clocks import InstanceClocks, wake_time
 from lloptim.runtime.readiness import ReadyTimes
 
 __all__ = ["EngineError", "KVLayout", "StepPlan", "EngineRun", "EngineDriver", "drive", "engine_problem",
@@ -477,30 +477,25 @@ class EngineRun:
         s = self.states[k]
         return bool(s.waiting or s.n_running or self.queued[k])
 
-    def wake_time(self, k: int, busy_clocks: Sequence[float]) -> float | None:
+    def wake_time(self, k: int, earliest_busy: float) -> float | None:
         """When idle instance ``k`` should look again (next ready request or a busy peer's clock); None: never.
+
+        The simulator's rule (:func:`lloptim.runtime.clocks.wake_time`), so engine runs follow the
+        schedule it predicts.
 
         Parameters
         ----------
         k
             Instance index.
-        busy_clocks
-            Clocks of the instances that are busy, seconds.
+        earliest_busy
+            The lowest clock of a busy instance, seconds (``inf``: none is busy).
 
         Returns
         -------
         float or None
             The time to wake at, seconds; ``None`` when nothing can come its way.
         """
-        s = self.states[k]
-        candidates = []
-        if self.next_ready < math.inf:
-            candidates.append(max(self.next_ready, s.now))
-        if busy_clocks and (self.pending() or not candidates):
-            # work is waiting for a client, or a peer may still finish work that readies requests
-            # (the simulator's rule, so engine runs follow the schedule it predicts)
-            candidates.append(max(min(busy_clocks), s.now))
-        return min(candidates) if candidates else None
+        return wake_time(self.states[k].now, self.next_ready, earliest_busy, bool(self.pending()))
 
     # -- decisions -------------------------------------------------------------------------------
     def plan(self, k: int) -> StepPlan | None:
@@ -920,34 +915,33 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
         raise SpecError("engines", f"{len(engines)} engines for {len(run.states)} instances", "give one per instance")
     run.start()
     n = len(run.prompt)
-    active = [(0.0, 0, k) for k in range(len(run.states))]
-    heapq.heapify(active)
+    active = InstanceClocks(len(run.states))
     retired: set[int] = set()
     while run.n_done < n:
         if not active:
             raise PolicyError(f"{n - run.n_done} requests were never served: {run.pending()} pending with every "
                               "client idle")
-        _, _, k = heapq.heappop(active)
+        k = active.pop()
         s = run.states[k]
         if run.next_ready <= s.now and run.release(s.now):
             # requests became ready: instances that had gone quiet look again
             for j in sorted(retired):
                 other = run.states[j]
                 other.now = max(other.now, s.now)
-                heapq.heappush(active, (other.now, 1, j))
+                active.push(other.now, j, idle=True)
             retired.clear()
         rows = run.bind(k)
         if rows:
             engines[k].submit(rows)
         if not run.has_work(k):
-            wake = run.wake_time(k, [t for t, idle, _ in active if not idle])
+            wake = run.wake_time(k, active.earliest_busy)
             if wake is None:
                 retired.add(k)
                 continue
             s.now = max(s.now, wake)
             s.dirty = True
-            heapq.heappush(active, (s.now, 1, k))
+            active.push(s.now, k, idle=True)
             continue
         engines[k].step()
-        heapq.heappush(active, (s.now, 0, k))
+        active.push(s.now, k)
     return run.result()

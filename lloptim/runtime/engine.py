@@ -15,8 +15,8 @@ plus O(log n) per finishing request, whatever the batch size.
 
 **Readiness.** The engine alone decides when a request becomes schedulable: at its arrival, or, for
 a request with predecessors (:attr:`~lloptim.problem.Workload.precedence`), when the last of them
-has finished, if that is later. It keeps the coming ready times in a heap and tells the request
-scheduler of each request exactly once, in time order, through
+has finished, if that is later. It keeps the coming ready times (:class:`~lloptim.runtime.readiness.ReadyTimes`,
+shared with the real engines of :mod:`lloptim.engines`) and tells the request scheduler of each request exactly once, in time order, through
 :meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`, before any instance whose clock has
 reached that time asks it for work (instances run in clock order, so the clock of the instance
 being served never goes back). A scheduler therefore never sees a request before it is ready, and
@@ -47,8 +47,10 @@ from lloptim.backends.base import InstanceLost
 from lloptim.errors import PolicyError, SpecError
 from lloptim.memory import blocks, check_block_tokens, check_kv_mode, reservation_tokens
 from lloptim.problem import Problem
+from lloptim.runtime.clocks import InstanceClocks, wake_time
 from lloptim.runtime.kv import PREEMPTION_MODES, check_victim_rule, choose_victim
 from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.runtime.readiness import ReadyTimes
 from lloptim.validation import check_int, check_number
 
 __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "RUNNING", "FAILED"]
@@ -452,14 +454,9 @@ class Engine:
         self.client_epoch = [0] * problem.n_clients
         self.client_residue = [-1] * problem.n_clients  # residue class of a running client past its floor
         self._admissions = 0
-        self.arrival = w.arrival_s.tolist()
-        prec = w.precedence
-        # successors of each request and how many predecessors it waits for (None: independent requests)
-        self.successors = prec.successors() if prec is not None else None
-        self.n_predecessors = prec.in_degree().tolist() if prec is not None else [0] * n
-        roots = np.flatnonzero(prec.in_degree() == 0) if prec is not None else np.arange(n)
-        roots = roots[np.argsort(w.arrival_s[roots], kind="stable")]
-        self.roots = list(zip(w.arrival_s[roots].tolist(), roots.tolist()))
+        # when each request becomes schedulable (arrival, or its predecessors' finish), in time order;
+        # the arrivals are read here, once: a policy learns them from on_ready only
+        self.readiness = ReadyTimes(w)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -484,14 +481,7 @@ class Engine:
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.recomputed = 0
         self.can_preempt = callable(getattr(backend, "preempt", None))
-        self.ready = [float("nan")] * n
-        self.unfinished_predecessors = list(self.n_predecessors)
-        self.latest_predecessor_finish = list(self.arrival)  # ready time = max(arrival, predecessor finishes)
-        # requests not yet released, as (ready time, request): the roots in arrival order (known
-        # up front), and a heap of the others, which join when their last predecessor finishes
-        self.next_root = 0
-        self.events: list[tuple[float, int]] = []
-        self.next_ready = self.roots[0][0] if self.roots else np.inf
+        self.readiness.restart()
         self.trace: list[tuple] = []
         self.decisions: list[int] = []
         self.n_done = 0
@@ -508,9 +498,8 @@ class Engine:
             states.append(st)
         self.states = states
         pending_faults = {k: [f for f in self.faults if f.instance == k] for k in range(len(states))}
-        # heap of (clock, idle-flag, index): busy instances at a time step before idle ones
-        active = [(0.0, 0, k) for k in range(len(states))]
-        heapq.heapify(active)
+        # the instances in order of (clock, idle, index): busy instances at a time step before idle ones
+        active = InstanceClocks(len(states))
         retired: set[int] = set()
         self.retired = retired
         self.active = active
@@ -522,9 +511,9 @@ class Engine:
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
-            _, _, k = heapq.heappop(active)
+            k = active.pop()
             s = states[k]
-            if self.next_ready <= s.now:
+            if self.readiness.next_ready <= s.now:
                 self._release(s.now)
             faults = pending_faults[k]
             while faults and faults[0].time_s <= s.now:
@@ -539,21 +528,22 @@ class Engine:
                 self._pull_running(s, migration, policy)
                 if s.now > before:
                     # the transfer moved this clock on: let instances behind it go first
-                    heapq.heappush(active, (s.now, 0, k))
+                    active.push(s.now, k)
                     continue
             if not s.waiting and not s.n_running:
-                wake = self._wake_time(s, active, faults)
+                wake = wake_time(s.now, self.readiness.next_ready, active.earliest_busy,
+                                 bool(self.policy.requests.pending()), faults[0].time_s if faults else None)
                 if wake is None:
                     retired.add(k)
                     continue
                 s.now = max(s.now, wake)
                 s.dirty = True
-                heapq.heappush(active, (s.now, 1, k))
+                active.push(s.now, k, idle=True)
                 continue
             if s.n_running and s.growth_blocks() > s.kv_blocks - s.kv_used:
                 self._make_room(s, policy)
                 if not s.n_running and not s.waiting:
-                    heapq.heappush(active, (s.now, 0, k))
+                    active.push(s.now, k)
                     continue
             if self.measure:
                 t0 = time.perf_counter_ns()
@@ -579,14 +569,14 @@ class Engine:
                 continue
             if self.check:
                 self._check_kv(s)
-            heapq.heappush(active, (s.now, 0, k))
+            active.push(s.now, k)
         tr = self.trace
         cols = list(zip(*tr)) if tr else [()] * 8
         return RunResult(
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
             prefill_start_s=self.prefill_start_s, prefill_end_s=self.prefill_end_s, done_s=self.done_s,
-            restarts=self.restarts, migrations=self.migrations, ready_s=np.array(self.ready, dtype=np.float64),
+            restarts=self.restarts, migrations=self.migrations, ready_s=np.array(self.readiness.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32), trace_prefill_tokens=np.array(cols[5], dtype=np.int64),
@@ -605,23 +595,9 @@ class Engine:
     # -- pieces of the loop ----------------------------------------------------------------------
     def _release(self, now: float) -> None:
         """Tell the request scheduler of every request that became ready by ``now``, in time order."""
-        events, roots, ready, on_ready = self.events, self.roots, self.ready, self.policy.requests.on_ready
-        i = self.next_root
-        while True:
-            # the earlier of the next root and the next unblocked request (ties by row)
-            if i < len(roots) and (not events or roots[i] < events[0]):
-                if roots[i][0] > now:
-                    break
-                t, r = roots[i]
-                i += 1
-            elif events and events[0][0] <= now:
-                t, r = heapq.heappop(events)
-            else:
-                break
-            ready[r] = t
+        on_ready = self.policy.requests.on_ready
+        for t, r in self.readiness.pop(now):
             on_ready(r, t)
-        self.next_root = i
-        self._update_next_ready()
         # idle clients anywhere may now have work: let every instance look again, and wake the
         # ones that had gone quiet (a finish elsewhere may have readied work for them)
         for st in self.states:
@@ -631,11 +607,7 @@ class Engine:
             if st.alive:
                 self.retired.discard(k)
                 st.now = max(st.now, now)
-                heapq.heappush(self.active, (st.now, 1, k))
-
-    def _update_next_ready(self) -> None:
-        nxt = self.roots[self.next_root][0] if self.next_root < len(self.roots) else np.inf
-        self.next_ready = min(nxt, self.events[0][0]) if self.events else nxt
+                self.active.push(st.now, k, idle=True)
 
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
@@ -647,9 +619,9 @@ class Engine:
             if not (0 <= r < len(self.prompt)) or self.req_client[r] >= 0:
                 raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r}, "
                                   "which is unknown or already held by a client")
-            if not self.ready[r] <= now:  # NaN: never released to the scheduler
+            if not self.readiness.ready[r] <= now:  # NaN: never released to the scheduler
                 raise PolicyError(f"{type(rs).__name__}.next_request handed out request {r} at {now:.6g} s, before "
-                                  f"it was ready (ready at {self.ready[r]:.6g} s; hand out only requests "
+                                  f"it was ready (ready at {self.readiness.ready[r]:.6g} s; hand out only requests "
                                   "announced by on_ready)")
             del s.idle[c]
             s.waiting[c] = None
@@ -659,22 +631,6 @@ class Engine:
             self.assign_s[r] = now
             if not rs.pending():
                 break
-
-    def _wake_time(self, s: InstanceState, active, faults) -> float | None:
-        """When an instance with nothing to run should look again; None if never."""
-        candidates = []
-        if self.next_ready < np.inf:
-            # the next request to become ready (an arrival, or a successor of a finished request)
-            candidates.append(max(self.next_ready, s.now))
-        busy = [t for t, idle, _ in active if not idle]
-        if busy and self.policy.requests.pending():
-            candidates.append(max(min(busy), s.now))
-        if faults:
-            candidates.append(faults[0].time_s)
-        if busy and not candidates:
-            # another instance may still fail and requeue work: wake with it
-            candidates.append(max(min(busy), s.now))
-        return min(candidates) if candidates else None
 
     def _admit(self, s: InstanceState, c: int) -> int:
         if self.client_state[c] != WAITING or c not in s.waiting:
@@ -884,26 +840,7 @@ class Engine:
             self.generated += o
             self.backend.release(s.index, r, True)
             policy.on_finish(r, c, o, s.now)
-            if self.successors is not None:
-                self._unblock(r, s.now)
-
-    def _unblock(self, r: int, now: float) -> None:
-        """``r`` finished at ``now``: a successor whose predecessors have all finished becomes ready.
-
-        Its ready time is the latest of their finishes (or its arrival). That is not always
-        ``now``: instances run their iterations in order of start, so an iteration that started
-        earlier on a slower instance may have finished another predecessor later.
-        """
-        waiting, latest = self.unfinished_predecessors, self.latest_predecessor_finish
-        for q in self.successors[r]:
-            waiting[q] -= 1
-            if now > latest[q]:
-                latest[q] = now
-            if waiting[q] == 0:
-                t = latest[q]
-                heapq.heappush(self.events, (t, q))
-                if t < self.next_ready:
-                    self.next_ready = t
+            self.readiness.finished(r, s.now)
 
     def _grow(self, s: InstanceState) -> int:
         """Allocate the blocks this decode step needs (room was made before the decision)."""
@@ -1069,6 +1006,6 @@ class Engine:
                 self.retired.discard(k)
                 other.now = max(other.now, s.now)
                 other.dirty = True
-                heapq.heappush(active, (other.now, 1, k))
+                active.push(other.now, k, idle=True)
         for other in self.states:
             other.dirty = True

@@ -40,15 +40,25 @@ class ReadyTimes:
     def __init__(self, workload: Workload) -> None:
         n = len(workload)
         prec = workload.precedence
+        arrival = np.array(workload.arrival_s, dtype=np.float64)
         self.successors = prec.successors() if prec is not None else None
-        self.waiting_on = prec.in_degree().tolist() if prec is not None else [0] * n
-        self.latest = workload.arrival_s.tolist()  # max(arrival, predecessor finishes) so far
-        roots = np.flatnonzero(np.asarray(self.waiting_on) == 0)
-        roots = roots[np.argsort(workload.arrival_s[roots], kind="stable")]
-        self.roots = list(zip(workload.arrival_s[roots].tolist(), roots.tolist()))
+        self._in_degree = prec.in_degree().tolist() if prec is not None else [0] * n
+        self._arrival = arrival.tolist()
+        roots = np.flatnonzero(np.asarray(self._in_degree) == 0)
+        roots = roots[np.argsort(arrival[roots], kind="stable")]
+        self.roots = list(zip(arrival[roots].tolist(), roots.tolist()))
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every release and finish: the state of a new run of the same workload.
+
+        It reads nothing of the workload again (the arrivals were read once, when built).
+        """
+        self.waiting_on = list(self._in_degree)
+        self.latest = list(self._arrival)  # max(arrival, predecessor finishes) so far
         self.next_root = 0
         self.events: list[tuple[float, int]] = []
-        self.ready = [math.nan] * n
+        self.ready = [math.nan] * len(self._arrival)
         self._update()
 
     def _update(self) -> None:
