@@ -41,19 +41,70 @@ DEFAULT_BLOCK_TOKENS = 16
 
 
 def blocks(tokens: int, block_tokens: int) -> int:
-    """Blocks that hold ``tokens`` tokens: ``ceil(tokens / block_tokens)`` (count)."""
+    """Blocks that hold ``tokens`` tokens: ``ceil(tokens / block_tokens)`` (count).
+
+    Parameters
+    ----------
+    tokens
+        Tokens to hold (a count >= 0; an int64 array works elementwise).
+    block_tokens
+        Tokens per KV block (>= 1).
+
+    Returns
+    -------
+    int
+        Blocks needed (count).
+    """
     return -(-tokens // block_tokens)
 
 
 def check_kv_mode(mode: str, field: str = "kv_mode") -> str:
-    """``mode`` if it names a KV mode, else a :class:`~lloptim.errors.SpecError` naming ``field``."""
+    """``mode`` if it names a KV mode, else a :class:`~lloptim.errors.SpecError` naming ``field``.
+
+    Parameters
+    ----------
+    mode
+        The KV mode to check: one of :data:`KV_MODES` (``"paged"`` or ``"reserve"``).
+    field
+        The spec field or flag the error names.
+
+    Returns
+    -------
+    str
+        ``mode``.
+
+    Raises
+    ------
+    SpecError
+        ``mode`` is not a KV mode.
+    """
     if mode not in KV_MODES:
         raise SpecError(field, f"unknown KV mode {mode!r}", f"use one of {list(KV_MODES)}")
     return mode
 
 
 def check_block_tokens(block_tokens, capacity_tokens: int | None = None, field: str = "kv_block_tokens") -> int:
-    """``block_tokens`` as an int if it is a positive whole number (at most the capacity), else a SpecError."""
+    """``block_tokens`` as an int if it is a positive whole number (at most the capacity), else a SpecError.
+
+    Parameters
+    ----------
+    block_tokens
+        Tokens per KV block to check (a positive integer; ``bool`` is refused).
+    capacity_tokens
+        The KV capacity the block must fit in, tokens (``None``: no upper limit).
+    field
+        The spec field or flag the error names.
+
+    Returns
+    -------
+    int
+        ``block_tokens``, tokens per block.
+
+    Raises
+    ------
+    SpecError
+        Not a positive integer, or larger than ``capacity_tokens``.
+    """
     if isinstance(block_tokens, bool) or not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
         raise SpecError(field, f"must be a positive integer, got {block_tokens!r}",
                         f"give the tokens per KV block, e.g. {DEFAULT_BLOCK_TOKENS}")
@@ -87,7 +138,20 @@ def reservation_tokens(prompt_tokens, max_output_tokens, estimates) -> np.ndarra
 
 
 def peak_tokens(prompt_tokens, output_tokens) -> np.ndarray:
-    """Tokens each request holds during its last decode step, ``prompt + output`` (int64)."""
+    """Tokens each request holds during its last decode step, ``prompt + output`` (int64).
+
+    Parameters
+    ----------
+    prompt_tokens
+        Prompt length of each request, tokens.
+    output_tokens
+        Output length of each request, tokens.
+
+    Returns
+    -------
+    numpy.ndarray
+        Peak KV tokens of each request (int64, tokens).
+    """
     return np.asarray(prompt_tokens, dtype=np.int64) + np.asarray(output_tokens, dtype=np.int64)
 
 

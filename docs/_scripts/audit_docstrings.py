@@ -1,6 +1,7 @@
 """Audit the docstrings of every public name the API reference documents.
 
-Run: ``python docs/_scripts/audit_docstrings.py`` (prints one line per gap, ``file:line name: problem``).
+Run: ``python docs/_scripts/audit_docstrings.py`` (prints one line per gap, ``file:line name: problem``;
+exits 1 when there is any). ``tests/test_docstring_audit.py`` runs it, so a new gap fails the tests.
 
 Checks, for each name in a documented module's ``__all__`` (and the public methods of public
 classes, skipping overrides whose base documents them):
@@ -137,7 +138,7 @@ def main() -> int:
     for g in gaps:
         print(g)
     print(f"{len(gaps)} gaps", file=sys.stderr)
-    return 0
+    return 1 if gaps else 0
 
 
 if __name__ == "__main__":

@@ -219,14 +219,40 @@ class InstanceState:
         return self.floors[request] if self.floors is not None else 0
 
     def held_blocks(self, request: int, tokens: int) -> int:
-        """Blocks ``request`` occupies on this instance when its cache holds ``tokens`` tokens."""
+        """Blocks ``request`` occupies on this instance when its cache holds ``tokens`` tokens.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        tokens
+            Tokens in its cache; in reserve mode its reservation floor applies if larger.
+
+        Returns
+        -------
+        int
+            KV blocks held (count).
+        """
         floors = self.floors
         if floors is not None and floors[request] > tokens:
             tokens = floors[request]
         return -(-tokens // self.kv_block)
 
     def admission_blocks(self, client: int, lookahead: int = 1) -> int:
-        """More blocks that ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps."""
+        """More blocks that ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps.
+
+        Parameters
+        ----------
+        client
+            A client of this instance with a waiting request.
+        lookahead
+            Decode steps after the prefill the blocks must cover (count).
+
+        Returns
+        -------
+        int
+            KV blocks beyond those it already holds (count; a partly prefilled request holds some).
+        """
         engine = self.engine
         r = engine.client_request[client]
         done = self.prefilled.get(client, 0)

@@ -50,7 +50,22 @@ def check_victim_rule(rule: str) -> str:
 
 
 def held_blocks(tokens: int, floor_tokens: int, block_tokens: int) -> int:
-    """Blocks a request holding ``tokens`` KV tokens occupies, at least its reservation ``floor_tokens``."""
+    """Blocks a request holding ``tokens`` KV tokens occupies, at least its reservation ``floor_tokens``.
+
+    Parameters
+    ----------
+    tokens
+        KV tokens the request holds, tokens.
+    floor_tokens
+        Its reservation, tokens (0 in paged mode).
+    block_tokens
+        Tokens per KV block.
+
+    Returns
+    -------
+    int
+        Blocks held (count).
+    """
     return blocks(max(tokens, floor_tokens), block_tokens)
 
 
@@ -124,7 +139,24 @@ def projected_peak_blocks(tokens: np.ndarray, remaining: np.ndarray, block_token
 
 
 def projected_peak_fits(tokens: np.ndarray, remaining: np.ndarray, capacity_blocks: int, block_tokens: int) -> bool:
-    """Whether :func:`projected_peak_blocks` stays within ``capacity_blocks`` (MC-SF's admission test)."""
+    """Whether :func:`projected_peak_blocks` stays within ``capacity_blocks`` (MC-SF's admission test).
+
+    Parameters
+    ----------
+    tokens
+        KV tokens each request holds now, tokens.
+    remaining
+        Decode steps each request still takes (count, >= 1).
+    capacity_blocks
+        KV blocks of the instance (count).
+    block_tokens
+        Tokens per KV block.
+
+    Returns
+    -------
+    bool
+        Whether the projected peak, blocks, is at most ``capacity_blocks``.
+    """
     return projected_peak_blocks(tokens, remaining, block_tokens) <= capacity_blocks
 
 
@@ -254,7 +286,17 @@ class ProjectedMemory:
         return int(ok[0]) if ok.size else -1
 
     def add(self, tokens: int, remaining: int, floor: int = 0) -> None:
-        """Add one admitted request to the set."""
+        """Add one admitted request to the set.
+
+        Parameters
+        ----------
+        tokens
+            KV tokens it holds now, tokens.
+        remaining
+            Decode steps it still takes (count; at least 1 is counted).
+        floor
+            Its reservation, tokens (0 in paged mode).
+        """
         self.t = np.append(self.t, np.int64(tokens))
         self.rem = np.append(self.rem, np.int64(max(int(remaining), 1)))
         self.f = np.append(self.f, np.int64(floor))

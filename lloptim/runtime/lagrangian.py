@@ -89,6 +89,19 @@ def memory_price_weight(ctx: RunContext, instance: int) -> float:
     ``beta = M kappa / (decode_base_s nu)``, ``kappa = -dual("kv")`` in seconds per token-step.
     1 where memory sets the instance's decode steps, 0 where its clients do, in between where
     both bind.
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    instance
+        Instance index.
+
+    Returns
+    -------
+    float
+        The weight ``beta`` of the instance (cached per run in ``ctx.extra["kv_price_weights"]``).
     """
     weights = ctx.extra.get("kv_price_weights")
     if weights is None:

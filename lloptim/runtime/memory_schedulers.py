@@ -89,7 +89,21 @@ def admitted_set(state, estimates, start_delay: int = 1, scale: float = 1.0,
 
 
 def kv_mode_of(ctx: RunContext, instance: int) -> str:
-    """The KV mode ``instance`` runs in (the run's override, else its spec's)."""
+    """The KV mode ``instance`` runs in (the run's override, else its spec's).
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    instance
+        Instance index.
+
+    Returns
+    -------
+    str
+        ``"paged"`` or ``"reserve"``.
+    """
     modes = ctx.extra.get("kv_mode")
     return modes[instance] if modes else ctx.problem.instances[instance].kv_mode
 
@@ -98,6 +112,19 @@ def estimated_kv_area(ctx: RunContext, instance: int) -> float:
     """KV area of all requests on ``instance``'s blocks from what the policy knows, token-steps.
 
     The sum of :func:`estimated_kv_areas`.
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    instance
+        Instance index.
+
+    Returns
+    -------
+    float
+        Total KV area, token-steps (tokens held summed over decode steps).
     """
     return float(estimated_kv_areas(ctx, instance).sum())
 
@@ -107,6 +134,19 @@ def estimated_kv_areas(ctx: RunContext, instance: int) -> np.ndarray:
 
     :func:`lloptim.memory.decode_area_tokens` of the estimated outputs; in reserve mode a request
     holds at least its reservation (its cap, else its estimate).
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    instance
+        Instance index.
+
+    Returns
+    -------
+    numpy.ndarray
+        KV area of each request, token-steps (float64).
     """
     from lloptim.memory import decode_area_tokens, reservation_tokens
 
@@ -126,6 +166,22 @@ def memory_can_bind(ctx: RunContext, instance: int, rows: np.ndarray | None = No
     Decided from what the policy knows (prompts, caps and estimates) of ``rows`` (default: every
     request; pass the requests known so far when they arrive over time, so that nothing of the
     future is read).
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    instance
+        Instance index.
+    rows
+        Row indices of the requests to consider (``None``: all).
+
+    Returns
+    -------
+    bool
+        Whether the blocks of its clients' largest peaks (``prompt + max(estimate, cap)`` tokens,
+        in whole blocks) exceed its KV blocks.
     """
     inst = ctx.problem.instances[instance]
     w = ctx.problem.workload
@@ -145,6 +201,19 @@ def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     which needs starts of every length spread over it. Linear in between; chosen on training
     workloads (``benchmarks/memory.py --tune``). 0 when no instance's cache can fill up. Over
     ``rows`` only when given (the requests known so far).
+
+    Parameters
+    ----------
+    ctx
+        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
+        estimates the policy sees, and the run's KV mode overrides.
+    rows
+        Row indices of the requests to consider (``None``: all).
+
+    Returns
+    -------
+    float
+        The weight, a fraction in [0, 1].
     """
     if not any(memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))):
         return 0.0
