@@ -4,9 +4,11 @@
   earliest (Graham's 4/3 - 1/(3C) guarantee on identical clients).
 * :func:`local_search`: repeatedly take the most loaded client and apply the best **move** (one of
   its requests to another client) or **swap** (one of its requests with a smaller one elsewhere)
-  that lowers its load without creating a load as high; every candidate pair is scored at once
-  with numpy (``|J| x C`` moves, ``|J| x R`` swaps, ``J`` = the requests on the max client).
-  Stops at a local optimum, at the closed-form bound, or after ``max_iter`` improvements.
+  that lowers its load without creating a load as high; every candidate pair is scored with numpy
+  (``|J| x C`` moves, ``|J| x R`` swaps, ``J`` = the requests on the max client), in blocks of
+  rows of at most :data:`PAIR_BLOCK` pairs, so the memory stays bounded (tens of MiB) however many
+  requests the max client holds. Stops at a local optimum, at the closed-form bound, or after
+  ``max_iter`` improvements.
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale:
 SWAP_PARTNERS = 8  # least loaded clients whose requests are scored first for swaps
 MAX_SWAP_PAIRS = 4_000_000  # above this many (request, request) pairs, score only the widened set
 WIDE_SWAP_PARTNERS = 64  # least loaded clients scored when scoring every request is too costly
+#: Most (request, request) pairs scored in one numpy block (8 MiB per float64 array of scores). A
+#: max client holding half of 100k requests would otherwise build 2.5e9-pair arrays (tens of GiB).
+PAIR_BLOCK = 1 << 20
+
+
+def _first_min(score, n_rows: int, n_cols: int) -> tuple[float, int]:
+    """The first minimum, in row-major order, of the ``n_rows x n_cols`` matrix ``score`` yields by rows.
+
+    Parameters
+    ----------
+    score
+        ``score(rows)`` returns the float matrix's rows ``rows`` (a slice), ``(len, n_cols)``.
+    n_rows, n_cols
+        Shape of the matrix (counts).
+
+    Returns
+    -------
+    tuple
+        ``(value, flat index)``; ``(inf, -1)`` for an empty matrix. The same as ``np.argmin`` on the
+        whole matrix (ties to the first), with at most :data:`PAIR_BLOCK` entries built at once.
+    """
+    step = max(1, PAIR_BLOCK // max(n_cols, 1))
+    best, where = np.inf, -1
+    for i in range(0, n_rows, step):
+        block = score(slice(i, i + step))
+        f = int(np.argmin(block))
+        if block.flat[f] < best:
+            best, where = block.flat[f], i * n_cols + f
+    return best, where
 
 
 def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, deadline: float | None,
@@ -122,13 +153,18 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                         others = np.flatnonzero(a != cm)
                 if not others.size:
                     continue
-                d = w[J][:, None] - w[others][None, :]
-                val = np.maximum(Lm - d, L[a[others]][None, :] + d)
-                val[d <= 0] = np.inf
-                flat = int(np.argmin(val))
-                if val.flat[flat] < best:
+                wJ, wk, Lk = w[J], w[others], L[a[others]]
+
+                def swap_loads(rows, wJ=wJ, wk=wk, Lk=Lk):
+                    d = wJ[rows, None] - wk[None, :]
+                    val = np.maximum(Lm - d, Lk[None, :] + d)
+                    val[d <= 0] = np.inf
+                    return val
+
+                low_val, flat = _first_min(swap_loads, J.size, others.size)
+                if low_val < best:
                     jj, kk = divmod(flat, others.size)
-                    best, kind, arg = val.flat[flat], 1, (J[jj], others[kk])
+                    best, kind, arg = low_val, 1, (J[jj], others[kk])
                 if best < Lm - eps:
                     break
         else:
@@ -141,13 +177,17 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
             others = np.flatnonzero(a != cm)
             if others.size:
                 ck = a[others]
-                new_cm = Lm - wr[J][:, None] + Wc[others, cm][None, :]
-                new_ck = (L[ck] - wr[others])[None, :] + Wc[J][:, ck]
-                val = np.maximum(new_cm, new_ck)
-                flat = int(np.argmin(val))
-                if val.flat[flat] < best:
+                left_cm, into_cm, left_ck = Lm - wr[J], Wc[others, cm], L[ck] - wr[others]
+
+                def swap_loads(rows):
+                    new_cm = left_cm[rows, None] + into_cm[None, :]
+                    new_ck = left_ck[None, :] + Wc[J[rows, None], ck[None, :]]
+                    return np.maximum(new_cm, new_ck)
+
+                low_val, flat = _first_min(swap_loads, J.size, others.size)
+                if low_val < best:
                     jj, kk = divmod(flat, others.size)
-                    best, kind, arg = val.flat[flat], 1, (J[jj], others[kk])
+                    best, kind, arg = low_val, 1, (J[jj], others[kk])
         if not best < Lm - eps:
             break
         if kind == 0:
