@@ -3,9 +3,11 @@
 Prints, next to each target: the gap to the lower bound of the hybrid and of the hybrid with fused
 prompt chunks (``hybrid-fused``), with known lengths (target 1 %) and unknown lengths (target 3 %), the case-study wins (target 100/100), the decision latency
 (target p99 < 50 us), and the wall time of the whole reproduction (target < 2 minutes on 2 cores),
-and writes the reproduction figure to ``benchmarks/results/reproduce.png``.
+and the reproduction figure ``benchmarks/results/reproduce.png`` and numbers ``reproduce.json``. It
+rewrites those two only when a number changed (timings aside) or when asked (``--write``), so a run
+that reproduces the committed results leaves the git tree clean.
 
-Run: ``python benchmarks/reproduce_targets.py [--cases 100]``.
+Run: ``python benchmarks/reproduce_targets.py [--cases 100] [--write]``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from _results import numbers_changed
+
 from lloptim import default_problem
 from lloptim.experiments import reproduce
 from lloptim.plots import plot_reproduction
@@ -23,13 +27,13 @@ from lloptim.plots import plot_reproduction
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--write", action="store_true", help="rewrite the results even if no number changed")
     args = ap.parse_args()
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     t = time.perf_counter()
     report, results = reproduce(default_problem(), cases=args.cases, progress=True)
     wall = time.perf_counter() - t
-    plot_reproduction(report, results, out / "reproduce.png")
     pol = report["policies"]
     rows = [
         ("hybrid gap to bound, known lengths", f"{100 * pol['hybrid']['gap_to_bound']:.3f} %", "< 1 %"),
@@ -50,10 +54,15 @@ def main() -> None:
     ]
     for name, value, target in rows:
         print(f"{name:40s} {value:>22s}   target {target}")
-    (out / "reproduce.json").write_text(json.dumps({k: v for k, v in report.items() if k != "cases"} |
-                                                   {"cases_summary": {k: v for k, v in report["cases"].items()
-                                                                      if k != "per_case"}, "wall_s": wall},
-                                                   indent=2, default=float))
+    payload = {k: v for k, v in report.items() if k != "cases"} | {
+        "cases_summary": {k: v for k, v in report["cases"].items() if k != "per_case"}, "wall_s": wall}
+    path = out / "reproduce.json"
+    if args.write or numbers_changed(path, payload):
+        plot_reproduction(report, results, out / "reproduce.png")
+        path.write_text(json.dumps(payload, indent=2, default=float))
+        print(f"wrote {path} and reproduce.png")
+    else:
+        print(f"numbers unchanged: {path} and reproduce.png left as they are (--write rewrites them)")
 
 
 if __name__ == "__main__":
