@@ -49,7 +49,7 @@ from lloptim.memory import blocks, check_kv_mode, reservation_tokens
 from lloptim.problem import Instance, Problem, Workload
 from lloptim.runtime.engine import (IDLE, KIND_DECODE, KIND_MIXED, KIND_PREFILL, RUNNING, WAITING, InstanceState,
                                     RunResult)
-from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext, output_estimates
 from lloptim.runtime.clocks import InstanceClocks, wake_time
 from lloptim.runtime.readiness import ReadyTimes
 
@@ -294,11 +294,7 @@ class EngineRun:
         if estimates is None:
             est, known = w.output_tokens.astype(np.float64), True
         else:
-            est = np.asarray(estimates, dtype=np.float64)
-            if est.shape != (n,) or not np.all(np.isfinite(est)) or np.any(est <= 0):
-                raise SpecError("estimates", f"need {n} finite positive output estimates",
-                                "give one estimate (tokens) per request")
-            known = bool(np.array_equal(est, problem.workload.output_tokens))
+            est, known = output_estimates(estimates, problem.workload.output_tokens)
             est = np.maximum(est - 1.0, 1.0)  # in decode steps, like the outputs
         self.ctx = RunContext(self.steps_problem, est, known, self.steps_problem.client_instance(), seed)
         self.ctx.extra["kv_mode"] = list(self.kv_modes)

@@ -49,7 +49,7 @@ from lloptim.memory import blocks, check_block_tokens, check_kv_mode, reservatio
 from lloptim.problem import Problem
 from lloptim.runtime.clocks import InstanceClocks, wake_time
 from lloptim.runtime.kv import PREEMPTION_MODES, check_victim_rule, choose_victim
-from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext
+from lloptim.runtime.policy import Decode, Mixed, Policy, Prefill, RunContext, output_estimates
 from lloptim.runtime.readiness import ReadyTimes
 from lloptim.validation import check_int, check_number
 
@@ -429,14 +429,7 @@ class Engine:
         self.backend = backend
         w = problem.workload
         n = len(w)
-        if estimates is None:
-            est, known = w.output_tokens.astype(np.float64), True
-        else:
-            est = np.asarray(estimates, dtype=np.float64)
-            if est.shape != (n,) or not np.all(np.isfinite(est)) or np.any(est <= 0):
-                raise SpecError("estimates", f"need {n} finite positive output estimates",
-                                "give one estimate (tokens) per request")
-            known = bool(np.array_equal(est, w.output_tokens))
+        est, known = output_estimates(estimates, w.output_tokens)
         self.ctx = RunContext(problem, est, known, problem.client_instance(), seed)
         n_inst = len(problem.instances)
         for f in faults:

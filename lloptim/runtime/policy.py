@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "RunContext", "Prefill", "Decode", "Mixed", "DECODE", "Decision",
-    "RequestScheduler", "IterationScheduler", "Policy",
+    "RequestScheduler", "IterationScheduler", "Policy", "output_estimates",
 ]
 
 
@@ -55,6 +55,38 @@ class Mixed(NamedTuple):
 DECODE = Decode()
 #: What :meth:`IterationScheduler.decide` returns: a :class:`Prefill`, :data:`DECODE` or a :class:`Mixed`.
 Decision = Prefill | Decode | Mixed
+
+
+def output_estimates(estimates, output_tokens: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The output-length estimates a policy sees, checked, and whether they are the truth.
+
+    Parameters
+    ----------
+    estimates
+        One estimate per request, tokens (finite, positive); ``None``: the true lengths.
+    output_tokens
+        The true output lengths, tokens.
+
+    Returns
+    -------
+    tuple
+        ``(estimates as float64 tokens, known)``: ``known`` is true when they equal the truth.
+
+    Raises
+    ------
+    SpecError
+        Not one finite positive estimate per request.
+    """
+    if estimates is None:
+        return np.asarray(output_tokens).astype(np.float64), True
+    n = len(output_tokens)
+    est = np.asarray(estimates, dtype=np.float64)
+    if est.shape != (n,) or not np.all(np.isfinite(est)) or np.any(est <= 0):
+        from lloptim.errors import SpecError
+
+        raise SpecError("estimates", f"need {n} finite positive output estimates",
+                        "give one estimate (tokens) per request")
+    return est, bool(np.array_equal(est, output_tokens))
 
 
 @dataclass
