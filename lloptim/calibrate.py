@@ -31,7 +31,9 @@ policies that between them produce prefill, decode and mixed steps of many shape
 * a decode step: ``decode_base_s + decode_per_seq_s * decodes + decode_per_kv_token_s * kv_tokens``;
 * a mixed step (prompt chunks fused into a decode): the decode plus ``prefill_per_token_s * prompt_tokens``,
 
-which is how the simulator prices the same steps. Steps are grouped by shape (kind, decodes,
+which is how the simulator prices the same steps. :func:`calibrate_serving` does the same for
+lloptim's own torch backend (:attr:`TorchBackend.steps <lloptim.backends.torch_backend.TorchBackend>`),
+which predicts its runs better than the grid: a grid times uniform batches of one kind at a time. Steps are grouped by shape (kind, decodes,
 quarter-octave buckets of prompt and KV tokens) and each group enters the non-negative least
 squares with its median time, weighted by the square root of its size, so a step that a busy
 machine stalled does not move the fit.
@@ -51,7 +53,7 @@ from lloptim.hardware import HardwareProfile, LatencyModel
 
 __all__ = ["CalibrationPoint", "Calibration", "fit_prefill", "fit_decode", "calibrate", "fit_engine_steps",
            "calibrate_engine", "calibration_workload", "CALIBRATION_POLICIES", "DEFAULT_KV_CAPACITY_TOKENS",
-           "DEFAULT_CLIENTS"]
+           "DEFAULT_CLIENTS", "fit_steps", "calibrate_serving", "SERVING_CALIBRATION_POLICIES"]
 
 #: KV capacity written into a calibrated profile unless told otherwise, tokens.
 DEFAULT_KV_CAPACITY_TOKENS = 16384
@@ -428,11 +430,50 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
         clocks.add(extra.get("clock", "wall"))
     if not kinds or sum(len(k) for k in kinds) == 0:
         raise SpecError("results", "no engine steps to fit", "serve some requests first")
-    kind = np.concatenate(kinds).astype(np.int64)
-    dur = np.concatenate(dur).astype(np.float64)
-    tok = np.concatenate(tok).astype(np.float64)
-    dec = np.concatenate(dec).astype(np.float64)
-    kv = np.concatenate(kv).astype(np.float64)
+    return fit_steps(np.concatenate(kinds), np.concatenate(dur), np.concatenate(tok), np.concatenate(dec),
+                     np.concatenate(kv), clock=clocks.pop() if len(clocks) == 1 else "mixed",
+                     kv_capacity_tokens=kv_capacity_tokens)
+
+
+def fit_steps(kind, duration_s, prompt_tokens, decodes, kv_tokens, clock: str = "wall",
+              kv_capacity_tokens: int | None = None) -> Calibration:
+    """Fit the five latency coefficients to served steps, one entry per step (see the module docstring).
+
+    Parameters
+    ----------
+    kind
+        Kind of each step: 0 prefill, 1 decode, 2 mixed (a mixed step without decodes counts as a
+        prefill of prompt chunks).
+    duration_s
+        Measured time of each step, seconds (steps of no time are left out).
+    prompt_tokens
+        Prompt tokens each step processed, tokens.
+    decodes
+        Requests each step decoded (count).
+    kv_tokens
+        KV tokens the decoding requests held before each step, tokens.
+    clock
+        The clock the times were read on, for the record.
+    kv_capacity_tokens
+        Unused by the fit; kept in the calibration's notes (``extra``).
+
+    Returns
+    -------
+    Calibration
+        As :func:`fit_engine_steps`.
+
+    Raises
+    ------
+    SpecError
+        No steps, or too few step shapes to pin five coefficients.
+    """
+    kind = np.asarray(kind, dtype=np.int64)
+    if kind.size == 0:
+        raise SpecError("results", "no engine steps to fit", "serve some requests first")
+    dur = np.asarray(duration_s, dtype=np.float64)
+    tok = np.asarray(prompt_tokens, dtype=np.float64)
+    dec = np.asarray(decodes, dtype=np.float64)
+    kv = np.asarray(kv_tokens, dtype=np.float64)
     # a "mixed" step without decodes is a prefill of prompt chunks
     kind = np.where((kind == 2) & (dec == 0), 0, kind)
     ok = dur > 0
@@ -477,7 +518,7 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
                                float(g_kv[g]) if g_kind[g] == 2 else 0.0, int(counts[g]))
               for g in np.lexsort((g_tok, g_dec, g_kind))]
     return Calibration(latency=lat, points=points, r2_prefill=r2(pre), r2_decode=r2(~pre),
-                       clock=clocks.pop() if len(clocks) == 1 else "mixed",
+                       clock=clock,
                        extra={"steps": int(dur.size), "step_median_rel_error": float(np.median(step_err)),
                               "kv_capacity_tokens": kv_capacity_tokens})
 
@@ -502,6 +543,22 @@ def calibration_workload(requests: int = 48, seed: int = 0):
     train = gsm8k("train")
     rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(requests, len(train)), replace=False))
     return train.subset(rows)
+
+
+def _calibration_problems(workload, clients: int, instances: int, kv_capacity_tokens: int, seed: int):
+    """The calibration problem (``workload``, default :func:`calibration_workload`) and its warm-up part.
+
+    The instances carry a placeholder profile: a calibration serves for real and never predicts.
+    """
+    from lloptim.problem import Problem
+
+    w = workload if workload is not None else calibration_workload(seed=seed)
+    placeholder = HardwareProfile("engine-calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
+                                  kv_capacity_tokens=kv_capacity_tokens, clients=clients)
+    problem = Problem.single(w, placeholder, clients=clients, instances=instances)
+    few = Problem.single(w.subset(np.arange(min(len(w), 2 * clients * instances))), placeholder,
+                         clients=clients, instances=instances)
+    return problem, few
 
 
 def calibrate_engine(engines, workload=None, policies=CALIBRATION_POLICIES, clock: str = "wall",
@@ -531,18 +588,12 @@ def calibrate_engine(engines, workload=None, policies=CALIBRATION_POLICIES, cloc
         The :class:`Calibration` (``model`` and ``device`` name the engine) and the runs behind it.
     """
     from lloptim.engines.serve import serve_engine
-    from lloptim.problem import Problem
 
     t_wall = time.perf_counter()
-    w = workload if workload is not None else calibration_workload(seed=seed)
     e0 = engines[0]
     cap = e0.kv_layout.capacity_tokens
-    placeholder = HardwareProfile("engine-calibration", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
-                                  kv_capacity_tokens=cap, clients=e0.clients)
-    problem = Problem.single(w, placeholder, clients=e0.clients, instances=len(engines))
+    problem, few = _calibration_problems(workload, e0.clients, len(engines), cap, seed)
     if warmup:
-        few = Problem.single(w.subset(np.arange(min(len(w), 2 * e0.clients * len(engines)))), placeholder,
-                             clients=e0.clients, instances=len(engines))
         for p in dict.fromkeys(("engine-default",) + tuple(policies)):
             serve_engine(few, p, engines, clock=clock, seed=seed)
     runs = [serve_engine(problem, p, engines, clock=clock, seed=seed) for p in policies]
@@ -550,5 +601,75 @@ def calibrate_engine(engines, workload=None, policies=CALIBRATION_POLICIES, cloc
     cal.model = str(getattr(e0, "model_dir", "") or "")
     cal.device = e0.name
     cal.dtype = str(getattr(e0, "dtype", ""))
+    cal.wall_s = time.perf_counter() - t_wall
+    return cal, runs
+
+
+#: Policies a serving calibration of the torch backend runs its workload under: the baseline's
+#: prefills of one to a few prompts, the hybrid's batched prefills, Sarathi's mixed steps.
+SERVING_CALIBRATION_POLICIES = ("baseline", "hybrid", "sarathi")
+
+
+def calibrate_serving(model="tiny-llama", device: str = "auto", dtype: str | None = None, seed: int = 0,
+                      clients: int = DEFAULT_CLIENTS, workload=None, policies=SERVING_CALIBRATION_POLICIES,
+                      clock: str = "wall", warmup: bool = True,
+                      kv_capacity_tokens: int = 1 << 22) -> tuple[Calibration, list]:
+    """Serve a calibration workload on lloptim's torch backend and fit its own step timings.
+
+    The torch backend's counterpart of :func:`calibrate_engine` (same workload, same fit,
+    :func:`fit_steps`): the steps are the ones a real run executes, batches of many shapes and
+    mixed steps included, so the profile predicts runs far better than the grid of :func:`calibrate`,
+    which times isolated prefills and decodes of uniform requests.
+
+    Parameters
+    ----------
+    model
+        Model name, directory or :class:`~lloptim.backends.models.LoadedModel`.
+    device, dtype, seed
+        As for :func:`~lloptim.backends.models.load_model` (``seed`` also seeds the policies and
+        the default workload's sample).
+    clients
+        Clients (concurrent requests) of the one instance served.
+    workload
+        What to serve; default :func:`calibration_workload` (GSM8K *train* requests).
+    policies
+        Policies to serve it under (see :data:`SERVING_CALIBRATION_POLICIES`).
+    clock
+        ``"wall"`` or ``"cpu"`` seconds per step (as for the backend).
+    warmup
+        First serve a few requests unrecorded (first steps of a shape are slower).
+    kv_capacity_tokens
+        KV capacity of the served instance, tokens (the backend allocates per request, so it only
+        bounds the admissions).
+
+    Returns
+    -------
+    tuple
+        The :class:`Calibration` and the :class:`~lloptim.runtime.engine.RunResult` of each policy.
+
+    Raises
+    ------
+    SpecError
+        Bad model, device or clock, or too few step shapes to fit.
+    """
+    from lloptim.backends.models import LoadedModel, load_model
+    from lloptim.backends.torch_backend import TorchBackend
+    from lloptim.simulator import run_policy
+
+    t_wall = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, seed)
+    problem, few = _calibration_problems(workload, clients, 1, kv_capacity_tokens, seed)
+    if warmup:
+        for p in policies:
+            run_policy(few, p, backend=TorchBackend(few, loaded, clock=clock), seed=seed)
+    runs, steps = [], []
+    for p in policies:
+        backend = TorchBackend(problem, loaded, clock=clock)
+        runs.append(run_policy(problem, p, backend=backend, seed=seed))
+        steps.extend(backend.steps)
+    cols = list(zip(*steps)) if steps else [()] * 5
+    cal = fit_steps(*cols, clock=clock, kv_capacity_tokens=kv_capacity_tokens)
+    cal.model, cal.device = loaded.name, loaded.device
+    cal.dtype = str(loaded.dtype).removeprefix("torch.")
     cal.wall_s = time.perf_counter() - t_wall
     return cal, runs

@@ -262,6 +262,10 @@ class TorchBackend:
     counters
         Iteration counts by kind, ``partial_chunks`` (chunks that did not complete a prompt),
         ``evictions`` and ``migrations`` (requests moved in from another instance).
+    steps
+        Every prefill, decode and mixed iteration it ran, in order, as ``(kind, seconds, prompt
+        tokens, decoding requests, KV tokens they held before the step)``, kind 0 prefill, 1 decode,
+        2 mixed: what :func:`lloptim.calibrate.calibrate_serving` fits the latency model to.
     """
 
     name = "torch"
@@ -298,6 +302,7 @@ class TorchBackend:
         self.generated: dict[int, list[int]] = {}
         self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0,
                          "migrations": 0, "preemptions": 0}
+        self.steps: list[tuple[int, float, int, int, int]] = []
         self._kept: dict[int, list[int]] = {}  # tokens emitted by preempted requests, to recompute
         params = inspect.signature(self.model.module.forward).parameters
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -441,6 +446,7 @@ class TorchBackend:
         for r in requests:
             self._running[instance][r] = None
         self.counters["prefill"] += 1
+        self.steps.append((0, dur, prompt_tokens, 0, 0))
         return dur
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
@@ -466,6 +472,7 @@ class TorchBackend:
         rows = self._decode_rows(instance, n_running, kv_tokens)
         dur = self._timed(lambda: self._emit(rows, self._forward(instance, rows), len(rows)))
         self.counters["decode"] += 1
+        self.steps.append((1, dur, 0, n_running, kv_tokens))
         return dur
 
     def mixed(self, instance: int, n_running: int, kv_tokens: int,
@@ -521,6 +528,7 @@ class TorchBackend:
         for r in done:
             self._running[instance][r] = None
         self.counters["mixed"] += 1
+        self.steps.append((2, dur, sum(len(x) for _, _, x in rows[n_dec:]), n_dec, kv_tokens if n_dec else 0))
         return dur
 
     def migrate(self, source: int, destination: int, request: int, kv_tokens: int) -> float:

@@ -150,12 +150,15 @@ def calibrate_command(
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="engines: KV blocks (default: the engine's)"),
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens",
                                                      help="engines: tokens per step (default: the engine's)"),
+    serving: bool = typer.Option(False, "--serving", help="torch: fit the backend's own steps while it serves "
+                                 "GSM8K train requests (predicts runs better; slower) instead of the grid"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Profile prefill and decode of a real model and fit the five latency coefficients (NNLS).
 
     With --backend vllm or hf the fit uses the engine's own step timings while it serves GSM8K train
-    requests under its default scheduler, the baseline and the hybrid.
+    requests under its default scheduler, the baseline and the hybrid; with --backend torch --serving
+    the torch backend's own steps under the baseline, the hybrid and Sarathi.
     """
     from lloptim.calibrate import calibrate
     from lloptim.hardware import save_profile
@@ -185,6 +188,10 @@ def calibrate_command(
                 kv_capacity = engines[0].kv_layout.capacity_tokens
             finally:
                 _close(engines)
+        elif serving:
+            from lloptim.calibrate import calibrate_serving
+
+            cal, _ = calibrate_serving(model, device, dtype, seed, clients=clients, clock=clock)
         else:
             cal = calibrate(model, device, dtype, seed, *grids, repeats=repeats, clock=clock)
         profile = cal.to_profile(kv_capacity_tokens=kv_capacity, clients=clients)
