@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also 100k requests x 64 clients")
     ap.add_argument("--time-limit", type=float, default=20.0, help="limit of the searches from LPT, seconds")
     args = ap.parse_args()
-    cases = [("gsm8k 1319x200", workloads.gsm8k("test"), 200), ("synthetic 10k x 64", workloads.synthetic(10_000, seed=1), 64)]
+    cases = [("gsm8k 1319x200", workloads.gsm8k("test"), 200),
+             ("synthetic 10k x 64", workloads.synthetic(10_000, seed=1), 64)]
     if args.big:
         cases.append(("synthetic 100k x 64", workloads.synthetic(100_000, seed=2), 64))
     print(f"{'case':20s} {'clients':8s} {'start':6s} {'peak MiB':>9s} {'wall s':>7s} {'makespan s':>11s}")

@@ -31,12 +31,14 @@ policies that between them produce prefill, decode and mixed steps of many shape
 * a decode step: ``decode_base_s + decode_per_seq_s * decodes + decode_per_kv_token_s * kv_tokens``;
 * a mixed step (prompt chunks fused into a decode): the decode plus ``prefill_per_token_s * prompt_tokens``,
 
-which is how the simulator prices the same steps. :func:`calibrate_serving` does the same for
-lloptim's own torch backend (:attr:`TorchBackend.steps <lloptim.backends.torch_backend.TorchBackend>`),
-which predicts its runs better than the grid: a grid times uniform batches of one kind at a time. Steps are grouped by shape (kind, decodes,
+which is how the simulator prices the same steps. Steps are grouped by shape (kind, decodes,
 quarter-octave buckets of prompt and KV tokens) and each group enters the non-negative least
 squares with its median time, weighted by the square root of its size, so a step that a busy
-machine stalled does not move the fit.
+machine stalled does not move the fit (:func:`fit_steps`, on arrays of steps).
+
+:func:`calibrate_serving` does the same for lloptim's own torch backend, from the steps it records
+(:class:`TorchBackend.steps <lloptim.backends.torch_backend.TorchBackend>`): it predicts the
+backend's runs better than the grid, which times uniform batches of one kind at a time.
 """
 
 from __future__ import annotations

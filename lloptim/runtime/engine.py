@@ -15,8 +15,10 @@ plus O(log n) per finishing request, whatever the batch size.
 
 **Readiness.** The engine alone decides when a request becomes schedulable: at its arrival, or, for
 a request with predecessors (:attr:`~lloptim.problem.Workload.precedence`), when the last of them
-has finished, if that is later. It keeps the coming ready times (:class:`~lloptim.runtime.readiness.ReadyTimes`,
-shared with the real engines of :mod:`lloptim.engines`) and tells the request scheduler of each request exactly once, in time order, through
+has finished, if that is later. It keeps the coming ready times
+(:class:`~lloptim.runtime.readiness.ReadyTimes`, shared with the real engines of
+:mod:`lloptim.engines`) and tells the request scheduler of each request exactly once, in time
+order, through
 :meth:`~lloptim.runtime.policy.RequestScheduler.on_ready`, before any instance whose clock has
 reached that time asks it for work (instances run in clock order, so the clock of the instance
 being served never goes back). A scheduler therefore never sees a request before it is ready, and
@@ -239,7 +241,7 @@ class InstanceState:
         return -(-tokens // self.kv_block)
 
     def admission_blocks(self, client: int, lookahead: int = 1) -> int:
-        """More blocks that ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps.
+        """More blocks ``client``'s waiting request needs to finish its prefill and take ``lookahead`` decode steps.
 
         Parameters
         ----------
@@ -595,7 +597,8 @@ class Engine:
             problem=problem, policy=policy.name, backend=getattr(backend, "name", type(backend).__name__),
             known_lengths=self.ctx.known_lengths, client=self.req_client, assign_s=self.assign_s,
             prefill_start_s=self.prefill_start_s, prefill_end_s=self.prefill_end_s, done_s=self.done_s,
-            restarts=self.restarts, migrations=self.migrations, ready_s=np.array(self.readiness.ready, dtype=np.float64),
+            restarts=self.restarts, migrations=self.migrations,
+            ready_s=np.array(self.readiness.ready, dtype=np.float64),
             trace_instance=np.array(cols[0], dtype=np.int32), trace_kind=np.array(cols[1], dtype=np.int8),
             trace_start_s=np.array(cols[2], dtype=np.float64), trace_duration_s=np.array(cols[3], dtype=np.float64),
             trace_participants=np.array(cols[4], dtype=np.int32), trace_prefill_tokens=np.array(cols[5], dtype=np.int64),
