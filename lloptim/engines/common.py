@@ -917,14 +917,14 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
         if not active:
             raise PolicyError(f"{n - run.n_done} requests were never served: {run.pending()} pending with every "
                               "client idle")
-        k = active.pop()
+        _, _, k = active.pop()
         s = run.states[k]
         if run.next_ready <= s.now and run.release(s.now):
             # requests became ready: instances that had gone quiet look again
             for j in sorted(retired):
                 other = run.states[j]
                 other.now = max(other.now, s.now)
-                active.push(other.now, j, idle=True)
+                active.push((other.now, 1, j))
             retired.clear()
         rows = run.bind(k)
         if rows:
@@ -936,8 +936,8 @@ def drive(run: EngineRun, engines: Sequence[EngineDriver]) -> RunResult:
                 continue
             s.now = max(s.now, wake)
             s.dirty = True
-            active.push(s.now, k, idle=True)
+            active.push((s.now, 1, k))
             continue
         engines[k].step()
-        active.push(s.now, k)
+        active.push((s.now, 0, k))
     return run.result()

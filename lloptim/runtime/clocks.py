@@ -5,22 +5,29 @@ Both the simulator (:mod:`lloptim.runtime.engine`) and the real-engine driver
 iteration before an idle one at the same time. :class:`InstanceClocks` keeps that order and, beside
 it, the earliest clock of a busy instance, which :func:`wake_time` needs whenever an instance runs
 out of work: both cost O(log m) for ``m`` instances (a scan of the queue for the earliest busy clock
-made every idle instance cost O(m), so O(m^2) per event on a fleet that waits for arrivals).
+made every idle instance cost O(m), so O(m^2) per event on a fleet that waits for arrivals). Up to
+:data:`SCAN_LIMIT` instances a scan is cheaper than a second heap, and the queue alone is kept.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
+from functools import partial
+from heapq import heapify, heappop, heappush
 
-__all__ = ["InstanceClocks", "wake_time"]
+__all__ = ["InstanceClocks", "wake_time", "SCAN_LIMIT"]
+
+#: Most instances whose earliest busy clock is found by scanning the queue (O(m), cheaper than
+#: keeping a second heap on every step when m is small).
+SCAN_LIMIT = 8
 
 
 class InstanceClocks:
-    """The instances waiting to step, in order of ``(clock, idle, index)``.
+    """The instances waiting to step, as entries ``(clock, idle, index)`` in that order.
 
-    A busy instance (one that has just run an iteration, or has work) goes before an idle one at the
-    same clock, and a lower index before a higher one, so runs are deterministic.
+    ``idle`` is 0 for a busy instance (one that has just run an iteration, or has work) and 1 for
+    one waiting for work: a busy instance goes before an idle one at the same clock, and a lower
+    index before a higher one, so runs are deterministic.
 
     Parameters
     ----------
@@ -29,47 +36,56 @@ class InstanceClocks:
 
     Notes
     -----
-    Beside the queue, a second heap holds the ``(clock, index)`` of the busy entries. The queue's
-    minimum, when busy, is also the minimum of that heap (same entries, same order), so
-    :meth:`pop` removes it there in O(log m) and :attr:`earliest_busy` is O(1).
+    Beyond :data:`SCAN_LIMIT` instances, a second heap holds the ``(clock, index)`` of the busy
+    entries. The queue's minimum, when busy, is also the minimum of that heap (same entries, same
+    order), so :meth:`pop` removes it there in O(log m) and :attr:`earliest_busy` is O(1).
     """
 
     def __init__(self, n: int) -> None:
         self.queue: list[tuple[float, int, int]] = [(0.0, 0, k) for k in range(n)]
-        self.busy: list[tuple[float, int]] = [(0.0, k) for k in range(n)]
-        heapq.heapify(self.queue)
-        heapq.heapify(self.busy)
+        heapify(self.queue)
+        self.busy: list[tuple[float, int]] | None = None
+        if n > SCAN_LIMIT:
+            self.busy = [(0.0, k) for k in range(n)]
+            heapify(self.busy)
+        else:  # the queue alone: plain heap operations (no Python frame), a scan for the earliest busy clock
+            self.push = partial(heappush, self.queue)  # type: ignore[method-assign]
+            self.pop = partial(heappop, self.queue)  # type: ignore[method-assign]
 
     def __len__(self) -> int:
         return len(self.queue)
 
-    def push(self, clock: float, k: int, idle: bool = False) -> None:
-        """Queue instance ``k`` to step again at ``clock``.
+    def push(self, entry: tuple[float, int, int]) -> None:
+        """Queue an instance to step again.
 
         Parameters
         ----------
-        clock
-            Its clock, seconds.
-        k
-            Instance index.
-        idle
-            Whether it has nothing to run (it waits for work); idle instances go after busy ones
-            at the same clock.
+        entry
+            ``(clock in seconds, idle, instance index)``; ``idle`` is 1 if it has nothing to run (it
+            waits for work, after the busy ones at the same clock), else 0.
         """
-        heapq.heappush(self.queue, (clock, 1 if idle else 0, k))
-        if not idle:
-            heapq.heappush(self.busy, (clock, k))
+        heappush(self.queue, entry)
+        if not entry[1]:
+            heappush(self.busy, (entry[0], entry[2]))
 
-    def pop(self) -> int:
-        """Take the instance to step next (lowest clock, busy first, lowest index); return its index."""
-        _, idle, k = heapq.heappop(self.queue)
-        if not idle:
-            heapq.heappop(self.busy)
-        return k
+    def pop(self) -> tuple[float, int, int]:
+        """Take the instance to step next (lowest clock, busy first, lowest index).
+
+        Returns
+        -------
+        tuple
+            Its entry ``(clock in seconds, idle, instance index)``.
+        """
+        entry = heappop(self.queue)
+        if not entry[1]:
+            heappop(self.busy)
+        return entry
 
     @property
     def earliest_busy(self) -> float:
         """The lowest clock of a queued busy instance, seconds (``inf`` when none is busy)."""
+        if self.busy is None:
+            return min((t for t, idle, _ in self.queue if not idle), default=math.inf)
         return self.busy[0][0] if self.busy else math.inf
 
 

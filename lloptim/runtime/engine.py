@@ -532,7 +532,7 @@ class Engine:
             if not active:
                 raise PolicyError(f"{n - self.n_done} requests were never served: the request scheduler "
                                   f"{type(rs).__name__} kept {rs.pending()} pending with every client idle")
-            k = active.pop()
+            _, _, k = active.pop()
             s = states[k]
             if self.readiness.next_ready <= s.now:
                 self._release(s.now)
@@ -549,7 +549,7 @@ class Engine:
                 self._pull_running(s, migration, policy)
                 if s.now > before:
                     # the transfer moved this clock on: let instances behind it go first
-                    active.push(s.now, k)
+                    active.push((s.now, 0, k))
                     continue
             if not s.waiting and not s.n_running:
                 wake = wake_time(s.now, self.readiness.next_ready, active.earliest_busy,
@@ -559,12 +559,12 @@ class Engine:
                     continue
                 s.now = max(s.now, wake)
                 s.dirty = True
-                active.push(s.now, k, idle=True)
+                active.push((s.now, 1, k))
                 continue
             if s.n_running and s.growth_blocks() > s.kv_blocks - s.kv_used:
                 self._make_room(s, policy)
                 if not s.n_running and not s.waiting:
-                    active.push(s.now, k)
+                    active.push((s.now, 0, k))
                     continue
             if self.measure:
                 t0 = time.perf_counter_ns()
@@ -590,7 +590,7 @@ class Engine:
                 continue
             if self.check:
                 self._check_kv(s)
-            active.push(s.now, k)
+            active.push((s.now, 0, k))
         tr = self.trace
         cols = list(zip(*tr)) if tr else [()] * 8
         return RunResult(
@@ -629,7 +629,7 @@ class Engine:
             if st.alive:
                 self.retired.discard(k)
                 st.now = max(st.now, now)
-                self.active.push(st.now, k, idle=True)
+                self.active.push((st.now, 1, k))
 
     def _fill(self, s: InstanceState, rs) -> None:
         s.dirty = False
@@ -1028,6 +1028,6 @@ class Engine:
                 self.retired.discard(k)
                 other.now = max(other.now, s.now)
                 other.dirty = True
-                active.push(other.now, k, idle=True)
+                active.push((other.now, 1, k))
         for other in self.states:
             other.dirty = True
