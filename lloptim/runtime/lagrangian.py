@@ -92,11 +92,8 @@ def memory_price_weight(ctx: RunContext, instance: int) -> float:
 
     Parameters
     ----------
-    ctx
-        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
-        estimates the policy sees, and the run's KV mode overrides.
-    instance
-        Instance index.
+    ctx, instance
+        The run context and an instance index, as for :func:`~lloptim.runtime.memory_schedulers.kv_mode_of`.
 
     Returns
     -------

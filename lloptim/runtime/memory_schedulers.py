@@ -115,11 +115,8 @@ def estimated_kv_area(ctx: RunContext, instance: int) -> float:
 
     Parameters
     ----------
-    ctx
-        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
-        estimates the policy sees, and the run's KV mode overrides.
-    instance
-        Instance index.
+    ctx, instance
+        The run context and an instance index, as for :func:`kv_mode_of`.
 
     Returns
     -------
@@ -137,11 +134,8 @@ def estimated_kv_areas(ctx: RunContext, instance: int) -> np.ndarray:
 
     Parameters
     ----------
-    ctx
-        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
-        estimates the policy sees, and the run's KV mode overrides.
-    instance
-        Instance index.
+    ctx, instance
+        The run context and an instance index, as for :func:`kv_mode_of`.
 
     Returns
     -------
@@ -169,11 +163,8 @@ def memory_can_bind(ctx: RunContext, instance: int, rows: np.ndarray | None = No
 
     Parameters
     ----------
-    ctx
-        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
-        estimates the policy sees, and the run's KV mode overrides.
-    instance
-        Instance index.
+    ctx, instance
+        The run context and an instance index, as for :func:`kv_mode_of`.
     rows
         Row indices of the requests to consider (``None``: all).
 
@@ -205,8 +196,7 @@ def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     Parameters
     ----------
     ctx
-        The run context (:class:`~lloptim.runtime.policy.RunContext`): the problem, the output
-        estimates the policy sees, and the run's KV mode overrides.
+        The run context, as for :func:`kv_mode_of`.
     rows
         Row indices of the requests to consider (``None``: all).
 
