@@ -286,6 +286,13 @@ def kv_share_objective(data: KvBinPackingData, shares: np.ndarray) -> float:
 
     ``max(max_i sum_r t[r, i] y[r, i] / C[i], max_i time_i)`` with each instance's decode steps at
     their least, ``max(sum_r o y / C, sum_r area y / M)``.
+
+    Parameters
+    ----------
+    data
+        The instance data.
+    shares
+        ``(R, m)`` fraction of each request on each instance (rows sum to 1).
     """
     Y = np.asarray(shares, dtype=np.float64)
     steps = np.maximum((data.outputs[:, None] * Y).sum(axis=0) / data.clients,

@@ -101,7 +101,15 @@ class ScheduleData:
         return self.weights[np.arange(self.n_requests), self.client_kind[np.asarray(client, dtype=np.int64)]]
 
     def value(self, start: np.ndarray, client: np.ndarray) -> float:
-        """The objective of a schedule, seconds (makespan, or weighted sum of completions)."""
+        """The objective of a schedule, seconds (makespan, or weighted sum of completions).
+
+        Parameters
+        ----------
+        start
+            Start of each request, seconds.
+        client
+            Global client index of each request.
+        """
         finish = np.asarray(start, dtype=np.float64) + self.durations(client)
         if self.objective == "makespan":
             return float(finish.max(initial=0.0))

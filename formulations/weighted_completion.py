@@ -190,6 +190,15 @@ def decode_time_indexed(data: ScheduleData, model, x: np.ndarray) -> tuple[np.nd
     Starts are dealt to the instance's clients by interval colouring (earliest start first, to a
     client free by then); None when ``x`` is not a one-hot start per request or the intervals do
     not fit the clients.
+
+    Parameters
+    ----------
+    data
+        The schedule data the model was built from.
+    model
+        The compiled :func:`time_indexed_model`.
+    x
+        A column vector of its variables (a solution).
     """
     cols = model.column_of_label()
     S = np.rint(np.asarray(x)[cols[model["s"].labels]])                       # (n, K, H)
