@@ -74,7 +74,7 @@ WIDE_SWAP_PARTNERS = 64  # least loaded clients scored when scoring every reques
 PAIR_BLOCK = 1 << 20
 
 
-def _first_min(score, n_rows: int, n_cols: int) -> tuple[float, int]:
+def _first_min(score, n_rows: int, n_cols: int, deadline: float | None = None) -> tuple[float, int]:
     """The first minimum, in row-major order, of the ``n_rows x n_cols`` matrix ``score`` yields by rows.
 
     Parameters
@@ -83,6 +83,9 @@ def _first_min(score, n_rows: int, n_cols: int) -> tuple[float, int]:
         ``score(rows)`` returns the float matrix's rows ``rows`` (a slice), ``(len, n_cols)``.
     n_rows, n_cols
         Shape of the matrix (counts).
+    deadline
+        ``time.perf_counter()`` value after which no further block is scored (the minimum of the
+        blocks scored so far is returned: still a valid pair, possibly not the best); ``None``: none.
 
     Returns
     -------
@@ -97,6 +100,8 @@ def _first_min(score, n_rows: int, n_cols: int) -> tuple[float, int]:
         f = int(np.argmin(block))
         if block.flat[f] < best:
             best, where = block.flat[f], i * n_cols + f
+        if deadline is not None and time.perf_counter() > deadline:
+            break  # one scan of |J| x R pairs can take seconds on large fleets: stop on time
     return best, where
 
 
@@ -120,7 +125,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
     for it in range(max_iter):
         cm = int(np.argmax(L))
         Lm = L[cm]
-        if Lm <= goal * (1 + 1e-12) or (deadline is not None and (it & 15) == 0 and time.perf_counter() > deadline):
+        if Lm <= goal * (1 + 1e-12) or (deadline is not None and time.perf_counter() > deadline):
             break
         J = np.flatnonzero(a == cm)
         if uniform:
@@ -161,7 +166,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                     val[d <= 0] = np.inf
                     return val
 
-                low_val, flat = _first_min(swap_loads, J.size, others.size)
+                low_val, flat = _first_min(swap_loads, J.size, others.size, deadline)
                 if low_val < best:
                     jj, kk = divmod(flat, others.size)
                     best, kind, arg = low_val, 1, (J[jj], others[kk])
@@ -184,7 +189,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                     new_ck = left_ck[None, :] + Wc[J[rows, None], ck[None, :]]
                     return np.maximum(new_cm, new_ck)
 
-                low_val, flat = _first_min(swap_loads, J.size, others.size)
+                low_val, flat = _first_min(swap_loads, J.size, others.size, deadline)
                 if low_val < best:
                     jj, kk = divmod(flat, others.size)
                     best, kind, arg = low_val, 1, (J[jj], others[kk])
