@@ -5,7 +5,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lloptim import Instance, Problem, Workload, load_profile, load_spec, lower_bound, run_policy, summarize, workloads
@@ -33,15 +33,18 @@ def fleet(kinds, clients=None, kv=None):
 @st.composite
 def online_problems(draw):
     """Small problems with arrivals over time on one instance or a (possibly mixed) pair."""
-    n = draw(st.integers(2, 28))
-    prompt = draw(st.lists(st.integers(1, 120), min_size=n, max_size=n))
+    n = draw(st.integers(2, 40))
+    prompt = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
     output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
-    gaps = draw(st.lists(st.floats(0, 1.5), min_size=n, max_size=n))
+    # bursts (zero gaps) and spread arrivals: a burst at the start runs separate prefills for a while
+    gaps = draw(st.lists(st.one_of(st.just(0.0), st.floats(0, 1.5)), min_size=n, max_size=n))
     arrival = np.cumsum(gaps) * draw(st.sampled_from([0.0, 1.0]) if draw(st.booleans()) else st.just(1.0))
-    clients = draw(st.integers(1, 5))
+    clients = draw(st.integers(1, 8))
     kinds = draw(st.sampled_from([[(BASE, 1)], [(BASE, 2)], [(BASE, 1), (SLOW, 1)], [(BASE, 1), (DSLOW, 1)]]))
-    # a cache that holds the largest request and little more: memory binds, the memory-aware paths run
-    kv = 200 + 96 if draw(st.booleans()) else 20_000
+    # a cache that holds the largest request and little more (memory binds, the memory-aware paths
+    # run), one of 9 blocks a client (short requests may not fill it; long ones, up to 18 blocks,
+    # do, and set the decode steps), or one that never fills up
+    kv = draw(st.sampled_from([200 + 96, max(296, 16 * 9 * clients), 20_000]))
     return Problem(Workload.from_arrays(prompt, output, arrival), fleet(kinds, clients, kv))
 
 
@@ -57,23 +60,96 @@ def _trace_before(res, t: float) -> list[tuple]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(online_problems(), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
 def test_no_policy_reads_a_request_before_it_arrives(problem, quantile, seed):
+    """Two runs that differ only in the requests arriving after ``t`` agree on everything before ``t``.
+
+    The later requests of the second run are drawn short like the first's, or long (up to 18 KV
+    blocks, 280 tokens: every drawn cache holds one), so that aggregates over the workload differ:
+    whether a cache can fill up (the middle cache binds only with long requests), the LP memory
+    price, the planned order, the fluid rates, the fleet prices.
+    """
     w = problem.workload
     t = float(np.quantile(w.arrival_s, quantile))
     later = np.flatnonzero(w.arrival_s > t)
+    _assert_same_before(problem, _redraw(problem, later, t, seed, long=seed % 2 == 0), t)
+
+
+def _redraw(problem: Problem, later: np.ndarray, t: float, seed: int, long: bool) -> Problem:
+    """``problem`` with the requests ``later`` drawn again (new ids, lengths and arrivals after ``t``)."""
+    w = problem.workload
     rng = np.random.default_rng(seed)
     prompt, output, arrival = w.prompt_tokens.copy(), w.output_tokens.copy(), w.arrival_s.copy()
     ids = list(w.ids)
-    prompt[later] = rng.integers(1, 120, later.size)
-    output[later] = rng.integers(1, 60, later.size)  # prompt + output <= 180: fits every cache drawn
+    if long:
+        prompt[later] = rng.integers(90, 121, later.size)
+        output[later] = rng.integers(100, 161, later.size)  # prompt + output <= 280: 18 blocks, fits every cache
+    else:
+        prompt[later] = rng.integers(1, 120, later.size)
+        output[later] = rng.integers(1, 60, later.size)  # prompt + output <= 180: fits every cache drawn
     arrival[later] = t + rng.uniform(1e-3, 5.0, later.size)
     for i in later.tolist():
         ids[i] = f"other-{i}"
-    other = Problem(Workload.from_arrays(prompt, output, arrival, ids=ids), problem.instances)
+    return Problem(Workload.from_arrays(prompt, output, arrival, ids=ids), problem.instances)
+
+
+def _assert_same_before(problem: Problem, other: Problem, t: float) -> None:
     for name in policy_names():
         a, b = run_policy(problem, name), run_policy(other, name)
         assert _trace_before(a, t) == _trace_before(b, t), name
         served = np.flatnonzero(a.assign_s < t)
         assert np.array_equal(a.client[served], b.client[served]), name
+
+
+@st.composite
+def burst_then_long(draw):
+    """A burst of short requests at time 0, then long ones from ``t`` on: ``(problem, short_only, t)``.
+
+    Every client's short request (<= 8 KV blocks of 16 tokens) fits its 9 blocks at once; long
+    ones (up to 18 blocks) do not, and their KV area sets the decode steps, so whether memory can
+    bind, its LP price and the planned order differ only because of the requests after ``t``.
+    """
+    clients = draw(st.integers(2, 8))
+    n_short = draw(st.integers(clients + 1, 3 * clients))
+    n_long = draw(st.integers(2 * clients, 40))  # enough that their KV area sets the decode steps
+    kinds = draw(st.sampled_from([[(BASE, 1)], [(BASE, 2)], [(BASE, 1), (SLOW, 1)], [(BASE, 1), (DSLOW, 1)]]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    prompt = np.concatenate([rng.integers(20, 60, n_short), rng.integers(90, 121, n_long)])
+    output = np.concatenate([rng.integers(20, 60, n_short), rng.integers(100, 161, n_long)])
+    t = draw(st.floats(0.5, 3.0))
+    arrival = np.concatenate([np.zeros(n_short), t + rng.uniform(1e-3, 3.0, n_long)])
+    insts = fleet(kinds, clients, 16 * 9 * clients)
+    problem = Problem(Workload.from_arrays(prompt, output, arrival), insts)
+    short_only = Problem(Workload.from_arrays(prompt[:n_short], output[:n_short], arrival[:n_short]), insts)
+    return problem, short_only, t
+
+
+def _burst_case(seed: int, kinds) -> tuple:
+    """A fixed case of :func:`burst_then_long`: 16 short requests on 8 clients, 30 long ones after 2 s."""
+    rng = np.random.default_rng(seed)
+    n_short, n_long, clients, t = 16, 30, 8, 2.0
+    prompt = np.concatenate([rng.integers(20, 60, n_short), rng.integers(90, 121, n_long)])
+    output = np.concatenate([rng.integers(20, 60, n_short), rng.integers(100, 161, n_long)])
+    arrival = np.concatenate([np.zeros(n_short), t + rng.uniform(1e-3, 3.0, n_long)])
+    insts = fleet(kinds, clients, 16 * 9 * clients)
+    return (Problem(Workload.from_arrays(prompt, output, arrival), insts),
+            Problem(Workload.from_arrays(prompt[:n_short], output[:n_short], arrival[:n_short]), insts), t)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(burst_then_long())
+@example(_burst_case(0, [(BASE, 1)]))
+@example(_burst_case(1, [(BASE, 1), (DSLOW, 1)]))
+def test_memory_that_binds_only_because_of_later_requests_is_not_priced_before_they_arrive(case):
+    """Before the long requests arrive no policy may behave as if memory could bind (no memory
+    price, projection or memory-spread plan): the run up to ``t`` equals that of the short
+    requests alone (on main before the fix, the hybrid's Lagrangian rule priced memory from the
+    long requests at time 0 and prefilled at other steps)."""
+    problem, short_only, t = case
+    from lloptim.runtime.memory_schedulers import memory_can_bind
+
+    n_short = short_only.n_requests
+    ctx = type("Ctx", (), {"problem": problem, "estimates": problem.workload.output_tokens.astype(np.float64)})()
+    assert not any(memory_can_bind(ctx, k, np.arange(n_short)) for k in range(len(problem.instances)))
+    _assert_same_before(problem, short_only, t)
 
 
 def test_rolling_plans_contain_only_arrived_requests():

@@ -407,7 +407,7 @@ class EngineRun:
         if not due:
             return False
         if self.policy is not None:
-            on_ready = self.policy.requests.on_ready
+            on_ready = self.policy.on_ready
             for t, r in due:
                 on_ready(r, t)
         else:

@@ -208,8 +208,7 @@ class HybridDispatch(WorkflowQueue):
             binds = [memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))]
             if any(binds):
                 self.delegate = self.memory
-                self.memory.setup(ctx)
-                self.memory.binds = binds
+                self.memory.setup(ctx)  # it learns which caches bind from the requests it is told of
                 if self.objective == "weighted-completion":
                     self.slack_keys = True  # the latency order from the start
                     self.memory.rekey(rows, np.array([self._slack_key(r, t) for r, t in early]))

@@ -616,8 +616,8 @@ class Engine:
 
     # -- pieces of the loop ----------------------------------------------------------------------
     def _release(self, now: float) -> None:
-        """Tell the request scheduler of every request that became ready by ``now``, in time order."""
-        on_ready = self.policy.requests.on_ready
+        """Tell the policy (both schedulers) of every request that became ready by ``now``, in time order."""
+        on_ready = self.policy.on_ready
         for t, r in self.readiness.pop(now):
             on_ready(r, t)
         # idle clients anywhere may now have work: let every instance look again, and wake the

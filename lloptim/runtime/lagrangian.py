@@ -67,7 +67,8 @@ from lloptim.runtime.engine import RUNNING
 from lloptim.runtime.iteration_schedulers import admissible, kv_room, prompt_chunks
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
-__all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT", "MEMORY_PRICES", "memory_price_weight"]
+__all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT", "MEMORY_PRICES", "memory_price_weight",
+           "memory_price_weights", "REPRICE_GROWTH"]
 
 #: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
 #: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
@@ -79,16 +80,54 @@ MEMORY_PRICES = ("lp", "uniform", "none")
 PRICE_STEP = 0.01
 
 
-def memory_price_weight(ctx: RunContext, instance: int) -> float:
-    """The offline dual weight on KV memory for ``instance``, in [0, 1] (dimensionless).
+#: Growth of the known requests (factor) after which the ``"lp"`` memory price is solved again as
+#: requests arrive: at most ``1 / (1 - 1/REPRICE_GROWTH)`` = 2 times the cost of one solve over them all.
+REPRICE_GROWTH = 2.0
 
-    The memory share of the instance's decode-step price in the LP relaxation of the
-    ``binpacking_kv`` formulation, solved once per run through :func:`lloptim.solve` from what
-    the policy knows (the estimates and its own KV areas, in the run's KV mode), with the unit
-    conversion of :func:`lloptim.formulations.binpacking_kv.kv_price_weights`:
-    ``beta = M kappa / (decode_base_s nu)``, ``kappa = -dual("kv")`` in seconds per token-step.
-    1 where memory sets the instance's decode steps, 0 where its clients do, in between where
-    both bind.
+
+def memory_price_weights(ctx: RunContext, rows: np.ndarray | None = None) -> np.ndarray:
+    """The offline dual weight on KV memory of every instance, in [0, 1] (dimensionless).
+
+    The memory share of each instance's decode-step price in the LP relaxation of the
+    ``binpacking_kv`` formulation, solved through :func:`lloptim.solve` from what the policy
+    knows (the estimates and its own KV areas, in the run's KV mode), with the unit conversion of
+    :func:`lloptim.formulations.binpacking_kv.kv_price_weights`: ``beta = M kappa / (decode_base_s
+    nu)``, ``kappa = -dual("kv")`` in seconds per token-step. 1 where memory sets the instance's
+    decode steps, 0 where its clients do, in between where both bind.
+
+    Parameters
+    ----------
+    ctx
+        The run.
+    rows
+        The requests to price over (the ones known so far); None: every request (only when every
+        request is ready at the start).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` weights, dimensionless.
+    """
+    from lloptim.formulations.binpacking_kv import kv_price_weights
+    from lloptim.runtime.memory_schedulers import estimated_kv_areas
+
+    problem = ctx.problem
+    areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(len(problem.instances))])
+    estimates = ctx.estimates
+    if rows is not None:
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        if rows.size < problem.n_requests:
+            problem = type(problem)(problem.workload.subset(rows), problem.instances, name=problem.name)
+            areas, estimates = areas[rows], estimates[rows]
+    return kv_price_weights(problem, estimates=estimates, kv_areas=areas)
+
+
+def memory_price_weight(ctx: RunContext, instance: int) -> float:
+    """The offline dual weight on KV memory for ``instance`` over every request, in [0, 1] (dimensionless).
+
+    :func:`memory_price_weights` of the whole workload, solved once per run context (cached in
+    ``ctx.extra["kv_price_weights"]``): what an offline plan sees, valid only when every request
+    is ready at the start. :class:`LagrangianIterations` prices over the requests known so far.
 
     Parameters
     ----------
@@ -102,12 +141,7 @@ def memory_price_weight(ctx: RunContext, instance: int) -> float:
     """
     weights = ctx.extra.get("kv_price_weights")
     if weights is None:
-        from lloptim.formulations.binpacking_kv import kv_price_weights
-        from lloptim.runtime.memory_schedulers import estimated_kv_areas
-
-        areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(len(ctx.problem.instances))])
-        weights = kv_price_weights(ctx.problem, estimates=ctx.estimates, kv_areas=areas)
-        ctx.extra["kv_price_weights"] = weights
+        weights = ctx.extra["kv_price_weights"] = memory_price_weights(ctx)
     return float(weights[instance])
 
 
@@ -215,13 +249,18 @@ class LagrangianIterations(IterationScheduler):
         if weight is None:
             weight = SETUP_WEIGHT["known" if ctx.known_lengths else "unknown"]
         self.setup_cost = [weight * inst.profile.latency.prefill_base_s for inst in ctx.problem.instances]
-        from lloptim.runtime.memory_schedulers import memory_can_bind
+        from lloptim.runtime.memory_schedulers import KnownMemory
 
-        self.memory_binds = [memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))]
-        start = {"lp": None, "uniform": 0.5, "none": 0.0}[self.memory_prices]
-        self.beta = [0.0 if not binds else (memory_price_weight(ctx, k) if start is None else start)
-                     for k, binds in enumerate(self.memory_binds)]
-        self.beta_trace: list[list[float]] = [[b] for b in self.beta]
+        # memory is priced from the requests known so far (on_ready), never from one of the future:
+        # whether each cache can fill up, and the LP weight, solved again as the known set grows
+        self.known_memory = KnownMemory(ctx)
+        self.memory_binds = self.known_memory.binds
+        self.known: list[int] = []
+        self.beta = [0.0] * len(ctx.problem.instances)
+        self.pricing = [False] * len(ctx.problem.instances)  # memory priced on the instance yet
+        self.lp_weights: np.ndarray | None = None   # the last LP weights, over lp_known requests
+        self.lp_known = 0
+        self.beta_trace: list[list[float]] = [[] for _ in ctx.problem.instances]
         self.price_step = [-1] * len(ctx.problem.instances)  # decode step of the last price update
         # seconds per token-step of idle KV memory: decode_base_s / capacity
         self.token_price = [inst.profile.latency.decode_base_s / (inst.kv_blocks * inst.kv_block_tokens)
@@ -260,6 +299,35 @@ class LagrangianIterations(IterationScheduler):
     def sigma(self) -> float:
         """Current estimate of the log-scale forecast error (lognormal forecast)."""
         return float(np.sqrt(self.sq_log_error / self.n_errors))
+
+    def on_ready(self, request: int, now: float) -> None:
+        self.known.append(request)
+        self.known_memory.add(request)
+
+    def _start_pricing(self, k: int) -> None:
+        """Instance ``k``'s cache can now fill up: memory is priced there from now on."""
+        self.pricing[k] = True
+        if self.memory_prices == "lp":
+            self._reprice()
+            self.beta[k] = float(self.lp_weights[k])
+        else:
+            self.beta[k] = 0.5 if self.memory_prices == "uniform" else 0.0
+        self.beta_trace[k].append(self.beta[k])
+
+    def _reprice(self) -> None:
+        """Solve the LP weights over the known requests; shift the priced instances' weights by the change.
+
+        The online updates correct the LP's weight for what the run shows; a new solve moves the
+        offline part only, so the correction is kept.
+        """
+        n = len(self.known)
+        weights = memory_price_weights(self.ctx, None if n == self.ctx.problem.n_requests else self.known)
+        if self.lp_weights is not None:
+            for k, priced in enumerate(self.pricing):
+                if priced and self.beta_trace[k]:
+                    self.beta[k] = min(1.0, max(0.0, self.beta[k] + float(weights[k] - self.lp_weights[k])))
+        self.lp_weights = weights
+        self.lp_known = n
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         err = np.log(output_tokens / self.estimates[request])
@@ -353,6 +421,10 @@ class LagrangianIterations(IterationScheduler):
     def _memory_waiting_cost(self, state) -> float:
         """Cost per decode step of the waiting requests that fit, slots and memory priced (module docstring)."""
         k = state.index
+        if not self.pricing[k]:
+            self._start_pricing(k)
+        elif self.memory_prices == "lp" and len(self.known) >= REPRICE_GROWTH * self.lp_known:
+            self._reprice()
         if self.price_updates and self.memory_prices != "none" and state.decode_steps != self.price_step[k]:
             steps = state.decode_steps - self.price_step[k] if self.price_step[k] >= 0 else 1
             gap = state.kv_used / state.kv_blocks - state.n_running / len(state.clients)

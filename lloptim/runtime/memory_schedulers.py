@@ -29,7 +29,7 @@ from lloptim.memory import blocks
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
-__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "admitted_set", "memory_can_bind", "planned_start_keys",
+__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
            "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
@@ -183,6 +183,67 @@ def memory_can_bind(ctx: RunContext, instance: int, rows: np.ndarray | None = No
     return int(top.sum()) > inst.kv_blocks
 
 
+class KnownMemory:
+    """Whether each instance's cache can fill up, over the requests known so far, updated as they become known.
+
+    :func:`memory_can_bind` of the known requests, kept incrementally: per instance, the ``C``
+    largest peak block counts (a min-heap) and their sum; an instance binds once that sum exceeds
+    its blocks, and then for good (more requests only raise the top ``C``). O(m log C) per request,
+    so a scheduler can follow arrivals without reading a request before it is known.
+
+    Parameters
+    ----------
+    ctx
+        The run (prompts, caps and estimates; a request's own values are read only by :meth:`add`).
+
+    Attributes
+    ----------
+    binds : list of bool
+        Per instance: whether the known requests can fill its cache (the same list object for
+        the whole run, updated in place).
+    n_known : int
+        Requests added so far (count).
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.insts = [(inst.kv_block_tokens, inst.clients, inst.kv_blocks) for inst in ctx.problem.instances]
+        self.top: list[list[int]] = [[] for _ in self.insts]
+        self.total = [0] * len(self.insts)
+        self.binds = [False] * len(self.insts)
+        self.n_known = 0
+
+    def add(self, request: int) -> None:
+        """``request`` became known: count its peak KV blocks (prompt plus the larger of estimate and cap).
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        """
+        self.n_known += 1
+        if all(self.binds):
+            return
+        w = self.ctx.problem.workload
+        peak = int(w.prompt_tokens[request]) + max(int(np.ceil(self.ctx.estimates[request])),
+                                                   int(w.max_output_tokens[request]))
+        for k, (block, clients, capacity) in enumerate(self.insts):
+            if self.binds[k]:
+                continue
+            need = -(-peak // block)
+            heap = self.top[k]
+            if len(heap) < clients:
+                heapq.heappush(heap, need)
+                self.total[k] += need
+            elif need > heap[0]:
+                self.total[k] += need - heapq.heapreplace(heap, need)
+            else:
+                continue
+            if self.total[k] > capacity:
+                self.binds[k] = True
+                heap.clear()
+
+
 def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
 
@@ -222,6 +283,9 @@ UNKNOWN_PROJECTION = (0.85, 0.3)
 #: ``rho`` at which the planned order is fully spread, and at which it is longest first (see :func:`spread_weight`).
 SPREAD_FULL_AT = (1.0, 1.8)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+#: Growth of the known requests (factor) that triggers a new planned order (``order="planned"``) as
+#: requests arrive: the order of the requests known so far, at amortized O(log n) per request.
+REPLAN_GROWTH = 1.5
 
 
 def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -334,7 +398,7 @@ class MemoryAwareQueue(RequestScheduler):
         elif self.order == "shortest":
             key = ctx.estimates
         elif self.order == "planned":
-            key = planned_start_keys(ctx)
+            key = np.zeros(n)  # planned over the requests known so far (:meth:`_replan`)
         elif self.order == "external":
             key = np.zeros(n)  # written by the owner (:meth:`rekey`, or ``key[r]`` before on_ready)
         else:
@@ -362,7 +426,12 @@ class MemoryAwareQueue(RequestScheduler):
         self.n_pending = 0
         owner = self.plan(ctx) if callable(self.plan) else self.plan
         self.owner = None if owner is None else np.asarray(owner, dtype=np.int64).tolist()
-        self.binds = [memory_can_bind(ctx, k) for k in range(len(ctx.problem.instances))]
+        # whether each cache can fill up, from the requests known so far (never one of the future)
+        self.known_memory = KnownMemory(ctx)
+        self.binds = self.known_memory.binds
+        self.known: list[int] = []           # rows announced ready, in order
+        self.planned_n = 0                   # known requests when the planned order was last computed
+        self.owner_keys = False              # an owner wrote the keys (:meth:`rekey`): no replanning
         self._cache: tuple | None = None
         self._refused: tuple | None = None
         self.steals = 0
@@ -379,7 +448,24 @@ class MemoryAwareQueue(RequestScheduler):
             return
         if self.order == "fcfs":
             self.key[request] = now
+        self.known.append(request)
+        self.known_memory.add(request)
         self._enter(request)
+
+    def _replan(self) -> None:
+        """The ``"planned"`` order of the requests known so far, recomputed when they have grown by
+        :data:`REPLAN_GROWTH` (with every request at time 0: once, over all of them)."""
+        rows = np.asarray(self.known, dtype=np.int64)
+        self.planned_n = rows.size
+        keys = planned_start_keys(self.ctx, rows=None if rows.size == self.ctx.problem.n_requests else rows)
+        if rows.size == self.ctx.problem.n_requests:
+            keys = keys[rows]
+        self.key[rows] = keys
+        ready = np.flatnonzero(~self.taken)
+        self.heap = [(float(self.key[r]), int(r)) for r in ready]
+        heapq.heapify(self.heap)
+        self._sorted = ready
+        self._new = []
 
     def rekey(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """Give ``rows`` new sort keys (smaller first) and re-sort the ready requests.
@@ -391,6 +477,7 @@ class MemoryAwareQueue(RequestScheduler):
         keys
             Their keys, one per row (float64; the unit is the owner's, e.g. seconds or steps).
         """
+        self.owner_keys = True
         self.key[np.asarray(rows, dtype=np.int64)] = keys
         ready = np.flatnonzero(~self.taken)
         self.heap = [(float(self.key[r]), int(r)) for r in ready]
@@ -458,6 +545,8 @@ class MemoryAwareQueue(RequestScheduler):
             return self.delegate.next_request(state, client)
         if not self.n_pending:
             return None
+        if self.order == "planned" and not self.owner_keys and len(self.known) >= REPLAN_GROWTH * self.planned_n:
+            self._replan()
         if not self.binds[state.index]:
             heap = self.heap
             while self.taken[heap[0][1]]:

@@ -259,6 +259,21 @@ class IterationScheduler:
             Finish time, seconds (the instance clock).
         """
 
+    def on_ready(self, request: int, now: float) -> None:
+        """``request`` became ready at ``now`` seconds (told right after the request scheduler).
+
+        Aggregates over the workload (whether a cache can fill up, prices solved from the
+        estimates) must be taken over the requests announced so far: a request that is not ready
+        (not arrived, or waiting for a predecessor) is the future.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        now
+            Ready time, seconds.
+        """
+
     def victim(self, state: "InstanceState") -> int | None:
         """The running client to preempt when the next decode step needs more KV blocks than are free.
 
@@ -336,6 +351,19 @@ class Policy:
         self.iterations.setup(ctx)
         if self.migration is not None:
             self.migration.setup(ctx)
+
+    def on_ready(self, request: int, now: float) -> None:
+        """Tell both schedulers that ``request`` became ready at ``now`` seconds (the request scheduler first).
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        now
+            Ready time, seconds.
+        """
+        self.requests.on_ready(request, now)
+        self.iterations.on_ready(request, now)
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         """Tell both schedulers that ``request`` finished.
