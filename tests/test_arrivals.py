@@ -73,6 +73,63 @@ def test_no_policy_reads_a_request_before_it_arrives(problem, quantile, seed):
     _assert_same_before(problem, _redraw(problem, later, t, seed, long=seed % 2 == 0), t)
 
 
+@st.composite
+def online_workflows(draw):
+    """Small workflows (chains and forks of 1-4 requests) arriving over time: ``(problem, workflow, arrival)``.
+
+    Every request of a workflow arrives with it; a successor is ready only when its predecessors
+    have finished.
+    """
+    n_wf = draw(st.integers(2, 10))
+    shapes = draw(st.lists(st.sampled_from(["one", "chain2", "chain4", "fork"]), min_size=n_wf, max_size=n_wf))
+    gaps = draw(st.lists(st.one_of(st.just(0.0), st.floats(0, 2.0)), min_size=n_wf, max_size=n_wf))
+    wf_arrival = np.cumsum(gaps)
+    after, workflow = [], []
+    for k, shape in enumerate(shapes):
+        base = len(after)
+        size = {"one": 1, "chain2": 2, "chain4": 4, "fork": 4}[shape]
+        for j in range(size):
+            if shape == "fork":
+                preds = [] if j == 0 else [str(base)] if j < 3 else [str(base + 1), str(base + 2)]
+            else:
+                preds = [] if j == 0 else [str(base + j - 1)]
+            after.append(preds)
+            workflow.append(k)
+    n = len(after)
+    prompt = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
+    workflow = np.array(workflow)
+    clients = draw(st.integers(1, 6))
+    kinds = draw(st.sampled_from([[(BASE, 1)], [(BASE, 1), (SLOW, 1)], [(BASE, 1), (DSLOW, 1)]]))
+    kv = draw(st.sampled_from([200 + 96, max(296, 16 * 9 * clients), 20_000]))
+    w = Workload.from_arrays(prompt, output, wf_arrival[workflow], after=after)
+    return Problem(w, fleet(kinds, clients, kv)), workflow
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(online_workflows(), st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+def test_no_policy_reads_a_workflow_before_it_arrives(case, quantile, seed):
+    """Workflows arriving after ``t`` (each whole: its requests, lengths and successors) redrawn
+    long or short: every policy's run up to ``t`` is unchanged. A workflow's own successors are
+    known once it arrives (its plan reads their estimates), never before."""
+    problem, workflow = case
+    w = problem.workload
+    t = float(np.quantile(w.arrival_s, quantile))
+    later = np.flatnonzero(w.arrival_s > t)
+    other = _redraw(problem, later, t, seed, long=seed % 2 == 0)
+    # a redrawn workflow keeps its shape and arrives at one time, as a whole
+    arrival = other.workload.arrival_s.copy()
+    for k in np.unique(workflow[later]).tolist():
+        members = np.flatnonzero(workflow == k)
+        arrival[members] = arrival[members].min()
+    ids = list(other.workload.ids)
+    after = None if w.precedence is None else [[ids[p] for p in preds] for preds in w.precedence.predecessors()]
+    ow = other.workload
+    other = Problem(Workload.from_arrays(ow.prompt_tokens, ow.output_tokens, arrival, ids=ids, after=after),
+                    problem.instances)
+    _assert_same_before(problem, other, t)
+
+
 def _redraw(problem: Problem, later: np.ndarray, t: float, seed: int, long: bool) -> Problem:
     """``problem`` with the requests ``later`` drawn again (new ids, lengths and arrivals after ``t``)."""
     w = problem.workload
@@ -432,3 +489,24 @@ def test_training_workload_holds_out_the_requests_estimated():
     assert len(train) == 19_366 - 300 and not set(train.ids) & set(window.ids)
     assert training_workload(workloads.gsm8k("test", limit=10)).name == "gsm8k-train"
     assert training_workload(workloads.synthetic(20)).name == "gsm8k-train"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300), st.integers(0, 400)), min_size=1, max_size=30),
+       st.integers(1, 6), st.integers(44, 200), st.integers(0, 2**31 - 1))
+def test_known_memory_follows_memory_can_bind_of_the_known_requests(rows, clients, blocks, seed):
+    """The incremental binding test equals memory_can_bind over every prefix of the announced requests."""
+    from lloptim.runtime.memory_schedulers import KnownMemory, memory_can_bind
+    from lloptim.runtime.policy import RunContext
+
+    prompt, output, cap = (np.array(c) for c in zip(*rows))
+    cap = np.where(cap >= output, cap, 0)  # a cap is at least the output (0: none)
+    insts = fleet([(BASE, 1), (DSLOW, 1)], clients, 16 * blocks)  # >= 44 blocks: every request fits
+    problem = Problem(Workload.from_arrays(prompt, output, max_output_tokens=cap), insts)
+    est = output * np.exp(np.random.default_rng(seed).normal(0, 0.5, output.size))
+    ctx = RunContext(problem, est, False, problem.client_instance)
+    known = KnownMemory(ctx)
+    order = np.random.default_rng(seed).permutation(output.size)
+    for i, r in enumerate(order.tolist()):
+        known.add(r)
+        assert known.binds == [memory_can_bind(ctx, k, order[:i + 1]) for k in range(len(insts))]

@@ -304,24 +304,43 @@ class WorkflowQueue(GlobalQueue):
         self.plan_keys = np.zeros(0)
         self.plan_suffix_rank = np.zeros(0)
         self.plan_end = 0.0
-        w = ctx.problem.workload
-        self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, float(w.prompt_tokens.mean()),
-                                         float(np.mean(ctx.estimates))) for inst in ctx.problem.instances)
         # chain pacing: estimated decode steps of each request and of its longest path of successors
         self.est_steps = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
         self.tail_steps = prec.tails(self.est_steps)
-        self.left_steps = float(self.est_steps.sum())  # of the unfinished requests
-        prompt, output = float(w.prompt_tokens.mean()), float(self.est_steps.mean())
+        self.chain_steps = self.est_steps + self.tail_steps
+        self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
+        # the typical step and the pacing rates come from the workflows known so far (never one that
+        # has not arrived): sums of prompts, estimates and steps of their requests, count
+        self.known_sums = np.zeros(4)
+        self.left_steps = 0.0  # estimated decode steps of the unfinished requests of known workflows
+        self.step_s = self.full_step_s = self.fleet_rate = 0.0
+        self.step_cost: list[tuple[float, float, int]] = []
+
+    def _learn(self, rows: np.ndarray) -> None:
+        """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
+
+        The typical step (:func:`~lloptim.work.typical_step_s` of the fastest instance at the mean
+        prompt and estimate) sets the slack of :attr:`critical`; a co-runner's cost per decode step
+        of a chain (its own decode share at the mean context and its prompt's prefill, which runs
+        on the chain's clock, spread over its steps) sets the chain rules (class Notes).
+        """
+        w = self.ctx.problem.workload
+        self.left_steps += float(self.est_steps[rows][~self.finished[rows]].sum())
+        self.known_sums += (float(w.prompt_tokens[rows].sum()), float(np.sum(self.ctx.estimates[rows])),
+                            float(self.est_steps[rows].sum()), rows.size)
+        if self.known_sums[3] == w.prompt_tokens.size:  # every workflow known (all at the start): exact means
+            prompt, estimate = float(w.prompt_tokens.mean()), float(np.mean(self.ctx.estimates))
+            output = float(self.est_steps.mean())
+        else:
+            prompt, estimate, output = (float(x) for x in self.known_sums[:3] / self.known_sums[3])
+        insts = self.ctx.problem.instances
+        self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, prompt, estimate) for inst in insts)
         self.step_cost = []
-        for inst in ctx.problem.instances:
+        for inst in insts:
             lat = inst.profile.latency
-            # a co-runner's cost per decode step of the chain: its own decode share at the mean
-            # context and its prompt's prefill (which runs on the chain's clock) spread over its steps
             beta = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (prompt + output / 2.0)
                     + lat.prefill_per_token_s * prompt / output)
             self.step_cost.append((lat.decode_base_s, beta, inst.clients))
-        self.chain_steps = self.est_steps + self.tail_steps
-        self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
         self.full_step_s = min(a + beta * c for a, beta, c in self.step_cost)
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
@@ -354,6 +373,7 @@ class WorkflowQueue(GlobalQueue):
         first = not self.known
         self.known.update(new)
         new_rows = np.concatenate([self.members[k] for k in new])
+        self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
         if first or self.appended_work + new_work > self.revise_fraction * self.planned_work:
             self._plan_all(now, first)
@@ -495,7 +515,7 @@ class WorkflowQueue(GlobalQueue):
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.dag is not None:
-            if not self.finished[request]:
+            if not self.finished[request] and int(self.component[request]) in self.known:
                 self.left_steps -= float(self.est_steps[request])
             self.finished[request] = True
             self.running.pop(request, None)
