@@ -210,7 +210,9 @@ class WorkflowQueue(GlobalQueue):
     start, and an idle client takes the ready request with the earliest key; requests without
     slack in the plan are listed in :attr:`critical`. The plan reads the
     DAG and the estimated lengths of arrived workflows and what this scheduler handed out, never
-    an arrival time. Without precedence the order is longest estimated output first
+    an arrival time; so do the chain rules (the remaining work, the typical step and the rates
+    are those of the arrived workflows): a workflow is known as a whole once its first request
+    is ready, one that has not arrived is not read. Without precedence the order is longest estimated output first
     (:class:`GlobalQueue` ``"longest"``).
 
     Parameters
