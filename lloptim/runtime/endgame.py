@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from lloptim.runtime.engine import FAILED, RUNNING, WAITING
+from lloptim.runtime.fleet import split_lp
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import AssignedQueues
 from lloptim.work import instance_seconds
@@ -117,24 +118,11 @@ def _instance_split(v: np.ndarray, owed: np.ndarray, time_limit_s: float) -> tup
     ``v`` is ``(R, m)`` instance-seconds, ``owed`` ``(m,)`` seconds each instance still owes;
     returns ``((R,) int64, T seconds)`` (T is inf when the solve failed).
     """
-    import scipy.sparse as sp
-    from scipy.optimize import linprog
-
     R, m = v.shape
-    n = m * R
-    # columns y[k, r] (k-major), then T; rows sum_r v y - T <= -owed_k, and sum_k y[k, r] = 1
-    cap = sp.csr_matrix((np.r_[v.T.ravel(), -np.ones(m)],
-                         (np.r_[np.repeat(np.arange(m), R), np.arange(m)], np.r_[np.arange(n), np.full(m, n)])),
-                        shape=(m, n + 1))
-    assign = sp.csr_matrix((np.ones(n), (np.tile(np.arange(R), m), np.arange(n))), shape=(R, n + 1))
-    cost = np.zeros(n + 1)
-    cost[-1] = 1.0
-    res = linprog(cost, A_ub=cap, b_ub=-owed, A_eq=assign, b_eq=np.ones(R),
-                  bounds=[(0, None)] * n + [(None, None)], method="highs",
-                  options={"time_limit": max(time_limit_s, 1e-3)})
+    res = split_lp(v.T, owed, time_limit_s)
     if res.status != 0 or res.x is None:
         return v.argmin(axis=1), np.inf
-    return res.x[:n].reshape(m, R).argmax(axis=0), float(res.x[-1])
+    return res.x[:m * R].reshape(m, R).argmax(axis=0), float(res.x[-1])
 
 
 def endgame_assignment(ctx: RunContext, engine, rows: np.ndarray, holding: dict[int, tuple[int, float]],

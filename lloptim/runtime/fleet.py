@@ -55,7 +55,7 @@ from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
 from lloptim.work import instance_seconds
 
-__all__ = ["FleetPrices", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT"]
+__all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT"]
 
 #: Price modes of :class:`FleetPrices`.
 PRICE_MODES = ("lp", "uniform", "ect", "none")
@@ -70,6 +70,41 @@ RESOLVE_SHARE = 0.25
 SLOWNESS_SHIFT = 0.05
 #: Most queued requests the earliest-completion list schedule looks at per decision.
 SCAN_LIMIT = 256
+
+
+def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = None):
+    """Solve the fractional assignment LP of the module docstring with HiGHS.
+
+    Parameters
+    ----------
+    v : numpy.ndarray
+        ``(m, R)`` instance-seconds of each request on each instance.
+    committed : numpy.ndarray
+        ``(m,)`` seconds at which each instance is done with what it already holds (``b_k``).
+    time_limit_s : float, optional
+        HiGHS time limit, seconds (``None``: none).
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        ``linprog``'s result: ``x`` holds ``y[k, r]`` (k-major) then ``T`` seconds,
+        ``ineqlin.marginals`` the capacity rows' duals (``-lambda_k``); ``status != 0`` on failure.
+    """
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
+    m, R = v.shape
+    n = m * R
+    # columns y[k, r] (k-major), then T; capacity rows b_k + sum_r v y - T <= 0
+    cap = sp.csr_matrix((np.r_[v.ravel(), -np.ones(m)],
+                         (np.r_[np.repeat(np.arange(m), R), np.arange(m)], np.r_[np.arange(n), np.full(m, n)])),
+                        shape=(m, n + 1))
+    assign = sp.csr_matrix((np.ones(n), (np.tile(np.arange(R), m), np.arange(n))), shape=(R, n + 1))
+    cost = np.zeros(n + 1)
+    cost[-1] = 1.0
+    options = {} if time_limit_s is None else {"time_limit": max(time_limit_s, 1e-3)}
+    return linprog(cost, A_ub=cap, b_ub=-np.asarray(committed, dtype=np.float64), A_eq=assign, b_eq=np.ones(R),
+                   bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 
 
 class FleetPrices:
@@ -245,28 +280,13 @@ class FleetPrices:
 
     def _solve(self, now: float) -> None:
         """The LP of the module docstring over the queued requests; sets the prices (HiGHS)."""
-        import scipy.sparse as sp
-        from scipy.optimize import linprog
-
         self.solves += 1
         self.changes = 0
         self.slowness_at_solve = self.slowness.copy()
         rows = np.flatnonzero(self.queued)
-        m, R = self.m, rows.size
-        if R == 0:
+        if rows.size == 0:
             return
-        b = self._committed(now)
-        v = self.v[rows].T * self.slowness[:, None]            # (m, R), observed scale
-        n = m * R
-        # columns y[k, r] (k-major), then T; capacity rows b_k + sum_r v y - T <= 0
-        cap = sp.csr_matrix((np.r_[v.ravel(), -np.ones(m)],
-                             (np.r_[np.repeat(np.arange(m), R), np.arange(m)], np.r_[np.arange(n), np.full(m, n)])),
-                            shape=(m, n + 1))
-        assign = sp.csr_matrix((np.ones(n), (np.tile(np.arange(R), m), np.arange(n))), shape=(R, n + 1))
-        cost = np.zeros(n + 1)
-        cost[-1] = 1.0
-        res = linprog(cost, A_ub=cap, b_ub=-b, A_eq=assign, b_eq=np.ones(R),
-                      bounds=[(0, None)] * n + [(None, None)], method="highs")
+        res = split_lp(self.v[rows].T * self.slowness[:, None], self._committed(now))  # observed scale
         if res.status != 0:
             return  # keep the previous prices: a failed solve never stops the dispatch
         lam = np.clip(-np.asarray(res.ineqlin.marginals, dtype=np.float64), 0.0, None)
