@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import linprog
+
+from test_bounds import _primal_lp
 
 from lloptim import Problem, workloads
 from lloptim.bounds import fractional_assignment_bound, lower_bound
@@ -33,21 +34,6 @@ def _fleet(wl, kinds, name: str = "fleet") -> Problem:
     return Problem(wl, tuple(insts), name=name)
 
 
-def _lp(work: np.ndarray, count: np.ndarray) -> float:
-    J, R = work.shape
-    n = J * R + 1
-    c = np.zeros(n)
-    c[-1] = 1.0
-    a_ub = np.zeros((J, n))
-    for j in range(J):
-        a_ub[j, j * R:(j + 1) * R] = work[j]
-        a_ub[j, -1] = -count[j]
-    a_eq = np.zeros((R, n))
-    for j in range(J):
-        a_eq[np.arange(R), j * R + np.arange(R)] = 1.0
-    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(J), A_eq=a_eq, b_eq=np.ones(R), bounds=[(0, None)] * n,
-                  method="highs")
-    return float(res.fun)
 
 
 # -- the end game ------------------------------------------------------------------------------------------------
@@ -108,7 +94,7 @@ def test_identical_rows_are_pooled_to_the_same_optimum(J, R, seed, copies):
     # each kind as several identical rows (instances), as a fleet's BinPackingData gives them
     rows = np.repeat(work, copies, axis=0)
     counts = np.repeat(count, copies)
-    lp = _lp(work, count * copies)
+    lp = _primal_lp(work, count * copies)
     bound, mu = fractional_assignment_bound(rows, counts, return_prices=True)
     assert lp * (1 - 1e-7) <= bound <= lp * (1 + 1e-9) + 1e-12
     assert mu.shape == (J * copies,) and mu.sum() == pytest.approx(1.0)
