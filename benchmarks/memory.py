@@ -137,8 +137,10 @@ def ablation_case(task: tuple) -> list[dict]:
     bound = lower_bound(problem)
     runs = {}
     for prices, updates in (("none", False), ("uniform", False), ("uniform", True), ("lp", False), ("lp", True)):
+        # separate prefill iterations, where the memory price enters the prefill-or-decode rule (the
+        # hybrid fuses prompts on fleets by default, and fused insertion has no such decision)
         runs[(prices, updates)] = run_policy(problem, "hybrid", estimates=est, memory_prices=prices,
-                                             price_updates=updates)
+                                             price_updates=updates, fused=False)
     base = runs[("none", False)]
     rows = []
     for (prices, updates), res in runs.items():
