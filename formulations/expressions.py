@@ -21,7 +21,8 @@ import scipy.sparse as sp
 
 from lloptim.errors import SpecError
 from lloptim.formulations.constraints import Constraint
-from lloptim.formulations.indexing import broadcast_axes, index_axes, normalize_key, resolve_axes, sel_key
+from lloptim.formulations.indexing import (LabelledArray, broadcast_axes, index_axes, normalize_key, resolve_axes,
+                                           sel_key)
 
 __all__ = ["LinearExpression", "as_expression"]
 
@@ -84,7 +85,7 @@ def as_expression(value, model=None) -> "LinearExpression":
     return LinearExpression(model, np.zeros(const.shape + (0,)), np.zeros(const.shape + (0,), dtype=np.int64), const)
 
 
-class LinearExpression:
+class LinearExpression(LabelledArray):
     """An array of linear expressions over one model's variables (numpy semantics).
 
     Built from variables (``2 * x + y``, ``x.sum("client")``, ``w @ x``), rarely directly.
@@ -123,6 +124,7 @@ class LinearExpression:
         out[()] = self
         return out
     __slots__ = ("model", "coeffs", "vars", "const", "dims", "coords")
+    _shape_of = "const"
 
     def __init__(self, model, coeffs: np.ndarray, vars: np.ndarray, const: np.ndarray, dims: tuple | None = None,
                  coords: dict | None = None) -> None:
@@ -130,34 +132,12 @@ class LinearExpression:
         self.coeffs = coeffs
         self.vars = vars
         self.const = const
-        self.dims = tuple(dims) if dims is not None else (None,) * const.ndim
-        self.coords = dict(coords or {})
-
-    # -- shape ------------------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple:
-        """Shape of the expression array (without the term axis)."""
-        return self.const.shape
-
-    @property
-    def ndim(self) -> int:
-        """Number of axes."""
-        return self.const.ndim
-
-    @property
-    def size(self) -> int:
-        """Number of expressions in the array (count)."""
-        return int(self.const.size)
+        self._label(dims, coords, const.ndim)
 
     @property
     def nterm(self) -> int:
         """Terms per expression (count, the length of the term axis; some may be empty)."""
         return int(self.vars.shape[-1])
-
-    def __len__(self) -> int:
-        if not self.shape:
-            raise TypeError("len() of a scalar expression")
-        return self.shape[0]
 
     def __repr__(self) -> str:
         named = ", ".join(f"{d}: {n}" if d else str(n) for d, n in zip(self.dims, self.shape))

@@ -19,13 +19,48 @@ import numpy as np
 
 from lloptim.errors import SpecError
 
-__all__ = ["Dims", "Coords", "normalize_key", "index_axes", "broadcast_axes", "resolve_axes", "sel_key",
+__all__ = ["Dims", "Coords", "LabelledArray", "normalize_key", "index_axes", "broadcast_axes", "resolve_axes", "sel_key",
            "check_coords"]
 
 #: Names of the axes of an array, ``None`` for an unnamed axis (one entry per axis).
 Dims = tuple
 #: Coordinates of named axes: axis name -> one label per position (a 1-D numpy array).
 Coords = dict
+
+
+class LabelledArray:
+    """What variable and expression arrays share: named axes, coordinates, and numpy's shape.
+
+    A subclass sets ``dims`` and ``coords`` through :meth:`_label` and names, in ``_shape_of``, the
+    attribute whose array gives its shape (the variables' labels, the expressions' constants).
+    """
+
+    __slots__ = ()
+    _shape_of = ""
+
+    def _label(self, dims, coords, ndim: int) -> None:
+        self.dims = tuple(dims) if dims is not None else (None,) * ndim
+        self.coords = dict(coords or {})
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of the array."""
+        return getattr(self, self._shape_of).shape
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes."""
+        return getattr(self, self._shape_of).ndim
+
+    @property
+    def size(self) -> int:
+        """Number of entries in the array (count)."""
+        return int(getattr(self, self._shape_of).size)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError(f"len() of a scalar {type(self).__name__}")
+        return self.shape[0]
 
 
 def check_coords(shape: tuple | None, coords) -> tuple[tuple, tuple, dict]:

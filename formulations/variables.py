@@ -14,12 +14,12 @@ import numpy as np
 
 from lloptim.formulations.constraints import Constraint
 from lloptim.formulations.expressions import LinearExpression
-from lloptim.formulations.indexing import index_axes, normalize_key, sel_key
+from lloptim.formulations.indexing import LabelledArray, index_axes, normalize_key, sel_key
 
 __all__ = ["Variable"]
 
 
-class Variable:
+class Variable(LabelledArray):
     """An array of decision variables of one model (what :meth:`Model.add_variables` returns).
 
     Parameters
@@ -55,34 +55,14 @@ class Variable:
         out[()] = self
         return out
     __slots__ = ("model", "name", "labels", "dims", "coords")
+    _shape_of = "labels"
 
     def __init__(self, model, name: str, labels: np.ndarray, dims: tuple | None = None,
                  coords: dict | None = None) -> None:
         self.model = model
         self.name = name
         self.labels = labels
-        self.dims = tuple(dims) if dims is not None else (None,) * labels.ndim
-        self.coords = dict(coords or {})
-
-    @property
-    def shape(self) -> tuple:
-        """Shape of the variable array."""
-        return self.labels.shape
-
-    @property
-    def ndim(self) -> int:
-        """Number of axes."""
-        return self.labels.ndim
-
-    @property
-    def size(self) -> int:
-        """Number of variables in the array (count)."""
-        return int(self.labels.size)
-
-    def __len__(self) -> int:
-        if not self.shape:
-            raise TypeError("len() of a scalar variable")
-        return self.shape[0]
+        self._label(dims, coords, labels.ndim)
 
     def __repr__(self) -> str:
         named = ", ".join(f"{d}: {n}" if d else str(n) for d, n in zip(self.dims, self.shape))
