@@ -34,6 +34,10 @@ from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
 from lloptim.work import request_work_s, typical_step_s
 
+#: A binding chain's next request is handed only to an instance whose decode step for one request
+#: is within this factor of the fastest instance's (1.02: within 2 %).
+CHAIN_SPEED_TOLERANCE = 1.02
+
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
 
 
@@ -317,6 +321,8 @@ class WorkflowQueue(GlobalQueue):
         self.left_steps = 0.0  # estimated decode steps of the unfinished requests of known workflows
         self.step_s = self.full_step_s = self.fleet_rate = 0.0
         self.step_cost: list[tuple[float, float, int]] = []
+        self.chain_fast = [True] * len(ctx.problem.instances)
+        self.step_full = [np.inf] * len(ctx.problem.instances)
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -344,6 +350,10 @@ class WorkflowQueue(GlobalQueue):
                     + lat.prefill_per_token_s * prompt / output)
             self.step_cost.append((lat.decode_base_s, beta, inst.clients))
         self.full_step_s = min(a + beta * c for a, beta, c in self.step_cost)
+        # a chain's step alone on each instance: a binding chain runs only where it is (nearly) fastest
+        alone = np.array([inst.profile.latency.decode_time(1, prompt + output / 2.0) for inst in insts])
+        self.chain_fast = (alone <= CHAIN_SPEED_TOLERANCE * alone.min()).tolist()
+        self.step_full = [a + beta * c for a, beta, c in self.step_cost]
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
@@ -455,6 +465,12 @@ class WorkflowQueue(GlobalQueue):
         r = heap[0][1]
         return r if -heap[0][0] * self.full_step_s >= self.left_steps / self.fleet_rate else None
 
+    def _fast_instance_alive(self) -> bool:
+        """Whether an instance that runs chains fastest (:data:`CHAIN_SPEED_TOLERANCE`) has a live client."""
+        state = self.ctx.extra.get("client_state")
+        kinds = self.ctx.client_instance
+        return state is None or any(self.chain_fast[kinds[c]] and state[c] != FAILED for c in range(len(kinds)))
+
     def batch_limit(self, state) -> int:
         """Most requests ``state``'s instance should run while it carries a long chain (class Notes), count.
 
@@ -493,26 +509,38 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
-        if (self.pace and len(self.step_cost) > 1 and self.ready
-                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
-            return None  # a paced instance: the other instances take this work
         first = self._binding_chain() if self.pace else None
-        if first is not None:
+        if first is not None and (self.chain_fast[state.index] or not self._fast_instance_alive()):
             self.waiting.discard(first)
             self.running[first] = (client, state.now)
             self.n_pending -= 1
             if self.owner is not None and self.owner[first] != client:
                 self.steals += 1
             return first
+        if (self.pace and len(self.step_cost) > 1 and self.ready
+                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
+            return None  # a paced instance: the other instances take this work
+        # on a slower instance, a request whose chain would end after the remaining work at the
+        # fleet's rate waits for an instance that runs chains fastest
+        too_long = np.inf if self.chain_fast[state.index] or not self._fast_instance_alive() else \
+            self.left_steps / self.fleet_rate / self.step_full[state.index]
+        held = []
         while self.ready:
             key, r = heapq.heappop(self.ready)
             if r in self.waiting and key == self.key[r]:
+                if self.chain_steps[r] >= too_long:
+                    held.append((key, r))
+                    continue
+                for item in held:
+                    heapq.heappush(self.ready, item)
                 self.waiting.discard(r)
                 self.running[r] = (client, state.now)
                 self.n_pending -= 1
                 if self.owner is not None and self.owner[r] != client:
                     self.steals += 1
                 return r
+        for item in held:
+            heapq.heappush(self.ready, item)
         return None
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
