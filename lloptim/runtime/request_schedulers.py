@@ -37,6 +37,10 @@ from lloptim.work import request_work_s, typical_step_s
 #: A binding chain's next request is handed only to an instance whose decode step for one request
 #: is within this factor of the fastest instance's (1.02: within 2 %).
 CHAIN_SPEED_TOLERANCE = 1.02
+#: On a paced instance (one that carries a chain deciding the makespan), an idle client takes the
+#: ready request that costs the chain least per token among those planned to start within this
+#: many typical decode steps of the plan's next one (see :class:`WorkflowQueue`, *Co-runners*).
+CORUNNER_WINDOW_STEPS = 20.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
 
@@ -321,8 +325,10 @@ class WorkflowQueue(GlobalQueue):
         self.left_steps = 0.0  # estimated decode steps of the unfinished requests of known workflows
         self.step_s = self.full_step_s = self.fleet_rate = 0.0
         self.step_cost: list[tuple[float, float, int]] = []
-        self.chain_fast = [True] * len(ctx.problem.instances)
-        self.step_full = [np.inf] * len(ctx.problem.instances)
+        self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
+        self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
+        self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
+        self._limits: tuple | None = None  # (when, limits, chains) of the last pacing
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -354,6 +360,11 @@ class WorkflowQueue(GlobalQueue):
         alone = np.array([inst.profile.latency.decode_time(1, prompt + output / 2.0) for inst in insts])
         self.chain_fast = (alone <= CHAIN_SPEED_TOLERANCE * alone.min()).tolist()
         self.step_full = [a + beta * c for a, beta, c in self.step_cost]
+        # a co-runner's cost to a chain per step: its decode share and its prompt spread over its steps
+        lat = min((inst.profile.latency for inst in insts), key=lambda l: l.decode_time(1, prompt + output / 2.0))
+        p = w.prompt_tokens.astype(np.float64)
+        self.token_cost = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
+                           + lat.prefill_per_token_s * p / self.est_steps).tolist()
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
@@ -463,7 +474,47 @@ class WorkflowQueue(GlobalQueue):
         if not heap:
             return None
         r = heap[0][1]
-        return r if -heap[0][0] * self.full_step_s >= self.left_steps / self.fleet_rate else None
+        return r if -heap[0][0] * self.full_step_s >= self._horizon_s() else None
+
+    def _horizon_s(self) -> float:
+        """The remaining work of the known workflows at the fleet's full rate, seconds."""
+        return self.left_steps / self.fleet_rate
+
+    def _cheapest_co_runner(self, state, client: int, too_long: float) -> int | None:
+        """For a paced instance: the ready request among those planned to start next that costs its chain least.
+
+        The candidates are the ready requests whose planned start is within
+        :data:`CORUNNER_WINDOW_STEPS` typical steps of the earliest (and whose chain is shorter than
+        ``too_long`` steps); the pick has the least :attr:`token_cost` (ties: planned start, row).
+        None when there is none.
+        """
+        taken: list[tuple[float, int]] = []
+        until = np.inf
+        while self.ready:
+            key, r = self.ready[0]
+            if r not in self.waiting or key != self.key[r]:
+                heapq.heappop(self.ready)  # stale
+                continue
+            if key > until:
+                break
+            if until == np.inf:
+                until = key + CORUNNER_WINDOW_STEPS * self.step_s
+            taken.append(heapq.heappop(self.ready))
+        fits = [(self.token_cost[r], key, r) for key, r in taken if self.chain_steps[r] < too_long]
+        best = min(fits)[2] if fits else None
+        for item in taken:
+            if item[1] != best:
+                heapq.heappush(self.ready, item)
+        return None if best is None else self._hand_out(best, client, state.now)
+
+    def _hand_out(self, r: int, client: int, now: float) -> int:
+        """Book ``r`` as handed to ``client`` at ``now``; returns ``r``."""
+        self.waiting.discard(r)
+        self.running[r] = (client, now)
+        self.n_pending -= 1
+        if self.owner is not None and self.owner[r] != client:
+            self.steals += 1
+        return r
 
     def _fast_instance_alive(self) -> bool:
         """Whether an instance that runs chains fastest (:data:`CHAIN_SPEED_TOLERANCE`) has a live client."""
@@ -484,8 +535,11 @@ class WorkflowQueue(GlobalQueue):
         int
             The limit, requests; the instance's clients when no chain decides the makespan.
         """
+        return self._pacing(state)[0]
+
+    def _longest_chain(self, state) -> float:
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
         engine = state.engine
-        a, beta, clients = self.step_cost[state.index]
         chain = 0.0
         for c in state.clients:
             r = int(engine.client_request[c])
@@ -493,16 +547,46 @@ class WorkflowQueue(GlobalQueue):
                 continue
             done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
             chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
-        if chain <= 0.0:
-            return clients
-        # tokens per second the other instances complete at full batches
-        others = sum(cl / (a_ + beta_ * cl) for k, (a_, beta_, cl) in enumerate(self.step_cost) if k != state.index)
-        need = self.left_steps / chain  # tokens per chain step the fleet must complete
-        # n + others * (a + n beta) >= need, smallest integer n
-        if need > clients + others * (a + beta * clients):
-            return clients
-        n = (need - others * a) / (1.0 + others * beta)
-        return int(min(clients, max(1, np.ceil(n))))
+        return chain
+
+    def _pacing(self, state) -> tuple[int, float]:
+        """:meth:`batch_limit` of ``state``'s instance and the longest chain running there (steps).
+
+        All instances are paced at once (class Notes, *Chain pacing*): the least horizon ``T`` at
+        which every instance's longest chain, at the largest batch ``n_k`` that lets it finish by
+        ``T``, and the fleet complete the remaining work; found by bisection, cached per moment.
+        """
+        key = (state.now, len(self.running), self.left_steps)
+        if self._limits is not None and self._limits[0] == key:
+            return self._limits[1][state.index], self._limits[2][state.index]
+        chains = np.array([self._longest_chain(st) for st in state.engine.states])
+        cost = np.array(self.step_cost, dtype=np.float64)
+        a, beta, clients = cost[:, 0], cost[:, 1], cost[:, 2]
+        full = a + beta * clients
+        has = chains > 0.0
+        if not has.any():
+            limits = clients
+        else:
+            def batch(T: float) -> np.ndarray:
+                return np.where(has, np.clip((T / np.maximum(chains, 1.0) - a) / beta, 1.0, clients), clients)
+
+            def tokens(T: float) -> float:
+                # n_k per step while the chain runs, then full batches until T
+                n = batch(T)
+                busy = np.where(has, chains * (a + n * beta), 0.0)
+                return float(np.sum(np.where(has, n * chains, 0.0) + np.maximum(T - busy, 0.0) * clients / full))
+
+            lo = float(np.max(chains * (a + beta)))  # the longest chain alone
+            hi = lo + float(np.max(chains * full)) + self.left_steps / float(np.sum(clients / full))
+            if tokens(lo) < self.left_steps:
+                for _ in range(40):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (mid, hi) if tokens(mid) < self.left_steps else (lo, mid)
+                lo = hi
+            limits = batch(lo)
+        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, c in zip(np.asarray(limits).tolist(), clients.tolist())]
+        self._limits = (key, limits, chains.tolist())
+        return limits[state.index], float(chains[state.index])
 
     def next_request(self, state, client: int) -> int | None:
         if self.dag is None:
@@ -510,20 +594,20 @@ class WorkflowQueue(GlobalQueue):
         if self.arrived:
             self._replan()
         first = self._binding_chain() if self.pace else None
-        if first is not None and (self.chain_fast[state.index] or not self._fast_instance_alive()):
-            self.waiting.discard(first)
-            self.running[first] = (client, state.now)
-            self.n_pending -= 1
-            if self.owner is not None and self.owner[first] != client:
-                self.steals += 1
-            return first
-        if (self.pace and len(self.step_cost) > 1 and self.ready
-                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
-            return None  # a paced instance: the other instances take this work
+        fleet = self.pace and len(self.step_cost) > 1
+        limit = self._pacing(state)[0] if fleet and self.ready else np.inf
         # on a slower instance, a request whose chain would end after the remaining work at the
         # fleet's rate waits for an instance that runs chains fastest
-        too_long = np.inf if self.chain_fast[state.index] or not self._fast_instance_alive() else \
-            self.left_steps / self.fleet_rate / self.step_full[state.index]
+        fast = self.chain_fast[state.index] or not self._fast_instance_alive()
+        # a binding chain's head goes out first, where it runs fastest (past the pacing limit: binding
+        # chains gather on the paced instance, where their steps are fast)
+        if first is not None and fast:
+            return self._hand_out(first, client, state.now)
+        if state.n_running + len(state.waiting) >= limit:
+            return None  # a paced instance: the other instances take this work
+        too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
+        if limit < self.step_cost[state.index][2]:
+            return self._cheapest_co_runner(state, client, too_long)
         held = []
         while self.ready:
             key, r = heapq.heappop(self.ready)
@@ -533,12 +617,7 @@ class WorkflowQueue(GlobalQueue):
                     continue
                 for item in held:
                     heapq.heappush(self.ready, item)
-                self.waiting.discard(r)
-                self.running[r] = (client, state.now)
-                self.n_pending -= 1
-                if self.owner is not None and self.owner[r] != client:
-                    self.steals += 1
-                return r
+                return self._hand_out(r, client, state.now)
         for item in held:
             heapq.heappush(self.ready, item)
         return None
