@@ -323,6 +323,7 @@ class WorkflowQueue(GlobalQueue):
         # has not arrived): sums of prompts, estimates and steps of their requests, count
         self.known_sums = np.zeros(4)
         self.left_steps = 0.0  # estimated decode steps of the unfinished requests of known workflows
+        self.left_requests = 0  # unfinished requests of known workflows (count)
         self.step_s = self.full_step_s = self.fleet_rate = 0.0
         self.step_cost: list[tuple[float, float, int]] = []
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
@@ -340,6 +341,7 @@ class WorkflowQueue(GlobalQueue):
         """
         w = self.ctx.problem.workload
         self.left_steps += float(self.est_steps[rows][~self.finished[rows]].sum())
+        self.left_requests += int(np.count_nonzero(~self.finished[rows]))
         self.known_sums += (float(w.prompt_tokens[rows].sum()), float(np.sum(self.ctx.estimates[rows])),
                             float(self.est_steps[rows].sum()), rows.size)
         if self.known_sums[3] == w.prompt_tokens.size:  # every workflow known (all at the start): exact means
@@ -626,8 +628,20 @@ class WorkflowQueue(GlobalQueue):
         if self.dag is not None:
             if not self.finished[request] and int(self.component[request]) in self.known:
                 self.left_steps -= float(self.est_steps[request])
+                self.left_requests -= 1
             self.finished[request] = True
             self.running.pop(request, None)
+
+    def successors_to_come(self) -> bool:
+        """Whether requests of the known workflows are unfinished and neither ready nor handed out.
+
+        They wait for predecessors that run now (or for ready ones), so the queue will grow again
+        even when it is empty: an iteration scheduler should not treat an empty queue as the end
+        game. False without precedence.
+        """
+        if self.dag is None:
+            return False
+        return self.left_requests > len(self.waiting) + len(self.running)
 
     def requeue(self, request: int, now: float) -> None:
         if self.dag is None:
