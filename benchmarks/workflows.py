@@ -22,11 +22,15 @@ the forward-backward plan.
 
 Configurations: ``main`` (30 and 100 workflows on one instance, all at time 0; the target),
 ``fleet`` (100 workflows on 2 instances x 20 clients) and ``online`` (100 workflows arriving as a
-Poisson process at 0.5 and 1 workflow per second; the second overloads the server).
+Poisson process at 0.5 and 1 workflow per second; the second overloads the server); and, not run
+by default, ``chains``: chains alone on fleets where a chain decides the makespan (60, 100 and 200
+three-step chains and 60 five-step chains on 2 x 20 clients, 100 on 4 x 10, 150 on 3 x 20, and 100
+on a fleet of a LLaMA-65B instance and one 1.5 times slower, 20 clients each).
 
 Run: ``python benchmarks/workflows.py [--seeds 5] [--configs main,fleet,online] [--csv PATH]``; it writes
 every case to ``benchmarks/results/workflows.csv`` and the summary the docs show to
-``benchmarks/results/workflows_summary.json``.
+``benchmarks/results/workflows_summary.json`` (``--configs chains --csv
+benchmarks/results/workflows_chains.csv`` for the chain study).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from lloptim import Problem, lower_bound, run_policy, summarize, workloads
+from lloptim.hardware import load_profile
+from lloptim.problem import Instance
 from lloptim.runtime.estimators import estimate
 from lloptim.runtime.hybrid import hybrid_policy
 from lloptim.runtime.request_schedulers import GlobalQueue
@@ -71,14 +77,32 @@ CONFIGS = {
     "main": [dict(workflows=30), dict(workflows=100, estimates=True)],
     "fleet": [dict(workflows=100, clients=20, instances=2)],
     "online": [dict(workflows=100, rate=0.5), dict(workflows=100, rate=1.0)],
+    "chains": [dict(workflows=n, clients=20, instances=2, shapes=("chain",)) for n in (60, 100, 200)]
+    + [dict(workflows=60, clients=20, instances=2, depth=5, shapes=("chain",)),
+       dict(workflows=100, clients=10, instances=4, shapes=("chain",)),
+       dict(workflows=150, clients=20, instances=3, shapes=("chain",)),
+       dict(workflows=100, clients=20, instances=2, slow=1.5, shapes=("chain",))],
 }
+SHAPES = ("chain", "fan-in", "dag")
+
+
+def make_problem(wl, clients: int, instances: int, slow: float = 1.0) -> Problem:
+    """LLaMA-65B instances of ``clients`` each; with ``slow`` > 1 the last is that many times slower."""
+    if slow == 1.0:
+        return Problem.single(wl, "llama-65b", clients=clients, instances=instances, kv_capacity_tokens=KV_TOKENS)
+    base = load_profile("llama-65b")
+    slower = replace(base, name=f"llama-65b-x{slow:g}", latency=base.latency.scaled(prefill=slow, decode=slow))
+    return Problem(wl, tuple(Instance.from_profile(base if k < instances - 1 else slower, clients,
+                                                   kv_capacity_tokens=KV_TOKENS, name=f"i{k}")
+                             for k in range(instances)))
 
 
 def run_case(shape: str, seed: int, workflows: int, clients: int = 40, instances: int = 1,
-             rate: float | None = None, estimates: bool = False) -> dict:
+             rate: float | None = None, estimates: bool = False, depth: int | None = None,
+             slow: float = 1.0) -> dict:
     """Every policy on one generated case; gaps are relative (0.01 is 1 % above the bound)."""
-    wl = workloads.workflows(shape, workflows, seed=seed, arrival_rate=rate)
-    problem = Problem.single(wl, "llama-65b", clients=clients, instances=instances, kv_capacity_tokens=KV_TOKENS)
+    wl = workloads.workflows(shape, workflows, seed=seed, arrival_rate=rate, depth=depth)
+    problem = make_problem(wl, clients, instances, slow)
     t = time.perf_counter()
     lb = lower_bound(problem)
     bound_s = time.perf_counter() - t
@@ -88,7 +112,7 @@ def run_case(shape: str, seed: int, workflows: int, clients: int = 40, instances
     simple = {False: max(lb.critical_path_s, independent.total_s),
               True: max(lb.critical_path_fused_s, independent.fused_s)}
     row = {"shape": shape, "seed": seed, "workflows": workflows, "requests": len(wl), "clients": clients,
-           "instances": instances, "rate": rate or 0.0, "bound_s": lb.total_s, "fused_bound_s": lb.fused_s,
+           "instances": instances, "rate": rate or 0.0, "depth": depth or 0, "slow": slow, "bound_s": lb.total_s, "fused_bound_s": lb.fused_s,
            "critical_path_s": lb.critical_path_s, "work_bound_s": independent.total_s, "bound_wall_s": bound_s}
     for name in POLICIES:
         t = time.perf_counter()
@@ -120,13 +144,17 @@ def _mean_worst(values) -> list[float]:
 
 def summarize_cases(rows: list[dict]) -> list[dict]:
     """One summary per case (config, shape, size, fleet, rate): gaps in %, ``[mean, worst]`` over the seeds."""
-    keys = sorted({(r["config"], r["shape"], r["workflows"], r["rate"], r["instances"]) for r in rows},
-                  key=lambda k: (list(CONFIGS).index(k[0]), ("chain", "fan-in", "dag").index(k[1]), k[2], k[3]))
+    def case_key(r: dict) -> tuple:
+        return (r["config"], r["shape"], r["workflows"], r["rate"], r["instances"], r.get("depth", 0), r.get("slow", 1.0))
+
+    keys = sorted({case_key(r) for r in rows},
+                  key=lambda k: (list(CONFIGS).index(k[0]), SHAPES.index(k[1]), k[4], k[2], k[3], k[5], k[6]))
     out = []
     for key in keys:
-        case = [r for r in rows if (r["config"], r["shape"], r["workflows"], r["rate"], r["instances"]) == key]
+        case = [r for r in rows if case_key(r) == key]
         best = min(SEPARATE_PEERS + FUSED_PEERS, key=lambda p: np.mean([r[f"{p}_gap"] for r in case]))
         out.append({"config": key[0], "shape": key[1], "workflows": key[2], "rate": key[3], "instances": key[4],
+                    "depth": key[5], "slow": key[6],
                     "clients": case[0]["clients"], "seeds": len(case),
                     "requests": int(np.mean([r["requests"] for r in case])),
                     "bound_s": float(np.mean([r["bound_s"] for r in case])),
@@ -153,6 +181,9 @@ def summary_table(summary: list[dict], title: str) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for c in summary:
         where = f" at {c['rate']:g}/s" if c["rate"] else ""
+        where += f", depth {c['depth']}" if c.get("depth") else ""
+        where += f", {c['instances']} x {c['clients']}" if c["instances"] > 1 else ""
+        where += f" (one {c['slow']:g}x slower)" if c.get("slow", 1.0) != 1.0 else ""
         out.append(f"| {c['shape']} | {c['workflows']} ({c['requests']}){where} "
                    f"| {c['bound_s']:.1f} ({c['bound_over_simple']:.2f}) | {pair(c['hybrid'])} "
                    f"| {pair(c['hybrid_fused'])} | {pair(c['hybrid_separate'])} "
@@ -165,7 +196,7 @@ def policy_table(rows: list[dict]) -> str:
     """Markdown: mean gap of every policy per shape (all cases of the rows)."""
     head = "| shape | " + " | ".join(POLICIES) + " |"
     out = [head, "|---|" + "---|" * len(POLICIES)]
-    for shape in ("chain", "fan-in", "dag"):
+    for shape in SHAPES:
         case = [r for r in rows if r["shape"] == shape]
         if case:
             out.append(f"| {shape} | " + " | ".join(f"{100 * np.mean([r[f'{p}_gap'] for r in case]):.2f}"
@@ -176,7 +207,7 @@ def policy_table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="seeds per case (1 .. N)")
-    ap.add_argument("--configs", default="main,fleet,online", help="comma-separated: main, fleet, online")
+    ap.add_argument("--configs", default="main,fleet,online", help="comma-separated: main, fleet, online, chains")
     ap.add_argument("--csv", type=Path, default=Path(__file__).parent / "results" / "workflows.csv")
     args = ap.parse_args()
     all_rows = []
@@ -184,7 +215,8 @@ def main() -> None:
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         rows = []
         for case in CONFIGS[config]:
-            for shape in ("chain", "fan-in", "dag"):
+            case = dict(case)
+            for shape in case.pop("shapes", SHAPES):
                 for seed in range(1, args.seeds + 1):
                     rows.append({"config": config, **run_case(shape, seed, **case)})
         print(summary_table(summarize_cases(rows), f"{config}: gap to the bound, mean / worst over {args.seeds} seeds"))

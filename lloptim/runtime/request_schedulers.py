@@ -42,7 +42,8 @@ CHAIN_SPEED_TOLERANCE = 1.02
 #: many typical decode steps of the plan's next one (see :class:`WorkflowQueue`, *Co-runners*).
 CORUNNER_WINDOW_STEPS = 20.0
 
-__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
+__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -241,11 +242,12 @@ class WorkflowQueue(GlobalQueue):
         slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
         in proportion to the backlog each time).
     pace
-        The two chain rules (Notes): a ready request heading a chain that decides the makespan
-        is handed out first, and on a fleet the instance that runs such a chain is paced
-        (:meth:`batch_limit`): an idle client there takes work only while the instance runs
-        fewer requests than the chain's limit, so that the chain's decode steps stay fast and the
-        other instances take the rest.
+        The chain rules (Notes): a ready request heading a chain that decides the makespan is
+        handed out first, to an instance that runs it fastest; on a fleet the instances that run
+        long chains are paced (:meth:`batch_limit`): an idle client there takes work only while
+        the instance runs fewer requests than its limit, so that the chain's decode steps stay
+        fast and the other instances take the rest, and it takes the co-runner that slows the
+        chain least.
 
     Notes
     -----
@@ -253,17 +255,36 @@ class WorkflowQueue(GlobalQueue):
     estimated output plus its longest path of successors, tokens) goes before the planned order
     when that chain at full-batch steps takes at least as long as the remaining work at the
     fleet's full rate: the plan, made with work weights, may have given it slack it does not have.
+    It goes only to an instance whose decode step for a lone request is within
+    :data:`CHAIN_SPEED_TOLERANCE` of the fastest one's; and a slower instance leaves every request
+    whose chain at its own full-batch steps would end after the remaining work at the fleet's rate
+    (both unless no such fast instance has a live client).
 
     **Chain pacing.** A chain of ``S`` remaining decode steps (the running request's rest plus
     its longest path of successors, in estimated tokens) runs one step per iteration of its
     instance; an iteration with ``n`` requests takes ``a + n beta`` seconds (``a`` the decode
-    base, ``beta`` a request's per-step cost at the mean context), so the chain needs
-    ``S (a + n beta)``: a full batch stretches it by up to a third on LLaMA-65B. Running the
-    chain's instance at ``n`` requests while the ``m - 1`` others run full batches of ``C`` for
-    the same time completes ``n S + (m - 1) C S (a + n beta) / (a + C beta)`` tokens; the batch
-    limit is the least ``n`` with which that covers the remaining work (``C``, no limit, when
-    even a full batch does not: then the chain is not what decides the makespan). It is the
-    schedule the chain-coupling bound (:mod:`lloptim.bounds`) says the optimum must trade off.
+    base, ``beta`` a request's per-step cost at the mean context plus its prompt's prefill
+    spread over its steps), so the chain needs ``S (a + n beta)``: a full batch stretches it by
+    up to a third on LLaMA-65B. Every instance ``k`` is paced at once: for a horizon ``T`` it
+    runs the largest batch ``n_k <= C_k`` with which its longest chain ``S_k`` ends by ``T``
+    (``C_k`` when it runs none), then full batches; the limit is ``n_k`` at the least ``T`` with
+    which the fleet completes the remaining work (bisection). With one chain and the other
+    instances at full batches that is the least ``n`` with ``n S + (others' full rate) S (a + n
+    beta)`` tokens covering the remaining work. It is the schedule the chain-coupling bound
+    (:mod:`lloptim.bounds`) says the optimum must trade off.
+
+    **Co-runners.** A paced instance completes few tokens beside its chain, each slowing every
+    chain step it shares: its decode share and, spread over its output, its prompt's prefill
+    (:attr:`token_cost`). Among the ready requests planned to start within
+    :data:`CORUNNER_WINDOW_STEPS` typical steps of the plan's next one, an idle client of a paced
+    instance takes the one of least cost: GSM8K *solve* steps (short prompt, long answer) rather
+    than *verify* steps (a long prompt for a short verdict), which the other instances take.
+
+    Attributes
+    ----------
+    token_cost
+        Seconds each request adds to a chain's decode step per token it completes beside it, on
+        the instance whose lone step is fastest (list, one per row; set when workflows are known).
     """
 
     def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
