@@ -350,7 +350,8 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
         self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
-        self._limits: tuple | None = None  # (when, limits, chains) of the last pacing
+        self._limits: tuple | None = None  # (when, limits) of the last pacing
+        self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -362,6 +363,8 @@ class WorkflowQueue(GlobalQueue):
         """
         w = self.ctx.problem.workload
         self.left_steps += float(self.est_steps[rows][~self.finished[rows]].sum())
+        for r in rows[~self.finished[rows]].tolist():
+            heapq.heappush(self.open_chains, (-self.chain_steps[r], r))
         self.left_requests += int(np.count_nonzero(~self.finished[rows]))
         self.known_sums += (float(w.prompt_tokens[rows].sum()), float(np.sum(self.ctx.estimates[rows])),
                             float(self.est_steps[rows].sum()), rows.size)
@@ -558,7 +561,7 @@ class WorkflowQueue(GlobalQueue):
         int
             The limit, requests; the instance's clients when no chain decides the makespan.
         """
-        return self._pacing(state)[0]
+        return self._pacing(state)
 
     def _longest_chain(self, state) -> float:
         """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
@@ -572,44 +575,49 @@ class WorkflowQueue(GlobalQueue):
             chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
         return chain
 
-    def _pacing(self, state) -> tuple[int, float]:
-        """:meth:`batch_limit` of ``state``'s instance and the longest chain running there (steps).
+    def _pacing(self, state) -> int:
+        """:meth:`batch_limit` of ``state``'s instance.
 
         All instances are paced at once (class Notes, *Chain pacing*): the least horizon ``T`` at
         which every instance's longest chain, at the largest batch ``n_k`` that lets it finish by
         ``T``, and the fleet complete the remaining work; found by bisection, cached per moment.
+        When even the longest unfinished chain (not counting its progress) ends within the
+        remaining work at the fleet's full rate at full-batch steps, no instance is paced, and
+        nothing is computed.
         """
+        heap = self.open_chains
+        while heap and self.finished[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap or -heap[0][0] * max(self.step_full) <= self._horizon_s():
+            return self.step_cost[state.index][2]
         key = (state.now, len(self.running), self.left_steps)
         if self._limits is not None and self._limits[0] == key:
-            return self._limits[1][state.index], self._limits[2][state.index]
-        chains = np.array([self._longest_chain(st) for st in state.engine.states])
-        cost = np.array(self.step_cost, dtype=np.float64)
-        a, beta, clients = cost[:, 0], cost[:, 1], cost[:, 2]
-        full = a + beta * clients
-        has = chains > 0.0
-        if not has.any():
-            limits = clients
-        else:
-            def batch(T: float) -> np.ndarray:
-                return np.where(has, np.clip((T / np.maximum(chains, 1.0) - a) / beta, 1.0, clients), clients)
+            return self._limits[1][state.index]
+        chains = [self._longest_chain(st) for st in state.engine.states]
+        cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
+        work = self.left_steps
 
-            def tokens(T: float) -> float:
-                # n_k per step while the chain runs, then full batches until T
-                n = batch(T)
-                busy = np.where(has, chains * (a + n * beta), 0.0)
-                return float(np.sum(np.where(has, n * chains, 0.0) + np.maximum(T - busy, 0.0) * clients / full))
+        def batch(T: float) -> list[float]:
+            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, (a, b, c, _) in zip(chains, cost)]
 
-            lo = float(np.max(chains * (a + beta)))  # the longest chain alone
-            hi = lo + float(np.max(chains * full)) + self.left_steps / float(np.sum(clients / full))
-            if tokens(lo) < self.left_steps:
-                for _ in range(40):
-                    mid = 0.5 * (lo + hi)
-                    lo, hi = (mid, hi) if tokens(mid) < self.left_steps else (lo, mid)
-                lo = hi
-            limits = batch(lo)
-        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, c in zip(np.asarray(limits).tolist(), clients.tolist())]
-        self._limits = (key, limits, chains.tolist())
-        return limits[state.index], float(chains[state.index])
+        def tokens(T: float) -> float:
+            # n_k per step while its chain runs, then full batches until T
+            total = 0.0
+            for S, n, (a, b, c, full) in zip(chains, batch(T), cost):
+                busy = S * (a + n * b)
+                total += n * S + max(T - busy, 0.0) * c / full
+            return total
+
+        lo = max(S * (a + b) for S, (a, b, _, _) in zip(chains, cost))  # the longest chain alone
+        hi = lo + max(S * full for S, (_, _, _, full) in zip(chains, cost)) + work / self.fleet_rate
+        if tokens(lo) < work:
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
+            lo = hi
+        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
+        self._limits = (key, limits)
+        return limits[state.index]
 
     def next_request(self, state, client: int) -> int | None:
         if self.dag is None:
@@ -618,7 +626,7 @@ class WorkflowQueue(GlobalQueue):
             self._replan()
         first = self._binding_chain() if self.pace else None
         fleet = self.pace and len(self.step_cost) > 1
-        limit = self._pacing(state)[0] if fleet and self.ready else np.inf
+        limit = self._pacing(state) if fleet and self.ready else np.inf
         # on a slower instance, a request whose chain would end after the remaining work at the
         # fleet's rate waits for an instance that runs chains fastest
         fast = self.chain_fast[state.index] or not self._fast_instance_alive()
