@@ -504,7 +504,7 @@ class WorkflowQueue(GlobalQueue):
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
-        return self.left_steps / self.fleet_rate
+        return self.left_steps / self.fleet_rate if self.fleet_rate > 0 else 0.0
 
     def _cheapest_co_runner(self, state, client: int, too_long: float) -> int | None:
         """For a paced instance: the ready request among those planned to start next that costs its chain least.
@@ -634,8 +634,8 @@ class WorkflowQueue(GlobalQueue):
         # chains gather on the paced instance, where their steps are fast)
         if first is not None and fast:
             return self._hand_out(first, client, state.now)
-        if state.n_running + len(state.waiting) >= limit:
-            return None  # a paced instance: the other instances take this work
+        if state.n_running + len(state.waiting) >= limit or not self.ready:
+            return None  # paced (the other instances take this work), or nothing is ready
         too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
         if limit < self.step_cost[state.index][2]:
             return self._cheapest_co_runner(state, client, too_long)
