@@ -15,7 +15,8 @@ the first plan is the paper's offline plan.
   the fractional assignment LP; where the KV cache can fill up, the memory-aware dispatch of
   :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`) and the Lagrangian iteration scheduler
   (:mod:`lloptim.runtime.lagrangian`): separate prefill iterations while every request is present
-  from the start, prompts fused into decode iterations once requests arrive during the run.
+  from the start, prompts fused into decode iterations once requests arrive during the run (from
+  the start on a fleet and on workflows of dependent requests).
 * **hybrid-fused**: the hybrid always fusing prompts (``C_p = 0``).
 * **hybrid-plan** / **hybrid-fused-plan**: the literal Algorithm 1 on the rolling plan: each client
   works through its planned queue and steals when it runs dry (separate or fused iterations).
@@ -94,7 +95,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         :mod:`lloptim.runtime.lagrangian`; the ``hybrid-fused`` policy). ``False``: separate
         prefill iterations (the paper's model). ``"auto"`` (default): on one instance, separate
         while every request is present from the start, fused once requests arrive during the run;
-        fused on a fleet of several instances.
+        fused on a fleet of several instances and on workflows of dependent requests (whose
+        successors become ready during the run).
     slack_weight
         Weight of a request's service time against its waiting time in the dispatch order
         (``dispatch="sorted"``; see :mod:`lloptim.runtime.dispatch`).

@@ -34,7 +34,16 @@ from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
 from lloptim.work import request_work_s, typical_step_s
 
-__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank"]
+#: A binding chain's next request is handed only to an instance whose decode step for one request
+#: is within this factor of the fastest instance's (1.02: within 2 %).
+CHAIN_SPEED_TOLERANCE = 1.02
+#: On a paced instance (one that carries a chain deciding the makespan), an idle client takes the
+#: ready request that costs the chain least per token among those planned to start within this
+#: many typical decode steps of the plan's next one (see :class:`WorkflowQueue`, *Co-runners*).
+CORUNNER_WINDOW_STEPS = 20.0
+
+__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -233,11 +242,12 @@ class WorkflowQueue(GlobalQueue):
         slotted into the plan's order by their rank (0: re-plan at every arrival, which costs time
         in proportion to the backlog each time).
     pace
-        The two chain rules (Notes): a ready request heading a chain that decides the makespan
-        is handed out first, and on a fleet the instance that runs such a chain is paced
-        (:meth:`batch_limit`): an idle client there takes work only while the instance runs
-        fewer requests than the chain's limit, so that the chain's decode steps stay fast and the
-        other instances take the rest.
+        The chain rules (Notes): a ready request heading a chain that decides the makespan is
+        handed out first, to an instance that runs it fastest; on a fleet the instances that run
+        long chains are paced (:meth:`batch_limit`): an idle client there takes work only while
+        the instance runs fewer requests than its limit, so that the chain's decode steps stay
+        fast and the other instances take the rest, and it takes the co-runner that slows the
+        chain least.
 
     Notes
     -----
@@ -245,17 +255,36 @@ class WorkflowQueue(GlobalQueue):
     estimated output plus its longest path of successors, tokens) goes before the planned order
     when that chain at full-batch steps takes at least as long as the remaining work at the
     fleet's full rate: the plan, made with work weights, may have given it slack it does not have.
+    It goes only to an instance whose decode step for a lone request is within
+    :data:`CHAIN_SPEED_TOLERANCE` of the fastest one's; and a slower instance leaves every request
+    whose chain at its own full-batch steps would end after the remaining work at the fleet's rate
+    (both unless no such fast instance has a live client).
 
     **Chain pacing.** A chain of ``S`` remaining decode steps (the running request's rest plus
     its longest path of successors, in estimated tokens) runs one step per iteration of its
     instance; an iteration with ``n`` requests takes ``a + n beta`` seconds (``a`` the decode
-    base, ``beta`` a request's per-step cost at the mean context), so the chain needs
-    ``S (a + n beta)``: a full batch stretches it by up to a third on LLaMA-65B. Running the
-    chain's instance at ``n`` requests while the ``m - 1`` others run full batches of ``C`` for
-    the same time completes ``n S + (m - 1) C S (a + n beta) / (a + C beta)`` tokens; the batch
-    limit is the least ``n`` with which that covers the remaining work (``C``, no limit, when
-    even a full batch does not: then the chain is not what decides the makespan). It is the
-    schedule the chain-coupling bound (:mod:`lloptim.bounds`) says the optimum must trade off.
+    base, ``beta`` a request's per-step cost at the mean context plus its prompt's prefill
+    spread over its steps), so the chain needs ``S (a + n beta)``: a full batch stretches it by
+    up to a third on LLaMA-65B. Every instance ``k`` is paced at once: for a horizon ``T`` it
+    runs the largest batch ``n_k <= C_k`` with which its longest chain ``S_k`` ends by ``T``
+    (``C_k`` when it runs none), then full batches; the limit is ``n_k`` at the least ``T`` with
+    which the fleet completes the remaining work (bisection). With one chain and the other
+    instances at full batches that is the least ``n`` with ``n S + (others' full rate) S (a + n
+    beta)`` tokens covering the remaining work. It is the schedule the chain-coupling bound
+    (:mod:`lloptim.bounds`) says the optimum must trade off.
+
+    **Co-runners.** A paced instance completes few tokens beside its chain, each slowing every
+    chain step it shares: its decode share and, spread over its output, its prompt's prefill
+    (:attr:`token_cost`). Among the ready requests planned to start within
+    :data:`CORUNNER_WINDOW_STEPS` typical steps of the plan's next one, an idle client of a paced
+    instance takes the one of least cost: GSM8K *solve* steps (short prompt, long answer) rather
+    than *verify* steps (a long prompt for a short verdict), which the other instances take.
+
+    Attributes
+    ----------
+    token_cost
+        Seconds each request adds to a chain's decode step per token it completes beside it, on
+        the instance whose lone step is fastest (list, one per row; set when workflows are known).
     """
 
     def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
@@ -315,8 +344,14 @@ class WorkflowQueue(GlobalQueue):
         # has not arrived): sums of prompts, estimates and steps of their requests, count
         self.known_sums = np.zeros(4)
         self.left_steps = 0.0  # estimated decode steps of the unfinished requests of known workflows
+        self.left_requests = 0  # unfinished requests of known workflows (count)
         self.step_s = self.full_step_s = self.fleet_rate = 0.0
         self.step_cost: list[tuple[float, float, int]] = []
+        self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
+        self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
+        self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
+        self._limits: tuple | None = None  # (when, limits) of the last pacing
+        self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -328,6 +363,9 @@ class WorkflowQueue(GlobalQueue):
         """
         w = self.ctx.problem.workload
         self.left_steps += float(self.est_steps[rows][~self.finished[rows]].sum())
+        for r in rows[~self.finished[rows]].tolist():
+            heapq.heappush(self.open_chains, (-self.chain_steps[r], r))
+        self.left_requests += int(np.count_nonzero(~self.finished[rows]))
         self.known_sums += (float(w.prompt_tokens[rows].sum()), float(np.sum(self.ctx.estimates[rows])),
                             float(self.est_steps[rows].sum()), rows.size)
         if self.known_sums[3] == w.prompt_tokens.size:  # every workflow known (all at the start): exact means
@@ -344,6 +382,15 @@ class WorkflowQueue(GlobalQueue):
                     + lat.prefill_per_token_s * prompt / output)
             self.step_cost.append((lat.decode_base_s, beta, inst.clients))
         self.full_step_s = min(a + beta * c for a, beta, c in self.step_cost)
+        # a chain's step alone on each instance: a binding chain runs only where it is (nearly) fastest
+        alone = np.array([inst.profile.latency.decode_time(1, prompt + output / 2.0) for inst in insts])
+        self.chain_fast = (alone <= CHAIN_SPEED_TOLERANCE * alone.min()).tolist()
+        self.step_full = [a + beta * c for a, beta, c in self.step_cost]
+        # a co-runner's cost to a chain per step: its decode share and its prompt spread over its steps
+        lat = min((inst.profile.latency for inst in insts), key=lambda l: l.decode_time(1, prompt + output / 2.0))
+        p = w.prompt_tokens.astype(np.float64)
+        self.token_cost = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
+                           + lat.prefill_per_token_s * p / self.est_steps).tolist()
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
@@ -453,7 +500,53 @@ class WorkflowQueue(GlobalQueue):
         if not heap:
             return None
         r = heap[0][1]
-        return r if -heap[0][0] * self.full_step_s >= self.left_steps / self.fleet_rate else None
+        return r if -heap[0][0] * self.full_step_s >= self._horizon_s() else None
+
+    def _horizon_s(self) -> float:
+        """The remaining work of the known workflows at the fleet's full rate, seconds."""
+        return self.left_steps / self.fleet_rate if self.fleet_rate > 0 else 0.0
+
+    def _cheapest_co_runner(self, state, client: int, too_long: float) -> int | None:
+        """For a paced instance: the ready request among those planned to start next that costs its chain least.
+
+        The candidates are the ready requests whose planned start is within
+        :data:`CORUNNER_WINDOW_STEPS` typical steps of the earliest (and whose chain is shorter than
+        ``too_long`` steps); the pick has the least :attr:`token_cost` (ties: planned start, row).
+        None when there is none.
+        """
+        taken: list[tuple[float, int]] = []
+        until = np.inf
+        while self.ready:
+            key, r = self.ready[0]
+            if r not in self.waiting or key != self.key[r]:
+                heapq.heappop(self.ready)  # stale
+                continue
+            if key > until:
+                break
+            if until == np.inf:
+                until = key + CORUNNER_WINDOW_STEPS * self.step_s
+            taken.append(heapq.heappop(self.ready))
+        fits = [(self.token_cost[r], key, r) for key, r in taken if self.chain_steps[r] < too_long]
+        best = min(fits)[2] if fits else None
+        for item in taken:
+            if item[1] != best:
+                heapq.heappush(self.ready, item)
+        return None if best is None else self._hand_out(best, client, state.now)
+
+    def _hand_out(self, r: int, client: int, now: float) -> int:
+        """Book ``r`` as handed to ``client`` at ``now``; returns ``r``."""
+        self.waiting.discard(r)
+        self.running[r] = (client, now)
+        self.n_pending -= 1
+        if self.owner is not None and self.owner[r] != client:
+            self.steals += 1
+        return r
+
+    def _fast_instance_alive(self) -> bool:
+        """Whether an instance that runs chains fastest (:data:`CHAIN_SPEED_TOLERANCE`) has a live client."""
+        state = self.ctx.extra.get("client_state")
+        kinds = self.ctx.client_instance
+        return state is None or any(self.chain_fast[kinds[c]] and state[c] != FAILED for c in range(len(kinds)))
 
     def batch_limit(self, state) -> int:
         """Most requests ``state``'s instance should run while it carries a long chain (class Notes), count.
@@ -468,8 +561,11 @@ class WorkflowQueue(GlobalQueue):
         int
             The limit, requests; the instance's clients when no chain decides the makespan.
         """
+        return self._pacing(state)
+
+    def _longest_chain(self, state) -> float:
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
         engine = state.engine
-        a, beta, clients = self.step_cost[state.index]
         chain = 0.0
         for c in state.clients:
             r = int(engine.client_request[c])
@@ -477,50 +573,104 @@ class WorkflowQueue(GlobalQueue):
                 continue
             done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
             chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
-        if chain <= 0.0:
-            return clients
-        # tokens per second the other instances complete at full batches
-        others = sum(cl / (a_ + beta_ * cl) for k, (a_, beta_, cl) in enumerate(self.step_cost) if k != state.index)
-        need = self.left_steps / chain  # tokens per chain step the fleet must complete
-        # n + others * (a + n beta) >= need, smallest integer n
-        if need > clients + others * (a + beta * clients):
-            return clients
-        n = (need - others * a) / (1.0 + others * beta)
-        return int(min(clients, max(1, np.ceil(n))))
+        return chain
+
+    def _pacing(self, state) -> int:
+        """:meth:`batch_limit` of ``state``'s instance.
+
+        All instances are paced at once (class Notes, *Chain pacing*): the least horizon ``T`` at
+        which every instance's longest chain, at the largest batch ``n_k`` that lets it finish by
+        ``T``, and the fleet complete the remaining work; found by bisection, cached per moment.
+        When even the longest unfinished chain (not counting its progress) ends within the
+        remaining work at the fleet's full rate at full-batch steps, no instance is paced, and
+        nothing is computed.
+        """
+        heap = self.open_chains
+        while heap and self.finished[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap or -heap[0][0] * max(self.step_full) <= self._horizon_s():
+            return self.step_cost[state.index][2]
+        key = (state.now, len(self.running), self.left_steps)
+        if self._limits is not None and self._limits[0] == key:
+            return self._limits[1][state.index]
+        chains = [self._longest_chain(st) for st in state.engine.states]
+        cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
+        work = self.left_steps
+
+        def batch(T: float) -> list[float]:
+            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, (a, b, c, _) in zip(chains, cost)]
+
+        def tokens(T: float) -> float:
+            # n_k per step while its chain runs, then full batches until T
+            total = 0.0
+            for S, n, (a, b, c, full) in zip(chains, batch(T), cost):
+                busy = S * (a + n * b)
+                total += n * S + max(T - busy, 0.0) * c / full
+            return total
+
+        lo = max(S * (a + b) for S, (a, b, _, _) in zip(chains, cost))  # the longest chain alone
+        hi = lo + max(S * full for S, (_, _, _, full) in zip(chains, cost)) + work / self.fleet_rate
+        if tokens(lo) < work:
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
+            lo = hi
+        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
+        self._limits = (key, limits)
+        return limits[state.index]
 
     def next_request(self, state, client: int) -> int | None:
         if self.dag is None:
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
-        if (self.pace and len(self.step_cost) > 1 and self.ready
-                and state.n_running + len(state.waiting) >= self.batch_limit(state)):
-            return None  # a paced instance: the other instances take this work
         first = self._binding_chain() if self.pace else None
-        if first is not None:
-            self.waiting.discard(first)
-            self.running[first] = (client, state.now)
-            self.n_pending -= 1
-            if self.owner is not None and self.owner[first] != client:
-                self.steals += 1
-            return first
+        fleet = self.pace and len(self.step_cost) > 1
+        limit = self._pacing(state) if fleet and self.ready else np.inf
+        # on a slower instance, a request whose chain would end after the remaining work at the
+        # fleet's rate waits for an instance that runs chains fastest
+        fast = self.chain_fast[state.index] or not self._fast_instance_alive()
+        # a binding chain's head goes out first, where it runs fastest (past the pacing limit: binding
+        # chains gather on the paced instance, where their steps are fast)
+        if first is not None and fast:
+            return self._hand_out(first, client, state.now)
+        if state.n_running + len(state.waiting) >= limit or not self.ready:
+            return None  # paced (the other instances take this work), or nothing is ready
+        too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
+        if limit < self.step_cost[state.index][2]:
+            return self._cheapest_co_runner(state, client, too_long)
+        held = []
         while self.ready:
             key, r = heapq.heappop(self.ready)
             if r in self.waiting and key == self.key[r]:
-                self.waiting.discard(r)
-                self.running[r] = (client, state.now)
-                self.n_pending -= 1
-                if self.owner is not None and self.owner[r] != client:
-                    self.steals += 1
-                return r
+                if self.chain_steps[r] >= too_long:
+                    held.append((key, r))
+                    continue
+                for item in held:
+                    heapq.heappush(self.ready, item)
+                return self._hand_out(r, client, state.now)
+        for item in held:
+            heapq.heappush(self.ready, item)
         return None
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.dag is not None:
             if not self.finished[request] and int(self.component[request]) in self.known:
                 self.left_steps -= float(self.est_steps[request])
+                self.left_requests -= 1
             self.finished[request] = True
             self.running.pop(request, None)
+
+    def successors_to_come(self) -> bool:
+        """Whether requests of the known workflows are unfinished and neither ready nor handed out.
+
+        They wait for predecessors that run now (or for ready ones), so the queue will grow again
+        even when it is empty: an iteration scheduler should not treat an empty queue as the end
+        game. False without precedence.
+        """
+        if self.dag is None:
+            return False
+        return self.left_requests > len(self.waiting) + len(self.running)
 
     def requeue(self, request: int, now: float) -> None:
         if self.dag is None:
