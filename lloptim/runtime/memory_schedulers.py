@@ -434,6 +434,7 @@ class MemoryAwareQueue(RequestScheduler):
         self.owner_keys = False              # an owner wrote the keys (:meth:`rekey`): no replanning
         self._cache: tuple | None = None
         self._refused: tuple | None = None
+        self.refused_step: dict[int, int] = {}  # instance -> decode step of its last refusal
         self.steals = 0
         self.refusals = 0
 
@@ -561,6 +562,25 @@ class MemoryAwareQueue(RequestScheduler):
         rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
+        tokens, steps, floors = self._candidates(state, rows)
+        i = pm.first_fit(tokens, steps, floors)
+        if i < 0 and urgent is not None and pm.t.size:
+            rows, tokens, steps, floors, i = self._backfill(state, pm, ordered, urgent, int(tokens[0]), int(steps[0]),
+                                                            None if floors is None else int(floors[0]))
+        if i < 0:
+            if pm.t.size:
+                self.refusals += 1
+                self._refused = (key, self.n_pending)
+                self.refused_step[state.index] = state.decode_steps
+                return None
+            i = 0  # an empty instance always takes the head
+        self.refused_step.pop(state.index, None)
+        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
+        self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
+        return self._take(int(rows[i]), client)
+
+    def _candidates(self, state, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Context, projected decode steps (start delay included) and reservation of each queued row."""
         room = state.kv_blocks * state.kv_block
         tokens = self.cand_tokens[rows]
         # a request is never projected past the cache: beyond it, preemption is the engine's answer
@@ -568,16 +588,52 @@ class MemoryAwareQueue(RequestScheduler):
         floors = None
         if state.kv_mode == "reserve":
             floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
-        i = pm.first_fit(tokens, steps, floors)
-        if i < 0:
-            if pm.t.size:
-                self.refusals += 1
-                self._refused = (key, self.n_pending)
-                return None
-            i = 0  # an empty instance always takes the head
-        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
-        self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
-        return self._take(int(rows[i]), client)
+        return tokens, steps, floors
+
+    def _backfill(self, state, pm: ProjectedMemory, ordered: np.ndarray, urgent: int, tokens: int, steps: int,
+                  floor: int | None) -> tuple:
+        """Requests that may start while the urgent one waits for memory, without delaying it (EASY backfilling).
+
+        The urgent request gets a *reservation*: the first of the admitted set's completion steps
+        ``s`` after which it fits (the set as projected then, :class:`~lloptim.runtime.kv.ProjectedMemory`).
+        A queued request that fits now and is projected to finish within ``s`` steps holds no memory
+        and no client from ``s`` on, so it cannot push the reservation later (Lifka's EASY rule for
+        parallel job scheduling, with memory as the resource). Without it, the clients idle while
+        the urgent request waits: on 48 heavy-tailed requests over 8 clients the hybrid ran a single
+        request for 73 steps with the cache half empty.
+
+        Returns
+        -------
+        tuple
+            ``(rows, tokens, steps, floors, i)`` of the candidates considered, ``i`` the position of
+            the one to start (-1: none).
+        """
+        f = None if floor is None else np.array([floor], dtype=np.int64)
+        reserve_at = int(pm.rem.max())  # once the whole set has finished, the urgent request fits
+        for tau in pm.taus.tolist():
+            keep = pm.rem > tau
+            later = ProjectedMemory(pm.t[keep] + tau, pm.rem[keep] - tau, pm.cap, pm.B, pm.f[keep])
+            if later.first_fit(np.array([tokens], dtype=np.int64), np.array([steps], dtype=np.int64), f) == 0:
+                reserve_at = int(tau)
+                break
+        rows = ordered[ordered != urgent]
+        if not rows.size:
+            return rows, rows, rows, None, -1
+        c_tokens, c_steps, c_floors = self._candidates(state, rows)
+        short = c_steps <= reserve_at
+        if not short.any():
+            return rows, c_tokens, c_steps, c_floors, -1
+        rows, c_tokens, c_steps = rows[short], c_tokens[short], c_steps[short]
+        c_floors = None if c_floors is None else c_floors[short]
+        return rows, c_tokens, c_steps, c_floors, pm.first_fit(c_tokens, c_steps, c_floors)
+
+    def wants_retry(self, state) -> bool:
+        """Ask again at every decode step after a refusal: a request that did not fit may fit as the
+        running requests near their ends, before any of them finishes."""
+        if self.delegate is not None:
+            return self.delegate.wants_retry(state)
+        step = self.refused_step.get(state.index)
+        return step is not None and state.decode_steps > step
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.delegate is not None:
