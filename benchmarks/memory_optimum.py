@@ -205,7 +205,7 @@ def study_case(sigma: float, rho: float, seed: int, n: int, clients: int, time_l
     mip, mip_dual, mip_status, _ = nonpreemptive_mip(p, o, clients, M, time_limit_s)
     best_policy = min(steps, key=steps.get)
     upper = min(mip, steps[best_policy])
-    lp = preemptive_lower_lp(p, o, clients, M, upper, 10 * time_limit_s) if lower_lp else float("nan")
+    lp = preemptive_lower_lp(p, o, clients, M, upper, max(10 * time_limit_s, 300.0)) if lower_lp else float("nan")
     return {"sigma": sigma, "rho": rho, "seed": seed, "n": n, "clients": clients, "capacity": M,
             "peak": int((p + o).max()), "bound": lb.decode_steps, "bound_clients": lb.decode_steps_clients,
             "bound_memory": lb.decode_steps_memory, "lower_lp": lp, "mip": mip, "mip_dual": mip_dual,
