@@ -259,7 +259,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--clients", type=int, default=8, help="clients (default 8)")
     ap.add_argument("--time-limit", type=float, default=20.0, help="seconds for the non-preemptive MIP (default 20)")
     ap.add_argument("--lower-lp", action="store_true",
-                    help="also solve the time-indexed preemptive LP (minutes per case; never above the bound so far)")
+                    help="also solve the time-indexed preemptive LP (minutes per case; '-' where not solved)")
     ap.add_argument("--full-scale", action="store_true",
                     help="also the benchmark's own 1000-request workloads at rho 1.0: the hybrid's use of both "
                          "resources and the refill yardstick")
@@ -284,7 +284,7 @@ def main(argv=None) -> list[dict]:
                 pol = row["policies"]
                 best = row["best_policy"]
                 print(f"{sigma:>5} {rho:>4} {seed:>4} {row['capacity']:>4} {row['peak']:>4} {row['bound']:>5} "
-                      f"{row['lower_lp']:>6.1f} {row['upper']:>5} {best[:11]:>11} {pol[best]:>5} {pol['hybrid']:>6} "
+                      f"{'-' if np.isnan(row['lower_lp']) else format(row['lower_lp'], '.1f'):>6} {row['upper']:>5} {best[:11]:>11} {pol[best]:>5} {pol['hybrid']:>6} "
                       f"{pol['hybrid-fused']:>7} {row['upper'] / row['bound']:>6.3f} "
                       f"{pol['hybrid-fused'] / row['upper']:>6.3f}", flush=True)
     if rows:
