@@ -426,10 +426,12 @@ class EngineRun:
         then decides when to start them).
 
         As in the simulator, an instance takes requests when it has just freed a client or woken up
-        from idling (``state.dirty``), not at every step.
+        from idling (``state.dirty``), or when the request scheduler asks to be asked again
+        (:meth:`~lloptim.runtime.policy.RequestScheduler.wants_retry`), not at every step.
         """
         s = self.states[k]
-        if not s.dirty:
+        if not s.dirty and not (self.policy is not None and s.idle and self.policy.requests.pending()
+                                and self.policy.requests.wants_retry(s)):
             return []
         s.dirty = False
         if self.policy is None:

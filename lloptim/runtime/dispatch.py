@@ -278,6 +278,11 @@ class HybridDispatch(WorkflowQueue):
             self.holding[client] = (r, state.now)
         return r
 
+    def wants_retry(self, state) -> bool:
+        if self.tail is None and self.delegate is not None:
+            return self.delegate.wants_retry(state)
+        return False
+
     def _live_clients(self) -> int:
         state = self.ctx.extra.get("client_state")
         if state is None:

@@ -542,7 +542,7 @@ class Engine:
             if s.alive == 0:
                 retired.add(k)
                 continue
-            if s.dirty and s.idle and rs.pending():
+            if s.idle and rs.pending() and (s.dirty or rs.wants_retry(s)):
                 self._fill(s, rs)
             if migration is not None and s.idle and not rs.pending():
                 before = s.now

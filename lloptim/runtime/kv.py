@@ -285,6 +285,83 @@ class ProjectedMemory:
         ok = np.flatnonzero(ok)
         return int(ok[0]) if ok.size else -1
 
+    def earliest_start(self, tokens: int, remaining: int, floor: int = 0) -> int:
+        """Steps from now after which a candidate fits: 0, or the first completion step of the set that makes room.
+
+        A candidate started ``d`` steps from now holds ``blocks(max(tokens + tau - d, floor))`` at
+        step ``tau`` in ``(d, d + remaining]``; it fits when that plus the set stays within the
+        capacity at the set's completion steps in its window and at its own last step (as
+        :meth:`fits`, shifted). Fitting becomes possible as members finish, so ``d`` is tried at 0
+        and at each completion step, in one vectorized pass.
+
+        Parameters
+        ----------
+        tokens, remaining, floor
+            The candidate's context (tokens), decode steps (>= 1) and reservation (tokens; 0 in
+            paged mode).
+
+        Returns
+        -------
+        int
+            The offset, decode steps (the set's last completion step if nothing earlier works).
+        """
+        if not self.t.size:
+            return 0
+        r0 = max(int(remaining), 1)
+        d = np.concatenate([[0], self.taus])
+        own = -(-max(int(tokens) + r0, int(floor)) // self.B)
+        ok = own + self.held_at(d + r0) <= self.cap
+        tau = self.taus[None, :]
+        alive = (tau > d[:, None]) & (tau <= d[:, None] + r0)
+        need = -(-np.maximum(int(tokens) + tau - d[:, None], int(floor)) // self.B)
+        ok &= np.all(~alive | (need <= self.margin[None, :]), axis=1)
+        first = np.flatnonzero(ok)
+        return int(d[first[0]]) if first.size else int(self.taus[-1])
+
+    def blocked_for(self, tokens: int, remaining: int, floor: int = 0) -> int:
+        """Steps from now before which a candidate cannot fit (a lower bound on :meth:`earliest_start`), >= 1.
+
+        Started ``d`` steps from now, a candidate holds ``max(tokens + tau - d, floor)`` tokens at
+        step ``tau`` in ``(d, d + remaining]``. At each of the set's completion steps ``tau_i``,
+        with ``m_i`` blocks free, that fits iff ``tokens + tau_i - d <= m_i B`` (and the floor
+        does): so ``d`` in ``[tau_i - remaining, min(tau_i, tau_i + tokens - m_i B))`` is ruled out.
+        Likewise its first step, ``d + 1``: between two completion steps the set's holding only grows,
+        so where it leaves no room for ``blocks(tokens + 1)`` right after a completion, no ``d`` up to
+        the next completion works. The first ``d >= 1`` outside every such interval is returned; the
+        candidate's own last step is not checked, so it may still not fit then. With the smallest context and fewest steps
+        of a queue, no request of the queue fits before it.
+
+        Parameters
+        ----------
+        tokens, remaining, floor
+            The candidate's context (tokens), decode steps (>= 1) and reservation (tokens; 0 in
+            paged mode).
+
+        Returns
+        -------
+        int
+            The offset, decode steps (>= 1).
+        """
+        d = 1
+        if not self.t.size:
+            return d
+        room = self.margin * self.B
+        lo = self.taus - max(int(remaining), 1)
+        hi = np.where(int(floor) > room, self.taus, np.minimum(self.taus, self.taus + int(tokens) - room))
+        # its first step: between two completion steps the set only grows, so if the cache is too
+        # full for the candidate's first step right after a completion, it is until the next one
+        start = np.concatenate([[0], self.taus[:-1]])
+        first = -(-max(int(tokens) + 1, int(floor)) // self.B)
+        full = self.held_at(start + 1) + first > self.cap
+        lo = np.concatenate([lo, start[full]])
+        hi = np.concatenate([hi, self.taus[full]])
+        keep = hi > lo
+        for a, b in sorted(zip(lo[keep].tolist(), hi[keep].tolist())):
+            if a > d:
+                break  # sorted by start: d is outside every interval that starts later
+            d = max(d, b)
+        return d
+
     def add(self, tokens: int, remaining: int, floor: int = 0) -> None:
         """Add one admitted request to the set.
 

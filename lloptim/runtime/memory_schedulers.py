@@ -283,6 +283,12 @@ UNKNOWN_PROJECTION = (0.85, 0.3)
 #: ``rho`` at which the planned order is fully spread, and at which it is longest first (see :func:`spread_weight`).
 SPREAD_FULL_AT = (1.0, 1.8)
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+#: Longest wait between two retries of an instance whose queue keeps refusing (decode steps): the
+#: wait doubles from 1 with each refusal in a row (a finish makes the engine ask anyway), so a run
+#: whose cache stays full does not evaluate the projection at every step. Retrying at every step
+#: made memory-bound runs 2-5 times slower; waits of up to 2, 4 or 8 steps gave makespans within
+#: 0.2 points of it (``benchmarks/memory.py`` workloads, sigma 1.0-1.5, rho 1.0-2.0), 8 the fastest.
+RETRY_BACKOFF_MAX = 8
 #: Growth of the known requests (factor) that triggers a new planned order (``order="planned"``) as
 #: requests arrive: the order of the requests known so far, at amortized O(log n) per request.
 REPLAN_GROWTH = 1.5
@@ -434,6 +440,8 @@ class MemoryAwareQueue(RequestScheduler):
         self.owner_keys = False              # an owner wrote the keys (:meth:`rekey`): no replanning
         self._cache: tuple | None = None
         self._refused: tuple | None = None
+        self.retry_step: dict[int, int] = {}  # instance -> decode step at which a refused request may fit
+        self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
         self.steals = 0
         self.refusals = 0
 
@@ -561,6 +569,30 @@ class MemoryAwareQueue(RequestScheduler):
         rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
+        tokens, steps, floors = self._candidates(state, rows)
+        i = pm.first_fit(tokens, steps, floors)
+        if i < 0 and urgent is not None and pm.t.size:
+            rows, tokens, steps, floors, i = self._backfill(state, pm, ordered, urgent, int(tokens[0]), int(steps[0]),
+                                                            None if floors is None else int(floors[0]))
+        if i < 0:
+            if pm.t.size:
+                self.refusals += 1
+                self._refused = (key, self.n_pending)
+                # ask again when a queued request can first fit, backing off while refusals repeat
+                back = self.retry_backoff.get(state.index, 1)
+                self.retry_step[state.index] = state.decode_steps + max(back, self._blocked_for(
+                    state, pm, ordered[:1] if self.rule == "prefix" else ordered, urgent))
+                self.retry_backoff[state.index] = min(2 * back, RETRY_BACKOFF_MAX)
+                return None
+            i = 0  # an empty instance always takes the head
+        self.retry_step.pop(state.index, None)
+        self.retry_backoff.pop(state.index, None)
+        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
+        self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
+        return self._take(int(rows[i]), client)
+
+    def _candidates(self, state, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Context, projected decode steps (start delay included) and reservation of each queued row."""
         room = state.kv_blocks * state.kv_block
         tokens = self.cand_tokens[rows]
         # a request is never projected past the cache: beyond it, preemption is the engine's answer
@@ -568,16 +600,65 @@ class MemoryAwareQueue(RequestScheduler):
         floors = None
         if state.kv_mode == "reserve":
             floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
-        i = pm.first_fit(tokens, steps, floors)
-        if i < 0:
-            if pm.t.size:
-                self.refusals += 1
-                self._refused = (key, self.n_pending)
-                return None
-            i = 0  # an empty instance always takes the head
-        pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
-        self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
-        return self._take(int(rows[i]), client)
+        return tokens, steps, floors
+
+    def _blocked_for(self, state, pm: ProjectedMemory, rows: np.ndarray, urgent: int | None) -> int:
+        """Decode steps before which none of ``rows`` (or the urgent request) can fit, >= 1: when to ask again.
+
+        A lower bound from the smallest context and the fewest steps among the candidates
+        (:meth:`~lloptim.runtime.kv.ProjectedMemory.blocked_for`): asking earlier would only be
+        refused again. A finish before then makes the engine ask anyway.
+        """
+        if urgent is not None:
+            t, st, fl = self._candidates(state, np.array([urgent], dtype=np.int64))
+            d = pm.blocked_for(int(t[0]), int(st[0]), 0 if fl is None else int(fl[0]))
+            rows = rows[rows != urgent]
+            if not rows.size:
+                return d
+        else:
+            d = None
+        t, st, fl = self._candidates(state, rows)
+        d_rows = pm.blocked_for(int(t.min()), int(st.min()), 0 if fl is None else int(fl.min()))
+        return d_rows if d is None else min(d, d_rows)
+
+    def _backfill(self, state, pm: ProjectedMemory, ordered: np.ndarray, urgent: int, tokens: int, steps: int,
+                  floor: int | None) -> tuple:
+        """Requests that may start while the urgent one waits for memory, without delaying it (EASY backfilling).
+
+        The urgent request gets a *reservation*: the first of the admitted set's completion steps
+        ``s`` after which it fits (the set as projected then, :class:`~lloptim.runtime.kv.ProjectedMemory`).
+        A queued request that fits now and is projected to finish within ``s`` steps holds no memory
+        and no client from ``s`` on, so it cannot push the reservation later (Lifka's EASY rule for
+        parallel job scheduling, with memory as the resource). Without it, the clients idle while
+        the urgent request waits: on 48 heavy-tailed requests over 8 clients the hybrid ran a single
+        request for 73 steps with the cache half empty.
+
+        Returns
+        -------
+        tuple
+            ``(rows, tokens, steps, floors, i)`` of the candidates considered, ``i`` the position of
+            the one to start (-1: none).
+        """
+        reserve_at = pm.earliest_start(tokens, steps, 0 if floor is None else floor)
+        rows = ordered[ordered != urgent]
+        if not rows.size:
+            return rows, rows, rows, None, -1
+        c_tokens, c_steps, c_floors = self._candidates(state, rows)
+        short = c_steps <= reserve_at
+        if not short.any():
+            return rows, c_tokens, c_steps, c_floors, -1
+        rows, c_tokens, c_steps = rows[short], c_tokens[short], c_steps[short]
+        c_floors = None if c_floors is None else c_floors[short]
+        return rows, c_tokens, c_steps, c_floors, pm.first_fit(c_tokens, c_steps, c_floors)
+
+    def wants_retry(self, state) -> bool:
+        """Ask again after a refusal, from the first decode step at which some queued request can fit
+        (:meth:`~lloptim.runtime.kv.ProjectedMemory.blocked_for`): a request that did not fit may
+        fit as the running requests near their ends, before any of them finishes."""
+        if self.delegate is not None:
+            return self.delegate.wants_retry(state)
+        step = self.retry_step.get(state.index)
+        return step is not None and state.decode_steps >= step
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.delegate is not None:

@@ -178,6 +178,26 @@ class RequestScheduler:
         """
         raise NotImplementedError
 
+    def wants_retry(self, state: "InstanceState") -> bool:
+        """Whether ``state``'s idle clients should ask again although nothing finished since they last asked.
+
+        The engine asks idle clients for work when the instance's state changed (a finish, a
+        preemption, a request becoming ready). A scheduler that refused a request because it does
+        not fit *yet* (the running requests' projected KV memory shrinks as they near their ends)
+        says so here, and the engine asks again before the next iteration. Default: False.
+
+        Parameters
+        ----------
+        state
+            The instance whose clients are idle.
+
+        Returns
+        -------
+        bool
+            Whether to ask again now.
+        """
+        return False
+
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         """``request`` finished on ``client`` at ``now`` seconds after ``output_tokens`` tokens.
 
