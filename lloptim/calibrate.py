@@ -61,7 +61,8 @@ from lloptim.hardware import HardwareProfile, LatencyModel
 
 __all__ = ["CalibrationPoint", "Calibration", "fit_prefill", "fit_decode", "calibrate", "fit_engine_steps",
            "calibrate_engine", "calibration_workload", "CALIBRATION_POLICIES", "DEFAULT_KV_CAPACITY_TOKENS",
-           "DEFAULT_CLIENTS", "fit_steps", "calibrate_serving", "SERVING_CALIBRATION_POLICIES"]
+           "DEFAULT_CLIENTS", "fit_steps", "calibrate_serving", "SERVING_CALIBRATION_POLICIES", "price_steps",
+           "engine_steps"]
 
 #: KV capacity written into a calibrated profile unless told otherwise, tokens.
 DEFAULT_KV_CAPACITY_TOKENS = 16384
@@ -426,18 +427,15 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
     kinds, dur, tok, dec, kv, prefix = [], [], [], [], [], []
     clocks, dense = set(), set()
     for res in results:
-        extra = res.extra or {}
-        if "trace_decodes" not in extra or "trace_decode_kv_tokens" not in extra:
-            raise SpecError("results", "a run without engine step details (trace_decodes, trace_decode_kv_tokens)",
-                            "calibrate from runs of lloptim.engines")
-        kinds.append(res.trace_kind)
-        dur.append(res.trace_duration_s)
-        tok.append(res.trace_prefill_tokens)
-        dec.append(extra["trace_decodes"])
-        kv.append(extra["trace_decode_kv_tokens"])
-        prefix.append(extra.get("trace_chunk_prefix_tokens", np.zeros(len(res.trace_kind), dtype=np.int64)))
-        clocks.add(extra.get("clock", "wall"))
-        dense.add(bool(extra.get("dense_attention", False)))
+        st = engine_steps(res)
+        kinds.append(st["kind"])
+        dur.append(st["duration_s"])
+        tok.append(st["prompt_tokens"])
+        dec.append(st["decodes"])
+        kv.append(st["kv_tokens"])
+        prefix.append(st["prefix_tokens"])
+        clocks.add(res.extra.get("clock", "wall"))
+        dense.add(bool(res.extra.get("dense_attention", False)))
     if not kinds or sum(len(k) for k in kinds) == 0:
         raise SpecError("results", "no engine steps to fit", "serve some requests first")
     if len(dense) > 1:
@@ -447,6 +445,65 @@ def fit_engine_steps(results, kv_capacity_tokens: int | None = None) -> Calibrat
                      np.concatenate(kv), clock=clocks.pop() if len(clocks) == 1 else "mixed",
                      kv_capacity_tokens=kv_capacity_tokens, prefix_tokens=np.concatenate(prefix),
                      dense_attention=dense.pop())
+
+
+def price_steps(latency: LatencyModel, kind, prompt_tokens, decodes, kv_tokens, prefix_tokens=None) -> np.ndarray:
+    """Each served step's time under ``latency``, priced as the simulator prices it.
+
+    Parameters
+    ----------
+    latency
+        The latency model (e.g. a calibration's).
+    kind, prompt_tokens, decodes, kv_tokens, prefix_tokens
+        One entry per step, as for :func:`fit_steps`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Seconds per step: a prefill (or a mixed step without decodes) ``prefill_base_s +
+        prefill_per_token_s * prompt``; otherwise the decode plus ``prefill_per_token_s * prompt``;
+        both plus the dense batch attention (0 unless the model has it).
+    """
+    kind = np.asarray(kind, dtype=np.int64)
+    tok = np.asarray(prompt_tokens, dtype=np.float64)
+    dec = np.asarray(decodes, dtype=np.float64)
+    kv = np.asarray(kv_tokens, dtype=np.float64)
+    prefix = np.zeros_like(kv) if prefix_tokens is None else np.asarray(prefix_tokens, dtype=np.float64)
+    lat = latency
+    prefill = lat.prefill_base_s + lat.prefill_per_token_s * tok
+    decode = lat.decode_base_s + lat.decode_per_seq_s * dec + lat.decode_per_kv_token_s * kv + lat.prefill_per_token_s * tok
+    prefill_like = (kind == 0) | (dec == 0)
+    return np.where(prefill_like, prefill, decode) + lat.dense_attention_time(dec + tok, kv + prefix)
+
+
+def engine_steps(result) -> dict[str, np.ndarray]:
+    """The served steps of an engine run, as :func:`fit_steps` and :func:`price_steps` take them.
+
+    Parameters
+    ----------
+    result
+        A :class:`~lloptim.runtime.engine.RunResult` of :func:`~lloptim.engines.serve.serve_engine`.
+
+    Returns
+    -------
+    dict
+        ``kind``, ``duration_s``, ``prompt_tokens``, ``decodes``, ``kv_tokens``, ``prefix_tokens``:
+        one entry per step.
+
+    Raises
+    ------
+    SpecError
+        A run without engine step details (a simulated run).
+    """
+    extra = result.extra or {}
+    if "trace_decodes" not in extra or "trace_decode_kv_tokens" not in extra:
+        raise SpecError("results", "a run without engine step details (trace_decodes, trace_decode_kv_tokens)",
+                        "calibrate from runs of lloptim.engines")
+    n = len(result.trace_kind)
+    return {"kind": result.trace_kind, "duration_s": result.trace_duration_s,
+            "prompt_tokens": result.trace_prefill_tokens, "decodes": extra["trace_decodes"],
+            "kv_tokens": extra["trace_decode_kv_tokens"],
+            "prefix_tokens": extra.get("trace_chunk_prefix_tokens", np.zeros(n, dtype=np.int64))}
 
 
 def fit_steps(kind, duration_s, prompt_tokens, decodes, kv_tokens, clock: str = "wall",
@@ -537,8 +594,7 @@ def fit_steps(kind, duration_s, prompt_tokens, decodes, kv_tokens, clock: str = 
         return 1.0 - float(np.sum((y - pred[sel]) ** 2)) / ss if ss > 0 else 1.0
 
     # every single step against the fit: what a prediction built on it can hope for
-    step_pred = (np.where(kind == 0, x[0] + x[1] * tok, x[2] + x[3] * dec + x[4] * kv + x[1] * tok)
-                 + lat.dense_attention_per_pair_s * pairs)
+    step_pred = price_steps(lat, kind, tok, dec, kv, prefix)
     step_err = np.abs(step_pred - dur) / dur
     names = {0: "prefill", 1: "decode", 2: "mixed"}
     points = [CalibrationPoint(names[int(g_kind[g])], int(g_dec[g]) if g_kind[g] else 0,
