@@ -27,14 +27,17 @@ The rounds serve identical runs, so the spread of one run's makespan over the ro
 ``(max - min) / median``, is the machine's noise floor for that run, measured. Prints, per engine
 and policy, the prediction error of every run (median and largest ``|error|``, share within 10 %),
 the largest schedule error, the cost error, the speed-corrected error, and per engine the noise
-floor; writes ``benchmarks/results/engine_prediction.json`` with every run.
+floor, and the errors of runs started on a quiet and on a busy machine (1-minute load average
+against the cores; the load and the CPU pressure are recorded with every run); writes
+``benchmarks/results/engine_prediction.json`` with every run.
 
 Usage::
 
     python benchmarks/engine_prediction.py [--engines vllm,hf,torch] [--repeats 3] [--seeds 0,1]
-        [--sizes 64,128] [--clients 16] [--quick]
+        [--sizes 64,128] [--clients 16] [--quick] [--update]
 
-``--quick`` is one seed, one size (64), two rounds. Times are CPU seconds of the serving process
+``--quick`` is one seed, one size (64), two rounds; ``--update`` reruns only ``--engines`` and keeps
+the other engines' runs in ``--out``. Times are CPU seconds of the serving process
 (``--clock cpu``, the default on CPU), each engine with one torch thread.
 """
 
@@ -171,6 +174,19 @@ class TorchSubject:
         self.model = None
 
 
+def machine_load() -> dict:
+    """The machine's load when a run starts: 1-minute load average and CPU pressure (share of time waiting)."""
+    import os
+
+    out = {"loadavg_1m": os.getloadavg()[0], "cpu_pressure_avg10": None}
+    try:  # Linux pressure stall information: "some avg10=12.34 ..."
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        out["cpu_pressure_avg10"] = float(first.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
 def study(subject, workloads, repeats: int, log) -> list[dict]:
     """Every (round, workload, policy) run of ``subject`` with its prediction, decomposition and drift."""
     rows = []
@@ -183,6 +199,7 @@ def study(subject, workloads, repeats: int, log) -> list[dict]:
         for kind, seed, size, w in workloads:
             problem = _problem(w, subject.args.clients)
             for policy in subject.policies:
+                load = machine_load()
                 before = subject.probe()
                 measured, predicted, replay, steps, sim_steps = subject.serve(problem, policy, profile)
                 after = subject.probe()
@@ -193,7 +210,7 @@ def study(subject, workloads, repeats: int, log) -> list[dict]:
                        "cost_error": replay / measured - 1, "drift": drift,
                        "corrected_error": predicted * drift / measured - 1, "steps": steps, "sim_steps": sim_steps,
                        "calibration_step_median_rel_error": cal.extra["step_median_rel_error"],
-                       "latency": profile.latency.coefficients()}
+                       "latency": profile.latency.coefficients(), **load}
                 rows.append(row)
                 log(f"  {kind:12s} s{seed} n{size:<4d} {policy:14s} measured {measured:6.3f} s predicted "
                     f"{predicted:6.3f} s error {100 * row['error']:+6.1f} % (schedule "
@@ -224,10 +241,13 @@ def summarize_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             if len(m) > 1:
                 spreads.append((max(m) - min(m)) / float(np.median(m)))
         drift = [r["drift"] for r in mine]
+        loads = [r.get("loadavg_1m") for r in mine if r.get("loadavg_1m") is not None]
         noise.append({"engine": eng, "configurations": len(spreads),
                       "median_spread": float(np.median(spreads)) if spreads else None,
                       "max_spread": float(np.max(spreads)) if spreads else None,
-                      "drift_min": float(min(drift)), "drift_max": float(max(drift))})
+                      "drift_min": float(min(drift)), "drift_max": float(max(drift)),
+                      "loadavg_min": float(min(loads)) if loads else None,
+                      "loadavg_max": float(max(loads)) if loads else None})
     return table, noise
 
 
@@ -243,6 +263,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="one seed, size 64, two rounds")
     ap.add_argument("--out", type=Path, default=RESULTS / "engine_prediction.json")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the runs of the other engines already in --out (same settings), replace these")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.sizes, args.repeats = "0", "64", 2
@@ -276,6 +298,14 @@ def main() -> None:
             rows += study(subject, wls, args.repeats, lambda s: print(s, flush=True))
         finally:
             subject.close()
+    if args.update and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        same = all(old.get(k) == v for k, v in (("model", args.model), ("clients", args.clients),
+                                                 ("clock", args.clock), ("repeats", args.repeats),
+                                                 ("seeds", seeds), ("sizes", sizes)))
+        if not same:
+            raise SystemExit(f"--update: {args.out} was written with other settings; rerun every engine")
+        rows = [r for r in old["runs"] if r["engine"] not in names] + rows
     table, noise = summarize_rows(rows)
     out = {"model": args.model, "clients": args.clients, "clock": args.clock, "repeats": args.repeats,
            "seeds": seeds, "sizes": sizes, "wall_s": time.perf_counter() - t_all, "summary": table,
@@ -298,6 +328,18 @@ def main() -> None:
             print(f"{n['engine']:6s} {n['configurations']} runs repeated: median spread "
                   f"{100 * n['median_spread']:.1f} %, largest {100 * n['max_spread']:.1f} %; probe drift "
                   f"{n['drift_min']:.2f}-{n['drift_max']:.2f}x")
+    loaded = [r for r in rows if r.get("loadavg_1m") is not None]
+    if loaded:
+        import os
+
+        cores = os.cpu_count() or 1
+        for name, sel in (("quiet", [r for r in loaded if r["loadavg_1m"] <= cores]),
+                          ("busy", [r for r in loaded if r["loadavg_1m"] > cores])):
+            if sel:
+                e = np.abs([r["error"] for r in sel])
+                print(f"{name} machine (1-minute load {'<=' if name == 'quiet' else '>'} {cores} cores): {len(sel)} runs, "
+                      f"|error| median {100 * np.median(e):.1f} %, max {100 * e.max():.1f} %, "
+                      f"within 10 % {100 * np.mean(e <= 0.1):.0f} %")
     print(f"results: {args.out} ({out['wall_s']:.0f} s)")
 
 

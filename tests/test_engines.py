@@ -370,3 +370,20 @@ def test_fit_engine_steps_recovers_the_dense_attention_term():
         again = load_profile(save_profile(cal.to_profile(kv_capacity_tokens=1 << 16, clients=6),
                                           Path(tmp) / "dense.toml"))
     assert again.latency.dense_attention_per_pair_s == pytest.approx(cal.latency.dense_attention_per_pair_s)
+
+
+@pytest.mark.parametrize("latency", [LAT, DENSE], ids=["per-request", "dense"])
+@pytest.mark.parametrize("policy", [ENGINE_DEFAULT, "baseline", "sarathi", "hybrid-fused"])
+def test_price_steps_prices_a_run_as_the_simulator_does(policy, latency):
+    """Replaying an engine run's own steps with the model that priced them gives every step's time back."""
+    from lloptim.calibrate import engine_steps, price_steps
+
+    problem = _problem(23, n=24, clients=4)
+    res = serve_engine(problem, policy, [FakeEngine(latency, 4, 4096, budget=64)])
+    st = engine_steps(res)
+    got = price_steps(latency, st["kind"], st["prompt_tokens"], st["decodes"], st["kv_tokens"], st["prefix_tokens"])
+    assert got == pytest.approx(res.trace_duration_s, rel=1e-12)
+    with pytest.raises(SpecError, match="engine step details"):
+        from lloptim.simulator import run_policy
+
+        engine_steps(run_policy(problem, "baseline"))
