@@ -566,6 +566,8 @@ def write_engine_prediction(out: Path) -> bool:
                   f"     - {100 * r['median_abs_corrected_error']:.1f} / {100 * r['max_abs_corrected_error']:.1f} %"]
     lines += ["", "The machine's own noise, measured: the same run's makespan over the rounds varied by"]
     parts = [f"{100 * x['median_spread']:.1f} % in the median (at most {100 * x['max_spread']:.1f} %) on {x['engine']}"
+             + (f" (1-minute load {x['loadavg_min']:.1f} to {x['loadavg_max']:.1f})"
+                if x.get("loadavg_min") is not None else "")
              for x in d["noise_floor"] if x.get("median_spread") is not None]
     lines += ["; ".join(parts) + "."]
     _write(out / "engine_prediction.inc", "\n".join(lines) + "\n")
