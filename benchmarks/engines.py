@@ -58,6 +58,16 @@ def _engine(name: str, args, clients: int):
                     seed=args.seed)
 
 
+def _calibration_workload(args):
+    """``--calibration-requests`` GSM8K train requests, or None: the calibration's default (3 waves of clients)."""
+    n = getattr(args, "calibration_requests", None)
+    if not n:
+        return None
+    from lloptim.calibrate import calibration_workload
+
+    return calibration_workload(n, seed=args.seed)
+
+
 def bench_engine(name: str, problem, args) -> list[dict]:
     """Default scheduler vs the hybrids on one engine, each run predicted by the engine's own calibration.
 
@@ -69,26 +79,27 @@ def bench_engine(name: str, problem, args) -> list[dict]:
     from lloptim.engines.serve import predict_engine_run, serve_engine, with_profile
     from lloptim.metrics import summarize
 
+    policies = tuple(getattr(args, "policies", None) or ENGINE_POLICIES)
     eng = _engine(name, args, args.clients)
     try:
         cap = eng.kv_layout.capacity_tokens
-        runs: dict[str, list] = {p: [] for p in ENGINE_POLICIES}
+        runs: dict[str, list] = {p: [] for p in policies}
         cal_s, cal_err = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            cal, _ = calibrate_engine([eng], clock=args.clock, seed=args.seed)
+            cal, _ = calibrate_engine([eng], workload=_calibration_workload(args), clock=args.clock, seed=args.seed)
             cal_s.append(time.perf_counter() - t0)
             cal_err.append(cal.extra["step_median_rel_error"])
             profile = cal.to_profile(kv_capacity_tokens=cap, clients=args.clients)
             prob = with_profile(problem, profile, [cap])
-            for pol in ENGINE_POLICIES:
+            for pol in policies:
                 res = serve_engine(prob, pol, [eng], clock=args.clock, seed=args.seed)
                 pred = predict_engine_run(prob, pol, profile, token_budget=eng.token_budget, seed=args.seed,
                                           like=res).makespan_s
                 runs[pol].append((res, pred))
-        tokens = {pol: runs[pol][0][0].extra["tokens"] for pol in ENGINE_POLICIES}
+        tokens = {pol: runs[pol][0][0].extra["tokens"] for pol in policies}
         rows = []
-        for pol in ENGINE_POLICIES:
+        for pol in policies:
             spans = [r.makespan_s for r, _ in runs[pol]]
             errors = [(p - r.makespan_s) / r.makespan_s for r, p in runs[pol]]
             mid = int(np.argsort(spans)[len(spans) // 2])
@@ -100,7 +111,7 @@ def bench_engine(name: str, problem, args) -> list[dict]:
                          "predicted_s": pred, "rel_error": (pred - m.makespan_s) / m.makespan_s,
                          "rel_errors": errors, "preemptions": int(med.extra["preemptions"]),
                          "plan_deviations": int(med.extra["plan_deviations"]),
-                         "same_tokens_as_default": all(runs[pol][i][0].extra["tokens"] == tokens["engine-default"]
+                         "same_tokens_as_default": all(runs[pol][i][0].extra["tokens"] == tokens[policies[0]]
                                                        for i in range(len(spans))),
                          "calibration_s": float(np.median(cal_s)),
                          "calibration_step_median_rel_error": float(np.median(cal_err))})
@@ -126,10 +137,13 @@ def bench_torch(problem, args) -> list[dict]:
     clock = args.clock if args.device != "cuda" else "wall"
     model = load_model(args.model, args.device, args.dtype, args.seed)
     t0 = time.perf_counter()
-    cal, _ = calibrate_serving(model, clients=args.clients, clock=clock, seed=args.seed)
+    cal, _ = calibrate_serving(model, clients=args.clients, clock=clock, seed=args.seed,
+                               workload=_calibration_workload(args))
     cal_s = time.perf_counter() - t0
-    grid = calibrate(model, clock=clock, prefill_batches=(1, 4, 16), prefill_lengths=(32, 96, 192),
-                     decode_batches=(1, 4, 16, 32), decode_contexts=(64, 192, 320), repeats=3)
+    grid = None
+    if getattr(args, "grid", True):
+        grid = calibrate(model, clock=clock, prefill_batches=(1, 4, 16), prefill_lengths=(32, 96, 192),
+                         decode_batches=(1, 4, 16, 32), decode_contexts=(64, 192, 320), repeats=3)
     profile = cal.to_profile(kv_capacity_tokens=1 << 22, clients=args.clients)
     prob = with_profile(problem, profile, [1 << 22])
     spans, results = [], []
@@ -140,13 +154,17 @@ def bench_torch(problem, args) -> list[dict]:
     med = results[int(np.argsort(spans)[len(spans) // 2])]
     m = summarize(med)
     pred = run_policy(prob, "hybrid").makespan_s
-    pred_grid = run_policy(with_profile(problem, grid.to_profile(kv_capacity_tokens=1 << 22, clients=args.clients),
-                                        [1 << 22]), "hybrid").makespan_s
+    pred_grid = None
+    if grid is not None:
+        pred_grid = run_policy(with_profile(problem, grid.to_profile(kv_capacity_tokens=1 << 22,
+                                                                     clients=args.clients), [1 << 22]),
+                               "hybrid").makespan_s
     return [{"engine": "torch", "scheduler": "hybrid", "makespan_s": m.makespan_s, "min_s": min(spans),
              "max_s": max(spans), "tokens_per_s": m.throughput_tokens_per_s, "utilization": m.utilization,
              "steps": int(len(med.trace_kind)), "predicted_s": pred, "rel_error": (pred - m.makespan_s) / m.makespan_s,
              "rel_errors": [(pred - s) / s for s in spans], "predicted_grid_s": pred_grid,
-             "rel_error_grid": (pred_grid - m.makespan_s) / m.makespan_s, "calibration_s": cal_s,
+             "rel_error_grid": None if pred_grid is None else (pred_grid - m.makespan_s) / m.makespan_s,
+             "calibration_s": cal_s,
              "calibration_step_median_rel_error": cal.extra["step_median_rel_error"],
              "preemptions": 0, "plan_deviations": 0, "same_tokens_as_default": None}]
 
@@ -168,6 +186,9 @@ def bench_generate(problem, args) -> list[dict]:
                                                  attn_implementation="sdpa").to(dev).eval()
     w = problem.workload
     order = np.argsort(w.arrival_s, kind="stable")
+    with torch.inference_mode():  # untimed: first kernels, allocator, (on CUDA) the context
+        model.generate(input_ids=torch.ones((2, 8), dtype=torch.long, device=dev), max_new_tokens=2,
+                       min_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
     spans = []
     for _ in range(args.repeats):
         total = 0.0
@@ -242,6 +263,8 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration-requests", type=int, default=None,
+                    help="GSM8K train requests per calibration (default: three waves of the clients, at least 48)")
     ap.add_argument("--out", type=Path, default=RESULTS / "engines.json")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -296,12 +319,14 @@ def main() -> None:
         return
     print(title)
     print(f"{'engine':9s} {'scheduler':16s} {'makespan s':>10s} {'(min-max)':>15s} {'tok/s':>8s} {'pred s':>8s} "
-          f"{'error':>7s}")
+          f"{'error':>7s} {'every run':>15s}")
     for r in rows:
         pred = f"{r['predicted_s']:8.3f}" if r["predicted_s"] is not None else f"{'n/a':>8s}"
         err = f"{100 * r['rel_error']:+6.1f}%" if r["rel_error"] is not None else f"{'':>7s}"
+        errs = r.get("rel_errors") or []
+        spread = f"{100 * min(errs):+5.1f}..{100 * max(errs):+5.1f}%" if errs else ""
         print(f"{r['engine']:9s} {r['scheduler'][:16]:16s} {r['makespan_s']:10.3f} "
-              f"({r['min_s']:6.3f}-{r['max_s']:6.3f}) {r['tokens_per_s']:8.0f} {pred} {err}")
+              f"({r['min_s']:6.3f}-{r['max_s']:6.3f}) {r['tokens_per_s']:8.0f} {pred} {err} {spread:>15s}")
     for name in ("vllm", "hf"):
         by = {r["scheduler"]: r for r in rows if r["engine"] == name}
         if by:

@@ -6,7 +6,12 @@ The latency model (see ``../shared/design/paper.md`` and the docs' *Concepts* pa
   ``t_p(P) = prefill_base_s + prefill_per_token_s * sum(prompt_tokens[r] for r in P)`` seconds;
 * a **decode** iteration of the running set ``D`` takes
   ``t_d(D) = decode_base_s + decode_per_seq_s * |D| + decode_per_kv_token_s * sum(kv_tokens[r] for r in D)``
-  seconds, where ``kv_tokens[r]`` is the number of tokens already in ``r``'s KV cache.
+  seconds, where ``kv_tokens[r]`` is the number of tokens already in ``r``'s KV cache;
+* an engine whose attention is one dense masked matrix over the whole batch (transformers' paged
+  ``sdpa`` path) also pays ``dense_attention_per_pair_s * Q * (Q + K)`` per iteration, ``Q`` its query
+  tokens and ``K`` the cached KV tokens it reads (:meth:`LatencyModel.dense_attention_time`; 0 for
+  engines that attend per request). The simulator charges it; planning (bounds, prices) uses the
+  linear terms, which stay a valid lower estimate.
 
 Profiles are TOML files; the built-in ``llama-65b`` profile ships inside the package and was fitted
 so that the baseline policy on the GSM8K test split reproduces the paper's baseline (see
@@ -57,6 +62,11 @@ class LatencyModel:
     kv_transfer_per_token_s
         Cost per KV-cache token moved between instances (cache bytes per token over the
         interconnect bandwidth), seconds per token; ``None`` as above.
+    dense_attention_per_pair_s
+        Cost per (query token, key token) pair of an iteration whose attention is computed as one
+        dense masked matrix over the whole batch, as transformers' paged ``sdpa`` path does (every
+        query against every key the batch reads); seconds per pair. 0 (the default) for engines
+        that attend per request (vLLM, lloptim's torch backend, the paper's profile).
     """
 
     prefill_base_s: float
@@ -66,6 +76,7 @@ class LatencyModel:
     decode_per_kv_token_s: float
     kv_transfer_base_s: float | None = None
     kv_transfer_per_token_s: float | None = None
+    dense_attention_per_pair_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.kv_transfer_base_s is None) != (self.kv_transfer_per_token_s is None):
@@ -107,6 +118,37 @@ class LatencyModel:
             ``decode_base_s + decode_per_seq_s * n_running + decode_per_kv_token_s * kv_tokens``, seconds.
         """
         return self.decode_base_s + self.decode_per_seq_s * n_running + self.decode_per_kv_token_s * kv_tokens
+
+    def coefficients(self) -> dict[str, float]:
+        """The coefficients a profile writes: the five iteration terms and the optional ones that are set.
+
+        Returns
+        -------
+        dict
+            Coefficient name -> seconds (per token, request or pair); ``kv_transfer_*`` left out when
+            ``None`` and ``dense_attention_per_pair_s`` when 0, so profiles without them read as before.
+        """
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and not (k == "dense_attention_per_pair_s" and v == 0)}
+
+    def dense_attention_time(self, query_tokens: float, cached_tokens: float) -> float:
+        """Seconds of an iteration's dense batch attention (0 unless ``dense_attention_per_pair_s`` is set).
+
+        Parameters
+        ----------
+        query_tokens
+            Tokens the iteration feeds the model: one per decoding request plus the prompt tokens,
+            tokens.
+        cached_tokens
+            KV tokens already cached that the iteration reads (the decoding requests' caches and
+            the prompt chunks prefilled before), tokens.
+
+        Returns
+        -------
+        float
+            ``dense_attention_per_pair_s * query_tokens * (query_tokens + cached_tokens)``, seconds.
+        """
+        return self.dense_attention_per_pair_s * query_tokens * (query_tokens + cached_tokens)
 
     @property
     def can_transfer(self) -> bool:
@@ -231,7 +273,7 @@ class HardwareProfile:
         out: dict[str, Any] = {
             "name": self.name, "description": self.description,
             "kv_capacity_tokens": self.kv_capacity_tokens, "clients": self.clients,
-            "latency": {k: v for k, v in asdict(self.latency).items() if v is not None},
+            "latency": self.latency.coefficients(),
         }
         if self.meta:
             out["meta"] = self.meta

@@ -52,6 +52,8 @@ class FakeEngine:
         self.max_chunk = max_chunk
         self.stall = stall
         self.preempts = preempt
+        # attention as one dense matrix over the batch, as transformers' sdpa path (priced if set)
+        self.dense_attention = getattr(latency, "dense_attention_per_pair_s", 0.0) > 0
         self.run: EngineRun | None = None
         self.k = 0
         self.waiting: list[FakeRequest] = []
@@ -136,7 +138,9 @@ class FakeEngine:
                 budget -= n
         # execute: price the step as the simulator does
         kv = sum(r.computed for r in decodes)
-        prompt_tokens = sum(n for row, n in work.items() if all(d.row != row for d in decodes))
+        chunked = [r for r in self.running if r.row in work and r not in decodes]
+        prompt_tokens = sum(work[r.row] for r in chunked)
+        prefix = sum(r.computed for r in chunked)  # prompt tokens the chunks had cached before
         lat = self.latency
         if not work:
             dur = 0.0
@@ -144,6 +148,8 @@ class FakeEngine:
             dur = lat.decode_time(len(decodes), kv) + lat.prefill_per_token_s * prompt_tokens
         else:
             dur = lat.prefill_time(prompt_tokens)
+        if work:
+            dur += lat.dense_attention_time(len(decodes) + prompt_tokens, kv + prefix)
         finished = {}
         for r in list(self.running):
             n = work.get(r.row)

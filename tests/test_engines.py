@@ -6,6 +6,10 @@ prices them with a latency model, so an engine run over it must reproduce the si
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,9 +19,9 @@ from fake_engine import FakeEngine
 from lloptim import Problem, Workload, summarize
 from lloptim.calibrate import fit_engine_steps
 from lloptim.engines.common import ENGINE_DEFAULT, EngineError, EngineRun, KVLayout, engine_problem
-from lloptim.engines.serve import predict_engine_run, serve_engine
+from lloptim.engines.serve import predict_engine_run, serve_engine, with_profile
 from lloptim.errors import PolicyError, SpecError
-from lloptim.hardware import HardwareProfile, LatencyModel
+from lloptim.hardware import HardwareProfile, LatencyModel, load_profile, save_profile
 from lloptim.runtime.policy import DECODE, IterationScheduler, Policy, Prefill
 from lloptim.runtime.request_schedulers import GlobalQueue
 
@@ -318,3 +322,68 @@ def test_the_engine_preempts_the_policys_victims_first():
     _check_complete(problem, res)
     assert seen, "the pool was meant to overflow"
     assert seen[0] == its.chosen[0]
+
+
+DENSE = replace(LAT, dense_attention_per_pair_s=1e-7)
+
+
+def _dense_problem(seed: int, **kw) -> Problem:
+    """:func:`_problem` priced by :data:`DENSE` (attention as one dense matrix over the batch)."""
+    p = _problem(seed, **kw)
+    prof = HardwareProfile("fake-dense", DENSE, kv_capacity_tokens=p.instances[0].kv_capacity_tokens,
+                           clients=p.instances[0].clients)
+    return with_profile(p, prof)
+
+
+@pytest.mark.parametrize(("policy", "budget"), [(ENGINE_DEFAULT, 96), ("sarathi", 96), ("hybrid", 4096),
+                                                ("hybrid-fused", 4096)])
+def test_dense_attention_engine_reproduces_the_simulator(policy, budget):
+    """The trace's query and key counts (chunk prefixes included) are the simulator's, step for step."""
+    problem = _dense_problem(21, n=30, clients=4, instances=2, min_output=2)
+    engines = [FakeEngine(DENSE, 4, 4096, budget=budget) for _ in range(2)]
+    res = serve_engine(problem, policy, engines)
+    _check_complete(problem, res)
+    assert res.extra["dense_attention"] is True
+    pred = predict_engine_run(problem, policy, problem.instances[0].profile, token_budget=budget, like=res)
+    assert res.makespan_s == pytest.approx(pred.makespan_s, rel=1e-9)
+    # the term matters: priced without it the same run is shorter
+    plain = predict_engine_run(problem, policy, replace(problem.instances[0].profile, latency=LAT),
+                               token_budget=budget, like=res)
+    assert plain.makespan_s < 0.97 * res.makespan_s
+
+
+def test_fit_engine_steps_recovers_the_dense_attention_term():
+    """Runs of a dense-attention engine: the fit finds the pair cost, and predicts a run the linear fit misses."""
+    problem = _dense_problem(22, n=40, clients=6)
+    runs = [serve_engine(problem, p, [FakeEngine(DENSE, 6, 4096, budget=256)])
+            for p in ("baseline", "hybrid", ENGINE_DEFAULT)]
+    cal = fit_engine_steps(runs)
+    assert cal.latency.dense_attention_per_pair_s == pytest.approx(DENSE.dense_attention_per_pair_s, rel=0.05)
+    assert cal.latency.decode_base_s == pytest.approx(DENSE.decode_base_s, rel=0.05)
+    assert cal.max_rel_error < 1e-6
+    # the same steps fitted as if attention were per request: some step shapes are missed by far
+    for r in runs:
+        r.extra["dense_attention"] = False
+    assert fit_engine_steps(runs).max_rel_error > 0.05
+    # the profile keeps the term through TOML
+    with tempfile.TemporaryDirectory() as tmp:
+        again = load_profile(save_profile(cal.to_profile(kv_capacity_tokens=1 << 16, clients=6),
+                                          Path(tmp) / "dense.toml"))
+    assert again.latency.dense_attention_per_pair_s == pytest.approx(cal.latency.dense_attention_per_pair_s)
+
+
+@pytest.mark.parametrize("latency", [LAT, DENSE], ids=["per-request", "dense"])
+@pytest.mark.parametrize("policy", [ENGINE_DEFAULT, "baseline", "sarathi", "hybrid-fused"])
+def test_price_steps_prices_a_run_as_the_simulator_does(policy, latency):
+    """Replaying an engine run's own steps with the model that priced them gives every step's time back."""
+    from lloptim.calibrate import engine_steps, price_steps
+
+    problem = _problem(23, n=24, clients=4)
+    res = serve_engine(problem, policy, [FakeEngine(latency, 4, 4096, budget=64)])
+    st = engine_steps(res)
+    got = price_steps(latency, st["kind"], st["prompt_tokens"], st["decodes"], st["kv_tokens"], st["prefix_tokens"])
+    assert got == pytest.approx(res.trace_duration_s, rel=1e-12)
+    with pytest.raises(SpecError, match="engine step details"):
+        from lloptim.simulator import run_policy
+
+        engine_steps(run_policy(problem, "baseline"))

@@ -14,7 +14,9 @@ cannot drift from them:
   (:func:`lloptim.spec.spec_reference`);
 * ``benchmark_figures.inc``: the figures of ``benchmarks/results/`` when present;
 * ``workflows_table.inc``: the table of ``benchmarks/workflows.py`` (its summary JSON) when present;
-* ``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` when present.
+* ``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` when present;
+* ``engine_prediction.inc``: the prediction-error table of ``benchmarks/results/engine_prediction.json``
+  (``benchmarks/engine_prediction.py``) when present.
 
 Figures and tables are rewritten only when missing or older than the code, which keeps repeated
 builds fast.
@@ -535,6 +537,43 @@ def write_workflow_table(out: Path) -> bool:
     return True
 
 
+def write_engine_prediction(out: Path) -> bool:
+    """``engine_prediction.inc``: per engine and policy, the prediction error of every run and the noise floor."""
+    path = ROOT / "benchmarks" / "results" / "engine_prediction.json"
+    if not path.is_file():
+        _write(out / "engine_prediction.inc", ".. note::\n\n   ``benchmarks/results/engine_prediction.json`` was not "
+               "present when these pages were built; run ``python benchmarks/engine_prediction.py``.\n")
+        return False
+    d = json.loads(path.read_text())
+    seeds = ",".join(map(str, d["seeds"]))
+    sizes = ",".join(map(str, d["sizes"]))
+    n = len(d["runs"])
+    lines = [f"``python benchmarks/engine_prediction.py --repeats {d['repeats']} --seeds {seeds} --sizes {sizes}``: "
+             f"{n} runs of ``{d['model']}`` ({d['clients']} clients, {d['clock']} clock): GSM8K test cases and "
+             "heavy-tailed synthetic requests, each served once per round, every round recalibrated. ``|error|`` "
+             "is ``|predicted / measured - 1|`` per run (median, largest, share within 10 %); *schedule* is the "
+             "largest ``|predicted / replay - 1|`` (the simulator taking other steps than the engine); *cost* the "
+             "median ``|replay / measured - 1|`` (the profile pricing the engine's own steps); *corrected* the "
+             "median and largest error after scaling the prediction by the machine drift a probe measured.", "",
+             ".. list-table::", "   :header-rows: 1", "",
+             "   * - engine", "     - policy", "     - runs", "     - \\|error\\| median / max", "     - within 10 %",
+             "     - schedule", "     - cost", "     - corrected median / max"]
+    for r in d["summary"]:
+        lines += [f"   * - {r['engine']}", f"     - {r['policy']}", f"     - {r['runs']}",
+                  f"     - {100 * r['median_abs_error']:.1f} / {100 * r['max_abs_error']:.1f} %",
+                  f"     - {100 * r['within_10pct']:.0f} %", f"     - {100 * r['max_abs_schedule_error']:.1f} %",
+                  f"     - {100 * r['median_abs_cost_error']:.1f} %",
+                  f"     - {100 * r['median_abs_corrected_error']:.1f} / {100 * r['max_abs_corrected_error']:.1f} %"]
+    lines += ["", "The machine's own noise, measured: the same run's makespan over the rounds varied by"]
+    parts = [f"{100 * x['median_spread']:.1f} % in the median (at most {100 * x['max_spread']:.1f} %) on {x['engine']}"
+             + (f" (1-minute load {x['loadavg_min']:.1f} to {x['loadavg_max']:.1f})"
+                if x.get("loadavg_min") is not None else "")
+             for x in d["noise_floor"] if x.get("median_spread") is not None]
+    lines += ["; ".join(parts) + "."]
+    _write(out / "engine_prediction.inc", "\n".join(lines) + "\n")
+    return True
+
+
 def write_engines_benchmark(out: Path) -> bool:
     """``engines_benchmark.inc``: the table of ``benchmarks/results/engines.json`` (``benchmarks/engines.py``)."""
     path = ROOT / "benchmarks" / "results" / "engines.json"
@@ -672,6 +711,7 @@ def run(out: Path) -> dict:
     facts["side_by_side"] = write_side_by_side(out)
     facts["workflow_table"] = write_workflow_table(out)
     facts["engines_benchmark"] = write_engines_benchmark(out)
+    facts["engine_prediction"] = write_engine_prediction(out)
     facts["reproduction"] = write_reproduction(out)
     facts["tutorial_ok"] = tutorial_status()
     facts["seconds"] = time.perf_counter() - t0

@@ -36,9 +36,11 @@ class SimulatedBackend:
         Returns
         -------
         float
-            ``LatencyModel.prefill_time(prompt_tokens)``, seconds.
+            ``LatencyModel.prefill_time(prompt_tokens)``, plus the dense batch attention of the
+            prompt tokens (:meth:`~lloptim.hardware.LatencyModel.dense_attention_time`), seconds.
         """
-        return self._latency[instance].prefill_time(prompt_tokens)
+        lat = self._latency[instance]
+        return lat.prefill_time(prompt_tokens) + lat.dense_attention_time(prompt_tokens, 0)
 
     def decode(self, instance: int, n_running: int, kv_tokens: int) -> float:
         """Seconds of a decode step of ``n_running`` requests holding ``kv_tokens`` tokens.
@@ -51,9 +53,11 @@ class SimulatedBackend:
         Returns
         -------
         float
-            ``LatencyModel.decode_time(n_running, kv_tokens)``, seconds.
+            ``LatencyModel.decode_time(n_running, kv_tokens)``, plus the dense batch attention of
+            one query per request over their caches, seconds.
         """
-        return self._latency[instance].decode_time(n_running, kv_tokens)
+        lat = self._latency[instance]
+        return lat.decode_time(n_running, kv_tokens) + lat.dense_attention_time(n_running, kv_tokens)
 
     def mixed(self, instance: int, n_running: int, kv_tokens: int,
               chunks: Sequence[tuple[int, int, int, bool]]) -> float:
@@ -67,13 +71,16 @@ class SimulatedBackend:
         Returns
         -------
         float
-            Duration, seconds: a plain prefill of the chunk tokens when nothing decodes.
+            Duration, seconds: a plain prefill of the chunk tokens when nothing decodes; either way
+            plus the dense batch attention of every query (decodes and chunk tokens) over the keys
+            cached before (the decodes' caches, the chunks' prefilled parts).
         """
         lat = self._latency[instance]
         chunk_tokens = sum(c[2] for c in chunks)
+        dense = lat.dense_attention_time(n_running + chunk_tokens, kv_tokens + sum(c[1] for c in chunks))
         if n_running == 0:
-            return lat.prefill_time(chunk_tokens)
-        return lat.decode_time(n_running, kv_tokens) + lat.prefill_per_token_s * chunk_tokens
+            return lat.prefill_time(chunk_tokens) + dense
+        return lat.decode_time(n_running, kv_tokens) + lat.prefill_per_token_s * chunk_tokens + dense
 
     def migrate(self, source: int, destination: int, request: int, kv_tokens: int) -> float:
         """Seconds to move a running request's KV cache of ``kv_tokens`` tokens between instances.

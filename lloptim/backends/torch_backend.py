@@ -18,9 +18,12 @@ preempted; the pool doubles when no segment fits, which copies it once). An iter
 * each layer writes the new keys/values in place into their requests' segments (no copy of the
   cache, no cache object rebuilt per iteration);
 * attention is computed per request over its own segment only (a registered transformers
-  attention function, ``"lloptim_packed"``): the decoding requests as one batch of single queries,
-  the prompt chunks as one padded batch with a causal mask, built on the model's device from a few
-  index tensors; its cost grows with each request's own context, not with the pool;
+  attention function, ``"lloptim_packed"``): the decoding requests as batches of single queries,
+  one per octave of context length (a batch is padded to its longest context, so one batch for all
+  would cost requests x the longest context, which the latency model's KV term cannot follow on
+  heavy-tailed lengths), the prompt chunks as one padded batch with a causal mask, built on the
+  model's device from a few index tensors; its cost grows with each request's own context, not
+  with the pool;
 * only the logits of each request's last new token are computed; greedy sampling takes the argmax.
 
 Token semantics follow the engine: a prefill (or the chunk that completes a prompt) yields the
@@ -360,7 +363,11 @@ class TorchBackend:
         pos_q = lens[row_q] + (np.arange(T) - new_start[row_q])
         after = lens + news
         groups = []
-        for sel in (news == 1, news > 1):
+        # a group's attention is padded to its longest context: decodes go in octaves of context
+        # length, so a step costs about its KV tokens (at most twice), not requests x the longest
+        octave = np.floor(np.log2(np.maximum(after, 1))).astype(np.int64)
+        decoding = news == 1
+        for sel in [decoding & (octave == o) for o in np.unique(octave[decoding])] + [news > 1]:
             if sel.any():
                 groups.append(_Group(torch, dev, new_start[sel], news[sel], segs[sel], after[sel],
                                      int(news[sel].max())))

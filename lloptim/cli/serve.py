@@ -209,6 +209,8 @@ def calibrate_command(
                   f"(R^2 {cal.r2_prefill:.3f})")
     console.print(f"decode:  {1e3 * lat.decode_base_s:.4f} ms + {1e6 * lat.decode_per_seq_s:.4f} us/request + "
                   f"{1e6 * lat.decode_per_kv_token_s:.5f} us/KV token (R^2 {cal.r2_decode:.3f})")
+    if lat.dense_attention_per_pair_s:
+        console.print(f"dense batch attention: {1e9 * lat.dense_attention_per_pair_s:.4f} ns per (query, key) pair")
     console.print(f"relative error: mean {100 * cal.mean_rel_error:.1f} %, max {100 * cal.max_rel_error:.1f} %")
     if path:
         console.print(f"profile written to {path}", markup=False)

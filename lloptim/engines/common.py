@@ -327,6 +327,7 @@ class EngineRun:
         self.trace_kv: list[int] = []  # KV tokens the decoding requests held before each step
         self.trace_mem: list[int] = []  # KV memory allocated during each step, tokens
         self.trace_decodes: list[int] = []
+        self.trace_prefix: list[int] = []  # prompt tokens the step's chunks had prefilled before it
         self.decisions: list[int] = []
         self.tokens: dict[int, list[int]] = {}
         self.decoded = [0] * n  # decode steps each request has taken part in since its (re)start
@@ -675,6 +676,7 @@ class EngineRun:
         self.trace.append((k, kind, start, duration_s, len(decodes) + len(chunks), prompt_tokens, running_before))
         self.trace_kv.append(sum(self.context[r] + self.decoded[r] for r in decodes))
         self.trace_decodes.append(len(decodes))
+        self.trace_prefix.append(sum(s.prefilled.get(c, 0) for c, _, _ in chunks))
         s.now = start + duration_s
         if decodes:
             s.decode_steps += 1
@@ -810,8 +812,9 @@ class EngineRun:
 
         ``generated_tokens`` counts the true output tokens; ``extra`` holds ``engine``,
         ``preemptions`` (requests an engine evicted and recomputed), ``plan_deviations`` (steps that
-        did not do what the policy asked), ``trace_decodes`` (requests each step decoded) and
-        ``trace_decode_kv_tokens`` (the KV tokens those requests held before the step), for calibration,
+        did not do what the policy asked), ``trace_decodes`` (requests each step decoded),
+        ``trace_decode_kv_tokens`` (the KV tokens those requests held before the step) and
+        ``trace_chunk_prefix_tokens`` (prompt tokens the step's chunks had prefilled before it), for calibration,
         ``clock``, and ``note`` (:data:`DECODE_STEPS_NOTE`).
         """
         tr = self.trace
@@ -833,7 +836,8 @@ class EngineRun:
             wall_s=time.perf_counter() - self._t_wall,
             extra={"engine": self.engine_name, "preemptions": self.preemptions, "plan_deviations": self.deviations,
                    "trace_decode_kv_tokens": np.array(self.trace_kv, dtype=np.int64),
-                   "trace_decodes": np.array(self.trace_decodes, dtype=np.int64), "note": DECODE_STEPS_NOTE,
+                   "trace_decodes": np.array(self.trace_decodes, dtype=np.int64),
+                   "trace_chunk_prefix_tokens": np.array(self.trace_prefix, dtype=np.int64), "note": DECODE_STEPS_NOTE,
                    "kv_mode": list(self.kv_modes), "kv_block_tokens": [st.kv_block for st in self.states],
                    "kv_peak_tokens": [st.kv_peak * st.kv_block for st in self.states],
                    "kv_capacity_tokens": [s.kv_capacity for s in self.states], "clock": self.clock_name,

@@ -330,6 +330,11 @@ class HFEngine:
     #: transformers offloads instead of recomputing, which a run cannot account for: policies admit by
     #: reservation (reserve mode), so nothing is ever preempted.
     preempts = False
+    #: Whether a step's attention is one dense masked matrix over the whole batch (the paged ``sdpa``
+    #: and ``eager`` paths; without flash attention transformers has no per-request decode path), so a
+    #: step costs a term in (query tokens) x (keys read) that calibration fits
+    #: (:attr:`~lloptim.hardware.LatencyModel.dense_attention_per_pair_s`).
+    dense_attention = True
 
     def __init__(self, model: Any = "mini-llama", clients: int = 8, kv_blocks: int | None = None,
                  max_batch_tokens: int | None = None, dtype: str = "float32", device: str = "auto", seed: int = 0,
@@ -346,6 +351,7 @@ class HFEngine:
         self.kv_blocks = int(kv_blocks) if kv_blocks is not None else max(64, 4 * self.clients)
         self.max_batch_tokens = int(max_batch_tokens) if max_batch_tokens is not None else 2048
         self.cb_options = cb_options
+        self.dense_attention = "flash" not in str(attn_implementation)
         if hasattr(model, "config") and hasattr(model, "generate"):
             self.module = model
             self.info = ModelInfo.from_config(model.config)

@@ -98,7 +98,8 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
     -------
     RunResult
         Over :func:`~lloptim.engines.common.engine_problem` of ``problem``; ``extra["tokens"]`` holds
-        each request's generated token ids.
+        each request's generated token ids, ``extra["dense_attention"]`` whether the engine's
+        attention is one dense matrix over the batch (what calibration then fits).
 
     Raises
     ------
@@ -130,6 +131,8 @@ def serve_engine(problem: Problem, policy: str | Policy, engines: Sequence, esti
         for e in attached:
             e.detach()
     result.extra["tokens"] = run.tokens
+    # how the engine's attention scales, for calibration (see LatencyModel.dense_attention_per_pair_s)
+    result.extra["dense_attention"] = bool(getattr(engines[0], "dense_attention", False))
     return result
 
 

@@ -266,6 +266,8 @@ class VllmEngine:
     name = "vllm"
     #: vLLM recomputes a request it preempts, so policies may admit by prompt blocks (paged mode).
     preempts = True
+    #: vLLM attends per request (paged kernels over each request's own blocks).
+    dense_attention = False
 
     def __init__(self, model: str | Path = "mini-llama", clients: int = 8, kv_blocks: int | None = None,
                  max_num_batched_tokens: int | None = None, dtype: str = "float32", seed: int = 0,
