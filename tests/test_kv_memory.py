@@ -479,3 +479,20 @@ def test_auto_fuses_on_one_instance_only_where_memory_can_bind():
         _check_conservation(problem, res)
         assert pol.iterations.fusing is fuses
         assert bool(np.any(res.trace_kind == 0)) is not fuses
+
+
+def test_plan_variants_serve_the_plan_within_projected_memory():
+    """hybrid-fused-plan with known lengths never preempts; the same plan served memory-blind does."""
+    from lloptim.runtime.lagrangian import LagrangianIterations
+    from lloptim.runtime.rolling import RollingPlan, RollingQueues
+
+    problem = _memory_bound_problem(8, capacity=4096)
+    aware = Engine(problem, make_policy("hybrid-fused-plan"), check=True).run()
+    _check_conservation(problem, aware)
+    assert aware.preemptions.sum() == 0
+    blind = Engine(problem, Policy("blind-plan", RollingQueues(RollingPlan(), steal=True),
+                                   LagrangianIterations(fused=True)), check=True).run()
+    _check_conservation(problem, blind)
+    assert blind.preemptions.sum() > 0
+    separate = Engine(problem, make_policy("hybrid-plan"), check=True).run()
+    _check_conservation(problem, separate)

@@ -20,7 +20,9 @@ the first plan is the paper's offline plan.
   requests can fill the cache (from the start on a fleet and on workflows of dependent requests).
 * **hybrid-fused**: the hybrid always fusing prompts (``C_p = 0``).
 * **hybrid-plan** / **hybrid-fused-plan**: the literal Algorithm 1 on the rolling plan: each client
-  works through its planned queue and steals when it runs dry (separate or fused iterations).
+  works through its planned queue and steals when it runs dry (separate or fused iterations);
+  where a cache can fill up, each queue is in planned-start order and a client takes its first
+  request that fits the projected KV memory (:class:`~lloptim.runtime.rolling.RollingQueues`).
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":
-        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
+        delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
+        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
+                                 start_delay=delay)
     else:
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
     if fused not in (True, False, "auto"):

@@ -47,6 +47,31 @@ where the clients do, in between where both bind. It is updated online by
 projected subgradient steps on the observed utilizations, ``beta += eta (kv_used / M - running /
 C)`` per decode step. ``"uniform"`` starts from 1/2, ``"none"`` keeps 0 (memory unpriced).
 
+**The memory price in fused admission (priced headroom).** With fused prompts there is no
+prefill-or-decode choice left for the price to enter: every waiting prompt that fits joins the
+next iteration. What the price still decides is *admission*: the dispatch hands an idle client a
+request only if the instance's projected KV memory stays within the cache
+(:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), and with unknown lengths that
+projection must guess how long each admitted request will run. Projecting long keeps memory free
+that the requests never fill, idle token-steps that cost ``beta decode_base_s / M`` each (the
+memory price above); projecting short fills it, and the requests that outrun the projection are
+preempted and recomputed (``prefill_per_token_s`` per context token), a cost that does not depend
+on ``beta``. It is a newsvendor choice whose underage cost is the memory price, so the projection
+counts each request at a quantile of its output under the lognormal forecast error the rule
+learns as requests finish (``sigma``): ``estimate x exp(sigma z(beta))``
+(:meth:`LagrangianIterations.projection_scale`), ``z`` linear in ``beta`` from the median where
+memory costs nothing (``beta = 0``: clients set the decode steps, idle memory is free, so nothing
+is risked) to the 24 % quantile where memory sets them (``beta = 1``; :data:`HEADROOM_Z`, chosen
+on training seeds). The LP's weight starts it, and the online subgradient moves it with the
+observed utilizations, so the headroom narrows while the cache runs emptier than the clients
+and widens while it runs fuller. With known lengths the projection is exact and no request is
+preempted: there is nothing to trade, and the price leaves fused admission unchanged (choosing
+among the first fitting requests by priced KV holding instead of the planned order was tried:
+-0.08 points on training seeds, within noise, not kept). ``fused="auto"`` fuses on one instance
+as soon as the known requests can fill its cache: fused chunks are within 0.2-1.1 points of the
+bound closer than separate prefills on every memory-bound class measured, and the price now
+steers them.
+
 In workflows of dependent requests the same reasoning applies before the end game: a waiting
 request that the request scheduler's plan has no slack for (:attr:`WorkflowQueue.critical
 <lloptim.runtime.request_schedulers.WorkflowQueue>`) holds up its successors, and through them the
