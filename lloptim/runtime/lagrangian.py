@@ -68,9 +68,9 @@ and widens while it runs fuller. With known lengths the projection is exact and 
 preempted: there is nothing to trade, and the price leaves fused admission unchanged (choosing
 among the first fitting requests by priced KV holding instead of the planned order was tried:
 -0.08 points on training seeds, within noise, not kept). ``fused="auto"`` fuses on one instance
-as soon as the known requests can fill its cache: fused chunks are within 0.2-1.1 points of the
-bound closer than separate prefills on every memory-bound class measured, and the price now
-steers them.
+as soon as the known requests can fill its cache: fused chunks end 0.3-1.4 points closer to the
+bound than separate prefills in every memory-bound class of ``benchmarks/memory.py`` (known and
+unknown lengths), and the price now steers them.
 
 In workflows of dependent requests the same reasoning applies before the end game: a waiting
 request that the request scheduler's plan has no slack for (:attr:`WorkflowQueue.critical
@@ -310,8 +310,10 @@ class LagrangianIterations(IterationScheduler):
                             for inst in ctx.problem.instances]
         self.accrued = [0.0] * len(ctx.problem.instances)
         self.requests = ctx.extra.get("request_scheduler")
-        # the dispatch's priced admission reads the same memory weight (memory_weight)
+        # the dispatch's priced admission reads the same memory weight (projection_scale); once it
+        # does, fused iterations follow the weight at every decode step
         ctx.extra["memory_price"] = self
+        self.headroom_read = False
         # requests on the plan's critical path (workflows): never kept waiting for a batch
         self.critical = getattr(self.requests, "critical", None)
         self.estimates = ctx.estimates.tolist()
@@ -426,7 +428,7 @@ class LagrangianIterations(IterationScheduler):
         k = state.index
         if self.arrived[k]:
             self._register_arrivals(state)
-        if self.fusing and self.memory_binds[k]:
+        if self.fusing and self.headroom_read and self.memory_binds[k]:
             self.memory_weight(state)  # the price follows every decode step (the dispatch reads it)
         if not state.waiting:
             return DECODE
@@ -532,6 +534,7 @@ class LagrangianIterations(IterationScheduler):
         """
         if self.ctx.known_lengths:
             return 1.0
+        self.headroom_read = True
         beta = self.memory_weight(state)
         z = HEADROOM_Z[0] + beta * (HEADROOM_Z[1] - HEADROOM_Z[0])
         return float(np.exp(self.sigma * z))
