@@ -311,7 +311,7 @@ def test_memory_price_changes_the_hybrids_decisions():
     # separate prefill iterations: the price enters the prefill-or-decode rule
     runs = {prices: run_policy(problem, "hybrid", memory_prices=prices, fused=False) for prices in ("none", "lp")}
     assert not np.array_equal(runs["none"].trace_kind, runs["lp"].trace_kind)
-    pol = make_policy("hybrid", memory_prices="lp")
+    pol = make_policy("hybrid", memory_prices="lp", fused=False)
     Engine(problem, pol).run()
     its = pol.iterations
     assert its.beta_trace[0][0] == 1.0  # memory sets this instance's decode steps: the LP prices memory only
