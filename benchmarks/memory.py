@@ -128,31 +128,46 @@ def ablation_problem(sigma: float, rho, seed: int) -> Problem:
                           kv_block_tokens=BLOCK)
 
 
+#: The iteration rules of the ablation: separate prefill iterations (the price enters the
+#: prefill-or-decode rule and the dispatch's headroom) and the default hybrid (fused where it fuses:
+#: on a fleet, and on one instance once memory can bind; the price enters the headroom only).
+ABLATION_MODES = {"separate": False, "default": "auto"}
+ABLATION_PRICES = (("none", False), ("uniform", False), ("uniform", True), ("lp", False), ("lp", True))
+
+
 def ablation_case(task: tuple) -> list[dict]:
-    """The hybrid (separate prefills) with each memory price, and how many decisions differ from 'none'."""
+    """The hybrid with each memory price, separate and default iterations, and what differs from 'none'.
+
+    ``decisions_differ``: the share of iterations (in order) whose kind (prefill, decode, fused)
+    differs from the unpriced run's; ``admissions_differ``: the share of requests handed out at
+    another time than in the unpriced run (the dispatch's decisions, which is where the price acts
+    in fused iterations).
+    """
     sigma, rho, seed, known = task
     problem = ablation_problem(sigma, rho, seed)
     wl = problem.workload
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
     bound = lower_bound(problem)
-    runs = {}
-    for prices, updates in (("none", False), ("uniform", False), ("uniform", True), ("lp", False), ("lp", True)):
-        # separate prefill iterations, where the memory price enters the prefill-or-decode rule (the
-        # hybrid fuses prompts on fleets by default, and fused insertion has no such decision)
-        runs[(prices, updates)] = run_policy(problem, "hybrid", estimates=est, memory_prices=prices,
-                                             price_updates=updates, fused=False)
-    base = runs[("none", False)]
     rows = []
-    for (prices, updates), res in runs.items():
-        n = min(base.trace_kind.size, res.trace_kind.size)
-        differ = int(np.argmax(base.trace_kind[:n] != res.trace_kind[:n])) if np.any(
-            base.trace_kind[:n] != res.trace_kind[:n]) else n
-        m = summarize(res, bound)
-        rows.append({"sigma": sigma, "rho": rho, "seed": seed, "lengths": "known" if known else "unknown",
-                     "prices": prices + ("+online" if updates else ""), "makespan_s": m.makespan_s,
-                     "gap": m.gap_to_bound, "prefills": m.prefill_iterations, "preemptions": m.preemptions,
-                     "first_different_decision": differ if differ < n else -1,
-                     "decisions_differ": float(np.mean(base.trace_kind[:n] != res.trace_kind[:n]))})
+    for mode, fused in ABLATION_MODES.items():
+        runs = {}
+        for prices, updates in ABLATION_PRICES:
+            runs[(prices, updates)] = run_policy(problem, "hybrid", estimates=est, memory_prices=prices,
+                                                 price_updates=updates, fused=fused)
+        base = runs[("none", False)]
+        for (prices, updates), res in runs.items():
+            n = min(base.trace_kind.size, res.trace_kind.size)
+            diff = base.trace_kind[:n] != res.trace_kind[:n]
+            differ = int(np.argmax(diff)) if np.any(diff) else -1
+            # a fused run is measured against the fused bound (it runs fused iterations)
+            m = summarize(res, bound)
+            rows.append({"sigma": sigma, "rho": rho, "seed": seed, "lengths": "known" if known else "unknown",
+                         "iterations": mode, "fused": bool(np.any(res.trace_kind == 2) and not np.any(res.trace_kind == 0)),
+                         "prices": prices + ("+online" if updates else ""), "makespan_s": m.makespan_s,
+                         "gap": m.gap_to_bound, "prefills": m.prefill_iterations, "preemptions": m.preemptions,
+                         "recomputed_tokens": m.recomputed_tokens, "kv_utilization": m.kv_utilization,
+                         "first_different_decision": differ, "decisions_differ": float(np.mean(diff)),
+                         "admissions_differ": float(np.mean(np.abs(base.assign_s - res.assign_s) > 1e-9))})
     return rows
 
 
@@ -250,7 +265,7 @@ def main() -> None:
 
 def _ablation(args, sigmas, seeds, out: Path) -> None:
     """The hybrid with each memory price (:func:`ablation_case`) on the cases where memory binds."""
-    abl_tasks = [(s, rho, seed, known) for s in sigmas for rho in RHOS[1:] for seed in seeds for known in (True, False)]
+    abl_tasks = [(s, rho, seed, known) for s in sigmas for rho in RHOS for seed in seeds for known in (True, False)]
     abl_tasks += [(1.2, "fleet", seed, known) for seed in seeds for known in (True, False)]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         abl = [r for rs in pool.map(ablation_case, abl_tasks) for r in rs]
@@ -258,13 +273,21 @@ def _ablation(args, sigmas, seeds, out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(abl[0]))
         w.writeheader()
         w.writerows(abl)
-    print("\n| prices | mean makespan s | mean gap | mean prefills | mean preemptions | decisions differing from 'none' |")
-    print("|---|---|---|---|---|---|")
-    for prices, fleet in itertools.product(dict.fromkeys(r["prices"] for r in abl), (False, True)):
-        rs = [r for r in abl if r["prices"] == prices and (r["rho"] == "fleet") == fleet]
-        print(f"| {prices}{' (fleet)' if fleet else ''} | {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
-              f"| {np.mean([r['prefills'] for r in rs]):.0f} | {np.mean([r['preemptions'] for r in rs]):.0f} "
-              f"| {100 * np.mean([r['decisions_differ'] for r in rs]):.1f} % |")
+    print("\n| iterations | workloads | lengths | prices | mean makespan s | mean gap | mean prefills | mean preemptions "
+          "| iterations differing from 'none' | admissions differing from 'none' |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, fleet, lengths in itertools.product(ABLATION_MODES, (False, True), ("known", "unknown")):
+        for prices in dict.fromkeys(r["prices"] for r in abl):
+            rs = [r for r in abl if r["prices"] == prices and (r["rho"] == "fleet") == fleet
+                  and r["iterations"] == mode and r["lengths"] == lengths]
+            if not rs:
+                continue
+            fused = sum(r["fused"] for r in rs)
+            print(f"| {mode} ({fused}/{len(rs)} fused) | {'fleet' if fleet else 'one instance'} | {lengths} | {prices} "
+                  f"| {np.mean([r['makespan_s'] for r in rs]):.2f} | {100 * np.mean([r['gap'] for r in rs]):.2f} % "
+                  f"| {np.mean([r['prefills'] for r in rs]):.0f} | {np.mean([r['preemptions'] for r in rs]):.0f} "
+                  f"| {100 * np.mean([r['decisions_differ'] for r in rs]):.1f} % "
+                  f"| {100 * np.mean([r['admissions_differ'] for r in rs]):.1f} % |")
 
 
 class _Inline:

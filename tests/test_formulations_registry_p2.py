@@ -95,13 +95,15 @@ def test_kv_prices_on_a_mixed_fleet_follow_each_instances_memory():
 
 def test_online_lp_memory_price_is_the_offline_dual():
     problem = _memory_problem(2, 150, 20, 3072)
-    pol = make_policy("hybrid", memory_prices="lp")
+    # separate prefill iterations: the rule reads the price at every decision (fused ones, with
+    # known lengths, have no decision for it: tests/test_kv_memory.py)
+    pol = make_policy("hybrid", memory_prices="lp", fused=False)
     Engine(problem, pol).run()
     its = pol.iterations
     assert its.beta_trace[0][0] == pytest.approx(float(kv_price_weights(problem)[0]))
     assert its.beta_trace[0][0] == 1.0
     # and the price changes what the rule decides
-    runs = {p: run_policy(problem, "hybrid", memory_prices=p, price_updates=False) for p in ("lp", "none")}
+    runs = {p: run_policy(problem, "hybrid", memory_prices=p, price_updates=False, fused=False) for p in ("lp", "none")}
     assert not np.array_equal(runs["lp"].trace_kind, runs["none"].trace_kind)
 
 

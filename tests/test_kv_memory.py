@@ -15,6 +15,7 @@ from lloptim.hardware import load_profile
 from lloptim.memory import blocks, decode_area_tokens, reservation_tokens
 from lloptim.problem import Instance
 from lloptim.runtime.engine import RUNNING, Engine
+from lloptim.runtime.estimators import noisy_estimates
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.kv import ProjectedMemory, choose_victim, projected_peak_blocks
 from lloptim.runtime.policy import Policy
@@ -307,9 +308,10 @@ def test_memory_aware_hybrid_beats_the_memory_blind_peers_and_never_preempts():
 
 def test_memory_price_changes_the_hybrids_decisions():
     problem = _memory_bound_problem(3, capacity=6144)
-    runs = {prices: run_policy(problem, "hybrid", memory_prices=prices) for prices in ("none", "lp")}
+    # separate prefill iterations: the price enters the prefill-or-decode rule
+    runs = {prices: run_policy(problem, "hybrid", memory_prices=prices, fused=False) for prices in ("none", "lp")}
     assert not np.array_equal(runs["none"].trace_kind, runs["lp"].trace_kind)
-    pol = make_policy("hybrid", memory_prices="lp")
+    pol = make_policy("hybrid", memory_prices="lp", fused=False)
     Engine(problem, pol).run()
     its = pol.iterations
     assert its.beta_trace[0][0] == 1.0  # memory sets this instance's decode steps: the LP prices memory only
@@ -412,3 +414,85 @@ def test_the_hybrid_preempts_the_cheapest_recompute():
     res = Engine(problem, pol, estimates=est, check=True).run()
     _check_conservation(problem, res)
     assert chosen and all(chosen) and res.preemptions.sum() == len(chosen)
+
+
+# -- the memory price in fused admission (priced headroom) -----------------------------------------
+@pytest.mark.parametrize("fused", [True, "auto"])
+@pytest.mark.parametrize("seed", [4, 5])
+def test_memory_price_steers_fused_admission(seed, fused):
+    """Fused iterations, unknown lengths: the memory price sets the dispatch's projection headroom.
+
+    Fails if the price is ignored: the unpriced run projects at the median and the LP-priced one
+    (memory sets the decode steps here, beta = 1) optimistically, so the LP run admits requests
+    earlier, keeps more KV memory in use and so preempts more; both serve every request and token
+    once and never exceed the cache.
+    """
+    problem = _memory_bound_problem(seed, capacity=6144)
+    est = noisy_estimates(problem.workload, 0.5, seed=seed)
+    runs = {}
+    for prices in ("none", "lp"):
+        pol = make_policy("hybrid", memory_prices=prices, fused=fused, price_updates=False)
+        res = runs[prices] = Engine(problem, pol, estimates=est, check=True).run()
+        _check_conservation(problem, res)
+        assert pol.iterations.fusing  # "auto" fuses where the known requests can fill the cache
+        assert np.all(res.trace_kind != 0)  # no separate prefill iteration
+    none, lp = runs["none"], runs["lp"]
+    assert not np.array_equal(none.assign_s, lp.assign_s)  # the admissions differ
+    decode = [r.trace_kind != 0 for r in (none, lp)]
+    mean_kv = [r.trace_kv_tokens[d].mean() for r, d in zip((none, lp), decode)]
+    assert mean_kv[1] > mean_kv[0]  # priced memory is kept fuller
+    assert lp.preemptions.sum() >= none.preemptions.sum()
+
+
+def test_projection_scale_follows_the_memory_weight():
+    """The priced headroom: the median at beta 0, HEADROOM_Z[1]'s quantile at beta 1, monotone; 1 when lengths are known."""
+    from lloptim.runtime.lagrangian import HEADROOM_Z
+
+    problem = _memory_bound_problem(6, capacity=6144)
+    est = noisy_estimates(problem.workload, 0.5, seed=6)
+    pol = make_policy("hybrid", memory_prices="lp", fused=True, price_updates=False)
+    engine = Engine(problem, pol, estimates=est)
+    engine.run()
+    its = pol.iterations
+    state = engine.states[0]
+    scales = []
+    for beta in (0.0, 0.25, 0.5, 1.0):
+        its.beta[0] = beta
+        scales.append(its.projection_scale(state))
+    assert scales[0] == pytest.approx(1.0)
+    assert scales[-1] == pytest.approx(np.exp(its.sigma * HEADROOM_Z[1]))
+    assert all(a > b for a, b in zip(scales, scales[1:]))
+    known = make_policy("hybrid", memory_prices="lp", fused=True)
+    engine = Engine(problem, known)
+    engine.run()
+    known.iterations.beta[0] = 1.0
+    assert known.iterations.projection_scale(engine.states[0]) == 1.0
+
+
+def test_auto_fuses_on_one_instance_only_where_memory_can_bind():
+    """``fused="auto"``: separate prefills where the cache holds every client's largest request, fused where not."""
+    free = Problem.single(_memory_bound_problem(7).workload, "llama-65b", clients=8, kv_capacity_tokens=65536)
+    bound = _memory_bound_problem(7, capacity=4096)
+    for problem, fuses in ((free, False), (bound, True)):
+        pol = make_policy("hybrid")
+        res = Engine(problem, pol, check=True).run()
+        _check_conservation(problem, res)
+        assert pol.iterations.fusing is fuses
+        assert bool(np.any(res.trace_kind == 0)) is not fuses
+
+
+def test_plan_variants_serve_the_plan_within_projected_memory():
+    """hybrid-fused-plan with known lengths never preempts; the same plan served memory-blind does."""
+    from lloptim.runtime.lagrangian import LagrangianIterations
+    from lloptim.runtime.rolling import RollingPlan, RollingQueues
+
+    problem = _memory_bound_problem(8, capacity=4096)
+    aware = Engine(problem, make_policy("hybrid-fused-plan"), check=True).run()
+    _check_conservation(problem, aware)
+    assert aware.preemptions.sum() == 0
+    blind = Engine(problem, Policy("blind-plan", RollingQueues(RollingPlan(), steal=True),
+                                   LagrangianIterations(fused=True)), check=True).run()
+    _check_conservation(problem, blind)
+    assert blind.preemptions.sum() > 0
+    separate = Engine(problem, make_policy("hybrid-plan"), check=True).run()
+    _check_conservation(problem, separate)

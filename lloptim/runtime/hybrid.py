@@ -13,13 +13,16 @@ the first plan is the paper's offline plan.
   an idle client takes the ready request of least slack, which is the longest first when every
   request is present at once; on a fleet of different instances steered by instance prices from
   the fractional assignment LP; where the KV cache can fill up, the memory-aware dispatch of
-  :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`) and the Lagrangian iteration scheduler
-  (:mod:`lloptim.runtime.lagrangian`): separate prefill iterations while every request is present
-  from the start, prompts fused into decode iterations once requests arrive during the run (from
-  the start on a fleet and on workflows of dependent requests).
+  :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`, its projection's headroom priced
+  by the memory weight) and the Lagrangian iteration scheduler (:mod:`lloptim.runtime.lagrangian`):
+  separate prefill iterations while every request is present from the start and no cache can fill
+  up, prompts fused into decode iterations once requests arrive during the run or the known
+  requests can fill the cache (from the start on a fleet and on workflows of dependent requests).
 * **hybrid-fused**: the hybrid always fusing prompts (``C_p = 0``).
 * **hybrid-plan** / **hybrid-fused-plan**: the literal Algorithm 1 on the rolling plan: each client
-  works through its planned queue and steals when it runs dry (separate or fused iterations).
+  works through its planned queue and steals when it runs dry (separate or fused iterations);
+  where a cache can fill up, each queue is in planned-start order and a client takes its first
+  request that fits the projected KV memory (:class:`~lloptim.runtime.rolling.RollingQueues`).
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         ``True``: insert prompts as chunks fused into decode iterations (``C_p = 0``, see
         :mod:`lloptim.runtime.lagrangian`; the ``hybrid-fused`` policy). ``False``: separate
         prefill iterations (the paper's model). ``"auto"`` (default): on one instance, separate
-        while every request is present from the start, fused once requests arrive during the run;
-        fused on a fleet of several instances and on workflows of dependent requests (whose
-        successors become ready during the run).
+        while every request is present from the start and the known requests cannot fill the KV
+        cache, fused once requests arrive during the run or they can; fused on a fleet of
+        several instances and on workflows of dependent requests (whose successors become ready
+        during the run).
     slack_weight
         Weight of a request's service time against its waiting time in the dispatch order
         (``dispatch="sorted"``; see :mod:`lloptim.runtime.dispatch`).
@@ -133,17 +137,21 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     (:class:`~lloptim.runtime.dispatch.HybridDispatch`).
     """
     if dispatch == "sorted":
-        delay = START_DELAY["fused" if fused is True else "separate"] if start_delay is None else start_delay
-        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue())
+        # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
+        delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
+        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
+                                  priced_headroom=True)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":
-        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal)
+        delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
+        requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
+                                 start_delay=delay)
     else:
         raise SpecError("policy.hybrid.dispatch", f"unknown dispatch {dispatch!r}", "use 'sorted' or 'plan'")
     if fused not in (True, False, "auto"):
         raise SpecError("policy.hybrid.fused", f"must be true, false or 'auto', not {fused!r}",
-                        "'auto' fuses prompts once requests arrive during the run")
+                        "'auto' fuses prompts once requests arrive during the run or memory can bind")
     return Policy("hybrid-fused" if fused is True else "hybrid", requests,
                   LagrangianIterations(None, setup_weight=setup_weight, token_budget=token_budget,
                                        forecast=forecast, survival=survival, fused=fused,
@@ -155,7 +163,7 @@ register_policy("offline", offline_policy,
                 "longest first per client, no re-assignment, prefill-first")
 register_policy("hybrid", hybrid_policy,
                 "least-slack dispatch (longest first when all requests are present; fleet-priced) + Lagrangian "
-                "prefill/decode decisions, prompts fused once requests arrive during the run (arXiv 2502.15763)")
+                "prefill/decode decisions, prompts fused once requests arrive or memory can bind (arXiv 2502.15763)")
 register_policy("hybrid-fused", lambda **opts: hybrid_policy(fused=True, **opts),
                 "the hybrid with prompts always fused into decode iterations as chunks (C_p = 0): no prefill/idle "
                 "trade-off left, the strongest policy when output lengths are unknown")

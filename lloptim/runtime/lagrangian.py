@@ -47,6 +47,31 @@ where the clients do, in between where both bind. It is updated online by
 projected subgradient steps on the observed utilizations, ``beta += eta (kv_used / M - running /
 C)`` per decode step. ``"uniform"`` starts from 1/2, ``"none"`` keeps 0 (memory unpriced).
 
+**The memory price in fused admission (priced headroom).** With fused prompts there is no
+prefill-or-decode choice left for the price to enter: every waiting prompt that fits joins the
+next iteration. What the price still decides is *admission*: the dispatch hands an idle client a
+request only if the instance's projected KV memory stays within the cache
+(:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`), and with unknown lengths that
+projection must guess how long each admitted request will run. Projecting long keeps memory free
+that the requests never fill, idle token-steps that cost ``beta decode_base_s / M`` each (the
+memory price above); projecting short fills it, and the requests that outrun the projection are
+preempted and recomputed (``prefill_per_token_s`` per context token), a cost that does not depend
+on ``beta``. It is a newsvendor choice whose underage cost is the memory price, so the projection
+counts each request at a quantile of its output under the lognormal forecast error the rule
+learns as requests finish (``sigma``): ``estimate x exp(sigma z(beta))``
+(:meth:`LagrangianIterations.projection_scale`), ``z`` linear in ``beta`` from the median where
+memory costs nothing (``beta = 0``: clients set the decode steps, idle memory is free, so nothing
+is risked) to the 24 % quantile where memory sets them (``beta = 1``; :data:`HEADROOM_Z`, chosen
+on training seeds). The LP's weight starts it, and the online subgradient moves it with the
+observed utilizations, so the headroom narrows while the cache runs emptier than the clients
+and widens while it runs fuller. With known lengths the projection is exact and no request is
+preempted: there is nothing to trade, and the price leaves fused admission unchanged (choosing
+among the first fitting requests by priced KV holding instead of the planned order was tried:
+-0.08 points on training seeds, within noise, not kept). ``fused="auto"`` fuses on one instance
+as soon as the known requests can fill its cache: fused chunks end 0.3-1.4 points closer to the
+bound than separate prefills in every memory-bound class of ``benchmarks/memory.py`` (known and
+unknown lengths), and the price now steers them.
+
 In workflows of dependent requests the same reasoning applies before the end game: a waiting
 request that the request scheduler's plan has no slack for (:attr:`WorkflowQueue.critical
 <lloptim.runtime.request_schedulers.WorkflowQueue>`) holds up its successors, and through them the
@@ -75,12 +100,18 @@ from lloptim.runtime.iteration_schedulers import admissible, kv_room, prompt_chu
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
 __all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT", "MEMORY_PRICES", "memory_price_weight",
-           "memory_price_weights", "REPRICE_GROWTH"]
+           "memory_price_weights", "REPRICE_GROWTH", "HEADROOM_Z"]
 
 #: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
 #: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
 SETUP_WEIGHT = {"known": 1.0, "unknown": 1.0}
 
+#: Quantile of the learned forecast error (standard normal z) at which the dispatch projects a
+#: request's output when lengths are unknown: ``(z at beta = 0, z at beta = 1)``, linear in
+#: between (:meth:`LagrangianIterations.projection_scale`). The median where memory costs nothing;
+#: the 24 % quantile where memory sets the decode steps, chosen on training seeds 100-103 of
+#: ``benchmarks/memory.py`` (the fixed factor it replaces, 0.85, is z = -0.33 at sigma 0.5).
+HEADROOM_Z = (0.0, -0.7)
 #: How the rule prices KV memory (see the module docstring).
 MEMORY_PRICES = ("lp", "uniform", "none")
 #: Step of the online update of the memory weight, per decode step and unit of utilization gap.
@@ -182,12 +213,16 @@ class LagrangianIterations(IterationScheduler):
         Most prompt tokens per prefill (or fused) iteration (``None``: unlimited).
     fused
         ``"auto"``: on one instance, separate prefill iterations while every request was present
-        from the start, fused chunks once the request scheduler reports requests arriving during
-        the run (its ``arrivals_during_run`` attribute, set by the hybrid's dispatch): an arrival's separate
+        from the start and the requests known so far cannot fill the KV cache, fused chunks once
+        the request scheduler reports requests arriving during the run (its
+        ``arrivals_during_run`` attribute, set by the hybrid's dispatch: an arrival's separate
         prefill would stall every running decode or make the arrival wait for a batch, a fused
-        chunk does neither; fused chunks from the start on a fleet of several instances (each
-        client serves few requests, so separate prefills batch poorly) and on workflows of
-        dependent requests (a successor becomes ready mid-run, like an arrival). ``True``:
+        chunk does neither) or once the known requests can fill the cache (the memory price then
+        steers the dispatch's priced headroom, and fused chunks keep the cache fuller than
+        batched prefills; see the module docstring); fused chunks from the start on a fleet of
+        several instances (each client serves few requests, so separate prefills batch poorly)
+        and on workflows of dependent requests (a successor becomes ready mid-run, like an
+        arrival). ``True``:
         insert prompts as chunks fused into the decode iterations (``C_p = 0``; see the module
         docstring) instead of separate prefill iterations. Needs a backend with mixed iterations
         (the simulated and torch backends have them).
@@ -275,6 +310,10 @@ class LagrangianIterations(IterationScheduler):
                             for inst in ctx.problem.instances]
         self.accrued = [0.0] * len(ctx.problem.instances)
         self.requests = ctx.extra.get("request_scheduler")
+        # the dispatch's priced admission reads the same memory weight (projection_scale); once it
+        # does, fused iterations follow the weight at every decode step
+        ctx.extra["memory_price"] = self
+        self.headroom_read = False
         # requests on the plan's critical path (workflows): never kept waiting for a batch
         self.critical = getattr(self.requests, "critical", None)
         self.estimates = ctx.estimates.tolist()
@@ -389,9 +428,13 @@ class LagrangianIterations(IterationScheduler):
         k = state.index
         if self.arrived[k]:
             self._register_arrivals(state)
+        if self.fusing and self.headroom_read and self.memory_binds[k]:
+            self.memory_weight(state)  # the price follows every decode step (the dispatch reads it)
         if not state.waiting:
             return DECODE
-        if not self.fusing and self.fused == "auto" and getattr(self.requests, "arrivals_during_run", False):
+        if not self.fusing and self.fused == "auto" and (self.memory_binds[k] or
+                                                         getattr(self.requests, "arrivals_during_run", False)):
+            # requests arriving, or known requests that can fill the cache: fused from now on
             self.fusing = True
         if self.fusing:
             return self._fuse(state)
@@ -437,9 +480,28 @@ class LagrangianIterations(IterationScheduler):
             return DECODE
         return self._prefill(state) if self._expected_saving_says_prefill(state, waiting_cost) else DECODE
 
-    def _memory_waiting_cost(self, state) -> float:
-        """Cost per decode step of the waiting requests that fit, slots and memory priced (module docstring)."""
+    def memory_weight(self, state) -> float:
+        """The memory weight ``beta`` of ``state``'s instance now, in [0, 1] (dimensionless).
+
+        0 where the known requests cannot fill the cache (memory is never priced there) or with
+        ``memory_prices="none"``; else the LP's (or the uniform) weight, moved by the online
+        subgradient steps up to the instance's current decode step. Read by the dispatch's priced
+        admission (:class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`, through
+        ``ctx.extra["memory_price"]``) as well as by this rule.
+
+        Parameters
+        ----------
+        state
+            The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+
+        Returns
+        -------
+        float
+            The weight on memory in the instance's decode-step price.
+        """
         k = state.index
+        if not self.memory_binds[k]:
+            return 0.0
         if not self.pricing[k]:
             self._start_pricing(k)
         elif self.memory_prices == "lp" and len(self.known) >= REPRICE_GROWTH * self.lp_known:
@@ -450,7 +512,37 @@ class LagrangianIterations(IterationScheduler):
             self.beta[k] = min(1.0, max(0.0, self.beta[k] + PRICE_STEP * steps * gap))
             self.price_step[k] = state.decode_steps
             self.beta_trace[k].append(self.beta[k])
-        beta = self.beta[k]
+        return self.beta[k]
+
+    def projection_scale(self, state) -> float:
+        """Factor on the estimates with which the dispatch projects KV memory: the priced headroom.
+
+        ``exp(sigma z(beta))``, the ``Phi(z)`` quantile of a request's output under the learned
+        lognormal forecast error (``sigma``, :attr:`sigma`), with ``z`` linear in the memory
+        weight from ``HEADROOM_Z[0]`` (``beta = 0``) to ``HEADROOM_Z[1]`` (``beta = 1``); 1 with
+        known lengths (the projection is exact and nothing is preempted). See the module docstring.
+
+        Parameters
+        ----------
+        state
+            The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+
+        Returns
+        -------
+        float
+            The factor, dimensionless (below 1: the projection counts requests shorter than estimated).
+        """
+        if self.ctx.known_lengths:
+            return 1.0
+        self.headroom_read = True
+        beta = self.memory_weight(state)
+        z = HEADROOM_Z[0] + beta * (HEADROOM_Z[1] - HEADROOM_Z[0])
+        return float(np.exp(self.sigma * z))
+
+    def _memory_waiting_cost(self, state) -> float:
+        """Cost per decode step of the waiting requests that fit, slots and memory priced (module docstring)."""
+        k = state.index
+        beta = self.memory_weight(state)
         room = kv_room(state)
         per_token = beta * self.token_price[k] * state.kv_block
         price = self.step_price

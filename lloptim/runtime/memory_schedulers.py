@@ -366,10 +366,18 @@ class MemoryAwareQueue(RequestScheduler):
         A request scheduler for workloads with precedence (the hybrid passes its
         :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`): on such a workload every hook
         goes to it, and its :attr:`critical` requests are this scheduler's.
+    priced_headroom
+        With unknown lengths, take the projection's factor on the estimates from the run's memory
+        price (``ctx.extra["memory_price"]``, the hybrid's
+        :meth:`~lloptim.runtime.lagrangian.LagrangianIterations.projection_scale`) at every
+        admission instead of the fixed ``unknown_scale``: optimistic where memory sets the decode
+        steps, the median where it does not. Without a price in the run, ``unknown_scale``.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
-                 unknown_scale: float | None = None, overrun: float | None = None, workflows=None) -> None:
+                 unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
+                 priced_headroom: bool = False) -> None:
+        self.priced_headroom = priced_headroom
         self.start_delay = int(start_delay)
         self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
         self.overrun = UNKNOWN_PROJECTION[1] if overrun is None else float(overrun)
@@ -414,7 +422,6 @@ class MemoryAwareQueue(RequestScheduler):
         self.scale, self.over = (1.0, 0.0) if ctx.known_lengths else (self.unknown_scale, self.overrun)
         # a queued request has not started (a fault restarts one from its prompt): its context is its prompt
         self.cand_tokens = w.prompt_tokens.astype(np.int64)
-        self.cand_steps = np.maximum(np.ceil(self.scale * self.est).astype(np.int64), 1)
         # urgency: the ready queue's work at full speed (steps by clients and by memory), its longest request
         insts = ctx.problem.instances
         self.clients_total = sum(i.clients for i in insts)
@@ -560,6 +567,14 @@ class MemoryAwareQueue(RequestScheduler):
             while self.taken[heap[0][1]]:
                 heapq.heappop(heap)
             return self._take(heapq.heappop(heap)[1], client)
+        if self.priced_headroom and not self.ctx.known_lengths:
+            # the projection's optimism follows the memory price (LagrangianIterations.projection_scale)
+            price = self.ctx.extra.get("memory_price")
+            if price is not None:
+                scale = price.projection_scale(state)
+                if scale != self.scale:
+                    self.scale = scale
+                    self._cache = self._refused = None
         key = self._key(state)
         if self._refused == (key, self.n_pending):
             return None  # nothing fitted a moment ago and nothing has changed since
@@ -596,7 +611,8 @@ class MemoryAwareQueue(RequestScheduler):
         room = state.kv_blocks * state.kv_block
         tokens = self.cand_tokens[rows]
         # a request is never projected past the cache: beyond it, preemption is the engine's answer
-        steps = np.clip(self.cand_steps[rows], 1, np.maximum(room - tokens, 1)) + self.start_delay
+        cand = np.maximum(np.ceil(self.scale * self.est[rows]).astype(np.int64), 1)
+        steps = np.clip(cand, 1, np.maximum(room - tokens, 1)) + self.start_delay
         floors = None
         if state.kv_mode == "reserve":
             floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
