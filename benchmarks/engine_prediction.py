@@ -274,19 +274,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    if args.engines is None:
-        names = ["hf", "torch"]
-        try:
-            import vllm  # noqa: F401
+    from engines import engine_names  # benchmarks/engines.py, beside this script
 
-            names.insert(0, "vllm")
-        except ImportError:
-            pass
-    else:
-        names = [n for n in args.engines.split(",") if n]
-        bad = sorted(set(names) - {"vllm", "hf", "torch"})
-        if bad:
-            raise SystemExit(f"--engines: unknown {bad}; use vllm, hf, torch")
+    names = engine_names(args.engines, ("hf", "torch"))
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     wls = workloads_for(seeds, sizes)

@@ -47,6 +47,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ENGINE_POLICIES = ("engine-default", "hybrid", "hybrid-fused")
 
 
+def engine_names(flag: str | None, default: tuple[str, ...]) -> list[str]:
+    """The engines of ``--engines`` (comma-separated), or ``default`` with vLLM first where it is installed.
+
+    Raises ``SystemExit`` naming the flag for a name outside ``default`` and vLLM.
+    """
+    if flag is None:
+        names = list(default)
+        try:
+            import vllm  # noqa: F401
+
+            names.insert(0, "vllm")
+        except ImportError:
+            pass
+        return names
+    names = [n for n in flag.split(",") if n]
+    allowed = ("vllm", *default)
+    bad = sorted(set(names) - set(allowed))
+    if bad:
+        raise SystemExit(f"--engines: unknown {bad}; use {', '.join(allowed)}")
+    return names
+
+
 def _engine(name: str, args, clients: int):
     if name == "vllm":
         from lloptim.engines.vllm import VllmEngine
@@ -282,16 +304,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.clock = args.clock or ("wall" if cuda else "cpu")
-    if args.engines is None:
-        names = ["hf", "torch", "generate"]
-        try:
-            import vllm  # noqa: F401
-
-            names.insert(0, "vllm")
-        except ImportError:
-            pass
-    else:
-        names = [n for n in args.engines.split(",") if n]
+    names = engine_names(args.engines, ("hf", "torch", "generate"))
     placeholder = HardwareProfile("placeholder", LatencyModel(1e-3, 1e-5, 1e-3, 1e-5, 1e-7),
                                   kv_capacity_tokens=1 << 22, clients=args.clients)
     problem = Problem.single(default_engine_workload(args.requests), placeholder, clients=args.clients)
