@@ -1,4 +1,4 @@
-"""Does an LP-planned start profile close the rho 1.0 memory gap? A fluid time-indexed plan against the golden-ratio spread.
+"""Does an LP-planned start profile close the rho 1.0 memory gap? A fluid plan against the golden-ratio spread.
 
 Where both the clients and the KV memory bind (``benchmarks/memory.py`` at rho 1.0, known
 lengths) the hybrid is 4-5 % above the memory-aware bound, its excess decode steps mostly
@@ -37,9 +37,9 @@ earliest), used three ways, each against the bound's decode steps:
 
 Workloads: ``benchmarks/memory.py``'s (1000 requests, lognormal outputs, 40 clients, paged KV of
 16-token blocks) at rho 1.0, known lengths; the report seeds 0-2 at sigma 1.0 / 1.2 / 1.5 and
-held-out cases (seeds 7-9 at those sigmas, and sigma 1.1 / 1.3), none of them used to choose the
-plan's settings (chosen on seeds 0-1 and 7 only: ``classes`` 16, 2 prompt groups, 60 buckets,
-slack 1 %).
+12 held-out workloads (seeds 8-9 at those sigmas, seeds 7-9 at sigma 1.1 / 1.3) that none of the
+plan's settings were chosen on (``classes`` 16, 2 prompt groups, 60 buckets, slack 1 %: chosen on
+seeds 0-2 and 7 at sigma 1.0 / 1.2 / 1.5).
 
 Run: ``python benchmarks/memory_start_plan.py [--quick] [--jobs 2]``. Writes
 ``benchmarks/results/memory_start_plan.csv``.
@@ -66,7 +66,10 @@ except ImportError:  # pragma: no cover
     from benchmarks.memory import BLOCK, CLIENTS, _loss_split, capacity_for, memory_workload
 
 REPORT = [(s, seed) for s in (1.0, 1.2, 1.5) for seed in (0, 1, 2)]
-HELD_OUT = [(s, seed) for s in (1.0, 1.1, 1.2, 1.3, 1.5) for seed in (7, 8, 9)]
+#: Workloads none of the plan's settings were chosen on (they were chosen on seeds 0-2 and 7 at
+#: sigma 1.0 / 1.2 / 1.5).
+HELD_OUT = ([(s, seed) for s in (1.1, 1.3) for seed in (7, 8, 9)]
+            + [(s, seed) for s in (1.0, 1.2, 1.5) for seed in (8, 9)])
 #: The plan's settings (module docstring).
 CLASSES, PROMPT_GROUPS, BUCKETS, SLACK = 16, 2, 60, 0.01
 #: The horizon's search range, in units of the bound's decode steps ``D``.
@@ -110,8 +113,8 @@ def fluid_start_plan(prompt: np.ndarray, est: np.ndarray, clients: int, capacity
     -------
     tuple
         ``(targets, info)``: target start steps (float64, one per request) and ``info`` with the
-        plan's horizon over ``D`` (``horizon``) and in steps (``horizon_steps``), the LP solves (``solves``), their wall time
-        (``solve_s``, seconds) and the number of classes.
+        plan's horizon over ``D`` (``horizon``) and in steps (``horizon_steps``), the LP solves
+        (``solves``), their wall time (``solve_s``, seconds) and the number of classes.
     """
     p = np.asarray(prompt, dtype=np.float64)
     o = np.maximum(np.ceil(np.asarray(est, dtype=np.float64)), 1.0)
@@ -281,8 +284,8 @@ def run_case(task: tuple) -> dict:
         row[f"{name}_imbalance_pct"] = split["imbalance_pct"]
         row[f"{name}_wall_s"] = time.perf_counter() - t
         if planner is not None:
-            row.update(lp_fluid_excess_steps_pct=100 * (info["horizon_steps"] / bound_steps - 1), lp_solves=info["solves"], lp_solve_s=info["solve_s"],
-                       lp_classes=info["classes"])
+            row.update(lp_fluid_excess_steps_pct=100 * (info["horizon_steps"] / bound_steps - 1),
+                       lp_solves=info["solves"], lp_solve_s=info["solve_s"], lp_classes=info["classes"])
     targets, _ = fluid_start_plan(wl.prompt_tokens, wl.output_tokens, CLIENTS, cap, BLOCK)
     start = timed_schedule(wl.prompt_tokens, wl.output_tokens, CLIENTS, cap, BLOCK, targets)
     row["timed_excess_steps_pct"] = 100 * (int(np.max(start + wl.output_tokens)) / bound_steps - 1)
@@ -322,7 +325,8 @@ def main(argv=None) -> list[dict]:
         g = np.array([r["golden_gap"] for r in rs])
         lp = np.array([r["lp_gap"] for r in rs])
         print(f"\n{group} ({len(rs)} workloads): gap golden mean {100 * g.mean():.2f} % (worst {100 * g.max():.2f}), "
-              f"LP order mean {100 * lp.mean():.2f} % (worst {100 * lp.max():.2f}), LP better in {int((lp < g).sum())}; "
+              f"LP order mean {100 * lp.mean():.2f} % (worst {100 * lp.max():.2f}), "
+              f"LP better in {int((lp < g).sum())}, the better of the two mean {100 * np.minimum(g, lp).mean():.2f} %; "
               f"excess decode steps: golden {np.mean([r['golden_excess_steps_pct'] for r in rs]):.1f} %, "
               f"LP order {np.mean([r['lp_excess_steps_pct'] for r in rs]):.1f} %, "
               f"LP timed {np.mean([r['timed_excess_steps_pct'] for r in rs]):.1f} %, "
