@@ -202,7 +202,7 @@ class HybridDispatch(WorkflowQueue):
         early, self.early = self.early, []
         rows = np.array([r for r, _ in early], dtype=np.int64)
         if self.memory is not None and self.dag is None and rows.size:
-            from lloptim.runtime.memory_schedulers import memory_can_bind, planned_start_keys
+            from lloptim.runtime.memory_schedulers import memory_can_bind
 
             ctx = self.ctx
             binds = [memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))]
@@ -213,7 +213,7 @@ class HybridDispatch(WorkflowQueue):
                     self.slack_keys = True  # the latency order from the start
                     self.memory.rekey(rows, np.array([self._slack_key(r, t) for r, t in early]))
                 else:
-                    self.memory.rekey(rows, planned_start_keys(ctx, rows=rows))
+                    self.memory.rekey(rows, self.memory.planner(ctx, rows=rows))
                 for r, t in early:
                     self.ready_at[r] = t
                     self.memory.on_ready(r, t)

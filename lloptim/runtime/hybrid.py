@@ -67,7 +67,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
-                  objective: str = "makespan") -> Policy:
+                  objective: str = "makespan", start_planner=None) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -126,6 +126,11 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         What the dispatch order serves (``dispatch="sorted"``): ``"makespan"`` (least slack,
         default) or ``"weighted-completion"`` (Smith's rule of the ``weighted_completion``
         formulation: shortest estimated service first; see :mod:`lloptim.runtime.dispatch`).
+    start_planner
+        Where the KV cache can fill up (``dispatch="sorted"``), the function that orders the
+        requests by target start step (the ``planner`` of
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the golden-ratio
+        spread :func:`~lloptim.runtime.memory_schedulers.planned_start_keys`.
 
     Notes
     -----
@@ -139,8 +144,11 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
+        if start_planner is not None and not callable(start_planner):
+            raise SpecError("policy.hybrid.start_planner", f"must be a function, not {start_planner!r}",
+                            "pass planner(ctx, rows=...) returning one start key per request, or None")
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
-                                  priced_headroom=True)
+                                  priced_headroom=True, planner=start_planner)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":

@@ -372,11 +372,20 @@ class MemoryAwareQueue(RequestScheduler):
         :meth:`~lloptim.runtime.lagrangian.LagrangianIterations.projection_scale`) at every
         admission instead of the fixed ``unknown_scale``: optimistic where memory sets the decode
         steps, the median where it does not. Without a price in the run, ``unknown_scale``.
+    planner
+        The keys of the ``"planned"`` order (and of the hybrid's dispatch, which calls it with the
+        requests ready at its first dispatch): a function ``planner(ctx, rows=rows)`` of the run context and the
+        rows of the requests known so far (None: all) that returns one key per row, smaller
+        first (target start steps). None: :func:`planned_start_keys`. For studying other start
+        plans (``benchmarks/memory_start_plan.py`` plans them with an LP).
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
-                 priced_headroom: bool = False) -> None:
+                 priced_headroom: bool = False, planner=None) -> None:
+        if planner is not None and not callable(planner):
+            raise ValueError(f"planner must be a function planner(ctx, rows=...) -> keys or None, not {planner!r}")
+        self.planner = planned_start_keys if planner is None else planner
         self.priced_headroom = priced_headroom
         self.start_delay = int(start_delay)
         self.unknown_scale = UNKNOWN_PROJECTION[0] if unknown_scale is None else float(unknown_scale)
@@ -472,7 +481,7 @@ class MemoryAwareQueue(RequestScheduler):
         :data:`REPLAN_GROWTH` (with every request at time 0: once, over all of them)."""
         rows = np.asarray(self.known, dtype=np.int64)
         self.planned_n = rows.size
-        keys = planned_start_keys(self.ctx, rows=None if rows.size == self.ctx.problem.n_requests else rows)
+        keys = self.planner(self.ctx, rows=None if rows.size == self.ctx.problem.n_requests else rows)
         if rows.size == self.ctx.problem.n_requests:
             keys = keys[rows]
         self.key[rows] = keys
