@@ -586,13 +586,19 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     Without migration (``migration=False``: a started request never leaves its instance, as in
     every lloptim policy but :func:`~lloptim.runtime.migration.with_migration`; a preempted request
     waits on its client), a co-runner is also prefilled on the chain's instance. Chain request
-    ``r_i`` runs on one instance from its admission to its finish; the requests decoding beside it
-    there either held one of the other ``C_max - 1`` clients when it was admitted (*carry-ins*), or
-    were admitted after it, so that their whole prompt is prefilled inside its lifetime, each
-    prompt token adding at least ``c_p`` (the smallest ``prefill_per_token_s``) to an iteration
-    the chain waits for, fused or not. So beyond the ``n (C_max - 1)`` carry-ins of a chain of
-    ``n`` requests, every request with tokens beside the chain also costs ``c_p p_r`` of the
-    budget ``T - h - tau`` (:func:`_cheapest_tokens` with ``entry``). With migration a co-runner
+    ``r_i`` runs on one instance ``k_i`` from its admission to its finish, and the chain's span
+    ``[h, T]`` holds, one after another, the wait before ``r_1``'s admission, the ``n`` lifetimes
+    and the waits between them. A request decoding beside ``r_i`` was admitted on ``k_i`` either
+    after ``r_i``, so that its whole prompt is prefilled inside ``r_i``'s lifetime, or before, so
+    that it holds one of the other ``C_max - 1`` clients at ``r_i``'s admission (a *carry-in*);
+    every prompt token adds at least ``c_p`` (the smallest ``prefill_per_token_s``) to an iteration
+    of its instance, fused or not. A carry-in was prefilled on ``k_i`` during an earlier lifetime
+    on ``k_i`` or during a wait (both inside the span, on one instance, so that its prompt costs
+    the span as well), before ``h`` (only if a request arrives before ``h``), or while the chain
+    ran on another instance (only for ``i >= 2`` on a fleet). So at most
+    ``(C_max - 1) ((n - 1) [m > 1] + [a request arrives before h])`` co-runners are free, and every
+    other request with tokens beside the chain also costs ``c_p p_r`` of the budget
+    ``T - h - tau``, once (:func:`_cheapest_tokens` with ``entry``). With migration a co-runner
     could be prefilled elsewhere and a chain request could move to fresh carry-ins, so the entry
     costs are left out (the bound stays valid for every schedule).
     """
@@ -616,7 +622,12 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
         for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
             key = tuple(chain)
             if key not in chains:
-                chains[key] = _token_curves(p, oi, chain, c_s, c_kv, entry, len(chain) * (c_max - 1))
+                head = float(w.arrival_s[chain[0]])
+                # free carry-ins: on the instance of a later chain request while the chain ran
+                # elsewhere (a fleet), and before the chain's start if another request was there
+                early = bool(np.any(np.delete(w.arrival_s, chain) < head))
+                carry_ins = (c_max - 1) * ((len(chain) - 1 if m > 1 else 0) + int(early))
+                chains[key] = _token_curves(p, oi, chain, c_s, c_kv, entry, carry_ins)
             steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
             k = token_s + a_d * steps + a_d * (total_tokens - steps) / c_max + pre
             x_max = steps * (c_max - 1)
@@ -709,7 +720,7 @@ def _token_curves(p: np.ndarray, o: np.ndarray, chain, c_s: float, c_kv: float,
 
 #: Multipliers of the co-runners' entry costs the chain-coupling bound tries (count): each is a
 #: valid relaxation; more tighten the bound a little and cost one sort each.
-ENTRY_MULTIPLIERS = 8
+ENTRY_MULTIPLIERS = 4
 
 
 def _token_curve(p: np.ndarray, o: np.ndarray, eps: np.ndarray, c_s: float, c_kv: float):
