@@ -500,7 +500,7 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     """
     problem = as_problem(problem)
     kv = (kv_mode, kv_block_tokens, estimates)
-    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
         return bound
@@ -563,7 +563,8 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
 
 def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
-                          pre_total: float, pre_fused: float, migration: bool = True) -> tuple[float, float]:
+                          pre_total: float, pre_fused: float, migration: bool = True,
+                          fleet_lp: bool = False) -> tuple[float, float]:
     """The work bound when a long chain must also run fast (separate, fused), seconds.
 
     Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
@@ -601,6 +602,10 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     ``T - h - tau``, once (:func:`_cheapest_tokens` with ``entry``). With migration a co-runner
     could be prefilled elsewhere and a chain request could move to fresh carry-ins, so the entry
     costs are left out (the bound stays valid for every schedule).
+
+    With ``fleet_lp`` on a fleet whose instances differ, and without migration, the critical
+    chains are also bounded by :func:`_chain_coupling_lp`, which charges each instance kind its
+    own costs.
     """
     w = problem.workload
     lats = [inst.profile.latency for inst in problem.instances]
@@ -635,8 +640,121 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
             for shift, cum_tokens, cum_cost, slope in chains[key]:
                 best = max(best, _coupled_root(m, k, a_d / c_max, x_max, head + tau - shift,
                                                cum_tokens, cum_cost, slope))
+            if fleet_lp and not migration and chains[key]:
+                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head))
         out.append(best)
     return out[0], out[1]
+
+
+#: Most columns (instance kinds x requests) of :func:`_chain_coupling_lp`; beyond it the LP is
+#: skipped (the pooled chain-coupling bound still holds).
+CHAIN_LP_MAX_COLUMNS = 100_000
+#: Supporting lines of each co-runner cost curve in :func:`_chain_coupling_lp` (count).
+CHAIN_LP_TANGENTS = 64
+
+
+def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float) -> float:
+    """The chain-coupling bound on a fleet whose instances differ, as an LP (HiGHS), seconds; 0 if skipped.
+
+    The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
+    coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
+    as if the slow ones were fast. Here request ``r`` goes to instance kind ``j`` (``n_j``
+    instances of ``C_j`` clients) in fraction ``y[j, r]`` (a relaxation of running it there
+    whole: without migration a request is prefilled and decoded on one instance). The chain runs
+    ``S_j = sum_{r in chain} o_r y[j, r]`` of its steps on kind ``j`` with ``X_j <= (C_j - 1) S_j``
+    tokens of others beside them (and no more than the others' tokens there), so kind ``j``'s
+    decode iterations are at least ``S_j + (others' tokens on j - X_j) / C_j`` and its instances
+    are busy at least ``sum_r v[j, r] y[j, r] + a_j (S_j + (sum_{r not in chain} o_r y[j, r] - X_j) / C_j)
+    <= n_j T`` (``v``: the per-token terms, and for separate iterations ``prefill_base_s / C_j``
+    per request). The chain itself takes its minimal time on each kind, ``sum t[j, r] y[j, r]``,
+    plus what its co-runners cost, at least ``g_lambda(X) - shift_lambda`` for every curve of
+    :func:`_token_curves` (``X = sum_j X_j``; ``g_lambda`` is convex, bounded below by
+    :data:`CHAIN_LP_TANGENTS` of its supporting lines), inside ``[h, T]``. The least ``T``
+    of this LP bounds the makespan of every schedule without migration; HiGHS's optimum is
+    returned when it solves to optimality (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
+    """
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    w = problem.workload
+    kinds: dict[tuple, int] = {}
+    for inst in problem.instances:
+        key = (inst.profile.latency, inst.clients)
+        kinds[key] = kinds.get(key, 0) + 1
+    J, R = len(kinds), len(w)
+    if J < 2 or J * R > CHAIN_LP_MAX_COLUMNS:
+        return 0.0
+    lats = [key[0] for key in kinds]
+    clients = np.array([key[1] for key in kinds], dtype=np.float64)
+    count = np.array(list(kinds.values()), dtype=np.float64)
+    p = w.prompt_tokens.astype(np.float64)
+    kv_steps = o * p + o * (o - 1) / 2
+    in_chain = np.zeros(R, dtype=bool)
+    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    others = ~in_chain
+    # columns: T, y[j, r] (J R), S_j (J), X_j (J), G_l (one per curve)
+    n_curves = len(curves)
+    n_cols = 1 + J * R + 2 * J + n_curves
+    col_y = lambda j: 1 + j * R + np.arange(R)  # noqa: E731
+    col_s, col_x, col_g = 1 + J * R, 1 + J * R + J, 1 + J * R + 2 * J
+    eq_r, eq_c, eq_v = [], [], []
+    ub_r, ub_c, ub_v, b_ub = [], [], [], []
+
+    def put(rows, cols, vals, r, c, v):
+        rows.append(np.broadcast_to(np.asarray(r), np.shape(c)).ravel())
+        cols.append(np.asarray(c).ravel())
+        vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(c)).ravel())
+
+    for j in range(J):
+        put(eq_r, eq_c, eq_v, np.arange(R), col_y(j), 1.0)  # sum_j y[j, r] = 1
+    put(eq_r, eq_c, eq_v, R + np.arange(J), col_s + np.arange(J), 1.0)  # S_j = chain tokens on j
+    b_eq = np.concatenate([np.ones(R), np.zeros(J)])
+    row = 0
+    chain_time = []
+    for j, lat in enumerate(lats):
+        put(eq_r, eq_c, eq_v, R + j, col_y(j)[in_chain], -o[in_chain])
+        a = lat.decode_base_s
+        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
+        if not fused:
+            per_token = per_token + lat.prefill_base_s / clients[j]
+        # kind j's instances: busy <= n_j T
+        put(ub_r, ub_c, ub_v, row, col_y(j), per_token + np.where(others, a * o / clients[j], 0.0))
+        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a, -a / clients[j], -count[j]])
+        b_ub.append(0.0)
+        # co-runners: X_j <= (C_j - 1) S_j and X_j <= the others' tokens on j
+        put(ub_r, ub_c, ub_v, row + 1, [col_x + j, col_s + j], [1.0, -(clients[j] - 1.0)])
+        put(ub_r, ub_c, ub_v, row + 2, col_x + j, 1.0)
+        put(ub_r, ub_c, ub_v, row + 2, col_y(j)[others], -o[others])
+        b_ub += [0.0, 0.0]
+        row += 3
+        first = (min(lat.prefill_base_s, a) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
+        chain_time.append((first + (a + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
+    for g, (shift, cum_tokens, cum_cost, slope) in enumerate(curves):
+        # the chain: sum_j t[j, r] y[j, r] + G_l - shift_l <= T - h
+        for j in range(J):
+            put(ub_r, ub_c, ub_v, row, col_y(j)[in_chain], chain_time[j])
+        put(ub_r, ub_c, ub_v, row, [col_g + g, 0], [1.0, -1.0])
+        b_ub.append(shift - head)
+        row += 1
+        # G_l >= cost_i + slope_i (X - tokens_i) along supporting lines of the convex curve
+        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
+        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
+        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
+        for i in pick.tolist():
+            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g),
+                np.append(np.full(J, slope[i]), -1.0))
+            b_ub.append(float(slope[i] * at_tokens[i] - at_cost[i]))
+            row += 1
+    a_eq = coo_matrix((np.concatenate(eq_v), (np.concatenate(eq_r), np.concatenate(eq_c))), shape=(R + J, n_cols))
+    a_ub = coo_matrix((np.concatenate(ub_v), (np.concatenate(ub_r), np.concatenate(ub_c))), shape=(row, n_cols))
+    cost = np.zeros(n_cols)
+    cost[0] = 1.0
+    res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=np.array(b_ub), A_eq=a_eq.tocsr(), b_eq=b_eq,
+                  bounds=(0, None), method="highs")
+    if res.status != 0:
+        return 0.0
+    # the LP optimum, less HiGHS's feasibility tolerance in relative terms
+    return float(res.fun) * (1.0 - 1e-7)
 
 
 def _coupled_root(m: int, k: float, rate: float, x_max: float, base: float,
@@ -767,8 +885,13 @@ def _afford(cum_tokens: np.ndarray, cum_cost: np.ndarray, slope: np.ndarray, bud
 
 
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
-                decode_steps: int | None = None, kv: tuple = (None, None, None), migration: bool = True) -> LowerBound:
-    """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
+                decode_steps: int | None = None, kv: tuple = (None, None, None), migration: bool = True,
+                fleet_lp: bool = False) -> LowerBound:
+    """The work and critical-path bounds of ``problem`` (everything but the window bound).
+
+    ``fleet_lp``: also the chain-coupling LP of a mixed fleet (:func:`_chain_coupling_lp`; the
+    whole problem only, not every window of :func:`_window_bound`, for speed).
+    """
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
@@ -836,7 +959,8 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 fused = max(fused, fractional_assignment_bound(v_fused, count))
     if w.precedence is not None:
         pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
-        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration)
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
+                                                       fleet_lp)
         total, fused = max(total, coupled), max(fused, coupled_fused)
     # separate-iteration schedules are fused schedules too, so the fused bound holds for them
     total = max(total, fused)
