@@ -624,8 +624,12 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     for fused, pre in ((False, pre_total), (True, pre_fused)):
         t = minimal_request_time_s(problem, o, fused)
         best = 0.0
+        tried = set()
         for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
             key = tuple(chain)
+            if key in tried:
+                continue
+            tried.add(key)
             if key not in chains:
                 head = float(w.arrival_s[chain[0]])
                 # free carry-ins: on the instance of a later chain request while the chain ran
