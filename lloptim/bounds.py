@@ -44,6 +44,13 @@ tokens plus its length). Finally the *window* bound combines the work bound with
 requests that cannot start before ``a`` (their arrival or their predecessors) and must be followed
 by ``b`` seconds of successors run inside ``[a, T - b]``, so ``T >= a + b + bound(those requests)``
 (the bound of the requests alone, all arriving at 0); it is taken over a few thresholds ``a``, ``b``.
+On a fleet a long chain also cannot be batched for free: every request decoding beside one of its
+steps slows that step (``_chain_coupling_bound``). With ``migration=False`` (schedules in which
+a request is prefilled and decoded on one instance: every lloptim policy without
+:func:`~lloptim.runtime.migration.with_migration`) a co-runner's prompt is also prefilled on the
+chain's instance, on the chain's clock, except for a few carry-ins; and on a fleet whose
+instances differ an LP over instance kinds charges each kind its own costs
+(``_chain_coupling_lp``). The default (``migration=True``) holds for every schedule.
 
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
@@ -490,7 +497,7 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         (:func:`~lloptim.runtime.migration.with_migration`). False bounds only schedules in which a
         request is prefilled and decoded on one instance (every other lloptim policy; a run without
         migrations): on a fleet the chain-coupling term then also charges each request that decodes
-        beside a chain its prompt's prefill (:func:`_chain_coupling_bound`). The default holds for
+        beside a chain its prompt's prefill (``_chain_coupling_bound``). The default holds for
         every schedule.
 
     Raises

@@ -123,3 +123,26 @@ def test_the_mixed_fleet_lp_charges_each_instance_its_own_costs():
     chain = w.precedence.critical_path(w.output_tokens.astype(float))[1]
     curves = _token_curves(w.prompt_tokens, w.output_tokens, chain, 1e-4, 1e-7)
     assert _chain_coupling_lp(same, w.output_tokens.astype(float), chain, True, curves, 0.0) == 0.0
+
+
+def test_unpaced_instances_leave_the_cheap_co_runners_to_the_paced_one(monkeypatch):
+    # while the chain's instance is paced, the other instance takes the dearest co-runner of the
+    # window (the most chain seconds per token), so the cheap ones are left for the paced instance
+    from lloptim.runtime.request_schedulers import WorkflowQueue
+
+    picks = {False: [], True: []}
+    original = WorkflowQueue._cheapest_co_runner
+
+    def spy(self, state, client, too_long, dearest=False):
+        window = sorted(self.ready)[:8]
+        r = original(self, state, client, too_long, dearest)
+        if r is not None:
+            picks[dearest].append((self.token_cost[r], [self.token_cost[q] for _, q in window]))
+        return r
+
+    monkeypatch.setattr(WorkflowQueue, "_cheapest_co_runner", spy)
+    res = run_policy(_chain_fleet(100, 2), "hybrid")
+    assert np.all(np.isfinite(res.done_s))
+    assert picks[True] and picks[False]  # both rules fire
+    # the unpaced instance's picks cost the chain more per token than the paced instance's
+    assert np.mean([c for c, _ in picks[True]]) > 1.2 * np.mean([c for c, _ in picks[False]])
