@@ -44,6 +44,13 @@ tokens plus its length). Finally the *window* bound combines the work bound with
 requests that cannot start before ``a`` (their arrival or their predecessors) and must be followed
 by ``b`` seconds of successors run inside ``[a, T - b]``, so ``T >= a + b + bound(those requests)``
 (the bound of the requests alone, all arriving at 0); it is taken over a few thresholds ``a``, ``b``.
+On a fleet a long chain also cannot be batched for free: every request decoding beside one of its
+steps slows that step (``_chain_coupling_bound``). With ``migration=False`` (schedules in which
+a request is prefilled and decoded on one instance: every lloptim policy without
+:func:`~lloptim.runtime.migration.with_migration`) a co-runner's prompt is also prefilled on the
+chain's instance, on the chain's clock, except for a few carry-ins; and on a fleet whose
+instances differ an LP over instance kinds charges each kind its own costs
+(``_chain_coupling_lp``). The default (``migration=True``) holds for every schedule.
 
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
@@ -461,7 +468,7 @@ def _critical_path_s(problem: Problem, output_tokens: np.ndarray, fused: bool) -
 
 def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 decode_steps: int | None = None, kv_mode=None, kv_block_tokens=None,
-                estimates: np.ndarray | None = None) -> LowerBound:
+                estimates: np.ndarray | None = None, migration: bool = True) -> LowerBound:
     """Makespan lower bound of ``problem``, seconds, with the clients and the KV memory.
 
     The work bound (clients and KV memory), the critical path of the precedence DAG (arrivals
@@ -485,6 +492,13 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     estimates
         The run's output-length estimates, tokens: in reserve mode an uncapped request reserves
         ``prompt + estimate``, which the bound then counts; None counts only the caps.
+    migration
+        Whether the schedules bounded may move running requests between instances
+        (:func:`~lloptim.runtime.migration.with_migration`). False bounds only schedules in which a
+        request is prefilled and decoded on one instance (every other lloptim policy; a run without
+        migrations): on a fleet the chain-coupling term then also charges each request that decodes
+        beside a chain its prompt's prefill (``_chain_coupling_bound``). The default holds for
+        every schedule.
 
     Raises
     ------
@@ -493,17 +507,17 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     """
     problem = as_problem(problem)
     kv = (kv_mode, kv_block_tokens, estimates)
-    bound = _work_bound(problem, output_tokens, decode_steps, kv)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
         return bound
-    window, window_fused = _window_bound(problem, output_tokens, kv)
+    window, window_fused = _window_bound(problem, output_tokens, kv, migration)
     return replace(bound, total_s=float(max(bound.total_s, window)), fused_s=float(max(bound.fused_s, window_fused)),
                    window_s=float(window), window_fused_s=float(window_fused))
 
 
-def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None)
-                  ) -> tuple[float, float]:
+def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None),
+                  migration: bool = True) -> tuple[float, float]:
     """``max a + b + bound(S)`` over requests ``S`` with head ``>= a`` and tail ``>= b`` (separate, fused), s.
 
     Heads and tails are longest paths of minimal (fused) times, which bound both kinds of
@@ -535,7 +549,7 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple 
                         ids=tuple(w.ids[i] for i in rows.tolist()),
                         precedence=None if w.precedence is None else w.precedence.subset(rows))
         sub_kv = (kv[0], kv[1], None if kv[2] is None else np.asarray(kv[2])[rows])
-        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv)
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv, migration)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
 
@@ -556,7 +570,8 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
 
 def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
-                          pre_total: float, pre_fused: float) -> tuple[float, float]:
+                          pre_total: float, pre_fused: float, migration: bool = True,
+                          fleet_lp: bool = False) -> tuple[float, float]:
     """The work bound when a long chain must also run fast (separate, fused), seconds.
 
     Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
@@ -575,11 +590,36 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     with ``f`` non-increasing, so the least ``T`` with ``m T >= f(T)`` bounds the makespan; it is
     found by bisection and the largest ``T`` shown infeasible is returned (valid whatever the
     tolerance). Tried on the longest chain in tokens and on the critical path.
+
+    Without migration (``migration=False``: a started request never leaves its instance, as in
+    every lloptim policy but :func:`~lloptim.runtime.migration.with_migration`; a preempted request
+    waits on its client), a co-runner is also prefilled on the chain's instance. Chain request
+    ``r_i`` runs on one instance ``k_i`` from its admission to its finish, and the chain's span
+    ``[h, T]`` holds, one after another, the wait before ``r_1``'s admission, the ``n`` lifetimes
+    and the waits between them. A request decoding beside ``r_i`` was admitted on ``k_i`` either
+    after ``r_i``, so that its whole prompt is prefilled inside ``r_i``'s lifetime, or before, so
+    that it holds one of the other ``C_max - 1`` clients at ``r_i``'s admission (a *carry-in*);
+    every prompt token adds at least ``c_p`` (the smallest ``prefill_per_token_s``) to an iteration
+    of its instance, fused or not. A carry-in was prefilled on ``k_i`` during an earlier lifetime
+    on ``k_i`` or during a wait (both inside the span, on one instance, so that its prompt costs
+    the span as well), before ``h`` (only if a request arrives before ``h``), or while the chain
+    ran on another instance (only for ``i >= 2`` on a fleet). So at most
+    ``(C_max - 1) ((n - 1) [m > 1] + [a request arrives before h])`` co-runners are free, and every
+    other request with tokens beside the chain also costs ``c_p p_r`` of the budget
+    ``T - h - tau``, once (:func:`_cheapest_tokens` with ``entry``). With migration a co-runner
+    could be prefilled elsewhere and a chain request could move to fresh carry-ins, so the entry
+    costs are left out (the bound stays valid for every schedule).
+
+    With ``fleet_lp`` on a fleet whose instances differ, and without migration, the critical
+    chains are also bounded by :func:`_chain_coupling_lp`, which charges each instance kind its
+    own costs.
     """
     w = problem.workload
     lats = [inst.profile.latency for inst in problem.instances]
     c_s = min(l.decode_per_seq_s for l in lats)
     c_kv = min(l.decode_per_kv_token_s for l in lats)
+    # without migration a co-runner's prompt is prefilled on the chain's instance (docstring)
+    entry = None if migration else min(l.prefill_per_token_s for l in lats) * w.prompt_tokens.astype(np.float64)
     if c_s + c_kv * float(w.prompt_tokens.min()) <= 0 or a_d <= 0:
         return 0.0, 0.0
     m = len(problem.instances)
@@ -591,74 +631,278 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     for fused, pre in ((False, pre_total), (True, pre_fused)):
         t = minimal_request_time_s(problem, o, fused)
         best = 0.0
+        tried = set()
         for chain in (w.precedence.critical_path(o)[1], w.precedence.critical_path(t, w.arrival_s)[1]):
             key = tuple(chain)
+            if key in tried:
+                continue
+            tried.add(key)
             if key not in chains:
-                chains[key] = _cheapest_tokens(p, oi, chain, c_s, c_kv)
-            capacity = chains[key]
+                head = float(w.arrival_s[chain[0]])
+                # free carry-ins: on the instance of a later chain request while the chain ran
+                # elsewhere (a fleet), and before the chain's start if another request was there
+                early = bool(np.any(np.delete(w.arrival_s, chain) < head))
+                carry_ins = (c_max - 1) * ((len(chain) - 1 if m > 1 else 0) + int(early))
+                chains[key] = _token_curves(p, oi, chain, c_s, c_kv, entry, carry_ins)
             steps, tau, head = float(o[chain].sum()), float(t[chain].sum()), float(w.arrival_s[chain[0]])
             k = token_s + a_d * steps + a_d * (total_tokens - steps) / c_max + pre
             x_max = steps * (c_max - 1)
-
-            def infeasible(T: float) -> bool:
-                x = min(x_max, capacity(T - head - tau))
-                return m * T < k - a_d * x / c_max
-
-            lo, hi = (k - a_d * x_max / c_max) / m, k / m  # f(T) / m lies in between
-            if not infeasible(lo):
-                best = max(best, lo)
-                continue
-            for _ in range(60):
-                mid = 0.5 * (lo + hi)
-                if infeasible(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            best = max(best, lo)
+            # every lambda's curve gives a valid bound (any T below its root is infeasible): keep the best
+            for shift, cum_tokens, cum_cost, slope in chains[key]:
+                best = max(best, _coupled_root(m, k, a_d / c_max, x_max, head + tau - shift,
+                                               cum_tokens, cum_cost, slope))
+            if fleet_lp and not migration and chains[key]:
+                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head))
         out.append(best)
     return out[0], out[1]
 
 
-def _cheapest_tokens(p: np.ndarray, o: np.ndarray, chain, c_s: float, c_kv: float):
-    """``g^-1``: most tokens outside ``chain`` whose decode costs sum to at most a budget (fractional).
+#: Most columns (instance kinds x requests) of :func:`_chain_coupling_lp`; beyond it the LP is
+#: skipped (the pooled chain-coupling bound still holds).
+CHAIN_LP_MAX_COLUMNS = 100_000
+#: Supporting lines of each co-runner cost curve in :func:`_chain_coupling_lp` (count).
+CHAIN_LP_TANGENTS = 64
+
+
+def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float) -> float:
+    """The chain-coupling bound on a fleet whose instances differ, as an LP (HiGHS), seconds; 0 if skipped.
+
+    The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
+    coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
+    as if the slow ones were fast. Here request ``r`` goes to instance kind ``j`` (``n_j``
+    instances of ``C_j`` clients) in fraction ``y[j, r]`` (a relaxation of running it there
+    whole: without migration a request is prefilled and decoded on one instance). The chain runs
+    ``S_j = sum_{r in chain} o_r y[j, r]`` of its steps on kind ``j`` with ``X_j <= (C_j - 1) S_j``
+    tokens of others beside them (and no more than the others' tokens there), so kind ``j``'s
+    decode iterations are at least ``S_j + (others' tokens on j - X_j) / C_j`` and its instances
+    are busy at least ``sum_r v[j, r] y[j, r] + a_j (S_j + (sum_{r not in chain} o_r y[j, r] - X_j) / C_j)
+    <= n_j T`` (``v``: the per-token terms, and for separate iterations ``prefill_base_s / C_j``
+    per request). The chain itself takes its minimal time on each kind, ``sum t[j, r] y[j, r]``,
+    plus what its co-runners cost, at least ``g_lambda(X) - shift_lambda`` for every curve of
+    :func:`_token_curves` (``X = sum_j X_j``; ``g_lambda`` is convex, bounded below by
+    :data:`CHAIN_LP_TANGENTS` of its supporting lines), inside ``[h, T]``. The least ``T``
+    of this LP bounds the makespan of every schedule without migration; HiGHS's optimum is
+    returned when it solves to optimality (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
+    """
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    w = problem.workload
+    kinds: dict[tuple, int] = {}
+    for inst in problem.instances:
+        key = (inst.profile.latency, inst.clients)
+        kinds[key] = kinds.get(key, 0) + 1
+    J, R = len(kinds), len(w)
+    if J < 2 or J * R > CHAIN_LP_MAX_COLUMNS:
+        return 0.0
+    lats = [key[0] for key in kinds]
+    clients = np.array([key[1] for key in kinds], dtype=np.float64)
+    count = np.array(list(kinds.values()), dtype=np.float64)
+    p = w.prompt_tokens.astype(np.float64)
+    kv_steps = o * p + o * (o - 1) / 2
+    in_chain = np.zeros(R, dtype=bool)
+    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    others = ~in_chain
+    # columns: T, y[j, r] (J R), S_j (J), X_j (J), G_l (one per curve)
+    n_curves = len(curves)
+    n_cols = 1 + J * R + 2 * J + n_curves
+    col_y = lambda j: 1 + j * R + np.arange(R)  # noqa: E731
+    col_s, col_x, col_g = 1 + J * R, 1 + J * R + J, 1 + J * R + 2 * J
+    eq_r, eq_c, eq_v = [], [], []
+    ub_r, ub_c, ub_v, b_ub = [], [], [], []
+
+    def put(rows, cols, vals, r, c, v):
+        rows.append(np.broadcast_to(np.asarray(r), np.shape(c)).ravel())
+        cols.append(np.asarray(c).ravel())
+        vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(c)).ravel())
+
+    for j in range(J):
+        put(eq_r, eq_c, eq_v, np.arange(R), col_y(j), 1.0)  # sum_j y[j, r] = 1
+    put(eq_r, eq_c, eq_v, R + np.arange(J), col_s + np.arange(J), 1.0)  # S_j = chain tokens on j
+    b_eq = np.concatenate([np.ones(R), np.zeros(J)])
+    row = 0
+    chain_time = []
+    for j, lat in enumerate(lats):
+        put(eq_r, eq_c, eq_v, R + j, col_y(j)[in_chain], -o[in_chain])
+        a = lat.decode_base_s
+        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
+        if not fused:
+            per_token = per_token + lat.prefill_base_s / clients[j]
+        # kind j's instances: busy <= n_j T
+        put(ub_r, ub_c, ub_v, row, col_y(j), per_token + np.where(others, a * o / clients[j], 0.0))
+        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a, -a / clients[j], -count[j]])
+        b_ub.append(0.0)
+        # co-runners: X_j <= (C_j - 1) S_j and X_j <= the others' tokens on j
+        put(ub_r, ub_c, ub_v, row + 1, [col_x + j, col_s + j], [1.0, -(clients[j] - 1.0)])
+        put(ub_r, ub_c, ub_v, row + 2, col_x + j, 1.0)
+        put(ub_r, ub_c, ub_v, row + 2, col_y(j)[others], -o[others])
+        b_ub += [0.0, 0.0]
+        row += 3
+        first = (min(lat.prefill_base_s, a) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
+        chain_time.append((first + (a + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
+    for g, (shift, cum_tokens, cum_cost, slope) in enumerate(curves):
+        # the chain: sum_j t[j, r] y[j, r] + G_l - shift_l <= T - h
+        for j in range(J):
+            put(ub_r, ub_c, ub_v, row, col_y(j)[in_chain], chain_time[j])
+        put(ub_r, ub_c, ub_v, row, [col_g + g, 0], [1.0, -1.0])
+        b_ub.append(shift - head)
+        row += 1
+        # G_l >= cost_i + slope_i (X - tokens_i) along supporting lines of the convex curve
+        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
+        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
+        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
+        for i in pick.tolist():
+            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g),
+                np.append(np.full(J, slope[i]), -1.0))
+            b_ub.append(float(slope[i] * at_tokens[i] - at_cost[i]))
+            row += 1
+    a_eq = coo_matrix((np.concatenate(eq_v), (np.concatenate(eq_r), np.concatenate(eq_c))), shape=(R + J, n_cols))
+    a_ub = coo_matrix((np.concatenate(ub_v), (np.concatenate(ub_r), np.concatenate(ub_c))), shape=(row, n_cols))
+    cost = np.zeros(n_cols)
+    cost[0] = 1.0
+    res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=np.array(b_ub), A_eq=a_eq.tocsr(), b_eq=b_eq,
+                  bounds=(0, None), method="highs")
+    if res.status != 0:
+        return 0.0
+    # the LP optimum, less HiGHS's feasibility tolerance in relative terms
+    return float(res.fun) * (1.0 - 1e-7)
+
+
+def _coupled_root(m: int, k: float, rate: float, x_max: float, base: float,
+                  cum_tokens: np.ndarray, cum_cost: np.ndarray, slope: np.ndarray) -> float:
+    """The least ``T`` with ``m T >= k - rate min(x_max, X(T - base))``, ``X`` the curve's tokens per budget, s.
+
+    ``phi(T) = m T - k + rate min(x_max, X(T - base))`` increases with ``T`` and is piecewise linear,
+    so its root is found exactly: it is the larger of the root with ``x_max`` (``(k - rate x_max) / m``)
+    and the root along the curve, located among the curve's breakpoints and interpolated. The result
+    is shrunk by a relative 1e-12 so that rounding never lifts it above the true root.
+    """
+    capped = (k - rate * x_max) / m
+    times = base + np.concatenate([[0.0], cum_cost])
+    phi = m * times - k + rate * np.concatenate([[0.0], cum_tokens])
+    j = int(np.searchsorted(phi, 0.0, side="left"))  # first breakpoint with phi >= 0 (phi increases)
+    if j == 0:
+        along = k / m  # no budget yet at the root: no co-running token
+    elif j == phi.size:
+        along = (k - rate * float(cum_tokens[-1])) / m  # every token affordable
+    else:
+        along = float(times[j - 1]) - float(phi[j - 1]) / (m + rate / float(slope[j - 1]))
+    return max(capped, along) * (1.0 - 1e-12)
+
+
+def _cheapest_tokens(p: np.ndarray, o: np.ndarray, chain, c_s: float, c_kv: float,
+                     entry: np.ndarray | None = None, carry_ins: int = 0):
+    """``g^-1``: most tokens outside ``chain`` whose slow-downs of the chain sum to at most a budget (fractional).
 
     Token ``k`` of request ``r`` costs ``c_s + c_kv (p_r + k - 1)``, seconds; the cheapest ones
     come first, read off a histogram of the KV tokens read (one bin per token count).
+
+    With ``entry`` (seconds per request, e.g. its prompt's prefill), a request that decodes beside
+    the chain also costs its entry once, except for at most ``carry_ins`` requests (those already
+    on the chain's instance when a chain request started there). Request ``r``'s ``x`` tokens then
+    cost at least ``F_r(x) + eps_r [x > 0]`` with ``eps_r = min(entry_r, lambda)``, less
+    ``lambda carry_ins`` in all, for every ``lambda >= 0`` (a Lagrangian relaxation of the choice
+    of the carry-ins); ``F_r(x) + eps_r [x > 0]`` is bounded below by its convex envelope (a first
+    segment to the ``x*`` of least cost per token, then the tokens' own costs), whose cheapest
+    ``X`` tokens are a greedy by slope. So a budget ``B`` affords at most
+    ``min_lambda cap_lambda(B + lambda carry_ins)`` tokens, ``cap_0`` the plain histogram above;
+    ``lambda`` runs over quantiles of ``entry`` (any set is valid).
 
     Returns
     -------
     callable
         ``budget_s -> tokens`` (float, non-decreasing; 0 for a budget <= 0).
     """
-    keep = np.ones(p.size, dtype=bool)
-    keep[np.asarray(chain, dtype=np.int64)] = False
-    lo, hi = p[keep], p[keep] + o[keep]  # reads p .. p + o - 1
-    if lo.size == 0:
+    curves = _token_curves(p, o, chain, c_s, c_kv, entry, carry_ins)
+    if not curves:
         return lambda budget: 0.0
-    diff = np.zeros(int(hi.max()) + 1, dtype=np.int64)
-    np.add.at(diff, lo, 1)
-    np.add.at(diff, hi, -1)
-    count = np.cumsum(diff)[:-1].astype(np.float64)           # tokens reading v KV tokens, v = 0 .. max - 1
-    unit = c_s + c_kv * np.arange(count.size, dtype=np.float64)  # seconds per such token
-    cum_tokens = np.cumsum(count)
-    cum_cost = np.cumsum(count * unit)
 
     def capacity(budget: float) -> float:
         if budget <= 0.0:
             return 0.0
-        i = int(np.searchsorted(cum_cost, budget, side="right"))  # bins 0 .. i-1 fit whole
-        if i >= count.size:
-            return float(cum_tokens[-1])
-        done_tokens = float(cum_tokens[i - 1]) if i else 0.0
-        done_cost = float(cum_cost[i - 1]) if i else 0.0
-        return done_tokens + min(float(count[i]), (budget - done_cost) / float(unit[i]))
+        return min(_afford(cum_tokens, cum_cost, slope, budget + shift)
+                   for shift, cum_tokens, cum_cost, slope in curves)
 
     return capacity
 
 
+def _token_curves(p: np.ndarray, o: np.ndarray, chain, c_s: float, c_kv: float,
+                  entry: np.ndarray | None = None, carry_ins: int = 0) -> list[tuple]:
+    """The curves of :func:`_cheapest_tokens`: ``(shift, cum_tokens, cum_cost, slope)`` per ``lambda``.
+
+    ``lambda = 0`` first (no entry costs, shift 0); a budget ``B`` buys at most
+    ``cap(B + shift)`` tokens along each (see :func:`_afford`). Empty when no request is outside ``chain``.
+    """
+    keep = np.asarray(o) > 0
+    keep[np.asarray(chain, dtype=np.int64)] = False
+    pk, ok = p[keep].astype(np.int64), o[keep].astype(np.int64)
+    if pk.size == 0:
+        return []
+    curves = [(0.0, *_token_curve(pk, ok, np.zeros(pk.size), c_s, c_kv))]
+    if entry is not None and carry_ins < pk.size:
+        e = np.asarray(entry, dtype=np.float64)[keep]
+        for lam in np.unique(np.quantile(e, np.linspace(0.0, 1.0, ENTRY_MULTIPLIERS + 1)[1:])):
+            if lam > 0:
+                curves.append((float(lam) * carry_ins, *_token_curve(pk, ok, np.minimum(e, lam), c_s, c_kv)))
+    return curves
+
+
+#: Multipliers of the co-runners' entry costs the chain-coupling bound tries (count): each is a
+#: valid relaxation; more tighten the bound a little and cost one sort each.
+ENTRY_MULTIPLIERS = 4
+
+
+def _token_curve(p: np.ndarray, o: np.ndarray, eps: np.ndarray, c_s: float, c_kv: float):
+    """Cumulative tokens and cost of the cheapest tokens, each request's fixed cost ``eps`` spread (convex envelope).
+
+    Request ``r``'s first ``x*`` tokens (``x*`` minimizes ``(F_r(x) + eps_r) / x``) form one segment
+    at that mean cost; its later tokens cost ``c_s + c_kv (p_r + k - 1)`` each, binned by the KV
+    tokens they read. Returns cumulative tokens, cumulative seconds and slopes, by slope.
+    """
+    if c_kv > 0:
+        root = np.sqrt(2.0 * eps / c_kv)
+        cand = np.stack([np.floor(root), np.ceil(root)])
+        cand = np.clip(cand, 1, o[None, :]).astype(np.float64)
+        mean = eps / cand + c_kv * (cand - 1) / 2
+        first = cand[np.argmin(mean, axis=0), np.arange(o.size)]
+    else:
+        first = np.where(eps > 0, o, 1).astype(np.float64)
+    first = np.minimum(first, o).astype(np.int64)
+    bulk_slope = c_s + c_kv * (p + (first - 1) / 2.0) + eps / first
+    lo, hi = p + first, p + o  # the later tokens read p + x* .. p + o - 1
+    top = int(hi.max()) + 1
+    diff = np.bincount(lo, minlength=top + 1) - np.bincount(hi, minlength=top + 1)
+    count = np.cumsum(diff)[:top].astype(np.float64)
+    unit = c_s + c_kv * np.arange(top, dtype=np.float64)
+    slope = np.concatenate([bulk_slope, unit])
+    tokens = np.concatenate([first.astype(np.float64), count])
+    order = np.argsort(slope, kind="stable")
+    slope, tokens = slope[order], tokens[order]
+    used = tokens > 0
+    slope, tokens = slope[used], tokens[used]
+    return np.cumsum(tokens), np.cumsum(tokens * slope), slope
+
+
+def _afford(cum_tokens: np.ndarray, cum_cost: np.ndarray, slope: np.ndarray, budget: float) -> float:
+    """Tokens a budget buys along a cumulative (tokens, cost) curve of increasing slopes (fractional)."""
+    if budget <= 0.0:
+        return 0.0
+    i = int(np.searchsorted(cum_cost, budget, side="right"))  # segments 0 .. i-1 fit whole
+    if i >= cum_cost.size:
+        return float(cum_tokens[-1])
+    done_tokens = float(cum_tokens[i - 1]) if i else 0.0
+    done_cost = float(cum_cost[i - 1]) if i else 0.0
+    return done_tokens + min(float(cum_tokens[i]) - done_tokens, (budget - done_cost) / float(slope[i]))
+
+
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
-                decode_steps: int | None = None, kv: tuple = (None, None, None)) -> LowerBound:
-    """The work and critical-path bounds of ``problem`` (everything but the window bound)."""
+                decode_steps: int | None = None, kv: tuple = (None, None, None), migration: bool = True,
+                fleet_lp: bool = False) -> LowerBound:
+    """The work and critical-path bounds of ``problem`` (everything but the window bound).
+
+    ``fleet_lp``: also the chain-coupling LP of a mixed fleet (:func:`_chain_coupling_lp`; the
+    whole problem only, not every window of :func:`_window_bound`, for speed).
+    """
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
     o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
@@ -726,7 +970,8 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 fused = max(fused, fractional_assignment_bound(v_fused, count))
     if w.precedence is not None:
         pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
-        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m)
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
+                                                       fleet_lp)
         total, fused = max(total, coupled), max(fused, coupled_fused)
     # separate-iteration schedules are fused schedules too, so the fused bound holds for them
     total = max(total, fused)

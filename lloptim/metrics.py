@@ -180,7 +180,8 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         The run.
     bound
         Makespan lower bound of ``result.problem`` (seconds); pass one to avoid recomputing it
-        across runs of the same problem.
+        across runs of the same problem. The default is computed for the run: with
+        ``migration=False`` when no running request moved between instances.
 
     Returns
     -------
@@ -190,8 +191,9 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     problem = result.problem
     modes = result.extra.get("kv_mode")
     if bound is None:
+        # a run that moved no running request is a schedule without migration: the stronger bound holds
         bound = lower_bound(problem, kv_mode=modes, kv_block_tokens=result.extra.get("kv_block_tokens"),
-                            estimates=result.extra.get("estimates"))
+                            estimates=result.extra.get("estimates"), migration=bool(np.any(result.migrations > 0)))
     makespan = result.makespan_s
     completed = int(np.count_nonzero(~np.isnan(result.done_s)))
     busy = client_busy_time(result)

@@ -278,7 +278,9 @@ class WorkflowQueue(GlobalQueue):
     (:attr:`token_cost`). Among the ready requests planned to start within
     :data:`CORUNNER_WINDOW_STEPS` typical steps of the plan's next one, an idle client of a paced
     instance takes the one of least cost: GSM8K *solve* steps (short prompt, long answer) rather
-    than *verify* steps (a long prompt for a short verdict), which the other instances take.
+    than *verify* steps (a long prompt for a short verdict), which the other instances take. While
+    an instance is paced, an idle client of an unpaced one takes, from the same window, the one of
+    *most* cost, so that the cheap co-runners are still there when the paced instance has room.
 
     Attributes
     ----------
@@ -506,13 +508,14 @@ class WorkflowQueue(GlobalQueue):
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
         return self.left_steps / self.fleet_rate if self.fleet_rate > 0 else 0.0
 
-    def _cheapest_co_runner(self, state, client: int, too_long: float) -> int | None:
+    def _cheapest_co_runner(self, state, client: int, too_long: float, dearest: bool = False) -> int | None:
         """For a paced instance: the ready request among those planned to start next that costs its chain least.
 
         The candidates are the ready requests whose planned start is within
         :data:`CORUNNER_WINDOW_STEPS` typical steps of the earliest (and whose chain is shorter than
-        ``too_long`` steps); the pick has the least :attr:`token_cost` (ties: planned start, row).
-        None when there is none.
+        ``too_long`` steps); the pick has the least :attr:`token_cost` (ties: planned start, row),
+        or with ``dearest`` (an unpaced instance while another is paced) the most. None when there
+        is none.
         """
         taken: list[tuple[float, int]] = []
         until = np.inf
@@ -526,7 +529,8 @@ class WorkflowQueue(GlobalQueue):
             if until == np.inf:
                 until = key + CORUNNER_WINDOW_STEPS * self.step_s
             taken.append(heapq.heappop(self.ready))
-        fits = [(self.token_cost[r], key, r) for key, r in taken if self.chain_steps[r] < too_long]
+        sign = -1.0 if dearest else 1.0
+        fits = [(sign * self.token_cost[r], key, r) for key, r in taken if self.chain_steps[r] < too_long]
         best = min(fits)[2] if fits else None
         for item in taken:
             if item[1] != best:
@@ -639,6 +643,10 @@ class WorkflowQueue(GlobalQueue):
         too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
         if limit < self.step_cost[state.index][2]:
             return self._cheapest_co_runner(state, client, too_long)
+        if fleet and self._limits is not None and any(
+                n < c for n, (_, _, c) in zip(self._limits[1], self.step_cost)):
+            # another instance is paced: leave it the co-runners that cost its chain least
+            return self._cheapest_co_runner(state, client, too_long, dearest=True)
         held = []
         while self.ready:
             key, r = heapq.heappop(self.ready)
