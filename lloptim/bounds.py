@@ -566,8 +566,8 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple 
     return best, best_fused
 
 
-#: Thresholds the backlog bound tries (count): half quantiles of the requests' earliest decode
-#: starts, half evenly spaced over them; each costs O(R log R).
+#: Most thresholds the backlog bound tries (count): half quantiles of the requests' earliest
+#: decode starts, half evenly spaced over them; each costs O(R log R) (fewer beyond 31,250 requests).
 BACKLOG_THRESHOLDS = 64
 
 
@@ -648,7 +648,8 @@ def backlog_bound(problem: Problem, output_tokens: np.ndarray | None = None) -> 
     distinct = np.unique(first_decode[first_decode > 0])
     if distinct.size == 0:
         return 0.0, 0.0
-    half = BACKLOG_THRESHOLDS // 2
+    # fewer thresholds on very large workloads (each costs O(R log R)); any set of them is valid
+    half = int(np.clip(2_000_000 // len(w), 8, BACKLOG_THRESHOLDS // 2))
     quantiles = distinct[np.linspace(0, distinct.size - 1, min(half, distinct.size)).round().astype(np.int64)]
     grid = np.linspace(float(distinct[0]), float(distinct[-1]), half)
     best, best_fused = 0.0, 0.0
@@ -679,7 +680,51 @@ def backlog_bound(problem: Problem, output_tokens: np.ndarray | None = None) -> 
         work = token_cost - removed + c_p * float(p[late].sum()) + a_d * decodes
         best_fused = max(best_fused, a + work / m)
         best = max(best, a + (work + a_p * prefills) / m)
+        if a_d > 0 and np.any(late):
+            # the chain-coupling of _chain_coupling_bound over [a, T]: the longest chain of the
+            # late requests runs its steps itself, and whatever decodes beside them slows them
+            chain = _late_chain(w, t, head, late)
+            steps, tau, start = float(o[chain].sum()), float(t[chain].sum()), float(head[chain[0]])
+            base = work - a_d * decodes + a_d * (steps + max(0.0, left - steps) / c_max)
+            capacity = _cheapest_tokens(p, o, chain, c_s, c_kv)
+            x_max = min(steps * (c_max - 1), max(0.0, left - steps))
+            for fused, extra in ((True, 0.0), (False, a_p * prefills)):
+                coupled = _coupled_makespan(base + extra, a_d / c_max, x_max, capacity, m, a, start + tau)
+                best_fused = max(best_fused, coupled) if fused else best_fused
+                best = max(best, coupled)
     return float(max(best, best_fused)), float(best_fused)
+
+
+def _late_chain(w, t: np.ndarray, head: np.ndarray, late: np.ndarray) -> list[int]:
+    """Rows of the chain of ``late`` requests that could finish last (each released at its head)."""
+    rows = np.flatnonzero(late)
+    sub = None if w.precedence is None else w.precedence.subset(rows)
+    if sub is None:
+        return [int(rows[np.argmax(head[rows] + t[rows])])]
+    return [int(rows[i]) for i in sub.critical_path(t[rows], head[rows])[1]]
+
+
+def _coupled_makespan(work: float, saved: float, x_max: float, capacity, m: int, a: float, chain_end: float) -> float:
+    """Largest ``T`` shown infeasible for ``m (T - a) >= work - saved X``, ``X <= min(x_max, g^-1(T - chain_end))``, s.
+
+    ``X`` tokens decode beside a chain that cannot end before ``chain_end`` plus their cost
+    ``g(X)`` (``capacity`` is ``g^-1``), each saving ``saved`` seconds of iterations of their
+    own; the right side does not grow with ``T``, so bisection finds the least feasible ``T``,
+    and the largest infeasible one found is returned (valid whatever the tolerance).
+    """
+    def infeasible(T: float) -> bool:
+        return m * (T - a) < work - saved * min(x_max, capacity(T - chain_end))
+
+    lo, hi = a + (work - saved * x_max) / m, a + work / m
+    if not infeasible(lo):
+        return lo
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if infeasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _early_tokens(slots: np.ndarray, cap: np.ndarray, per_slot: int) -> int:
@@ -689,8 +734,10 @@ def _early_tokens(slots: np.ndarray, cap: np.ndarray, per_slot: int) -> int:
     read off the sorted ``x`` and its suffix sums; the minimum over ``k`` is at a break
     (``0``, ``J_r - u_r`` or ``J_r``), where every term is linear in between.
     """
-    if slots.size == 0 or not np.any(cap > 0):
+    keep = cap > 0  # the others add nothing at any k
+    if not np.any(keep):
         return 0
+    slots, cap = slots[keep], cap[keep]
 
     def excess(x: np.ndarray, k: np.ndarray) -> np.ndarray:
         x = np.sort(x)
@@ -698,8 +745,7 @@ def _early_tokens(slots: np.ndarray, cap: np.ndarray, per_slot: int) -> int:
         i = np.searchsorted(x, k, side="right")
         return suffix[i] - k * (x.size - i)
 
-    k = np.unique(np.r_[0, slots - cap, slots])
-    k = k[k >= 0]
+    k = np.sort(np.r_[0, slots - cap, slots])  # all >= 0 (cap <= slots); sorted queries search fast
     flow = per_slot * k + excess(slots, k) - excess(slots - cap, k)
     return int(flow.min())
 

@@ -504,6 +504,24 @@ class WorkflowQueue(GlobalQueue):
         r = heap[0][1]
         return r if -heap[0][0] * self.full_step_s >= self._horizon_s() else None
 
+    def decides_makespan(self, request: int) -> bool:
+        """Whether ``request`` heads a chain that decides the makespan (class Notes, *A binding chain first*).
+
+        Its estimated remaining chain (its output and its longest path of successors) at
+        full-batch steps takes at least as long as the remaining work of the known workflows at
+        the fleet's full rate. An iteration scheduler should then start its decode as early as it
+        can (:class:`~lloptim.runtime.lagrangian.LagrangianIterations` gives its prompt a prefill
+        iteration of its own rather than a chunk in a decode). False without precedence or pacing.
+
+        Parameters
+        ----------
+        request
+            Row of a request that is ready (queued or handed out).
+        """
+        if self.dag is None or not self.pace:
+            return False
+        return bool(self.chain_steps[request] * self.full_step_s >= self._horizon_s())
+
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
         return self.left_steps / self.fleet_rate if self.fleet_rate > 0 else 0.0
