@@ -51,6 +51,11 @@ a request is prefilled and decoded on one instance: every lloptim policy without
 chain's instance, on the chain's clock, except for a few carry-ins; and on a fleet whose
 instances differ an LP over instance kinds charges each kind its own costs
 (``_chain_coupling_lp``). The default (``migration=True``) holds for every schedule.
+The *backlog* bound (:func:`backlog_bound`) also counts the work of the requests that could start
+before ``a`` but cannot have been done by then: the decode steps that start before ``a`` are a
+flow through slots of one minimal iteration each, at most ``C`` per slot and one per request, from
+each request's earliest decode start on; its max-flow bounds them, and everything else runs in
+``[a, T]`` (with the chain coupling below applied there).
 
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th

@@ -82,7 +82,11 @@ the end game while successors of running requests are still to come
 are then priced as before the end game, without the multiplier for running out of work, so their
 prefills batch instead of stalling the critical chain once each (30 chains on 40 clients: 46-57
 prefill iterations at once against a few batched ones, 0.1-0.3 % behind round robin before,
-0.7-1.0 % ahead after).
+0.7-1.0 % ahead after). With fused prompts, a prompt heading the chain that decides the makespan
+(:meth:`WorkflowQueue.decides_makespan
+<lloptim.runtime.request_schedulers.WorkflowQueue.decides_makespan>`) gets a prefill iteration of
+its own while fewer than ``(a_d - a_p) / (a_p - b_d)`` requests run: its decode then starts after
+``a_p`` rather than after a whole decode step, and the ``n`` running requests lose ``a_p`` each.
 
 Each decision is O(1) amortized: the accumulated cost is updated incrementally.
 """
