@@ -572,7 +572,7 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple 
 
 
 #: Most thresholds the backlog bound tries (count): half quantiles of the requests' earliest
-#: decode starts, half evenly spaced over them; each costs O(R log R) (fewer beyond 31,250 requests).
+#: decode starts, half evenly spaced over them; each costs O(R log R) (fewer beyond 62,500 requests).
 BACKLOG_THRESHOLDS = 64
 
 
