@@ -51,6 +51,11 @@ a request is prefilled and decoded on one instance: every lloptim policy without
 chain's instance, on the chain's clock, except for a few carry-ins; and on a fleet whose
 instances differ an LP over instance kinds charges each kind its own costs
 (``_chain_coupling_lp``). The default (``migration=True``) holds for every schedule.
+The *backlog* bound (:func:`backlog_bound`) also counts the work of the requests that could start
+before ``a`` but cannot have been done by then: the decode steps that start before ``a`` are a
+flow through slots of one minimal iteration each, at most ``C`` per slot and one per request, from
+each request's earliest decode start on; its max-flow bounds them, and everything else runs in
+``[a, T]`` (with the chain coupling below applied there).
 
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
@@ -82,7 +87,8 @@ from lloptim.memory import check_block_tokens, check_kv_mode, decode_area_tokens
 from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
-           "FLEET_LP_TOLERANCE", "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound"]
+           "FLEET_LP_TOLERANCE", "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound",
+           "backlog_bound"]
 
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
 WINDOW_THRESHOLDS = 12
@@ -133,6 +139,12 @@ class LowerBound:
         separate-iteration schedules; 0 when every request is ready at 0 and there is no precedence.
     window_fused_s
         The same for fused schedules.
+    backlog_s
+        The best backlog bound ``a + (work that cannot be done before a) / capacity``
+        (:func:`backlog_bound`), for separate-iteration schedules; 0 when every request is ready at
+        0 and there is no precedence.
+    backlog_fused_s
+        The same for fused schedules.
     """
 
     total_s: float
@@ -147,6 +159,8 @@ class LowerBound:
     critical_path_fused_s: float = 0.0
     window_s: float = 0.0
     window_fused_s: float = 0.0
+    backlog_s: float = 0.0
+    backlog_fused_s: float = 0.0
     decode_steps_clients: int = 0
     decode_steps_memory: int = 0
     kv_area_token_steps: float = 0.0
@@ -512,8 +526,11 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     if w.precedence is None and not np.any(w.arrival_s > 0):
         return bound
     window, window_fused = _window_bound(problem, output_tokens, kv, migration)
-    return replace(bound, total_s=float(max(bound.total_s, window)), fused_s=float(max(bound.fused_s, window_fused)),
-                   window_s=float(window), window_fused_s=float(window_fused))
+    backlog, backlog_fused = backlog_bound(problem, output_tokens)
+    return replace(bound, total_s=float(max(bound.total_s, window, backlog)),
+                   fused_s=float(max(bound.fused_s, window_fused, backlog_fused)),
+                   window_s=float(window), window_fused_s=float(window_fused),
+                   backlog_s=float(backlog), backlog_fused_s=float(backlog_fused))
 
 
 def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None),
@@ -552,6 +569,190 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple 
         part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv, migration)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
+
+
+#: Most thresholds the backlog bound tries (count): half quantiles of the requests' earliest
+#: decode starts, half evenly spaced over them; each costs O(R log R) (fewer beyond 62,500 requests).
+BACKLOG_THRESHOLDS = 64
+
+
+def backlog_bound(problem: Problem, output_tokens: np.ndarray | None = None) -> tuple[float, float]:
+    """``max_a a + (work left at a) / capacity`` when requests become ready over time (separate, fused), s.
+
+    The window bound counts only the requests that cannot start before ``a``; this one also counts
+    what the requests that *could* start earlier cannot have finished by ``a``. Under overload the
+    first seconds run small batches (few requests are ready yet), which the window bound, charging
+    all the remaining work at full batches from ``a`` on, cannot see.
+
+    *Proof sketch.* Let ``L = min_k (decode_base_k + decode_per_seq_k)``: every iteration that
+    advances a decode token lasts at least ``L``, so an instance starts at most one of them in any
+    interval of length ``L``, and a request's consecutive decode steps start at least
+    ``L_r = min_k (decode_base_k + decode_per_seq_k) + min_k decode_per_kv_token_k * p_r >= L``
+    apart. Request ``r``'s first decode step starts no earlier than ``e_r = head_r + prefill_r``
+    (its earliest start through arrivals and predecessors at minimal times, then its minimal
+    fused prefill). Cut ``[0, a)`` into slots ``[a - (j+1) L, a - j L)``: the decode steps that
+    *start* before ``a`` form a flow in which slot ``j`` carries at most ``C = sum_k C_k`` tokens
+    and request ``r`` at most one token per slot in its ``J_r = ceil((a - e_r) / L)`` latest slots
+    and at most ``u_r = min(o_r, ceil((a - e_r) / L_r))`` tokens in all. The neighbourhoods are
+    nested, so the least cut takes the ``k`` latest slots and by max-flow min-cut
+
+        Phi(a) = min_k  C k + sum_r min(u_r, max(0, J_r - k))
+
+    bounds the tokens decoded in iterations starting before ``a``. The iterations that start at
+    or after ``a`` lie in ``[a, T]`` and decode the other ``>= O - Phi(a)`` tokens in at least
+    ``(O - Phi(a)) / C_max`` iterations (summed over the ``m`` instances; ``ceil`` on one), each
+    costing at least ``min_k decode_base_k``; each token costs its own decode share (``k``-th of
+    ``r``: ``c_s + c_kv (p_r + k - 1)``), of which the ``Phi(a)`` dearest among the first ``u_r``
+    of each request are the most the early iterations can have taken; and every request whose
+    head is at or after ``a`` is prefilled after ``a`` (its prompt's per-token cost, and for
+    separate iterations ``prefill_base`` per ``C_max`` of them). Summed over the instances these
+    iterations take at most ``m (T - a)``. Restarts, preemptions and migrations only add work.
+    Iterations that straddle ``a`` are counted before it, so the bound holds for every schedule.
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths to bound with, tokens; default: the workload's true lengths.
+
+    Returns
+    -------
+    total_s, fused_s
+        The bound for separate-iteration schedules and the one that also holds for fused
+        (chunked-prefill) schedules, seconds; ``(0, 0)`` when every request is ready at 0.
+    """
+    w = problem.workload
+    if len(w) == 0:
+        return 0.0, 0.0
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.int64)
+    p = w.prompt_tokens.astype(np.int64)
+    lats = [inst.profile.latency for inst in problem.instances]
+    m = len(problem.instances)
+    c_tot = sum(inst.clients for inst in problem.instances)
+    c_max = max(inst.clients for inst in problem.instances)
+    a_d = min(l.decode_base_s for l in lats)
+    a_p = min(l.prefill_base_s for l in lats)
+    c_p = min(l.prefill_per_token_s for l in lats)
+    c_s = min(l.decode_per_seq_s for l in lats)
+    c_kv = min(l.decode_per_kv_token_s for l in lats)
+    slot = min(l.decode_base_s + l.decode_per_seq_s for l in lats)  # > 0 (profile validation)
+    t = minimal_request_time_s(problem, o, fused=True)
+    head = w.arrival_s.astype(np.float64) if w.precedence is None else w.precedence.earliest_start(t, w.arrival_s)
+    if not np.any(head > 0):
+        return 0.0, 0.0
+    first_decode = head + minimal_request_time_s(problem, np.zeros_like(o), fused=True)
+    step = slot + c_kv * p
+    # every token's own decode cost, all requests: c_s o + c_kv (o p + o (o - 1) / 2)
+    token_cost = float(np.sum(c_s * o + c_kv * (o * p + o * (o - 1) / 2.0)))
+    total_tokens = int(o.sum())
+    # the dearest token a request can decode early reads at most p + o - 1 KV tokens
+    reads = np.arange(int((p + o).max()) + 1, dtype=np.float64)
+    unit = c_s + c_kv * reads
+
+    distinct = np.unique(first_decode[first_decode > 0])
+    if distinct.size == 0:
+        return 0.0, 0.0
+    # fewer thresholds on very large workloads (each costs O(R log R)); any set of them is valid
+    half = int(np.clip(2_000_000 // len(w), 8, BACKLOG_THRESHOLDS // 2))
+    quantiles = distinct[np.linspace(0, distinct.size - 1, min(half, distinct.size)).round().astype(np.int64)]
+    grid = np.linspace(float(distinct[0]), float(distinct[-1]), half)
+    best, best_fused = 0.0, 0.0
+    for a in np.unique(np.r_[quantiles, grid]):
+        early = first_decode < a
+        slots = np.where(early, np.ceil((a - first_decode) / slot), 0.0).astype(np.int64)
+        cap = np.minimum(o, np.where(early, np.ceil((a - first_decode) / step), 0.0).astype(np.int64))
+        phi = _early_tokens(slots, cap, c_tot)
+        # the phi dearest tokens among each request's first cap tokens (reads p .. p + cap - 1)
+        diff = np.zeros(reads.size + 1, dtype=np.int64)
+        np.add.at(diff, p[early], 1)
+        np.add.at(diff, (p + cap)[early], -1)
+        count = np.cumsum(diff)[:-1].astype(np.float64)
+        from_top = np.cumsum(count[::-1])
+        cost_top = np.cumsum((count * unit)[::-1])
+        i = int(np.searchsorted(from_top, phi, side="left"))
+        if i >= from_top.size:
+            removed = float(cost_top[-1])
+        else:
+            done = float(from_top[i - 1]) if i else 0.0
+            removed = (float(cost_top[i - 1]) if i else 0.0) + (phi - done) * float(unit[::-1][i])
+        late = head >= a
+        left = total_tokens - phi
+        decodes = left / c_max if m > 1 else float(-(-left // c_max))
+        if m == 1 and np.any(o > cap):
+            decodes = max(decodes, float((o - cap).max()))
+        prefills = late.sum() / c_max if m > 1 else float(-(-int(late.sum()) // c_max))
+        work = token_cost - removed + c_p * float(p[late].sum()) + a_d * decodes
+        best_fused = max(best_fused, a + work / m)
+        best = max(best, a + (work + a_p * prefills) / m)
+        if a_d > 0 and np.any(late):
+            # the chain-coupling of _chain_coupling_bound over [a, T]: the longest chain of the
+            # late requests runs its steps itself, and whatever decodes beside them slows them
+            chain = _late_chain(w, t, head, late)
+            steps, tau, start = float(o[chain].sum()), float(t[chain].sum()), float(head[chain[0]])
+            base = work - a_d * decodes + a_d * (steps + max(0.0, left - steps) / c_max)
+            capacity = _cheapest_tokens(p, o, chain, c_s, c_kv)
+            x_max = min(steps * (c_max - 1), max(0.0, left - steps))
+            for fused, extra in ((True, 0.0), (False, a_p * prefills)):
+                coupled = _coupled_makespan(base + extra, a_d / c_max, x_max, capacity, m, a, start + tau)
+                best_fused = max(best_fused, coupled) if fused else best_fused
+                best = max(best, coupled)
+    return float(max(best, best_fused)), float(best_fused)
+
+
+def _late_chain(w, t: np.ndarray, head: np.ndarray, late: np.ndarray) -> list[int]:
+    """Rows of the chain of ``late`` requests that could finish last (each released at its head)."""
+    rows = np.flatnonzero(late)
+    sub = None if w.precedence is None else w.precedence.subset(rows)
+    if sub is None:
+        return [int(rows[np.argmax(head[rows] + t[rows])])]
+    return [int(rows[i]) for i in sub.critical_path(t[rows], head[rows])[1]]
+
+
+def _coupled_makespan(work: float, saved: float, x_max: float, capacity, m: int, a: float, chain_end: float) -> float:
+    """Largest ``T`` shown infeasible for ``m (T - a) >= work - saved X``, ``X <= min(x_max, g^-1(T - chain_end))``, s.
+
+    ``X`` tokens decode beside a chain that cannot end before ``chain_end`` plus their cost
+    ``g(X)`` (``capacity`` is ``g^-1``), each saving ``saved`` seconds of iterations of their
+    own; the right side does not grow with ``T``, so bisection finds the least feasible ``T``,
+    and the largest infeasible one found is returned (valid whatever the tolerance).
+    """
+    def infeasible(T: float) -> bool:
+        return m * (T - a) < work - saved * min(x_max, capacity(T - chain_end))
+
+    lo, hi = a + (work - saved * x_max) / m, a + work / m
+    if not infeasible(lo):
+        return lo
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if infeasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _early_tokens(slots: np.ndarray, cap: np.ndarray, per_slot: int) -> int:
+    """``min_k per_slot k + sum_r min(cap_r, max(0, slots_r - k))``: the max flow of :func:`backlog_bound`, tokens.
+
+    ``min(u, max(0, J - k)) = max(0, J - k) - max(0, J - u - k)``, and ``sum_r max(0, x_r - k)`` is
+    read off the sorted ``x`` and its suffix sums; the minimum over ``k`` is at a break
+    (``0``, ``J_r - u_r`` or ``J_r``), where every term is linear in between.
+    """
+    keep = cap > 0  # the others add nothing at any k
+    if not np.any(keep):
+        return 0
+    slots, cap = slots[keep], cap[keep]
+
+    def excess(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+        x = np.sort(x)
+        suffix = np.r_[np.cumsum(x[::-1])[::-1], 0]
+        i = np.searchsorted(x, k, side="right")
+        return suffix[i] - k * (x.size - i)
+
+    k = np.sort(np.r_[0, slots - cap, slots])  # all >= 0 (cap <= slots); sorted queries search fast
+    flow = per_slot * k + excess(slots, k) - excess(slots - cap, k)
+    return int(flow.min())
 
 
 def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]:

@@ -536,7 +536,10 @@ def test_the_default_hybrid_fuses_on_workflows_and_ties_or_beats_sarathi_on_few_
     problem = Problem.single(workloads.workflows("chain", 30, seed=seed), "llama-65b", clients=40,
                              kv_capacity_tokens=81_920)
     res = run_policy(problem, "hybrid")
-    assert np.any(res.trace_kind == 2) and not np.any(res.trace_kind == 0)  # fused chunks, no prefill iterations
+    # fused chunks; a prefill iteration only for a chain that decides the makespan, beside few running
+    own = res.trace_kind == 0
+    assert np.any(res.trace_kind == 2) and own.sum() < 0.1 * (res.trace_kind == 2).sum()
+    assert np.all(res.trace_running[own] <= 4)
     assert res.makespan_s == run_policy(problem, "hybrid-fused").makespan_s
     for peer in ("sarathi", "baseline", "vllm", "lpt", "offline", "sorted-f", "hybrid-plan"):
         assert res.makespan_s <= run_policy(problem, peer).makespan_s * (1 + 1e-12)

@@ -82,7 +82,11 @@ the end game while successors of running requests are still to come
 are then priced as before the end game, without the multiplier for running out of work, so their
 prefills batch instead of stalling the critical chain once each (30 chains on 40 clients: 46-57
 prefill iterations at once against a few batched ones, 0.1-0.3 % behind round robin before,
-0.7-1.0 % ahead after).
+0.7-1.0 % ahead after). With fused prompts, a prompt heading the chain that decides the makespan
+(:meth:`WorkflowQueue.decides_makespan
+<lloptim.runtime.request_schedulers.WorkflowQueue.decides_makespan>`) gets a prefill iteration of
+its own while fewer than ``(a_d - a_p) / (a_p - b_d)`` requests run: its decode then starts after
+``a_p`` rather than after a whole decode step, and the ``n`` running requests lose ``a_p`` each.
 
 Each decision is O(1) amortized: the accumulated cost is updated incrementally.
 """
@@ -316,6 +320,17 @@ class LagrangianIterations(IterationScheduler):
         self.headroom_read = False
         # requests on the plan's critical path (workflows): never kept waiting for a batch
         self.critical = getattr(self.requests, "critical", None)
+        # workflows: whether a request heads the chain that decides the makespan (fused prompts)
+        self.binding = getattr(self.requests, "decides_makespan", None)
+        if ctx.problem.workload.precedence is None:
+            self.binding = None
+        # ... given a prefill iteration of its own while fewer than this many run: the n running
+        # lose prefill_base_s each, the chain saves the decode step, a_p (n + 1) < a_d + c_s n
+        self.own_prefill_below = []
+        for inst in ctx.problem.instances:
+            lat = inst.profile.latency
+            a_p, a_d, c_s = lat.prefill_base_s, lat.decode_base_s, lat.decode_per_seq_s
+            self.own_prefill_below.append(np.inf if a_p <= c_s else (a_d - a_p) / (a_p - c_s))
         self.estimates = ctx.estimates.tolist()
         self.finish_heap: list[list[tuple[int, int, int]]] = [[] for _ in ctx.problem.instances]
         self.running: list[dict[int, tuple[int, int]]] = [{} for _ in ctx.problem.instances]
@@ -437,6 +452,19 @@ class LagrangianIterations(IterationScheduler):
             # requests arriving, or known requests that can fill the cache: fused from now on
             self.fusing = True
         if self.fusing:
+            if self.binding is not None and 0 < state.n_running < self.own_prefill_below[k]:
+                # a prompt heading the chain that decides the makespan, beside few running requests:
+                # a prefill iteration of its own starts the chain's decode after prefill_base_s,
+                # where a chunk starts it after a whole decode step; each running request loses
+                # prefill_base_s, so it goes only where that costs them less in all than the chain
+                # saves (LLaMA-65B: at most 4 running; the tail of a run, where the last chains
+                # decide the makespan and the fixed cost no longer buys throughput)
+                request_of = state.engine.client_request
+                chain = [c for c in state.waiting if self.binding(int(request_of[c]))]
+                if chain:
+                    decision = self._prefill(state, chain)
+                    if decision is not DECODE:
+                        return decision
             return self._fuse(state)
         end_game = self.requests is not None and self.requests.pending() == 0
         to_come = False
@@ -613,8 +641,9 @@ class LagrangianIterations(IterationScheduler):
             return f - step
         return None
 
-    def _prefill(self, state) -> Decision:
-        chosen = admissible(state, state.waiting, self.token_budget)
+    def _prefill(self, state, clients=None) -> Decision:
+        """A prefill iteration of the waiting ``clients`` (default: all waiting) that fit the KV cache."""
+        chosen = admissible(state, state.waiting if clients is None else clients, self.token_budget)
         if not chosen:
             if state.n_running:
                 return DECODE

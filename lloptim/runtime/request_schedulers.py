@@ -41,9 +41,15 @@ CHAIN_SPEED_TOLERANCE = 1.02
 #: ready request that costs the chain least per token among those planned to start within this
 #: many typical decode steps of the plan's next one (see :class:`WorkflowQueue`, *Co-runners*).
 CORUNNER_WINDOW_STEPS = 20.0
+#: While the known workflows have at most this many unfinished requests, every arrival re-plans
+#: them all (count): a revision of 1,000 requests takes 3-10 ms, and on DAGs arriving faster than
+#: they are served a full plan beats slotting new workflows in by rank (held-out seeds 31-35 of
+#: ``benchmarks/workflows.py``: 2.32 -> 2.08 % above the bound at one workflow a second, 1.83 ->
+#: 1.51 % at 1.5). Beyond it ``revise_fraction`` bounds the revisions' cost.
+REPLAN_BELOW = 1000
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
-           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS"]
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -236,6 +242,10 @@ class WorkflowQueue(GlobalQueue):
         A request with at most this slack in the plan, in decode steps of a full instance, is
         *critical* (:attr:`critical`): the Lagrangian iteration scheduler prefills it at once
         rather than keep it waiting for a larger prefill batch.
+    replan_below
+        Re-plan everything at every arrival while the known workflows have at most this many
+        unfinished requests (count; default :data:`REPLAN_BELOW`): a revision then takes a few
+        milliseconds, and slotting new workflows in by rank loses to a full plan under overload.
     revise_fraction
         Re-plan everything when the work of the workflows that arrived since the last full plan
         exceeds this fraction of the work that plan covered (fraction); below it, new workflows are
@@ -290,13 +300,15 @@ class WorkflowQueue(GlobalQueue):
     """
 
     def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
-                 slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True) -> None:
+                 slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True,
+                 replan_below: int = REPLAN_BELOW) -> None:
         super().__init__("longest", plan)
         self.pace = bool(pace)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
         self.slack_steps = slack_steps
         self.revise_fraction = revise_fraction
+        self.replan_below = int(replan_below)
         #: Requests with at most ``slack_steps`` decode steps of slack in the current plan (rows;
         #: updated in place at every revision): an iteration scheduler should not keep them waiting.
         self.critical: set[int] = set()
@@ -426,7 +438,8 @@ class WorkflowQueue(GlobalQueue):
         new_rows = np.concatenate([self.members[k] for k in new])
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
-        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work:
+        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
+                or self.left_requests <= self.replan_below:
             self._plan_all(now, first)
         else:
             self._append(now, new_rows)
@@ -503,6 +516,24 @@ class WorkflowQueue(GlobalQueue):
             return None
         r = heap[0][1]
         return r if -heap[0][0] * self.full_step_s >= self._horizon_s() else None
+
+    def decides_makespan(self, request: int) -> bool:
+        """Whether ``request`` heads a chain that decides the makespan (class Notes, *A binding chain first*).
+
+        Its estimated remaining chain (its output and its longest path of successors) at
+        full-batch steps takes at least as long as the remaining work of the known workflows at
+        the fleet's full rate. An iteration scheduler should then start its decode as early as it
+        can (:class:`~lloptim.runtime.lagrangian.LagrangianIterations` gives its prompt a prefill
+        iteration of its own rather than a chunk in a decode). False without precedence or pacing.
+
+        Parameters
+        ----------
+        request
+            Row of a request that is ready (queued or handed out).
+        """
+        if self.dag is None or not self.pace:
+            return False
+        return bool(self.chain_steps[request] * self.full_step_s >= self._horizon_s())
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
