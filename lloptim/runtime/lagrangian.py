@@ -64,7 +64,18 @@ memory costs nothing (``beta = 0``: clients set the decode steps, idle memory is
 is risked) to the 24 % quantile where memory sets them (``beta = 1``; :data:`HEADROOM_Z`, chosen
 on training seeds). The LP's weight starts it, and the online subgradient moves it with the
 observed utilizations, so the headroom narrows while the cache runs emptier than the clients
-and widens while it runs fuller. With known lengths the projection is exact and no request is
+and widens while it runs fuller. On a fleet the underage cost is not the instance's own memory
+price alone: a request its projection refuses goes to another instance's client where it fits, so
+refusing it idles memory at no more than the cheapest other cache's price. Compared across
+instances in makespan seconds per token-step, ``kappa_i = beta_i nu_i decode_base_s_i / M_i``
+(``nu_i`` the LP's time dual, :func:`memory_lp_prices`), the headroom's weight is ``beta_k min(1,
+min_{j != k} kappa_j / kappa_k)`` (:meth:`LagrangianIterations.headroom_weight`): unchanged on one
+instance or between equal caches, damped on a cache whose memory is dearer than another's. Without
+the cap the LP (which gives every cache weight 1 where memory binds in aggregate) and the online
+steps (a small cache fills while its clients do not) made a small cache beside a large one the most
+optimistic of all; it took long requests the large cache holds without preemption, and the priced
+headroom lost to the unpriced one on two-instance fleets (``benchmarks/memory.py --ablation-only``;
+docs *KV memory*). With known lengths the projection is exact and no request is
 preempted: there is nothing to trade, and the price leaves fused admission unchanged (choosing
 among the first fitting requests by priced KV holding instead of the planned order was tried:
 -0.08 points on training seeds, within noise, not kept). ``fused="auto"`` fuses on one instance
@@ -398,13 +409,22 @@ class LagrangianIterations(IterationScheduler):
 
     def _start_pricing(self, k: int) -> None:
         """Instance ``k``'s cache can now fill up: memory is priced there from now on."""
-        self.pricing[k] = True
         if self.memory_prices == "lp":
             self._reprice()
-            self.beta[k] = float(self.lp_weights[k])
-        else:
-            self.beta[k] = 0.5 if self.memory_prices == "uniform" else 0.0
+        self.beta[k] = self._current_weight(k)
+        self.pricing[k] = True
         self.beta_trace[k].append(self.beta[k])
+
+    def _current_weight(self, k: int) -> float:
+        """Instance ``k``'s memory weight as it stands, without stepping it: 0 where its cache cannot
+        fill up; the weight it starts from where it is not priced yet."""
+        if not self.memory_binds[k]:
+            return 0.0
+        if self.pricing[k]:
+            return self.beta[k]
+        if self.memory_prices == "lp":
+            return float(self.lp_weights[k]) if self.lp_weights is not None else 0.0
+        return 0.5 if self.memory_prices == "uniform" else 0.0
 
     def _reprice(self) -> None:
         """Solve the LP weights over the known requests; shift the priced instances' weights by the change.
@@ -626,8 +646,7 @@ class LagrangianIterations(IterationScheduler):
         m = len(self.beta)
         if m < 2 or beta <= 0.0:
             return beta
-        cost = [(self.beta[j] if self.memory_binds[j] else 0.0) * self.time_share[j] * self.token_price[j]
-                for j in range(m)]
+        cost = [self._current_weight(j) * self.time_share[j] * self.token_price[j] for j in range(m)]
         mine = beta * self.time_share[k] * self.token_price[k]
         if mine <= 0.0:
             return beta
