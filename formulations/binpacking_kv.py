@@ -48,7 +48,11 @@ instance's decode step splits between its clients and its memory, and the memory
 
 is the weight the online rule puts on memory (:func:`kv_price_weights`,
 :mod:`lloptim.runtime.lagrangian`): ``beta * decode_base_s / M`` seconds per idle token-step,
-i.e. ``kappa / nu``.
+i.e. ``kappa / nu``. On a fleet ``nu[i]`` (:attr:`KvPrices.time_shares`) says how much of the
+makespan's price falls on instance ``i``'s busy time, so ``kappa[i] = beta[i] nu[i] decode_base_s[i]
+/ M[i]`` compares a token-step of memory *across* instances (makespan seconds): the online rule
+uses it to keep the headroom of a cache whose memory is dearer than another's from drawing work
+that the cheaper cache can hold (:meth:`lloptim.runtime.lagrangian.LagrangianIterations.headroom_weight`).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from lloptim.formulations.model import Model
 from lloptim.problem import Problem
 
 __all__ = ["KvBinPackingData", "kv_binpacking_data", "kv_binpacking_model", "kv_objective", "kv_share_objective", "kv_bound",
-           "kv_price_weights", "KV_PRICE_SOLVER"]
+           "kv_price_weights", "kv_prices", "KvPrices", "KV_PRICE_SOLVER"]
 
 #: Backend of the price LP (any LP solver with duals; HiGHS ships with lloptim).
 KV_PRICE_SOLVER = "highs"
@@ -316,9 +320,28 @@ def kv_bound(data: KvBinPackingData) -> float:
     return float(lb.fused_s if data.fused else lb.total_s)
 
 
-def kv_price_weights(problem: Problem, estimates: np.ndarray | None = None, kv_areas: np.ndarray | None = None,
-                     kv_mode=None, solver: str = KV_PRICE_SOLVER) -> np.ndarray:
-    """The memory share ``beta[i]`` of each instance's decode-step price, from ``dual("kv")`` of the LP.
+@dataclass(frozen=True)
+class KvPrices:
+    """The prices of the KV bin packing's LP that the online rule reads, per instance.
+
+    Attributes
+    ----------
+    weights
+        ``(m,)`` memory share ``beta`` of each instance's decode-step price, in [0, 1]
+        (dimensionless; see the module docstring).
+    time_shares
+        ``(m,)`` ``nu = -dual("time")`` of each instance, the makespan seconds one more second of
+        the instance's busy time costs (dimensionless, >= 0; they sum to at most 1 with the
+        ``load`` duals). Equal shares ``1/m`` when no ``time`` row binds or no optimal LP was found.
+    """
+
+    weights: np.ndarray
+    time_shares: np.ndarray
+
+
+def kv_prices(problem: Problem, estimates: np.ndarray | None = None, kv_areas: np.ndarray | None = None,
+              kv_mode=None, solver: str = KV_PRICE_SOLVER) -> KvPrices:
+    """Memory weights ``beta[i]`` and time shares ``nu[i]`` of each instance, from the LP's duals.
 
     Solves ``lloptim.solve(problem, formulation="binpacking_kv", relax=True)`` and converts the
     duals as the module docstring derives: ``beta[i] = M[i] kappa[i] / (decode_base_s[i] nu[i])``
@@ -342,8 +365,8 @@ def kv_price_weights(problem: Problem, estimates: np.ndarray | None = None, kv_a
 
     Returns
     -------
-    numpy.ndarray
-        ``(m,)`` weights in [0, 1], dimensionless.
+    KvPrices
+        ``weights`` and ``time_shares``, ``(m,)`` each, dimensionless.
     """
     from lloptim.solvers import SolveParams, solve
 
@@ -353,14 +376,45 @@ def kv_price_weights(problem: Problem, estimates: np.ndarray | None = None, kv_a
     res = solve(problem, solver=solver, params=params, formulation="binpacking_kv", relax=True, estimates=estimates,
                 kv_areas=kv_areas, kv_mode=kv_mode)
     data = kv_binpacking_data(problem, estimates, kv_mode, relax=True, kv_areas=kv_areas)
+    m = data.n_instances
     steps_clients = data.outputs.sum() / data.clients
     steps_memory = data.area.sum(axis=0) / data.capacity
     fallback = (steps_memory > steps_clients).astype(np.float64)
+    equal = np.full(m, 1.0 / m)
     try:
         kappa = -np.atleast_1d(res.dual("kv"))
         nu = -np.atleast_1d(res.dual("time"))
     except SpecError:  # no optimal LP (should not happen: the LP is always feasible and bounded)
-        return fallback
+        return KvPrices(fallback, equal)
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = data.capacity * kappa / (data.decode_base * nu)
-    return np.where(nu > 1e-12, np.clip(np.nan_to_num(beta), 0.0, 1.0), fallback)
+    weights = np.where(nu > 1e-12, np.clip(np.nan_to_num(beta), 0.0, 1.0), fallback)
+    shares = np.clip(np.nan_to_num(nu), 0.0, None)
+    return KvPrices(weights, shares if shares.sum() > 1e-12 else equal)
+
+
+def kv_price_weights(problem: Problem, estimates: np.ndarray | None = None, kv_areas: np.ndarray | None = None,
+                     kv_mode=None, solver: str = KV_PRICE_SOLVER) -> np.ndarray:
+    """The memory share ``beta[i]`` of each instance's decode-step price, from ``dual("kv")`` of the LP.
+
+    The ``weights`` of :func:`kv_prices` (see there for the conversion of the duals).
+
+    Parameters
+    ----------
+    problem : Problem
+        The problem.
+    estimates : numpy.ndarray or None
+        Output lengths the policy knows, tokens; default: the true lengths.
+    kv_areas : numpy.ndarray or None
+        KV areas the policy estimates, ``(R,)`` or ``(R, m)`` token-steps; default: computed.
+    kv_mode : str or list or None
+        KV mode(s) to model (a run's override); None: each instance's own.
+    solver : str
+        An LP backend with duals (``highs``, ``cbc``, ``cvxpy``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` weights in [0, 1], dimensionless.
+    """
+    return kv_prices(problem, estimates, kv_areas, kv_mode, solver).weights

@@ -64,7 +64,18 @@ memory costs nothing (``beta = 0``: clients set the decode steps, idle memory is
 is risked) to the 24 % quantile where memory sets them (``beta = 1``; :data:`HEADROOM_Z`, chosen
 on training seeds). The LP's weight starts it, and the online subgradient moves it with the
 observed utilizations, so the headroom narrows while the cache runs emptier than the clients
-and widens while it runs fuller. With known lengths the projection is exact and no request is
+and widens while it runs fuller. On a fleet the underage cost is not the instance's own memory
+price alone: a request its projection refuses goes to another instance's client where it fits, so
+refusing it idles memory at no more than the cheapest other cache's price. Compared across
+instances in makespan seconds per token-step, ``kappa_i = beta_i nu_i decode_base_s_i / M_i``
+(``nu_i`` the LP's time dual, :func:`memory_lp_prices`), the headroom's weight is ``beta_k min(1,
+min_{j != k} kappa_j / kappa_k)`` (:meth:`LagrangianIterations.headroom_weight`): unchanged on one
+instance or between equal caches, damped on a cache whose memory is dearer than another's. Without
+the cap the LP (which gives every cache weight 1 where memory binds in aggregate) and the online
+steps (a small cache fills while its clients do not) made a small cache beside a large one the most
+optimistic of all; it took long requests the large cache holds without preemption, and the priced
+headroom lost to the unpriced one on two-instance fleets (``benchmarks/memory.py --ablation-only``;
+docs *KV memory*). With known lengths the projection is exact and no request is
 preempted: there is nothing to trade, and the price leaves fused admission unchanged (choosing
 among the first fitting requests by priced KV holding instead of the planned order was tried:
 -0.08 points on training seeds, within noise, not kept). ``fused="auto"`` fuses on one instance
@@ -104,7 +115,7 @@ from lloptim.runtime.iteration_schedulers import admissible, kv_room, prompt_chu
 from lloptim.runtime.policy import DECODE, Decision, IterationScheduler, Mixed, Prefill, RunContext
 
 __all__ = ["LagrangianIterations", "survival_function", "SETUP_WEIGHT", "MEMORY_PRICES", "memory_price_weight",
-           "memory_price_weights", "REPRICE_GROWTH", "HEADROOM_Z"]
+           "memory_price_weights", "memory_lp_prices", "REPRICE_GROWTH", "HEADROOM_Z"]
 
 #: Default weight on the prefill's fixed cost, by whether output lengths are known. Chosen on
 #: GSM8K *train* cases by ``benchmarks/tune_hybrid.py``, never on the test split reported.
@@ -127,15 +138,49 @@ PRICE_STEP = 0.01
 REPRICE_GROWTH = 2.0
 
 
+def memory_lp_prices(ctx: RunContext, rows: np.ndarray | None = None):
+    """The offline LP's memory weights and time shares of every instance (:class:`~lloptim.formulations.binpacking_kv.KvPrices`).
+
+    The LP relaxation of the ``binpacking_kv`` formulation, solved through :func:`lloptim.solve`
+    from what the policy knows (the estimates and its own KV areas, in the run's KV mode), with
+    the conversion of :func:`lloptim.formulations.binpacking_kv.kv_prices`: ``weights`` (``beta =
+    M kappa / (decode_base_s nu)``, ``kappa = -dual("kv")`` in seconds per token-step; 1 where
+    memory sets the instance's decode steps, 0 where its clients do, in between where both bind)
+    and ``time_shares`` (``nu = -dual("time")``: how much of the makespan's price falls on each
+    instance).
+
+    Parameters
+    ----------
+    ctx
+        The run.
+    rows
+        The requests to price over (the ones known so far); None: every request (only when every
+        request is ready at the start).
+
+    Returns
+    -------
+    lloptim.formulations.binpacking_kv.KvPrices
+        ``(m,)`` weights and time shares, dimensionless.
+    """
+    from lloptim.formulations.binpacking_kv import kv_prices
+    from lloptim.runtime.memory_schedulers import estimated_kv_areas
+
+    problem = ctx.problem
+    areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(len(problem.instances))])
+    estimates = ctx.estimates
+    if rows is not None:
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        if rows.size < problem.n_requests:
+            problem = type(problem)(problem.workload.subset(rows), problem.instances, name=problem.name)
+            areas, estimates = areas[rows], estimates[rows]
+    return kv_prices(problem, estimates=estimates, kv_areas=areas)
+
+
 def memory_price_weights(ctx: RunContext, rows: np.ndarray | None = None) -> np.ndarray:
     """The offline dual weight on KV memory of every instance, in [0, 1] (dimensionless).
 
-    The memory share of each instance's decode-step price in the LP relaxation of the
-    ``binpacking_kv`` formulation, solved through :func:`lloptim.solve` from what the policy
-    knows (the estimates and its own KV areas, in the run's KV mode), with the unit conversion of
-    :func:`lloptim.formulations.binpacking_kv.kv_price_weights`: ``beta = M kappa / (decode_base_s
-    nu)``, ``kappa = -dual("kv")`` in seconds per token-step. 1 where memory sets the instance's
-    decode steps, 0 where its clients do, in between where both bind.
+    The ``weights`` of :func:`memory_lp_prices`: the memory share of each instance's decode-step
+    price in the LP relaxation of the ``binpacking_kv`` formulation.
 
     Parameters
     ----------
@@ -150,18 +195,7 @@ def memory_price_weights(ctx: RunContext, rows: np.ndarray | None = None) -> np.
     numpy.ndarray
         ``(m,)`` weights, dimensionless.
     """
-    from lloptim.formulations.binpacking_kv import kv_price_weights
-    from lloptim.runtime.memory_schedulers import estimated_kv_areas
-
-    problem = ctx.problem
-    areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(len(problem.instances))])
-    estimates = ctx.estimates
-    if rows is not None:
-        rows = np.sort(np.asarray(rows, dtype=np.int64))
-        if rows.size < problem.n_requests:
-            problem = type(problem)(problem.workload.subset(rows), problem.instances, name=problem.name)
-            areas, estimates = areas[rows], estimates[rows]
-    return kv_price_weights(problem, estimates=estimates, kv_areas=areas)
+    return memory_lp_prices(ctx, rows).weights
 
 
 def memory_price_weight(ctx: RunContext, instance: int) -> float:
@@ -307,6 +341,9 @@ class LagrangianIterations(IterationScheduler):
         self.pricing = [False] * len(ctx.problem.instances)  # memory priced on the instance yet
         self.lp_weights: np.ndarray | None = None   # the last LP weights, over lp_known requests
         self.lp_known = 0
+        # the share of the makespan's price on each instance's time (the LP's time duals; equal
+        # shares without an LP): converts memory weights into makespan seconds per token-step
+        self.time_share = [1.0 / len(ctx.problem.instances)] * len(ctx.problem.instances)
         self.beta_trace: list[list[float]] = [[] for _ in ctx.problem.instances]
         self.price_step = [-1] * len(ctx.problem.instances)  # decode step of the last price update
         # seconds per token-step of idle KV memory: decode_base_s / capacity
@@ -372,13 +409,22 @@ class LagrangianIterations(IterationScheduler):
 
     def _start_pricing(self, k: int) -> None:
         """Instance ``k``'s cache can now fill up: memory is priced there from now on."""
-        self.pricing[k] = True
         if self.memory_prices == "lp":
             self._reprice()
-            self.beta[k] = float(self.lp_weights[k])
-        else:
-            self.beta[k] = 0.5 if self.memory_prices == "uniform" else 0.0
+        self.beta[k] = self._current_weight(k)
+        self.pricing[k] = True
         self.beta_trace[k].append(self.beta[k])
+
+    def _current_weight(self, k: int) -> float:
+        """Instance ``k``'s memory weight as it stands, without stepping it: 0 where its cache cannot
+        fill up; the weight it starts from where it is not priced yet."""
+        if not self.memory_binds[k]:
+            return 0.0
+        if self.pricing[k]:
+            return self.beta[k]
+        if self.memory_prices == "lp":
+            return float(self.lp_weights[k]) if self.lp_weights is not None else 0.0
+        return 0.5 if self.memory_prices == "uniform" else 0.0
 
     def _reprice(self) -> None:
         """Solve the LP weights over the known requests; shift the priced instances' weights by the change.
@@ -387,7 +433,9 @@ class LagrangianIterations(IterationScheduler):
         offline part only, so the correction is kept.
         """
         n = len(self.known)
-        weights = memory_price_weights(self.ctx, None if n == self.ctx.problem.n_requests else self.known)
+        prices = memory_lp_prices(self.ctx, None if n == self.ctx.problem.n_requests else self.known)
+        weights = prices.weights
+        self.time_share = prices.time_shares.tolist()
         if self.lp_weights is not None:
             for k, priced in enumerate(self.pricing):
                 if priced and self.beta_trace[k]:
@@ -563,9 +611,47 @@ class LagrangianIterations(IterationScheduler):
         if self.ctx.known_lengths:
             return 1.0
         self.headroom_read = True
-        beta = self.memory_weight(state)
+        beta = self.headroom_weight(state)
         z = HEADROOM_Z[0] + beta * (HEADROOM_Z[1] - HEADROOM_Z[0])
         return float(np.exp(self.sigma * z))
+
+    def headroom_weight(self, state) -> float:
+        """The memory weight the priced headroom uses on ``state``'s instance, in [0, 1] (dimensionless).
+
+        On one instance, :meth:`memory_weight`. On a fleet, the weight is capped by the cheapest
+        memory elsewhere: a request the instance's projection refuses is not lost to the fleet,
+        the dispatch hands it to another instance's client that it fits, so refusing it leaves
+        memory idle at no more than the price of the cheapest other cache that can hold it. In
+        makespan seconds per token-step, instance ``i``'s memory costs ``kappa_i = beta_i nu_i
+        decode_base_s_i / M_i`` (``nu_i``: its share of the makespan's price, the LP's time dual;
+        equal shares without an LP; ``beta_i = 0`` where the cache cannot fill up), and the weight
+        is ``beta_k min(1, min_{j != k} kappa_j / kappa_k)``. It changes nothing on one instance
+        or between instances whose memory costs the same; it damps the headroom of a cache whose
+        memory is dearer than another's (a small cache beside a large one), whose optimistic
+        projection would otherwise take long requests the large cache holds without preemption
+        (module docstring; docs *KV memory*).
+
+        Parameters
+        ----------
+        state
+            The instance (:class:`~lloptim.runtime.engine.InstanceState`).
+
+        Returns
+        -------
+        float
+            The weight.
+        """
+        k = state.index
+        beta = self.memory_weight(state)
+        m = len(self.beta)
+        if m < 2 or beta <= 0.0:
+            return beta
+        cost = [self._current_weight(j) * self.time_share[j] * self.token_price[j] for j in range(m)]
+        mine = beta * self.time_share[k] * self.token_price[k]
+        if mine <= 0.0:
+            return beta
+        other = min(cost[j] for j in range(m) if j != k)
+        return beta * min(1.0, other / mine)
 
     def _memory_waiting_cost(self, state) -> float:
         """Cost per decode step of the waiting requests that fit, slots and memory priced (module docstring)."""
