@@ -23,14 +23,16 @@ the forward-backward plan.
 Configurations: ``main`` (30 and 100 workflows on one instance, all at time 0; the target),
 ``fleet`` (100 workflows on 2 instances x 20 clients) and ``online`` (100 workflows arriving as a
 Poisson process at 0.5 and 1 workflow per second; the second overloads the server); and, not run
-by default, ``chains``: chains alone on fleets where a chain decides the makespan (60, 100 and 200
+by default (each doubles the run's wall time), ``online-fleet``: the same arrivals on 2 instances
+x 20 clients (request DAGs, arrivals and a fleet together), and ``chains``: chains alone on fleets where a chain decides the makespan (60, 100 and 200
 three-step chains and 60 five-step chains on 2 x 20 clients, 100 on 4 x 10, 150 on 3 x 20, and 100
 on a fleet of a LLaMA-65B instance and one 1.5 times slower, 20 clients each).
 
 Run: ``python benchmarks/workflows.py [--seeds 5] [--configs main,fleet,online] [--csv PATH]``; it writes
 every case to ``benchmarks/results/workflows.csv`` and the summary the docs show to
 ``benchmarks/results/workflows_summary.json`` (``--configs chains --csv
-benchmarks/results/workflows_chains.csv`` for the chain study).
+benchmarks/results/workflows_chains.csv`` for the chain study, ``--configs online-fleet --csv
+benchmarks/results/workflows_online_fleet.csv`` for online workflows on a fleet).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ CONFIGS = {
        dict(workflows=100, clients=10, instances=4, shapes=("chain",)),
        dict(workflows=150, clients=20, instances=3, shapes=("chain",)),
        dict(workflows=100, clients=20, instances=2, slow=1.5, shapes=("chain",))],
+    "online-fleet": [dict(workflows=100, clients=20, instances=2, rate=r) for r in (0.5, 1.0)],
 }
 SHAPES = ("chain", "fan-in", "dag")
 
@@ -210,7 +213,8 @@ def policy_table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="seeds per case (1 .. N)")
-    ap.add_argument("--configs", default="main,fleet,online", help="comma-separated: main, fleet, online, chains")
+    ap.add_argument("--configs", default="main,fleet,online",
+                    help="comma-separated: main, fleet, online, online-fleet, chains")
     ap.add_argument("--csv", type=Path, default=Path(__file__).parent / "results" / "workflows.csv")
     args = ap.parse_args()
     all_rows = []

@@ -47,9 +47,12 @@ CORUNNER_WINDOW_STEPS = 20.0
 #: ``benchmarks/workflows.py``: 2.32 -> 2.08 % above the bound at one workflow a second, 1.83 ->
 #: 1.51 % at 1.5). Beyond it ``revise_fraction`` bounds the revisions' cost.
 REPLAN_BELOW = 1000
+#: Arrived work per second, as a fraction of the fleet's full rate, from which workflows arriving
+#: over time count as an overload and the fleet is not paced (:meth:`WorkflowQueue.overloaded`).
+OVERLOAD = 1.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
-           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW"]
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -366,6 +369,9 @@ class WorkflowQueue(GlobalQueue):
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
         self._limits: tuple | None = None  # (when, limits) of the last pacing
         self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
+        #: Whether a workflow arrived after the first plan (workflows arrive over time).
+        self.open_arrivals = False
+        self.first_arrival_s = 0.0  # when the first workflow was planned, seconds
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -434,6 +440,9 @@ class WorkflowQueue(GlobalQueue):
         new = sorted(self.arrived - self.known)
         self.arrived = set()
         first = not self.known
+        self.open_arrivals = self.open_arrivals or not first
+        if first:
+            self.first_arrival_s = now
         self.known.update(new)
         new_rows = np.concatenate([self.members[k] for k in new])
         self._learn(new_rows)
@@ -534,6 +543,25 @@ class WorkflowQueue(GlobalQueue):
         if self.dag is None or not self.pace:
             return False
         return bool(self.chain_steps[request] * self.full_step_s >= self._horizon_s())
+
+    def overloaded(self, now: float) -> bool:
+        """Whether workflows have arrived over time faster than the fleet serves them.
+
+        The estimated decode steps of the workflows that arrived, per second since the first one,
+        reach the fleet's full rate (:attr:`OVERLOAD`). A server knows this from the arrivals
+        so far; the chain pacing (class Notes) is then off: the remaining work it weighs a chain
+        against is only what has arrived, and the work still to come keeps the fleet busy.
+        False when every workflow arrived at once.
+
+        Parameters
+        ----------
+        now
+            The current time, seconds.
+        """
+        if not self.open_arrivals or self.fleet_rate <= 0.0:
+            return False
+        elapsed = now - self.first_arrival_s
+        return elapsed <= 0.0 or self.known_sums[2] >= OVERLOAD * elapsed * self.fleet_rate
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
@@ -660,7 +688,10 @@ class WorkflowQueue(GlobalQueue):
         if self.arrived:
             self._replan()
         first = self._binding_chain() if self.pace else None
-        fleet = self.pace and len(self.step_cost) > 1
+        # workflows arriving faster than the fleet serves them: a chain that looks binding against
+        # the work known so far is not binding against the work still to come, and pacing would
+        # idle the fleet meanwhile
+        fleet = self.pace and len(self.step_cost) > 1 and not self.overloaded(state.now)
         limit = self._pacing(state) if fleet and self.ready else np.inf
         # on a slower instance, a request whose chain would end after the remaining work at the
         # fleet's rate waits for an instance that runs chains fastest
