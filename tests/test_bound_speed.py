@@ -22,7 +22,8 @@ from lloptim.hardware import load_profile
 from lloptim.problem import Instance
 from lloptim.simulator import run_policy
 
-FIELDS = ("total_s", "fused_s", "window_s", "window_fused_s", "critical_path_s", "critical_path_fused_s")
+FIELDS = ("total_s", "fused_s", "window_s", "window_fused_s", "backlog_s", "backlog_fused_s", "critical_path_s",
+          "critical_path_fused_s")
 
 
 def _fleet(kinds: list[tuple[float, float, int, int]]) -> tuple[Instance, ...]:
