@@ -93,6 +93,12 @@ __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
 WINDOW_THRESHOLDS = 12
 
+#: The fast paths of the window bound (one HiGHS master across the cutting-plane rounds of
+#: :func:`fractional_assignment_bound`; windows that cannot beat the best one skip their fleet LP).
+#: False runs the path before them (a fresh ``linprog`` per round, every window solved): kept for
+#: the tests and ``benchmarks/bound_speed.py --reference``, which check that both give the same bound.
+_WINDOW_FAST = True
+
 
 @dataclass(frozen=True)
 class LowerBound:
@@ -304,18 +310,25 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         cuts.append(grad)
         if val > best:
             best, best_mu = val, mu
+    master = _CutMaster(J, cuts) if _WINDOW_FAST else None
     cost = np.r_[np.zeros(J), -1.0]                       # maximize z over (mu, z)
     a_eq, b_eq = np.r_[np.ones(J), 0.0][None, :], np.ones(1)
     bounds = [(0, None)] * J + [(None, None)]
     for _ in range(500 if iterations is None else int(iterations)):
-        a_ub = np.column_stack([-np.asarray(cuts), np.ones(len(cuts))])  # z - cut . mu <= 0
-        res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(len(cuts)), A_eq=a_eq, b_eq=b_eq, bounds=bounds,
-                      method="highs")
-        if res.status != 0:
-            break
-        mu = np.clip(res.x[:J], 0.0, None)
+        if master is not None:
+            solved = master.solve()
+            if solved is None:
+                break
+            mu, upper = solved
+        else:
+            a_ub = np.column_stack([-np.asarray(cuts), np.ones(len(cuts))])  # z - cut . mu <= 0
+            res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(len(cuts)), A_eq=a_eq, b_eq=b_eq, bounds=bounds,
+                          method="highs")
+            if res.status != 0:
+                break
+            mu, upper = res.x[:J], -float(res.fun)
+        mu = np.clip(mu, 0.0, None)
         mu /= mu.sum()
-        upper = -float(res.fun)
         val, grad = g(mu)
         if val > best:
             best, best_mu = val, mu
@@ -324,7 +337,49 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         if deadline is not None and time.perf_counter() > deadline:
             break
         cuts.append(grad)
+        if master is not None:
+            master.add(grad)
     return (best, best_mu) if return_prices else best
+
+
+class _CutMaster:
+    """The cutting planes' master LP ``max z s.t. z <= cut . mu, sum(mu) = 1, mu >= 0``, kept in one HiGHS model.
+
+    Each round adds one row and re-solves from the last basis (dual simplex, a fraction of a
+    millisecond), where a fresh ``scipy.optimize.linprog`` call per round costs milliseconds of
+    set-up: the rounds of :func:`fractional_assignment_bound` were most of ``lower_bound``'s time on
+    mixed fleets with precedence or arrivals (one per window of ``_window_bound``).
+    """
+
+    def __init__(self, kinds: int, cuts: list[np.ndarray]):
+        import highspy
+
+        self._inf = highspy.kHighsInf
+        self._optimal = highspy.HighsModelStatus.kOptimal
+        self._kinds = kinds
+        self._index = np.arange(kinds + 1, dtype=np.int32)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        for _ in range(kinds):
+            h.addVar(0.0, self._inf)
+        h.addVar(-self._inf, self._inf)
+        h.changeColCost(kinds, -1.0)                      # maximize z
+        h.addRow(1.0, 1.0, kinds, self._index[:kinds], np.ones(kinds))
+        self._highs = h
+        for cut in cuts:
+            self.add(cut)
+
+    def add(self, cut: np.ndarray) -> None:
+        """Add the cut ``z <= cut . mu`` (a supergradient of ``g``, which is positively homogeneous)."""
+        self._highs.addRow(-self._inf, 0.0, self._kinds + 1, self._index, np.r_[-np.asarray(cut, float), 1.0])
+
+    def solve(self) -> tuple[np.ndarray, float] | None:
+        """``(mu, z)`` at the master's optimum, or None when HiGHS does not reach one."""
+        self._highs.run()
+        if self._highs.getModelStatus() != self._optimal:
+            return None
+        x = np.asarray(self._highs.getSolution().col_value, dtype=np.float64)
+        return x[:self._kinds], float(x[self._kinds])
 
 
 def memory_decode_steps_lower_bound(area: np.ndarray, capacity_tokens: int, clients: int,
@@ -566,7 +621,10 @@ def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple 
                         ids=tuple(w.ids[i] for i in rows.tolist()),
                         precedence=None if w.precedence is None else w.precedence.subset(rows))
         sub_kv = (kv[0], kv[1], None if kv[2] is None else np.asarray(kv[2])[rows])
-        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv, migration)
+        # a window whose fleet LP cannot lift it above the best so far skips that LP (_WINDOW_FAST)
+        floor = (best - a - b, best_fused - a - b)
+        part = _work_bound(Problem(alone, problem.instances, problem.name), o[rows], None, sub_kv, migration,
+                           floor=floor)
         best, best_fused = max(best, a + b + part.total_s), max(best_fused, a + b + part.fused_s)
     return best, best_fused
 
@@ -753,6 +811,31 @@ def _early_tokens(slots: np.ndarray, cap: np.ndarray, per_slot: int) -> int:
     k = np.sort(np.r_[0, slots - cap, slots])  # all >= 0 (cap <= slots); sorted queries search fast
     flow = per_slot * k + excess(slots, k) - excess(slots - cap, k)
     return int(flow.min())
+
+
+def _assignment_upper(work: np.ndarray, count: np.ndarray) -> float:
+    """An upper estimate of :func:`fractional_assignment_bound` ``(work, count)``, seconds, in ``O(J R)``.
+
+    The makespan of a feasible fractional assignment bounds the LP's optimum from above: the
+    better of every request split over the kinds in the same shares (kind ``j`` takes the share
+    ``count[j] / W[j]`` of the whole, normalized, with ``W[j]`` its total work; all kinds then
+    finish together at ``1 / sum_j count[j] / W[j]``) and every request on the kind that does it
+    fastest per machine, ``max_j`` of the load each kind then has over its machines.
+    """
+    work = np.asarray(work, dtype=np.float64)
+    count = np.asarray(count, dtype=np.float64)
+    if work.shape[1] == 0:
+        return 0.0
+    totals = work.sum(axis=1)
+    if np.any(totals <= 0):
+        split = float(np.max(totals / count))
+    else:
+        split = 1.0 / float(np.sum(count / totals))
+    scaled = work / count[:, None]
+    win = scaled.argmin(axis=0)
+    fastest = float(np.bincount(win, weights=scaled[win, np.arange(work.shape[1])], minlength=work.shape[0]).max())
+    # a hair of slack over the rounding of the sums, so a skipped LP is never one that mattered
+    return min(split, fastest) * (1.0 + 1e-12)
 
 
 def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]:
@@ -1098,11 +1181,16 @@ def _afford(cum_tokens: np.ndarray, cum_cost: np.ndarray, slope: np.ndarray, bud
 
 def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 decode_steps: int | None = None, kv: tuple = (None, None, None), migration: bool = True,
-                fleet_lp: bool = False) -> LowerBound:
+                fleet_lp: bool = False, floor: tuple[float, float] = (-np.inf, -np.inf)) -> LowerBound:
     """The work and critical-path bounds of ``problem`` (everything but the window bound).
 
     ``fleet_lp``: also the chain-coupling LP of a mixed fleet (:func:`_chain_coupling_lp`; the
     whole problem only, not every window of :func:`_window_bound`, for speed).
+
+    ``floor``: (separate, fused) values, seconds, the caller has no use for a bound at or below:
+    a fractional assignment bound whose cheap upper estimate (:func:`_assignment_upper`) is at or
+    below the floor (or the bound so far) is not solved, so ``total_s`` / ``fused_s`` may then be
+    lower than the bound, but only where the bound is at most the floor.
     """
     w = problem.workload
     p = w.prompt_tokens.astype(np.float64)
@@ -1167,8 +1255,10 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
             a_pk = np.array([lats[k].prefill_base_s for k in first])[:, None] / clients[:, None]
             for share in (share_clients, share_memory):
                 v_fused = per_inst[first] + a_dk * share
-                total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
-                fused = max(fused, fractional_assignment_bound(v_fused, count))
+                if not _WINDOW_FAST or _assignment_upper(v_fused + a_pk, count) > max(total, floor[0]):
+                    total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
+                if not _WINDOW_FAST or _assignment_upper(v_fused, count) > max(fused, floor[1]):
+                    fused = max(fused, fractional_assignment_bound(v_fused, count))
     if w.precedence is not None:
         pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
         coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,

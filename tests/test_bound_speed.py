@@ -1,0 +1,136 @@
+"""The window bound's fast path on mixed fleets gives the bound of the path before it, exactly.
+
+``lower_bound`` with precedence or arrivals solves a fractional assignment LP per window on a
+fleet of several kinds; the fast path keeps one HiGHS master across the cutting-plane rounds and
+skips the LPs of windows that cannot beat the best window (``lloptim.bounds._WINDOW_FAST``).
+Speed itself is measured by ``benchmarks/bound_speed.py``, not here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lloptim import Problem, workloads
+from lloptim import bounds as bounds_module
+from lloptim.bounds import fractional_assignment_bound, lower_bound
+from lloptim.hardware import load_profile
+from lloptim.problem import Instance
+from lloptim.simulator import run_policy
+
+FIELDS = ("total_s", "fused_s", "window_s", "window_fused_s", "backlog_s", "backlog_fused_s", "critical_path_s",
+          "critical_path_fused_s")
+
+
+def _fleet(kinds: list[tuple[float, float, int, int]]) -> tuple[Instance, ...]:
+    """Instances of LLaMA-65B scaled ``(prefill, decode)`` with ``clients`` and KV tokens, one per tuple."""
+    base = load_profile("llama-65b")
+    return tuple(Instance.from_profile(base.with_latency(base.latency.scaled(pf, dc)), clients=c,
+                                       kv_capacity_tokens=kv, name=f"i{k}")
+                 for k, (pf, dc, c, kv) in enumerate(kinds))
+
+
+@contextmanager
+def _reference():
+    """Run the path before the speed-up inside the block."""
+    bounds_module._WINDOW_FAST = False
+    try:
+        yield
+    finally:
+        bounds_module._WINDOW_FAST = True
+
+
+def _both(problem: Problem, migration: bool) -> tuple:
+    """``lower_bound`` on the fast path and on the path before it."""
+    fast = lower_bound(problem, migration=migration)
+    with _reference():
+        slow = lower_bound(problem, migration=migration)
+    return fast, slow
+
+
+def _assert_same(fast, slow) -> None:
+    for field in FIELDS:
+        a, b = getattr(fast, field), getattr(slow, field)
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), field
+
+
+kind = st.tuples(st.sampled_from([0.6, 1.0, 1.5, 2.0]), st.sampled_from([0.8, 1.0, 1.2, 1.6]),
+                 st.sampled_from([10, 20, 40]), st.sampled_from([8_192, 40_960, 81_920]))
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=st.sampled_from(["chain", "fan-in", "dag", "requests"]), n=st.integers(2, 6),
+       seed=st.integers(0, 10_000), rate=st.sampled_from([None, 0.5, 2.0]),
+       kinds=st.lists(kind, min_size=2, max_size=4), migration=st.booleans())
+def test_fast_window_bound_equals_the_reference(shape, n, seed, rate, kinds, migration):
+    if shape == "requests":
+        wl = workloads.synthetic(8 * n, seed=seed)
+        rng = np.random.default_rng(seed)
+        wl = wl.with_arrivals(np.cumsum(rng.exponential(1.0 / (rate or 4.0), len(wl))))
+    else:
+        wl = workloads.workflows(shape, n, seed=seed, arrival_rate=rate)
+    problem = Problem(wl, _fleet(kinds))
+    fast, slow = _both(problem, migration)
+    _assert_same(fast, slow)
+
+
+def test_fast_path_skips_fleet_lps_and_keeps_the_bound(monkeypatch):
+    """On a 3-kind fleet with DAGs most windows cannot beat the best one: their LPs are skipped."""
+    problem = Problem(workloads.workflows("dag", 12, seed=5),
+                      _fleet([(1.0, 1.0, 40, 81_920), (1.5, 1.5, 30, 65_536), (0.6, 1.6, 40, 81_920)]))
+    calls = []
+    real = bounds_module.fractional_assignment_bound
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bounds_module, "fractional_assignment_bound", counted)
+    fast = lower_bound(problem, migration=False)
+    n_fast = len(calls)
+    calls.clear()
+    monkeypatch.setattr(bounds_module, "_WINDOW_FAST", False)
+    slow = lower_bound(problem, migration=False)
+    n_slow = len(calls)
+    _assert_same(fast, slow)
+    assert fast.window_s > 0
+    assert n_fast * 3 <= n_slow, (n_fast, n_slow)
+
+
+@settings(max_examples=40, deadline=None)
+@given(J=st.integers(2, 5), R=st.integers(0, 40), seed=st.integers(0, 10_000))
+def test_assignment_upper_estimate_is_above_the_lp(J, R, seed):
+    rng = np.random.default_rng(seed)
+    work = rng.uniform(0.0, 10.0, (J, R)) * rng.uniform(0.3, 3.0, (J, 1))
+    count = rng.integers(1, 5, J).astype(float)
+    upper = bounds_module._assignment_upper(work, count)
+    assert upper >= fractional_assignment_bound(work, count) * (1 - 1e-12)
+    # a feasible assignment: no better than the work spread over the whole fleet at its fastest
+    assert upper >= work.min(axis=0).sum() / count.sum() * (1 - 1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(J=st.integers(3, 5), R=st.integers(1, 60), seed=st.integers(0, 10_000))
+def test_one_highs_master_matches_a_fresh_linprog_per_round(J, R, seed):
+    rng = np.random.default_rng(seed)
+    work = rng.uniform(0.1, 10.0, (J, R)) * rng.uniform(0.3, 3.0, (J, 1))
+    count = rng.integers(1, 5, J).astype(float)
+    fast = fractional_assignment_bound(work, count)
+    with _reference():
+        slow = fractional_assignment_bound(work, count)
+    assert fast == pytest.approx(slow, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape,rate", [("dag", None), ("fan-in", 1.0), ("chain", 0.5)])
+def test_fast_bound_is_below_every_policy_on_mixed_fleets(shape, rate):
+    wl = workloads.workflows(shape, 10, seed=7, arrival_rate=rate)
+    problem = Problem(wl, _fleet([(1.0, 1.0, 20, 81_920), (1.5, 1.5, 10, 40_960), (0.6, 1.6, 20, 81_920)]))
+    lb = lower_bound(problem, migration=False)
+    for policy in ("baseline", "hybrid", "hybrid-fused"):
+        res = run_policy(problem, policy)
+        bound = lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s
+        assert bound <= res.makespan_s * (1 + 1e-9), policy
