@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, example
+from hypothesis import strategies as st, example
 
 from lloptim import Problem, Workload, lower_bound, run_policy, summarize
 from lloptim.errors import SpecError
@@ -45,14 +45,20 @@ def _memory_bound(n: int, clients: int, seed: int, rho: float = 1.0, block: int 
                           kv_block_tokens=block)
 
 
-def _check_run(problem: Problem, res) -> None:
-    """Every request served once with all its tokens, the cache within capacity, no preemption (known lengths)."""
+def _check_run(problem: Problem, res, preemption_free: bool = True) -> None:
+    """Every request served once with all its tokens, the cache within capacity, no preemption (known lengths).
+
+    ``preemption_free=False`` for separate prefill iterations: there a prefill batch can wait longer
+    than the start delay the projection assumes, so a preemption can follow even with known lengths
+    (docs, *KV memory*; the default order does it too, e.g. 13 requests on 7 clients, seed 13).
+    """
     w = problem.workload
     assert np.all(np.isfinite(res.done_s))
     assert res.generated_tokens == w.total_output_tokens
     assert int(res.trace_running[res.trace_kind != 0].sum()) == w.total_output_tokens + res.wasted_tokens
     assert res.trace_kv_tokens.max() <= problem.instances[0].kv_capacity_tokens
-    assert int(res.preemptions.sum()) == 0
+    if preemption_free:
+        assert int(res.preemptions.sum()) == 0
     assert summarize(res).makespan_s >= lower_bound(problem).fused_s * (1 - 1e-9)
 
 
@@ -86,6 +92,7 @@ def test_the_start_planner_decides_the_order():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(10, 60), clients=st.integers(2, 8),
        rho=st.floats(0.8, 2.5), fused=st.booleans())
+@example(seed=13, n=13, clients=7, rho=1.453125, fused=False)  # separate iterations: one preemption
 def test_any_start_order_keeps_the_cache_within_capacity_and_conserves(seed, n, clients, rho, fused):
     problem = _memory_bound(n, clients, seed, rho)
     keys = np.random.default_rng(seed + 1).permutation(n).astype(np.float64)
@@ -94,7 +101,7 @@ def test_any_start_order_keeps_the_cache_within_capacity_and_conserves(seed, n, 
         return keys if rows is None else keys[rows]
 
     res = run_policy(problem, hybrid_policy(fused=fused, start_planner=planner), check=True)
-    _check_run(problem, res)
+    _check_run(problem, res, preemption_free=fused)
 
 
 def test_a_start_planner_must_be_a_function():
