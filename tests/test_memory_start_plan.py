@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, example
-from hypothesis import strategies as st, example
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from lloptim import Problem, Workload, lower_bound, run_policy, summarize
 from lloptim.errors import SpecError
