@@ -38,8 +38,9 @@ from the estimates against the truth. Then the default hybrid with
   their total is the true total, i.e. what an unbiased area estimate could at best give;
 * ``known``: the true lengths.
 
-Run: ``python benchmarks/unknown_diagnostics.py [--part workflows,memory] [--quick]`` (about 4
-minutes on one core; ``--quick``: one seed per set, one sigma).
+Run: ``python benchmarks/unknown_diagnostics.py [--part workflows,memory] [--quick]`` (6 minutes
+on a shared 2-core machine: 2.3 for part 1, 4 for part 2; ``--quick``: one seed per set, one
+sigma, under a minute).
 """
 
 from __future__ import annotations
