@@ -941,15 +941,217 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
     return out[0], out[1]
 
 
-#: Most columns (instance kinds x requests) of :func:`_chain_coupling_lp`; beyond it the LP is
-#: skipped (the pooled chain-coupling bound still holds).
+#: Most columns (instance kinds x requests) of the chain-coupling LP built whole
+#: (:func:`_chain_coupling_lp_reference`); beyond it that path skips the LP (the pooled
+#: chain-coupling bound still holds).
 CHAIN_LP_MAX_COLUMNS = 100_000
+#: Most columns (instance kinds x requests) of the chain-coupling LP solved by column generation
+#: (:func:`_chain_coupling_lp`): its rounds cost ``O(J R)`` time and a few ``J x R`` float arrays
+#: of memory (32 MiB each at the limit); beyond it the LP is skipped.
+CHAIN_LP_FAST_MAX_COLUMNS = 4_000_000
+#: Most column-generation rounds of :func:`_chain_coupling_lp` (count) and their wall-clock limit,
+#: seconds; at either limit the Lagrangian bound so far is returned, still valid.
+CHAIN_LP_ROUNDS = 500
+CHAIN_LP_TIME_LIMIT_S = 20.0
+#: Relative gap between the master's value and the Lagrangian bound at which the column
+#: generation of :func:`_chain_coupling_lp` stops (the two then agree to that, and to HiGHS's
+#: optimum of the whole LP to its own tolerances, about 1e-10 relative).
+CHAIN_LP_TOLERANCE = 2e-10
 #: Supporting lines of each co-runner cost curve in :func:`_chain_coupling_lp` (count).
 CHAIN_LP_TANGENTS = 64
+#: The fast path of the chain-coupling LP (column generation over one HiGHS master, skipped when
+#: it cannot lift the bound above ``floor``). False solves the whole LP with ``linprog`` (the path
+#: before it), kept for the tests and ``benchmarks/bound_speed.py --reference``.
+_CHAIN_LP_FAST = True
 
 
-def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float) -> float:
-    """The chain-coupling bound on a fleet whose instances differ, as an LP (HiGHS), seconds; 0 if skipped.
+def _chain_lp_terms(problem: Problem, o: np.ndarray, chain, fused: bool, max_columns: int) -> dict | None:
+    """The coefficients of the chain-coupling LP over instance kinds; None with one kind or over ``max_columns``.
+
+    ``count``, ``clients``, ``a`` (``decode_base_s``) per kind ``j``; ``work[j, r]``: request ``r``'s
+    busy time on kind ``j`` (its per-token terms, ``prefill_base_s / C_j`` for separate iterations,
+    and for a request off the chain its share ``a_j o_r / C_j`` of decode steps), seconds;
+    ``chain_time[j, i]``: the minimal time of the ``i``-th chain request on kind ``j``, seconds;
+    ``in_chain``: a mask of the chain's requests.
+    """
+    w = problem.workload
+    kinds: dict[tuple, int] = {}
+    for inst in problem.instances:
+        key = (inst.profile.latency, inst.clients)
+        kinds[key] = kinds.get(key, 0) + 1
+    if len(kinds) < 2 or len(kinds) * len(w) > max_columns:
+        return None
+    lats = [key[0] for key in kinds]
+    clients = np.array([key[1] for key in kinds], dtype=np.float64)
+    count = np.array(list(kinds.values()), dtype=np.float64)
+    R = len(w)
+    p = w.prompt_tokens.astype(np.float64)
+    kv_steps = o * p + o * (o - 1) / 2
+    in_chain = np.zeros(R, dtype=bool)
+    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    others = ~in_chain
+    a = np.array([lat.decode_base_s for lat in lats])
+    work, chain_time = [], []
+    for j, lat in enumerate(lats):
+        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
+        if not fused:
+            per_token = per_token + lat.prefill_base_s / clients[j]
+        work.append(per_token + np.where(others, a[j] * o / clients[j], 0.0))
+        first = (min(lat.prefill_base_s, a[j]) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
+        chain_time.append((first + (a[j] + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
+    return {"count": count, "clients": clients, "a": a, "work": np.array(work), "chain_time": np.array(chain_time),
+            "in_chain": in_chain}
+
+
+def _tangents(curves: list) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """Per co-runner cost curve: ``(shift, slopes, offsets)`` of its :data:`CHAIN_LP_TANGENTS` supporting lines.
+
+    The curve's cost of ``X`` tokens is at least ``slope_i X - offset_i`` for each ``i``.
+    """
+    out = []
+    for shift, cum_tokens, cum_cost, slope in curves:
+        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
+        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
+        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
+        out.append((float(shift), slope[pick], slope[pick] * at_tokens[pick] - at_cost[pick]))
+    return out
+
+
+def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float,
+                       floor: float = -np.inf) -> float:
+    """The chain-coupling bound on a fleet whose instances differ, as an LP, seconds; 0 if skipped.
+
+    The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
+    coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
+    as if the slow ones were fast. Here request ``r`` goes to instance kind ``j`` (``n_j``
+    instances of ``C_j`` clients) in fraction ``y[j, r]`` (a relaxation of running it there
+    whole: without migration a request is prefilled and decoded on one instance). The chain runs
+    ``S_j = sum_{r in chain} o_r y[j, r]`` of its steps on kind ``j`` with ``X_j <= (C_j - 1) S_j``
+    tokens of others beside them (and no more than the others' tokens there), so kind ``j``'s
+    decode iterations are at least ``S_j + (others' tokens on j - X_j) / C_j`` and its instances
+    are busy at least ``sum_r v[j, r] y[j, r] + a_j (S_j + (sum_{r not in chain} o_r y[j, r] - X_j) / C_j)
+    <= n_j T`` (``v``: the per-token terms, and for separate iterations ``prefill_base_s / C_j``
+    per request). The chain itself takes its minimal time on each kind, ``sum t[j, r] y[j, r]``,
+    plus what its co-runners cost, at least ``g_lambda(X) - shift_lambda`` for every curve of
+    :func:`_token_curves` (``X = sum_j X_j``; ``g_lambda`` is convex, bounded below by
+    :data:`CHAIN_LP_TANGENTS` of its supporting lines), inside ``[h, T]``. The least ``T``
+    of this LP bounds the makespan of every schedule without migration.
+
+    The requests off the chain enter the LP only through ``2 J`` sums, their busy time and their
+    tokens on each kind, so the LP is solved by column generation (Dantzig-Wolfe) over the
+    polytope of those sums: a HiGHS master (kept across rounds, re-solved from its last basis)
+    holds ``T``, the chain's ``y``, ``X``, the curves and a convex combination of assignments of
+    the others; each round prices every request at the master's duals (each goes to the kind of
+    least reduced cost, ``O(J R)`` with numpy) and adds that assignment as a column. The master's
+    value bounds the LP from above and the master's value plus the least reduced cost (the
+    Lagrangian bound, a feasible dual solution of the whole LP) from below; the rounds stop when
+    the two agree to :data:`CHAIN_LP_TOLERANCE`, when the master shows that the LP cannot exceed
+    ``floor`` (the caller's best bound so far, seconds: the LP could not lift it), or at
+    :data:`CHAIN_LP_ROUNDS` / :data:`CHAIN_LP_TIME_LIMIT_S`. The Lagrangian bound is returned,
+    less HiGHS's feasibility tolerance in relative terms (as the whole LP's optimum was before,
+    :func:`_chain_coupling_lp_reference`, to which it agrees to 1e-9 relative); 0 when the LP is
+    skipped (one kind, or above :data:`CHAIN_LP_FAST_MAX_COLUMNS`).
+    """
+    if not _CHAIN_LP_FAST:
+        return _chain_coupling_lp_reference(problem, o, chain, fused, curves, head)
+    import highspy
+
+    terms = _chain_lp_terms(problem, o, chain, fused, CHAIN_LP_FAST_MAX_COLUMNS)
+    if terms is None:
+        return 0.0
+    count, clients, a, work = terms["count"], terms["clients"], terms["a"], terms["work"]
+    J = work.shape[0]
+    deadline = time.perf_counter() + CHAIN_LP_TIME_LIMIT_S
+    in_chain = terms["in_chain"]
+    others = ~in_chain
+    o_chain, o_others = o[in_chain], o[others]
+    w_chain, w_others = work[:, in_chain], work[:, others]
+    n = int(in_chain.sum())
+    lines = _tangents(curves)
+    inf = highspy.kHighsInf
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # columns: T, y[j, i] for the chain's requests (J n, kind-major), X_j (J), G_l (one per curve),
+    # then the assignments of the others (added by the rounds)
+    col_y = lambda j: 1 + j * n + np.arange(n)  # noqa: E731
+    col_x, col_g = 1 + J * n, 1 + J * n + J
+    n_cols = col_g + len(lines)
+    for _ in range(n_cols):
+        h.addVar(0.0, inf)
+    h.changeColCost(0, 1.0)
+
+    def row(lo: float, hi: float, cols, vals) -> int:
+        cols = np.asarray(cols, dtype=np.int32).ravel()
+        vals = np.broadcast_to(np.asarray(vals, dtype=np.float64), cols.shape).ravel()
+        h.addRow(lo, hi, cols.size, cols, np.ascontiguousarray(vals))
+        return h.getNumRow() - 1
+
+    for i in range(n):  # sum_j y[j, i] = 1 for the chain's requests
+        row(1.0, 1.0, [col_y(j)[i] for j in range(J)], 1.0)
+    busy, cap = [], []
+    for j in range(J):
+        # kind j busy <= n_j T: the chain's work with its steps at a_j each (S_j), the others' sums,
+        # less a_j / C_j per co-running token
+        busy.append(row(-inf, 0.0, np.r_[col_y(j), col_x + j, 0],
+                        np.r_[w_chain[j] + a[j] * o_chain, -a[j] / clients[j], -count[j]]))
+        row(-inf, 0.0, np.r_[col_x + j, col_y(j)], np.r_[1.0, -(clients[j] - 1.0) * o_chain])  # X_j <= (C_j - 1) S_j
+        cap.append(row(-inf, 0.0, [col_x + j], 1.0))  # X_j <= the others' tokens on j (the sums)
+    chain_time = terms["chain_time"]
+    for g, (shift, slopes, offsets) in enumerate(lines):
+        # the chain: sum_j t[j, i] y[j, i] + G_l - shift_l <= T - h
+        row(-inf, shift - head, np.r_[np.concatenate([col_y(j) for j in range(J)]), col_g + g, 0],
+            np.r_[chain_time.ravel(), 1.0, -1.0])
+        for s, off in zip(slopes.tolist(), offsets.tolist()):  # G_l >= slope X - offset
+            row(-inf, off, np.r_[col_x + np.arange(J), col_g + g], np.r_[np.full(J, s), -1.0])
+    convex = row(1.0, 1.0, [], [])
+    busy_rows, cap_rows = np.array(busy), np.array(cap)
+    rows_of_column = np.r_[busy_rows, cap_rows, convex].astype(np.int32)
+    cols_r = np.arange(w_others.shape[1])
+
+    added: set[bytes] = set()
+
+    def add_assignment(kind: np.ndarray) -> bool:
+        """Add the column of an assignment of the others; False if the master has it already."""
+        sums_work = np.bincount(kind, weights=w_others[kind, cols_r], minlength=J)
+        sums_tokens = np.bincount(kind, weights=o_others, minlength=J)
+        column = np.r_[sums_work, -sums_tokens, 1.0]
+        if column.tobytes() in added:
+            return False
+        added.add(column.tobytes())
+        h.addCol(0.0, 0.0, inf, rows_of_column.size, rows_of_column, column)
+        return True
+
+    # seeds: every request on one kind, for each kind, and each request on its kind of least work per instance
+    for j in range(J):
+        add_assignment(np.full(cols_r.size, j, dtype=np.int64))
+    add_assignment(np.argmin(w_others / count[:, None], axis=0))
+    optimal = highspy.HighsModelStatus.kOptimal
+    lower = 0.0
+    for _ in range(CHAIN_LP_ROUNDS):
+        h.run()
+        if h.getModelStatus() != optimal:
+            break
+        upper = float(h.getInfo().objective_function_value)
+        duals = np.asarray(h.getSolution().row_dual, dtype=np.float64)
+        # reduced cost of an assignment: sum_r (-dual_busy[j_r] work[j_r, r] + dual_cap[j_r] o_r) - dual_convex
+        price = -duals[busy_rows][:, None] * w_others + duals[cap_rows][:, None] * o_others[None, :]
+        kind = np.argmin(price, axis=0)
+        least = float(price[kind, cols_r].sum()) - float(duals[convex])
+        lower = max(lower, upper + min(least, 0.0))
+        if upper * (1.0 - 1e-7) <= floor or upper - lower <= CHAIN_LP_TOLERANCE * max(1.0, abs(upper)):
+            break
+        # a column the master has already: its reduced cost is HiGHS's dual noise, the rounds have converged
+        if time.perf_counter() > deadline or not add_assignment(kind):
+            break
+    # the Lagrangian bound, less HiGHS's feasibility tolerance in relative terms
+    return lower * (1.0 - 1e-7)
+
+
+def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list,
+                                 head: float) -> float:
+    """The LP of :func:`_chain_coupling_lp` built whole and solved by ``linprog`` (HiGHS), seconds; 0 if skipped.
+
+    The path before column generation, kept for the tests and the benchmark's ``--reference``.
 
     The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
     coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
