@@ -262,8 +262,7 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     if work.shape[0] > 1:
         # identical rows are one kind with the capacities added: the optimum is the same, and
         # the cutting planes, degenerate on symmetric kinds, converge in far fewer rounds
-        uniq, inverse = np.unique(work, axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
+        uniq, inverse = _unique_rows(work)
         if uniq.shape[0] < work.shape[0]:
             pooled = np.bincount(inverse, weights=count, minlength=uniq.shape[0])
             out = fractional_assignment_bound(uniq, pooled, iterations, True, time_limit_s)
@@ -340,6 +339,23 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         if master is not None:
             master.add(grad)
     return (best, best_mu) if return_prices else best
+
+
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, axis=0, return_inverse=True)`` for a few long rows: the same rows, order and inverse.
+
+    ``np.unique`` with ``axis`` sorts the rows as structured records of ``R`` fields, which took
+    most of :func:`fractional_assignment_bound`'s time at 50k requests; a handful of rows are
+    sorted here by their values (lexicographically, as ``np.unique``) and compared whole.
+    """
+    order = sorted(range(a.shape[0]), key=lambda i: a[i].tolist())
+    inverse = np.empty(a.shape[0], dtype=np.int64)
+    kept: list[int] = []
+    for i in order:
+        if not kept or not np.array_equal(a[kept[-1]], a[i]):
+            kept.append(i)
+        inverse[i] = len(kept) - 1
+    return a[kept], inverse
 
 
 class _CutMaster:
