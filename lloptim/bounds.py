@@ -592,12 +592,15 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     """
     problem = as_problem(problem)
     kv = (kv_mode, kv_block_tokens, estimates)
-    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
-        return bound
+        return _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     window, window_fused = _window_bound(problem, output_tokens, kv, migration)
     backlog, backlog_fused = backlog_bound(problem, output_tokens)
+    # the work bound's LPs need not be solved where they cannot beat the window and backlog bounds
+    # (the fast paths; total_s and fused_s below are the larger of all, whichever is skipped)
+    floor = (max(window, backlog), max(window_fused, backlog_fused)) if _CHAIN_LP_FAST else (-np.inf, -np.inf)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True, floor=floor)
     return replace(bound, total_s=float(max(bound.total_s, window, backlog)),
                    fused_s=float(max(bound.fused_s, window_fused, backlog_fused)),
                    window_s=float(window), window_fused_s=float(window_fused),
@@ -871,7 +874,7 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
 def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
                           pre_total: float, pre_fused: float, migration: bool = True,
-                          fleet_lp: bool = False) -> tuple[float, float]:
+                          fleet_lp: bool = False, floor: tuple[float, float] = (-np.inf, -np.inf)) -> tuple[float, float]:
     """The work bound when a long chain must also run fast (separate, fused), seconds.
 
     Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
@@ -912,7 +915,8 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
 
     With ``fleet_lp`` on a fleet whose instances differ, and without migration, the critical
     chains are also bounded by :func:`_chain_coupling_lp`, which charges each instance kind its
-    own costs.
+    own costs; ``floor`` (separate, fused), seconds: bounds the caller already holds, below
+    which an LP's value would not matter (it may then stop early, with a lower value).
     """
     w = problem.workload
     lats = [inst.profile.latency for inst in problem.instances]
@@ -952,7 +956,8 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
                 best = max(best, _coupled_root(m, k, a_d / c_max, x_max, head + tau - shift,
                                                cum_tokens, cum_cost, slope))
             if fleet_lp and not migration and chains[key]:
-                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head))
+                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head,
+                                                    max(best, floor[int(fused)])))
         out.append(best)
     return out[0], out[1]
 
@@ -1477,16 +1482,18 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                     total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
                 if not _WINDOW_FAST or _assignment_upper(v_fused, count) > max(fused, floor[1]):
                     fused = max(fused, fractional_assignment_bound(v_fused, count))
-    if w.precedence is not None:
-        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
-        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
-                                                       fleet_lp)
-        total, fused = max(total, coupled), max(fused, coupled_fused)
-    # separate-iteration schedules are fused schedules too, so the fused bound holds for them
-    total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
     path = _critical_path_s(problem, o, fused=False)
     path_fused = _critical_path_s(problem, o, fused=True)
+    if w.precedence is not None:
+        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
+        # what the chain-coupling LP must beat to matter (it stops early below: _CHAIN_LP_FAST)
+        lp_floor = (max(total, fused, single, path, floor[0]), max(fused, single, path_fused, floor[1]))
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
+                                                       fleet_lp, lp_floor)
+        total, fused = max(total, coupled), max(fused, coupled_fused)
+    # separate-iteration schedules are fused schedules too, so the fused bound holds for them
+    total = max(total, fused)
     return LowerBound(total_s=max(total, single, path), fused_s=max(fused, single, path_fused), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
                       single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills),
