@@ -77,7 +77,7 @@ def test_solve_on_one_instance_reports_the_bound_without_migration(tmp_path):
     assert row["lower_bound_no_migration"]["total_s"] == pytest.approx(fixed.total_s, rel=1e-9)
     assert row["lower_bound_no_migration"]["total_s"] >= row["lower_bound"]["total_s"] * (1 - 1e-12)
     res = runner.invoke(app, ["solve", str(path), "--time-limit", "2"])
-    assert res.exit_code == 0 and "one instance, so nothing migrates" in res.output
+    assert res.exit_code == 0 and "one instance, nothing migrates" in res.output
     assert f"{fixed.total_s:,.2f} s" in res.output
 
 
@@ -92,7 +92,7 @@ def test_compare_reports_both_bounds(tmp_path):
     assert out["lower_bound_no_migration"]["total_s"] == pytest.approx(
         lower_bound(problem, migration=False).total_s, rel=1e-9)
     res = runner.invoke(app, ["compare", spec, "--solvers", "greedy"])
-    assert res.exit_code == 0 and "makespan lower bound" in res.output
+    assert res.exit_code == 0 and "makespan bound:" in res.output
 
 
 def test_runs_without_migration_are_never_below_the_reported_bound(tmp_path):

@@ -276,9 +276,9 @@ def makespan_bounds(problem) -> tuple[list[str], dict]:
     same = all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in ((fixed.total_s, anywhere.total_s),
                                                                   (fixed.fused_s, anywhere.fused_s)))
     if len(problem.instances) == 1:
-        lines = [f"makespan lower bound: {both(fixed)}; one instance, so nothing migrates"]
+        lines = [f"makespan bound: {both(fixed)}; one instance, nothing migrates"]
     elif same:
-        lines = [f"makespan lower bound: {both(fixed)}, with or without migration"]
+        lines = [f"makespan bound: {both(fixed)}, with or without migration"]
     else:
         lines = [f"makespan bound without migration (this plan): {both(fixed)}",
                  f"makespan bound with migration (--migrate):    {both(anywhere)}"]
