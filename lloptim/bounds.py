@@ -1066,12 +1066,15 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
     least reduced cost, ``O(J R)`` with numpy) and adds that assignment as a column. The master's
     value bounds the LP from above and the master's value plus the least reduced cost (the
     Lagrangian bound, a feasible dual solution of the whole LP) from below; the rounds stop when
-    the two agree to :data:`CHAIN_LP_TOLERANCE`, when the master shows that the LP cannot exceed
-    ``floor`` (the caller's best bound so far, seconds: the LP could not lift it), or at
-    :data:`CHAIN_LP_ROUNDS` / :data:`CHAIN_LP_TIME_LIMIT_S`. The Lagrangian bound is returned,
-    less HiGHS's feasibility tolerance in relative terms (as the whole LP's optimum was before,
-    :func:`_chain_coupling_lp_reference`, to which it agrees to 1e-9 relative); 0 when the LP is
-    skipped (one kind, or above :data:`CHAIN_LP_FAST_MAX_COLUMNS`).
+    the two agree to :data:`CHAIN_LP_TOLERANCE`, when the least reduced cost is that of a column
+    the master has already (negative only by HiGHS's dual tolerance: the master's optimum is then
+    the LP's, to HiGHS's tolerances), when the master shows that the LP cannot exceed ``floor``
+    (the caller's best bound so far, seconds: the LP could not lift it), or at
+    :data:`CHAIN_LP_ROUNDS` / :data:`CHAIN_LP_TIME_LIMIT_S`. The Lagrangian bound (the master's
+    optimum in the second case) is returned, less HiGHS's feasibility tolerance in relative terms
+    (as the whole LP's optimum was before, :func:`_chain_coupling_lp_reference`, to which it
+    agrees to 1e-9 relative); 0 when the LP is skipped (one kind, or above
+    :data:`CHAIN_LP_FAST_MAX_COLUMNS`).
     """
     if not _CHAIN_LP_FAST:
         return _chain_coupling_lp_reference(problem, o, chain, fused, curves, head)
@@ -1092,6 +1095,10 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
     inf = highspy.kHighsInf
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
+    # the pricing reads the master's duals: tight tolerances keep their noise below what the rounds
+    # must tell apart (at the default 1e-7 an improving column could hide behind a duplicate)
+    h.setOptionValue("primal_feasibility_tolerance", 1e-10)
+    h.setOptionValue("dual_feasibility_tolerance", 1e-10)
     # columns: T, y[j, i] for the chain's requests (J n, kind-major), X_j (J), G_l (one per curve),
     # then the assignments of the others (added by the rounds)
     col_y = lambda j: 1 + j * n + np.arange(n)  # noqa: E731
@@ -1161,10 +1168,17 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
         lower = max(lower, upper + min(least, 0.0))
         if upper * (1.0 - 1e-7) <= floor or upper - lower <= CHAIN_LP_TOLERANCE * max(1.0, abs(upper)):
             break
-        # a column the master has already: its reduced cost is HiGHS's dual noise, the rounds have converged
-        if time.perf_counter() > deadline or not add_assignment(kind):
+        if time.perf_counter() > deadline:
             break
-    # the Lagrangian bound, less HiGHS's feasibility tolerance in relative terms
+        if not add_assignment(kind):
+            # the least reduced cost is a column the master has already: below zero only by HiGHS's
+            # dual tolerance, so no assignment improves the master and its optimum is the LP's (to
+            # HiGHS's tolerances, as the whole LP's optimum in _chain_coupling_lp_reference); the
+            # returned value, shrunk by 1e-7, is then still below this round's Lagrangian bound
+            if -least <= 1e-7 * abs(upper):
+                lower = max(lower, upper)
+            break
+    # less HiGHS's feasibility tolerance in relative terms
     return lower * (1.0 - 1e-7)
 
 
@@ -1172,7 +1186,9 @@ def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: 
                                  head: float) -> float:
     """The LP of :func:`_chain_coupling_lp` built whole and solved by ``linprog`` (HiGHS), seconds; 0 if skipped.
 
-    The path before column generation, kept for the tests and the benchmark's ``--reference``.
+    The path before column generation, kept for the tests and the benchmark's ``--reference``; its
+    feasibility tolerances are now 1e-10 (at HiGHS's default, 1e-7, its optimum was up to 2e-9
+    off in relative terms, which column generation with tight tolerances showed).
 
     The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
     coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
@@ -1267,8 +1283,11 @@ def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: 
     a_ub = coo_matrix((np.concatenate(ub_v), (np.concatenate(ub_r), np.concatenate(ub_c))), shape=(row, n_cols))
     cost = np.zeros(n_cols)
     cost[0] = 1.0
+    # feasibility tolerances of 1e-10 (HiGHS's default 1e-7 left optima up to 2e-9 off, relative):
+    # an accurate reference for the column generation of _chain_coupling_lp
     res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=np.array(b_ub), A_eq=a_eq.tocsr(), b_eq=b_eq,
-                  bounds=(0, None), method="highs")
+                  bounds=(0, None), method="highs",
+                  options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
     if res.status != 0:
         return 0.0
     # the LP optimum, less HiGHS's feasibility tolerance in relative terms
