@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import lloptim
@@ -104,3 +106,23 @@ def test_runs_without_migration_are_never_below_the_reported_bound(tmp_path):
     for policy in ("hybrid", "baseline"):
         run = lloptim.run_policy(problem, policy)
         assert run.makespan_s >= row["lower_bound_no_migration"]["fused_s"] * (1 - 1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 60), seed=st.integers(0, 10_000), rate=st.sampled_from([None, 2.0, 20.0]),
+       slow=st.sampled_from([1.0, 1.5, 2.0]), clients=st.sampled_from([2, 8, 20]))
+def test_without_precedence_migration_does_not_change_the_bound(n, seed, rate, slow, clients):
+    """``makespan_bounds`` computes one bound when requests are independent: check that it is the same."""
+    import numpy as np
+
+    from lloptim import Instance, Problem, workloads
+
+    wl = workloads.synthetic(n, seed=seed)
+    if rate is not None:
+        wl = wl.with_arrivals(np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n)))
+    base = load_profile("llama-65b")
+    fleet = (Instance.from_profile(base, clients=clients, name="a"),
+             Instance.from_profile(base.with_latency(base.latency.scaled(slow, slow)), clients=clients, name="b"))
+    problem = Problem(wl, fleet)
+    a, b = lower_bound(problem), lower_bound(problem, migration=False)
+    assert (a.total_s, a.fused_s) == (b.total_s, b.fused_s)

@@ -267,7 +267,8 @@ def makespan_bounds(problem) -> tuple[list[str], dict]:
     from lloptim.bounds import lower_bound
 
     anywhere = lower_bound(problem)
-    fixed = lower_bound(problem, migration=False)
+    # migration matters to the bound only through chains (precedence): otherwise the same bound
+    fixed = anywhere if problem.workload.precedence is None else lower_bound(problem, migration=False)
     fields = {"lower_bound": anywhere.to_dict(), "lower_bound_no_migration": fixed.to_dict()}
 
     def both(lb) -> str:
