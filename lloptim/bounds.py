@@ -1188,47 +1188,23 @@ def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: 
 
     The path before column generation, kept for the tests and the benchmark's ``--reference``; its
     feasibility tolerances are now 1e-10 (at HiGHS's default, 1e-7, its optimum was up to 2e-9
-    off in relative terms, which column generation with tight tolerances showed).
-
-    The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
-    coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
-    as if the slow ones were fast. Here request ``r`` goes to instance kind ``j`` (``n_j``
-    instances of ``C_j`` clients) in fraction ``y[j, r]`` (a relaxation of running it there
-    whole: without migration a request is prefilled and decoded on one instance). The chain runs
-    ``S_j = sum_{r in chain} o_r y[j, r]`` of its steps on kind ``j`` with ``X_j <= (C_j - 1) S_j``
-    tokens of others beside them (and no more than the others' tokens there), so kind ``j``'s
-    decode iterations are at least ``S_j + (others' tokens on j - X_j) / C_j`` and its instances
-    are busy at least ``sum_r v[j, r] y[j, r] + a_j (S_j + (sum_{r not in chain} o_r y[j, r] - X_j) / C_j)
-    <= n_j T`` (``v``: the per-token terms, and for separate iterations ``prefill_base_s / C_j``
-    per request). The chain itself takes its minimal time on each kind, ``sum t[j, r] y[j, r]``,
-    plus what its co-runners cost, at least ``g_lambda(X) - shift_lambda`` for every curve of
-    :func:`_token_curves` (``X = sum_j X_j``; ``g_lambda`` is convex, bounded below by
-    :data:`CHAIN_LP_TANGENTS` of its supporting lines), inside ``[h, T]``. The least ``T``
-    of this LP bounds the makespan of every schedule without migration; HiGHS's optimum is
-    returned when it solves to optimality (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
+    off in relative terms, which column generation with tight tolerances showed). HiGHS's optimum
+    is returned, less its feasibility tolerance in relative terms, when it solves to optimality
+    (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
     """
     from scipy.optimize import linprog
     from scipy.sparse import coo_matrix
 
-    w = problem.workload
-    kinds: dict[tuple, int] = {}
-    for inst in problem.instances:
-        key = (inst.profile.latency, inst.clients)
-        kinds[key] = kinds.get(key, 0) + 1
-    J, R = len(kinds), len(w)
-    if J < 2 or J * R > CHAIN_LP_MAX_COLUMNS:
+    terms = _chain_lp_terms(problem, o, chain, fused, CHAIN_LP_MAX_COLUMNS)
+    if terms is None:
         return 0.0
-    lats = [key[0] for key in kinds]
-    clients = np.array([key[1] for key in kinds], dtype=np.float64)
-    count = np.array(list(kinds.values()), dtype=np.float64)
-    p = w.prompt_tokens.astype(np.float64)
-    kv_steps = o * p + o * (o - 1) / 2
-    in_chain = np.zeros(R, dtype=bool)
-    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    count, clients, a, work = terms["count"], terms["clients"], terms["a"], terms["work"]
+    chain_time, in_chain = terms["chain_time"], terms["in_chain"]
+    J, R = work.shape
     others = ~in_chain
+    lines = _tangents(curves)
     # columns: T, y[j, r] (J R), S_j (J), X_j (J), G_l (one per curve)
-    n_curves = len(curves)
-    n_cols = 1 + J * R + 2 * J + n_curves
+    n_cols = 1 + J * R + 2 * J + len(lines)
     col_y = lambda j: 1 + j * R + np.arange(R)  # noqa: E731
     col_s, col_x, col_g = 1 + J * R, 1 + J * R + J, 1 + J * R + 2 * J
     eq_r, eq_c, eq_v = [], [], []
@@ -1244,16 +1220,11 @@ def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: 
     put(eq_r, eq_c, eq_v, R + np.arange(J), col_s + np.arange(J), 1.0)  # S_j = chain tokens on j
     b_eq = np.concatenate([np.ones(R), np.zeros(J)])
     row = 0
-    chain_time = []
-    for j, lat in enumerate(lats):
+    for j in range(J):
         put(eq_r, eq_c, eq_v, R + j, col_y(j)[in_chain], -o[in_chain])
-        a = lat.decode_base_s
-        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
-        if not fused:
-            per_token = per_token + lat.prefill_base_s / clients[j]
         # kind j's instances: busy <= n_j T
-        put(ub_r, ub_c, ub_v, row, col_y(j), per_token + np.where(others, a * o / clients[j], 0.0))
-        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a, -a / clients[j], -count[j]])
+        put(ub_r, ub_c, ub_v, row, col_y(j), work[j])
+        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a[j], -a[j] / clients[j], -count[j]])
         b_ub.append(0.0)
         # co-runners: X_j <= (C_j - 1) S_j and X_j <= the others' tokens on j
         put(ub_r, ub_c, ub_v, row + 1, [col_x + j, col_s + j], [1.0, -(clients[j] - 1.0)])
@@ -1261,23 +1232,17 @@ def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: 
         put(ub_r, ub_c, ub_v, row + 2, col_y(j)[others], -o[others])
         b_ub += [0.0, 0.0]
         row += 3
-        first = (min(lat.prefill_base_s, a) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
-        chain_time.append((first + (a + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
-    for g, (shift, cum_tokens, cum_cost, slope) in enumerate(curves):
+    for g, (shift, slopes, offsets) in enumerate(lines):
         # the chain: sum_j t[j, r] y[j, r] + G_l - shift_l <= T - h
         for j in range(J):
             put(ub_r, ub_c, ub_v, row, col_y(j)[in_chain], chain_time[j])
         put(ub_r, ub_c, ub_v, row, [col_g + g, 0], [1.0, -1.0])
         b_ub.append(shift - head)
         row += 1
-        # G_l >= cost_i + slope_i (X - tokens_i) along supporting lines of the convex curve
-        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
-        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
-        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
-        for i in pick.tolist():
-            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g),
-                np.append(np.full(J, slope[i]), -1.0))
-            b_ub.append(float(slope[i] * at_tokens[i] - at_cost[i]))
+        # G_l >= slope_i X - offset_i along supporting lines of the convex curve
+        for s, off in zip(slopes.tolist(), offsets.tolist()):
+            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g), np.append(np.full(J, s), -1.0))
+            b_ub.append(off)
             row += 1
     a_eq = coo_matrix((np.concatenate(eq_v), (np.concatenate(eq_r), np.concatenate(eq_c))), shape=(R + J, n_cols))
     a_ub = coo_matrix((np.concatenate(ub_v), (np.concatenate(ub_r), np.concatenate(ub_c))), shape=(row, n_cols))
