@@ -149,6 +149,9 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
             # every idle machine waits for it too: nothing changes before it
             wake = min(future[0][0] if future else np.inf, running[0][0] if running else np.inf)
             heapq.heappush(idle, m)
+            if wake == np.inf and not free:
+                # every machine idle and nothing left to happen: the rest wait on each other
+                raise ValueError(f"list_schedule: {n - placed} jobs wait on predecessors that never run (a cycle)")
             continue
         j = heapq.heappop(ready)[1]
         f = t + wl[j][kinds[m] if len(wl[j]) > 1 else 0]

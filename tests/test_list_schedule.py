@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,3 +82,8 @@ def test_grouped_idle_machines_give_the_same_schedule(n, machines, kinds, edge_p
     got = list_schedule(preds, succs, w, kind, prio, release, free)
     want = _reference(preds, succs, w, kind, prio, release, free)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
+def test_a_cycle_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="cycle"):
+        list_schedule([[], [2], [1]], [[], [2], [1]], np.ones(3), np.zeros(2, dtype=np.int64), np.zeros(3))
