@@ -6,6 +6,12 @@ workloads, ``Problem.single(wl, "llama-65b", clients=C, kv_capacity_tokens=10**7
 * ``simulate``: ``run_policy(problem, "baseline")`` (the discrete-event simulator, no solver),
 * ``greedy``: ``solve(problem, "greedy")`` (LPT + local search, with its lower bound),
 * ``lagrangian``: ``solve(problem, "lagrangian")``,
+* ``workflows`` (only with ``--tools``): ``run_policy(problem, "hybrid")`` on random layered DAG
+  workflows (``workloads.workflows("dag", requests / 10)``, about ten requests each) arriving as a
+  Poisson process at about the fleet's capacity (``clients / 110`` workflows per second), on a
+  mixed fleet of four instances of ``clients / 4`` clients each: two LLaMA-65B, one 1.5 times
+  slower, one with a 0.6x prefill and a 1.6x decode (the workflow plan, its revisions as
+  workflows arrive and the chain pacing are what it times),
 
 it measures, in a **fresh subprocess per measurement** (so one run's heap cannot flatter the next;
 points under 20 s keep the fastest of ``--repeat`` runs, since load from other processes only adds time):
@@ -24,7 +30,7 @@ Finally it runs the 100-case study (``lloptim.experiments.case_study``, GSM8K-tr
 requests, baseline vs hybrid) through the local executor and through a local Ray, prints both wall
 times, and checks the two give identical results.
 
-Run: ``python benchmarks/scale.py [--quick] [--cases N] [--tools simulate,greedy,lagrangian]``
+Run: ``python benchmarks/scale.py [--quick] [--cases N] [--tools simulate,greedy,lagrangian,workflows]``
 (about 4 minutes on 2 cores; ``--quick`` stops at 10k requests and runs 10 cases).
 """
 
@@ -43,7 +49,9 @@ from pathlib import Path
 import numpy as np
 
 SIZES = [(1_000, 10), (10_000, 100), (50_000, 500), (100_000, 1_000)]
-TOOLS = ("simulate", "greedy", "lagrangian")
+TOOLS = ("simulate", "greedy", "lagrangian", "workflows")
+#: Tools run without ``--tools``.
+DEFAULT_TOOLS = ("simulate", "greedy", "lagrangian")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The measurement, run by `python scale.py --one TOOL N C` in a fresh interpreter.
@@ -55,16 +63,19 @@ def measure_one(tool: str, n: int, clients: int, seed: int = 0, time_limit_s: fl
 
     from lloptim import Problem, run_policy, workloads
 
-    wl = workloads.synthetic(n, seed)
-    problem = Problem.single(wl, "llama-65b", clients=clients, kv_capacity_tokens=10**7)
-    if tool != "simulate":
+    if tool == "workflows":
+        problem = workflow_problem(n, clients, seed)
+    else:
+        wl = workloads.synthetic(n, seed)
+        problem = Problem.single(wl, "llama-65b", clients=clients, kv_capacity_tokens=10**7)
+    if tool not in ("simulate", "workflows"):
         from lloptim.solvers import SolveParams, solve  # imported before the clock: not part of the call
     proc = psutil.Process()
     rss_before = proc.memory_info().rss / 2**20
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     t = time.perf_counter()
-    if tool == "simulate":
-        res = run_policy(problem, "baseline", seed=seed)
+    if tool in ("simulate", "workflows"):
+        res = run_policy(problem, "baseline" if tool == "simulate" else "hybrid", seed=seed)
         detail = {"makespan_s": res.makespan_s, "iterations": int(res.trace_kind.size)}
     else:
         res = solve(problem, tool, params=SolveParams(time_limit_s=time_limit_s))
@@ -74,6 +85,19 @@ def measure_one(tool: str, n: int, clients: int, seed: int = 0, time_limit_s: fl
     return {"tool": tool, "requests": n, "clients": clients, "wall_s": wall,
             "peak_delta_mb": max(0.0, maxrss_after - rss_before), "peak_rss_mb": maxrss_after,
             "rss_slack_mb": max(0.0, maxrss_before - rss_before), "status": "ok", **detail}
+
+
+def workflow_problem(n: int, clients: int, seed: int = 0):
+    """About ``n`` requests of DAG workflows arriving at about capacity on a mixed fleet of ``clients`` clients."""
+    from lloptim import Instance, Problem, load_profile, workloads
+
+    wl = workloads.workflows("dag", max(1, n // 10), seed=seed, arrival_rate=max(clients, 4) / 110.0)
+    base = load_profile("llama-65b")
+    kinds = [(1.0, 1.0), (1.0, 1.0), (1.5, 1.5), (0.6, 1.6)]
+    per = max(1, clients // 4)
+    insts = tuple(Instance.from_profile(base.with_latency(base.latency.scaled(pf, dc)), clients=per,
+                                        kv_capacity_tokens=10**7, name=f"i{k}") for k, (pf, dc) in enumerate(kinds))
+    return Problem(wl, insts, name=f"workflows-{len(wl)}")
 
 
 def run_isolated(tool: str, n: int, clients: int, timeout_s: float) -> dict:
@@ -156,7 +180,8 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("TOOL", "N", "C"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="sizes up to 10k requests, 10 cases")
     ap.add_argument("--cases", type=int, default=None, help="cases of the Ray vs local study (default 100; 0 skips)")
-    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
+    ap.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
+                    help="comma-separated subset of " + ",".join(TOOLS) + " (default: all but workflows)")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds allowed per measurement")
     ap.add_argument("--repeat", type=int, default=3,
                     help="keep the fastest of this many fresh-process runs of each point under 20 s (default 3)")
@@ -190,7 +215,8 @@ def main() -> None:
             if r["status"] != "ok":
                 print(f"{tool:11s} {n:>9d} {c:>8d}  {r['status']}", flush=True)
                 continue
-            detail = (f"makespan {r['makespan_s']:.1f} s, {r['iterations']} iterations" if tool == "simulate"
+            detail = (f"makespan {r['makespan_s']:.1f} s, {r['iterations']} iterations"
+                      if tool in ("simulate", "workflows")
                       else f"gap {r['gap']:.2e}, build {r['build_s']:.2f} s + solve {r['solve_s']:.2f} s")
             print(f"{tool:11s} {n:>9d} {c:>8d} {r['wall_s']:>9.3f} {r['peak_delta_mb']:>10.1f} "
                   f"{r['peak_rss_mb']:>9.1f}  {detail}", flush=True)

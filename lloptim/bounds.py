@@ -262,8 +262,7 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     if work.shape[0] > 1:
         # identical rows are one kind with the capacities added: the optimum is the same, and
         # the cutting planes, degenerate on symmetric kinds, converge in far fewer rounds
-        uniq, inverse = np.unique(work, axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
+        uniq, inverse = _unique_rows(work)
         if uniq.shape[0] < work.shape[0]:
             pooled = np.bincount(inverse, weights=count, minlength=uniq.shape[0])
             out = fractional_assignment_bound(uniq, pooled, iterations, True, time_limit_s)
@@ -340,6 +339,23 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         if master is not None:
             master.add(grad)
     return (best, best_mu) if return_prices else best
+
+
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, axis=0, return_inverse=True)`` for a few long rows: the same rows, order and inverse.
+
+    ``np.unique`` with ``axis`` sorts the rows as structured records of ``R`` fields, which took
+    most of :func:`fractional_assignment_bound`'s time at 50k requests; a handful of rows are
+    sorted here by their values (lexicographically, as ``np.unique``) and compared whole.
+    """
+    order = sorted(range(a.shape[0]), key=lambda i: a[i].tolist())
+    inverse = np.empty(a.shape[0], dtype=np.int64)
+    kept: list[int] = []
+    for i in order:
+        if not kept or not np.array_equal(a[kept[-1]], a[i]):
+            kept.append(i)
+        inverse[i] = len(kept) - 1
+    return a[kept], inverse
 
 
 class _CutMaster:
@@ -576,12 +592,15 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     """
     problem = as_problem(problem)
     kv = (kv_mode, kv_block_tokens, estimates)
-    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     w = problem.workload
     if w.precedence is None and not np.any(w.arrival_s > 0):
-        return bound
+        return _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True)
     window, window_fused = _window_bound(problem, output_tokens, kv, migration)
     backlog, backlog_fused = backlog_bound(problem, output_tokens)
+    # the work bound's LPs need not be solved where they cannot beat the window and backlog bounds
+    # (the fast paths; total_s and fused_s below are the larger of all, whichever is skipped)
+    floor = (max(window, backlog), max(window_fused, backlog_fused)) if _CHAIN_LP_FAST else (-np.inf, -np.inf)
+    bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True, floor=floor)
     return replace(bound, total_s=float(max(bound.total_s, window, backlog)),
                    fused_s=float(max(bound.fused_s, window_fused, backlog_fused)),
                    window_s=float(window), window_fused_s=float(window_fused),
@@ -855,7 +874,7 @@ def _thresholds(head: np.ndarray, tail: np.ndarray) -> list[tuple[float, float]]
 
 def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: float, c_max: int,
                           pre_total: float, pre_fused: float, migration: bool = True,
-                          fleet_lp: bool = False) -> tuple[float, float]:
+                          fleet_lp: bool = False, floor: tuple[float, float] = (-np.inf, -np.inf)) -> tuple[float, float]:
     """The work bound when a long chain must also run fast (separate, fused), seconds.
 
     Summed over the ``m`` instances, the iterations take at least ``token_s + a_d * D + prefills``
@@ -896,7 +915,8 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
 
     With ``fleet_lp`` on a fleet whose instances differ, and without migration, the critical
     chains are also bounded by :func:`_chain_coupling_lp`, which charges each instance kind its
-    own costs.
+    own costs; ``floor`` (separate, fused), seconds: bounds the caller already holds, below
+    which an LP's value would not matter (it may then stop early, with a lower value).
     """
     w = problem.workload
     lats = [inst.profile.latency for inst in problem.instances]
@@ -936,20 +956,91 @@ def _chain_coupling_bound(problem: Problem, o: np.ndarray, token_s: float, a_d: 
                 best = max(best, _coupled_root(m, k, a_d / c_max, x_max, head + tau - shift,
                                                cum_tokens, cum_cost, slope))
             if fleet_lp and not migration and chains[key]:
-                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head))
+                best = max(best, _chain_coupling_lp(problem, o, chain, fused, chains[key], head,
+                                                    max(best, floor[int(fused)])))
         out.append(best)
     return out[0], out[1]
 
 
-#: Most columns (instance kinds x requests) of :func:`_chain_coupling_lp`; beyond it the LP is
-#: skipped (the pooled chain-coupling bound still holds).
+#: Most columns (instance kinds x requests) of the chain-coupling LP built whole
+#: (:func:`_chain_coupling_lp_reference`); beyond it that path skips the LP (the pooled
+#: chain-coupling bound still holds).
 CHAIN_LP_MAX_COLUMNS = 100_000
+#: Most columns (instance kinds x requests) of the chain-coupling LP solved by column generation
+#: (:func:`_chain_coupling_lp`): its rounds cost ``O(J R)`` time and a few ``J x R`` float arrays
+#: of memory (32 MiB each at the limit); beyond it the LP is skipped.
+CHAIN_LP_FAST_MAX_COLUMNS = 4_000_000
+#: Most column-generation rounds of :func:`_chain_coupling_lp` (count) and their wall-clock limit,
+#: seconds; at either limit the Lagrangian bound so far is returned, still valid.
+CHAIN_LP_ROUNDS = 500
+CHAIN_LP_TIME_LIMIT_S = 20.0
+#: Relative gap between the master's value and the Lagrangian bound at which the column
+#: generation of :func:`_chain_coupling_lp` stops (the two then agree to that, and to HiGHS's
+#: optimum of the whole LP to its own tolerances, about 1e-10 relative).
+CHAIN_LP_TOLERANCE = 2e-10
 #: Supporting lines of each co-runner cost curve in :func:`_chain_coupling_lp` (count).
 CHAIN_LP_TANGENTS = 64
+#: The fast path of the chain-coupling LP (column generation over one HiGHS master, skipped when
+#: it cannot lift the bound above ``floor``). False solves the whole LP with ``linprog`` (the path
+#: before it), kept for the tests and ``benchmarks/bound_speed.py --reference``.
+_CHAIN_LP_FAST = True
 
 
-def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float) -> float:
-    """The chain-coupling bound on a fleet whose instances differ, as an LP (HiGHS), seconds; 0 if skipped.
+def _chain_lp_terms(problem: Problem, o: np.ndarray, chain, fused: bool, max_columns: int) -> dict | None:
+    """The coefficients of the chain-coupling LP over instance kinds; None with one kind or over ``max_columns``.
+
+    ``count``, ``clients``, ``a`` (``decode_base_s``) per kind ``j``; ``work[j, r]``: request ``r``'s
+    busy time on kind ``j`` (its per-token terms, ``prefill_base_s / C_j`` for separate iterations,
+    and for a request off the chain its share ``a_j o_r / C_j`` of decode steps), seconds;
+    ``chain_time[j, i]``: the minimal time of the ``i``-th chain request on kind ``j``, seconds;
+    ``in_chain``: a mask of the chain's requests.
+    """
+    w = problem.workload
+    kinds: dict[tuple, int] = {}
+    for inst in problem.instances:
+        key = (inst.profile.latency, inst.clients)
+        kinds[key] = kinds.get(key, 0) + 1
+    if len(kinds) < 2 or len(kinds) * len(w) > max_columns:
+        return None
+    lats = [key[0] for key in kinds]
+    clients = np.array([key[1] for key in kinds], dtype=np.float64)
+    count = np.array(list(kinds.values()), dtype=np.float64)
+    R = len(w)
+    p = w.prompt_tokens.astype(np.float64)
+    kv_steps = o * p + o * (o - 1) / 2
+    in_chain = np.zeros(R, dtype=bool)
+    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    others = ~in_chain
+    a = np.array([lat.decode_base_s for lat in lats])
+    work, chain_time = [], []
+    for j, lat in enumerate(lats):
+        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
+        if not fused:
+            per_token = per_token + lat.prefill_base_s / clients[j]
+        work.append(per_token + np.where(others, a[j] * o / clients[j], 0.0))
+        first = (min(lat.prefill_base_s, a[j]) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
+        chain_time.append((first + (a[j] + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
+    return {"count": count, "clients": clients, "a": a, "work": np.array(work), "chain_time": np.array(chain_time),
+            "in_chain": in_chain}
+
+
+def _tangents(curves: list) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """Per co-runner cost curve: ``(shift, slopes, offsets)`` of its :data:`CHAIN_LP_TANGENTS` supporting lines.
+
+    The curve's cost of ``X`` tokens is at least ``slope_i X - offset_i`` for each ``i``.
+    """
+    out = []
+    for shift, cum_tokens, cum_cost, slope in curves:
+        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
+        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
+        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
+        out.append((float(shift), slope[pick], slope[pick] * at_tokens[pick] - at_cost[pick]))
+    return out
+
+
+def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list, head: float,
+                       floor: float = -np.inf) -> float:
+    """The chain-coupling bound on a fleet whose instances differ, as an LP, seconds; 0 if skipped.
 
     The pooled bound (:func:`_chain_coupling_bound`) gives every instance the cheapest
     coefficients, so on a mixed fleet it lets the fast instances absorb the work beside a chain
@@ -965,31 +1056,155 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
     plus what its co-runners cost, at least ``g_lambda(X) - shift_lambda`` for every curve of
     :func:`_token_curves` (``X = sum_j X_j``; ``g_lambda`` is convex, bounded below by
     :data:`CHAIN_LP_TANGENTS` of its supporting lines), inside ``[h, T]``. The least ``T``
-    of this LP bounds the makespan of every schedule without migration; HiGHS's optimum is
-    returned when it solves to optimality (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
+    of this LP bounds the makespan of every schedule without migration.
+
+    The requests off the chain enter the LP only through ``2 J`` sums, their busy time and their
+    tokens on each kind, so the LP is solved by column generation (Dantzig-Wolfe) over the
+    polytope of those sums: a HiGHS master (kept across rounds, re-solved from its last basis)
+    holds ``T``, the chain's ``y``, ``X``, the curves and a convex combination of assignments of
+    the others; each round prices every request at the master's duals (each goes to the kind of
+    least reduced cost, ``O(J R)`` with numpy) and adds that assignment as a column. The master's
+    value bounds the LP from above and the master's value plus the least reduced cost (the
+    Lagrangian bound, a feasible dual solution of the whole LP) from below; the rounds stop when
+    the two agree to :data:`CHAIN_LP_TOLERANCE`, when the least reduced cost is that of a column
+    the master has already (negative only by HiGHS's dual tolerance: the master's optimum is then
+    the LP's, to HiGHS's tolerances), when the master shows that the LP cannot exceed ``floor``
+    (the caller's best bound so far, seconds: the LP could not lift it), or at
+    :data:`CHAIN_LP_ROUNDS` / :data:`CHAIN_LP_TIME_LIMIT_S`. The Lagrangian bound (the master's
+    optimum in the second case) is returned, less HiGHS's feasibility tolerance in relative terms
+    (as the whole LP's optimum was before, :func:`_chain_coupling_lp_reference`, to which it
+    agrees to 1e-9 relative); 0 when the LP is skipped (one kind, or above
+    :data:`CHAIN_LP_FAST_MAX_COLUMNS`).
+    """
+    if not _CHAIN_LP_FAST:
+        return _chain_coupling_lp_reference(problem, o, chain, fused, curves, head)
+    import highspy
+
+    terms = _chain_lp_terms(problem, o, chain, fused, CHAIN_LP_FAST_MAX_COLUMNS)
+    if terms is None:
+        return 0.0
+    count, clients, a, work = terms["count"], terms["clients"], terms["a"], terms["work"]
+    J = work.shape[0]
+    deadline = time.perf_counter() + CHAIN_LP_TIME_LIMIT_S
+    in_chain = terms["in_chain"]
+    others = ~in_chain
+    o_chain, o_others = o[in_chain], o[others]
+    w_chain, w_others = work[:, in_chain], work[:, others]
+    n = int(in_chain.sum())
+    lines = _tangents(curves)
+    inf = highspy.kHighsInf
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # the pricing reads the master's duals: tight tolerances keep their noise below what the rounds
+    # must tell apart (at the default 1e-7 an improving column could hide behind a duplicate)
+    h.setOptionValue("primal_feasibility_tolerance", 1e-10)
+    h.setOptionValue("dual_feasibility_tolerance", 1e-10)
+    # columns: T, y[j, i] for the chain's requests (J n, kind-major), X_j (J), G_l (one per curve),
+    # then the assignments of the others (added by the rounds)
+    col_y = lambda j: 1 + j * n + np.arange(n)  # noqa: E731
+    col_x, col_g = 1 + J * n, 1 + J * n + J
+    n_cols = col_g + len(lines)
+    for _ in range(n_cols):
+        h.addVar(0.0, inf)
+    h.changeColCost(0, 1.0)
+
+    def row(lo: float, hi: float, cols, vals) -> int:
+        cols = np.asarray(cols, dtype=np.int32).ravel()
+        vals = np.broadcast_to(np.asarray(vals, dtype=np.float64), cols.shape).ravel()
+        h.addRow(lo, hi, cols.size, cols, np.ascontiguousarray(vals))
+        return h.getNumRow() - 1
+
+    for i in range(n):  # sum_j y[j, i] = 1 for the chain's requests
+        row(1.0, 1.0, [col_y(j)[i] for j in range(J)], 1.0)
+    busy, cap = [], []
+    for j in range(J):
+        # kind j busy <= n_j T: the chain's work with its steps at a_j each (S_j), the others' sums,
+        # less a_j / C_j per co-running token
+        busy.append(row(-inf, 0.0, np.r_[col_y(j), col_x + j, 0],
+                        np.r_[w_chain[j] + a[j] * o_chain, -a[j] / clients[j], -count[j]]))
+        row(-inf, 0.0, np.r_[col_x + j, col_y(j)], np.r_[1.0, -(clients[j] - 1.0) * o_chain])  # X_j <= (C_j - 1) S_j
+        cap.append(row(-inf, 0.0, [col_x + j], 1.0))  # X_j <= the others' tokens on j (the sums)
+    chain_time = terms["chain_time"]
+    for g, (shift, slopes, offsets) in enumerate(lines):
+        # the chain: sum_j t[j, i] y[j, i] + G_l - shift_l <= T - h
+        row(-inf, shift - head, np.r_[np.concatenate([col_y(j) for j in range(J)]), col_g + g, 0],
+            np.r_[chain_time.ravel(), 1.0, -1.0])
+        for s, off in zip(slopes.tolist(), offsets.tolist()):  # G_l >= slope X - offset
+            row(-inf, off, np.r_[col_x + np.arange(J), col_g + g], np.r_[np.full(J, s), -1.0])
+    convex = row(1.0, 1.0, [], [])
+    busy_rows, cap_rows = np.array(busy), np.array(cap)
+    rows_of_column = np.r_[busy_rows, cap_rows, convex].astype(np.int32)
+    cols_r = np.arange(w_others.shape[1])
+
+    added: set[bytes] = set()
+
+    def add_assignment(kind: np.ndarray) -> bool:
+        """Add the column of an assignment of the others; False if the master has it already."""
+        sums_work = np.bincount(kind, weights=w_others[kind, cols_r], minlength=J)
+        sums_tokens = np.bincount(kind, weights=o_others, minlength=J)
+        column = np.r_[sums_work, -sums_tokens, 1.0]
+        if column.tobytes() in added:
+            return False
+        added.add(column.tobytes())
+        h.addCol(0.0, 0.0, inf, rows_of_column.size, rows_of_column, column)
+        return True
+
+    # seeds: every request on one kind, for each kind, and each request on its kind of least work per instance
+    for j in range(J):
+        add_assignment(np.full(cols_r.size, j, dtype=np.int64))
+    add_assignment(np.argmin(w_others / count[:, None], axis=0))
+    optimal = highspy.HighsModelStatus.kOptimal
+    lower = 0.0
+    for _ in range(CHAIN_LP_ROUNDS):
+        h.run()
+        if h.getModelStatus() != optimal:
+            break
+        upper = float(h.getInfo().objective_function_value)
+        duals = np.asarray(h.getSolution().row_dual, dtype=np.float64)
+        # reduced cost of an assignment: sum_r (-dual_busy[j_r] work[j_r, r] + dual_cap[j_r] o_r) - dual_convex
+        price = -duals[busy_rows][:, None] * w_others + duals[cap_rows][:, None] * o_others[None, :]
+        kind = np.argmin(price, axis=0)
+        least = float(price[kind, cols_r].sum()) - float(duals[convex])
+        lower = max(lower, upper + min(least, 0.0))
+        if upper * (1.0 - 1e-7) <= floor or upper - lower <= CHAIN_LP_TOLERANCE * max(1.0, abs(upper)):
+            break
+        if time.perf_counter() > deadline:
+            break
+        if not add_assignment(kind):
+            # the least reduced cost is a column the master has already: below zero only by HiGHS's
+            # dual tolerance, so no assignment improves the master and its optimum is the LP's (to
+            # HiGHS's tolerances, as the whole LP's optimum in _chain_coupling_lp_reference); the
+            # returned value, shrunk by 1e-7, is then still below this round's Lagrangian bound
+            if -least <= 1e-7 * abs(upper):
+                lower = max(lower, upper)
+            break
+    # less HiGHS's feasibility tolerance in relative terms
+    return lower * (1.0 - 1e-7)
+
+
+def _chain_coupling_lp_reference(problem: Problem, o: np.ndarray, chain, fused: bool, curves: list,
+                                 head: float) -> float:
+    """The LP of :func:`_chain_coupling_lp` built whole and solved by ``linprog`` (HiGHS), seconds; 0 if skipped.
+
+    The path before column generation, kept for the tests and the benchmark's ``--reference``; its
+    feasibility tolerances are now 1e-10 (at HiGHS's default, 1e-7, its optimum was up to 2e-9
+    off in relative terms, which column generation with tight tolerances showed). HiGHS's optimum
+    is returned, less its feasibility tolerance in relative terms, when it solves to optimality
+    (0 otherwise, or above :data:`CHAIN_LP_MAX_COLUMNS`).
     """
     from scipy.optimize import linprog
     from scipy.sparse import coo_matrix
 
-    w = problem.workload
-    kinds: dict[tuple, int] = {}
-    for inst in problem.instances:
-        key = (inst.profile.latency, inst.clients)
-        kinds[key] = kinds.get(key, 0) + 1
-    J, R = len(kinds), len(w)
-    if J < 2 or J * R > CHAIN_LP_MAX_COLUMNS:
+    terms = _chain_lp_terms(problem, o, chain, fused, CHAIN_LP_MAX_COLUMNS)
+    if terms is None:
         return 0.0
-    lats = [key[0] for key in kinds]
-    clients = np.array([key[1] for key in kinds], dtype=np.float64)
-    count = np.array(list(kinds.values()), dtype=np.float64)
-    p = w.prompt_tokens.astype(np.float64)
-    kv_steps = o * p + o * (o - 1) / 2
-    in_chain = np.zeros(R, dtype=bool)
-    in_chain[np.asarray(chain, dtype=np.int64)] = True
+    count, clients, a, work = terms["count"], terms["clients"], terms["a"], terms["work"]
+    chain_time, in_chain = terms["chain_time"], terms["in_chain"]
+    J, R = work.shape
     others = ~in_chain
+    lines = _tangents(curves)
     # columns: T, y[j, r] (J R), S_j (J), X_j (J), G_l (one per curve)
-    n_curves = len(curves)
-    n_cols = 1 + J * R + 2 * J + n_curves
+    n_cols = 1 + J * R + 2 * J + len(lines)
     col_y = lambda j: 1 + j * R + np.arange(R)  # noqa: E731
     col_s, col_x, col_g = 1 + J * R, 1 + J * R + J, 1 + J * R + 2 * J
     eq_r, eq_c, eq_v = [], [], []
@@ -1005,16 +1220,11 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
     put(eq_r, eq_c, eq_v, R + np.arange(J), col_s + np.arange(J), 1.0)  # S_j = chain tokens on j
     b_eq = np.concatenate([np.ones(R), np.zeros(J)])
     row = 0
-    chain_time = []
-    for j, lat in enumerate(lats):
+    for j in range(J):
         put(eq_r, eq_c, eq_v, R + j, col_y(j)[in_chain], -o[in_chain])
-        a = lat.decode_base_s
-        per_token = lat.prefill_per_token_s * p + lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * kv_steps
-        if not fused:
-            per_token = per_token + lat.prefill_base_s / clients[j]
         # kind j's instances: busy <= n_j T
-        put(ub_r, ub_c, ub_v, row, col_y(j), per_token + np.where(others, a * o / clients[j], 0.0))
-        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a, -a / clients[j], -count[j]])
+        put(ub_r, ub_c, ub_v, row, col_y(j), work[j])
+        put(ub_r, ub_c, ub_v, row, [col_s + j, col_x + j, 0], [a[j], -a[j] / clients[j], -count[j]])
         b_ub.append(0.0)
         # co-runners: X_j <= (C_j - 1) S_j and X_j <= the others' tokens on j
         put(ub_r, ub_c, ub_v, row + 1, [col_x + j, col_s + j], [1.0, -(clients[j] - 1.0)])
@@ -1022,30 +1232,27 @@ def _chain_coupling_lp(problem: Problem, o: np.ndarray, chain, fused: bool, curv
         put(ub_r, ub_c, ub_v, row + 2, col_y(j)[others], -o[others])
         b_ub += [0.0, 0.0]
         row += 3
-        first = (min(lat.prefill_base_s, a) if fused else lat.prefill_base_s) + lat.prefill_per_token_s * p
-        chain_time.append((first + (a + lat.decode_per_seq_s) * o + lat.decode_per_kv_token_s * kv_steps)[in_chain])
-    for g, (shift, cum_tokens, cum_cost, slope) in enumerate(curves):
+    for g, (shift, slopes, offsets) in enumerate(lines):
         # the chain: sum_j t[j, r] y[j, r] + G_l - shift_l <= T - h
         for j in range(J):
             put(ub_r, ub_c, ub_v, row, col_y(j)[in_chain], chain_time[j])
         put(ub_r, ub_c, ub_v, row, [col_g + g, 0], [1.0, -1.0])
         b_ub.append(shift - head)
         row += 1
-        # G_l >= cost_i + slope_i (X - tokens_i) along supporting lines of the convex curve
-        at_tokens = np.concatenate([[0.0], cum_tokens[:-1]])
-        at_cost = np.concatenate([[0.0], cum_cost[:-1]])
-        pick = np.unique(np.linspace(0, slope.size - 1, min(CHAIN_LP_TANGENTS, slope.size)).round().astype(np.int64))
-        for i in pick.tolist():
-            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g),
-                np.append(np.full(J, slope[i]), -1.0))
-            b_ub.append(float(slope[i] * at_tokens[i] - at_cost[i]))
+        # G_l >= slope_i X - offset_i along supporting lines of the convex curve
+        for s, off in zip(slopes.tolist(), offsets.tolist()):
+            put(ub_r, ub_c, ub_v, row, np.append(col_x + np.arange(J), col_g + g), np.append(np.full(J, s), -1.0))
+            b_ub.append(off)
             row += 1
     a_eq = coo_matrix((np.concatenate(eq_v), (np.concatenate(eq_r), np.concatenate(eq_c))), shape=(R + J, n_cols))
     a_ub = coo_matrix((np.concatenate(ub_v), (np.concatenate(ub_r), np.concatenate(ub_c))), shape=(row, n_cols))
     cost = np.zeros(n_cols)
     cost[0] = 1.0
+    # feasibility tolerances of 1e-10 (HiGHS's default 1e-7 left optima up to 2e-9 off, relative):
+    # an accurate reference for the column generation of _chain_coupling_lp
     res = linprog(cost, A_ub=a_ub.tocsr(), b_ub=np.array(b_ub), A_eq=a_eq.tocsr(), b_eq=b_eq,
-                  bounds=(0, None), method="highs")
+                  bounds=(0, None), method="highs",
+                  options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
     if res.status != 0:
         return 0.0
     # the LP optimum, less HiGHS's feasibility tolerance in relative terms
@@ -1259,16 +1466,18 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                     total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
                 if not _WINDOW_FAST or _assignment_upper(v_fused, count) > max(fused, floor[1]):
                     fused = max(fused, fractional_assignment_bound(v_fused, count))
-    if w.precedence is not None:
-        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
-        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
-                                                       fleet_lp)
-        total, fused = max(total, coupled), max(fused, coupled_fused)
-    # separate-iteration schedules are fused schedules too, so the fused bound holds for them
-    total = max(total, fused)
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
     path = _critical_path_s(problem, o, fused=False)
     path_fused = _critical_path_s(problem, o, fused=True)
+    if w.precedence is not None:
+        pre_total = a_p * (prefills if m == 1 else len(w) / c_max)
+        # what the chain-coupling LP must beat to matter (it stops early below: _CHAIN_LP_FAST)
+        lp_floor = (max(total, fused, single, path, floor[0]), max(fused, single, path_fused, floor[1]))
+        coupled, coupled_fused = _chain_coupling_bound(problem, o, token_s, a_d, c_max, pre_total, a_p * m, migration,
+                                                       fleet_lp, lp_floor)
+        total, fused = max(total, coupled), max(fused, coupled_fused)
+    # separate-iteration schedules are fused schedules too, so the fused bound holds for them
+    total = max(total, fused)
     return LowerBound(total_s=max(total, single, path), fused_s=max(fused, single, path_fused), token_s=token_s,
                       decode_base_s=float(decode_base), prefill_base_s=float(a_p * prefills),
                       single_request_s=single, decode_steps=int(steps), prefill_iterations=int(prefills),

@@ -122,10 +122,17 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
     free = [(0.0, m) for m in range(len(kinds))] if machine_free is None else \
         [(float(t), m) for m, t in enumerate(np.asarray(machine_free, dtype=np.float64))]
     heapq.heapify(free)
+    # machines that found nothing ready: all wait for the next event, as if each were in ``free`` at
+    # (wake, m); kept apart so that an event that readies nothing costs O(log M), not a pass over them
+    idle: list[int] = []
+    wake = 0.0
     placed = 0
     makespan = 0.0
     while placed < n:
-        t, m = heapq.heappop(free)
+        if idle and (not free or (wake, idle[0]) < free[0]):
+            t, m = wake, heapq.heappop(idle)
+        else:
+            t, m = heapq.heappop(free)
         while running and running[0][0] <= t:
             f, j = heapq.heappop(running)
             for s in successors[j]:
@@ -139,8 +146,12 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
             heapq.heappush(ready, (prio[j], j))
         if not ready:
             # idle until something becomes ready (a release, or a finish that unblocks a successor)
-            nxt = min(future[0][0] if future else np.inf, running[0][0] if running else np.inf)
-            heapq.heappush(free, (nxt, m))
+            # every idle machine waits for it too: nothing changes before it
+            wake = min(future[0][0] if future else np.inf, running[0][0] if running else np.inf)
+            heapq.heappush(idle, m)
+            if wake == np.inf and not free:
+                # every machine idle and nothing left to happen: the rest wait on each other
+                raise ValueError(f"list_schedule: {n - placed} jobs wait on predecessors that never run (a cycle)")
             continue
         j = heapq.heappop(ready)[1]
         f = t + wl[j][kinds[m] if len(wl[j]) > 1 else 0]

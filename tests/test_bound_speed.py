@@ -1,8 +1,10 @@
-"""The window bound's fast path on mixed fleets gives the bound of the path before it, exactly.
+"""The fast paths of ``lower_bound`` on mixed fleets give the bound of the paths before them, exactly.
 
 ``lower_bound`` with precedence or arrivals solves a fractional assignment LP per window on a
 fleet of several kinds; the fast path keeps one HiGHS master across the cutting-plane rounds and
 skips the LPs of windows that cannot beat the best window (``lloptim.bounds._WINDOW_FAST``).
+Without migration it also solves the chain-coupling LP over instance kinds, by column generation
+(``lloptim.bounds._CHAIN_LP_FAST``) where the path before built the whole LP for ``linprog``.
 Speed itself is measured by ``benchmarks/bound_speed.py``, not here.
 """
 
@@ -35,13 +37,14 @@ def _fleet(kinds: list[tuple[float, float, int, int]]) -> tuple[Instance, ...]:
 
 
 @contextmanager
-def _reference():
-    """Run the path before the speed-up inside the block."""
-    bounds_module._WINDOW_FAST = False
+def _reference(window: bool = True):
+    """Run the paths before the speed-ups inside the block (the window bound's too unless ``window`` is False)."""
+    bounds_module._WINDOW_FAST = not window
+    bounds_module._CHAIN_LP_FAST = False
     try:
         yield
     finally:
-        bounds_module._WINDOW_FAST = True
+        bounds_module._WINDOW_FAST = bounds_module._CHAIN_LP_FAST = True
 
 
 def _both(problem: Problem, migration: bool) -> tuple:
@@ -134,3 +137,68 @@ def test_fast_bound_is_below_every_policy_on_mixed_fleets(shape, rate):
         res = run_policy(problem, policy)
         bound = lb.fused_s if np.any(res.trace_kind == 2) else lb.total_s
         assert bound <= res.makespan_s * (1 + 1e-9), policy
+
+
+# -- the chain-coupling LP by column generation ------------------------------------------------
+def _chain_lp_case(problem: Problem, fused: bool):
+    """Arguments of ``_chain_coupling_lp`` for the chain of longest minimal time, as ``_chain_coupling_bound`` builds them."""
+    w = problem.workload
+    o = w.output_tokens.astype(np.float64)
+    t = bounds_module.minimal_request_time_s(problem, o, fused)
+    chain = w.precedence.critical_path(t, w.arrival_s)[1]
+    lats = [inst.profile.latency for inst in problem.instances]
+    entry = min(l.prefill_per_token_s for l in lats) * w.prompt_tokens.astype(np.float64)
+    curves = bounds_module._token_curves(w.prompt_tokens, w.output_tokens, chain,
+                                         min(l.decode_per_seq_s for l in lats),
+                                         min(l.decode_per_kv_token_s for l in lats), entry, 3)
+    return o, chain, curves, float(w.arrival_s[chain[0]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.sampled_from(["chain", "fan-in", "dag"]), n=st.integers(1, 40), seed=st.integers(0, 10_000),
+       rate=st.sampled_from([None, 0.2, 1.0, 5.0]), kinds=st.lists(kind, min_size=2, max_size=4),
+       fused=st.booleans())
+def test_chain_lp_by_column_generation_equals_the_whole_lp(shape, n, seed, rate, kinds, fused):
+    problem = Problem(workloads.workflows(shape, n, seed=seed, arrival_rate=rate), _fleet(kinds))
+    o, chain, curves, head = _chain_lp_case(problem, fused)
+    fast = bounds_module._chain_coupling_lp(problem, o, chain, fused, curves, head)
+    with _reference():
+        slow = bounds_module._chain_coupling_lp(problem, o, chain, fused, curves, head)
+    assert fast == pytest.approx(slow, rel=1e-9, abs=1e-12)
+
+
+def test_chain_lp_stops_when_it_cannot_lift_the_floor():
+    """With a floor at or above the LP, the rounds stop early and the value stays at or below the floor."""
+    problem = Problem(workloads.workflows("dag", 60, seed=3),
+                      _fleet([(1.0, 1.0, 40, 81_920), (1.5, 1.5, 30, 65_536), (0.6, 1.6, 40, 81_920)]))
+    o, chain, curves, head = _chain_lp_case(problem, False)
+    full = bounds_module._chain_coupling_lp(problem, o, chain, False, curves, head)
+    assert full > 0
+    above = bounds_module._chain_coupling_lp(problem, o, chain, False, curves, head, floor=2 * full)
+    assert 0 <= above <= full * (1 + 1e-12)
+    below = bounds_module._chain_coupling_lp(problem, o, chain, False, curves, head, floor=0.5 * full)
+    assert below == pytest.approx(full, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape,rate", [("dag", None), ("fan-in", 1.0), ("chain", None), ("chain", 2.0)])
+def test_fast_chain_lp_gives_the_reference_bound_on_a_thousand_requests(shape, rate):
+    """Where the whole LP has thousands of columns; the LP stops early where it cannot lift the bound."""
+    wl = workloads.workflows(shape, {"dag": 100, "fan-in": 200, "chain": 330}[shape], seed=11, arrival_rate=rate)
+    problem = Problem(wl, _fleet([(1.0, 1.0, 40, 81_920), (1.5, 1.5, 30, 65_536), (0.6, 1.6, 40, 81_920),
+                                  (2.0, 1.2, 20, 40_960)]))
+    fast = lower_bound(problem, migration=False)
+    with _reference(window=False):
+        slow = lower_bound(problem, migration=False)
+    _assert_same(fast, slow)
+
+
+@settings(max_examples=60, deadline=None)
+@given(J=st.integers(1, 6), R=st.integers(0, 6), seed=st.integers(0, 10_000))
+def test_unique_rows_is_numpys_unique(J, R, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 3, (J, R)).astype(np.float64)
+    if J > 1:
+        a[rng.integers(1, J)] = a[0]
+    rows, inverse = bounds_module._unique_rows(a)
+    want_rows, want_inverse = np.unique(a, axis=0, return_inverse=True)
+    assert np.array_equal(rows, want_rows) and np.array_equal(inverse, np.asarray(want_inverse).reshape(-1))

@@ -24,7 +24,7 @@ from lloptim.cli.tables import Column, print_table
 from lloptim.errors import LloptimError, SpecError
 
 __all__ = ["run_compare_task", "local_executor", "EXECUTORS", "print_results", "notes", "SOLVE_FLAGS", "choose_formulation",
-           "DEFAULT_MODEL_TIME_LIMIT_S"]
+           "DEFAULT_MODEL_TIME_LIMIT_S", "makespan_bounds"]
 
 #: API fields of a solve and the flags of ``lloptim solve`` / ``compare`` that set them.
 SOLVE_FLAGS = {"params.time_limit_s": "--time-limit", "params.rel_gap": "--gap", "params.threads": "--threads",
@@ -241,41 +241,83 @@ def choose_formulation(problem, formulation: str | None) -> str:
     return formulation
 
 
+def makespan_bounds(problem) -> tuple[list[str], dict]:
+    """The serving makespan's lower bounds, with and without migration: lines to print and ``--json`` fields.
+
+    A plan assigns each request to one client, and every policy without ``--migrate`` runs each
+    request on one instance: such runs are bounded by ``lower_bound(problem, migration=False)``,
+    which is what :func:`~lloptim.metrics.summarize` (``lloptim simulate``) compares them with. A
+    run with ``--migrate`` (:func:`~lloptim.runtime.migration.with_migration`) may move running
+    requests between instances, and only ``lower_bound(problem)`` holds for it. On one instance
+    nothing can move, so the bound without migration holds for every run. Both are printed where
+    they differ, one line where they agree.
+
+    Parameters
+    ----------
+    problem
+        The problem.
+
+    Returns
+    -------
+    lines, fields
+        Lines of at most 80 columns; ``fields``: ``lower_bound`` (every schedule, migration
+        included) and ``lower_bound_no_migration`` (schedules in which each request runs on one
+        instance), each :meth:`~lloptim.bounds.LowerBound.to_dict` (seconds).
+    """
+    from lloptim.bounds import lower_bound
+
+    anywhere = lower_bound(problem)
+    # migration matters to the bound only through chains (precedence): otherwise the same bound
+    fixed = anywhere if problem.workload.precedence is None else lower_bound(problem, migration=False)
+    fields = {"lower_bound": anywhere.to_dict(), "lower_bound_no_migration": fixed.to_dict()}
+
+    def both(lb) -> str:
+        return f"{lb.total_s:,.2f} s ({lb.fused_s:,.2f} s fused)"
+
+    same = all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in ((fixed.total_s, anywhere.total_s),
+                                                                  (fixed.fused_s, anywhere.fused_s)))
+    if len(problem.instances) == 1:
+        lines = [f"makespan bound: {both(fixed)}; one instance, nothing migrates"]
+    elif same:
+        lines = [f"makespan bound: {both(fixed)}, with or without migration"]
+    else:
+        lines = [f"makespan bound without migration (this plan): {both(fixed)}",
+                 f"makespan bound with migration (--migrate):    {both(anywhere)}"]
+    return lines, fields
+
+
 def _report(problem, form: str, res) -> tuple[list[str], dict]:
     """Lines to print after the table and fields for ``--json``: the bounds the formulation answers for."""
     import numpy as np
-
-    from lloptim.bounds import lower_bound
 
     lines: list[str] = []
     extra: dict = {}
     sched = res.extra.get("schedule")
     if sched is not None:
         extra["schedule"] = {"start_s": sched["start_s"], "client": sched["client"]}
-    if form in ("binpacking_kv", "precedence"):
-        lb = lower_bound(problem)
-        extra["lower_bound"] = lb.to_dict()
+    bound_lines, fields = makespan_bounds(problem)
+    extra.update(fields)
     if form == "binpacking_kv":
         from lloptim.formulations.binpacking_kv import kv_price_weights
 
+        lb = fields["lower_bound_no_migration"]
         beta = kv_price_weights(problem)
         extra["kv_price_weights"] = beta
-        binds = "memory" if lb.memory_binds else "the clients"
-        lines += [f"memory-aware bound: {lb.total_s:,.2f} s ({lb.fused_s:,.2f} s with fused iterations); "
-                  f"decode steps: {lb.decode_steps_memory:,} by KV memory, {lb.decode_steps_clients:,} by clients "
-                  f"({binds} bind)",
+        binds = "memory" if lb["decode_steps_memory"] > lb["decode_steps_clients"] else "the clients"
+        lines += [f"memory-aware bound: decode steps {lb['decode_steps_memory']:,} by KV memory, "
+                  f"{lb['decode_steps_clients']:,} by clients ({binds} bind)",
                   "memory share of the decode-step price (dual('kv')) per instance: "
                   + ", ".join(f"{b:.2f}" for b in np.atleast_1d(beta))]
     elif form == "precedence":
-        lines.append(f"critical-path-aware bound of the plan: {res.dual_bound:,.2f} work s; makespan lower bound "
-                     f"of serving: {lb.total_s:,.2f} s (critical path {lb.critical_path_s:,.2f} s)")
+        lines.append(f"critical-path-aware bound of the plan: {res.dual_bound:,.2f} work s (critical path "
+                     f"{fields['lower_bound_no_migration']['critical_path_s']:,.2f} s)")
     elif form == "weighted_completion" and res.primal_bound is not None:
         n = max(problem.n_requests, 1)
         lines.append(f"mean completion time of the plan: {res.primal_bound / n:,.2f} work s "
                      f"(bound {res.dual_bound / n:,.2f}) with unit weights")
     if sched is not None and problem.workload.precedence is not None:
         lines.append("the schedule starts every request after its predecessors finish")
-    return lines, extra
+    return lines + bound_lines, extra
 
 
 @app.command("solve")
@@ -369,12 +411,13 @@ def compare(
         # the workers are other processes: --no-size-guard reaches them through the environment
         with environment(**({} if size_guard else {"LLOPTIM_SIZE_GUARD": "0"})):
             rows = ray_executor(tasks, address) if executor == "ray" else EXECUTORS[executor](tasks)
+        bound_lines, fields = makespan_bounds(problem)
     if json_out:
         print_json({"results": [{k: r.get(k) for k in COLUMNS + ("limit", "error", "solver", "skipped")}
-                                for r in rows]})
+                                for r in rows], **fields})
     else:
         print_results(rows, f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
-        for line in notes(rows):
+        for line in notes(rows) + bound_lines:
             console.print(line, markup=False)
         for r in rows:
             if r.get("error"):
