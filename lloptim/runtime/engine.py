@@ -334,7 +334,8 @@ class RunResult:
     trace_prefill_tokens
         Prompt tokens each iteration processed (int64; 0 for a decode).
     trace_running
-        Clients decoding when each iteration started (int32), excluding the ones it prefills.
+        Clients decoding when each iteration started (int32), excluding the ones it prefills (0
+        for a swap, in which nothing decodes).
     trace_kv_tokens
         KV memory allocated during each iteration (int64): blocks held x block tokens, tokens.
     decision_ns
@@ -840,7 +841,7 @@ class Engine:
             self.generated_before[r] = g
             self.context[r] = tokens
             # the copy runs before the next iteration, with the cache the victim leaves behind
-            self.trace.append((s.index, KIND_SWAP, s.now, dur, 1, 0, s.n_running, (s.kv_used + s.held_blocks(r, tokens))
+            self.trace.append((s.index, KIND_SWAP, s.now, dur, 1, 0, 0, (s.kv_used + s.held_blocks(r, tokens))
                                * s.kv_block))
             s.now += dur
         else:
@@ -941,7 +942,7 @@ class Engine:
                 self.prefill_start_s[r] = start
             self._start_running(s, c, r)
         self.trace.append((s.index, KIND_PREFILL if computed else KIND_SWAP, start, dur, len(reqs), tokens,
-                           s.n_running - len(reqs), s.kv_used * s.kv_block))
+                           s.n_running - len(reqs) if computed else 0, s.kv_used * s.kv_block))
 
     def _advance_decode(self, s: InstanceState, policy: Policy) -> None:
         """Bookkeeping after a decode step ended at ``s.now``: KV growth and finishing requests."""
