@@ -32,16 +32,25 @@ TARGET_UTILIZATION = 0.802
 # KV transfer (live migration of a running request between replicas) is not fitted: LLaMA-65B
 # holds 2 x 80 layers x 8192 x 2 bytes = 2.62 MB of KV per token; over eight 200 Gb/s NICs (one
 # per GPU, the tensor-parallel shards move in parallel, 200 GB/s) that is 13.1 us per token, plus
-# 2 ms of handshake and allocation.
+# 2 ms of handshake and allocation. KV swap to host memory (preemption = "swap") is not fitted
+# either: each GPU copies its eighth of those 2.62 MB over its own PCIe 4.0 x16 link at an assumed
+# 25 GB/s effective, 13.1 us per token each way.
 SHAPE = LatencyModel(prefill_base_s=0.0081, prefill_per_token_s=0.000104, decode_base_s=0.0081,
                      decode_per_seq_s=0.0001, decode_per_kv_token_s=1.6e-07,
-                     kv_transfer_base_s=0.002, kv_transfer_per_token_s=1.31e-05)
+                     kv_transfer_base_s=0.002, kv_transfer_per_token_s=1.31e-05,
+                     kv_swap_per_token_s=1.31e-05)
 BASE = HardwareProfile(
     name="llama-65b", latency=SHAPE, kv_capacity_tokens=20480, clients=40,
     description=("LLaMA-65B fp16 on one 8-GPU server (tensor parallel); 40 clients of 512 KV tokens each. "
                  "Coefficients fitted so that the baseline policy on GSM8K test gives 201.00 s and 80.2 % "
                  "(arXiv 2502.15763); see benchmarks/fit_llama65b.py. KV transfer between replicas: 2 ms + 13.1 us "
-                 "per token (8 x 200 Gb/s), stated, not fitted"),
+                 "per token (8 x 200 Gb/s), stated, not fitted. KV swap to host memory (preemption = swap): 13.1 us per "
+                 "token (2.62 MB per token = 80 layers x 8192 hidden x 2 (K, V) x 2 bytes fp16; each GPU copies its "
+                 "1/8 over its own PCIe 4.0 x16 link at an assumed 25 GB/s), stated, not fitted"),
+    meta={"kv_bytes_per_token": 2621440,
+          "kv_swap_assumption": ("2 x 80 layers x 8192 hidden x 2 bytes (fp16) per token, split over 8 GPUs, each on "
+                                 "PCIe 4.0 x16 at 25 GB/s effective: 13.1 us per token each way; vLLM's default "
+                                 "swap_space of 4 GiB per GPU holds 13107 tokens")},
 )
 
 

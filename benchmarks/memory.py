@@ -77,7 +77,7 @@ def capacity_for(workload: Workload, rho: float) -> int:
 
 def _loss_split(res, lb, clients: int, capacity: int) -> dict:
     """The hybrid's decode steps over the bound's, split into underuse and imbalance (percent of the bound's)."""
-    dec = res.trace_kind >= 1
+    dec = (res.trace_kind == 1) | (res.trace_kind == 2)  # decode and fused steps (not swaps, kind 4)
     n = res.trace_running[dec] / clients
     held = res.trace_kv_tokens[dec] / capacity
     full = np.maximum(n, held)

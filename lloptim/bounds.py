@@ -61,8 +61,9 @@ each request's earliest decode start on; its max-flow bounds them, and everythin
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
 decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
 reservation in reserve mode). Summed over requests this *KV area* ``A`` is the same in every
-schedule, preemptions included (a recomputed request resumes with the same context), so an
-instance runs at least ``A / M`` decode steps. On one instance whose requests all start from
+schedule, preemptions included (a recomputed request resumes with the same context; a swapped
+one, ``preemption="swap"``, resumes with the same cache copied back, and its swap time only
+lengthens iterations), so an instance runs at least ``A / M`` decode steps. On one instance whose requests all start from
 scratch, the first steps cannot fill the cache: at its ``t``-th decode step a request has taken at
 most ``t`` steps, so the cache holds at most ``U(t)``, the ``C`` largest holdings at progress
 ``t``; the steps before ``U(t)`` reaches ``M`` process at most ``sum_t U(t)`` of the area, and

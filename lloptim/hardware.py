@@ -67,6 +67,11 @@ class LatencyModel:
         dense masked matrix over the whole batch, as transformers' paged ``sdpa`` path does (every
         query against every key the batch reads); seconds per pair. 0 (the default) for engines
         that attend per request (vLLM, lloptim's torch backend, the paper's profile).
+    kv_swap_per_token_s
+        Cost per KV-cache token copied between the instance's KV cache and host memory, in either
+        direction, when preemption swaps a request out and back in (vLLM's ``swap`` preemption):
+        the cache bytes per token over the host link's bandwidth, seconds per token. ``None`` (the
+        default): the profile states no swap cost, and ``preemption="swap"`` refuses to run on it.
     """
 
     prefill_base_s: float
@@ -77,13 +82,14 @@ class LatencyModel:
     kv_transfer_base_s: float | None = None
     kv_transfer_per_token_s: float | None = None
     dense_attention_per_pair_s: float = 0.0
+    kv_swap_per_token_s: float | None = None
 
     def __post_init__(self) -> None:
         if (self.kv_transfer_base_s is None) != (self.kv_transfer_per_token_s is None):
             raise ProfileError("latency.kv_transfer_per_token_s", "only one of the two KV-transfer costs is given",
                                "give both kv_transfer_base_s and kv_transfer_per_token_s, or neither")
         for name, value in asdict(self).items():
-            if value is None and name.startswith("kv_transfer"):
+            if value is None and (name.startswith("kv_transfer") or name == "kv_swap_per_token_s"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ProfileError(f"latency.{name}", f"must be a number, got {value!r}",
@@ -177,6 +183,35 @@ class LatencyModel:
             raise ProfileError("latency.kv_transfer_base_s", "the profile states no KV-transfer cost",
                                "add kv_transfer_base_s and kv_transfer_per_token_s to its [latency] table")
         return self.kv_transfer_base_s + self.kv_transfer_per_token_s * kv_tokens
+
+    @property
+    def can_swap(self) -> bool:
+        """Whether the profile states a host-swap cost (``preemption="swap"`` may run on it)."""
+        return self.kv_swap_per_token_s is not None
+
+    def swap_time(self, kv_tokens: float) -> float:
+        """Seconds to copy ``kv_tokens`` KV-cache tokens to host memory, or back.
+
+        Parameters
+        ----------
+        kv_tokens
+            Tokens copied (the request's prompt and generated tokens), tokens.
+
+        Returns
+        -------
+        float
+            ``kv_swap_per_token_s * kv_tokens``, seconds.
+
+        Raises
+        ------
+        ProfileError
+            The profile states no swap cost.
+        """
+        if not self.can_swap:
+            raise ProfileError("latency.kv_swap_per_token_s", "the profile states no KV swap cost",
+                               "add kv_swap_per_token_s (KV bytes per token over the host link bandwidth, "
+                               "seconds per token) to its [latency] table")
+        return self.kv_swap_per_token_s * kv_tokens
 
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> "LatencyModel":
         """A copy with the prefill and decode coefficients multiplied by the given factors.

@@ -161,7 +161,8 @@ def decode_area_tokens(prompt_tokens, output_tokens, block_tokens: int = 1, floo
     During its ``k``-th decode step (``k = 1 .. o``) a request holds ``blocks(max(p + k, floor))``
     blocks of ``block_tokens`` tokens; the sum over ``k`` is its *KV area*. With ``block_tokens = 1``
     and no floor it is ``o p + o (o + 1) / 2``. Whatever the schedule (preemption included: a
-    recomputed request resumes with the same context), a decode step holds at most the capacity,
+    recomputed request resumes with the same context, a swapped one with the same cache copied
+    back; host memory does not count, and the copies only add time), a decode step holds at most the capacity,
     so the areas summed over requests divided by the capacity bound the number of decode steps
     (:mod:`lloptim.bounds`).
 

@@ -85,6 +85,12 @@ class RunMetrics:
         Requests preempted at least once (count).
     recomputed_tokens
         KV tokens prefilled again after preemptions, tokens.
+    swapped_out_tokens
+        KV tokens copied to host memory by swap preemptions, tokens (0 unless ``preemption="swap"``).
+    swapped_in_tokens
+        KV tokens copied back from host memory when swapped requests resumed, tokens.
+    swap_s
+        Instance time spent on those copies, seconds (summed over instances; inside the makespan).
     kv_utilization
         KV memory allocated, averaged over the instances' busy time, over their capacity
         (fraction in [0, 1]).
@@ -127,6 +133,9 @@ class RunMetrics:
     preemptions: int = 0
     requests_preempted: int = 0
     recomputed_tokens: int = 0
+    swapped_out_tokens: int = 0
+    swapped_in_tokens: int = 0
+    swap_s: float = 0.0
     kv_utilization: float = 0.0
     kv_peak_tokens: int = 0
     memory_binds: bool = False
@@ -232,7 +241,8 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         migrations=int(result.migrations.sum()), wall_s=result.wall_s,
         kv_mode=(modes[0] if len(set(modes)) == 1 else "mixed") if modes else bound.kv_mode,
         preemptions=int(preempt.sum()), requests_preempted=int(np.count_nonzero(preempt)),
-        recomputed_tokens=int(result.recomputed_tokens), kv_utilization=_kv_utilization(result),
+        recomputed_tokens=int(result.recomputed_tokens), swapped_out_tokens=int(result.swapped_out_tokens),
+        swapped_in_tokens=int(result.swapped_in_tokens), swap_s=float(result.swap_s), kv_utilization=_kv_utilization(result),
         kv_peak_tokens=int(max(result.extra.get("kv_peak_tokens", [0]) or [0])), memory_binds=bound.memory_binds,
     )
 

@@ -26,7 +26,8 @@ __all__ = ["simulate", "run_policy"]
 def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
                faults: Sequence[Fault] = (), backend=None, seed: int = 0, *, progress: bool = False,
                kv_mode: str | None = None, kv_block_tokens: int | None = None, victim: str = "newest",
-               check: bool = False, **policy_options) -> RunResult:
+               check: bool = False, preemption: str = "recompute", swap_space_tokens: int | None = None,
+               **policy_options) -> RunResult:
     """Run ``problem`` under ``policy`` (a name or a :class:`Policy`) and return the full :class:`RunResult`.
 
     Parameters
@@ -49,6 +50,9 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
         KV memory options of the run (see :class:`~lloptim.runtime.engine.Engine`): ``"paged"`` or
         ``"reserve"`` for every instance (None: each instance's spec), tokens per block, the
         preemption victim rule, and the KV accounting check.
+    preemption, swap_space_tokens
+        What preemption does (``"recompute"`` or ``"swap"``) and each instance's host swap space,
+        tokens (None: its KV capacity); see :class:`~lloptim.runtime.engine.Engine`.
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
 
@@ -64,14 +68,16 @@ def run_policy(problem: Problem, policy: str | Policy = "baseline", estimates: n
     guards.check_simulation(problem)
     pol = make_policy(policy, **policy_options) if isinstance(policy, str) else policy
     engine = Engine(problem, pol, backend=backend, estimates=estimates, faults=faults, seed=seed, kv_mode=kv_mode,
-                    kv_block_tokens=kv_block_tokens, victim=victim, check=check)
+                    kv_block_tokens=kv_block_tokens, victim=victim, check=check, preemption=preemption,
+                    swap_space_tokens=swap_space_tokens)
     with watch(lambda: getattr(engine, "n_done", 0), problem.n_requests, f"{pol.name}", progress, "requests"):
         return engine.run()
 
 
 def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.ndarray | None = None,
              faults: Sequence[Fault] = (), seed: int = 0, *, progress: bool = False, kv_mode: str | None = None,
-             kv_block_tokens: int | None = None, victim: str = "newest", **policy_options) -> RunMetrics:
+             kv_block_tokens: int | None = None, victim: str = "newest", preemption: str = "recompute",
+             swap_space_tokens: int | None = None, **policy_options) -> RunMetrics:
     """Simulate ``problem`` under ``policy`` and return its :class:`~lloptim.metrics.RunMetrics`.
 
     Parameters
@@ -88,7 +94,7 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
         Seed handed to the policy.
     progress
         Show a progress bar on stderr (see :func:`run_policy`).
-    kv_mode, kv_block_tokens, victim
+    kv_mode, kv_block_tokens, victim, preemption, swap_space_tokens
         KV memory options of the run (see :func:`run_policy`).
     **policy_options
         Options of the named policy's factory (see :func:`~lloptim.runtime.registry.make_policy`).
@@ -99,4 +105,5 @@ def simulate(problem: Problem, policy: str | Policy = "baseline", estimates: np.
         As :func:`run_policy`.
     """
     return summarize(run_policy(problem, policy, estimates, faults, None, seed, progress=progress, kv_mode=kv_mode,
-                                kv_block_tokens=kv_block_tokens, victim=victim, **policy_options))
+                                kv_block_tokens=kv_block_tokens, victim=victim, preemption=preemption,
+                                swap_space_tokens=swap_space_tokens, **policy_options))

@@ -111,7 +111,9 @@ def _check_conservation(problem: Problem, res) -> None:
     assert np.all(res.prefill_start_s >= w.arrival_s - 1e-12) and np.all(res.prefill_end_s < res.done_s)
     caps = np.array([i.kv_capacity_tokens for i in problem.instances])
     assert np.all(res.trace_kv_tokens <= caps[res.trace_instance])
-    assert res.recomputed_tokens >= 0 and (res.recomputed_tokens > 0) == (res.preemptions.sum() > 0)
+    # a preemption recomputes or (preemption="swap") swaps its victim
+    assert res.recomputed_tokens >= 0 and (res.recomputed_tokens + res.swapped_out_tokens > 0) == (
+        res.preemptions.sum() > 0)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Backend", "SupportsMigration", "SupportsPreemption", "ChunkWork", "InstanceLost"]
+__all__ = ["Backend", "SupportsMigration", "SupportsPreemption", "SupportsSwap", "ChunkWork", "InstanceLost"]
 
 
 class InstanceLost(Exception):
@@ -171,6 +171,53 @@ class SupportsPreemption(Protocol):
         bool or None
             False if the backend could not keep the tokens after all (the engine then restarts the
             request from its prompt); None or True otherwise.
+        """
+
+
+@runtime_checkable
+class SupportsSwap(Protocol):
+    """A backend that can preempt by swapping a request's KV cache to host memory and back (vLLM's ``swap``).
+
+    The engine asks for it only with ``preemption="swap"``: :meth:`swap_out` when a running request
+    is preempted and the instance's host swap space holds its cache, :meth:`swap_in` when the
+    policy resumes it (a prefill or chunk of a swapped request copies its cache back instead of
+    computing it). A backend without these methods refuses ``preemption="swap"`` before the run.
+    """
+
+    def swap_out(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Copy ``request``'s KV cache (``kv_tokens`` tokens) to host memory and free it; return the seconds.
+
+        Parameters
+        ----------
+        instance
+            Instance index the request runs on.
+        request
+            Row index of the request.
+        kv_tokens
+            Tokens in its cache (prompt + generated), tokens.
+
+        Returns
+        -------
+        float
+            Duration of the copy, seconds (the instance stalls for it).
+        """
+
+    def swap_in(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Copy ``kv_tokens`` tokens of ``request``'s swapped cache back to the instance; return the seconds.
+
+        Parameters
+        ----------
+        instance
+            Instance index the request resumes on.
+        request
+            Row index of the request.
+        kv_tokens
+            Tokens copied back by this call (all of them, or one chunk), tokens.
+
+        Returns
+        -------
+        float
+            Duration of the copy, seconds (added to the iteration that resumes the request).
         """
 
 

@@ -106,6 +106,36 @@ class SimulatedBackend:
             As in :meth:`SupportsPreemption.preempt <lloptim.backends.base.SupportsPreemption.preempt>`; ignored.
         """
 
+    def swap_out(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Seconds to copy a preempted request's KV cache to host memory.
+
+        Parameters
+        ----------
+        instance, request, kv_tokens
+            As in :meth:`SupportsSwap.swap_out <lloptim.backends.base.SupportsSwap.swap_out>`.
+
+        Returns
+        -------
+        float
+            :meth:`~lloptim.hardware.LatencyModel.swap_time` of ``kv_tokens`` on the instance, seconds.
+        """
+        return self._latency[instance].swap_time(kv_tokens)
+
+    def swap_in(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Seconds to copy ``kv_tokens`` swapped KV tokens back to the instance.
+
+        Parameters
+        ----------
+        instance, request, kv_tokens
+            As in :meth:`SupportsSwap.swap_in <lloptim.backends.base.SupportsSwap.swap_in>`.
+
+        Returns
+        -------
+        float
+            :meth:`~lloptim.hardware.LatencyModel.swap_time` of ``kv_tokens`` on the instance, seconds.
+        """
+        return self._latency[instance].swap_time(kv_tokens)
+
     def release(self, instance: int, request: int, finished: bool) -> None:
         """Nothing to free in a simulation.
 

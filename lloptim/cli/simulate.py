@@ -22,7 +22,7 @@ METRIC_COLUMNS = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilizat
 #: API fields of a simulation and the flags of ``lloptim simulate`` that set them.
 SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault", "kv_mode": "--kv-mode",
                   "kv_block_tokens": "--kv-block", "victim": "--victim", "estimates": "--estimator",
-                  "train": "--train"}
+                  "train": "--train", "preemption": "--preemption", "swap_space_tokens": "--swap-space"}
 
 
 def _cell(key: str, v) -> str:
@@ -85,11 +85,13 @@ def migrate_warning(problem, flag: str = "--migrate") -> None:
              "between instances (add instances, e.g. count = 2 in [[instances]], or drop the flag)")
 
 
-def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: str = "newest") -> None:
+def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: str = "newest",
+                     preemption: str = "recompute", swap_space: int | None = None) -> None:
     """Validate the KV flags before any work, naming the flag in the error."""
     from lloptim.errors import SpecError
     from lloptim.memory import check_block_tokens, check_kv_mode
-    from lloptim.runtime.kv import VICTIM_RULES
+    from lloptim.runtime.kv import PREEMPTION_MODES, VICTIM_RULES
+    from lloptim.validation import check_int
 
     if kv_mode is not None:
         check_kv_mode(kv_mode, "--kv-mode")
@@ -97,6 +99,13 @@ def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: s
         check_block_tokens(kv_block_tokens, field="--kv-block")
     if victim not in VICTIM_RULES:
         raise SpecError("--victim", f"unknown preemption victim rule {victim!r}", f"use one of {list(VICTIM_RULES)}")
+    if preemption not in PREEMPTION_MODES:
+        raise SpecError("--preemption", f"unknown preemption mode {preemption!r}", f"use one of {list(PREEMPTION_MODES)}")
+    if swap_space is not None:
+        check_int("--swap-space", swap_space, lo=0, fix="give the host swap space of each instance in KV tokens, >= 0")
+        if preemption != "swap":
+            raise SpecError("--swap-space", "is only read with --preemption swap", "add --preemption swap or drop "
+                            "--swap-space")
 
 
 @app.command()
@@ -129,6 +138,13 @@ def simulate(
     victim: str = typer.Option("newest", "--victim",
                                help="which running request a preemption takes: newest (vLLM), fewest-tokens, "
                                     "longest-remaining"),
+    preemption: str = typer.Option("recompute", "--preemption",
+                                   help="what a preemption does: recompute (drop the cache, prefill it again; "
+                                        "vLLM's default) or swap (copy it to host memory and back, costed by the "
+                                        "profile's kv_swap_per_token_s; recompute when the host space is full)"),
+    swap_space: Optional[int] = typer.Option(None, "--swap-space",
+                                             help="host swap space of each instance, KV tokens (with --preemption "
+                                                  "swap; default: the size of its KV cache)"),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
@@ -141,7 +157,7 @@ def simulate(
 
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
-        check_kv_options(kv_mode, kv_block_tokens, victim)
+        check_kv_options(kv_mode, kv_block_tokens, victim, preemption, swap_space)
         check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
         if train is not None and estimator in ("oracle", "noisy"):
             from lloptim.errors import SpecError
@@ -168,7 +184,7 @@ def simulate(
             estimates = estimate(problem.workload, estimator, data, sigma=0.5)
         result = run_policy(problem, with_migration(policy) if migrate else policy, estimates=estimates,
                             faults=faults, progress=not json_out, kv_mode=kv_mode, kv_block_tokens=kv_block_tokens,
-                            victim=victim)
+                            victim=victim, preemption=preemption, swap_space_tokens=swap_space)
         metrics = summarize(result)
     # the files after the work, the results whatever happens to them (a full disk costs only the file)
     failed = None

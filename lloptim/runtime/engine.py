@@ -34,6 +34,15 @@ decision it preempts running requests (:mod:`lloptim.runtime.kv`) until the next
 fits, so a policy always decides on a state whose next decode can run; a preempted request waits
 at the head of its instance's queue and is prefilled again with its prompt and the tokens it had
 generated (recompute), then decodes its remaining tokens.
+
+**Swap** (``preemption="swap"``, vLLM's other mode): a victim whose cache fits the instance's host
+swap space (``swap_space_tokens``, in blocks of the instance's block size) has its cache copied out
+(``kv_swap_per_token_s`` per token, a stall of the instance recorded as a swap iteration) instead
+of dropped. It waits first in line as a recomputed victim does, and the policy resumes it the same
+way, by a prefill or prompt chunks of its context; the engine then copies those tokens back (the
+same per-token cost, added to that iteration) instead of computing them: no prefill compute, no
+recomputed token. When the host space cannot hold the victim, it is recomputed as above. Policies
+need no change: to them a swapped request is a waiting request whose prefill happens to be cheap.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ __all__ = ["Engine", "InstanceState", "RunResult", "Fault", "IDLE", "WAITING", "
 #: (``IDLE``), holding a request not yet fully prefilled (``WAITING``), decoding (``RUNNING``), failed
 #: for good (``FAILED``).
 IDLE, WAITING, RUNNING, FAILED = 0, 1, 2, 3
-KIND_PREFILL, KIND_DECODE, KIND_MIXED, KIND_MIGRATE = 0, 1, 2, 3
+KIND_PREFILL, KIND_DECODE, KIND_MIXED, KIND_MIGRATE, KIND_SWAP = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -312,7 +321,9 @@ class RunResult:
     trace_kind
         Kind of each iteration (int8): 0 prefill, 1 decode, 2 mixed (fused decode and prefill chunks),
         3 migration (a running request's KV cache arriving from another instance; the destination
-        instance stalls for the transfer, and the migrating client is its only participant).
+        instance stalls for the transfer, and the migrating client is its only participant),
+        4 swap (a preempted request's KV cache copied to host memory, or a resume that only copies
+        swapped caches back; the instance stalls for the copy).
     trace_start_s
         Start of each iteration on its instance clock, seconds.
     trace_duration_s
@@ -323,7 +334,8 @@ class RunResult:
     trace_prefill_tokens
         Prompt tokens each iteration processed (int64; 0 for a decode).
     trace_running
-        Clients decoding when each iteration started (int32), excluding the ones it prefills.
+        Clients decoding when each iteration started (int32), excluding the ones it prefills (0
+        for a swap, in which nothing decodes).
     trace_kv_tokens
         KV memory allocated during each iteration (int64): blocks held x block tokens, tokens.
     decision_ns
@@ -335,6 +347,13 @@ class RunResult:
         Output tokens decoded for requests a fault then took back, tokens.
     recomputed_tokens
         KV tokens prefilled again after preemptions (the victims' prompts and generated tokens), tokens.
+    swapped_out_tokens
+        KV tokens copied to host memory by swap preemptions (``preemption="swap"``), tokens.
+    swapped_in_tokens
+        KV tokens copied back from host memory when swapped requests resumed, tokens.
+    swap_s
+        Time the instances spent copying KV caches to and from host memory, seconds (summed over
+        instances; part of their iterations, so of the makespan).
     requeued
         Number of times a fault handed a request back to the request scheduler (count).
     failed_clients
@@ -344,7 +363,10 @@ class RunResult:
     extra
         Backend and engine details: ``"lost_instances"``, the number of instances whose backend
         reported them lost mid-iteration (count); ``"kv_mode"`` and ``"kv_block_tokens"`` of each
-        instance; ``"kv_peak_tokens"``, the most KV memory each instance held at once (tokens).
+        instance; ``"kv_peak_tokens"``, the most KV memory each instance held at once (tokens);
+        ``"preemption"``, the preemption mode; with ``"swap"``, ``"swap_space_tokens"`` and
+        ``"swap_peak_tokens"``, each instance's host swap space and the most of it held at once
+        (tokens, whole blocks).
     """
 
     problem: Problem
@@ -376,6 +398,9 @@ class RunResult:
     preemptions: np.ndarray | None = None
     recomputed_tokens: int = 0
     trace_kv_tokens: np.ndarray | None = None
+    swapped_out_tokens: int = 0
+    swapped_in_tokens: int = 0
+    swap_s: float = 0.0
 
     @property
     def makespan_s(self) -> float:
@@ -410,7 +435,14 @@ class Engine:
     preemption
         What preempting a running request does: ``"recompute"`` (vLLM's default; a backend without
         :meth:`~lloptim.backends.base.SupportsPreemption.preempt` restarts the victim from its
-        prompt instead, and its generated tokens count as wasted).
+        prompt instead, and its generated tokens count as wasted) or ``"swap"`` (its cache goes to
+        host memory and comes back when it resumes, see the module docstring; needs every
+        profile's ``kv_swap_per_token_s`` and a backend with
+        :class:`~lloptim.backends.base.SupportsSwap`; recompute when the host space is full).
+    swap_space_tokens
+        Host memory each instance keeps for swapped-out caches, tokens (rounded down to whole
+        blocks; vLLM's ``swap_space`` GiB over the KV bytes per token); None: as large as the
+        instance's KV cache. Only read with ``preemption="swap"``.
     victim
         Which running request a preemption takes unless the policy chooses
         (:data:`~lloptim.runtime.kv.VICTIM_RULES`; default vLLM's ``"newest"``).
@@ -422,7 +454,7 @@ class Engine:
     def __init__(self, problem: Problem, policy: Policy, backend=None, estimates: np.ndarray | None = None,
                  faults: Sequence[Fault] = (), measure_decisions: bool = True, seed: int = 0,
                  kv_mode: str | None = None, kv_block_tokens: int | None = None, preemption: str = "recompute",
-                 victim: str = "newest", check: bool = False) -> None:
+                 victim: str = "newest", check: bool = False, swap_space_tokens: int | None = None) -> None:
         if backend is None:
             from lloptim.backends.simulated import SimulatedBackend
             backend = SimulatedBackend(problem)
@@ -456,6 +488,14 @@ class Engine:
                                for inst in problem.instances]
         if kv_mode is not None or kv_block_tokens is not None:
             problem.check_kv_fit(kv_mode, kv_block_tokens)
+        if swap_space_tokens is not None:
+            check_int("swap_space_tokens", swap_space_tokens, lo=0,
+                      fix="give the host memory for swapped KV caches in tokens, >= 0")
+        if preemption == "swap":
+            self._check_swap(backend)
+        # host blocks each instance keeps for swapped-out caches (read only with preemption="swap")
+        self.swap_blocks = [(inst.kv_capacity_tokens if swap_space_tokens is None else int(swap_space_tokens)) // b
+                            for inst, b in zip(problem.instances, self.kv_block_sizes)]
         self.ctx.extra["kv_mode"] = list(self.kv_modes)  # what policies plan with (the run may override the spec)
         # plain lists: scalar access in the hot loop is several times faster than numpy
         self.prompt = w.prompt_tokens.tolist()
@@ -479,6 +519,19 @@ class Engine:
         # the arrivals are read here, once: a policy learns them from on_ready only
         self.readiness = ReadyTimes(w)
 
+    def _check_swap(self, backend) -> None:
+        """Refuse ``preemption="swap"`` before any work where a profile or the backend cannot swap."""
+        for k, inst in enumerate(self.problem.instances):
+            if not inst.profile.latency.can_swap:
+                raise SpecError("latency.kv_swap_per_token_s",
+                                f"profile {inst.profile.name!r} of instance {k} states no KV swap cost",
+                                "add kv_swap_per_token_s (KV bytes per token over the host link bandwidth, seconds "
+                                "per token) to its [latency] table, or use preemption recompute")
+        if not (callable(getattr(backend, "swap_out", None)) and callable(getattr(backend, "swap_in", None))):
+            raise SpecError("preemption", f"the {getattr(backend, 'name', type(backend).__name__)} backend cannot "
+                            "swap KV caches to host memory", "use preemption recompute (the default), or the "
+                            "simulated backend")
+
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Serve every request; return the :class:`RunResult`."""
@@ -501,6 +554,13 @@ class Engine:
         self.migrations = np.zeros(n, dtype=np.int64)
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.recomputed = 0
+        # swap: host blocks held per instance, and the KV tokens each request has there (0: none)
+        self.swap_used = [0] * len(problem.instances)
+        self.swap_peak = [0] * len(problem.instances)
+        self.swapped = [0] * n
+        self.swapped_out = 0
+        self.swapped_in = 0
+        self.swap_s = 0.0
         self.can_preempt = callable(getattr(backend, "preempt", None))
         self.readiness.restart()
         self.trace: list[tuple] = []
@@ -562,8 +622,10 @@ class Engine:
                 active.push((s.now, 1, k))
                 continue
             if s.n_running and s.growth_blocks() > s.kv_blocks - s.kv_used:
+                before = s.now
                 self._make_room(s, policy)
-                if not s.n_running and not s.waiting:
+                if (not s.n_running and not s.waiting) or s.now > before:
+                    # nothing left to decide on, or a swap-out moved the clock: instances behind go first
                     active.push((s.now, 0, k))
                     continue
             if self.measure:
@@ -609,9 +671,13 @@ class Engine:
                    "kv_block_tokens": list(self.kv_block_sizes),
                    "kv_peak_tokens": [st.kv_peak * st.kv_block for st in states],
                    # what reserve-mode reservations were made from (the bound counts them)
-                   "estimates": self.ctx.estimates},
+                   "estimates": self.ctx.estimates, "preemption": self.preemption,
+                   **({"swap_space_tokens": [b * st.kv_block for b, st in zip(self.swap_blocks, states)],
+                       "swap_peak_tokens": [b * st.kv_block for b, st in zip(self.swap_peak, states)]}
+                      if self.preemption == "swap" else {})},
             preemptions=self.preemptions, recomputed_tokens=self.recomputed,
             trace_kv_tokens=np.array(cols[7], dtype=np.int64),
+            swapped_out_tokens=self.swapped_out, swapped_in_tokens=self.swapped_in, swap_s=self.swap_s,
         )
 
     # -- pieces of the loop ----------------------------------------------------------------------
@@ -754,15 +820,40 @@ class Engine:
         return choose_victim(self.victim_rule, clients, [seq for seq, _ in live], tokens, remaining)
 
     def _preempt(self, s: InstanceState, c: int, policy: Policy) -> None:
-        """Preempt running client ``c`` (recompute): free its cache; it waits, first in line, to be prefilled again."""
+        """Preempt running client ``c``: free its cache (swapped out or dropped); it waits, first in line, to resume."""
         r = self.client_request[c]
         g = s.decode_steps - self.client_start_step[c]
         tokens = self.prompt[r] + g
+        host = blocks(tokens, s.kv_block)
+        swap = self.preemption == "swap" and self.swap_used[s.index] + host <= self.swap_blocks[s.index]
         s.n_running -= 1
         s.kv_tokens -= tokens
         s.kv_used -= s.held_blocks(r, tokens)
         self._unregister(s, c)
         self.client_epoch[c] += 1
+        if swap:
+            dur = self.backend.swap_out(s.index, r, tokens)
+            self.swap_used[s.index] += host
+            self.swap_peak[s.index] = max(self.swap_peak[s.index], self.swap_used[s.index])
+            self.swapped[r] = tokens
+            self.swapped_out += tokens
+            self.swap_s += dur
+            self.generated_before[r] = g
+            self.context[r] = tokens
+            # the copy runs before the next iteration, with the cache the victim leaves behind
+            self.trace.append((s.index, KIND_SWAP, s.now, dur, 1, 0, 0, (s.kv_used + s.held_blocks(r, tokens))
+                               * s.kv_block))
+            s.now += dur
+        else:
+            self._drop(s, r, g, tokens)
+        self.preemptions[r] += 1
+        self.client_state[c] = WAITING
+        s.waiting = {c: None, **s.waiting}  # first in line, as vLLM puts a preempted request back
+        s.dirty = True
+        policy.on_preempt(r, c, self.generated_before[r])
+
+    def _drop(self, s: InstanceState, r: int, g: int, tokens: int) -> None:
+        """Recompute preemption of request ``r`` (``g`` tokens generated, ``tokens`` cached): drop its cache."""
         if self.can_preempt:
             kept = self.backend.preempt(s.index, r) is not False
         else:
@@ -778,11 +869,17 @@ class Engine:
             self.context[r] = self.prompt[r]
             self.wasted += g
             self.recomputed += self.prompt[r]
-        self.preemptions[r] += 1
-        self.client_state[c] = WAITING
-        s.waiting = {c: None, **s.waiting}  # first in line, as vLLM puts a preempted request back
-        s.dirty = True
-        policy.on_preempt(r, c, self.generated_before[r])
+
+    def _swap_in(self, s: InstanceState, r: int, tokens: int, last: bool) -> float:
+        """Copy ``tokens`` of swapped request ``r``'s cache back (its whole context once ``last``); the seconds."""
+        dur = self.backend.swap_in(s.index, r, tokens)
+        self.swapped_in += tokens
+        self.swap_s += dur
+        if last:
+            # the host blocks are freed once the whole cache is back (vLLM frees them at swap-in)
+            self.swap_used[s.index] -= blocks(self.swapped[r], s.kv_block)
+            self.swapped[r] = 0
+        return dur
 
     def _check_kv(self, s: InstanceState) -> None:
         """Recount the KV accounting of ``s`` from the per-client state (``check=True``)."""
@@ -808,6 +905,11 @@ class Engine:
             bad.append(f"kv_tokens {s.kv_tokens} vs {tokens}, running {s.n_running} vs {running}")
         if residue != s.residue:
             bad.append("block-growth counters out of date")
+        host = sum(blocks(self.swapped[self.client_request[c]], s.kv_block) for c in s.waiting
+                   if self.swapped[self.client_request[c]])
+        if host != self.swap_used[s.index] or host > self.swap_blocks[s.index]:
+            bad.append(f"host swap: {self.swap_used[s.index]} blocks counted, {host} held, "
+                       f"{self.swap_blocks[s.index]} in the space")
         if bad:
             raise AssertionError(f"KV accounting of instance {s.index} at {s.now:.6f} s: " + "; ".join(bad))
 
@@ -822,20 +924,25 @@ class Engine:
                 raise PolicyError(f"client {c} has a partly prefilled prompt: finish it with Mixed chunks")
         need = sum(s.held_blocks(r, self.context[r]) for r in reqs)
         self._allocate(s, need, f"prefilling clients {list(clients)[:8]}")
-        tokens = sum(self.context[r] for r in reqs)
+        swapped = self.swapped
+        computed = [r for r in reqs if not swapped[r]] if self.swap_used[s.index] else reqs
+        tokens = sum(self.context[r] for r in computed)
         start = s.now
         try:
-            dur = self.backend.prefill(s.index, reqs, tokens)
+            dur = self.backend.prefill(s.index, computed, tokens) if computed else 0.0
         except InstanceLost:
             s.kv_used -= need
             raise
+        if len(computed) < len(reqs):
+            # swapped requests resume by copying their caches back, not by computing them
+            dur += sum(self._swap_in(s, r, self.context[r], True) for r in reqs if swapped[r])
         s.now = start + dur
         for c, r in zip(clients, reqs):
             if np.isnan(self.prefill_start_s[r]):
                 self.prefill_start_s[r] = start
             self._start_running(s, c, r)
-        self.trace.append((s.index, KIND_PREFILL, start, dur, len(reqs), tokens, s.n_running - len(reqs),
-                           s.kv_used * s.kv_block))
+        self.trace.append((s.index, KIND_PREFILL if computed else KIND_SWAP, start, dur, len(reqs), tokens,
+                           s.n_running - len(reqs) if computed else 0, s.kv_used * s.kv_block))
 
     def _advance_decode(self, s: InstanceState, policy: Policy) -> None:
         """Bookkeeping after a decode step ended at ``s.now``: KV growth and finishing requests."""
@@ -909,14 +1016,21 @@ class Engine:
             raise
         start = s.now
         running = s.n_running
+        swapped = self.swapped
+        computed = [w for w in work if not swapped[w[1]]] if self.swap_used[s.index] else work
         try:
-            dur = self.backend.mixed(s.index, running, s.kv_tokens, [(r, b, k, fin) for _, r, b, k, fin in work])
+            dur = (self.backend.mixed(s.index, running, s.kv_tokens, [(r, b, k, fin) for _, r, b, k, fin in computed])
+                   if running or computed else 0.0)
         except InstanceLost:
             s.kv_used -= grown + need
             raise
+        if len(computed) < len(work):
+            # chunks of swapped requests copy that part of their caches back instead of computing it
+            dur += sum(self._swap_in(s, r, k, fin) for _, r, _, k, fin in work if swapped[r])
         s.now = start + dur
-        tokens = sum(w[3] for w in work)
-        self.trace.append((s.index, KIND_MIXED, start, dur, running + len(work), tokens, running,
+        tokens = sum(w[3] for w in computed)
+        self.trace.append((s.index, KIND_MIXED if running or computed else KIND_SWAP, start, dur, running + len(work),
+                           tokens, running,
                            s.kv_used * s.kv_block))
         if running:
             self._advance_decode(s, policy)
@@ -999,6 +1113,9 @@ class Engine:
                 del s.waiting[c]
                 # a preempted request not yet recomputed loses the tokens it had generated with the client
                 self.wasted += self.generated_before[r]
+                if self.swapped[r]:  # and its copy in host memory
+                    self.swap_used[s.index] -= blocks(self.swapped[r], s.kv_block)
+                    self.swapped[r] = 0
                 if c in s.prefilled:
                     s.kv_used -= s.held_blocks(r, s.prefilled.pop(c))
                     self.backend.release(s.index, r, False)

@@ -8,7 +8,9 @@ state: every function takes plain numbers or arrays.
 whose tokens fill their last block need one more, and when fewer blocks are free the engine
 preempts running requests until the step fits (recompute: the victim's cache is dropped; it
 waits, at the head of its instance's queue, to be prefilled again with its prompt followed by the
-tokens it had generated, and then decodes on from there). Which request is the victim:
+tokens it had generated, and then decodes on from there; with ``preemption="swap"`` its cache is
+copied to host memory instead and copied back when it resumes, see :mod:`lloptim.runtime.engine`).
+Which request is the victim:
 
 ``"newest"`` (default; vLLM's rule)
     The running request admitted (or re-admitted) last. It has the smallest context among
@@ -38,8 +40,9 @@ __all__ = ["VICTIM_RULES", "PREEMPTION_MODES", "check_victim_rule", "choose_vict
 
 #: Victim rules for preemption (see the module docstring).
 VICTIM_RULES = ("newest", "fewest-tokens", "longest-remaining")
-#: What preemption does to the victim: drop its cache and prefill it again (vLLM's default).
-PREEMPTION_MODES = ("recompute",)
+#: What preemption does to the victim: drop its cache and prefill it again (vLLM's default), or copy
+#: its cache to host memory and back (vLLM's ``swap``; recompute when the host space is full).
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 def check_victim_rule(rule: str) -> str:
