@@ -50,6 +50,9 @@ REPLAN_BELOW = 1000
 #: Arrived work per second, as a fraction of the fleet's full rate, from which workflows arriving
 #: over time count as an overload and the fleet is not paced (:meth:`WorkflowQueue.overloaded`).
 OVERLOAD = 1.0
+STRICT = True
+OVERLOAD_Z = 1.0
+MODE = 'component'
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
            "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD"]
@@ -322,6 +325,7 @@ class WorkflowQueue(GlobalQueue):
         super().setup(ctx)
         prec = ctx.problem.workload.precedence
         self.dag = prec
+        self._deferred_to: set[int] = set()  # instances a binding chain's head was left for
         self.plans = 0
         if prec is None:
             # independent requests: exactly GlobalQueue("longest"), without the indirection per
@@ -372,6 +376,10 @@ class WorkflowQueue(GlobalQueue):
         #: Whether a workflow arrived after the first plan (workflows arrive over time).
         self.open_arrivals = False
         self.first_arrival_s = 0.0  # when the first workflow was planned, seconds
+        # the arrival stream: estimated decode steps of the workflows known in the first plan and of
+        # those that arrived after it, and the sum of squares of every known workflow's steps
+        self.first_work = self.later_work = self.work_squares = 0.0
+        self.n_workflows = 0
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -445,6 +453,13 @@ class WorkflowQueue(GlobalQueue):
             self.first_arrival_s = now
         self.known.update(new)
         new_rows = np.concatenate([self.members[k] for k in new])
+        work = np.array([self.est_steps[self.members[k]].sum() for k in new])
+        if first:
+            self.first_work += float(work.sum())
+        else:
+            self.later_work += float(work.sum())
+        self.work_squares += float(np.dot(work, work))
+        self.n_workflows += len(new)
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
         if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
@@ -561,7 +576,16 @@ class WorkflowQueue(GlobalQueue):
         if not self.open_arrivals or self.fleet_rate <= 0.0:
             return False
         elapsed = now - self.first_arrival_s
-        return elapsed <= 0.0 or self.known_sums[2] >= OVERLOAD * elapsed * self.fleet_rate
+        if elapsed <= 0.0:
+            return True
+        if OVERLOAD_Z < 0:
+            return self.known_sums[2] >= OVERLOAD * elapsed * self.fleet_rate
+        total = self.first_work + self.later_work
+        unit = self.work_squares / total if total > 0 else 1.0
+        n = self.later_work / unit
+        z = OVERLOAD_Z
+        upper = (n + z * z / 2.0 + z * np.sqrt(n + z * z / 4.0)) * unit / elapsed
+        return upper >= OVERLOAD * self.fleet_rate
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
@@ -687,19 +711,102 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
+        self._deferred_to.discard(state.index)
         first = self._binding_chain() if self.pace else None
         # workflows arriving faster than the fleet serves them: a chain that looks binding against
         # the work known so far is not binding against the work still to come, and pacing would
         # idle the fleet meanwhile
         fleet = self.pace and len(self.step_cost) > 1 and not self.overloaded(state.now)
-        limit = self._pacing(state) if fleet and self.ready else np.inf
         # on a slower instance, a request whose chain would end after the remaining work at the
         # fleet's rate waits for an instance that runs chains fastest
         fast = self.chain_fast[state.index] or not self._fast_instance_alive()
+        limit = self._pacing(state) if fleet and self.ready else np.inf
         # a binding chain's head goes out first, where it runs fastest (past the pacing limit: binding
-        # chains gather on the paced instance, where their steps are fast)
+        # chains gather on the paced instance, where their steps are fast) ...
         if first is not None and fast:
-            return self._hand_out(first, client, state.now)
+            longest = self._heads_longest_chain(first, state)
+            target = self._faster_instance(first, state) if longest else None
+            if target is None and (longest or not STRICT or state.n_running + len(state.waiting) < limit):
+                return self._hand_out(first, client, state.now)
+            if target is not None:
+                # ... which is another instance, at its next iteration boundary: this one takes other work
+                self.waiting.discard(first)
+                self._deferred_to.add(target)
+                try:
+                    return self._next_planned(state, client, fleet, fast, limit)
+                finally:
+                    self.waiting.add(first)
+                    heapq.heappush(self.ready, (self.key[first], first))
+                    heapq.heappush(self.by_chain, (-self.chain_steps[first], first))
+        return self._next_planned(state, client, fleet, fast, limit)
+
+    def _heads_longest_chain(self, request: int, state) -> bool:
+        """Whether no running request's remaining chain is longer than the one ``request`` heads (estimated steps)."""
+        engine = state.engine
+        best, who = self.chain_steps[request], request
+        for st in engine.states:
+            for c in st.clients:
+                r = int(engine.client_request[c])
+                if r < 0 or c in st.idle:
+                    continue
+                done = st.decode_steps - engine.client_start_step[c] if c not in st.waiting else 0
+                left = max(self.est_steps[r] - done, 1.0) + self.tail_steps[r]
+                if left > best:
+                    best, who = left, r
+        if MODE == "longest":
+            return who == request
+        return self.component[who] == self.component[request]
+
+    def _faster_instance(self, request: int, state) -> int | None:
+        """Another instance on which the binding chain headed by ``request`` would run clearly faster, or None.
+
+        On a fleet the first idle client to ask need not be on the instance that runs the chain
+        fastest: its instance may run a full batch while another runs a few requests (pacing
+        leaves such instances, and so do workflows' predecessors finishing). The chain's decode
+        steps over the request's estimated output, ``H`` steps, cost ``a + beta n`` each (class
+        Notes, *Chain pacing*), ``n`` the mean batch: the request itself and each request the
+        instance runs or has prefilling, for its estimated remaining steps up to ``H``, as a
+        fraction of ``H``. Another live instance that runs chains fastest
+        (:data:`CHAIN_SPEED_TOLERANCE`) and has an idle client takes it at its next iteration
+        boundary, which is at most one of its iterations away (instances are served in the order of
+        their clocks); it is chosen when its chain time, counted from this instance's clock,
+        is shorter by more than one typical decode step (so two instances never defer to each
+        other). Future co-runners are left out: pacing governs those on either instance.
+        """
+        engine = state.engine
+        if len(engine.states) < 2:
+            return None
+        horizon = float(self.est_steps[request])
+        client_state = self.ctx.extra["client_state"]
+
+        def chain_s(st) -> float:
+            a, beta, _ = self.step_cost[st.index]
+            batch = 1.0
+            for c in st.clients:
+                r = int(engine.client_request[c])
+                if r < 0 or c in st.idle:
+                    continue
+                done = st.decode_steps - engine.client_start_step[c] if c not in st.waiting else 0
+                batch += min(max(self.est_steps[r] - done, 1.0), horizon) / horizon
+            return horizon * (a + beta * batch)
+
+        here = chain_s(state)
+        best, best_s = None, here - self.step_s
+        for st in engine.states:
+            if st is state or not st.alive or not self.chain_fast[st.index] \
+                    or not any(client_state[c] != FAILED for c in st.idle):
+                continue
+            t = max(st.now - state.now, 0.0) + chain_s(st)
+            if t < best_s:
+                best, best_s = st.index, t
+        return best
+
+    def wants_retry(self, state) -> bool:
+        """Ask again when a binding chain's head was left for this instance (:meth:`_faster_instance`)."""
+        return state.index in self._deferred_to
+
+    def _next_planned(self, state, client: int, fleet: bool, fast: bool, limit: float) -> int | None:
+        """:meth:`next_request` past the binding chain: the planned order, paced (class Notes)."""
         if state.n_running + len(state.waiting) >= limit or not self.ready:
             return None  # paced (the other instances take this work), or nothing is ready
         too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
