@@ -50,12 +50,13 @@ REPLAN_BELOW = 1000
 #: Arrived work per second, as a fraction of the fleet's full rate, from which workflows arriving
 #: over time count as an overload and the fleet is not paced (:meth:`WorkflowQueue.overloaded`).
 OVERLOAD = 1.0
-STRICT = True
-OVERLOAD_Z = 1.0
-MODE = 'component'
+#: Standard normal quantile of the upper confidence bound on the arrival rate of work that
+#: :meth:`WorkflowQueue.overloaded` compares with :data:`OVERLOAD` (1.0: one-sided 84 %).
+OVERLOAD_CONFIDENCE = 1.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
-           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD"]
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
+           "OVERLOAD_CONFIDENCE"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -298,6 +299,18 @@ class WorkflowQueue(GlobalQueue):
     an instance is paced, an idle client of an unpaced one takes, from the same window, the one of
     *most* cost, so that the cheap co-runners are still there when the paced instance has room.
 
+    **The deciding chain.** Near the end of workflows arriving over time the remaining known work
+    is small, and every chain of the last workflows looks binding. Only the chains that the paced
+    horizon ``T`` cannot absorb decide the makespan: a binding chain's head goes past an
+    instance's pacing limit only if the chain at full-batch steps would end after ``T``; other
+    binding heads still go first, but only to an instance below its limit (otherwise they all
+    gathered on the paced instance, whose chain then ran at a large batch: 0.2-1.5 % above the
+    bound for chains arriving at one a second on 2 x 20 clients, against 0.05-0.25 % now). A
+    deciding head of the workflow of the longest remaining chain (every branch into its join
+    counts) goes to the instance where its steps are fastest: the first idle client to ask may
+    be on an instance running a full batch while another runs a few requests, and that instance
+    takes it at its next iteration boundary (:meth:`_faster_instance`).
+
     Attributes
     ----------
     token_cost
@@ -371,7 +384,8 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
         self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
-        self._limits: tuple | None = None  # (when, limits) of the last pacing
+        self._limits: tuple | None = None  # (when, limits, horizon T in seconds) of the last pacing
+        self._pace_horizon_s = 0.0  # the horizon T of the pacing just asked for, seconds (0: none paced)
         self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
         #: Whether a workflow arrived after the first plan (workflows arrive over time).
         self.open_arrivals = False
@@ -560,13 +574,28 @@ class WorkflowQueue(GlobalQueue):
         return bool(self.chain_steps[request] * self.full_step_s >= self._horizon_s())
 
     def overloaded(self, now: float) -> bool:
-        """Whether workflows have arrived over time faster than the fleet serves them.
+        """Whether workflows arriving over time may keep the fleet busy: the chain pacing is then off.
 
-        The estimated decode steps of the workflows that arrived, per second since the first one,
-        reach the fleet's full rate (:attr:`OVERLOAD`). A server knows this from the arrivals
-        so far; the chain pacing (class Notes) is then off: the remaining work it weighs a chain
-        against is only what has arrived, and the work still to come keeps the fleet busy.
-        False when every workflow arrived at once.
+        Pacing pays only at the end of the arrivals, where the last workflows' chains decide the
+        makespan; while work arrives as fast as the fleet serves it, the clients it leaves idle are
+        capacity the coming work needs, and the remaining work it weighs a chain against is only
+        what has arrived. So the fleet is paced only once the arrivals so far show, with
+        confidence, a load below its full rate: this is True unless an upper confidence bound of
+        the rate of arriving work stays below :data:`OVERLOAD` times the fleet's full rate.
+
+        The bound (no foresight: only workflows that have arrived are read): the work ``W``
+        (estimated decode steps) of the workflows that arrived after the first plan, over the
+        time ``e`` since it (the first plan's workflows start the clock and are not counted, which
+        would bias the rate up by one batch per elapsed time: fan-in at one workflow a second read
+        as an overload over its first arrivals). Workflows arrive as a Poisson process and their
+        work varies, so ``W`` is a compound Poisson sum of variance ``lambda e E[w^2]``; in units
+        of ``u = E[w^2] / E[w]`` (moments over the known workflows) it is a Poisson count ``n =
+        W / u``, whose score bound gives the rate ``(n + z^2/2 + z sqrt(n + z^2/4)) u / e``, ``z``
+        = :data:`OVERLOAD_CONFIDENCE`. Few arrivals give a wide bound, so the answer stays True
+        until the evidence says otherwise, and a measured load near the full rate (DAGs at one
+        workflow a second are about 1.0) stays True rather than flipping with each arrival;
+        after the last arrival the bound falls as time passes without arrivals, and the pacing
+        returns for the end. False when every workflow arrived at once.
 
         Parameters
         ----------
@@ -578,14 +607,11 @@ class WorkflowQueue(GlobalQueue):
         elapsed = now - self.first_arrival_s
         if elapsed <= 0.0:
             return True
-        if OVERLOAD_Z < 0:
-            return self.known_sums[2] >= OVERLOAD * elapsed * self.fleet_rate
-        total = self.first_work + self.later_work
-        unit = self.work_squares / total if total > 0 else 1.0
+        unit = self.work_squares / (self.first_work + self.later_work)  # E[w^2] / E[w], steps
         n = self.later_work / unit
-        z = OVERLOAD_Z
-        upper = (n + z * z / 2.0 + z * np.sqrt(n + z * z / 4.0)) * unit / elapsed
-        return upper >= OVERLOAD * self.fleet_rate
+        z = OVERLOAD_CONFIDENCE
+        upper = (n + z * z / 2.0 + z * np.sqrt(n + z * z / 4.0)) * unit / elapsed  # steps per second
+        return bool(upper >= OVERLOAD * self.fleet_rate)
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
@@ -676,9 +702,11 @@ class WorkflowQueue(GlobalQueue):
         while heap and self.finished[heap[0][1]]:
             heapq.heappop(heap)
         if not heap or -heap[0][0] * max(self.step_full) <= self._horizon_s():
+            self._pace_horizon_s = 0.0
             return self.step_cost[state.index][2]
         key = (state.now, len(self.running), self.left_steps)
         if self._limits is not None and self._limits[0] == key:
+            self._pace_horizon_s = self._limits[2]
             return self._limits[1][state.index]
         chains = [self._longest_chain(st) for st in state.engine.states]
         cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
@@ -703,7 +731,8 @@ class WorkflowQueue(GlobalQueue):
                 lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
             lo = hi
         limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
-        self._limits = (key, limits)
+        self._limits = (key, limits, lo)
+        self._pace_horizon_s = lo
         return limits[state.index]
 
     def next_request(self, state, client: int) -> int | None:
@@ -721,15 +750,18 @@ class WorkflowQueue(GlobalQueue):
         # fleet's rate waits for an instance that runs chains fastest
         fast = self.chain_fast[state.index] or not self._fast_instance_alive()
         limit = self._pacing(state) if fleet and self.ready else np.inf
-        # a binding chain's head goes out first, where it runs fastest (past the pacing limit: binding
-        # chains gather on the paced instance, where their steps are fast) ...
         if first is not None and fast:
-            longest = self._heads_longest_chain(first, state)
-            target = self._faster_instance(first, state) if longest else None
-            if target is None and (longest or not STRICT or state.n_running + len(state.waiting) < limit):
-                return self._hand_out(first, client, state.now)
-            if target is not None:
-                # ... which is another instance, at its next iteration boundary: this one takes other work
+            # a binding chain's head goes out first; past the pacing limit only if its chain decides
+            # the paced horizon (class Notes, *The deciding chain*)
+            if not self._decides_paced_horizon(first, limit):
+                if state.n_running + len(state.waiting) < limit:
+                    return self._hand_out(first, client, state.now)
+            else:
+                target = self._faster_instance(first, state) if self._in_deciding_workflow(first, state) else None
+                if target is None:
+                    return self._hand_out(first, client, state.now)
+                # another instance runs it clearly faster, from its next iteration boundary: this one
+                # takes other work meanwhile
                 self.waiting.discard(first)
                 self._deferred_to.add(target)
                 try:
@@ -740,8 +772,24 @@ class WorkflowQueue(GlobalQueue):
                     heapq.heappush(self.by_chain, (-self.chain_steps[first], first))
         return self._next_planned(state, client, fleet, fast, limit)
 
-    def _heads_longest_chain(self, request: int, state) -> bool:
-        """Whether no running request's remaining chain is longer than the one ``request`` heads (estimated steps)."""
+    def _decides_paced_horizon(self, request: int, limit: float) -> bool:
+        """Whether the chain ``request`` heads would end after the pacing's horizon on a full instance.
+
+        The pacing (:meth:`_pacing`) chose its limits for the horizon ``T`` at which every
+        instance's longest chain and the remaining work end; a chain that ends by ``T`` even at
+        full-batch steps can run anywhere and waits for room below the limits like other work,
+        and one that cannot decides the makespan and goes past them (class Notes, *The deciding
+        chain*). True when no instance is paced (``limit`` infinite or ``T`` 0).
+        """
+        return limit == np.inf or self.chain_steps[request] * self.full_step_s >= self._pace_horizon_s
+
+    def _in_deciding_workflow(self, request: int, state) -> bool:
+        """Whether ``request`` belongs to the workflow of the longest remaining chain (class Notes, *The deciding chain*).
+
+        The chains compared are the one ``request`` heads and those of the requests the fleet
+        runs (their estimated remaining steps and longest path of successors); ties go to
+        ``request``. In a fan-in or a DAG every branch into the deciding join is in that workflow.
+        """
         engine = state.engine
         best, who = self.chain_steps[request], request
         for st in engine.states:
@@ -753,9 +801,7 @@ class WorkflowQueue(GlobalQueue):
                 left = max(self.est_steps[r] - done, 1.0) + self.tail_steps[r]
                 if left > best:
                     best, who = left, r
-        if MODE == "longest":
-            return who == request
-        return self.component[who] == self.component[request]
+        return bool(self.component[who] == self.component[request])
 
     def _faster_instance(self, request: int, state) -> int | None:
         """Another instance on which the binding chain headed by ``request`` would run clearly faster, or None.
