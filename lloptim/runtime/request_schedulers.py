@@ -309,7 +309,9 @@ class WorkflowQueue(GlobalQueue):
     deciding head of the workflow of the longest remaining chain (every branch into its join
     counts) goes to the instance where its steps are fastest: the first idle client to ask may
     be on an instance running a full batch while another runs a few requests, and that instance
-    takes it at its next iteration boundary (:meth:`_faster_instance`).
+    takes it at its next iteration boundary (:meth:`_faster_instance`; only once workflows arrive
+    over time). Workflows arriving over time pace the fleet only once they do not keep it busy
+    (:meth:`overloaded`).
 
     Attributes
     ----------
@@ -393,7 +395,6 @@ class WorkflowQueue(GlobalQueue):
         # the arrival stream: estimated decode steps of the workflows known in the first plan and of
         # those that arrived after it, and the sum of squares of every known workflow's steps
         self.first_work = self.later_work = self.work_squares = 0.0
-        self.n_workflows = 0
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -473,7 +474,6 @@ class WorkflowQueue(GlobalQueue):
         else:
             self.later_work += float(work.sum())
         self.work_squares += float(np.dot(work, work))
-        self.n_workflows += len(new)
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
         if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
@@ -676,17 +676,19 @@ class WorkflowQueue(GlobalQueue):
         """
         return self._pacing(state)
 
-    def _longest_chain(self, state) -> float:
-        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
+    def _held(self, state):
+        """The requests ``state``'s instance runs or prefills, each with its estimated decode steps left (at least 1)."""
         engine = state.engine
-        chain = 0.0
         for c in state.clients:
             r = int(engine.client_request[c])
             if r < 0 or c in state.idle:
                 continue
             done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
-            chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
-        return chain
+            yield r, max(self.est_steps[r] - done, 1.0)
+
+    def _longest_chain(self, state) -> float:
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
+        return max((left + self.tail_steps[r] for r, left in self._held(state)), default=0.0)
 
     def _pacing(self, state) -> int:
         """:meth:`batch_limit` of ``state``'s instance.
@@ -790,17 +792,11 @@ class WorkflowQueue(GlobalQueue):
         runs (their estimated remaining steps and longest path of successors); ties go to
         ``request``. In a fan-in or a DAG every branch into the deciding join is in that workflow.
         """
-        engine = state.engine
         best, who = self.chain_steps[request], request
-        for st in engine.states:
-            for c in st.clients:
-                r = int(engine.client_request[c])
-                if r < 0 or c in st.idle:
-                    continue
-                done = st.decode_steps - engine.client_start_step[c] if c not in st.waiting else 0
-                left = max(self.est_steps[r] - done, 1.0) + self.tail_steps[r]
-                if left > best:
-                    best, who = left, r
+        for st in state.engine.states:
+            for r, left in self._held(st):
+                if left + self.tail_steps[r] > best:
+                    best, who = left + self.tail_steps[r], r
         return bool(self.component[who] == self.component[request])
 
     def _faster_instance(self, request: int, state) -> int | None:
@@ -835,13 +831,7 @@ class WorkflowQueue(GlobalQueue):
 
         def chain_s(st) -> float:
             a, beta, _ = self.step_cost[st.index]
-            batch = 1.0
-            for c in st.clients:
-                r = int(engine.client_request[c])
-                if r < 0 or c in st.idle:
-                    continue
-                done = st.decode_steps - engine.client_start_step[c] if c not in st.waiting else 0
-                batch += min(max(self.est_steps[r] - done, 1.0), horizon) / horizon
+            batch = 1.0 + sum(min(left, horizon) for _, left in self._held(st)) / horizon
             return horizon * (a + beta * batch)
 
         here = chain_s(state)
