@@ -50,9 +50,13 @@ REPLAN_BELOW = 1000
 #: Arrived work per second, as a fraction of the fleet's full rate, from which workflows arriving
 #: over time count as an overload and the fleet is not paced (:meth:`WorkflowQueue.overloaded`).
 OVERLOAD = 1.0
+#: Standard normal quantile of the upper confidence bound on the arrival rate of work that
+#: :meth:`WorkflowQueue.overloaded` compares with :data:`OVERLOAD` (1.0: one-sided 84 %).
+OVERLOAD_CONFIDENCE = 1.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
-           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD"]
+           "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
+           "OVERLOAD_CONFIDENCE"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -295,6 +299,20 @@ class WorkflowQueue(GlobalQueue):
     an instance is paced, an idle client of an unpaced one takes, from the same window, the one of
     *most* cost, so that the cheap co-runners are still there when the paced instance has room.
 
+    **The deciding chain.** Near the end of workflows arriving over time the remaining known work
+    is small, and every chain of the last workflows looks binding. Only the chains that the paced
+    horizon ``T`` cannot absorb decide the makespan: a binding chain's head goes past an
+    instance's pacing limit only if the chain at full-batch steps would end after ``T``; other
+    binding heads still go first, but only to an instance below its limit (otherwise they all
+    gathered on the paced instance, whose chain then ran at a large batch: 0.2-1.5 % above the
+    bound for chains arriving at one a second on 2 x 20 clients, against 0.05-0.25 % now). A
+    deciding head of the workflow of the longest remaining chain (every branch into its join
+    counts) goes to the instance where its steps are fastest: the first idle client to ask may
+    be on an instance running a full batch while another runs a few requests, and that instance
+    takes it at its next iteration boundary (:meth:`_faster_instance`; only once workflows arrive
+    over time). Workflows arriving over time pace the fleet only once they do not keep it busy
+    (:meth:`overloaded`).
+
     Attributes
     ----------
     token_cost
@@ -322,6 +340,7 @@ class WorkflowQueue(GlobalQueue):
         super().setup(ctx)
         prec = ctx.problem.workload.precedence
         self.dag = prec
+        self._deferred_to: set[int] = set()  # instances a binding chain's head was left for
         self.plans = 0
         if prec is None:
             # independent requests: exactly GlobalQueue("longest"), without the indirection per
@@ -367,11 +386,15 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
         self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
-        self._limits: tuple | None = None  # (when, limits) of the last pacing
+        self._limits: tuple | None = None  # (when, limits, horizon T in seconds) of the last pacing
+        self._pace_horizon_s = 0.0  # the horizon T of the pacing just asked for, seconds (0: none paced)
         self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
         #: Whether a workflow arrived after the first plan (workflows arrive over time).
         self.open_arrivals = False
         self.first_arrival_s = 0.0  # when the first workflow was planned, seconds
+        # the arrival stream: estimated decode steps of the workflows known in the first plan and of
+        # those that arrived after it, and the sum of squares of every known workflow's steps
+        self.first_work = self.later_work = self.work_squares = 0.0
 
     def _learn(self, rows: np.ndarray) -> None:
         """The requests ``rows`` of newly known workflows: their work and the typical step of the known ones.
@@ -445,6 +468,12 @@ class WorkflowQueue(GlobalQueue):
             self.first_arrival_s = now
         self.known.update(new)
         new_rows = np.concatenate([self.members[k] for k in new])
+        work = np.array([self.est_steps[self.members[k]].sum() for k in new])
+        if first:
+            self.first_work += float(work.sum())
+        else:
+            self.later_work += float(work.sum())
+        self.work_squares += float(np.dot(work, work))
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
         if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
@@ -545,13 +574,28 @@ class WorkflowQueue(GlobalQueue):
         return bool(self.chain_steps[request] * self.full_step_s >= self._horizon_s())
 
     def overloaded(self, now: float) -> bool:
-        """Whether workflows have arrived over time faster than the fleet serves them.
+        """Whether workflows arriving over time may keep the fleet busy: the chain pacing is then off.
 
-        The estimated decode steps of the workflows that arrived, per second since the first one,
-        reach the fleet's full rate (:attr:`OVERLOAD`). A server knows this from the arrivals
-        so far; the chain pacing (class Notes) is then off: the remaining work it weighs a chain
-        against is only what has arrived, and the work still to come keeps the fleet busy.
-        False when every workflow arrived at once.
+        Pacing pays only at the end of the arrivals, where the last workflows' chains decide the
+        makespan; while work arrives as fast as the fleet serves it, the clients it leaves idle are
+        capacity the coming work needs, and the remaining work it weighs a chain against is only
+        what has arrived. So the fleet is paced only once the arrivals so far show, with
+        confidence, a load below its full rate: this is True unless an upper confidence bound of
+        the rate of arriving work stays below :data:`OVERLOAD` times the fleet's full rate.
+
+        The bound (no foresight: only workflows that have arrived are read): the work ``W``
+        (estimated decode steps) of the workflows that arrived after the first plan, over the
+        time ``e`` since it (the first plan's workflows start the clock and are not counted, which
+        would bias the rate up by one batch per elapsed time: fan-in at one workflow a second read
+        as an overload over its first arrivals). Workflows arrive as a Poisson process and their
+        work varies, so ``W`` is a compound Poisson sum of variance ``lambda e E[w^2]``; in units
+        of ``u = E[w^2] / E[w]`` (moments over the known workflows) it is a Poisson count ``n =
+        W / u``, whose score bound gives the rate ``(n + z^2/2 + z sqrt(n + z^2/4)) u / e``, ``z``
+        = :data:`OVERLOAD_CONFIDENCE`. Few arrivals give a wide bound, so the answer stays True
+        until the evidence says otherwise, and a measured load near the full rate (DAGs at one
+        workflow a second are about 1.0) stays True rather than flipping with each arrival;
+        after the last arrival the bound falls as time passes without arrivals, and the pacing
+        returns for the end. False when every workflow arrived at once.
 
         Parameters
         ----------
@@ -561,7 +605,13 @@ class WorkflowQueue(GlobalQueue):
         if not self.open_arrivals or self.fleet_rate <= 0.0:
             return False
         elapsed = now - self.first_arrival_s
-        return elapsed <= 0.0 or self.known_sums[2] >= OVERLOAD * elapsed * self.fleet_rate
+        if elapsed <= 0.0:
+            return True
+        unit = self.work_squares / (self.first_work + self.later_work)  # E[w^2] / E[w], steps
+        n = self.later_work / unit
+        z = OVERLOAD_CONFIDENCE
+        upper = (n + z * z / 2.0 + z * np.sqrt(n + z * z / 4.0)) * unit / elapsed  # steps per second
+        return bool(upper >= OVERLOAD * self.fleet_rate)
 
     def _horizon_s(self) -> float:
         """The remaining work of the known workflows at the fleet's full rate, seconds."""
@@ -626,17 +676,19 @@ class WorkflowQueue(GlobalQueue):
         """
         return self._pacing(state)
 
-    def _longest_chain(self, state) -> float:
-        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
+    def _held(self, state):
+        """The requests ``state``'s instance runs or prefills, each with its estimated decode steps left (at least 1)."""
         engine = state.engine
-        chain = 0.0
         for c in state.clients:
             r = int(engine.client_request[c])
             if r < 0 or c in state.idle:
                 continue
             done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
-            chain = max(chain, max(self.est_steps[r] - done, 1.0) + self.tail_steps[r])
-        return chain
+            yield r, max(self.est_steps[r] - done, 1.0)
+
+    def _longest_chain(self, state) -> float:
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
+        return max((left + self.tail_steps[r] for r, left in self._held(state)), default=0.0)
 
     def _pacing(self, state) -> int:
         """:meth:`batch_limit` of ``state``'s instance.
@@ -652,9 +704,11 @@ class WorkflowQueue(GlobalQueue):
         while heap and self.finished[heap[0][1]]:
             heapq.heappop(heap)
         if not heap or -heap[0][0] * max(self.step_full) <= self._horizon_s():
+            self._pace_horizon_s = 0.0
             return self.step_cost[state.index][2]
         key = (state.now, len(self.running), self.left_steps)
         if self._limits is not None and self._limits[0] == key:
+            self._pace_horizon_s = self._limits[2]
             return self._limits[1][state.index]
         chains = [self._longest_chain(st) for st in state.engine.states]
         cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
@@ -679,7 +733,8 @@ class WorkflowQueue(GlobalQueue):
                 lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
             lo = hi
         limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
-        self._limits = (key, limits)
+        self._limits = (key, limits, lo)
+        self._pace_horizon_s = lo
         return limits[state.index]
 
     def next_request(self, state, client: int) -> int | None:
@@ -687,19 +742,115 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
+        self._deferred_to.discard(state.index)
         first = self._binding_chain() if self.pace else None
         # workflows arriving faster than the fleet serves them: a chain that looks binding against
         # the work known so far is not binding against the work still to come, and pacing would
         # idle the fleet meanwhile
         fleet = self.pace and len(self.step_cost) > 1 and not self.overloaded(state.now)
-        limit = self._pacing(state) if fleet and self.ready else np.inf
         # on a slower instance, a request whose chain would end after the remaining work at the
         # fleet's rate waits for an instance that runs chains fastest
         fast = self.chain_fast[state.index] or not self._fast_instance_alive()
-        # a binding chain's head goes out first, where it runs fastest (past the pacing limit: binding
-        # chains gather on the paced instance, where their steps are fast)
+        limit = self._pacing(state) if fleet and self.ready else np.inf
         if first is not None and fast:
-            return self._hand_out(first, client, state.now)
+            # a binding chain's head goes out first; past the pacing limit only if its chain decides
+            # the paced horizon (class Notes, *The deciding chain*)
+            if not self._decides_paced_horizon(first, limit):
+                if state.n_running + len(state.waiting) < limit:
+                    return self._hand_out(first, client, state.now)
+            else:
+                target = self._faster_instance(first, state) if self._in_deciding_workflow(first, state) else None
+                if target is None:
+                    return self._hand_out(first, client, state.now)
+                # another instance runs it clearly faster, from its next iteration boundary: this one
+                # takes other work meanwhile
+                self.waiting.discard(first)
+                self._deferred_to.add(target)
+                try:
+                    return self._next_planned(state, client, fleet, fast, limit)
+                finally:
+                    self.waiting.add(first)
+                    heapq.heappush(self.ready, (self.key[first], first))
+                    heapq.heappush(self.by_chain, (-self.chain_steps[first], first))
+        return self._next_planned(state, client, fleet, fast, limit)
+
+    def _decides_paced_horizon(self, request: int, limit: float) -> bool:
+        """Whether the chain ``request`` heads would end after the pacing's horizon on a full instance.
+
+        The pacing (:meth:`_pacing`) chose its limits for the horizon ``T`` at which every
+        instance's longest chain and the remaining work end; a chain that ends by ``T`` even at
+        full-batch steps can run anywhere and waits for room below the limits like other work,
+        and one that cannot decides the makespan and goes past them (class Notes, *The deciding
+        chain*). True when no instance is paced (``limit`` infinite or ``T`` 0).
+        """
+        return limit == np.inf or self.chain_steps[request] * self.full_step_s >= self._pace_horizon_s
+
+    def _in_deciding_workflow(self, request: int, state) -> bool:
+        """Whether ``request`` belongs to the workflow of the longest remaining chain (class Notes, *The deciding chain*).
+
+        The chains compared are the one ``request`` heads and those of the requests the fleet
+        runs (their estimated remaining steps and longest path of successors); ties go to
+        ``request``. In a fan-in or a DAG every branch into the deciding join is in that workflow.
+        """
+        best, who = self.chain_steps[request], request
+        for st in state.engine.states:
+            for r, left in self._held(st):
+                if left + self.tail_steps[r] > best:
+                    best, who = left + self.tail_steps[r], r
+        return bool(self.component[who] == self.component[request])
+
+    def _faster_instance(self, request: int, state) -> int | None:
+        """Another instance on which the binding chain headed by ``request`` would run clearly faster, or None.
+
+        On a fleet the first idle client to ask need not be on the instance that runs the chain
+        fastest: its instance may run a full batch while another runs a few requests (pacing
+        leaves such instances, and so do workflows' predecessors finishing). The chain's decode
+        steps over the request's estimated output, ``H`` steps, cost ``a + beta n`` each (class
+        Notes, *Chain pacing*), ``n`` the mean batch: the request itself and each request the
+        instance runs or has prefilling, for its estimated remaining steps up to ``H``, as a
+        fraction of ``H``. Another live instance that runs chains fastest
+        (:data:`CHAIN_SPEED_TOLERANCE`) and has an idle client takes it at its next iteration
+        boundary, which is at most one of its iterations away (instances are served in the order of
+        their clocks); it is chosen when its chain time, counted from this instance's clock,
+        is shorter by more than one typical decode step (so two instances never defer to each
+        other). Future co-runners are left out: pacing governs those on either instance.
+
+        Only once workflows arrive over time (:attr:`open_arrivals`), when a deciding workflow
+        lands on a fleet whose instances carry different loads. With every workflow known from
+        the start the pacing places the deciding chains from the first iteration, and moving a
+        head by the loads of the moment undoes it: at time 0 the first instance to ask has
+        clients prefilling and the other none, the head went to the other, which the pacing had
+        left unpaced (60 three-step chains on 2 x 20 clients, seed 4: 5.5 to 9.9 % above the
+        bound; the rest of the chain study within 0.2 point).
+        """
+        engine = state.engine
+        if len(engine.states) < 2 or not self.open_arrivals:
+            return None
+        horizon = float(self.est_steps[request])
+        client_state = self.ctx.extra["client_state"]
+
+        def chain_s(st) -> float:
+            a, beta, _ = self.step_cost[st.index]
+            batch = 1.0 + sum(min(left, horizon) for _, left in self._held(st)) / horizon
+            return horizon * (a + beta * batch)
+
+        here = chain_s(state)
+        best, best_s = None, here - self.step_s
+        for st in engine.states:
+            if st is state or not st.alive or not self.chain_fast[st.index] \
+                    or not any(client_state[c] != FAILED for c in st.idle):
+                continue
+            t = max(st.now - state.now, 0.0) + chain_s(st)
+            if t < best_s:
+                best, best_s = st.index, t
+        return best
+
+    def wants_retry(self, state) -> bool:
+        """Ask again when a binding chain's head was left for this instance (:meth:`_faster_instance`)."""
+        return state.index in self._deferred_to
+
+    def _next_planned(self, state, client: int, fleet: bool, fast: bool, limit: float) -> int | None:
+        """:meth:`next_request` past the binding chain: the planned order, paced (class Notes)."""
         if state.n_running + len(state.waiting) >= limit or not self.ready:
             return None  # paced (the other instances take this work), or nothing is ready
         too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
