@@ -30,7 +30,7 @@ from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT"]
+           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
 
@@ -289,6 +289,9 @@ _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 #: made memory-bound runs 2-5 times slower; waits of up to 2, 4 or 8 steps gave makespans within
 #: 0.2 points of it (``benchmarks/memory.py`` workloads, sigma 1.0-1.5, rho 1.0-2.0), 8 the fastest.
 RETRY_BACKOFF_MAX = 8
+#: Fraction of its blocks an instance's admitted requests must hold for its cache to count as filled,
+#: which ends the fill-up rule of :class:`MemoryAwareQueue` (``fill_ramp``) on that instance.
+RAMP_FULL = 0.97
 #: Growth of the known requests (factor) that triggers a new planned order (``order="planned"``) as
 #: requests arrive: the order of the requests known so far, at amortized O(log n) per request.
 REPLAN_GROWTH = 1.5
@@ -378,11 +381,17 @@ class MemoryAwareQueue(RequestScheduler):
         rows of the requests known so far (None: all) that returns one key per row, smaller
         first (target start steps). None: :func:`planned_start_keys`. For studying other start
         plans (``benchmarks/memory_start_plan.py`` plans them with an LP).
+    fill_ramp
+        ``rule="first-fit"`` only: until an instance's cache first fills (its admitted requests
+        hold :data:`RAMP_FULL` of its blocks), hand an idle client the fitting request that will
+        hold the most KV memory when the cache is projected to fill rather than the first in order
+        (:meth:`_fill_pick`; an urgent request still goes first). From an empty cache the clients
+        bind and the memory idles: the requests started first decide how fast it fills.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
-                 priced_headroom: bool = False, planner=None) -> None:
+                 priced_headroom: bool = False, planner=None, fill_ramp: bool = False) -> None:
         if planner is not None and not callable(planner):
             raise ValueError(f"planner must be a function planner(ctx, rows=...) -> keys or None, not {planner!r}")
         self.planner = planned_start_keys if planner is None else planner
@@ -396,6 +405,7 @@ class MemoryAwareQueue(RequestScheduler):
             raise ValueError(f"rule must be 'first-fit' or 'prefix', not {rule!r}")
         self.order = order
         self.rule = rule
+        self.fill_ramp = bool(fill_ramp) and rule == "first-fit"
         self.plan = plan
         self.workflows = workflows
         self.delegate = None
@@ -458,6 +468,7 @@ class MemoryAwareQueue(RequestScheduler):
         self._refused: tuple | None = None
         self.retry_step: dict[int, int] = {}  # instance -> decode step at which a refused request may fit
         self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
+        self.filled = [not self.fill_ramp] * len(insts)  # per instance: its cache has filled once (fill-up rule over)
         self.steals = 0
         self.refusals = 0
 
@@ -609,11 +620,45 @@ class MemoryAwareQueue(RequestScheduler):
                 self.retry_backoff[state.index] = min(2 * back, RETRY_BACKOFF_MAX)
                 return None
             i = 0  # an empty instance always takes the head
+        elif urgent is None and not self.filled[state.index]:
+            i = self._fill_pick(state, pm, tokens, steps, floors, i)
         self.retry_step.pop(state.index, None)
         self.retry_backoff.pop(state.index, None)
         pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
         self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
         return self._take(int(rows[i]), client)
+
+    def _fill_pick(self, state, pm: ProjectedMemory, tokens: np.ndarray, steps: np.ndarray,
+                   floors: np.ndarray | None, first: int) -> int:
+        """While the cache fills up: the fitting candidate that will hold the most when it is full.
+
+        From an empty cache every client is busy long before the memory is, and the memory fills
+        only as fast as the running requests grow (``C`` tokens per step with every client busy)
+        minus what finishing ones release. The bound's ramp-up
+        (:func:`lloptim.bounds.memory_decode_steps_lower_bound`) fills it with the largest prompts
+        growing together; in order (a spread of every length), short requests start, finish and
+        are replaced by fresh prompts, and the cache fills several times slower. So until the
+        admitted requests first hold :data:`RAMP_FULL` of the blocks, an idle client gets the
+        fitting candidate of the largest ``context + min(steps, T)``, its holding ``T`` steps on,
+        with ``T = free tokens / C`` the steps the cache takes to fill at full growth: the largest
+        prompts among the requests that last until then (ties: the first in order). Measured on
+        ``benchmarks/memory.py`` workloads (docs, *KV memory*).
+
+        Returns
+        -------
+        int
+            Position among the candidates of the one to start (``first``, the first fit, once
+            the cache has filled).
+        """
+        held = int(pm.held_at(np.zeros(1, dtype=np.int64))[0])
+        if held >= RAMP_FULL * pm.cap:
+            self.filled[state.index] = True
+            return first
+        rest = slice(first, None)
+        ok = first + np.flatnonzero(pm.fits(tokens[rest], steps[rest], None if floors is None else floors[rest]))
+        horizon = max((pm.cap - held) * pm.B / max(len(state.clients), 1), 1.0)
+        score = tokens[ok] + np.minimum(steps[ok], horizon)
+        return int(ok[np.argmax(score)])
 
     def _candidates(self, state, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Context, projected decode steps (start delay included) and reservation of each queued row."""
