@@ -20,7 +20,7 @@ memory-steps of the run minus ``R``, and the table says in which tenth they are 
 the first tenth, the end game of the last, the rest in between).
 
 Run: ``python benchmarks/memory_gap.py [--sigmas 1.0,1.2,1.5] [--seeds 0] [--rho 1.0]
-[--unknown] [--policy hybrid-fused]``; rows in ``benchmarks/results/memory_gap.csv``.
+[--unknown] [--policy hybrid-fused] [--no-fill-ramp]``; rows in ``benchmarks/results/memory_gap.csv``.
 """
 
 from __future__ import annotations
@@ -104,13 +104,18 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
     return rows, totals
 
 
-def case(sigma: float, seed: int, rho: float, known: bool, policy: str) -> tuple[list[dict], dict, float]:
-    """One run of ``policy`` on the ``benchmarks/memory.py`` workload: its spans, totals and gap to the bound."""
+def case(sigma: float, seed: int, rho: float, known: bool, policy: str,
+         fill_ramp: bool = True) -> tuple[list[dict], dict, float]:
+    """One run of ``policy`` on the ``benchmarks/memory.py`` workload: its spans, totals and gap to the bound.
+
+    ``fill_ramp=False`` runs a hybrid without its fill-up rule (the order of the plan from the first request).
+    """
     wl = memory_workload(sigma, seed)
     problem = Problem.single(wl, "llama-65b", clients=CLIENTS, kv_capacity_tokens=capacity_for(wl, rho),
                              kv_block_tokens=BLOCK)
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
-    res = run_policy(problem, policy, estimates=est)
+    opts = {} if fill_ramp or not policy.startswith("hybrid") else {"fill_ramp": False}
+    res = run_policy(problem, policy, estimates=est, **opts)
     rows, totals = gap_by_part(problem, res)
     return rows, totals, summarize(res).gap_to_bound
 
@@ -122,11 +127,12 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=1.0, help="memory steps over client steps of the cache")
     ap.add_argument("--unknown", action="store_true", help="noisy estimates instead of the true lengths")
     ap.add_argument("--policy", default="hybrid-fused")
+    ap.add_argument("--no-fill-ramp", action="store_true", help="a hybrid without its fill-up rule (as before it)")
     args = ap.parse_args()
     csv_rows = []
     for sigma in (float(s) for s in args.sigmas.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows, tot, gap = case(sigma, seed, args.rho, not args.unknown, args.policy)
+            rows, tot, gap = case(sigma, seed, args.rho, not args.unknown, args.policy, not args.no_fill_ramp)
             excess = tot["decode_steps"] - tot["bound_steps"]
             print(f"\nsigma {sigma}, seed {seed}, rho {args.rho}, {args.policy}: {100 * gap:.2f} % above the bound; "
                   f"{tot['decode_steps']} decode steps, bound {tot['bound_steps']} (clients "
@@ -143,7 +149,8 @@ def main() -> None:
                       f"{r['neither_full']:>7}  {r['idle_client_steps']:11.1f}  {r['idle_memory_steps']:11.1f}  "
                       f"{r['started']:>8}  {r['started_mean_output']:10.0f}")
                 csv_rows.append({"sigma": sigma, "seed": seed, "rho": args.rho, "lengths":
-                                 "unknown" if args.unknown else "known", "policy": args.policy, "tenth": i + 1,
+                                 "unknown" if args.unknown else "known", "policy": args.policy,
+                                 "fill_ramp": not args.no_fill_ramp, "tenth": i + 1,
                                  **r, "gap": gap, **{f"run_{k}": v for k, v in tot.items()}})
             mid = sum(r["idle_memory_steps"] for r in rows[1:-1])
             print(f"idle memory-steps: first tenth {rows[0]['idle_memory_steps']:.0f} (the bound's ramp-up "
