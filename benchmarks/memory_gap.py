@@ -74,7 +74,7 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
     C = inst.clients
     M = inst.kv_blocks * inst.kv_block_tokens
     lb = lower_bound(problem)
-    dec = result.trace_kind >= 1
+    dec = (result.trace_kind == 1) | (result.trace_kind == 2)  # decode and fused steps (not migrations, swaps)
     n = result.trace_participants[dec] / C
     h = result.trace_kv_tokens[dec] / M
     S = int(dec.sum())

@@ -36,7 +36,7 @@ def _problem(n: int, clients: int, seed: int, rho: float, block: int = 4, sigma:
 def _fill_step(problem: Problem, res, level: float = 0.9) -> int:
     """First decode step in which the cache holds ``level`` of its capacity (the run's length if never)."""
     inst = problem.instances[0]
-    held = res.trace_kv_tokens[res.trace_kind >= 1]
+    held = res.trace_kv_tokens[(res.trace_kind == 1) | (res.trace_kind == 2)]
     full = held >= level * inst.kv_blocks * inst.kv_block_tokens
     return int(np.argmax(full)) if full.any() else int(held.size)
 
