@@ -67,7 +67,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
-                  objective: str = "makespan", start_planner=None) -> Policy:
+                  objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -131,6 +131,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         requests by target start step (the ``planner`` of
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: the golden-ratio
         spread :func:`~lloptim.runtime.memory_schedulers.planned_start_keys`.
+    fill_ramp
+        Where the KV cache can fill up and memory sets the decode steps (``dispatch="sorted"``,
+        paged KV): until the cache first fills, start the requests that will hold the most memory
+        when it does (the ``fill_ramp`` rule of
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
+        when the output lengths are known; True: on estimates too; False: the planned order
+        from the first request on.
 
     Notes
     -----
@@ -147,8 +154,11 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         if start_planner is not None and not callable(start_planner):
             raise SpecError("policy.hybrid.start_planner", f"must be a function, not {start_planner!r}",
                             "pass planner(ctx, rows=...) returning one start key per request, or None")
+        if fill_ramp not in (True, False, "known"):
+            raise SpecError("policy.hybrid.fill_ramp", f"must be true, false or 'known', not {fill_ramp!r}",
+                            "'known' fills the empty cache first when the output lengths are known")
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
-                                  priced_headroom=True, planner=start_planner)
+                                  priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":

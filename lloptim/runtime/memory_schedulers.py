@@ -25,12 +25,14 @@ import heapq
 
 import numpy as np
 
+from lloptim.bounds import decode_steps_lower_bound, memory_decode_steps_lower_bound
 from lloptim.memory import blocks
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT"]
+           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
+           "memory_sets_steps"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
 
@@ -244,6 +246,39 @@ class KnownMemory:
                 heap.clear()
 
 
+def memory_sets_steps(ctx: RunContext, rows: np.ndarray | None = None) -> bool:
+    """Whether the KV memory rather than the clients sets the bound's decode steps, from what the policy knows.
+
+    The memory-aware bound's two decode-step terms (:func:`lloptim.lower_bound`) from the estimates
+    of ``rows`` (the requests known so far), the instances pooled: the KV area with the ramp-up
+    from an empty cache (:func:`~lloptim.bounds.memory_decode_steps_lower_bound`) against the
+    clients term (:func:`~lloptim.bounds.decode_steps_lower_bound`: the output tokens over the
+    clients, or the longest requests). Where it is False the clients bind, and memory left idle
+    costs no decode step.
+
+    Parameters
+    ----------
+    ctx
+        The run context, as for :func:`kv_mode_of`.
+    rows
+        Row indices of the requests to consider (``None``: all).
+
+    Returns
+    -------
+    bool
+        Whether the memory term is at least the clients term.
+    """
+    insts = ctx.problem.instances
+    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)[sel]), 1.0).astype(np.int64)
+    clients = sum(i.clients for i in insts)
+    by_clients = decode_steps_lower_bound(est, clients)
+    by_memory = memory_decode_steps_lower_bound(
+        estimated_kv_areas(ctx, 0)[sel], sum(i.kv_blocks * i.kv_block_tokens for i in insts), clients,
+        start_holdings=ctx.problem.workload.prompt_tokens[sel], block_tokens=insts[0].kv_block_tokens)
+    return by_memory >= by_clients
+
+
 def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
 
@@ -289,6 +324,9 @@ _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 #: made memory-bound runs 2-5 times slower; waits of up to 2, 4 or 8 steps gave makespans within
 #: 0.2 points of it (``benchmarks/memory.py`` workloads, sigma 1.0-1.5, rho 1.0-2.0), 8 the fastest.
 RETRY_BACKOFF_MAX = 8
+#: Fraction of its blocks an instance's admitted requests must hold for its cache to count as filled,
+#: which ends the fill-up rule of :class:`MemoryAwareQueue` (``fill_ramp``) on that instance.
+RAMP_FULL = 0.97
 #: Growth of the known requests (factor) that triggers a new planned order (``order="planned"``) as
 #: requests arrive: the order of the requests known so far, at amortized O(log n) per request.
 REPLAN_GROWTH = 1.5
@@ -378,11 +416,22 @@ class MemoryAwareQueue(RequestScheduler):
         rows of the requests known so far (None: all) that returns one key per row, smaller
         first (target start steps). None: :func:`planned_start_keys`. For studying other start
         plans (``benchmarks/memory_start_plan.py`` plans them with an LP).
+    fill_ramp
+        ``rule="first-fit"``, paged KV only: until an instance's cache first fills (its admitted
+        requests hold :data:`RAMP_FULL` of its blocks) or first refuses a request, hand an idle
+        client the fitting request that will hold the most KV memory when the cache is projected
+        to fill rather than the first in order (:meth:`_fill_pick`; an urgent request still goes
+        first), wherever memory sets the bound's decode steps (:func:`memory_sets_steps` of the
+        requests known so far). From an empty cache the clients bind and the memory idles: the
+        requests started first decide how fast it fills. ``"known"``: only when the policy knows
+        the output lengths (with noisy estimates the estimated KV areas, sums of squares, run
+        high, and the test above says memory binds where it does not); True: on estimates too;
+        False: never.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
-                 priced_headroom: bool = False, planner=None) -> None:
+                 priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False) -> None:
         if planner is not None and not callable(planner):
             raise ValueError(f"planner must be a function planner(ctx, rows=...) -> keys or None, not {planner!r}")
         self.planner = planned_start_keys if planner is None else planner
@@ -396,6 +445,9 @@ class MemoryAwareQueue(RequestScheduler):
             raise ValueError(f"rule must be 'first-fit' or 'prefix', not {rule!r}")
         self.order = order
         self.rule = rule
+        if fill_ramp not in (True, False, "known"):
+            raise ValueError(f"fill_ramp must be True, False or 'known', not {fill_ramp!r}")
+        self.fill_ramp = fill_ramp if rule == "first-fit" else False
         self.plan = plan
         self.workflows = workflows
         self.delegate = None
@@ -458,6 +510,9 @@ class MemoryAwareQueue(RequestScheduler):
         self._refused: tuple | None = None
         self.retry_step: dict[int, int] = {}  # instance -> decode step at which a refused request may fit
         self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
+        fill = self.fill_ramp is True or (self.fill_ramp == "known" and ctx.known_lengths)
+        self.filled = [not fill] * len(insts)  # per instance: its cache has filled once (fill-up rule over)
+        self.fill_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, memory_sets_steps of them)
         self.steals = 0
         self.refusals = 0
 
@@ -601,6 +656,7 @@ class MemoryAwareQueue(RequestScheduler):
         if i < 0:
             if pm.t.size:
                 self.refusals += 1
+                self.filled[state.index] = True  # memory binds now: the fill-up is over
                 self._refused = (key, self.n_pending)
                 # ask again when a queued request can first fit, backing off while refusals repeat
                 back = self.retry_backoff.get(state.index, 1)
@@ -609,11 +665,56 @@ class MemoryAwareQueue(RequestScheduler):
                 self.retry_backoff[state.index] = min(2 * back, RETRY_BACKOFF_MAX)
                 return None
             i = 0  # an empty instance always takes the head
+        elif urgent is None and not self.filled[state.index] and floors is None and self._fill_applies():
+            i = self._fill_pick(state, pm, tokens, steps, floors, i)
         self.retry_step.pop(state.index, None)
         self.retry_backoff.pop(state.index, None)
         pm.add(int(tokens[i]), int(steps[i]), 0 if floors is None else int(floors[i]))
         self._cache = ((state.index, state.decode_steps, state.n_running, len(state.waiting) + 1, state.now), pm)
         return self._take(int(rows[i]), client)
+
+    def _fill_applies(self) -> bool:
+        """Whether memory sets the decode steps (:func:`memory_sets_steps`) of the requests known so far,
+        re-evaluated when they have grown by :data:`REPLAN_GROWTH` (amortized O(log n) per request)."""
+        n_eval, applies = self.fill_gate
+        n = len(self.known)
+        if n and n >= REPLAN_GROWTH * n_eval:
+            rows = None if n == self.ctx.problem.n_requests else np.asarray(self.known, dtype=np.int64)
+            applies = memory_sets_steps(self.ctx, rows)
+            self.fill_gate = (n, applies)
+        return applies
+
+    def _fill_pick(self, state, pm: ProjectedMemory, tokens: np.ndarray, steps: np.ndarray,
+                   floors: np.ndarray | None, first: int) -> int:
+        """While the cache fills up: the fitting candidate that will hold the most when it is full.
+
+        From an empty cache every client is busy long before the memory is, and the memory fills
+        only as fast as the running requests grow (``C`` tokens per step with every client busy)
+        minus what finishing ones release. The bound's ramp-up
+        (:func:`lloptim.bounds.memory_decode_steps_lower_bound`) fills it with the largest prompts
+        growing together; in order (a spread of every length), short requests start, finish and
+        are replaced by fresh prompts, and the cache fills several times slower. So until the
+        admitted requests first hold :data:`RAMP_FULL` of the blocks, an idle client gets the
+        fitting candidate of the largest ``context + min(steps, T)``, its holding ``T`` steps on,
+        with ``T = free tokens / C`` the steps the cache takes to fill at full growth: the largest
+        prompts among the requests that last until then (ties: the first in order). Measured on
+        ``benchmarks/memory.py`` workloads (docs, *KV memory*).
+
+        Returns
+        -------
+        int
+            Position among the candidates of the one to start (``first``, the first fit, once
+            the cache has filled).
+        """
+        held = int(pm.held_at(np.zeros(1, dtype=np.int64))[0])
+        if held >= RAMP_FULL * pm.cap:
+            self.filled[state.index] = True
+            return first
+        rest = slice(first, None)
+        ok = first + np.flatnonzero(pm.fits(tokens[rest], steps[rest], None if floors is None else floors[rest]))
+        horizon = max((pm.cap - held) * pm.B / max(len(state.clients), 1), 1.0)
+        score = tokens[ok] + np.minimum(steps[ok], horizon)
+        return int(ok[np.argmax(score)])
 
     def _candidates(self, state, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Context, projected decode steps (start delay included) and reservation of each queued row."""

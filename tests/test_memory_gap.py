@@ -1,0 +1,77 @@
+"""``benchmarks/memory_gap.py``: a run's decode steps cut into spans, how busy clients and KV memory were in each.
+
+The decomposition must account for every decode step, request and idle resource-step of the run,
+and its reading of the excess over the bound (a run's steps are the KV area over the capacity plus
+its idle memory-steps; the bound's are the area plus its ramp-up) must hold against the engine's
+own KV trace, for any policy, with or without preemptions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lloptim import Problem, Workload, run_policy
+from lloptim.memory import decode_area_tokens
+
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_BENCH))  # memory_gap imports its sibling benchmarks.memory
+_spec = importlib.util.spec_from_file_location("memory_gap", _BENCH / "memory_gap.py")
+mg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mg)
+sys.path.remove(str(_BENCH))
+
+
+def _problem(n: int, clients: int, seed: int, rho: float, block: int = 4) -> Problem:
+    """``n`` lognormal requests and a cache at which the KV-area steps are ``rho`` x the client steps."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(5, 40, n)
+    o = np.clip(np.rint(rng.lognormal(np.log(20), 1.2, n)), 1, 300).astype(np.int64)
+    area = float(decode_area_tokens(p, o, block).sum())
+    cap = max(int(area / (rho * o.sum() / clients)), int((p + o).max()) + block)
+    return Problem.single(Workload.from_arrays(p, o), "llama-65b", clients=clients,
+                          kv_capacity_tokens=-(-cap // block) * block, kv_block_tokens=block)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), rho=st.sampled_from([0.8, 1.0, 1.5]), parts=st.integers(1, 12),
+       policy=st.sampled_from(["hybrid-fused", "hybrid", "vllm", "lpt"]))
+def test_spans_account_for_the_whole_run(seed, rho, parts, policy):
+    problem = _problem(50, 5, seed, rho)
+    res = run_policy(problem, policy)
+    rows, tot = mg.gap_by_part(problem, res, parts=parts)
+    inst = problem.instances[0]
+    M = inst.kv_blocks * inst.kv_block_tokens
+    dec = (res.trace_kind == 1) | (res.trace_kind == 2)
+    S = int(dec.sum())
+    assert len(rows) == parts and tot["decode_steps"] == S
+    # the spans partition the decode steps, and each step falls in exactly one of the four classes
+    assert sum(r["steps"] for r in rows) == S
+    assert rows[0]["from_step"] == 0 and rows[-1]["to_step"] == S
+    assert all(r["clients_full_only"] + r["memory_full_only"] + r["both_full"] + r["neither_full"] == r["steps"]
+               for r in rows)
+    # every request starts decoding in exactly one span
+    assert sum(r["started"] for r in rows) == problem.n_requests
+    # idle resource-steps add up to the run's, which are the steps minus the work done in them
+    n = res.trace_participants[dec] / inst.clients
+    h = res.trace_kv_tokens[dec] / M
+    assert np.isclose(sum(r["idle_client_steps"] for r in rows), tot["idle_client_steps"])
+    assert np.isclose(sum(r["idle_memory_steps"] for r in rows), tot["idle_memory_steps"])
+    assert np.isclose(tot["idle_memory_steps"], S - h.sum())
+    assert np.isclose(tot["idle_client_steps"], S - n.sum())
+    # the KV memory held over the run is the bound's area (fused prefills hold the prompt one step
+    # more), so the steps above the bound's memory steps are the idle memory-steps minus its ramp-up
+    prompt_blocks = float((-(-problem.workload.prompt_tokens // inst.kv_block_tokens)).sum() * inst.kv_block_tokens)
+    held = float(res.trace_kv_tokens[dec].sum())
+    area = tot["area_steps"] * M
+    assert area - 1e-6 <= held <= area + prompt_blocks + 1e-6
+    excess = S - tot["bound_steps_memory"]
+    explained = tot["idle_memory_steps"] - tot["bound_ramp_steps"]
+    assert explained - 1e-6 <= excess <= explained + prompt_blocks / M + 1e-6
+    # the bound is never above the run, and its ramp-up is never negative
+    assert tot["bound_steps"] <= S and tot["bound_ramp_steps"] >= -1e-9
