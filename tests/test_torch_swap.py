@@ -142,3 +142,58 @@ def test_swap_calls_out_of_sync_with_the_engine_are_refused(model):
     be.swap_in(0, 0, 1)
     be.swap_in(0, 0, p - 1)
     assert 0 in be._running[0] and be._reqs[0].length == p
+
+
+# -- lloptim run --preemption / --swap-space -----------------------------------------------------------
+def _profile(tmp_path, swap: bool = True):
+    from lloptim.hardware import save_profile
+
+    lat = LatencyModel(1e-3, 1e-5, 1e-3, 3e-5, 5e-7, kv_swap_per_token_s=1e-6 if swap else None)
+    # 160 KV tokens for 4 clients of requests up to 128 tokens: vllm preempts
+    return str(save_profile(HardwareProfile("tiny-tight", lat, 160, 4), tmp_path / f"p{int(swap)}.toml"))
+
+
+def test_cli_run_swaps_on_the_torch_backend_and_keeps_tokens_exact(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+
+    base = ["run", "--requests", "8", "--clients", "4", "--profile", _profile(tmp_path), "--policy", "vllm",
+            "--device", "cpu", "--json"]
+    out = {}
+    for mode in ("recompute", "swap"):
+        res = CliRunner().invoke(app, base + ["--preemption", mode])
+        assert res.exit_code == 0, res.output
+        out[mode] = json.loads(res.stdout)
+    rec, swp = out["recompute"], out["swap"]
+    assert rec["preemption"] == "recompute" and rec["swapped_out_tokens"] == 0 and rec["recomputed_tokens"] > 0
+    assert swp["preemption"] == "swap" and swp["swapped_out_tokens"] > 0 and swp["recomputed_tokens"] == 0
+    for d in (rec, swp):
+        assert d["preemptions"] > 0 and d["max_token_mismatch"] == 0 and d["requests_completed"] == 8
+    # a host space too small for every victim: some swap, the rest recompute
+    res = CliRunner().invoke(app, base + ["--preemption", "swap", "--swap-space", "32"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert 0 < d["swapped_out_tokens"] <= 32 * d["preemptions"] and d["max_token_mismatch"] == 0
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--preemption", "migrate"], "--preemption"),
+    (["--swap-space", "64"], "--swap-space"),  # without --preemption swap
+    (["--preemption", "swap", "--swap-space", "-1"], "--swap-space"),
+    (["--preemption", "swap", "--ray"], "--preemption"),
+    (["--preemption", "swap", "--backend", "vllm"], "--preemption"),
+    (["--preemption", "swap", "NOSWAP"], "--profile"),
+])
+def test_cli_run_refuses_bad_preemption_flags_before_any_work(tmp_path, extra, flag):
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+
+    prof = _profile(tmp_path, swap="NOSWAP" not in extra)
+    extra = [x for x in extra if x != "NOSWAP"]
+    res = CliRunner().invoke(app, ["run", "--requests", "4", "--profile", prof, "--device", "cpu"] + extra)
+    assert res.exit_code == 2, res.output
+    assert flag in res.output and "Traceback" not in res.output
