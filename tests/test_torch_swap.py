@@ -13,7 +13,7 @@ from lloptim.backends.models import load_model  # noqa: E402
 from lloptim.backends.torch_backend import TorchBackend, token_mismatches  # noqa: E402
 from lloptim.errors import LloptimError  # noqa: E402
 from lloptim.hardware import HardwareProfile, LatencyModel  # noqa: E402
-from lloptim.runtime.engine import KIND_SWAP, Engine  # noqa: E402
+from lloptim.runtime.engine import KIND_SWAP, Engine, Fault  # noqa: E402
 from lloptim.runtime.registry import make_policy  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -78,6 +78,46 @@ def test_a_small_host_space_mixes_swap_and_recompute_exactly(model):
     assert be.counters["swap_outs"] > 0 and be.counters["preemptions"] > 0
     assert be.counters["swap_outs"] + be.counters["preemptions"] == res.preemptions.sum()
     assert max(token_mismatches(be).values()) == 0
+
+
+class _FixedClock(TorchBackend):
+    """Every call takes 1 ms (a deterministic schedule), and the releases of swapped requests are counted."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = 0.0  # one instance, all requests at time 0: the engine's clock is the sum of the calls
+        self.swapped_at: dict[int, float] = {}
+        self.released_swapped = 0
+
+    def _timed(self, fn) -> float:
+        fn()
+        self.clock += 1e-3
+        return 1e-3
+
+    def swap_out(self, instance, request, kv_tokens):
+        dur = super().swap_out(instance, request, kv_tokens)
+        self.swapped_at.setdefault(request, self.clock)
+        return dur
+
+    def release(self, instance, request, finished):
+        self.released_swapped += not finished and request in self._swapped
+        super().release(instance, request, finished)
+
+
+@pytest.mark.parametrize("policy", ["vllm", "sarathi"])
+def test_a_fault_on_a_swapped_request_restarts_it_exactly(model, policy):
+    """The client of a swapped-out request fails while its cache is in host memory: served again, exactly."""
+    problem = _tight(5)
+    clean = _FixedClock(problem, model)
+    res = _run(problem, clean, policy)
+    assert clean.swapped_at
+    r, t = min(clean.swapped_at.items(), key=lambda x: x[1])
+    be = _FixedClock(problem, model)
+    res = Engine(problem, make_policy(policy, **({"token_budget": 8} if policy == "sarathi" else {})), backend=be,
+                 preemption="swap", faults=[Fault(t + 5e-4, 0, int(res.client[r]))], check=True).run()
+    assert be.released_swapped >= 1  # the fault took a request whose cache was in host memory
+    assert res.restarts[r] >= 1 and np.all(~np.isnan(res.done_s))
+    assert max(token_mismatches(be).values()) == 0 and not be._swapped
 
 
 class _Broken(TorchBackend):
