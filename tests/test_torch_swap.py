@@ -57,7 +57,8 @@ def test_swapped_requests_decode_on_to_the_reference_tokens(model, policy, seed)
     # the engine's swap time is the backend's measured copies
     assert res.swap_s > 0 and float(res.trace_duration_s[res.trace_kind == KIND_SWAP].sum()) <= res.swap_s + 1e-9
     assert max(token_mismatches(be).values()) == 0
-    assert {r: len(t) for r, t in be.generated.items()} == {r: int(o) for r, o in enumerate(problem.workload.output_tokens)}
+    want = {r: int(o) for r, o in enumerate(problem.workload.output_tokens)}
+    assert {r: len(t) for r, t in be.generated.items()} == want
     assert not be._swapped and all(not p.segments for p in be._pools)  # nothing left in host memory or the pool
 
 
