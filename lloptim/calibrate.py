@@ -10,7 +10,11 @@ grid point and keeping the median:
   ``(batch, context)``; the predictors are the batch size and the KV tokens;
 * transfer: one running request whose cache holds ``length`` tokens moved between two replicas
   (:meth:`~lloptim.backends.torch_backend.TorchBackend.migrate`), for every prefill length; the
-  predictor is the KV tokens (``kv_transfer_base_s``, ``kv_transfer_per_token_s``).
+  predictor is the KV tokens (``kv_transfer_base_s``, ``kv_transfer_per_token_s``);
+* swap: the same request's cache copied to host memory and back
+  (:meth:`~lloptim.backends.torch_backend.TorchBackend.swap_out` and ``swap_in``), for every prefill
+  length; the time of one copy is fitted as proportional to the KV tokens (``kv_swap_per_token_s``),
+  which ``preemption="swap"`` needs.
 
 :func:`fit_prefill` and :func:`fit_decode` then fit the five :class:`~lloptim.hardware.LatencyModel`
 coefficients by non-negative least squares (:func:`scipy.optimize.nnls`) on *relative* residuals
@@ -80,12 +84,12 @@ class CalibrationPoint:
     Attributes
     ----------
     kind
-        ``"prefill"``, ``"decode"``, ``"mixed"`` (engine steps) or ``"transfer"``.
+        ``"prefill"``, ``"decode"``, ``"mixed"`` (engine steps), ``"transfer"`` or ``"swap"``.
     batch
         Requests in the iteration (prefill: prompts; decode and mixed: decoding requests).
     tokens
         Prefill and mixed: prompt tokens; decode: KV tokens held before the step (median over
-        repeats); transfer: KV tokens moved.
+        repeats); transfer and swap: KV tokens moved (a swap point times one copy, out or in).
     seconds
         Median measured time, seconds.
     predicted_s
@@ -148,12 +152,12 @@ class Calibration:
     @property
     def max_rel_error(self) -> float:
         """Largest ``|relative error|`` over the prefill and decode grid points (the iteration model)."""
-        return max(abs(p.rel_error) for p in self.points if p.kind != "transfer")
+        return max(abs(p.rel_error) for p in self.points if p.kind not in ("transfer", "swap"))
 
     @property
     def mean_rel_error(self) -> float:
         """Mean ``|relative error|`` over the prefill and decode grid points."""
-        return float(np.mean([abs(p.rel_error) for p in self.points if p.kind != "transfer"]))
+        return float(np.mean([abs(p.rel_error) for p in self.points if p.kind not in ("transfer", "swap")]))
 
     def to_profile(self, name: str | None = None, kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS,
                    clients: int = DEFAULT_CLIENTS) -> HardwareProfile:
@@ -371,14 +375,24 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
         times = [backend.migrate(i % 2, (i + 1) % 2, row, length) for i in range(steps)][warmup:]
         backend.release(steps % 2, row, False)
         points.append(("transfer", 1, float(length), float(np.median(times))))
+    for length in pl:
+        row = pre_rows[min(pb), length][0]
+        backend.prefill(0, [row], length)
+        # one copy: half of a swap-out and its swap-in (the two directions are priced alike)
+        times = [(backend.swap_out(0, row, length) + backend.swap_in(0, row, length)) / 2 for _ in range(steps)]
+        backend.release(0, row, False)
+        points.append(("swap", 1, float(length), float(np.median(times[warmup:]))))
     pre = [p for p in points if p[0] == "prefill"]
     dec = [p for p in points if p[0] == "decode"]
     tra = [p for p in points if p[0] == "transfer"]
+    swp = [p for p in points if p[0] == "swap"]
     a_p, b_p, r2_p = fit_prefill([p[2] for p in pre], [p[3] for p in pre])
     a_d, b_d, c_d, r2_d = fit_decode([p[1] for p in dec], [p[2] for p in dec], [p[3] for p in dec])
     # a transfer is linear in the tokens moved
     moved = np.array([p[2] for p in tra])
     (a_t, b_t), _ = _nnls_relative(np.column_stack([np.ones_like(moved), moved]), [p[3] for p in tra])
+    # a swap too, through the origin (the latency model states a per-token swap cost only)
+    (b_s,), _ = _nnls_relative(np.array([[p[2]] for p in swp]), [p[3] for p in swp])
     if a_d + b_d <= 0:
         # timer noise on a tiny model can put a decode's whole cost on the KV term, which would price
         # an empty cache at nothing: fit base + per request alone instead
@@ -386,9 +400,10 @@ def calibrate(model="tiny-llama", device: str = "auto", dtype: str | None = None
         c_d = 0.0
     if a_p + b_p <= 0 or a_d + b_d <= 0:  # pragma: no cover - only with absurd measurements
         raise SpecError("calibration", "the fit gives iterations that take no time", "use a larger grid")
-    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=float(a_t), kv_transfer_per_token_s=float(b_t))
+    lat = LatencyModel(a_p, b_p, a_d, b_d, c_d, kv_transfer_base_s=float(a_t), kv_transfer_per_token_s=float(b_t),
+                       kv_swap_per_token_s=float(b_s))
     predict = {"prefill": lambda b, tok: lat.prefill_time(tok), "decode": lat.decode_time,
-               "transfer": lambda b, tok: lat.transfer_time(tok)}
+               "transfer": lambda b, tok: lat.transfer_time(tok), "swap": lambda b, tok: lat.swap_time(tok)}
     out = [CalibrationPoint(k, b, tok, sec, predict[k](b, tok)) for k, b, tok, sec in points]
     return Calibration(latency=lat, points=out, r2_prefill=r2_p, r2_decode=r2_d, model=loaded.name,
                        device=loaded.device, dtype=str(loaded.dtype).removeprefix("torch."),

@@ -58,8 +58,9 @@ def test_calibration_fits_and_saves_a_loadable_profile(calibration, tmp_path):
     from lloptim.simulator import simulate
     from lloptim.spec import load_spec
 
-    assert len(calibration.points) == 6 + 6 + 3  # prefill, decode, transfer (one per prefill length)
+    assert len(calibration.points) == 6 + 6 + 3 + 3  # prefill, decode, transfer and swap (one per prefill length)
     assert calibration.latency.can_transfer and calibration.latency.transfer_time(64) > 0
+    assert calibration.latency.can_swap and calibration.latency.swap_time(64) > 0
     assert calibration.mean_rel_error < 0.5
     prof = calibration.to_profile(kv_capacity_tokens=4096, clients=4)
     path = save_profile(prof, tmp_path / "tiny.toml")
@@ -122,9 +123,10 @@ def test_cli_calibrate_json_writes_profile(tmp_path, model):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert set(d["latency"]) == {"prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
-                                 "decode_per_kv_token_s", "kv_transfer_base_s", "kv_transfer_per_token_s"}
-    assert {p["kind"] for p in d["points"]} == {"prefill", "decode", "transfer"}
-    assert "r2_prefill" in d and len(d["points"]) == 8 + 2 and d["profile_path"] == str(out)
+                                 "decode_per_kv_token_s", "kv_transfer_base_s", "kv_transfer_per_token_s",
+                                 "kv_swap_per_token_s"}
+    assert {p["kind"] for p in d["points"]} == {"prefill", "decode", "transfer", "swap"}
+    assert "r2_prefill" in d and len(d["points"]) == 8 + 2 + 2 and d["profile_path"] == str(out)
     prof = load_profile(out)
     assert prof.clients == 3 and prof.kv_capacity_tokens == 2048
 

@@ -32,7 +32,11 @@ the next one. A request with ``o`` output tokens thus takes part in exactly ``o`
 emits exactly ``o`` tokens (EOS ignored); its KV cache holds ``prompt + done`` tokens, as the
 engine accounts. A request preempted for KV memory (:meth:`TorchBackend.preempt`) keeps the tokens
 it emitted; its next prefill feeds its prompt followed by them (its *context*), which recomputes
-its cache and yields the token it would have emitted next, so its generation is unchanged.
+its cache and yields the token it would have emitted next, so its generation is unchanged. A request
+preempted by swapping (``preemption="swap"``, :meth:`TorchBackend.swap_out`) has its cache copied,
+every layer's keys and values, to one host tensor and its segment freed; :meth:`TorchBackend.swap_in`
+copies it back (whole, or in the chunks the engine resumes it by) into a new segment, and it decodes
+on from the token it had reached.
 
 Several instances are several independent replicas: they share the (read-only) weights object and
 keep separate pools and running sets. Times are seconds around the whole iteration (host
@@ -143,6 +147,21 @@ class _Pool:
         seg = self.segments.pop(request, None)
         if seg is not None:
             self._release(*seg)
+
+
+class _Swapped:
+    """A request whose KV cache is in host memory: its state, the copy, and how much of it is back.
+
+    ``host`` is one ``(layers, 2, kv_heads, tokens, head_dim)`` tensor (keys at ``[:, 0]``, values
+    at ``[:, 1]``), pinned on CUDA so the copies run at the link's full speed.
+    """
+
+    __slots__ = ("state", "host", "restored")
+
+    def __init__(self, state: _Req, host) -> None:
+        self.state = state
+        self.host = host
+        self.restored = 0  # tokens already copied back (a swap-in may come in chunks)
 
 
 class _PoolCache:
@@ -264,7 +283,9 @@ class TorchBackend:
         a fault and served again only keeps its final, complete generation.
     counters
         Iteration counts by kind, ``partial_chunks`` (chunks that did not complete a prompt),
-        ``evictions`` and ``migrations`` (requests moved in from another instance).
+        ``evictions``, ``migrations`` (requests moved in from another instance), ``preemptions``
+        (recompute), ``swap_outs`` and ``swap_ins`` (copies to and from host memory; a chunked
+        swap-in counts once per chunk).
     steps
         Every prefill, decode and mixed iteration it ran, in order, as ``(kind, seconds, prompt
         tokens, decoding requests, KV tokens they held before the step)``, kind 0 prefill, 1 decode,
@@ -304,9 +325,10 @@ class TorchBackend:
         self._pools = [_Pool() for _ in problem.instances]
         self.generated: dict[int, list[int]] = {}
         self.counters = {"prefill": 0, "decode": 0, "mixed": 0, "partial_chunks": 0, "evictions": 0,
-                         "migrations": 0, "preemptions": 0}
+                         "migrations": 0, "preemptions": 0, "swap_outs": 0, "swap_ins": 0}
         self.steps: list[tuple[int, float, int, int, int]] = []
         self._kept: dict[int, list[int]] = {}  # tokens emitted by preempted requests, to recompute
+        self._swapped: dict[int, _Swapped] = {}  # requests whose caches are in host memory
         params = inspect.signature(self.model.module.forward).parameters
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
@@ -328,6 +350,7 @@ class TorchBackend:
         if old is not None:  # defensive: a restart without a release
             self._pools[old.instance].kill(request)
             self._running[old.instance].pop(request, None)
+        self._swapped.pop(request, None)  # a restart forgets a host copy
         st = _Req(instance)
         st.tokens = self._kept.pop(request, [])  # a preempted request resumes with what it emitted
         self._reqs[request] = st
@@ -583,6 +606,107 @@ class TorchBackend:
         self.counters["migrations"] += 1
         return dur
 
+    def swap_out(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Copy a running request's KV cache (every layer, keys and values) to host memory; free its slots.
+
+        The request keeps its emitted tokens and the token it emits next; :meth:`swap_in` copies the
+        cache back and it decodes on exactly as if never preempted (the token-equality tests cover it).
+
+        Parameters
+        ----------
+        instance, request, kv_tokens
+            As in :meth:`SupportsSwap.swap_out <lloptim.backends.base.SupportsSwap.swap_out>`
+            (``kv_tokens`` in tokens, checked against the cache).
+
+        Returns
+        -------
+        float
+            Measured time of the copy (host buffer allocation included) on the backend's ``clock``,
+            seconds.
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, or the request is not running on ``instance`` with ``kv_tokens`` tokens.
+        """
+        self._check_instance(instance)
+        st = self._reqs.get(request)
+        if st is None or request not in self._running[instance] or st.length != kv_tokens:
+            raise LloptimError(f"torch backend out of sync with the engine: request {request} is not running on "
+                               f"instance {instance} with {kv_tokens} KV tokens to swap out")
+        torch = self.torch
+        pool = self._pools[instance]
+        start = pool.segments[request][0]
+        holder: list = []
+
+        def work() -> None:
+            k0 = pool.kv[0][0]
+            shape = (len(pool.kv), 2, k0.shape[1], kv_tokens, k0.shape[3])
+            host = torch.empty(shape, dtype=k0.dtype, device="cpu", pin_memory=k0.is_cuda)
+            for j, (k, v) in enumerate(pool.kv):
+                host[j, 0].copy_(k[0, :, start:start + kv_tokens], non_blocking=True)
+                host[j, 1].copy_(v[0, :, start:start + kv_tokens], non_blocking=True)
+            holder.append(host)
+
+        dur = self._timed(work)  # synchronizes: the copy is complete before the slots are freed
+        pool.kill(request)
+        del self._running[instance][request]
+        del self._reqs[request]
+        self._swapped[request] = _Swapped(st, holder[0])
+        self.counters["swap_outs"] += 1
+        return dur
+
+    def swap_in(self, instance: int, request: int, kv_tokens: int) -> float:
+        """Copy the next ``kv_tokens`` tokens of a swapped-out cache back into ``instance``'s pool.
+
+        The first call allocates the request's segment; the call that completes the cache makes the
+        request run again (it decodes at the next step, from the token it had reached).
+
+        Parameters
+        ----------
+        instance, request, kv_tokens
+            As in :meth:`SupportsSwap.swap_in <lloptim.backends.base.SupportsSwap.swap_in>`
+            (``kv_tokens``: this call's chunk, tokens).
+
+        Returns
+        -------
+        float
+            Measured time of the copy on the backend's ``clock``, seconds.
+
+        Raises
+        ------
+        LloptimError
+            Unknown instance, the request is not swapped out, or the chunk runs past its cache.
+        """
+        self._check_instance(instance)
+        sw = self._swapped.get(request)
+        total = None if sw is None else sw.host.shape[3]
+        if sw is None or not (0 < kv_tokens <= total - sw.restored):
+            raise LloptimError(f"torch backend out of sync with the engine: swap-in of {kv_tokens} tokens of request "
+                               f"{request}, which has " + ("no swapped cache" if sw is None else
+                                                           f"{total - sw.restored} tokens left in host memory"))
+        pool = self._pools[instance]
+        st = sw.state
+        begin = sw.restored
+
+        def work() -> None:
+            seg = pool.segments.get(request)
+            start = seg[0] if seg is not None else pool.allocate(self.model, request, self._segment_size[request])
+            lo, hi = start + begin, start + begin + kv_tokens
+            for j, (k, v) in enumerate(pool.kv):
+                k[0, :, lo:hi].copy_(sw.host[j, 0, :, begin:begin + kv_tokens], non_blocking=True)
+                v[0, :, lo:hi].copy_(sw.host[j, 1, :, begin:begin + kv_tokens], non_blocking=True)
+
+        dur = self._timed(work)
+        sw.restored += kv_tokens
+        if sw.restored == total:
+            del self._swapped[request]
+            st.instance = instance
+            self._reqs[request] = st
+            self._running[instance][request] = None
+        self.counters["swap_ins"] += 1
+        return dur
+
     def release(self, instance: int, request: int, finished: bool) -> None:
         """Free ``request``'s cache; keep its tokens in :attr:`generated` if it ``finished``.
 
@@ -596,6 +720,7 @@ class TorchBackend:
         self._pools[instance].kill(request)
         st = self._reqs.pop(request, None)
         self._kept.pop(request, None)
+        self._swapped.pop(request, None)
         if finished:
             if st is not None:
                 self.generated[request] = st.tokens

@@ -23,6 +23,7 @@ import typer
 from lloptim.cli.app import app
 from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, err_console, load_problem, output_path,
                                 print_json, user_errors, write_reporting)
+from lloptim.cli.simulate import check_preemption_options, preemption_option, swap_space_option
 from lloptim.cli.tables import Column, print_table
 from lloptim.errors import SpecError
 from lloptim.validation import check_choice, check_int, check_seed
@@ -36,7 +37,8 @@ CLOCKS = ("wall", "cpu")
 #: API fields raised by model loading and calibration, and the flags of ``run``/``calibrate`` that set them.
 MODEL_FLAGS = {"backend": "--backend", "threads": "--threads", "profile": "--profile", "device": "--device",
                "dtype": "--dtype", "model": "--model", "policy": "--policy", "clock": "--clock", "repeats": "--repeats",
-               "kv_blocks": "--kv-blocks", "clients": "--clients", "instances": "--instances"}
+               "kv_blocks": "--kv-blocks", "clients": "--clients", "instances": "--instances",
+               "preemption": "--preemption", "swap_space_tokens": "--swap-space"}
 #: Clients per engine instance when neither --clients nor a SPEC says.
 DEFAULT_ENGINE_CLIENTS = 16
 
@@ -341,6 +343,8 @@ def serve(
                                             "the engine's)"),
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="vllm, hf: tokens per step "
                                                      "(default: the engine's)"),
+    preemption: str = preemption_option(),
+    swap_space: Optional[int] = swap_space_option(),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -362,6 +366,11 @@ def serve(
     sizes = {"clients": "--clients", "instances": "--instances (or the spec's [[instances]])",
              "requests": "--requests (or the spec's workload)"}
     if backend in ENGINE_BACKENDS:
+        if preemption != "recompute" or swap_space is not None:
+            with user_errors(MODEL_FLAGS, size_guard, sizes):
+                raise SpecError("--preemption" if preemption != "recompute" else "--swap-space",
+                                f"the {backend} engine preempts by its own configuration, not lloptim's",
+                                "drop the flag, or use --backend torch or simulated")
         _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
                           threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
                           size_guard, sizes)
@@ -380,9 +389,17 @@ def serve(
         check_choice("--policy", policy, sorted(policy_names()), "policy")
         _check_common(seed, clock)
         check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
+        check_preemption_options(preemption, swap_space)
+        if preemption == "swap" and on_ray:
+            raise SpecError("--preemption", "the Ray replicas cannot swap KV caches to host memory yet",
+                            "use --preemption recompute, or drop --ray")
         if backend == "torch":
             _set_threads(threads)
         given = load_profile(profile) if profile is not None else None  # before any work: a missing file is named
+        if preemption == "swap" and given is not None and not given.latency.can_swap:
+            raise SpecError("--profile", f"profile {given.name!r} states no KV swap cost, which --preemption swap "
+                            "needs to plan and predict", "add kv_swap_per_token_s to its [latency] table, or "
+                            "calibrate a new one (`lloptim calibrate --out`), or use --preemption recompute")
         # the run's size is known before the model loads: check it against the machine now
         sizing = given or load_profile("llama-65b")
         sizing = replace(sizing, clients=clients or (DEFAULT_CLIENTS if backend == "torch" and given is None
@@ -404,7 +421,8 @@ def serve(
         def make():
             return with_migration(policy) if migrate else make_policy(policy)
 
-        predicted = run_policy(problem, make())
+        kv = {"preemption": preemption, "swap_space_tokens": swap_space}
+        predicted = run_policy(problem, make(), **kv)
         if on_ray:
             from lloptim.backends.simulated import SimulatedBackend
             from lloptim.distributed import RayBackend
@@ -412,14 +430,14 @@ def serve(
             factory = (replica_factory(model, device=loaded.device, dtype=dtype, seed=seed, clock=clock,
                                        threads=threads) if backend == "torch" else SimulatedBackend)
             with RayBackend(problem, factory, address=address) as be:
-                result = run_policy(problem, make(), backend=be)
+                result = run_policy(problem, make(), backend=be, **kv)
                 generated = be.collect_generated() if backend == "torch" and verify else None
             # the replicas' generations against references computed here, from the same weights
             mismatch = (max(token_mismatches(TorchBackend(problem, loaded, seed=seed), generated=generated).values())
                         if generated is not None else None)
         elif backend == "torch":
             be = TorchBackend(problem, loaded, seed=seed, clock=clock)
-            result = run_policy(problem, make(), backend=be)
+            result = run_policy(problem, make(), backend=be, **kv)
             mismatch = max(token_mismatches(be).values()) if verify else None
         else:
             result, mismatch = predicted, None
@@ -431,7 +449,7 @@ def serve(
         policy=policy, profile=str(profile) if profile else "calibrated",
         device=loaded.device if loaded else None, clock=clock, tokens_per_s=result.generated_tokens / makespan if makespan else 0.0,
         max_token_mismatch=mismatch, predicted_makespan_s=pred,
-        prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan,
+        prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan, preemption=preemption,
     )
     if json_out:
         print_json(d)
@@ -443,6 +461,9 @@ def serve(
             ("prediction error", f"{100 * d['prediction_rel_error']:+.1f} %"),
             ("utilization", f"{100 * d['utilization']:.1f} %"), ("tokens/s", f"{d['tokens_per_s']:,.0f}"),
             ("p99 latency", f"{d['latency_p99_s']:.4f} s"), ("wall time", f"{d['wall_s']:.2f} s"),
+            ("preemptions", f"{d['preemptions']} ({preemption}"
+                            + (f"; {d['swapped_out_tokens']:,} tokens swapped, {d['swap_s']:.4f} s)"
+                               if preemption == "swap" else ")")),
             ("max token mismatch", str(mismatch))]
     print_table(console, title, [Column("metric", numeric=False), Column("value")], [list(r) for r in rows])
 

@@ -85,13 +85,26 @@ def migrate_warning(problem, flag: str = "--migrate") -> None:
              "between instances (add instances, e.g. count = 2 in [[instances]], or drop the flag)")
 
 
+def preemption_option():
+    """The ``--preemption`` option of ``lloptim simulate`` and ``lloptim run``."""
+    return typer.Option("recompute", "--preemption",
+                        help="what a preemption does: recompute (drop the cache, prefill it again; vLLM's default) "
+                             "or swap (copy it to host memory and back, priced in the simulator by the profile's "
+                             "kv_swap_per_token_s; recompute when the host space is full)")
+
+
+def swap_space_option():
+    """The ``--swap-space`` option of ``lloptim simulate`` and ``lloptim run``."""
+    return typer.Option(None, "--swap-space", help="host swap space of each instance, KV tokens (with --preemption "
+                                                   "swap; default: the size of its KV cache)")
+
+
 def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: str = "newest",
                      preemption: str = "recompute", swap_space: int | None = None) -> None:
     """Validate the KV flags before any work, naming the flag in the error."""
     from lloptim.errors import SpecError
     from lloptim.memory import check_block_tokens, check_kv_mode
-    from lloptim.runtime.kv import PREEMPTION_MODES, VICTIM_RULES
-    from lloptim.validation import check_int
+    from lloptim.runtime.kv import VICTIM_RULES
 
     if kv_mode is not None:
         check_kv_mode(kv_mode, "--kv-mode")
@@ -99,6 +112,15 @@ def check_kv_options(kv_mode: str | None, kv_block_tokens: int | None, victim: s
         check_block_tokens(kv_block_tokens, field="--kv-block")
     if victim not in VICTIM_RULES:
         raise SpecError("--victim", f"unknown preemption victim rule {victim!r}", f"use one of {list(VICTIM_RULES)}")
+    check_preemption_options(preemption, swap_space)
+
+
+def check_preemption_options(preemption: str, swap_space: int | None) -> None:
+    """Validate ``--preemption`` and ``--swap-space`` before any work, naming the flag in the error."""
+    from lloptim.errors import SpecError
+    from lloptim.runtime.kv import PREEMPTION_MODES
+    from lloptim.validation import check_int
+
     if preemption not in PREEMPTION_MODES:
         raise SpecError("--preemption", f"unknown preemption mode {preemption!r}", f"use one of {list(PREEMPTION_MODES)}")
     if swap_space is not None:
@@ -138,13 +160,8 @@ def simulate(
     victim: str = typer.Option("newest", "--victim",
                                help="which running request a preemption takes: newest (vLLM), fewest-tokens, "
                                     "longest-remaining"),
-    preemption: str = typer.Option("recompute", "--preemption",
-                                   help="what a preemption does: recompute (drop the cache, prefill it again; "
-                                        "vLLM's default) or swap (copy it to host memory and back, costed by the "
-                                        "profile's kv_swap_per_token_s; recompute when the host space is full)"),
-    swap_space: Optional[int] = typer.Option(None, "--swap-space",
-                                             help="host swap space of each instance, KV tokens (with --preemption "
-                                                  "swap; default: the size of its KV cache)"),
+    preemption: str = preemption_option(),
+    swap_space: Optional[int] = swap_space_option(),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
     from lloptim.metrics import summarize
