@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import BLOCK, CLIENTS, NOISE, RHOS, SIGMAS, capacity_for, memory_workload  # noqa: E402
+from memory import BLOCK, CLIENTS, NOISE, RHOS, SIGMAS, _Inline, capacity_for, memory_workload  # noqa: E402
 
 from lloptim import Problem, run_policy, summarize  # noqa: E402
 from lloptim.runtime.estimators import noisy_estimates  # noqa: E402
@@ -83,20 +83,6 @@ def _report(rows: list[dict], seeds: tuple, label: str, policies) -> None:
             share = np.mean([100 * r["swap_s"] / r["makespan_s"] for r in sel["swap"]])
             print(f"| {rho} | {p} | {np.mean(g['recompute']):.2f} % / {max(g['recompute']):.2f} % "
                   f"| {np.mean(g['swap']):.2f} % / {max(g['swap']):.2f} % | {rec:.0f} % | {swp:.0f} % | {share:.2f} % |")
-
-
-class _Inline:
-    """A stand-in for a process pool that maps in this process."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, tasks):
-        return [fn(t) for t in tasks]
 
 
 def main() -> None:
