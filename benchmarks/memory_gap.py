@@ -26,13 +26,13 @@ Run: ``python benchmarks/memory_gap.py [--sigmas 1.0,1.2,1.5] [--seeds 0] [--rho
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_csv  # noqa: E402
 from memory import BLOCK, CLIENTS, NOISE, capacity_for, memory_workload  # noqa: E402
 
 from lloptim import Problem, lower_bound, run_policy, summarize  # noqa: E402
@@ -156,12 +156,9 @@ def main() -> None:
             print(f"idle memory-steps: first tenth {rows[0]['idle_memory_steps']:.0f} (the bound's ramp-up "
                   f"{tot['bound_ramp_steps']:.0f}), tenths 2-{PARTS - 1} {mid:.0f}, last tenth "
                   f"{rows[-1]['idle_memory_steps']:.0f}; the last request started in step {tot['last_start_step']}")
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "memory_gap.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
-        w.writeheader()
-        w.writerows(csv_rows)
+    default = (args.sigmas, args.seeds, args.rho, args.unknown, args.policy, args.no_fill_ramp) == \
+        ("1.0,1.2,1.5", "0", 1.0, False, "hybrid-fused", False)
+    write_csv("memory_gap.csv", csv_rows, partial=not default)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,8 @@ Run: ``python benchmarks/memory_start_plan.py [--quick] [--jobs 2]``. Writes
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -61,8 +59,10 @@ from lloptim import Problem, lower_bound, run_policy, summarize
 from lloptim.memory import decode_area_tokens
 
 try:  # run as a script (benchmarks/ on the path) or imported by the tests
+    from _results import write_csv
     from memory import BLOCK, CLIENTS, _loss_split, capacity_for, memory_workload
 except ImportError:  # pragma: no cover
+    from benchmarks._results import write_csv
     from benchmarks.memory import BLOCK, CLIENTS, _loss_split, capacity_for, memory_workload
 
 REPORT = [(s, seed) for s in (1.0, 1.2, 1.5) for seed in (0, 1, 2)]
@@ -306,12 +306,7 @@ def main(argv=None) -> list[dict]:
             rows = list(pool.map(run_case, tasks))
     else:
         rows = [run_case(t) for t in tasks]
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    with open(out / "memory_start_plan.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv("memory_start_plan.csv", rows, partial=args.quick)
     print("| case | gap golden | gap LP order | excess steps golden / LP order / LP timed / LP fluid | LP solve s |")
     print("|---|---|---|---|---|")
     for r in rows:

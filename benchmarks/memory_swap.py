@@ -23,7 +23,6 @@ Run: ``python benchmarks/memory_swap.py [--jobs 2] [--sigmas 1.2] [--seeds 0 1 2
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_csv  # noqa: E402
 from memory import BLOCK, CLIENTS, NOISE, RHOS, SIGMAS, _Inline, capacity_for, memory_workload  # noqa: E402
 
 from lloptim import Problem, run_policy, summarize  # noqa: E402
@@ -98,13 +98,9 @@ def main() -> None:
     tasks = [(s, rho, seed, args.swap_space, args.policies) for s in args.sigmas for rho in RHOS for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
         rows = [r for rs in pool.map(run_case, tasks) for r in rs]
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
     name = "memory_swap.csv" if args.swap_space is None else f"memory_swap_{args.swap_space}.csv"
-    with open(out / name, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    full = set(args.sigmas) >= set(SIGMAS) and set(args.seeds) >= set(REPORT_SEEDS + HELD_OUT_SEEDS)
+    write_csv(name, rows, partial=not full)
     report = tuple(s for s in args.seeds if s in REPORT_SEEDS)
     held = tuple(s for s in args.seeds if s not in REPORT_SEEDS)
     if report:
