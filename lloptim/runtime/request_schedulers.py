@@ -341,6 +341,12 @@ class WorkflowQueue(GlobalQueue):
         prec = ctx.problem.workload.precedence
         self.dag = prec
         self._deferred_to: set[int] = set()  # instances a binding chain's head was left for
+        self._deferred_now: int | None = None  # the one the current call left it for
+        # an idle client asking at a moment nothing has changed since the last refusal is refused
+        # at once (:meth:`_moment`): the version counts every change of this queue's state
+        self._version = 0
+        self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
+        self._refused: tuple = (None, None)  # (moment, instance deferred to) of the last refusal
         self.plans = 0
         if prec is None:
             # independent requests: exactly GlobalQueue("longest"), without the indirection per
@@ -440,6 +446,7 @@ class WorkflowQueue(GlobalQueue):
         if self.dag is None:
             super().on_ready(request, now)
             return
+        self._version += 1
         self.waiting.add(request)
         self.n_pending += 1
         comp = int(self.component[request])
@@ -459,6 +466,7 @@ class WorkflowQueue(GlobalQueue):
         ``revise_fraction`` of it, counting every workflow slotted in since), the new requests are
         slotted into the plan's order by rank, at a cost in proportion to them alone.
         """
+        self._version += 1
         now = self.batch_time
         new = sorted(self.arrived - self.known)
         self.arrived = set()
@@ -648,6 +656,7 @@ class WorkflowQueue(GlobalQueue):
 
     def _hand_out(self, r: int, client: int, now: float) -> int:
         """Book ``r`` as handed to ``client`` at ``now``; returns ``r``."""
+        self._version += 1
         self.waiting.discard(r)
         self.running[r] = (client, now)
         self.n_pending -= 1
@@ -734,6 +743,7 @@ class WorkflowQueue(GlobalQueue):
             lo = hi
         limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
         self._limits = (key, limits, lo)
+        self._limits_version += 1
         self._pace_horizon_s = lo
         return limits[state.index]
 
@@ -742,7 +752,36 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
+        moment = self._moment(state)
+        if moment == self._refused[0]:
+            # another idle client of this instance was refused and nothing has changed since
+            self._deferred_to.discard(state.index)
+            if self._refused[1] is not None:
+                self._deferred_to.add(self._refused[1])
+            return None
+        r = self._next_request(state, client)
+        if r is None:
+            self._refused = (self._moment(state), self._deferred_now)
+        return r
+
+    def _moment(self, state) -> tuple:
+        """What :meth:`next_request` reads besides the client, as a key that changes whenever any of it may have.
+
+        This queue's state (its version), the asking instance's clock and occupancy, and the
+        engine's: the iterations run (``trace``), failed clients and every instance's clock (an idle
+        instance's clock moves on without an iteration). A refusal is a function of these, not of
+        the client, so another idle client asking at the same moment is refused at once: ``_fill``
+        asks every idle client of an instance in turn, and a paced instance refuses most of them.
+        """
+        engine = state.engine
+        return (state.index, state.now, self._version, self._limits_version, len(engine.trace),
+                getattr(engine, "failed_clients", 0), state.n_running, len(state.waiting), len(state.idle),
+                tuple([st.now for st in engine.states]))
+
+    def _next_request(self, state, client: int) -> int | None:
+        """:meth:`next_request` with precedence, its workflows planned: the chain rules, then the plan (class Notes)."""
         self._deferred_to.discard(state.index)
+        self._deferred_now = None
         first = self._binding_chain() if self.pace else None
         # workflows arriving faster than the fleet serves them: a chain that looks binding against
         # the work known so far is not binding against the work still to come, and pacing would
@@ -766,6 +805,7 @@ class WorkflowQueue(GlobalQueue):
                 # takes other work meanwhile
                 self.waiting.discard(first)
                 self._deferred_to.add(target)
+                self._deferred_now = target
                 try:
                     return self._next_planned(state, client, fleet, fast, limit)
                 finally:
@@ -876,11 +916,20 @@ class WorkflowQueue(GlobalQueue):
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.dag is not None:
+            self._version += 1
             if not self.finished[request] and int(self.component[request]) in self.known:
                 self.left_steps -= float(self.est_steps[request])
                 self.left_requests -= 1
             self.finished[request] = True
             self.running.pop(request, None)
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        self._version += 1
+        super().on_client_failed(client, now)
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        self._version += 1
+        super().on_preempt(request, client, generated)
 
     def successors_to_come(self) -> bool:
         """Whether requests of the known workflows are unfinished and neither ready nor handed out.
@@ -897,6 +946,7 @@ class WorkflowQueue(GlobalQueue):
         if self.dag is None:
             super().requeue(request, now)
             return
+        self._version += 1
         self.running.pop(request, None)
         self.waiting.add(request)
         self.n_pending += 1
