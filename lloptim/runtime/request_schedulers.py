@@ -346,6 +346,7 @@ class WorkflowQueue(GlobalQueue):
         # at once (:meth:`_moment`): the version counts every change of this queue's state
         self._version = 0
         self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
+        self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain): :meth:`_longest_chain`
         self._refused: tuple = (None, None)  # (moment, instance deferred to) of the last refusal
         self.plans = 0
         if prec is None:
@@ -696,8 +697,22 @@ class WorkflowQueue(GlobalQueue):
             yield r, max(self.est_steps[r] - done, 1.0)
 
     def _longest_chain(self, state) -> float:
-        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
-        return max((left + self.tail_steps[r] for r, left in self._held(state)), default=0.0)
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none).
+
+        Kept per instance until the instance changes: what it holds and how far each request has
+        decoded change only with its clock, decode steps, clients running, waiting, idle or alive
+        (an iteration moves the clock; a hand-out, finish, preemption or failure moves a count),
+        so the pacing (:meth:`_pacing`) recomputes only the instances that moved since.
+        """
+        seen = (state.now, state.decode_steps, state.n_running, len(state.waiting), len(state.idle), state.alive,
+                state.kv_tokens)
+        cached = self._chains.get(state.index)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        tail = self.tail_steps
+        longest = max((left + tail[r] for r, left in self._held(state)), default=0.0)
+        self._chains[state.index] = (seen, longest)
+        return longest
 
     def _pacing(self, state) -> int:
         """:meth:`batch_limit` of ``state``'s instance.
@@ -720,28 +735,32 @@ class WorkflowQueue(GlobalQueue):
             self._pace_horizon_s = self._limits[2]
             return self._limits[1][state.index]
         chains = [self._longest_chain(st) for st in state.engine.states]
-        cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
+        # (S, a, b, c, a + b c) per instance; the bisection evaluates tokens(T) 31 times per moment
+        rows = [(S, a, b, float(c), a + b * c) for S, (a, b, c) in zip(chains, self.step_cost)]
         work = self.left_steps
 
         def batch(T: float) -> list[float]:
-            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, (a, b, c, _) in zip(chains, cost)]
+            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, a, b, c, _ in rows]
 
         def tokens(T: float) -> float:
             # n_k per step while its chain runs, then full batches until T
             total = 0.0
-            for S, n, (a, b, c, full) in zip(chains, batch(T), cost):
-                busy = S * (a + n * b)
-                total += n * S + max(T - busy, 0.0) * c / full
+            for S, a, b, c, full in rows:
+                n = min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c
+                total += n * S + max(T - S * (a + n * b), 0.0) * c / full
             return total
 
-        lo = max(S * (a + b) for S, (a, b, _, _) in zip(chains, cost))  # the longest chain alone
-        hi = lo + max(S * full for S, (_, _, _, full) in zip(chains, cost)) + work / self.fleet_rate
+        lo = max(S * (a + b) for S, a, b, _, _ in rows)  # the longest chain alone
+        hi = lo + max(S * full for S, _, _, _, full in rows) + work / self.fleet_rate
         if tokens(lo) < work:
             for _ in range(30):
                 mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
+                if tokens(mid) < work:
+                    lo = mid
+                else:
+                    hi = mid
             lo = hi
-        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
+        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, _, c, _) in zip(batch(lo), rows)]
         self._limits = (key, limits, lo)
         self._limits_version += 1
         self._pace_horizon_s = lo
