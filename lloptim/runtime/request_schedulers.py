@@ -347,7 +347,9 @@ class WorkflowQueue(GlobalQueue):
         self._version = 0
         self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
         self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain): :meth:`_longest_chain`
-        self._refused: tuple = (None, None)  # (moment, instance deferred to) of the last refusal
+        # (moment, instance deferred to, clocks if read) of the last refusal (:meth:`next_request`)
+        self._refused: tuple = (None, None, None)
+        self._clocks_read = False  # whether the current call read other instances' clocks
         self.plans = 0
         if prec is None:
             # independent requests: exactly GlobalQueue("longest"), without the indirection per
@@ -382,6 +384,7 @@ class WorkflowQueue(GlobalQueue):
         self.est_steps = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
         self.tail_steps = prec.tails(self.est_steps)
         self.chain_steps = self.est_steps + self.tail_steps
+        self._est_list, self._tail_list = self.est_steps.tolist(), self.tail_steps.tolist()  # for scalar reads
         self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
         # the typical step and the pacing rates come from the workflows known so far (never one that
         # has not arrived): sums of prompts, estimates and steps of their requests, count
@@ -689,12 +692,14 @@ class WorkflowQueue(GlobalQueue):
     def _held(self, state):
         """The requests ``state``'s instance runs or prefills, each with its estimated decode steps left (at least 1)."""
         engine = state.engine
+        est, idle, waiting = self._est_list, state.idle, state.waiting
+        request, start = engine.client_request, engine.client_start_step
         for c in state.clients:
-            r = int(engine.client_request[c])
-            if r < 0 or c in state.idle:
+            r = int(request[c])
+            if r < 0 or c in idle:
                 continue
-            done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
-            yield r, max(self.est_steps[r] - done, 1.0)
+            done = state.decode_steps - start[c] if c not in waiting else 0
+            yield r, max(est[r] - done, 1.0)
 
     def _longest_chain(self, state) -> float:
         """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none).
@@ -709,7 +714,7 @@ class WorkflowQueue(GlobalQueue):
         cached = self._chains.get(state.index)
         if cached is not None and cached[0] == seen:
             return cached[1]
-        tail = self.tail_steps
+        tail = self._tail_list
         longest = max((left + tail[r] for r, left in self._held(state)), default=0.0)
         self._chains[state.index] = (seen, longest)
         return longest
@@ -772,30 +777,39 @@ class WorkflowQueue(GlobalQueue):
         if self.arrived:
             self._replan()
         moment = self._moment(state)
-        if moment == self._refused[0]:
+        refused = self._refused
+        if moment == refused[0] and (refused[2] is None or refused[2] == self._clocks(state)):
             # another idle client of this instance was refused and nothing has changed since
             self._deferred_to.discard(state.index)
-            if self._refused[1] is not None:
-                self._deferred_to.add(self._refused[1])
+            if refused[1] is not None:
+                self._deferred_to.add(refused[1])
             return None
+        self._clocks_read = False
         r = self._next_request(state, client)
         if r is None:
-            self._refused = (self._moment(state), self._deferred_now)
+            self._refused = (self._moment(state), self._deferred_now,
+                             self._clocks(state) if self._clocks_read else None)
         return r
 
     def _moment(self, state) -> tuple:
-        """What :meth:`next_request` reads besides the client, as a key that changes whenever any of it may have.
+        """What :meth:`next_request` reads besides the client and the other instances' clocks, as a key.
 
-        This queue's state (its version), the asking instance's clock and occupancy, and the
-        engine's: the iterations run (``trace``), failed clients and every instance's clock (an idle
-        instance's clock moves on without an iteration). A refusal is a function of these, not of
-        the client, so another idle client asking at the same moment is refused at once: ``_fill``
-        asks every idle client of an instance in turn, and a paced instance refuses most of them.
+        It changes whenever any of it may have: this queue's state (its version), the pacing
+        cache, the asking instance's clock and occupancy, and the engine's iterations (``trace``)
+        and failed clients. A refusal is a function of these, not of the client, so another idle
+        client asking at the same moment is refused at once (``_fill`` asks every idle client of
+        an instance in turn, and a paced instance refuses most of them); the other instances'
+        clocks (:meth:`_clocks`, which move on without an iteration while an instance idles) are
+        compared too when the refusal read them (:meth:`_faster_instance`).
         """
         engine = state.engine
-        return (state.index, state.now, self._version, self._limits_version, len(engine.trace),
-                getattr(engine, "failed_clients", 0), state.n_running, len(state.waiting), len(state.idle),
-                tuple([st.now for st in engine.states]))
+        return (state.now, self._version, self._limits_version, len(engine.trace), state.index,
+                getattr(engine, "failed_clients", 0), state.n_running, len(state.waiting), len(state.idle))
+
+    @staticmethod
+    def _clocks(state) -> tuple:
+        """Every instance's clock, seconds."""
+        return tuple([st.now for st in state.engine.states])
 
     def _next_request(self, state, client: int) -> int | None:
         """:meth:`next_request` with precedence, its workflows planned: the chain rules, then the plan (class Notes)."""
@@ -885,6 +899,7 @@ class WorkflowQueue(GlobalQueue):
         engine = state.engine
         if len(engine.states) < 2 or not self.open_arrivals:
             return None
+        self._clocks_read = True
         horizon = float(self.est_steps[request])
         client_state = self.ctx.extra["client_state"]
 
