@@ -384,7 +384,9 @@ class WorkflowQueue(GlobalQueue):
         self.est_steps = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
         self.tail_steps = prec.tails(self.est_steps)
         self.chain_steps = self.est_steps + self.tail_steps
-        self._est_list, self._tail_list = self.est_steps.tolist(), self.tail_steps.tolist()  # for scalar reads
+        # for scalar reads
+        self._est_list, self._tail_list = self.est_steps.tolist(), self.tail_steps.tolist()
+        self._neg_chain_list = (-self.chain_steps).tolist()
         self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
         # the typical step and the pacing rates come from the workflows known so far (never one that
         # has not arrived): sums of prompts, estimates and steps of their requests, count
@@ -396,6 +398,7 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
         self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
+        self._token_costs: dict[int, list[float]] = {}  # token_cost with each instance's latency, by instance
         self._limits: tuple | None = None  # (when, limits, horizon T in seconds) of the last pacing
         self._pace_horizon_s = 0.0  # the horizon T of the pacing just asked for, seconds (0: none paced)
         self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
@@ -440,10 +443,14 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = (alone <= CHAIN_SPEED_TOLERANCE * alone.min()).tolist()
         self.step_full = [a + beta * c for a, beta, c in self.step_cost]
         # a co-runner's cost to a chain per step: its decode share and its prompt spread over its steps
-        lat = min((inst.profile.latency for inst in insts), key=lambda l: l.decode_time(1, prompt + output / 2.0))
-        p = w.prompt_tokens.astype(np.float64)
-        self.token_cost = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
-                           + lat.prefill_per_token_s * p / self.est_steps).tolist()
+        # (one list per instance that can be the fastest: the means move it only between instances)
+        k = min(range(len(insts)), key=lambda i: insts[i].profile.latency.decode_time(1, prompt + output / 2.0))
+        if k not in self._token_costs:
+            lat = insts[k].profile.latency
+            p = w.prompt_tokens.astype(np.float64)
+            self._token_costs[k] = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
+                                    + lat.prefill_per_token_s * p / self.est_steps).tolist()
+        self.token_cost = self._token_costs[k]
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
@@ -495,9 +502,11 @@ class WorkflowQueue(GlobalQueue):
             self._append(now, new_rows)
             self.appended_work += new_work
         self.plans += 1
-        self.ready = [(self.key[r], r) for r in self.waiting]
+        # the same lists as [(key[r], r) for r in waiting], built in C: the backlog can hold thousands
+        waiting = self.waiting
+        self.ready = list(zip(map(self.key.__getitem__, waiting), waiting))
         heapq.heapify(self.ready)
-        self.by_chain = [(-self.chain_steps[r], r) for r in self.waiting]
+        self.by_chain = list(zip(map(self._neg_chain_list.__getitem__, waiting), waiting))
         heapq.heapify(self.by_chain)
 
     def _plan_all(self, now: float, first: bool) -> None:
