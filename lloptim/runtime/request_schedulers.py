@@ -370,6 +370,7 @@ class WorkflowQueue(GlobalQueue):
         self.key = [np.inf] * n
         self.known: set[int] = set()        # workflows (components) in the plan
         self.arrived: set[int] = set()      # workflows whose first requests are ready
+        self._unfiled: list[int] = []       # ready requests of workflows not planned yet (in no heap)
         self.waiting: set[int] = set()      # ready requests not handed out
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
@@ -466,6 +467,7 @@ class WorkflowQueue(GlobalQueue):
             heapq.heappush(self.by_chain, (-self.chain_steps[request], request))
         else:
             self.arrived.add(comp)
+            self._unfiled.append(request)
             self.batch_time = now
 
     def _replan(self) -> None:
@@ -495,8 +497,9 @@ class WorkflowQueue(GlobalQueue):
         self.work_squares += float(np.dot(work, work))
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
-        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
-                or self.left_requests <= self.replan_below:
+        full = first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
+            or self.left_requests <= self.replan_below
+        if full:
             self._plan_all(now, first)
         else:
             self._append(now, new_rows)
@@ -506,8 +509,16 @@ class WorkflowQueue(GlobalQueue):
         waiting = self.waiting
         self.ready = list(zip(map(self.key.__getitem__, waiting), waiting))
         heapq.heapify(self.ready)
-        self.by_chain = list(zip(map(self._neg_chain_list.__getitem__, waiting), waiting))
-        heapq.heapify(self.by_chain)
+        if full:
+            self.by_chain = list(zip(map(self._neg_chain_list.__getitem__, waiting), waiting))
+            heapq.heapify(self.by_chain)
+        else:
+            # chains never change and the heap is read only by _binding_chain, which first drops
+            # requests no longer waiting from its top: filing the new requests answers as a rebuild
+            for r in self._unfiled:
+                if r in waiting:
+                    heapq.heappush(self.by_chain, (self._neg_chain_list[r], r))
+        self._unfiled = []
 
     def _plan_all(self, now: float, first: bool) -> None:
         rows = np.concatenate([self.members[k] for k in sorted(self.known)])
