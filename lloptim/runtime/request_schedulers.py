@@ -820,7 +820,10 @@ class WorkflowQueue(GlobalQueue):
         client asking at the same moment is refused at once (``_fill`` asks every idle client of
         an instance in turn, and a paced instance refuses most of them); the other instances'
         clocks (:meth:`_clocks`, which move on without an iteration while an instance idles) are
-        compared too when the refusal read them (:meth:`_faster_instance`).
+        compared too when the refusal read them (:meth:`_faster_instance`). A rule that reads
+        other state must bump ``_version`` where that state changes (or add it here), or a
+        refusal outlives it; ``tests/test_workflow_queue_moments.py`` compares with answering
+        every question from scratch.
         """
         engine = state.engine
         return (state.now, self._version, self._limits_version, len(engine.trace), state.index,
