@@ -341,6 +341,15 @@ class WorkflowQueue(GlobalQueue):
         prec = ctx.problem.workload.precedence
         self.dag = prec
         self._deferred_to: set[int] = set()  # instances a binding chain's head was left for
+        self._deferred_now: int | None = None  # the one the current call left it for
+        # an idle client asking at a moment nothing has changed since the last refusal is refused
+        # at once (:meth:`_moment`): the version counts every change of this queue's state
+        self._version = 0
+        self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
+        self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain): :meth:`_longest_chain`
+        # (moment, instance deferred to, clocks if read) of the last refusal (:meth:`next_request`)
+        self._refused: tuple = (None, None, None)
+        self._clocks_read = False  # whether the current call read other instances' clocks
         self.plans = 0
         if prec is None:
             # independent requests: exactly GlobalQueue("longest"), without the indirection per
@@ -361,6 +370,7 @@ class WorkflowQueue(GlobalQueue):
         self.key = [np.inf] * n
         self.known: set[int] = set()        # workflows (components) in the plan
         self.arrived: set[int] = set()      # workflows whose first requests are ready
+        self._unfiled: list[int] = []       # ready requests of workflows not planned yet (in no heap)
         self.waiting: set[int] = set()      # ready requests not handed out
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
@@ -375,6 +385,9 @@ class WorkflowQueue(GlobalQueue):
         self.est_steps = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
         self.tail_steps = prec.tails(self.est_steps)
         self.chain_steps = self.est_steps + self.tail_steps
+        # for scalar reads
+        self._est_list, self._tail_list = self.est_steps.tolist(), self.tail_steps.tolist()
+        self._neg_chain_list = (-self.chain_steps).tolist()
         self.by_chain: list[tuple[float, int]] = []  # (-chain steps, row) of ready requests, lazily pruned
         # the typical step and the pacing rates come from the workflows known so far (never one that
         # has not arrived): sums of prompts, estimates and steps of their requests, count
@@ -386,6 +399,7 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = [True] * len(ctx.problem.instances)  # instances that run a chain fastest
         self.step_full = [np.inf] * len(ctx.problem.instances)  # a full batch's step on each, seconds
         self.token_cost: list[float] = []  # chain seconds per step of each request as a co-runner
+        self._token_costs: dict[int, list[float]] = {}  # token_cost with each instance's latency, by instance
         self._limits: tuple | None = None  # (when, limits, horizon T in seconds) of the last pacing
         self._pace_horizon_s = 0.0  # the horizon T of the pacing just asked for, seconds (0: none paced)
         self.open_chains: list[tuple[float, int]] = []  # (-chain steps, row) of unfinished known rows, lazily pruned
@@ -430,16 +444,21 @@ class WorkflowQueue(GlobalQueue):
         self.chain_fast = (alone <= CHAIN_SPEED_TOLERANCE * alone.min()).tolist()
         self.step_full = [a + beta * c for a, beta, c in self.step_cost]
         # a co-runner's cost to a chain per step: its decode share and its prompt spread over its steps
-        lat = min((inst.profile.latency for inst in insts), key=lambda l: l.decode_time(1, prompt + output / 2.0))
-        p = w.prompt_tokens.astype(np.float64)
-        self.token_cost = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
-                           + lat.prefill_per_token_s * p / self.est_steps).tolist()
+        # (one list per instance that can be the fastest: the means move it only between instances)
+        k = min(range(len(insts)), key=lambda i: insts[i].profile.latency.decode_time(1, prompt + output / 2.0))
+        if k not in self._token_costs:
+            lat = insts[k].profile.latency
+            p = w.prompt_tokens.astype(np.float64)
+            self._token_costs[k] = (lat.decode_per_seq_s + lat.decode_per_kv_token_s * (p + self.est_steps / 2.0)
+                                    + lat.prefill_per_token_s * p / self.est_steps).tolist()
+        self.token_cost = self._token_costs[k]
         self.fleet_rate = sum(c / (a + beta * c) for a, beta, c in self.step_cost)  # tokens per second
 
     def on_ready(self, request: int, now: float) -> None:
         if self.dag is None:
             super().on_ready(request, now)
             return
+        self._version += 1
         self.waiting.add(request)
         self.n_pending += 1
         comp = int(self.component[request])
@@ -448,6 +467,7 @@ class WorkflowQueue(GlobalQueue):
             heapq.heappush(self.by_chain, (-self.chain_steps[request], request))
         else:
             self.arrived.add(comp)
+            self._unfiled.append(request)
             self.batch_time = now
 
     def _replan(self) -> None:
@@ -459,6 +479,7 @@ class WorkflowQueue(GlobalQueue):
         ``revise_fraction`` of it, counting every workflow slotted in since), the new requests are
         slotted into the plan's order by rank, at a cost in proportion to them alone.
         """
+        self._version += 1
         now = self.batch_time
         new = sorted(self.arrived - self.known)
         self.arrived = set()
@@ -476,17 +497,28 @@ class WorkflowQueue(GlobalQueue):
         self.work_squares += float(np.dot(work, work))
         self._learn(new_rows)
         new_work = float(self.fastest[new_rows].sum())
-        if first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
-                or self.left_requests <= self.replan_below:
+        full = first or self.appended_work + new_work > self.revise_fraction * self.planned_work \
+            or self.left_requests <= self.replan_below
+        if full:
             self._plan_all(now, first)
         else:
             self._append(now, new_rows)
             self.appended_work += new_work
         self.plans += 1
-        self.ready = [(self.key[r], r) for r in self.waiting]
+        # the same lists as [(key[r], r) for r in waiting], built in C: the backlog can hold thousands
+        waiting = self.waiting
+        self.ready = list(zip(map(self.key.__getitem__, waiting), waiting))
         heapq.heapify(self.ready)
-        self.by_chain = [(-self.chain_steps[r], r) for r in self.waiting]
-        heapq.heapify(self.by_chain)
+        if full:
+            self.by_chain = list(zip(map(self._neg_chain_list.__getitem__, waiting), waiting))
+            heapq.heapify(self.by_chain)
+        else:
+            # chains never change and the heap is read only by _binding_chain, which first drops
+            # requests no longer waiting from its top: filing the new requests answers as a rebuild
+            for r in self._unfiled:
+                if r in waiting:
+                    heapq.heappush(self.by_chain, (self._neg_chain_list[r], r))
+        self._unfiled = []
 
     def _plan_all(self, now: float, first: bool) -> None:
         rows = np.concatenate([self.members[k] for k in sorted(self.known)])
@@ -648,6 +680,7 @@ class WorkflowQueue(GlobalQueue):
 
     def _hand_out(self, r: int, client: int, now: float) -> int:
         """Book ``r`` as handed to ``client`` at ``now``; returns ``r``."""
+        self._version += 1
         self.waiting.discard(r)
         self.running[r] = (client, now)
         self.n_pending -= 1
@@ -679,16 +712,32 @@ class WorkflowQueue(GlobalQueue):
     def _held(self, state):
         """The requests ``state``'s instance runs or prefills, each with its estimated decode steps left (at least 1)."""
         engine = state.engine
+        est, idle, waiting = self._est_list, state.idle, state.waiting
+        request, start = engine.client_request, engine.client_start_step
         for c in state.clients:
-            r = int(engine.client_request[c])
-            if r < 0 or c in state.idle:
+            r = int(request[c])
+            if r < 0 or c in idle:
                 continue
-            done = state.decode_steps - engine.client_start_step[c] if c not in state.waiting else 0
-            yield r, max(self.est_steps[r] - done, 1.0)
+            done = state.decode_steps - start[c] if c not in waiting else 0
+            yield r, max(est[r] - done, 1.0)
 
     def _longest_chain(self, state) -> float:
-        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none)."""
-        return max((left + self.tail_steps[r] for r, left in self._held(state)), default=0.0)
+        """Estimated decode steps left of the longest chain running on ``state``'s instance (0: none).
+
+        Kept per instance until the instance changes: what it holds and how far each request has
+        decoded change only with its clock, decode steps, clients running, waiting, idle or alive
+        (an iteration moves the clock; a hand-out, finish, preemption or failure moves a count),
+        so the pacing (:meth:`_pacing`) recomputes only the instances that moved since.
+        """
+        seen = (state.now, state.decode_steps, state.n_running, len(state.waiting), len(state.idle), state.alive,
+                state.kv_tokens)
+        cached = self._chains.get(state.index)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        tail = self._tail_list
+        longest = max((left + tail[r] for r, left in self._held(state)), default=0.0)
+        self._chains[state.index] = (seen, longest)
+        return longest
 
     def _pacing(self, state) -> int:
         """:meth:`batch_limit` of ``state``'s instance.
@@ -711,29 +760,34 @@ class WorkflowQueue(GlobalQueue):
             self._pace_horizon_s = self._limits[2]
             return self._limits[1][state.index]
         chains = [self._longest_chain(st) for st in state.engine.states]
-        cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
+        # (S, a, b, c, a + b c) per instance; the bisection evaluates tokens(T) 31 times per moment
+        rows = [(S, a, b, float(c), a + b * c) for S, (a, b, c) in zip(chains, self.step_cost)]
         work = self.left_steps
 
         def batch(T: float) -> list[float]:
-            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, (a, b, c, _) in zip(chains, cost)]
+            return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, a, b, c, _ in rows]
 
         def tokens(T: float) -> float:
             # n_k per step while its chain runs, then full batches until T
             total = 0.0
-            for S, n, (a, b, c, full) in zip(chains, batch(T), cost):
-                busy = S * (a + n * b)
-                total += n * S + max(T - busy, 0.0) * c / full
+            for S, a, b, c, full in rows:
+                n = min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c
+                total += n * S + max(T - S * (a + n * b), 0.0) * c / full
             return total
 
-        lo = max(S * (a + b) for S, (a, b, _, _) in zip(chains, cost))  # the longest chain alone
-        hi = lo + max(S * full for S, (_, _, _, full) in zip(chains, cost)) + work / self.fleet_rate
+        lo = max(S * (a + b) for S, a, b, _, _ in rows)  # the longest chain alone
+        hi = lo + max(S * full for S, _, _, _, full in rows) + work / self.fleet_rate
         if tokens(lo) < work:
             for _ in range(30):
                 mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if tokens(mid) < work else (lo, mid)
+                if tokens(mid) < work:
+                    lo = mid
+                else:
+                    hi = mid
             lo = hi
-        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, c, _) in zip(batch(lo), cost)]
+        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, _, c, _) in zip(batch(lo), rows)]
         self._limits = (key, limits, lo)
+        self._limits_version += 1
         self._pace_horizon_s = lo
         return limits[state.index]
 
@@ -742,7 +796,48 @@ class WorkflowQueue(GlobalQueue):
             return super().next_request(state, client)
         if self.arrived:
             self._replan()
+        moment = self._moment(state)
+        refused = self._refused
+        if moment == refused[0] and (refused[2] is None or refused[2] == self._clocks(state)):
+            # another idle client of this instance was refused and nothing has changed since
+            self._deferred_to.discard(state.index)
+            if refused[1] is not None:
+                self._deferred_to.add(refused[1])
+            return None
+        self._clocks_read = False
+        r = self._next_request(state, client)
+        if r is None:
+            self._refused = (self._moment(state), self._deferred_now,
+                             self._clocks(state) if self._clocks_read else None)
+        return r
+
+    def _moment(self, state) -> tuple:
+        """What :meth:`next_request` reads besides the client and the other instances' clocks, as a key.
+
+        It changes whenever any of it may have: this queue's state (its version), the pacing
+        cache, the asking instance's clock and occupancy, and the engine's iterations (``trace``)
+        and failed clients. A refusal is a function of these, not of the client, so another idle
+        client asking at the same moment is refused at once (``_fill`` asks every idle client of
+        an instance in turn, and a paced instance refuses most of them); the other instances'
+        clocks (:meth:`_clocks`, which move on without an iteration while an instance idles) are
+        compared too when the refusal read them (:meth:`_faster_instance`). A rule that reads
+        other state must bump ``_version`` where that state changes (or add it here), or a
+        refusal outlives it; ``tests/test_workflow_queue_moments.py`` compares with answering
+        every question from scratch.
+        """
+        engine = state.engine
+        return (state.now, self._version, self._limits_version, len(engine.trace), state.index,
+                getattr(engine, "failed_clients", 0), state.n_running, len(state.waiting), len(state.idle))
+
+    @staticmethod
+    def _clocks(state) -> tuple:
+        """Every instance's clock, seconds."""
+        return tuple([st.now for st in state.engine.states])
+
+    def _next_request(self, state, client: int) -> int | None:
+        """:meth:`next_request` with precedence, its workflows planned: the chain rules, then the plan (class Notes)."""
         self._deferred_to.discard(state.index)
+        self._deferred_now = None
         first = self._binding_chain() if self.pace else None
         # workflows arriving faster than the fleet serves them: a chain that looks binding against
         # the work known so far is not binding against the work still to come, and pacing would
@@ -766,6 +861,7 @@ class WorkflowQueue(GlobalQueue):
                 # takes other work meanwhile
                 self.waiting.discard(first)
                 self._deferred_to.add(target)
+                self._deferred_now = target
                 try:
                     return self._next_planned(state, client, fleet, fast, limit)
                 finally:
@@ -826,6 +922,7 @@ class WorkflowQueue(GlobalQueue):
         engine = state.engine
         if len(engine.states) < 2 or not self.open_arrivals:
             return None
+        self._clocks_read = True
         horizon = float(self.est_steps[request])
         client_state = self.ctx.extra["client_state"]
 
@@ -876,11 +973,20 @@ class WorkflowQueue(GlobalQueue):
 
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.dag is not None:
+            self._version += 1
             if not self.finished[request] and int(self.component[request]) in self.known:
                 self.left_steps -= float(self.est_steps[request])
                 self.left_requests -= 1
             self.finished[request] = True
             self.running.pop(request, None)
+
+    def on_client_failed(self, client: int, now: float) -> None:
+        self._version += 1
+        super().on_client_failed(client, now)
+
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        self._version += 1
+        super().on_preempt(request, client, generated)
 
     def successors_to_come(self) -> bool:
         """Whether requests of the known workflows are unfinished and neither ready nor handed out.
@@ -897,6 +1003,7 @@ class WorkflowQueue(GlobalQueue):
         if self.dag is None:
             super().requeue(request, now)
             return
+        self._version += 1
         self.running.pop(request, None)
         self.waiting.add(request)
         self.n_pending += 1
