@@ -1,0 +1,71 @@
+"""Chains on a fleet: the workflow plan sees the pacing (WorkflowQueue, *The plan sees the pacing*)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lloptim import Problem, lower_bound, run_policy, workloads
+from lloptim.runtime.hybrid import hybrid_policy
+from lloptim.runtime.request_schedulers import WorkflowQueue
+
+
+def _chains(n: int, seed: int, instances: int = 2, clients: int = 20, depth: int | None = None) -> Problem:
+    return Problem.single(workloads.workflows("chain", n, seed=seed, depth=depth), "llama-65b", clients=clients,
+                          instances=instances, kv_capacity_tokens=81_920)
+
+
+def _hybrid(plan_paced: bool):
+    policy = hybrid_policy()
+    policy.requests.plan_paced = plan_paced
+    return policy
+
+
+def test_the_plan_is_remade_on_the_clients_the_pacing_leaves(monkeypatch):
+    # 60 chains on 2 x 20: the chain's instance is paced to a few requests; the plan is then made
+    # on that many of its clients (and every client of the other), never more than it has
+    plans = []
+    original = WorkflowQueue._plan_all
+
+    def spy(self, now, first, limits=None):
+        plans.append((now, limits, self._pace_horizon_s))
+        return original(self, now, first, limits)
+
+    monkeypatch.setattr(WorkflowQueue, "_plan_all", spy)
+    problem = _chains(60, 8)
+    res = run_policy(problem, _hybrid(True))
+    assert np.all(np.isfinite(res.done_s))
+    paced = [(now, lim) for now, lim, _ in plans if lim is not None]
+    assert paced, "the pacing never reached the plan"
+    for now, lim in paced:
+        assert len(lim) == 2 and all(1 <= n <= 20 for n in lim) and min(lim) < 20
+    # the paced instance plans on fewer than half its clients for most of the run
+    assert np.median([min(lim) for _, lim in paced]) <= 10
+    # at most one such revision per typical decode step (~40 ms on LLaMA-65B at full batch)
+    times = np.array([now for now, _ in paced])
+    assert np.all(np.diff(times) >= 0.02)
+    # without the rule the plan is made once, for every client
+    plans.clear()
+    run_policy(problem, _hybrid(False))
+    assert [lim for _, lim, _ in plans] == [None]
+
+
+def test_nothing_is_replanned_where_no_chain_decides():
+    # 200 chains on 2 x 20: the work, not a chain, decides the makespan; no instance is paced, so
+    # the plan made for every client stands and the schedule is the one without the rule
+    problem = _chains(200, 3)
+    on, off = run_policy(problem, _hybrid(True)), run_policy(problem, _hybrid(False))
+    assert on.makespan_s == off.makespan_s
+    np.testing.assert_array_equal(on.client, off.client)
+
+
+@pytest.mark.parametrize("n, depth, seeds", [(60, None, (2, 3, 8, 9)), (60, 5, (1, 6, 7))])
+def test_a_plan_that_sees_the_pacing_ends_the_chains_sooner(n, depth, seeds):
+    # the plan made for all 40 clients gave the other chains' steps slack the paced fleet does
+    # not have: their last steps formed the tail while the deciding chain ran on
+    for seed in seeds:
+        problem = _chains(n, seed, depth=depth)
+        bound = lower_bound(problem, migration=False).fused_s
+        on, off = run_policy(problem, _hybrid(True)), run_policy(problem, _hybrid(False))
+        assert np.all(np.isfinite(on.done_s))
+        assert bound <= on.makespan_s < off.makespan_s - 0.003 * bound, seed
