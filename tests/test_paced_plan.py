@@ -69,3 +69,12 @@ def test_a_plan_that_sees_the_pacing_ends_the_chains_sooner(n, depth, seeds):
         on, off = run_policy(problem, _hybrid(True)), run_policy(problem, _hybrid(False))
         assert np.all(np.isfinite(on.done_s))
         assert bound <= on.makespan_s < off.makespan_s - 0.003 * bound, seed
+
+
+def test_workflows_arriving_over_time_keep_the_plan_of_their_arrivals():
+    # with arrivals every arrival re-plans on all clients; the pacing's re-plan is left out there
+    problem = Problem.single(workloads.workflows("fan-in", 40, seed=5, arrival_rate=1.0), "llama-65b", clients=20,
+                             instances=2, kv_capacity_tokens=81_920)
+    on, off = run_policy(problem, _hybrid(True)), run_policy(problem, _hybrid(False))
+    assert on.makespan_s == off.makespan_s
+    np.testing.assert_array_equal(on.client, off.client)

@@ -311,7 +311,11 @@ class WorkflowQueue(GlobalQueue):
     (a revision, as at an arrival) on the first ``limit`` clients of each instance (those free
     soonest), at most once per typical decode step, and back on every client once no instance is
     paced. Only while the known workflows have at most ``replan_below`` unfinished requests (a
-    revision there takes milliseconds).
+    revision there takes milliseconds), and only with every workflow known from the start: with
+    workflows arriving over time every arrival re-plans on all clients and the fleet is paced at
+    the end only, where re-planning for the pacing measured neutral (45 online cases on 2 x 20
+    clients: 0.773 % above the bound on average with it, 0.772 % without; fan-in at one workflow
+    a second 0.83 against 0.74 %).
 
     **The deciding chain.** Near the end of workflows arriving over time the remaining known work
     is small, and every chain of the last workflows looks binding. Only the chains that the paced
@@ -881,7 +885,7 @@ class WorkflowQueue(GlobalQueue):
         # fleet's rate waits for an instance that runs chains fastest
         fast = self.chain_fast[state.index] or not self._fast_instance_alive()
         limit = self._pacing(state) if fleet and self.ready else np.inf
-        if self.plan_paced and fleet and self.ready:
+        if self.plan_paced and fleet and self.ready and not self.open_arrivals:
             self._plan_for_pacing(state.now)
         if first is not None and fast:
             # a binding chain's head goes out first; past the pacing limit only if its chain decides
@@ -911,7 +915,8 @@ class WorkflowQueue(GlobalQueue):
 
         At most once per typical decode step, and only while the known workflows have at most
         ``replan_below`` unfinished requests; the limits are those :meth:`_pacing` just computed
-        (every client when no instance is paced).
+        (every client when no instance is paced). The caller asks only while every workflow has
+        been known from the start.
         """
         paced = self._limits is not None and self._pace_horizon_s > 0.0
         full = tuple(c for _, _, c in self.step_cost)
