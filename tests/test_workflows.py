@@ -562,7 +562,9 @@ def test_a_paced_instance_takes_the_co_runners_that_cost_its_chain_least(seed, m
     picked = run_policy(problem, "hybrid-fused")
     monkeypatch.setattr(request_schedulers, "CORUNNER_WINDOW_STEPS", 0.0)  # the plan's order alone
     in_order = run_policy(problem, "hybrid-fused")
-    assert picked.makespan_s < 0.99 * in_order.makespan_s
+    # since the plan sees the pacing (re-planned on the paced clients) its order alone is closer:
+    # the choice gains 0.46 / 0.52 % on these seeds (over 1 % against the plan for every client)
+    assert picked.makespan_s < 0.997 * in_order.makespan_s
     w = problem.workload
     cost = w.prompt_tokens / w.output_tokens  # prefill per token completed
 

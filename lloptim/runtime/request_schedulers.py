@@ -53,10 +53,16 @@ OVERLOAD = 1.0
 #: Standard normal quantile of the upper confidence bound on the arrival rate of work that
 #: :meth:`WorkflowQueue.overloaded` compares with :data:`OVERLOAD` (1.0: one-sided 84 %).
 OVERLOAD_CONFIDENCE = 1.0
+#: While workflows arrive over time, a paced instance is not held to its limit when more requests
+#: have waited a mean inter-arrival gap than the other instances have room for plus a whole
+#: instance's clients, as long as the last arrival is less than this many mean inter-arrival gaps
+#: ago (count; ``WorkflowQueue`` Notes, *A backlog while workflows arrive*). Under Poisson arrivals a longer silence has
+#: probability ``exp(-2)``, about 14 %: the stream has likely ended, and the end is paced.
+BACKLOG_LIVE_GAPS = 2.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
            "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
-           "OVERLOAD_CONFIDENCE"]
+           "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -317,6 +323,17 @@ class WorkflowQueue(GlobalQueue):
     clients: 0.773 % above the bound on average with it, 0.772 % without; fan-in at one workflow
     a second 0.83 against 0.74 %).
 
+    **A backlog while workflows arrive.** The pacing weighs a chain against the work that has
+    arrived; at a load near the fleet's rate (DAGs at 0.75 workflows a second on 2 x 20 clients)
+    each arriving DAG's critical path is long next to that work, one instance is paced for most
+    of the run, and ready requests pile up behind the limit (50-90 waiting), which lowers the
+    fleet's rate below the arrivals'. So while workflows arrive over time, a paced instance's idle
+    client takes work past its limit when more requests have waited at least a mean gap between
+    arrivals (a backlog, not the burst of maps one fan-in brings) than the other live instances
+    have room for below their limits plus a whole instance's clients, as long as the last arrival
+    is less than :data:`BACKLOG_LIVE_GAPS` mean gaps ago (once the stream has likely ended, the
+    end is paced as before). Only with arrivals over time, and only on a fleet (where pacing is).
+
     **The deciding chain.** Near the end of workflows arriving over time the remaining known work
     is small, and every chain of the last workflows looks binding. Only the chains that the paced
     horizon ``T`` cannot absorb decide the makespan: a binding chain's head goes past an
@@ -428,6 +445,9 @@ class WorkflowQueue(GlobalQueue):
         # the arrival stream: estimated decode steps of the workflows known in the first plan and of
         # those that arrived after it, and the sum of squares of every known workflow's steps
         self.first_work = self.later_work = self.work_squares = 0.0
+        self.arrivals = 0  # workflows known (count), for the mean gap between arrivals
+        self.ready_s = [0.0] * n  # when each request last became ready, seconds
+        self.last_arrival_s = 0.0  # when the last workflow was planned, seconds
         #: Clients per instance the current plan was made on (None: every client; class Notes,
         #: *The plan sees the pacing*).
         self.plan_limits: tuple[int, ...] | None = None
@@ -483,6 +503,7 @@ class WorkflowQueue(GlobalQueue):
             return
         self._version += 1
         self.waiting.add(request)
+        self.ready_s[request] = now
         self.n_pending += 1
         comp = int(self.component[request])
         if comp in self.known:
@@ -505,6 +526,8 @@ class WorkflowQueue(GlobalQueue):
         self._version += 1
         now = self.batch_time
         new = sorted(self.arrived - self.known)
+        self.arrivals += len(new)
+        self.last_arrival_s = now
         self.arrived = set()
         first = not self.known
         self.open_arrivals = self.open_arrivals or not first
@@ -887,6 +910,8 @@ class WorkflowQueue(GlobalQueue):
         limit = self._pacing(state) if fleet and self.ready else np.inf
         if self.plan_paced and fleet and self.ready and not self.open_arrivals:
             self._plan_for_pacing(state.now)
+        if limit < self.step_cost[state.index][2] and self.open_arrivals and self._backlog_past_limits(state):
+            limit = np.inf  # a backlog while workflows arrive (class Notes)
         if first is not None and fast:
             # a binding chain's head goes out first; past the pacing limit only if its chain decides
             # the paced horizon (class Notes, *The deciding chain*)
@@ -909,6 +934,34 @@ class WorkflowQueue(GlobalQueue):
                     heapq.heappush(self.ready, (self.key[first], first))
                     heapq.heappush(self.by_chain, (-self.chain_steps[first], first))
         return self._next_planned(state, client, fleet, fast, limit)
+
+    def _backlog_past_limits(self, state) -> bool:
+        """Whether ``state``'s paced instance should take work past its limit (class Notes, *A backlog while workflows arrive*).
+
+        True when more requests have been ready and waiting for at least the mean gap between
+        arrivals than the other live instances have room for below their pacing limits plus a
+        whole instance's clients, and the last workflow arrived less than
+        :data:`BACKLOG_LIVE_GAPS` mean gaps ago.
+        """
+        if self.arrivals < 2:
+            return False
+        gap = (self.last_arrival_s - self.first_arrival_s) / (self.arrivals - 1)
+        if state.now - self.last_arrival_s >= BACKLOG_LIVE_GAPS * gap:
+            return False
+        limits = self._limits[1] if self._limits is not None else [c for _, _, c in self.step_cost]
+        room = sum(max(limits[st.index] - st.n_running - len(st.waiting), 0)
+                   for st in state.engine.states if st is not state and st.alive)
+        need = room + self.step_cost[state.index][2]
+        if len(self.waiting) <= need:
+            return False
+        since = state.now - gap  # a backlog, not the burst of one arrival: ready for a mean gap
+        old = 0
+        for r in self.waiting:
+            if self.ready_s[r] <= since:
+                old += 1
+                if old > need:
+                    return True
+        return False
 
     def _plan_for_pacing(self, now: float) -> None:
         """Re-plan on the clients the pacing leaves each instance when its limits changed (class Notes).
