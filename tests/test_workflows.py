@@ -480,7 +480,9 @@ def test_an_overloaded_fleet_is_not_paced_and_ends_sooner(monkeypatch):
         assert np.all(np.isfinite(res.done_s))
         assert res.makespan_s >= lower_bound(p, migration=False).fused_s * (1 - 1e-9)
     ratio = np.array([res.makespan_s for res in fixed]) / np.array(paced)
-    assert ratio.max() < 1.0 and ratio.mean() < 0.985
+    # always paced, the backlog rule now lifts the limits while ready requests pile up, which
+    # takes part of the loss back (1.3 % on average on these seeds, 2.8 % without that rule)
+    assert ratio.max() < 1.0 and ratio.mean() < 0.99
 
 
 @pytest.mark.parametrize("rate", [None, 0.5])
