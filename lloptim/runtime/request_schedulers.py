@@ -978,6 +978,7 @@ class WorkflowQueue(GlobalQueue):
                 or self.left_requests > self.replan_below:
             return
         self._paced_plan_s = now
+        self._version += 1  # new keys: a refusal made before them does not stand (:meth:`_moment`)
         self._plan_all(now, False, None if limits == full else limits)
         self.ready = [(self.key[r], r) for r in self.waiting]
         heapq.heapify(self.ready)
