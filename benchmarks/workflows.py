@@ -23,7 +23,7 @@ the forward-backward plan.
 Configurations: ``main`` (30 and 100 workflows on one instance, all at time 0; the target),
 ``fleet`` (100 workflows on 2 instances x 20 clients) and ``online`` (100 workflows arriving as a
 Poisson process at 0.5 and 1 workflow per second; the second overloads the server); and, not run
-by default (each doubles the run's wall time), ``online-fleet``: the same arrivals on 2 instances
+by default (each doubles the run's wall time), ``online-fleet``: the same arrivals, and 0.75 workflows a second, on 2 instances
 x 20 clients (request DAGs, arrivals and a fleet together), and ``chains``: chains alone on fleets where a chain decides the makespan (60, 100 and 200
 three-step chains and 60 five-step chains on 2 x 20 clients, 100 on 4 x 10, 150 on 3 x 20, and 100
 on a fleet of a LLaMA-65B instance and one 1.5 times slower, 20 clients each).
@@ -84,7 +84,7 @@ CONFIGS = {
        dict(workflows=100, clients=10, instances=4, shapes=("chain",)),
        dict(workflows=150, clients=20, instances=3, shapes=("chain",)),
        dict(workflows=100, clients=20, instances=2, slow=1.5, shapes=("chain",))],
-    "online-fleet": [dict(workflows=100, clients=20, instances=2, rate=r) for r in (0.5, 1.0)],
+    "online-fleet": [dict(workflows=100, clients=20, instances=2, rate=r) for r in (0.5, 0.75, 1.0)],
 }
 SHAPES = ("chain", "fan-in", "dag")
 

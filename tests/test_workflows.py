@@ -480,7 +480,9 @@ def test_an_overloaded_fleet_is_not_paced_and_ends_sooner(monkeypatch):
         assert np.all(np.isfinite(res.done_s))
         assert res.makespan_s >= lower_bound(p, migration=False).fused_s * (1 - 1e-9)
     ratio = np.array([res.makespan_s for res in fixed]) / np.array(paced)
-    assert ratio.max() < 1.0 and ratio.mean() < 0.985
+    # always paced, the backlog rule now lifts the limits while ready requests pile up, which
+    # takes part of the loss back (1.3 % on average on these seeds, 2.8 % without that rule)
+    assert ratio.max() < 1.0 and ratio.mean() < 0.99
 
 
 @pytest.mark.parametrize("rate", [None, 0.5])
@@ -562,7 +564,9 @@ def test_a_paced_instance_takes_the_co_runners_that_cost_its_chain_least(seed, m
     picked = run_policy(problem, "hybrid-fused")
     monkeypatch.setattr(request_schedulers, "CORUNNER_WINDOW_STEPS", 0.0)  # the plan's order alone
     in_order = run_policy(problem, "hybrid-fused")
-    assert picked.makespan_s < 0.99 * in_order.makespan_s
+    # since the plan sees the pacing (re-planned on the paced clients) its order alone is closer:
+    # the choice gains 0.46 / 0.52 % on these seeds (over 1 % against the plan for every client)
+    assert picked.makespan_s < 0.997 * in_order.makespan_s
     w = problem.workload
     cost = w.prompt_tokens / w.output_tokens  # prefill per token completed
 
