@@ -67,7 +67,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
-                  objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known") -> Policy:
+                  objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
+                  urgency_horizon: bool | str = "known") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -138,6 +139,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
         when the output lengths are known; True: on estimates too; False: the planned order
         from the first request on.
+    urgency_horizon
+        Where the KV cache of a single instance can fill up (``dispatch="sorted"``): whether a
+        request becomes urgent (never overtaken) against the work of the queue *and* of the
+        admitted requests rather than the queue's alone, so that the run ends on a mix of
+        lengths rather than on short requests (the ``urgency_horizon`` of
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
+        when the output lengths are known; True: on estimates too; False: the queue alone.
 
     Notes
     -----
@@ -157,8 +165,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         if fill_ramp not in (True, False, "known"):
             raise SpecError("policy.hybrid.fill_ramp", f"must be true, false or 'known', not {fill_ramp!r}",
                             "'known' fills the empty cache first when the output lengths are known")
+        if urgency_horizon not in (True, False, "known"):
+            raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
+                            "'known' counts the running requests' work in the urgency test when the output lengths "
+                            "are known")
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
-                                  priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp)
+                                  priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
+                                  urgency_horizon=urgency_horizon)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":

@@ -26,7 +26,7 @@ import heapq
 import numpy as np
 
 from lloptim.bounds import decode_steps_lower_bound, memory_decode_steps_lower_bound
-from lloptim.memory import blocks
+from lloptim.memory import blocks, decode_area_tokens
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
@@ -387,7 +387,8 @@ class MemoryAwareQueue(RequestScheduler):
     rule
         ``"first-fit"``: the first request in order that fits, except that a request that has
         become *urgent* is never overtaken: one whose estimated output is at least the decode
-        steps the rest of the queue needs at full speed (it would finish last if it waited), the
+        steps the rest of the queue needs at full speed (it would finish last if it waited; with
+        ``urgency_horizon``, the rest of the queue and the admitted requests' remaining work), the
         moment longest-first dispatch would have taken it; ``"prefix"``: the head only, so nobody
         overtakes a request waiting for memory (MC-SF).
     plan
@@ -427,11 +428,21 @@ class MemoryAwareQueue(RequestScheduler):
         the output lengths (with noisy estimates the estimated KV areas, sums of squares, run
         high, and the test above says memory binds where it does not); True: on estimates too;
         False: never.
+    urgency_horizon
+        ``rule="first-fit"``, one instance: whether the horizon of the urgency test (the decode
+        steps the rest of the work needs at full speed, by clients and by KV area) counts the
+        instance's admitted requests' remaining steps and KV area besides the queue's. Without
+        them the horizon is short by the work already running, and a long request becomes urgent
+        while the rest would still run well past its end: the long requests end early and the run
+        ends on short ones, with the clients busy and the cache a half to two thirds full.
+        ``"known"``: only when the policy knows the output lengths (with noisy estimates it cost
+        a point at rho 1.0: docs, *KV memory*); True: on estimates too; False: the queue alone.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
-                 priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False) -> None:
+                 priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
+                 urgency_horizon: bool | str = False) -> None:
         if planner is not None and not callable(planner):
             raise ValueError(f"planner must be a function planner(ctx, rows=...) -> keys or None, not {planner!r}")
         self.planner = planned_start_keys if planner is None else planner
@@ -448,6 +459,9 @@ class MemoryAwareQueue(RequestScheduler):
         if fill_ramp not in (True, False, "known"):
             raise ValueError(f"fill_ramp must be True, False or 'known', not {fill_ramp!r}")
         self.fill_ramp = fill_ramp if rule == "first-fit" else False
+        if urgency_horizon not in (True, False, "known"):
+            raise ValueError(f"urgency_horizon must be True, False or 'known', not {urgency_horizon!r}")
+        self.urgency_horizon = urgency_horizon
         self.plan = plan
         self.workflows = workflows
         self.delegate = None
@@ -511,6 +525,10 @@ class MemoryAwareQueue(RequestScheduler):
         self.retry_step: dict[int, int] = {}  # instance -> decode step at which a refused request may fit
         self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
         fill = self.fill_ramp is True or (self.fill_ramp == "known" and ctx.known_lengths)
+        # the urgency horizon counts the admitted requests' remaining work (one instance: a fleet's
+        # other instances are not in the projection this queue computes)
+        self.horizon_admitted = len(insts) == 1 and (
+            self.urgency_horizon is True or (self.urgency_horizon == "known" and ctx.known_lengths))
         self.filled = [not fill] * len(insts)  # per instance: its cache has filled once (fill-up rule over)
         self.fill_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, memory_sets_steps of them)
         self.steals = 0
@@ -585,15 +603,25 @@ class MemoryAwareQueue(RequestScheduler):
         self._sorted = rows
         return rows
 
-    def _urgent(self) -> int | None:
-        """The ready request that must start now, if any (see the class docstring)."""
+    def _urgent(self, pm: ProjectedMemory | None = None) -> int | None:
+        """The ready request that must start now, if any (see the class docstring).
+
+        ``pm``: the instance's admitted set, whose remaining work then counts in the horizon the
+        request is compared with (``urgency_horizon``; one instance only).
+        """
         heap = self.longest
         while heap and self.taken[heap[0][1]]:
             heapq.heappop(heap)
         if not heap:
             return None
         est, r = -heap[0][0], heap[0][1]
-        rest = max((self.ready_steps - est) / self.clients_total, (self.ready_area - self.area[r]) / self.capacity_total)
+        steps, area = self.ready_steps - est, self.ready_area - self.area[r]
+        if pm is not None and pm.t.size:
+            # the admitted requests keep clients and memory busy for their remaining steps too:
+            # their client-steps, and their KV area from what they hold now (in whole blocks)
+            steps += float(pm.rem.sum())
+            area += float(decode_area_tokens(pm.t, pm.rem, pm.B, pm.f if pm.f.any() else None).sum())
+        rest = max(steps / self.clients_total, area / self.capacity_total)
         return r if est >= rest else None
 
     @staticmethod
@@ -644,7 +672,7 @@ class MemoryAwareQueue(RequestScheduler):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
         ordered = self._ordered()
-        urgent = self._urgent() if self.rule == "first-fit" else None
+        urgent = self._urgent(pm if self.horizon_admitted else None) if self.rule == "first-fit" else None
         rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
