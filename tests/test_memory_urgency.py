@@ -7,8 +7,8 @@ requests ended early and the run ended on short ones with the cache half full. W
 ``urgency_horizon`` (the hybrid's default with known lengths, one instance) the admitted
 requests' remaining steps and KV area count too: the run's last tenth holds more memory, the
 longest requests end nearer the end, the makespan is shorter where memory binds, and nothing is
-lost, preempted or over the capacity; with noisy estimates, on a fleet and for MC-SF nothing
-changes.
+lost, preempted or over the capacity; with noisy estimates, in reserve mode and on a fleet
+nothing changes.
 """
 
 from __future__ import annotations
@@ -99,6 +99,14 @@ def test_noisy_estimates_leave_it_off_by_default_and_true_turns_it_on():
     np.testing.assert_array_equal(default.assign_s, off.assign_s)
     assert not np.array_equal(on.assign_s, off.assign_s)
     _check_run(problem, on, preempt=True)
+
+
+def test_reserve_mode_runs_the_same_schedule():
+    """With reservations (measured mixed on fixed caches) the horizon stays the queue's."""
+    problem = _problem(300, 12, 2, 1.0)
+    on = run_policy(problem, "hybrid-fused", kv_mode="reserve", urgency_horizon=True, check=True)
+    off = run_policy(problem, "hybrid-fused", kv_mode="reserve", urgency_horizon=False, check=True)
+    np.testing.assert_array_equal(on.assign_s, off.assign_s)
 
 
 def test_a_fleet_runs_the_same_schedule():

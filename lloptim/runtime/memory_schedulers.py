@@ -429,7 +429,7 @@ class MemoryAwareQueue(RequestScheduler):
         high, and the test above says memory binds where it does not); True: on estimates too;
         False: never.
     urgency_horizon
-        ``rule="first-fit"``, one instance: whether the horizon of the urgency test (the decode
+        ``rule="first-fit"``, one instance, paged KV: whether the horizon of the urgency test (the decode
         steps the rest of the work needs at full speed, by clients and by KV area) counts the
         instance's admitted requests' remaining steps and KV area besides the queue's. Without
         them the horizon is short by the work already running, and a long request becomes urgent
@@ -526,8 +526,9 @@ class MemoryAwareQueue(RequestScheduler):
         self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
         fill = self.fill_ramp is True or (self.fill_ramp == "known" and ctx.known_lengths)
         # the urgency horizon counts the admitted requests' remaining work (one instance: a fleet's
-        # other instances are not in the projection this queue computes)
-        self.horizon_admitted = len(insts) == 1 and (
+        # other instances are not in the projection this queue computes; paged KV: with reservations
+        # it was mixed, docs *KV memory*)
+        self.horizon_admitted = len(insts) == 1 and kv_mode_of(ctx, 0) == "paged" and (
             self.urgency_horizon is True or (self.urgency_horizon == "known" and ctx.known_lengths))
         self.filled = [not fill] * len(insts)  # per instance: its cache has filled once (fill-up rule over)
         self.fill_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, memory_sets_steps of them)
