@@ -332,7 +332,8 @@ RAMP_FULL = 0.97
 REPLAN_GROWTH = 1.5
 
 
-def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None,
+                       phase: float = 0.0) -> np.ndarray:
     """Sort keys of the ``"planned"`` order: target start steps of a plan that keeps clients and memory busy.
 
     With ``D`` the decode steps of the bound (from the estimates), request ``r`` of estimated output
@@ -351,6 +352,10 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.nd
         The blend ``w``; None: :func:`spread_weight`.
     rows
         Plan only these requests (the ones known so far); default: every request.
+    phase
+        Shift of the fractions, ``phi_r`` -> ``(phi_r + phase) mod 1`` in [0, 1): the same spread,
+        another assignment of early and late starts to the requests (0: the default order; the
+        candidates of :class:`~lloptim.runtime.order_choice.SimulatedOrderChoice`).
 
     Returns
     -------
@@ -367,7 +372,7 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.nd
     D = max(est.sum() / sum(i.clients for i in insts), area / sum(i.kv_blocks * i.kv_block_tokens for i in insts))
     rank = np.empty(est.size, dtype=np.int64)
     rank[np.argsort(-est, kind="stable")] = np.arange(est.size)
-    phi = (rank * _GOLDEN) % 1.0
+    phi = (rank * _GOLDEN + phase) % 1.0
     return w * phi * np.maximum(D - est, 0.0) + (1.0 - w) * (est.max() - est) - 1e-6 * est
 
 
