@@ -81,6 +81,15 @@ def test_estimates_and_arrivals_keep_the_default_order_unsimulated():
     np.testing.assert_array_equal(res.assign_s, run_policy(arriving, "hybrid-fused").assign_s)
 
 
+def test_where_memory_alone_binds_the_one_order_is_simulated_once():
+    """At rho 2.0 the planned order is longest first: no spread, every phase the same order."""
+    problem = _problem(200, 8, 3, 2.5)
+    policy = hybrid_policy(fused=True, order_candidates=4)
+    res = run_policy(problem, policy)
+    assert len(_planner(policy).tried) == 1
+    np.testing.assert_array_equal(res.assign_s, run_policy(problem, "hybrid-fused").assign_s)
+
+
 def test_a_spent_budget_stops_after_the_default_order():
     problem = _problem(200, 8, 2, 1.0)
     policy = hybrid_policy(fused=True, order_candidates=4, order_budget_s=1e-9)

@@ -37,7 +37,8 @@ class SimulatedOrderChoice:
     candidates
         Orders to try (count, >= 1): the default order and ``candidates - 1`` phase shifts of its
         low-discrepancy fractions (:func:`~lloptim.runtime.memory_schedulers.planned_start_keys`,
-        ``phase = k / candidates``).
+        ``phase = k / candidates``); an order equal to one tried already is not simulated again
+        (where memory alone binds the order is longest first and every phase gives it).
     budget_s
         Wall-clock seconds the simulations may take: no candidate is started once the time spent
         plus the longest simulation so far would exceed it (the default order is simulated first,
@@ -84,11 +85,15 @@ class SimulatedOrderChoice:
         run_opts = {"kv_mode": modes[0] if len(set(modes)) == 1 else None,
                     "kv_block_tokens": blocks[0] if len(set(blocks)) == 1 else None}
         best_keys, best_makespan, longest = None, np.inf, 0.0
+        seen: list[np.ndarray] = []
         for k in range(self.candidates):
             if k and time.perf_counter() - t0 + longest > self.budget_s:
                 break
             phase = k / self.candidates
             keys = planned_start_keys(ctx, phase=phase)
+            if any(np.array_equal(keys, other) for other in seen):
+                continue  # the same order (longest first where memory alone binds: no spread to shift)
+            seen.append(keys)
             t = time.perf_counter()
             res = run_policy(ctx.problem, self.make_policy(_Fixed(keys)), **run_opts)
             longest = max(longest, time.perf_counter() - t)
