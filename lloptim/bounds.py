@@ -501,13 +501,16 @@ def _ramp_fill(start_holdings: np.ndarray, capacity_tokens: int, clients: int, b
 
 
 def _fleet_ramp_bound(rows: np.ndarray, a_d: np.ndarray, area: np.ndarray, caps: list, starts: list,
-                      clients: np.ndarray, sizes: list) -> float:
+                      clients: np.ndarray, sizes: list, floor: float = -np.inf) -> float:
     """The fleet's memory-share fractional assignment with each instance's ramp-up, seconds (module docstring).
 
     ``rows``: ``(m, R)`` seconds of each request on each instance *without* its memory share;
     ``a_d``: ``(m,)`` decode base seconds; ``area``: ``(m, R)`` KV areas, token-steps. The
     minimum over the ``2^m`` cases (each instance past its ramp, or within it) of the fractional
-    assignment bound of the case; 0 when no instance has a ramp (the caller's LP is the same).
+    assignment bound of the case; 0 when no instance has a ramp (the caller's LP is the same) or
+    when some case cannot beat ``floor`` (the bound so far: the minimum would not lift it), which
+    a case's cheap upper estimate (:func:`_assignment_upper` plus its largest offset) often
+    tells without an LP.
     """
     m = rows.shape[0]
     ramps = [_ramp_fill(starts[k], caps[k], int(clients[k]), sizes[k]) for k in range(m)]
@@ -527,7 +530,11 @@ def _fleet_ramp_bound(rows: np.ndarray, a_d: np.ndarray, area: np.ndarray, caps:
             else:
                 # within it: D >= A t* / F(t*), the mean fill of the ramp for M
                 work[k] = rows[k] + a_d[k] * area[k] * cum.size / cum[-1]
+        if _assignment_upper(work, np.ones(m)) + offset.max() <= floor:
+            return 0.0
         best = min(best, fractional_assignment_bound(work, np.ones(m), offset=offset))
+        if best <= floor:
+            return 0.0
     return float(best)
 
 
@@ -1557,8 +1564,8 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                 area_k = np.array([areas[k] for k in first])
                 ramp_args = (a_dk[:, 0], area_k, [caps[k] for k in first], [starts[k] for k in first], clients,
                              [sizes[k] for k in first])
-                fused = max(fused, _fleet_ramp_bound(per_inst[first], *ramp_args))
-                total = max(total, _fleet_ramp_bound(per_inst[first] + a_pk, *ramp_args))
+                fused = max(fused, _fleet_ramp_bound(per_inst[first], *ramp_args, floor=max(fused, floor[1])))
+                total = max(total, _fleet_ramp_bound(per_inst[first] + a_pk, *ramp_args, floor=max(total, floor[0])))
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
     path = _critical_path_s(problem, o, fused=False)
     path_fused = _critical_path_s(problem, o, fused=True)
