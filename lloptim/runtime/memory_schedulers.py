@@ -30,8 +30,8 @@ from lloptim.memory import blocks
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
-__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "fleet_memory_split", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
+__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
+           "fleet_memory_split", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
            "memory_sets_steps"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
@@ -449,7 +449,7 @@ class MemoryAwareQueue(RequestScheduler):
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
                  priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
-                 fleet_homes: bool = False) -> None:
+                 fleet_homes: bool | str = False) -> None:
         if fleet_homes not in (True, False, "known"):
             raise ValueError(f"fleet_homes must be True, False or 'known', not {fleet_homes!r}")
         self.fleet_homes = fleet_homes if rule == "first-fit" else False
@@ -878,7 +878,7 @@ def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.nd
     Returns
     -------
     numpy.ndarray
-        Instance index of each request of ``rows`` (int64).
+        Instance index of each request of ``rows`` (int64; -1 for all if the LP found no answer).
     """
     from lloptim.solvers import SolveParams, solve
 
@@ -886,17 +886,18 @@ def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.nd
     m = len(problem.instances)
     areas = np.column_stack([estimated_kv_areas(ctx, k) for k in range(m)])
     estimates = np.asarray(ctx.estimates, dtype=np.float64)
-    if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size < problem.n_requests or np.any(rows != np.arange(rows.size)):
-            problem = type(problem)(problem.workload.subset(rows), problem.instances, name=problem.name)
-            areas, estimates = areas[rows], estimates[rows]
+    rows = np.arange(problem.n_requests) if rows is None else np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    sel = rows[order]
+    if sel.size < problem.n_requests:
+        problem = type(problem)(problem.workload.subset(sel), problem.instances, name=problem.name)
     params = SolveParams(solver_options={"solver": "ipm", "run_crossover": "on"})
     res = solve(problem, solver="highs", params=params, formulation="binpacking_kv", relax=True,
-                estimates=estimates, kv_areas=areas)
-    if not res.status.has_solution:  # never expected: the LP is feasible and bounded; fall back to no split
-        return np.full(problem.n_requests, -1, dtype=np.int64)
-    return np.argmax(np.asarray(res.value("y"), dtype=np.float64).reshape(problem.n_requests, m), axis=1)
+                estimates=estimates[sel], kv_areas=areas[sel])
+    home = np.full(rows.size, -1, dtype=np.int64)
+    if res.status.has_solution:  # always expected (the LP is feasible and bounded); else no homes
+        home[order] = np.argmax(np.asarray(res.value("y"), dtype=np.float64).reshape(sel.size, m), axis=1)
+    return home
 
 
 class FluidPacedQueue(RequestScheduler):
