@@ -67,7 +67,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
-                  objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known") -> Policy:
+                  objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
+                  fleet_homes: bool | str = "known") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -138,6 +139,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
         when the output lengths are known; True: on estimates too; False: the planned order
         from the first request on.
+    fleet_homes
+        Where a KV cache can fill up on a fleet (``dispatch="sorted"``): the clients of an
+        instance with less KV memory per client than the roomiest one prefer, within their next
+        wave of the planned order, the requests the offline LP homes there (the ``fleet_homes``
+        rule of :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"``
+        (default): when the output lengths are known; True: on estimates too; False: the first
+        request that fits, whatever the instance.
 
     Notes
     -----
@@ -157,8 +165,12 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         if fill_ramp not in (True, False, "known"):
             raise SpecError("policy.hybrid.fill_ramp", f"must be true, false or 'known', not {fill_ramp!r}",
                             "'known' fills the empty cache first when the output lengths are known")
+        if fleet_homes not in (True, False, "known"):
+            raise SpecError("policy.hybrid.fleet_homes", f"must be true, false or 'known', not {fleet_homes!r}",
+                            "'known' steers small caches to their LP share when the output lengths are known")
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
-                                  priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp)
+                                  priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
+                                  fleet_homes=fleet_homes)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":
