@@ -14,7 +14,10 @@ bound for policies with fused iterations), each policy's makespan and gap, and t
 then the ablation of the hybrid's memory price (``memory_prices`` "lp" / "uniform" / "none"): its
 makespan, prefill iterations and the share of decisions that differ from the unpriced run, on the
 single-instance cases and on a two-instance fleet (one cache at rho 2.0, one at rho 0.9; every
-sigma, seeds 0-2), reported apart.
+sigma, seeds 0-2), reported apart; on the fleet also the default without the LP homes of
+``fleet_homes`` ("no homes"; with unknown lengths, where they are off by default, "homes": with
+them). Gaps are to :func:`lloptim.lower_bound` without migration (no hybrid run migrates; on the
+fleet it counts each cache's ramp-up).
 
 For the hybrids, the excess of their decode steps over the bound's is split (``_loss_split``):
 *underuse*, steps in which neither the clients nor the KV cache are full (``1 - max(n/C, H/M)``
@@ -147,23 +150,33 @@ def ablation_case(task: tuple) -> list[dict]:
     problem = ablation_problem(sigma, rho, seed)
     wl = problem.workload
     est = None if known else noisy_estimates(wl, NOISE, seed=seed)
-    bound = lower_bound(problem)
+    # the hybrid never moves a running request between instances: the bound without migration
+    # holds (on a fleet it counts each cache's ramp-up; one instance: the same bound)
+    bound = lower_bound(problem, migration=False)
     rows = []
     for mode, fused in ABLATION_MODES.items():
         runs = {}
         for prices, updates in ABLATION_PRICES:
-            runs[(prices, updates)] = run_policy(problem, "hybrid", estimates=est, memory_prices=prices,
-                                                 price_updates=updates, fused=fused)
-        base = runs[("none", False)]
-        for (prices, updates), res in runs.items():
+            runs[(prices, updates, "")] = run_policy(problem, "hybrid", estimates=est, memory_prices=prices,
+                                                     price_updates=updates, fused=fused)
+        if rho == "fleet" and mode == "default":
+            # the fleet's LP homes (fleet_homes: with known lengths by default; on estimates when asked)
+            runs[("lp", True, " no homes")] = run_policy(problem, "hybrid", estimates=est, fused=fused,
+                                                         fleet_homes=False)
+            if not known:
+                runs[("lp", True, " homes")] = run_policy(problem, "hybrid", estimates=est, fused=fused,
+                                                          fleet_homes=True)
+        base = runs[("none", False, "")]
+        for (prices, updates, homes), res in runs.items():
             n = min(base.trace_kind.size, res.trace_kind.size)
             diff = base.trace_kind[:n] != res.trace_kind[:n]
             differ = int(np.argmax(diff)) if np.any(diff) else -1
             # a fused run is measured against the fused bound (it runs fused iterations)
+            assert not res.migrations.any(), "the bound without migration holds only for runs without one"
             m = summarize(res, bound)
             rows.append({"sigma": sigma, "rho": rho, "seed": seed, "lengths": "known" if known else "unknown",
                          "iterations": mode, "fused": bool(np.any(res.trace_kind == 2) and not np.any(res.trace_kind == 0)),
-                         "prices": prices + ("+online" if updates else ""), "makespan_s": m.makespan_s,
+                         "prices": prices + ("+online" if updates else "") + homes, "makespan_s": m.makespan_s,
                          "gap": m.gap_to_bound, "prefills": m.prefill_iterations, "preemptions": m.preemptions,
                          "recomputed_tokens": m.recomputed_tokens, "kv_utilization": m.kv_utilization,
                          "first_different_decision": differ, "decisions_differ": float(np.mean(diff)),

@@ -75,6 +75,28 @@ The decode steps of the bound are the larger of this and the clients bound above
 separate-iteration and the fused bounds use them. For several instances, request ``r`` takes
 ``a_d area_r / M_k`` seconds of instance ``k``'s decode fixed cost by memory (or ``a_d o_r / C_k``
 by clients): both weights give valid fractional assignment bounds, and the larger is kept.
+
+**The ramp-up on a fleet** (``migration=False``, the whole problem, instances that all differ, at most
+:data:`FLEET_RAMP_MAX_INSTANCES`). Without migration a request decodes on one instance only, so
+at instance ``k``'s ``t``-th decode step it has taken at most ``t`` steps there and ``k`` holds at
+most ``U_k(t) = min(M_k, the C_k largest blocks(s_r + t))``, the ``s_r`` the start holdings of
+*all* requests (a superset of the ones ``k`` serves, so whatever the assignment). Its KV area is
+then at most ``F_k(D_k) = sum_{t <= D_k} U_k(t)``, a convex function of its decode steps ``D_k``
+(``U_k`` grows with ``t``), which an LP cannot take as it is; two linear cases cover it. Either
+``D_k >= t*_k`` (the step at which ``U_k`` reaches ``M_k``): then ``F_k(D_k) = M_k (D_k - R_k)``
+with the ramp deficit ``R_k = t*_k - F_k(t*_k) / M_k``, so ``D_k >= A_k / M_k + R_k``: instance
+``k`` pays ``a_d R_k`` seconds more, an *offset* of its row in the fractional assignment
+(:func:`fractional_assignment_bound`, ``offset``). Or ``D_k < t*_k``: then ``F_k`` lies below its
+chord, ``F_k(D_k) <= D_k F_k(t*_k) / t*_k``, so ``D_k >= A_k t*_k / F_k(t*_k)``: a request's
+memory share at the mean fill of the ramp instead of ``M_k``. Every schedule falls in one case per
+instance; the LP of each of the ``2^m`` combinations is a valid bound for the schedules in it
+(the case's own condition on ``D_k`` dropped, a relaxation), so their *minimum* bounds every
+schedule without migration, and the larger of it and the memory LP without ramps is kept. A
+small cache filled by its clients' prompts has no ramp (``t* = 0``, a single case); a large one
+beside it takes hundreds of steps to fill from ``C`` tokens per step: on the fleets of
+``benchmarks/memory.py`` the bound rises 0.5-1.6 %. With migration (the default of
+:func:`lower_bound`) a request may arrive at an instance holding more than ``t`` steps of
+context, and the ramp is not counted.
 """
 
 from __future__ import annotations
@@ -89,7 +111,11 @@ from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
            "FLEET_LP_TOLERANCE", "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound",
-           "backlog_bound"]
+           "backlog_bound", "FLEET_RAMP_MAX_INSTANCES"]
+
+#: Most instances for which the fleet bound counts each instance's KV ramp-up (module docstring):
+#: it solves one fractional assignment per combination of cases, ``2^m`` of them.
+FLEET_RAMP_MAX_INSTANCES = 4
 
 #: Thresholds of heads (and of tails) the window bound tries (count); each costs one work bound.
 WINDOW_THRESHOLDS = 12
@@ -218,8 +244,9 @@ FLEET_LP_TOLERANCE = 1e-9
 
 
 def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations: int | None = None,
-                                return_prices: bool = False, time_limit_s: float | None = None):
-    """``min T s.t. sum_r work[j, r] y[j, r] <= count[j] T, sum_j y[j, r] = 1, y >= 0``, seconds, exactly.
+                                return_prices: bool = False, time_limit_s: float | None = None,
+                                offset: np.ndarray | None = None):
+    """``min T s.t. sum_r work[j, r] y[j, r] <= count[j] (T - offset[j]), sum_j y[j, r] = 1, y >= 0``, s, exactly.
 
     The fractional assignment of requests to ``count[j]`` identical machines of kind ``j`` is an LP
     with ``J * R`` columns (400k at 100k requests and 4 kinds, where HiGHS takes minutes). Its
@@ -250,6 +277,10 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     return_prices
         Also return ``mu``, the prices of each kind's capacity (dimensionless, summing to 1: makespan
         seconds per second of that kind's total machine time lost).
+    offset
+        ``(J,)`` seconds every machine of kind ``j`` is busy besides its requests' work (default
+        0): the dual gains ``sum_j mu_j offset[j]``. With offsets, kinds with the same work row
+        are not pooled.
 
     Returns
     -------
@@ -260,7 +291,8 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
 
     work = np.asarray(work, dtype=np.float64)
     count = np.asarray(count, dtype=np.float64)
-    if work.shape[0] > 1:
+    off = np.zeros(work.shape[0]) if offset is None else np.asarray(offset, dtype=np.float64)
+    if work.shape[0] > 1 and offset is None:
         # identical rows are one kind with the capacities added: the optimum is the same, and
         # the cutting planes, degenerate on symmetric kinds, converge in far fewer rounds
         uniq, inverse = _unique_rows(work)
@@ -277,14 +309,16 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
     def g(mu: np.ndarray) -> tuple[float, np.ndarray]:
         """``g(mu)`` and its supergradient (each kind's share of the scaled work it wins)."""
         if not R:
-            return 0.0, np.zeros(J)
+            return float(mu @ off), off.copy()
         priced = mu[:, None] * scaled
         win = priced.argmin(axis=0)
-        return float(priced[win, np.arange(R)].sum()), np.bincount(win, weights=scaled[win, np.arange(R)],
-                                                                    minlength=J)
+        return float(priced[win, np.arange(R)].sum() + mu @ off), np.bincount(
+            win, weights=scaled[win, np.arange(R)], minlength=J) + off
 
     if J == 1 or not R:
         mu = np.ones(J) / max(J, 1)
+        if not R and J > 1:
+            mu = np.eye(J)[int(np.argmax(off))]  # nothing to assign: the largest offset
         val = g(mu)[0]
         return (val, mu) if return_prices else val
     if J == 2:
@@ -298,8 +332,12 @@ def fractional_assignment_bound(work: np.ndarray, count: np.ndarray, iterations:
         b, a1, a2 = br[order], s1[order], s2[order]
         suffix1 = np.cumsum(a1[::-1])[::-1]                  # sum of s1 over breaks >= b_i
         prefix2 = np.r_[0.0, np.cumsum(a2)[:-1]]             # sum of s2 over breaks < b_i
-        i = int(np.argmax(b * suffix1 + (1.0 - b) * prefix2))
+        vals = b * suffix1 + (1.0 - b) * prefix2 + b * off[0] + (1.0 - b) * off[1]
+        i = int(np.argmax(vals))
         mu = np.array([b[i], 1.0 - b[i]])
+        if offset is not None and max(off) > vals[i]:
+            # with offsets the maximum may sit at an end of the simplex (one kind priced alone)
+            mu = np.array([1.0, 0.0]) if off[0] >= off[1] else np.array([0.0, 1.0])
         val = g(mu)[0]
         return (val, mu) if return_prices else val
     # the pure kinds and the centre seed the master with J + 1 cuts
@@ -429,21 +467,75 @@ def memory_decode_steps_lower_bound(area: np.ndarray, capacity_tokens: int, clie
     plain = int(np.ceil(A / M - 1e-9))
     if start_holdings is None or start_holdings.size == 0:
         return plain
+    cum = _ramp_fill(start_holdings, capacity_tokens, clients, block_tokens)
+    t_star = cum.size
+    if t_star == 0:
+        return plain
+    if cum[-1] >= A:
+        return int(np.searchsorted(cum, A - 1e-9) + 1)
+    return max(plain, int(np.ceil(t_star + (A - cum[-1]) / M - 1e-9)))
+
+
+def _ramp_fill(start_holdings: np.ndarray, capacity_tokens: int, clients: int, block_tokens: int) -> np.ndarray:
+    """``sum_{t' <= t} U(t')`` for ``t = 1 .. t*``: the most KV area the first decode steps can process, token-steps.
+
+    ``U(t) = min(M, sum of the C largest B ceil((h + t) / B))`` is the most the cache holds at
+    an instance's ``t``-th decode step when every request started from its start holding ``h``
+    there (module docstring); ``t*`` the first step at which it reaches ``M`` (an empty array
+    when the ``C`` largest start holdings fill the cache already).
+    """
     h = np.asarray(start_holdings, dtype=np.int64)
+    M = float(capacity_tokens)
     C = min(int(clients), h.size)
+    if C <= 0:
+        return np.zeros(0)
     top = np.sort(h)[-C:]  # the C largest holdings give the largest cache at every progress
     B = int(block_tokens)
     # U(t) = sum of the C largest blocks(h + t) * B: the most the cache can hold at step t
     t_star = int(max(1, np.ceil((M - top.sum()) / C))) if top.sum() < M else 0
     if t_star == 0:
-        return plain
+        return np.zeros(0)
     t = np.arange(1, t_star + 1)
     held = (B * -(-(top[None, :] + t[:, None]) // B)).sum(axis=1).astype(np.float64)
-    fill = np.minimum(held, M)
-    cum = np.cumsum(fill)
-    if cum[-1] >= A:
-        return int(np.searchsorted(cum, A - 1e-9) + 1)
-    return max(plain, int(np.ceil(t_star + (A - cum[-1]) / M - 1e-9)))
+    return np.cumsum(np.minimum(held, M))
+
+
+def _fleet_ramp_bound(rows: np.ndarray, a_d: np.ndarray, area: np.ndarray, caps: list, starts: list,
+                      clients: np.ndarray, sizes: list, floor: float = -np.inf) -> float:
+    """The fleet's memory-share fractional assignment with each instance's ramp-up, seconds (module docstring).
+
+    ``rows``: ``(m, R)`` seconds of each request on each instance *without* its memory share;
+    ``a_d``: ``(m,)`` decode base seconds; ``area``: ``(m, R)`` KV areas, token-steps. The
+    minimum over the ``2^m`` cases (each instance past its ramp, or within it) of the fractional
+    assignment bound of the case; 0 when no instance has a ramp (the caller's LP is the same) or
+    when some case cannot beat ``floor`` (the bound so far: the minimum would not lift it), which
+    a case's cheap upper estimate (:func:`_assignment_upper` plus its largest offset) often
+    tells without an LP.
+    """
+    m = rows.shape[0]
+    ramps = [_ramp_fill(starts[k], caps[k], int(clients[k]), sizes[k]) for k in range(m)]
+    if not any(r.size for r in ramps):
+        return 0.0
+    best = np.inf
+    for case in range(1 << m):
+        work = np.empty_like(rows)
+        offset = np.zeros(m)
+        for k in range(m):
+            cum = ramps[k]
+            if not cum.size or case >> k & 1:
+                # past the ramp (or none): D >= A / M + R, R = t* - F(t*) / M
+                work[k] = rows[k] + a_d[k] * area[k] / caps[k]
+                if cum.size:
+                    offset[k] = a_d[k] * (cum.size - cum[-1] / caps[k])
+            else:
+                # within it: D >= A t* / F(t*), the mean fill of the ramp for M
+                work[k] = rows[k] + a_d[k] * area[k] * cum.size / cum[-1]
+        if _assignment_upper(work, np.ones(m)) + offset.max() <= floor:
+            return 0.0
+        best = min(best, fractional_assignment_bound(work, np.ones(m), offset=offset))
+        if best <= floor:
+            return 0.0
+    return float(best)
 
 
 def _kv_area(problem: Problem, o: np.ndarray, kv_mode, kv_block_tokens, estimates) -> tuple[list, list, list, list, str]:
@@ -1467,6 +1559,13 @@ def _work_bound(problem: Problem, output_tokens: np.ndarray | None = None,
                     total = max(total, fractional_assignment_bound(v_fused + a_pk, count))
                 if not _WINDOW_FAST or _assignment_upper(v_fused, count) > max(fused, floor[1]):
                     fused = max(fused, fractional_assignment_bound(v_fused, count))
+            if fleet_lp and not migration and np.all(count == 1) and m <= FLEET_RAMP_MAX_INSTANCES:
+                # each instance's ramp-up from an empty cache (module docstring, without migration)
+                area_k = np.array([areas[k] for k in first])
+                ramp_args = (a_dk[:, 0], area_k, [caps[k] for k in first], [starts[k] for k in first], clients,
+                             [sizes[k] for k in first])
+                fused = max(fused, _fleet_ramp_bound(per_inst[first], *ramp_args, floor=max(fused, floor[1])))
+                total = max(total, _fleet_ramp_bound(per_inst[first] + a_pk, *ramp_args, floor=max(total, floor[0])))
     single = float(np.max(w.arrival_s + per_req + min(a_p, a_d) + a_d * o))
     path = _critical_path_s(problem, o, fused=False)
     path_fused = _critical_path_s(problem, o, fused=True)

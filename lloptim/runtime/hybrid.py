@@ -72,8 +72,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
                   objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
-                  urgency_horizon: bool | str = "known", order_candidates: int = 1,
-                  order_budget_s: float = ORDER_BUDGET_S) -> Policy:
+                  fleet_homes: bool | str = "known", urgency_horizon: bool | str = "known",
+                  order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -144,6 +144,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
         when the output lengths are known; True: on estimates too; False: the planned order
         from the first request on.
+    fleet_homes
+        Where a KV cache can fill up on a fleet (``dispatch="sorted"``): the clients of an
+        instance with less KV memory per client than the roomiest one prefer, within their next
+        wave of the planned order, the requests the offline LP homes there (the ``fleet_homes``
+        rule of :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"``
+        (default): when the output lengths are known; True: on estimates too; False: the first
+        request that fits, whatever the instance.
     urgency_horizon
         Where the KV cache of a single instance can fill up (``dispatch="sorted"``): whether a
         request becomes urgent (never overtaken) against the work of the queue *and* of the
@@ -178,6 +185,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         if fill_ramp not in (True, False, "known"):
             raise SpecError("policy.hybrid.fill_ramp", f"must be true, false or 'known', not {fill_ramp!r}",
                             "'known' fills the empty cache first when the output lengths are known")
+        if fleet_homes not in (True, False, "known"):
+            raise SpecError("policy.hybrid.fleet_homes", f"must be true, false or 'known', not {fleet_homes!r}",
+                            "'known' steers small caches to their LP share when the output lengths are known")
         if urgency_horizon not in (True, False, "known"):
             raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
                             "'known' counts the running requests' work in the urgency test when the output lengths "
@@ -190,12 +200,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                         steal=steal, forecast=forecast, token_budget=token_budget, survival=survival, fused=fused,
                         slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
                         price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
-                        objective=objective, fill_ramp=fill_ramp, urgency_horizon=urgency_horizon)
+                        objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
+                        urgency_horizon=urgency_horizon)
             start_planner = SimulatedOrderChoice(order_candidates, order_budget_s,
                                                  lambda planner: hybrid_policy(start_planner=planner, **opts))
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
-                                  urgency_horizon=urgency_horizon)
+                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":
