@@ -497,6 +497,7 @@ class Engine:
         self.swap_blocks = [(inst.kv_capacity_tokens if swap_space_tokens is None else int(swap_space_tokens)) // b
                             for inst, b in zip(problem.instances, self.kv_block_sizes)]
         self.ctx.extra["kv_mode"] = list(self.kv_modes)  # what policies plan with (the run may override the spec)
+        self.ctx.extra["kv_block_tokens"] = list(self.kv_block_sizes)
         # plain lists: scalar access in the hot loop is several times faster than numpy
         self.prompt = w.prompt_tokens.tolist()
         self.output = w.output_tokens.tolist()

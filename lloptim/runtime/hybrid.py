@@ -35,16 +35,20 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
+from lloptim.runtime.order_choice import SimulatedOrderChoice
 from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["offline_policy", "hybrid_policy", "START_DELAY"]
+__all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S"]
 
 #: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
 #: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
 #: may batch prefills a few steps). Chosen on training workloads (benchmarks/memory.py --tune).
 START_DELAY = {"fused": 2, "separate": 1}
+#: Default wall-clock budget of the simulated choice among start orders (``order_candidates``),
+#: seconds: room for 8 simulations of 1000 memory-bound requests on a loaded 2-core machine.
+ORDER_BUDGET_S = 30.0
 
 
 def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
@@ -68,7 +72,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   weights: str = "work", memory_prices: str = "lp", price_updates: bool = True,
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
                   objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
-                  fleet_homes: bool | str = "known") -> Policy:
+                  fleet_homes: bool | str = "known", urgency_horizon: bool | str = "known",
+                  order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -146,6 +151,21 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         rule of :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"``
         (default): when the output lengths are known; True: on estimates too; False: the first
         request that fits, whatever the instance.
+    urgency_horizon
+        Where the KV cache of a single instance can fill up (``dispatch="sorted"``): whether a
+        request becomes urgent (never overtaken) against the work of the queue *and* of the
+        admitted requests rather than the queue's alone, so that the run ends on a mix of
+        lengths rather than on short requests (the ``urgency_horizon`` of
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
+        when the output lengths are known; True: on estimates too; False: the queue alone.
+    order_candidates, order_budget_s
+        Opt-in, where the KV cache can fill up, the output lengths are known and every request is
+        present at the start (``dispatch="sorted"``): simulate this hybrid with
+        ``order_candidates`` start orders (the default and phase shifts of its spread) within
+        ``order_budget_s`` seconds of wall clock before the first dispatch, and run the one of the
+        shortest simulated makespan
+        (:class:`~lloptim.runtime.order_choice.SimulatedOrderChoice`). 1 (default): the default
+        order, nothing simulated.
 
     Notes
     -----
@@ -168,9 +188,25 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         if fleet_homes not in (True, False, "known"):
             raise SpecError("policy.hybrid.fleet_homes", f"must be true, false or 'known', not {fleet_homes!r}",
                             "'known' steers small caches to their LP share when the output lengths are known")
+        if urgency_horizon not in (True, False, "known"):
+            raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
+                            "'known' counts the running requests' work in the urgency test when the output lengths "
+                            "are known")
+        if order_candidates != 1:
+            if start_planner is not None:
+                raise SpecError("policy.hybrid.order_candidates", "a start_planner is given too",
+                                "give either start_planner or order_candidates > 1, not both")
+            opts = dict(solver=solver, time_limit_s=time_limit_s, setup_weight=setup_weight, dispatch=dispatch,
+                        steal=steal, forecast=forecast, token_budget=token_budget, survival=survival, fused=fused,
+                        slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
+                        price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
+                        objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
+                        urgency_horizon=urgency_horizon)
+            start_planner = SimulatedOrderChoice(order_candidates, order_budget_s,
+                                                 lambda planner: hybrid_policy(start_planner=planner, **opts))
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
-                                  fleet_homes=fleet_homes)
+                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":

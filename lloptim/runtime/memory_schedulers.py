@@ -26,7 +26,7 @@ import heapq
 import numpy as np
 
 from lloptim.bounds import decode_steps_lower_bound, memory_decode_steps_lower_bound
-from lloptim.memory import blocks
+from lloptim.memory import blocks, decode_area_tokens
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
@@ -332,7 +332,8 @@ RAMP_FULL = 0.97
 REPLAN_GROWTH = 1.5
 
 
-def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.ndarray | None = None,
+                       phase: float = 0.0) -> np.ndarray:
     """Sort keys of the ``"planned"`` order: target start steps of a plan that keeps clients and memory busy.
 
     With ``D`` the decode steps of the bound (from the estimates), request ``r`` of estimated output
@@ -351,6 +352,10 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.nd
         The blend ``w``; None: :func:`spread_weight`.
     rows
         Plan only these requests (the ones known so far); default: every request.
+    phase
+        Shift of the fractions, ``phi_r`` -> ``(phi_r + phase) mod 1`` in [0, 1): the same spread,
+        another assignment of early and late starts to the requests (0: the default order; the
+        candidates of :class:`~lloptim.runtime.order_choice.SimulatedOrderChoice`).
 
     Returns
     -------
@@ -367,7 +372,7 @@ def planned_start_keys(ctx: RunContext, weight: float | None = None, rows: np.nd
     D = max(est.sum() / sum(i.clients for i in insts), area / sum(i.kv_blocks * i.kv_block_tokens for i in insts))
     rank = np.empty(est.size, dtype=np.int64)
     rank[np.argsort(-est, kind="stable")] = np.arange(est.size)
-    phi = (rank * _GOLDEN) % 1.0
+    phi = (rank * _GOLDEN + phase) % 1.0
     return w * phi * np.maximum(D - est, 0.0) + (1.0 - w) * (est.max() - est) - 1e-6 * est
 
 
@@ -387,7 +392,8 @@ class MemoryAwareQueue(RequestScheduler):
     rule
         ``"first-fit"``: the first request in order that fits, except that a request that has
         become *urgent* is never overtaken: one whose estimated output is at least the decode
-        steps the rest of the queue needs at full speed (it would finish last if it waited), the
+        steps the rest of the queue needs at full speed (it would finish last if it waited; with
+        ``urgency_horizon``, the rest of the queue and the admitted requests' remaining work), the
         moment longest-first dispatch would have taken it; ``"prefix"``: the head only, so nobody
         overtakes a request waiting for memory (MC-SF).
     plan
@@ -444,12 +450,21 @@ class MemoryAwareQueue(RequestScheduler):
         output lengths (with noisy estimates the split, made from estimated KV areas, misplaces
         requests and the rule lost 0.5-2 points on held-out fleets); True: on estimates too;
         False: never. Measured in the docs (*KV memory*, fleets).
+    urgency_horizon
+        ``rule="first-fit"``, one instance, paged KV: whether the horizon of the urgency test (the decode
+        steps the rest of the work needs at full speed, by clients and by KV area) counts the
+        instance's admitted requests' remaining steps and KV area besides the queue's. Without
+        them the horizon is short by the work already running, and a long request becomes urgent
+        while the rest would still run well past its end: the long requests end early and the run
+        ends on short ones, with the clients busy and the cache a half to two thirds full.
+        ``"known"``: only when the policy knows the output lengths (with noisy estimates it cost
+        a point at rho 1.0: docs, *KV memory*); True: on estimates too; False: the queue alone.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
                  priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
-                 fleet_homes: bool | str = False) -> None:
+                 fleet_homes: bool | str = False, urgency_horizon: bool | str = False) -> None:
         if fleet_homes not in (True, False, "known"):
             raise ValueError(f"fleet_homes must be True, False or 'known', not {fleet_homes!r}")
         self.fleet_homes = fleet_homes if rule == "first-fit" else False
@@ -469,6 +484,9 @@ class MemoryAwareQueue(RequestScheduler):
         if fill_ramp not in (True, False, "known"):
             raise ValueError(f"fill_ramp must be True, False or 'known', not {fill_ramp!r}")
         self.fill_ramp = fill_ramp if rule == "first-fit" else False
+        if urgency_horizon not in (True, False, "known"):
+            raise ValueError(f"urgency_horizon must be True, False or 'known', not {urgency_horizon!r}")
+        self.urgency_horizon = urgency_horizon
         self.plan = plan
         self.workflows = workflows
         self.delegate = None
@@ -532,6 +550,11 @@ class MemoryAwareQueue(RequestScheduler):
         self.retry_step: dict[int, int] = {}  # instance -> decode step at which a refused request may fit
         self.retry_backoff: dict[int, int] = {}  # instance -> least wait before the next retry, steps
         fill = self.fill_ramp is True or (self.fill_ramp == "known" and ctx.known_lengths)
+        # the urgency horizon counts the admitted requests' remaining work (one instance: a fleet's
+        # other instances are not in the projection this queue computes; paged KV: with reservations
+        # it was mixed, docs *KV memory*)
+        self.horizon_admitted = len(insts) == 1 and kv_mode_of(ctx, 0) == "paged" and (
+            self.urgency_horizon is True or (self.urgency_horizon == "known" and ctx.known_lengths))
         self.filled = [not fill] * len(insts)  # per instance: its cache has filled once (fill-up rule over)
         self.fill_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, memory_sets_steps of them)
         # fleet homes: per instance, whether its clients prefer their home requests (less KV memory
@@ -612,15 +635,25 @@ class MemoryAwareQueue(RequestScheduler):
         self._sorted = rows
         return rows
 
-    def _urgent(self) -> int | None:
-        """The ready request that must start now, if any (see the class docstring)."""
+    def _urgent(self, pm: ProjectedMemory | None = None) -> int | None:
+        """The ready request that must start now, if any (see the class docstring).
+
+        ``pm``: the instance's admitted set, whose remaining work then counts in the horizon the
+        request is compared with (``urgency_horizon``; one instance only).
+        """
         heap = self.longest
         while heap and self.taken[heap[0][1]]:
             heapq.heappop(heap)
         if not heap:
             return None
         est, r = -heap[0][0], heap[0][1]
-        rest = max((self.ready_steps - est) / self.clients_total, (self.ready_area - self.area[r]) / self.capacity_total)
+        steps, area = self.ready_steps - est, self.ready_area - self.area[r]
+        if pm is not None and pm.t.size:
+            # the admitted requests keep clients and memory busy for their remaining steps too:
+            # their client-steps, and their KV area from what they hold now (in whole blocks)
+            steps += float(pm.rem.sum())
+            area += float(decode_area_tokens(pm.t, pm.rem, pm.B, pm.f if pm.f.any() else None).sum())
+        rest = max(steps / self.clients_total, area / self.capacity_total)
         return r if est >= rest else None
 
     @staticmethod
@@ -671,7 +704,7 @@ class MemoryAwareQueue(RequestScheduler):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
         ordered = self._ordered()
-        urgent = self._urgent() if self.rule == "first-fit" else None
+        urgent = self._urgent(pm if self.horizon_admitted else None) if self.rule == "first-fit" else None
         rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
