@@ -15,22 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lloptim import Problem, Workload, lower_bound, run_policy
+from lloptim import Problem, lower_bound, run_policy
 from lloptim.errors import SpecError
-from lloptim.memory import decode_area_tokens
 from lloptim.runtime.memory_schedulers import memory_sets_steps
 from lloptim.runtime.policy import RunContext
+from memory_cases import lognormal_memory_problem
 
 
 def _problem(n: int, clients: int, seed: int, rho: float, block: int = 4, sigma: float = 1.2) -> Problem:
-    """``n`` lognormal requests and a cache at which the KV-area steps are ``rho`` x the client steps."""
-    rng = np.random.default_rng(seed)
-    p = rng.integers(5, 40, n)
-    o = np.clip(np.rint(rng.lognormal(np.log(20), sigma, n)), 1, 300).astype(np.int64)
-    area = float(decode_area_tokens(p, o, block).sum())
-    cap = max(int(area / (rho * o.sum() / clients)), int((p + o).max()) + block)
-    return Problem.single(Workload.from_arrays(p, o), "llama-65b", clients=clients,
-                          kv_capacity_tokens=-(-cap // block) * block, kv_block_tokens=block)
+    """:func:`memory_cases.lognormal_memory_problem` with sigma 1.2 unless told."""
+    return lognormal_memory_problem(n, clients, seed, rho, block, sigma)
 
 
 def _fill_step(problem: Problem, res, level: float = 0.9) -> int:

@@ -12,25 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lloptim import Problem, Workload, run_policy
+from lloptim import run_policy
 from lloptim.arrivals import at_load
 from lloptim.errors import SpecError
-from lloptim.memory import decode_area_tokens
 from lloptim.runtime.estimators import noisy_estimates
 from lloptim.runtime.hybrid import hybrid_policy
 from lloptim.runtime.memory_schedulers import planned_start_keys
 from lloptim.runtime.policy import RunContext
+from memory_cases import lognormal_memory_problem
 
 
-def _problem(n: int, clients: int, seed: int, rho: float, block: int = 4, sigma: float = 1.0) -> Problem:
-    """``n`` lognormal requests and a cache at which the KV-area steps are ``rho`` x the client steps."""
-    rng = np.random.default_rng(seed)
-    p = rng.integers(5, 40, n)
-    o = np.clip(np.rint(rng.lognormal(np.log(20), sigma, n)), 1, 300).astype(np.int64)
-    area = float(decode_area_tokens(p, o, block).sum())
-    cap = max(int(area / (rho * o.sum() / clients)), int((p + o).max()) + block)
-    return Problem.single(Workload.from_arrays(p, o), "llama-65b", clients=clients,
-                          kv_capacity_tokens=-(-cap // block) * block, kv_block_tokens=block)
+_problem = lognormal_memory_problem
 
 
 def _planner(policy):
