@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from lloptim.errors import SpecError
+from lloptim.runtime.engine import Engine
 from lloptim.runtime.memory_schedulers import planned_start_keys
 from lloptim.runtime.policy import RunContext
 
@@ -77,8 +78,6 @@ class SimulatedOrderChoice:
         everyone = rows is None or np.asarray(rows).size == n
         if self.candidates == 1 or not ctx.known_lengths or not everyone:
             return planned_start_keys(ctx, rows=rows)
-        from lloptim.simulator import run_policy  # the simulator runs policies: imported at call time
-
         t0 = time.perf_counter()
         modes = ctx.extra.get("kv_mode") or [inst.kv_mode for inst in ctx.problem.instances]
         blocks = ctx.extra.get("kv_block_tokens") or [inst.kv_block_tokens for inst in ctx.problem.instances]
@@ -95,7 +94,7 @@ class SimulatedOrderChoice:
                 continue  # the same order (longest first where memory alone binds: no spread to shift)
             seen.append(keys)
             t = time.perf_counter()
-            res = run_policy(ctx.problem, self.make_policy(_Fixed(keys)), **run_opts)
+            res = Engine(ctx.problem, self.make_policy(_Fixed(keys)), **run_opts).run()  # simulated backend
             longest = max(longest, time.perf_counter() - t)
             makespan = float(np.nanmax(res.done_s))
             self.tried.append((phase, makespan))
