@@ -1,4 +1,4 @@
-"""Memory-bound test problems shared by the memory-queue tests (fill-up, urgency horizon, order choice)."""
+"""Memory-bound test problems and run checks shared by the memory tests (fill-up, urgency, order choice, fleets)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def lognormal_memory_problem(n: int, clients: int, seed: int, rho: float, block:
     cap = max(int(area / (rho * o.sum() / clients)), int((p + o).max()) + block)
     return Problem.single(Workload.from_arrays(p, o), "llama-65b", clients=clients,
                           kv_capacity_tokens=-(-cap // block) * block, kv_block_tokens=block)
+
+
+def check_conserved(problem: Problem, res) -> None:
+    """Every request finished with all its tokens, none duplicated, every cache within its capacity."""
+    w = problem.workload
+    assert np.all(~np.isnan(res.done_s)), "a request was lost"
+    assert res.generated_tokens == w.total_output_tokens
+    # each request takes part in exactly its output's decode steps, preempted or not (no duplicate)
+    assert int(res.trace_running[res.trace_kind != 0].sum()) == w.total_output_tokens + res.wasted_tokens
+    caps = np.array([i.kv_capacity_tokens for i in problem.instances])
+    assert np.all(res.trace_kv_tokens <= caps[res.trace_instance])

@@ -20,6 +20,7 @@ from lloptim.runtime.engine import Engine
 from lloptim.runtime.estimators import noisy_estimates
 from lloptim.runtime.lagrangian import HEADROOM_Z, LagrangianIterations
 from lloptim.runtime.registry import make_policy
+from memory_cases import check_conserved
 
 
 def _workload(seed: int, n: int = 240) -> Workload:
@@ -35,14 +36,7 @@ def _fleet(seed: int, small: int = 3072, large: int = 8192, n: int = 240) -> Pro
     return Problem(wl, insts)
 
 
-def _check_conservation(problem: Problem, res) -> None:
-    w = problem.workload
-    assert np.all(~np.isnan(res.done_s)), "a request was lost"
-    assert res.generated_tokens == w.total_output_tokens
-    # each request takes part in exactly its output's decode steps, preempted or not (no duplicate)
-    assert int(res.trace_running[res.trace_kind != 0].sum()) == w.total_output_tokens + res.wasted_tokens
-    caps = np.array([i.kv_capacity_tokens for i in problem.instances])
-    assert np.all(res.trace_kv_tokens <= caps[res.trace_instance])
+_check_conservation = check_conserved
 
 
 def test_kv_prices_give_the_weights_and_the_time_shares():

@@ -32,6 +32,7 @@ from lloptim.runtime.estimators import noisy_estimates
 from lloptim.runtime.memory_schedulers import fleet_memory_split
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.registry import make_policy, policy_names
+from memory_cases import check_conserved
 
 
 # -- the offset fractional assignment is the LP -----------------------------------------------------
@@ -157,13 +158,7 @@ def _small_cache_mix(problem: Problem, res) -> float:
     return float(area[on0].sum() / w.output_tokens[on0].sum())
 
 
-def _conserves(problem: Problem, res) -> None:
-    w = problem.workload
-    assert np.all(~np.isnan(res.done_s)), "a request was lost"
-    assert res.generated_tokens == w.total_output_tokens
-    assert int(res.trace_running[res.trace_kind != 0].sum()) == w.total_output_tokens + res.wasted_tokens
-    caps = np.array([i.kv_capacity_tokens for i in problem.instances])
-    assert np.all(res.trace_kv_tokens <= caps[res.trace_instance])
+_conserves = check_conserved
 
 
 def test_the_lp_homes_the_long_requests_on_the_large_cache():
