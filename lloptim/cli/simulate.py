@@ -22,7 +22,8 @@ METRIC_COLUMNS = [("policy", "policy"), ("makespan s", "makespan_s"), ("utilizat
 #: API fields of a simulation and the flags of ``lloptim simulate`` that set them.
 SIMULATE_FLAGS = {"policy": "--policy", "faults": "--fault", "kv_mode": "--kv-mode",
                   "kv_block_tokens": "--kv-block", "victim": "--victim", "estimates": "--estimator",
-                  "train": "--train", "preemption": "--preemption", "swap_space_tokens": "--swap-space"}
+                  "train": "--train", "preemption": "--preemption", "swap_space_tokens": "--swap-space",
+                  "policy_option": "--policy-option"}
 
 
 def _cell(key: str, v) -> str:
@@ -39,6 +40,33 @@ def print_metrics(rows: list[dict], title: str) -> None:
     """Print run metrics, one row per policy, within the terminal's width (no number cut)."""
     print_table(console, title, [Column(h, numeric=k != "policy") for h, k in METRIC_COLUMNS],
                 [[_cell(k, row.get(k)) for _, k in METRIC_COLUMNS] for row in rows])
+
+
+def parse_policy_options(texts: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` -> keyword options of the policy's factory (errors name ``--policy-option``).
+
+    A value is read as a TOML value where it is one (``4``, ``0.5``, ``true``, ``"known"``), else
+    kept as the text (``fleet_homes=known``); the policy's factory checks names and values.
+    """
+    import tomllib
+
+    from lloptim.errors import SpecError
+
+    options: dict = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SpecError("--policy-option", f"cannot read {text!r}",
+                            "write KEY=VALUE with the name of an option of the policy's factory, e.g. "
+                            "order_candidates=4 (see the docs of the policy, e.g. hybrid_policy)")
+        if key in options:
+            raise SpecError("--policy-option", f"{key!r} given twice", "give each option once")
+        try:
+            options[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = value.strip()
+    return options
 
 
 def parse_fault(text: str):
@@ -134,6 +162,9 @@ def check_preemption_options(preemption: str, swap_space: int | None) -> None:
 def simulate(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
     policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
+    policy_option: list[str] = typer.Option([], "--policy-option", "-o",
+                                            help="KEY=VALUE option of the policy's factory, e.g. "
+                                                 "order_candidates=4 for the hybrid; repeatable"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     fault: list[str] = typer.Option([], "--fault",
                                     help="inject a failure TIME:INSTANCE[:CLIENT] (seconds; global client index); repeatable"),
@@ -164,21 +195,25 @@ def simulate(
     swap_space: Optional[int] = swap_space_option(),
 ) -> None:
     """Simulate SPEC under one policy and report makespan, utilization and the lower bound."""
+    from lloptim.errors import SpecError
     from lloptim.metrics import summarize
     from lloptim.runtime.migration import with_migration
     from lloptim.runtime.estimators import ESTIMATOR_NAMES, estimate, training_workload
-    from lloptim.runtime.registry import policy_names
+    from lloptim.runtime.registry import make_policy, policy_names
     from lloptim.simulator import run_policy
     from lloptim.trace import write_trace_csv
     from lloptim.validation import check_choice
 
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
+        options = parse_policy_options(policy_option)
+        try:
+            chosen = make_policy(policy, **options)
+        except SpecError as exc:
+            raise SpecError("--policy-option", f"{exc.field}: {exc.problem}", exc.fix) from None
         check_kv_options(kv_mode, kv_block_tokens, victim, preemption, swap_space)
         check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
         if train is not None and estimator in ("oracle", "noisy"):
-            from lloptim.errors import SpecError
-
             raise SpecError("--train", f"the {estimator} estimator learns nothing",
                             "drop --train or pick a fitted estimator (mean, regression, bucket-quantile)")
         faults = [parse_fault(f) for f in fault]
@@ -199,7 +234,7 @@ def simulate(
             if estimator != "noisy":
                 data = train_problem.workload if train_problem is not None else training_workload(problem.workload)
             estimates = estimate(problem.workload, estimator, data, sigma=0.5)
-        result = run_policy(problem, with_migration(policy) if migrate else policy, estimates=estimates,
+        result = run_policy(problem, with_migration(chosen) if migrate else chosen, estimates=estimates,
                             faults=faults, progress=not json_out, kv_mode=kv_mode, kv_block_tokens=kv_block_tokens,
                             victim=victim, preemption=preemption, swap_space_tokens=swap_space)
         metrics = summarize(result)
@@ -213,6 +248,8 @@ def simulate(
         _, failed = write_reporting("--plot", plot_path, lambda p: plot_run(result, p))
     d = metrics.to_dict()
     d["estimator"] = estimator
+    if options:
+        d["policy_options"] = options
     if json_out:
         print_json(d)
     else:
