@@ -80,3 +80,19 @@ def test_simulate_bad_policy_options_are_one_line_before_any_work():
         assert "Traceback" not in res.output
     twice = runner.invoke(app, ["simulate", "-p", "hybrid", "-o", "fused=true", "-o", "fused=false"])
     assert twice.exit_code == 2 and "given twice" in twice.output
+
+
+def test_run_takes_policy_options_as_simulate_does():
+    """``lloptim run`` shares the option: the simulated backend's run is the named fused hybrid's."""
+    base = ["run", "--backend", "simulated", "--json"]
+    fused = runner.invoke(app, base + ["-p", "hybrid", "-o", "fused=true"])
+    assert fused.exit_code == 0, fused.output
+    fused = json.loads(fused.stdout)
+    named = json.loads(runner.invoke(app, base + ["-p", "hybrid-fused"]).stdout)
+    assert fused["policy_options"] == {"fused": True}
+    assert fused["makespan_s"] == named["makespan_s"]
+    for args, words in ((["-p", "hybrid", "-o", "bogus=1"], "bogus"),
+                        (["--backend", "vllm", "-p", "engine-default", "-o", "fused=true"], "takes no options")):
+        res = runner.invoke(app, ["run"] + args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "--policy-option" in res.output and words in res.output and "Traceback" not in res.output

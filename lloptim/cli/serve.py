@@ -23,7 +23,8 @@ import typer
 from lloptim.cli.app import app
 from lloptim.cli.common import (NO_SIZE_GUARD, SIZE_GUARD_HELP, console, err_console, load_problem, output_path,
                                 print_json, user_errors, write_reporting)
-from lloptim.cli.simulate import check_preemption_options, preemption_option, swap_space_option
+from lloptim.cli.simulate import (check_preemption_options, checked_policy_options, policy_option_option,
+                                  preemption_option, swap_space_option)
 from lloptim.cli.tables import Column, print_table
 from lloptim.errors import SpecError
 from lloptim.validation import check_choice, check_int, check_seed
@@ -345,6 +346,7 @@ def serve(
                                                      "(default: the engine's)"),
     preemption: str = preemption_option(),
     swap_space: Optional[int] = swap_space_option(),
+    policy_option: list[str] = policy_option_option(),
 ) -> None:
     """Serve a workload on a real model under a policy; report the simulator's metrics and its prediction.
 
@@ -373,7 +375,7 @@ def serve(
                                 "drop the flag, or use --backend torch or simulated")
         _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
                           threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
-                          size_guard, sizes)
+                          size_guard, sizes, policy_option)
         return
     with user_errors(MODEL_FLAGS, size_guard, sizes):
         _check_backend(backend)
@@ -387,6 +389,7 @@ def serve(
         check_int("--instances", instances, 1, 100_000, fix="give the model replicas, e.g. --instances 2")
         _check_instances_flag(spec, instances)
         check_choice("--policy", policy, sorted(policy_names()), "policy")
+        options = checked_policy_options(policy, policy_option)
         _check_common(seed, clock)
         check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
         check_preemption_options(preemption, swap_space)
@@ -419,7 +422,7 @@ def serve(
             prof = load_profile("llama-65b")
         problem = _serving_problem(spec, prof, clients, instances, requests)
         def make():
-            return with_migration(policy) if migrate else make_policy(policy)
+            return with_migration(make_policy(policy, **options)) if migrate else make_policy(policy, **options)
 
         kv = {"preemption": preemption, "swap_space_tokens": swap_space}
         predicted = run_policy(problem, make(), **kv)
@@ -451,6 +454,8 @@ def serve(
         max_token_mismatch=mismatch, predicted_makespan_s=pred,
         prediction_rel_error=(pred - makespan) / makespan if makespan else math.nan, preemption=preemption,
     )
+    if options:
+        d["policy_options"] = options
     if json_out:
         print_json(d)
         return
@@ -470,7 +475,7 @@ def serve(
 
 def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances, requests, device, dtype, seed,
                       threads, clock, verify, json_out, migrate, on_ray, address, kv_blocks, max_batched_tokens,
-                      size_guard, sizes) -> None:
+                      size_guard, sizes, policy_option) -> None:
     """``lloptim run --backend vllm|hf``: serve on the engine, predict with the simulator, report both."""
     from lloptim import guards
     from lloptim.calibrate import calibrate_engine
@@ -492,6 +497,10 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
         check_int("--instances", instances, 1, 64, fix="give the engine replicas, e.g. --instances 2")
         _check_instances_flag(spec, instances)
         check_choice("--policy", policy, sorted(policy_names()) + [ENGINE_DEFAULT], "policy")
+        if policy == ENGINE_DEFAULT and policy_option:
+            raise SpecError("--policy-option", f"{ENGINE_DEFAULT} takes no options", "configure the engine instead "
+                            "(--kv-blocks, --max-batched-tokens), or pick a lloptim policy")
+        options = checked_policy_options(policy, policy_option) if policy != ENGINE_DEFAULT else {}
         _check_common(seed, clock)
         check_int("--threads", threads, lo=0, fix="give a thread count, or 0 for torch's default")
         _check_engine_flags(backend, kv_blocks, max_batched_tokens)
@@ -521,8 +530,9 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
                                       clients=e0.clients)
             problem = _with_engine_kv(_serving_problem(spec, prof, e0.clients, len(engines), requests, engine=True),
                                       cap)
-            result = serve_engine(problem, policy, engines, seed=seed, clock=clock)
-            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, seed=seed, like=result)
+            result = serve_engine(problem, policy, engines, seed=seed, clock=clock, **options)
+            predicted = predict_engine_run(problem, policy, prof, token_budget=e0.token_budget, seed=seed, like=result,
+                                           **options)
             mismatch = _engine_mismatches(e0, problem, result, seed) if verify else None
         finally:
             _close(engines)
@@ -535,6 +545,8 @@ def _serve_engine_cli(spec, backend, model, policy, profile, clients, instances,
              preemptions=int(result.extra.get("preemptions", 0)),
              plan_deviations=int(result.extra.get("plan_deviations", 0)), requests_with_token_mismatch=mismatch,
              kv_capacity_tokens=result.extra.get("kv_capacity_tokens"), note=result.extra.get("note"))
+    if options:
+        d["policy_options"] = options
     if json_out:
         print_json(d)
         return

@@ -69,6 +69,34 @@ def parse_policy_options(texts: list[str]) -> dict:
     return options
 
 
+def policy_option_option():
+    """The ``--policy-option`` / ``-o`` option of ``lloptim simulate`` and ``lloptim run``."""
+    return typer.Option([], "--policy-option", "-o", metavar="<k=v>",
+                        help="KEY=VALUE option of the policy's factory, e.g. order_candidates=4 for the hybrid; "
+                             "repeatable")
+
+
+def checked_policy_options(policy: str, texts: list[str]) -> dict:
+    """The options of ``--policy-option``, checked against ``policy``'s factory before any work.
+
+    Raises
+    ------
+    SpecError
+        Named ``--policy-option``: a malformed or repeated option, one the factory does not take,
+        or a value it refuses (the option's own field in the message).
+    """
+    from lloptim.errors import SpecError
+    from lloptim.runtime.registry import make_policy
+
+    options = parse_policy_options(texts)
+    if options:
+        try:
+            make_policy(policy, **options)
+        except SpecError as exc:
+            raise SpecError("--policy-option", f"{exc.field}: {exc.problem}", exc.fix) from None
+    return options
+
+
 def parse_fault(text: str):
     """``"TIME:INSTANCE[:CLIENT]"`` -> :class:`~lloptim.runtime.engine.Fault` (errors name ``--fault``)."""
     from lloptim.errors import SpecError
@@ -162,9 +190,7 @@ def check_preemption_options(preemption: str, swap_space: int | None) -> None:
 def simulate(
     spec: Optional[Path] = typer.Argument(None, help="TOML spec; default: GSM8K test on llama-65b"),
     policy: str = typer.Option("baseline", "--policy", "-p", help="policy name (see `lloptim policies`)"),
-    policy_option: list[str] = typer.Option([], "--policy-option", "-o",
-                                            help="KEY=VALUE option of the policy's factory, e.g. "
-                                                 "order_candidates=4 for the hybrid; repeatable"),
+    policy_option: list[str] = policy_option_option(),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     fault: list[str] = typer.Option([], "--fault",
                                     help="inject a failure TIME:INSTANCE[:CLIENT] (seconds; global client index); repeatable"),
@@ -206,11 +232,8 @@ def simulate(
 
     with user_errors(SIMULATE_FLAGS, size_guard):
         check_choice("--policy", policy, sorted(policy_names()), "policy")
-        options = parse_policy_options(policy_option)
-        try:
-            chosen = make_policy(policy, **options)
-        except SpecError as exc:
-            raise SpecError("--policy-option", f"{exc.field}: {exc.problem}", exc.fix) from None
+        options = checked_policy_options(policy, policy_option)
+        chosen = make_policy(policy, **options)
         check_kv_options(kv_mode, kv_block_tokens, victim, preemption, swap_space)
         check_choice("--estimator", estimator, ESTIMATOR_NAMES, "estimator")
         if train is not None and estimator in ("oracle", "noisy"):
