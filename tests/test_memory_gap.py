@@ -8,23 +8,15 @@ own KV trace, for any policy, with or without preemptions.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lloptim import Problem, Workload, run_policy
 from lloptim.memory import decode_area_tokens
+from bench_loader import load_benchmark
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCH))  # memory_gap imports its sibling benchmarks.memory
-_spec = importlib.util.spec_from_file_location("memory_gap", _BENCH / "memory_gap.py")
-mg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mg)
-sys.path.remove(str(_BENCH))
+mg = load_benchmark("memory_gap")
 
 
 def _problem(n: int, clients: int, seed: int, rho: float, block: int = 4) -> Problem:

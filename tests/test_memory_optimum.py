@@ -8,19 +8,14 @@ time-indexed LP over tokens relaxes preemptive schedules too, so it is never abo
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lloptim import Problem, Workload, lower_bound
+from bench_loader import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_optimum.py"
-_spec = importlib.util.spec_from_file_location("memory_optimum", _PATH)
-mo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mo)
+mo = load_benchmark("memory_optimum")
 
 
 def _check_schedule(p, o, C, M, start):

@@ -10,10 +10,6 @@ every request and token is served once, whatever the order.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -24,13 +20,9 @@ from lloptim.errors import SpecError
 from lloptim.memory import decode_area_tokens
 from lloptim.runtime.hybrid import hybrid_policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
+from bench_loader import load_benchmark
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCH))  # memory_start_plan imports its sibling benchmarks.memory
-_spec = importlib.util.spec_from_file_location("memory_start_plan", _BENCH / "memory_start_plan.py")
-msp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(msp)
-sys.path.remove(str(_BENCH))
+msp = load_benchmark("memory_start_plan")
 
 
 def _memory_bound(n: int, clients: int, seed: int, rho: float = 1.0, block: int = 4) -> Problem:

@@ -8,10 +8,6 @@ token, and the rescaled areas (their total is the true one, the original is rest
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,13 +17,9 @@ from lloptim import Problem, Workload, run_policy, workloads
 from lloptim.memory import decode_area_tokens
 from lloptim.runtime import memory_schedulers
 from lloptim.runtime.estimators import BucketQuantileEstimator
+from bench_loader import load_benchmark
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCH))  # the script imports its sibling benchmarks
-_spec = importlib.util.spec_from_file_location("unknown_diagnostics", _BENCH / "unknown_diagnostics.py")
-ud = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ud)
-sys.path.remove(str(_BENCH))
+ud = load_benchmark("unknown_diagnostics")
 
 
 @settings(max_examples=40, deadline=None)
