@@ -215,3 +215,36 @@ def test_the_binding_chain_heap_answers_as_a_scan_of_the_waiting_requests():
     with patch.object(WorkflowQueue, "_binding_chain", binding_chain):
         run_policy(problem, _policy("hybrid", slot_in=True))
     assert len(checked) > 100 and len(set(checked)) > 5  # across many revisions
+
+
+def test_preemptions_reach_the_workflow_queue_behind_a_memory_queue():
+    """A memory queue given workflows delegates them to a WorkflowQueue, which must hear of every preemption.
+
+    The WorkflowQueue's remembered refusals (:meth:`WorkflowQueue._moment`) stand until its state
+    moves; a preemption moves it (the preempted request waits again on its client). (The hybrid's
+    own dispatch is the WorkflowQueue when requests have predecessors, and hears them directly.)
+    """
+    from lloptim.runtime.lagrangian import LagrangianIterations
+    from lloptim.runtime.memory_schedulers import MemoryAwareQueue
+    from lloptim.runtime.policy import Policy
+
+    wl = workloads.workflows("dag", 40, seed=3)
+    problem = _fleet(wl, [(1.0, 1.0)], clients=6, kv_tokens=int(wl.prompt_tokens.max() + wl.output_tokens.max()) + 64)
+    inner = WorkflowQueue()
+    policy = Policy("memory-workflows", MemoryAwareQueue("planned", "first-fit", workflows=inner),
+                    LagrangianIterations(None, fused=True))
+    heard = []
+    original = WorkflowQueue.on_preempt
+
+    def spy(self, request, client, generated):
+        if self is inner:
+            heard.append(request)
+        original(self, request, client, generated)
+
+    with patch.object(WorkflowQueue, "on_preempt", spy), unhurried_plans():
+        res = run_policy(problem, policy, kv_mode="paged")
+    assert policy.requests.delegate is inner
+    preempted = int(np.sum(res.preemptions))  # per instance
+    assert preempted > 0, "the case must preempt to test anything"
+    assert len(heard) == preempted
+    assert np.all(~np.isnan(res.done_s))

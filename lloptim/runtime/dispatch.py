@@ -372,6 +372,13 @@ class HybridDispatch(WorkflowQueue):
             return
         super().on_client_failed(client, now)
 
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        super().on_preempt(request, client, generated)
+        # whichever queue holds the requests now remembers refusals until its state moves: tell it
+        inner = self.tail if self.tail is not None else self.delegate
+        if inner is not None:
+            inner.on_preempt(request, client, generated)
+
     def requeue(self, request: int, now: float) -> None:
         for c, (r, _) in list(self.holding.items()):
             if r == request:

@@ -882,6 +882,11 @@ class MemoryAwareQueue(RequestScheduler):
         if self.delegate is not None:
             self.delegate.on_client_failed(client, now)
 
+    def on_preempt(self, request: int, client: int, generated: int) -> None:
+        # the delegate (a WorkflowQueue) remembers refusals until its state moves: a preemption moves it
+        if self.delegate is not None:
+            self.delegate.on_preempt(request, client, generated)
+
     def requeue(self, request: int, now: float) -> None:
         if self.delegate is not None:
             self.delegate.requeue(request, now)
