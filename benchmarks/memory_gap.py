@@ -11,7 +11,11 @@ over ``M`` in each decode step; a resource is *full* in a step when it is at lea
 * the steps with the clients full and the cache not, the cache full and the clients not, both,
   neither;
 * the idle client-steps ``sum(1 - n)`` and idle memory-steps ``sum(1 - h)``;
-* the requests started in it and their mean output (the dispatch order at work).
+* the requests started in it and their mean output (the dispatch order at work);
+* the work left at its start, in decode steps by clients (output tokens left over ``C``) and by
+  memory (KV area left over ``M``), against the run's steps left: their difference, the
+  *balance*, says which resource the rest of the run needs more of, and the run's steps above
+  the larger are the excess still to come (runs without preemptions only).
 
 Since the KV area is the same in every schedule, a run's decode steps are ``A / M`` plus its idle
 memory-steps, and the bound's are ``A / M`` plus its ramp-up from an empty cache (``R``, the
@@ -36,6 +40,7 @@ from _results import write_csv  # noqa: E402
 from memory import BLOCK, CLIENTS, NOISE, capacity_for, memory_workload  # noqa: E402
 
 from lloptim import Problem, lower_bound, run_policy, summarize  # noqa: E402
+from lloptim.memory import decode_area_tokens  # noqa: E402
 from lloptim.runtime.estimators import noisy_estimates  # noqa: E402
 
 #: A resource counts as full in a decode step when at least this fraction of it is used.
@@ -64,7 +69,10 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
         ``(rows, totals)``: one dict per span (``steps``, ``clients_used``, ``memory_used`` (means,
         fractions), ``clients_full_only``, ``memory_full_only``, ``both_full``, ``neither_full``
         (steps), ``idle_client_steps``, ``idle_memory_steps`` (steps), ``started``, ``started_mean_output``
-        (requests, tokens)), and the run's totals: ``decode_steps``, ``bound_steps``,
+        (requests, tokens), ``steps_left`` (the run's decode steps from the span's start on),
+        ``work_left_clients`` and ``work_left_memory`` (the decode steps the work left at the span's
+        start needs by clients, its output tokens over ``C``, and by memory, its KV area over
+        ``M``; NaN when the run preempted), and the run's totals: ``decode_steps``, ``bound_steps``,
         ``bound_steps_clients``, ``bound_steps_memory``, ``area_steps`` (the KV area over the
         capacity, steps), ``bound_ramp_steps`` (the bound's memory steps minus ``area_steps``),
         ``idle_client_steps``, ``idle_memory_steps`` (steps), ``last_start_step`` (the decode step
@@ -83,8 +91,15 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
     first = np.clip(np.searchsorted(starts, result.prefill_end_s, side="right") - 1, 0, S - 1)
     out = problem.workload.output_tokens
     edges = np.linspace(0, S, parts + 1).round().astype(int)
+    # the work left at a span's start, from when each request began (exact only when none was
+    # preempted: a recomputed request's progress is not its decode steps since it first began)
+    exact = result.preemptions is None or int(np.sum(result.preemptions)) == 0
+    prompt, B = problem.workload.prompt_tokens, inst.kv_block_tokens
     rows = []
     for a, b in zip(edges[:-1], edges[1:]):
+        done = np.clip(a - first, 0, out)  # tokens each request generated in the decode steps before a
+        left_c = float((out - done).sum()) / C if exact else float("nan")
+        left_m = float(decode_area_tokens(prompt + done, out - done, B).sum()) / M if exact else float("nan")
         nn, hh = n[a:b], h[a:b]
         cf, mf = nn >= full, hh >= full
         began = (first >= a) & (first < b)
@@ -94,7 +109,8 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
                      "both_full": int(np.sum(cf & mf)), "neither_full": int(np.sum(~cf & ~mf)),
                      "idle_client_steps": float(np.sum(1 - nn)), "idle_memory_steps": float(np.sum(1 - hh)),
                      "started": int(began.sum()),
-                     "started_mean_output": float(out[began].mean()) if began.any() else 0.0})
+                     "started_mean_output": float(out[began].mean()) if began.any() else 0.0,
+                     "steps_left": int(S - a), "work_left_clients": left_c, "work_left_memory": left_m})
     area_steps = float(lb.kv_area_token_steps) / M
     totals = {"decode_steps": S, "bound_steps": max(lb.decode_steps_clients, lb.decode_steps_memory),
               "bound_steps_clients": int(lb.decode_steps_clients), "bound_steps_memory": int(lb.decode_steps_memory),
@@ -152,6 +168,13 @@ def main() -> None:
                                  "unknown" if args.unknown else "known", "policy": args.policy,
                                  "fill_ramp": not args.no_fill_ramp, "tenth": i + 1,
                                  **r, "gap": gap, **{f"run_{k}": v for k, v in tot.items()}})
+            print("work left at the start of each tenth (decode steps): the run's, by clients, by memory;\n"
+                  "its balance (memory minus clients) and the run's steps above the larger (to be lost)")
+            print("tenth  run left  clients  memory  balance  lost ahead")
+            for i, r in enumerate(rows):
+                need = max(r["work_left_clients"], r["work_left_memory"])
+                print(f"{i + 1:>5}  {r['steps_left']:>8}  {r['work_left_clients']:7.0f}  {r['work_left_memory']:6.0f}  "
+                      f"{r['work_left_memory'] - r['work_left_clients']:+7.0f}  {r['steps_left'] - need:10.0f}")
             mid = sum(r["idle_memory_steps"] for r in rows[1:-1])
             print(f"idle memory-steps: first tenth {rows[0]['idle_memory_steps']:.0f} (the bound's ramp-up "
                   f"{tot['bound_ramp_steps']:.0f}), tenths 2-{PARTS - 1} {mid:.0f}, last tenth "
