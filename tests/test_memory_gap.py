@@ -81,7 +81,8 @@ def test_work_left_is_what_the_rest_of_the_run_does(seed, rho, parts, policy):
     w = problem.workload
     if int(res.preemptions.sum()):
         # a recomputed request's progress is not its steps since it first began: not reported
-        assert all(np.isnan(r["work_left_clients"]) and np.isnan(r["work_left_memory"]) for r in rows)
+        assert all(np.isnan([r["work_left_clients"], r["work_left_memory"], r["lost"], r["lost_too_thin"],
+                             r["lost_too_fat"]]).all() for r in rows)
         return
     # at the start, the whole workload: its output over the clients, its KV area over the cache
     assert rows[0]["steps_left"] == tot["decode_steps"]
@@ -99,3 +100,11 @@ def test_work_left_is_what_the_rest_of_the_run_does(seed, rho, parts, policy):
         assert r["work_left_memory"] - nxt["work_left_memory"] <= r["steps"] + 1e-9
     # the rest of the run cannot take fewer steps than its work needs by either resource
     assert all(r["steps_left"] >= max(r["work_left_clients"], r["work_left_memory"]) - 1e-9 for r in rows)
+    # the steps lost add up to the run's steps above its work's larger need; a step loses at most
+    # itself and never gains (no step does more than C tokens or M tokens of KV area); the too thin
+    # and too fat steps are disjoint parts of it
+    need = max(rows[0]["work_left_clients"], rows[0]["work_left_memory"])
+    assert np.isclose(sum(r["lost"] for r in rows), tot["decode_steps"] - need)
+    assert all(-1e-9 <= r["lost"] <= r["steps"] + 1e-9 for r in rows)
+    assert all(r["lost_too_thin"] >= -1e-9 and r["lost_too_fat"] >= -1e-9 for r in rows)
+    assert all(r["lost_too_thin"] + r["lost_too_fat"] <= r["lost"] + 1e-9 for r in rows)
