@@ -11,7 +11,11 @@ over ``M`` in each decode step; a resource is *full* in a step when it is at lea
 * the steps with the clients full and the cache not, the cache full and the clients not, both,
   neither;
 * the idle client-steps ``sum(1 - n)`` and idle memory-steps ``sum(1 - h)``;
-* the requests started in it and their mean output (the dispatch order at work).
+* the requests started in it and their mean output (the dispatch order at work);
+* the work left at its start, in decode steps by clients (output tokens left over ``C``) and by
+  memory (KV area left over ``M``), against the run's steps left: their difference, the
+  *balance*, says which resource the rest of the run needs more of, and the run's steps above
+  the larger are the excess still to come (runs without preemptions only).
 
 Since the KV area is the same in every schedule, a run's decode steps are ``A / M`` plus its idle
 memory-steps, and the bound's are ``A / M`` plus its ramp-up from an empty cache (``R``, the
@@ -36,6 +40,7 @@ from _results import write_csv  # noqa: E402
 from memory import BLOCK, CLIENTS, NOISE, capacity_for, memory_workload  # noqa: E402
 
 from lloptim import Problem, lower_bound, run_policy, summarize  # noqa: E402
+from lloptim.memory import decode_area_tokens  # noqa: E402
 from lloptim.runtime.estimators import noisy_estimates  # noqa: E402
 
 #: A resource counts as full in a decode step when at least this fraction of it is used.
@@ -64,7 +69,15 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
         ``(rows, totals)``: one dict per span (``steps``, ``clients_used``, ``memory_used`` (means,
         fractions), ``clients_full_only``, ``memory_full_only``, ``both_full``, ``neither_full``
         (steps), ``idle_client_steps``, ``idle_memory_steps`` (steps), ``started``, ``started_mean_output``
-        (requests, tokens)), and the run's totals: ``decode_steps``, ``bound_steps``,
+        (requests, tokens), ``steps_left`` (the run's decode steps from the span's start on),
+        ``work_left_clients`` and ``work_left_memory`` (the decode steps the work left at the span's
+        start needs by clients, its output tokens over ``C``, and by memory, its KV area over
+        ``M``; NaN when the run preempted), ``lost`` (the span's steps minus the work they did of
+        the larger of the two: the run's steps above the work left grow by it; it sums to the
+        run's steps above ``max(output / C, area / M)``), ``lost_too_thin`` (of it, in steps
+        where memory is the larger need and the clients are full: the running requests hold too
+        little) and ``lost_too_fat`` (where the clients are the larger need and memory is full:
+        they hold too much), steps; and the run's totals: ``decode_steps``, ``bound_steps``,
         ``bound_steps_clients``, ``bound_steps_memory``, ``area_steps`` (the KV area over the
         capacity, steps), ``bound_ramp_steps`` (the bound's memory steps minus ``area_steps``),
         ``idle_client_steps``, ``idle_memory_steps`` (steps), ``last_start_step`` (the decode step
@@ -83,6 +96,17 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
     first = np.clip(np.searchsorted(starts, result.prefill_end_s, side="right") - 1, 0, S - 1)
     out = problem.workload.output_tokens
     edges = np.linspace(0, S, parts + 1).round().astype(int)
+    # the work left at a span's start, from when each request began (exact only when none was
+    # preempted: a recomputed request's progress is not its decode steps since it first began)
+    exact = result.preemptions is None or int(np.sum(result.preemptions)) == 0
+    left_c, left_m = _work_left(problem, first, S) if exact else (np.full(S + 1, np.nan), np.full(S + 1, np.nan))
+    # the run's steps above the larger work left shrink by 1 minus what a step did of it: that is the
+    # step's loss (the larger term's resource idle), and it sums to the run's steps above the work
+    need = np.maximum(left_c, left_m)
+    lost = 1.0 - (need[:-1] - need[1:])
+    memory_critical = left_m[:-1] >= left_c[:-1]
+    thin = memory_critical & (n >= full)   # memory needed most, clients full: the running set holds too little
+    fat = ~memory_critical & (h >= full)   # clients needed most, memory full: it holds too much
     rows = []
     for a, b in zip(edges[:-1], edges[1:]):
         nn, hh = n[a:b], h[a:b]
@@ -94,7 +118,11 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
                      "both_full": int(np.sum(cf & mf)), "neither_full": int(np.sum(~cf & ~mf)),
                      "idle_client_steps": float(np.sum(1 - nn)), "idle_memory_steps": float(np.sum(1 - hh)),
                      "started": int(began.sum()),
-                     "started_mean_output": float(out[began].mean()) if began.any() else 0.0})
+                     "started_mean_output": float(out[began].mean()) if began.any() else 0.0,
+                     "steps_left": int(S - a), "work_left_clients": float(left_c[a]),
+                     "work_left_memory": float(left_m[a]), "lost": float(lost[a:b].sum()),
+                     "lost_too_thin": float(lost[a:b][thin[a:b]].sum()) if exact else float("nan"),
+                     "lost_too_fat": float(lost[a:b][fat[a:b]].sum()) if exact else float("nan")})
     area_steps = float(lb.kv_area_token_steps) / M
     totals = {"decode_steps": S, "bound_steps": max(lb.decode_steps_clients, lb.decode_steps_memory),
               "bound_steps_clients": int(lb.decode_steps_clients), "bound_steps_memory": int(lb.decode_steps_memory),
@@ -102,6 +130,26 @@ def gap_by_part(problem: Problem, result, parts: int = PARTS, full: float = FULL
               "idle_client_steps": float(np.sum(1 - n)), "idle_memory_steps": float(np.sum(1 - h)),
               "last_start_step": int(first.max())}
     return rows, totals
+
+
+def _work_left(problem: Problem, first: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The work left before each decode step ``0 .. steps`` of a run without preemptions, decode steps.
+
+    Request ``r`` generates its ``k``-th token in decode step ``first[r] + k - 1`` and holds
+    ``B ceil((p_r + k) / B)`` tokens then. Returns ``(output tokens left / C, KV area left / M)``,
+    each ``steps + 1`` long (the last is 0).
+    """
+    inst = problem.instances[0]
+    w = problem.workload
+    p, o = w.prompt_tokens.astype(np.int64), w.output_tokens.astype(np.int64)
+    B, C, M = inst.kv_block_tokens, inst.clients, inst.kv_blocks * inst.kv_block_tokens
+    k = np.arange(int(o.sum())) - np.repeat(np.cumsum(o) - o, o) + 1  # token number within its request
+    step = np.repeat(first, o) + k - 1
+    tokens = np.bincount(step, minlength=steps)[:steps].astype(np.float64)
+    area = np.bincount(step, weights=B * -(-(np.repeat(p, o) + k) // B), minlength=steps)[:steps]
+    left_c = (o.sum() - np.concatenate([[0.0], np.cumsum(tokens)])) / C
+    left_m = (decode_area_tokens(p, o, B).sum() - np.concatenate([[0.0], np.cumsum(area)])) / M
+    return left_c, left_m
 
 
 def case(sigma: float, seed: int, rho: float, known: bool, policy: str,
@@ -152,6 +200,14 @@ def main() -> None:
                                  "unknown" if args.unknown else "known", "policy": args.policy,
                                  "fill_ramp": not args.no_fill_ramp, "tenth": i + 1,
                                  **r, "gap": gap, **{f"run_{k}": v for k, v in tot.items()}})
+            print("work left at the start of each tenth (decode steps: the run's, by clients, by memory, memory\n"
+                  "minus clients) and the steps lost in it (above the work done of the larger need; too thin:\n"
+                  "memory needed most, clients full; too fat: clients needed most, memory full)")
+            print("tenth  run left  clients  memory  balance   lost  too thin  too fat")
+            for i, r in enumerate(rows):
+                print(f"{i + 1:>5}  {r['steps_left']:>8}  {r['work_left_clients']:7.0f}  {r['work_left_memory']:6.0f}  "
+                      f"{r['work_left_memory'] - r['work_left_clients']:+7.0f}  {r['lost']:5.0f}  "
+                      f"{r['lost_too_thin']:8.0f}  {r['lost_too_fat']:7.0f}")
             mid = sum(r["idle_memory_steps"] for r in rows[1:-1])
             print(f"idle memory-steps: first tenth {rows[0]['idle_memory_steps']:.0f} (the bound's ramp-up "
                   f"{tot['bound_ramp_steps']:.0f}), tenths 2-{PARTS - 1} {mid:.0f}, last tenth "

@@ -67,3 +67,44 @@ def test_spans_account_for_the_whole_run(seed, rho, parts, policy):
     assert explained - 1e-6 <= excess <= explained + prompt_blocks / M + 1e-6
     # the bound is never above the run, and its ramp-up is never negative
     assert tot["bound_steps"] <= S and tot["bound_ramp_steps"] >= -1e-9
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), rho=st.sampled_from([0.8, 1.0, 1.5]), parts=st.integers(2, 12),
+       policy=st.sampled_from(["hybrid-fused", "hybrid", "vllm", "lpt"]))
+def test_work_left_is_what_the_rest_of_the_run_does(seed, rho, parts, policy):
+    problem = _problem(50, 5, seed, rho)
+    res = run_policy(problem, policy)
+    rows, tot = mg.gap_by_part(problem, res, parts=parts)
+    inst = problem.instances[0]
+    M = inst.kv_blocks * inst.kv_block_tokens
+    w = problem.workload
+    if int(res.preemptions.sum()):
+        # a recomputed request's progress is not its steps since it first began: not reported
+        assert all(np.isnan([r["work_left_clients"], r["work_left_memory"], r["lost"], r["lost_too_thin"],
+                             r["lost_too_fat"]]).all() for r in rows)
+        return
+    # at the start, the whole workload: its output over the clients, its KV area over the cache
+    assert rows[0]["steps_left"] == tot["decode_steps"]
+    assert np.isclose(rows[0]["work_left_clients"], w.output_tokens.sum() / inst.clients)
+    assert np.isclose(rows[0]["work_left_memory"], tot["area_steps"])
+    # the output tokens left at a span's start are the ones the run's later decode steps generate
+    dec = (res.trace_kind == 1) | (res.trace_kind == 2)
+    running = res.trace_running[dec]
+    assert all(np.isclose(r["work_left_clients"] * inst.clients, running[r["from_step"]:].sum()) for r in rows)
+    for r, nxt in zip(rows, rows[1:]):
+        # the work left only shrinks, by no more than the span's steps could do (C tokens, M tokens a step)
+        assert nxt["work_left_clients"] <= r["work_left_clients"] + 1e-9
+        assert nxt["work_left_memory"] <= r["work_left_memory"] + 1e-9
+        assert r["work_left_clients"] - nxt["work_left_clients"] <= r["steps"] + 1e-9
+        assert r["work_left_memory"] - nxt["work_left_memory"] <= r["steps"] + 1e-9
+    # the rest of the run cannot take fewer steps than its work needs by either resource
+    assert all(r["steps_left"] >= max(r["work_left_clients"], r["work_left_memory"]) - 1e-9 for r in rows)
+    # the steps lost add up to the run's steps above its work's larger need; a step loses at most
+    # itself and never gains (no step does more than C tokens or M tokens of KV area); the too thin
+    # and too fat steps are disjoint parts of it
+    need = max(rows[0]["work_left_clients"], rows[0]["work_left_memory"])
+    assert np.isclose(sum(r["lost"] for r in rows), tot["decode_steps"] - need)
+    assert all(-1e-9 <= r["lost"] <= r["steps"] + 1e-9 for r in rows)
+    assert all(r["lost_too_thin"] >= -1e-9 and r["lost_too_fat"] >= -1e-9 for r in rows)
+    assert all(r["lost_too_thin"] + r["lost_too_fat"] <= r["lost"] + 1e-9 for r in rows)
