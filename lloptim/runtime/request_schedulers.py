@@ -602,7 +602,7 @@ class WorkflowQueue(GlobalQueue):
                 cl[np.argsort(free[cl], kind="stable")[:max(n, 1)]]
                 for cl, n in zip((np.flatnonzero(kinds == k) for k in range(len(limits))), limits)]))
         self._plan(rows, release, free, self.time_limit_s if first else self.revision_limit_s, first, clients,
-                   self.plan_work if first else self.revision_work)
+                   work=self.plan_work if first else self.revision_work)
         self.planned_work = float(self.fastest[rows].sum())
         self.appended_work = 0.0
 
