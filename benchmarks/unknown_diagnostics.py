@@ -167,8 +167,8 @@ class _RevisingQueue(WorkflowQueue):
                                         for i in ctx.problem.instances])
         self.rank_tail = self.dag.tails(self.weights.min(axis=1))
 
-    def _plan(self, rows, release, free, limit, exact, clients=None) -> None:
-        super()._plan(rows, release, free, limit, exact, clients)
+    def _plan(self, rows, release, free, limit, exact, clients=None, work=None) -> None:
+        super()._plan(rows, release, free, limit, exact, clients, work=work)
         self.planned_est[rows] = self.work_est[rows]
 
     def on_ready(self, request: int, now: float) -> None:

@@ -297,7 +297,7 @@ def build_precedence_mip(precedence: Precedence, weights: np.ndarray, clients_pe
 
 def solve_precedence_mip(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,
                          release: np.ndarray, bound: float, time_limit_s: float = 5.0,
-                         solver: str = "highs") -> DagPlan | None:
+                         solver: str = "highs", node_limit: int | None = None) -> DagPlan | None:
     """Solve the client-chain MIP, started from a list schedule; None if no answer came back.
 
     Parameters
@@ -317,6 +317,9 @@ def solve_precedence_mip(precedence: Precedence, weights: np.ndarray, machine_ki
         bound are returned.
     solver
         Backend of :func:`lloptim.solve` (``highs``, ``cbc`` or ``cvxpy``).
+    node_limit
+        Branch-and-bound nodes (HiGHS ``mip_max_nodes``, count; None: none): a limit that stops
+        the same way on any machine, unlike the time limit. Read by the ``highs`` backend only.
 
     Returns
     -------
@@ -335,7 +338,9 @@ def solve_precedence_mip(precedence: Precedence, weights: np.ndarray, machine_ki
     rank = precedence.upward_rank(w.min(axis=1))
     st, machine, horizon = list_schedule(preds, succs, w, kinds, -rank, release)
     model = build_precedence_mip(precedence, w, counts, release, horizon, bound)
-    res = solve(model, solver=solver, params=SolveParams(time_limit_s=time_limit_s, rel_gap=1e-6),
+    options = {"mip_max_nodes": int(node_limit)} if node_limit is not None and solver == "highs" else {}
+    res = solve(model, solver=solver, params=SolveParams(time_limit_s=time_limit_s, rel_gap=1e-6,
+                                                         solver_options=options),
                 start=_start_values(st, machine, kinds, w, n, horizon))
     if not res.status.has_solution:
         return None

@@ -22,6 +22,14 @@ operations researcher would:
   formulation of :func:`lloptim.solve`), and :func:`plan_workflows` uses it below
   :data:`EXACT_MAX_REQUESTS` requests.
 
+**A deterministic budget.** The improvement passes stop on *work*, not on the clock: each pass
+costs two list schedules, ``2 n`` job placements, and runs only while the placements spent so far
+(the first forward pass's ``n`` included) plus its own fit in ``work_limit``; the exact plan stops
+at :data:`EXACT_NODE_LIMIT` branch-and-bound nodes (HiGHS's ``mip_max_nodes``). The same inputs
+give the same plan on an idle or a loaded machine. The wall-clock limits (``time_limit_s``) stay
+only as a safety net, set far above what the work budgets take (``benchmarks/workflows.py`` on a
+loaded machine had moved because a revision's 0.05 s ran out before its passes did).
+
 The plan's bound (:attr:`DagPlan.bound_s`) is the relaxation that drops the client limit or the
 precedence: ``max(critical path, total work / C)``, in the same work units.
 """
@@ -40,10 +48,25 @@ from lloptim.precedence import Precedence
 if TYPE_CHECKING:  # pragma: no cover
     from lloptim.problem import Problem
 
-__all__ = ["DagPlan", "list_schedule", "plan_workflows", "plan_problem", "exact_plan", "EXACT_MAX_REQUESTS"]
+__all__ = ["DagPlan", "list_schedule", "plan_workflows", "plan_problem", "exact_plan", "EXACT_MAX_REQUESTS",
+           "EXACT_NODE_LIMIT", "PLAN_WORK", "REVISION_WORK"]
 
 #: Largest workflow (requests) :func:`plan_workflows` solves exactly when the MIP is available.
 EXACT_MAX_REQUESTS = 12
+
+#: Branch-and-bound nodes the exact plan may explore (HiGHS ``mip_max_nodes``; count). About 1-2 s
+#: of HiGHS on 12 requests over 2-4 clients (it proves most of them optimal in fewer; the rest stop
+#: with the best plan found and the proven bound), the same answer on any machine.
+EXACT_NODE_LIMIT = 2000
+
+#: Work budget of a first plan, job placements of the list scheduler (count): every pass runs up
+#: to about 16,000 requests (one placement costs 2-9 microseconds, so about 0.5-1.8 s at the most),
+#: fewer passes beyond, none at 100,000.
+PLAN_WORK = 200_000
+
+#: Work budget of a revision of the plan (count of placements): every pass up to about 1,600
+#: requests, a few milliseconds to 0.2 s.
+REVISION_WORK = 20_000
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,8 @@ def list_schedule(predecessors: list[list[int]], successors: list[list[int]], we
 
 def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_kind: np.ndarray,
                    release: np.ndarray | None = None, max_passes: int = 6, exact: bool = True,
-                   time_limit_s: float | None = None, machine_free: np.ndarray | None = None) -> DagPlan:
+                   time_limit_s: float | None = None, machine_free: np.ndarray | None = None,
+                   work_limit: int | None = None, node_limit: int | None = EXACT_NODE_LIMIT) -> DagPlan:
     """Plan requests with precedence on machines: list scheduling by rank, improved forward and backward.
 
     Parameters
@@ -185,11 +209,19 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
         Solve workflows of at most :data:`EXACT_MAX_REQUESTS` requests exactly with the MIP of
         :func:`exact_plan`.
     time_limit_s
-        Wall-clock budget of the improvement passes, seconds (None: no limit); the first forward
-        pass always runs.
+        Wall-clock safety net of the improvement passes (or of the exact solve), seconds (None: no
+        limit; the exact solve then gets 60 s). Not what normally stops them: set it far above
+        what ``work_limit`` and ``node_limit`` take, so that the plan does not depend on the
+        machine's load. The first forward pass always runs.
     machine_free
         When each machine becomes free of work outside the plan, seconds; default 0 (a plan
         revised mid-run passes the expected finishes of the running requests).
+    work_limit
+        Work budget of the improvement passes, job placements of the list scheduler (count; None:
+        only ``max_passes``). The first forward pass counts ``n`` and each pass ``2 n``; a pass runs
+        only if it fits (:data:`PLAN_WORK`, :data:`REVISION_WORK`).
+    node_limit
+        Branch-and-bound nodes of the exact solve (count; None: only the time limit).
 
     Returns
     -------
@@ -207,7 +239,8 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     bound = max(dag.longest_path(fastest, rel),
                 float(np.sum(fastest) / max(len(kinds), 1)) + float(rel.min(initial=0.0)))
     if exact and n <= EXACT_MAX_REQUESTS and machine_free is None:
-        plan = exact_plan(dag, w, kinds, rel, bound, 5.0 if time_limit_s is None else time_limit_s)
+        plan = exact_plan(dag, w, kinds, rel, bound, 60.0 if time_limit_s is None else time_limit_s,
+                          node_limit=node_limit)
         if plan is not None:
             return plan
     t0 = time.perf_counter()
@@ -216,9 +249,14 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     best = (start, machine)
     passes = 0
     zeros = np.zeros(n)
+    spent = n  # job placements so far: the work budget, which decides when to stop
     for _ in range(max_passes):
+        if work_limit is not None and spent + 2 * n > work_limit:
+            break
+        # the clock is only a safety net, far above the work budget's time (module docstring)
         if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
             break
+        spent += 2 * n
         passes += 1
         finish = start + w[np.arange(n), kinds[machine] if w.shape[1] > 1 else 0]
         # backward: the reversed DAG, latest-finishing first; read back as forward times
@@ -233,8 +271,8 @@ def plan_workflows(precedence: Precedence | None, weights: np.ndarray, machine_k
     return DagPlan(best[0], best[1], float(best_t), float(min(bound, best_t)), "list", passes)
 
 
-def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_limit_s: float | None = 1.0,
-                 exact: bool = True) -> DagPlan:
+def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_limit_s: float | None = 20.0,
+                 exact: bool = True, work_limit: int | None = PLAN_WORK) -> DagPlan:
     """The offline plan of a whole problem: every request, its arrival as release, on every client.
 
     Parameters
@@ -244,9 +282,12 @@ def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_l
     estimates
         Output lengths the work is priced with, tokens; default: the true lengths.
     time_limit_s
-        Wall-clock budget of the improvement passes (or of the exact solve), seconds.
+        Wall-clock safety net of the improvement passes (or of the exact solve), seconds.
     exact
-        Solve small problems exactly (see :func:`plan_workflows`).
+        Solve small problems exactly (see :func:`plan_workflows`), within :data:`EXACT_NODE_LIMIT`
+        nodes.
+    work_limit
+        Work budget of the improvement passes, job placements (:func:`plan_workflows`).
 
     Returns
     -------
@@ -257,11 +298,13 @@ def plan_problem(problem: "Problem", estimates: np.ndarray | None = None, time_l
 
     weights = np.column_stack([request_work_s(problem, estimates, instance=i) for i in range(len(problem.instances))])
     return plan_workflows(problem.workload.precedence, weights, problem.client_instance(),
-                          release=problem.workload.arrival_s, time_limit_s=time_limit_s, exact=exact)
+                          release=problem.workload.arrival_s, time_limit_s=time_limit_s, exact=exact,
+                          work_limit=work_limit)
 
 
 def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.ndarray,
-               release: np.ndarray, bound: float, time_limit_s: float = 5.0) -> DagPlan | None:
+               release: np.ndarray, bound: float, time_limit_s: float = 60.0,
+               node_limit: int | None = EXACT_NODE_LIMIT) -> DagPlan | None:
     """The optimal plan of a small workflow by a mixed-integer program, or None when no answer came back.
 
     Solves the client-chain model of :mod:`lloptim.formulations.precedence` (registered for
@@ -281,8 +324,12 @@ def exact_plan(precedence: Precedence, weights: np.ndarray, machine_kind: np.nda
     bound
         A valid lower bound on the makespan, seconds.
     time_limit_s
-        Wall-clock limit of the solve, seconds (at the limit, the best plan found).
+        Wall-clock safety net of the solve, seconds (at the limit, the best plan found).
+    node_limit
+        Branch-and-bound nodes of the solve (count; None: only the time limit): what normally
+        stops a solve that has not proven optimality, the same on any machine.
     """
     from lloptim.formulations.precedence import solve_precedence_mip
 
-    return solve_precedence_mip(precedence, weights, machine_kind, release, bound, time_limit_s)
+    return solve_precedence_mip(precedence, weights, machine_kind, release, bound, time_limit_s,
+                                node_limit=node_limit)

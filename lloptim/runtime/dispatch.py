@@ -92,8 +92,9 @@ class HybridDispatch(WorkflowQueue):
     prices
         Fleet price mode (:data:`~lloptim.runtime.fleet.PRICE_MODES`), or a
         :class:`~lloptim.runtime.fleet.FleetPrices`.
-    time_limit_s, revision_limit_s
-        Budgets of the workflow plan (see :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`).
+    time_limit_s
+        Wall-clock limit of the end game's local search, seconds. The workflow plan stops on its
+        work budgets (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`'s defaults).
     memory
         The request scheduler to hand the dispatch to when the KV cache of an instance can fill up
         (a :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: never.
@@ -118,7 +119,7 @@ class HybridDispatch(WorkflowQueue):
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
-                 time_limit_s: float = 1.0, revision_limit_s: float = 0.05, memory=None,
+                 time_limit_s: float = 1.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan") -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
@@ -130,7 +131,8 @@ class HybridDispatch(WorkflowQueue):
 
             raise SpecError("policy.objective", f"unknown objective {objective!r}",
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
-        super().__init__(None, time_limit_s, revision_limit_s)
+        super().__init__(None)
+        self.endgame_limit_s = float(time_limit_s)
         self.slack_weight = float(slack_weight)
         self.objective = objective
         self.fleet = prices if isinstance(prices, FleetPrices) else FleetPrices(prices)
@@ -293,7 +295,7 @@ class HybridDispatch(WorkflowQueue):
         """Hand the rest of the queue to the two-level end-game plan (:mod:`lloptim.runtime.endgame`)."""
         rows = np.array(sorted(r for _, r in self.ready), dtype=np.int64)
         owner = np.zeros(self.ctx.problem.n_requests, dtype=np.int64)
-        owner[rows] = endgame_assignment(self.ctx, state.engine, rows, self.holding, self.time_limit_s)
+        owner[rows] = endgame_assignment(self.ctx, state.engine, rows, self.holding, self.endgame_limit_s)
         tail = EndgameQueues(owner, self.holding)
         tail.setup(self.ctx)
         for r in rows.tolist():

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from lloptim.dag_plan import plan_workflows
+from lloptim.dag_plan import PLAN_WORK, REVISION_WORK, plan_workflows
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
 from lloptim.work import request_work_s, typical_step_s
@@ -248,9 +248,15 @@ class WorkflowQueue(GlobalQueue):
     plan
         Optional offline assignment for counting re-assignments (see :class:`GlobalQueue`).
     time_limit_s
-        Wall-clock budget of the improvement passes of the first plan, seconds.
+        Wall-clock safety net of the improvement passes of the first plan, seconds: far above what
+        ``plan_work`` takes, so that the schedule does not depend on the machine's load.
     revision_limit_s
         The same for each revision when workflows arrive later, seconds.
+    plan_work, revision_work
+        Work budgets of the first plan and of each revision, job placements of the list scheduler
+        (count; :func:`~lloptim.dag_plan.plan_workflows`): what stops the improvement passes, the
+        same on any machine (default :data:`~lloptim.dag_plan.PLAN_WORK`,
+        :data:`~lloptim.dag_plan.REVISION_WORK`).
     slack_steps
         A request with at most this slack in the plan, in decode steps of a full instance, is
         *critical* (:attr:`critical`): the Lagrangian iteration scheduler prefills it at once
@@ -355,14 +361,17 @@ class WorkflowQueue(GlobalQueue):
         the instance whose lone step is fastest (list, one per row; set when workflows are known).
     """
 
-    def __init__(self, plan=None, time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
+    def __init__(self, plan=None, time_limit_s: float = 20.0, revision_limit_s: float = 2.0,
                  slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True,
-                 replan_below: int = REPLAN_BELOW, plan_paced: bool = True) -> None:
+                 replan_below: int = REPLAN_BELOW, plan_paced: bool = True, plan_work: int = PLAN_WORK,
+                 revision_work: int = REVISION_WORK) -> None:
         super().__init__("longest", plan)
         self.pace = bool(pace)
         self.plan_paced = bool(plan_paced)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
+        self.plan_work = int(plan_work)
+        self.revision_work = int(revision_work)
         self.slack_steps = slack_steps
         self.revise_fraction = revise_fraction
         self.replan_below = int(replan_below)
@@ -592,7 +601,8 @@ class WorkflowQueue(GlobalQueue):
             clients = np.sort(np.concatenate([
                 cl[np.argsort(free[cl], kind="stable")[:max(n, 1)]]
                 for cl, n in zip((np.flatnonzero(kinds == k) for k in range(len(limits))), limits)]))
-        self._plan(rows, release, free, self.time_limit_s if first else self.revision_limit_s, first, clients)
+        self._plan(rows, release, free, self.time_limit_s if first else self.revision_limit_s, first, clients,
+                   work=self.plan_work if first else self.revision_work)
         self.planned_work = float(self.fastest[rows].sum())
         self.appended_work = 0.0
 
@@ -613,14 +623,14 @@ class WorkflowQueue(GlobalQueue):
             self.key[r] = k
 
     def _plan(self, rows: np.ndarray, release: np.ndarray, free: np.ndarray, limit: float, exact: bool,
-              clients: np.ndarray | None = None) -> None:
+              clients: np.ndarray | None = None, work: int | None = None) -> None:
         """Plan ``rows`` from ``free`` (per client) and ``release`` on ``clients`` (default all); set keys, critical rows."""
         kinds = self.ctx.client_instance
         if clients is not None:
             kinds, free = kinds[clients], free[clients]
         sub = self.dag.subset(rows)
         plan = plan_workflows(sub, self.weights[rows], kinds, release=release, machine_free=free,
-                              time_limit_s=limit, exact=exact)
+                              time_limit_s=limit, exact=exact, work_limit=work)
         for r, start in zip(rows.tolist(), plan.start_s.tolist()):
             self.key[r] = start
         # requests without slack in the plan: delaying one of them delays the plan's makespan
