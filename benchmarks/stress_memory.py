@@ -285,7 +285,11 @@ def _toml_value(x) -> str:
 
 
 def write_spec(case: Case, folder: Path, workload: Workload | None = None, name: str = "spec") -> Path:
-    """``case`` as a TOML spec in ``folder`` (profiles other than the shipped one as files beside it)."""
+    """``case`` as a TOML spec in ``folder`` (profiles other than the shipped one as files beside it).
+
+    With ``workload`` (a ``--train`` spec): those requests and no ``[[instances]]`` (the default
+    instance, whose cache holds every training request of these families).
+    """
     wl = workload if workload is not None else case.workload
     lines = [f"name = {_toml_value(case.label)}", ""]
     for p, o, c in zip(wl.prompt_tokens, wl.output_tokens, wl.max_output_tokens):
@@ -293,7 +297,7 @@ def write_spec(case: Case, folder: Path, workload: Workload | None = None, name:
         lines.append(f"prompt_tokens = {int(p)}\noutput_tokens = {int(o)}")
         if c:
             lines.append(f"max_output_tokens = {int(c)}")
-    for inst in case.instances:
+    for inst in case.instances if workload is None else ():
         prof = inst.profile.name
         if prof != "llama-65b":
             save_profile(inst.profile, folder / f"{prof}.toml")
@@ -387,7 +391,7 @@ class _Inline:
 
     @staticmethod
     def map(fn, tasks):
-        return [fn(t) for t in tasks]
+        return (fn(t) for t in tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
