@@ -180,8 +180,11 @@ def estimate(workload: Workload, name: str, train: Workload | None = None, sigma
              seed: int = 0) -> np.ndarray | None:
     """Estimates for ``workload`` by estimator ``name``; ``None`` for ``oracle`` (the truth).
 
-    ``train`` must not contain the requests of ``workload``; requests with the same id are dropped
-    from it, so a case drawn from the training split never sees its own lengths.
+    ``train`` must not contain the requests of ``workload``; a training request that *is* one of
+    them (the same id, prompt and output length) is dropped from it, so a case drawn from the
+    training split never sees its own lengths. Only the same id is not enough: two specs that list
+    their requests without ids both number them 0, 1, ..., and a training spec's request 3 is not
+    the scheduled spec's request 3.
 
     Parameters
     ----------
@@ -213,8 +216,9 @@ def estimate(workload: Workload, name: str, train: Workload | None = None, sigma
         return noisy_estimates(workload, sigma, seed)
     if train is None:
         raise SpecError("train", f"estimator {name!r} needs a training workload", "pass train=workloads.gsm8k('train')")
-    own = set(workload.ids)
-    keep = np.array([i for i, x in enumerate(train.ids) if x not in own], dtype=np.int64)
+    own = set(zip(workload.ids, workload.prompt_tokens.tolist(), workload.output_tokens.tolist()))
+    keep = np.array([i for i, key in enumerate(zip(train.ids, train.prompt_tokens.tolist(), train.output_tokens.tolist()))
+                     if key not in own], dtype=np.int64)
     if keep.size == 0:
         raise SpecError("train", "the training workload holds only the requests being scheduled",
                         "train on other requests")

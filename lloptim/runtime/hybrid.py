@@ -206,7 +206,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                                                  lambda planner: hybrid_policy(start_planner=planner, **opts))
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
-                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon)
+                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective)
     elif dispatch == "plan":

@@ -31,7 +31,7 @@ from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "fleet_memory_split", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
+           "fleet_memory_split", "fleet_speed_mask", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
            "memory_sets_steps"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
@@ -459,12 +459,21 @@ class MemoryAwareQueue(RequestScheduler):
         ends on short ones, with the clients busy and the cache a half to two thirds full.
         ``"known"``: only when the policy knows the output lengths (with noisy estimates it cost
         a point at rho 1.0: docs, *KV memory*); True: on estimates too; False: the queue alone.
+    fleet_speeds
+        On a fleet whose instances differ in speed (profiles or client counts): an idle client
+        considers only the requests that may start on its instance (:func:`fleet_speed_mask`):
+        not one that would by itself run past the fleet's horizon there while another instance
+        would finish it sooner. One queue for the whole fleet otherwise hands the longest
+        request to whichever client asks first, a slow instance's as readily as a fast one's.
+        False (default; MC-SF as published): any client takes the request in order.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
                  priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
-                 fleet_homes: bool | str = False, urgency_horizon: bool | str = False) -> None:
+                 fleet_homes: bool | str = False, urgency_horizon: bool | str = False,
+                 fleet_speeds: bool = False) -> None:
+        self.fleet_speeds = bool(fleet_speeds)
         if fleet_homes not in (True, False, "known"):
             raise ValueError(f"fleet_homes must be True, False or 'known', not {fleet_homes!r}")
         self.fleet_homes = fleet_homes if rule == "first-fit" else False
@@ -535,6 +544,7 @@ class MemoryAwareQueue(RequestScheduler):
         # scanning in order, merged from the heap when new requests became ready
         self.heap: list[tuple[float, int]] = []
         self._sorted = np.zeros(0, dtype=np.int64)
+        self._unsorted = True  # keys or members changed since the last sort (:meth:`_ordered`)
         self._new: list[int] = []
         self.n_pending = 0
         owner = self.plan(ctx) if callable(self.plan) else self.plan
@@ -563,6 +573,12 @@ class MemoryAwareQueue(RequestScheduler):
         homes = self.fleet_homes is True or (self.fleet_homes == "known" and ctx.known_lengths)
         self.prefers = [r < max(room) for r in room] if homes and len(insts) > 1 else None
         self.home: np.ndarray | None = None
+        # fleet speeds: per request and instance, whether it may start there (:func:`fleet_speed_mask`),
+        # on a fleet whose instances differ in speed; computed over the known requests
+        self.speeds_differ = self.fleet_speeds and len(insts) > 1 and len({(i.profile.latency, i.clients) for i in insts}) > 1
+        self.allowed: np.ndarray | None = None
+        self.allowed_n = 0
+        self._nothing_here: dict[int, tuple] = {}  # instance -> stamp at which nothing in order could start there
         self.steals = 0
         self.refusals = 0
 
@@ -595,6 +611,7 @@ class MemoryAwareQueue(RequestScheduler):
         heapq.heapify(self.heap)
         self._sorted = ready
         self._new = []
+        self._unsorted = True
 
     def rekey(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """Give ``rows`` new sort keys (smaller first) and re-sort the ready requests.
@@ -613,10 +630,12 @@ class MemoryAwareQueue(RequestScheduler):
         heapq.heapify(self.heap)
         self._sorted = ready
         self._new = []
+        self._unsorted = True
 
     def _enter(self, r: int) -> None:
         heapq.heappush(self.heap, (float(self.key[r]), r))
         self._new.append(r)
+        self._unsorted = True
         self.taken[r] = False
         self.n_pending += 1
         self.ready_steps += float(self.est[r])
@@ -630,8 +649,9 @@ class MemoryAwareQueue(RequestScheduler):
             rows = np.concatenate([rows, np.asarray(self._new, dtype=np.int64)])
             self._new = []
         rows = rows[~self.taken[rows]]
-        if rows.size > 1:
+        if rows.size > 1 and self._unsorted:
             rows = rows[np.lexsort((rows, self.key[rows]))]
+        self._unsorted = False
         self._sorted = rows
         return rows
 
@@ -686,11 +706,47 @@ class MemoryAwareQueue(RequestScheduler):
             return None
         if self.order == "planned" and not self.owner_keys and len(self.known) >= REPLAN_GROWTH * self.planned_n:
             self._replan()
+        if self.speeds_differ:
+            return self._next_on_fleet(state, client)
         if not self.binds[state.index]:
             heap = self.heap
             while self.taken[heap[0][1]]:
                 heapq.heappop(heap)
             return self._take(heapq.heappop(heap)[1], client)
+        return self._next_fitting(state, client, self._ordered())
+
+    def _next_on_fleet(self, state, client: int) -> int | None:
+        """:meth:`next_request` on a fleet of different speeds: only the requests that may start here.
+
+        A request that would by itself run past the fleet's horizon on this instance, while another
+        instance would finish it sooner, is left to the faster one (:func:`fleet_speed_mask`); an
+        instance whose cache cannot fill up takes the first of the rest in order.
+        """
+        if self.allowed is None or len(self.known) >= REPLAN_GROWTH * self.allowed_n:
+            rows = np.asarray(self.known, dtype=np.int64)
+            self.allowed = np.ones((self.ctx.problem.n_requests, len(self.binds)), dtype=bool)
+            self.allowed[rows] = fleet_speed_mask(self.ctx, rows)
+            self.allowed_n = rows.size
+        stamp = (self._key(state), self.n_pending)
+        if self._nothing_here.get(state.index) == stamp or (self.binds[state.index] and self._refused == stamp):
+            return None  # refused a moment ago and nothing has changed since
+        ordered = self._ordered()
+        allowed = self.allowed[ordered]
+        # a request whose instances are all down may start anywhere (faults)
+        live = np.array([st.alive > 0 for st in state.engine.states]) if state.engine is not None else None
+        here = allowed[:, state.index]
+        if live is not None and not live.all():
+            here |= ~(allowed & live[None, :]).any(axis=1)
+        mine = ordered[here]
+        if not mine.size:
+            self._nothing_here[state.index] = stamp
+            return None
+        if not self.binds[state.index]:
+            return self._take(int(mine[0]), client)
+        return self._next_fitting(state, client, mine)
+
+    def _next_fitting(self, state, client: int, ordered: np.ndarray) -> int | None:
+        """The request an instance whose cache can fill up hands ``client``, among ``ordered`` (or None)."""
         if self.priced_headroom and not self.ctx.known_lengths:
             # the projection's optimism follows the memory price (LagrangianIterations.projection_scale)
             price = self.ctx.extra.get("memory_price")
@@ -703,8 +759,9 @@ class MemoryAwareQueue(RequestScheduler):
         if self._refused == (key, self.n_pending):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
-        ordered = self._ordered()
         urgent = self._urgent(pm if self.horizon_admitted else None) if self.rule == "first-fit" else None
+        if urgent is not None and self.speeds_differ and not np.any(ordered == urgent):
+            urgent = None  # it may not start here: urgent for the instances where it may
         rows = ordered[:1] if self.rule == "prefix" else ordered
         if urgent is not None:
             rows = np.array([urgent], dtype=np.int64)
@@ -892,6 +949,63 @@ class MemoryAwareQueue(RequestScheduler):
             self.delegate.requeue(request, now)
             return
         self._enter(request)
+
+
+def fleet_speed_mask(ctx: RunContext, rows: np.ndarray) -> np.ndarray:
+    """Where each request may start on a fleet of different speeds: not where it alone outlasts the horizon.
+
+    Request ``r`` holds a client of instance ``k`` for about ``(o_r + 1) s_k`` seconds (its
+    estimated decode steps and its prompt's iteration), ``s_k`` the decode-step time of ``k``
+    with every client busy and its cache as full as a batch of these requests makes it (their
+    mean context, ``prompt + estimate / 2``, per client, at most the capacity). The horizon ``T``
+    is the memory-aware makespan bound of ``rows`` (:func:`lloptim.lower_bound`) with the
+    estimates as outputs, all present at once. A request may start on ``k`` when it would end
+    there within the horizon, or when ``k`` is where it ends soonest: the fluid split of the
+    work (the fleet prices, the LP homes) does not see that a long request is a chain of steps
+    that one client runs one after another, and a slow instance would hold the makespan
+    hostage to it.
+
+    Parameters
+    ----------
+    ctx
+        The run (prompts, caps, estimates, instances).
+    rows
+        Row indices of the requests (the ones known so far).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(rows), m)`` bool: whether each request may start on each instance (every row has
+        at least one True).
+    """
+    from lloptim.bounds import lower_bound
+    from lloptim.problem import Problem, Workload
+
+    problem = ctx.problem
+    insts = problem.instances
+    rows = np.asarray(rows, dtype=np.int64)
+    w = problem.workload
+    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)[rows]), 1.0)
+    if rows.size == 0:
+        return np.ones((0, len(insts)), dtype=bool)
+    context = float(np.mean(w.prompt_tokens[rows] + est / 2.0))
+    step = np.array([i.profile.latency.decode_time(i.clients, min(i.clients * context, i.kv_blocks * i.kv_block_tokens))
+                     for i in insts])
+    alone = (est[:, None] + 1.0) * step[None, :]
+    # the horizon's requests: the estimates as outputs, within each cap and within every cache
+    # (an estimate may exceed both; the true length cannot)
+    prompt = w.prompt_tokens[rows]
+    cap = w.max_output_tokens[rows]
+    room = min(i.kv_blocks * i.kv_block_tokens for i in insts) - max(i.kv_block_tokens for i in insts) - prompt
+    out = np.maximum(np.minimum(np.where(cap > 0, np.minimum(est, cap), est), room), 1).astype(np.int64)
+    known = Workload.from_arrays(prompt, out, max_output_tokens=np.where(cap > 0, np.maximum(cap, out), 0),
+                                 name="known")
+    modes = ctx.extra.get("kv_mode")
+    blocks = [i.kv_block_tokens for i in insts]
+    horizon = lower_bound(Problem(known, insts), kv_mode=modes, kv_block_tokens=blocks, estimates=out,
+                          migration=False)
+    T = min(horizon.total_s, horizon.fused_s)
+    return (alone <= T) | (alone <= alone.min(axis=1, keepdims=True))
 
 
 def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.ndarray:
