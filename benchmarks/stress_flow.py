@@ -65,9 +65,10 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 
 from lloptim import Problem, lower_bound
@@ -197,16 +198,16 @@ def arrival_cases(cls: str, seed: int, quick: bool) -> list[tuple[str, Problem, 
 # ---------------------------------------------------------------------------- DAGs
 
 
-@dataclass
 class _Builder:
     """Accumulates the requests of generated workflows."""
 
-    rng: np.random.Generator
-    prompt: list
-    output: list
-    arrival: list
-    ids: list
-    after: list
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.prompt: list[int] = []
+        self.output: list[int] = []
+        self.arrival: list[float] = []
+        self.ids: list[str] = []
+        self.after: list[list[str]] = []
 
     def add(self, rid: str, out_median: float, preds: list[str], t: float, sigma: float = 0.8) -> None:
         """One request: its own prompt plus its predecessors' answers (capped), a lognormal output."""
@@ -233,7 +234,7 @@ def _random_dag(b: _Builder, tag: str, size: int, t: float) -> None:
 def dag_workload(shape: str, seed: int, quick: bool) -> Workload:
     """Workflows of ``shape`` for ``seed``, all at time 0 (arrivals are set by :func:`dag_cases`)."""
     rng = np.random.default_rng([0xDA6, ("diamond", "fanout", "deep", "random", "huge").index(shape), seed])
-    b = _Builder(rng, [], [], [], [], [])
+    b = _Builder(rng)
     few = quick
     if shape == "diamond":
         for w in range(40 if few else 150):
@@ -274,7 +275,7 @@ def workflow_arrivals(problem: Problem, load: float, seed: int) -> Problem:
     w = problem.workload
     cap = capacity_rps(problem)  # requests per second
     g = w.precedence.graph()
-    comps = sorted((sorted(c) for c in __import__("networkx").weakly_connected_components(g)), key=lambda c: c[0])
+    comps = sorted((sorted(c) for c in nx.weakly_connected_components(g)), key=lambda c: c[0])
     rate = load * cap * len(comps) / len(w)
     times = poisson_arrivals(len(comps), rate, seed)
     arr = np.zeros(len(w))
@@ -419,7 +420,7 @@ def run_cli(problem: Problem, estimator: str | None, api_makespan: float) -> tup
 def run_case(cls: str, label: str, seed: int, problem: Problem, estimator: str | None, policies,
              cli: bool) -> list[dict]:
     """Every policy on one case; one row each."""
-    est = estimate(problem.workload, estimator, seed=seed) if estimator else None
+    est = estimate(problem.workload, estimator, sigma=0.5, seed=seed) if estimator else None
     t = time.perf_counter()
     try:
         bound = lower_bound(problem, migration=False, estimates=est)
