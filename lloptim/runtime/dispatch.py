@@ -333,10 +333,11 @@ class HybridDispatch(WorkflowQueue):
         if stamp == self._nothing_for:
             return None  # another idle client of this instance was just refused: same answer
         fleet.refresh(state.now)
-        item = fleet.pick(self.ready, state.index, state.now, engine.states)
+        late = self.arrivals_during_run
+        item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
         if item is None and fleet.changes:
             fleet.refresh(state.now, stuck=True)
-            item = fleet.pick(self.ready, state.index, state.now, engine.states)
+            item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
         if item is None and not any(s.n_running or s.waiting for s in engine.states):
             item = self.ready[0]  # nothing runs anywhere: never leave the fleet idle
         if item is None:

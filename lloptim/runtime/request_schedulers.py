@@ -1073,7 +1073,11 @@ class WorkflowQueue(GlobalQueue):
         """:meth:`next_request` past the binding chain: the planned order, paced (class Notes)."""
         if state.n_running + len(state.waiting) >= limit or not self.ready:
             return None  # paced (the other instances take this work), or nothing is ready
-        too_long = np.inf if fast else self._horizon_s() / self.step_full[state.index]
+        # while the fleet is paced it is planned to end at the pacing horizon T, not at the remaining
+        # work at its full rate: a chain that ends by T on this slower instance delays nothing, and
+        # holding it back for the paced fast instances leaves this one idle (class Notes)
+        horizon = max(self._horizon_s(), self._pace_horizon_s) if fleet else self._horizon_s()
+        too_long = np.inf if fast else horizon / self.step_full[state.index]
         if limit < self.step_cost[state.index][2]:
             return self._cheapest_co_runner(state, client, too_long)
         if fleet and self._limits is not None and any(
