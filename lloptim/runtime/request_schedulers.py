@@ -29,6 +29,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from lloptim.errors import SpecError
 from lloptim.dag_plan import PLAN_WORK, REVISION_WORK, plan_workflows
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
@@ -281,6 +282,11 @@ class WorkflowQueue(GlobalQueue):
         With ``pace``: re-plan the unstarted requests on the clients the pacing leaves each
         instance whenever its limits change (Notes, *The plan sees the pacing*); False keeps the
         plan made for every client (the ablation).
+    pace_scale
+        With ``pace``: every paced limit is this multiple of the one the pacing computes (rounded
+        up, between 1 and the instance's clients; fraction, default 1). A variant for a choice by
+        simulation (:class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`): no fixed
+        scale is best on every fleet (docs: workflows, *what remains*).
 
     Notes
     -----
@@ -364,9 +370,14 @@ class WorkflowQueue(GlobalQueue):
     def __init__(self, plan=None, time_limit_s: float = 20.0, revision_limit_s: float = 2.0,
                  slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True,
                  replan_below: int = REPLAN_BELOW, plan_paced: bool = True, plan_work: int = PLAN_WORK,
-                 revision_work: int = REVISION_WORK) -> None:
+                 revision_work: int = REVISION_WORK, pace_scale: float = 1.0) -> None:
         super().__init__("longest", plan)
+        if not (isinstance(pace_scale, (int, float)) and not isinstance(pace_scale, bool)
+                and np.isfinite(pace_scale) and pace_scale > 0):
+            raise SpecError("policy.hybrid.pace_scale", f"must be a finite number > 0, not {pace_scale!r}",
+                            "1 keeps the computed chain pacing; 0.8 paces 20 % tighter, 1.2 looser")
         self.pace = bool(pace)
+        self.pace_scale = float(pace_scale)
         self.plan_paced = bool(plan_paced)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
@@ -856,7 +867,9 @@ class WorkflowQueue(GlobalQueue):
                 else:
                     hi = mid
             lo = hi
-        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, _, c, _) in zip(batch(lo), rows)]
+        scale = self.pace_scale
+        limits = [int(min(c, max(1.0, np.ceil(n * scale - 1e-9)) if n < c else c))
+                  for n, (_, _, _, c, _) in zip(batch(lo), rows)]
         self._limits = (key, limits, lo)
         self._limits_version += 1
         self._pace_horizon_s = lo
