@@ -85,7 +85,7 @@ def main() -> None:
     sets = {"report": _ints(args.seeds), "held-out": _ints(args.held_out)}
     print("hybrid on chains at time 0, known lengths: gap to the bound without migration (mean / worst), "
           "cases where the default was kept, wall seconds per run (mean)")
-    print(f"{'case':<34}{'seeds':<10}" + "".join(f"{'K = ' + str(k):>28}" for k in ks))
+    print(f"{'case':<38}{'seeds':<10}" + "".join(f"{'K = ' + str(k):>28}" for k in ks))
     rows: list[dict] = []
     t0 = time.perf_counter()
     for case in cases:
@@ -101,7 +101,7 @@ def main() -> None:
                 kept = sum(r["variant_kept"] == 0 for r in mine)
                 cells.append(f"{g.mean():.2f} / {g.max():.2f} %, {kept}/{len(g)}, "
                              f"{np.mean([r['wall_s'] for r in mine]):.1f} s")
-            print(f"{_label(case):<34}{name:<10}" + "".join(f"{c:>28}" for c in cells), flush=True)
+            print(f"{_label(case):<38}{name:<10}" + "".join(f"{c:>28}" for c in cells), flush=True)
     for name in sets:
         mine = [r for r in rows if r["seeds"] == name]
         if mine:
