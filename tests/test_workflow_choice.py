@@ -91,7 +91,7 @@ def test_a_spent_budget_stops_after_the_default():
 
 
 def test_more_candidates_than_variants_try_each_variant_once():
-    problem = _chains(12, clients=4, seed=3)
+    problem = _chains(seed=0)
     policy = hybrid_policy(order_candidates=40)
     run_policy(problem, policy)
     assert [k for k, _ in policy.requests.workflow_choice.tried] == list(range(len(WORKFLOW_VARIANTS)))
@@ -119,3 +119,13 @@ def test_the_cli_reaches_the_choice_and_refuses_a_fixed_scale_with_it(tmp_path):
     assert json.loads(chosen.stdout)["makespan_s"] < json.loads(default.stdout)["makespan_s"]
     both = runner.invoke(app, base + ["-o", "order_candidates=4", "-o", "pace_scale=0.8"])
     assert both.exit_code == 2 and "pace_scale" in both.output and "Traceback" not in both.output
+
+
+def test_where_nothing_is_paced_the_default_is_simulated_once():
+    """On one instance no chain is paced, so every variant is the default's run: one simulation."""
+    wl = workloads.workflows("chain", 30, seed=4)
+    problem = Problem.single(wl, "llama-65b", clients=20, kv_capacity_tokens=81_920)
+    policy = hybrid_policy(order_candidates=8)
+    res = run_policy(problem, policy)
+    assert len(policy.requests.workflow_choice.tried) == 1 and policy.requests.workflow_choice.chosen == 0
+    np.testing.assert_array_equal(res.assign_s, run_policy(problem, "hybrid").assign_s)

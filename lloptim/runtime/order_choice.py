@@ -124,13 +124,20 @@ class SimulatedChoice:
             if k and time.perf_counter() - t0 + longest > self.budget_s:
                 break
             t = time.perf_counter()
-            makespan = simulated_makespan(ctx, make_policy())
+            policy = make_policy()
+            makespan = simulated_makespan(ctx, policy)
             longest = max(longest, time.perf_counter() - t)
             self.tried.append((label, makespan))
             if makespan < best_makespan - 1e-9:
                 best, best_makespan, self.chosen = value, makespan, label
+            if not k and self._alike(policy):
+                break
         self.spent_s = time.perf_counter() - t0
         return best
+
+    def _alike(self, policy) -> bool:
+        """Whether, after simulating the default ``policy``, every other candidate is known to give its run (stop)."""
+        return False
 
 
 class SimulatedOrderChoice(SimulatedChoice):
@@ -225,6 +232,13 @@ class SimulatedWorkflowChoice(SimulatedChoice):
         w = ctx.problem.workload
         return (self.candidates > 1 and ctx.known_lengths and w.precedence is not None
                 and not np.any(np.asarray(w.arrival_s) > 0.0))
+
+    def _alike(self, policy) -> bool:
+        # the variants differ only where the pacing limits an instance: if the simulation of the
+        # default never did (one instance, or no chain decides), they are all the same run
+        delegate = getattr(policy.requests, "delegate", None)  # the memory-aware queue, where memory binds
+        queue = policy.requests if delegate is None else getattr(delegate, "workflows", None)
+        return queue is not None and not getattr(queue, "ever_paced", True)
 
     def __call__(self, ctx: RunContext) -> dict:
         self.tried, self.chosen, self.spent_s = [], None, 0.0
