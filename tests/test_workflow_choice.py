@@ -101,7 +101,8 @@ def test_more_candidates_than_variants_try_each_variant_once():
                                          ({"order_candidates": 2, "plan_paced": False}, "plan_paced"),
                                          ({"pace_scale": 0.0}, "pace_scale"),
                                          ({"pace_scale": float("nan")}, "pace_scale"),
-                                         ({"order_candidates": 0}, "order_candidates")])
+                                         ({"order_candidates": 0}, "order_candidates"),
+                                         ({"dispatch": "plan", "pace_scale": 0.8}, "pace_scale")])
 def test_bad_options_are_refused_before_the_run(opts, field):
     with pytest.raises(SpecError, match=field):
         run_policy(_chains(6, clients=2), "hybrid", **opts)
@@ -129,3 +130,17 @@ def test_where_nothing_is_paced_the_default_is_simulated_once():
     res = run_policy(problem, policy)
     assert len(policy.requests.workflow_choice.tried) == 1 and policy.requests.workflow_choice.chosen == 0
     np.testing.assert_array_equal(res.assign_s, run_policy(problem, "hybrid").assign_s)
+
+
+@pytest.mark.parametrize("n, seed", [(40, 6), (60, 0)])
+def test_where_the_default_was_never_paced_on_a_fleet_every_variant_is_the_same_run(n, seed):
+    """The early stop is exact: no variant changes a run whose pacing never asked for fewer than every client."""
+    problem = _chains(n, seed=seed)
+    policy = hybrid_policy()
+    default = run_policy(problem, policy)
+    assert not policy.requests.ever_paced
+    for variant in WORKFLOW_VARIANTS[1:]:
+        np.testing.assert_array_equal(run_policy(problem, hybrid_policy(**variant)).assign_s, default.assign_s)
+    chosen = hybrid_policy(order_candidates=8)
+    run_policy(problem, chosen)
+    assert len(chosen.requests.workflow_choice.tried) == 1

@@ -232,6 +232,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
                                   objective=objective, workflow_choice=workflow_choice, **workflow_opts)
     elif dispatch == "plan":
+        if pace_scale != 1.0 or not plan_paced:
+            raise SpecError("policy.hybrid.pace_scale" if pace_scale != 1.0 else "policy.hybrid.plan_paced",
+                            "applies to the sorted dispatch's chain pacing only",
+                            "leave it out with dispatch='plan' (hybrid-plan), or use dispatch='sorted'")
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
                                  start_delay=delay)

@@ -228,7 +228,7 @@ class SimulatedWorkflowChoice(SimulatedChoice):
         self.make_policy = make_policy
 
     def applies(self, ctx: RunContext) -> bool:
-        """Whether the simulation is the run: known lengths, precedence, every request present at time 0."""
+        """Whether the simulation is the run: known lengths, precedence, every request arriving at 0 seconds."""
         w = ctx.problem.workload
         return (self.candidates > 1 and ctx.known_lengths and w.precedence is not None
                 and not np.any(np.asarray(w.arrival_s) > 0.0))

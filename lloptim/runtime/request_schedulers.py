@@ -402,8 +402,8 @@ class WorkflowQueue(GlobalQueue):
         # at once (:meth:`_moment`): the version counts every change of this queue's state
         self._version = 0
         self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
-        #: Whether the pacing ever limited an instance below its clients in this run (if not, no
-        #: ``pace_scale`` or ``plan_paced`` changes the run).
+        #: Whether the pacing ever asked an instance for a batch below its clients in this run
+        #: (before rounding up; if not, no ``pace_scale`` or ``plan_paced`` changes the run).
         self.ever_paced = False
         self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain): :meth:`_longest_chain`
         # (moment, instance deferred to, clocks if read) of the last refusal (:meth:`next_request`)
@@ -870,10 +870,11 @@ class WorkflowQueue(GlobalQueue):
                 else:
                     hi = mid
             lo = hi
-        scale = self.pace_scale
+        scale, sizes = self.pace_scale, batch(lo)
         limits = [int(min(c, max(1.0, np.ceil(n * scale - 1e-9)) if n < c else c))
-                  for n, (_, _, _, c, _) in zip(batch(lo), rows)]
-        self.ever_paced = self.ever_paced or any(n < r[3] for n, r in zip(limits, rows))
+                  for n, (_, _, _, c, _) in zip(sizes, rows)]
+        # a batch below the clients (before rounding): a pace_scale would change this limit
+        self.ever_paced = self.ever_paced or any(n < r[3] for n, r in zip(sizes, rows))
         self._limits = (key, limits, lo)
         self._limits_version += 1
         self._pace_horizon_s = lo
