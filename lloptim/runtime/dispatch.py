@@ -106,6 +106,14 @@ class HybridDispatch(WorkflowQueue):
     objective
         ``"makespan"`` (least slack, default) or ``"weighted-completion"`` (Smith's rule, module
         docstring).
+    pace_scale, plan_paced
+        The workflow dispatch's chain pacing options
+        (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`; also given to the memory
+        delegate's workflow queue).
+    workflow_choice
+        Optional :class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`: on requests with
+        precedence it is asked at set-up for the ``pace_scale`` and ``plan_paced`` to run with
+        (it simulates its candidates where lengths are known and every request is present).
 
     Attributes
     ----------
@@ -120,7 +128,8 @@ class HybridDispatch(WorkflowQueue):
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 1.0, memory=None,
-                 tail_plan: float | None = TAIL_PLAN, objective: str = "makespan") -> None:
+                 tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
+                 plan_paced: bool = True, workflow_choice=None) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -131,7 +140,8 @@ class HybridDispatch(WorkflowQueue):
 
             raise SpecError("policy.objective", f"unknown objective {objective!r}",
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
-        super().__init__(None)
+        super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced)
+        self.workflow_choice = workflow_choice
         self.endgame_limit_s = float(time_limit_s)
         self.slack_weight = float(slack_weight)
         self.objective = objective
@@ -142,6 +152,8 @@ class HybridDispatch(WorkflowQueue):
         self.tail = None
 
     def setup(self, ctx: RunContext) -> None:
+        if self.workflow_choice is not None and ctx.problem.workload.precedence is not None:
+            self._configure(**self.workflow_choice(ctx))
         super().setup(ctx)
         self.delegate = None
         self.started = False
@@ -163,6 +175,12 @@ class HybridDispatch(WorkflowQueue):
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, handed out at)
         self.tail_enabled = (self.tail_plan is not None and self.dag is None and self.objective == "makespan"
                              and len(ctx.problem.instances) > 1)
+
+    def _configure(self, pace_scale: float, plan_paced: bool) -> None:
+        """Run with these chain pacing options, and so does the memory delegate's workflow queue."""
+        queues = [self, getattr(self.memory, "workflows", None)]
+        for queue in (q for q in queues if q is not None):
+            queue.pace_scale, queue.plan_paced = float(pace_scale), bool(plan_paced)
 
     @property
     def critical(self):

@@ -35,7 +35,7 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
-from lloptim.runtime.order_choice import SimulatedOrderChoice
+from lloptim.runtime.order_choice import SimulatedOrderChoice, SimulatedWorkflowChoice
 from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
@@ -73,7 +73,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                   start_delay: int | None = None, tail_plan: float | None = TAIL_PLAN,
                   objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
                   fleet_homes: bool | str = "known", urgency_horizon: bool | str = "known",
-                  order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S) -> Policy:
+                  order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
+                  plan_paced: bool = True) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -165,7 +166,19 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         ``order_budget_s`` seconds of wall clock before the first dispatch, and run the one of the
         shortest simulated makespan
         (:class:`~lloptim.runtime.order_choice.SimulatedOrderChoice`). 1 (default): the default
-        order, nothing simulated.
+        order, nothing simulated. On requests with precedence (workflows) with known lengths and
+        every request present at the start, the same option chooses the workflow dispatch's
+        chain pacing instead: the first ``order_candidates`` (at most 16) variants of
+        :data:`~lloptim.runtime.order_choice.WORKFLOW_VARIANTS` (``pace_scale`` and
+        ``plan_paced``, the default first) are simulated and the best is run
+        (:class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`); with estimates or
+        arrivals over time the default is run, nothing simulated. It presumes a simulator
+        calibrated to the engine.
+    pace_scale, plan_paced
+        On workflows on a fleet: every chain pacing limit scaled by ``pace_scale`` (default 1),
+        and whether the unstarted requests are re-planned for the pacing (default True; see
+        :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`). Fixed values, for studies;
+        ``order_candidates`` chooses them per case.
 
     Notes
     -----
@@ -202,14 +215,27 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
                         price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
                         objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
                         urgency_horizon=urgency_horizon)
+            if pace_scale != 1.0 or not plan_paced:
+                raise SpecError("policy.hybrid.pace_scale" if pace_scale != 1.0 else "policy.hybrid.plan_paced",
+                                "is chosen by simulation when order_candidates > 1",
+                                "give either order_candidates > 1 or fixed pace_scale / plan_paced, not both")
             start_planner = SimulatedOrderChoice(order_candidates, order_budget_s,
                                                  lambda planner: hybrid_policy(start_planner=planner, **opts))
-        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(),
+            workflow_choice = SimulatedWorkflowChoice(
+                order_candidates, order_budget_s, lambda **variant: hybrid_policy(**opts, **variant))
+        else:
+            workflow_choice = None
+        workflow_opts = dict(pace_scale=pace_scale, plan_paced=plan_paced)
+        memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(**workflow_opts),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
                                   fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
-                                  objective=objective)
+                                  objective=objective, workflow_choice=workflow_choice, **workflow_opts)
     elif dispatch == "plan":
+        if pace_scale != 1.0 or not plan_paced:
+            raise SpecError("policy.hybrid.pace_scale" if pace_scale != 1.0 else "policy.hybrid.plan_paced",
+                            "applies to the sorted dispatch's chain pacing only",
+                            "leave it out with dispatch='plan' (hybrid-plan), or use dispatch='sorted'")
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
                                  start_delay=delay)

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from lloptim.errors import SpecError
 from lloptim.dag_plan import PLAN_WORK, REVISION_WORK, plan_workflows
 from lloptim.runtime.engine import FAILED
 from lloptim.runtime.policy import RequestScheduler, RunContext
@@ -281,6 +282,11 @@ class WorkflowQueue(GlobalQueue):
         With ``pace``: re-plan the unstarted requests on the clients the pacing leaves each
         instance whenever its limits change (Notes, *The plan sees the pacing*); False keeps the
         plan made for every client (the ablation).
+    pace_scale
+        With ``pace``: every paced limit is this multiple of the one the pacing computes (rounded
+        up, between 1 and the instance's clients; fraction, default 1). A variant for a choice by
+        simulation (:class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`): no fixed
+        scale is best on every fleet (docs: workflows, *what remains*).
 
     Notes
     -----
@@ -364,9 +370,14 @@ class WorkflowQueue(GlobalQueue):
     def __init__(self, plan=None, time_limit_s: float = 20.0, revision_limit_s: float = 2.0,
                  slack_steps: float = 2.0, revise_fraction: float = 0.1, pace: bool = True,
                  replan_below: int = REPLAN_BELOW, plan_paced: bool = True, plan_work: int = PLAN_WORK,
-                 revision_work: int = REVISION_WORK) -> None:
+                 revision_work: int = REVISION_WORK, pace_scale: float = 1.0) -> None:
         super().__init__("longest", plan)
+        if not (isinstance(pace_scale, (int, float)) and not isinstance(pace_scale, bool)
+                and np.isfinite(pace_scale) and pace_scale > 0):
+            raise SpecError("policy.hybrid.pace_scale", f"must be a finite number > 0, not {pace_scale!r}",
+                            "1 keeps the computed chain pacing; 0.8 paces 20 % tighter, 1.2 looser")
         self.pace = bool(pace)
+        self.pace_scale = float(pace_scale)
         self.plan_paced = bool(plan_paced)
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
@@ -391,6 +402,9 @@ class WorkflowQueue(GlobalQueue):
         # at once (:meth:`_moment`): the version counts every change of this queue's state
         self._version = 0
         self._limits_version = 0  # counts the pacing cache's refills (:meth:`_pacing`)
+        #: Whether the pacing ever asked an instance for a batch below its clients in this run
+        #: (before rounding up; if not, no ``pace_scale`` or ``plan_paced`` changes the run).
+        self.ever_paced = False
         self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain): :meth:`_longest_chain`
         # (moment, instance deferred to, clocks if read) of the last refusal (:meth:`next_request`)
         self._refused: tuple = (None, None, None)
@@ -856,7 +870,11 @@ class WorkflowQueue(GlobalQueue):
                 else:
                     hi = mid
             lo = hi
-        limits = [int(min(c, max(1.0, np.ceil(n - 1e-9)))) for n, (_, _, _, c, _) in zip(batch(lo), rows)]
+        scale, sizes = self.pace_scale, batch(lo)
+        limits = [int(min(c, max(1.0, np.ceil(n * scale - 1e-9)) if n < c else c))
+                  for n, (_, _, _, c, _) in zip(sizes, rows)]
+        # a batch below the clients (before rounding): a pace_scale would change this limit
+        self.ever_paced = self.ever_paced or any(n < r[3] for n, r in zip(sizes, rows))
         self._limits = (key, limits, lo)
         self._limits_version += 1
         self._pace_horizon_s = lo
