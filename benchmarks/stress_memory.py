@@ -380,20 +380,6 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
-class _Inline:
-    """A stand-in for a process pool that maps in this process."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, tasks):
-        return (fn(t) for t in tasks)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seed 0 only, at most 200 requests, four policies")
@@ -413,15 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         policies = args.policies or ["hybrid", "hybrid-fused", "vllm", "sarathi"]
     t0 = time.perf_counter()
     tasks = [(c, s, args.quick, policies) for c in args.classes for s in seeds]
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
+    from contextlib import nullcontext
 
-        pool = ProcessPoolExecutor(args.jobs)
-    else:
-        pool = _Inline()
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext()
     rows = []
     with pool:
-        for rs in pool.map(run_case, tasks):
+        for rs in (pool.map(run_case, tasks) if args.jobs > 1 else map(run_case, tasks)):
             rows += rs
             if args.progress:
                 hy = {r["policy"]: r for r in rs}
