@@ -118,6 +118,22 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
                    bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 
 
+def _earliest(heaps: list, hold: np.ndarray, allowed: np.ndarray, instance: int) -> tuple[float, int]:
+    """``(finish, instance)`` of the earliest completion over the ``allowed`` instances with a free client slot.
+
+    ``heaps[k][0]`` is when instance ``k``'s next client frees up and ``hold[k]`` how long the
+    request holds it there, seconds; ties go to the asking ``instance`` (the others ask at their
+    own turn); ``(inf, -1)`` when none is allowed.
+    """
+    best, where = np.inf, -1
+    for k in range(len(heaps)):
+        if allowed[k] and heaps[k]:
+            finish = heaps[k][0] + hold[k]
+            if finish < best or (finish == best and k == instance):
+                best, where = finish, k
+    return best, where
+
+
 class FleetPrices:
     """Instance prices from the fractional assignment LP, updated online, and the priced dispatch.
 
@@ -397,22 +413,12 @@ class FleetPrices:
             r = item[1]
             ok = self.belongs(r)
             hold = holds[pos]
-            best, where = np.inf, -1
-            for k in range(self.m):
-                if ok[k] and heaps[k]:
-                    finish = heaps[k][0] + hold[k]
-                    # ties go to the asking instance: the others ask at their own turn
-                    if finish < best or (finish == best and k == instance):
-                        best, where = finish, k
+            best, where = _earliest(heaps, hold, ok, instance)
             if past_horizon and best > self.horizon_s:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                for k in range(self.m):
-                    if heaps[k]:
-                        finish = heaps[k][0] + hold[k]
-                        if finish < best or (finish == best and k == instance):
-                            best, where = finish, k
+                best, where = _earliest(heaps, hold, np.ones(self.m, dtype=bool), instance)
             if where == instance and heaps[instance][0] <= now:
                 if pos:
                     self.steered += 1
