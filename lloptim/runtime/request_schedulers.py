@@ -26,9 +26,6 @@ from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from lloptim.errors import SpecError
 from lloptim.dag_plan import PLAN_WORK, REVISION_WORK, plan_workflows
 from lloptim.runtime.engine import FAILED
@@ -456,8 +453,7 @@ class WorkflowQueue(GlobalQueue):
                     setattr(self, name, getattr(super(), name))
             return
         n = ctx.problem.n_requests
-        adj = coo_matrix((np.ones(prec.n_edges), (prec.edges[:, 0], prec.edges[:, 1])), shape=(n, n))
-        self.component = connected_components(adj, directed=True, connection="weak")[1]
+        self.component = prec.workflows()
         order = np.argsort(self.component, kind="stable")
         bounds = np.searchsorted(self.component[order], np.arange(self.component.max() + 2))
         self.members = [order[bounds[k]:bounds[k + 1]] for k in range(bounds.size - 1)]
