@@ -196,3 +196,18 @@ def test_a_workflow_lasts_at_least_as_long_as_each_of_its_requests(shape, n, see
     assert flows.size == label.max() + 1
     assert np.all(flows[label] >= res.done_s - wl.arrival_s - 1e-9)
     assert np.all(flows >= 0)
+
+
+def test_the_latency_benchmark_runs_and_shows_the_rule(tmp_path):
+    from bench_loader import load_benchmark
+
+    bench = load_benchmark("workflow_latency")
+    out = tmp_path / "rows.csv"
+    assert bench.main(["--seeds", "1", "--classes", "gsm8k-dag", "--csv", str(out)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out)))
+    assert {r["policy"] for r in rows} == set(bench.POLICIES) and len(rows) == 4 * len(bench.POLICIES)
+    by = {(r["case"], r["policy"]): r for r in rows}
+    for case in {r["case"] for r in rows if "1/s" in r["case"]}:  # overloaded: the plan starves, due dates do not
+        assert float(by[case, "hybrid-due"]["latency_p99_s"]) < 0.7 * float(by[case, "hybrid"]["latency_p99_s"])
