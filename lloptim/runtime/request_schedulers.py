@@ -26,6 +26,7 @@ from bisect import bisect_left, insort
 from collections import deque
 
 import numpy as np
+
 from lloptim.errors import SpecError
 from lloptim.dag_plan import PLAN_WORK, REVISION_WORK, plan_workflows
 from lloptim.runtime.engine import FAILED
