@@ -186,7 +186,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         times the fleet's time to serve the work known at its arrival, and a request goes out by
         its planned start or its latest start for that due date, whichever is earlier (1: p99
         latency at or below the best peer's on overloaded DAGs, the makespan 0.1-0.2 point
-        longer on average and up to 2.8 points on single fleet cases; see
+        longer on average and up to 2.8 points on single fleet cases, more with estimated
+        lengths; see
         :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, *Due dates*, and docs:
         workflows).
 
