@@ -15,7 +15,7 @@ import numpy as np
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.runtime.engine import KIND_DECODE, KIND_MIXED, RunResult
 
-__all__ = ["RunMetrics", "summarize", "client_busy_time", "first_token_times"]
+__all__ = ["RunMetrics", "summarize", "client_busy_time", "first_token_times", "workflow_latency"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,14 @@ class RunMetrics:
         Most KV memory any instance held at once, tokens.
     memory_binds
         Whether the bound's decode steps are set by the KV memory rather than the clients.
+    workflows
+        Workflows in the problem (count): weakly connected components of the precedence DAG, each
+        request without predecessors or successors one of its own (:func:`workflow_latency`).
+    workflow_latency_mean_s, workflow_latency_p99_s
+        Mean and 99th percentile end-to-end latency of the workflows, seconds: from a workflow's
+        first arrival to the finish of its last request (over the workflows whose requests all
+        finished). Without precedence these are the requests' ``latency_mean_s`` and
+        ``latency_p99_s``.
     """
 
     policy: str
@@ -139,6 +147,9 @@ class RunMetrics:
     kv_utilization: float = 0.0
     kv_peak_tokens: int = 0
     memory_binds: bool = False
+    workflows: int = 0
+    workflow_latency_mean_s: float = float("nan")
+    workflow_latency_p99_s: float = float("nan")
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-ready)."""
@@ -180,6 +191,41 @@ def first_token_times(result: RunResult) -> np.ndarray:
     return out
 
 
+def workflow_latency(result: RunResult) -> np.ndarray:
+    """End-to-end latency of each workflow, seconds: its first arrival to its last request's finish.
+
+    A workflow is a weakly connected component of the precedence DAG
+    (:meth:`~lloptim.precedence.Precedence.workflows`); without precedence every request is one,
+    and this is each request's latency. A request's own latency counts from its arrival, which for
+    a follow-up step generated with its workflow is the workflow's arrival too, so the workflow's
+    latency is the largest of its requests' when they all arrive together.
+
+    Parameters
+    ----------
+    result
+        The run.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(W,)`` latencies, seconds, in the order of the workflow labels (NaN for a workflow with
+        an unfinished request).
+    """
+    workload = result.problem.workload
+    arrival, done = workload.arrival_s, result.done_s
+    if workload.precedence is None:
+        return done - arrival
+    label = workload.precedence.workflows()
+    n = int(label.max()) + 1 if label.size else 0
+    first = np.full(n, np.inf)
+    np.minimum.at(first, label, arrival)
+    last = np.full(n, -np.inf)
+    np.maximum.at(last, label, np.where(np.isnan(done), np.inf, done))  # an unfinished request: NaN below
+    out = last - first
+    out[np.isinf(out)] = np.nan
+    return out
+
+
 def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     """Compute :class:`RunMetrics` of ``result``; ``bound`` defaults to :func:`~lloptim.bounds.lower_bound`.
 
@@ -211,6 +257,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     lb = bound.fused_s if fused else bound.total_s
     arrival = problem.workload.arrival_s
     e2e = result.done_s - arrival
+    flows = workflow_latency(result)
     ttft = first_token_times(result) - arrival
     dec_us = result.decision_ns / 1e3
     preempt = result.preemptions if result.preemptions is not None else np.zeros(0, dtype=np.int64)
@@ -244,6 +291,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         recomputed_tokens=int(result.recomputed_tokens), swapped_out_tokens=int(result.swapped_out_tokens),
         swapped_in_tokens=int(result.swapped_in_tokens), swap_s=float(result.swap_s), kv_utilization=_kv_utilization(result),
         kv_peak_tokens=int(max(result.extra.get("kv_peak_tokens", [0]) or [0])), memory_binds=bound.memory_binds,
+        workflows=int(flows.size), workflow_latency_mean_s=mean(flows), workflow_latency_p99_s=pct(flows, 99),
     )
 
 

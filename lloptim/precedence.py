@@ -236,6 +236,23 @@ class Precedence:
         """Number of predecessors of each request (int64)."""
         return np.bincount(self.edges[:, 1], minlength=self.n)
 
+    def workflows(self) -> np.ndarray:
+        """Workflow of each request: the label of its weakly connected component (int64, cached).
+
+        Labels run ``0 .. W-1`` in the order of each workflow's first row; a request without
+        predecessors or successors is a workflow of its own.
+        """
+        cache = self.__dict__
+        if "_workflows" not in cache:
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            adj = coo_matrix((np.ones(self.n_edges), (self.edges[:, 0], self.edges[:, 1])), shape=(self.n, self.n))
+            labels = connected_components(adj, directed=True, connection="weak")[1].astype(np.int64)
+            labels.setflags(write=False)
+            cache["_workflows"] = labels
+        return cache["_workflows"]
+
     def graph(self, ids: Sequence[str] | None = None) -> nx.DiGraph:
         """The DAG as a new ``networkx.DiGraph``: nodes are rows (with an ``"id"`` attribute when given).
 

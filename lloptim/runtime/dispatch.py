@@ -110,6 +110,10 @@ class HybridDispatch(WorkflowQueue):
         The workflow dispatch's chain pacing options
         (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`; also given to the memory
         delegate's workflow queue).
+    due_factor
+        Workflow due dates for latency under arrivals (None: off; see
+        :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, also given to the memory
+        delegate's workflow queue).
     workflow_choice
         Optional :class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`: on requests with
         precedence it is asked at set-up for the ``pace_scale`` and ``plan_paced`` to run with
@@ -129,7 +133,7 @@ class HybridDispatch(WorkflowQueue):
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 1.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
-                 plan_paced: bool = True, workflow_choice=None) -> None:
+                 plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -140,7 +144,7 @@ class HybridDispatch(WorkflowQueue):
 
             raise SpecError("policy.objective", f"unknown objective {objective!r}",
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
-        super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced)
+        super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         self.workflow_choice = workflow_choice
         self.endgame_limit_s = float(time_limit_s)
         self.slack_weight = float(slack_weight)
