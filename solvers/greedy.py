@@ -55,7 +55,13 @@ class WorkBudget:
         self.spent = 0
 
     def charge(self, n: int) -> None:
-        """Count ``n`` more elements touched."""
+        """Count ``n`` more elements touched.
+
+        Parameters
+        ----------
+        n
+            Elements touched (count).
+        """
         self.spent += int(n)
 
     def exhausted(self) -> bool:

@@ -22,7 +22,7 @@ from lloptim import Instance, Problem, load_profile, run_policy, workloads
 from lloptim.arrivals import at_load
 from lloptim.errors import SpecError
 from lloptim.formulations.binpacking import BinPackingData, loads
-from lloptim.runtime.hybrid import PLAN_ONLY, SORTED_ONLY, hybrid_policy, offline_policy
+from lloptim.runtime.hybrid import PLAN_ONLY, SEPARATE_ONLY, SORTED_ONLY, hybrid_policy, offline_policy
 from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.policy import Policy
 from lloptim.runtime.registry import make_policy
@@ -195,6 +195,27 @@ def test_a_plan_only_option_with_the_sorted_dispatch_is_an_error(name):
             make_policy(policy, **{name: _OTHER[name]})
     hybrid_policy(**{name: PLAN_ONLY[name]})
     hybrid_policy(dispatch="plan", **{name: _OTHER[name]})  # where it is read
+
+
+@pytest.mark.parametrize("name, value", [("setup_weight", 2.0), ("forecast", "none"),
+                                         ("survival", np.linspace(1.0, 0.0, 50))])
+def test_a_separate_prefill_option_with_always_fused_prompts_is_an_error(name, value):
+    assert set(SEPARATE_ONLY) == {"setup_weight", "forecast", "survival"}
+    with pytest.raises(SpecError, match=f"policy.hybrid.{name}: tunes the choice of a separate prefill"):
+        hybrid_policy(fused=True, **{name: value})
+    for policy in ("hybrid-fused", "hybrid-fused-plan"):
+        with pytest.raises(SpecError, match=name):
+            make_policy(policy, **{name: value})
+    for fused in (False, "auto"):  # where the rule weighs separate prefills, it is read
+        hybrid_policy(fused=fused, **{name: value})
+
+
+def test_survival_needs_a_forecast_that_reads_it():
+    surv = np.linspace(1.0, 0.0, 50)
+    with pytest.raises(SpecError, match="policy.hybrid.survival"):
+        hybrid_policy(survival=surv, forecast="lognormal")
+    hybrid_policy(survival=surv, forecast="survival")
+    hybrid_policy(survival=surv)
 
 
 def test_order_budget_needs_order_candidates():

@@ -40,7 +40,8 @@ from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S", "SORTED_ONLY", "PLAN_ONLY"]
+__all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S", "SORTED_ONLY", "PLAN_ONLY",
+           "SEPARATE_ONLY"]
 
 #: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
 #: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
@@ -62,6 +63,9 @@ SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_P
                "due_factor": None}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
+#: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
+#: rule's setup cost and forecast), with their defaults: an error with ``fused=True``.
+SEPARATE_ONLY = {"setup_weight": None, "forecast": "auto", "survival": None}
 
 
 def _differs(value, default) -> bool:
@@ -82,7 +86,11 @@ def _check_time_limit(field: str, value) -> None:
 
 
 def _check_ignored(dispatch: str, given: dict) -> None:
-    """Refuse, before any work, an option the chosen dispatch would ignore (:data:`SORTED_ONLY`, :data:`PLAN_ONLY`)."""
+    """Refuse, before any work, an option the policy would ignore.
+
+    The tables are :data:`SORTED_ONLY`, :data:`PLAN_ONLY` and :data:`SEPARATE_ONLY`; ``given`` maps
+    each option of :func:`hybrid_policy` they name (and ``fused``) to its value.
+    """
     if dispatch == "plan":
         for name, default in SORTED_ONLY.items():
             if _differs(given[name], default):
@@ -101,6 +109,17 @@ def _check_ignored(dispatch: str, given: dict) -> None:
             raise SpecError("policy.hybrid.order_budget_s",
                             "is the budget of the simulated choice, which runs only with order_candidates > 1",
                             "give order_candidates > 1 with it (e.g. order_candidates=4), or leave it out")
+    if given["fused"] is True:
+        # always fused: the Lagrangian rule never weighs a separate prefill, which is all these tune
+        for name, default in SEPARATE_ONLY.items():
+            if _differs(given[name], default):
+                raise SpecError(f"policy.hybrid.{name}",
+                                f"tunes the choice of a separate prefill iteration, which fused=True (hybrid-fused, "
+                                f"hybrid-fused-plan) never makes: {name}={given[name]!r} would be ignored",
+                                f"leave {name} out, or use fused='auto' or False (-p hybrid, -p hybrid-plan)")
+    if given["survival"] is not None and given["forecast"] not in ("auto", "survival"):
+        raise SpecError("policy.hybrid.survival", f"is read only by forecast='survival' or 'auto', not by "
+                        f"forecast={given['forecast']!r}", "leave survival out, or use forecast='survival'")
 
 
 def offline_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S) -> Policy:
@@ -255,8 +274,9 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
     SpecError
         Before any work, for an option the chosen ``dispatch`` would ignore, given a value other
         than its default (:data:`SORTED_ONLY` with ``dispatch="plan"``, :data:`PLAN_ONLY` with
-        ``dispatch="sorted"``; ``order_budget_s`` without ``order_candidates > 1``), and for a
-        value out of range.
+        ``dispatch="sorted"``, :data:`SEPARATE_ONLY` with ``fused=True``; ``order_budget_s``
+        without ``order_candidates > 1``, ``survival`` with a forecast that does not read it),
+        and for a value out of range.
 
     Notes
     -----
@@ -268,7 +288,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
     (:class:`~lloptim.runtime.dispatch.HybridDispatch`).
     """
     _check_time_limit("policy.hybrid.time_limit_s", time_limit_s)
-    _check_ignored(dispatch, dict(solver=solver, steal=steal, weights=weights, slack_weight=slack_weight,
+    _check_ignored(dispatch, dict(fused=fused, setup_weight=setup_weight, forecast=forecast, survival=survival,
+                                  solver=solver, steal=steal, weights=weights, slack_weight=slack_weight,
                                   prices=prices, tail_plan=tail_plan, objective=objective,
                                   start_planner=start_planner, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
                                   urgency_horizon=urgency_horizon, order_candidates=order_candidates,
