@@ -120,6 +120,23 @@ def test_local_search_stops_on_its_work_budget_not_on_the_clock(monkeypatch, kin
     np.testing.assert_array_equal(cut, start)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "10"])
+def test_plan_work_budgets_must_be_counts(bad):
+    for name in ("plan_work", "revision_work"):
+        with pytest.raises(SpecError, match=f"policy.{name}"):
+            RollingPlan(**{name: bad})
+    with pytest.raises(SpecError, match="local_search.work_limit"):
+        local_search(_instance(0), lpt(_instance(0)), work_limit=bad)
+
+
+def test_an_unknown_plan_solver_is_an_error_before_any_work():
+    # on a fleet the greedy first plan never calls the backend: the name would go unchecked
+    with pytest.raises(SpecError, match="policy.solver: unknown solver 'gurobi-ish'"):
+        make_policy("hybrid-plan", solver="gurobi-ish")
+    with pytest.raises(SpecError, match="policy.solver"):
+        offline_policy(solver="gurobi-ish")
+
+
 def test_work_budget_counts_and_stops():
     b = WorkBudget(10)
     assert not b.exhausted()

@@ -364,13 +364,14 @@ register_policy("hybrid-fused", lambda **opts: _variant("hybrid-fused", opts, fu
                 "trade-off left, the strongest policy when output lengths are unknown")
 register_policy("hybrid-plan", lambda **opts: _variant("hybrid-plan", opts, dispatch="plan", fused=False),
                 "the hybrid with the literal Algorithm 1: rolling planned queues, steal only when a queue runs dry")
-register_policy("hybrid-fused-plan", lambda **opts: _variant("hybrid-fused-plan", opts, dispatch="plan", fused=True),
+register_policy("hybrid-fused-plan",
+                lambda **opts: _variant("hybrid-fused-plan", opts, dispatch="plan", fused=True),
                 "Algorithm 1 on the rolling plan with fused prompt chunks: each client's total work balanced to "
                 "a token, the closest to the bound on fleets and few requests per client")
 
 
 def _variant(name: str, opts: dict, **fixed) -> Policy:
-    """The registered variant ``name``: :func:`hybrid_policy` with ``fixed`` options, which ``opts`` may not override."""
+    """The registered variant ``name``: :func:`hybrid_policy` with ``fixed`` options ``opts`` may not override."""
     for key in fixed:
         if key in opts:
             raise SpecError(f"policy.{name}.{key}", f"is fixed to {fixed[key]!r} by the {name} policy",

@@ -115,6 +115,20 @@ class RollingPlan:
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
         self.burst = burst
+        from lloptim.solvers import all_solvers
+
+        if solver not in all_solvers():
+            from lloptim.errors import SpecError
+
+            # checked here, before any work: on a fleet the greedy first plan never calls the backend
+            raise SpecError("policy.solver", f"unknown solver {solver!r}", f"use one of {sorted(all_solvers())}")
+        for name, value in (("plan_work", plan_work), ("revision_work", revision_work)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                from lloptim.errors import SpecError
+
+                example = PLAN_WORK if name == "plan_work" else REVISION_WORK
+                raise SpecError(f"policy.{name}", f"must be a non-negative integer, got {value!r}",
+                                f"give a count of elements touched, e.g. {example:_}")
         self.plan_work = int(plan_work)
         self.revision_work = int(revision_work)
 
