@@ -268,3 +268,19 @@ def test_the_cli_refuses_an_ignored_option_before_any_work():
         assert res.exit_code == 2, (policy, option, res.output)
         assert words in res.output and "--policy-option" in res.output and "Traceback" not in res.output
         assert "makespan" not in res.output  # refused, not simulated
+
+
+def test_the_end_game_lp_stops_on_iterations_not_on_the_clock():
+    from lloptim.runtime.endgame import ENDGAME_LP_ITERATIONS
+    from lloptim.runtime.fleet import split_lp
+
+    rng = np.random.default_rng(0)
+    v = rng.uniform(1.0, 3.0, (3, 200))
+    owed = np.array([5.0, 0.0, 20.0])
+    cut = split_lp(v, owed, max_iter=5)
+    assert cut.status == 1 and cut.nit == 5  # HiGHS's iteration limit, the same on any machine
+    budget = ENDGAME_LP_ITERATIONS * (v.size + v.shape[1] + v.shape[0] + 1)
+    full = split_lp(v, owed, time_limit_s=20.0, max_iter=budget)
+    free = split_lp(v, owed)
+    assert full.status == 0 and full.nit < budget / 10  # the budget only stops a solve gone wrong
+    assert full.x[-1] == pytest.approx(free.x[-1], rel=1e-9)
