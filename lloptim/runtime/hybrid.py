@@ -78,6 +78,13 @@ def _differs(value, default) -> bool:
         return True
 
 
+def _shown(value) -> str:
+    """``value`` for an error message: arrays by their shape, not their contents."""
+    if isinstance(value, np.ndarray):
+        return f"<array of {value.size} values>"
+    return repr(value)
+
+
 def _check_time_limit(field: str, value) -> None:
     """A clear error for a time limit that is not a positive number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
@@ -96,14 +103,14 @@ def _check_ignored(dispatch: str, given: dict) -> None:
             if _differs(given[name], default):
                 raise SpecError(f"policy.hybrid.{name}",
                                 f"applies to dispatch='sorted' only (the hybrid, hybrid-fused); dispatch='plan' "
-                                f"(hybrid-plan, hybrid-fused-plan) would ignore {name}={given[name]!r}",
+                                f"(hybrid-plan, hybrid-fused-plan) would ignore {name}={_shown(given[name])}",
                                 f"leave {name} out with dispatch='plan', or use dispatch='sorted' (-p hybrid)")
     elif dispatch == "sorted":
         for name, default in PLAN_ONLY.items():
             if _differs(given[name], default):
                 raise SpecError(f"policy.hybrid.{name}",
                                 f"applies to dispatch='plan' only (hybrid-plan, hybrid-fused-plan); dispatch="
-                                f"'sorted' (the hybrid) would ignore {name}={given[name]!r}",
+                                f"'sorted' (the hybrid) would ignore {name}={_shown(given[name])}",
                                 f"leave {name} out with dispatch='sorted', or use dispatch='plan' (-p hybrid-plan)")
         if given["order_candidates"] == 1 and _differs(given["order_budget_s"], ORDER_BUDGET_S):
             raise SpecError("policy.hybrid.order_budget_s",
@@ -115,7 +122,7 @@ def _check_ignored(dispatch: str, given: dict) -> None:
             if _differs(given[name], default):
                 raise SpecError(f"policy.hybrid.{name}",
                                 f"tunes the choice of a separate prefill iteration, which fused=True (hybrid-fused, "
-                                f"hybrid-fused-plan) never makes: {name}={given[name]!r} would be ignored",
+                                f"hybrid-fused-plan) never makes: {name}={_shown(given[name])} would be ignored",
                                 f"leave {name} out, or use fused='auto' or False (-p hybrid, -p hybrid-plan)")
     if given["survival"] is not None and given["forecast"] not in ("auto", "survival"):
         raise SpecError("policy.hybrid.survival", f"is read only by forecast='survival' or 'auto', not by "
