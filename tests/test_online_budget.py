@@ -184,7 +184,7 @@ def test_the_solve_pipeline_reads_start_work():
 _OTHER = {"slack_weight": 2.0, "prices": "uniform", "tail_plan": None, "objective": "weighted-completion",
           "start_planner": lambda ctx, rows=None: rows, "fill_ramp": False, "fleet_homes": False,
           "urgency_horizon": False, "order_candidates": 4, "order_budget_s": 5.0, "pace_scale": 0.5,
-          "plan_paced": False, "solver": "highs", "steal": False, "weights": "bound"}
+          "plan_paced": False, "due_factor": 1.0, "solver": "highs", "steal": False, "weights": "bound"}
 
 
 def test_every_single_dispatch_option_has_a_test_value():
@@ -193,7 +193,7 @@ def test_every_single_dispatch_option_has_a_test_value():
 
 @pytest.mark.parametrize("name", sorted(SORTED_ONLY))
 def test_a_sorted_only_option_with_the_plan_is_an_error(name):
-    with pytest.raises(SpecError, match=f"policy.hybrid.{name}: applies to dispatch='sorted' only") as err:
+    with pytest.raises(SpecError, match=f"policy.hybrid.{name}: applies to the sorted dispatch only") as err:
         hybrid_policy(dispatch="plan", **{name: _OTHER[name]})
     assert "leave" in err.value.fix and name in err.value.fix
     for policy in ("hybrid-plan", "hybrid-fused-plan"):
@@ -205,7 +205,7 @@ def test_a_sorted_only_option_with_the_plan_is_an_error(name):
 
 @pytest.mark.parametrize("name", sorted(PLAN_ONLY))
 def test_a_plan_only_option_with_the_sorted_dispatch_is_an_error(name):
-    with pytest.raises(SpecError, match=f"policy.hybrid.{name}: applies to dispatch='plan' only"):
+    with pytest.raises(SpecError, match=f"policy.hybrid.{name}: applies to the planned dispatch only"):
         hybrid_policy(**{name: _OTHER[name]})
     for policy in ("hybrid", "hybrid-fused"):
         with pytest.raises(SpecError, match=name):

@@ -102,15 +102,17 @@ def _check_ignored(dispatch: str, given: dict) -> None:
         for name, default in SORTED_ONLY.items():
             if _differs(given[name], default):
                 raise SpecError(f"policy.hybrid.{name}",
-                                f"applies to dispatch='sorted' only (the hybrid, hybrid-fused); dispatch='plan' "
-                                f"(hybrid-plan, hybrid-fused-plan) would ignore {name}={_shown(given[name])}",
+                                f"applies to the sorted dispatch only (dispatch='sorted': hybrid, hybrid-fused); "
+                                f"dispatch='plan' (hybrid-plan, hybrid-fused-plan) would ignore "
+                                f"{name}={_shown(given[name])}",
                                 f"leave {name} out with dispatch='plan', or use dispatch='sorted' (-p hybrid)")
     elif dispatch == "sorted":
         for name, default in PLAN_ONLY.items():
             if _differs(given[name], default):
                 raise SpecError(f"policy.hybrid.{name}",
-                                f"applies to dispatch='plan' only (hybrid-plan, hybrid-fused-plan); dispatch="
-                                f"'sorted' (the hybrid) would ignore {name}={_shown(given[name])}",
+                                f"applies to the planned dispatch only (dispatch='plan': hybrid-plan, "
+                                f"hybrid-fused-plan); dispatch='sorted' (hybrid, hybrid-fused) would ignore "
+                                f"{name}={_shown(given[name])}",
                                 f"leave {name} out with dispatch='sorted', or use dispatch='plan' (-p hybrid-plan)")
         if given["order_candidates"] == 1 and _differs(given["order_budget_s"], ORDER_BUDGET_S):
             raise SpecError("policy.hybrid.order_budget_s",
