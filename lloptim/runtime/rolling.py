@@ -58,9 +58,10 @@ BURST = 0.1
 #: requests on a fleet of four instances touches about 4 million (0.06 s).
 PLAN_WORK = 100_000_000
 
-#: Work budget of each revision's local search, elements touched (count): about 0.08 s on an idle
-#: core, where the old wall-clock limit was 0.05 s. The revisions under arrivals at 80-150 % load
-#: (GSM8K, heavy-tailed, fleets) touch at most about 120,000.
+#: Work budget of each revision's local search, elements touched (count): 0.1-0.35 s on a loaded
+#: 2-core machine (a revision's steps are small: 14-50 million elements a second), where the old
+#: wall-clock limit was 0.05 s. Revisions under arrivals at 120-200 % load (GSM8K, heavy-tailed,
+#: one instance or a fleet) touch at most about 1 million (``benchmarks/plan_budgets.py``).
 REVISION_WORK = 5_000_000
 
 
