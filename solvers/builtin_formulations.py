@@ -40,9 +40,10 @@ def greedy_incumbent(data: BinPackingData, params, deadline) -> Incumbent:
     data : BinPackingData
         The instance (weights in seconds).
     params : SolveParams
-        ``rel_gap`` and ``warm_start`` are read.
+        ``rel_gap``, ``warm_start`` and ``solver_options["start_work"]`` (the local search's work
+        budget, elements touched; default none) are read.
     deadline : Deadline
-        The local search stops when it has no time left.
+        The local search stops when it has no time left (or its work budget is spent).
 
     Returns
     -------
@@ -54,7 +55,7 @@ def greedy_incumbent(data: BinPackingData, params, deadline) -> Incumbent:
 
     # stop polishing at a tenth of the requested gap: the MIP start needs no better
     a = local_search(data, lpt(data), target=binpacking_lower_bound(data) * (1 + params.rel_gap / 10),
-                     time_limit_s=deadline.remaining())
+                     time_limit_s=deadline.remaining(), work_limit=params.solver_options.get("start_work"))
     obj = float(loads(data, a).max())
     src = "greedy"
     warm = params.check_warm_start(data.n_requests, data.n_clients)

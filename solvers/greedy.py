@@ -7,8 +7,15 @@
   that lowers its load without creating a load as high; every candidate pair is scored with numpy
   (``|J| x C`` moves, ``|J| x R`` swaps, ``J`` = the requests on the max client), in blocks of
   rows of at most :data:`PAIR_BLOCK` pairs, so the memory stays bounded (tens of MiB) however many
-  requests the max client holds. Stops at a local optimum, at the closed-form bound, or after
-  ``max_iter`` improvements.
+  requests the max client holds. Stops at a local optimum, at the closed-form bound, after
+  ``max_iter`` improvements, or when its work budget (``work_limit``) is spent.
+
+**A deterministic budget.** The search counts its work in *elements touched*: every candidate
+pair scored, plus ``R + C`` per step for finding the max client and its requests. A budget in
+that unit stops the search at the same step on an idle or a loaded machine, so the online plans
+that use it (:mod:`lloptim.runtime.rolling`, :mod:`lloptim.runtime.endgame`) give the same
+schedule whatever else the machine runs. ``time_limit_s`` stays as a wall-clock safety net (and
+as the limit of an offline :func:`lloptim.solve` a user times).
 """
 
 from __future__ import annotations
@@ -22,7 +29,46 @@ from lloptim.formulations.binpacking import BinPackingData, binpacking_lower_bou
 from lloptim.solvers.registry import Backend, Capabilities, Outcome, register_backend
 from lloptim.solvers.result import Limit, Termination
 
-__all__ = ["lpt", "local_search", "GreedyBackend"]
+__all__ = ["lpt", "local_search", "GreedyBackend", "WorkBudget"]
+
+
+class WorkBudget:
+    """What a local search may still spend: elements touched (deterministic) and a wall-clock deadline.
+
+    Parameters
+    ----------
+    work_limit
+        Elements the search may touch (count: candidate pairs scored plus ``R + C`` per step);
+        None: no work limit.
+    deadline
+        ``time.perf_counter()`` value after which the search stops (a safety net); None: none.
+
+    Attributes
+    ----------
+    spent
+        Elements touched so far (count).
+    """
+
+    def __init__(self, work_limit: int | None = None, deadline: float | None = None) -> None:
+        self.work_limit = work_limit
+        self.deadline = deadline
+        self.spent = 0
+
+    def charge(self, n: int) -> None:
+        """Count ``n`` more elements touched.
+
+        Parameters
+        ----------
+        n
+            Elements touched (count).
+        """
+        self.spent += int(n)
+
+    def exhausted(self) -> bool:
+        """Whether the work budget is spent or the deadline has passed."""
+        if self.work_limit is not None and self.spent >= self.work_limit:
+            return True
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 def lpt(data: BinPackingData, order_key: np.ndarray | None = None, client_scale: np.ndarray | None = None,
@@ -74,7 +120,7 @@ WIDE_SWAP_PARTNERS = 64  # least loaded clients scored when scoring every reques
 PAIR_BLOCK = 1 << 20
 
 
-def _first_min(score, n_rows: int, n_cols: int, deadline: float | None = None) -> tuple[float, int]:
+def _first_min(score, n_rows: int, n_cols: int, budget: WorkBudget | None = None) -> tuple[float, int]:
     """The first minimum, in row-major order, of the ``n_rows x n_cols`` matrix ``score`` yields by rows.
 
     Parameters
@@ -83,9 +129,10 @@ def _first_min(score, n_rows: int, n_cols: int, deadline: float | None = None) -
         ``score(rows)`` returns the float matrix's rows ``rows`` (a slice), ``(len, n_cols)``.
     n_rows, n_cols
         Shape of the matrix (counts).
-    deadline
-        ``time.perf_counter()`` value after which no further block is scored (the minimum of the
-        blocks scored so far is returned: still a valid pair, possibly not the best); ``None``: none.
+    budget
+        Charged with every block scored; once it is exhausted no further block is scored (the
+        minimum of the blocks scored so far is returned: still a valid pair, possibly not the
+        best); ``None``: no limit.
 
     Returns
     -------
@@ -100,12 +147,14 @@ def _first_min(score, n_rows: int, n_cols: int, deadline: float | None = None) -
         f = int(np.argmin(block))
         if block.flat[f] < best:
             best, where = block.flat[f], i * n_cols + f
-        if deadline is not None and time.perf_counter() > deadline:
-            break  # one scan of |J| x R pairs can take seconds on large fleets: stop on time
+        if budget is not None:
+            budget.charge(block.size)
+            if budget.exhausted():
+                break  # one scan of |J| x R pairs can take seconds on large fleets: stop on budget
     return best, where
 
 
-def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, deadline: float | None,
+def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, budget: WorkBudget,
                goal: float, release: np.ndarray | None = None) -> np.ndarray:
     """Best move / swap off the most loaded client until none improves (see the module docstring).
 
@@ -125,8 +174,9 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
     for it in range(max_iter):
         cm = int(np.argmax(L))
         Lm = L[cm]
-        if Lm <= goal * (1 + 1e-12) or (deadline is not None and time.perf_counter() > deadline):
+        if Lm <= goal * (1 + 1e-12) or budget.exhausted():
             break
+        budget.charge(R + C)  # the max client and its requests
         J = np.flatnonzero(a == cm)
         if uniform:
             # moves: the best target of a move is the least loaded other client
@@ -134,6 +184,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
             Lo[cm] = np.inf
             c2 = int(np.argmin(Lo))
             mv = np.maximum(Lm - w[J], L[c2] + w[J])
+            budget.charge(J.size)
             jm = int(np.argmin(mv))
             best, kind, arg = mv[jm], 0, (J[jm], c2)
             # swaps: j on cm with k elsewhere, delta = w_j - w_k > 0. The least loaded clients
@@ -166,7 +217,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                     val[d <= 0] = np.inf
                     return val
 
-                low_val, flat = _first_min(swap_loads, J.size, others.size, deadline)
+                low_val, flat = _first_min(swap_loads, J.size, others.size, budget)
                 if low_val < best:
                     jj, kk = divmod(flat, others.size)
                     best, kind, arg = low_val, 1, (J[jj], others[kk])
@@ -176,6 +227,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
             mvm = L[None, :] + Wc[J]               # new load of the target client
             mvm = np.maximum(mvm, (Lm - wr[J])[:, None])
             mvm[:, cm] = np.inf
+            budget.charge(mvm.size)
             flat = int(np.argmin(mvm))
             jj, c2 = divmod(flat, C)
             best, kind, arg = mvm.flat[flat], 0, (J[jj], c2)
@@ -189,7 +241,7 @@ def _move_swap(data: BinPackingData, assignment: np.ndarray, max_iter: int, dead
                     new_ck = left_ck[None, :] + Wc[J[rows, None], ck[None, :]]
                     return np.maximum(new_cm, new_ck)
 
-                low_val, flat = _first_min(swap_loads, J.size, others.size, deadline)
+                low_val, flat = _first_min(swap_loads, J.size, others.size, budget)
                 if low_val < best:
                     jj, kk = divmod(flat, others.size)
                     best, kind, arg = low_val, 1, (J[jj], others[kk])
@@ -257,7 +309,7 @@ def _rebalance_pair(data: BinPackingData, a: np.ndarray, L: np.ndarray) -> bool:
 
 def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 100_000,
                  time_limit_s: float | None = None, target: float | None = None,
-                 release: np.ndarray | None = None) -> np.ndarray:
+                 release: np.ndarray | None = None, work_limit: int | None = None) -> np.ndarray:
     """Improve ``assignment`` off the most loaded client; returns a new array.
 
     Best moves and swaps until none improves; then (identical clients) an optimal re-split of the
@@ -274,17 +326,29 @@ def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 1
     max_iter
         Most improving steps of each kind.
     time_limit_s
-        Wall-clock limit, seconds.
+        Wall-clock limit, seconds (None: none). Where the answer must not depend on the machine's
+        load (the online plans), give ``work_limit`` and keep this only as a safety net far above
+        what the work takes.
     target
         Stop once the makespan is at or below this, seconds (default: the closed-form lower bound).
     release
         Optional ``(C,)`` load each client carries before these requests, seconds: the makespan is
         then ``max_c release_c + load_c`` (the rolling plans of :mod:`lloptim.runtime.rolling`).
         Only moves and swaps run then.
+    work_limit
+        Work budget, elements touched (count: every candidate pair scored plus ``R + C`` per step;
+        see :class:`WorkBudget`); the search stops at the first check past it, the same on any
+        machine. None: no work limit.
     """
     a = np.array(assignment, dtype=np.int64)
     if data.n_clients == 1 or a.size == 0:
         return a
+    if work_limit is not None and (isinstance(work_limit, bool) or not isinstance(work_limit, (int, np.integer))
+                                   or work_limit < 0):
+        from lloptim.errors import SpecError
+
+        raise SpecError("local_search.work_limit", f"must be a non-negative integer, got {work_limit!r}",
+                        "give a count of elements touched (e.g. 50_000_000), or None for no work limit")
     if release is not None:
         release = np.asarray(release, dtype=np.float64)
         if target is None:
@@ -293,18 +357,19 @@ def local_search(data: BinPackingData, assignment: np.ndarray, max_iter: int = 1
             target = max(float((w.sum() + release.sum()) / data.n_clients), float(release.max()),
                          float(release.min() + w.max()))
     goal = binpacking_lower_bound(data) if target is None else target
-    deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
-    a = _move_swap(data, a, max_iter, deadline, goal, release)
+    budget = WorkBudget(work_limit, None if time_limit_s is None else time.perf_counter() + time_limit_s)
+    a = _move_swap(data, a, max_iter, budget, goal, release)
     if not data.uniform or release is not None:
         return a
     L = np.bincount(a, weights=data.w, minlength=data.n_clients)
     # each re-split gains little once loads sit within one request's granularity: a few per client
     for _ in range(min(max_iter, max(1, data.n_clients // 4))):
-        if L.max() <= goal * (1 + 1e-12) or (deadline is not None and time.perf_counter() > deadline):
+        if L.max() <= goal * (1 + 1e-12) or budget.exhausted():
             break
+        budget.charge(data.n_requests + data.n_clients)
         if not _rebalance_pair(data, a, L):
             break
-        a = _move_swap(data, a, max_iter, deadline, goal)
+        a = _move_swap(data, a, max_iter, budget, goal)
         L = np.bincount(a, weights=data.w, minlength=data.n_clients)
     return a
 

@@ -17,7 +17,7 @@ from lloptim.errors import SpecError
 __all__ = ["SolveParams", "PIPELINE_OPTIONS"]
 
 #: ``solver_options`` keys read by :func:`lloptim.solve` itself and never passed to a backend.
-PIPELINE_OPTIONS = ("always_run", "max_mem_mb", "horizon")
+PIPELINE_OPTIONS = ("always_run", "max_mem_mb", "horizon", "start_work")
 
 
 @dataclass
@@ -54,6 +54,14 @@ class SolveParams:
         Run the requested backend even when the start already meets ``rel_gap`` (the default skips
         a search that could only confirm it, and says so in :attr:`SolveResult.skipped`).
         ``solver_options["always_run"]`` is read as well.
+
+    Notes
+    -----
+    ``solver_options["start_work"]`` (a pipeline option, never passed to a backend) is the work
+    budget of the bin-packing start's local search, elements touched
+    (:func:`lloptim.solvers.greedy.local_search`'s ``work_limit``): with it the start, and the
+    ``greedy`` backend's answer, no longer depend on the machine's load; ``time_limit_s`` then
+    only cuts a search that the budget would let run longer.
     """
 
     time_limit_s: float | None = None

@@ -93,8 +93,10 @@ class HybridDispatch(WorkflowQueue):
         Fleet price mode (:data:`~lloptim.runtime.fleet.PRICE_MODES`), or a
         :class:`~lloptim.runtime.fleet.FleetPrices`.
     time_limit_s
-        Wall-clock limit of the end game's local search, seconds. The workflow plan stops on its
-        work budgets (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`'s defaults).
+        Wall-clock safety net of the end game's LP and local searches, seconds (they stop on their
+        work budgets, :mod:`lloptim.runtime.endgame`; the clock never decides in a normal run).
+        The workflow plan stops on its work budgets too
+        (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`'s defaults).
     memory
         The request scheduler to hand the dispatch to when the KV cache of an instance can fill up
         (a :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`); None: never.
@@ -131,7 +133,7 @@ class HybridDispatch(WorkflowQueue):
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
-                 time_limit_s: float = 1.0, memory=None,
+                 time_limit_s: float = 20.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
                  plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):

@@ -23,8 +23,14 @@ holds, on the two levels the latency model has (:mod:`lloptim.bounds`):
   :mod:`lloptim.solvers.greedy` with those releases. Every client of an instance advances one
   token per step whatever the step costs, so balancing steps is what makes them finish together.
 
-The LP is HiGHS (milliseconds at a few hundred requests); a failed or timed-out solve falls back
-to the cheapest instance of each request.
+The LP is HiGHS (milliseconds at a few hundred requests); a failed solve, or one stopped by its
+limits, falls back to the cheapest instance of each request.
+
+**A deterministic budget.** The LP stops on simplex iterations (:data:`ENDGAME_LP_ITERATIONS`
+per row and column) and each local search on elements touched (:data:`ENDGAME_WORK`, see
+:class:`lloptim.solvers.greedy.WorkBudget`), never on the clock: the same run gives the same end
+game on an idle or a loaded machine. The wall-clock limit (``time_limit_s``) stays only as a
+safety net, far above what the budgets take.
 
 :class:`EndgameQueues` serves the plan: each client its own queue, longest first; a client that
 runs dry steals from the client that would finish last, only a request it would *finish before
@@ -44,7 +50,17 @@ from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import AssignedQueues
 from lloptim.work import instance_seconds
 
-__all__ = ["EndgameQueues", "endgame_assignment", "full_step_s", "steps_left"]
+__all__ = ["EndgameQueues", "endgame_assignment", "full_step_s", "steps_left", "ENDGAME_WORK",
+           "ENDGAME_LP_ITERATIONS"]
+
+#: Work budget of each local search of the end game, elements touched (count; see
+#: :class:`lloptim.solvers.greedy.WorkBudget`): about 0.8 s on an idle core (the old wall-clock limit
+#: was 1 s); the end game of 1,500 requests on four instances touches about 35,000.
+ENDGAME_WORK = 50_000_000
+
+#: Simplex iterations the split LP may take per row and column (count): a basic optimum of the
+#: ``R + m`` rows takes about as many iterations as rows, so this only stops a solve gone wrong.
+ENDGAME_LP_ITERATIONS = 10
 
 
 def steps_left(ctx: RunContext, engine, holding: dict[int, tuple[int, float]]) -> np.ndarray:
@@ -116,17 +132,17 @@ def _instance_split(v: np.ndarray, owed: np.ndarray, time_limit_s: float) -> tup
     """Instance of each request from the fractional assignment LP (module docstring), and the LP's ``T``.
 
     ``v`` is ``(R, m)`` instance-seconds, ``owed`` ``(m,)`` seconds each instance still owes;
-    returns ``((R,) int64, T seconds)`` (T is inf when the solve failed).
+    returns ``((R,) int64, T seconds)`` (T is inf when the solve failed or hit a limit).
     """
     R, m = v.shape
-    res = split_lp(v.T, owed, time_limit_s)
+    res = split_lp(v.T, owed, time_limit_s, max_iter=ENDGAME_LP_ITERATIONS * (R * m + R + m + 1))
     if res.status != 0 or res.x is None:
         return v.argmin(axis=1), np.inf
     return res.x[:m * R].reshape(m, R).argmax(axis=0), float(res.x[-1])
 
 
 def endgame_assignment(ctx: RunContext, engine, rows: np.ndarray, holding: dict[int, tuple[int, float]],
-                       time_limit_s: float = 0.05) -> np.ndarray:
+                       time_limit_s: float = 20.0, work_limit: int = ENDGAME_WORK) -> np.ndarray:
     """The client of each of ``rows`` in the two-level end-game plan (module docstring).
 
     Parameters
@@ -141,7 +157,10 @@ def endgame_assignment(ctx: RunContext, engine, rows: np.ndarray, holding: dict[
     holding
         ``client -> (request, handed out at)`` of the requests the clients hold now.
     time_limit_s
-        Wall-clock budget of the LP and of each local search, seconds.
+        Wall-clock safety net of the LP and of each local search, seconds: far above what the
+        budgets take, so that it never decides.
+    work_limit
+        Work budget of each local search, elements touched (count; :data:`ENDGAME_WORK`).
 
     Returns
     -------
@@ -202,7 +221,7 @@ def endgame_assignment(ctx: RunContext, engine, rows: np.ndarray, holding: dict[
         data = BinPackingData(steps[:, None].copy(), np.zeros(pool.size, dtype=np.int64), True)
         rel = release[pool]
         a = lpt(data, release=rel)
-        a = local_search(data, a, time_limit_s=time_limit_s, release=rel)
+        a = local_search(data, a, time_limit_s=time_limit_s, release=rel, work_limit=work_limit)
         out[mine] = pool[a]
     lost = np.flatnonzero(out < 0)
     if lost.size:  # planned onto an instance with no live client: spread over the live ones

@@ -83,7 +83,8 @@ SLOWNESS_SHIFT = 0.05
 SCAN_LIMIT = 256
 
 
-def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = None):
+def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = None,
+             max_iter: int | None = None):
     """Solve the fractional assignment LP of the module docstring with HiGHS.
 
     Parameters
@@ -94,6 +95,9 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
         ``(m,)`` seconds at which each instance is done with what it already holds (``b_k``).
     time_limit_s : float, optional
         HiGHS time limit, seconds (``None``: none).
+    max_iter : int, optional
+        HiGHS iteration limit (count; ``None``: none): a limit that stops the solve at the same
+        point on any machine, unlike ``time_limit_s``.
 
     Returns
     -------
@@ -114,6 +118,8 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
     cost = np.zeros(n + 1)
     cost[-1] = 1.0
     options = {} if time_limit_s is None else {"time_limit": max(time_limit_s, 1e-3)}
+    if max_iter is not None:
+        options["maxiter"] = int(max_iter)
     return linprog(cost, A_ub=cap, b_ub=-np.asarray(committed, dtype=np.float64), A_eq=assign, b_eq=np.ones(R),
                    bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 

@@ -40,7 +40,8 @@ from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
-__all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S"]
+__all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S", "SORTED_ONLY", "PLAN_ONLY",
+           "SEPARATE_ONLY"]
 
 #: Decode steps the memory projection of the sorted dispatch allows a request to wait for its
 #: prefill, by iteration rule (a fused prefill decodes once before the request; the separate rule
@@ -49,9 +50,88 @@ START_DELAY = {"fused": 2, "separate": 1}
 #: Default wall-clock budget of the simulated choice among start orders (``order_candidates``),
 #: seconds: room for 8 simulations of 1000 memory-bound requests on a loaded 2-core machine.
 ORDER_BUDGET_S = 30.0
+#: Wall-clock safety net of the plans' searches (the first bin-packing plan, the end game), seconds:
+#: they stop on deterministic work budgets (:mod:`lloptim.runtime.rolling`,
+#: :mod:`lloptim.runtime.endgame`) long before it.
+PLAN_SAFETY_S = 20.0
+
+#: :func:`hybrid_policy` options only ``dispatch="sorted"`` reads, with their defaults: given with
+#: another value under ``dispatch="plan"`` they are an error, not silently ignored.
+SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_PLAN, "objective": "makespan",
+               "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
+               "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
+               "due_factor": None}
+#: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
+PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
+#: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
+#: rule's setup cost and forecast), with their defaults: an error with ``fused=True``.
+SEPARATE_ONLY = {"setup_weight": None, "forecast": "auto", "survival": None}
 
 
-def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
+def _differs(value, default) -> bool:
+    """Whether an option was given a value other than its default (a callable always differs from None)."""
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):  # e.g. an array against a scalar: given, so it differs
+        return True
+
+
+def _shown(value) -> str:
+    """``value`` for an error message: arrays by their shape, not their contents."""
+    if isinstance(value, np.ndarray):
+        return f"<array of {value.size} values>"
+    return repr(value)
+
+
+def _check_time_limit(field: str, value) -> None:
+    """A clear error for a time limit that is not a positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise SpecError(field, f"must be a positive number of seconds, not {value!r}",
+                        f"give e.g. {PLAN_SAFETY_S:g}: a safety net only, the plans stop on work budgets")
+
+
+def _check_ignored(dispatch: str, given: dict) -> None:
+    """Refuse, before any work, an option the policy would ignore.
+
+    The tables are :data:`SORTED_ONLY`, :data:`PLAN_ONLY` and :data:`SEPARATE_ONLY`; ``given`` maps
+    each option of :func:`hybrid_policy` they name (and ``fused``) to its value.
+    """
+    if dispatch == "plan":
+        for name, default in SORTED_ONLY.items():
+            if _differs(given[name], default):
+                raise SpecError(f"policy.hybrid.{name}",
+                                f"applies to the sorted dispatch only (dispatch='sorted': hybrid, hybrid-fused); "
+                                f"dispatch='plan' (hybrid-plan, hybrid-fused-plan) would ignore "
+                                f"{name}={_shown(given[name])}",
+                                f"leave {name} out with dispatch='plan', or use dispatch='sorted' (-p hybrid)")
+    elif dispatch == "sorted":
+        for name, default in PLAN_ONLY.items():
+            if _differs(given[name], default):
+                raise SpecError(f"policy.hybrid.{name}",
+                                f"applies to the planned dispatch only (dispatch='plan': hybrid-plan, "
+                                f"hybrid-fused-plan); dispatch='sorted' (hybrid, hybrid-fused) would ignore "
+                                f"{name}={_shown(given[name])}",
+                                f"leave {name} out with dispatch='sorted', or use dispatch='plan' (-p hybrid-plan)")
+        if given["order_candidates"] == 1 and _differs(given["order_budget_s"], ORDER_BUDGET_S):
+            raise SpecError("policy.hybrid.order_budget_s",
+                            "is the budget of the simulated choice, which runs only with order_candidates > 1",
+                            "give order_candidates > 1 with it (e.g. order_candidates=4), or leave it out")
+    if given["fused"] is True:
+        # always fused: the Lagrangian rule never weighs a separate prefill, which is all these tune
+        for name, default in SEPARATE_ONLY.items():
+            if _differs(given[name], default):
+                raise SpecError(f"policy.hybrid.{name}",
+                                f"tunes the choice of a separate prefill iteration, which fused=True (hybrid-fused, "
+                                f"hybrid-fused-plan) never makes: {name}={_shown(given[name])} would be ignored",
+                                f"leave {name} out, or use fused='auto' or False (-p hybrid, -p hybrid-plan)")
+    if given["survival"] is not None and given["forecast"] not in ("auto", "survival"):
+        raise SpecError("policy.hybrid.survival", f"is read only by forecast='survival' or 'auto', not by "
+                        f"forecast={given['forecast']!r}", "leave survival out, or use forecast='survival'")
+
+
+def offline_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S) -> Policy:
     """Offline bin packing only: planned queues (revised as requests arrive), prefill-first.
 
     Parameters
@@ -60,12 +140,14 @@ def offline_policy(solver: str = "greedy", time_limit_s: float = 1.0) -> Policy:
         Backend of :func:`lloptim.solvers.solve` for the first plan (see
         :class:`~lloptim.runtime.rolling.RollingPlan`).
     time_limit_s
-        Time limit of the first plan's solve, seconds.
+        Wall-clock safety net of the first plan's solve, seconds (the greedy plans stop on
+        deterministic work budgets long before it; a MIP backend's time limit).
     """
+    _check_time_limit("policy.offline.time_limit_s", time_limit_s)
     return Policy("offline", RollingQueues(RollingPlan(solver, time_limit_s), steal=False), PrefillFirst())
 
 
-def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weight: float | None = None,
+def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, setup_weight: float | None = None,
                   dispatch: str = "sorted", steal: bool = True, forecast: str = "auto",
                   token_budget: int | None = None, survival: np.ndarray | None = None,
                   fused: bool | str = "auto", slack_weight: float = SLACK_WEIGHT, prices: str = "lp",
@@ -79,8 +161,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
 
     Parameters
     ----------
-    solver, time_limit_s
-        Backend and time limit of the first bin-packing plan (``dispatch="plan"``).
+    solver
+        Backend of the first bin-packing plan (``dispatch="plan"``).
+    time_limit_s
+        Wall-clock safety net, seconds, of the first bin-packing plan (``dispatch="plan"``; the
+        time limit of its solve when ``solver`` is a MIP backend) or of the end game
+        (``dispatch="sorted"``). The greedy plans and the end game stop on deterministic work
+        budgets long before it, so that a run's schedule does not depend on the machine's load.
     setup_weight
         Weight on the prefill's fixed cost ``C_p`` in the Lagrangian rule (``None``: the tuned
         default of :data:`lloptim.runtime.lagrangian.SETUP_WEIGHT`).
@@ -191,6 +278,15 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, *Due dates*, and docs:
         workflows).
 
+    Raises
+    ------
+    SpecError
+        Before any work, for an option the chosen ``dispatch`` would ignore, given a value other
+        than its default (:data:`SORTED_ONLY` with ``dispatch="plan"``, :data:`PLAN_ONLY` with
+        ``dispatch="sorted"``, :data:`SEPARATE_ONLY` with ``fused=True``; ``order_budget_s``
+        without ``order_candidates > 1``, ``survival`` with a forecast that does not read it),
+        and for a value out of range.
+
     Notes
     -----
     With ``dispatch="sorted"``, when an instance's KV cache can fill up (its clients' largest
@@ -200,6 +296,14 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
     needs no preemption when lengths are known; elsewhere it is least slack first
     (:class:`~lloptim.runtime.dispatch.HybridDispatch`).
     """
+    _check_time_limit("policy.hybrid.time_limit_s", time_limit_s)
+    _check_ignored(dispatch, dict(fused=fused, setup_weight=setup_weight, forecast=forecast, survival=survival,
+                                  solver=solver, steal=steal, weights=weights, slack_weight=slack_weight,
+                                  prices=prices, tail_plan=tail_plan, objective=objective,
+                                  start_planner=start_planner, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
+                                  urgency_horizon=urgency_horizon, order_candidates=order_candidates,
+                                  order_budget_s=order_budget_s, pace_scale=pace_scale, plan_paced=plan_paced,
+                                  due_factor=due_factor))
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
@@ -240,16 +344,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = 1.0, setup_weigh
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(**workflow_opts),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
                                   fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True)
-        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, memory=memory, tail_plan=tail_plan,
+        requests = HybridDispatch(slack_weight=slack_weight, prices=prices, time_limit_s=time_limit_s,
+                                  memory=memory, tail_plan=tail_plan,
                                   objective=objective, workflow_choice=workflow_choice, **workflow_opts)
     elif dispatch == "plan":
-        if pace_scale != 1.0 or not plan_paced:
-            raise SpecError("policy.hybrid.pace_scale" if pace_scale != 1.0 else "policy.hybrid.plan_paced",
-                            "applies to the sorted dispatch's chain pacing only",
-                            "leave it out with dispatch='plan' (hybrid-plan), or use dispatch='sorted'")
-        if due_factor is not None:
-            raise SpecError("policy.hybrid.due_factor", "applies to the sorted dispatch's workflow order only",
-                            "leave it out with dispatch='plan' (hybrid-plan), or use dispatch='sorted'")
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
                                  start_delay=delay)
@@ -270,18 +368,23 @@ register_policy("offline", offline_policy,
 register_policy("hybrid", hybrid_policy,
                 "least-slack dispatch (longest first when all requests are present; fleet-priced) + Lagrangian "
                 "prefill/decode decisions, prompts fused once requests arrive or memory can bind (arXiv 2502.15763)")
-register_policy("hybrid-fused", lambda **opts: hybrid_policy(fused=True, **opts),
+register_policy("hybrid-fused", lambda **opts: _variant("hybrid-fused", opts, fused=True),
                 "the hybrid with prompts always fused into decode iterations as chunks (C_p = 0): no prefill/idle "
                 "trade-off left, the strongest policy when output lengths are unknown")
-register_policy("hybrid-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", fused=False, **opts),
-                                                       "hybrid-plan"),
+register_policy("hybrid-plan", lambda **opts: _variant("hybrid-plan", opts, dispatch="plan", fused=False),
                 "the hybrid with the literal Algorithm 1: rolling planned queues, steal only when a queue runs dry")
-register_policy("hybrid-fused-plan", lambda **opts: _renamed(hybrid_policy(dispatch="plan", fused=True, **opts),
-                                                             "hybrid-fused-plan"),
+register_policy("hybrid-fused-plan",
+                lambda **opts: _variant("hybrid-fused-plan", opts, dispatch="plan", fused=True),
                 "Algorithm 1 on the rolling plan with fused prompt chunks: each client's total work balanced to "
                 "a token, the closest to the bound on fleets and few requests per client")
 
 
-def _renamed(policy: Policy, name: str) -> Policy:
+def _variant(name: str, opts: dict, **fixed) -> Policy:
+    """The registered variant ``name``: :func:`hybrid_policy` with ``fixed`` options ``opts`` may not override."""
+    for key in fixed:
+        if key in opts:
+            raise SpecError(f"policy.{name}.{key}", f"is fixed to {fixed[key]!r} by the {name} policy",
+                            f"leave {key} out, or use the hybrid policy with {key}={opts[key]!r}")
+    policy = hybrid_policy(**fixed, **opts)
     policy.name = name
     return policy

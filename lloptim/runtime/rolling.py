@@ -14,7 +14,8 @@ over time that needs foresight (their lengths, estimates and arrival times), whi
 * **warm start**: requests planned before keep their client as the start, the new ones go where
   they would finish first (LPT on top of the kept loads), and the move/swap local search of
   :func:`lloptim.solvers.greedy.local_search` improves the whole, with the releases
-  (milliseconds; timed in :attr:`RollingPlan.revision_s`);
+  (milliseconds; timed in :attr:`RollingPlan.revision_s`), within a work budget
+  (:data:`REVISION_WORK`);
 * **when**: revisions are batched: the first plan when the first requests are ready (with every
   request at time 0 this is the offline plan of the paper, solved by the chosen backend, so an
   all-at-once run is unchanged); later, when an idle client's queue has run dry while new
@@ -24,6 +25,15 @@ over time that needs foresight (their lengths, estimates and arrival times), whi
 :class:`RollingQueues` is the request scheduler that serves such a plan: per-client queues
 longest first, optionally with the paper's stealing (:class:`~lloptim.runtime.request_schedulers.
 AssignedQueues`), rebuilt at each revision.
+
+**A deterministic budget.** Every search stops on *work*, not on the clock: the first plan's
+local search (the start of :func:`lloptim.solve`, ``solver_options["start_work"]``) on
+:data:`PLAN_WORK` elements touched, each revision's on :data:`REVISION_WORK` (see
+:class:`lloptim.solvers.greedy.WorkBudget`), so the same run gives the same plans on an idle or a
+loaded machine. The wall-clock limits (``time_limit_s``, ``revision_limit_s``) stay only as a
+safety net, far above what the budgets take (the hybrid-plan variants on fleets had moved by a
+few points with the machine's load while a revision had 0.05 s). A first plan by a MIP backend
+(``solver="highs"``, ``"cbc"``...) is still limited by its wall clock.
 """
 
 from __future__ import annotations
@@ -36,11 +46,23 @@ from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import AssignedQueues
 
-__all__ = ["RollingPlan", "RollingQueues", "BURST"]
+__all__ = ["RollingPlan", "RollingQueues", "BURST", "PLAN_WORK", "REVISION_WORK"]
 
 #: Revise when the requests that arrived since the last plan reach this share of the planned,
 #: unstarted ones (an arrival burst), even if no client has run dry.
 BURST = 0.1
+
+#: Work budget of the first plan's local search, elements touched (count; see
+#: :class:`lloptim.solvers.greedy.WorkBudget`): about 1.5 s of numpy on an idle core (60-70
+#: million elements a second), where the old wall-clock limit was 1 s. The first plan of 1,500
+#: requests on a fleet of four instances touches about 4 million (0.06 s).
+PLAN_WORK = 100_000_000
+
+#: Work budget of each revision's local search, elements touched (count): 0.1-0.35 s on a loaded
+#: 2-core machine (a revision's steps are small: 14-50 million elements a second), where the old
+#: wall-clock limit was 0.05 s. Revisions under arrivals at 120-200 % load (GSM8K, heavy-tailed,
+#: one instance or a fleet) touch at most about 1 million (``benchmarks/plan_budgets.py``).
+REVISION_WORK = 5_000_000
 
 
 class RollingPlan:
@@ -52,9 +74,10 @@ class RollingPlan:
         Backend of :func:`lloptim.solvers.solve` for the first plan (``"greedy"``: LPT + local
         search); revisions always use the warm-started local search.
     time_limit_s
-        Time limit of the first plan, seconds.
+        Wall-clock safety net of the first plan, seconds: set far above what ``plan_work`` takes,
+        so that it never decides (the time limit of the solve when ``solver`` is a MIP backend).
     revision_limit_s
-        Time limit of each revision's local search, seconds.
+        Wall-clock safety net of each revision's local search, seconds.
     burst
         Revise when the unplanned requests reach this share of the planned, unstarted ones
         (dimensionless).
@@ -64,6 +87,10 @@ class RollingPlan:
         ``C_k`` times :func:`~lloptim.work.instance_seconds` (the KV term grows with the square of
         the output, and every coefficient is the instance's own, which matters on fleets of
         different instances and heavy-tailed lengths).
+    plan_work, revision_work
+        Work budgets of the first plan's and of each revision's local search, elements touched
+        (counts; :data:`PLAN_WORK`, :data:`REVISION_WORK`): what stops a search that has not
+        reached a local optimum, the same on any machine.
 
     Attributes
     ----------
@@ -77,8 +104,9 @@ class RollingPlan:
         Largest ``release + load`` of the last plan, seconds from that plan's time.
     """
 
-    def __init__(self, solver: str = "greedy", time_limit_s: float = 1.0, revision_limit_s: float = 0.05,
-                 burst: float = BURST, weights: str = "work") -> None:
+    def __init__(self, solver: str = "greedy", time_limit_s: float = 20.0, revision_limit_s: float = 2.0,
+                 burst: float = BURST, weights: str = "work", plan_work: int = PLAN_WORK,
+                 revision_work: int = REVISION_WORK) -> None:
         if weights not in ("work", "bound"):
             from lloptim.errors import SpecError
 
@@ -88,6 +116,22 @@ class RollingPlan:
         self.time_limit_s = time_limit_s
         self.revision_limit_s = revision_limit_s
         self.burst = burst
+        from lloptim.solvers import all_solvers
+
+        if solver not in all_solvers():
+            from lloptim.errors import SpecError
+
+            # checked here, before any work: on a fleet the greedy first plan never calls the backend
+            raise SpecError("policy.solver", f"unknown solver {solver!r}", f"use one of {sorted(all_solvers())}")
+        for name, value in (("plan_work", plan_work), ("revision_work", revision_work)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                from lloptim.errors import SpecError
+
+                example = PLAN_WORK if name == "plan_work" else REVISION_WORK
+                raise SpecError(f"policy.{name}", f"must be a non-negative integer, got {value!r}",
+                                f"give a count of elements touched, e.g. {example:_}")
+        self.plan_work = int(plan_work)
+        self.revision_work = int(revision_work)
 
     def setup(self, ctx: RunContext) -> None:
         """Start a run with nothing known.
@@ -215,14 +259,17 @@ class RollingPlan:
             known = Workload.from_arrays(problem.workload.prompt_tokens[rows], np.ones(rows.size, dtype=np.int64),
                                          name=problem.workload.name)
             sub = Problem(known, problem.instances, problem.name)
-            res = solve(sub, solver=self.solver, params=SolveParams(time_limit_s=self.time_limit_s), weights=W)
+            params = SolveParams(time_limit_s=self.time_limit_s, solver_options={"start_work": self.plan_work})
+            res = solve(sub, solver=self.solver, params=params, weights=W)
             ctx.extra["offline"] = res
             assignment = np.asarray(res.assignment, dtype=np.int64)
             makespan = float(res.primal_bound) if res.primal_bound is not None else float("nan")
         else:
-            # the first plan gets the first plan's time limit (it covers everything known at once)
+            # the first plan gets the first plan's budget (it covers everything known at once)
+            first_plan = self.revisions == 0
             assignment, makespan = self._pack(W, rows, release, alive,
-                                              self.time_limit_s if self.revisions == 0 else self.revision_limit_s)
+                                              self.time_limit_s if first_plan else self.revision_limit_s,
+                                              self.plan_work if first_plan else self.revision_work)
         self.assignment[rows] = assignment
         self.n_planned = int(rows.size)
         self.planned_makespan_s = makespan
@@ -260,7 +307,7 @@ class RollingPlan:
         return release
 
     def _pack(self, W: np.ndarray, rows: np.ndarray, release: np.ndarray, alive: np.ndarray,
-              time_limit_s: float) -> tuple[np.ndarray, float]:
+              time_limit_s: float, work_limit: int) -> tuple[np.ndarray, float]:
         """Warm-started LPT + local search with releases over the live clients; (assignment, makespan)."""
         from lloptim.formulations.binpacking import BinPackingData
         from lloptim.solvers.greedy import local_search, lpt
@@ -285,7 +332,7 @@ class RollingPlan:
                 np.add.at(load, start[kept_rows], data.request_weights_on(np.maximum(start, 0))[kept_rows])
             sub = BinPackingData(np.ascontiguousarray(data.inst_weights[new]), data.client_instance, uniform)
             start[new] = lpt(sub, release=load)
-        a = local_search(data, start, time_limit_s=time_limit_s, release=rel)
+        a = local_search(data, start, time_limit_s=time_limit_s, release=rel, work_limit=work_limit)
         makespan = float((np.bincount(a, weights=data.request_weights_on(a), minlength=live.size) + rel).max())
         return live[a], makespan
 
