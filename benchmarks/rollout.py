@@ -12,11 +12,11 @@ simulations and wall seconds per run (this machine, whatever its load):
 
 * ``memory``: the 1000-request workloads of ``benchmarks/memory.py`` (one llama-65b instance, 40
   clients, paged 16-token blocks, known lengths; ``hybrid-fused``; gap to the memory-aware fused
-  bound): rho 1.0 report cases (sigma 1.0 / 1.2 / 1.5, seeds 0-2) as in
-  ``benchmarks/memory_order_choice.py``, held-out seeds (``--held-out``, sigma 1.1 / 1.3), and
-  ``--rhos`` for others.
+  bound): rho 1.0, report cases (``--seeds``, sigma 1.0 / 1.2 / 1.5; default seed 0) as in
+  ``benchmarks/memory_order_choice.py``, held-out seeds (``--held-out``, sigma 1.1 / 1.3; default
+  200-209), and ``--rhos`` for others. About 20 minutes on a loaded 2-core machine.
 * ``chains``: the chain study of ``benchmarks/workflow_choice.py`` (``hybrid``; gap to the bound
-  without migration), report seeds 1-10 and held-out seeds.
+  without migration), report seeds 1-3 and held-out seeds 200-201. About 5 minutes.
 
 Run: ``python benchmarks/rollout.py memory|chains [--seeds ...] [--held-out ...] [--rhos 1.0]
 [--configs all] [--variants default,start4,rollout,both]``; rows in
@@ -43,11 +43,12 @@ from lloptim.runtime.hybrid import hybrid_policy  # noqa: E402
 #: The policies compared: hybrid options (rollout_epochs, rollout_candidates, order_candidates).
 VARIANTS = {"default": {}, "start4": {"order_candidates": 4}, "start10": {"order_candidates": 10},
             "rollout": {"rollout_epochs": 3, "rollout_candidates": 4},
+            "rollout8": {"rollout_epochs": 3, "rollout_candidates": 8},
             "both": {"order_candidates": 4, "rollout_epochs": 3, "rollout_candidates": 4}}
-DEFAULTS = {"memory": {"seeds": "0-2", "held_out": "200-203", "rhos": "1.0", "configs": "all",
+DEFAULTS = {"memory": {"seeds": "0", "held_out": "200-209", "rhos": "1.0", "configs": "all",
                        "variants": "default,start4,start10,rollout,both"},
             "chains": {"seeds": "1-3", "held_out": "200-201", "rhos": "1.0", "configs": "all",
-                       "variants": "default,start4,start10,rollout,both"}}
+                       "variants": "default,start4,start10,rollout,rollout8,both"}}
 
 
 def _ints(text: str) -> list[int]:
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--configs", help="chains: indices into the chain study's cases or 'all'")
     ap.add_argument("--variants", help=f"comma-separated among {list(VARIANTS)}")
     args = ap.parse_args()
-    given = {k: getattr(args, k) or v for k, v in DEFAULTS[args.what].items()}
+    given = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS[args.what].items()}
     names = given["variants"].split(",")
     if args.what == "memory":
         cases = memory_cases(_ints(given["seeds"]), _ints(given["held_out"]),

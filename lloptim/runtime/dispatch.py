@@ -135,6 +135,8 @@ class HybridDispatch(WorkflowQueue):
         the run is online (the Lagrangian rule's ``fused="auto"`` reads it).
     tail_at_s
         When the end game started, seconds (None if it did not).
+    dispatched
+        Requests handed out so far in the run (count; the ``rollout``'s decision points).
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
