@@ -53,9 +53,9 @@ from lloptim.runtime.policy import RunContext
 __all__ = ["SimulatedChoice", "SimulatedOrderChoice", "SimulatedWorkflowChoice", "WORKFLOW_VARIANTS",
            "simulated_makespan", "Rollout", "rollout_points", "ROLLOUT_BUDGET_S"]
 
-#: Default wall-clock safety net of a run's rollout simulations, seconds: room for about 40
-#: simulations of 1000 memory-bound requests on a loaded 2-core machine. The count of epochs and
-#: candidates is what bounds the work (:class:`Rollout`).
+#: Default wall-clock safety net of a run's rollout simulations, in seconds, with room for about
+#: 40 simulations of 1000 memory-bound requests on a loaded 2-core machine. The count of epochs
+#: and candidates is what bounds the work (:class:`Rollout`).
 ROLLOUT_BUDGET_S = 120.0
 
 #: The workflow dispatch's variants :class:`SimulatedWorkflowChoice` tries, in order (the first
