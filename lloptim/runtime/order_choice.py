@@ -409,7 +409,16 @@ class Rollout:
         self.next_at = np.inf
 
     def setup(self, ctx: RunContext, dispatch) -> None:
-        """Start a run: its decision points, and the dispatch's chain pacing as set up (the replays start from it)."""
+        """Start a run: its decision points, and the dispatch's chain pacing as set up (the replays start from it).
+
+        Parameters
+        ----------
+        ctx
+            The run's context (its problem, estimates, KV modes).
+        dispatch
+            The :class:`~lloptim.runtime.dispatch.HybridDispatch` this rollout revises, set up
+            for the run (after its workflow choice).
+        """
         self.ctx = ctx
         self.switches: list[tuple] = []
         self.tried: list[tuple] = []
@@ -464,7 +473,14 @@ class Rollout:
         return out
 
     def revise(self, dispatch) -> None:
-        """At a decision point: simulate the candidates from here and switch to the best, if strictly shorter."""
+        """At a decision point: simulate the candidates from here and switch to the best, if strictly shorter.
+
+        Parameters
+        ----------
+        dispatch
+            The run's :class:`~lloptim.runtime.dispatch.HybridDispatch`, before it chooses its
+            next request (its ``dispatched`` count is the decision point).
+        """
         at = dispatch.dispatched
         self.points = [p for p in self.points if p > at]
         self.next_at = self.points[0] if self.points else np.inf
