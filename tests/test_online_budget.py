@@ -184,7 +184,8 @@ def test_the_solve_pipeline_reads_start_work():
 _OTHER = {"slack_weight": 2.0, "prices": "uniform", "tail_plan": None, "objective": "weighted-completion",
           "start_planner": lambda ctx, rows=None: rows, "fill_ramp": False, "fleet_homes": False,
           "urgency_horizon": False, "order_candidates": 4, "order_budget_s": 5.0, "pace_scale": 0.5,
-          "plan_paced": False, "due_factor": 1.0, "solver": "highs", "steal": False, "weights": "bound"}
+          "plan_paced": False, "due_factor": 1.0, "rollout_epochs": 3, "rollout_candidates": 6,
+          "rollout_budget_s": 10.0, "solver": "highs", "steal": False, "weights": "bound"}
 
 
 def test_every_single_dispatch_option_has_a_test_value():

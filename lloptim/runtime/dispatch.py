@@ -120,6 +120,11 @@ class HybridDispatch(WorkflowQueue):
         Optional :class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`: on requests with
         precedence it is asked at set-up for the ``pace_scale`` and ``plan_paced`` to run with
         (it simulates its candidates where lengths are known and every request is present).
+    rollout
+        Optional :class:`~lloptim.runtime.order_choice.Rollout` (or a replay of one's switches):
+        set up after the workflow choice, and asked to :meth:`~lloptim.runtime.order_choice.Rollout.revise`
+        this dispatch before the next request is chosen once :attr:`dispatched` reaches its
+        ``next_at`` (a count, so the same decision point on any machine).
 
     Attributes
     ----------
@@ -130,12 +135,15 @@ class HybridDispatch(WorkflowQueue):
         the run is online (the Lagrangian rule's ``fused="auto"`` reads it).
     tail_at_s
         When the end game started, seconds (None if it did not).
+    dispatched
+        Requests handed out so far in the run (count; the ``rollout``'s decision points).
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 20.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
-                 plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None) -> None:
+                 plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None,
+                 rollout=None) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -148,6 +156,7 @@ class HybridDispatch(WorkflowQueue):
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
         super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         self.workflow_choice = workflow_choice
+        self.rollout = rollout
         self.endgame_limit_s = float(time_limit_s)
         self.slack_weight = float(slack_weight)
         self.objective = objective
@@ -181,6 +190,9 @@ class HybridDispatch(WorkflowQueue):
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, handed out at)
         self.tail_enabled = (self.tail_plan is not None and self.dag is None and self.objective == "makespan"
                              and len(ctx.problem.instances) > 1)
+        self.dispatched = 0  # requests handed out so far (the rollout's clock)
+        if self.rollout is not None:
+            self.rollout.setup(ctx, self)
 
     def _configure(self, pace_scale: float, plan_paced: bool) -> None:
         """Run with these chain pacing options, and so does the memory delegate's workflow queue."""
@@ -286,6 +298,8 @@ class HybridDispatch(WorkflowQueue):
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
             self._start()
+        if self.rollout is not None and self.dispatched >= self.rollout.next_at:
+            self.rollout.revise(self)
         if (self.tail is None and self.tail_enabled and self.delegate is None and not self.arrivals_during_run
                 and self.n_pending <= self.tail_plan * self.ctx.problem.n_clients
                 and self.n_pending <= self.tail_plan * self._live_clients()):
@@ -300,6 +314,7 @@ class HybridDispatch(WorkflowQueue):
             r = super().next_request(state, client)
         if r is not None:
             self.handed_out = True
+            self.dispatched += 1
             self.ready_at.pop(r, None)
             self.holding[client] = (r, state.now)
         return r

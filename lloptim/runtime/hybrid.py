@@ -35,7 +35,8 @@ from lloptim.runtime.iteration_schedulers import PrefillFirst
 from lloptim.runtime.lagrangian import LagrangianIterations
 from lloptim.runtime.policy import Policy
 from lloptim.runtime.memory_schedulers import MemoryAwareQueue
-from lloptim.runtime.order_choice import SimulatedOrderChoice, SimulatedWorkflowChoice
+from lloptim.runtime.order_choice import (ROLLOUT_BUDGET_S, Rollout, SimulatedOrderChoice, SimulatedWorkflowChoice,
+                                          _Fixed, _Replay)
 from lloptim.runtime.registry import register_policy
 from lloptim.runtime.request_schedulers import WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
@@ -60,7 +61,8 @@ PLAN_SAFETY_S = 20.0
 SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_PLAN, "objective": "makespan",
                "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
-               "due_factor": None}
+               "due_factor": None, "rollout_epochs": 0, "rollout_candidates": 4,
+               "rollout_budget_s": ROLLOUT_BUDGET_S}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
 #: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
@@ -114,6 +116,12 @@ def _check_ignored(dispatch: str, given: dict) -> None:
                                 f"hybrid-fused-plan); dispatch='sorted' (hybrid, hybrid-fused) would ignore "
                                 f"{name}={_shown(given[name])}",
                                 f"leave {name} out with dispatch='sorted', or use dispatch='plan' (-p hybrid-plan)")
+        if given["rollout_epochs"] == 0:
+            for name in ("rollout_candidates", "rollout_budget_s"):
+                if _differs(given[name], SORTED_ONLY[name]):
+                    raise SpecError(f"policy.hybrid.{name}", "is an option of the rollout, which runs only with "
+                                    "rollout_epochs >= 1", "give rollout_epochs >= 1 with it (e.g. rollout_epochs=3), "
+                                    "or leave it out")
         if given["order_candidates"] == 1 and _differs(given["order_budget_s"], ORDER_BUDGET_S):
             raise SpecError("policy.hybrid.order_budget_s",
                             "is the budget of the simulated choice, which runs only with order_candidates > 1",
@@ -156,7 +164,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
                   fleet_homes: bool | str = "known", urgency_horizon: bool | str = "known",
                   order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
-                  plan_paced: bool = True, due_factor: float | None = None) -> Policy:
+                  plan_paced: bool = True, due_factor: float | None = None, rollout_epochs: int = 0,
+                  rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -277,6 +286,17 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         lengths; see
         :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, *Due dates*, and docs:
         workflows).
+    rollout_epochs, rollout_candidates, rollout_budget_s
+        Opt-in (``dispatch="sorted"``), with known lengths and every request present at the
+        start: re-choose the dispatch's variant ``rollout_epochs`` times during the run (when
+        1/(N+1), ..., N/(N+1) of the requests have been handed out) by simulating the rest of the
+        run under ``rollout_candidates`` variants (the current one included: the planned order of
+        the unstarted requests at other phases where memory binds, the chain pacings of
+        :data:`~lloptim.runtime.order_choice.WORKFLOW_VARIANTS` on workflows on a fleet) and
+        switching to the shortest, within ``rollout_budget_s`` seconds of wall clock as a
+        safety net (:class:`~lloptim.runtime.order_choice.Rollout`; at most
+        ``1 + rollout_epochs * (rollout_candidates - 1)`` simulations). 0 (default): none. With
+        estimates or arrivals over time it simulates nothing and the run keeps its variant.
 
     Raises
     ------
@@ -284,7 +304,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         Before any work, for an option the chosen ``dispatch`` would ignore, given a value other
         than its default (:data:`SORTED_ONLY` with ``dispatch="plan"``, :data:`PLAN_ONLY` with
         ``dispatch="sorted"``, :data:`SEPARATE_ONLY` with ``fused=True``; ``order_budget_s``
-        without ``order_candidates > 1``, ``survival`` with a forecast that does not read it),
+        without ``order_candidates > 1``, ``rollout_candidates`` or ``rollout_budget_s`` without
+        ``rollout_epochs``, ``survival`` with a forecast that does not read it),
         and for a value out of range.
 
     Notes
@@ -303,7 +324,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                                   start_planner=start_planner, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
                                   urgency_horizon=urgency_horizon, order_candidates=order_candidates,
                                   order_budget_s=order_budget_s, pace_scale=pace_scale, plan_paced=plan_paced,
-                                  due_factor=due_factor))
+                                  due_factor=due_factor, rollout_epochs=rollout_epochs,
+                                  rollout_candidates=rollout_candidates, rollout_budget_s=rollout_budget_s))
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
@@ -320,16 +342,16 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
             raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
                             "'known' counts the running requests' work in the urgency test when the output lengths "
                             "are known")
+        opts = dict(solver=solver, time_limit_s=time_limit_s, setup_weight=setup_weight, dispatch=dispatch,
+                    steal=steal, forecast=forecast, token_budget=token_budget, survival=survival, fused=fused,
+                    slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
+                    price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
+                    objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
+                    urgency_horizon=urgency_horizon, due_factor=due_factor)
         if order_candidates != 1:
             if start_planner is not None:
                 raise SpecError("policy.hybrid.order_candidates", "a start_planner is given too",
                                 "give either start_planner or order_candidates > 1, not both")
-            opts = dict(solver=solver, time_limit_s=time_limit_s, setup_weight=setup_weight, dispatch=dispatch,
-                        steal=steal, forecast=forecast, token_budget=token_budget, survival=survival, fused=fused,
-                        slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
-                        price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
-                        objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
-                        urgency_horizon=urgency_horizon, due_factor=due_factor)
             if pace_scale != 1.0 or not plan_paced:
                 raise SpecError("policy.hybrid.pace_scale" if pace_scale != 1.0 else "policy.hybrid.plan_paced",
                                 "is chosen by simulation when order_candidates > 1",
@@ -340,13 +362,19 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                 order_candidates, order_budget_s, lambda **variant: hybrid_policy(**opts, **variant))
         else:
             workflow_choice = None
+        rollout = None
+        if rollout_epochs != 0:
+            rollout = Rollout(rollout_epochs, rollout_candidates, rollout_budget_s,
+                              lambda keys, pacing, switches: _replaying(hybrid_policy(
+                                  **opts, start_planner=None if keys is None else _Fixed(keys), **pacing), switches))
         workflow_opts = dict(pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(**workflow_opts),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
                                   fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, time_limit_s=time_limit_s,
                                   memory=memory, tail_plan=tail_plan,
-                                  objective=objective, workflow_choice=workflow_choice, **workflow_opts)
+                                  objective=objective, workflow_choice=workflow_choice, rollout=rollout,
+                                  **workflow_opts)
     elif dispatch == "plan":
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
@@ -377,6 +405,12 @@ register_policy("hybrid-fused-plan",
                 lambda **opts: _variant("hybrid-fused-plan", opts, dispatch="plan", fused=True),
                 "Algorithm 1 on the rolling plan with fused prompt chunks: each client's total work balanced to "
                 "a token, the closest to the bound on fleets and few requests per client")
+
+
+def _replaying(policy: Policy, switches: tuple) -> Policy:
+    """``policy`` (a sorted-dispatch hybrid) with a dispatch that applies ``switches`` and simulates nothing."""
+    policy.requests.rollout = _Replay(switches)
+    return policy
 
 
 def _variant(name: str, opts: dict, **fixed) -> Policy:
