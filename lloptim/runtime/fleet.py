@@ -124,6 +124,125 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
                    bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 
 
+#: Use the warm-started LP (:class:`_WarmSplitLP`) for the prices; False re-solves the LP from
+#: scratch with :func:`split_lp` each time (the reference the tests and ``benchmarks/scale.py
+#: --tools fleet-arrivals`` compare against).
+_WARM_LP = True
+#: Rebuild the warm LP from scratch once it holds more rows of started requests than this many
+#: plus its live ones (rows of started requests are kept at zero, not deleted, so the basis stays valid).
+REBUILD_SLACK = 64
+
+
+class _WarmSplitLP:
+    """The LP of :func:`split_lp` kept in one HiGHS model across solves, re-solved from the last basis.
+
+    Between two solves of a run the LP changes by a few requests (arrivals, starts), the
+    committed loads ``b_k`` and the observed slowness; rebuilding it for ``linprog`` each time
+    cost milliseconds of set-up and a solve from scratch, once for every 1.3 requests on a fleet
+    under arrivals. Here a request's row ``sum_k y[k, r] = 1`` and its ``m`` columns are added
+    once; a started request's row is set to ``= 0`` (its columns are then zero; a requeued one
+    back to ``= 1``); ``b_k`` and the slowness ``s_k`` change only the capacity rows, written
+    divided by ``s_k`` (``sum_r v[k, r] y[k, r] - T / s_k <= -b_k / s_k``, whose dual is
+    ``s_k lambda_k``), so the request columns never change. HiGHS then starts its dual simplex
+    from the last optimal basis, which after a small change is optimal or a few pivots away.
+
+    It solves the same LP as :func:`split_lp`: its makespan ``T`` and, where they are unique
+    (which is where the LP's optimal assignment is not degenerate), its prices agree to round-off
+    (``tests/test_fleet_speed.py`` checks the dispatch decides the same).
+    """
+
+    def __init__(self, m: int) -> None:
+        import highspy
+
+        self.m = m
+        self._highspy = highspy
+        self.h = None
+
+    def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
+        """A fresh model over the queued ``rows`` (the cold start)."""
+        hs = self._highspy
+        h = hs.Highs()
+        h.setOptionValue("output_flag", False)
+        m = self.m
+        h.addCol(1.0, -hs.kHighsInf, hs.kHighsInf, 0, np.empty(0, np.int32), np.empty(0))  # T
+        s = np.asarray(slowness, dtype=np.float64)
+        h.addRows(m, np.full(m, -hs.kHighsInf), -b / s, m, np.arange(m, dtype=np.int32),
+                  np.zeros(m, dtype=np.int32), -1.0 / s)
+        self.h = h
+        self.slot = {}                 # request -> its slot (its assignment row less the m capacity rows)
+        self.live = np.zeros(0, dtype=bool)
+        self.row_request = np.zeros(0, dtype=np.int64)
+        self.slowness = s.copy()
+        self._add(rows, v)
+
+    def _add(self, rows: np.ndarray, v: np.ndarray) -> None:
+        """Add the rows and columns of requests ``rows`` (``v``: their ``(len(rows), m)`` instance-seconds)."""
+        if rows.size == 0:
+            return
+        h, m = self.h, self.m
+        first = h.getNumRow()
+        n = rows.size
+        h.addRows(n, np.ones(n), np.ones(n), 0, np.zeros(n, dtype=np.int32), np.empty(0, np.int32), np.empty(0))
+        # column y[k, r]: v[r, k] in capacity row k, 1 in r's row
+        idx = np.empty((n, m, 2), dtype=np.int32)
+        idx[:, :, 0] = np.arange(m, dtype=np.int32)[None, :]
+        idx[:, :, 1] = (first + np.arange(n, dtype=np.int32))[:, None]
+        val = np.empty((n, m, 2))
+        val[:, :, 0] = v
+        val[:, :, 1] = 1.0
+        k = n * m
+        h.addCols(k, np.zeros(k), np.zeros(k), np.full(k, self._highspy.kHighsInf), 2 * k,
+                  np.arange(0, 2 * k, 2, dtype=np.int32), idx.ravel(), val.ravel())
+        for i, r in enumerate(rows.tolist()):
+            self.slot[r] = first - m + i  # its row is m + slot
+        self.live = np.r_[self.live, np.ones(n, dtype=bool)]
+        self.row_request = np.r_[self.row_request, rows]
+
+    def solve(self, queued: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` of the LP over the ``queued`` requests, or None when HiGHS does not reach an optimum.
+
+        Parameters
+        ----------
+        queued
+            Rows of the queued requests.
+        v
+            ``(n, m)`` modelled instance-seconds of every request (rows by request).
+        slowness
+            ``(m,)`` observed slowness (the capacity rows use ``slowness * v``).
+        b
+            ``(m,)`` committed seconds of each instance.
+        """
+        m = self.m
+        dead = 0 if self.h is None else int((~self.live).sum())
+        if self.h is None or dead > REBUILD_SLACK + queued.size:
+            self._build(queued, v[queued], slowness, b)
+        else:
+            h = self.h
+            known = np.array([r in self.slot for r in queued.tolist()], dtype=bool)
+            want = np.zeros(self.live.size, dtype=bool)
+            want[np.fromiter((self.slot[r] for r in queued[known].tolist()), dtype=np.int64,
+                             count=int(known.sum()))] = True
+            flip = np.flatnonzero(want != self.live) + m
+            if flip.size:
+                on = want[flip - m].astype(np.float64)
+                h.changeRowsBounds(flip.size, flip.astype(np.int32), on, on)
+                self.live = want
+            self._add(queued[~known], v[queued[~known]])
+            s = np.asarray(slowness, dtype=np.float64)
+            for k in np.flatnonzero(s != self.slowness).tolist():
+                h.changeCoeff(k, 0, -1.0 / s[k])
+            self.slowness = s.copy()
+            h.changeRowsBounds(m, np.arange(m, dtype=np.int32), np.full(m, -self._highspy.kHighsInf), -b / s)
+        h = self.h
+        h.run()
+        if h.getModelStatus() != self._highspy.HighsModelStatus.kOptimal:
+            self.h = None  # start afresh next time
+            return None
+        sol = h.getSolution()
+        lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
+        return lam, float(sol.col_value[0])
+
+
 def _earliest(heaps: list, hold: np.ndarray, allowed: np.ndarray, instance: int) -> tuple[float, int]:
     """``(finish, instance)`` of the earliest completion over the ``allowed`` instances with a free client slot.
 
@@ -201,6 +320,7 @@ class FleetPrices:
         self.slowness_at_solve = np.ones(m)
         self.solves = 0
         self.steered = 0
+        self._lp: _WarmSplitLP | None = None   # the LP kept across solves (None: not built)
         n = ctx.problem.n_requests
         self.v = np.zeros((n, m))              # instance-seconds of each known request on each instance
         self.queued = np.zeros(n, dtype=bool)
@@ -322,13 +442,22 @@ class FleetPrices:
         rows = np.flatnonzero(self.queued)
         if rows.size == 0:
             return
-        res = split_lp(self.v[rows].T * self.slowness[:, None], self._committed(now))  # observed scale
-        if res.status != 0:
-            return  # keep the previous prices: a failed solve never stops the dispatch
-        lam = np.clip(-np.asarray(res.ineqlin.marginals, dtype=np.float64), 0.0, None)
+        if _WARM_LP:
+            if self._lp is None:
+                self._lp = _WarmSplitLP(self.m)
+            out = self._lp.solve(rows, self.v, self.slowness, self._committed(now))
+            if out is None:
+                return  # keep the previous prices: a failed solve never stops the dispatch
+            lam, horizon = out
+        else:
+            res = split_lp(self.v[rows].T * self.slowness[:, None], self._committed(now))  # observed scale
+            if res.status != 0:
+                return  # keep the previous prices: a failed solve never stops the dispatch
+            lam, horizon = -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+        lam = np.clip(lam, 0.0, None)
         if lam.sum() > 0 and np.all(np.isfinite(lam)):
             self.prices = lam / lam.sum()
-        self.horizon_s = float(res.x[-1])
+        self.horizon_s = horizon
 
     # -- the dispatch -------------------------------------------------------------------------------
     def _holds(self, rows: np.ndarray, states) -> np.ndarray:
