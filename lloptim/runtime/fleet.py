@@ -309,6 +309,8 @@ class FleetPrices:
         self.active = self.mode != "none" and len({(i.profile.latency, i.clients) for i in insts}) > 1
         self.m = m
         self.clients = np.array([i.clients for i in insts], dtype=np.float64)
+        self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
+        self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
         #: The LP's makespan ``T`` at the last solve, absolute seconds (inf before one): a request
@@ -480,32 +482,32 @@ class FleetPrices:
         return out
 
     def _free_times(self, now: float, states) -> list[list[float]]:
-        """Expected free time of every live client, per instance (``now`` or its clock when idle), s."""
+        """Expected free time of every live client, per instance, ascending (``now`` or its clock when idle), s."""
         ctx = self.ctx
-        client_state = ctx.extra["client_state"]
-        held = [(c, r, since) for c, (r, since) in self.holding.items()]
-        hold = self._holds(np.array([r for _, r, _ in held], dtype=np.int64), states) if held else None
-        ends = {c: since + hold[i, int(ctx.client_instance[c])] for i, (c, r, since) in enumerate(held)}
-        out: list[list[float]] = []
-        for k, st in enumerate(states):
-            times = []
-            for c in st.clients:
-                cs = client_state[c]
-                if cs == RUNNING or cs == WAITING:
-                    times.append(max(now, ends.get(c, now)))
-                elif cs != FAILED:
-                    times.append(max(now, st.now))
-            out.append(times)
-        return out
+        ci = self._client_instance
+        ends = np.full(ci.size, now)
+        if self.holding:
+            held = np.array([(c, r) for c, (r, _) in self.holding.items()], dtype=np.int64)
+            since = np.array([s for _, s in self.holding.values()])
+            hold = self._holds(held[:, 1], states)
+            ends[held[:, 0]] = np.maximum(now, since + hold[np.arange(held.shape[0]), ci[held[:, 0]]])
+        cs = np.asarray(ctx.extra["client_state"])
+        idle = np.maximum(now, np.array([st.now for st in states]))[ci]
+        t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
+        return [np.sort(t[c[cs[c] != FAILED]]).tolist() for c in self._instance_clients]
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
+        return self.belongs_rows(np.array([request]))[0]
+
+    def belongs_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), m)`` whether each request's reduced cost on each instance is within the tolerance."""
         if self.mode == "ect":
-            return np.ones(self.m, dtype=bool)
+            return np.ones((len(rows), self.m), dtype=bool)
         # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
         scale = self.slowness if self.mode == "lp" else 1.0
-        priced = self.prices * scale * self.v[request]
-        mu = float(priced.min())
+        priced = (self.prices * scale)[None, :] * self.v[rows]
+        mu = priced.min(axis=1, keepdims=True)
         return priced - mu <= self.tolerance * mu
 
     def pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
@@ -539,21 +541,23 @@ class FleetPrices:
         tuple or None
             The chosen pair, or None to stay idle for now.
         """
-        heaps = [sorted(t) for t in self._free_times(now, states)]
+        heaps = self._free_times(now, states)
         if not heaps[instance]:
             return None
         head = heapq.nsmallest(SCAN_LIMIT, queue)
-        holds = self._holds(np.array([r for _, r in head], dtype=np.int64), states)
+        rows = np.array([r for _, r in head], dtype=np.int64)
+        holds = self._holds(rows, states).tolist()        # lists: the scan below is scalar Python
+        oks = self.belongs_rows(rows).tolist()
+        everywhere = [True] * self.m
+        horizon = self.horizon_s
         for pos, item in enumerate(head):
-            r = item[1]
-            ok = self.belongs(r)
             hold = holds[pos]
-            best, where = _earliest(heaps, hold, ok, instance)
-            if past_horizon and best > self.horizon_s:
+            best, where = _earliest(heaps, hold, oks[pos], instance)
+            if past_horizon and best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                best, where = _earliest(heaps, hold, np.ones(self.m, dtype=bool), instance)
+                best, where = _earliest(heaps, hold, everywhere, instance)
             if where == instance and heaps[instance][0] <= now:
                 if pos:
                     self.steered += 1
