@@ -138,25 +138,47 @@ class _WarmSplitLP:
 
     Between two solves of a run the LP changes by a few requests (arrivals, starts), the
     committed loads ``b_k`` and the observed slowness; rebuilding it for ``linprog`` each time
-    cost milliseconds of set-up and a solve from scratch, once for every 1.3 requests on a fleet
-    under arrivals. Here a request's row ``sum_k y[k, r] = 1`` and its ``m`` columns are added
-    once; a started request's row is set to ``= 0`` (its columns are then zero; a requeued one
-    back to ``= 1``); ``b_k`` and the slowness ``s_k`` change only the capacity rows, written
-    divided by ``s_k`` (``sum_r v[k, r] y[k, r] - T / s_k <= -b_k / s_k``, whose dual is
-    ``s_k lambda_k``), so the request columns never change. HiGHS then starts its dual simplex
-    from the last optimal basis, which after a small change is optimal or a few pivots away.
+    cost milliseconds of set-up and a solve from scratch, about once per request on a fleet under
+    arrivals. Here a request's row ``sum_k y[k, r] = 1`` and its ``m`` columns are added once; a
+    started request's row is set to ``= 0`` (its columns are then zero; a requeued one back to
+    ``= 1``); ``b_k`` and the slowness ``s_k`` change only the capacity rows, written divided by
+    ``s_k`` (``sum_r v[k, r] y[k, r] - T / s_k <= -b_k / s_k``, whose dual is ``s_k lambda_k``),
+    so the request columns never change. HiGHS then starts its dual simplex from the last optimal
+    basis, which after a small change is optimal or a few pivots away. The model is rebuilt once
+    it holds more rows of started requests than :data:`REBUILD_SLACK` plus its live ones.
+
+    **One binding instance.** Under overload the LP is most often at a vertex where one instance
+    ``j``, the one committed furthest (``b_j = max_k b_k``), is the only binding row: the queue fits
+    on the others before ``b_j`` (on ``scale`` of ``benchmarks/stress_flow.py``, 1,491 of 1,498
+    solves). Then ``T = b_j`` and ``lambda = e_j``: the dual objective at ``e_j`` is ``b_j``, which no
+    primal beats since ``T >= b_j``; and when some assignment leaves every other row strictly below
+    ``T``, strict complementarity makes ``e_j`` the only optimal dual. Before calling HiGHS,
+    :meth:`solve` tries such an assignment: the last solve's for the requests it placed, the
+    others each where it takes the least share of the room ``T - b_k`` left; if every other
+    instance stays below ``T`` (by more than ``1e-9`` of it) the answer is ``(e_j, b_j)`` without a
+    solve. It is an exact shortcut, not an approximation: it answers only when the LP's answer is
+    that one, and otherwise HiGHS solves.
 
     It solves the same LP as :func:`split_lp`: its makespan ``T`` and, where they are unique
-    (which is where the LP's optimal assignment is not degenerate), its prices agree to round-off
-    (``tests/test_fleet_speed.py`` checks the dispatch decides the same).
+    (where the LP's optimal assignment is not degenerate), its prices agree to round-off
+    (``tests/test_fleet_speed.py`` checks that the dispatch decides the same).
+
+    Parameters
+    ----------
+    m
+        Instances.
+    n
+        Requests of the run (rows of ``v``).
     """
 
-    def __init__(self, m: int) -> None:
+    def __init__(self, m: int, n: int) -> None:
         import highspy
 
         self.m = m
+        self.n = n
         self._highspy = highspy
         self.h = None
+        self.shortcuts = 0   # answers without a solve (count)
 
     def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
         """A fresh model over the queued ``rows`` (the cold start)."""
@@ -169,34 +191,59 @@ class _WarmSplitLP:
         h.addRows(m, np.full(m, -hs.kHighsInf), -b / s, m, np.arange(m, dtype=np.int32),
                   np.zeros(m, dtype=np.int32), -1.0 / s)
         self.h = h
-        self.slot = {}                 # request -> its slot (its assignment row less the m capacity rows)
+        self.slot_of = np.full(self.n, -1, dtype=np.int64)   # request -> its slot (its row is m + slot)
         self.live = np.zeros(0, dtype=bool)
-        self.row_request = np.zeros(0, dtype=np.int64)
+        self.y = np.zeros((0, m))                             # the last solve's y[k, r], by slot
         self.slowness = s.copy()
-        self._add(rows, v)
+        self._add(rows, v[rows])
 
     def _add(self, rows: np.ndarray, v: np.ndarray) -> None:
         """Add the rows and columns of requests ``rows`` (``v``: their ``(len(rows), m)`` instance-seconds)."""
         if rows.size == 0:
             return
         h, m = self.h, self.m
-        first = h.getNumRow()
+        first = self.live.size
         n = rows.size
         h.addRows(n, np.ones(n), np.ones(n), 0, np.zeros(n, dtype=np.int32), np.empty(0, np.int32), np.empty(0))
-        # column y[k, r]: v[r, k] in capacity row k, 1 in r's row
+        # column y[k, r] (column 1 + slot m + k): v[r, k] in capacity row k, 1 in r's row
         idx = np.empty((n, m, 2), dtype=np.int32)
         idx[:, :, 0] = np.arange(m, dtype=np.int32)[None, :]
-        idx[:, :, 1] = (first + np.arange(n, dtype=np.int32))[:, None]
+        idx[:, :, 1] = (m + first + np.arange(n, dtype=np.int32))[:, None]
         val = np.empty((n, m, 2))
         val[:, :, 0] = v
         val[:, :, 1] = 1.0
         k = n * m
         h.addCols(k, np.zeros(k), np.zeros(k), np.full(k, self._highspy.kHighsInf), 2 * k,
                   np.arange(0, 2 * k, 2, dtype=np.int32), idx.ravel(), val.ravel())
-        for i, r in enumerate(rows.tolist()):
-            self.slot[r] = first - m + i  # its row is m + slot
+        self.slot_of[rows] = first + np.arange(n)
         self.live = np.r_[self.live, np.ones(n, dtype=bool)]
-        self.row_request = np.r_[self.row_request, rows]
+        self.y = np.r_[self.y, np.zeros((n, m))]
+
+    def _one_binding(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(e_j, b_j)`` when only the furthest-committed instance ``j`` binds (class docstring), else None."""
+        m = self.m
+        j = int(np.argmax(b))
+        T = float(b[j])
+        room = T - b
+        others = np.arange(m) != j
+        if m < 2 or not (room[others] > 0).all():
+            return None
+        vq = v[queued] * s[None, :]                           # observed instance-seconds
+        slots = self.slot_of[queued]
+        y = np.where((slots >= 0)[:, None], self.y[np.maximum(slots, 0)], 0.0)
+        fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
+        if fresh.any():
+            share = vq[fresh] / np.where(others, room, 1.0)[None, :]
+            share[:, j] = np.inf
+            y[fresh] = 0.0
+            y[np.flatnonzero(fresh), np.argmin(share, axis=1)] = 1.0
+        load = b + (y * vq).sum(axis=0)
+        if not (load[others] < T - 1e-9 * abs(T)).all():
+            return None
+        self.shortcuts += 1
+        lam = np.zeros(m)
+        lam[j] = 1.0
+        return lam, T
 
     def solve(self, queued: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray):
         """``(lambda, T)`` of the LP over the ``queued`` requests, or None when HiGHS does not reach an optimum.
@@ -213,22 +260,26 @@ class _WarmSplitLP:
             ``(m,)`` committed seconds of each instance.
         """
         m = self.m
-        dead = 0 if self.h is None else int((~self.live).sum())
+        s = np.asarray(slowness, dtype=np.float64)
+        if self.h is not None:
+            out = self._one_binding(queued, v, s, b)
+            if out is not None:
+                return out
+        dead = 0 if self.h is None else self.live.size - int((self.slot_of[queued] >= 0).sum())
         if self.h is None or dead > REBUILD_SLACK + queued.size:
-            self._build(queued, v[queued], slowness, b)
+            self._build(queued, v, s, b)
         else:
             h = self.h
-            known = np.array([r in self.slot for r in queued.tolist()], dtype=bool)
+            slots = self.slot_of[queued]
+            known = slots >= 0
             want = np.zeros(self.live.size, dtype=bool)
-            want[np.fromiter((self.slot[r] for r in queued[known].tolist()), dtype=np.int64,
-                             count=int(known.sum()))] = True
-            flip = np.flatnonzero(want != self.live) + m
+            want[slots[known]] = True
+            flip = np.flatnonzero(want != self.live)
             if flip.size:
-                on = want[flip - m].astype(np.float64)
-                h.changeRowsBounds(flip.size, flip.astype(np.int32), on, on)
+                on = want[flip].astype(np.float64)
+                h.changeRowsBounds(flip.size, (m + flip).astype(np.int32), on, on)
                 self.live = want
             self._add(queued[~known], v[queued[~known]])
-            s = np.asarray(slowness, dtype=np.float64)
             for k in np.flatnonzero(s != self.slowness).tolist():
                 h.changeCoeff(k, 0, -1.0 / s[k])
             self.slowness = s.copy()
@@ -239,8 +290,10 @@ class _WarmSplitLP:
             self.h = None  # start afresh next time
             return None
         sol = h.getSolution()
+        x = np.asarray(sol.col_value, dtype=np.float64)
+        self.y = x[1:].reshape(-1, m)
         lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
-        return lam, float(sol.col_value[0])
+        return lam, float(x[0])
 
 
 def _earliest(heaps: list, hold: np.ndarray, allowed: np.ndarray, instance: int) -> tuple[float, int]:
@@ -446,7 +499,7 @@ class FleetPrices:
             return
         if _WARM_LP:
             if self._lp is None:
-                self._lp = _WarmSplitLP(self.m)
+                self._lp = _WarmSplitLP(self.m, self.ctx.problem.n_requests)
             out = self._lp.solve(rows, self.v, self.slowness, self._committed(now))
             if out is None:
                 return  # keep the previous prices: a failed solve never stops the dispatch
