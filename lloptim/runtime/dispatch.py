@@ -293,7 +293,7 @@ class HybridDispatch(WorkflowQueue):
         heapq.heappush(self.ready, (key, request))
         self.n_pending += 1
         if self.steered:
-            self.fleet.on_ready(request)
+            self.fleet.on_ready(request, key)
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -437,4 +437,4 @@ class HybridDispatch(WorkflowQueue):
         self.ready_at.setdefault(request, now)
         super().requeue(request, now)
         if self.steered:
-            self.fleet.on_requeue(request)
+            self.fleet.on_requeue(request, self.key[request])

@@ -384,12 +384,31 @@ class FleetPrices:
         self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
         self.predicted: dict[int, float] = {}               # client -> model's hold of its request, s
+        # the same holdings as arrays by client (the dispatch reads them with numpy): request (-1:
+        # none), start, seconds, and the order of the dict's entries (sums keep the dict's order)
+        c = self._client_instance.size
+        self._hold_req = np.full(c, -1, dtype=np.int64)
+        self._hold_since = np.zeros(c)
+        self._hold_seq = np.zeros(c, dtype=np.int64)
+        self._seq = 0
+        self.key = np.full(n, np.nan)          # the queue's key of each request (nan: not told)
+        self._picked: tuple | None = None      # (request, now, its holds) of the last pick
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def on_ready(self, request: int) -> None:
-        """``request`` joined the queue: price it on every instance (from its prompt and estimate)."""
+    def on_ready(self, request: int, key: float | None = None) -> None:
+        """``request`` joined the queue: price it on every instance (from its prompt and estimate).
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        key
+            Its key in the queue that :meth:`pick` is given (then :meth:`pick` finds the head of
+            the queue with numpy rather than from the heap); None: not told.
+        """
         if not self.active:
             return
+        self.key[request] = np.nan if key is None else key
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
         self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
@@ -415,10 +434,15 @@ class FleetPrices:
             hold the client, to learn the instance's slowness when it finishes (None: not learned).
         """
         if self.active:
-            self.holding[client] = (request, now)
+            self._hold(client, request, now)
             if states is not None:
                 k = int(self.ctx.client_instance[client])
-                self.predicted[client] = float(self._holds(np.array([request]), states)[0, k] / self.slowness[k])
+                picked = self._picked
+                if picked is not None and picked[0] == request and picked[1] == now:
+                    hold = picked[2][k]  # pick computed it from the same states
+                else:
+                    hold = self._holds(np.array([request]), states)[0, k]
+                self.predicted[client] = float(hold / self.slowness[k])
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -438,6 +462,7 @@ class FleetPrices:
         if not self.active or self.holding.get(client, (-1, 0.0))[0] != request:
             return
         _, since = self.holding.pop(client)
+        self._hold_req[client] = -1
         self.version += 1
         predicted = self.predicted.pop(client, None)
         if predicted is None:
@@ -448,18 +473,35 @@ class FleetPrices:
         if self.model_s[k] > 0 and self.held_s[k] > 0:
             self.slowness[k] = self.held_s[k] / self.model_s[k]
 
-    def on_requeue(self, request: int) -> None:
-        """A fault put ``request`` back in the queue."""
+    def on_requeue(self, request: int, key: float | None = None) -> None:
+        """A fault put ``request`` back in the queue (``key``: its key there, as in :meth:`on_ready`)."""
         if not self.active:
             return
         self.version += 1
+        if key is not None:
+            self.key[request] = key
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
+                self._hold_req[c] = -1
         if not self.queued[request]:
             self.queued[request] = True
             self.n_queued += 1
             self.changes += 1
+
+    def _hold(self, client: int, request: int, now: float) -> None:
+        """``client`` holds ``request`` from ``now`` seconds (the dict and its arrays)."""
+        if client not in self.holding:
+            self._seq += 1
+            self._hold_seq[client] = self._seq
+        self.holding[client] = (request, now)
+        self._hold_req[client] = request
+        self._hold_since[client] = now
+
+    def _held(self) -> np.ndarray:
+        """Clients that hold a request, in the order of :attr:`holding`'s entries."""
+        c = np.flatnonzero(self._hold_req >= 0)
+        return c[np.argsort(self._hold_seq[c], kind="stable")]
 
     # -- prices ---------------------------------------------------------------------------------
     def refresh(self, now: float, stuck: bool = False) -> None:
@@ -482,11 +524,12 @@ class FleetPrices:
     def _committed(self, now: float) -> np.ndarray:
         """``b_k``: now plus the remaining instance-seconds of the requests each instance holds, s."""
         b = np.full(self.m, now)
-        ci = self.ctx.client_instance
-        for c, (r, since) in self.holding.items():
-            k = int(ci[c])
-            v = self.slowness[k] * self.v[r, k]
-            b[k] += v * max(0.0, 1.0 - (now - since) / (self.clients[k] * v)) if v > 0 else 0.0
+        c = self._held()
+        k = self._client_instance[c]
+        v = self.slowness[k] * self.v[self._hold_req[c], k]
+        safe = np.where(v > 0, v, 1.0)
+        left = np.where(v > 0, v * np.maximum(0.0, 1.0 - (now - self._hold_since[c]) / (self.clients[k] * safe)), 0.0)
+        np.add.at(b, k, left)  # one by one, in the order the clients took their requests
         return b
 
     def _solve(self, now: float) -> None:
@@ -534,20 +577,40 @@ class FleetPrices:
             out[:, k] = self.slowness[k] * ((o + 1) * step + lat.prefill_per_token_s * p)
         return out
 
-    def _free_times(self, now: float, states) -> list[list[float]]:
-        """Expected free time of every live client, per instance, ascending (``now`` or its clock when idle), s."""
-        ctx = self.ctx
+    def _free_times(self, now: float, states, held: np.ndarray, hold: np.ndarray) -> list[list[float]]:
+        """Expected free time of every live client, per instance, ascending (``now`` or its clock when idle), s.
+
+        ``held`` are the clients that hold a request and ``hold`` the ``(len(held), m)`` holds of
+        their requests (:meth:`_holds`).
+        """
         ci = self._client_instance
         ends = np.full(ci.size, now)
-        if self.holding:
-            held = np.array([(c, r) for c, (r, _) in self.holding.items()], dtype=np.int64)
-            since = np.array([s for _, s in self.holding.values()])
-            hold = self._holds(held[:, 1], states)
-            ends[held[:, 0]] = np.maximum(now, since + hold[np.arange(held.shape[0]), ci[held[:, 0]]])
-        cs = np.asarray(ctx.extra["client_state"])
+        if held.size:
+            ends[held] = np.maximum(now, self._hold_since[held] + hold[np.arange(held.size), ci[held]])
+        cs = np.asarray(self.ctx.extra["client_state"])
         idle = np.maximum(now, np.array([st.now for st in states]))[ci]
         t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
         return [np.sort(t[c[cs[c] != FAILED]]).tolist() for c in self._instance_clients]
+
+    def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
+
+        From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
+        the queue's first item agrees; from the heap otherwise.
+        """
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size == len(queue) and queue and not np.isnan(keys).any():
+            if rows.size > SCAN_LIMIT:
+                kth = keys[np.argpartition(keys, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
+                sel = keys <= kth                   # every tie of the last key, decided by row below
+                rows, keys = rows[sel], keys[sel]
+            order = np.lexsort((rows, keys))[:SCAN_LIMIT]
+            rows, keys = rows[order], keys[order]
+            if (keys[0], rows[0]) == queue[0]:
+                return rows, keys
+        head = heapq.nsmallest(SCAN_LIMIT, queue)
+        return (np.array([r for _, r in head], dtype=np.int64), np.array([k for k, _ in head], dtype=np.float64))
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
@@ -594,13 +657,18 @@ class FleetPrices:
         tuple or None
             The chosen pair, or None to stay idle for now.
         """
-        heaps = self._free_times(now, states)
+        if not self._instance_clients[instance].size:
+            return None
+        held = self._held()
+        head_rows, head_keys = self._head(queue)
+        holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
+        heaps = self._free_times(now, states, held, holds_all[:held.size])
         if not heaps[instance]:
             return None
-        head = heapq.nsmallest(SCAN_LIMIT, queue)
-        rows = np.array([r for _, r in head], dtype=np.int64)
-        holds = self._holds(rows, states).tolist()        # lists: the scan below is scalar Python
-        oks = self.belongs_rows(rows).tolist()
+        head_holds = holds_all[held.size:]
+        holds = head_holds.tolist()                        # lists: the scan below is scalar Python
+        oks = self.belongs_rows(head_rows).tolist()
+        head = list(zip(head_keys.tolist(), head_rows.tolist()))
         everywhere = [True] * self.m
         horizon = self.horizon_s
         for pos, item in enumerate(head):
@@ -614,6 +682,7 @@ class FleetPrices:
             if where == instance and heaps[instance][0] <= now:
                 if pos:
                     self.steered += 1
+                self._picked = (item[1], now, hold)
                 return item
             if where >= 0:
                 heapq.heapreplace(heaps[where], best)
@@ -621,8 +690,11 @@ class FleetPrices:
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        keys = np.array([k for k, _ in queue])
-        rows = np.array([r for _, r in queue], dtype=np.int64)
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size != len(queue) or np.isnan(keys).any():
+            keys = np.array([k for k, _ in queue])
+            rows = np.array([r for _, r in queue], dtype=np.int64)
         v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
         if self.mode == "ect":
             ok = np.ones(v.shape, dtype=bool)
@@ -630,7 +702,8 @@ class FleetPrices:
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
-        finish = ready_at[None, :] + self._holds(rows, states)
+        holds_q = self._holds(rows, states)
+        finish = ready_at[None, :] + holds_q
         finish[~ok] = np.inf
         here = finish[:, instance].copy()
         finish[:, instance] = np.inf
@@ -638,6 +711,15 @@ class FleetPrices:
         good &= keys > head[-1][0]  # the head was scheduled above
         if not good.any():
             return None
-        i = int(np.flatnonzero(good)[np.argmin(keys[good])])
+        best_key = keys[good].min()
+        tied = np.flatnonzero(good & (keys == best_key))
+        if tied.size == 1:
+            i = int(tied[0])
+            item = (float(keys[i]), int(rows[i]))
+        else:  # equal keys: the first of them in the queue's list, as a scan of the list finds it
+            first = {int(r) for r in rows[tied]}
+            item = next(it for it in queue if it[0] == best_key and it[1] in first)
+            i = int(tied[np.flatnonzero(rows[tied] == item[1])[0]])
         self.steered += 1
-        return queue[i]
+        self._picked = (item[1], now, holds_q[i].tolist())
+        return item
