@@ -296,19 +296,21 @@ class _WarmSplitLP:
         return lam, float(x[0])
 
 
-def _earliest(heaps: list, hold: np.ndarray, allowed: np.ndarray, instance: int) -> tuple[float, int]:
+def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
     """``(finish, instance)`` of the earliest completion over the ``allowed`` instances with a free client slot.
 
-    ``heaps[k][0]`` is when instance ``k``'s next client frees up and ``hold[k]`` how long the
-    request holds it there, seconds; ties go to the asking ``instance`` (the others ask at their
-    own turn); ``(inf, -1)`` when none is allowed.
+    ``tops[k]`` is when instance ``k``'s next client frees up (inf: it has no live client) and
+    ``hold[k]`` how long the request holds it there, seconds; ties go to the asking ``instance``
+    (the others ask at their own turn); ``(inf, -1)`` when none is allowed.
     """
     best, where = np.inf, -1
-    for k in range(len(heaps)):
-        if allowed[k] and heaps[k]:
-            finish = heaps[k][0] + hold[k]
+    k = 0
+    for top, h, ok in zip(tops, hold, allowed):
+        if ok:
+            finish = top + h
             if finish < best or (finish == best and k == instance):
                 best, where = finish, k
+        k += 1
     return best, where
 
 
@@ -663,30 +665,33 @@ class FleetPrices:
         head_rows, head_keys = self._head(queue)
         holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
         heaps = self._free_times(now, states, held, holds_all[:held.size])
-        if not heaps[instance]:
-            return None
+        if not heaps[instance] or heaps[instance][0] > now:
+            return None  # no client of it is free now (its heap never changes below: a landing returns)
         head_holds = holds_all[held.size:]
         holds = head_holds.tolist()                        # lists: the scan below is scalar Python
         oks = self.belongs_rows(head_rows).tolist()
         head = list(zip(head_keys.tolist(), head_rows.tolist()))
         everywhere = [True] * self.m
         horizon = self.horizon_s
+        tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
         for pos, item in enumerate(head):
             hold = holds[pos]
-            best, where = _earliest(heaps, hold, oks[pos], instance)
+            best, where = _earliest(tops, hold, oks[pos], instance)
             if past_horizon and best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                best, where = _earliest(heaps, hold, everywhere, instance)
-            if where == instance and heaps[instance][0] <= now:
+                best, where = _earliest(tops, hold, everywhere, instance)
+            if where == instance:
                 if pos:
                     self.steered += 1
                 self._picked = (item[1], now, hold)
                 return item
             if where >= 0:
-                heapq.heapreplace(heaps[where], best)
-        if len(queue) <= len(head) or heaps[instance][0] > now:
+                heap = heaps[where]
+                heapq.heapreplace(heap, best)
+                tops[where] = heap[0]
+        if len(queue) <= len(head):
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
