@@ -374,8 +374,7 @@ class HybridDispatch(WorkflowQueue):
         fleet.refresh(state.now)
         late = self.arrivals_during_run
         item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
-        if item is None and fleet.changes:
-            fleet.refresh(state.now, stuck=True)
+        if item is None and fleet.changes and fleet.refresh(state.now, stuck=True):
             item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
         if item is None and not any(s.n_running or s.waiting for s in engine.states):
             item = self.ready[0]  # nothing runs anywhere: never leave the fleet idle

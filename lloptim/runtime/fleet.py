@@ -366,6 +366,7 @@ class FleetPrices:
         self.clients = np.array([i.clients for i in insts], dtype=np.float64)
         self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
         self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
+        self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
         #: The LP's makespan ``T`` at the last solve, absolute seconds (inf before one): a request
@@ -506,7 +507,7 @@ class FleetPrices:
         return c[np.argsort(self._hold_seq[c], kind="stable")]
 
     # -- prices ---------------------------------------------------------------------------------
-    def refresh(self, now: float, stuck: bool = False) -> None:
+    def refresh(self, now: float, stuck: bool = False) -> bool:
         """Re-solve the LP when it is due (module docstring).
 
         Parameters
@@ -515,13 +516,21 @@ class FleetPrices:
             Current time, seconds.
         stuck
             An idle client found nothing it may take: re-solve if the queue changed since.
+
+        Returns
+        -------
+        bool
+            Whether the prices or the horizon changed (if not, :meth:`pick` answers as before).
         """
         if not self.active or self.mode != "lp":
-            return
+            return False
         moved = np.abs(np.log(self.slowness / self.slowness_at_solve)).max() > SLOWNESS_SHIFT
         if self.solves == 0 or moved or self.changes >= RESOLVE_SHARE * max(1, self.n_queued) \
                 or (stuck and self.changes):
+            prices, horizon = self.prices, self.horizon_s
             self._solve(now)
+            return not (np.array_equal(prices, self.prices) and horizon == self.horizon_s)
+        return False
 
     def _committed(self, now: float) -> np.ndarray:
         """``b_k``: now plus the remaining instance-seconds of the requests each instance holds, s."""
@@ -566,18 +575,21 @@ class FleetPrices:
         Its estimated decode steps plus the iteration of its prompt, at the step time the instance
         would run with it added to what it holds now (the latency model of the instance; a nearly
         empty instance steps faster than a full one), times the instance's observed slowness, plus
-        the per-token cost of its prompt.
+        the per-token cost of its prompt. (One broadcast over the instances; the terms are added
+        in the order of :meth:`~lloptim.hardware.LatencyModel.decode_time`.)
         """
         w = self.ctx.problem.workload
-        p = w.prompt_tokens[rows].astype(np.float64)
-        o = np.asarray(self.ctx.estimates, dtype=np.float64)[rows]
-        out = np.empty((rows.size, self.m))
-        for k, st in enumerate(states):
-            lat = st.latency
-            busy = min(len(st.clients), st.n_running + len(st.waiting) + 1)
-            step = lat.decode_time(busy, st.kv_tokens + p + o / 2)
-            out[:, k] = self.slowness[k] * ((o + 1) * step + lat.prefill_per_token_s * p)
-        return out
+        p = w.prompt_tokens[rows].astype(np.float64)[:, None]
+        o = self._estimates[rows][:, None]
+        lats = [st.latency for st in states]
+        base = np.array([lat.decode_base_s for lat in lats])
+        per_seq = np.array([lat.decode_per_seq_s for lat in lats])
+        per_kv = np.array([lat.decode_per_kv_token_s for lat in lats])
+        per_prompt = np.array([lat.prefill_per_token_s for lat in lats])
+        busy = np.array([min(len(st.clients), st.n_running + len(st.waiting) + 1) for st in states], dtype=np.float64)
+        kv = np.array([st.kv_tokens for st in states], dtype=np.float64)
+        step = (base + per_seq * busy) + per_kv * ((kv + p) + o / 2)
+        return self.slowness * ((o + 1) * step + per_prompt * p)
 
     def _free_times(self, now: float, states, held: np.ndarray, hold: np.ndarray) -> list[list[float]]:
         """Expected free time of every live client, per instance, ascending (``now`` or its clock when idle), s.
@@ -661,7 +673,7 @@ class FleetPrices:
         """
         if not self._instance_clients[instance].size:
             return None
-        held = self._held()
+        held = np.flatnonzero(self._hold_req >= 0)
         head_rows, head_keys = self._head(queue)
         holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
         heaps = self._free_times(now, states, held, holds_all[:held.size])
