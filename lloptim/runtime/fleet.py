@@ -178,6 +178,7 @@ class _WarmSplitLP:
         self.n = n
         self._highspy = highspy
         self.h = None
+        self.w: np.ndarray | None = None   # the last solve's prices times the slowness (sum 1)
         self.shortcuts = 0   # answers without a solve (count)
 
     def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
@@ -240,10 +241,74 @@ class _WarmSplitLP:
         load = b + (y * vq).sum(axis=0)
         if not (load[others] < T - 1e-9 * abs(T)).all():
             return None
-        self.shortcuts += 1
         lam = np.zeros(m)
         lam[j] = 1.0
         return lam, T
+
+    def _same_vertex(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` when the last solve's prices are still the LP's only optimal ones (class docstring), else None."""
+        w = self.w
+        m = self.m
+        if w is None or not (w > 0).all():
+            return None
+        vq = v[queued]
+        # classes of instances whose columns are proportional on these requests (the same kind, or
+        # one only slower in proportion): every request ties within a class, so it is solved as one
+        label = np.full(m, -1)
+        rho = np.ones(m)
+        reps: list[int] = []
+        for k in range(m):
+            for g, rep in enumerate(reps):
+                ratio = vq[:, k] / vq[:, rep]
+                if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
+                    label[k], rho[k] = g, ratio[0]
+                    break
+            else:
+                label[k] = len(reps)
+                reps.append(k)
+        n_g = len(reps)
+        if queued.size < n_g - 1:
+            return None
+        wr = w * rho                         # price of a reference second of the class on each instance
+        cw = wr[reps]
+        if np.abs(wr - cw[label]).max() > 1e-9 * cw.max():
+            return None                      # a class priced unevenly: not every instance of it binds
+        u = vq[:, reps]                      # reference seconds of each request on each class
+        c = u * cw[None, :]
+        mu = c.min(axis=1)
+        tie = c <= mu[:, None] * (1.0 + 1e-9)
+        split = np.flatnonzero(tie.sum(axis=1) > 1)
+        if split.size != n_g - 1:
+            return None
+        pair = np.argwhere(tie[split])       # (i, g), by i then g
+        if pair.shape[0] != 2 * split.size:
+            return None                      # a request tied on three classes
+        ga, gb = pair[0::2, 1], pair[1::2, 1]
+        owner = np.argmin(c, axis=1)
+        whole = np.ones(queued.size, dtype=bool)
+        whole[split] = False
+        work = np.bincount(owner[whole], weights=u[whole, owner[whole]], minlength=n_g)
+        # class G with all its instances binding: instance k does (T - b_k) / (s_k rho_k) reference
+        # seconds, so T sum_k 1 / (s_k rho_k) - sum_k b_k / (s_k rho_k) = the class's work; the
+        # unknowns are T and t_i (share of split request i on its first class, 1 - t_i on the other)
+        rate = 1.0 / (s * rho)
+        A = np.zeros((n_g, n_g))
+        rhs = -work - np.bincount(label, weights=b * rate, minlength=n_g)
+        i = np.arange(split.size)
+        A[ga, i] += u[split, ga]
+        A[gb, i] -= u[split, gb]
+        np.subtract.at(rhs, gb, u[split, gb])
+        A[:, n_g - 1] = -np.bincount(label, weights=rate, minlength=n_g)
+        try:
+            x = np.linalg.solve(A, rhs)
+        except np.linalg.LinAlgError:
+            return None
+        t, T = x[:n_g - 1], float(x[n_g - 1])
+        if not (np.all(np.isfinite(x)) and (t > 1e-9).all() and (t < 1 - 1e-9).all()
+                and (T - b > 1e-9 * abs(T)).all()):
+            return None                      # degenerate, or the basis changed: HiGHS decides
+        lam = w / s
+        return lam / lam.sum(), T
 
     def solve(self, queued: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray):
         """``(lambda, T)`` of the LP over the ``queued`` requests, or None when HiGHS does not reach an optimum.
@@ -263,7 +328,10 @@ class _WarmSplitLP:
         s = np.asarray(slowness, dtype=np.float64)
         if self.h is not None:
             out = self._one_binding(queued, v, s, b)
+            if out is None:
+                out = self._same_vertex(queued, v, s, b)
             if out is not None:
+                self.shortcuts += 1
                 return out
         dead = 0 if self.h is None else self.live.size - int((self.slot_of[queued] >= 0).sum())
         if self.h is None or dead > REBUILD_SLACK + queued.size:
@@ -293,6 +361,8 @@ class _WarmSplitLP:
         x = np.asarray(sol.col_value, dtype=np.float64)
         self.y = x[1:].reshape(-1, m)
         lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
+        w = np.clip(lam, 0.0, None) * self.slowness
+        self.w = w / w.sum() if w.sum() > 0 and np.all(np.isfinite(w)) else None
         return lam, float(x[0])
 
 
