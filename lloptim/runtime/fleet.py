@@ -466,6 +466,7 @@ class FleetPrices:
         self._seq = 0
         self.key = np.full(n, np.nan)          # the queue's key of each request (nan: not told)
         self._picked: tuple | None = None      # (request, now, its holds) of the last pick
+        self._lat_terms: tuple | None = None   # (latency models, their step terms by instance)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def on_ready(self, request: int, key: float | None = None) -> None:
@@ -652,10 +653,10 @@ class FleetPrices:
         p = w.prompt_tokens[rows].astype(np.float64)[:, None]
         o = self._estimates[rows][:, None]
         lats = [st.latency for st in states]
-        base = np.array([lat.decode_base_s for lat in lats])
-        per_seq = np.array([lat.decode_per_seq_s for lat in lats])
-        per_kv = np.array([lat.decode_per_kv_token_s for lat in lats])
-        per_prompt = np.array([lat.prefill_per_token_s for lat in lats])
+        if self._lat_terms is None or any(a is not b for a, b in zip(lats, self._lat_terms[0])):
+            self._lat_terms = (lats, np.array([[lat.decode_base_s, lat.decode_per_seq_s, lat.decode_per_kv_token_s,
+                                                 lat.prefill_per_token_s] for lat in lats]).T.copy())
+        base, per_seq, per_kv, per_prompt = self._lat_terms[1]
         busy = np.array([min(len(st.clients), st.n_running + len(st.waiting) + 1) for st in states], dtype=np.float64)
         kv = np.array([st.kv_tokens for st in states], dtype=np.float64)
         step = (base + per_seq * busy) + per_kv * ((kv + p) + o / 2)
@@ -759,7 +760,7 @@ class FleetPrices:
         for pos, item in enumerate(head):
             hold = holds[pos]
             best, where = _earliest(tops, hold, oks[pos], instance)
-            if past_horizon and best > horizon:
+            if best > horizon and past_horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
