@@ -66,7 +66,8 @@ from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
 from lloptim.work import instance_seconds
 
-__all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT"]
+__all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
+           "PRICE_FLOOR"]
 
 #: Price modes of :class:`FleetPrices`.
 PRICE_MODES = ("lp", "uniform", "ect", "none")
@@ -79,6 +80,8 @@ REDUCED_COST_TOLERANCE = 0.01
 RESOLVE_SHARE = 0.25
 #: Re-solve the LP once an instance's observed slowness has moved by this log-factor.
 SLOWNESS_SHIFT = 0.05
+#: Prices (shares of their sum) below this are read as 0: round-off of the LP solver's duals.
+PRICE_FLOOR = 1e-9
 #: Most queued requests the earliest-completion list schedule looks at per decision.
 SCAN_LIMIT = 256
 
@@ -180,6 +183,7 @@ class _WarmSplitLP:
         self.h = None
         self.w: np.ndarray | None = None   # the last solve's prices times the slowness (sum 1)
         self.shortcuts = 0   # answers without a solve (count)
+        self.degenerate = 0  # solves whose prices were not unique, answered by split_lp (count)
 
     def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
         """A fresh model over the queued ``rows`` (the cold start)."""
@@ -195,6 +199,7 @@ class _WarmSplitLP:
         self.slot_of = np.full(self.n, -1, dtype=np.int64)   # request -> its slot (its row is m + slot)
         self.live = np.zeros(0, dtype=bool)
         self.y = np.zeros((0, m))                             # the last solve's y[k, r], by slot
+        self.request = np.zeros(0, dtype=np.int64)            # request of each slot
         self.slowness = s.copy()
         self._add(rows, v[rows])
 
@@ -219,6 +224,7 @@ class _WarmSplitLP:
         self.slot_of[rows] = first + np.arange(n)
         self.live = np.r_[self.live, np.ones(n, dtype=bool)]
         self.y = np.r_[self.y, np.zeros((n, m))]
+        self.request = np.r_[self.request, rows]
 
     def _one_binding(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
         """``(e_j, b_j)`` when only the furthest-committed instance ``j`` binds (class docstring), else None."""
@@ -360,10 +366,28 @@ class _WarmSplitLP:
         sol = h.getSolution()
         x = np.asarray(sol.col_value, dtype=np.float64)
         self.y = x[1:].reshape(-1, m)
+        T = float(x[0])
         lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
         w = np.clip(lam, 0.0, None) * self.slowness
-        self.w = w / w.sum() if w.sum() > 0 and np.all(np.isfinite(w)) else None
-        return lam, float(x[0])
+        self.w = None
+        if w.sum() > 0 and np.all(np.isfinite(w)):
+            w = w / w.sum()
+            w[w < PRICE_FLOOR] = 0.0
+            self.w = w / w.sum()
+        # the prices are unique when the optimal vertex is not degenerate: as many positive basic
+        # values (the y's, T, the capacity rows' slacks) as rows; otherwise another solver path may
+        # stop at another optimal vertex, so the reference solve answers (the LP is small then)
+        y = self.y[self.live]
+        slack = T - b - s * np.bincount(np.tile(np.arange(m), y.shape[0]),
+                                        weights=(y * v[self.request[self.live]]).ravel(), minlength=m)
+        if int((y > 1e-9).sum()) + 1 + int((slack > 1e-9 * max(1.0, abs(T))).sum()) != m + y.shape[0]:
+            self.degenerate += 1
+            self.w = None
+            res = split_lp(v[queued].T * s[:, None], b)
+            if res.status != 0:
+                return None
+            return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+        return lam, T
 
 
 def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
@@ -636,6 +660,10 @@ class FleetPrices:
             lam, horizon = -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
         lam = np.clip(lam, 0.0, None)
         if lam.sum() > 0 and np.all(np.isfinite(lam)):
+            lam = lam / lam.sum()
+            # a price of 1e-13 is a solver's round-off of 0, but it decides where requests belong
+            # (every request belongs only where its price is least, and 0 beats 1e-13): read it as 0
+            lam[lam < PRICE_FLOOR] = 0.0
             self.prices = lam / lam.sum()
         self.horizon_s = horizon
 
