@@ -29,6 +29,19 @@ reduced cost stays zero (a drifted price would make one kind lose every request 
 instance that is overbooked, or slower than modelled, gets a higher price and keeps only the
 requests it is clearly good at, and one that runs out of work gets price 0.
 
+**Speed.** Under arrivals the LP is due about once per request (most often for a stuck client) and
+every decision list-schedules up to :data:`SCAN_LIMIT` queued requests, so this is the hybrid's
+cost on a fleet. The LP lives in one HiGHS model warm-started from the last basis
+(``_WarmSplitLP``), which first tries two exact shortcuts that answer most solves without
+HiGHS (the one binding instance of an overloaded fleet; the last prices while the last optimal
+vertex stays feasible), and hands a degenerate optimum, where another solver path may stop at
+another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR` are read as 0 (the
+solver's round-off of 0 decided where requests belonged). The dispatch reads the clients, the
+head of the queue, the holds and the belongs test with numpy once per decision, and a stuck client
+re-picks only when the re-solve changed the prices or the horizon. It decides as the plain
+implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
+fleet-arrivals`` measures it against Sarathi.
+
 The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
 scheduling by *earliest completion* over the queue in its priority order: each request in turn
 goes to the instance where it would finish first (the instance's earliest free client plus the
@@ -127,7 +140,7 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
                    bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 
 
-#: Use the warm-started LP (:class:`_WarmSplitLP`) for the prices; False re-solves the LP from
+#: Use the warm-started LP (``_WarmSplitLP``) for the prices; False re-solves the LP from
 #: scratch with :func:`split_lp` each time (the reference the tests and ``benchmarks/scale.py
 #: --tools fleet-arrivals`` compare against).
 _WARM_LP = True
@@ -572,7 +585,15 @@ class FleetPrices:
             self.slowness[k] = self.held_s[k] / self.model_s[k]
 
     def on_requeue(self, request: int, key: float | None = None) -> None:
-        """A fault put ``request`` back in the queue (``key``: its key there, as in :meth:`on_ready`)."""
+        """A fault put ``request`` back in the queue.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        key
+            Its key in the queue, as in :meth:`on_ready` (None: keep the one it had).
+        """
         if not self.active:
             return
         self.version += 1
