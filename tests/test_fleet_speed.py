@@ -237,3 +237,28 @@ def test_the_warm_lp_solves_the_lp_of_split_lp_through_changes(seed, m, size):
             b[rng.integers(m)] += rng.uniform(0, 50)
         if rng.random() < 0.3:
             s = s * np.exp(rng.normal(0, 0.1, m))
+
+
+def test_the_shortcuts_answer_only_what_the_lp_answers():
+    # one instance committed far ahead with room on the others: lambda = e_j and T = b_j without
+    # HiGHS; a queue that no longer fits: HiGHS, and a makespan past b_j
+    rng = np.random.default_rng(11)
+    m, n = 3, 60
+    v = rng.lognormal(0, 0.5, (n, 1)) * np.array([1.0, 1.6, 2.5])[None, :]
+    lp = _WarmSplitLP(m, n)
+    s = np.ones(m)
+    rows = np.arange(10)
+    b = np.array([5.0, 4.0, 3.0])
+    lp.solve(rows, v, s, b)                      # the first solve builds the model
+    before = lp.shortcuts
+    b = np.array([100.0, 4.0, 3.0])
+    lam, T = lp.solve(rows, v, s, b)
+    assert lp.shortcuts == before + 1 and T == 100.0 and list(lam) == [1.0, 0.0, 0.0]
+    ref = split_lp(v[rows].T, b)
+    assert ref.x[-1] == pytest.approx(100.0) and -ref.ineqlin.marginals[0] == pytest.approx(1.0)
+    rows = np.arange(n)                          # 60 requests: about 100 s of work on the other two
+    b = np.array([30.0, 4.0, 3.0])
+    lam, T = lp.solve(rows, v, s, b)
+    ref = split_lp(v[rows].T, b)
+    assert T == pytest.approx(ref.x[-1], rel=1e-9) and T > 30.0
+    np.testing.assert_allclose(lam / lam.sum(), -ref.ineqlin.marginals / -ref.ineqlin.marginals.sum(), rtol=1e-6)

@@ -249,18 +249,35 @@ class _WarmSplitLP:
         if m < 2 or not (room[others] > 0).all():
             return None
         vq = v[queued] * s[None, :]                           # observed instance-seconds
+        vq[:, j] = np.inf                                     # nothing may go to j
+        margin = 1e-9 * abs(T)
+        limit = T - margin
         slots = self.slot_of[queued]
         y = np.where((slots >= 0)[:, None], self.y[np.maximum(slots, 0)], 0.0)
         fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
-        if fresh.any():
-            share = vq[fresh] / np.where(others, room, 1.0)[None, :]
-            share[:, j] = np.inf
-            y[fresh] = 0.0
-            y[np.flatnonzero(fresh), np.argmin(share, axis=1)] = 1.0
-        load = b + (y * vq).sum(axis=0)
-        if not (load[others] < T - 1e-9 * abs(T)).all():
-            return None
-        lam = np.zeros(m)
+        y[fresh] = 0.0
+        kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
+        # the last solve's shares for the others and, for the rest, (a) each where it takes the
+        # least share of the room left, or (b) a share of each instance in proportion to the room
+        # left over its time there, which fills every instance to the same share of its room
+        # (fits if the requests' 1 / sum_k room_k / v[k, r] sum below 1); (c) (b) for every request
+        if (kept[others] < limit).all():
+            if not fresh.any():
+                return self._e(j, T)
+            left = np.where(others, T - kept, 1.0)
+            share = vq[fresh] / left[None, :]
+            pick = np.argmin(share, axis=1)
+            if (kept + np.bincount(pick, weights=vq[np.flatnonzero(fresh), pick], minlength=m))[others].max() < limit:
+                return self._e(j, T)
+            if (left[others] * (1.0 - (1.0 / (left[None, :] / vq[fresh]).sum(axis=1)).sum())).min() > margin:
+                return self._e(j, T)
+        if (room[others] * (1.0 - (1.0 / (room[None, :] / vq).sum(axis=1)).sum())).min() > margin:
+            return self._e(j, T)
+        return None
+
+    def _e(self, j: int, T: float):
+        """``(e_j, T)``: all the price on instance ``j``."""
+        lam = np.zeros(self.m)
         lam[j] = 1.0
         return lam, T
 
