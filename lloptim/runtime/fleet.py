@@ -855,14 +855,19 @@ class FleetPrices:
         else:
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
+        # only requests that belong here and were not in the head can be taken: the holds (the
+        # costly part) of those alone
+        cand = np.flatnonzero(ok[:, instance] & (keys > head[-1][0]))
+        if not cand.size:
+            return None
+        rows, keys, ok = rows[cand], keys[cand], ok[cand]
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
         holds_q = self._holds(rows, states)
         finish = ready_at[None, :] + holds_q
         finish[~ok] = np.inf
         here = finish[:, instance].copy()
         finish[:, instance] = np.inf
-        good = ok[:, instance] & (here <= finish.min(axis=1))
-        good &= keys > head[-1][0]  # the head was scheduled above
+        good = here <= finish.min(axis=1)
         if not good.any():
             return None
         best_key = keys[good].min()
