@@ -262,3 +262,28 @@ def test_the_shortcuts_answer_only_what_the_lp_answers():
     ref = split_lp(v[rows].T, b)
     assert T == pytest.approx(ref.x[-1], rel=1e-9) and T > 30.0
     np.testing.assert_allclose(lam / lam.sum(), -ref.ineqlin.marginals / -ref.ineqlin.marginals.sum(), rtol=1e-6)
+
+
+class _Keyless(FleetPrices):
+    """The fast dispatch told no keys: it reads the head of the queue from the heap."""
+
+    def on_ready(self, request, key=None):
+        super().on_ready(request)
+
+    def on_requeue(self, request, key=None):
+        super().on_requeue(request)
+
+
+def test_without_the_keys_the_dispatch_reads_the_heap_and_decides_the_same():
+    rng = np.random.default_rng(5)
+    n = 300
+    prompt = np.clip(np.rint(rng.lognormal(np.log(100), 1.2, n)), 1, 1500).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(80), 1.2, n)), 1, 1500).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output),
+                      _mixed_fleet([(1.0, 1.0), (0.6, 1.6), (1.5, 1.5)], [8, 8, 4]))
+    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 1.5 * capacity_rps(problem), 5)),
+                      problem.instances)
+    keyed, _ = _run(problem, FleetPrices("lp"))
+    keyless, _ = _run(problem, _Keyless("lp"))
+    np.testing.assert_array_equal(keyed.client, keyless.client)
+    np.testing.assert_array_equal(keyed.assign_s, keyless.assign_s)
