@@ -391,8 +391,8 @@ class _WarmSplitLP:
         h = self.h
         h.run()
         if h.getModelStatus() != self._highspy.HighsModelStatus.kOptimal:
-            self.h = None  # start afresh next time
-            return None
+            self.h = None  # start afresh next time; this time the plain solve answers
+            return self._plain(queued, v, s, b)
         sol = h.getSolution()
         x = np.asarray(sol.col_value, dtype=np.float64)
         self.y = x[1:].reshape(-1, m)
@@ -413,11 +413,16 @@ class _WarmSplitLP:
         if int((y > 1e-9).sum()) + 1 + int((slack > 1e-9 * max(1.0, abs(T))).sum()) != m + y.shape[0]:
             self.degenerate += 1
             self.w = None
-            res = split_lp(v[queued].T * s[:, None], b)
-            if res.status != 0:
-                return None
-            return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+            return self._plain(queued, v, s, b)
         return lam, T
+
+    @staticmethod
+    def _plain(queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` from :func:`split_lp` (the reference solve), or None when it fails."""
+        res = split_lp(v[queued].T * s[:, None], b)
+        if res.status != 0:
+            return None
+        return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
 
 
 def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
