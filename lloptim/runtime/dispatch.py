@@ -293,7 +293,7 @@ class HybridDispatch(WorkflowQueue):
         heapq.heappush(self.ready, (key, request))
         self.n_pending += 1
         if self.steered:
-            self.fleet.on_ready(request)
+            self.fleet.on_ready(request, key)
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -374,8 +374,7 @@ class HybridDispatch(WorkflowQueue):
         fleet.refresh(state.now)
         late = self.arrivals_during_run
         item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
-        if item is None and fleet.changes:
-            fleet.refresh(state.now, stuck=True)
+        if item is None and fleet.changes and fleet.refresh(state.now, stuck=True):
             item = fleet.pick(self.ready, state.index, state.now, engine.states, past_horizon=late)
         if item is None and not any(s.n_running or s.waiting for s in engine.states):
             item = self.ready[0]  # nothing runs anywhere: never leave the fleet idle
@@ -437,4 +436,4 @@ class HybridDispatch(WorkflowQueue):
         self.ready_at.setdefault(request, now)
         super().requeue(request, now)
         if self.steered:
-            self.fleet.on_requeue(request)
+            self.fleet.on_requeue(request, self.key[request])

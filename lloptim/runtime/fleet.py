@@ -29,6 +29,19 @@ reduced cost stays zero (a drifted price would make one kind lose every request 
 instance that is overbooked, or slower than modelled, gets a higher price and keeps only the
 requests it is clearly good at, and one that runs out of work gets price 0.
 
+**Speed.** Under arrivals the LP is due about once per request (most often for a stuck client) and
+every decision list-schedules up to :data:`SCAN_LIMIT` queued requests, so this is the hybrid's
+cost on a fleet. The LP lives in one HiGHS model warm-started from the last basis
+(``_WarmSplitLP``), which first tries two exact shortcuts that answer most solves without
+HiGHS (the one binding instance of an overloaded fleet; the last prices while the last optimal
+vertex stays feasible), and hands a degenerate optimum, where another solver path may stop at
+another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR` are read as 0 (the
+solver's round-off of 0 decided where requests belonged). The dispatch reads the clients, the
+head of the queue, the holds and the belongs test with numpy once per decision, and a stuck client
+re-picks only when the re-solve changed the prices or the horizon. It decides as the plain
+implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
+fleet-arrivals`` measures it against Sarathi.
+
 The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
 scheduling by *earliest completion* over the queue in its priority order: each request in turn
 goes to the instance where it would finish first (the instance's earliest free client plus the
@@ -66,7 +79,8 @@ from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
 from lloptim.work import instance_seconds
 
-__all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT"]
+__all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
+           "PRICE_FLOOR"]
 
 #: Price modes of :class:`FleetPrices`.
 PRICE_MODES = ("lp", "uniform", "ect", "none")
@@ -79,6 +93,8 @@ REDUCED_COST_TOLERANCE = 0.01
 RESOLVE_SHARE = 0.25
 #: Re-solve the LP once an instance's observed slowness has moved by this log-factor.
 SLOWNESS_SHIFT = 0.05
+#: Prices (shares of their sum) below this are read as 0: round-off of the LP solver's duals.
+PRICE_FLOOR = 1e-9
 #: Most queued requests the earliest-completion list schedule looks at per decision.
 SCAN_LIMIT = 256
 
@@ -124,19 +140,306 @@ def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = 
                    bounds=[(0, None)] * n + [(None, None)], method="highs", options=options)
 
 
-def _earliest(heaps: list, hold: np.ndarray, allowed: np.ndarray, instance: int) -> tuple[float, int]:
+#: Use the warm-started LP (``_WarmSplitLP``) for the prices; False re-solves the LP from
+#: scratch with :func:`split_lp` each time (the reference the tests and ``benchmarks/scale.py
+#: --tools fleet-arrivals`` compare against).
+_WARM_LP = True
+#: Rebuild the warm LP from scratch once it holds more rows of started requests than this many
+#: plus its live ones (rows of started requests are kept at zero, not deleted, so the basis stays valid).
+REBUILD_SLACK = 64
+
+
+class _WarmSplitLP:
+    """The LP of :func:`split_lp` kept in one HiGHS model across solves, re-solved from the last basis.
+
+    Between two solves of a run the LP changes by a few requests (arrivals, starts), the
+    committed loads ``b_k`` and the observed slowness; rebuilding it for ``linprog`` each time
+    cost milliseconds of set-up and a solve from scratch, about once per request on a fleet under
+    arrivals. Here a request's row ``sum_k y[k, r] = 1`` and its ``m`` columns are added once; a
+    started request's row is set to ``= 0`` (its columns are then zero; a requeued one back to
+    ``= 1``); ``b_k`` and the slowness ``s_k`` change only the capacity rows, written divided by
+    ``s_k`` (``sum_r v[k, r] y[k, r] - T / s_k <= -b_k / s_k``, whose dual is ``s_k lambda_k``),
+    so the request columns never change. HiGHS then starts its dual simplex from the last optimal
+    basis, which after a small change is optimal or a few pivots away. The model is rebuilt once
+    it holds more rows of started requests than :data:`REBUILD_SLACK` plus its live ones.
+
+    **One binding instance.** Under overload the LP is most often at a vertex where one instance
+    ``j``, the one committed furthest (``b_j = max_k b_k``), is the only binding row: the queue fits
+    on the others before ``b_j`` (on ``scale`` of ``benchmarks/stress_flow.py``, 1,491 of 1,498
+    solves). Then ``T = b_j`` and ``lambda = e_j``: the dual objective at ``e_j`` is ``b_j``, which no
+    primal beats since ``T >= b_j``; and when some assignment leaves every other row strictly below
+    ``T``, strict complementarity makes ``e_j`` the only optimal dual. Before calling HiGHS,
+    :meth:`solve` tries such an assignment: the last solve's for the requests it placed, the
+    others each where it takes the least share of the room ``T - b_k`` left; if every other
+    instance stays below ``T`` (by more than ``1e-9`` of it) the answer is ``(e_j, b_j)`` without a
+    solve. It is an exact shortcut, not an approximation: it answers only when the LP's answer is
+    that one, and otherwise HiGHS solves.
+
+    It solves the same LP as :func:`split_lp`: its makespan ``T`` and, where they are unique
+    (where the LP's optimal assignment is not degenerate), its prices agree to round-off
+    (``tests/test_fleet_speed.py`` checks that the dispatch decides the same).
+
+    Parameters
+    ----------
+    m
+        Instances.
+    n
+        Requests of the run (rows of ``v``).
+    """
+
+    def __init__(self, m: int, n: int) -> None:
+        import highspy
+
+        self.m = m
+        self.n = n
+        self._highspy = highspy
+        self.h = None
+        self.w: np.ndarray | None = None   # the last solve's prices times the slowness (sum 1)
+        self.shortcuts = 0   # answers without a solve (count)
+        self.degenerate = 0  # solves whose prices were not unique, answered by split_lp (count)
+
+    def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
+        """A fresh model over the queued ``rows`` (the cold start)."""
+        hs = self._highspy
+        h = hs.Highs()
+        h.setOptionValue("output_flag", False)
+        m = self.m
+        h.addCol(1.0, -hs.kHighsInf, hs.kHighsInf, 0, np.empty(0, np.int32), np.empty(0))  # T
+        s = np.asarray(slowness, dtype=np.float64)
+        h.addRows(m, np.full(m, -hs.kHighsInf), -b / s, m, np.arange(m, dtype=np.int32),
+                  np.zeros(m, dtype=np.int32), -1.0 / s)
+        self.h = h
+        self.slot_of = np.full(self.n, -1, dtype=np.int64)   # request -> its slot (its row is m + slot)
+        self.live = np.zeros(0, dtype=bool)
+        self.y = np.zeros((0, m))                             # the last solve's y[k, r], by slot
+        self.request = np.zeros(0, dtype=np.int64)            # request of each slot
+        self.slowness = s.copy()
+        self._add(rows, v[rows])
+
+    def _add(self, rows: np.ndarray, v: np.ndarray) -> None:
+        """Add the rows and columns of requests ``rows`` (``v``: their ``(len(rows), m)`` instance-seconds)."""
+        if rows.size == 0:
+            return
+        h, m = self.h, self.m
+        first = self.live.size
+        n = rows.size
+        h.addRows(n, np.ones(n), np.ones(n), 0, np.zeros(n, dtype=np.int32), np.empty(0, np.int32), np.empty(0))
+        # column y[k, r] (column 1 + slot m + k): v[r, k] in capacity row k, 1 in r's row
+        idx = np.empty((n, m, 2), dtype=np.int32)
+        idx[:, :, 0] = np.arange(m, dtype=np.int32)[None, :]
+        idx[:, :, 1] = (m + first + np.arange(n, dtype=np.int32))[:, None]
+        val = np.empty((n, m, 2))
+        val[:, :, 0] = v
+        val[:, :, 1] = 1.0
+        k = n * m
+        h.addCols(k, np.zeros(k), np.zeros(k), np.full(k, self._highspy.kHighsInf), 2 * k,
+                  np.arange(0, 2 * k, 2, dtype=np.int32), idx.ravel(), val.ravel())
+        self.slot_of[rows] = first + np.arange(n)
+        self.live = np.r_[self.live, np.ones(n, dtype=bool)]
+        self.y = np.r_[self.y, np.zeros((n, m))]
+        self.request = np.r_[self.request, rows]
+
+    def _one_binding(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(e_j, b_j)`` when only the furthest-committed instance ``j`` binds (class docstring), else None."""
+        m = self.m
+        j = int(np.argmax(b))
+        T = float(b[j])
+        room = T - b
+        others = np.arange(m) != j
+        if m < 2 or not (room[others] > 0).all():
+            return None
+        vq = v[queued] * s[None, :]                           # observed instance-seconds
+        vq[:, j] = np.inf                                     # nothing may go to j
+        margin = 1e-9 * abs(T)
+        limit = T - margin
+        slots = self.slot_of[queued]
+        y = np.where((slots >= 0)[:, None], self.y[np.maximum(slots, 0)], 0.0)
+        fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
+        y[fresh] = 0.0
+        kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
+        # the last solve's shares for the others and, for the rest, (a) each where it takes the
+        # least share of the room left, or (b) a share of each instance in proportion to the room
+        # left over its time there, which fills every instance to the same share of its room
+        # (fits if the requests' 1 / sum_k room_k / v[k, r] sum below 1); (c) (b) for every request
+        if (kept[others] < limit).all():
+            if not fresh.any():
+                return self._e(j, T)
+            left = np.where(others, T - kept, 1.0)
+            share = vq[fresh] / left[None, :]
+            pick = np.argmin(share, axis=1)
+            if (kept + np.bincount(pick, weights=vq[np.flatnonzero(fresh), pick], minlength=m))[others].max() < limit:
+                return self._e(j, T)
+            if (left[others] * (1.0 - (1.0 / (left[None, :] / vq[fresh]).sum(axis=1)).sum())).min() > margin:
+                return self._e(j, T)
+        if (room[others] * (1.0 - (1.0 / (room[None, :] / vq).sum(axis=1)).sum())).min() > margin:
+            return self._e(j, T)
+        return None
+
+    def _e(self, j: int, T: float):
+        """``(e_j, T)``: all the price on instance ``j``."""
+        lam = np.zeros(self.m)
+        lam[j] = 1.0
+        return lam, T
+
+    def _same_vertex(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` when the last solve's prices are still the LP's only optimal ones (class docstring), else None."""
+        w = self.w
+        m = self.m
+        if w is None or not (w > 0).all():
+            return None
+        vq = v[queued]
+        # classes of instances whose columns are proportional on these requests (the same kind, or
+        # one only slower in proportion): every request ties within a class, so it is solved as one
+        label = np.full(m, -1)
+        rho = np.ones(m)
+        reps: list[int] = []
+        for k in range(m):
+            for g, rep in enumerate(reps):
+                ratio = vq[:, k] / vq[:, rep]
+                if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
+                    label[k], rho[k] = g, ratio[0]
+                    break
+            else:
+                label[k] = len(reps)
+                reps.append(k)
+        n_g = len(reps)
+        if queued.size < n_g - 1:
+            return None
+        wr = w * rho                         # price of a reference second of the class on each instance
+        cw = wr[reps]
+        if np.abs(wr - cw[label]).max() > 1e-9 * cw.max():
+            return None                      # a class priced unevenly: not every instance of it binds
+        u = vq[:, reps]                      # reference seconds of each request on each class
+        c = u * cw[None, :]
+        mu = c.min(axis=1)
+        tie = c <= mu[:, None] * (1.0 + 1e-9)
+        split = np.flatnonzero(tie.sum(axis=1) > 1)
+        if split.size != n_g - 1:
+            return None
+        pair = np.argwhere(tie[split])       # (i, g), by i then g
+        if pair.shape[0] != 2 * split.size:
+            return None                      # a request tied on three classes
+        ga, gb = pair[0::2, 1], pair[1::2, 1]
+        owner = np.argmin(c, axis=1)
+        whole = np.ones(queued.size, dtype=bool)
+        whole[split] = False
+        work = np.bincount(owner[whole], weights=u[whole, owner[whole]], minlength=n_g)
+        # class G with all its instances binding: instance k does (T - b_k) / (s_k rho_k) reference
+        # seconds, so T sum_k 1 / (s_k rho_k) - sum_k b_k / (s_k rho_k) = the class's work; the
+        # unknowns are T and t_i (share of split request i on its first class, 1 - t_i on the other)
+        rate = 1.0 / (s * rho)
+        A = np.zeros((n_g, n_g))
+        rhs = -work - np.bincount(label, weights=b * rate, minlength=n_g)
+        i = np.arange(split.size)
+        A[ga, i] += u[split, ga]
+        A[gb, i] -= u[split, gb]
+        np.subtract.at(rhs, gb, u[split, gb])
+        A[:, n_g - 1] = -np.bincount(label, weights=rate, minlength=n_g)
+        try:
+            x = np.linalg.solve(A, rhs)
+        except np.linalg.LinAlgError:
+            return None
+        t, T = x[:n_g - 1], float(x[n_g - 1])
+        if not (np.all(np.isfinite(x)) and (t > 1e-9).all() and (t < 1 - 1e-9).all()
+                and (T - b > 1e-9 * abs(T)).all()):
+            return None                      # degenerate, or the basis changed: HiGHS decides
+        lam = w / s
+        return lam / lam.sum(), T
+
+    def solve(self, queued: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` of the LP over the ``queued`` requests, or None when HiGHS does not reach an optimum.
+
+        Parameters
+        ----------
+        queued
+            Rows of the queued requests.
+        v
+            ``(n, m)`` modelled instance-seconds of every request (rows by request).
+        slowness
+            ``(m,)`` observed slowness (the capacity rows use ``slowness * v``).
+        b
+            ``(m,)`` committed seconds of each instance.
+        """
+        m = self.m
+        s = np.asarray(slowness, dtype=np.float64)
+        if self.h is not None:
+            out = self._one_binding(queued, v, s, b)
+            if out is None:
+                out = self._same_vertex(queued, v, s, b)
+            if out is not None:
+                self.shortcuts += 1
+                return out
+        dead = 0 if self.h is None else self.live.size - int((self.slot_of[queued] >= 0).sum())
+        if self.h is None or dead > REBUILD_SLACK + queued.size:
+            self._build(queued, v, s, b)
+        else:
+            h = self.h
+            slots = self.slot_of[queued]
+            known = slots >= 0
+            want = np.zeros(self.live.size, dtype=bool)
+            want[slots[known]] = True
+            flip = np.flatnonzero(want != self.live)
+            if flip.size:
+                on = want[flip].astype(np.float64)
+                h.changeRowsBounds(flip.size, (m + flip).astype(np.int32), on, on)
+                self.live = want
+            self._add(queued[~known], v[queued[~known]])
+            for k in np.flatnonzero(s != self.slowness).tolist():
+                h.changeCoeff(k, 0, -1.0 / s[k])
+            self.slowness = s.copy()
+            h.changeRowsBounds(m, np.arange(m, dtype=np.int32), np.full(m, -self._highspy.kHighsInf), -b / s)
+        h = self.h
+        h.run()
+        if h.getModelStatus() != self._highspy.HighsModelStatus.kOptimal:
+            self.h = None  # start afresh next time; this time the plain solve answers
+            return self._plain(queued, v, s, b)
+        sol = h.getSolution()
+        x = np.asarray(sol.col_value, dtype=np.float64)
+        self.y = x[1:].reshape(-1, m)
+        T = float(x[0])
+        lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
+        w = np.clip(lam, 0.0, None) * self.slowness
+        self.w = None
+        if w.sum() > 0 and np.all(np.isfinite(w)):
+            w = w / w.sum()
+            w[w < PRICE_FLOOR] = 0.0
+            self.w = w / w.sum()
+        # the prices are unique when the optimal vertex is not degenerate: as many positive basic
+        # values (the y's, T, the capacity rows' slacks) as rows; otherwise another solver path may
+        # stop at another optimal vertex, so the reference solve answers (the LP is small then)
+        y = self.y[self.live]
+        slack = T - b - s * np.bincount(np.tile(np.arange(m), y.shape[0]),
+                                        weights=(y * v[self.request[self.live]]).ravel(), minlength=m)
+        if int((y > 1e-9).sum()) + 1 + int((slack > 1e-9 * max(1.0, abs(T))).sum()) != m + y.shape[0]:
+            self.degenerate += 1
+            self.w = None
+            return self._plain(queued, v, s, b)
+        return lam, T
+
+    @staticmethod
+    def _plain(queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` from :func:`split_lp` (the reference solve), or None when it fails."""
+        res = split_lp(v[queued].T * s[:, None], b)
+        if res.status != 0:
+            return None
+        return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+
+
+def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
     """``(finish, instance)`` of the earliest completion over the ``allowed`` instances with a free client slot.
 
-    ``heaps[k][0]`` is when instance ``k``'s next client frees up and ``hold[k]`` how long the
-    request holds it there, seconds; ties go to the asking ``instance`` (the others ask at their
-    own turn); ``(inf, -1)`` when none is allowed.
+    ``tops[k]`` is when instance ``k``'s next client frees up (inf: it has no live client) and
+    ``hold[k]`` how long the request holds it there, seconds; ties go to the asking ``instance``
+    (the others ask at their own turn); ``(inf, -1)`` when none is allowed.
     """
     best, where = np.inf, -1
-    for k in range(len(heaps)):
-        if allowed[k] and heaps[k]:
-            finish = heaps[k][0] + hold[k]
+    k = 0
+    for top, h, ok in zip(tops, hold, allowed):
+        if ok:
+            finish = top + h
             if finish < best or (finish == best and k == instance):
                 best, where = finish, k
+        k += 1
     return best, where
 
 
@@ -190,6 +493,9 @@ class FleetPrices:
         self.active = self.mode != "none" and len({(i.profile.latency, i.clients) for i in insts}) > 1
         self.m = m
         self.clients = np.array([i.clients for i in insts], dtype=np.float64)
+        self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
+        self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
+        self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
         #: The LP's makespan ``T`` at the last solve, absolute seconds (inf before one): a request
@@ -201,6 +507,7 @@ class FleetPrices:
         self.slowness_at_solve = np.ones(m)
         self.solves = 0
         self.steered = 0
+        self._lp: _WarmSplitLP | None = None   # the LP kept across solves (None: not built)
         n = ctx.problem.n_requests
         self.v = np.zeros((n, m))              # instance-seconds of each known request on each instance
         self.queued = np.zeros(n, dtype=bool)
@@ -209,12 +516,32 @@ class FleetPrices:
         self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
         self.predicted: dict[int, float] = {}               # client -> model's hold of its request, s
+        # the same holdings as arrays by client (the dispatch reads them with numpy): request (-1:
+        # none), start, seconds, and the order of the dict's entries (sums keep the dict's order)
+        c = self._client_instance.size
+        self._hold_req = np.full(c, -1, dtype=np.int64)
+        self._hold_since = np.zeros(c)
+        self._hold_seq = np.zeros(c, dtype=np.int64)
+        self._seq = 0
+        self.key = np.full(n, np.nan)          # the queue's key of each request (nan: not told)
+        self._picked: tuple | None = None      # (request, now, its holds) of the last pick
+        self._lat_terms: tuple | None = None   # (latency models, their step terms by instance)
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def on_ready(self, request: int) -> None:
-        """``request`` joined the queue: price it on every instance (from its prompt and estimate)."""
+    def on_ready(self, request: int, key: float | None = None) -> None:
+        """``request`` joined the queue: price it on every instance (from its prompt and estimate).
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        key
+            Its key in the queue that :meth:`pick` is given (then :meth:`pick` finds the head of
+            the queue with numpy rather than from the heap); None: not told.
+        """
         if not self.active:
             return
+        self.key[request] = np.nan if key is None else key
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
         self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
@@ -240,10 +567,15 @@ class FleetPrices:
             hold the client, to learn the instance's slowness when it finishes (None: not learned).
         """
         if self.active:
-            self.holding[client] = (request, now)
+            self._hold(client, request, now)
             if states is not None:
                 k = int(self.ctx.client_instance[client])
-                self.predicted[client] = float(self._holds(np.array([request]), states)[0, k] / self.slowness[k])
+                picked = self._picked
+                if picked is not None and picked[0] == request and picked[1] == now:
+                    hold = picked[2][k]  # pick computed it from the same states
+                else:
+                    hold = self._holds(np.array([request]), states)[0, k]
+                self.predicted[client] = float(hold / self.slowness[k])
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -263,6 +595,7 @@ class FleetPrices:
         if not self.active or self.holding.get(client, (-1, 0.0))[0] != request:
             return
         _, since = self.holding.pop(client)
+        self._hold_req[client] = -1
         self.version += 1
         predicted = self.predicted.pop(client, None)
         if predicted is None:
@@ -273,21 +606,46 @@ class FleetPrices:
         if self.model_s[k] > 0 and self.held_s[k] > 0:
             self.slowness[k] = self.held_s[k] / self.model_s[k]
 
-    def on_requeue(self, request: int) -> None:
-        """A fault put ``request`` back in the queue."""
+    def on_requeue(self, request: int, key: float | None = None) -> None:
+        """A fault put ``request`` back in the queue.
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        key
+            Its key in the queue, as in :meth:`on_ready` (None: keep the one it had).
+        """
         if not self.active:
             return
         self.version += 1
+        if key is not None:
+            self.key[request] = key
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
+                self._hold_req[c] = -1
         if not self.queued[request]:
             self.queued[request] = True
             self.n_queued += 1
             self.changes += 1
 
+    def _hold(self, client: int, request: int, now: float) -> None:
+        """``client`` holds ``request`` from ``now`` seconds (the dict and its arrays)."""
+        if client not in self.holding:
+            self._seq += 1
+            self._hold_seq[client] = self._seq
+        self.holding[client] = (request, now)
+        self._hold_req[client] = request
+        self._hold_since[client] = now
+
+    def _held(self) -> np.ndarray:
+        """Clients that hold a request, in the order of :attr:`holding`'s entries."""
+        c = np.flatnonzero(self._hold_req >= 0)
+        return c[np.argsort(self._hold_seq[c], kind="stable")]
+
     # -- prices ---------------------------------------------------------------------------------
-    def refresh(self, now: float, stuck: bool = False) -> None:
+    def refresh(self, now: float, stuck: bool = False) -> bool:
         """Re-solve the LP when it is due (module docstring).
 
         Parameters
@@ -296,22 +654,31 @@ class FleetPrices:
             Current time, seconds.
         stuck
             An idle client found nothing it may take: re-solve if the queue changed since.
+
+        Returns
+        -------
+        bool
+            Whether the prices or the horizon changed (if not, :meth:`pick` answers as before).
         """
         if not self.active or self.mode != "lp":
-            return
+            return False
         moved = np.abs(np.log(self.slowness / self.slowness_at_solve)).max() > SLOWNESS_SHIFT
         if self.solves == 0 or moved or self.changes >= RESOLVE_SHARE * max(1, self.n_queued) \
                 or (stuck and self.changes):
+            prices, horizon = self.prices, self.horizon_s
             self._solve(now)
+            return not (np.array_equal(prices, self.prices) and horizon == self.horizon_s)
+        return False
 
     def _committed(self, now: float) -> np.ndarray:
         """``b_k``: now plus the remaining instance-seconds of the requests each instance holds, s."""
         b = np.full(self.m, now)
-        ci = self.ctx.client_instance
-        for c, (r, since) in self.holding.items():
-            k = int(ci[c])
-            v = self.slowness[k] * self.v[r, k]
-            b[k] += v * max(0.0, 1.0 - (now - since) / (self.clients[k] * v)) if v > 0 else 0.0
+        c = self._held()
+        k = self._client_instance[c]
+        v = self.slowness[k] * self.v[self._hold_req[c], k]
+        safe = np.where(v > 0, v, 1.0)
+        left = np.where(v > 0, v * np.maximum(0.0, 1.0 - (now - self._hold_since[c]) / (self.clients[k] * safe)), 0.0)
+        np.add.at(b, k, left)  # one by one, in the order the clients took their requests
         return b
 
     def _solve(self, now: float) -> None:
@@ -322,13 +689,26 @@ class FleetPrices:
         rows = np.flatnonzero(self.queued)
         if rows.size == 0:
             return
-        res = split_lp(self.v[rows].T * self.slowness[:, None], self._committed(now))  # observed scale
-        if res.status != 0:
-            return  # keep the previous prices: a failed solve never stops the dispatch
-        lam = np.clip(-np.asarray(res.ineqlin.marginals, dtype=np.float64), 0.0, None)
+        if _WARM_LP:
+            if self._lp is None:
+                self._lp = _WarmSplitLP(self.m, self.ctx.problem.n_requests)
+            out = self._lp.solve(rows, self.v, self.slowness, self._committed(now))
+            if out is None:
+                return  # keep the previous prices: a failed solve never stops the dispatch
+            lam, horizon = out
+        else:
+            res = split_lp(self.v[rows].T * self.slowness[:, None], self._committed(now))  # observed scale
+            if res.status != 0:
+                return  # keep the previous prices: a failed solve never stops the dispatch
+            lam, horizon = -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+        lam = np.clip(lam, 0.0, None)
         if lam.sum() > 0 and np.all(np.isfinite(lam)):
+            lam = lam / lam.sum()
+            # a price of 1e-13 is a solver's round-off of 0, but it decides where requests belong
+            # (every request belongs only where its price is least, and 0 beats 1e-13): read it as 0
+            lam[lam < PRICE_FLOOR] = 0.0
             self.prices = lam / lam.sum()
-        self.horizon_s = float(res.x[-1])
+        self.horizon_s = horizon
 
     # -- the dispatch -------------------------------------------------------------------------------
     def _holds(self, rows: np.ndarray, states) -> np.ndarray:
@@ -337,46 +717,69 @@ class FleetPrices:
         Its estimated decode steps plus the iteration of its prompt, at the step time the instance
         would run with it added to what it holds now (the latency model of the instance; a nearly
         empty instance steps faster than a full one), times the instance's observed slowness, plus
-        the per-token cost of its prompt.
+        the per-token cost of its prompt. (One broadcast over the instances; the terms are added
+        in the order of :meth:`~lloptim.hardware.LatencyModel.decode_time`.)
         """
         w = self.ctx.problem.workload
-        p = w.prompt_tokens[rows].astype(np.float64)
-        o = np.asarray(self.ctx.estimates, dtype=np.float64)[rows]
-        out = np.empty((rows.size, self.m))
-        for k, st in enumerate(states):
-            lat = st.latency
-            busy = min(len(st.clients), st.n_running + len(st.waiting) + 1)
-            step = lat.decode_time(busy, st.kv_tokens + p + o / 2)
-            out[:, k] = self.slowness[k] * ((o + 1) * step + lat.prefill_per_token_s * p)
-        return out
+        p = w.prompt_tokens[rows].astype(np.float64)[:, None]
+        o = self._estimates[rows][:, None]
+        lats = [st.latency for st in states]
+        if self._lat_terms is None or any(a is not b for a, b in zip(lats, self._lat_terms[0])):
+            self._lat_terms = (lats, np.array([[lat.decode_base_s, lat.decode_per_seq_s, lat.decode_per_kv_token_s,
+                                                 lat.prefill_per_token_s] for lat in lats]).T.copy())
+        base, per_seq, per_kv, per_prompt = self._lat_terms[1]
+        busy = np.array([min(len(st.clients), st.n_running + len(st.waiting) + 1) for st in states], dtype=np.float64)
+        kv = np.array([st.kv_tokens for st in states], dtype=np.float64)
+        step = (base + per_seq * busy) + per_kv * ((kv + p) + o / 2)
+        return self.slowness * ((o + 1) * step + per_prompt * p)
 
-    def _free_times(self, now: float, states) -> list[list[float]]:
-        """Expected free time of every live client, per instance (``now`` or its clock when idle), s."""
-        ctx = self.ctx
-        client_state = ctx.extra["client_state"]
-        held = [(c, r, since) for c, (r, since) in self.holding.items()]
-        hold = self._holds(np.array([r for _, r, _ in held], dtype=np.int64), states) if held else None
-        ends = {c: since + hold[i, int(ctx.client_instance[c])] for i, (c, r, since) in enumerate(held)}
-        out: list[list[float]] = []
-        for k, st in enumerate(states):
-            times = []
-            for c in st.clients:
-                cs = client_state[c]
-                if cs == RUNNING or cs == WAITING:
-                    times.append(max(now, ends.get(c, now)))
-                elif cs != FAILED:
-                    times.append(max(now, st.now))
-            out.append(times)
-        return out
+    def _free_times(self, now: float, states, held: np.ndarray, hold: np.ndarray) -> list[list[float]]:
+        """Expected free time of every live client, per instance, ascending (``now`` or its clock when idle), s.
+
+        ``held`` are the clients that hold a request and ``hold`` the ``(len(held), m)`` holds of
+        their requests (:meth:`_holds`).
+        """
+        ci = self._client_instance
+        ends = np.full(ci.size, now)
+        if held.size:
+            ends[held] = np.maximum(now, self._hold_since[held] + hold[np.arange(held.size), ci[held]])
+        cs = np.asarray(self.ctx.extra["client_state"])
+        idle = np.maximum(now, np.array([st.now for st in states]))[ci]
+        t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
+        return [np.sort(t[c[cs[c] != FAILED]]).tolist() for c in self._instance_clients]
+
+    def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
+
+        From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
+        the queue's first item agrees; from the heap otherwise.
+        """
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size == len(queue) and queue and not np.isnan(keys).any():
+            if rows.size > SCAN_LIMIT:
+                kth = keys[np.argpartition(keys, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
+                sel = keys <= kth                   # every tie of the last key, decided by row below
+                rows, keys = rows[sel], keys[sel]
+            order = np.lexsort((rows, keys))[:SCAN_LIMIT]
+            rows, keys = rows[order], keys[order]
+            if (keys[0], rows[0]) == queue[0]:
+                return rows, keys
+        head = heapq.nsmallest(SCAN_LIMIT, queue)
+        return (np.array([r for _, r in head], dtype=np.int64), np.array([k for k, _ in head], dtype=np.float64))
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
+        return self.belongs_rows(np.array([request]))[0]
+
+    def belongs_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), m)`` whether each request's reduced cost on each instance is within the tolerance."""
         if self.mode == "ect":
-            return np.ones(self.m, dtype=bool)
+            return np.ones((len(rows), self.m), dtype=bool)
         # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
         scale = self.slowness if self.mode == "lp" else 1.0
-        priced = self.prices * scale * self.v[request]
-        mu = float(priced.min())
+        priced = (self.prices * scale)[None, :] * self.v[rows]
+        mu = priced.min(axis=1, keepdims=True)
         return priced - mu <= self.tolerance * mu
 
     def pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
@@ -410,48 +813,77 @@ class FleetPrices:
         tuple or None
             The chosen pair, or None to stay idle for now.
         """
-        heaps = [sorted(t) for t in self._free_times(now, states)]
-        if not heaps[instance]:
+        if not self._instance_clients[instance].size:
             return None
-        head = heapq.nsmallest(SCAN_LIMIT, queue)
-        holds = self._holds(np.array([r for _, r in head], dtype=np.int64), states)
+        held = np.flatnonzero(self._hold_req >= 0)
+        head_rows, head_keys = self._head(queue)
+        holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
+        heaps = self._free_times(now, states, held, holds_all[:held.size])
+        if not heaps[instance] or heaps[instance][0] > now:
+            return None  # no client of it is free now (its heap never changes below: a landing returns)
+        head_holds = holds_all[held.size:]
+        holds = head_holds.tolist()                        # lists: the scan below is scalar Python
+        oks = self.belongs_rows(head_rows).tolist()
+        head = list(zip(head_keys.tolist(), head_rows.tolist()))
+        everywhere = [True] * self.m
+        horizon = self.horizon_s
+        tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
         for pos, item in enumerate(head):
-            r = item[1]
-            ok = self.belongs(r)
             hold = holds[pos]
-            best, where = _earliest(heaps, hold, ok, instance)
-            if past_horizon and best > self.horizon_s:
+            best, where = _earliest(tops, hold, oks[pos], instance)
+            if best > horizon and past_horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                best, where = _earliest(heaps, hold, np.ones(self.m, dtype=bool), instance)
-            if where == instance and heaps[instance][0] <= now:
+                best, where = _earliest(tops, hold, everywhere, instance)
+            if where == instance:
                 if pos:
                     self.steered += 1
+                self._picked = (item[1], now, hold)
                 return item
             if where >= 0:
-                heapq.heapreplace(heaps[where], best)
-        if len(queue) <= len(head) or heaps[instance][0] > now:
+                heap = heaps[where]
+                heapq.heapreplace(heap, best)
+                tops[where] = heap[0]
+        if len(queue) <= len(head):
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        keys = np.array([k for k, _ in queue])
-        rows = np.array([r for _, r in queue], dtype=np.int64)
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size != len(queue) or np.isnan(keys).any():
+            keys = np.array([k for k, _ in queue])
+            rows = np.array([r for _, r in queue], dtype=np.int64)
         v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
         if self.mode == "ect":
             ok = np.ones(v.shape, dtype=bool)
         else:
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
+        # only requests that belong here and were not in the head can be taken: the holds (the
+        # costly part) of those alone
+        cand = np.flatnonzero(ok[:, instance] & (keys > head[-1][0]))
+        if not cand.size:
+            return None
+        rows, keys, ok = rows[cand], keys[cand], ok[cand]
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
-        finish = ready_at[None, :] + self._holds(rows, states)
+        holds_q = self._holds(rows, states)
+        finish = ready_at[None, :] + holds_q
         finish[~ok] = np.inf
         here = finish[:, instance].copy()
         finish[:, instance] = np.inf
-        good = ok[:, instance] & (here <= finish.min(axis=1))
-        good &= keys > head[-1][0]  # the head was scheduled above
+        good = here <= finish.min(axis=1)
         if not good.any():
             return None
-        i = int(np.flatnonzero(good)[np.argmin(keys[good])])
+        best_key = keys[good].min()
+        tied = np.flatnonzero(good & (keys == best_key))
+        if tied.size == 1:
+            i = int(tied[0])
+            item = (float(keys[i]), int(rows[i]))
+        else:  # equal keys: the first of them in the queue's list, as a scan of the list finds it
+            first = {int(r) for r in rows[tied]}
+            item = next(it for it in queue if it[0] == best_key and it[1] in first)
+            i = int(tied[np.flatnonzero(rows[tied] == item[1])[0]])
         self.steered += 1
-        return queue[i]
+        self._picked = (item[1], now, holds_q[i].tolist())
+        return item

@@ -1,0 +1,289 @@
+"""The fast fleet dispatch decides as the plain one did (issue 12's speed on mixed fleets under arrivals).
+
+:class:`~lloptim.runtime.fleet.FleetPrices` keeps its price LP in one warm-started HiGHS model with
+an exact shortcut (``_WarmSplitLP``) and reads the queue and the clients with numpy. The reference
+here is the implementation it replaced, written out plainly: the LP rebuilt for ``linprog`` at every
+solve (:func:`~lloptim.runtime.fleet.split_lp`), the queue's head from the heap, one request at a
+time through the belongs test and the earliest-completion scan, the clients from the holding dict,
+and a re-pick after every re-solve of a stuck client. Both must hand out the same requests to the
+same clients at the same times.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lloptim import Instance, Problem, Workload, load_profile, run_policy
+from lloptim.arrivals import capacity_rps, poisson_arrivals
+from lloptim.runtime import fleet as fleet_module
+from lloptim.runtime.engine import FAILED, RUNNING, WAITING
+from lloptim.runtime.fleet import SCAN_LIMIT, FleetPrices, _WarmSplitLP, split_lp
+from lloptim.runtime.hybrid import hybrid_policy
+
+BASE = load_profile("llama-65b")
+
+
+def _earliest_plain(heaps, hold, allowed, instance):
+    best, where = np.inf, -1
+    for k in range(len(heaps)):
+        if allowed[k] and heaps[k]:
+            finish = heaps[k][0] + hold[k]
+            if finish < best or (finish == best and k == instance):
+                best, where = finish, k
+    return best, where
+
+
+class PlainPrices(FleetPrices):
+    """The fleet dispatch before it was made fast (the reference)."""
+
+    def refresh(self, now, stuck=False):
+        super().refresh(now, stuck)
+        return True  # the dispatch re-picked after every re-solve of a stuck client
+
+    def _solve(self, now):
+        old = fleet_module._WARM_LP
+        fleet_module._WARM_LP = False
+        try:
+            super()._solve(now)
+        finally:
+            fleet_module._WARM_LP = old
+
+    def _committed(self, now):
+        b = np.full(self.m, now)
+        for c, (r, since) in self.holding.items():
+            k = int(self.ctx.client_instance[c])
+            v = self.slowness[k] * self.v[r, k]
+            b[k] += v * max(0.0, 1.0 - (now - since) / (self.clients[k] * v)) if v > 0 else 0.0
+        return b
+
+    def _holds(self, rows, states):
+        p = self.ctx.problem.workload.prompt_tokens[rows].astype(np.float64)
+        o = np.asarray(self.ctx.estimates, dtype=np.float64)[rows]
+        out = np.empty((rows.size, self.m))
+        for k, st_ in enumerate(states):
+            lat = st_.latency
+            busy = min(len(st_.clients), st_.n_running + len(st_.waiting) + 1)
+            step = lat.decode_time(busy, st_.kv_tokens + p + o / 2)
+            out[:, k] = self.slowness[k] * ((o + 1) * step + lat.prefill_per_token_s * p)
+        return out
+
+    def _plain_free_times(self, now, states):
+        client_state = self.ctx.extra["client_state"]
+        held = list(self.holding.items())
+        hold = self._holds(np.array([r for _, (r, _) in held], dtype=np.int64), states) if held else None
+        ends = {c: since + hold[i, int(self.ctx.client_instance[c])] for i, (c, (r, since)) in enumerate(held)}
+        out = []
+        for st_ in states:
+            times = []
+            for c in st_.clients:
+                if client_state[c] in (RUNNING, WAITING):
+                    times.append(max(now, ends.get(c, now)))
+                elif client_state[c] != FAILED:
+                    times.append(max(now, st_.now))
+            out.append(sorted(times))
+        return out
+
+    def pick(self, queue, instance, now, states, past_horizon=False):
+        heaps = self._plain_free_times(now, states)
+        if not heaps[instance]:
+            return None
+        head = heapq.nsmallest(SCAN_LIMIT, queue)
+        holds = self._holds(np.array([r for _, r in head], dtype=np.int64), states)
+        for pos, item in enumerate(head):
+            ok = self.belongs(item[1])
+            best, where = _earliest_plain(heaps, holds[pos], ok, instance)
+            if past_horizon and best > self.horizon_s:
+                best, where = _earliest_plain(heaps, holds[pos], np.ones(self.m, dtype=bool), instance)
+            if where == instance and heaps[instance][0] <= now:
+                return item
+            if where >= 0:
+                heapq.heapreplace(heaps[where], best)
+        if len(queue) <= len(head) or heaps[instance][0] > now:
+            return None
+        keys = np.array([k for k, _ in queue])
+        rows = np.array([r for _, r in queue], dtype=np.int64)
+        v = self.v[rows] * self.slowness[None, :]
+        priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
+        ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
+        if self.mode == "ect":
+            ok[:] = True
+        ready_at = np.array([h[0] if h else np.inf for h in heaps])
+        finish = ready_at[None, :] + self._holds(rows, states)
+        finish[~ok] = np.inf
+        here = finish[:, instance].copy()
+        finish[:, instance] = np.inf
+        good = ok[:, instance] & (here <= finish.min(axis=1)) & (keys > head[-1][0])
+        if not good.any():
+            return None
+        return queue[int(np.flatnonzero(good)[np.argmin(keys[good])])]
+
+
+def _mixed_fleet(speeds, clients, kv=163_840):
+    out = []
+    for k, (s, c) in enumerate(zip(speeds, clients)):
+        prof = BASE if s == (1.0, 1.0) else BASE.with_latency(BASE.latency.scaled(*s))
+        out.append(Instance.from_profile(prof, c, kv, name=f"i{k}"))
+    return tuple(out)
+
+
+@st.composite
+def fleets_under_arrivals(draw):
+    """Small mixed fleets (2-4 instances, different speeds and clients) with Poisson arrivals at 0.8-2.5x load."""
+    seed = draw(st.integers(0, 10_000))
+    rng = np.random.default_rng(seed)
+    n = draw(st.integers(20, 120))
+    m = draw(st.integers(2, 4))
+    speeds = draw(st.lists(st.sampled_from([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5), (0.6, 1.6), (1.3, 1.3)]),
+                           min_size=m, max_size=m))
+    clients = draw(st.lists(st.integers(1, 8), min_size=m, max_size=m))
+    prompt = np.clip(np.rint(rng.lognormal(np.log(80), 1.2, n)), 1, 2000).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(60), 1.2, n)), 1, 2000).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output), _mixed_fleet(speeds, clients))
+    load = draw(st.sampled_from([0.8, 1.5, 2.5]))
+    arrivals = poisson_arrivals(n, load * capacity_rps(problem), seed)
+    return Problem(problem.workload.with_arrivals(arrivals), problem.instances)
+
+
+def _run(problem, prices):
+    pol = hybrid_policy(prices=prices)
+    res = run_policy(problem, pol)
+    return res, pol.requests.fleet
+
+
+def _assert_same(problem, mode="lp"):
+    fast, fast_prices = _run(problem, FleetPrices(mode))
+    plain, _ = _run(problem, PlainPrices(mode))
+    # nothing lost: every request served once, every token generated
+    assert np.all(np.isfinite(fast.done_s)) and np.all(fast.client >= 0)
+    assert int(fast.generated_tokens) == int(problem.workload.output_tokens.sum())
+    np.testing.assert_array_equal(fast.client, plain.client)
+    np.testing.assert_array_equal(fast.assign_s, plain.assign_s)
+    np.testing.assert_array_equal(fast.done_s, plain.done_s)
+    assert fast.makespan_s == plain.makespan_s
+    return fast_prices
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleets_under_arrivals())
+def test_the_fast_dispatch_decides_as_the_plain_one_under_arrivals(problem):
+    _assert_same(problem)
+
+
+@pytest.mark.parametrize("mode", ["lp", "ect", "uniform"])
+def test_the_fast_dispatch_decides_as_the_plain_one_with_every_request_at_once(mode):
+    rng = np.random.default_rng(7)
+    n = 60 if mode == "uniform" else 400  # uniform prices idle the slow instances: a long run
+    prompt = np.clip(np.rint(rng.lognormal(np.log(100), 1.2, n)), 1, 1500).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(80), 1.2, n)), 1, 1500).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output),
+                      _mixed_fleet([(1.0, 1.0), (1.0, 1.0), (0.6, 1.6), (1.5, 1.5)], [10, 10, 10, 6]))
+    _assert_same(problem, mode)
+
+
+def test_a_long_run_under_overload_takes_the_shortcut_and_decides_the_same():
+    # 600 requests at twice the capacity of three instances 1, 1.6 and 2.5 times slower: the
+    # queue grows, the one-binding-instance shortcut answers most solves, the head comes from numpy
+    rng = np.random.default_rng(3)
+    n = 600
+    prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output),
+                      _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
+    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.0 * capacity_rps(problem), 3)),
+                      problem.instances)
+    prices = _assert_same(problem)
+    assert prices._lp is not None and prices._lp.shortcuts > prices.solves / 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 5), st.integers(1, 30))
+def test_the_warm_lp_solves_the_lp_of_split_lp_through_changes(seed, m, size):
+    # a sequence of LPs as a run makes them: requests join and leave, loads and slowness move;
+    # the warm model (and its shortcut) must give split_lp's makespan and, where unique, its prices
+    rng = np.random.default_rng(seed)
+    n = 4 * size + 10
+    v = rng.lognormal(0, 1, (n, 1)) * rng.uniform(0.5, 3.0, m)[None, :] * rng.uniform(0.8, 1.25, (n, m))
+    lp = _WarmSplitLP(m, n)
+    queued = set(rng.choice(n, size, replace=False).tolist())
+    b = rng.uniform(0, 20, m)
+    s = np.ones(m)
+    for step in range(12):
+        rows = np.array(sorted(queued), dtype=np.int64)
+        got = lp.solve(rows, v, s, b)
+        ref = split_lp(v[rows].T * s[:, None], b)
+        assert got is not None and ref.status == 0
+        lam, T = got
+        assert T == pytest.approx(ref.x[-1], rel=1e-7, abs=1e-9)
+        lam_ref = -np.asarray(ref.ineqlin.marginals)
+        # prices are unique where the LP is not degenerate; both are optimal duals anyway: check
+        # the dual objective of ours reaches the makespan
+        dual = float(lam @ b + np.min(lam[:, None] * (v[rows].T * s[:, None]), axis=0).sum())
+        assert dual == pytest.approx(T, rel=1e-7, abs=1e-9) and lam.sum() == pytest.approx(1.0, rel=1e-7)
+        if step % 3 == 0:
+            np.testing.assert_allclose(lam, lam_ref, rtol=1e-6, atol=1e-9)
+        # a run's changes: a few start, a few arrive, time passes, an instance gets slower or
+        # takes on committed work (sometimes a lot: the one-binding-instance vertex)
+        for r in rng.choice(sorted(queued), min(len(queued) - 1, int(rng.integers(0, 3))), replace=False):
+            queued.discard(int(r))
+        free = [r for r in range(n) if r not in queued]
+        queued.update(rng.choice(free, min(len(free), int(rng.integers(0, 4))), replace=False).tolist())
+        b = b + rng.uniform(0, 2, m)
+        if rng.random() < 0.3:
+            b[rng.integers(m)] += rng.uniform(0, 50)
+        if rng.random() < 0.3:
+            s = s * np.exp(rng.normal(0, 0.1, m))
+
+
+def test_the_shortcuts_answer_only_what_the_lp_answers():
+    # one instance committed far ahead with room on the others: lambda = e_j and T = b_j without
+    # HiGHS; a queue that no longer fits: HiGHS, and a makespan past b_j
+    rng = np.random.default_rng(11)
+    m, n = 3, 60
+    v = rng.lognormal(0, 0.5, (n, 1)) * np.array([1.0, 1.6, 2.5])[None, :]
+    lp = _WarmSplitLP(m, n)
+    s = np.ones(m)
+    rows = np.arange(10)
+    b = np.array([5.0, 4.0, 3.0])
+    lp.solve(rows, v, s, b)                      # the first solve builds the model
+    before = lp.shortcuts
+    b = np.array([100.0, 4.0, 3.0])
+    lam, T = lp.solve(rows, v, s, b)
+    assert lp.shortcuts == before + 1 and T == 100.0 and list(lam) == [1.0, 0.0, 0.0]
+    ref = split_lp(v[rows].T, b)
+    assert ref.x[-1] == pytest.approx(100.0) and -ref.ineqlin.marginals[0] == pytest.approx(1.0)
+    rows = np.arange(n)                          # 60 requests: about 100 s of work on the other two
+    b = np.array([30.0, 4.0, 3.0])
+    lam, T = lp.solve(rows, v, s, b)
+    ref = split_lp(v[rows].T, b)
+    assert T == pytest.approx(ref.x[-1], rel=1e-9) and T > 30.0
+    np.testing.assert_allclose(lam / lam.sum(), -ref.ineqlin.marginals / -ref.ineqlin.marginals.sum(), rtol=1e-6)
+
+
+class _Keyless(FleetPrices):
+    """The fast dispatch told no keys: it reads the head of the queue from the heap."""
+
+    def on_ready(self, request, key=None):
+        super().on_ready(request)
+
+    def on_requeue(self, request, key=None):
+        super().on_requeue(request)
+
+
+def test_without_the_keys_the_dispatch_reads_the_heap_and_decides_the_same():
+    rng = np.random.default_rng(5)
+    n = 300
+    prompt = np.clip(np.rint(rng.lognormal(np.log(100), 1.2, n)), 1, 1500).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(80), 1.2, n)), 1, 1500).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output),
+                      _mixed_fleet([(1.0, 1.0), (0.6, 1.6), (1.5, 1.5)], [8, 8, 4]))
+    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 1.5 * capacity_rps(problem), 5)),
+                      problem.instances)
+    keyed, _ = _run(problem, FleetPrices("lp"))
+    keyless, _ = _run(problem, _Keyless("lp"))
+    np.testing.assert_array_equal(keyed.client, keyless.client)
+    np.testing.assert_array_equal(keyed.assign_s, keyless.assign_s)
