@@ -57,6 +57,17 @@ flow through slots of one minimal iteration each, at most ``C`` per slot and one
 each request's earliest decode start on; its max-flow bounds them, and everything else runs in
 ``[a, T]`` (with the chain coupling below applied there).
 
+**Release dates on a fleet** (:func:`fleet_release_bound`, ``migration=False``). The window and
+backlog bounds pool the instances, so a long request released late may, there, spread its decode
+steps over the whole fleet, and a slow instance's capacity counts as if it could finish anything in
+time. Without migration a request runs on one instance, where it cannot finish before its release
+plus its minimal time *there*, and every instance must fit the work still left on it after each
+threshold ``t`` (its requests' remaining tokens, at least ``remaining`` decode iterations for a
+request there, the clients and the KV capacity bounding the iterations) into ``[t, T]``. The LP
+relaxation of that assignment, with the requests that cannot finish in time on an instance kept
+off it, is solved by HiGHS for a few guesses of ``T`` (``f(T0)``: the least ``T`` with the
+requests made eligible at ``T0``; ``min(T0, f(T0))`` is valid for every guess).
+
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
 decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
@@ -888,8 +899,9 @@ FLEET_RELEASE_THRESHOLDS = 32
 #: decode iterations after the threshold (count): the longest remainders.
 FLEET_RELEASE_LONGEST = 16
 #: Most request-instance columns (``R m``) of :func:`fleet_release_bound`'s LP; beyond it the term
-#: is skipped (0). At 16,000 columns (4,000 requests on 4 instances) a solve takes about 2 s.
-FLEET_RELEASE_MAX_COLUMNS = 20_000
+#: is skipped (0). At 16,000 columns (4,000 requests on 4 instances, 5 thresholds) one LP takes
+#: about 2 s on a loaded 2-core machine, and a bound that lifts takes a few of them.
+FLEET_RELEASE_MAX_COLUMNS = 16_000
 
 
 def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = None,
@@ -915,8 +927,10 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
       :func:`backlog_bound`), so its last ``rem_r(t) = o_r - d_r(t)`` tokens (the dearest: they
       read the most KV) and, when ``h_r >= t``, its prompt's per-token prefill come after ``t``.
       Their decode iterations ``D[k, t]`` are at least ``rem_r(t)`` for a request there (one token
-      per iteration) and ``sum_r rem_r(t) y[k, r] / C_k``, never fewer than at a later
-      threshold, each costing at least ``decode_base_s`` of ``k``; so
+      per iteration), ``sum_r rem_r(t) y[k, r] / C_k`` (clients) and ``sum_r A_r(t) y[k, r] / M_k``
+      (KV memory: the remainder holds at least ``p_r + i`` tokens at its ``i``-th step, ``A_r(t)``
+      summed over its steps, and no step holds more than the capacity ``M_k``), never fewer than
+      at a later threshold, each costing at least ``decode_base_s`` of ``k``; so
       ``sum_r y[k, r] (per-token cost of r's remainder on k) + decode_base_k D[k, t] <= T - t``.
 
     Restarts, preemptions and faults only add work (a restarted request's last run starts no
@@ -929,13 +943,14 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
     ``h_r + t_k(r)``, so bisection over those breakpoints (one LP each, re-solved by HiGHS's dual
     simplex from the last basis after the bounds of the newly eligible columns change) finds the
     best: ``min(next breakpoint, f(T0))`` at the last breakpoint with ``f(T0) > T0``. The value
-    is shrunk by HiGHS's feasibility tolerance in relative terms. The KV memory is left out (a
-    relaxation). It holds for fused and for separate-iteration schedules (no prefill fixed cost is
-    counted).
+    is shrunk by HiGHS's feasibility tolerance in relative terms. The KV ramp-up and block
+    rounding are left out (a relaxation). It holds for fused and for separate-iteration schedules
+    (no prefill fixed cost is counted).
 
-    Size: ``R m`` columns and about ``2 m`` rows of ``R`` entries per threshold (32 thresholds,
-    fewer above 2,500 request-instance columns); skipped above :data:`FLEET_RELEASE_MAX_COLUMNS`.
-    800 requests on 4 instances: 4-6 LPs, 0.3-1.4 s on a loaded 2-core machine.
+    Size: ``R m`` columns and up to ``3 m`` rows of ``R`` entries per threshold (32 thresholds,
+    fewer above 2,500 request-instance columns: ``80,000 / (R m)``, at least 4); skipped above
+    :data:`FLEET_RELEASE_MAX_COLUMNS`. 800 requests on 3-4 instances: 3-6 LPs, 0.8-2.3 s on a
+    loaded 2-core machine; 4,000 on 4: one LP of about 2 s where it cannot lift the bound.
 
     Parameters
     ----------
@@ -959,8 +974,16 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
     terms = release_terms(problem, output_tokens)
     if terms is None:
         return 0.0
+    # the floor, or every request's release plus its minimal time on its fastest instance
+    start = max(float(floor), float(np.max(terms["head"] + terms["alone"].min(axis=0))))
+    if _release_upper(terms, start) * (1.0 - 1e-7) <= start:
+        # a feasible assignment shows that the LP cannot lift the start (the result below is at
+        # most f(start), shrunk by 1e-7): no LP
+        result = start * (1.0 - 1e-7)
+        return result if result > floor else 0.0
     head, alone, thresholds = terms["head"], terms["alone"], terms["thresholds"]
     cost, rem, longest, base, clients = terms["cost"], terms["remaining"], terms["longest"], terms["base"], terms["clients"]
+    area, capacity = terms["area"], terms["capacity"]
     m, R = alone.shape
     nt = thresholds.size
     # columns: T, y[k, r] (k-major), D[k, j]
@@ -998,6 +1021,11 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
             # D >= sum_r rem y / C_k, and D >= rem_r y for the longest remainders
             add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
                 np.r_[rem[j, keep] / clients[k], -1.0], -inf, 0.0)
+            # D >= sum_r area y / M_k: no decode step holds more than the KV capacity (unless the
+            # clients' row dominates it request by request)
+            if np.any(area[j, keep] / capacity[k] > rem[j, keep] / clients[k]):
+                add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
+                    np.r_[area[j, keep] / capacity[k], -1.0], -inf, 0.0)
             add(np.r_[np.arange(n), np.arange(n)], np.r_[col_y[k, top], np.full(n, col_d[k, j])],
                 np.r_[rem[j, top], -np.ones(n)], np.full(n, -inf), np.zeros(n))
             if j + 1 < nt:  # D[k, t] >= D[k, t'] for t < t'
@@ -1014,6 +1042,9 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n_cols, n_rows
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
+    # presolve took 60 % of the first solve at 4,000 requests (5.3 -> 2.1 s); the later solves
+    # start from the last basis and skip it anyway
+    h.setOptionValue("presolve", "off")
     h.passModel(lp)
     y_cols = col_y.ravel().astype(np.int32)
     finish = (head[None, :] + alone).ravel()  # k-major, as y_cols
@@ -1028,7 +1059,6 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
             return inf if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible else -inf
         return float(h.getInfo().objective_function_value)
 
-    start = max(float(floor), float(np.max(head + alone.min(axis=0))))
     at_start = least_makespan(start)
     if not at_start > start:
         return 0.0
@@ -1055,6 +1085,38 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
     return float(result) if result > floor else 0.0
 
 
+def _release_upper(terms: dict, guess: float) -> float:
+    """An upper estimate of ``f(guess)`` of :func:`fleet_release_bound`, seconds, in ``O(m nt R)``.
+
+    The LP's value at two feasible assignments of the requests eligible at ``guess``: each
+    request on its fastest instance (eligible, as ``guess`` is at least its release plus its time
+    there), and each split over the instances where it is eligible in proportion to their
+    throughput (clients over decode base). Each row's least ``T`` is read off with the decode
+    iterations at their least (the largest of the clients', the memory's and the longest
+    remainder's counts, and the next threshold's).
+    """
+    head, alone, th = terms["head"], terms["alone"], terms["thresholds"]
+    cost, rem, area = terms["cost"], terms["remaining"], terms["area"]
+    base, clients, capacity = terms["base"], terms["clients"], terms["capacity"]
+    m, R = alone.shape
+    eligible = head[None, :] + alone <= guess
+    fastest = np.zeros((m, R))
+    fastest[np.argmin(alone, axis=0), np.arange(R)] = 1.0
+    rate = np.where(eligible, (clients / base)[:, None], 0.0)
+    split = rate / np.maximum(rate.sum(axis=0, keepdims=True), 1e-300)
+    best = np.inf
+    for y in (fastest, split):
+        finish = float(np.max(head + (alone * y).sum(axis=0)))
+        iters = np.maximum.reduce([(rem[None] * y[:, None, :]).sum(axis=2) / clients[:, None],
+                                   (area[None] * y[:, None, :]).sum(axis=2) / capacity[:, None],
+                                   (rem[None] * y[:, None, :]).max(axis=2)])        # (m, nt)
+        iters = np.maximum.accumulate(iters[:, ::-1], axis=1)[:, ::-1]             # >= later thresholds
+        busy = th[None, :] + (cost * y[:, None, :]).sum(axis=2) + base[:, None] * iters
+        best = min(best, max(finish, float(busy.max())))
+    # a hair of slack over the rounding of the sums, so a skipped LP is never one that mattered
+    return best * (1.0 + 1e-9)
+
+
 def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> dict | None:
     """The coefficients of :func:`fleet_release_bound`'s LP, or None where it does not apply.
 
@@ -1075,9 +1137,11 @@ def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> 
         on each instance, s; ``thresholds`` ``(nt,)`` s, increasing, 0 first; ``cost``
         ``(m, nt, R)`` seconds of instance ``k`` that request ``r`` needs after threshold ``j``
         (its remaining tokens' per-token costs, and its prompt's if released at or after it);
-        ``remaining`` ``(nt, R)`` decode steps left at each threshold, tokens; ``longest``
-        (``nt`` arrays) rows of the longest remainders; ``base`` ``(m,)`` decode base, s;
-        ``clients`` ``(m,)``. None with one instance, no requests, every request released at 0,
+        ``remaining`` ``(nt, R)`` decode steps left at each threshold, tokens; ``area``
+        ``(nt, R)`` KV tokens the remainder holds summed over its steps (at least ``p + k`` at
+        step ``k``), token-steps; ``longest`` (``nt`` arrays) rows of the longest remainders;
+        ``base`` ``(m,)`` decode base, s; ``clients`` ``(m,)``; ``capacity`` ``(m,)`` KV
+        capacity, tokens. None with one instance, no requests, every request released at 0,
         or more than :data:`FLEET_RELEASE_MAX_COLUMNS` request-instance columns.
     """
     w = problem.workload
@@ -1106,7 +1170,9 @@ def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> 
     rem = np.maximum(0.0, o[None, :] - started)           # (nt, R)
     done = o[None, :] - rem                                # the remainder reads p + done .. p + o - 1
     late = head[None, :] >= t
-    cost = np.array([l.decode_per_seq_s * rem + l.decode_per_kv_token_s * (rem * (p + done) + rem * (rem - 1) / 2)
+    # KV tokens the remainder reads, summed over its steps: also the KV it holds (token-steps)
+    area = rem * (p + done) + rem * (rem - 1) / 2
+    cost = np.array([l.decode_per_seq_s * rem + l.decode_per_kv_token_s * area
                      + np.where(late, l.prefill_per_token_s * p, 0.0) for l in lats])
     longest = []
     for j in range(thresholds.size):
@@ -1114,7 +1180,8 @@ def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> 
         longest.append(top[rem[j, top] > 0])
     return {"head": head, "alone": alone, "thresholds": thresholds, "cost": cost, "remaining": rem,
             "longest": longest, "base": np.array([l.decode_base_s for l in lats]),
-            "clients": np.array([inst.clients for inst in problem.instances], dtype=np.float64)}
+            "clients": np.array([inst.clients for inst in problem.instances], dtype=np.float64),
+            "area": area, "capacity": np.array([inst.kv_capacity_tokens for inst in problem.instances], dtype=np.float64)}
 
 
 def _release_thresholds(head: np.ndarray, finish: np.ndarray, count: int) -> np.ndarray:
