@@ -87,11 +87,12 @@ def mip_bound(problem: Problem, start: float, time_limit_s: float) -> tuple[floa
         for k in range(m):
             for j in range(nt):
                 model.add_constraints(f"busy_{k}_{j}", (cost[k, j] * y[k]).sum() + base[k] * d[k, j] <= T - th[j])
-                model.add_constraints(f"clients_{k}_{j}", (rem[j] / clients[k] * y[k]).sum() <= d[k, j])
-                model.add_constraints(f"memory_{k}_{j}", (terms["area"][j] / terms["capacity"][k] * y[k]).sum() <= d[k, j])
-                top = terms["longest"][j]
+                model.add_constraints(f"clients_{k}_{j}", (rem[k, j] / clients[k] * y[k]).sum() <= d[k, j])
+                model.add_constraints(f"memory_{k}_{j}",
+                                      (terms["area"][k, j] / terms["capacity"][k] * y[k]).sum() <= d[k, j])
+                top = terms["longest"][k][j]
                 if top.size:
-                    model.add_constraints(f"longest_{k}_{j}", rem[j, top] * y[k][top] <= d[k, j])
+                    model.add_constraints(f"longest_{k}_{j}", rem[k, j, top] * y[k][top] <= d[k, j])
             model.add_constraints(f"later_{k}", d[k, 1:] <= d[k, :-1])
         model.minimize(T)
         res = lloptim.solve(model, "highs", lloptim.SolveParams(time_limit_s=time_limit_s, rel_gap=1e-4))

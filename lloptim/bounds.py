@@ -922,13 +922,17 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
       ``h_r + t_k(r) > T`` (*eligibility*);
     * for every threshold ``t``, instance ``k`` runs its iterations that start at or after ``t``
       one after another inside ``[t, T]``. They hold every token of ``k``'s requests that remains
-      at ``t``: request ``r`` has started at most ``d_r(t) = ceil((t - e_r) / L_r)`` decode steps
-      before ``t`` (``e_r`` its earliest first decode, ``L_r`` its least step time, as in
-      :func:`backlog_bound`), so its last ``rem_r(t) = o_r - d_r(t)`` tokens (the dearest: they
-      read the most KV) and, when ``h_r >= t``, its prompt's per-token prefill come after ``t``.
-      Their decode iterations ``D[k, t]`` are at least ``rem_r(t)`` for a request there (one token
-      per iteration), ``sum_r rem_r(t) y[k, r] / C_k`` (clients) and ``sum_r A_r(t) y[k, r] / M_k``
-      (KV memory: the remainder holds at least ``p_r + i`` tokens at its ``i``-th step, ``A_r(t)``
+      at ``t``: on ``k``, request ``r`` decodes first at ``e_{k,r} = h_r +`` its prompt there at the
+      least, and its ``i``-th step lasts at least ``a_k + c_k (p_r + i)`` (``a_k`` the decode base
+      plus the per-sequence cost, ``c_k`` the per-KV-token cost), so it has started at most
+      ``d_{k,r}(t)`` steps before ``t`` (the ``i >= 0`` whose earliest start
+      ``i (a_k + c_k p_r) + c_k i (i - 1) / 2`` after ``e_{k,r}`` is before ``t``); its last
+      ``rem_{k,r}(t) = o_r - d_{k,r}(t)`` tokens (the dearest: they read the most KV) and, when
+      ``h_r >= t``, its prompt's per-token prefill come after ``t``.
+      Their decode iterations ``D[k, t]`` are at least ``rem_{k,r}(t)`` for a request there (one
+      token per iteration), ``sum_r rem_{k,r}(t) y[k, r] / C_k`` (clients) and
+      ``sum_r A_{k,r}(t) y[k, r] / M_k``
+      (KV memory: the remainder holds at least ``p_r + i`` tokens at its ``i``-th step, ``A_{k,r}(t)``
       summed over its steps, and no step holds more than the capacity ``M_k``), never fewer than
       at a later threshold, each costing at least ``decode_base_s`` of ``k``; so
       ``sum_r y[k, r] (per-token cost of r's remainder on k) + decode_base_k D[k, t] <= T - t``.
@@ -1011,23 +1015,23 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
     add(np.r_[np.tile(every, m), every], np.r_[col_y.ravel(), np.zeros(R, dtype=np.int64)],
         np.r_[alone.ravel(), -np.ones(R)], np.full(R, -inf), -head)
     for j, t in enumerate(thresholds.tolist()):
-        keep = np.flatnonzero((cost[:, j].max(axis=0) > 0) | (rem[j] > 0))
-        top = longest[j]
-        n = top.size
         for k in range(m):
+            keep = np.flatnonzero((cost[k, j] > 0) | (rem[k, j] > 0))
+            top = longest[k][j]
+            n = top.size
             # busy after t: sum_r cost y + base_k D - T <= -t
             add(np.zeros(keep.size + 2), np.r_[col_y[k, keep], col_d[k, j], 0], np.r_[cost[k, j, keep], base[k], -1.0],
                 -inf, -t)
             # D >= sum_r rem y / C_k, and D >= rem_r y for the longest remainders
             add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
-                np.r_[rem[j, keep] / clients[k], -1.0], -inf, 0.0)
+                np.r_[rem[k, j, keep] / clients[k], -1.0], -inf, 0.0)
             # D >= sum_r area y / M_k: no decode step holds more than the KV capacity (unless the
             # clients' row dominates it request by request)
-            if np.any(area[j, keep] / capacity[k] > rem[j, keep] / clients[k]):
+            if np.any(area[k, j, keep] / capacity[k] > rem[k, j, keep] / clients[k]):
                 add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
-                    np.r_[area[j, keep] / capacity[k], -1.0], -inf, 0.0)
+                    np.r_[area[k, j, keep] / capacity[k], -1.0], -inf, 0.0)
             add(np.r_[np.arange(n), np.arange(n)], np.r_[col_y[k, top], np.full(n, col_d[k, j])],
-                np.r_[rem[j, top], -np.ones(n)], np.full(n, -inf), np.zeros(n))
+                np.r_[rem[k, j, top], -np.ones(n)], np.full(n, -inf), np.zeros(n))
             if j + 1 < nt:  # D[k, t] >= D[k, t'] for t < t'
                 add(np.zeros(2), np.r_[col_d[k, j], col_d[k, j + 1]], np.r_[1.0, -1.0], 0.0, inf)
     a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
@@ -1107,9 +1111,9 @@ def _release_upper(terms: dict, guess: float) -> float:
     best = np.inf
     for y in (fastest, split):
         finish = float(np.max(head + (alone * y).sum(axis=0)))
-        iters = np.maximum.reduce([(rem[None] * y[:, None, :]).sum(axis=2) / clients[:, None],
-                                   (area[None] * y[:, None, :]).sum(axis=2) / capacity[:, None],
-                                   (rem[None] * y[:, None, :]).max(axis=2)])        # (m, nt)
+        iters = np.maximum.reduce([(rem * y[:, None, :]).sum(axis=2) / clients[:, None],
+                                   (area * y[:, None, :]).sum(axis=2) / capacity[:, None],
+                                   (rem * y[:, None, :]).max(axis=2)])              # (m, nt)
         iters = np.maximum.accumulate(iters[:, ::-1], axis=1)[:, ::-1]             # >= later thresholds
         busy = th[None, :] + (cost * y[:, None, :]).sum(axis=2) + base[:, None] * iters
         best = min(best, max(finish, float(busy.max())))
@@ -1137,9 +1141,10 @@ def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> 
         on each instance, s; ``thresholds`` ``(nt,)`` s, increasing, 0 first; ``cost``
         ``(m, nt, R)`` seconds of instance ``k`` that request ``r`` needs after threshold ``j``
         (its remaining tokens' per-token costs, and its prompt's if released at or after it);
-        ``remaining`` ``(nt, R)`` decode steps left at each threshold, tokens; ``area``
-        ``(nt, R)`` KV tokens the remainder holds summed over its steps (at least ``p + k`` at
-        step ``k``), token-steps; ``longest`` (``nt`` arrays) rows of the longest remainders;
+        ``remaining`` ``(m, nt, R)`` decode steps left at each threshold if it runs on ``k``,
+        tokens; ``area`` ``(m, nt, R)`` KV tokens the remainder holds summed over its steps (at
+        least ``p + i`` at step ``i``), token-steps; ``longest`` (``m`` lists of ``nt`` arrays)
+        rows of the longest remainders;
         ``base`` ``(m,)`` decode base, s; ``clients`` ``(m,)``; ``capacity`` ``(m,)`` KV
         capacity, tokens. None with one instance, no requests, every request released at 0,
         or more than :data:`FLEET_RELEASE_MAX_COLUMNS` request-instance columns.
@@ -1161,23 +1166,37 @@ def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> 
     alone = np.array([min(l.prefill_base_s, l.decode_base_s) + l.prefill_per_token_s * p
                       + (l.decode_base_s + l.decode_per_seq_s) * o + l.decode_per_kv_token_s * kv_steps
                       for l in lats])
-    first_decode = head + minimal_request_time_s(problem, np.zeros_like(o), fused=True)
-    step = min(l.decode_base_s + l.decode_per_seq_s for l in lats) + min(l.decode_per_kv_token_s for l in lats) * p
     count = max(4, min(FLEET_RELEASE_THRESHOLDS, 80_000 // (R * m)))
     thresholds = _release_thresholds(head, head + alone.min(axis=0), count)
     t = thresholds[:, None]
-    started = np.where(first_decode[None, :] < t, np.ceil((t - first_decode[None, :]) / step[None, :]), 0.0)
-    rem = np.maximum(0.0, o[None, :] - started)           # (nt, R)
-    done = o[None, :] - rem                                # the remainder reads p + done .. p + o - 1
     late = head[None, :] >= t
-    # KV tokens the remainder reads, summed over its steps: also the KV it holds (token-steps)
-    area = rem * (p + done) + rem * (rem - 1) / 2
-    cost = np.array([l.decode_per_seq_s * rem + l.decode_per_kv_token_s * area
-                     + np.where(late, l.prefill_per_token_s * p, 0.0) for l in lats])
+    rem, area, cost = [], [], []
+    for l in lats:
+        # on this instance (no migration): the first decode after the prompt there, then steps of
+        # at least a + c (p + i); the i-th starts at least S(i) = i (a + c p) + c i (i - 1) / 2
+        # after it, so the steps started before t are the i >= 0 with S(i) < t - e, ceil(root)
+        first_decode = head + min(l.prefill_base_s, l.decode_base_s) + l.prefill_per_token_s * p
+        a, c = l.decode_base_s + l.decode_per_seq_s, l.decode_per_kv_token_s
+        room = np.maximum(t - first_decode[None, :], 0.0)                    # (nt, R)
+        lin = a + c * p - c / 2
+        if c > 0:
+            root = (-lin + np.sqrt(lin * lin + 2.0 * c * room)) / c
+        else:
+            root = room / lin
+        started = np.ceil(root - 1e-12 * np.maximum(root, 1.0))  # a hair below: never more than possible
+        started = np.where(room > 0, np.maximum(started, 1.0), 0.0)
+        left = np.maximum(0.0, o[None, :] - started)                       # (nt, R)
+        done = o[None, :] - left                                            # it reads p + done .. p + o - 1
+        # KV tokens the remainder reads, summed over its steps: also the KV it holds (token-steps)
+        held = left * (p + done) + left * (left - 1) / 2
+        rem.append(left)
+        area.append(held)
+        cost.append(l.decode_per_seq_s * left + c * held + np.where(late, l.prefill_per_token_s * p, 0.0))
+    rem, area, cost = np.array(rem), np.array(area), np.array(cost)    # (m, nt, R)
     longest = []
-    for j in range(thresholds.size):
-        top = np.argsort(-rem[j], kind="stable")[:FLEET_RELEASE_LONGEST]
-        longest.append(top[rem[j, top] > 0])
+    for k in range(m):
+        tops = np.argsort(-rem[k], axis=1, kind="stable")[:, :FLEET_RELEASE_LONGEST]
+        longest.append([top[rem[k, j, top] > 0] for j, top in enumerate(tops)])
     return {"head": head, "alone": alone, "thresholds": thresholds, "cost": cost, "remaining": rem,
             "longest": longest, "base": np.array([l.decode_base_s for l in lats]),
             "clients": np.array([inst.clients for inst in problem.instances], dtype=np.float64),

@@ -135,12 +135,23 @@ def test_the_terms_match_the_cost_model():
     lat = problem.instances[1].profile.latency
     p, o = 200.0, 50.0
     want = lat.decode_per_seq_s * o + lat.decode_per_kv_token_s * (o * p + o * (o - 1) / 2) + lat.prefill_per_token_s * p
-    assert terms["thresholds"][j] == 2.0 and terms["remaining"][j, 1] == o
+    assert terms["thresholds"][j] == 2.0 and terms["remaining"][1, j, 1] == o
     assert terms["cost"][1, j, 1] == pytest.approx(want, rel=1e-12)
     # the fastest instance's minimal time is the one minimal_request_time_s gives
     assert np.allclose(terms["alone"].min(axis=0), minimal_request_time_s(problem, fused=True))
     # the remainder at a threshold never exceeds the output, and shrinks as time passes
-    assert np.all(np.diff(terms["remaining"], axis=0) <= 0) and np.all(terms["remaining"] <= np.array([5, 50, 300]))
+    rem = terms["remaining"]
+    assert np.all(np.diff(rem, axis=1) <= 0) and np.all(rem <= np.array([5, 50, 300]))
+    # request 0 (released at 0, 5 tokens) has started at most as many steps as fit before 3 s on
+    # each instance: its steps there take a + c (p + i), after its prompt
+    for k, inst in enumerate(problem.instances):
+        lat = inst.profile.latency
+        start = min(lat.prefill_base_s, lat.decode_base_s) + lat.prefill_per_token_s * 30
+        steps = start + np.cumsum(lat.decode_base_s + lat.decode_per_seq_s + lat.decode_per_kv_token_s
+                                  * (30 + np.arange(5)))
+        for jj, t in enumerate(terms["thresholds"]):
+            begun = int(np.sum(np.r_[start, steps[:-1]] < t)) if t > start else 0
+            assert rem[k, jj, 0] == 5 - begun
 
 
 def test_skipped_where_it_does_not_apply():
