@@ -1065,7 +1065,8 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
 
     at_start = least_makespan(start)
     if not at_start > start:
-        return 0.0
+        result = start * (1.0 - 1e-7)  # the LP does not lift the start, itself a bound
+        return result if result > floor else 0.0
     # breakpoints above the start, up to f(start) (f falls, so the crossing lies below it)
     breaks = np.unique(finish[(finish > start) & (finish <= at_start)])
     guesses = np.r_[start, breaks]
