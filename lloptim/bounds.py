@@ -953,7 +953,7 @@ def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = Non
 
     Size: ``R m`` columns and up to ``3 m`` rows of ``R`` entries per threshold (32 thresholds,
     fewer above 2,500 request-instance columns: ``80,000 / (R m)``, at least 4); skipped above
-    :data:`FLEET_RELEASE_MAX_COLUMNS`. 800 requests on 3-4 instances: 3-6 LPs, 0.8-2.3 s on a
+    :data:`FLEET_RELEASE_MAX_COLUMNS`. 800 requests on 3-4 instances: 2-6 LPs, 0.5-4 s on a
     loaded 2-core machine; 4,000 on 4: one LP of about 2 s where it cannot lift the bound.
 
     Parameters
