@@ -693,7 +693,8 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         (:func:`~lloptim.runtime.migration.with_migration`). False bounds only schedules in which a
         request is prefilled and decoded on one instance (every other lloptim policy; a run without
         migrations): on a fleet the chain-coupling term then also charges each request that decodes
-        beside a chain its prompt's prefill (``_chain_coupling_bound``). The default holds for
+        beside a chain its prompt's prefill (``_chain_coupling_bound``), and requests released over
+        time get the release-date fleet term (:func:`fleet_release_bound`). The default holds for
         every schedule.
 
     Raises
