@@ -57,6 +57,17 @@ flow through slots of one minimal iteration each, at most ``C`` per slot and one
 each request's earliest decode start on; its max-flow bounds them, and everything else runs in
 ``[a, T]`` (with the chain coupling below applied there).
 
+**Release dates on a fleet** (:func:`fleet_release_bound`, ``migration=False``). The window and
+backlog bounds pool the instances, so a long request released late may, there, spread its decode
+steps over the whole fleet, and a slow instance's capacity counts as if it could finish anything in
+time. Without migration a request runs on one instance, where it cannot finish before its release
+plus its minimal time *there*, and every instance must fit the work still left on it after each
+threshold ``t`` (its requests' remaining tokens, at least ``remaining`` decode iterations for a
+request there, the clients and the KV capacity bounding the iterations) into ``[t, T]``. The LP
+relaxation of that assignment, with the requests that cannot finish in time on an instance kept
+off it, is solved by HiGHS for a few guesses of ``T`` (``f(T0)``: the least ``T`` with the
+requests made eligible at ``T0``; ``min(T0, f(T0))`` is valid for every guess).
+
 **KV memory.** A decode step holds at most the instance's KV capacity ``M`` (its blocks times the
 block size), and request ``r`` holds ``blocks(max(p + k, floor))`` blocks during its ``k``-th
 decode step (:func:`lloptim.memory.decode_area_tokens`; ``floor`` = 0 in paged mode, the
@@ -111,7 +122,8 @@ from lloptim.problem import Problem, as_problem
 
 __all__ = ["LowerBound", "lower_bound", "decode_steps_lower_bound", "fractional_assignment_bound",
            "FLEET_LP_TOLERANCE", "minimal_request_time_s", "critical_path_bound", "memory_decode_steps_lower_bound",
-           "backlog_bound", "FLEET_RAMP_MAX_INSTANCES"]
+           "backlog_bound", "FLEET_RAMP_MAX_INSTANCES", "fleet_release_bound", "FLEET_RELEASE_THRESHOLDS",
+           "FLEET_RELEASE_LONGEST", "FLEET_RELEASE_MAX_COLUMNS", "release_terms"]
 
 #: Most instances for which the fleet bound counts each instance's KV ramp-up (module docstring):
 #: it solves one fractional assignment per combination of cases, ``2^m`` of them.
@@ -178,6 +190,11 @@ class LowerBound:
         0 and there is no precedence.
     backlog_fused_s
         The same for fused schedules.
+    fleet_release_s
+        The release-date fleet bound (:func:`fleet_release_bound`): each request on one instance,
+        released over time; it holds for fused and separate-iteration schedules without migration.
+        0 when not computed (one instance, every request released at 0, ``migration=True``, too
+        large) or when it cannot lift the other terms.
     """
 
     total_s: float
@@ -194,6 +211,7 @@ class LowerBound:
     window_fused_s: float = 0.0
     backlog_s: float = 0.0
     backlog_fused_s: float = 0.0
+    fleet_release_s: float = 0.0
     decode_steps_clients: int = 0
     decode_steps_memory: int = 0
     kv_area_token_steps: float = 0.0
@@ -675,7 +693,8 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
         (:func:`~lloptim.runtime.migration.with_migration`). False bounds only schedules in which a
         request is prefilled and decoded on one instance (every other lloptim policy; a run without
         migrations): on a fleet the chain-coupling term then also charges each request that decodes
-        beside a chain its prompt's prefill (``_chain_coupling_bound``). The default holds for
+        beside a chain its prompt's prefill (``_chain_coupling_bound``), and requests released over
+        time get the release-date fleet term (:func:`fleet_release_bound`). The default holds for
         every schedule.
 
     Raises
@@ -694,10 +713,13 @@ def lower_bound(problem: Problem, output_tokens: np.ndarray | None = None,
     # (the fast paths; total_s and fused_s below are the larger of all, whichever is skipped)
     floor = (max(window, backlog), max(window_fused, backlog_fused)) if _CHAIN_LP_FAST else (-np.inf, -np.inf)
     bound = _work_bound(problem, output_tokens, decode_steps, kv, migration, fleet_lp=True, floor=floor)
-    return replace(bound, total_s=float(max(bound.total_s, window, backlog)),
-                   fused_s=float(max(bound.fused_s, window_fused, backlog_fused)),
+    total = max(bound.total_s, window, backlog)
+    fused = max(bound.fused_s, window_fused, backlog_fused)
+    # each request on one instance, released over time: the fleet's LP (valid for both kinds)
+    release = 0.0 if migration else fleet_release_bound(problem, output_tokens, floor=fused)
+    return replace(bound, total_s=float(max(total, release)), fused_s=float(max(fused, release)),
                    window_s=float(window), window_fused_s=float(window_fused),
-                   backlog_s=float(backlog), backlog_fused_s=float(backlog_fused))
+                   backlog_s=float(backlog), backlog_fused_s=float(backlog_fused), fleet_release_s=float(release))
 
 
 def _window_bound(problem: Problem, output_tokens: np.ndarray | None, kv: tuple = (None, None, None),
@@ -868,6 +890,329 @@ def backlog_bound(problem: Problem, output_tokens: np.ndarray | None = None) -> 
                 best_fused = max(best_fused, coupled) if fused else best_fused
                 best = max(best, coupled)
     return float(max(best, best_fused)), float(best_fused)
+
+
+#: Release thresholds ``t`` of :func:`fleet_release_bound` (count): half quantiles of the release
+#: dates, half the release dates of the requests that could finish last; each adds ``2 m`` rows of
+#: up to ``R`` entries to its LP (fewer thresholds when ``R m`` is large, see the function).
+FLEET_RELEASE_THRESHOLDS = 32
+#: Requests per threshold and instance whose remaining decode steps each bound the instance's
+#: decode iterations after the threshold (count): the longest remainders.
+FLEET_RELEASE_LONGEST = 16
+#: Most request-instance columns (``R m``) of :func:`fleet_release_bound`'s LP; beyond it the term
+#: is skipped (0). At 16,000 columns (4,000 requests on 4 instances, 5 thresholds) one LP takes
+#: about 2 s on a loaded 2-core machine, and a bound that lifts takes a few of them.
+FLEET_RELEASE_MAX_COLUMNS = 16_000
+
+
+def fleet_release_bound(problem: Problem, output_tokens: np.ndarray | None = None,
+                        floor: float = -np.inf) -> float:
+    """Makespan bound of a fleet whose requests are released over time, without migration, seconds.
+
+    For schedules in which every request is prefilled and decoded on one instance (every lloptim
+    policy without :func:`~lloptim.runtime.migration.with_migration`), on two or more instances.
+    The window and backlog bounds pool the fleet: a request that arrives late with a long output
+    may, there, spread its decode steps over every instance, and the slow instances' capacity
+    counts as if it could serve anyone in time. Here request ``r`` (release ``h_r``: its arrival,
+    or its earliest start through its predecessors at minimal times) runs on one instance ``k``,
+    given in fraction ``y[k, r]`` (the LP relaxation of the choice), and
+
+    * it finishes no earlier than ``h_r + t_k(r)``, its minimal time alone on ``k``
+      (:func:`minimal_request_time_s` with ``k``'s own coefficients, prompt fused into a decode
+      where cheaper): ``T >= h_r + sum_k t_k(r) y[k, r]``, and ``y[k, r] = 0`` when
+      ``h_r + t_k(r) > T`` (*eligibility*);
+    * for every threshold ``t``, instance ``k`` runs its iterations that start at or after ``t``
+      one after another inside ``[t, T]``. They hold every token of ``k``'s requests that remains
+      at ``t``: on ``k``, request ``r`` decodes first at ``e_{k,r} = h_r +`` its prompt there at the
+      least, and its ``i``-th step lasts at least ``a_k + c_k (p_r + i)`` (``a_k`` the decode base
+      plus the per-sequence cost, ``c_k`` the per-KV-token cost), so it has started at most
+      ``d_{k,r}(t)`` steps before ``t`` (the ``i >= 0`` whose earliest start
+      ``i (a_k + c_k p_r) + c_k i (i - 1) / 2`` after ``e_{k,r}`` is before ``t``); its last
+      ``rem_{k,r}(t) = o_r - d_{k,r}(t)`` tokens (the dearest: they read the most KV) and, when
+      ``h_r >= t``, its prompt's per-token prefill come after ``t``.
+      Their decode iterations ``D[k, t]`` are at least ``rem_{k,r}(t)`` for a request there (one
+      token per iteration), ``sum_r rem_{k,r}(t) y[k, r] / C_k`` (clients) and
+      ``sum_r A_{k,r}(t) y[k, r] / M_k``
+      (KV memory: the remainder holds at least ``p_r + i`` tokens at its ``i``-th step, ``A_{k,r}(t)``
+      summed over its steps, and no step holds more than the capacity ``M_k``), never fewer than
+      at a later threshold, each costing at least ``decode_base_s`` of ``k``; so
+      ``sum_r y[k, r] (per-token cost of r's remainder on k) + decode_base_k D[k, t] <= T - t``.
+
+    Restarts, preemptions and faults only add work (a restarted request's last run starts no
+    earlier than its release), so every schedule without migration satisfies these rows with its
+    0/1 assignment and its makespan ``T``. The least ``T`` of the LP depends on ``T`` through the
+    eligibility; for a guess ``T0`` let ``f(T0)`` be the LP's least ``T`` with the requests made
+    eligible at ``T0``: a schedule of makespan ``T* <= T0`` is feasible for it (its requests are
+    eligible at ``T* <= T0``), so ``T* >= min(T0, f(T0))`` for every ``T0``, a valid bound
+    whatever ``T0``. ``f`` falls as ``T0`` grows and changes only where ``T0`` passes some
+    ``h_r + t_k(r)``, so bisection over those breakpoints (one LP each, re-solved by HiGHS's dual
+    simplex from the last basis after the bounds of the newly eligible columns change) finds the
+    best: ``min(next breakpoint, f(T0))`` at the last breakpoint with ``f(T0) > T0``. The value
+    is shrunk by HiGHS's feasibility tolerance in relative terms. The KV ramp-up and block
+    rounding are left out (a relaxation). It holds for fused and for separate-iteration schedules
+    (no prefill fixed cost is counted).
+
+    Size: ``R m`` columns and up to ``3 m`` rows of ``R`` entries per threshold (32 thresholds,
+    fewer above 2,500 request-instance columns: ``80,000 / (R m)``, at least 4); skipped above
+    :data:`FLEET_RELEASE_MAX_COLUMNS`. 800 requests on 3-4 instances: 2-6 LPs, 0.5-4 s on a
+    loaded 2-core machine; 4,000 on 4: one LP of about 2 s where it cannot lift the bound.
+
+    Parameters
+    ----------
+    problem
+        The problem (a fleet of two or more instances; requests released over time).
+    output_tokens
+        Output lengths to bound with, tokens; default: the workload's true lengths.
+    floor
+        A bound already known, seconds: the LP starts its search there and returns 0 when it
+        cannot lift it.
+
+    Returns
+    -------
+    float
+        The bound, seconds; 0 when skipped (one instance, every request released at 0, too
+        large) or when it does not exceed ``floor``.
+    """
+    import highspy
+    from scipy.sparse import coo_matrix
+
+    terms = release_terms(problem, output_tokens)
+    if terms is None:
+        return 0.0
+    # the floor, or every request's release plus its minimal time on its fastest instance
+    start = max(float(floor), float(np.max(terms["head"] + terms["alone"].min(axis=0))))
+    if _release_upper(terms, start) * (1.0 - 1e-7) <= start:
+        # a feasible assignment shows that the LP cannot lift the start (the result below is at
+        # most f(start), shrunk by 1e-7): no LP
+        result = start * (1.0 - 1e-7)
+        return result if result > floor else 0.0
+    head, alone, thresholds = terms["head"], terms["alone"], terms["thresholds"]
+    cost, rem, longest, base, clients = terms["cost"], terms["remaining"], terms["longest"], terms["base"], terms["clients"]
+    area, capacity = terms["area"], terms["capacity"]
+    m, R = alone.shape
+    nt = thresholds.size
+    # columns: T, y[k, r] (k-major), D[k, j]
+    col_y = 1 + np.arange(m * R).reshape(m, R)
+    col_d = 1 + m * R + np.arange(m * nt).reshape(m, nt)
+    n_cols = 1 + m * R + m * nt
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    inf = highspy.kHighsInf
+    n_rows = 0
+
+    def add(row_of: np.ndarray, col: np.ndarray, val, low, high) -> None:
+        """Entries of new rows (``row_of`` numbers them from 0) and the rows' bounds."""
+        nonlocal n_rows
+        rows.append(n_rows + np.asarray(row_of, dtype=np.int64))
+        cols.append(np.asarray(col, dtype=np.int64))
+        vals.append(np.broadcast_to(np.asarray(val, dtype=np.float64), np.shape(col)))
+        lo.append(np.atleast_1d(np.asarray(low, dtype=np.float64)))
+        hi.append(np.atleast_1d(np.asarray(high, dtype=np.float64)))
+        n_rows += lo[-1].size
+
+    every = np.arange(R)
+    # sum_k y[k, r] = 1
+    add(np.tile(every, m), col_y.ravel(), 1.0, np.ones(R), np.ones(R))
+    # sum_k t_k(r) y[k, r] - T <= -h_r
+    add(np.r_[np.tile(every, m), every], np.r_[col_y.ravel(), np.zeros(R, dtype=np.int64)],
+        np.r_[alone.ravel(), -np.ones(R)], np.full(R, -inf), -head)
+    for j, t in enumerate(thresholds.tolist()):
+        for k in range(m):
+            keep = np.flatnonzero((cost[k, j] > 0) | (rem[k, j] > 0))
+            top = longest[k][j]
+            n = top.size
+            # busy after t: sum_r cost y + base_k D - T <= -t
+            add(np.zeros(keep.size + 2), np.r_[col_y[k, keep], col_d[k, j], 0], np.r_[cost[k, j, keep], base[k], -1.0],
+                -inf, -t)
+            # D >= sum_r rem y / C_k, and D >= rem_r y for the longest remainders
+            add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
+                np.r_[rem[k, j, keep] / clients[k], -1.0], -inf, 0.0)
+            # D >= sum_r area y / M_k: no decode step holds more than the KV capacity (unless the
+            # clients' row dominates it request by request)
+            if np.any(area[k, j, keep] / capacity[k] > rem[k, j, keep] / clients[k]):
+                add(np.zeros(keep.size + 1), np.r_[col_y[k, keep], col_d[k, j]],
+                    np.r_[area[k, j, keep] / capacity[k], -1.0], -inf, 0.0)
+            add(np.r_[np.arange(n), np.arange(n)], np.r_[col_y[k, top], np.full(n, col_d[k, j])],
+                np.r_[rem[k, j, top], -np.ones(n)], np.full(n, -inf), np.zeros(n))
+            if j + 1 < nt:  # D[k, t] >= D[k, t'] for t < t'
+                add(np.zeros(2), np.r_[col_d[k, j], col_d[k, j + 1]], np.r_[1.0, -1.0], 0.0, inf)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(n_rows, n_cols)).tocsc()
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n_cols, n_rows
+    lp.col_cost_ = np.r_[1.0, np.zeros(n_cols - 1)]
+    lp.col_lower_, lp.col_upper_ = np.zeros(n_cols), np.full(n_cols, inf)
+    lp.row_lower_, lp.row_upper_ = np.concatenate(lo), np.concatenate(hi)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n_cols, n_rows
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # presolve took 60 % of the first solve at 4,000 requests (5.3 -> 2.1 s); the later solves
+    # start from the last basis and skip it anyway
+    h.setOptionValue("presolve", "off")
+    h.passModel(lp)
+    y_cols = col_y.ravel().astype(np.int32)
+    finish = (head[None, :] + alone).ravel()  # k-major, as y_cols
+    optimal = highspy.HighsModelStatus.kOptimal
+
+    def least_makespan(guess: float) -> float:
+        """``f(guess)``: the LP's least ``T`` with the requests eligible at ``guess``, s (inf: none)."""
+        upper = np.where(finish <= guess, inf, 0.0)
+        h.changeColsBounds(y_cols.size, y_cols, np.zeros(y_cols.size), upper)
+        h.run()
+        if h.getModelStatus() != optimal:
+            return inf if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible else -inf
+        return float(h.getInfo().objective_function_value)
+
+    at_start = least_makespan(start)
+    if not at_start > start:
+        result = start * (1.0 - 1e-7)  # the LP does not lift the start, itself a bound
+        return result if result > floor else 0.0
+    # breakpoints above the start, up to f(start) (f falls, so the crossing lies below it)
+    breaks = np.unique(finish[(finish > start) & (finish <= at_start)])
+    guesses = np.r_[start, breaks]
+
+    def following(i: int) -> float:
+        return float(guesses[i + 1]) if i + 1 < guesses.size else np.inf
+
+    best = min(following(0), at_start)
+    low, high = 0, guesses.size - 1  # f(guesses[low]) > guesses[low]
+    while low < high:
+        mid = (low + high + 1) // 2
+        value = least_makespan(float(guesses[mid]))
+        if value == -inf:
+            break  # HiGHS did not finish: the best so far stands
+        best = max(best, min(following(mid), value))
+        if value > guesses[mid]:
+            low = mid
+        else:
+            high = mid - 1
+    result = best * (1.0 - 1e-7)
+    return float(result) if result > floor else 0.0
+
+
+def _release_upper(terms: dict, guess: float) -> float:
+    """An upper estimate of ``f(guess)`` of :func:`fleet_release_bound`, seconds, in ``O(m nt R)``.
+
+    The LP's value at two feasible assignments of the requests eligible at ``guess``: each
+    request on its fastest instance (eligible, as ``guess`` is at least its release plus its time
+    there), and each split over the instances where it is eligible in proportion to their
+    throughput (clients over decode base). Each row's least ``T`` is read off with the decode
+    iterations at their least (the largest of the clients', the memory's and the longest
+    remainder's counts, and the next threshold's).
+    """
+    head, alone, th = terms["head"], terms["alone"], terms["thresholds"]
+    cost, rem, area = terms["cost"], terms["remaining"], terms["area"]
+    base, clients, capacity = terms["base"], terms["clients"], terms["capacity"]
+    m, R = alone.shape
+    eligible = head[None, :] + alone <= guess
+    fastest = np.zeros((m, R))
+    fastest[np.argmin(alone, axis=0), np.arange(R)] = 1.0
+    rate = np.where(eligible, (clients / base)[:, None], 0.0)
+    split = rate / np.maximum(rate.sum(axis=0, keepdims=True), 1e-300)
+    best = np.inf
+    for y in (fastest, split):
+        finish = float(np.max(head + (alone * y).sum(axis=0)))
+        iters = np.maximum.reduce([(rem * y[:, None, :]).sum(axis=2) / clients[:, None],
+                                   (area * y[:, None, :]).sum(axis=2) / capacity[:, None],
+                                   (rem * y[:, None, :]).max(axis=2)])              # (m, nt)
+        iters = np.maximum.accumulate(iters[:, ::-1], axis=1)[:, ::-1]             # >= later thresholds
+        busy = th[None, :] + (cost * y[:, None, :]).sum(axis=2) + base[:, None] * iters
+        best = min(best, max(finish, float(busy.max())))
+    # a hair of slack over the rounding of the sums, so a skipped LP is never one that mattered
+    return best * (1.0 + 1e-9)
+
+
+def release_terms(problem: Problem, output_tokens: np.ndarray | None = None) -> dict | None:
+    """The coefficients of :func:`fleet_release_bound`'s LP, or None where it does not apply.
+
+    For users who write the same model with integer assignments (``benchmarks/fleet_release.py``
+    does, with :class:`lloptim.Model`, to measure how far the LP is from its integer optimum).
+
+    Parameters
+    ----------
+    problem
+        The problem.
+    output_tokens
+        Output lengths, tokens; default: the workload's true lengths.
+
+    Returns
+    -------
+    dict or None
+        ``head`` ``(R,)`` release dates, s; ``alone`` ``(m, R)`` minimal time of each request alone
+        on each instance, s; ``thresholds`` ``(nt,)`` s, increasing, 0 first; ``cost``
+        ``(m, nt, R)`` seconds of instance ``k`` that request ``r`` needs after threshold ``j``
+        (its remaining tokens' per-token costs, and its prompt's if released at or after it);
+        ``remaining`` ``(m, nt, R)`` decode steps left at each threshold if it runs on ``k``,
+        tokens; ``area`` ``(m, nt, R)`` KV tokens the remainder holds summed over its steps (at
+        least ``p + i`` at step ``i``), token-steps; ``longest`` (``m`` lists of ``nt`` arrays)
+        rows of the longest remainders;
+        ``base`` ``(m,)`` decode base, s; ``clients`` ``(m,)``; ``capacity`` ``(m,)`` KV
+        capacity, tokens. None with one instance, no requests, every request released at 0,
+        or more than :data:`FLEET_RELEASE_MAX_COLUMNS` request-instance columns.
+    """
+    w = problem.workload
+    m, R = len(problem.instances), len(w)
+    if m < 2 or R == 0 or R * m > FLEET_RELEASE_MAX_COLUMNS:
+        return None
+    o = (w.output_tokens if output_tokens is None else np.asarray(output_tokens)).astype(np.float64)
+    p = w.prompt_tokens.astype(np.float64)
+    t_fused = minimal_request_time_s(problem, o, fused=True)
+    head = (w.arrival_s.astype(np.float64) if w.precedence is None
+            else w.precedence.earliest_start(t_fused, w.arrival_s))
+    if not np.any(head > 0):
+        return None
+    lats = [inst.profile.latency for inst in problem.instances]
+    kv_steps = o * p + o * (o - 1) / 2
+    # minimal time of each request alone on each instance (a prompt may ride on a decode)
+    alone = np.array([min(l.prefill_base_s, l.decode_base_s) + l.prefill_per_token_s * p
+                      + (l.decode_base_s + l.decode_per_seq_s) * o + l.decode_per_kv_token_s * kv_steps
+                      for l in lats])
+    count = max(4, min(FLEET_RELEASE_THRESHOLDS, 80_000 // (R * m)))
+    thresholds = _release_thresholds(head, head + alone.min(axis=0), count)
+    t = thresholds[:, None]
+    late = head[None, :] >= t
+    rem, area, cost = [], [], []
+    for l in lats:
+        # on this instance (no migration): the first decode after the prompt there, then steps of
+        # at least a + c (p + i); the i-th starts at least S(i) = i (a + c p) + c i (i - 1) / 2
+        # after it, so the steps started before t are the i >= 0 with S(i) < t - e, ceil(root)
+        first_decode = head + min(l.prefill_base_s, l.decode_base_s) + l.prefill_per_token_s * p
+        a, c = l.decode_base_s + l.decode_per_seq_s, l.decode_per_kv_token_s
+        room = np.maximum(t - first_decode[None, :], 0.0)                    # (nt, R)
+        lin = a + c * p - c / 2
+        if c > 0:
+            root = (-lin + np.sqrt(lin * lin + 2.0 * c * room)) / c
+        else:
+            root = room / lin
+        started = np.ceil(root - 1e-12 * np.maximum(root, 1.0))  # a hair below: never more than possible
+        started = np.where(room > 0, np.maximum(started, 1.0), 0.0)
+        left = np.maximum(0.0, o[None, :] - started)                       # (nt, R)
+        done = o[None, :] - left                                            # it reads p + done .. p + o - 1
+        # KV tokens the remainder reads, summed over its steps: also the KV it holds (token-steps)
+        held = left * (p + done) + left * (left - 1) / 2
+        rem.append(left)
+        area.append(held)
+        cost.append(l.decode_per_seq_s * left + c * held + np.where(late, l.prefill_per_token_s * p, 0.0))
+    rem, area, cost = np.array(rem), np.array(area), np.array(cost)    # (m, nt, R)
+    longest = []
+    for k in range(m):
+        tops = np.argsort(-rem[k], axis=1, kind="stable")[:, :FLEET_RELEASE_LONGEST]
+        longest.append([top[rem[k, j, top] > 0] for j, top in enumerate(tops)])
+    return {"head": head, "alone": alone, "thresholds": thresholds, "cost": cost, "remaining": rem,
+            "longest": longest, "base": np.array([l.decode_base_s for l in lats]),
+            "clients": np.array([inst.clients for inst in problem.instances], dtype=np.float64),
+            "area": area, "capacity": np.array([inst.kv_capacity_tokens for inst in problem.instances], dtype=np.float64)}
+
+
+def _release_thresholds(head: np.ndarray, finish: np.ndarray, count: int) -> np.ndarray:
+    """Thresholds of :func:`fleet_release_bound`, seconds: quantiles of the release dates and the
+    release dates of the requests with the latest minimal finish, 0 first."""
+    distinct = np.unique(head)
+    half = max(1, count // 2)
+    quantiles = distinct[np.linspace(0, distinct.size - 1, min(half, distinct.size)).round().astype(np.int64)]
+    latest = head[np.argsort(-finish, kind="stable")[:count - half]]
+    return np.unique(np.r_[0.0, quantiles, latest])
 
 
 def _late_chain(w, t: np.ndarray, head: np.ndarray, late: np.ndarray) -> list[int]:

@@ -267,8 +267,9 @@ def makespan_bounds(problem) -> tuple[list[str], dict]:
     from lloptim.bounds import lower_bound
 
     anywhere = lower_bound(problem)
-    # migration matters to the bound only through chains (precedence): otherwise the same bound
-    fixed = anywhere if problem.workload.precedence is None else lower_bound(problem, migration=False)
+    # on one instance nothing can move; on a fleet chains, KV ramps and release dates
+    # (fleet_release_bound) give schedules without migration a stronger bound
+    fixed = anywhere if len(problem.instances) == 1 else lower_bound(problem, migration=False)
     fields = {"lower_bound": anywhere.to_dict(), "lower_bound_no_migration": fixed.to_dict()}
 
     def both(lb) -> str:
