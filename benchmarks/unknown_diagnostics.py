@@ -165,7 +165,11 @@ class _RevisingQueue(WorkflowQueue):
         mean_p, mean_o = float(w.prompt_tokens.mean()), float(np.mean(ctx.estimates))
         self.work_per_token = np.array([typical_step_s(i.profile.latency, i.clients, mean_p, mean_o)
                                         for i in ctx.problem.instances])
-        self.rank_tail = self.dag.tails(self.weights.min(axis=1))
+        self.rank_tail = np.zeros(w.prompt_tokens.size)  # filled as workflows become known (_learn)
+
+    def _learn(self, rows) -> None:
+        super()._learn(rows)
+        self.rank_tail = self.dag.tails(np.nan_to_num(self.fastest))  # only known rows are read
 
     def _plan(self, rows, release, free, limit, exact, clients=None, work=None) -> None:
         super()._plan(rows, release, free, limit, exact, clients, work=work)

@@ -34,7 +34,8 @@ def typical_step_s(latency: LatencyModel, clients: int, mean_prompt: float, mean
 
 
 def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, instance: int = 0,
-                   prefill_batch: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+                   prefill_batch: float | None = None, rows: np.ndarray | None = None,
+                   means: tuple[float, float] | None = None) -> np.ndarray:
     """Estimated client-time of each request on ``instance``, seconds.
 
     Parameters
@@ -51,6 +52,10 @@ def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, in
         Only these requests (row indices; ``output_tokens`` then has one entry per row): their
         means set the typical step, so an online plan prices the requests it knows without
         reading the others. Default: every request.
+    means
+        Mean prompt and mean output length that set the typical step, tokens (default: those of
+        the requests priced). An online plan that prices requests as they become known passes the
+        means of every request known so far.
 
     Returns
     -------
@@ -64,7 +69,8 @@ def request_work_s(problem: Problem, output_tokens: np.ndarray | None = None, in
         o = o[np.asarray(rows, dtype=np.int64)]
     inst = problem.instances[instance]
     lat = inst.profile.latency
-    step = typical_step_s(lat, inst.clients, float(prompt.mean()), float(o.mean()))
+    mean_prompt, mean_output = (float(prompt.mean()), float(o.mean())) if means is None else means
+    step = typical_step_s(lat, inst.clients, mean_prompt, mean_output)
     batch = max(1.0, inst.clients / 10.0) if prefill_batch is None else float(prefill_batch)
     return step * o + lat.prefill_base_s / batch + lat.prefill_per_token_s * prompt
 

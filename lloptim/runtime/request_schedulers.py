@@ -458,8 +458,9 @@ class WorkflowQueue(GlobalQueue):
         order = np.argsort(self.component, kind="stable")
         bounds = np.searchsorted(self.component[order], np.arange(self.component.max() + 2))
         self.members = [order[bounds[k]:bounds[k + 1]] for k in range(bounds.size - 1)]
-        self.weights = np.column_stack([request_work_s(ctx.problem, ctx.estimates, instance=i)
-                                        for i in range(len(ctx.problem.instances))])
+        # client-seconds of each request on each instance, priced when its workflow becomes known
+        # (:meth:`_learn`, at the typical step of the requests known then: never one not arrived)
+        self.weights = np.full((n, len(ctx.problem.instances)), np.nan)
         self.preds = prec.predecessors()
         self.key = [np.inf] * n
         self.known: set[int] = set()        # workflows (components) in the plan
@@ -469,7 +470,7 @@ class WorkflowQueue(GlobalQueue):
         self.running: dict[int, tuple[int, float]] = {}  # handed out, unfinished: client, when
         self.finished = np.zeros(n, dtype=bool)
         self.batch_time = 0.0
-        self.fastest = self.weights.min(axis=1)
+        self.fastest = np.full(n, np.nan)
         self.planned_work = 0.0
         self.appended_work = 0.0
         self.plan_keys = np.zeros(0)
@@ -537,6 +538,11 @@ class WorkflowQueue(GlobalQueue):
         else:
             prompt, estimate, output = (float(x) for x in self.known_sums[:3] / self.known_sums[3])
         insts = self.ctx.problem.instances
+        est = np.asarray(self.ctx.estimates)[rows]
+        for i in range(len(insts)):
+            self.weights[rows, i] = request_work_s(self.ctx.problem, est, instance=i, rows=rows,
+                                                   means=(prompt, estimate))
+        self.fastest[rows] = self.weights[rows].min(axis=1)
         self.step_s = min(typical_step_s(inst.profile.latency, inst.clients, prompt, estimate) for inst in insts)
         self.step_cost = []
         for inst in insts:
