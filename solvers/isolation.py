@@ -18,6 +18,7 @@ the hard stop.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import sys
 import time
@@ -118,7 +119,15 @@ def run_isolated(fn: Callable, args: tuple, deadline_at: float | None, max_mem_m
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
-    proc.start()
+    # The child's collector must never finalize the parent's garbage: a finalizer of another
+    # library (a Ray actor handle's, measured) can wait forever on a lock that one of the parent's
+    # threads held at the fork, and the child would hang until the deadline, or forever without one.
+    # Objects frozen before the fork are left alone by the child's collector (gc.freeze).
+    gc.freeze()
+    try:
+        proc.start()
+    finally:
+        gc.unfreeze()
     child.close()
     base = peak = 0.0
     value, reason = None, ""

@@ -5,6 +5,8 @@ Timings use generous margins (the machine is shared); ``benchmarks/time_limits.p
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 
 import numpy as np
@@ -45,6 +47,46 @@ def test_isolated_runs_return_fail_and_are_stopped():
     assert run.reason == "time" and time.perf_counter() - t < 0.5 + 2.0
     run = run_isolated(_allocate, (400,), None, 100)
     assert run.reason == "memory" and run.grown_mb > 100 and run.peak_mb > run.grown_mb
+
+
+def _collect():
+    gc.collect()
+    return "collected"
+
+
+@pytest.mark.skipif(not can_isolate(), reason="needs fork")
+def test_the_child_never_finalizes_the_parents_garbage():
+    """A finalizer waiting on a lock a thread of the parent holds at the fork (as a Ray actor
+    handle's did, and hung a test run) must not run in the child: the search returns."""
+    lock, release = threading.Lock(), threading.Event()
+
+    class Holder:
+        def __del__(self):
+            with lock:
+                pass
+
+    def hold():
+        with lock:
+            release.wait(30)
+
+    enabled = gc.isenabled()
+    gc.disable()  # keep the cycle as garbage until the fork
+    thread = threading.Thread(target=hold, daemon=True)
+    try:
+        thread.start()
+        while not lock.locked():
+            time.sleep(0.001)
+        garbage = Holder()
+        garbage.cycle = garbage
+        del garbage
+        run = run_isolated(_collect, (), time.perf_counter() + 2.0, None, grace_s=0.5)
+        assert run.reason == "" and run.value == "collected"
+    finally:
+        release.set()
+        thread.join()
+        if enabled:
+            gc.enable()
+        gc.collect()
 
 
 def test_deadline_shares():
