@@ -81,3 +81,12 @@ def write_csv(name: str, rows: list[dict], partial: bool = False) -> Path | None
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def int_ranges(text: str) -> list[int]:
+    """Integers of a command-line list of numbers and ranges, ``"1-3,7"`` -> ``[1, 2, 3, 7]`` ("" -> [])."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_csv  # noqa: E402
+from _results import int_ranges, write_csv  # noqa: E402
 from memory import BLOCK, CLIENTS, capacity_for, memory_workload  # noqa: E402
 from workflows import CONFIGS, make_problem  # noqa: E402
 
@@ -49,14 +49,6 @@ DEFAULTS = {"memory": {"seeds": "0", "held_out": "200-209", "rhos": "1.0", "conf
                        "variants": "default,start4,start10,rollout,both"},
             "chains": {"seeds": "1-3", "held_out": "200-201", "rhos": "1.0", "configs": "all",
                        "variants": "default,start4,start10,rollout,rollout8,both"}}
-
-
-def _ints(text: str) -> list[int]:
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def _run(problem: Problem, opts: dict, bound_s: float | None, **base) -> dict:
@@ -109,11 +101,11 @@ def main() -> None:
     given = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS[args.what].items()}
     names = given["variants"].split(",")
     if args.what == "memory":
-        cases = memory_cases(_ints(given["seeds"]), _ints(given["held_out"]),
+        cases = memory_cases(int_ranges(given["seeds"]), int_ranges(given["held_out"]),
                              [float(r) for r in given["rhos"].split(",")])
     else:
-        chosen = CONFIGS["chains"] if given["configs"] == "all" else [CONFIGS["chains"][i] for i in _ints(given["configs"])]
-        cases = chain_cases(_ints(given["seeds"]), _ints(given["held_out"]), chosen)
+        chosen = CONFIGS["chains"] if given["configs"] == "all" else [CONFIGS["chains"][i] for i in int_ranges(given["configs"])]
+        cases = chain_cases(int_ranges(given["seeds"]), int_ranges(given["held_out"]), chosen)
     print(f"gap to the bound in % (simulations, wall s) per variant: {names}")
     rows: list[dict] = []
     t0 = time.perf_counter()

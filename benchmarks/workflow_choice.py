@@ -29,21 +29,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_csv  # noqa: E402
+from _results import int_ranges, write_csv  # noqa: E402
 from workflows import CONFIGS, make_problem  # noqa: E402
 
 from lloptim import lower_bound, run_policy, workloads  # noqa: E402
 from lloptim.runtime.hybrid import hybrid_policy  # noqa: E402
 
 DEFAULTS = {"candidates": "1,4,8", "seeds": "1-10", "held_out": "120-124", "configs": "all"}
-
-
-def _ints(text: str) -> list[int]:
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def _label(case: dict) -> str:
@@ -81,8 +73,8 @@ def main() -> None:
                     help="indices into the chain study's cases (0-6, comma-separated) or 'all'")
     args = ap.parse_args()
     ks = [int(k) for k in args.candidates.split(",")]
-    cases = CONFIGS["chains"] if args.configs == "all" else [CONFIGS["chains"][i] for i in _ints(args.configs)]
-    sets = {"report": _ints(args.seeds), "held-out": _ints(args.held_out)}
+    cases = CONFIGS["chains"] if args.configs == "all" else [CONFIGS["chains"][i] for i in int_ranges(args.configs)]
+    sets = {"report": int_ranges(args.seeds), "held-out": int_ranges(args.held_out)}
     print("hybrid on chains at time 0, known lengths: gap to the bound without migration (mean / worst), "
           "cases where the default was kept, wall seconds per run (mean)")
     print(f"{'case':<38}{'seeds':<10}" + "".join(f"{'K = ' + str(k):>28}" for k in ks))
