@@ -100,22 +100,19 @@ def _check_ignored(dispatch: str, given: dict) -> None:
     The tables are :data:`SORTED_ONLY`, :data:`PLAN_ONLY` and :data:`SEPARATE_ONLY`; ``given`` maps
     each option of :func:`hybrid_policy` they name (and ``fused``) to its value.
     """
-    if dispatch == "plan":
-        for name, default in SORTED_ONLY.items():
+    # (options only the other dispatch reads, how each dispatch is named, the -p variant of the other)
+    other = {"plan": (SORTED_ONLY, "the sorted dispatch only (dispatch='sorted': hybrid, hybrid-fused)",
+                      "dispatch='plan' (hybrid-plan, hybrid-fused-plan)", "sorted", "hybrid"),
+             "sorted": (PLAN_ONLY, "the planned dispatch only (dispatch='plan': hybrid-plan, hybrid-fused-plan)",
+                        "dispatch='sorted' (hybrid, hybrid-fused)", "plan", "hybrid-plan")}.get(dispatch)
+    if other is not None:
+        table, applies, this, that, variant = other
+        for name, default in table.items():
             if _differs(given[name], default):
-                raise SpecError(f"policy.hybrid.{name}",
-                                f"applies to the sorted dispatch only (dispatch='sorted': hybrid, hybrid-fused); "
-                                f"dispatch='plan' (hybrid-plan, hybrid-fused-plan) would ignore "
+                raise SpecError(f"policy.hybrid.{name}", f"applies to {applies}; {this} would ignore "
                                 f"{name}={_shown(given[name])}",
-                                f"leave {name} out with dispatch='plan', or use dispatch='sorted' (-p hybrid)")
-    elif dispatch == "sorted":
-        for name, default in PLAN_ONLY.items():
-            if _differs(given[name], default):
-                raise SpecError(f"policy.hybrid.{name}",
-                                f"applies to the planned dispatch only (dispatch='plan': hybrid-plan, "
-                                f"hybrid-fused-plan); dispatch='sorted' (hybrid, hybrid-fused) would ignore "
-                                f"{name}={_shown(given[name])}",
-                                f"leave {name} out with dispatch='sorted', or use dispatch='plan' (-p hybrid-plan)")
+                                f"leave {name} out with dispatch='{dispatch}', or use dispatch='{that}' (-p {variant})")
+    if dispatch == "sorted":
         if given["rollout_epochs"] == 0:
             for name in ("rollout_candidates", "rollout_budget_s"):
                 if _differs(given[name], SORTED_ONLY[name]):
