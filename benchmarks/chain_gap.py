@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +41,9 @@ from lloptim import Instance, Problem, lower_bound, run_policy, workloads
 from lloptim.hardware import load_profile
 from lloptim.runtime.policy import Policy, RequestScheduler
 from lloptim.runtime.registry import make_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import int_ranges  # noqa: E402
 
 
 class ScriptedQueues(RequestScheduler):
@@ -122,14 +127,6 @@ def search(problem: Problem, start, iters: int, rng: np.random.Generator) -> tup
     return first, best, best_cap
 
 
-def _seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chains", type=int, default=14, help="three-step chains (count)")
@@ -141,7 +138,7 @@ def main() -> None:
           "gaps above the fused bound without migration, %")
     print(f"{'seed':>5} {'path/bound':>10} {'hybrid':>7} {'best':>7} {'schedule>=':>10} {'bound<=':>8} {'caps':>8} {'s':>4}")
     rows = []
-    for seed in _seeds(args.seeds):
+    for seed in int_ranges(args.seeds):
         t0 = time.perf_counter()
         problem = analogue(args.chains, args.clients, seed)
         lb = lower_bound(problem, migration=False)
