@@ -30,7 +30,7 @@ from lloptim.memory import blocks, decode_area_tokens
 from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
-__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
+__all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "FleetMemoryWatch", "FLEET_FLUID_BINDS", "admitted_set", "memory_can_bind", "planned_start_keys",
            "fleet_memory_split", "fleet_speed_mask", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
            "memory_sets_steps"]
 
@@ -1051,6 +1051,80 @@ def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.nd
         home[order] = np.argmax(np.asarray(res.value("y"), dtype=np.float64).reshape(sel.size, m), axis=1)
     return home
 
+
+
+#: Fluid memory share at which a fleet instance's KV memory counts as binding for
+#: :class:`FleetMemoryWatch`: the known requests' KV area per memory token over their decode
+#: steps per client (1: in the fluid equilibrium the cache fills before the clients do).
+FLEET_FLUID_BINDS = 1.0
+
+
+class FleetMemoryWatch:
+    """Whether a fleet's KV memory binds, from the requests known so far, kept as they arrive.
+
+    The hybrid decides at its first dispatch whether a cache can fill up; on a fleet whose
+    requests arrive over time only the first few are known then, and without a later look the
+    run stays on the least-slack dispatch with the fleet prices, which model clients but not
+    memory: the engine preempts for memory over and over (2,500 preemptions in 800 requests on
+    ``benchmarks/stress_flow.py``'s ``fleet-kv``) and a long request admitted late to the slow
+    instance is preempted a dozen times and ends the run (docs, *KV memory*, fleets). An
+    instance ``k`` *binds* once both hold over the known requests:
+
+    * its cache can fill up (:class:`KnownMemory`: its clients' largest peaks exceed it), and
+    * memory, not clients, sets its decode steps in the fluid model: the known requests' KV
+      area on its blocks over its capacity ``M_k`` is at least :data:`FLEET_FLUID_BINDS` times
+      their estimated output tokens over its clients ``C_k`` (the mean context a decode step
+      holds, weighted by output, is above ``M_k / C_k``).
+
+    The second test keeps fleets whose caches could fill only on a rare coincidence of the
+    longest requests (heavy tails on a large cache, ``fleet-mixed``: fluid share 0.2-0.35) on the
+    dispatch that serves them, where the memory-aware queue loses (21.9 % to 50.5 % above the
+    bound on ``fleet-mixed`` seed 1 at load 1.5).
+
+    Parameters
+    ----------
+    ctx
+        The run (prompts, caps, estimates, instances); a request's values are read only by
+        :meth:`add`.
+
+    Attributes
+    ----------
+    binds : bool
+        Whether some instance binds (as above) over the requests added so far.
+    n_known : int
+        Requests added so far (count).
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        insts = ctx.problem.instances
+        self.can_fill = KnownMemory(ctx)
+        self.estimates = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)), 1.0)
+        self.areas = [estimated_kv_areas(ctx, k) for k in range(len(insts))]
+        self.per_token = np.array([1.0 / (i.kv_blocks * i.kv_block_tokens) for i in insts])
+        self.per_step = np.array([1.0 / i.clients for i in insts])
+        self.area = np.zeros(len(insts))    # KV area of the known requests on each instance's blocks, token-steps
+        self.output = 0.0                   # their estimated output tokens
+        self.binds = False
+        self.n_known = 0
+
+    def add(self, request: int) -> bool:
+        """``request`` became known; returns :attr:`binds`.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        """
+        self.n_known += 1
+        if self.binds:
+            return True
+        self.can_fill.add(request)
+        self.output += float(self.estimates[request])
+        for k, area in enumerate(self.areas):
+            self.area[k] += float(area[request])
+        fluid = self.area * self.per_token >= FLEET_FLUID_BINDS * self.output * self.per_step
+        self.binds = bool(np.any(fluid & np.asarray(self.can_fill.binds)))
+        return self.binds
 
 class FluidPacedQueue(RequestScheduler):
     """WAIT: per-type admission rates from the fluid model, paced per decode step.
