@@ -31,7 +31,7 @@ from lloptim.runtime.kv import ProjectedMemory
 from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "FleetMemoryWatch", "FLEET_FLUID_BINDS", "admitted_set", "memory_can_bind", "planned_start_keys",
-           "fleet_memory_split", "fleet_speed_mask", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
+           "fleet_memory_split", "fleet_speed_mask", "fleet_speed_horizon", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
            "memory_sets_steps"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
@@ -578,6 +578,8 @@ class MemoryAwareQueue(RequestScheduler):
         self.speeds_differ = self.fleet_speeds and len(insts) > 1 and len({(i.profile.latency, i.clients) for i in insts}) > 1
         self.allowed: np.ndarray | None = None
         self.allowed_n = 0
+        self.allowed_upto = 0                 # known requests whose row of ``allowed`` is set
+        self.speed_horizon: tuple | None = None
         self._nothing_here: dict[int, tuple] = {}  # instance -> stamp at which nothing in order could start there
         self.steals = 0
         self.refusals = 0
@@ -725,8 +727,17 @@ class MemoryAwareQueue(RequestScheduler):
         if self.allowed is None or len(self.known) >= REPLAN_GROWTH * self.allowed_n:
             rows = np.asarray(self.known, dtype=np.int64)
             self.allowed = np.ones((self.ctx.problem.n_requests, len(self.binds)), dtype=bool)
-            self.allowed[rows] = fleet_speed_mask(self.ctx, rows)
-            self.allowed_n = rows.size
+            self.speed_horizon = fleet_speed_horizon(self.ctx, rows)
+            self.allowed[rows] = fleet_speed_mask(self.ctx, rows, self.speed_horizon)
+            self.allowed_n = self.allowed_upto = rows.size
+        elif len(self.known) > self.allowed_upto:
+            # requests that arrived since: the same test against the last horizon (until the known
+            # requests have grown enough for a new one); before, they could start anywhere, and a
+            # 3,000-token request arriving at 147 s went to an instance 2x slower and ended the
+            # run 85 s after the rest
+            rows = np.asarray(self.known[self.allowed_upto:], dtype=np.int64)
+            self.allowed[rows] = fleet_speed_mask(self.ctx, rows, self.speed_horizon)
+            self.allowed_upto = len(self.known)
         stamp = (self._key(state), self.n_pending)
         if self._nothing_here.get(state.index) == stamp or (self.binds[state.index] and self._refused == stamp):
             return None  # refused a moment ago and nothing has changed since
@@ -951,7 +962,7 @@ class MemoryAwareQueue(RequestScheduler):
         self._enter(request)
 
 
-def fleet_speed_mask(ctx: RunContext, rows: np.ndarray) -> np.ndarray:
+def fleet_speed_mask(ctx: RunContext, rows: np.ndarray, horizon: tuple[np.ndarray, float] | None = None) -> np.ndarray:
     """Where each request may start on a fleet of different speeds: not where it alone outlasts the horizon.
 
     Request ``r`` holds a client of instance ``k`` for about ``(o_r + 1) s_k`` seconds (its
@@ -971,12 +982,42 @@ def fleet_speed_mask(ctx: RunContext, rows: np.ndarray) -> np.ndarray:
         The run (prompts, caps, estimates, instances).
     rows
         Row indices of the requests (the ones known so far).
+    horizon
+        ``(s, T)`` of :func:`fleet_speed_horizon` over other rows (the requests known when it was
+        computed): the test of ``rows`` against them, without a new bound. None: computed from
+        ``rows``.
 
     Returns
     -------
     numpy.ndarray
         ``(len(rows), m)`` bool: whether each request may start on each instance (every row has
         at least one True).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.ones((0, len(ctx.problem.instances)), dtype=bool)
+    step, T = fleet_speed_horizon(ctx, rows) if horizon is None else horizon
+    est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)[rows]), 1.0)
+    alone = (est[:, None] + 1.0) * step[None, :]
+    return (alone <= T) | (alone <= alone.min(axis=1, keepdims=True))
+
+
+def fleet_speed_horizon(ctx: RunContext, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """The full-batch decode step of each instance and the horizon of :func:`fleet_speed_mask`, over ``rows``.
+
+    Parameters
+    ----------
+    ctx
+        The run (prompts, caps, estimates, instances).
+    rows
+        Row indices of the requests (the ones known so far; not empty).
+
+    Returns
+    -------
+    tuple
+        ``(s, T)``: ``(m,)`` decode-step seconds of each instance with every client busy and its
+        cache as full as a batch of these requests makes it, and the memory-aware makespan bound
+        of ``rows``, seconds.
     """
     from lloptim.bounds import lower_bound
     from lloptim.problem import Problem, Workload
@@ -986,12 +1027,9 @@ def fleet_speed_mask(ctx: RunContext, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     w = problem.workload
     est = np.maximum(np.ceil(np.asarray(ctx.estimates, dtype=np.float64)[rows]), 1.0)
-    if rows.size == 0:
-        return np.ones((0, len(insts)), dtype=bool)
     context = float(np.mean(w.prompt_tokens[rows] + est / 2.0))
     step = np.array([i.profile.latency.decode_time(i.clients, min(i.clients * context, i.kv_blocks * i.kv_block_tokens))
                      for i in insts])
-    alone = (est[:, None] + 1.0) * step[None, :]
     # the horizon's requests: the estimates as outputs, within each cap and within every cache
     # (an estimate may exceed both; the true length cannot)
     prompt = w.prompt_tokens[rows]
@@ -1004,8 +1042,7 @@ def fleet_speed_mask(ctx: RunContext, rows: np.ndarray) -> np.ndarray:
     blocks = [i.kv_block_tokens for i in insts]
     horizon = lower_bound(Problem(known, insts), kv_mode=modes, kv_block_tokens=blocks, estimates=out,
                           migration=False)
-    T = min(horizon.total_s, horizon.fused_s)
-    return (alone <= T) | (alone <= alone.min(axis=1, keepdims=True))
+    return step, float(min(horizon.total_s, horizon.fused_s))
 
 
 def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.ndarray:
