@@ -304,9 +304,9 @@ class HybridDispatch(WorkflowQueue):
         at ``now``) go to the memory-aware queue, ordered by least slack (requests arrive during
         the run). What the clients hold stays where it runs. On ``fleet-kv`` of
         ``benchmarks/stress_flow.py`` (2 instances, 1x and 1.6x slower, KV binding, 150 % load) the
-        makespan fell from 23.3 / 19.1 % above the bound to 8.5 / 6.9 % (seeds 0 / 1; WAIT 13.8 /
-        15.8 %) and the preemptions from 2,500 to none (docs, *KV memory*, fleets). One instance keeps
-        the first decision (:meth:`_start`).
+        makespan fell from 23.3 / 19.1 % above the bound to 7.0 / 8.4 % (seeds 0 / 1; WAIT 13.8 /
+        15.8 %) and the preemptions from 2,500 to none (docs, *KV memory*, *Found and fixed*). One
+        instance keeps the first decision (:meth:`_start`).
         """
         self.memory_watch = None
         queued = sorted(r for _, r in self.ready)

@@ -1118,7 +1118,6 @@ def fleet_memory_split(ctx: RunContext, rows: np.ndarray | None = None) -> np.nd
     return home
 
 
-
 #: Fluid memory share at which a fleet instance's KV memory counts as binding for
 #: :class:`FleetMemoryWatch`: the known requests' KV area per memory token over their decode
 #: steps per client (1: in the fluid equilibrium the cache fills before the clients do).
@@ -1150,8 +1149,8 @@ class FleetMemoryWatch:
     Parameters
     ----------
     ctx
-        The run (prompts, caps, estimates, instances); a request's values are read only by
-        :meth:`add`.
+        The run (prompts, caps, estimates, instances); each request's KV area is computed up
+        front and counted only once :meth:`add` is told of it.
 
     Attributes
     ----------
