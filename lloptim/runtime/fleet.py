@@ -147,6 +147,12 @@ _WARM_LP = True
 #: Rebuild the warm LP from scratch once it holds more rows of started requests than this many
 #: plus its live ones (rows of started requests are kept at zero, not deleted, so the basis stays valid).
 REBUILD_SLACK = 64
+#: Requests nearest to a tie between two classes of instances that the LP over the requests near
+#: a tie (``_WarmSplitLP._near_ties``) leaves free; the others are pooled by class. A speed knob
+#: only: the answer is the full LP's or none.
+NEAR_TIES = 48
+#: Times the LP over the requests near a tie is re-solved with the fixed requests that moved.
+NEAR_TIE_ROUNDS = 3
 
 
 class _WarmSplitLP:
@@ -195,7 +201,10 @@ class _WarmSplitLP:
         self._highspy = highspy
         self.h = None
         self.w: np.ndarray | None = None   # the last solve's prices times the slowness (sum 1)
+        self.guess: np.ndarray | None = None   # the last prices (observed scale) that were all positive
+        self.y = np.zeros((n, m))          # the last solve's y[k, r] of each request it held
         self.shortcuts = 0   # answers without a solve (count)
+        self.restricted = 0  # answers by the LP over the requests near a tie (count)
         self.degenerate = 0  # solves whose prices were not unique, answered by split_lp (count)
 
     def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
@@ -211,7 +220,6 @@ class _WarmSplitLP:
         self.h = h
         self.slot_of = np.full(self.n, -1, dtype=np.int64)   # request -> its slot (its row is m + slot)
         self.live = np.zeros(0, dtype=bool)
-        self.y = np.zeros((0, m))                             # the last solve's y[k, r], by slot
         self.request = np.zeros(0, dtype=np.int64)            # request of each slot
         self.slowness = s.copy()
         self._add(rows, v[rows])
@@ -236,7 +244,6 @@ class _WarmSplitLP:
                   np.arange(0, 2 * k, 2, dtype=np.int32), idx.ravel(), val.ravel())
         self.slot_of[rows] = first + np.arange(n)
         self.live = np.r_[self.live, np.ones(n, dtype=bool)]
-        self.y = np.r_[self.y, np.zeros((n, m))]
         self.request = np.r_[self.request, rows]
 
     def _one_binding(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
@@ -252,8 +259,7 @@ class _WarmSplitLP:
         vq[:, j] = np.inf                                     # nothing may go to j
         margin = 1e-9 * abs(T)
         limit = T - margin
-        slots = self.slot_of[queued]
-        y = np.where((slots >= 0)[:, None], self.y[np.maximum(slots, 0)], 0.0)
+        y = self.y[queued]
         fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
         y[fresh] = 0.0
         kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
@@ -290,18 +296,7 @@ class _WarmSplitLP:
         vq = v[queued]
         # classes of instances whose columns are proportional on these requests (the same kind, or
         # one only slower in proportion): every request ties within a class, so it is solved as one
-        label = np.full(m, -1)
-        rho = np.ones(m)
-        reps: list[int] = []
-        for k in range(m):
-            for g, rep in enumerate(reps):
-                ratio = vq[:, k] / vq[:, rep]
-                if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
-                    label[k], rho[k] = g, ratio[0]
-                    break
-            else:
-                label[k] = len(reps)
-                reps.append(k)
+        label, rho, reps = _proportional_classes(vq)
         n_g = len(reps)
         if queued.size < n_g - 1:
             return None
@@ -369,6 +364,10 @@ class _WarmSplitLP:
             if out is not None:
                 self.shortcuts += 1
                 return out
+            out = self._near_ties(queued, v, s, b)
+            if out is not None:
+                self.restricted += 1
+                return out
         dead = 0 if self.h is None else self.live.size - int((self.slot_of[queued] >= 0).sum())
         if self.h is None or dead > REBUILD_SLACK + queued.size:
             self._build(queued, v, s, b)
@@ -395,26 +394,110 @@ class _WarmSplitLP:
             return self._plain(queued, v, s, b)
         sol = h.getSolution()
         x = np.asarray(sol.col_value, dtype=np.float64)
-        self.y = x[1:].reshape(-1, m)
+        y = x[1:].reshape(-1, m)[self.live]
         T = float(x[0])
         lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
-        w = np.clip(lam, 0.0, None) * self.slowness
+        live = self.request[self.live]
+        if not self._accept(lam, T, s, b, y, live, v[live] * s[None, :]):
+            self.degenerate += 1
+            return self._plain(queued, v, s, b)
+        return lam, T
+
+    def _near_ties(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` from the LP over the requests near a tie under the last prices, when that is the LP's answer.
+
+        Under overload the queue holds thousands of requests, and between two solves only those
+        whose cheapest class of instances is nearly tied with another can move. Requests are
+        grouped by the classes of proportional instances (:func:`_proportional_classes`); the
+        :data:`NEAR_TIES` whose cheapest class under the last positive prices is nearest to a
+        tie stay free, and the others are fixed to their cheapest class, pooled into one row per
+        class (its columns on that class's instances only). The small LP (HiGHS, from scratch)
+        is a restriction of the full one, so its makespan is at least the full one's; its
+        solution, with the fixed requests split over their class's instances as their pool is,
+        is optimal for the full LP when every fixed request is still cheapest on its class at the
+        new prices (it then satisfies the full LP's optimality conditions), and its prices are
+        the only optimal ones when its vertex is not degenerate (every optimal dual of the full
+        LP is one of the small LP). Fixed requests that are no longer cheapest on their class
+        join the free ones and it is solved again (:data:`NEAR_TIE_ROUNDS` times at most);
+        otherwise, or when degenerate, None (the full LP answers).
+        """
+        guess = self.guess
+        R = queued.size
+        if guess is None or R <= 2 * NEAR_TIES:
+            return None
+        m = self.m
+        V = v[queued] * s[None, :]                       # observed instance-seconds
+        label, rho, reps = _proportional_classes(V)
+        n_g = len(reps)
+        U = V[:, reps]                                   # seconds on each class's first instance
+        members = [np.flatnonzero(label == g) for g in range(n_g)]
+        cost = U * np.array([(guess * rho)[mem].min() for mem in members])[None, :]
+        owner = np.argmin(cost, axis=1)
+        if n_g > 1:
+            two = np.partition(cost, 1, axis=1)
+            gap = two[:, 1] / np.maximum(two[:, 0], 1e-300)
+            free = np.zeros(R, dtype=bool)
+            free[np.argpartition(gap, NEAR_TIES)[:NEAR_TIES]] = True
+        else:
+            free = np.zeros(R, dtype=bool)
+        for _ in range(NEAR_TIE_ROUNDS):
+            fixed = ~free
+            pool = np.bincount(owner[fixed], weights=U[fixed, owner[fixed]], minlength=n_g)
+            pools = [g for g in range(n_g) if pool[g] > 0]
+            # the pooled row of class g: rho_k pool_g seconds on each of its instances k
+            vp = np.zeros((len(pools), m))
+            for i, g in enumerate(pools):
+                vp[i, members[g]] = rho[members[g]] * pool[g]
+            vf = V[free]
+            out = _small_split(np.r_[vf, vp], b, np.r_[np.ones(vf.shape, dtype=bool), vp > 0], self._highspy)
+            if out is None:
+                return None
+            lam, T, y = out
+            priced = V * lam[None, :]
+            best = np.stack([priced[:, mem].min(axis=1) for mem in members], axis=1)
+            mine = best[np.arange(R), owner]
+            best[np.arange(R), owner] = np.inf
+            moved = fixed & (mine > best.min(axis=1) * (1.0 - 1e-9))
+            if not moved.any():
+                break
+            free |= moved
+        else:
+            return None
+        rows = queued[free]
+        nf = rows.size
+        ys = np.zeros((R, m))
+        ys[free] = y[:nf]
+        for i, g in enumerate(pools):
+            ys[fixed & (owner == g)] = y[nf + i]
+        if not self._accept(lam, T, s, b, y, rows, np.r_[vf, vp]):
+            return None
+        self.y[queued[fixed]] = ys[fixed]
+        return lam, T
+
+    def _accept(self, lam: np.ndarray, T: float, s: np.ndarray, b: np.ndarray, y: np.ndarray,
+                rows: np.ndarray, vy: np.ndarray) -> bool:
+        """Keep an optimal solution's prices and shares; whether its prices are the LP's only optimal ones.
+
+        ``y`` are the shares ``(k, m)`` of the LP's rows, the first ``len(rows)`` those of the
+        requests ``rows``, and ``vy`` their observed instance-seconds. The prices are unique when the optimal vertex is not degenerate: as many
+        positive basic values (the y's, T, the capacity rows' slacks) as rows; otherwise another
+        solver path may stop at another optimal vertex, so the reference solve must answer.
+        """
+        m = self.m
+        self.y[rows] = y[:rows.size]
+        w = np.clip(lam, 0.0, None) * s
         self.w = None
         if w.sum() > 0 and np.all(np.isfinite(w)):
             w = w / w.sum()
             w[w < PRICE_FLOOR] = 0.0
             self.w = w / w.sum()
-        # the prices are unique when the optimal vertex is not degenerate: as many positive basic
-        # values (the y's, T, the capacity rows' slacks) as rows; otherwise another solver path may
-        # stop at another optimal vertex, so the reference solve answers (the LP is small then)
-        y = self.y[self.live]
-        slack = T - b - s * np.bincount(np.tile(np.arange(m), y.shape[0]),
-                                        weights=(y * v[self.request[self.live]]).ravel(), minlength=m)
+        slack = T - b - (y * vy).sum(axis=0)
         if int((y > 1e-9).sum()) + 1 + int((slack > 1e-9 * max(1.0, abs(T))).sum()) != m + y.shape[0]:
-            self.degenerate += 1
             self.w = None
-            return self._plain(queued, v, s, b)
-        return lam, T
+            return False
+        if self.w is not None and (self.w > 0).all():
+            self.guess = lam * s
+        return True
 
     @staticmethod
     def _plain(queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
@@ -423,6 +506,63 @@ class _WarmSplitLP:
         if res.status != 0:
             return None
         return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+
+
+def _small_split(v: np.ndarray, committed: np.ndarray, allowed: np.ndarray, highspy):
+    """The LP of :func:`split_lp` over rows ``v`` (``(k, m)`` seconds) where ``allowed``, solved by HiGHS.
+
+    Returns ``(lambda, T, y)`` (the capacity rows' duals, the makespan, s, and the ``(k, m)``
+    shares), or None when HiGHS does not reach an optimum.
+    """
+    k, m = v.shape
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    inf = highspy.kHighsInf
+    h.addCol(1.0, -inf, inf, 0, np.empty(0, np.int32), np.empty(0))  # T
+    b = np.asarray(committed, dtype=np.float64)
+    h.addRows(m, np.full(m, -inf), -b, m, np.arange(m, dtype=np.int32), np.zeros(m, dtype=np.int32), -np.ones(m))
+    h.addRows(k, np.ones(k), np.ones(k), 0, np.zeros(k, dtype=np.int32), np.empty(0, np.int32), np.empty(0))
+    r, c = np.nonzero(allowed)                       # columns y[r, c], row-major
+    n = r.size
+    idx = np.empty((n, 2), dtype=np.int32)
+    idx[:, 0] = c
+    idx[:, 1] = m + r
+    val = np.empty((n, 2))
+    val[:, 0] = v[r, c]
+    val[:, 1] = 1.0
+    h.addCols(n, np.zeros(n), np.zeros(n), np.full(n, inf), 2 * n, np.arange(0, 2 * n, 2, dtype=np.int32),
+              idx.ravel(), val.ravel())
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    sol = h.getSolution()
+    x = np.asarray(sol.col_value, dtype=np.float64)
+    y = np.zeros((k, m))
+    y[r, c] = x[1:]
+    return -np.asarray(sol.row_dual[:m], dtype=np.float64), float(x[0]), y
+
+
+def _proportional_classes(vq: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Classes of instances whose columns of ``vq`` (``(R, m)`` seconds) are proportional.
+
+    Returns ``(label, rho, reps)``: the class of each instance, its column over its class's first
+    instance (``vq[:, k] = rho[k] vq[:, reps[label[k]]]`` to ``1e-12``), and that first instance
+    of each class.
+    """
+    m = vq.shape[1]
+    label = np.full(m, -1)
+    rho = np.ones(m)
+    reps: list[int] = []
+    for k in range(m):
+        for g, rep in enumerate(reps):
+            ratio = vq[:, k] / vq[:, rep]
+            if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
+                label[k], rho[k] = g, ratio[0]
+                break
+        else:
+            label[k] = len(reps)
+            reps.append(k)
+    return label, rho, reps
 
 
 def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
