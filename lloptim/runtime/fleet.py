@@ -565,6 +565,14 @@ def _proportional_classes(vq: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[
     return label, rho, reps
 
 
+def _row_min(a: np.ndarray) -> np.ndarray:
+    """``a.min(axis=1)`` of a ``(n, m)`` array with few columns, a column at a time (the same values, faster)."""
+    out = a[:, 0].copy()
+    for k in range(1, a.shape[1]):
+        np.minimum(out, a[:, k], out=out)
+    return out
+
+
 def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
     """``(finish, instance)`` of the earliest completion over the ``allowed`` instances with a free client slot.
 
@@ -652,6 +660,8 @@ class FleetPrices:
         self.v = np.zeros((n, m))              # instance-seconds of each known request on each instance
         self.queued = np.zeros(n, dtype=bool)
         self.n_queued = 0
+        self._edits = 0                        # changes of the queue or its keys (count)
+        self._queued_at: tuple | None = None   # (edits, _queued_keys()) of the last read
         self.changes = 0                       # queue changes since the last solve
         self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
@@ -681,6 +691,7 @@ class FleetPrices:
         """
         if not self.active:
             return
+        self._edits += 1
         self.key[request] = np.nan if key is None else key
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
@@ -716,6 +727,7 @@ class FleetPrices:
                 else:
                     hold = self._holds(np.array([request]), states)[0, k]
                 self.predicted[client] = float(hold / self.slowness[k])
+            self._edits += 1
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -759,6 +771,7 @@ class FleetPrices:
         if not self.active:
             return
         self.version += 1
+        self._edits += 1
         if key is not None:
             self.key[request] = key
         for c, (r, _) in list(self.holding.items()):
@@ -886,7 +899,34 @@ class FleetPrices:
         cs = np.asarray(self.ctx.extra["client_state"])
         idle = np.maximum(now, np.array([st.now for st in states]))[ci]
         t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
-        return [np.sort(t[c[cs[c] != FAILED]]).tolist() for c in self._instance_clients]
+        live = cs != FAILED
+        k = ci[live]
+        t = t[live]
+        t = t[np.lexsort((t, k))].tolist()              # by instance, then time: one sort, one list
+        cut = np.cumsum(np.bincount(k, minlength=self.m)).tolist()
+        return [t[a:z] for a, z in zip([0] + cut[:-1], cut)]
+
+    def _queued_keys(self) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        """Rows and keys of the queued requests, and the first :data:`SCAN_LIMIT` of them in key order.
+
+        The first are ``(rows, keys)`` sorted by key, then row (None when a key is not known);
+        computed once per change of the queue (the idle clients of one step ask in turn).
+        """
+        if self._queued_at is not None and self._queued_at[0] == self._edits:
+            return self._queued_at[1]
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        head = None
+        if rows.size and not np.isnan(keys).any():
+            r, k = rows, keys
+            if rows.size > SCAN_LIMIT:
+                kth = k[np.argpartition(k, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
+                sel = k <= kth                      # every tie of the last key, decided by row below
+                r, k = r[sel], k[sel]
+            order = np.lexsort((r, k))[:SCAN_LIMIT]
+            head = (r[order], k[order])
+        self._queued_at = (self._edits, (rows, keys, head))
+        return rows, keys, head
 
     def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
@@ -894,15 +934,9 @@ class FleetPrices:
         From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
         the queue's first item agrees; from the heap otherwise.
         """
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        if rows.size == len(queue) and queue and not np.isnan(keys).any():
-            if rows.size > SCAN_LIMIT:
-                kth = keys[np.argpartition(keys, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
-                sel = keys <= kth                   # every tie of the last key, decided by row below
-                rows, keys = rows[sel], keys[sel]
-            order = np.lexsort((rows, keys))[:SCAN_LIMIT]
-            rows, keys = rows[order], keys[order]
+        rows, keys, head = self._queued_keys()
+        if rows.size == len(queue) and queue and head is not None:
+            rows, keys = head
             if (keys[0], rows[0]) == queue[0]:
                 return rows, keys
         head = heapq.nsmallest(SCAN_LIMIT, queue)
@@ -919,7 +953,7 @@ class FleetPrices:
         # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
         scale = self.slowness if self.mode == "lp" else 1.0
         priced = (self.prices * scale)[None, :] * self.v[rows]
-        mu = priced.min(axis=1, keepdims=True)
+        mu = _row_min(priced)[:, None]
         return priced - mu <= self.tolerance * mu
 
     def pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
@@ -964,55 +998,68 @@ class FleetPrices:
         head_holds = holds_all[held.size:]
         holds = head_holds.tolist()                        # lists: the scan below is scalar Python
         oks = self.belongs_rows(head_rows).tolist()
-        head = list(zip(head_keys.tolist(), head_rows.tolist()))
-        everywhere = [True] * self.m
-        horizon = self.horizon_s
+        keys_list = head_keys.tolist()
+        rows_list = head_rows.tolist()
+        horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
-        for pos, item in enumerate(head):
+        ks = range(self.m)
+        for pos in range(len(rows_list)):
             hold = holds[pos]
-            best, where = _earliest(tops, hold, oks[pos], instance)
-            if best > horizon and past_horizon:
+            ok = oks[pos]
+            # earliest completion over the instances where it belongs (ties to the asking one;
+            # _earliest written out: this loop is the dispatch's cost on a long queue)
+            best, where = np.inf, -1
+            for k in ks:
+                if ok[k]:
+                    finish = tops[k] + hold[k]
+                    if finish < best or (finish == best and k == instance):
+                        best, where = finish, k
+            if best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                best, where = _earliest(tops, hold, everywhere, instance)
+                best, where = _earliest(tops, hold, [True] * self.m, instance)
             if where == instance:
                 if pos:
                     self.steered += 1
-                self._picked = (item[1], now, hold)
-                return item
+                self._picked = (rows_list[pos], now, hold)
+                return keys_list[pos], rows_list[pos]
             if where >= 0:
                 heap = heaps[where]
                 heapq.heapreplace(heap, best)
                 tops[where] = heap[0]
-        if len(queue) <= len(head):
+        if len(queue) <= len(rows_list):
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        if rows.size != len(queue) or np.isnan(keys).any():
+        rows, keys, known = self._queued_keys()
+        if rows.size != len(queue) or known is None:
             keys = np.array([k for k, _ in queue])
             rows = np.array([r for _, r in queue], dtype=np.int64)
+        # only requests not in the head that belong here can be taken: the belongs test of this
+        # instance first, the others' and the holds (the costly part) for those alone
+        after = keys > keys_list[-1]
+        rows, keys = rows[after], keys[after]
         v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
         if self.mode == "ect":
+            cand = np.arange(rows.size)
             ok = np.ones(v.shape, dtype=bool)
         else:
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
-            ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
-        # only requests that belong here and were not in the head can be taken: the holds (the
-        # costly part) of those alone
-        cand = np.flatnonzero(ok[:, instance] & (keys > head[-1][0]))
+            mu = _row_min(priced)
+            cand = np.flatnonzero(priced[:, instance] - mu <= self.tolerance * mu)
+            mu = mu[cand, None]
+            ok = priced[cand] - mu <= self.tolerance * mu
         if not cand.size:
             return None
-        rows, keys, ok = rows[cand], keys[cand], ok[cand]
+        rows, keys = rows[cand], keys[cand]
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
         holds_q = self._holds(rows, states)
         finish = ready_at[None, :] + holds_q
         finish[~ok] = np.inf
         here = finish[:, instance].copy()
         finish[:, instance] = np.inf
-        good = here <= finish.min(axis=1)
+        good = here <= _row_min(finish)
         if not good.any():
             return None
         best_key = keys[good].min()
