@@ -517,6 +517,7 @@ def _small_split(v: np.ndarray, committed: np.ndarray, allowed: np.ndarray, high
     k, m = v.shape
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
+    h.setOptionValue("presolve", "off")          # tens of rows: presolve costs more than it saves
     inf = highspy.kHighsInf
     h.addCol(1.0, -inf, inf, 0, np.empty(0, np.int32), np.empty(0))  # T
     b = np.asarray(committed, dtype=np.float64)
@@ -662,6 +663,8 @@ class FleetPrices:
         self.n_queued = 0
         self._edits = 0                        # changes of the queue or its keys (count)
         self._queued_at: tuple | None = None   # (edits, _queued_keys()) of the last read
+        self._refused: tuple | None = None     # (signature, horizon span) of the last refusal
+        self._span = (-np.inf, np.inf)
         self.changes = 0                       # queue changes since the last solve
         self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
@@ -987,6 +990,28 @@ class FleetPrices:
         tuple or None
             The chosen pair, or None to stay idle for now.
         """
+        # a refused client asks again after a re-solve that moved only the horizon: the same
+        # answer when nothing else changed and the horizon is on the same side of every
+        # completion the scan compared with it (the scan is then the same step by step)
+        sig = self._signature(queue, instance, now, states, past_horizon)
+        refused = self._refused
+        if refused is not None and refused[0] == sig and refused[1] <= self.horizon_s < refused[2]:
+            return None
+        self._span = (-np.inf, np.inf)
+        item = self._pick(queue, instance, now, states, past_horizon)
+        self._refused = (sig, *self._span) if item is None else None
+        return item
+
+    def _signature(self, queue: list, instance: int, now: float, states, past_horizon: bool) -> tuple:
+        """Everything :meth:`pick` reads but the horizon, prices and queue by their change counts."""
+        return (instance, now, past_horizon, id(queue), len(queue), queue[0] if queue else None, self._edits,
+                self.version, self.prices.tobytes(), tuple(self.ctx.extra["client_state"]),
+                tuple((id(st.latency), st.now, st.n_running, len(st.waiting), st.kv_tokens, len(st.clients))
+                      for st in states))
+
+    def _pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
+              past_horizon: bool) -> tuple[float, int] | None:
+        """:meth:`pick` without the memory of the last refusal; sets ``_span`` when it refuses."""
         if not self._instance_clients[instance].size:
             return None
         held = np.flatnonzero(self._hold_req >= 0)
@@ -1003,6 +1028,8 @@ class FleetPrices:
         horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
         ks = range(self.m)
+        below, above = -np.inf, np.inf                 # completions compared with the horizon: the
+        # largest not past it, the least past it
         for pos in range(len(rows_list)):
             hold = holds[pos]
             ok = oks[pos]
@@ -1018,7 +1045,11 @@ class FleetPrices:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
+                if best < above:
+                    above = best
                 best, where = _earliest(tops, hold, [True] * self.m, instance)
+            elif best > below:
+                below = best
             if where == instance:
                 if pos:
                     self.steered += 1
@@ -1028,6 +1059,8 @@ class FleetPrices:
                 heap = heaps[where]
                 heapq.heapreplace(heap, best)
                 tops[where] = heap[0]
+        if past_horizon:
+            self._span = (below, above)
         if len(queue) <= len(rows_list):
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
