@@ -458,7 +458,7 @@ class _WarmSplitLP:
             # the guess was far off: the last round's prices guess better)
             cost = cheapest(price)
             owner = np.argmin(cost, axis=1)
-            free = moved if moved.sum() <= NEAR_TIES else np.zeros(R, dtype=bool)
+            free = moved if moved.sum() <= 4 * NEAR_TIES else np.zeros(R, dtype=bool)
             if n_g > 1:
                 two = np.partition(cost, 1, axis=1)
                 gap = two[:, 1] / np.maximum(two[:, 0], 1e-300)
