@@ -285,7 +285,8 @@ def test_the_lp_near_the_ties_is_used_on_a_long_queue():
     # answered near the ties (or by the shortcuts), never wrongly
     rng = np.random.default_rng(2)
     m, n = 4, 800
-    v = rng.lognormal(0, 1, (n, 1)) * np.array([1.0, 1.6, 1.0, 2.5])[None, :] * rng.uniform(0.7, 1.4, (n, 3))[:, [0, 1, 0, 2]]
+    kinds = rng.uniform(0.7, 1.4, (n, 3))[:, [0, 1, 0, 2]]     # instances 0 and 2 of one kind
+    v = rng.lognormal(0, 1, (n, 1)) * np.array([1.0, 1.6, 1.0, 2.5])[None, :] * kinds
     lp = _WarmSplitLP(m, n)
     s = np.ones(m)
     b = np.zeros(m)

@@ -155,7 +155,7 @@ REBUILD_SLACK = 64
 #: a tie (``_WarmSplitLP._near_ties``) leaves free; the others are pooled by class. A speed knob
 #: only: the answer is the full LP's or none.
 NEAR_TIES = 48
-#: Times the LP over the requests near a tie is re-solved with the fixed requests that moved.
+#: Most solves of the LP over the requests near a tie per re-solve of the prices (count).
 NEAR_TIE_ROUNDS = 3
 
 
@@ -429,9 +429,10 @@ class _WarmSplitLP:
         is optimal for the full LP when every fixed request is still cheapest on its class at the
         new prices (it then satisfies the full LP's optimality conditions), and its prices are
         the only optimal ones when its vertex is not degenerate (every optimal dual of the full
-        LP is one of the small LP). Fixed requests that are no longer cheapest on their class
-        join the free ones and it is solved again (:data:`NEAR_TIE_ROUNDS` times at most);
-        otherwise, or when degenerate, None (the full LP answers).
+        LP is one of the small LP's). Otherwise it is solved again, :data:`NEAR_TIE_ROUNDS` times
+        at most, with the requests nearest a tie at the new prices and, when they are few (up to
+        four times :data:`NEAR_TIES`), those that were no longer cheapest on their class; after
+        that, or when degenerate, None (the full LP answers).
         """
         guess = self.guess
         R = queued.size
@@ -500,9 +501,10 @@ class _WarmSplitLP:
         """Keep an optimal solution's prices and shares; whether its prices are the LP's only optimal ones.
 
         ``y`` are the shares ``(k, m)`` of the LP's rows, the first ``len(rows)`` those of the
-        requests ``rows``, and ``vy`` their observed instance-seconds. The prices are unique when the optimal vertex is not degenerate: as many
-        positive basic values (the y's, T, the capacity rows' slacks) as rows; otherwise another
-        solver path may stop at another optimal vertex, so the reference solve must answer.
+        requests ``rows``, and ``vy`` their observed instance-seconds. The prices are unique when
+        the optimal vertex is not degenerate: as many positive basic values (the y's, T, the
+        capacity rows' slacks) as rows; otherwise another solver path may stop at another optimal
+        vertex, so the reference solve must answer.
         """
         m = self.m
         self.y[rows] = y[:rows.size]
