@@ -65,10 +65,17 @@ BACKLOG_LIVE_GAPS = 2.0
 #: makespan: 0.6 cut the makespan cost of the due dates on ``benchmarks/workflows.py``'s online
 #: DAGs from +0.39 to +0.14 points on average (training seeds 1-3; WorkflowQueue Notes, *Due dates*).
 DUE_BINDING_SHARE = 0.6
+#: The hybrid's default due factor (``hybrid_policy(due_factor=...)``; WorkflowQueue Notes, *Due
+#: dates*): each workflow arriving over time is due 1.25 times the fleet's time to serve the work
+#: known at its arrival after it. Chosen on ``benchmarks/workflow_latency.py``'s cases, seeds 0-5
+#: (GSM8K DAGs) and 0-2 (``stress_flow``'s online DAGs): the makespan +0.09 point on average on the
+#: GSM8K DAGs against +0.17 with 1 (+0.14 with 1.5), the p99 at or below Sarathi's on 20 of 24
+#: GSM8K cases and all 9 stress cases (docs: workflows, *Latency under load*).
+DUE_FACTOR = 1.25
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
            "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
-           "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS", "DUE_BINDING_SHARE"]
+           "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS", "DUE_BINDING_SHARE", "DUE_FACTOR"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -293,11 +300,12 @@ class WorkflowQueue(GlobalQueue):
         simulation (:class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`): no fixed
         scale is best on every fleet (docs: workflows, *what remains*).
     due_factor
-        Workflow due dates for latency (Notes, *Due dates*): None (default) serves the plan's
-        order alone; a number ``f > 0`` makes each workflow due ``f`` times the fleet's time to
-        serve the work known at its arrival after that arrival, and, once workflows arrive over
-        time, an idle client takes a request by its planned start or by the latest start that
-        meets its workflow's due date, whichever is earlier (1: the drain time of the backlog).
+        Workflow due dates for latency (Notes, *Due dates*): None or False (default here) serves
+        the plan's order alone; a number ``f > 0`` makes each workflow due ``f`` times the fleet's
+        time to serve the work known at its arrival after that arrival, and, once workflows arrive
+        over time, an idle client takes a request by its planned start or by the latest start that
+        meets its workflow's due date, whichever is earlier (1: the drain time of the backlog). The
+        hybrid runs with :data:`DUE_FACTOR`.
 
     Notes
     -----
@@ -371,8 +379,8 @@ class WorkflowQueue(GlobalQueue):
     over time). Workflows arriving over time pace the fleet only once they do not keep it busy
     (:meth:`overloaded`).
 
-    **Due dates** (``due_factor``, off by default). The plan orders by makespan: a request with
-    slack in it (a short last step, a branch off the critical path) is planned late, and while
+    **Due dates** (``due_factor``; the hybrid's default is :data:`DUE_FACTOR`). The plan orders by
+    makespan: a request with slack in it (a short last step, a branch off the critical path) is planned late, and while
     workflows keep arriving each revision plans the new workflows' critical paths ahead of it, so
     under load it waits until the arrivals stop (DAGs at 200 % load: p99 latency 1.2x Sarathi's,
     the p99 made by short last steps of early workflows that waited 110-120 s once ready). With
@@ -402,11 +410,15 @@ class WorkflowQueue(GlobalQueue):
                  revision_work: int = REVISION_WORK, pace_scale: float = 1.0,
                  due_factor: float | None = None) -> None:
         super().__init__("longest", plan)
+        if due_factor is False:
+            due_factor = None  # off (``-o due_factor=false`` on the command line)
         if due_factor is not None and not (isinstance(due_factor, (int, float)) and not isinstance(due_factor, bool)
                                            and np.isfinite(due_factor) and due_factor > 0):
-            raise SpecError("policy.hybrid.due_factor", f"must be a finite number > 0 or None, not {due_factor!r}",
-                            "1 makes each workflow due after the time the fleet needs for the work known at its "
-                            "arrival; leave it out to order by the plan alone")
+            raise SpecError("policy.hybrid.due_factor",
+                            f"must be a finite number > 0, or None / false (off), not {due_factor!r}",
+                            f"{DUE_FACTOR:g} (the hybrid's default) makes each workflow due after {DUE_FACTOR:g} times "
+                            "the time the fleet needs for the work known at its arrival; false orders by the plan "
+                            "alone")
         self.due_factor = None if due_factor is None else float(due_factor)
         if not (isinstance(pace_scale, (int, float)) and not isinstance(pace_scale, bool)
                 and np.isfinite(pace_scale) and pace_scale > 0):
