@@ -392,11 +392,11 @@ class WorkflowQueue(GlobalQueue):
     (:meth:`overloaded`).
 
     **Due dates** (``due_factor``; the hybrid's default is :data:`DUE_FACTOR`). The plan orders by
-    makespan: a request with slack in it (a short last step, a branch off the critical path) is planned late, and while
-    workflows keep arriving each revision plans the new workflows' critical paths ahead of it, so
-    under load it waits until the arrivals stop (DAGs at 200 % load: p99 latency 1.2x Sarathi's,
-    the p99 made by short last steps of early workflows that waited 110-120 s once ready). With
-    due dates, a workflow arriving at ``a`` is due at ``a + f H``, ``H`` the known work's
+    makespan: a request with slack in it (a short last step, a branch off the critical path) is
+    planned late, and while workflows keep arriving each revision plans the new workflows'
+    critical paths ahead of it, so under load it waits until the arrivals stop (DAGs at 200 %
+    load: p99 latency 1.2x Sarathi's, the p99 made by short last steps of early workflows that
+    waited 110-120 s once ready). With due dates, a workflow arriving at ``a`` is due at ``a + f H``, ``H`` the known work's
     estimated decode steps over the fleet's full rate once it is known (the time the fleet needs
     to serve what it has been given), and a request's key is the earlier of its planned start and
     its latest start for that due date (the due date less its remaining chain, its estimated
