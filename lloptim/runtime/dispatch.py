@@ -62,7 +62,7 @@ import heapq
 import numpy as np
 
 from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
-from lloptim.runtime.engine import FAILED
+from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
@@ -143,7 +143,7 @@ class HybridDispatch(WorkflowQueue):
                  time_limit_s: float = 20.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
                  plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None,
-                 rollout=None) -> None:
+                 rollout=None, urgency: bool = True) -> None:
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -165,6 +165,7 @@ class HybridDispatch(WorkflowQueue):
         self.delegate = None
         self.tail_plan = tail_plan
         self.tail = None
+        self.urgency = bool(urgency)
 
     def setup(self, ctx: RunContext) -> None:
         if self.workflow_choice is not None and ctx.problem.workload.precedence is not None:
@@ -192,6 +193,14 @@ class HybridDispatch(WorkflowQueue):
         self.tail_enabled = (self.tail_plan is not None and self.dag is None and self.objective == "makespan"
                              and len(ctx.problem.instances) > 1)
         self.dispatched = 0  # requests handed out so far (the rollout's clock)
+        # urgency (module docstring, *Urgency*): the queued requests' estimated decode steps and a
+        # heap of them longest first (handed-out rows skipped when met)
+        self.urgency_on = (self.urgency and self.dag is None and not self.steered
+                           and self.objective == "makespan")
+        self.queued = np.zeros(ctx.problem.n_requests, dtype=bool)
+        self.queued_steps = 0.0
+        self.longest: list[tuple[float, int]] = []
+        self.n_urgent = 0
         if self.rollout is not None:
             self.rollout.setup(ctx, self)
 
@@ -333,8 +342,49 @@ class HybridDispatch(WorkflowQueue):
         self.ready_at[request] = now
         heapq.heappush(self.ready, (key, request))
         self.n_pending += 1
+        self._queue(request)
         if self.steered:
             self.fleet.on_ready(request, key)
+
+    def _queue(self, request: int) -> None:
+        """Count a request joining the least-slack queue in the urgency test (module docstring)."""
+        if self.urgency_on and not self.queued[request]:
+            est = float(self.estimates[request])
+            self.queued[request] = True
+            self.queued_steps += est
+            heapq.heappush(self.longest, (-est, request))
+
+    def _unqueue(self, request: int) -> None:
+        if self.queued[request]:
+            self.queued[request] = False
+            self.queued_steps -= float(self.estimates[request])
+
+    def _urgent(self, state) -> int | None:
+        """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
+
+        The longest queued request is urgent when its estimated decode steps reach the steps the
+        rest of the known work needs per live client: the rest of the queue and what the running
+        requests have left. Waiting for that work to drain first, it would finish after it.
+        """
+        heap = self.longest
+        while heap and not self.queued[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        est, r = -heap[0][0], heap[0][1]
+        engine = state.engine
+        est_all = self.estimates
+        cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
+        running = 0.0
+        for s in engine.states:
+            step = s.decode_steps
+            for c in s.clients:
+                if cs[c] == RUNNING:
+                    running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
+                elif cs[c] == WAITING:
+                    running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
+        rest = (self.queued_steps - est + running) / max(self._live_clients(), 1)
+        return r if est >= rest else None
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -352,8 +402,16 @@ class HybridDispatch(WorkflowQueue):
         elif self.steered:
             r = self._steered_request(state, client)
         else:
-            r = super().next_request(state, client)
+            r = self._urgent(state) if self.urgency_on and self.arrivals_during_run else None
+            if r is not None and self.ready[0][1] != r:
+                self.ready.remove((self.key[r], r))
+                heapq.heapify(self.ready)
+                self.n_pending -= 1
+                self.n_urgent += 1
+            else:
+                r = super().next_request(state, client)
         if r is not None:
+            self._unqueue(r)
             self.handed_out = True
             self.dispatched += 1
             self.ready_at.pop(r, None)
@@ -382,6 +440,8 @@ class HybridDispatch(WorkflowQueue):
             tail.on_ready(r, state.now)
         self.ready = []
         self.n_pending = 0
+        self.queued[:] = False
+        self.queued_steps, self.longest = 0.0, []
         self.tail = tail
         self.tail_at_s = state.now
 
@@ -476,5 +536,6 @@ class HybridDispatch(WorkflowQueue):
             return
         self.ready_at.setdefault(request, now)
         super().requeue(request, now)
+        self._queue(request)
         if self.steered:
             self.fleet.on_requeue(request, self.key[request])
