@@ -22,6 +22,24 @@ rule down:
 proportional to the service (``D + beta * service``) is the same rule with ``slack_weight = 1 -
 beta``.
 
+**Urgency.** Least slack alone packs the makespan badly when the queue is long against a long
+request's service: a long request arriving in a late burst (or into the backlog of a few
+clients) keeps its place behind requests that arrived a little earlier, starts when the queue
+has drained, and finishes alone, up to its whole service after everything else
+(``benchmarks/stress_flow.py``'s ``bursty`` and ``poisson-heavy`` classes with 8-16 clients:
+4-8 % of the makespan). Once requests arrive during the run, the longest queued request is
+therefore *urgent* when its estimated decode steps reach the *horizon*, the known work per live
+client (the queue's estimated steps, its own included, plus what the running requests have
+left): started later, it would finish after the clients have drained everything else; started
+now, it ends with them. An urgent request goes ahead of the least-slack head; otherwise the head
+goes. The test reads only the requests that have arrived and their estimates: if more arrive,
+the horizon grows and the request would not have had to hurry, which costs the requests it
+overtook some latency and nothing else. With every request at time 0 least slack is already
+longest first and nothing changes (the test is not even made). With estimated lengths the
+estimate is scaled by the median ratio of true to estimated output over the requests finished so
+far (:data:`URGENCY_QUANTILE`, at least 1): a server learns how its estimator errs from the
+requests it has served.
+
 **Fleet prices.** On a fleet whose instances differ, the queue in that order is list-scheduled by
 earliest completion among the instances where each request belongs at the LP's prices, and the
 idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fleet.FleetPrices.pick`;
@@ -57,6 +75,7 @@ cache within its capacity at every future step).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 import numpy as np
@@ -67,7 +86,7 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "URGENCY_QUANTILE", "URGENCY_MIN_LEARNED"]
 
 #: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
 DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
@@ -79,6 +98,14 @@ SLACK_WEIGHT = 1.0
 #: is planned (:mod:`lloptim.runtime.endgame`) once at most this many queued requests remain per
 #: live client (module docstring, *End game*).
 TAIL_PLAN = 5.0
+#: With estimated lengths, the urgency test scales a queued request's estimate by this quantile of
+#: ``true / estimated`` output over the requests finished so far (module docstring, *Urgency*),
+#: once :data:`URGENCY_MIN_LEARNED` have finished, and never below 1: the median corrects an
+#: estimator that runs short; a higher quantile shortens the makespan but lengthens the p99 latency
+#: (docs: arrivals, *Urgency*).
+URGENCY_QUANTILE = 0.5
+#: Finished requests before the urgency test trusts what it learned of the estimates' errors.
+URGENCY_MIN_LEARNED = 20
 
 
 class HybridDispatch(WorkflowQueue):
@@ -125,6 +152,11 @@ class HybridDispatch(WorkflowQueue):
         set up after the workflow choice, and asked to :meth:`~lloptim.runtime.order_choice.Rollout.revise`
         this dispatch before the next request is chosen once :attr:`dispatched` reaches its
         ``next_at`` (a count, so the same decision point on any machine).
+    urgency
+        Once requests arrive during the run, start the longest queued request ahead of the
+        least-slack order when it would otherwise finish after the rest of the known work
+        (module docstring, *Urgency*). Independent requests, without fleet prices, with
+        ``objective="makespan"``; default True.
 
     Attributes
     ----------
@@ -137,6 +169,11 @@ class HybridDispatch(WorkflowQueue):
         When the end game started, seconds (None if it did not).
     dispatched
         Requests handed out so far in the run (count; the ``rollout``'s decision points).
+    n_urgent
+        Requests handed out ahead of the least-slack order by the urgency test (count).
+    urgency_scale
+        The urgency test's factor on the estimates, learned from the finished requests (1 with
+        known lengths; module docstring, *Urgency*).
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
@@ -154,6 +191,11 @@ class HybridDispatch(WorkflowQueue):
 
             raise SpecError("policy.objective", f"unknown objective {objective!r}",
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
+        if not isinstance(urgency, (bool, np.bool_)):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.urgency", f"must be true or false, got {urgency!r}",
+                            "true (default) starts a long request before it would finish last; false: least slack alone")
         super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         self.workflow_choice = workflow_choice
         self.rollout = rollout
@@ -201,6 +243,9 @@ class HybridDispatch(WorkflowQueue):
         self.queued_steps = 0.0
         self.longest: list[tuple[float, int]] = []
         self.n_urgent = 0
+        self.urgency_scale = 1.0
+        self.known_lengths = ctx.known_lengths
+        self.overruns: list[float] = []  # log(true / estimated) output of the finished requests, sorted
         if self.rollout is not None:
             self.rollout.setup(ctx, self)
 
@@ -359,6 +404,14 @@ class HybridDispatch(WorkflowQueue):
             self.queued[request] = False
             self.queued_steps -= float(self.estimates[request])
 
+    def _learn_overrun(self, request: int, output_tokens: int) -> None:
+        """Learn how far the true lengths exceed the estimates, from a finished request (*Urgency*)."""
+        ratio = np.log(max(output_tokens, 1) / max(float(self.estimates[request]), 1.0))
+        bisect.insort(self.overruns, float(ratio))
+        n = len(self.overruns)
+        if n >= URGENCY_MIN_LEARNED:
+            self.urgency_scale = max(1.0, float(np.exp(self.overruns[min(int(URGENCY_QUANTILE * n), n - 1)])))
+
     def _urgent(self, state) -> int | None:
         """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
 
@@ -383,8 +436,8 @@ class HybridDispatch(WorkflowQueue):
                     running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
                 elif cs[c] == WAITING:
                     running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
-        rest = (self.queued_steps - est + running) / max(self._live_clients(), 1)
-        return r if est >= rest else None
+        horizon = (self.queued_steps + running) / max(self._live_clients(), 1)
+        return r if self.urgency_scale * est >= horizon else None
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -494,6 +547,8 @@ class HybridDispatch(WorkflowQueue):
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.holding.get(client, (-1, 0.0))[0] == request:
             del self.holding[client]
+        if self.urgency_on and not self.known_lengths:
+            self._learn_overrun(request, output_tokens)
         if self.tail is not None:
             self.tail.on_finish(request, client, output_tokens, now)
             return
