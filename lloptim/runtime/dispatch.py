@@ -106,6 +106,7 @@ TAIL_PLAN = 5.0
 URGENCY_QUANTILE = 0.5
 #: Finished requests before the urgency test trusts what it learned of the estimates' errors.
 URGENCY_MIN_LEARNED = 20
+URGENCY_BACKLOG = 0.2
 
 
 class HybridDispatch(WorkflowQueue):
@@ -436,8 +437,10 @@ class HybridDispatch(WorkflowQueue):
                     running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
                 elif cs[c] == WAITING:
                     running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
-        horizon = (self.queued_steps + running) / max(self._live_clients(), 1)
-        return r if self.urgency_scale * est >= horizon else None
+        clients = max(self._live_clients(), 1)
+        horizon = (self.queued_steps + running) / clients
+        scaled = self.urgency_scale * est
+        return r if scaled >= horizon and self.queued_steps / clients >= URGENCY_BACKLOG * scaled else None
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
