@@ -204,7 +204,8 @@ class HybridDispatch(WorkflowQueue):
             from lloptim.errors import SpecError
 
             raise SpecError("policy.urgency", f"must be true or false, got {urgency!r}",
-                            "true (default) starts a long request before it would finish last; false: least slack alone")
+                            "true (default) starts a long request before it would finish last; "
+                            "false: least slack alone")
         super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         self.workflow_choice = workflow_choice
         self.rollout = rollout
