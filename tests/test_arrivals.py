@@ -349,6 +349,18 @@ def test_urgency_keeps_the_makespan_of_longest_first_under_overload(problem):
     assert hyb.requests_completed == problem.n_requests and hyb.output_tokens == problem.workload.total_output_tokens
 
 
+def test_urgency_stops_once_the_kv_cache_binds():
+    """A preemption says memory sets the pace: the horizon in client steps no longer applies."""
+    rng = np.random.default_rng(3)
+    n = 120
+    w = Workload.from_arrays(rng.integers(50, 200, n), rng.integers(100, 600, n), np.sort(rng.uniform(0, 10, n)))
+    problem = Problem.single(w, clients=16, kv_capacity_tokens=4096)
+    pol = hybrid_policy()
+    res = run_policy(problem, pol)
+    assert summarize(res).preemptions > 0 and not pol.requests.urgency_on
+    assert np.all(np.isfinite(res.done_s))
+
+
 def test_urgency_learns_how_the_estimates_err_and_is_refused_if_not_a_bool():
     problem = _late_long_request()
     truth = problem.workload.output_tokens.astype(float)

@@ -32,7 +32,9 @@ therefore *urgent* when its estimated decode steps reach the *horizon*, the know
 client (the queue's estimated steps, its own included, plus what the running requests have
 left): started later, it would finish after the clients have drained everything else; started
 now, it ends with them. An urgent request goes ahead of the least-slack head; otherwise the head
-goes. Only while a backlog stands: the queue's own work per client must be at least
+goes. Not once the engine has preempted a request: the KV cache then binds, memory rather than
+the clients sets how long the work takes, and the memory-aware machinery decides (*KV memory*
+below). Only while a backlog stands: the queue's own work per client must be at least
 :data:`URGENCY_BACKLOG` of the request's (else, at 80 % load, a burst's long requests overtook its
 short ones while the running requests made up the horizon). The test reads only the requests
 that have arrived and their estimates: if more arrive,
@@ -582,6 +584,9 @@ class HybridDispatch(WorkflowQueue):
         super().on_client_failed(client, now)
 
     def on_preempt(self, request: int, client: int, generated: int) -> None:
+        # the KV cache binds: memory, not the clients, sets how long the work takes, and the
+        # horizon in client steps no longer says when a request would finish last
+        self.urgency_on = False
         super().on_preempt(request, client, generated)
         # whichever queue holds the requests now remembers refusals until its state moves: tell it
         inner = self.tail if self.tail is not None else self.delegate
