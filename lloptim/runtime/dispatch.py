@@ -33,13 +33,13 @@ client (the queue's estimated steps, its own included, plus what the running req
 left): started later, it would finish after the clients have drained everything else; started
 now, it ends with them. An urgent request goes ahead of the least-slack head; otherwise the head
 goes. Not once the engine has preempted a request: the KV cache then binds, memory rather than
-the clients sets how long the work takes, and the memory-aware machinery decides (*KV memory*
-below). Only while a backlog stands: the queue's own work per client must be at least
+the clients sets how long the work takes, and the memory-aware machinery decides (the last
+paragraph below). Only while a backlog stands: the queue's own work per client must be at least
 :data:`URGENCY_BACKLOG` of the request's (else, at 80 % load, a burst's long requests overtook its
 short ones while the running requests made up the horizon). The test reads only the requests
-that have arrived and their estimates: if more arrive,
-the horizon grows and the request would not have had to hurry, which costs the requests it
-overtook some latency and nothing else. With every request at time 0 least slack is already
+that have arrived and their estimates: if more arrive, the horizon grows and the request would
+not have had to hurry, which costs the requests it overtook some latency and nothing else. With
+every request at time 0 least slack is already
 longest first and nothing changes (the test is not even made). With estimated lengths the
 estimate is scaled by the median ratio of true to estimated output over the requests finished so
 far (:data:`URGENCY_QUANTILE`, at least 1): a server learns how its estimator errs from the
@@ -427,9 +427,11 @@ class HybridDispatch(WorkflowQueue):
     def _urgent(self, state) -> int | None:
         """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
 
-        The longest queued request is urgent when its estimated decode steps reach the steps the
-        rest of the known work needs per live client: the rest of the queue and what the running
-        requests have left. Waiting for that work to drain first, it would finish after it.
+        The longest queued request is urgent when its estimated decode steps (scaled by
+        :attr:`urgency_scale`) reach the steps the known work needs per live client, the queue's
+        (its own included) and what the running requests have left, and the queue's own work per
+        client is at least :data:`URGENCY_BACKLOG` of its steps. Started later, it would finish
+        after the clients had drained the rest.
         """
         heap = self.longest
         while heap and not self.queued[heap[0][1]]:
