@@ -39,11 +39,10 @@ paragraph below). Only while a backlog stands: the queue's own work per client m
 short ones while the running requests made up the horizon). The test reads only the requests
 that have arrived and their estimates: if more arrive, the horizon grows and the request would
 not have had to hurry, which costs the requests it overtook some latency and nothing else. With
-every request at time 0 least slack is already
-longest first and nothing changes (the test is not even made). With estimated lengths the
-estimate is scaled by the median ratio of true to estimated output over the requests finished so
-far (:data:`URGENCY_QUANTILE`, at least 1): a server learns how its estimator errs from the
-requests it has served.
+every request at time 0 least slack is already longest first and nothing changes (the test is
+not even made). With estimated lengths the estimate is scaled by the median ratio of true to
+estimated output over the requests finished so far (:data:`URGENCY_QUANTILE`, at least 1): a
+server learns how its estimator errs from the requests it has served.
 
 **Fleet prices.** On a fleet whose instances differ, the queue in that order is list-scheduled by
 earliest completion among the instances where each request belongs at the LP's prices, and the
