@@ -438,6 +438,11 @@ class HybridDispatch(WorkflowQueue):
         if not heap:
             return None
         est, r = -heap[0][0], heap[0][1]
+        clients = max(self._live_clients(), 1)
+        scaled = self.urgency_scale * est
+        queue = self.queued_steps / clients
+        if not URGENCY_BACKLOG * scaled <= queue <= scaled:
+            return None  # no backlog, or the queue alone outlasts it: the running work need not be read
         engine = state.engine
         est_all = self.estimates
         cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
@@ -449,10 +454,7 @@ class HybridDispatch(WorkflowQueue):
                     running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
                 elif cs[c] == WAITING:
                     running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
-        clients = max(self._live_clients(), 1)
-        horizon = (self.queued_steps + running) / clients
-        scaled = self.urgency_scale * est
-        return r if scaled >= horizon and self.queued_steps / clients >= URGENCY_BACKLOG * scaled else None
+        return r if scaled >= queue + running / clients else None
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
