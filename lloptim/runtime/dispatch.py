@@ -120,6 +120,13 @@ class HybridDispatch(WorkflowQueue):
         Optional :class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`: on requests with
         precedence it is asked at set-up for the ``pace_scale`` and ``plan_paced`` to run with
         (it simulates its candidates where lengths are known and every request is present).
+    memory_handover
+        On one instance without precedence, where the requests known at the first dispatch could
+        not fill the KV cache but requests arriving during the run make it able to (module
+        docstring, *KV memory under arrivals*): hand the dispatch to ``memory`` then, the queued
+        requests keeping their least-slack order. ``"known"`` (default): when the output lengths
+        are known; True: on estimates too; False: never (least slack, the engine preempting when
+        the cache runs out).
     rollout
         Optional :class:`~lloptim.runtime.order_choice.Rollout` (or a replay of one's switches):
         set up after the workflow choice, and asked to :meth:`~lloptim.runtime.order_choice.Rollout.revise`
@@ -143,7 +150,14 @@ class HybridDispatch(WorkflowQueue):
                  time_limit_s: float = 20.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
                  plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None,
-                 rollout=None) -> None:
+                 rollout=None, memory_handover: bool | str = "known") -> None:
+        if memory_handover not in (True, False, "known"):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.memory_handover", f"must be true, false or 'known', not {memory_handover!r}",
+                            "'known' hands the dispatch to the memory queue once arrivals fill the cache, with "
+                            "known output lengths")
+        self.memory_handover = memory_handover
         if not (isinstance(slack_weight, (int, float)) and np.isfinite(slack_weight) and slack_weight >= 0):
             from lloptim.errors import SpecError
 
@@ -191,6 +205,15 @@ class HybridDispatch(WorkflowQueue):
         self.tail_enabled = (self.tail_plan is not None and self.dag is None and self.objective == "makespan"
                              and len(ctx.problem.instances) > 1)
         self.dispatched = 0  # requests handed out so far (the rollout's clock)
+        # one instance without precedence: whether the requests known so far can fill its cache,
+        # followed as they arrive, for the hand-over to the memory queue (memory_handover)
+        self.late_memory = None
+        handover = self.memory_handover is True or (self.memory_handover == "known" and ctx.known_lengths)
+        if handover and self.memory is not None and self.dag is None and len(ctx.problem.instances) == 1:
+            from lloptim.runtime.memory_schedulers import KnownMemory
+
+            self.late_memory = KnownMemory(ctx)
+        self.known_rows: list[int] = []  # requests announced so far while late_memory follows them
         if self.rollout is not None:
             self.rollout.setup(ctx, self)
 
@@ -262,6 +285,9 @@ class HybridDispatch(WorkflowQueue):
     def on_ready(self, request: int, now: float) -> None:
         if self.handed_out and (self.roots is None or self.roots[request]):
             self.arrivals_during_run = True
+        if self.late_memory is not None:
+            self.late_memory.add(request)
+            self.known_rows.append(request)
         if not self.started:
             self.early.append((request, now))
             return
@@ -282,6 +308,32 @@ class HybridDispatch(WorkflowQueue):
             self.delegate.on_ready(request, now)
             return
         self._enter(request, now)
+        if self.late_memory is not None and self.arrivals_during_run and self.late_memory.binds[0]:
+            self._hand_over_late()
+
+    def _hand_over_late(self) -> None:
+        """Requests arriving during the run have made the instance's cache able to fill: the memory queue from now on.
+
+        The queued requests move to the memory-aware queue with their least-slack keys (they keep
+        their order); the requests handed out before are made known to it (its test of whether
+        the cache can fill reads them), never entered in its queue. See ``memory_handover``.
+        """
+        memory = self.memory
+        self.delegate = memory
+        self.slack_keys = True
+        self.late_memory = None
+        memory.setup(self.ctx)
+        queued = sorted(r for _, r in self.ready)
+        queued_set = set(queued)
+        for r in self.known_rows:
+            if r not in queued_set:
+                memory.learn(r)
+        self.ready = []
+        self.n_pending = 0
+        rows = np.array(queued, dtype=np.int64)
+        memory.rekey(rows, np.array([self._slack_key(r, self.ready_at[r]) for r in queued]))
+        for r in queued:
+            memory.on_ready(r, self.ready_at[r])
 
     def _enter(self, request: int, now: float) -> None:
         if self.dag is not None:

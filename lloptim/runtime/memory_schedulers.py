@@ -597,6 +597,11 @@ class MemoryAwareQueue(RequestScheduler):
         self.known_memory.add(request)
         self._enter(request)
 
+    def learn(self, request: int) -> None:
+        """``request`` became known before this queue took over (another queue handed it out)."""
+        self.known.append(request)
+        self.known_memory.add(request)
+
     def _replan(self) -> None:
         """The ``"planned"`` order of the requests known so far, recomputed when they have grown by
         :data:`REPLAN_GROWTH` (with every request at time 0: once, over all of them)."""
