@@ -67,7 +67,7 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO"]
 
 #: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
 DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
@@ -79,6 +79,10 @@ SLACK_WEIGHT = 1.0
 #: is planned (:mod:`lloptim.runtime.endgame`) once at most this many queued requests remain per
 #: live client (module docstring, *End game*).
 TAIL_PLAN = 5.0
+#: ``memory_handover``: the fluid ratio of KV-memory steps to client steps of the known requests
+#: (:func:`~lloptim.runtime.memory_schedulers.fluid_memory_ratio`) from which the dispatch moves to
+#: the memory-aware queue as requests arrive (module docstring, *KV memory under arrivals*).
+HANDOVER_RHO = 1.0
 
 
 class HybridDispatch(WorkflowQueue):
@@ -214,6 +218,7 @@ class HybridDispatch(WorkflowQueue):
 
             self.late_memory = KnownMemory(ctx)
         self.known_rows: list[int] = []  # requests announced so far while late_memory follows them
+        self.memory_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, memory sets the steps)
         if self.rollout is not None:
             self.rollout.setup(ctx, self)
 
@@ -308,8 +313,24 @@ class HybridDispatch(WorkflowQueue):
             self.delegate.on_ready(request, now)
             return
         self._enter(request, now)
-        if self.late_memory is not None and self.arrivals_during_run and self.late_memory.binds[0]:
+        if self.late_memory is not None and self.arrivals_during_run and self.late_memory.binds[0] and self._memory_sets():
             self._hand_over_late()
+
+    def _memory_sets(self) -> bool:
+        """Whether the KV memory binds the known requests' stream (``memory_handover``).
+
+        :func:`~lloptim.runtime.memory_schedulers.fluid_memory_ratio` of the requests known so far
+        at least :data:`HANDOVER_RHO`, evaluated again when they have grown by
+        :data:`~lloptim.runtime.memory_schedulers.REPLAN_GROWTH` (amortized O(log n) evaluations).
+        """
+        from lloptim.runtime.memory_schedulers import REPLAN_GROWTH, fluid_memory_ratio
+
+        n_eval, sets = self.memory_gate
+        n = len(self.known_rows)
+        if n >= REPLAN_GROWTH * n_eval:
+            sets = fluid_memory_ratio(self.ctx, np.asarray(self.known_rows, dtype=np.int64)) >= HANDOVER_RHO
+            self.memory_gate = (n, sets)
+        return sets
 
     def _hand_over_late(self) -> None:
         """Requests arriving during the run have made the instance's cache able to fill: the memory queue from now on.

@@ -32,7 +32,7 @@ from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "admitted_set", "memory_can_bind", "planned_start_keys",
            "fleet_memory_split", "fleet_speed_mask", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
-           "memory_sets_steps"]
+           "memory_sets_steps", "fluid_memory_ratio"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
 
@@ -279,6 +279,35 @@ def memory_sets_steps(ctx: RunContext, rows: np.ndarray | None = None) -> bool:
     return by_memory >= by_clients
 
 
+def fluid_memory_ratio(ctx: RunContext, rows: np.ndarray | None = None) -> float:
+    """``rho``: the decode steps the KV memory forces over those the clients force, in the fluid limit.
+
+    The estimated KV area over the capacity against the estimated output tokens over the
+    clients, pooled over the instances, from what the policy knows of ``rows``: the bound's two
+    throughput terms (:func:`memory_sets_steps`) without its ramp-up or its longest request,
+    which is what binds in a steady stream of arriving requests (WAIT's fluid model compares the
+    same two rates). Above 1 the memory binds, below 1 the clients do.
+
+    Parameters
+    ----------
+    ctx
+        The run context, as for :func:`kv_mode_of`.
+    rows
+        Row indices of the requests to consider (``None``: all).
+
+    Returns
+    -------
+    float
+        The ratio, dimensionless.
+    """
+    insts = ctx.problem.instances
+    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    est = np.maximum(np.ceil(ctx.estimates[sel]), 1).astype(np.int64)
+    by_clients = est.sum() / sum(i.clients for i in insts)
+    by_memory = float(estimated_kv_areas(ctx, 0)[sel].sum()) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+    return float(by_memory / by_clients)
+
+
 def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
 
@@ -303,12 +332,7 @@ def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """
     if not any(memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))):
         return 0.0
-    insts = ctx.problem.instances
-    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
-    est = np.maximum(np.ceil(ctx.estimates[sel]), 1).astype(np.int64)
-    by_clients = est.sum() / sum(i.clients for i in insts)
-    by_memory = float(estimated_kv_areas(ctx, 0)[sel].sum()) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
-    rho = by_memory / by_clients
+    rho = fluid_memory_ratio(ctx, rows)
     return float(np.clip((SPREAD_FULL_AT[1] - rho) / (SPREAD_FULL_AT[1] - SPREAD_FULL_AT[0]), 0.0, 1.0))
 
 
