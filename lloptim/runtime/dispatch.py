@@ -67,7 +67,7 @@ from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO", "HANDOVER_BATCH"]
 
 #: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
 DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
@@ -83,6 +83,10 @@ TAIL_PLAN = 5.0
 #: (:func:`~lloptim.runtime.memory_schedulers.fluid_memory_ratio`) from which the dispatch moves to
 #: the memory-aware queue as requests arrive (module docstring, *KV memory under arrivals*).
 HANDOVER_RHO = 1.0
+#: ``memory_handover``: the fewest known requests, at their mean peak KV tokens, that the cache must
+#: hold for the hand-over (module docstring, *KV memory under arrivals*): the projection keeps about
+#: one request's peak free, a loss that only a cache of many requests makes small.
+HANDOVER_BATCH = 16.0
 
 
 class HybridDispatch(WorkflowQueue):
@@ -317,18 +321,25 @@ class HybridDispatch(WorkflowQueue):
             self._hand_over_late()
 
     def _memory_sets(self) -> bool:
-        """Whether the KV memory binds the known requests' stream (``memory_handover``).
+        """Whether the known requests' stream is one the memory-aware queue serves better (``memory_handover``).
 
-        :func:`~lloptim.runtime.memory_schedulers.fluid_memory_ratio` of the requests known so far
-        at least :data:`HANDOVER_RHO`, evaluated again when they have grown by
-        :data:`~lloptim.runtime.memory_schedulers.REPLAN_GROWTH` (amortized O(log n) evaluations).
+        Two tests on the requests known so far, evaluated again when they have grown by
+        :data:`~lloptim.runtime.memory_schedulers.REPLAN_GROWTH` (amortized O(log n) evaluations):
+        the memory binds the stream (:func:`~lloptim.runtime.memory_schedulers.fluid_memory_ratio`
+        at least :data:`HANDOVER_RHO`), and the cache holds at least :data:`HANDOVER_BATCH` of
+        them at their mean peak (prompt plus estimated output; module docstring, *KV memory under
+        arrivals*).
         """
         from lloptim.runtime.memory_schedulers import REPLAN_GROWTH, fluid_memory_ratio
 
         n_eval, sets = self.memory_gate
         n = len(self.known_rows)
         if n >= REPLAN_GROWTH * n_eval:
-            sets = fluid_memory_ratio(self.ctx, np.asarray(self.known_rows, dtype=np.int64)) >= HANDOVER_RHO
+            rows = np.asarray(self.known_rows, dtype=np.int64)
+            inst = self.ctx.problem.instances[0]
+            peak = self.ctx.problem.workload.prompt_tokens[rows] + np.ceil(self.ctx.estimates[rows])
+            batch = inst.kv_blocks * inst.kv_block_tokens / float(np.mean(peak))
+            sets = batch >= HANDOVER_BATCH and fluid_memory_ratio(self.ctx, rows) >= HANDOVER_RHO
             self.memory_gate = (n, sets)
         return sets
 
@@ -344,6 +355,7 @@ class HybridDispatch(WorkflowQueue):
         self.slack_keys = True
         self.late_memory = None
         memory.setup(self.ctx)
+        memory.head_first = True  # least slack: the request due first is not overtaken
         queued = sorted(r for _, r in self.ready)
         queued_set = set(queued)
         for r in self.known_rows:

@@ -490,13 +490,24 @@ class MemoryAwareQueue(RequestScheduler):
         would finish it sooner. One queue for the whole fleet otherwise hands the longest
         request to whichever client asks first, a slow instance's as readily as a fast one's.
         False (default; MC-SF as published): any client takes the request in order.
+    head_first
+        ``rule="first-fit"``: the head of the order is always urgent: it starts as soon as it fits,
+        and while it waits only requests that end before it can fit start (EASY backfilling, as
+        for an urgent request). For an order by due time (the hybrid's least-slack keys once
+        requests arrive), where the head is the request due first: first-fit alone lets the
+        requests that fit overtake a large one for as long as others keep arriving. The hybrid's
+        dispatch turns it on (the attribute) when it hands its queue over under arrivals
+        (:class:`~lloptim.runtime.dispatch.HybridDispatch`, ``memory_handover``). False (default):
+        the first request in order that fits.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
                  priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
                  fleet_homes: bool | str = False, urgency_horizon: bool | str = False,
-                 fleet_speeds: bool = False) -> None:
+                 fleet_speeds: bool = False, head_first: bool = False) -> None:
+        self.head_first_default = bool(head_first)
+        self.head_first = self.head_first_default
         self.fleet_speeds = bool(fleet_speeds)
         if fleet_homes not in (True, False, "known"):
             raise ValueError(f"fleet_homes must be True, False or 'known', not {fleet_homes!r}")
@@ -605,6 +616,7 @@ class MemoryAwareQueue(RequestScheduler):
         self._nothing_here: dict[int, tuple] = {}  # instance -> stamp at which nothing in order could start there
         self.steals = 0
         self.refusals = 0
+        self.head_first = self.head_first_default  # an owner may turn it on after set-up
 
     def pending(self) -> int:
         if self.delegate is not None:
@@ -789,6 +801,8 @@ class MemoryAwareQueue(RequestScheduler):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
         urgent = self._urgent(pm if self.horizon_admitted else None) if self.rule == "first-fit" else None
+        if urgent is None and self.head_first and self.rule == "first-fit" and ordered.size:
+            urgent = int(ordered[0])  # the head is due first: only EASY backfilling may pass it
         if urgent is not None and self.speeds_differ and not np.any(ordered == urgent):
             urgent = None  # it may not start here: urgent for the instances where it may
         rows = ordered[:1] if self.rule == "prefix" else ordered
