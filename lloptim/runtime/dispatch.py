@@ -77,7 +77,7 @@ saves). The queued requests keep their least-slack keys, and the head of that or
 overtaken except by EASY backfilling (``head_first``): plain first-fit let the requests that fit
 pass a large one for as long as others kept arriving, its p99 up to 28 % above Sarathi's. No
 request is preempted after the hand-over when lengths are known (the projection is exact).
-Measured in :doc:`memory` (*Arrivals*). With estimates it is off by default: the projection
+Measured in :ref:`memory-arrivals`. With estimates it is off by default: the projection
 guesses, and on memory-bound Poisson cases with noisy estimates (sigma 0.5) the makespan gained
 1.7 points on average but the p99 latency rose above Sarathi's on 8 of 12 cases, by up to 45 %.
 """
