@@ -347,7 +347,8 @@ class HybridDispatch(WorkflowQueue):
             self.delegate.on_ready(request, now)
             return
         self._enter(request, now)
-        if self.late_memory is not None and self.arrivals_during_run and self.late_memory.binds[0] and self._hand_over_due():
+        if (self.late_memory is not None and self.arrivals_during_run and self.late_memory.binds[0]
+                and self._hand_over_due()):
             self._hand_over_late(now)
 
     def _hand_over_due(self) -> bool:

@@ -634,7 +634,16 @@ class MemoryAwareQueue(RequestScheduler):
         self._enter(request)
 
     def learn(self, request: int) -> None:
-        """``request`` became known before this queue took over (another queue handed it out)."""
+        """``request`` became known before this queue took over (another queue handed it out).
+
+        It counts in what the queue knows (whether each cache can fill up, the planned order's
+        and the fill-up test's rows) but never enters the queue.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        """
         self.known.append(request)
         self.known_memory.add(request)
 
