@@ -154,7 +154,7 @@ def test_estimates_keep_the_old_rule_unless_asked():
     assert _dispatch(policy).handover_at_s is not None
 
 
-def test_a_fleet_keeps_its_dispatch():
+def test_the_option_leaves_fleets_to_their_own_watch():
     from lloptim import Instance, load_profile
 
     base = _arrivals(0, n=120)
@@ -162,10 +162,8 @@ def test_a_fleet_keeps_its_dispatch():
     fleet = Problem(base.workload, (Instance.from_profile(prof, 20, 8192, name="a"),
                                     Instance.from_profile(prof, 20, 8192, name="b")))
     assert memory_can_bind(_truth(fleet), 0)
-    policy = hybrid_policy()
-    on = run_policy(fleet, policy)
-    _same_schedule(on, run_policy(fleet, hybrid_policy(memory_handover=False)))
-    assert _dispatch(policy).handover_at_s is None
+    # a fleet hands over by its own test (FleetMemoryWatch), whatever memory_handover says
+    _same_schedule(run_policy(fleet, hybrid_policy()), run_policy(fleet, hybrid_policy(memory_handover=False)))
 
 
 def test_bad_memory_handover_is_refused_before_any_work():
