@@ -198,6 +198,7 @@ def test_a_long_run_under_overload_takes_the_shortcut_and_decides_the_same():
                       problem.instances)
     prices = _assert_same(problem)
     assert prices._lp is not None and prices._lp.shortcuts > prices.solves / 2
+    assert prices._lp.restricted > 0   # the LP over the requests near a tie answered some solves
 
 
 @settings(max_examples=40, deadline=None)
@@ -239,6 +240,66 @@ def test_the_warm_lp_solves_the_lp_of_split_lp_through_changes(seed, m, size):
             s = s * np.exp(rng.normal(0, 0.1, m))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 5), st.integers(100, 400), st.booleans())
+def test_the_lp_near_the_ties_answers_as_the_full_lp_on_long_queues(seed, m, size, proportional):
+    # queues long enough for the LP over the requests near a tie (pooled by class of proportional
+    # instances, some fleets with a copy of an instance and one only slower in proportion): each
+    # answer is split_lp's makespan and, where the LP is not degenerate, its prices
+    rng = np.random.default_rng(seed)
+    n = 2 * size + 50
+    v = rng.lognormal(0, 1, (n, 1)) * rng.uniform(0.5, 3.0, m)[None, :] * rng.uniform(0.8, 1.25, (n, m))
+    if proportional:
+        v[:, -1] = v[:, 0]
+        v[:, 1] = 1.7 * v[:, 0]
+    lp = _WarmSplitLP(m, n)
+    queued = set(rng.choice(n, size, replace=False).tolist())
+    b = rng.uniform(0, 5, m)
+    s = np.ones(m)
+    for step in range(10):
+        rows = np.array(sorted(queued), dtype=np.int64)
+        before = lp.restricted
+        got = lp.solve(rows, v, s, b)
+        ref = split_lp(v[rows].T * s[:, None], b)
+        assert got is not None and ref.status == 0
+        lam, T = got
+        assert T == pytest.approx(ref.x[-1], rel=1e-7, abs=1e-9)
+        dual = float(lam @ b + np.min(lam[:, None] * (v[rows].T * s[:, None]), axis=0).sum())
+        assert dual == pytest.approx(T, rel=1e-7, abs=1e-9)
+        if lp.restricted > before:      # answered near the ties: the only optimal prices
+            lam_ref = -np.asarray(ref.ineqlin.marginals)
+            np.testing.assert_allclose(lam / lam.sum(), lam_ref / lam_ref.sum(), rtol=1e-6, atol=1e-9)
+            # the shares it keeps are a feasible assignment of every queued request
+            np.testing.assert_allclose(lp.y[rows].sum(axis=1), 1.0, atol=1e-9)
+        for r in rng.choice(sorted(queued), int(rng.integers(0, 8)), replace=False):
+            queued.discard(int(r))
+        free = [r for r in range(n) if r not in queued]
+        queued.update(rng.choice(free, min(len(free), int(rng.integers(0, 8))), replace=False).tolist())
+        b = b + rng.uniform(0, 0.5, m)
+        if rng.random() < 0.3:
+            s = s * np.exp(rng.normal(0, 0.05, m))
+
+
+def test_the_lp_near_the_ties_is_used_on_a_long_queue():
+    # a long queue on three kinds of instances: after the first full solve, small changes are
+    # answered near the ties (or by the shortcuts), never wrongly
+    rng = np.random.default_rng(2)
+    m, n = 4, 800
+    kinds = rng.uniform(0.7, 1.4, (n, 3))[:, [0, 1, 0, 2]]     # instances 0 and 2 of one kind
+    v = rng.lognormal(0, 1, (n, 1)) * np.array([1.0, 1.6, 1.0, 2.5])[None, :] * kinds
+    lp = _WarmSplitLP(m, n)
+    s = np.ones(m)
+    b = np.zeros(m)
+    queued = np.arange(600)
+    lp.solve(queued, v, s, b)
+    for step in range(20):
+        queued = np.r_[queued[1:], 600 + step]           # one starts, one arrives
+        lam, T = lp.solve(queued, v, s, b + 0.01 * step)
+        ref = split_lp(v[queued].T, b + 0.01 * step)
+        assert T == pytest.approx(ref.x[-1], rel=1e-9)
+    assert lp.restricted > 0
+
+
 def test_the_shortcuts_answer_only_what_the_lp_answers():
     # one instance committed far ahead with room on the others: lambda = e_j and T = b_j without
     # HiGHS; a queue that no longer fits: HiGHS, and a makespan past b_j
@@ -262,6 +323,61 @@ def test_the_shortcuts_answer_only_what_the_lp_answers():
     ref = split_lp(v[rows].T, b)
     assert T == pytest.approx(ref.x[-1], rel=1e-9) and T > 30.0
     np.testing.assert_allclose(lam / lam.sum(), -ref.ineqlin.marginals / -ref.ineqlin.marginals.sum(), rtol=1e-6)
+
+
+class _CheckedRefusals(FleetPrices):
+    """Every refusal is checked: from memory against a fresh scan, and at other horizons."""
+
+    remembered = 0
+    probed = 0
+
+    def _fresh(self, queue, instance, now, states, past_horizon, horizon):
+        saved = (self.horizon_s, self.steered, self._picked, self._span, self._refused)
+        self.horizon_s = horizon
+        try:
+            return self._pick(queue, instance, now, states, past_horizon)
+        finally:
+            self.horizon_s, self.steered, self._picked, self._span, self._refused = saved
+
+    def pick(self, queue, instance, now, states, past_horizon=False):
+        refused = self._refused
+        item = super().pick(queue, instance, now, states, past_horizon)
+        if item is not None:
+            return item
+        if self._refused is refused:
+            self.remembered += 1
+            assert self._fresh(queue, instance, now, states, past_horizon, self.horizon_s) is None
+        elif past_horizon and np.isfinite(self.horizon_s):
+            # a fresh refusal: asked again at another horizon, memory and a scan answer alike
+            below, above = self._span
+            for horizon in (below, np.nextafter(below, -np.inf), np.nextafter(above, -np.inf), above,
+                            0.9 * self.horizon_s, 1.1 * self.horizon_s):
+                if not np.isfinite(horizon):
+                    continue
+                self.probed += 1
+                saved = (self.horizon_s, self.steered, self._picked, self._refused)
+                self.horizon_s = horizon
+                again = super().pick(queue, instance, now, states, past_horizon)
+                self.horizon_s, self.steered, self._picked, self._refused = saved
+                assert again == self._fresh(queue, instance, now, states, past_horizon, horizon)
+        return item
+
+
+def test_a_remembered_refusal_is_what_a_fresh_scan_answers():
+    # overload on three kinds of instances: clients refused, the LP re-solved (its horizon moves),
+    # the same client asks again; the answer from memory must be the scan's
+    for seed in (3, 4):
+        rng = np.random.default_rng(seed)
+        n = 500
+        prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
+        output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
+        problem = Problem(Workload.from_arrays(prompt, output),
+                          _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
+        problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.5 * capacity_rps(problem), seed)),
+                          problem.instances)
+        prices = _CheckedRefusals("lp")
+        res, _ = _run(problem, prices)
+        assert prices.remembered > 0 and prices.probed > 0 and np.all(np.isfinite(res.done_s))
 
 
 class _Keyless(FleetPrices):

@@ -34,12 +34,16 @@ every decision list-schedules up to :data:`SCAN_LIMIT` queued requests, so this 
 cost on a fleet. The LP lives in one HiGHS model warm-started from the last basis
 (``_WarmSplitLP``), which first tries two exact shortcuts that answer most solves without
 HiGHS (the one binding instance of an overloaded fleet; the last prices while the last optimal
-vertex stays feasible), and hands a degenerate optimum, where another solver path may stop at
-another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR` are read as 0 (the
-solver's round-off of 0 decided where requests belonged). The dispatch reads the clients, the
-head of the queue, the holds and the belongs test with numpy once per decision, and a stuck client
-re-picks only when the re-solve changed the prices or the horizon. It decides as the plain
-implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
+vertex stays feasible), then the LP over the few requests near a tie between two kinds of
+instances with the others pooled by kind (tens of rows instead of thousands; its answer is kept
+only when it is provably the full LP's), and hands a degenerate optimum, where another solver
+path may stop at another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR`
+are read as 0 (the solver's round-off of 0 decided where requests belonged). The dispatch reads
+the clients, the head of the queue (once per change of the queue), the holds and the belongs
+test with numpy once per decision, and a stuck client re-picks only when the re-solve changed
+the prices or the horizon, and then, if only the horizon moved and stayed on the same side of
+every completion its last scan compared with it, gets the same refusal without a scan. It decides
+as the plain implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
 fleet-arrivals`` measures it against Sarathi.
 
 The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
@@ -147,6 +151,12 @@ _WARM_LP = True
 #: Rebuild the warm LP from scratch once it holds more rows of started requests than this many
 #: plus its live ones (rows of started requests are kept at zero, not deleted, so the basis stays valid).
 REBUILD_SLACK = 64
+#: Requests nearest to a tie between two classes of instances that the LP over the requests near
+#: a tie (``_WarmSplitLP._near_ties``) leaves free; the others are pooled by class. A speed knob
+#: only: the answer is the full LP's or none.
+NEAR_TIES = 48
+#: Most solves of the LP over the requests near a tie per re-solve of the prices (count).
+NEAR_TIE_ROUNDS = 3
 
 
 class _WarmSplitLP:
@@ -175,6 +185,14 @@ class _WarmSplitLP:
     solve. It is an exact shortcut, not an approximation: it answers only when the LP's answer is
     that one, and otherwise HiGHS solves.
 
+    **Few requests near a tie.** When the optimal basis does change (a request split between two
+    kinds of instances leaves its bounds), only the requests whose cheapest kind is nearly tied
+    with another under the last prices can move: ``_near_ties`` solves the LP over those alone,
+    the rest pooled into one row per kind, and keeps the answer only when it is the full LP's
+    (every pooled request still cheapest on its kind at the new prices; not degenerate), so it
+    replaces a warm HiGHS solve over thousands of rows (about 25 ms at 3,000 queued requests)
+    by one over tens (about 1 ms).
+
     It solves the same LP as :func:`split_lp`: its makespan ``T`` and, where they are unique
     (where the LP's optimal assignment is not degenerate), its prices agree to round-off
     (``tests/test_fleet_speed.py`` checks that the dispatch decides the same).
@@ -195,7 +213,10 @@ class _WarmSplitLP:
         self._highspy = highspy
         self.h = None
         self.w: np.ndarray | None = None   # the last solve's prices times the slowness (sum 1)
+        self.guess: np.ndarray | None = None   # the last prices (observed scale) that were all positive
+        self.y = np.zeros((n, m))          # the last solve's y[k, r] of each request it held
         self.shortcuts = 0   # answers without a solve (count)
+        self.restricted = 0  # answers by the LP over the requests near a tie (count)
         self.degenerate = 0  # solves whose prices were not unique, answered by split_lp (count)
 
     def _build(self, rows: np.ndarray, v: np.ndarray, slowness: np.ndarray, b: np.ndarray) -> None:
@@ -211,7 +232,6 @@ class _WarmSplitLP:
         self.h = h
         self.slot_of = np.full(self.n, -1, dtype=np.int64)   # request -> its slot (its row is m + slot)
         self.live = np.zeros(0, dtype=bool)
-        self.y = np.zeros((0, m))                             # the last solve's y[k, r], by slot
         self.request = np.zeros(0, dtype=np.int64)            # request of each slot
         self.slowness = s.copy()
         self._add(rows, v[rows])
@@ -236,7 +256,6 @@ class _WarmSplitLP:
                   np.arange(0, 2 * k, 2, dtype=np.int32), idx.ravel(), val.ravel())
         self.slot_of[rows] = first + np.arange(n)
         self.live = np.r_[self.live, np.ones(n, dtype=bool)]
-        self.y = np.r_[self.y, np.zeros((n, m))]
         self.request = np.r_[self.request, rows]
 
     def _one_binding(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
@@ -252,8 +271,7 @@ class _WarmSplitLP:
         vq[:, j] = np.inf                                     # nothing may go to j
         margin = 1e-9 * abs(T)
         limit = T - margin
-        slots = self.slot_of[queued]
-        y = np.where((slots >= 0)[:, None], self.y[np.maximum(slots, 0)], 0.0)
+        y = self.y[queued]
         fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
         y[fresh] = 0.0
         kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
@@ -290,18 +308,7 @@ class _WarmSplitLP:
         vq = v[queued]
         # classes of instances whose columns are proportional on these requests (the same kind, or
         # one only slower in proportion): every request ties within a class, so it is solved as one
-        label = np.full(m, -1)
-        rho = np.ones(m)
-        reps: list[int] = []
-        for k in range(m):
-            for g, rep in enumerate(reps):
-                ratio = vq[:, k] / vq[:, rep]
-                if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
-                    label[k], rho[k] = g, ratio[0]
-                    break
-            else:
-                label[k] = len(reps)
-                reps.append(k)
+        label, rho, reps = _proportional_classes(vq)
         n_g = len(reps)
         if queued.size < n_g - 1:
             return None
@@ -369,6 +376,10 @@ class _WarmSplitLP:
             if out is not None:
                 self.shortcuts += 1
                 return out
+            out = self._near_ties(queued, v, s, b)
+            if out is not None:
+                self.restricted += 1
+                return out
         dead = 0 if self.h is None else self.live.size - int((self.slot_of[queued] >= 0).sum())
         if self.h is None or dead > REBUILD_SLACK + queued.size:
             self._build(queued, v, s, b)
@@ -395,26 +406,121 @@ class _WarmSplitLP:
             return self._plain(queued, v, s, b)
         sol = h.getSolution()
         x = np.asarray(sol.col_value, dtype=np.float64)
-        self.y = x[1:].reshape(-1, m)
+        y = x[1:].reshape(-1, m)[self.live]
         T = float(x[0])
         lam = -np.asarray(sol.row_dual[:m], dtype=np.float64) / self.slowness
-        w = np.clip(lam, 0.0, None) * self.slowness
+        live = self.request[self.live]
+        if not self._accept(lam, T, s, b, y, live, v[live] * s[None, :]):
+            self.degenerate += 1
+            return self._plain(queued, v, s, b)
+        return lam, T
+
+    def _near_ties(self, queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
+        """``(lambda, T)`` from the LP over the requests near a tie under the last prices, when that is the LP's answer.
+
+        Under overload the queue holds thousands of requests, and between two solves only those
+        whose cheapest class of instances is nearly tied with another can move. Requests are
+        grouped by the classes of proportional instances (:func:`_proportional_classes`); the
+        :data:`NEAR_TIES` whose cheapest class under the last positive prices is nearest to a
+        tie stay free, and the others are fixed to their cheapest class, pooled into one row per
+        class (its columns on that class's instances only). The small LP (HiGHS, from scratch)
+        is a restriction of the full one, so its makespan is at least the full one's; its
+        solution, with the fixed requests split over their class's instances as their pool is,
+        is optimal for the full LP when every fixed request is still cheapest on its class at the
+        new prices (it then satisfies the full LP's optimality conditions), and its prices are
+        the only optimal ones when its vertex is not degenerate (every optimal dual of the full
+        LP is one of the small LP's). Otherwise it is solved again, :data:`NEAR_TIE_ROUNDS` times
+        at most, with the requests nearest a tie at the new prices and, when they are few (up to
+        four times :data:`NEAR_TIES`), those that were no longer cheapest on their class; after
+        that, or when degenerate, None (the full LP answers).
+        """
+        guess = self.guess
+        R = queued.size
+        if guess is None or R <= 2 * NEAR_TIES:
+            return None
+        m = self.m
+        V = v[queued] * s[None, :]                       # observed instance-seconds
+        label, rho, reps = _proportional_classes(V)
+        n_g = len(reps)
+        U = V[:, reps]                                   # seconds on each class's first instance
+        members = [np.flatnonzero(label == g) for g in range(n_g)]
+        every = np.arange(R)
+
+        def cheapest(price: np.ndarray) -> np.ndarray:
+            """``(R, n_g)``: each request's price on the cheapest instance of each class."""
+            priced = V * price[None, :]
+            return np.stack([_row_min(priced[:, mem]) for mem in members], axis=1)
+
+        price = guess
+        moved = np.zeros(R, dtype=bool)
+        for _ in range(NEAR_TIE_ROUNDS):
+            # free: the requests nearest to a tie at the guessed prices, and those that were not
+            # cheapest on their class at the last round's prices when they are few (when many,
+            # the guess was far off: the last round's prices guess better)
+            cost = cheapest(price)
+            owner = np.argmin(cost, axis=1)
+            free = moved if moved.sum() <= 4 * NEAR_TIES else np.zeros(R, dtype=bool)
+            if n_g > 1:
+                two = np.partition(cost, 1, axis=1)
+                gap = two[:, 1] / np.maximum(two[:, 0], 1e-300)
+                free[np.argpartition(gap, NEAR_TIES)[:NEAR_TIES]] = True
+            fixed = ~free
+            pool = np.bincount(owner[fixed], weights=U[fixed, owner[fixed]], minlength=n_g)
+            pools = [g for g in range(n_g) if pool[g] > 0]
+            # the pooled row of class g: rho_k pool_g seconds on each of its instances k
+            vp = np.zeros((len(pools), m))
+            for i, g in enumerate(pools):
+                vp[i, members[g]] = rho[members[g]] * pool[g]
+            vf = V[free]
+            out = _small_split(np.r_[vf, vp], b, np.r_[np.ones(vf.shape, dtype=bool), vp > 0], self._highspy)
+            if out is None:
+                return None
+            lam, T, y = out
+            best = cheapest(lam)
+            mine = best[every, owner]
+            best[every, owner] = np.inf
+            moved = fixed & (mine > _row_min(best) * (1.0 - 1e-9))
+            if not moved.any():
+                break
+            price = lam
+        else:
+            return None
+        rows = queued[free]
+        nf = rows.size
+        ys = np.zeros((R, m))
+        ys[free] = y[:nf]
+        for i, g in enumerate(pools):
+            ys[fixed & (owner == g)] = y[nf + i]
+        if not self._accept(lam, T, s, b, y, rows, np.r_[vf, vp]):
+            return None
+        self.y[queued[fixed]] = ys[fixed]
+        return lam, T
+
+    def _accept(self, lam: np.ndarray, T: float, s: np.ndarray, b: np.ndarray, y: np.ndarray,
+                rows: np.ndarray, vy: np.ndarray) -> bool:
+        """Keep an optimal solution's prices and shares; whether its prices are the LP's only optimal ones.
+
+        ``y`` are the shares ``(k, m)`` of the LP's rows, the first ``len(rows)`` those of the
+        requests ``rows``, and ``vy`` their observed instance-seconds. The prices are unique when
+        the optimal vertex is not degenerate: as many positive basic values (the y's, T, the
+        capacity rows' slacks) as rows; otherwise another solver path may stop at another optimal
+        vertex, so the reference solve must answer.
+        """
+        m = self.m
+        self.y[rows] = y[:rows.size]
+        w = np.clip(lam, 0.0, None) * s
         self.w = None
         if w.sum() > 0 and np.all(np.isfinite(w)):
             w = w / w.sum()
             w[w < PRICE_FLOOR] = 0.0
             self.w = w / w.sum()
-        # the prices are unique when the optimal vertex is not degenerate: as many positive basic
-        # values (the y's, T, the capacity rows' slacks) as rows; otherwise another solver path may
-        # stop at another optimal vertex, so the reference solve answers (the LP is small then)
-        y = self.y[self.live]
-        slack = T - b - s * np.bincount(np.tile(np.arange(m), y.shape[0]),
-                                        weights=(y * v[self.request[self.live]]).ravel(), minlength=m)
+        slack = T - b - (y * vy).sum(axis=0)
         if int((y > 1e-9).sum()) + 1 + int((slack > 1e-9 * max(1.0, abs(T))).sum()) != m + y.shape[0]:
-            self.degenerate += 1
             self.w = None
-            return self._plain(queued, v, s, b)
-        return lam, T
+            return False
+        if self.w is not None and (self.w > 0).all():
+            self.guess = lam
+        return True
 
     @staticmethod
     def _plain(queued: np.ndarray, v: np.ndarray, s: np.ndarray, b: np.ndarray):
@@ -423,6 +529,72 @@ class _WarmSplitLP:
         if res.status != 0:
             return None
         return -np.asarray(res.ineqlin.marginals, dtype=np.float64), float(res.x[-1])
+
+
+def _small_split(v: np.ndarray, committed: np.ndarray, allowed: np.ndarray, highspy):
+    """The LP of :func:`split_lp` over rows ``v`` (``(k, m)`` seconds) where ``allowed``, solved by HiGHS.
+
+    Returns ``(lambda, T, y)`` (the capacity rows' duals, the makespan, s, and the ``(k, m)``
+    shares), or None when HiGHS does not reach an optimum.
+    """
+    k, m = v.shape
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("presolve", "off")          # tens of rows: presolve costs more than it saves
+    inf = highspy.kHighsInf
+    h.addCol(1.0, -inf, inf, 0, np.empty(0, np.int32), np.empty(0))  # T
+    b = np.asarray(committed, dtype=np.float64)
+    h.addRows(m, np.full(m, -inf), -b, m, np.arange(m, dtype=np.int32), np.zeros(m, dtype=np.int32), -np.ones(m))
+    h.addRows(k, np.ones(k), np.ones(k), 0, np.zeros(k, dtype=np.int32), np.empty(0, np.int32), np.empty(0))
+    r, c = np.nonzero(allowed)                       # columns y[r, c], row-major
+    n = r.size
+    idx = np.empty((n, 2), dtype=np.int32)
+    idx[:, 0] = c
+    idx[:, 1] = m + r
+    val = np.empty((n, 2))
+    val[:, 0] = v[r, c]
+    val[:, 1] = 1.0
+    h.addCols(n, np.zeros(n), np.zeros(n), np.full(n, inf), 2 * n, np.arange(0, 2 * n, 2, dtype=np.int32),
+              idx.ravel(), val.ravel())
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    sol = h.getSolution()
+    x = np.asarray(sol.col_value, dtype=np.float64)
+    y = np.zeros((k, m))
+    y[r, c] = x[1:]
+    return -np.asarray(sol.row_dual[:m], dtype=np.float64), float(x[0]), y
+
+
+def _proportional_classes(vq: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Classes of instances whose columns of ``vq`` (``(R, m)`` seconds) are proportional.
+
+    Returns ``(label, rho, reps)``: the class of each instance, its column over its class's first
+    instance (``vq[:, k] = rho[k] vq[:, reps[label[k]]]`` to ``1e-12``), and that first instance
+    of each class.
+    """
+    m = vq.shape[1]
+    label = np.full(m, -1)
+    rho = np.ones(m)
+    reps: list[int] = []
+    for k in range(m):
+        for g, rep in enumerate(reps):
+            ratio = vq[:, k] / vq[:, rep]
+            if ratio.max() - ratio.min() <= 1e-12 * ratio.max():
+                label[k], rho[k] = g, ratio[0]
+                break
+        else:
+            label[k] = len(reps)
+            reps.append(k)
+    return label, rho, reps
+
+
+def _row_min(a: np.ndarray) -> np.ndarray:
+    """``a.min(axis=1)`` of a ``(n, m)`` array with few columns, a column at a time (the same values, faster)."""
+    out = a[:, 0].copy()
+    for k in range(1, a.shape[1]):
+        np.minimum(out, a[:, k], out=out)
+    return out
 
 
 def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[float, int]:
@@ -496,6 +668,7 @@ class FleetPrices:
         self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
         self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
         self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
+        self._prompts = ctx.problem.workload.prompt_tokens.astype(np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
         #: The LP's makespan ``T`` at the last solve, absolute seconds (inf before one): a request
@@ -512,6 +685,10 @@ class FleetPrices:
         self.v = np.zeros((n, m))              # instance-seconds of each known request on each instance
         self.queued = np.zeros(n, dtype=bool)
         self.n_queued = 0
+        self._edits = 0                        # changes of the queue or its keys (count)
+        self._queued_at: tuple | None = None   # (edits, _queued_keys()) of the last read
+        self._refused: tuple | None = None     # (signature, horizon span) of the last refusal
+        self._span = (-np.inf, np.inf)
         self.changes = 0                       # queue changes since the last solve
         self.version = 0
         self.holding: dict[int, tuple[int, float]] = {}   # client -> (request, start)
@@ -541,6 +718,7 @@ class FleetPrices:
         """
         if not self.active:
             return
+        self._edits += 1
         self.key[request] = np.nan if key is None else key
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
@@ -576,6 +754,7 @@ class FleetPrices:
                 else:
                     hold = self._holds(np.array([request]), states)[0, k]
                 self.predicted[client] = float(hold / self.slowness[k])
+            self._edits += 1
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -619,6 +798,7 @@ class FleetPrices:
         if not self.active:
             return
         self.version += 1
+        self._edits += 1
         if key is not None:
             self.key[request] = key
         for c, (r, _) in list(self.holding.items()):
@@ -662,9 +842,8 @@ class FleetPrices:
         """
         if not self.active or self.mode != "lp":
             return False
-        moved = np.abs(np.log(self.slowness / self.slowness_at_solve)).max() > SLOWNESS_SHIFT
-        if self.solves == 0 or moved or self.changes >= RESOLVE_SHARE * max(1, self.n_queued) \
-                or (stuck and self.changes):
+        if (self.solves == 0 or self.changes >= RESOLVE_SHARE * max(1, self.n_queued) or (stuck and self.changes)
+                or np.abs(np.log(self.slowness / self.slowness_at_solve)).max() > SLOWNESS_SHIFT):
             prices, horizon = self.prices, self.horizon_s
             self._solve(now)
             return not (np.array_equal(prices, self.prices) and horizon == self.horizon_s)
@@ -720,8 +899,7 @@ class FleetPrices:
         the per-token cost of its prompt. (One broadcast over the instances; the terms are added
         in the order of :meth:`~lloptim.hardware.LatencyModel.decode_time`.)
         """
-        w = self.ctx.problem.workload
-        p = w.prompt_tokens[rows].astype(np.float64)[:, None]
+        p = self._prompts[rows][:, None]
         o = self._estimates[rows][:, None]
         lats = [st.latency for st in states]
         if self._lat_terms is None or any(a is not b for a, b in zip(lats, self._lat_terms[0])):
@@ -746,7 +924,34 @@ class FleetPrices:
         cs = np.asarray(self.ctx.extra["client_state"])
         idle = np.maximum(now, np.array([st.now for st in states]))[ci]
         t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
-        return [np.sort(t[c[cs[c] != FAILED]]).tolist() for c in self._instance_clients]
+        live = cs != FAILED
+        k = ci[live]
+        t = t[live]
+        t = t[np.lexsort((t, k))].tolist()              # by instance, then time: one sort, one list
+        cut = np.cumsum(np.bincount(k, minlength=self.m)).tolist()
+        return [t[a:z] for a, z in zip([0] + cut[:-1], cut)]
+
+    def _queued_keys(self) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        """Rows and keys of the queued requests, and the first :data:`SCAN_LIMIT` of them in key order.
+
+        The first are ``(rows, keys)`` sorted by key, then row (None when a key is not known);
+        computed once per change of the queue (the idle clients of one step ask in turn).
+        """
+        if self._queued_at is not None and self._queued_at[0] == self._edits:
+            return self._queued_at[1]
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        head = None
+        if rows.size and not np.isnan(keys).any():
+            r, k = rows, keys
+            if rows.size > SCAN_LIMIT:
+                kth = k[np.argpartition(k, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
+                sel = k <= kth                      # every tie of the last key, decided by row below
+                r, k = r[sel], k[sel]
+            order = np.lexsort((r, k))[:SCAN_LIMIT]
+            head = (r[order], k[order])
+        self._queued_at = (self._edits, (rows, keys, head))
+        return rows, keys, head
 
     def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
@@ -754,15 +959,9 @@ class FleetPrices:
         From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
         the queue's first item agrees; from the heap otherwise.
         """
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        if rows.size == len(queue) and queue and not np.isnan(keys).any():
-            if rows.size > SCAN_LIMIT:
-                kth = keys[np.argpartition(keys, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
-                sel = keys <= kth                   # every tie of the last key, decided by row below
-                rows, keys = rows[sel], keys[sel]
-            order = np.lexsort((rows, keys))[:SCAN_LIMIT]
-            rows, keys = rows[order], keys[order]
+        rows, keys, head = self._queued_keys()
+        if rows.size == len(queue) and queue and head is not None:
+            rows, keys = head
             if (keys[0], rows[0]) == queue[0]:
                 return rows, keys
         head = heapq.nsmallest(SCAN_LIMIT, queue)
@@ -779,7 +978,7 @@ class FleetPrices:
         # the LP prices the observed scale (it is solved on it); fixed uniform prices the model's
         scale = self.slowness if self.mode == "lp" else 1.0
         priced = (self.prices * scale)[None, :] * self.v[rows]
-        mu = priced.min(axis=1, keepdims=True)
+        mu = _row_min(priced)[:, None]
         return priced - mu <= self.tolerance * mu
 
     def pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
@@ -813,6 +1012,28 @@ class FleetPrices:
         tuple or None
             The chosen pair, or None to stay idle for now.
         """
+        # a refused client asks again after a re-solve that moved only the horizon: the same
+        # answer when nothing else changed and the horizon is on the same side of every
+        # completion the scan compared with it (the scan is then the same step by step)
+        sig = self._signature(queue, instance, now, states, past_horizon)
+        refused = self._refused
+        if refused is not None and refused[0] == sig and refused[1] <= self.horizon_s < refused[2]:
+            return None
+        self._span = (-np.inf, np.inf)
+        item = self._pick(queue, instance, now, states, past_horizon)
+        self._refused = (sig, *self._span) if item is None else None
+        return item
+
+    def _signature(self, queue: list, instance: int, now: float, states, past_horizon: bool) -> tuple:
+        """Everything :meth:`pick` reads but the horizon, prices and queue by their change counts."""
+        return (instance, now, past_horizon, id(queue), len(queue), queue[0] if queue else None, self._edits,
+                self.version, self.prices.tobytes(), tuple(self.ctx.extra["client_state"]),
+                tuple((id(st.latency), st.now, st.n_running, len(st.waiting), st.kv_tokens, len(st.clients))
+                      for st in states))
+
+    def _pick(self, queue: list[tuple[float, int]], instance: int, now: float, states,
+              past_horizon: bool) -> tuple[float, int] | None:
+        """:meth:`pick` without the memory of the last refusal; sets ``_span`` when it refuses."""
         if not self._instance_clients[instance].size:
             return None
         held = np.flatnonzero(self._hold_req >= 0)
@@ -824,55 +1045,76 @@ class FleetPrices:
         head_holds = holds_all[held.size:]
         holds = head_holds.tolist()                        # lists: the scan below is scalar Python
         oks = self.belongs_rows(head_rows).tolist()
-        head = list(zip(head_keys.tolist(), head_rows.tolist()))
-        everywhere = [True] * self.m
-        horizon = self.horizon_s
+        keys_list = head_keys.tolist()
+        rows_list = head_rows.tolist()
+        horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
-        for pos, item in enumerate(head):
+        ks = range(self.m)
+        below, above = -np.inf, np.inf                 # completions compared with the horizon: the
+        # largest not past it, the least past it
+        for pos in range(len(rows_list)):
             hold = holds[pos]
-            best, where = _earliest(tops, hold, oks[pos], instance)
-            if best > horizon and past_horizon:
+            ok = oks[pos]
+            # earliest completion over the instances where it belongs (ties to the asking one;
+            # _earliest written out: this loop is the dispatch's cost on a long queue)
+            best, where = np.inf, -1
+            for k in ks:
+                if ok[k]:
+                    finish = tops[k] + hold[k]
+                    if finish < best or (finish == best and k == instance):
+                        best, where = finish, k
+            if best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
-                best, where = _earliest(tops, hold, everywhere, instance)
+                if best < above:
+                    above = best
+                best, where = _earliest(tops, hold, [True] * self.m, instance)
+            elif best > below:
+                below = best
             if where == instance:
                 if pos:
                     self.steered += 1
-                self._picked = (item[1], now, hold)
-                return item
+                self._picked = (rows_list[pos], now, hold)
+                return keys_list[pos], rows_list[pos]
             if where >= 0:
                 heap = heaps[where]
                 heapq.heapreplace(heap, best)
                 tops[where] = heap[0]
-        if len(queue) <= len(head):
+        if past_horizon:
+            self._span = (below, above)
+        if len(queue) <= len(rows_list):
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        if rows.size != len(queue) or np.isnan(keys).any():
+        rows, keys, known = self._queued_keys()
+        if rows.size != len(queue) or known is None:
             keys = np.array([k for k, _ in queue])
             rows = np.array([r for _, r in queue], dtype=np.int64)
+        # only requests not in the head that belong here can be taken: the belongs test of this
+        # instance first, the others' and the holds (the costly part) for those alone
+        after = keys > keys_list[-1]
+        rows, keys = rows[after], keys[after]
         v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
         if self.mode == "ect":
+            cand = np.arange(rows.size)
             ok = np.ones(v.shape, dtype=bool)
         else:
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
-            ok = priced - priced.min(axis=1, keepdims=True) <= self.tolerance * priced.min(axis=1, keepdims=True)
-        # only requests that belong here and were not in the head can be taken: the holds (the
-        # costly part) of those alone
-        cand = np.flatnonzero(ok[:, instance] & (keys > head[-1][0]))
+            mu = _row_min(priced)
+            cand = np.flatnonzero(priced[:, instance] - mu <= self.tolerance * mu)
+            mu = mu[cand, None]
+            ok = priced[cand] - mu <= self.tolerance * mu
         if not cand.size:
             return None
-        rows, keys, ok = rows[cand], keys[cand], ok[cand]
+        rows, keys = rows[cand], keys[cand]
         ready_at = np.array([h[0] if h else np.inf for h in heaps])
         holds_q = self._holds(rows, states)
         finish = ready_at[None, :] + holds_q
         finish[~ok] = np.inf
         here = finish[:, instance].copy()
         finish[:, instance] = np.inf
-        good = here <= finish.min(axis=1)
+        good = here <= _row_min(finish)
         if not good.any():
             return None
         best_key = keys[good].min()
