@@ -1,13 +1,15 @@
-"""Latency of workflows arriving under load: the hybrid with and without due dates, against its peers.
+"""Latency of workflows arriving under load: the hybrid with and without its due dates, against its peers.
 
 The hybrid orders the ready requests of workflows by a makespan plan of the workflows known so far
 (:class:`~lloptim.runtime.request_schedulers.WorkflowQueue`). A request with slack in that plan (a
 short last step, a branch off the critical path) is planned late, and while workflows keep arriving
 every revision plans the new workflows' critical paths ahead of it: under load it waits until the
-arrivals stop. ``hybrid_policy(due_factor=1)`` (``hybrid-due`` below) gives each workflow a due
-date, its arrival plus the fleet's time to serve the work known then, and hands a request out by
-the earlier of its planned start and its latest start for that due date (WorkflowQueue Notes,
-*Due dates*).
+arrivals stop. The hybrid (default ``due_factor``,
+:data:`~lloptim.runtime.request_schedulers.DUE_FACTOR`) gives each workflow a due date, its
+arrival plus that factor times the fleet's time to serve the work known then, and hands a request
+out by the earlier of its planned start and its latest start for that due date (WorkflowQueue
+Notes, *Due dates*); ``hybrid-plain`` below is the hybrid without them (``due_factor=None``), and
+``--factors`` adds ``hybrid-dueF`` rows for other factors.
 
 Cases (DAG workflows arriving as a Poisson process; every request of a workflow arrives with it):
 
@@ -21,10 +23,12 @@ Cases (DAG workflows arriving as a Poisson process; every request of a workflow 
 Per case and policy: the makespan's gap to the bound (``lower_bound(..., migration=False)``), the
 mean and p99 latency of the requests (arrival to finish) and the p99 latency of the workflows
 (first arrival to last finish, :func:`~lloptim.metrics.workflow_latency`). The table gives, per
-class, hybrid-due against the hybrid (makespan change in points; p99 and mean ratios) and against
-the best peer (lowest p99 of Sarathi, vLLM and LPT; Sarathi's mean).
+class, the hybrid with due dates against ``hybrid-plain`` (makespan change in points; p99 and mean
+ratios; column ``p99/pln``) and against the best peer (lowest p99 of Sarathi, vLLM and LPT; Sarathi's mean), for the default hybrid and
+for each ``--factors`` variant.
 
-Run: ``python benchmarks/workflow_latency.py [--seeds 3] [--first-seed 0] [--classes stress-dag,gsm8k-dag]``;
+Run: ``python benchmarks/workflow_latency.py [--seeds 3] [--first-seed 0] [--classes stress-dag,gsm8k-dag]
+[--factors 1,1.5]``;
 writes ``benchmarks/results/workflow_latency.csv`` unless ``--csv`` says where. About a minute for
 three seeds on a quiet machine.
 """
@@ -40,18 +44,23 @@ import numpy as np
 
 from lloptim import lower_bound, run_policy, summarize, workloads
 from lloptim.runtime.hybrid import hybrid_policy
+from lloptim.runtime.request_schedulers import DUE_FACTOR
 
 import stress_flow
 import workflows as workflow_bench
 
 PEERS = ("sarathi", "vllm", "lpt")
-POLICIES = ("hybrid", "hybrid-due") + PEERS
+POLICIES = ("hybrid-plain", "hybrid") + PEERS
 CLASSES = ("stress-dag", "gsm8k-dag")
 
 
 def make(name: str):
-    """A policy of :data:`POLICIES` (``hybrid-due`` is the hybrid with ``due_factor=1``)."""
-    return hybrid_policy(due_factor=1.0) if name == "hybrid-due" else name
+    """A policy of :data:`POLICIES` or ``hybrid-dueF`` (``hybrid-plain``: the hybrid without due dates)."""
+    if name == "hybrid-plain":
+        return hybrid_policy(due_factor=None)
+    if name.startswith("hybrid-due"):
+        return hybrid_policy(due_factor=float(name[len("hybrid-due"):]))
+    return name
 
 
 def cases(cls: str, seed: int) -> list[tuple[str, object]]:
@@ -69,11 +78,11 @@ def cases(cls: str, seed: int) -> list[tuple[str, object]]:
     return out
 
 
-def run_case(cls: str, label: str, seed: int, problem) -> list[dict]:
-    """Every policy on one case; one row each."""
+def run_case(cls: str, label: str, seed: int, problem, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Every policy (and the ``extra`` ones) on one case; one row each."""
     bound = lower_bound(problem, migration=False)
     rows = []
-    for name in POLICIES:
+    for name in POLICIES + tuple(extra):
         t = time.perf_counter()
         res = run_policy(problem, make(name))
         m = summarize(res, bound)
@@ -87,15 +96,15 @@ def run_case(cls: str, label: str, seed: int, problem) -> list[dict]:
     return rows
 
 
-def compare(rows: list[dict]) -> dict:
-    """hybrid-due against the hybrid and the best peer on one case."""
+def compare(rows: list[dict], variant: str = "hybrid") -> dict:
+    """The hybrid with due dates (``variant``) against it without them and the best peer on one case."""
     by = {r["policy"]: r for r in rows}
-    h, d = by["hybrid"], by["hybrid-due"]
+    h, d = by["hybrid-plain"], by[variant]
     best = min((by[p] for p in PEERS), key=lambda r: r["latency_p99_s"])
-    return {"class": h["class"], "gap_change": d["gap"] - h["gap"],
-            "p99_vs_hybrid": d["latency_p99_s"] / h["latency_p99_s"],
-            "mean_vs_hybrid": d["latency_mean_s"] / h["latency_mean_s"],
-            "hybrid_p99_vs_peer": h["latency_p99_s"] / best["latency_p99_s"],
+    return {"class": h["class"], "variant": variant, "gap_change": d["gap"] - h["gap"],
+            "p99_vs_plain": d["latency_p99_s"] / h["latency_p99_s"],
+            "mean_vs_plain": d["latency_mean_s"] / h["latency_mean_s"],
+            "plain_p99_vs_peer": h["latency_p99_s"] / best["latency_p99_s"],
             "p99_vs_peer": d["latency_p99_s"] / best["latency_p99_s"],
             "wf_p99_vs_peer": d["workflow_latency_p99_s"] / min(by[p]["workflow_latency_p99_s"] for p in PEERS),
             "mean_vs_sarathi": d["latency_mean_s"] / by["sarathi"]["latency_mean_s"],
@@ -103,18 +112,19 @@ def compare(rows: list[dict]) -> dict:
 
 
 def table(comparisons: list[dict]) -> str:
-    """Per class: makespan change (mean / worst, points), p99 and mean ratios (median / worst)."""
-    head = (f"{'class':10s} {'n':>2s} {'d gap':>6s} {'worst':>6s} {'p99/hyb':>7s} {'hyb/peer':>8s} "
+    """Per class and variant: makespan change (mean / worst, points), p99 and mean ratios (median / worst)."""
+    head = (f"{'class':10s} {'variant':>8s} {'n':>2s} {'d gap':>6s} {'worst':>6s} {'p99/pln':>7s} {'pln/peer':>8s} "
             f"{'p99/peer':>8s} {'worst':>6s} {'wf99/pr':>7s} {'mean/sar':>8s} {'mk/peer':>7s}")
     lines = [head, "-" * len(head)]
-    for cls in dict.fromkeys(c["class"] for c in comparisons):
-        cs = [c for c in comparisons if c["class"] == cls]
+    for cls, variant in dict.fromkeys((c["class"], c["variant"]) for c in comparisons):
+        cs = [c for c in comparisons if c["class"] == cls and c["variant"] == variant]
 
         def col(key: str) -> np.ndarray:
             return np.array([c[key] for c in cs])
 
-        lines.append(f"{cls:10s} {len(cs):2d} {100 * col('gap_change').mean():+6.2f} {100 * col('gap_change').max():+6.2f} "
-                     f"{np.median(col('p99_vs_hybrid')):7.2f} {np.median(col('hybrid_p99_vs_peer')):8.2f} "
+        shown = "default" if variant == "hybrid" else variant[len("hybrid-"):]
+        lines.append(f"{cls:10s} {shown:>8s} {len(cs):2d} {100 * col('gap_change').mean():+6.2f} {100 * col('gap_change').max():+6.2f} "
+                     f"{np.median(col('p99_vs_plain')):7.2f} {np.median(col('plain_p99_vs_peer')):8.2f} "
                      f"{np.median(col('p99_vs_peer')):8.2f} {col('p99_vs_peer').max():6.2f} "
                      f"{np.median(col('wf_p99_vs_peer')):7.2f} {np.median(col('mean_vs_sarathi')):8.2f} "
                      f"{col('mk_vs_peer').max():7.3f}")
@@ -126,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per class (default 3)")
     ap.add_argument("--first-seed", type=int, default=0, help="first seed (held-out checks: 200 and up)")
     ap.add_argument("--classes", default=",".join(CLASSES), help=f"comma-separated subset of {','.join(CLASSES)}")
+    ap.add_argument("--factors", default="",
+                    help=f"comma-separated other due factors to compare with the default {DUE_FACTOR:g} (e.g. 1,1.5)")
     ap.add_argument("--csv", default=None,
                     help="where to write the rows (default benchmarks/results/workflow_latency.csv)")
     args = ap.parse_args(argv)
@@ -135,20 +147,27 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--classes: unknown {unknown}; use some of {', '.join(CLASSES)}")
     if args.seeds < 1:
         ap.error("--seeds: at least 1")
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f.strip()]
+    except ValueError:
+        ap.error(f"--factors: numbers > 0 separated by commas, not {args.factors!r}")
+    if any(not np.isfinite(f) or f <= 0 for f in factors):
+        ap.error(f"--factors: numbers > 0 separated by commas, not {args.factors!r}")
+    extra = tuple(f"hybrid-due{f:g}" for f in factors)
     rows, comparisons = [], []
     t_all = time.perf_counter()
     for cls in classes:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for label, problem in cases(cls, seed):
-                case_rows = run_case(cls, label, seed, problem)
+                case_rows = run_case(cls, label, seed, problem, extra)
                 rows += case_rows
                 c = compare(case_rows)
-                comparisons.append(c)
+                comparisons += [c] + [compare(case_rows, name) for name in extra]
                 by = {r["policy"]: r for r in case_rows}
-                print(f"{cls:10s} s{seed:<3d} {label:26s} gap hybrid {100 * by['hybrid']['gap']:5.2f}% due "
-                      f"{100 * by['hybrid-due']['gap']:5.2f}% | p99 hybrid {by['hybrid']['latency_p99_s']:6.1f} due "
-                      f"{by['hybrid-due']['latency_p99_s']:6.1f} best peer {min(by[p]['latency_p99_s'] for p in PEERS):6.1f}"
-                      f" | mean due/sarathi {c['mean_vs_sarathi']:.2f}", flush=True)
+                print(f"{cls:10s} s{seed:<3d} {label:26s} gap plain {100 * by['hybrid-plain']['gap']:5.2f}% hybrid "
+                      f"{100 * by['hybrid']['gap']:5.2f}% | p99 plain {by['hybrid-plain']['latency_p99_s']:6.1f} hybrid "
+                      f"{by['hybrid']['latency_p99_s']:6.1f} best peer {min(by[p]['latency_p99_s'] for p in PEERS):6.1f}"
+                      f" | mean hybrid/sarathi {c['mean_vs_sarathi']:.2f}", flush=True)
     print()
     print(table(comparisons))
     out = Path(args.csv) if args.csv else Path(__file__).resolve().parent / "results" / "workflow_latency.csv"

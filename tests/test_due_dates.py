@@ -1,4 +1,4 @@
-"""Workflow due dates (``hybrid_policy(due_factor=...)``) and the per-workflow latency metric."""
+"""Workflow due dates (``hybrid_policy(due_factor=...)``, on by default) and the per-workflow latency metric."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lloptim.errors import SpecError
 from lloptim.hardware import HardwareProfile, LatencyModel
 from lloptim.metrics import workflow_latency
 from lloptim.runtime.hybrid import hybrid_policy
-from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime.request_schedulers import DUE_FACTOR, WorkflowQueue
 
 
 def _online(n: int, seed: int, rate: float | None, clients: int = 16, instances: int = 1) -> Problem:
@@ -45,7 +45,7 @@ def test_due_dates_bound_the_wait_of_requests_the_plan_keeps_for_last(seed):
     # workflows for the end (the p99 is 1.8-2.7x Sarathi's); due dates serve them by their
     # workflow's due date, at no more than a point of makespan
     problem = _online(40, seed, 0.5)
-    plain = summarize(run_policy(problem, "hybrid"))
+    plain = summarize(run_policy(problem, hybrid_policy(due_factor=None)))
     due = summarize(run_policy(problem, hybrid_policy(due_factor=1.0)))
     fcfs = summarize(run_policy(problem, "sarathi"))
     assert plain.latency_p99_s > 1.5 * fcfs.latency_p99_s  # the starvation the rule is for
@@ -76,6 +76,24 @@ def test_the_due_date_is_the_drain_time_of_the_known_work(monkeypatch):
     assert np.any(np.asarray(q.key)[rows] < q.plan_start[rows] - 1.0)
 
 
+@pytest.mark.parametrize("seed", [21, 22])
+def test_the_default_hybrid_serves_overloaded_workflows_by_due_dates(seed, monkeypatch):
+    # the default hybrid is the due-date rule: on DAGs overloading the fleet its p99 stays near
+    # Sarathi's (the plan alone: 1.8-2.7x), at no more than a point of makespan over the plan alone
+    kept = _queue(monkeypatch)
+    problem = _online(40, seed, 0.5)
+    default = run_policy(problem, "hybrid")
+    assert kept[-1].due_factor == DUE_FACTOR and kept[-1].due_on
+    explicit = run_policy(problem, hybrid_policy(due_factor=DUE_FACTOR))
+    assert np.array_equal(default.done_s, explicit.done_s)
+    d = summarize(default)
+    plain = summarize(run_policy(problem, hybrid_policy(due_factor=False)))
+    fcfs = summarize(run_policy(problem, "sarathi"))
+    assert plain.latency_p99_s > 1.5 * fcfs.latency_p99_s
+    assert d.latency_p99_s <= 1.1 * fcfs.latency_p99_s
+    assert d.makespan_s <= 1.01 * plain.makespan_s and d.makespan_s < fcfs.makespan_s
+
+
 # -- what they must not change -------------------------------------------------------------------------------
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=st.sampled_from(workloads.WORKFLOW_SHAPES), n=st.integers(1, 10), seed=st.integers(0, 1000),
@@ -84,7 +102,7 @@ def test_workflows_known_at_once_run_exactly_as_without_due_dates(shape, n, seed
     # every workflow at time 0 is one batch: its latency is the makespan's business, nothing moves
     problem = Problem.single(workloads.workflows(shape, n, seed=seed), "llama-65b", clients=6, instances=instances,
                              kv_capacity_tokens=81_920)
-    a = run_policy(problem, "hybrid")
+    a = run_policy(problem, hybrid_policy(due_factor=None))
     b = run_policy(problem, hybrid_policy(due_factor=factor))
     assert np.array_equal(a.done_s, b.done_s) and np.array_equal(a.client, b.client)
     assert np.array_equal(a.trace_start_s, b.trace_start_s)
@@ -93,7 +111,7 @@ def test_workflows_known_at_once_run_exactly_as_without_due_dates(shape, n, seed
 def test_independent_requests_run_exactly_as_without_due_dates():
     problem = Problem.single(workloads.gsm8k("test").subset(np.arange(300)).with_arrivals(
         np.sort(np.random.default_rng(2).uniform(0, 30, 300))), "llama-65b", clients=20)
-    a, b = run_policy(problem, "hybrid"), run_policy(problem, hybrid_policy(due_factor=1.0))
+    a, b = run_policy(problem, hybrid_policy(due_factor=None)), run_policy(problem, hybrid_policy(due_factor=1.0))
     assert np.array_equal(a.done_s, b.done_s) and np.array_equal(a.client, b.client)
 
 
@@ -136,6 +154,15 @@ def test_due_dates_read_no_workflow_before_it_arrives():
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
+def test_false_or_none_turns_the_due_dates_off(monkeypatch):
+    kept = _queue(monkeypatch)
+    problem = _online(12, 3, 0.5)
+    a = run_policy(problem, hybrid_policy(due_factor=False))
+    assert kept[-1].due_factor is None and not kept[-1].due_on
+    b = run_policy(problem, hybrid_policy(due_factor=None))
+    assert np.array_equal(a.done_s, b.done_s)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_bad_due_factor_is_a_named_error(bad):
     with pytest.raises(SpecError, match="due_factor") as err:
@@ -158,6 +185,9 @@ def test_cli_due_factor_and_workflow_latency_in_json(tmp_path):
     d = json.loads(res.stdout)
     assert d["policy_options"] == {"due_factor": 1} and d["workflows"] == 12
     assert d["latency_p99_s"] <= d["workflow_latency_p99_s"] + 1e-9
+    res = runner.invoke(app, ["simulate", str(spec), "--policy", "hybrid", "-o", "due_factor=false", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["policy_options"] == {"due_factor": False}
     res = runner.invoke(app, ["simulate", str(spec), "--policy", "hybrid", "-o", "due_factor=0"])
     assert res.exit_code != 0 and "due_factor" in res.output and "Traceback" not in res.output
 
@@ -210,4 +240,4 @@ def test_the_latency_benchmark_runs_and_shows_the_rule(tmp_path):
     assert {r["policy"] for r in rows} == set(bench.POLICIES) and len(rows) == 4 * len(bench.POLICIES)
     by = {(r["case"], r["policy"]): r for r in rows}
     for case in {r["case"] for r in rows if "1/s" in r["case"]}:  # overloaded: the plan starves, due dates do not
-        assert float(by[case, "hybrid-due"]["latency_p99_s"]) < 0.7 * float(by[case, "hybrid"]["latency_p99_s"])
+        assert float(by[case, "hybrid"]["latency_p99_s"]) < 0.7 * float(by[case, "hybrid-plain"]["latency_p99_s"])

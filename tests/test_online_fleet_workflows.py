@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lloptim import Problem, lower_bound, run_policy, workloads
-from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime import request_schedulers
+from lloptim.runtime.request_schedulers import ARRIVALS_ENDED_GAPS, ARRIVALS_ENDED_LONGEST, WorkflowQueue
 
 
 def _fleet(shape: str, seed: int, rate: float) -> Problem:
@@ -54,6 +55,35 @@ def test_a_light_stream_is_paced_at_its_end(monkeypatch, shape):
     _watch(monkeypatch, lambda q, state, r: state.now >= last and after.append(q.overloaded(state.now)))
     run_policy(problem, "hybrid")
     assert after and not any(after)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_an_overloading_stream_reads_as_ended_after_a_long_silence(monkeypatch, seed):
+    # DAGs at 1.5 a second overload 2 x 20 clients: after the last arrival the confidence bound of
+    # the arrival rate falls slowly and read an overload for a minute and more, so the last
+    # workflows' deciding chains ran at full batches; a silence of ARRIVALS_ENDED_GAPS mean gaps
+    # and ARRIVALS_ENDED_LONGEST times the longest one ends it (and the pacing returns for the end)
+    problem = _fleet("dag", seed, 1.5)
+
+    def silent(q, now: float) -> bool:
+        """Whether no workflow has arrived for the rule's silence (from what the queue saw)."""
+        if q.arrivals < 2:
+            return False
+        gap = (q.last_arrival_s - q.first_arrival_s) / (q.arrivals - 1)
+        return now - q.last_arrival_s > max(ARRIVALS_ENDED_GAPS * gap, ARRIVALS_ENDED_LONGEST * q.longest_gap_s)
+
+    def late_answers(gaps: float) -> list[bool]:
+        monkeypatch.setattr(request_schedulers, "ARRIVALS_ENDED_GAPS", gaps)
+        seen = []
+        _watch(monkeypatch, lambda q, state, r: q.open_arrivals and silent(q, state.now)
+               and seen.append(q.overloaded(state.now)))
+        res = run_policy(problem, "hybrid")
+        assert np.all(np.isfinite(res.done_s))
+        return seen
+
+    assert any(late_answers(np.inf))  # the bound alone still reads an overload then
+    seen = late_answers(ARRIVALS_ENDED_GAPS)
+    assert seen and not any(seen)
 
 
 def test_the_overload_bound_widens_with_few_arrivals():

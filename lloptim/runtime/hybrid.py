@@ -38,7 +38,7 @@ from lloptim.runtime.memory_schedulers import MemoryAwareQueue
 from lloptim.runtime.order_choice import (ROLLOUT_BUDGET_S, Rollout, SimulatedOrderChoice, SimulatedWorkflowChoice,
                                           _Fixed, _Replay)
 from lloptim.runtime.registry import register_policy
-from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime.request_schedulers import DUE_FACTOR, WorkflowQueue
 from lloptim.runtime.rolling import RollingPlan, RollingQueues
 
 __all__ = ["offline_policy", "hybrid_policy", "START_DELAY", "ORDER_BUDGET_S", "SORTED_ONLY", "PLAN_ONLY",
@@ -61,7 +61,7 @@ PLAN_SAFETY_S = 20.0
 SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_PLAN, "objective": "makespan",
                "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
-               "due_factor": None, "rollout_epochs": 0, "rollout_candidates": 4,
+               "due_factor": DUE_FACTOR, "rollout_epochs": 0, "rollout_candidates": 4,
                "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known"}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
@@ -161,7 +161,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   objective: str = "makespan", start_planner=None, fill_ramp: bool | str = "known",
                   fleet_homes: bool | str = "known", urgency_horizon: bool | str = "known",
                   order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
-                  plan_paced: bool = True, due_factor: float | None = None, rollout_epochs: int = 0,
+                  plan_paced: bool = True, due_factor: float | None = DUE_FACTOR, rollout_epochs: int = 0,
                   rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S,
                   memory_handover: bool | str = "known") -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
@@ -281,16 +281,17 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`). Fixed values, for studies;
         ``order_candidates`` chooses them per case.
     due_factor
-        On workflows arriving over time (``dispatch="sorted"``): None (default) orders ready
-        requests by the workflow plan alone, which serves the makespan and can keep a request with
-        slack waiting until the arrivals stop; a number ``f > 0`` makes each workflow due ``f``
-        times the fleet's time to serve the work known at its arrival, and a request goes out by
-        its planned start or its latest start for that due date, whichever is earlier (1: p99
-        latency at or below the best peer's on overloaded DAGs, the makespan 0.1-0.2 point
-        longer on average and up to 2.8 points on single fleet cases, more with estimated
-        lengths; see
-        :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, *Due dates*, and docs:
-        workflows).
+        On workflows arriving over time (``dispatch="sorted"``): a number ``f > 0`` (default
+        :data:`~lloptim.runtime.request_schedulers.DUE_FACTOR`, 1.25) makes each workflow due
+        ``f`` times the fleet's time to serve the work known at its arrival, and a request goes
+        out by its planned start or its latest start for that due date, whichever is earlier: the
+        p99 latency at or below Sarathi's on overloaded DAGs (the plan alone kept short last steps
+        of early workflows waiting until the arrivals stop: up to 1.3 x Sarathi's p99 and 2-3 x
+        on GSM8K DAGs), the makespan about 0.1 point longer on average, more with estimated
+        lengths. None or False (``-o due_factor=false``) orders ready requests by the workflow
+        plan alone. Workflows all known at the start and independent requests run the same either
+        way (see :class:`~lloptim.runtime.request_schedulers.WorkflowQueue`, *Due dates*, and
+        docs: workflows, *Latency under load*).
     rollout_epochs, rollout_candidates, rollout_budget_s
         Opt-in (``dispatch="sorted"``), with known lengths and every request present at the
         start: re-choose the dispatch's variant ``rollout_epochs`` times during the run (when

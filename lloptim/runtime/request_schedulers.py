@@ -65,10 +65,29 @@ BACKLOG_LIVE_GAPS = 2.0
 #: makespan: 0.6 cut the makespan cost of the due dates on ``benchmarks/workflows.py``'s online
 #: DAGs from +0.39 to +0.14 points on average (training seeds 1-3; WorkflowQueue Notes, *Due dates*).
 DUE_BINDING_SHARE = 0.6
+#: The hybrid's default due factor (``hybrid_policy(due_factor=...)``; WorkflowQueue Notes, *Due
+#: dates*): each workflow arriving over time is due 1.25 times the fleet's time to serve the work
+#: known at its arrival after it. Chosen on ``benchmarks/workflow_latency.py``'s cases, seeds 0-5
+#: (GSM8K DAGs) and 0-2 (``stress_flow``'s online DAGs): the makespan +0.09 point on average on the
+#: GSM8K DAGs against +0.17 with 1 (+0.14 with 1.5), the p99 at or below Sarathi's on 20 of 24
+#: GSM8K cases and all 9 stress cases (docs: workflows, *Latency under load*).
+DUE_FACTOR = 1.25
+#: :meth:`WorkflowQueue.overloaded` reads the stream of workflows as ended, and the fleet may be
+#: paced for its end, once no workflow has arrived for this many mean gaps between arrivals and
+#: for :data:`ARRIVALS_ENDED_LONGEST` times the longest gap so far (count; under Poisson arrivals a
+#: silence of 4 mean gaps has probability ``exp(-4)``, about 2 %, and 100 arrivals bring a couple:
+#: the longest gap guards against them). The confidence bound alone falls slowly after the last
+#: arrival: on ``stress_flow``'s online ``dag-fleet`` case, seed 0, it still read an overload 75 s
+#: after it while the deciding chain ran at full batches (12.1 % above the bound against LPT's
+#: 10.5 %; 8.2 % with this rule).
+ARRIVALS_ENDED_GAPS = 4.0
+#: See :data:`ARRIVALS_ENDED_GAPS` (factor of the longest gap between arrivals so far).
+ARRIVALS_ENDED_LONGEST = 2.0
 
 __all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
            "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
-           "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS", "DUE_BINDING_SHARE"]
+           "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS", "DUE_BINDING_SHARE", "DUE_FACTOR",
+           "ARRIVALS_ENDED_GAPS", "ARRIVALS_ENDED_LONGEST"]
 
 
 def critical_path_rank(ctx: RunContext) -> np.ndarray:
@@ -293,11 +312,12 @@ class WorkflowQueue(GlobalQueue):
         simulation (:class:`~lloptim.runtime.order_choice.SimulatedWorkflowChoice`): no fixed
         scale is best on every fleet (docs: workflows, *what remains*).
     due_factor
-        Workflow due dates for latency (Notes, *Due dates*): None (default) serves the plan's
-        order alone; a number ``f > 0`` makes each workflow due ``f`` times the fleet's time to
-        serve the work known at its arrival after that arrival, and, once workflows arrive over
-        time, an idle client takes a request by its planned start or by the latest start that
-        meets its workflow's due date, whichever is earlier (1: the drain time of the backlog).
+        Workflow due dates for latency (Notes, *Due dates*): None or False (default here) serves
+        the plan's order alone; a number ``f > 0`` makes each workflow due ``f`` times the fleet's
+        time to serve the work known at its arrival after that arrival, and, once workflows arrive
+        over time, an idle client takes a request by its planned start or by the latest start that
+        meets its workflow's due date, whichever is earlier (1: the drain time of the backlog). The
+        hybrid runs with :data:`DUE_FACTOR`.
 
     Notes
     -----
@@ -371,12 +391,12 @@ class WorkflowQueue(GlobalQueue):
     over time). Workflows arriving over time pace the fleet only once they do not keep it busy
     (:meth:`overloaded`).
 
-    **Due dates** (``due_factor``, off by default). The plan orders by makespan: a request with
-    slack in it (a short last step, a branch off the critical path) is planned late, and while
-    workflows keep arriving each revision plans the new workflows' critical paths ahead of it, so
-    under load it waits until the arrivals stop (DAGs at 200 % load: p99 latency 1.2x Sarathi's,
-    the p99 made by short last steps of early workflows that waited 110-120 s once ready). With
-    due dates, a workflow arriving at ``a`` is due at ``a + f H``, ``H`` the known work's
+    **Due dates** (``due_factor``; the hybrid's default is :data:`DUE_FACTOR`). The plan orders by
+    makespan: a request with slack in it (a short last step, a branch off the critical path) is
+    planned late, and while workflows keep arriving each revision plans the new workflows'
+    critical paths ahead of it, so under load it waits until the arrivals stop (DAGs at 200 %
+    load: p99 latency 1.2x Sarathi's, the p99 made by short last steps of early workflows that
+    waited 110-120 s once ready). With due dates, a workflow arriving at ``a`` is due at ``a + f H``, ``H`` the known work's
     estimated decode steps over the fleet's full rate once it is known (the time the fleet needs
     to serve what it has been given), and a request's key is the earlier of its planned start and
     its latest start for that due date (the due date less its remaining chain, its estimated
@@ -402,11 +422,15 @@ class WorkflowQueue(GlobalQueue):
                  revision_work: int = REVISION_WORK, pace_scale: float = 1.0,
                  due_factor: float | None = None) -> None:
         super().__init__("longest", plan)
+        if due_factor is False:
+            due_factor = None  # off (``-o due_factor=false`` on the command line)
         if due_factor is not None and not (isinstance(due_factor, (int, float)) and not isinstance(due_factor, bool)
                                            and np.isfinite(due_factor) and due_factor > 0):
-            raise SpecError("policy.hybrid.due_factor", f"must be a finite number > 0 or None, not {due_factor!r}",
-                            "1 makes each workflow due after the time the fleet needs for the work known at its "
-                            "arrival; leave it out to order by the plan alone")
+            raise SpecError("policy.hybrid.due_factor",
+                            f"must be a finite number > 0, or None / false (off), not {due_factor!r}",
+                            f"{DUE_FACTOR:g} (the hybrid's default) makes each workflow due after {DUE_FACTOR:g} times "
+                            "the time the fleet needs for the work known at its arrival; false orders by the plan "
+                            "alone")
         self.due_factor = None if due_factor is None else float(due_factor)
         if not (isinstance(pace_scale, (int, float)) and not isinstance(pace_scale, bool)
                 and np.isfinite(pace_scale) and pace_scale > 0):
@@ -507,6 +531,7 @@ class WorkflowQueue(GlobalQueue):
         self.arrivals = 0  # workflows known (count), for the mean gap between arrivals
         self.ready_s = [0.0] * n  # when each request last became ready, seconds
         self.last_arrival_s = 0.0  # when the last workflow was planned, seconds
+        self.longest_gap_s = 0.0  # the longest time between two plannings of new workflows, seconds
         #: Clients per instance the current plan was made on (None: every client; class Notes,
         #: *The plan sees the pacing*).
         self.plan_limits: tuple[int, ...] | None = None
@@ -596,6 +621,8 @@ class WorkflowQueue(GlobalQueue):
         now = self.batch_time
         new = sorted(self.arrived - self.known)
         self.arrivals += len(new)
+        if self.known:
+            self.longest_gap_s = max(self.longest_gap_s, now - self.last_arrival_s)
         self.last_arrival_s = now
         self.arrived = set()
         first = not self.known
@@ -782,7 +809,11 @@ class WorkflowQueue(GlobalQueue):
         until the evidence says otherwise, and a measured load near the full rate (DAGs at one
         workflow a second are about 1.0) stays True rather than flipping with each arrival;
         after the last arrival the bound falls as time passes without arrivals, and the pacing
-        returns for the end. False when every workflow arrived at once.
+        returns for the end. That fall is slow (a minute and more after the last of 60 workflows
+        at 150 % load), so the stream is also read as ended once no workflow has arrived for
+        :data:`ARRIVALS_ENDED_GAPS` mean gaps between arrivals and
+        :data:`ARRIVALS_ENDED_LONGEST` times the longest gap so far (False then). False when
+        every workflow arrived at once.
 
         Parameters
         ----------
@@ -791,6 +822,10 @@ class WorkflowQueue(GlobalQueue):
         """
         if not self.open_arrivals or self.fleet_rate <= 0.0:
             return False
+        if self.arrivals >= 2:
+            gap = (self.last_arrival_s - self.first_arrival_s) / (self.arrivals - 1)
+            if now - self.last_arrival_s > max(ARRIVALS_ENDED_GAPS * gap, ARRIVALS_ENDED_LONGEST * self.longest_gap_s):
+                return False  # the stream has likely ended: the end is paced
         elapsed = now - self.first_arrival_s
         if elapsed <= 0.0:
             return True
