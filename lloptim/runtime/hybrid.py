@@ -62,7 +62,7 @@ SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_P
                "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
                "due_factor": DUE_FACTOR, "rollout_epochs": 0, "rollout_candidates": 4,
-               "rollout_budget_s": ROLLOUT_BUDGET_S, "urgency": True}
+               "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known", "urgency": True}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
 #: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
@@ -163,7 +163,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
                   plan_paced: bool = True, due_factor: float | None = DUE_FACTOR, rollout_epochs: int = 0,
                   rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S,
-                  urgency: bool = True) -> Policy:
+                  memory_handover: bool | str = "known", urgency: bool = True) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -253,6 +253,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         lengths rather than on short requests (the ``urgency_horizon`` of
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
         when the output lengths are known; True: on estimates too; False: the queue alone.
+    memory_handover
+        On one instance (``dispatch="sorted"``), requests arriving during the run: once the
+        requests known so far can fill the KV cache (they could not at the first dispatch), the
+        dispatch moves to the memory-aware queue, in least-slack order, instead of leaving memory
+        to the engine's preemptions (the ``memory_handover`` of
+        :class:`~lloptim.runtime.dispatch.HybridDispatch`). ``"known"`` (default): when the
+        output lengths are known; True: on estimates too; False: never.
     order_candidates, order_budget_s
         Opt-in, where the KV cache can fill up, the output lengths are known and every request is
         present at the start (``dispatch="sorted"``): simulate this hybrid with
@@ -331,7 +338,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                                   order_budget_s=order_budget_s, pace_scale=pace_scale, plan_paced=plan_paced,
                                   due_factor=due_factor, rollout_epochs=rollout_epochs,
                                   rollout_candidates=rollout_candidates, rollout_budget_s=rollout_budget_s,
-                                  urgency=urgency))
+                                  memory_handover=memory_handover, urgency=urgency))
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
@@ -344,6 +351,10 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         if fleet_homes not in (True, False, "known"):
             raise SpecError("policy.hybrid.fleet_homes", f"must be true, false or 'known', not {fleet_homes!r}",
                             "'known' steers small caches to their LP share when the output lengths are known")
+        if memory_handover not in (True, False, "known"):
+            raise SpecError("policy.hybrid.memory_handover", f"must be true, false or 'known', not {memory_handover!r}",
+                            "'known' hands the dispatch to the memory-aware queue once arriving requests can fill "
+                            "the cache, when the output lengths are known")
         if urgency_horizon not in (True, False, "known"):
             raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
                             "'known' counts the running requests' work in the urgency test when the output lengths "
@@ -353,7 +364,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                     slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
                     price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
                     objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
-                    urgency_horizon=urgency_horizon, due_factor=due_factor)
+                    urgency_horizon=urgency_horizon, due_factor=due_factor, memory_handover=memory_handover)
         if order_candidates != 1:
             if start_planner is not None:
                 raise SpecError("policy.hybrid.order_candidates", "a start_planner is given too",
@@ -380,7 +391,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, time_limit_s=time_limit_s,
                                   memory=memory, tail_plan=tail_plan,
                                   objective=objective, workflow_choice=workflow_choice, rollout=rollout,
-                                  urgency=urgency, **workflow_opts)
+                                  memory_handover=memory_handover, urgency=urgency, **workflow_opts)
     elif dispatch == "plan":
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,

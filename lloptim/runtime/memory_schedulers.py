@@ -32,7 +32,7 @@ from lloptim.runtime.policy import RequestScheduler, RunContext
 
 __all__ = ["MemoryAwareQueue", "FluidPacedQueue", "KnownMemory", "FleetMemoryWatch", "FLEET_FLUID_BINDS", "admitted_set", "memory_can_bind", "planned_start_keys",
            "fleet_memory_split", "fleet_speed_mask", "fleet_speed_horizon", "spread_weight", "estimated_kv_area", "kv_mode_of", "UNKNOWN_PROJECTION", "SPREAD_FULL_AT", "RAMP_FULL",
-           "memory_sets_steps"]
+           "memory_sets_steps", "fluid_memory_ratio"]
 
 RUNNING, WAITING = 2, 1  # engine client states (lloptim.runtime.engine), read-only here
 
@@ -279,6 +279,35 @@ def memory_sets_steps(ctx: RunContext, rows: np.ndarray | None = None) -> bool:
     return by_memory >= by_clients
 
 
+def fluid_memory_ratio(ctx: RunContext, rows: np.ndarray | None = None) -> float:
+    """``rho``: the decode steps the KV memory forces over those the clients force, in the fluid limit.
+
+    The estimated KV area over the capacity against the estimated output tokens over the
+    clients, pooled over the instances, from what the policy knows of ``rows``: the bound's two
+    throughput terms (:func:`memory_sets_steps`) without its ramp-up or its longest request,
+    which is what binds in a steady stream of arriving requests (WAIT's fluid model compares the
+    same two rates). Above 1 the memory binds, below 1 the clients do.
+
+    Parameters
+    ----------
+    ctx
+        The run context, as for :func:`kv_mode_of`.
+    rows
+        Row indices of the requests to consider (``None``: all).
+
+    Returns
+    -------
+    float
+        The ratio, dimensionless.
+    """
+    insts = ctx.problem.instances
+    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    est = np.maximum(np.ceil(ctx.estimates[sel]), 1).astype(np.int64)
+    by_clients = est.sum() / sum(i.clients for i in insts)
+    by_memory = float(estimated_kv_areas(ctx, 0)[sel].sum()) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
+    return float(by_memory / by_clients)
+
+
 def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """How much the planned order spreads starts (1) rather than going longest first (0), in [0, 1].
 
@@ -303,12 +332,7 @@ def spread_weight(ctx: RunContext, rows: np.ndarray | None = None) -> float:
     """
     if not any(memory_can_bind(ctx, k, rows) for k in range(len(ctx.problem.instances))):
         return 0.0
-    insts = ctx.problem.instances
-    sel = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
-    est = np.maximum(np.ceil(ctx.estimates[sel]), 1).astype(np.int64)
-    by_clients = est.sum() / sum(i.clients for i in insts)
-    by_memory = float(estimated_kv_areas(ctx, 0)[sel].sum()) / sum(i.kv_blocks * i.kv_block_tokens for i in insts)
-    rho = by_memory / by_clients
+    rho = fluid_memory_ratio(ctx, rows)
     return float(np.clip((SPREAD_FULL_AT[1] - rho) / (SPREAD_FULL_AT[1] - SPREAD_FULL_AT[0]), 0.0, 1.0))
 
 
@@ -466,13 +490,24 @@ class MemoryAwareQueue(RequestScheduler):
         would finish it sooner. One queue for the whole fleet otherwise hands the longest
         request to whichever client asks first, a slow instance's as readily as a fast one's.
         False (default; MC-SF as published): any client takes the request in order.
+    head_first
+        ``rule="first-fit"``: the head of the order is always urgent: it starts as soon as it fits,
+        and while it waits only requests that end before it can fit start (EASY backfilling, as
+        for an urgent request). For an order by due time (the hybrid's least-slack keys once
+        requests arrive), where the head is the request due first: first-fit alone lets the
+        requests that fit overtake a large one for as long as others keep arriving. The hybrid's
+        dispatch turns it on (the attribute) when it hands its queue over under arrivals
+        (:class:`~lloptim.runtime.dispatch.HybridDispatch`, ``memory_handover``). False (default):
+        the first request in order that fits.
     """
 
     def __init__(self, order: str = "longest", rule: str = "first-fit", plan=None, start_delay: int = 1,
                  unknown_scale: float | None = None, overrun: float | None = None, workflows=None,
                  priced_headroom: bool = False, planner=None, fill_ramp: bool | str = False,
                  fleet_homes: bool | str = False, urgency_horizon: bool | str = False,
-                 fleet_speeds: bool = False) -> None:
+                 fleet_speeds: bool = False, head_first: bool = False) -> None:
+        self.head_first_default = bool(head_first)
+        self.head_first = self.head_first_default
         self.fleet_speeds = bool(fleet_speeds)
         if fleet_homes not in (True, False, "known"):
             raise ValueError(f"fleet_homes must be True, False or 'known', not {fleet_homes!r}")
@@ -583,6 +618,7 @@ class MemoryAwareQueue(RequestScheduler):
         self._nothing_here: dict[int, tuple] = {}  # instance -> stamp at which nothing in order could start there
         self.steals = 0
         self.refusals = 0
+        self.head_first = self.head_first_default  # an owner may turn it on after set-up
 
     def pending(self) -> int:
         if self.delegate is not None:
@@ -598,6 +634,20 @@ class MemoryAwareQueue(RequestScheduler):
         self.known.append(request)
         self.known_memory.add(request)
         self._enter(request)
+
+    def learn(self, request: int) -> None:
+        """``request`` became known before this queue took over (another queue handed it out).
+
+        It counts in what the queue knows (whether each cache can fill up, the planned order's
+        and the fill-up test's rows) but never enters the queue.
+
+        Parameters
+        ----------
+        request
+            Row index of the request.
+        """
+        self.known.append(request)
+        self.known_memory.add(request)
 
     def _replan(self) -> None:
         """The ``"planned"`` order of the requests known so far, recomputed when they have grown by
@@ -771,6 +821,8 @@ class MemoryAwareQueue(RequestScheduler):
             return None  # nothing fitted a moment ago and nothing has changed since
         pm = self._projection(state)
         urgent = self._urgent(pm if self.horizon_admitted else None) if self.rule == "first-fit" else None
+        if urgent is None and self.head_first and self.rule == "first-fit" and ordered.size:
+            urgent = int(ordered[0])  # the head is due first: only EASY backfilling may pass it
         if urgent is not None and self.speeds_differ and not np.any(ordered == urgent):
             urgent = None  # it may not start here: urgent for the instances where it may
         rows = ordered[:1] if self.rule == "prefix" else ordered
