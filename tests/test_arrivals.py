@@ -289,11 +289,89 @@ def test_least_slack_dispatch_does_not_starve_short_requests(seed):
 
 def test_slack_weight_zero_is_first_come_first_served():
     problem = at_load(Problem.single(workloads.gsm8k("test", limit=200), clients=8), 1.5, seed=2)
-    res = run_policy(problem, hybrid_policy(slack_weight=0.0))
+    res = run_policy(problem, hybrid_policy(slack_weight=0.0, urgency=False))
     order = np.argsort(res.assign_s, kind="stable")
     assert np.all(np.diff(problem.workload.arrival_s[order]) >= 0)
     with pytest.raises(SpecError):
         hybrid_policy(slack_weight=-1)
+
+
+# -- urgency: a long request does not wait until it would finish alone ----------------------------------------
+def _late_long_request(clients: int = 8) -> Problem:
+    """A burst of short requests on few clients, and one long request arriving while they queue."""
+    rng = np.random.default_rng(7)
+    n = 240
+    prompt = rng.integers(20, 200, n)
+    output = rng.integers(10, 120, n)
+    arrival = np.sort(rng.uniform(0, 5, n))
+    # arrives at 30 s with about 40 s of backlog left and about 25 s of service: its latest start
+    # (30 s less its service) is after every queued request's, so least slack serves it last
+    output[-1], arrival[-1] = 800, 30.0
+    return Problem.single(Workload.from_arrays(prompt, output, arrival), clients=clients)
+
+
+def test_a_long_request_arriving_into_a_backlog_starts_before_it_would_finish_alone():
+    problem = _late_long_request()
+    bound = lower_bound(problem)
+    urgent = hybrid_policy()
+    hyb = summarize(run_policy(problem, urgent), bound)
+    slack = summarize(run_policy(problem, hybrid_policy(urgency=False)), bound)
+    lpt = summarize(run_policy(problem, hybrid_policy(slack_weight=1e9)), bound)
+    # least slack alone starts it when the queue has drained: it then runs alone for its service
+    assert slack.makespan_s > 1.15 * lpt.makespan_s
+    assert urgent.requests.n_urgent >= 1
+    assert hyb.makespan_s <= 1.01 * lpt.makespan_s
+    assert hyb.latency_p99_s <= lpt.latency_p99_s
+
+
+@st.composite
+def overloaded_one_instance(draw):
+    """Heavy-tailed lengths on 2-12 clients, arriving over 30-80 % of their all-at-once makespan."""
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    n = draw(st.integers(60, 160))
+    clients = draw(st.integers(2, 12))
+    output = np.clip(np.rint(rng.lognormal(np.log(60), 1.2, n)), 1, 2000).astype(int)
+    prompt = np.clip(np.rint(rng.lognormal(np.log(100), 1.0, n)), 1, 2000).astype(int)
+    # every request's decode steps at the fastest, per client: a load-free stand-in for the makespan
+    span = draw(st.floats(0.3, 0.8)) * 0.035 * output.sum() / clients
+    arrival = np.sort(rng.uniform(0, span, n))
+    return Problem.single(Workload.from_arrays(prompt, output, arrival), clients=clients)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=overloaded_one_instance())
+def test_urgency_keeps_the_makespan_of_longest_first_under_overload(problem):
+    """Least slack with urgency is within 2 % of longest first's makespan under overload (same iterations)."""
+    hyb = summarize(run_policy(problem, hybrid_policy()))
+    lpt = summarize(run_policy(problem, hybrid_policy(slack_weight=1e9)))
+    assert hyb.makespan_s <= 1.02 * lpt.makespan_s
+    assert hyb.requests_completed == problem.n_requests and hyb.output_tokens == problem.workload.total_output_tokens
+
+
+def test_urgency_stops_once_the_kv_cache_binds():
+    """A preemption says memory sets the pace: the horizon in client steps no longer applies."""
+    rng = np.random.default_rng(3)
+    n = 120
+    w = Workload.from_arrays(rng.integers(50, 200, n), rng.integers(100, 600, n), np.sort(rng.uniform(0, 10, n)))
+    problem = Problem.single(w, clients=16, kv_capacity_tokens=4096)
+    pol = hybrid_policy()
+    res = run_policy(problem, pol)
+    assert summarize(res).preemptions > 0 and not pol.requests.urgency_on
+    assert np.all(np.isfinite(res.done_s))
+
+
+def test_urgency_learns_how_the_estimates_err_and_is_refused_if_not_a_bool():
+    problem = _late_long_request()
+    truth = problem.workload.output_tokens.astype(float)
+    short = run_policy(problem, urgent := hybrid_policy(), estimates=truth / 2)  # an estimator that runs short
+    assert urgent.requests.urgency_scale == pytest.approx(2.0, rel=0.05)
+    assert np.all(np.isfinite(short.done_s))
+    exact = hybrid_policy()
+    run_policy(problem, exact)
+    assert exact.requests.urgency_scale == 1.0  # known lengths: nothing to learn
+    with pytest.raises(SpecError, match="urgency"):
+        hybrid_policy(urgency="yes")
 
 
 # -- the bound holds under arrivals and on mixed fleets --------------------------------------------------------

@@ -22,6 +22,28 @@ rule down:
 proportional to the service (``D + beta * service``) is the same rule with ``slack_weight = 1 -
 beta``.
 
+**Urgency.** Least slack alone packs the makespan badly when the queue is long against a long
+request's service: a long request arriving in a late burst (or into the backlog of a few
+clients) keeps its place behind requests that arrived a little earlier, starts when the queue
+has drained, and finishes alone, up to its whole service after everything else
+(``benchmarks/stress_flow.py``'s ``bursty`` and ``poisson-heavy`` classes with 8-16 clients:
+2-6 points of the makespan). Once requests arrive during the run, the longest queued request is
+therefore *urgent* when its estimated decode steps reach the *horizon*, the known work per live
+client (the queue's estimated steps, its own included, plus what the running requests have
+left): started later, it would finish after the clients have drained everything else; started
+now, it ends with them. An urgent request goes ahead of the least-slack head; otherwise the head
+goes. Not once the engine has preempted a request: the KV cache then binds, memory rather than
+the clients sets how long the work takes, and the memory-aware machinery decides (the last
+paragraph below). Only while a backlog stands: the queue's own work per client must be at least
+:data:`URGENCY_BACKLOG` of the request's (else, at 80 % load, a burst's long requests overtook its
+short ones while the running requests made up the horizon). The test reads only the requests
+that have arrived and their estimates: if more arrive, the horizon grows and the request would
+not have had to hurry, which costs the requests it overtook some latency and nothing else. With
+every request at time 0 least slack is already longest first and nothing changes (the test is
+not even made). With estimated lengths the estimate is scaled by the median ratio of true to
+estimated output over the requests finished so far (:data:`URGENCY_QUANTILE`, at least 1): a
+server learns how its estimator errs from the requests it has served.
+
 **Fleet prices.** On a fleet whose instances differ, the queue in that order is list-scheduled by
 earliest completion among the instances where each request belongs at the LP's prices, and the
 idle client takes the first request that lands on it (:meth:`~lloptim.runtime.fleet.FleetPrices.pick`;
@@ -84,17 +106,19 @@ guesses, and on memory-bound Poisson cases with noisy estimates (sigma 0.5) the 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 import numpy as np
 
 from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
-from lloptim.runtime.engine import FAILED
+from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
-__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO", "HANDOVER_BATCH"]
+__all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO", "HANDOVER_BATCH",
+           "URGENCY_QUANTILE", "URGENCY_BACKLOG", "URGENCY_MIN_LEARNED"]
 
 #: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
 DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
@@ -114,6 +138,19 @@ HANDOVER_RHO = 1.0
 #: hold for the hand-over (module docstring, *KV memory under arrivals*): the projection keeps about
 #: one request's peak free, a loss that only a cache of many requests makes small.
 HANDOVER_BATCH = 16.0
+#: With estimated lengths, the urgency test scales a queued request's estimate by this quantile of
+#: ``true / estimated`` output over the requests finished so far (module docstring, *Urgency*),
+#: once :data:`URGENCY_MIN_LEARNED` have finished, and never below 1: the median corrects an
+#: estimator that runs short; a higher quantile shortens the makespan but lengthens the p99 latency
+#: (docs: arrivals, *Urgency*).
+URGENCY_QUANTILE = 0.5
+#: The urgency test applies only while the queue's own estimated work per client is at least this
+#: share of the request's (module docstring, *Urgency*): a backlog stands, not a burst that the
+#: running requests will absorb (chosen on ``benchmarks/arrivals.py``'s ``conv`` 0.8 seed 0 and the
+#: training seeds 0-1 of the stress classes: 0.2 kept every makespan gain, 0.3 lost some).
+URGENCY_BACKLOG = 0.2
+#: Finished requests before the urgency test trusts what it learned of the estimates' errors.
+URGENCY_MIN_LEARNED = 20
 
 
 class HybridDispatch(WorkflowQueue):
@@ -167,6 +204,11 @@ class HybridDispatch(WorkflowQueue):
         set up after the workflow choice, and asked to :meth:`~lloptim.runtime.order_choice.Rollout.revise`
         this dispatch before the next request is chosen once :attr:`dispatched` reaches its
         ``next_at`` (a count, so the same decision point on any machine).
+    urgency
+        Once requests arrive during the run, start the longest queued request ahead of the
+        least-slack order when it would otherwise finish after the rest of the known work
+        (module docstring, *Urgency*). Independent requests, without fleet prices, with
+        ``objective="makespan"``; default True.
 
     Attributes
     ----------
@@ -183,13 +225,18 @@ class HybridDispatch(WorkflowQueue):
         fleet), seconds (None if they did not).
     dispatched
         Requests handed out so far in the run (count; the ``rollout``'s decision points).
+    n_urgent
+        Requests handed out ahead of the least-slack order by the urgency test (count).
+    urgency_scale
+        The urgency test's factor on the estimates, learned from the finished requests (1 with
+        known lengths; module docstring, *Urgency*).
     """
 
     def __init__(self, slack_weight: float = SLACK_WEIGHT, prices: str | FleetPrices = "lp",
                  time_limit_s: float = 20.0, memory=None,
                  tail_plan: float | None = TAIL_PLAN, objective: str = "makespan", pace_scale: float = 1.0,
                  plan_paced: bool = True, workflow_choice=None, due_factor: float | None = None,
-                 rollout=None, memory_handover: bool | str = "known") -> None:
+                 rollout=None, memory_handover: bool | str = "known", urgency: bool = True) -> None:
         if memory_handover not in (True, False, "known"):
             from lloptim.errors import SpecError
 
@@ -207,6 +254,12 @@ class HybridDispatch(WorkflowQueue):
 
             raise SpecError("policy.objective", f"unknown objective {objective!r}",
                             f"use one of {list(DISPATCH_OBJECTIVES)}")
+        if not isinstance(urgency, (bool, np.bool_)):
+            from lloptim.errors import SpecError
+
+            raise SpecError("policy.urgency", f"must be true or false, got {urgency!r}",
+                            "true (default) starts a long request before it would finish last; "
+                            "false: least slack alone")
         super().__init__(None, pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         self.workflow_choice = workflow_choice
         self.rollout = rollout
@@ -218,6 +271,7 @@ class HybridDispatch(WorkflowQueue):
         self.delegate = None
         self.tail_plan = tail_plan
         self.tail = None
+        self.urgency = bool(urgency)
 
     def setup(self, ctx: RunContext) -> None:
         if self.workflow_choice is not None and ctx.problem.workload.precedence is not None:
@@ -256,6 +310,17 @@ class HybridDispatch(WorkflowQueue):
         self.known_rows: list[int] = []  # requests announced so far while late_memory follows them
         self.memory_gate: tuple[int, bool] = (0, False)  # (known requests when evaluated, hand over)
         self.handover_at_s: float | None = None
+        # urgency (module docstring, *Urgency*): the queued requests' estimated decode steps and a
+        # heap of them longest first (handed-out rows skipped when met)
+        self.urgency_on = (self.urgency and self.dag is None and not self.steered
+                           and self.objective == "makespan")
+        self.queued = np.zeros(ctx.problem.n_requests, dtype=bool)
+        self.queued_steps = 0.0
+        self.longest: list[tuple[float, int]] = []
+        self.n_urgent = 0
+        self.urgency_scale = 1.0
+        self.known_lengths = ctx.known_lengths
+        self.overruns: list[float] = []  # log(true / estimated) output of the finished requests, sorted
         if self.rollout is not None:
             self.rollout.setup(ctx, self)
 
@@ -410,6 +475,8 @@ class HybridDispatch(WorkflowQueue):
         queued = sorted(r for _, r in self.ready)
         self.ready = []
         self.n_pending = 0
+        self.queued[:] = False  # the urgency test reads the least-slack queue, now empty for good
+        self.queued_steps, self.longest = 0.0, []
         if self.steered:
             self.fleet.queued[queued] = False
             self.fleet.n_queued = 0
@@ -441,8 +508,63 @@ class HybridDispatch(WorkflowQueue):
         self.ready_at[request] = now
         heapq.heappush(self.ready, (key, request))
         self.n_pending += 1
+        self._queue(request)
         if self.steered:
             self.fleet.on_ready(request, key)
+
+    def _queue(self, request: int) -> None:
+        """Count a request joining the least-slack queue in the urgency test (module docstring)."""
+        if self.urgency_on and not self.queued[request]:
+            est = float(self.estimates[request])
+            self.queued[request] = True
+            self.queued_steps += est
+            heapq.heappush(self.longest, (-est, request))
+
+    def _unqueue(self, request: int) -> None:
+        if self.queued[request]:
+            self.queued[request] = False
+            self.queued_steps -= float(self.estimates[request])
+
+    def _learn_overrun(self, request: int, output_tokens: int) -> None:
+        """Learn how far the true lengths exceed the estimates, from a finished request (*Urgency*)."""
+        ratio = np.log(max(output_tokens, 1) / max(float(self.estimates[request]), 1.0))
+        bisect.insort(self.overruns, float(ratio))
+        n = len(self.overruns)
+        if n >= URGENCY_MIN_LEARNED:
+            self.urgency_scale = max(1.0, float(np.exp(self.overruns[min(int(URGENCY_QUANTILE * n), n - 1)])))
+
+    def _urgent(self, state) -> int | None:
+        """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
+
+        The longest queued request is urgent when its estimated decode steps (scaled by
+        :attr:`urgency_scale`) reach the steps the known work needs per live client, the queue's
+        (its own included) and what the running requests have left, and the queue's own work per
+        client is at least :data:`URGENCY_BACKLOG` of its steps. Started later, it would finish
+        after the clients had drained the rest.
+        """
+        heap = self.longest
+        while heap and not self.queued[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        est, r = -heap[0][0], heap[0][1]
+        clients = max(self._live_clients(), 1)
+        scaled = self.urgency_scale * est
+        queue = self.queued_steps / clients
+        if not URGENCY_BACKLOG * scaled <= queue <= scaled:
+            return None  # no backlog, or the queue alone outlasts it: the running work need not be read
+        engine = state.engine
+        est_all = self.estimates
+        cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
+        running = 0.0
+        for s in engine.states:
+            step = s.decode_steps
+            for c in s.clients:
+                if cs[c] == RUNNING:
+                    running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
+                elif cs[c] == WAITING:
+                    running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
+        return r if scaled >= queue + running / clients else None
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -460,8 +582,16 @@ class HybridDispatch(WorkflowQueue):
         elif self.steered:
             r = self._steered_request(state, client)
         else:
-            r = super().next_request(state, client)
+            r = self._urgent(state) if self.urgency_on and self.arrivals_during_run else None
+            if r is not None and self.ready[0][1] != r:
+                self.ready.remove((self.key[r], r))
+                heapq.heapify(self.ready)
+                self.n_pending -= 1
+                self.n_urgent += 1
+            else:
+                r = super().next_request(state, client)
         if r is not None:
+            self._unqueue(r)
             self.handed_out = True
             self.dispatched += 1
             self.ready_at.pop(r, None)
@@ -490,6 +620,8 @@ class HybridDispatch(WorkflowQueue):
             tail.on_ready(r, state.now)
         self.ready = []
         self.n_pending = 0
+        self.queued[:] = False
+        self.queued_steps, self.longest = 0.0, []
         self.tail = tail
         self.tail_at_s = state.now
 
@@ -542,6 +674,8 @@ class HybridDispatch(WorkflowQueue):
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.holding.get(client, (-1, 0.0))[0] == request:
             del self.holding[client]
+        if self.urgency_on and not self.known_lengths:
+            self._learn_overrun(request, output_tokens)
         if self.tail is not None:
             self.tail.on_finish(request, client, output_tokens, now)
             return
@@ -563,6 +697,9 @@ class HybridDispatch(WorkflowQueue):
         super().on_client_failed(client, now)
 
     def on_preempt(self, request: int, client: int, generated: int) -> None:
+        # the KV cache binds: memory, not the clients, sets how long the work takes, and the
+        # horizon in client steps no longer says when a request would finish last
+        self.urgency_on = False
         super().on_preempt(request, client, generated)
         # whichever queue holds the requests now remembers refusals until its state moves: tell it
         inner = self.tail if self.tail is not None else self.delegate
@@ -584,5 +721,6 @@ class HybridDispatch(WorkflowQueue):
             return
         self.ready_at.setdefault(request, now)
         super().requeue(request, now)
+        self._queue(request)
         if self.steered:
             self.fleet.on_requeue(request, self.key[request])

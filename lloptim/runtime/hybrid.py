@@ -62,7 +62,7 @@ SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_P
                "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
                "due_factor": DUE_FACTOR, "rollout_epochs": 0, "rollout_candidates": 4,
-               "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known"}
+               "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known", "urgency": True}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
 #: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
@@ -163,7 +163,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
                   plan_paced: bool = True, due_factor: float | None = DUE_FACTOR, rollout_epochs: int = 0,
                   rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S,
-                  memory_handover: bool | str = "known") -> Policy:
+                  memory_handover: bool | str = "known", urgency: bool = True) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -303,6 +303,12 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         safety net (:class:`~lloptim.runtime.order_choice.Rollout`; at most
         ``1 + rollout_epochs * (rollout_candidates - 1)`` simulations). 0 (default): none. With
         estimates or arrivals over time it simulates nothing and the run keeps its variant.
+    urgency
+        Once requests arrive during the run (``dispatch="sorted"``, independent requests, one
+        instance or identical ones, ``objective="makespan"``): the longest queued request starts
+        ahead of the least-slack order once its estimated decode steps reach the known work per
+        client, so that it does not finish after everything else (*Urgency* in
+        :mod:`lloptim.runtime.dispatch`). Default True; False: least slack alone.
 
     Raises
     ------
@@ -332,7 +338,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                                   order_budget_s=order_budget_s, pace_scale=pace_scale, plan_paced=plan_paced,
                                   due_factor=due_factor, rollout_epochs=rollout_epochs,
                                   rollout_candidates=rollout_candidates, rollout_budget_s=rollout_budget_s,
-                                  memory_handover=memory_handover))
+                                  memory_handover=memory_handover, urgency=urgency))
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
@@ -385,7 +391,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, time_limit_s=time_limit_s,
                                   memory=memory, tail_plan=tail_plan,
                                   objective=objective, workflow_choice=workflow_choice, rollout=rollout,
-                                  memory_handover=memory_handover, **workflow_opts)
+                                  memory_handover=memory_handover, urgency=urgency, **workflow_opts)
     elif dispatch == "plan":
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
         requests = RollingQueues(RollingPlan(solver, time_limit_s, weights=weights), steal=steal, memory_aware=True,
