@@ -104,6 +104,14 @@ def _same_schedule(a, b) -> None:
     np.testing.assert_array_equal(a.preemptions, b.preemptions)
 
 
+def _no_hand_over(problem: Problem) -> None:
+    """The default hybrid never hands over on ``problem`` and schedules it as with the hand-over off."""
+    policy = hybrid_policy()
+    on = run_policy(problem, policy)
+    _same_schedule(on, run_policy(problem, hybrid_policy(memory_handover=False)))
+    assert _dispatch(policy).handover_at_s is None
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), kv=st.sampled_from([6144, 8192, 12288]))
 def test_with_every_request_at_time_0_nothing_changes(seed, kv):
@@ -113,22 +121,14 @@ def test_with_every_request_at_time_0_nothing_changes(seed, kv):
     output = np.clip(np.rint(rng.lognormal(np.log(120), 1.2, n)), 1, 1500).astype(np.int64)
     problem = Problem.single(Workload.from_arrays(prompt, output, name="at-0"), "llama-65b", clients=16,
                              kv_capacity_tokens=kv)
-    policy = hybrid_policy()
-    on = run_policy(problem, policy)
-    off = run_policy(problem, hybrid_policy(memory_handover=False))
-    _same_schedule(on, off)
-    assert _dispatch(policy).handover_at_s is None
+    _no_hand_over(problem)
 
 
 def test_where_the_clients_bind_nothing_changes():
     # short outputs: the longest prompts can fill the cache, but the clients set the steps
     problem = _arrivals(2, kv=20480, output_median=60.0)
     assert memory_can_bind(_truth(problem), 0) and fluid_memory_ratio(_truth(problem)) < 0.8
-    policy = hybrid_policy()
-    on = run_policy(problem, policy)
-    off = run_policy(problem, hybrid_policy(memory_handover=False))
-    _same_schedule(on, off)
-    assert _dispatch(policy).handover_at_s is None
+    _no_hand_over(problem)
 
 
 def test_a_cache_of_few_requests_keeps_least_slack():
@@ -137,10 +137,7 @@ def test_a_cache_of_few_requests_keeps_least_slack():
     w = problem.workload
     assert problem.instances[0].kv_capacity_tokens / np.mean(w.prompt_tokens + w.output_tokens) < HANDOVER_BATCH
     assert memory_can_bind(_truth(problem), 0) and fluid_memory_ratio(_truth(problem)) > 1.5
-    policy = hybrid_policy()
-    on = run_policy(problem, policy)
-    _same_schedule(on, run_policy(problem, hybrid_policy(memory_handover=False)))
-    assert _dispatch(policy).handover_at_s is None
+    _no_hand_over(problem)
 
 
 def test_estimates_keep_the_old_rule_unless_asked():
