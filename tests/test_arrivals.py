@@ -608,3 +608,19 @@ def test_known_memory_follows_memory_can_bind_of_the_known_requests(rows, client
     for i, r in enumerate(order.tolist()):
         known.add(r)
         assert known.binds == [memory_can_bind(ctx, k, order[:i + 1]) for k in range(len(insts))]
+
+
+@given(q=st.sampled_from([0.0, 0.5, 0.75, 1.0]) | st.floats(0.0, 1.0),
+       xs=st.lists(st.floats(-5.0, 5.0, allow_nan=False) | st.sampled_from([0.0, 1.0]), min_size=1, max_size=200))
+def test_the_learned_overrun_quantile_is_the_sorted_lists(q, xs):
+    """The urgency test's running quantile equals the sorted list's element at min(int(q n), n - 1) after every number."""
+    from lloptim.runtime.dispatch import _RunningQuantile
+
+    rq = _RunningQuantile(q)
+    seen = []
+    for x in xs:
+        rq.add(x)
+        seen.append(x)
+        ordered = sorted(seen)
+        assert rq.value == ordered[min(int(q * len(seen)), len(seen) - 1)]
+        assert rq.n == len(seen)
