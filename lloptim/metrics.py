@@ -14,6 +14,7 @@ import numpy as np
 
 from lloptim.bounds import LowerBound, lower_bound
 from lloptim.runtime.engine import KIND_DECODE, KIND_MIXED, RunResult
+from lloptim.runtime.estimators import estimate_quality
 
 __all__ = ["RunMetrics", "summarize", "client_busy_time", "first_token_times", "workflow_latency"]
 
@@ -106,6 +107,11 @@ class RunMetrics:
         first arrival to the finish of its last request (over the workflows whose requests all
         finished). Without precedence these are the requests' ``latency_mean_s`` and
         ``latency_p99_s``.
+    estimate_ratio_median, estimate_rank_correlation
+        With estimated output lengths (``known_lengths`` False): the median of estimate / true
+        length over the requests and the Spearman rank correlation of estimates and true lengths
+        (:func:`~lloptim.runtime.estimators.estimate_quality`; NaN with known lengths, and the
+        correlation NaN when the estimates are all equal).
     """
 
     policy: str
@@ -150,6 +156,8 @@ class RunMetrics:
     workflows: int = 0
     workflow_latency_mean_s: float = float("nan")
     workflow_latency_p99_s: float = float("nan")
+    estimate_ratio_median: float = float("nan")
+    estimate_rank_correlation: float = float("nan")
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-ready)."""
@@ -261,6 +269,9 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
     ttft = first_token_times(result) - arrival
     dec_us = result.decision_ns / 1e3
     preempt = result.preemptions if result.preemptions is not None else np.zeros(0, dtype=np.int64)
+    estimates = result.extra.get("estimates")
+    ratio, rank = (float("nan"), float("nan")) if estimates is None or result.known_lengths else \
+        estimate_quality(problem.workload.output_tokens, estimates)
 
     def pct(a: np.ndarray, q: float) -> float:
         a = a[~np.isnan(a)]
@@ -292,6 +303,7 @@ def summarize(result: RunResult, bound: LowerBound | None = None) -> RunMetrics:
         swapped_in_tokens=int(result.swapped_in_tokens), swap_s=float(result.swap_s), kv_utilization=_kv_utilization(result),
         kv_peak_tokens=int(max(result.extra.get("kv_peak_tokens", [0]) or [0])), memory_binds=bound.memory_binds,
         workflows=int(flows.size), workflow_latency_mean_s=mean(flows), workflow_latency_p99_s=pct(flows, 99),
+        estimate_ratio_median=ratio, estimate_rank_correlation=rank,
     )
 
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lloptim import load_profile, workloads
 from lloptim.errors import ProfileError, SpecError
@@ -77,3 +79,57 @@ def test_errors_survive_pickling():
     assert lost.instance == 3 and "actor died" in str(lost)
     perr = pickle.loads(pickle.dumps(ProfileError("profile", "unknown", "use llama-65b")))
     assert type(perr) is ProfileError
+
+
+# -- how good the estimates were (metrics and ``simulate``) ------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=3, max_size=60, unique=True), st.floats(0.1, 10.0))
+def test_estimate_quality_reads_scale_and_order(truth, scale):
+    """Scaled estimates: ratio = the scale, correlation 1; reversed order: correlation -1."""
+    from lloptim.runtime.estimators import estimate_quality
+
+    t = np.array(truth, dtype=np.float64)
+    ratio, rank = estimate_quality(t, t * scale)
+    assert ratio == pytest.approx(scale) and rank == pytest.approx(1.0)
+    _, rank = estimate_quality(t, t.max() + 1.0 - t)
+    assert rank == pytest.approx(-1.0)
+    ratio, rank = estimate_quality(t, np.full(t.size, 7.0))
+    assert np.isnan(rank) and ratio == pytest.approx(float(np.median(7.0 / t)))
+    with pytest.raises(SpecError, match="one estimate per request"):
+        estimate_quality(t, t[:-1])
+
+
+def test_metrics_report_estimate_quality_only_for_estimates():
+    from lloptim import Problem, simulate
+    from lloptim.runtime.estimators import training_workload
+
+    problem = Problem.single(workloads.gsm8k("test", limit=120), clients=8)
+    assert np.isnan(simulate(problem, "hybrid").estimate_rank_correlation)  # the truth: nothing to grade
+    est = estimate(problem.workload, "bucket-quantile", training_workload(problem.workload))
+    m = simulate(problem, "hybrid", estimates=est)
+    # GSM8K prompts predict GSM8K outputs somewhat (0.3-0.6), and the median forecast is about right
+    assert 0.2 < m.estimate_rank_correlation < 0.8 and 0.7 < m.estimate_ratio_median < 1.4
+
+
+def test_simulate_warns_when_estimates_carry_no_information(tmp_path):
+    """Synthetic outputs independent of the prompt: GSM8K-trained buckets rank them at random."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lloptim.cli import app
+
+    spec = tmp_path / "synthetic.toml"
+    spec.write_text('[workload]\nsource = "synthetic"\nn = 300\nseed = 3\noutput_median = 150.0\nsigma = 1.1\n'
+                    'max_tokens = 2000\n[[instances]]\nclients = 16\nkv_capacity_tokens = 200000\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["simulate", str(spec), "-p", "hybrid", "--estimator", "bucket-quantile", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert abs(d["estimate_rank_correlation"]) < 0.2 and d["estimator_train"] == {"name": "gsm8k-train",
+                                                                                 "requests": 7473}
+    assert "barely informative" in res.stderr and "--train" in res.stderr
+    res = runner.invoke(app, ["simulate", str(spec), "-p", "hybrid", "--estimator", "noisy"])
+    assert res.exit_code == 0 and "estimates: noisy" in res.stdout and "warning" not in res.stderr
+    res = runner.invoke(app, ["simulate", str(spec), "-p", "hybrid", "--json"])
+    assert "estimator_train" not in json.loads(res.stdout) and "warning" not in res.stderr

@@ -42,6 +42,43 @@ def print_metrics(rows: list[dict], title: str) -> None:
                 [[_cell(k, row.get(k)) for _, k in METRIC_COLUMNS] for row in rows])
 
 
+def estimator_summary(estimator: str, train, ratio: float, rank: float) -> str:
+    """One line on the estimates a run's policy saw: where they came from and how good they were.
+
+    ``train`` is the training workload of a fitted estimator (None for ``noisy``); ``ratio`` and
+    ``rank`` are :attr:`~lloptim.metrics.RunMetrics.estimate_ratio_median` and
+    :attr:`~lloptim.metrics.RunMetrics.estimate_rank_correlation` (the simulator knows the truth,
+    the policy did not).
+    """
+    source = f"trained on {train.name}, {len(train):,} requests" if train is not None else "the truth x exp(N(0, 0.5))"
+    rank_text = "-" if math.isnan(rank) else f"{rank:.2f}"
+    return (f"estimates: {estimator} ({source}); median estimate / true length {ratio:.2f}, "
+            f"rank correlation with the true lengths {rank_text}")
+
+
+def estimator_advice(ratio: float, rank: float, fitted: bool) -> str | None:
+    """A warning when the estimates carry little information or are biased, else None.
+
+    Barely informative: rank correlation below
+    :data:`~lloptim.runtime.estimators.INFORMATIVE_RANK_CORRELATION` (or none, all estimates
+    equal): policies that order by estimates order almost at random. Biased: median ratio off by
+    more than :data:`~lloptim.runtime.estimators.BIASED_RATIO` either way.
+    """
+    from lloptim.runtime.estimators import BIASED_RATIO, INFORMATIVE_RANK_CORRELATION
+
+    problems = []
+    if math.isnan(rank) or rank < INFORMATIVE_RANK_CORRELATION:
+        problems.append("barely informative" if not math.isnan(rank) else "all equal")
+    if ratio > BIASED_RATIO or ratio < 1.0 / BIASED_RATIO:
+        problems.append(f"{'too long' if ratio > 1 else 'too short'} (median {ratio:.2f}x the truth)")
+    if not problems:
+        return None
+    fix = ("--train SPEC trains it on requests like these; where prompts say little about output lengths, "
+           "no prompt-based estimator can do better" if fitted else "the noise of 'noisy' is fixed")
+    return (f"the output-length estimates are {' and '.join(problems)} for this workload; length-aware "
+            f"policies then schedule on little information ({fix})")
+
+
 def parse_policy_options(texts: list[str]) -> dict:
     """``["KEY=VALUE", ...]`` -> keyword options of the policy's factory (errors name ``--policy-option``).
 
@@ -252,8 +289,8 @@ def simulate(
         if migrate:
             migrate_warning(problem)
         estimates = None
+        data = None
         if estimator != "oracle":
-            data = None
             if estimator != "noisy":
                 data = train_problem.workload if train_problem is not None else training_workload(problem.workload)
             estimates = estimate(problem.workload, estimator, data, sigma=0.5)
@@ -271,12 +308,20 @@ def simulate(
         _, failed = write_reporting("--plot", plot_path, lambda p: plot_run(result, p))
     d = metrics.to_dict()
     d["estimator"] = estimator
+    if data is not None:
+        d["estimator_train"] = {"name": data.name, "requests": len(data)}
     if options:
         d["policy_options"] = options
     if json_out:
         print_json(d)
     else:
         print_metrics([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
+        if estimates is not None:
+            console.print(estimator_summary(estimator, data, d["estimate_ratio_median"], d["estimate_rank_correlation"]))
+    if estimates is not None:
+        advice = estimator_advice(d["estimate_ratio_median"], d["estimate_rank_correlation"], data is not None)
+        if advice:
+            warn(advice)
     if failed is not None:
         raise failed
 
