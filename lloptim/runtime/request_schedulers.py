@@ -84,9 +84,10 @@ DUE_FACTOR = 1.25
 #: ``benchmarks/workflows.py --configs chains``); a share between 0.6 and 0.7 was best there (0.5:
 #: 2.56 %, 0.6: 2.44 %, 0.7: 2.44 %, 0.8: 2.53 %; seeds 1-5, every case at or below its value
 #: without), 0.6 chosen; on held-out seeds 400-404 2.66 to 2.20 %, no case worse (docs: workflows,
-#: *The running requests' progress*, with the trade on mixed-fleet DAGs). Not on one instance (no pacing there; the binding-chain rule with it took
-#: 30 fan-in workflows on 40 clients, seed 5, from 3.27 to 4.33 %), nor in the due dates (their
-#: factor was chosen with the plain remaining work).
+#: *The running requests' progress*, with the trade on mixed-fleet DAGs). Not on one instance (no
+#: pacing there; the binding-chain rule with it took 30 fan-in workflows on 40 clients, seed 5,
+#: from 3.27 to 4.33 %), not with workflows arriving over time, nor in the due dates (their factor
+#: was chosen with the plain remaining work).
 PROGRESS_SHARE = 0.6
 #: :meth:`WorkflowQueue.overloaded` reads the stream of workflows as ended, and the fleet may be
 #: paced for its end, once no workflow has arrived for this many mean gaps between arrivals and
@@ -495,8 +496,8 @@ class WorkflowQueue(GlobalQueue):
         #: Whether the pacing ever asked an instance for a batch below its clients in this run
         #: (before rounding up; if not, no ``pace_scale`` or ``plan_paced`` changes the run).
         self.ever_paced = False
-        self._chains: dict[int, tuple] = {}  # instance -> (its moment, longest chain, progress): :meth:`_load`
-        self._states: list | None = None  # the engine's instances, once an idle client has asked (:meth:`_progress`)
+        self._chains: dict[int, tuple] = {}  # instance -> (its moment, (longest chain, progress)): :meth:`_load`
+        self._states: list | None = None  # the engine's instances, once an idle client has asked (:meth:`_left_work`)
         # (moment, instance deferred to, clocks if read) of the last refusal (:meth:`next_request`)
         self._refused: tuple = (None, None, None)
         self._clocks_read = False  # whether the current call read other instances' clocks
