@@ -27,6 +27,7 @@ from lloptim.runtime.request_schedulers import DUE_BINDING_SHARE, GlobalQueue, W
 def _reference_next_request(self, state, client):
     if self.dag is None:
         return GlobalQueue.next_request(self, state, client)
+    self._states = state.engine.states
     if self.arrived:
         self._replan()
     return self._next_request(state, client)
@@ -46,6 +47,13 @@ def _reference_longest_chain(self, state):
     return max((left + self.tail_steps[r] for r, left in self._held(state)), default=0.0)
 
 
+def _reference_load(self, state):
+    done = 0.0
+    for r, left in self._held(state):
+        done += self.est_steps[r] - left
+    return self._longest_chain(state), done
+
+
 def _reference_pacing(self, state):
     import heapq
 
@@ -55,13 +63,13 @@ def _reference_pacing(self, state):
     if not heap or -heap[0][0] * max(self.step_full) <= self._horizon_s():
         self._pace_horizon_s = 0.0
         return self.step_cost[state.index][2]
-    key = (state.now, len(self.running), self.left_steps)
+    work = self._left_work()
+    key = (state.now, len(self.running), work)
     if self._limits is not None and self._limits[0] == key:
         self._pace_horizon_s = self._limits[2]
         return self._limits[1][state.index]
     chains = [self._longest_chain(st) for st in state.engine.states]
     cost = [(a, b, float(c), a + b * c) for a, b, c in self.step_cost]
-    work = self.left_steps
 
     def batch(T):
         return [min(max((T / S - a) / b, 1.0), c) if S > 0.0 else c for S, (a, b, c, _) in zip(chains, cost)]
@@ -92,6 +100,7 @@ def reference_queue():
     with patch.object(WorkflowQueue, "next_request", _reference_next_request), \
             patch.object(WorkflowQueue, "_held", _reference_held), \
             patch.object(WorkflowQueue, "_longest_chain", _reference_longest_chain), \
+            patch.object(WorkflowQueue, "_load", _reference_load), \
             patch.object(WorkflowQueue, "_pacing", _reference_pacing):
         yield
 
