@@ -117,7 +117,7 @@ from lloptim.runtime.policy import RunContext
 from lloptim.runtime.request_schedulers import WorkflowQueue
 
 __all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO", "HANDOVER_BATCH",
-           "URGENCY_QUANTILE", "URGENCY_BACKLOG", "URGENCY_MIN_LEARNED"]
+           "URGENCY_QUANTILE", "URGENCY_BACKLOG", "URGENCY_MIN_LEARNED", "TAIL_QUANTILE", "DRAIN_GAPS"]
 
 #: What the dispatch order serves: the makespan (least slack) or the mean completion time (WSPT).
 DISPATCH_OBJECTIVES = ("makespan", "weighted-completion")
@@ -150,6 +150,17 @@ URGENCY_QUANTILE = 0.5
 URGENCY_BACKLOG = 0.2
 #: Finished requests before the urgency test trusts what it learned of the estimates' errors.
 URGENCY_MIN_LEARNED = 20
+#: The latency quantile the *tail hold* serves (module docstring, *Tail hold*): the hold reserves
+#: one request per live client for the end of a drain, and only while the clients are at most
+#: ``1 - TAIL_QUANTILE`` of the requests known, so that the held requests, whose latency it
+#: gives up, stay beyond this quantile (the p99 latency of the benchmarks).
+TAIL_QUANTILE = 0.99
+#: The queue is *draining* (no request has arrived for a while) once the time since the last
+#: arrival reaches this many mean inter-arrival gaps of the requests known (module docstring,
+#: *Tail hold*): a Poisson stream at its mean rate stays silent that long with probability
+#: ``exp(-20)``, about 2e-9. Not tuned (10-40 behave alike on the training cases: the drains of
+#: ``stress_flow.py``'s overloaded runs last hundreds of gaps).
+DRAIN_GAPS = 20.0
 
 
 class _RunningQuantile:
@@ -352,6 +363,10 @@ class HybridDispatch(WorkflowQueue):
         self.queued_steps = 0.0
         self.longest: list[tuple[float, int]] = []
         self.n_urgent = 0
+        self.n_held = 0
+        self.tail_running: set[int] = set()  # requests the tail hold released, until they finish
+        self.n_known = 0  # independent requests announced so far (the tail hold's quantile budget)
+        self.first_arrival_s, self.last_arrival_s = np.inf, -np.inf
         self.urgency_scale = 1.0
         self.known_lengths = ctx.known_lengths
         self.overruns = _RunningQuantile(URGENCY_QUANTILE)  # log(true / estimated) output of the finished requests
@@ -433,6 +448,10 @@ class HybridDispatch(WorkflowQueue):
     def on_ready(self, request: int, now: float) -> None:
         if self.handed_out and (self.roots is None or self.roots[request]):
             self.arrivals_during_run = True
+        if self.roots is None or self.roots[request]:
+            self.n_known += 1
+            self.first_arrival_s = min(self.first_arrival_s, now)
+            self.last_arrival_s = max(self.last_arrival_s, now)
         if self.late_memory is not None:
             self.late_memory.add(request)
             self.known_rows.append(request)
@@ -566,26 +585,11 @@ class HybridDispatch(WorkflowQueue):
         if self.overruns.n >= URGENCY_MIN_LEARNED:
             self.urgency_scale = max(1.0, float(np.exp(self.overruns.value)))
 
-    def _urgent(self, state) -> int | None:
-        """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
+    def _running_steps(self, state) -> float:
+        """The estimated decode steps the running (and preempted, waiting) requests have left, summed.
 
-        The longest queued request is urgent when its estimated decode steps (scaled by
-        :attr:`urgency_scale`) reach the steps the known work needs per live client, the queue's
-        (its own included) and what the running requests have left, and the queue's own work per
-        client is at least :data:`URGENCY_BACKLOG` of its steps. Started later, it would finish
-        after the clients had drained the rest.
+        Each request's estimate less the steps it has decoded, at least 0 (*Urgency*).
         """
-        heap = self.longest
-        while heap and not self.queued[heap[0][1]]:
-            heapq.heappop(heap)
-        if not heap:
-            return None
-        est, r = -heap[0][0], heap[0][1]
-        clients = max(self._live_clients(), 1)
-        scaled = self.urgency_scale * est
-        queue = self.queued_steps / clients
-        if not URGENCY_BACKLOG * scaled <= queue <= scaled:
-            return None  # no backlog, or the queue alone outlasts it: the running work need not be read
         engine = state.engine
         est_all = self.estimates
         cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
@@ -597,7 +601,83 @@ class HybridDispatch(WorkflowQueue):
                     running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
                 elif cs[c] == WAITING:
                     running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
-        return r if scaled >= queue + running / clients else None
+        return running
+
+    def _longest_queued(self, k: int) -> list[tuple[float, int]]:
+        """The ``k`` longest queued requests by estimate, ``(-estimate, request)``, longest first.
+
+        O(k log n): the top of :attr:`longest`, its handed-out rows dropped on the way.
+        """
+        heap, out = self.longest, []
+        while heap and len(out) < k:
+            item = heapq.heappop(heap)
+            if self.queued[item[1]]:
+                out.append(item)
+        for item in out:
+            heapq.heappush(heap, item)
+        return out
+
+    def _urgent(self, state) -> int | None:
+        """The queued request that would finish last if it waited, if any (module docstring, *Urgency*).
+
+        The longest queued request is urgent when its estimated decode steps (scaled by
+        :attr:`urgency_scale`) reach the steps the known work needs per live client, the queue's
+        (its own included) and what the running requests have left, and the queue's own work per
+        client is at least :data:`URGENCY_BACKLOG` of its steps. Started later, it would finish
+        after the clients had drained the rest.
+        """
+        top = self._longest_queued(1)
+        if not top:
+            return None
+        est, r = -top[0][0], top[0][1]
+        clients = max(self._live_clients(), 1)
+        scaled = self.urgency_scale * est
+        queue = self.queued_steps / clients
+        if not URGENCY_BACKLOG * scaled <= queue <= scaled:
+            return None  # no backlog, or the queue alone outlasts it: the running work need not be read
+        return r if scaled >= queue + self._running_steps(state) / clients else None
+
+    def _draining(self, now: float) -> bool:
+        """Whether no request has arrived for :data:`DRAIN_GAPS` mean inter-arrival gaps (*Tail hold*)."""
+        if self.n_known < 2:
+            return False
+        gap = (self.last_arrival_s - self.first_arrival_s) / (self.n_known - 1)
+        return now - self.last_arrival_s >= DRAIN_GAPS * gap
+
+    def _tail_hold(self, state) -> int | None:
+        """The request to serve while the queue drains, holding one long request per client for the end.
+
+        Module docstring, *Tail hold*. None when the hold does not apply (the caller then serves
+        by urgency and least slack); else the longest held request whose start is due (its scaled
+        estimate reaches the work left per live client: started later, it would end after the
+        rest), or the least-slack head of the requests not held, or, when only held requests
+        remain, the longest of them.
+        """
+        clients = max(self._live_clients(), 1)
+        if clients > (1.0 - TAIL_QUANTILE) * self.n_known or not self._draining(state.now):
+            return None
+        # one held request per client that is not already running one to the end
+        held = self._longest_queued(clients - len(self.tail_running))
+        if not held:
+            return None
+        horizon = (self.queued_steps + self._running_steps(state)) / clients
+        for neg_est, r in held:  # longest first
+            if self.urgency_scale * -neg_est >= horizon:
+                self.tail_running.add(r)
+                return r
+        ids = {r for _, r in held}
+        skipped = []
+        while self.ready and self.ready[0][1] in ids:
+            skipped.append(heapq.heappop(self.ready))
+        if self.ready:
+            r = self.ready[0][1]
+        else:
+            r = held[0][1]
+            self.tail_running.add(r)
+        for item in skipped:
+            heapq.heappush(self.ready, item)
+        self.n_held += bool(skipped)
+        return r
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -615,7 +695,11 @@ class HybridDispatch(WorkflowQueue):
         elif self.steered:
             r = self._steered_request(state, client)
         else:
-            r = self._urgent(state) if self.urgency_on and self.arrivals_during_run else None
+            r = None
+            if self.urgency_on and self.arrivals_during_run:
+                r = self._tail_hold(state)
+                if r is None:
+                    r = self._urgent(state)
             if r is not None and self.ready[0][1] != r:
                 self.ready.remove((self.key[r], r))
                 heapq.heapify(self.ready)
@@ -707,6 +791,7 @@ class HybridDispatch(WorkflowQueue):
     def on_finish(self, request: int, client: int, output_tokens: int, now: float) -> None:
         if self.holding.get(client, (-1, 0.0))[0] == request:
             del self.holding[client]
+        self.tail_running.discard(request)
         if self.urgency_on and not self.known_lengths:
             self._learn_overrun(request, output_tokens)
         if self.tail is not None:
