@@ -654,7 +654,8 @@ class HybridDispatch(WorkflowQueue):
         remain, the longest of them.
         """
         clients = max(self._live_clients(), 1)
-        if clients > (1.0 - TAIL_QUANTILE) * self.n_known or not self._draining(state.now):
+        if (not self.known_lengths or clients > (1.0 - TAIL_QUANTILE) * self.n_known
+                or not self._draining(state.now)):
             return None
         # one held request per client that is not already running one to the end
         held = self._longest_queued(clients - len(self.tail_running))
