@@ -653,9 +653,10 @@ class HybridDispatch(WorkflowQueue):
         rest), or the least-slack head of the requests not held, or, when only held requests
         remain, the longest of them.
         """
+        if not self.known_lengths or not self._draining(state.now):
+            return None
         clients = max(self._live_clients(), 1)
-        if (not self.known_lengths or clients > (1.0 - TAIL_QUANTILE) * self.n_known
-                or not self._draining(state.now)):
+        if clients > (1.0 - TAIL_QUANTILE) * self.n_known:
             return None
         # one held request per client that is not already running one to the end
         held = self._longest_queued(clients - len(self.tail_running))
