@@ -363,8 +363,8 @@ class HybridDispatch(WorkflowQueue):
         self.queued_steps = 0.0
         self.longest: list[tuple[float, int]] = []
         self.n_urgent = 0
-        self.n_held = 0
-        self.tail_running: set[int] = set()  # requests the tail hold released, until they finish
+        self.n_tail = 0
+        self.tail_running: set[int] = set()  # requests the tail hold started for the end, until they finish
         self.n_known = 0  # independent requests announced so far (the tail hold's quantile budget)
         self.first_arrival_s, self.last_arrival_s = np.inf, -np.inf
         self.urgency_scale = 1.0
@@ -645,13 +645,13 @@ class HybridDispatch(WorkflowQueue):
         return now - self.last_arrival_s >= DRAIN_GAPS * gap
 
     def _tail_hold(self, state) -> int | None:
-        """The request to serve while the queue drains, holding one long request per client for the end.
+        """The request to serve while the queue drains, one long request per client held for the end.
 
         Module docstring, *Tail hold*. None when the hold does not apply (the caller then serves
-        by urgency and least slack); else the longest held request whose start is due (its scaled
-        estimate reaches the work left per live client: started later, it would end after the
-        rest), or the least-slack head of the requests not held, or, when only held requests
-        remain, the longest of them.
+        by urgency and least slack). Else the request, taken out of the queue: the longest held
+        request whose start is due (its decode steps reach the work left per live client: started
+        later, it would end after the rest; counted in :attr:`n_tail`), else the least-slack head
+        of the requests not held, else, when only held requests remain, the longest of them.
         """
         if not self.known_lengths or not self._draining(state.now):
             return None
@@ -663,23 +663,34 @@ class HybridDispatch(WorkflowQueue):
         if not held:
             return None
         horizon = (self.queued_steps + self._running_steps(state)) / clients
-        for neg_est, r in held:  # longest first
-            if self.urgency_scale * -neg_est >= horizon:
-                self.tail_running.add(r)
+        due = next((r for neg_est, r in held if -neg_est >= horizon), None)  # held: longest first
+        if due is None:
+            ids = {r for _, r in held}
+            skipped = []
+            while self.ready and self.ready[0][1] in ids:
+                skipped.append(heapq.heappop(self.ready))
+            if self.ready:
+                r = heapq.heappop(self.ready)[1]
+                self.n_pending -= 1
+            else:
+                due = held[0][1]  # only held requests are left: the longest first
+            for item in skipped:
+                heapq.heappush(self.ready, item)
+            if due is None:
                 return r
-        ids = {r for _, r in held}
-        skipped = []
-        while self.ready and self.ready[0][1] in ids:
-            skipped.append(heapq.heappop(self.ready))
-        if self.ready:
-            r = self.ready[0][1]
+        self._take(due)
+        self.tail_running.add(due)
+        self.n_tail += 1
+        return due
+
+    def _take(self, request: int) -> None:
+        """Take ``request`` out of the least-slack queue (the head in O(log n), another in O(n))."""
+        if self.ready[0][1] == request:
+            heapq.heappop(self.ready)
         else:
-            r = held[0][1]
-            self.tail_running.add(r)
-        for item in skipped:
-            heapq.heappush(self.ready, item)
-        self.n_held += bool(skipped)
-        return r
+            self.ready.remove((self.key[request], request))
+            heapq.heapify(self.ready)
+        self.n_pending -= 1
 
     def next_request(self, state, client: int) -> int | None:
         if not self.started:
@@ -702,12 +713,12 @@ class HybridDispatch(WorkflowQueue):
                 r = self._tail_hold(state)
                 if r is None:
                     r = self._urgent(state)
-            if r is not None and self.ready[0][1] != r:
-                self.ready.remove((self.key[r], r))
-                heapq.heapify(self.ready)
-                self.n_pending -= 1
-                self.n_urgent += 1
-            else:
+                    if r is not None and self.ready[0][1] != r:
+                        self._take(r)
+                        self.n_urgent += 1
+                    else:
+                        r = None
+            if r is None:
                 r = super().next_request(state, client)
         if r is not None:
             self._unqueue(r)
@@ -827,6 +838,7 @@ class HybridDispatch(WorkflowQueue):
             inner.on_preempt(request, client, generated)
 
     def requeue(self, request: int, now: float) -> None:
+        self.tail_running.discard(request)
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
