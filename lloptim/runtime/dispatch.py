@@ -394,6 +394,8 @@ class HybridDispatch(WorkflowQueue):
         self.tail_running: set[int] = set()  # requests the tail hold started for the end, until they finish
         self.n_known = 0  # independent requests announced so far (the tail hold's quantile budget)
         self.first_arrival_s, self.last_arrival_s = np.inf, -np.inf
+        self.arrival_s = np.full(ctx.problem.n_requests, np.nan)  # when each announced request became ready
+        self.latencies = _RunningQuantile(TAIL_QUANTILE)  # latency of the finished requests, s
         self.urgency_scale = 1.0
         self.known_lengths = ctx.known_lengths
         self.overruns = _RunningQuantile(URGENCY_QUANTILE)  # log(true / estimated) output of the finished requests
@@ -479,6 +481,7 @@ class HybridDispatch(WorkflowQueue):
             self.n_known += 1
             self.first_arrival_s = min(self.first_arrival_s, now)
             self.last_arrival_s = max(self.last_arrival_s, now)
+            self.arrival_s[request] = now
         if self.late_memory is not None:
             self.late_memory.add(request)
             self.known_rows.append(request)
@@ -680,11 +683,13 @@ class HybridDispatch(WorkflowQueue):
         later, it would end after the rest; counted in :attr:`n_tail`), else the least-slack head
         of the requests not held, else, when only held requests remain, the longest of them.
         """
-        if not self.known_lengths or not self._draining(state.now):
+        if not self.known_lengths or not self.ready or not self._draining(state.now):
             return None
         clients = max(self._live_clients(), 1)
         if clients > (1.0 - TAIL_QUANTILE) * self.n_known:
             return None
+        if self.latencies.n and state.now - self.ready[0][0] < self.latencies.value:
+            return None  # the request due first would end below the quantile: the end does not set it
         # one held request per client that is not already running one to the end
         held = self._longest_queued(clients - len(self.tail_running))
         if not held:
@@ -740,11 +745,10 @@ class HybridDispatch(WorkflowQueue):
                 r = self._tail_hold(state)
                 if r is None:
                     r = self._urgent(state)
-                    if r is not None and self.ready[0][1] != r:
+                    if r is not None:
+                        self.n_urgent += self.ready[0][1] != r
                         self._take(r)
-                        self.n_urgent += 1
-                    else:
-                        r = None
+                        self.tail_running.add(r)  # started to end with the rest: its client's last
             if r is None:
                 r = super().next_request(state, client)
         if r is not None:
@@ -832,6 +836,8 @@ class HybridDispatch(WorkflowQueue):
         if self.holding.get(client, (-1, 0.0))[0] == request:
             del self.holding[client]
         self.tail_running.discard(request)
+        if self.urgency_on and self.known_lengths and not np.isnan(self.arrival_s[request]):
+            self.latencies.add(now - float(self.arrival_s[request]))
         if self.urgency_on and not self.known_lengths:
             self._learn_overrun(request, output_tokens)
         if self.tail is not None:
