@@ -130,6 +130,7 @@ guesses, and on memory-bound Poisson cases with noisy estimates (sigma 0.5) the 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 import numpy as np
@@ -185,6 +186,26 @@ TAIL_QUANTILE = 0.99
 #: ``exp(-20)``, about 2e-9. Not tuned (10-40 behave alike on the training cases: the drains of
 #: ``stress_flow.py``'s overloaded runs last hundreds of gaps).
 DRAIN_GAPS = 20.0
+
+
+def _water_level(work: float, busy: list[float], clients: int) -> float:
+    """When the clients would finish ``work`` steps spread over them, steps from now.
+
+    The level ``L`` with ``sum(max(L - b, 0)) = work`` over the clients' busy steps ``busy``
+    (the clients not listed are idle): the running requests that outlast it take no share of
+    the work, where an average over every client would spread theirs too (*Tail hold*).
+    """
+    b = sorted(busy)
+    b = [0.0] * max(clients - len(b), 0) + b
+    filled, level = 0.0, 0.0
+    for k, x in enumerate(b):  # raise the level over the k lowest clients up to the next one
+        if k and filled + k * (x - level) >= work:
+            break
+        filled += k * (x - level)
+        level = x
+    else:
+        k = len(b)
+    return level + (work - filled) / max(k, 1)
 
 
 class _RunningQuantile:
@@ -395,7 +416,7 @@ class HybridDispatch(WorkflowQueue):
         self.n_known = 0  # independent requests announced so far (the tail hold's quantile budget)
         self.first_arrival_s, self.last_arrival_s = np.inf, -np.inf
         self.arrival_s = np.full(ctx.problem.n_requests, np.nan)  # when each announced request became ready
-        self.latencies = _RunningQuantile(TAIL_QUANTILE)  # latency of the finished requests, s
+        self.top_latencies: list[float] = []  # the longest latencies of the finished requests, s, ascending
         self.urgency_scale = 1.0
         self.known_lengths = ctx.known_lengths
         self.overruns = _RunningQuantile(URGENCY_QUANTILE)  # log(true / estimated) output of the finished requests
@@ -615,23 +636,23 @@ class HybridDispatch(WorkflowQueue):
         if self.overruns.n >= URGENCY_MIN_LEARNED:
             self.urgency_scale = max(1.0, float(np.exp(self.overruns.value)))
 
-    def _running_steps(self, state) -> float:
-        """The estimated decode steps the running (and preempted, waiting) requests have left, summed.
+    def _running_left(self, state) -> list[tuple[float, int]]:
+        """``(steps left, request)`` of each running (or preempted, waiting) request, by estimate.
 
         Each request's estimate less the steps it has decoded, at least 0 (*Urgency*).
         """
         engine = state.engine
         est_all = self.estimates
         cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
-        running = 0.0
+        out = []
         for s in engine.states:
             step = s.decode_steps
             for c in s.clients:
                 if cs[c] == RUNNING:
-                    running += max(float(est_all[cr[c]]) - (step - start[c]), 0.0)
+                    out.append((max(float(est_all[cr[c]]) - (step - start[c]), 0.0), int(cr[c])))
                 elif cs[c] == WAITING:
-                    running += max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0)
-        return running
+                    out.append((max(float(est_all[cr[c]]) - engine.generated_before[cr[c]], 0.0), int(cr[c])))
+        return out
 
     def _longest_queued(self, k: int) -> list[tuple[float, int]]:
         """The ``k`` longest queued requests by estimate, ``(-estimate, request)``, longest first.
@@ -665,7 +686,7 @@ class HybridDispatch(WorkflowQueue):
         queue = self.queued_steps / clients
         if not URGENCY_BACKLOG * scaled <= queue <= scaled:
             return None  # no backlog, or the queue alone outlasts it: the running work need not be read
-        return r if scaled >= queue + self._running_steps(state) / clients else None
+        return r if scaled >= queue + sum(left for left, _ in self._running_left(state)) / clients else None
 
     def _draining(self, now: float) -> bool:
         """Whether no request has arrived for :data:`DRAIN_GAPS` mean inter-arrival gaps (*Tail hold*)."""
@@ -686,15 +707,19 @@ class HybridDispatch(WorkflowQueue):
         if not self.known_lengths or not self.ready or not self._draining(state.now):
             return None
         clients = max(self._live_clients(), 1)
-        if clients > (1.0 - TAIL_QUANTILE) * self.n_known:
+        # the latencies beyond the quantile: one per client given up, and those of the finished
+        # requests that already exceed what the request due first would see if it started now
+        beyond = len(self.top_latencies) - bisect.bisect_left(self.top_latencies, state.now - self.ready[0][0])
+        if clients + beyond > (1.0 - TAIL_QUANTILE) * self.n_known:
             return None
-        if self.latencies.n and state.now - self.ready[0][0] < self.latencies.value:
-            return None  # the request due first would end below the quantile: the end does not set it
-        # one held request per client that is not already running one to the end
-        held = self._longest_queued(clients - len(self.tail_running))
+        running = self._running_left(state)
+        horizon = _water_level(self.queued_steps, [left for left, _ in running], clients)
+        # one held request per client that is not already running one to the end (started for it,
+        # or running past the level the queue fills the clients to)
+        ending = self.tail_running.union(r for left, r in running if left >= horizon)
+        held = self._longest_queued(clients - len(ending))
         if not held:
             return None
-        horizon = (self.queued_steps + self._running_steps(state)) / clients
         due = next((r for neg_est, r in held if -neg_est >= horizon), None)  # held: longest first
         if due is None:
             ids = {r for _, r in held}
@@ -837,7 +862,10 @@ class HybridDispatch(WorkflowQueue):
             del self.holding[client]
         self.tail_running.discard(request)
         if self.urgency_on and self.known_lengths and not np.isnan(self.arrival_s[request]):
-            self.latencies.add(now - float(self.arrival_s[request]))
+            # only the longest (1 - TAIL_QUANTILE) share can decide the tail hold: keep those
+            bisect.insort(self.top_latencies, now - float(self.arrival_s[request]))
+            if len(self.top_latencies) > (1.0 - TAIL_QUANTILE) * self.n_known + 1:
+                del self.top_latencies[0]
         if self.urgency_on and not self.known_lengths:
             self._learn_overrun(request, output_tokens)
         if self.tail is not None:
