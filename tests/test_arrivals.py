@@ -395,6 +395,20 @@ def test_tail_hold_needs_known_lengths_few_clients_and_a_drain():
     assert est.requests.n_tail == crowded.requests.n_tail == at_once.requests.n_tail == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(work=st.floats(0, 1e4), busy=st.lists(st.floats(0, 1e3), max_size=8), idle=st.integers(0, 4))
+def test_water_level_spreads_the_work_over_the_clients_as_they_free_up(work, busy, idle):
+    from lloptim.runtime.dispatch import _water_level
+
+    clients = len(busy) + idle
+    if clients == 0:
+        return
+    level = _water_level(work, busy, clients)
+    filled = sum(max(level - b, 0.0) for b in busy + [0.0] * idle)
+    assert filled == pytest.approx(work, rel=1e-9, abs=1e-6)
+    assert level <= work / clients + max(busy, default=0.0) + 1e-9
+
+
 def test_urgency_stops_once_the_kv_cache_binds():
     """A preemption says memory sets the pace: the horizon in client steps no longer applies."""
     rng = np.random.default_rng(3)
