@@ -711,8 +711,9 @@ class HybridDispatch(WorkflowQueue):
 
         Module docstring, *Tail hold*. None when the hold does not apply (the caller then serves
         by urgency and least slack). Else the request, taken out of the queue: the longest held
-        request whose start is due (its decode steps reach the work left per live client: started
-        later, it would end after the rest; counted in :attr:`n_tail`), else the least-slack head
+        request whose start is due (its decode steps reach the level the queue fills the clients
+        to, :func:`_water_level`: started later, it would end after the rest; counted in
+        :attr:`n_tail`), else the least-slack head
         of the requests not held, else, when only held requests remain, the longest of them.
         """
         if not self.known_lengths or not self.ready or not self._draining(state.now):
