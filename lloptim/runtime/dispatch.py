@@ -114,7 +114,7 @@ from lloptim.runtime.endgame import EndgameQueues, endgame_assignment
 from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.fleet import FleetPrices
 from lloptim.runtime.policy import RunContext
-from lloptim.runtime.request_schedulers import WorkflowQueue
+from lloptim.runtime.request_schedulers import WorkflowQueue, heap_remove
 
 __all__ = ["HybridDispatch", "SLACK_WEIGHT", "TAIL_PLAN", "DISPATCH_OBJECTIVES", "HANDOVER_RHO", "HANDOVER_BATCH",
            "URGENCY_QUANTILE", "URGENCY_BACKLOG", "URGENCY_MIN_LEARNED"]
@@ -617,8 +617,7 @@ class HybridDispatch(WorkflowQueue):
         else:
             r = self._urgent(state) if self.urgency_on and self.arrivals_during_run else None
             if r is not None and self.ready[0][1] != r:
-                self.ready.remove((self.key[r], r))
-                heapq.heapify(self.ready)
+                heap_remove(self.ready, (self.key[r], r))
                 self.n_pending -= 1
                 self.n_urgent += 1
             else:
@@ -698,8 +697,7 @@ class HybridDispatch(WorkflowQueue):
         if item == self.ready[0]:
             heapq.heappop(self.ready)
         else:
-            self.ready.remove(item)
-            heapq.heapify(self.ready)
+            heap_remove(self.ready, item)
         self.n_pending -= 1
         fleet.on_start(item[1], client, state.now, engine.states)
         return item[1]

@@ -76,6 +76,7 @@ head of the queue).
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, insort
 
 import numpy as np
 
@@ -686,7 +687,12 @@ class FleetPrices:
         self.queued = np.zeros(n, dtype=bool)
         self.n_queued = 0
         self._edits = 0                        # changes of the queue or its keys (count)
-        self._queued_at: tuple | None = None   # (edits, _queued_keys()) of the last read
+        # the queued requests whose key is known as (key, row) pairs in ascending order, kept as
+        # requests join and leave (bisect: O(log n) to find, a memmove to insert or delete), so the
+        # head of the queue is a slice; and how many queued requests have no key (then the heap
+        # answers, :meth:`_head`)
+        self._order: list[tuple[float, int]] = []
+        self._unkeyed = 0
         self._refused: tuple | None = None     # (signature, horizon span) of the last refusal
         self._span = (-np.inf, np.inf)
         self.changes = 0                       # queue changes since the last solve
@@ -719,7 +725,10 @@ class FleetPrices:
         if not self.active:
             return
         self._edits += 1
+        if self.queued[request]:
+            self._leave_order(request)
         self.key[request] = np.nan if key is None else key
+        self._join_order(request)
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
         self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
@@ -755,6 +764,8 @@ class FleetPrices:
                     hold = self._holds(np.array([request]), states)[0, k]
                 self.predicted[client] = float(hold / self.slowness[k])
             self._edits += 1
+            if self.queued[request]:
+                self._leave_order(request)
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -799,8 +810,11 @@ class FleetPrices:
             return
         self.version += 1
         self._edits += 1
+        if self.queued[request]:
+            self._leave_order(request)
         if key is not None:
             self.key[request] = key
+        self._join_order(request)
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
@@ -809,6 +823,22 @@ class FleetPrices:
             self.queued[request] = True
             self.n_queued += 1
             self.changes += 1
+
+    def _join_order(self, request: int) -> None:
+        """File a request joining the queue under its key in :attr:`_order` (or count it keyless)."""
+        key = float(self.key[request])
+        if key != key:
+            self._unkeyed += 1
+        else:
+            insort(self._order, (key, request))
+
+    def _leave_order(self, request: int) -> None:
+        """Take a request leaving the queue out of :attr:`_order` (filed under its current key)."""
+        key = float(self.key[request])
+        if key != key:
+            self._unkeyed -= 1
+        else:
+            del self._order[bisect_left(self._order, (key, request))]
 
     def _hold(self, client: int, request: int, now: float) -> None:
         """``client`` holds ``request`` from ``now`` seconds (the dict and its arrays)."""
@@ -931,41 +961,18 @@ class FleetPrices:
         cut = np.cumsum(np.bincount(k, minlength=self.m)).tolist()
         return [t[a:z] for a, z in zip([0] + cut[:-1], cut)]
 
-    def _queued_keys(self) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-        """Rows and keys of the queued requests, and the first :data:`SCAN_LIMIT` of them in key order.
-
-        The first are ``(rows, keys)`` sorted by key, then row (None when a key is not known);
-        computed once per change of the queue (the idle clients of one step ask in turn).
-        """
-        if self._queued_at is not None and self._queued_at[0] == self._edits:
-            return self._queued_at[1]
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        head = None
-        if rows.size and not np.isnan(keys).any():
-            r, k = rows, keys
-            if rows.size > SCAN_LIMIT:
-                kth = k[np.argpartition(k, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
-                sel = k <= kth                      # every tie of the last key, decided by row below
-                r, k = r[sel], k[sel]
-            order = np.lexsort((r, k))[:SCAN_LIMIT]
-            head = (r[order], k[order])
-        self._queued_at = (self._edits, (rows, keys, head))
-        return rows, keys, head
-
-    def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _head(self, queue: list[tuple[float, int]]) -> tuple[list[int], list[float]]:
         """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
 
-        From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
-        the queue's first item agrees; from the heap otherwise.
+        A slice of :attr:`_order` when every queued request's key is known and the queue's first
+        item agrees; from the heap otherwise.
         """
-        rows, keys, head = self._queued_keys()
-        if rows.size == len(queue) and queue and head is not None:
-            rows, keys = head
-            if (keys[0], rows[0]) == queue[0]:
-                return rows, keys
-        head = heapq.nsmallest(SCAN_LIMIT, queue)
-        return (np.array([r for _, r in head], dtype=np.int64), np.array([k for k, _ in head], dtype=np.float64))
+        order = self._order
+        if not self._unkeyed and queue and len(order) == len(queue) and order[0] == queue[0]:
+            head = order[:SCAN_LIMIT]
+        else:
+            head = heapq.nsmallest(SCAN_LIMIT, queue)
+        return [r for _, r in head], [k for k, _ in head]
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
@@ -1037,16 +1044,15 @@ class FleetPrices:
         if not self._instance_clients[instance].size:
             return None
         held = np.flatnonzero(self._hold_req >= 0)
-        head_rows, head_keys = self._head(queue)
-        holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
+        rows_list, keys_list = self._head(queue)
+        head_rows = np.array(rows_list, dtype=np.int64)
+        holds_all = self._holds(np.concatenate((self._hold_req[held], head_rows)), states)  # one pass over the states
         heaps = self._free_times(now, states, held, holds_all[:held.size])
         if not heaps[instance] or heaps[instance][0] > now:
             return None  # no client of it is free now (its heap never changes below: a landing returns)
         head_holds = holds_all[held.size:]
         holds = head_holds.tolist()                        # lists: the scan below is scalar Python
         oks = self.belongs_rows(head_rows).tolist()
-        keys_list = head_keys.tolist()
-        rows_list = head_rows.tolist()
         horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
         ks = range(self.m)
@@ -1087,8 +1093,9 @@ class FleetPrices:
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        rows, keys, known = self._queued_keys()
-        if rows.size != len(queue) or known is None:
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size != len(queue) or self._unkeyed:
             keys = np.array([k for k, _ in queue])
             rows = np.array([r for _, r in queue], dtype=np.int64)
         # only requests not in the head that belong here can be taken: the belongs test of this
@@ -1119,13 +1126,10 @@ class FleetPrices:
             return None
         best_key = keys[good].min()
         tied = np.flatnonzero(good & (keys == best_key))
-        if tied.size == 1:
-            i = int(tied[0])
-            item = (float(keys[i]), int(rows[i]))
-        else:  # equal keys: the first of them in the queue's list, as a scan of the list finds it
-            first = {int(r) for r in rows[tied]}
-            item = next(it for it in queue if it[0] == best_key and it[1] in first)
-            i = int(tied[np.flatnonzero(rows[tied] == item[1])[0]])
+        # equal keys: the lower row, the queue's own order (key, then row) as the head's scan uses
+        # (not the heap list's order, which depends on how entries were removed before)
+        i = int(tied[np.argmin(rows[tied])])
+        item = (float(keys[i]), int(rows[i]))
         self.steered += 1
         self._picked = (item[1], now, holds_q[i].tolist())
         return item
