@@ -268,29 +268,32 @@ class _WarmSplitLP:
         others = np.arange(m) != j
         if m < 2 or not (room[others] > 0).all():
             return None
-        vq = v[queued] * s[None, :]                           # observed instance-seconds
-        vq[:, j] = np.inf                                     # nothing may go to j
         margin = 1e-9 * abs(T)
         limit = T - margin
         y = self.y[queued]
         fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
-        y[fresh] = 0.0
-        kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
+        kept_rows = np.flatnonzero(~fresh)
+        # observed instance-seconds of the kept requests (their share on j is 0, so j's column,
+        # finite, adds 0 and the sum is j's b); only the rows used are read (the queue is long)
+        kept = b + (y[kept_rows] * (v[queued[kept_rows]] * s[None, :])).sum(axis=0)
         # the last solve's shares for the others and, for the rest, (a) each where it takes the
         # least share of the room left, or (b) a share of each instance in proportion to the room
         # left over its time there, which fills every instance to the same share of its room
         # (fits if the requests' 1 / sum_k room_k / v[k, r] sum below 1); (c) (b) for every request
         if (kept[others] < limit).all():
-            if not fresh.any():
+            if kept_rows.size == queued.size:
                 return self._e(j, T)
+            vf = v[queued[fresh]] * s[None, :]
+            vf[:, j] = np.inf                                 # nothing may go to j
             left = np.where(others, T - kept, 1.0)
-            share = vq[fresh] / left[None, :]
+            share = vf / left[None, :]
             pick = np.argmin(share, axis=1)
-            if (kept + np.bincount(pick, weights=vq[np.flatnonzero(fresh), pick], minlength=m))[others].max() < limit:
+            if (kept + np.bincount(pick, weights=vf[np.arange(vf.shape[0]), pick], minlength=m))[others].max() < limit:
                 return self._e(j, T)
-            if (left[others] * (1.0 - (1.0 / (left[None, :] / vq[fresh]).sum(axis=1)).sum())).min() > margin:
+            if (left[others] * (1.0 - (1.0 / (left[None, :] / vf).sum(axis=1)).sum())).min() > margin:
                 return self._e(j, T)
-        if (room[others] * (1.0 - (1.0 / (room[None, :] / vq).sum(axis=1)).sum())).min() > margin:
+        # (room on j is 0: its term is 0 whatever j's column holds)
+        if (room[others] * (1.0 - (1.0 / (room[None, :] / (v[queued] * s[None, :])).sum(axis=1)).sum())).min() > margin:
             return self._e(j, T)
         return None
 
@@ -668,6 +671,13 @@ class FleetPrices:
         self.clients = np.array([i.clients for i in insts], dtype=np.float64)
         self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
         self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
+        # each instance's clients as one block of global indices, in instance order (the engine
+        # numbers them so): ``(start, stop)`` of each block, or None when they are not
+        ci = self._client_instance
+        sizes = [c.size for c in self._instance_clients]
+        starts = np.cumsum([0] + sizes).tolist()
+        self._blocks = (list(zip(starts[:-1], starts[1:]))
+                        if ci.size == 0 or np.array_equal(ci, np.repeat(np.arange(m), sizes)) else None)
         self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
         self._prompts = ctx.problem.workload.prompt_tokens.astype(np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
@@ -951,9 +961,14 @@ class FleetPrices:
         ends = np.full(ci.size, now)
         if held.size:
             ends[held] = np.maximum(now, self._hold_since[held] + hold[np.arange(held.size), ci[held]])
-        cs = np.asarray(self.ctx.extra["client_state"])
-        idle = np.maximum(now, np.array([st.now for st in states]))[ci]
+        client_state = self.ctx.extra["client_state"]
+        cs = np.array(client_state)
+        idle = np.array([max(now, st.now) for st in states])[ci]
         t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
+        if self._blocks is not None and FAILED not in client_state:
+            # every client live and each instance's a block: sort each block (the same lists as below)
+            t = t.tolist()
+            return [sorted(t[a:z]) for a, z in self._blocks]
         live = cs != FAILED
         k = ci[live]
         t = t[live]
@@ -1051,37 +1066,35 @@ class FleetPrices:
         if not heaps[instance] or heaps[instance][0] > now:
             return None  # no client of it is free now (its heap never changes below: a landing returns)
         head_holds = holds_all[held.size:]
-        holds = head_holds.tolist()                        # lists: the scan below is scalar Python
-        oks = self.belongs_rows(head_rows).tolist()
+        # lists: the scan below is scalar Python. A hold where the request does not belong is read
+        # as inf, so its finish there (inf) never wins: the earliest completion over the instances
+        # where it belongs is then a min over all of them
+        masked = np.where(self.belongs_rows(head_rows), head_holds, np.inf).tolist()
         horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
-        ks = range(self.m)
+        inf = np.inf
         below, above = -np.inf, np.inf                 # completions compared with the horizon: the
         # largest not past it, the least past it
         for pos in range(len(rows_list)):
-            hold = holds[pos]
-            ok = oks[pos]
-            # earliest completion over the instances where it belongs (ties to the asking one;
-            # _earliest written out: this loop is the dispatch's cost on a long queue)
-            best, where = np.inf, -1
-            for k in ks:
-                if ok[k]:
-                    finish = tops[k] + hold[k]
-                    if finish < best or (finish == best and k == instance):
-                        best, where = finish, k
+            # earliest completion over the instances where it belongs: the first instance with the
+            # least finish, ties to the asking one (as _earliest; written out: this loop is the
+            # dispatch's cost on a long queue, all of it when the asking client is refused)
+            finish = [t + h for t, h in zip(tops, masked[pos])]
+            best = min(finish)
+            where = -1 if best == inf else instance if finish[instance] == best else finish.index(best)
             if best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
                 if best < above:
                     above = best
-                best, where = _earliest(tops, hold, [True] * self.m, instance)
+                best, where = _earliest(tops, head_holds[pos].tolist(), [True] * self.m, instance)
             elif best > below:
                 below = best
             if where == instance:
                 if pos:
                     self.steered += 1
-                self._picked = (rows_list[pos], now, hold)
+                self._picked = (rows_list[pos], now, head_holds[pos].tolist())
                 return keys_list[pos], rows_list[pos]
             if where >= 0:
                 heap = heaps[where]
