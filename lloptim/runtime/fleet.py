@@ -993,6 +993,20 @@ class FleetPrices:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
         return self.belongs_rows(np.array([request]))[0]
 
+    def _belongs_everywhere(self) -> np.ndarray | None:
+        """``(m,)`` the belongs test when it is the same for every request, else None.
+
+        With ``"ect"`` every request belongs everywhere. With a price of 0 somewhere (an instance
+        with room to spare; under overload all the price is most often on the one binding
+        instance) every request's least priced cost is 0, its instance-seconds being positive, so
+        it belongs exactly where the price is 0: :meth:`belongs_rows` would answer this for every
+        row, and the dispatch need not read the requests for it.
+        """
+        if self.mode == "ect":
+            return np.ones(self.m, dtype=bool)
+        free = self.prices == 0.0
+        return free if free.any() else None
+
     def belongs_rows(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), m)`` whether each request's reduced cost on each instance is within the tolerance."""
         if self.mode == "ect":
@@ -1069,7 +1083,9 @@ class FleetPrices:
         # lists: the scan below is scalar Python. A hold where the request does not belong is read
         # as inf, so its finish there (inf) never wins: the earliest completion over the instances
         # where it belongs is then a min over all of them
-        masked = np.where(self.belongs_rows(head_rows), head_holds, np.inf).tolist()
+        everywhere = self._belongs_everywhere()
+        ok = self.belongs_rows(head_rows) if everywhere is None else everywhere[None, :]
+        masked = np.where(ok, head_holds, np.inf).tolist()
         horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
         inf = np.inf
@@ -1106,6 +1122,8 @@ class FleetPrices:
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
+        if everywhere is not None and not everywhere[instance]:
+            return None  # nothing belongs here
         rows = np.flatnonzero(self.queued)
         keys = self.key[rows]
         if rows.size != len(queue) or self._unkeyed:
@@ -1115,11 +1133,11 @@ class FleetPrices:
         # instance first, the others' and the holds (the costly part) for those alone
         after = keys > keys_list[-1]
         rows, keys = rows[after], keys[after]
-        v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
-        if self.mode == "ect":
-            cand = np.arange(rows.size)
-            ok = np.ones(v.shape, dtype=bool)
+        if everywhere is not None:
+            cand = np.arange(rows.size)                     # all belong here; elsewhere alike
+            ok = np.broadcast_to(everywhere, (rows.size, self.m))
         else:
+            v = self.v[rows] * self.slowness[None, :]       # (n, m), observed scale
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             mu = _row_min(priced)
             cand = np.flatnonzero(priced[:, instance] - mu <= self.tolerance * mu)
