@@ -120,8 +120,7 @@ class PlainPrices(FleetPrices):
         good = ok[:, instance] & (here <= finish.min(axis=1)) & (keys > head[-1][0])
         if not good.any():
             return None
-        cand = np.flatnonzero(good)  # the least key, ties to the lower row
-        return queue[int(cand[np.lexsort((rows[cand], keys[cand]))[0]])]
+        return queue[int(np.flatnonzero(good)[np.argmin(keys[good])])]
 
 
 def _mixed_fleet(speeds, clients, kv=163_840):

@@ -1157,10 +1157,13 @@ class FleetPrices:
             return None
         best_key = keys[good].min()
         tied = np.flatnonzero(good & (keys == best_key))
-        # equal keys: the lower row, the queue's own order (key, then row) as the head's scan uses
-        # (not the heap list's order, which depends on how entries were removed before)
-        i = int(tied[np.argmin(rows[tied])])
-        item = (float(keys[i]), int(rows[i]))
+        if tied.size == 1:
+            i = int(tied[0])
+            item = (float(keys[i]), int(rows[i]))
+        else:  # equal keys: the first of them in the queue's list, as a scan of the list finds it
+            first = {int(r) for r in rows[tied]}
+            item = next(it for it in queue if it[0] == best_key and it[1] in first)
+            i = int(tied[np.flatnonzero(rows[tied] == item[1])[0]])
         self.steered += 1
         self._picked = (item[1], now, holds_q[i].tolist())
         return item
