@@ -82,7 +82,7 @@ import numpy as np
 
 from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
-from lloptim.work import instance_seconds
+from lloptim.work import request_instance_seconds
 
 __all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
            "PRICE_FLOOR"]
@@ -679,6 +679,7 @@ class FleetPrices:
         self._blocks = (list(zip(starts[:-1], starts[1:]))
                         if ci.size == 0 or np.array_equal(ci, np.repeat(np.arange(m), sizes)) else None)
         self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
+        self._instances = insts              # on_ready prices each arriving request on each of them
         self._prompts = ctx.problem.workload.prompt_tokens.astype(np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
@@ -741,8 +742,8 @@ class FleetPrices:
         self._join_order(request)
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
-        self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
-                           + self._step_share)
+        p, o = float(self._prompts[request]), float(self.ctx.estimates[request])
+        self.v[request] = np.array([request_instance_seconds(inst, p, o) for inst in self._instances]) + self._step_share
         self.queued[request] = True
         self.n_queued += 1
         self.changes += 1
