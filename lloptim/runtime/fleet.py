@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, insort
+from operator import add
 
 import numpy as np
 
@@ -1092,11 +1093,12 @@ class FleetPrices:
         inf = np.inf
         below, above = -np.inf, np.inf                 # completions compared with the horizon: the
         # largest not past it, the least past it
-        for pos in range(len(rows_list)):
+        for pos, row in enumerate(masked):
             # earliest completion over the instances where it belongs: the first instance with the
-            # least finish, ties to the asking one (as _earliest; written out: this loop is the
-            # dispatch's cost on a long queue, all of it when the asking client is refused)
-            finish = [t + h for t, h in zip(tops, masked[pos])]
+            # least finish, ties to the asking one (as _earliest; written out, with map rather than
+            # a comprehension: this loop is the dispatch's cost on a long queue, all of it when the
+            # asking client is refused)
+            finish = [*map(add, tops, row)]
             best = min(finish)
             where = -1 if best == inf else instance if finish[instance] == best else finish.index(best)
             if best > horizon:
