@@ -39,12 +39,16 @@ instances with the others pooled by kind (tens of rows instead of thousands; its
 only when it is provably the full LP's), and hands a degenerate optimum, where another solver
 path may stop at another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR`
 are read as 0 (the solver's round-off of 0 decided where requests belonged). The dispatch reads
-the clients, the head of the queue (once per change of the queue), the holds and the belongs
-test with numpy once per decision, and a stuck client re-picks only when the re-solve changed
-the prices or the horizon, and then, if only the horizon moved and stayed on the same side of
-every completion its last scan compared with it, gets the same refusal without a scan. It decides
-as the plain implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
-fleet-arrivals`` measures it against Sarathi.
+the clients and the holds with numpy once per decision; the head of the queue is a slice of the
+queued ``(key, row)`` pairs kept in order as requests join and leave (bisect); when some
+instance's price is 0 (under overload most often all the price is on the one binding instance)
+the belongs test is the same for every request and reads none of them, and an instance where
+nothing belongs skips the deep queue; the scan of the head is scalar Python over lists, with a
+hold read as inf where the request does not belong. A stuck client re-picks only when the
+re-solve changed the prices or the horizon, and then, if only the horizon moved and stayed on the
+same side of every completion its last scan compared with it, gets the same refusal without a
+scan. It decides as the plain implementation did (``tests/test_fleet_speed.py``);
+``benchmarks/scale.py --tools fleet-arrivals`` measures it against Sarathi.
 
 The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
 scheduling by *earliest completion* over the queue in its priority order: each request in turn
