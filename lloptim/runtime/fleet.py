@@ -982,7 +982,7 @@ class FleetPrices:
         cut = np.cumsum(np.bincount(k, minlength=self.m)).tolist()
         return [t[a:z] for a, z in zip([0] + cut[:-1], cut)]
 
-    def _head(self, queue: list[tuple[float, int]]) -> tuple[list[int], list[float]]:
+    def _head(self, queue: list[tuple[float, int]]) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
 
         A slice of :attr:`_order` when every queued request's key is known and the queue's first
@@ -993,7 +993,8 @@ class FleetPrices:
             head = order[:SCAN_LIMIT]
         else:
             head = heapq.nsmallest(SCAN_LIMIT, queue)
-        return [r for _, r in head], [k for k, _ in head]
+        keys, rows = zip(*head) if head else ((), ())
+        return rows, keys
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
