@@ -709,6 +709,9 @@ class FleetPrices:
         # answers, :meth:`_head`)
         self._order: list[tuple[float, int]] = []
         self._unkeyed = 0
+        # every priced request's instance-seconds positive and finite (a latency model with zero
+        # terms could give 0): what lets :meth:`_belongs_everywhere` read the prices alone
+        self._v_positive = True
         self._refused: tuple | None = None     # (signature, horizon span) of the last refusal
         self._span = (-np.inf, np.inf)
         self.changes = 0                       # queue changes since the last solve
@@ -748,7 +751,9 @@ class FleetPrices:
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
         p, o = float(self._prompts[request]), float(self.ctx.estimates[request])
-        self.v[request] = np.array([request_instance_seconds(inst, p, o) for inst in self._instances]) + self._step_share
+        v = np.array([request_instance_seconds(inst, p, o) for inst in self._instances]) + self._step_share
+        self.v[request] = v
+        self._v_positive = self._v_positive and bool(0.0 < v.min() and v.max() < np.inf)
         self.queued[request] = True
         self.n_queued += 1
         self.changes += 1
@@ -1005,14 +1010,15 @@ class FleetPrices:
 
         With ``"ect"`` every request belongs everywhere. With a price of 0 somewhere (an instance
         with room to spare; under overload all the price is most often on the one binding
-        instance) every request's least priced cost is 0, its instance-seconds being positive, so
-        it belongs exactly where the price is 0: :meth:`belongs_rows` would answer this for every
-        row, and the dispatch need not read the requests for it.
+        instance) every request's least priced cost is 0, its instance-seconds being positive and
+        finite (checked as each request is priced; if not, None), so it belongs exactly where the
+        price is 0: :meth:`belongs_rows` would answer this for every row, and the dispatch need
+        not read the requests for it.
         """
         if self.mode == "ect":
             return np.ones(self.m, dtype=bool)
         free = self.prices == 0.0
-        return free if free.any() else None
+        return free if self._v_positive and free.any() else None
 
     def belongs_rows(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), m)`` whether each request's reduced cost on each instance is within the tolerance."""
