@@ -13,7 +13,7 @@ import numpy as np
 from lloptim.hardware import LatencyModel
 from lloptim.problem import Problem
 
-__all__ = ["typical_step_s", "request_work_s", "instance_seconds"]
+__all__ = ["typical_step_s", "request_work_s", "instance_seconds", "request_instance_seconds"]
 
 
 def typical_step_s(latency: LatencyModel, clients: int, mean_prompt: float, mean_output: float) -> float:
@@ -103,8 +103,26 @@ def instance_seconds(problem: Problem, rows: np.ndarray, output_tokens: np.ndarr
     o = np.asarray(output_tokens, dtype=np.float64)
     out = np.empty((p.size, len(problem.instances)))
     for k, inst in enumerate(problem.instances):
-        lat = inst.profile.latency
-        out[:, k] = (lat.prefill_per_token_s * p + lat.decode_per_seq_s * o
-                     + lat.decode_per_kv_token_s * (o * p + o * (o - 1) / 2)
-                     + (lat.decode_base_s * o + lat.prefill_base_s) / inst.clients)
+        out[:, k] = request_instance_seconds(inst, p, o)
     return out
+
+
+def request_instance_seconds(inst, p, o):
+    """:func:`instance_seconds` on one instance, for prompts ``p`` and outputs ``o`` (arrays or floats), seconds.
+
+    The same operations in the same order on numpy arrays or on Python floats, so one request's
+    weight as floats equals its entry of the arrays to the bit: a policy that prices requests one
+    at a time as they arrive (:class:`~lloptim.runtime.fleet.FleetPrices`) calls it with floats,
+    a few microseconds where numpy's per-call overhead on one-element arrays took tens.
+
+    Parameters
+    ----------
+    inst : lloptim.problem.Instance
+        The instance (its latency model and client count are read).
+    p, o
+        Prompt and output lengths, tokens (float64 arrays of one shape, or floats).
+    """
+    lat = inst.profile.latency
+    return (lat.prefill_per_token_s * p + lat.decode_per_seq_s * o
+            + lat.decode_per_kv_token_s * (o * p + o * (o - 1) / 2)
+            + (lat.decode_base_s * o + lat.prefill_base_s) / inst.clients)

@@ -39,12 +39,16 @@ instances with the others pooled by kind (tens of rows instead of thousands; its
 only when it is provably the full LP's), and hands a degenerate optimum, where another solver
 path may stop at another optimal vertex, to :func:`split_lp`; prices below :data:`PRICE_FLOOR`
 are read as 0 (the solver's round-off of 0 decided where requests belonged). The dispatch reads
-the clients, the head of the queue (once per change of the queue), the holds and the belongs
-test with numpy once per decision, and a stuck client re-picks only when the re-solve changed
-the prices or the horizon, and then, if only the horizon moved and stayed on the same side of
-every completion its last scan compared with it, gets the same refusal without a scan. It decides
-as the plain implementation did (``tests/test_fleet_speed.py``); ``benchmarks/scale.py --tools
-fleet-arrivals`` measures it against Sarathi.
+the clients and the holds with numpy once per decision; the head of the queue is a slice of the
+queued ``(key, row)`` pairs kept in order as requests join and leave (bisect); when some
+instance's price is 0 (under overload most often all the price is on the one binding instance)
+the belongs test is the same for every request and reads none of them, and an instance where
+nothing belongs skips the deep queue; the scan of the head is scalar Python over lists, with a
+hold read as inf where the request does not belong. A stuck client re-picks only when the
+re-solve changed the prices or the horizon, and then, if only the horizon moved and stayed on the
+same side of every completion its last scan compared with it, gets the same refusal without a
+scan. It decides as the plain implementation did (``tests/test_fleet_speed.py``);
+``benchmarks/scale.py --tools fleet-arrivals`` measures it against Sarathi.
 
 The dispatch rule (:meth:`FleetPrices.pick`) for an idle client of instance ``k0`` is list
 scheduling by *earliest completion* over the queue in its priority order: each request in turn
@@ -76,12 +80,14 @@ head of the queue).
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, insort
+from operator import add
 
 import numpy as np
 
 from lloptim.runtime.engine import FAILED, RUNNING, WAITING
 from lloptim.runtime.policy import RunContext
-from lloptim.work import instance_seconds
+from lloptim.work import request_instance_seconds
 
 __all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
            "PRICE_FLOOR"]
@@ -267,29 +273,32 @@ class _WarmSplitLP:
         others = np.arange(m) != j
         if m < 2 or not (room[others] > 0).all():
             return None
-        vq = v[queued] * s[None, :]                           # observed instance-seconds
-        vq[:, j] = np.inf                                     # nothing may go to j
         margin = 1e-9 * abs(T)
         limit = T - margin
         y = self.y[queued]
         fresh = (y.sum(axis=1) < 0.5) | (y[:, j] > 0)         # not placed by the last solve, or on j
-        y[fresh] = 0.0
-        kept = b + (y[~fresh] * np.where(others, vq[~fresh], 0.0)).sum(axis=0)
+        kept_rows = np.flatnonzero(~fresh)
+        # observed instance-seconds of the kept requests (their share on j is 0, so j's column,
+        # finite, adds 0 and the sum is j's b); only the rows used are read (the queue is long)
+        kept = b + (y[kept_rows] * (v[queued[kept_rows]] * s[None, :])).sum(axis=0)
         # the last solve's shares for the others and, for the rest, (a) each where it takes the
         # least share of the room left, or (b) a share of each instance in proportion to the room
         # left over its time there, which fills every instance to the same share of its room
         # (fits if the requests' 1 / sum_k room_k / v[k, r] sum below 1); (c) (b) for every request
         if (kept[others] < limit).all():
-            if not fresh.any():
+            if kept_rows.size == queued.size:
                 return self._e(j, T)
+            vf = v[queued[fresh]] * s[None, :]
+            vf[:, j] = np.inf                                 # nothing may go to j
             left = np.where(others, T - kept, 1.0)
-            share = vq[fresh] / left[None, :]
+            share = vf / left[None, :]
             pick = np.argmin(share, axis=1)
-            if (kept + np.bincount(pick, weights=vq[np.flatnonzero(fresh), pick], minlength=m))[others].max() < limit:
+            if (kept + np.bincount(pick, weights=vf[np.arange(vf.shape[0]), pick], minlength=m))[others].max() < limit:
                 return self._e(j, T)
-            if (left[others] * (1.0 - (1.0 / (left[None, :] / vq[fresh]).sum(axis=1)).sum())).min() > margin:
+            if (left[others] * (1.0 - (1.0 / (left[None, :] / vf).sum(axis=1)).sum())).min() > margin:
                 return self._e(j, T)
-        if (room[others] * (1.0 - (1.0 / (room[None, :] / vq).sum(axis=1)).sum())).min() > margin:
+        # (room on j is 0: its term is 0 whatever j's column holds)
+        if (room[others] * (1.0 - (1.0 / (room[None, :] / (v[queued] * s[None, :])).sum(axis=1)).sum())).min() > margin:
             return self._e(j, T)
         return None
 
@@ -667,7 +676,15 @@ class FleetPrices:
         self.clients = np.array([i.clients for i in insts], dtype=np.float64)
         self._client_instance = np.asarray(ctx.client_instance, dtype=np.int64)
         self._instance_clients = [np.flatnonzero(self._client_instance == k) for k in range(m)]
+        # each instance's clients as one block of global indices, in instance order (the engine
+        # numbers them so): ``(start, stop)`` of each block, or None when they are not
+        ci = self._client_instance
+        sizes = [c.size for c in self._instance_clients]
+        starts = np.cumsum([0] + sizes).tolist()
+        self._blocks = (list(zip(starts[:-1], starts[1:]))
+                        if ci.size == 0 or np.array_equal(ci, np.repeat(np.arange(m), sizes)) else None)
         self._estimates = np.asarray(ctx.estimates, dtype=np.float64)
+        self._instances = insts              # on_ready prices each arriving request on each of them
         self._prompts = ctx.problem.workload.prompt_tokens.astype(np.float64)
         self._step_share = np.array([i.profile.latency.decode_base_s for i in insts]) / self.clients
         self.prices = np.full(m, 1.0 / m)
@@ -686,7 +703,15 @@ class FleetPrices:
         self.queued = np.zeros(n, dtype=bool)
         self.n_queued = 0
         self._edits = 0                        # changes of the queue or its keys (count)
-        self._queued_at: tuple | None = None   # (edits, _queued_keys()) of the last read
+        # the queued requests whose key is known as (key, row) pairs in ascending order, kept as
+        # requests join and leave (bisect: O(log n) to find, a memmove to insert or delete), so the
+        # head of the queue is a slice; and how many queued requests have no key (then the heap
+        # answers, :meth:`_head`)
+        self._order: list[tuple[float, int]] = []
+        self._unkeyed = 0
+        # every priced request's instance-seconds positive and finite (a latency model with zero
+        # terms could give 0): what lets :meth:`_belongs_everywhere` read the prices alone
+        self._v_positive = True
         self._refused: tuple | None = None     # (signature, horizon span) of the last refusal
         self._span = (-np.inf, np.inf)
         self.changes = 0                       # queue changes since the last solve
@@ -719,11 +744,16 @@ class FleetPrices:
         if not self.active:
             return
         self._edits += 1
+        if self.queued[request]:
+            self._leave_order(request)
         self.key[request] = np.nan if key is None else key
+        self._join_order(request)
         # the bound's weights plus the iteration in which the prompt is prefilled: a client holds a
         # request for o + 1 iterations, which matters for short outputs
-        self.v[request] = (instance_seconds(self.ctx.problem, [request], self.ctx.estimates[request:request + 1])[0]
-                           + self._step_share)
+        p, o = float(self._prompts[request]), float(self.ctx.estimates[request])
+        v = np.array([request_instance_seconds(inst, p, o) for inst in self._instances]) + self._step_share
+        self.v[request] = v
+        self._v_positive = self._v_positive and bool(0.0 < v.min() and v.max() < np.inf)
         self.queued[request] = True
         self.n_queued += 1
         self.changes += 1
@@ -755,6 +785,8 @@ class FleetPrices:
                     hold = self._holds(np.array([request]), states)[0, k]
                 self.predicted[client] = float(hold / self.slowness[k])
             self._edits += 1
+            if self.queued[request]:
+                self._leave_order(request)
             self.queued[request] = False
             self.n_queued -= 1
             self.changes += 1
@@ -799,8 +831,11 @@ class FleetPrices:
             return
         self.version += 1
         self._edits += 1
+        if self.queued[request]:
+            self._leave_order(request)
         if key is not None:
             self.key[request] = key
+        self._join_order(request)
         for c, (r, _) in list(self.holding.items()):
             if r == request:
                 del self.holding[c]
@@ -809,6 +844,22 @@ class FleetPrices:
             self.queued[request] = True
             self.n_queued += 1
             self.changes += 1
+
+    def _join_order(self, request: int) -> None:
+        """File a request joining the queue under its key in :attr:`_order` (or count it keyless)."""
+        key = float(self.key[request])
+        if key != key:
+            self._unkeyed += 1
+        else:
+            insort(self._order, (key, request))
+
+    def _leave_order(self, request: int) -> None:
+        """Take a request leaving the queue out of :attr:`_order` (filed under its current key)."""
+        key = float(self.key[request])
+        if key != key:
+            self._unkeyed -= 1
+        else:
+            del self._order[bisect_left(self._order, (key, request))]
 
     def _hold(self, client: int, request: int, now: float) -> None:
         """``client`` holds ``request`` from ``now`` seconds (the dict and its arrays)."""
@@ -921,9 +972,14 @@ class FleetPrices:
         ends = np.full(ci.size, now)
         if held.size:
             ends[held] = np.maximum(now, self._hold_since[held] + hold[np.arange(held.size), ci[held]])
-        cs = np.asarray(self.ctx.extra["client_state"])
-        idle = np.maximum(now, np.array([st.now for st in states]))[ci]
+        client_state = self.ctx.extra["client_state"]
+        cs = np.array(client_state)
+        idle = np.array([max(now, st.now) for st in states])[ci]
         t = np.where((cs == RUNNING) | (cs == WAITING), ends, idle)
+        if self._blocks is not None and FAILED not in client_state:
+            # every client live and each instance's a block: sort each block (the same lists as below)
+            t = t.tolist()
+            return [sorted(t[a:z]) for a, z in self._blocks]
         live = cs != FAILED
         k = ci[live]
         t = t[live]
@@ -931,45 +987,38 @@ class FleetPrices:
         cut = np.cumsum(np.bincount(k, minlength=self.m)).tolist()
         return [t[a:z] for a, z in zip([0] + cut[:-1], cut)]
 
-    def _queued_keys(self) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-        """Rows and keys of the queued requests, and the first :data:`SCAN_LIMIT` of them in key order.
-
-        The first are ``(rows, keys)`` sorted by key, then row (None when a key is not known);
-        computed once per change of the queue (the idle clients of one step ask in turn).
-        """
-        if self._queued_at is not None and self._queued_at[0] == self._edits:
-            return self._queued_at[1]
-        rows = np.flatnonzero(self.queued)
-        keys = self.key[rows]
-        head = None
-        if rows.size and not np.isnan(keys).any():
-            r, k = rows, keys
-            if rows.size > SCAN_LIMIT:
-                kth = k[np.argpartition(k, SCAN_LIMIT - 1)[:SCAN_LIMIT]].max()
-                sel = k <= kth                      # every tie of the last key, decided by row below
-                r, k = r[sel], k[sel]
-            order = np.lexsort((r, k))[:SCAN_LIMIT]
-            head = (r[order], k[order])
-        self._queued_at = (self._edits, (rows, keys, head))
-        return rows, keys, head
-
-    def _head(self, queue: list[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _head(self, queue: list[tuple[float, int]]) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Rows and keys of the first :data:`SCAN_LIMIT` requests of ``queue`` in its order (key, then row).
 
-        From :attr:`queued` and :attr:`key` with numpy when every queued request's key is known and
-        the queue's first item agrees; from the heap otherwise.
+        A slice of :attr:`_order` when every queued request's key is known and the queue's first
+        item agrees; from the heap otherwise.
         """
-        rows, keys, head = self._queued_keys()
-        if rows.size == len(queue) and queue and head is not None:
-            rows, keys = head
-            if (keys[0], rows[0]) == queue[0]:
-                return rows, keys
-        head = heapq.nsmallest(SCAN_LIMIT, queue)
-        return (np.array([r for _, r in head], dtype=np.int64), np.array([k for k, _ in head], dtype=np.float64))
+        order = self._order
+        if not self._unkeyed and queue and len(order) == len(queue) and order[0] == queue[0]:
+            head = order[:SCAN_LIMIT]
+        else:
+            head = heapq.nsmallest(SCAN_LIMIT, queue)
+        keys, rows = zip(*head) if head else ((), ())
+        return rows, keys
 
     def belongs(self, request: int) -> np.ndarray:
         """``(m,)`` whether ``request``'s reduced cost on each instance is within the tolerance."""
         return self.belongs_rows(np.array([request]))[0]
+
+    def _belongs_everywhere(self) -> np.ndarray | None:
+        """``(m,)`` the belongs test when it is the same for every request, else None.
+
+        With ``"ect"`` every request belongs everywhere. With a price of 0 somewhere (an instance
+        with room to spare; under overload all the price is most often on the one binding
+        instance) every request's least priced cost is 0, its instance-seconds being positive and
+        finite (checked as each request is priced; if not, None), so it belongs exactly where the
+        price is 0: :meth:`belongs_rows` would answer this for every row, and the dispatch need
+        not read the requests for it.
+        """
+        if self.mode == "ect":
+            return np.ones(self.m, dtype=bool)
+        free = self.prices == 0.0
+        return free if self._v_positive and free.any() else None
 
     def belongs_rows(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), m)`` whether each request's reduced cost on each instance is within the tolerance."""
@@ -1037,45 +1086,45 @@ class FleetPrices:
         if not self._instance_clients[instance].size:
             return None
         held = np.flatnonzero(self._hold_req >= 0)
-        head_rows, head_keys = self._head(queue)
-        holds_all = self._holds(np.r_[self._hold_req[held], head_rows], states)  # one pass over the states
+        rows_list, keys_list = self._head(queue)
+        head_rows = np.array(rows_list, dtype=np.int64)
+        holds_all = self._holds(np.concatenate((self._hold_req[held], head_rows)), states)  # one pass over the states
         heaps = self._free_times(now, states, held, holds_all[:held.size])
         if not heaps[instance] or heaps[instance][0] > now:
             return None  # no client of it is free now (its heap never changes below: a landing returns)
         head_holds = holds_all[held.size:]
-        holds = head_holds.tolist()                        # lists: the scan below is scalar Python
-        oks = self.belongs_rows(head_rows).tolist()
-        keys_list = head_keys.tolist()
-        rows_list = head_rows.tolist()
+        # lists: the scan below is scalar Python. A hold where the request does not belong is read
+        # as inf, so its finish there (inf) never wins: the earliest completion over the instances
+        # where it belongs is then a min over all of them
+        everywhere = self._belongs_everywhere()
+        ok = self.belongs_rows(head_rows) if everywhere is None else everywhere[None, :]
+        masked = np.where(ok, head_holds, np.inf).tolist()
         horizon = self.horizon_s if past_horizon else np.inf
         tops = [h[0] if h else np.inf for h in heaps]   # an empty heap never wins: its finish is inf
-        ks = range(self.m)
+        inf = np.inf
         below, above = -np.inf, np.inf                 # completions compared with the horizon: the
         # largest not past it, the least past it
-        for pos in range(len(rows_list)):
-            hold = holds[pos]
-            ok = oks[pos]
-            # earliest completion over the instances where it belongs (ties to the asking one;
-            # _earliest written out: this loop is the dispatch's cost on a long queue)
-            best, where = np.inf, -1
-            for k in ks:
-                if ok[k]:
-                    finish = tops[k] + hold[k]
-                    if finish < best or (finish == best and k == instance):
-                        best, where = finish, k
+        for pos, row in enumerate(masked):
+            # earliest completion over the instances where it belongs: the first instance with the
+            # least finish, ties to the asking one (as _earliest; written out, with map rather than
+            # a comprehension: this loop is the dispatch's cost on a long queue, all of it when the
+            # asking client is refused)
+            finish = [*map(add, tops, row)]
+            best = min(finish)
+            where = -1 if best == inf else instance if finish[instance] == best else finish.index(best)
             if best > horizon:
                 # it would end after the LP's makespan where it is priced: a request that long sets
                 # the makespan by itself (the LP splits work, not requests), so it goes where it
                 # completes first, priced or not
                 if best < above:
                     above = best
-                best, where = _earliest(tops, hold, [True] * self.m, instance)
+                best, where = _earliest(tops, head_holds[pos].tolist(), [True] * self.m, instance)
             elif best > below:
                 below = best
             if where == instance:
                 if pos:
                     self.steered += 1
-                self._picked = (rows_list[pos], now, hold)
+                self._picked = (rows_list[pos], now, head_holds[pos].tolist())
                 return keys_list[pos], rows_list[pos]
             if where >= 0:
                 heap = heaps[where]
@@ -1087,19 +1136,22 @@ class FleetPrices:
             return None
         # deeper in the queue: after the list schedule above, the best request that belongs here
         # and finishes here no later than on any other instance where it belongs
-        rows, keys, known = self._queued_keys()
-        if rows.size != len(queue) or known is None:
+        if everywhere is not None and not everywhere[instance]:
+            return None  # nothing belongs here
+        rows = np.flatnonzero(self.queued)
+        keys = self.key[rows]
+        if rows.size != len(queue) or self._unkeyed:
             keys = np.array([k for k, _ in queue])
             rows = np.array([r for _, r in queue], dtype=np.int64)
         # only requests not in the head that belong here can be taken: the belongs test of this
         # instance first, the others' and the holds (the costly part) for those alone
         after = keys > keys_list[-1]
         rows, keys = rows[after], keys[after]
-        v = self.v[rows] * self.slowness[None, :]           # (n, m), observed scale
-        if self.mode == "ect":
-            cand = np.arange(rows.size)
-            ok = np.ones(v.shape, dtype=bool)
+        if everywhere is not None:
+            cand = np.arange(rows.size)                     # all belong here; elsewhere alike
+            ok = np.broadcast_to(everywhere, (rows.size, self.m))
         else:
+            v = self.v[rows] * self.slowness[None, :]       # (n, m), observed scale
             priced = (v if self.mode == "lp" else self.v[rows]) * self.prices[None, :]
             mu = _row_min(priced)
             cand = np.flatnonzero(priced[:, instance] - mu <= self.tolerance * mu)

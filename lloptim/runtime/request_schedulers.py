@@ -101,7 +101,7 @@ ARRIVALS_ENDED_GAPS = 4.0
 #: See :data:`ARRIVALS_ENDED_GAPS` (factor of the longest gap between arrivals so far).
 ARRIVALS_ENDED_LONGEST = 2.0
 
-__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank",
+__all__ = ["RoundRobinQueues", "GlobalQueue", "WorkflowQueue", "AssignedQueues", "critical_path_rank", "heap_remove",
            "CHAIN_SPEED_TOLERANCE", "CORUNNER_WINDOW_STEPS", "REPLAN_BELOW", "OVERLOAD",
            "OVERLOAD_CONFIDENCE", "BACKLOG_LIVE_GAPS", "DUE_BINDING_SHARE", "DUE_FACTOR",
            "ARRIVALS_ENDED_GAPS", "ARRIVALS_ENDED_LONGEST", "PROGRESS_SHARE"]
@@ -197,6 +197,48 @@ class RoundRobinQueues(_PerClientQueues):
                 break
         self.queues[c].append(request)
         self.n_pending += 1
+
+
+def heap_remove(heap: list, item) -> None:
+    """Remove ``item`` from the binary min-heap ``heap`` (a :mod:`heapq` list) in O(log n) after finding it.
+
+    The last entry takes its place and sifts down or up. ``list.remove`` followed by
+    ``heapq.heapify`` rebuilt the whole heap at every removal from its middle, O(n) each: on a
+    fleet under overload, where the dispatch takes requests from deep in a queue of thousands,
+    that was about 8 % of the hybrid's run (``benchmarks/scale.py --tools fleet-arrivals``, 10k
+    requests). The heap holds the same entries either way, only in another list order.
+
+    Parameters
+    ----------
+    heap
+        The heap (modified in place).
+    item
+        An entry of it (``ValueError`` if absent).
+    """
+    i = heap.index(item)
+    last = heap.pop()
+    n = len(heap)
+    if i == n:
+        return
+    # sift the last entry down from the hole at i (towards the smaller child) ...
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and heap[child + 1] < heap[child]:
+            child += 1
+        if not heap[child] < last:
+            break
+        heap[i] = heap[child]
+        i = child
+    # ... or up, when it is smaller than the parent of the hole
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not last < heap[parent]:
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = last
 
 
 class GlobalQueue(RequestScheduler):
