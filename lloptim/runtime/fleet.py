@@ -84,7 +84,7 @@ from lloptim.runtime.policy import RunContext
 from lloptim.work import instance_seconds
 
 __all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
-           "PRICE_FLOOR"]
+           "PRICE_FLOOR", "FORECAST_STRIDE"]
 
 #: Price modes of :class:`FleetPrices`.
 PRICE_MODES = ("lp", "uniform", "ect", "none")
@@ -101,6 +101,10 @@ SLOWNESS_SHIFT = 0.05
 PRICE_FLOOR = 1e-9
 #: Most queued requests the earliest-completion list schedule looks at per decision.
 SCAN_LIMIT = 256
+#: Decode steps between two evaluations of the step time in the forecast of a request past the
+#: horizon (:meth:`FleetPrices.place_past_horizon`): the contexts grow by this many tokens between
+#: two evaluations (a speed knob; at 16 a 4,000-step request costs 250 evaluations per instance).
+FORECAST_STRIDE = 16
 
 
 def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = None,
@@ -615,6 +619,42 @@ def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[flo
     return best, where
 
 
+def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat) -> float:
+    """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside ``ctx`` / ``left``.
+
+    Its prefill plus its decode steps at the step time of
+    :meth:`~lloptim.hardware.LatencyModel.decode_time` over what runs beside it: the requests the
+    instance holds (``ctx`` context tokens, ``left`` estimated decode steps left; each one token
+    longer per step until it finishes) and the request itself, its context growing from its
+    prompt. Nothing more is assumed to arrive (module docstring, *Requests past the horizon*).
+    The step time is evaluated every :data:`FORECAST_STRIDE` steps, at the first step of each
+    stride. The caller multiplies by the instance's observed slowness.
+
+    Parameters
+    ----------
+    ctx, left : numpy.ndarray
+        Context tokens and estimated decode steps left of each request the instance holds.
+    prompt
+        Prompt tokens of the request.
+    steps
+        Its estimated decode steps.
+    lat
+        The instance's :class:`~lloptim.hardware.LatencyModel`.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    j = np.arange(0.0, max(steps, 1.0), FORECAST_STRIDE)
+    alive = left[None, :] > j[:, None]                               # (strides, held requests)
+    n = alive.sum(axis=1) + 1.0
+    kv = (alive * (ctx[None, :] + j[:, None])).sum(axis=1) + prompt + j
+    per_step = lat.decode_base_s + lat.decode_per_seq_s * n + lat.decode_per_kv_token_s * kv
+    widths = np.minimum(FORECAST_STRIDE, max(steps, 1.0) - j)          # the last stride: what is left
+    return float(per_step @ widths + lat.prefill_per_token_s * prompt)
+
+
 class FleetPrices:
     """Instance prices from the fractional assignment LP, updated online, and the priced dispatch.
 
@@ -703,6 +743,7 @@ class FleetPrices:
         self.key = np.full(n, np.nan)          # the queue's key of each request (nan: not told)
         self._picked: tuple | None = None      # (request, now, its holds) of the last pick
         self._lat_terms: tuple | None = None   # (latency models, their step terms by instance)
+        self._held_at: tuple | None = None     # (engine state, _corunners()) of the last read
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def on_ready(self, request: int, key: float | None = None) -> None:
@@ -1024,6 +1065,70 @@ class FleetPrices:
         self._refused = (sig, *self._span) if item is None else None
         return item
 
+    def place_past_horizon(self, request: int, tops: list, instance: int, now: float, states) -> tuple[float, int]:
+        """``(finish, instance)`` of a request past the LP's horizon: where it completes first, by the forecast.
+
+        Its hold on each instance is forecast from what that instance holds now
+        (:func:`_forecast_hold`: the held requests finish at their estimates, their contexts
+        growing, nothing more arriving), times the instance's observed slowness (module
+        docstring, *Requests past the horizon*).
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        tops
+            ``(m,)`` when each instance's next client frees up, seconds (inf: no live client).
+        instance
+            The asking client's instance (ties go to it).
+        now
+            Current time, seconds.
+        states
+            The engine's instance states (read only).
+
+        Returns
+        -------
+        tuple
+            Its expected finish, seconds, and the instance it goes to.
+        """
+        held = self._corunners(now, states)
+        p, o = float(self._prompts[request]), float(self._estimates[request])
+        fore = [self.slowness[k] * _forecast_hold(held[k][0], held[k][1], p, o, states[k].latency)
+                if np.isfinite(tops[k]) else np.inf for k in range(self.m)]
+        return _earliest(tops, fore, [True] * self.m, instance)
+
+    def _corunners(self, now: float, states) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per instance, the requests its clients hold: ``(context tokens, estimated decode steps left)``.
+
+        A request holds its prompt plus what it has generated (for one not yet prefilled, what it
+        generated before a preemption) and has its estimate less that left, at least 1 step.
+        Read once per state of the engine (the idle clients of one step and the requests of one
+        scan ask in turn).
+        """
+        stamp = (now, self.version, tuple((st.decode_steps, st.n_running, len(st.waiting)) for st in states))
+        if self._held_at is not None and self._held_at[0] == stamp:
+            return self._held_at[1]
+        engine = states[0].engine
+        cs, cr, start = engine.client_state, engine.client_request, engine.client_start_step
+        est, prompts = self._estimates, self._prompts
+        out = []
+        for st in states:
+            ctx, left = [], []
+            for c in st.clients:
+                if cs[c] == RUNNING:
+                    r = cr[c]
+                    g = st.decode_steps - start[c]
+                elif cs[c] == WAITING:
+                    r = cr[c]
+                    g = engine.generated_before[r]   # a preempted request is prefilled again with them
+                else:
+                    continue
+                ctx.append(prompts[r] + g)
+                left.append(max(est[r] - g, 1.0))
+            out.append((np.array(ctx, dtype=np.float64), np.array(left, dtype=np.float64)))
+        self._held_at = (stamp, out)
+        return out
+
     def _signature(self, queue: list, instance: int, now: float, states, past_horizon: bool) -> tuple:
         """Everything :meth:`pick` reads but the horizon, prices and queue by their change counts."""
         return (instance, now, past_horizon, id(queue), len(queue), queue[0] if queue else None, self._edits,
@@ -1069,7 +1174,7 @@ class FleetPrices:
                 # completes first, priced or not
                 if best < above:
                     above = best
-                best, where = _earliest(tops, hold, [True] * self.m, instance)
+                best, where = self.place_past_horizon(rows_list[pos], tops, instance, now, states)
             elif best > below:
                 below = best
             if where == instance:
