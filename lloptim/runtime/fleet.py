@@ -81,7 +81,8 @@ be, and one running short requests looks as fast as it will be once they finish:
 0-9, 20 cases: mean 28.1 -> 25.4 %, behind the best other policy on none, was 4, by up to 13 %;
 held-out seeds 400-402: 29.1 -> 22.1 %; the trade: a slower instance full of short requests that
 the queue keeps full is read as thinning out, up to 13.6 points worse on two cases, still ahead
-of every other policy; docs: arrivals, *Long requests on a mixed fleet*).
+of every other policy; at 4,000 requests, ``scale``, 1.0-1.9 % worse on seeds 0-2; docs: arrivals,
+*Long requests on a mixed fleet*).
 
 Modes (the ablation of ``benchmarks/fleet.py``): ``"lp"`` (LP prices with online updates, and
 earliest completion), ``"uniform"`` (``1/m`` for ever, so every request belongs only where it is
@@ -636,7 +637,7 @@ def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[flo
 
 
 def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat) -> float:
-    """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside ``ctx`` / ``left``.
+    """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside others.
 
     Its prefill plus its decode steps at the step time of
     :meth:`~lloptim.hardware.LatencyModel.decode_time` over what runs beside it: the requests the
@@ -1125,7 +1126,7 @@ class FleetPrices:
         return _earliest(tops, fore, [True] * self.m, instance)
 
     def _corunners(self, now: float, states) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per instance, the requests its clients hold, as :func:`_by_steps_left` of their context tokens and estimated decode steps left.
+        """Per instance, :func:`_by_steps_left` of the context tokens and estimated decode steps left of what it holds.
 
         A request holds its prompt plus what it has generated (for one not yet prefilled, what it
         generated before a preemption) and has its estimate less that left, at least 1 step.
