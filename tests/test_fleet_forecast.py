@@ -48,3 +48,23 @@ def test_long_contexts_that_stay_cost_more_than_their_size_now_and_finished_ones
     assert ten_long > now_step
     # ten short ones are gone after 50 steps: within 2 % of running alone
     assert ten_short < 1.02 * alone
+
+
+def test_while_the_queue_lasts_finished_requests_are_replaced():
+    """Refilling for 0 steps is no refill; for all the steps, the batch keeps its size and mean context."""
+    ctx, left = np.array([300.0, 100.0, 2000.0]), np.array([20.0, 40.0, 5000.0])
+    p, o = 50.0, 800.0
+    bare = _forecast_hold(ctx, left, p, o, LAT)
+    assert _forecast_hold(ctx, left, p, o, LAT, refill_steps=0.0) == bare
+    part = _forecast_hold(ctx, left, p, o, LAT, refill_steps=400.0)
+    full = _forecast_hold(ctx, left, p, o, LAT, refill_steps=np.inf)
+    assert bare < part < full
+    # for all the steps: four running at every step; the short ones' places held at the mean context
+    mean = ctx.mean()
+    exact = LAT.prefill_per_token_s * p
+    for j in range(int(o)):
+        alive = [c + j for c, n in zip(ctx, left) if n > j]
+        exact += LAT.decode_time(4, sum(alive) + (3 - len(alive)) * mean + p + j)
+    under = o * LAT.decode_per_kv_token_s * 4 * FORECAST_STRIDE
+    over = 2 * FORECAST_STRIDE * LAT.decode_per_kv_token_s * (mean + o)
+    assert exact - under <= full <= exact + over

@@ -81,9 +81,9 @@ def test_long_requests_past_the_horizon_are_not_all_crowded_on_the_fastest_insta
     Placed at the step each instance ran when they arrived, every 4,000-token request went to the
     fastest instance (which the prices kept light), where a dozen long contexts decoded side by
     side at 50-60 ms a step: 35.1 % above the bound, behind the offline plan (32.6 %) and WAIT,
-    p99 1.036 x Sarathi's. With the forecast of what runs beside them (both scenarios agreeing,
-    :meth:`~lloptim.runtime.fleet.FleetPrices.place_past_horizon`) some go to the 1.3x instance:
-    at or ahead of those peers, p99 within 1 % of Sarathi's.
+    p99 1.036 x Sarathi's. With the forecast of what runs beside them
+    (:meth:`~lloptim.runtime.fleet.FleetPrices.place_past_horizon`) some go to the 1.3x instance:
+    ahead of those peers, p99 within 1 % of Sarathi's.
     """
     (_, prob, _), = [c for c in sf.arrival_cases("fleet-mixed", 0, False) if c[0].endswith("load 1.5")]
     res = run_policy(prob, "hybrid")

@@ -636,16 +636,19 @@ def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[flo
     return best, where
 
 
-def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat) -> float:
+def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat,
+                   refill_steps: float = 0.0) -> float:
     """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside others.
 
     Its prefill plus its decode steps at the step time of
     :meth:`~lloptim.hardware.LatencyModel.decode_time` over what runs beside it: the requests the
     instance holds (``ctx`` context tokens, ``left`` estimated decode steps left; each one token
     longer per step until it finishes) and the request itself, its context growing from its
-    prompt. Nothing more is assumed to arrive (module docstring, *Requests past the horizon*).
-    The step time is evaluated every :data:`FORECAST_STRIDE` steps, at the first step of each
-    stride. The caller multiplies by the instance's observed slowness.
+    prompt. During its first ``refill_steps`` steps each held request that finishes is replaced by
+    one of the held requests' mean context (the known queue is still being served); after them
+    nothing replaces it (module docstring, *Requests past the horizon*). The step time is
+    evaluated every :data:`FORECAST_STRIDE` steps, at the first step of each stride. The caller
+    multiplies by the instance's observed slowness.
 
     Parameters
     ----------
@@ -657,13 +660,15 @@ def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: floa
         Its estimated decode steps.
     lat
         The instance's :class:`~lloptim.hardware.LatencyModel`.
+    refill_steps
+        Decode steps during which a finished request is replaced (0: never).
 
     Returns
     -------
     float
         Seconds.
     """
-    return _forecast_sorted(*_by_steps_left(ctx, left), prompt, steps, lat)
+    return _forecast_sorted(*_by_steps_left(ctx, left), prompt, steps, lat, refill_steps)
 
 
 def _by_steps_left(ctx: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -672,12 +677,18 @@ def _by_steps_left(ctx: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.nd
     return left[order], np.r_[np.cumsum(ctx[order][::-1])[::-1], 0.0]
 
 
-def _forecast_sorted(left_sorted: np.ndarray, ctx_suffix: np.ndarray, prompt: float, steps: float, lat) -> float:
+def _forecast_sorted(left_sorted: np.ndarray, ctx_suffix: np.ndarray, prompt: float, steps: float, lat,
+                     refill_steps: float = 0.0) -> float:
     """:func:`_forecast_hold` from :func:`_by_steps_left`'s arrays (read once per state of an instance)."""
     j = np.arange(0.0, max(steps, 1.0), FORECAST_STRIDE)
     first_alive = np.searchsorted(left_sorted, j, side="right")   # those alive at step j: a suffix
     n_alive = left_sorted.size - first_alive
     kv = ctx_suffix[first_alive] + n_alive * j + prompt + j
+    if refill_steps > 0 and left_sorted.size:
+        # the finished ones replaced while the queue lasts, by requests of the held mean context
+        gone = np.where(j < refill_steps, left_sorted.size - n_alive, 0)
+        n_alive = n_alive + gone
+        kv = kv + gone * (ctx_suffix[0] / left_sorted.size)
     per_step = lat.decode_base_s + lat.decode_per_seq_s * (n_alive + 1.0) + lat.decode_per_kv_token_s * kv
     widths = np.minimum(FORECAST_STRIDE, max(steps, 1.0) - j)          # the last stride: what is left
     return float(per_step @ widths + lat.prefill_per_token_s * prompt)
@@ -1098,8 +1109,9 @@ class FleetPrices:
 
         Its hold on each instance is forecast from what that instance holds now
         (:func:`_forecast_hold`: the held requests finish at their estimates, their contexts
-        growing, nothing more arriving), times the instance's observed slowness (module
-        docstring, *Requests past the horizon*).
+        growing, each replaced while the known queue lasts, its estimated decode steps per live
+        client), times the instance's observed slowness (module docstring, *Requests past the
+        horizon*).
 
         Parameters
         ----------
@@ -1119,21 +1131,22 @@ class FleetPrices:
         tuple
             Its expected finish, seconds, and the instance it goes to.
         """
-        held = self._corunners(now, states)
+        held, queue_steps = self._corunners(now, states)
         p, o = float(self._prompts[request]), float(self._estimates[request])
-        fore = [self.slowness[k] * _forecast_sorted(held[k][0], held[k][1], p, o, states[k].latency)
+        fore = [self.slowness[k] * _forecast_sorted(held[k][0], held[k][1], p, o, states[k].latency, queue_steps)
                 if np.isfinite(tops[k]) else np.inf for k in range(self.m)]
         return _earliest(tops, fore, [True] * self.m, instance)
 
-    def _corunners(self, now: float, states) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per instance, :func:`_by_steps_left` of the context tokens and estimated decode steps left of what it holds.
+    def _corunners(self, now: float, states) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+        """Per instance, :func:`_by_steps_left` of what it holds; and the queue's estimated steps per live client.
 
         A request holds its prompt plus what it has generated (for one not yet prefilled, what it
         generated before a preemption) and has its estimate less that left, at least 1 step.
         Read once per state of the engine (the idle clients of one step and the requests of one
         scan ask in turn).
         """
-        stamp = (now, self.version, tuple((st.decode_steps, st.n_running, len(st.waiting)) for st in states))
+        stamp = (now, self.version, self._edits,
+                 tuple((st.decode_steps, st.n_running, len(st.waiting)) for st in states))
         if self._held_at is not None and self._held_at[0] == stamp:
             return self._held_at[1]
         engine = states[0].engine
@@ -1151,8 +1164,10 @@ class FleetPrices:
         left = np.maximum(self._estimates[r] - g, 1.0)
         k = ci[holding]
         out = [_by_steps_left(ctx[k == i], left[k == i]) for i in range(self.m)]
-        self._held_at = (stamp, out)
-        return out
+        live = max(int(np.count_nonzero(cs != FAILED)), 1)
+        queue_steps = float(self._estimates[self.queued].sum()) / live
+        self._held_at = (stamp, (out, queue_steps))
+        return out, queue_steps
 
     def _signature(self, queue: list, instance: int, now: float, states, past_horizon: bool) -> tuple:
         """Everything :meth:`pick` reads but the horizon, prices and queue by their change counts."""
