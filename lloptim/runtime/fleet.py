@@ -70,19 +70,19 @@ above the bound on average against 0.76 %, 10 of 12 cases within 1 % against 11)
 Where such a request completes first is *forecast* (:meth:`FleetPrices.place_past_horizon`): on
 each instance, the requests it holds decode beside it until their estimates run out, every
 context one token longer per step, and the request's own context grows from its prompt
-(:func:`_forecast_hold`); nothing more is assumed to arrive (a policy does not know what will).
-Reading the step an instance runs *now* for all the request's steps, as before, missed both
-effects: on ``fleet-mixed`` of ``benchmarks/stress_flow.py`` (seed 0, 150 % load, 4 instances
-1, 1.6, 2.5 and 1.3 times slower) every 4,000-token request went to the fastest instance, which
-the prices kept light, and a dozen long contexts then decoded side by side at 50-60 ms a step,
-twice the step of one alone: 35.1 % above the bound against the rolling offline plan's 32.6 %.
-With the forecast, an instance crowded with long contexts that will grow looks as slow as it will
-be, and one running short requests looks as fast as it will be once they finish: 22.1 % (seeds
-0-9, 20 cases: mean 28.1 -> 25.4 %, behind the best other policy on none, was 4, by up to 13 %;
-held-out seeds 400-402: 29.1 -> 22.1 %; the trade: a slower instance full of short requests that
-the queue keeps full is read as thinning out, up to 13.6 points worse on two cases, still ahead
-of every other policy; at 4,000 requests, ``scale``, 1.0-1.9 % worse on seeds 0-2; docs: arrivals,
-*Long requests on a mixed fleet*).
+(:func:`_forecast_hold`); while the known queue lasts (its estimated decode steps per live
+client) each held request that finishes is replaced by one of the held mean context, and after
+that nothing replaces it (a policy does not know what will arrive). Reading the step an instance
+runs *now* for all the request's steps, as before, missed the growth and the thinning: on
+``fleet-mixed`` of ``benchmarks/stress_flow.py`` (seed 0, 150 % load, 4 instances 1, 1.6, 2.5
+and 1.3 times slower) every 4,000-token request went to the fastest instance, which the prices
+kept light, and a dozen long contexts then decoded side by side at 50-60 ms a step, twice the
+step of one alone: 35.1 % above the bound against the rolling offline plan's 32.6 %; now 26.1 %
+(seeds 0-9, 20 cases: mean 28.1 -> 24.9 %, behind the best other policy on none, was 4, by up
+to 13 %; held-out seeds 400-402: 29.1 -> 22.4 %). The trade: where arrivals go on long after
+the decision, an instance they keep full is read as thinning out (seed 2 at 200 %: 26.0 -> 38.0
+%, still ahead of every other policy; at 4,000 requests, ``scale``, 1.1-2.2 % longer on seeds
+0-2). Docs: arrivals, *Long requests on a mixed fleet*.
 
 Modes (the ablation of ``benchmarks/fleet.py``): ``"lp"`` (LP prices with online updates, and
 earliest completion), ``"uniform"`` (``1/m`` for ever, so every request belongs only where it is
