@@ -101,7 +101,8 @@ class PlainPrices(FleetPrices):
             ok = self.belongs(item[1])
             best, where = _earliest_plain(heaps, holds[pos], ok, instance)
             if past_horizon and best > self.horizon_s:
-                best, where = _earliest_plain(heaps, holds[pos], np.ones(self.m, dtype=bool), instance)
+                tops = [h[0] if h else np.inf for h in heaps]
+                best, where = self.place_past_horizon(item[1], tops, instance, now, states)
             if where == instance and heaps[instance][0] <= now:
                 return item
             if where >= 0:

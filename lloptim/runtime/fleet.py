@@ -71,6 +71,23 @@ request present from the start the end game (:mod:`lloptim.runtime.endgame`) pla
 requests, and the rule did not pay there (``benchmarks/fleet.py --quick`` on mixed fleets: 0.78 %
 above the bound on average against 0.76 %, 10 of 12 cases within 1 % against 11), so it is off.
 
+Where such a request completes first is *forecast* (:meth:`FleetPrices.place_past_horizon`): on
+each instance, the requests it holds decode beside it until their estimates run out, every
+context one token longer per step, and the request's own context grows from its prompt
+(:func:`_forecast_hold`); while the known queue lasts (its estimated decode steps per live
+client) each held request that finishes is replaced by one of the held mean context, and after
+that nothing replaces it (a policy does not know what will arrive). Reading the step an instance
+runs *now* for all the request's steps, as before, missed the growth and the thinning: on
+``fleet-mixed`` of ``benchmarks/stress_flow.py`` (seed 0, 150 % load, 4 instances 1, 1.6, 2.5
+and 1.3 times slower) every 4,000-token request went to the fastest instance, which the prices
+kept light, and a dozen long contexts then decoded side by side at 50-60 ms a step, twice the
+step of one alone: 35.1 % above the bound against the rolling offline plan's 32.6 %; now 26.1 %
+(seeds 0-9, 20 cases: mean 28.1 -> 24.9 %, behind the best other policy on none, was 4, by up
+to 13 %; held-out seeds 400-402: 29.1 -> 22.4 %). The trade: where arrivals go on long after
+the decision, an instance they keep full is read as thinning out (seed 2 at 200 %: 26.0 -> 38.0
+%, still ahead of every other policy; at 4,000 requests, ``scale``, 1.1-2.2 % longer on seeds
+0-2). Docs: arrivals, *Long requests on a mixed fleet*.
+
 Modes (the ablation of ``benchmarks/fleet.py``): ``"lp"`` (LP prices with online updates, and
 earliest completion), ``"uniform"`` (``1/m`` for ever, so every request belongs only where it is
 cheapest), ``"ect"`` (earliest completion without prices), ``"none"`` (any idle client takes the
@@ -90,7 +107,7 @@ from lloptim.runtime.policy import RunContext
 from lloptim.work import request_instance_seconds
 
 __all__ = ["FleetPrices", "split_lp", "PRICE_MODES", "REDUCED_COST_TOLERANCE", "RESOLVE_SHARE", "SLOWNESS_SHIFT", "SCAN_LIMIT",
-           "PRICE_FLOOR"]
+           "PRICE_FLOOR", "FORECAST_STRIDE"]
 
 #: Price modes of :class:`FleetPrices`.
 PRICE_MODES = ("lp", "uniform", "ect", "none")
@@ -107,6 +124,10 @@ SLOWNESS_SHIFT = 0.05
 PRICE_FLOOR = 1e-9
 #: Most queued requests the earliest-completion list schedule looks at per decision.
 SCAN_LIMIT = 256
+#: Decode steps between two evaluations of the step time in the forecast of a request past the
+#: horizon (:meth:`FleetPrices.place_past_horizon`): the contexts grow by this many tokens between
+#: two evaluations (a speed knob; at 16 a 4,000-step request costs 250 evaluations per instance).
+FORECAST_STRIDE = 16
 
 
 def split_lp(v: np.ndarray, committed: np.ndarray, time_limit_s: float | None = None,
@@ -624,6 +645,64 @@ def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[flo
     return best, where
 
 
+def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat,
+                   refill_steps: float = 0.0) -> float:
+    """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside others.
+
+    Its prefill plus its decode steps at the step time of
+    :meth:`~lloptim.hardware.LatencyModel.decode_time` over what runs beside it: the requests the
+    instance holds (``ctx`` context tokens, ``left`` estimated decode steps left; each one token
+    longer per step until it finishes) and the request itself, its context growing from its
+    prompt. During its first ``refill_steps`` steps each held request that finishes is replaced by
+    one of the held requests' mean context (the known queue is still being served); after them
+    nothing replaces it (module docstring, *Requests past the horizon*). The step time is
+    evaluated every :data:`FORECAST_STRIDE` steps, at the first step of each stride. The caller
+    multiplies by the instance's observed slowness.
+
+    Parameters
+    ----------
+    ctx, left : numpy.ndarray
+        Context tokens and estimated decode steps left of each request the instance holds.
+    prompt
+        Prompt tokens of the request.
+    steps
+        Its estimated decode steps.
+    lat
+        The instance's :class:`~lloptim.hardware.LatencyModel`.
+    refill_steps
+        Decode steps during which a finished request is replaced (0: never).
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    return _forecast_sorted(*_by_steps_left(ctx, left), prompt, steps, lat, refill_steps)
+
+
+def _by_steps_left(ctx: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``left`` ascending, and the sums of ``ctx`` over each suffix of that order (one more: 0)."""
+    order = np.argsort(left, kind="stable")
+    return left[order], np.r_[np.cumsum(ctx[order][::-1])[::-1], 0.0]
+
+
+def _forecast_sorted(left_sorted: np.ndarray, ctx_suffix: np.ndarray, prompt: float, steps: float, lat,
+                     refill_steps: float = 0.0) -> float:
+    """:func:`_forecast_hold` from :func:`_by_steps_left`'s arrays (read once per state of an instance)."""
+    j = np.arange(0.0, max(steps, 1.0), FORECAST_STRIDE)
+    first_alive = np.searchsorted(left_sorted, j, side="right")   # those alive at step j: a suffix
+    n_alive = left_sorted.size - first_alive
+    kv = ctx_suffix[first_alive] + n_alive * j + prompt + j
+    if refill_steps > 0 and left_sorted.size:
+        # the finished ones replaced while the queue lasts, by requests of the held mean context
+        gone = np.where(j < refill_steps, left_sorted.size - n_alive, 0)
+        n_alive = n_alive + gone
+        kv = kv + gone * (ctx_suffix[0] / left_sorted.size)
+    per_step = lat.decode_base_s + lat.decode_per_seq_s * (n_alive + 1.0) + lat.decode_per_kv_token_s * kv
+    widths = np.minimum(FORECAST_STRIDE, max(steps, 1.0) - j)          # the last stride: what is left
+    return float(per_step @ widths + lat.prefill_per_token_s * prompt)
+
+
 class FleetPrices:
     """Instance prices from the fractional assignment LP, updated online, and the priced dispatch.
 
@@ -728,6 +807,7 @@ class FleetPrices:
         self.key = np.full(n, np.nan)          # the queue's key of each request (nan: not told)
         self._picked: tuple | None = None      # (request, now, its holds) of the last pick
         self._lat_terms: tuple | None = None   # (latency models, their step terms by instance)
+        self._held_at: tuple | None = None     # (engine state, _corunners()) of the last read
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def on_ready(self, request: int, key: float | None = None) -> None:
@@ -1073,6 +1153,71 @@ class FleetPrices:
         self._refused = (sig, *self._span) if item is None else None
         return item
 
+    def place_past_horizon(self, request: int, tops: list, instance: int, now: float, states) -> tuple[float, int]:
+        """``(finish, instance)`` of a request past the LP's horizon: where it completes first, by the forecast.
+
+        Its hold on each instance is forecast from what that instance holds now
+        (:func:`_forecast_hold`: the held requests finish at their estimates, their contexts
+        growing, each replaced while the known queue lasts, its estimated decode steps per live
+        client), times the instance's observed slowness (module docstring, *Requests past the
+        horizon*).
+
+        Parameters
+        ----------
+        request
+            Row of the request.
+        tops
+            ``(m,)`` when each instance's next client frees up, seconds (inf: no live client).
+        instance
+            The asking client's instance (ties go to it).
+        now
+            Current time, seconds.
+        states
+            The engine's instance states (read only).
+
+        Returns
+        -------
+        tuple
+            Its expected finish, seconds, and the instance it goes to.
+        """
+        held, queue_steps = self._corunners(now, states)
+        p, o = float(self._prompts[request]), float(self._estimates[request])
+        fore = [self.slowness[k] * _forecast_sorted(held[k][0], held[k][1], p, o, states[k].latency, queue_steps)
+                if np.isfinite(tops[k]) else np.inf for k in range(self.m)]
+        return _earliest(tops, fore, [True] * self.m, instance)
+
+    def _corunners(self, now: float, states) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+        """Per instance, :func:`_by_steps_left` of what it holds; and the queue's estimated steps per live client.
+
+        A request holds its prompt plus what it has generated (for one not yet prefilled, what it
+        generated before a preemption) and has its estimate less that left, at least 1 step.
+        Read once per state of the engine (the idle clients of one step and the requests of one
+        scan ask in turn).
+        """
+        stamp = (now, self.version, self._edits,
+                 tuple((st.decode_steps, st.n_running, len(st.waiting)) for st in states))
+        if self._held_at is not None and self._held_at[0] == stamp:
+            return self._held_at[1]
+        engine = states[0].engine
+        cs = np.asarray(engine.client_state)
+        req = np.asarray(engine.client_request)
+        ci = self._client_instance
+        steps = np.array([st.decode_steps for st in states], dtype=np.float64)
+        holding = np.flatnonzero((cs == RUNNING) | (cs == WAITING))
+        r = req[holding]
+        # generated so far: by the decode steps since it started; before its prefill, what it had
+        # generated before a preemption (it is prefilled again with them)
+        g = np.where(cs[holding] == RUNNING, steps[ci[holding]] - np.asarray(engine.client_start_step)[holding],
+                     np.array([engine.generated_before[x] for x in r.tolist()], dtype=np.float64))
+        ctx = self._prompts[r] + g
+        left = np.maximum(self._estimates[r] - g, 1.0)
+        k = ci[holding]
+        out = [_by_steps_left(ctx[k == i], left[k == i]) for i in range(self.m)]
+        live = max(int(np.count_nonzero(cs != FAILED)), 1)
+        queue_steps = float(self._estimates[self.queued].sum()) / live
+        self._held_at = (stamp, (out, queue_steps))
+        return out, queue_steps
+
     def _signature(self, queue: list, instance: int, now: float, states, past_horizon: bool) -> tuple:
         """Everything :meth:`pick` reads but the horizon, prices and queue by their change counts."""
         return (instance, now, past_horizon, id(queue), len(queue), queue[0] if queue else None, self._edits,
@@ -1118,7 +1263,7 @@ class FleetPrices:
                 # completes first, priced or not
                 if best < above:
                     above = best
-                best, where = _earliest(tops, head_holds[pos].tolist(), [True] * self.m, instance)
+                best, where = self.place_past_horizon(rows_list[pos], tops, instance, now, states)
             elif best > below:
                 below = best
             if where == instance:
