@@ -2,13 +2,14 @@
 
 The urgency test (with the admitted work in its horizon) fires when the longest unstarted request
 *is* due. If the requests handed out just before took the memory it needs, it then waits, urgent,
-until enough of them finish, and the run ends on it. With ``urgency_lookahead`` (the hybrid's
-default wherever the urgency horizon counts the admitted work: known lengths, one instance, paged
+until enough of them finish, and the run ends on it. With ``urgency_lookahead=True`` (opt-in; it
+acts only where the urgency horizon counts the admitted work: known lengths, one instance, paged
 KV) the first fitting request is not handed out when, with it admitted, the longest could first
 fit only past its due step; the longest is handed out instead. These tests check that it acts
 (and only where it applies), that the diagnosed run no longer ends on three long requests started
-together, that it pays where memory binds harder than the clients, and that nothing is lost,
-preempted or over the capacity.
+together, that the default runs the old schedule, and that nothing is lost, preempted or over the
+capacity. It is off by default: on held-out workloads it moved the mean gap by +0.02 points at
+rho 1.0 and +0.03 at rho 1.4 (docs, *KV memory*); the test that it pays is on training cases.
 """
 
 from __future__ import annotations
@@ -56,9 +57,24 @@ def test_the_diagnosed_run_no_longer_ends_on_long_requests_started_late():
     assert ends[0][-1] - ends[0][-4] < 1.0
 
 
+def test_off_by_default_the_schedule_is_the_old_one():
+    problem = lognormal_memory_problem(300, 12, 4, 1.4, 4, 1.5)
+    default = run_policy(problem, "hybrid-fused", check=True)
+    off, none = _run(problem, False)
+    on, picks = _run(problem, True)
+    assert none == 0 and picks > 0
+    np.testing.assert_array_equal(default.assign_s, off.assign_s)
+    np.testing.assert_array_equal(default.done_s, off.done_s)
+    assert not np.array_equal(on.assign_s, off.assign_s)
+
+
 @pytest.mark.slow
 def test_it_pays_where_memory_binds_harder_than_the_clients():
-    """rho 1.4 (400 requests, 20 clients, sigma 1.0 and 1.5, seeds 0-7): lower gaps on average and mostly."""
+    """rho 1.4 (400 requests, 20 clients, sigma 1.0 and 1.5, seeds 0-7): lower gaps on average and mostly.
+
+    Training cases (the rule has no constant to choose); on held-out 1000-request workloads of
+    ``benchmarks/memory.py`` it did not pay (module docstring), which is why it is opt-in.
+    """
     gaps = []
     for sigma in (1.0, 1.5):
         for seed in range(8):
@@ -86,14 +102,14 @@ def test_it_acts_only_where_the_admitted_work_is_in_the_horizon():
     problem = lognormal_memory_problem(300, 12, 3, 1.2, 4, 1.5)
     est = noisy_estimates(problem.workload, 0.5, seed=3)
     for options in ({"estimates": est}, {"kv_mode": "reserve"}):
-        on = run_policy(problem, "hybrid-fused", check=True, **options)
-        off = run_policy(problem, "hybrid-fused", urgency_lookahead=False, check=True, **options)
+        on = run_policy(problem, "hybrid-fused", urgency_lookahead=True, check=True, **options)
+        off = run_policy(problem, "hybrid-fused", check=True, **options)
         np.testing.assert_array_equal(on.assign_s, off.assign_s)
         np.testing.assert_array_equal(on.done_s, off.done_s)
     inst = problem.instances[0]
     fleet = Problem(problem.workload, (inst, inst))
-    on = run_policy(fleet, "hybrid-fused", check=True)
-    off = run_policy(fleet, "hybrid-fused", urgency_lookahead=False, check=True)
+    on = run_policy(fleet, "hybrid-fused", urgency_lookahead=True, check=True)
+    off = run_policy(fleet, "hybrid-fused", check=True)
     np.testing.assert_array_equal(on.done_s, off.done_s)
 
 
@@ -102,6 +118,6 @@ def test_bad_values_are_refused_before_the_run():
     with pytest.raises(SpecError, match="urgency_lookahead"):
         run_policy(problem, "hybrid", urgency_lookahead="yes")
     with pytest.raises(SpecError, match="urgency_lookahead: applies to the sorted dispatch only"):
-        run_policy(problem, "hybrid-plan", urgency_lookahead=False)
+        run_policy(problem, "hybrid-plan", urgency_lookahead=True)
     with pytest.raises(ValueError, match="urgency_lookahead"):
         MemoryAwareQueue("planned", urgency_lookahead="yes")

@@ -63,7 +63,7 @@ SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_P
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
                "due_factor": DUE_FACTOR, "rollout_epochs": 0, "rollout_candidates": 4,
                "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known", "urgency": True,
-               "urgency_lookahead": True}
+               "urgency_lookahead": False}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
 #: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
@@ -165,7 +165,7 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   plan_paced: bool = True, due_factor: float | None = DUE_FACTOR, rollout_epochs: int = 0,
                   rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S,
                   memory_handover: bool | str = "known", urgency: bool = True,
-                  urgency_lookahead: bool = True) -> Policy:
+                  urgency_lookahead: bool = False) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -260,7 +260,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         instance, paged KV; ``dispatch="sorted"``): hand out the longest unstarted request
         instead of the first that fits when admitting the latter would make the longest wait
         for memory past the step it becomes urgent (the ``urgency_lookahead`` of
-        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). True (default) or False.
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`, where it is measured).
+        False (default: it did not pay on held-out workloads) or True.
     memory_handover
         On one instance (``dispatch="sorted"``), requests arriving during the run: once the
         requests known so far can fill the KV cache (they could not at the first dispatch), the
