@@ -185,7 +185,8 @@ _OTHER = {"slack_weight": 2.0, "prices": "uniform", "tail_plan": None, "objectiv
           "start_planner": lambda ctx, rows=None: rows, "fill_ramp": False, "fleet_homes": False,
           "urgency_horizon": False, "order_candidates": 4, "order_budget_s": 5.0, "pace_scale": 0.5,
           "plan_paced": False, "due_factor": 1.0, "rollout_epochs": 3, "rollout_candidates": 6,
-          "rollout_budget_s": 10.0, "memory_handover": False, "urgency": False, "solver": "highs",
+          "rollout_budget_s": 10.0, "memory_handover": False, "urgency": False, "urgency_lookahead": True,
+          "solver": "highs",
           "steal": False, "weights": "bound"}
 
 

@@ -62,7 +62,8 @@ SORTED_ONLY = {"slack_weight": SLACK_WEIGHT, "prices": "lp", "tail_plan": TAIL_P
                "start_planner": None, "fill_ramp": "known", "fleet_homes": "known", "urgency_horizon": "known",
                "order_candidates": 1, "order_budget_s": ORDER_BUDGET_S, "pace_scale": 1.0, "plan_paced": True,
                "due_factor": DUE_FACTOR, "rollout_epochs": 0, "rollout_candidates": 4,
-               "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known", "urgency": True}
+               "rollout_budget_s": ROLLOUT_BUDGET_S, "memory_handover": "known", "urgency": True,
+               "urgency_lookahead": False}
 #: :func:`hybrid_policy` options only ``dispatch="plan"`` reads, with their defaults (the same rule).
 PLAN_ONLY = {"solver": "greedy", "steal": True, "weights": "work"}
 #: :func:`hybrid_policy` options only the choice of a separate prefill iteration reads (the Lagrangian
@@ -163,7 +164,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                   order_candidates: int = 1, order_budget_s: float = ORDER_BUDGET_S, pace_scale: float = 1.0,
                   plan_paced: bool = True, due_factor: float | None = DUE_FACTOR, rollout_epochs: int = 0,
                   rollout_candidates: int = 4, rollout_budget_s: float = ROLLOUT_BUDGET_S,
-                  memory_handover: bool | str = "known", urgency: bool = True) -> Policy:
+                  memory_handover: bool | str = "known", urgency: bool = True,
+                  urgency_lookahead: bool = False) -> Policy:
     """The hybrid: online dispatch (or a rolling plan) + Lagrangian iteration scheduling.
 
     Parameters
@@ -253,6 +255,13 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         lengths rather than on short requests (the ``urgency_horizon`` of
         :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`). ``"known"`` (default):
         when the output lengths are known; True: on estimates too; False: the queue alone.
+    urgency_lookahead
+        Where that horizon counts the admitted requests (``urgency_horizon`` in force, one
+        instance, paged KV; ``dispatch="sorted"``): hand out the longest unstarted request
+        instead of the first that fits when admitting the latter would make the longest wait
+        for memory past the step it becomes urgent (the ``urgency_lookahead`` of
+        :class:`~lloptim.runtime.memory_schedulers.MemoryAwareQueue`, where it is measured).
+        False (default: it did not pay on held-out workloads) or True.
     memory_handover
         On one instance (``dispatch="sorted"``), requests arriving during the run: once the
         requests known so far can fill the KV cache (they could not at the first dispatch), the
@@ -338,7 +347,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
                                   order_budget_s=order_budget_s, pace_scale=pace_scale, plan_paced=plan_paced,
                                   due_factor=due_factor, rollout_epochs=rollout_epochs,
                                   rollout_candidates=rollout_candidates, rollout_budget_s=rollout_budget_s,
-                                  memory_handover=memory_handover, urgency=urgency))
+                                  memory_handover=memory_handover, urgency=urgency,
+                                  urgency_lookahead=urgency_lookahead))
     if dispatch == "sorted":
         # the memory-aware queue runs only where a cache can fill up, where "auto" fuses too
         delay = START_DELAY["separate" if fused is False else "fused"] if start_delay is None else start_delay
@@ -359,12 +369,16 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
             raise SpecError("policy.hybrid.urgency_horizon", f"must be true, false or 'known', not {urgency_horizon!r}",
                             "'known' counts the running requests' work in the urgency test when the output lengths "
                             "are known")
+        if urgency_lookahead not in (True, False):
+            raise SpecError("policy.hybrid.urgency_lookahead", f"must be true or false, not {urgency_lookahead!r}",
+                            "true hands out the longest request when the next admission would make it late")
         opts = dict(solver=solver, time_limit_s=time_limit_s, setup_weight=setup_weight, dispatch=dispatch,
                     steal=steal, forecast=forecast, token_budget=token_budget, survival=survival, fused=fused,
                     slack_weight=slack_weight, prices=prices, weights=weights, memory_prices=memory_prices,
                     price_updates=price_updates, start_delay=start_delay, tail_plan=tail_plan,
                     objective=objective, fill_ramp=fill_ramp, fleet_homes=fleet_homes,
-                    urgency_horizon=urgency_horizon, due_factor=due_factor, memory_handover=memory_handover)
+                    urgency_horizon=urgency_horizon, due_factor=due_factor, memory_handover=memory_handover,
+                    urgency_lookahead=urgency_lookahead)
         if order_candidates != 1:
             if start_planner is not None:
                 raise SpecError("policy.hybrid.order_candidates", "a start_planner is given too",
@@ -387,7 +401,8 @@ def hybrid_policy(solver: str = "greedy", time_limit_s: float = PLAN_SAFETY_S, s
         workflow_opts = dict(pace_scale=pace_scale, plan_paced=plan_paced, due_factor=due_factor)
         memory = MemoryAwareQueue("planned", "first-fit", start_delay=delay, workflows=WorkflowQueue(**workflow_opts),
                                   priced_headroom=True, planner=start_planner, fill_ramp=fill_ramp,
-                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True)
+                                  fleet_homes=fleet_homes, urgency_horizon=urgency_horizon, fleet_speeds=True,
+                                  urgency_lookahead=urgency_lookahead)
         requests = HybridDispatch(slack_weight=slack_weight, prices=prices, time_limit_s=time_limit_s,
                                   memory=memory, tail_plan=tail_plan,
                                   objective=objective, workflow_choice=workflow_choice, rollout=rollout,
