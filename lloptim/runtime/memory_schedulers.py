@@ -859,8 +859,10 @@ class MemoryAwareQueue(RequestScheduler):
                 self._refused = (key, self.n_pending)
                 # ask again when a queued request can first fit, backing off while refusals repeat
                 back = self.retry_backoff.get(state.index, 1)
+                # without an urgent request the candidates were ``ordered`` (or its head): reuse their numbers
                 self.retry_step[state.index] = state.decode_steps + max(back, self._blocked_for(
-                    state, pm, ordered[:1] if self.rule == "prefix" else ordered, urgent))
+                    state, pm, ordered[:1] if self.rule == "prefix" else ordered, urgent,
+                    None if urgent is not None else (tokens, steps, floors)))
                 self.retry_backoff[state.index] = min(2 * back, RETRY_BACKOFF_MAX)
                 return None
             i = 0  # an empty instance always takes the head
@@ -957,12 +959,14 @@ class MemoryAwareQueue(RequestScheduler):
             floors = np.asarray(state.engine.reserve_floor, dtype=np.int64)[rows]
         return tokens, steps, floors
 
-    def _blocked_for(self, state, pm: ProjectedMemory, rows: np.ndarray, urgent: int | None) -> int:
+    def _blocked_for(self, state, pm: ProjectedMemory, rows: np.ndarray, urgent: int | None,
+                     candidates: tuple | None = None) -> int:
         """Decode steps before which none of ``rows`` (or the urgent request) can fit, >= 1: when to ask again.
 
         A lower bound from the smallest context and the fewest steps among the candidates
         (:meth:`~lloptim.runtime.kv.ProjectedMemory.blocked_for`): asking earlier would only be
-        refused again. A finish before then makes the engine ask anyway.
+        refused again. A finish before then makes the engine ask anyway. ``candidates``: the
+        :meth:`_candidates` of ``rows`` when the caller has them (no urgent request), else None.
         """
         if urgent is not None:
             t, st, fl = self._candidates(state, np.array([urgent], dtype=np.int64))
@@ -972,7 +976,7 @@ class MemoryAwareQueue(RequestScheduler):
                 return d
         else:
             d = None
-        t, st, fl = self._candidates(state, rows)
+        t, st, fl = self._candidates(state, rows) if candidates is None else candidates
         d_rows = pm.blocked_for(int(t.min()), int(st.min()), 0 if fl is None else int(fl.min()))
         return d_rows if d is None else min(d, d_rows)
 
