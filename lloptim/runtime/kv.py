@@ -177,7 +177,8 @@ class ProjectedMemory:
     ``remaining[j]`` of them; its holding only grows, so the total peaks at completion steps.
     :meth:`fits` answers, for many candidates at once, whether adding a candidate keeps every
     future completion step within the capacity (MC-SF's admission test, Jaillet et al. 2025), in
-    O(candidates x set) numpy work.
+    O(candidates x set) numpy work; :meth:`first_fit`, the first candidate in order that fits, in
+    O(candidates log set) (what a memory-aware queue asks at every fill, over its whole queue).
 
     Parameters
     ----------
