@@ -127,3 +127,23 @@ def test_held_at_at_the_floor_boundary(gap, B):
     ref = _held_dense(t, rem, np.maximum(f, 0), B, tau)
     with patch.object(kv, "HELD_DIRECT_MAX", 0):
         np.testing.assert_array_equal(ProjectedMemory(t, rem, 100, B, np.maximum(f, 0)).held_at(tau), ref)
+
+
+def test_held_at_on_many_steps_needs_no_steps_by_members_matrix():
+    """100k steps x 200 members: the direct sum would allocate 160 MB per (steps x members) int64
+    array; the threshold sums allocate O(steps) (a few MB). Measured with tracemalloc (numpy reports
+    its buffers to it)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(12)
+    pm = ProjectedMemory(rng.integers(0, 4000, 200), rng.integers(1, 5000, 200), 10**6, 16)
+    tau = rng.integers(0, 6000, 100_000)
+    tracemalloc.start()
+    try:
+        got = pm.held_at(tau)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"held_at peaked at {peak / 2**20:.0f} MiB"
+    sample = rng.choice(tau.size, 500, replace=False)
+    np.testing.assert_array_equal(got[sample], _held_dense(pm.t, pm.rem, pm.f, pm.B, tau[sample]))
