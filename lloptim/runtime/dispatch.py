@@ -425,7 +425,9 @@ class HybridDispatch(WorkflowQueue):
         self.n_tail = 0
         self.tail_running: set[int] = set()  # requests the tail hold started for the end, until they finish
         self.n_known = 0  # independent requests announced so far (the tail hold's quantile budget)
-        self.first_arrival_s, self.last_arrival_s = np.inf, -np.inf
+        # first and last arrival of the requests announced (the drain test), seconds; not the
+        # workflow queue's first/last_arrival_s, which time its workflows' plans
+        self.request_first_s, self.request_last_s = np.inf, -np.inf
         self.arrival_s = np.full(ctx.problem.n_requests, np.nan)  # when each announced request became ready
         self.top_latencies: list[float] = []  # the longest latencies of the finished requests, s, ascending
         self.urgency_scale = 1.0
@@ -511,8 +513,8 @@ class HybridDispatch(WorkflowQueue):
             self.arrivals_during_run = True
         if self.roots is None or self.roots[request]:
             self.n_known += 1
-            self.first_arrival_s = min(self.first_arrival_s, now)
-            self.last_arrival_s = max(self.last_arrival_s, now)
+            self.request_first_s = min(self.request_first_s, now)
+            self.request_last_s = max(self.request_last_s, now)
             self.arrival_s[request] = now
         if self.late_memory is not None:
             self.late_memory.add(request)
@@ -703,8 +705,8 @@ class HybridDispatch(WorkflowQueue):
         """Whether no request has arrived for :data:`DRAIN_GAPS` mean inter-arrival gaps (*Tail hold*)."""
         if self.n_known < 2:
             return False
-        gap = (self.last_arrival_s - self.first_arrival_s) / (self.n_known - 1)
-        return now - self.last_arrival_s >= DRAIN_GAPS * gap
+        gap = (self.request_last_s - self.request_first_s) / (self.n_known - 1)
+        return now - self.request_last_s >= DRAIN_GAPS * gap
 
     def _tail_hold(self, state) -> int | None:
         """The request to serve while the queue drains, one long request per client held for the end.
