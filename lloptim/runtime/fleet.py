@@ -76,7 +76,12 @@ each instance, the requests it holds decode beside it until their estimates run 
 context one token longer per step, and the request's own context grows from its prompt
 (:func:`_forecast_hold`); while the known queue lasts (its estimated decode steps per live
 client) each held request that finishes is replaced by one of the held mean context, and after
-that nothing replaces it (a policy does not know what will arrive). Reading the step an instance
+that nothing replaces it (a policy does not know what will arrive). The forecast on an instance
+starts where the request would start there (after the requests ahead of it in the list schedule
+take its clients): the held requests and the queue have gone on that many of its current steps
+(at 4,000 requests, ``scale``, seeds 0-2: 817.6 / 868.7 / 839.6 -> 794.8 / 852.1 / 810.1 s;
+``fleet-mixed`` seeds 0-17 and 410-415, 48 cases: 23.35 -> 23.07 % mean, but seeds 0-9 24.91 ->
+26.03 %, one case; docs: arrivals, *The forecast from the request's start*). Reading the step an instance
 runs *now* for all the request's steps, as before, missed the growth and the thinning: on
 ``fleet-mixed`` of ``benchmarks/stress_flow.py`` (seed 0, 150 % load, 4 instances 1, 1.6, 2.5
 and 1.3 times slower) every 4,000-token request went to the fastest instance, which the prices
