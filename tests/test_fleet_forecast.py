@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 
 from lloptim.hardware import load_profile
-from lloptim.runtime.fleet import FORECAST_STRIDE, _forecast_hold
+from lloptim.runtime.fleet import FORECAST_STRIDE, FleetPrices, _by_steps_left, _forecast_hold
 
 LAT = load_profile("llama-65b").latency
 
@@ -68,3 +71,45 @@ def test_while_the_queue_lasts_finished_requests_are_replaced():
     under = o * LAT.decode_per_kv_token_s * 4 * FORECAST_STRIDE
     over = 2 * FORECAST_STRIDE * LAT.decode_per_kv_token_s * (mean + o)
     assert exact - under <= full <= exact + over
+
+
+def test_a_request_that_starts_later_meets_the_instance_as_it_will_be_then():
+    """``delay_steps``: held requests that finish before it starts do not run beside it."""
+    ctx, left = np.full(60, 2000.0), np.full(60, 1000.0)
+    p, o = 100.0, 4000.0
+    alone = _forecast_hold(np.zeros(0), np.zeros(0), p, o, LAT)
+    now = _forecast_hold(ctx, left, p, o, LAT)
+    assert _forecast_hold(ctx, left, p, o, LAT, delay_steps=0.0) == now
+    # all of them gone by its start: as alone; half-way: in between
+    assert _forecast_hold(ctx, left, p, o, LAT, delay_steps=1000.0) == alone
+    assert alone < _forecast_hold(ctx, left, p, o, LAT, delay_steps=500.0) < now
+    # the queue is served from now: a refill that ends before it starts replaces nothing beside it,
+    # one that goes on past its start does
+    assert _forecast_hold(ctx, left, p, o, LAT, refill_steps=1000.0, delay_steps=1000.0) == alone
+    assert _forecast_hold(ctx, left, p, o, LAT, refill_steps=2000.0, delay_steps=1000.0) > alone
+
+
+def test_past_the_horizon_a_later_start_on_a_fast_instance_beats_a_slow_one_free_now():
+    """:meth:`FleetPrices.place_past_horizon` forecasts from the request's start on each instance.
+
+    Instance 0 (speed 1) frees a client in 1,000 of its current steps, when the 60 requests it
+    holds (1,000 steps left each) are done; instance 1, 2.2 times slower, is free and empty now.
+    The request (4,000 steps) completes first on instance 0 (about 256 s against 285 s); read as
+    meeting instance 0 as it is now, the 60 requests would decode beside it for 1,000 steps
+    (371 s), and it went to the slow one.
+    """
+    fp = object.__new__(FleetPrices)
+    fp.m = 2
+    fp.slowness = np.array([1.0, 2.2])
+    fp._prompts = np.array([100.0])
+    fp._estimates = np.array([4000.0])
+    held = [_by_steps_left(np.full(60, 2000.0), np.full(60, 1000.0)), _by_steps_left(np.zeros(0), np.zeros(0))]
+    fp._corunners = lambda now, states: (held, 0.0)
+    states = [SimpleNamespace(latency=LAT), SimpleNamespace(latency=LAT)]
+    t0 = 50.0
+    delay = 1000 * LAT.decode_time(60, 60 * 2000.0)
+    finish, where = fp.place_past_horizon(0, [t0 + delay, t0], 1, t0, states)
+    assert where == 0
+    alone = _forecast_hold(np.zeros(0), np.zeros(0), 100.0, 4000.0, LAT)
+    assert finish == pytest.approx(t0 + delay + alone)
+    assert finish < t0 + 2.2 * alone

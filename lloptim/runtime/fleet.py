@@ -76,7 +76,12 @@ each instance, the requests it holds decode beside it until their estimates run 
 context one token longer per step, and the request's own context grows from its prompt
 (:func:`_forecast_hold`); while the known queue lasts (its estimated decode steps per live
 client) each held request that finishes is replaced by one of the held mean context, and after
-that nothing replaces it (a policy does not know what will arrive). Reading the step an instance
+that nothing replaces it (a policy does not know what will arrive). The forecast on an instance
+starts where the request would start there (after the requests ahead of it in the list schedule
+take its clients): the held requests and the queue have gone on that many of its current steps
+(at 4,000 requests, ``scale``, seeds 0-2: 817.6 / 868.7 / 839.6 -> 794.8 / 852.1 / 810.1 s;
+``fleet-mixed`` seeds 0-17 and 410-415, 48 cases: 23.35 -> 23.07 % mean, but seeds 0-9 24.91 ->
+26.03 %, one case; docs: arrivals, *The forecast from the request's start*). Reading the step an instance
 runs *now* for all the request's steps, as before, missed the growth and the thinning: on
 ``fleet-mixed`` of ``benchmarks/stress_flow.py`` (seed 0, 150 % load, 4 instances 1, 1.6, 2.5
 and 1.3 times slower) every 4,000-token request went to the fastest instance, which the prices
@@ -646,7 +651,7 @@ def _earliest(tops: list, hold: list, allowed: list, instance: int) -> tuple[flo
 
 
 def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: float, lat,
-                   refill_steps: float = 0.0) -> float:
+                   refill_steps: float = 0.0, delay_steps: float = 0.0) -> float:
     """Modelled seconds a request of ``prompt`` tokens and ``steps`` decode steps holds a client beside others.
 
     Its prefill plus its decode steps at the step time of
@@ -655,7 +660,10 @@ def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: floa
     longer per step until it finishes) and the request itself, its context growing from its
     prompt. During its first ``refill_steps`` steps each held request that finishes is replaced by
     one of the held requests' mean context (the known queue is still being served); after them
-    nothing replaces it (module docstring, *Requests past the horizon*). The step time is
+    nothing replaces it (module docstring, *Requests past the horizon*). A request that starts
+    ``delay_steps`` of the instance's steps from now meets the held requests that far on: those
+    that finish before it starts are gone (or replaced while the queue lasts; the queue is served
+    from now), the others' contexts have grown by that much. The step time is
     evaluated every :data:`FORECAST_STRIDE` steps, at the first step of each stride. The caller
     multiplies by the instance's observed slowness.
 
@@ -670,14 +678,16 @@ def _forecast_hold(ctx: np.ndarray, left: np.ndarray, prompt: float, steps: floa
     lat
         The instance's :class:`~lloptim.hardware.LatencyModel`.
     refill_steps
-        Decode steps during which a finished request is replaced (0: never).
+        Decode steps from now during which a finished request is replaced (0: never).
+    delay_steps
+        Steps the instance runs before the request starts (0: it starts now).
 
     Returns
     -------
     float
         Seconds.
     """
-    return _forecast_sorted(*_by_steps_left(ctx, left), prompt, steps, lat, refill_steps)
+    return _forecast_sorted(*_by_steps_left(ctx, left), prompt, steps, lat, refill_steps, delay_steps)
 
 
 def _by_steps_left(ctx: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -687,15 +697,16 @@ def _by_steps_left(ctx: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _forecast_sorted(left_sorted: np.ndarray, ctx_suffix: np.ndarray, prompt: float, steps: float, lat,
-                     refill_steps: float = 0.0) -> float:
+                     refill_steps: float = 0.0, delay_steps: float = 0.0) -> float:
     """:func:`_forecast_hold` from :func:`_by_steps_left`'s arrays (read once per state of an instance)."""
     j = np.arange(0.0, max(steps, 1.0), FORECAST_STRIDE)
-    first_alive = np.searchsorted(left_sorted, j, side="right")   # those alive at step j: a suffix
+    t = j + delay_steps                                           # the instance's steps from now
+    first_alive = np.searchsorted(left_sorted, t, side="right")   # those alive then: a suffix
     n_alive = left_sorted.size - first_alive
-    kv = ctx_suffix[first_alive] + n_alive * j + prompt + j
+    kv = ctx_suffix[first_alive] + n_alive * t + prompt + j
     if refill_steps > 0 and left_sorted.size:
         # the finished ones replaced while the queue lasts, by requests of the held mean context
-        gone = np.where(j < refill_steps, left_sorted.size - n_alive, 0)
+        gone = np.where(t < refill_steps, left_sorted.size - n_alive, 0)
         n_alive = n_alive + gone
         kv = kv + gone * (ctx_suffix[0] / left_sorted.size)
     per_step = lat.decode_base_s + lat.decode_per_seq_s * (n_alive + 1.0) + lat.decode_per_kv_token_s * kv
@@ -1160,7 +1171,10 @@ class FleetPrices:
         (:func:`_forecast_hold`: the held requests finish at their estimates, their contexts
         growing, each replaced while the known queue lasts, its estimated decode steps per live
         client), times the instance's observed slowness (module docstring, *Requests past the
-        horizon*).
+        horizon*). Where it would start later (``tops[k]`` after ``now``: the requests ahead of it
+        in the list schedule take the instance's clients first), the forecast starts that many of
+        the instance's current steps on: the held requests have gone on meanwhile and the queue
+        has been served, rather than the request meeting the instance as it is now.
 
         Parameters
         ----------
@@ -1182,9 +1196,22 @@ class FleetPrices:
         """
         held, queue_steps = self._corunners(now, states)
         p, o = float(self._prompts[request]), float(self._estimates[request])
-        fore = [self.slowness[k] * _forecast_sorted(held[k][0], held[k][1], p, o, states[k].latency, queue_steps)
+        fore = [self.slowness[k] * _forecast_sorted(*held[k], p, o, states[k].latency, queue_steps,
+                                                    self._steps_until(tops[k] - now, held[k], states[k].latency, k))
                 if np.isfinite(tops[k]) else np.inf for k in range(self.m)]
         return _earliest(tops, fore, [True] * self.m, instance)
+
+    def _steps_until(self, delay_s: float, held: tuple[np.ndarray, np.ndarray], lat, k: int) -> float:
+        """Steps instance ``k`` runs in ``delay_s`` seconds at the step it runs now (its held requests).
+
+        ``held`` is :func:`_by_steps_left` of what it holds; the step is
+        :meth:`~lloptim.hardware.LatencyModel.decode_time` of them times the observed slowness.
+        0 when ``delay_s`` is not positive.
+        """
+        if delay_s <= 0:
+            return 0.0
+        step = self.slowness[k] * lat.decode_time(held[0].size, float(held[1][0]))
+        return delay_s / step if step > 0 else 0.0
 
     def _corunners(self, now: float, states) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
         """Per instance, :func:`_by_steps_left` of what it holds; and the queue's estimated steps per live client.
