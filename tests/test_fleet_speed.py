@@ -135,6 +135,17 @@ def _mixed_fleet(speeds, clients, kv=163_840):
     return tuple(out)
 
 
+def _overloaded_three_kinds(n: int, load: float, seed: int) -> Problem:
+    """``n`` heavy-tailed requests arriving at ``load`` x the capacity of instances 1, 1.6 and 2.5 times slower."""
+    rng = np.random.default_rng(seed)
+    prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
+    output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
+    problem = Problem(Workload.from_arrays(prompt, output),
+                      _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
+    return Problem(problem.workload.with_arrivals(poisson_arrivals(n, load * capacity_rps(problem), seed)),
+                   problem.instances)
+
+
 @st.composite
 def fleets_under_arrivals(draw):
     """Small mixed fleets (2-4 instances, different speeds and clients) with Poisson arrivals at 0.8-2.5x load."""
@@ -192,14 +203,7 @@ def test_the_fast_dispatch_decides_as_the_plain_one_with_every_request_at_once(m
 def test_a_long_run_under_overload_takes_the_shortcut_and_decides_the_same():
     # 600 requests at twice the capacity of three instances 1, 1.6 and 2.5 times slower: the
     # queue grows, the one-binding-instance shortcut answers most solves, the head comes from numpy
-    rng = np.random.default_rng(3)
-    n = 600
-    prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
-    output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
-    problem = Problem(Workload.from_arrays(prompt, output),
-                      _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
-    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.0 * capacity_rps(problem), 3)),
-                      problem.instances)
+    problem = _overloaded_three_kinds(600, 2.0, 3)
     prices = _assert_same(problem)
     assert prices._lp is not None and prices._lp.shortcuts > prices.solves / 2
     assert prices._lp.restricted > 0   # the LP over the requests near a tie answered some solves
@@ -371,14 +375,7 @@ def test_a_remembered_refusal_is_what_a_fresh_scan_answers():
     # overload on three kinds of instances: clients refused, the LP re-solved (its horizon moves),
     # the same client asks again; the answer from memory must be the scan's
     for seed in (3, 4):
-        rng = np.random.default_rng(seed)
-        n = 500
-        prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
-        output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
-        problem = Problem(Workload.from_arrays(prompt, output),
-                          _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
-        problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.5 * capacity_rps(problem), seed)),
-                          problem.instances)
+        problem = _overloaded_three_kinds(500, 2.5, seed)
         prices = _CheckedRefusals("lp")
         res, _ = _run(problem, prices)
         assert prices.remembered > 0 and prices.probed > 0 and np.all(np.isfinite(res.done_s))
@@ -463,17 +460,10 @@ class _CheckedOrder(FleetPrices):
 
 
 def test_the_kept_order_and_the_shared_belongs_test_are_what_the_queue_says():
-    rng = np.random.default_rng(11)
-    n = 400
-    prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
-    output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
-    problem = Problem(Workload.from_arrays(prompt, output),
-                      _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
-    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.0 * capacity_rps(problem), 11)),
-                      problem.instances)
+    problem = _overloaded_three_kinds(400, 2.0, 11)
     _CheckedOrder.checked = _CheckedOrder.shared = 0
     res, _ = _run(problem, _CheckedOrder("lp"))
-    assert np.all(np.isfinite(res.done_s)) and int(res.generated_tokens) == int(output.sum())
+    assert np.all(np.isfinite(res.done_s)) and int(res.generated_tokens) == int(problem.workload.output_tokens.sum())
     assert _CheckedOrder.checked > 100 and _CheckedOrder.shared > 0
 
 
@@ -486,14 +476,7 @@ def test_under_arrivals_the_dispatch_never_rebuilds_the_ready_heap(monkeypatch):
     proxy = types.SimpleNamespace(**{k: getattr(heapq, k) for k in dir(heapq) if not k.startswith("__")})
     proxy.heapify = lambda h: (calls.append(len(h)), heapq.heapify(h))
     monkeypatch.setattr(dispatch_module, "heapq", proxy)
-    rng = np.random.default_rng(3)
-    n = 600
-    prompt = np.clip(np.rint(rng.lognormal(np.log(150), 1.4, n)), 1, 4000).astype(np.int64)
-    output = np.clip(np.rint(rng.lognormal(np.log(100), 1.4, n)), 1, 4000).astype(np.int64)
-    problem = Problem(Workload.from_arrays(prompt, output),
-                      _mixed_fleet([(1.0, 1.0), (1.6, 1.6), (2.5, 2.5)], [16, 12, 8]))
-    problem = Problem(problem.workload.with_arrivals(poisson_arrivals(n, 2.0 * capacity_rps(problem), 3)),
-                      problem.instances)
+    problem = _overloaded_three_kinds(600, 2.0, 3)
     res, prices = _run(problem, FleetPrices("lp"))
     assert prices.steered > 0 and np.all(np.isfinite(res.done_s))   # picks off the head happened
     assert calls == []
