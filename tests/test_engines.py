@@ -387,3 +387,22 @@ def test_price_steps_prices_a_run_as_the_simulator_does(policy, latency):
         from lloptim.simulator import run_policy
 
         engine_steps(run_policy(problem, "baseline"))
+
+
+def test_kv_bytes_per_token_reads_the_checkpoint_config(tmp_path):
+    # the vLLM engine sizes its KV pool from it (VllmEngine cpu_memory_fraction=None): vLLM's own
+    # fraction rule asked a 9 GiB NUMA node for 5 % minus the process's 0.9 GiB, a negative pool
+    import json
+
+    from lloptim.engines.vllm import kv_bytes_per_token
+
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
+           "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert kv_bytes_per_token(tmp_path, "float32") == 2 * 2 * 2 * 64 * 4   # K and V, layers, kv heads, head dim
+    assert kv_bytes_per_token(tmp_path, "auto") == 2 * 2 * 2 * 64 * 2      # the checkpoint's bfloat16
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {**cfg, "head_dim": 32}}))
+    assert kv_bytes_per_token(tmp_path, "float16") == 2 * 2 * 2 * 32 * 2
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    assert kv_bytes_per_token(tmp_path, "float32") is None                 # unknown: vLLM sizes the pool
+    assert kv_bytes_per_token(tmp_path / "missing", "float32") is None

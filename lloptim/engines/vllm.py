@@ -40,7 +40,7 @@ from lloptim.engines.common import EngineError, EngineRun, KVLayout, StepPlan
 from lloptim.errors import LloptimError, SpecError
 from lloptim.runtime.engine import RUNNING
 
-__all__ = ["LloptimScheduler", "VllmEngine", "require_vllm", "INSTALL_HINT"]
+__all__ = ["LloptimScheduler", "VllmEngine", "require_vllm", "kv_bytes_per_token", "INSTALL_HINT", "KV_HOST_SHARE"]
 
 #: How to install vLLM for this adapter.
 INSTALL_HINT = 'pip install -e ".[vllm]" (see the README for the CPU install line)'
@@ -51,6 +51,50 @@ BLOCK_SIZE = 128
 # user configured it, send its log to stderr and keep warnings only (read when vLLM is imported)
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+#: Share of the host's available memory a KV pool that vLLM sizes itself (``kv_blocks=None``) may take.
+KV_HOST_SHARE = 0.25
+#: Bytes per element of the KV cache by ``dtype`` (``"auto"`` reads the checkpoint's).
+_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str) -> int | None:
+    """KV-cache bytes one token takes in ``model_dir``'s model (K and V, every layer), or None if unknown.
+
+    ``2 x layers x key-value heads x head dim x bytes per element``, from ``config.json`` (the
+    ``text_config`` inside it for multimodal checkpoints); None when a field is missing, so that
+    the caller falls back to vLLM's own sizing.
+
+    Parameters
+    ----------
+    model_dir
+        Checkpoint folder (its ``config.json`` is read).
+    dtype
+        The engine's dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``: the
+        checkpoint's ``dtype`` / ``torch_dtype``).
+
+    Returns
+    -------
+    int or None
+        Bytes per token; None if the config lacks a field or the dtype is unknown.
+    """
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size") // heads if heads and cfg.get("hidden_size") else None)
+    if dtype == "auto":
+        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    size = _DTYPE_BYTES.get(str(dtype).replace("torch.", ""))
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)) or size is None:
+        return None
+    return 2 * layers * kv_heads * head_dim * size
 
 
 def require_vllm():
@@ -251,7 +295,13 @@ class VllmEngine:
         Skip torch.compile (starts in seconds instead of about a minute on two cores; CPU steps run
         at similar speed for small models).
     cpu_memory_fraction
-        vLLM's ``gpu_memory_utilization``; on the CPU backend the share of host memory it may use.
+        vLLM's ``gpu_memory_utilization``: on the CPU backend the share of the NUMA node's memory
+        the process may use, the KV pool being that less what the process already holds. ``None``
+        (default): the KV pool is sized explicitly (``kv_cache_memory_bytes``) to ``kv_blocks``
+        blocks of the model's KV bytes per token (:func:`kv_bytes_per_token`), or without
+        ``kv_blocks`` to every client at the model's longest sequence, at most
+        :data:`KV_HOST_SHARE` of the available memory. The fraction rule fails where the node is
+        small next to the process (a 9 GiB node and a 0.9 GiB test process: 5 % is a negative pool).
     **engine_args
         Further ``vllm.EngineArgs`` fields.
 
@@ -271,7 +321,7 @@ class VllmEngine:
 
     def __init__(self, model: str | Path = "mini-llama", clients: int = 8, kv_blocks: int | None = None,
                  max_num_batched_tokens: int | None = None, dtype: str = "float32", seed: int = 0,
-                 enforce_eager: bool = True, cpu_memory_fraction: float = 0.05, **engine_args: Any) -> None:
+                 enforce_eager: bool = True, cpu_memory_fraction: float | None = None, **engine_args: Any) -> None:
         require_vllm()
         from vllm import EngineArgs, LLMEngine
 
@@ -286,13 +336,26 @@ class VllmEngine:
         self.dtype = dtype
         args = dict(model=str(self.model_dir), skip_tokenizer_init=True, max_num_seqs=self.clients, dtype=dtype,
                     enforce_eager=enforce_eager, enable_prefix_caching=False, seed=seed,
-                    gpu_memory_utilization=cpu_memory_fraction, scheduler_cls=LloptimScheduler,
-                    async_scheduling=False, block_size=BLOCK_SIZE)
+                    scheduler_cls=LloptimScheduler, async_scheduling=False, block_size=BLOCK_SIZE)
+        block = int(engine_args.get("block_size", BLOCK_SIZE))
         if kv_blocks is not None:
             args["num_gpu_blocks_override"] = int(kv_blocks)
             # vLLM wants one longest sequence to fit the pool (less its null block)
-            block = int(engine_args.get("block_size", BLOCK_SIZE))
             args["max_model_len"] = max(1, min(self.info.max_positions, (int(kv_blocks) - 1) * block))
+        per_token = kv_bytes_per_token(self.model_dir, dtype)
+        if cpu_memory_fraction is not None or per_token is None:
+            args["gpu_memory_utilization"] = 0.05 if cpu_memory_fraction is None else cpu_memory_fraction
+        elif not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_args):
+            if kv_blocks is not None:
+                tokens = int(kv_blocks) * block
+            else:
+                import psutil
+
+                longest = min(self.info.max_positions, int(engine_args.get("max_model_len", self.info.max_positions)))
+                tokens = min(self.clients * longest,
+                             int(KV_HOST_SHARE * psutil.virtual_memory().available) // per_token)
+                tokens = max(tokens, 2 * block)
+            args["kv_cache_memory_bytes"] = tokens * per_token
         if max_num_batched_tokens is not None:
             args["max_num_batched_tokens"] = int(max_num_batched_tokens)
         args.update(engine_args)
