@@ -317,7 +317,8 @@ def simulate(
     else:
         print_metrics([d], f"{problem.name}: {problem.n_requests} requests, {problem.n_clients} clients")
         if estimates is not None:
-            console.print(estimator_summary(estimator, data, d["estimate_ratio_median"], d["estimate_rank_correlation"]))
+            console.print(estimator_summary(estimator, data, d["estimate_ratio_median"],
+                                            d["estimate_rank_correlation"]))
     if estimates is not None:
         advice = estimator_advice(d["estimate_ratio_median"], d["estimate_rank_correlation"], data is not None)
         if advice:

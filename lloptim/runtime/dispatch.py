@@ -755,7 +755,7 @@ class HybridDispatch(WorkflowQueue):
         return due
 
     def _take(self, request: int) -> None:
-        """Take ``request`` out of the least-slack queue in O(log n) (the urgency rule and the tail hold: arrivals only)."""
+        """Take ``request`` out of the least-slack queue in O(log n) (urgency and tail hold: arrivals only)."""
         if self.ready[0][1] == request:
             heapq.heappop(self.ready)
         else:
